@@ -1,0 +1,12 @@
+"""Test configuration: 8 simulated CPU devices for every test in the suite.
+
+The flag must be set before the JAX backend starts, so it lives here.
+"""
+
+import os
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+
+jax.config.update("jax_num_cpu_devices", 8)
