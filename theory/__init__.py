@@ -1,0 +1,43 @@
+"""theory: non-convex convergence bounds as code, and estimators of their constants.
+
+Which bound covers which algorithm, and what is derived here, is stated in each
+function's docstring and in ``theory/derivations.md``.
+"""
+
+from theory.adam import defossez_adam_bound
+from theory.adam import defossez_adam_momentum_bound
+from theory.adam import defossez_from_no_bias_correction
+from theory.estimators import NoiseStats
+from theory.estimators import gradient_noise_stats
+from theory.estimators import initial_gap
+from theory.estimators import max_grad_inf_norm
+from theory.estimators import smoothness_at_points
+from theory.estimators import smoothness_power_iteration
+from theory.local_adam import local_adam_conditions
+from theory.local_adam import local_adam_rate
+from theory.local_adam import minibatch_adam_rate
+from theory.local_sgd import local_sgd_bound
+from theory.local_sgd import local_sgd_bound_yu
+from theory.local_sgd import local_sgd_max_eta
+from theory.local_sgd import local_sgd_optimal_eta
+from theory.local_sgd import local_sgd_speedup_max_k
+
+__all__ = [
+    "NoiseStats",
+    "defossez_adam_bound",
+    "defossez_adam_momentum_bound",
+    "defossez_from_no_bias_correction",
+    "gradient_noise_stats",
+    "initial_gap",
+    "local_adam_conditions",
+    "local_adam_rate",
+    "local_sgd_bound",
+    "local_sgd_bound_yu",
+    "local_sgd_max_eta",
+    "local_sgd_optimal_eta",
+    "local_sgd_speedup_max_k",
+    "max_grad_inf_norm",
+    "minibatch_adam_rate",
+    "smoothness_at_points",
+    "smoothness_power_iteration",
+]
