@@ -1,0 +1,191 @@
+"""Communication accounting: bytes and messages per mesh axis, and a network time model.
+
+Counts come from the same :class:`MergeSchedule` the optimizers execute, so what is counted is
+what runs. The cost model (per device, i.e. what each device sends; all devices send in
+parallel):
+
+* all-reduce of ``S`` bytes over ``n`` devices (ring): ``2 (n-1)/n * S`` bytes, ``2 (n-1)``
+  messages;
+* reduce-scatter and all-gather: ``(n-1)/n * S`` bytes and ``n-1`` messages each;
+* a *hierarchical* merge over ``outer + (inner,)`` (``L`` = size of ``inner``, ``N`` = product of
+  the outer sizes): reduce-scatter + all-gather on ``inner`` = ``2 (L-1)/L * S``, plus an
+  all-reduce of the own shard ``S/L`` across the outer axes = ``2 (N-1)/N * S/L``. ``S`` is
+  padded to a multiple of ``L`` elements per dtype, as the implementation pads;
+* a *flat* all-reduce spanning several axes is one ring over ``n = N*L`` devices; its bytes and
+  messages are charged to the outermost axis, whose links bound the ring.
+
+Bytes and messages are counted on the axis whose links carry them: ``'local'`` (intra-node,
+e.g. NVLink) or ``'node'`` (inter-node network).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+
+import jax
+import numpy as np
+
+from kstep_adam._schedule import MergeSchedule
+
+
+@dataclasses.dataclass(frozen=True)
+class CommCost:
+  """Bytes sent per device and sequential messages, per mesh axis."""
+  bytes_by_axis: Mapping[str, float]  # bytes each device sends over this axis's links.
+  messages_by_axis: Mapping[str, int]  # sequential message steps (latency terms).
+
+  @property
+  def total_bytes(self) -> float:
+    return float(sum(self.bytes_by_axis.values()))
+
+  def __add__(self, other: "CommCost") -> "CommCost":
+    axes = list(dict.fromkeys([*self.bytes_by_axis, *other.bytes_by_axis]))
+    return CommCost(
+        {a: self.bytes_by_axis.get(a, 0.0) + other.bytes_by_axis.get(a, 0.0) for a in axes},
+        {a: self.messages_by_axis.get(a, 0) + other.messages_by_axis.get(a, 0) for a in axes})
+
+  def scaled(self, times: int) -> "CommCost":
+    return CommCost({a: b * times for a, b in self.bytes_by_axis.items()},
+                    {a: m * times for a, m in self.messages_by_axis.items()})
+
+
+def _axis_sizes(axis_sizes) -> dict[str, int]:
+  shape = getattr(axis_sizes, "shape", axis_sizes)  # a jax Mesh has .shape: name -> size.
+  return {str(a): int(n) for a, n in dict(shape).items()}
+
+
+def _elements_by_dtype(params, state: str, schedule: MergeSchedule) -> dict[str, int]:
+  out: dict[str, int] = {}
+  for leaf in jax.tree.leaves(params):
+    dtype = np.dtype(leaf.dtype)
+    if state == "mu" and schedule.mu_dtype is not None:
+      dtype = np.dtype(schedule.mu_dtype)
+    out[dtype.name] = out.get(dtype.name, 0) + int(math.prod(leaf.shape))
+  return out
+
+
+def _zero(schedule: MergeSchedule) -> CommCost:
+  return CommCost({a: 0.0 for a in schedule.axis_names}, {a: 0 for a in schedule.axis_names})
+
+
+def _level_cost(elements_by_dtype: Mapping[str, int], schedule: MergeSchedule, level: int,
+                sizes: Mapping[str, int]) -> CommCost:
+  """Cost of one mean over ``schedule.axis_names[level-1:]`` of a tree of these elements."""
+  axes = schedule.axis_names[level - 1:]
+  cost = dict.fromkeys(schedule.axis_names, 0.0)
+  msgs = dict.fromkeys(schedule.axis_names, 0)
+  if len(axes) == 1 or schedule.route == "flat":
+    n = math.prod(sizes[a] for a in axes)
+    size_bytes = sum(c * np.dtype(d).itemsize for d, c in elements_by_dtype.items())
+    cost[axes[0]] += 2 * (n - 1) / n * size_bytes
+    msgs[axes[0]] += 2 * (n - 1) * len(elements_by_dtype)
+    return CommCost(cost, msgs)
+  inner = axes[-1]
+  n_inner = sizes[inner]
+  n_outer = math.prod(sizes[a] for a in axes[:-1])
+  for dtype, count in elements_by_dtype.items():
+    padded_bytes = -(-count // n_inner) * n_inner * np.dtype(dtype).itemsize
+    cost[inner] += 2 * (n_inner - 1) / n_inner * padded_bytes
+    msgs[inner] += 2 * (n_inner - 1)
+    cost[axes[0]] += 2 * (n_outer - 1) / n_outer * padded_bytes / n_inner
+    msgs[axes[0]] += 2 * (n_outer - 1)
+  return CommCost(cost, msgs)
+
+
+def merge_bytes(params, schedule: MergeSchedule, axis_sizes, *, step: int) -> CommCost:
+  """Bytes and messages per mesh axis that each device sends at 1-based ``step``.
+
+  Args:
+    params: the model's parameter pytree (arrays or ``jax.ShapeDtypeStruct``s, unreplicated).
+    schedule: the optimizer's merge schedule (``kstep_adam.merge_schedule(...)``).
+    axis_sizes: a ``jax.sharding.Mesh`` or a mapping axis name -> size.
+    step: 1-based step number.
+
+  Returns:
+    A :class:`CommCost`; all zeros on a step that does not merge.
+
+  Examples:
+    >>> import numpy as np, kstep_adam
+    >>> s = kstep_adam.merge_schedule(4, axis_name='w')
+    >>> kstep_adam.merge_bytes({'w': np.zeros(10, np.float32)}, s, {'w': 2}, step=4).bytes_by_axis
+    {'w': 40.0}
+  """
+  if not isinstance(step, (int, np.integer)) or step < 1:
+    raise ValueError(f"step must be a 1-based positive int, got {step!r}")
+  sizes = _axis_sizes(axis_sizes)
+  missing = [a for a in schedule.axis_names if a not in sizes]
+  if missing:
+    raise ValueError(f"axis_sizes has no size for axes {missing!r}; it has {sorted(sizes)!r}")
+  total = _zero(schedule)
+  for state in schedule.states():
+    level = schedule.level_at(state, int(step))
+    if level:
+      total = total + _level_cost(_elements_by_dtype(params, state, schedule), schedule, level,
+                                  sizes)
+  return total
+
+
+def comm_bytes(params, schedule: MergeSchedule, axis_sizes, num_steps: int) -> CommCost:
+  """Total bytes and messages per mesh axis over steps ``1..num_steps`` (per device).
+
+  Args:
+    params: the model's parameter pytree (unreplicated).
+    schedule: the optimizer's merge schedule.
+    axis_sizes: a ``jax.sharding.Mesh`` or a mapping axis name -> size.
+    num_steps: number of steps T.
+
+  Returns:
+    A :class:`CommCost` summed over the T steps.
+  """
+  if not isinstance(num_steps, (int, np.integer)) or num_steps < 0:
+    raise ValueError(f"num_steps must be a non-negative int, got {num_steps!r}")
+  total = _zero(schedule)
+  cycle = math.lcm(*(p for s in schedule.states() for p in (schedule.periods(s) or (1,))), 1)
+  per_step = {t: merge_bytes(params, schedule, axis_sizes, step=t)
+              for t in range(1, min(cycle, num_steps) + 1)}
+  full_cycles, rest = divmod(num_steps, cycle) if num_steps >= cycle else (0, num_steps)
+  for t, cost in per_step.items():
+    total = total + cost.scaled(full_cycles + (1 if t <= rest else 0))
+  return total
+
+
+@dataclasses.dataclass(frozen=True)
+class NetworkModel:
+  """A network described by bandwidth and latency per mesh axis.
+
+  Time of a :class:`CommCost` = sum over axes of ``bytes / bandwidth + messages * latency``
+  (phases of a merge run one after another; every device sends in parallel).
+
+  Attributes:
+    bandwidth_bytes_per_s: per-device link bandwidth per axis, e.g.
+      ``{'local': 150e9, 'node': 12.5e9}`` (NVLink vs 100 Gb/s NIC).
+    latency_s: per-message latency per axis, e.g. ``{'local': 5e-6, 'node': 20e-6}``.
+  """
+  bandwidth_bytes_per_s: Mapping[str, float]
+  latency_s: Mapping[str, float] = dataclasses.field(default_factory=dict)
+
+  def __post_init__(self):
+    for name, value in self.bandwidth_bytes_per_s.items():
+      if not value > 0:
+        raise ValueError(f"bandwidth_bytes_per_s[{name!r}] must be > 0, got {value!r}")
+    for name, value in self.latency_s.items():
+      if not value >= 0:
+        raise ValueError(f"latency_s[{name!r}] must be >= 0, got {value!r}")
+
+  def seconds_by_axis(self, cost: CommCost) -> dict[str, float]:
+    """Estimated seconds spent on each axis."""
+    out = {}
+    for axis, nbytes in cost.bytes_by_axis.items():
+      if nbytes and axis not in self.bandwidth_bytes_per_s:
+        raise ValueError(f"NetworkModel has no bandwidth for axis {axis!r}; it has "
+                         f"{sorted(self.bandwidth_bytes_per_s)!r}")
+      seconds = nbytes / self.bandwidth_bytes_per_s[axis] if nbytes else 0.0
+      out[axis] = seconds + cost.messages_by_axis.get(axis, 0) * self.latency_s.get(axis, 0.0)
+    return out
+
+  def seconds(self, cost: CommCost) -> float:
+    """Estimated seconds for ``cost`` (sum over axes)."""
+    return float(sum(self.seconds_by_axis(cost).values()))
+

@@ -1,0 +1,187 @@
+"""The collectives: averaging a pytree over mesh axes, and step-gated merges.
+
+Everything here runs inside ``shard_map`` (or any context that binds the named axes).
+
+* :func:`tree_mean` averages a pytree over axes, either with one flat all-reduce or with the
+  production "k-step node" routing: reduce-scatter inside the innermost axis (fast links), each
+  device all-reduces only its own ``1/n`` shard across the outer axes (every device and NIC
+  carries inter-node traffic in parallel), then all-gather inside the innermost axis.
+* :func:`merge_at_level` runs the merge that a :class:`MergeSchedule` prescribes for the
+  current step under ``lax.switch``: a local step executes no collective at all.
+* :func:`merge_params` is the optax transform that turns updates ``u`` into
+  ``mean(params + u) - params`` on merge steps; chain it last, after the learning rate.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from kstep_adam._schedule import MergeSchedule
+
+
+def check_axes_bound(axis_names: tuple[str, ...]) -> None:
+  """Raise ValueError if an axis is not bound (not a mesh axis of the enclosing shard_map)."""
+  for name in axis_names:
+    try:
+      jax.lax.axis_size(name)
+    except NameError as e:
+      raise ValueError(
+          f"axis_name {name!r} is not an axis of the enclosing shard_map/mesh; the optimizer "
+          f"must run inside shard_map over a mesh that has all of {axis_names!r}") from e
+
+
+def _varying_axes(x) -> frozenset:
+  """Mesh axes over which ``x`` varies (shard_map's VMA type); empty when unchecked."""
+  aval = jax.typeof(x)
+  vma = getattr(aval, "vma", None)
+  if vma is None:  # jax 0.10 keeps it in `mat.varying`.
+    mat = getattr(aval, "mat", None)
+    vma = getattr(mat, "varying", frozenset())
+  return frozenset(vma)
+
+
+def _like_vma(y, x):
+  """Cast ``y`` (a mean, invariant over the merged axes) back to ``x``'s varying axes.
+
+  Both branches of a ``lax.switch`` must have the same type under ``check_vma``; the local
+  branch returns per-worker values, so the merged branch must be declared varying too.
+  """
+  missing = tuple(sorted(_varying_axes(x) - _varying_axes(y)))
+  return jax.lax.pcast(y, missing, to="varying") if missing else y
+
+
+def _flat_mean(tree, axes: tuple[str, ...]):
+  return jax.tree.map(lambda x: _like_vma(jax.lax.pmean(x, axes), x), tree)
+
+
+def _hierarchical_mean(tree, outer: tuple[str, ...], inner: str):
+  """Mean over ``outer + (inner,)`` routed as reduce-scatter / all-reduce shard / all-gather.
+
+  Leaves are fused into one flat buffer per dtype (as production fuses dense parameters),
+  padded to a multiple of the ``inner`` axis size.
+  """
+  leaves, treedef = jax.tree.flatten(tree)
+  n_inner = jax.lax.axis_size(inner)
+  n_total = n_inner
+  for a in outer:
+    n_total *= jax.lax.axis_size(a)
+  out = list(leaves)
+  for dtype in sorted({leaf.dtype for leaf in leaves}, key=str):
+    idx = [i for i, leaf in enumerate(leaves) if leaf.dtype == dtype]
+    flat_N = jnp.concatenate([jnp.ravel(leaves[i]) for i in idx])
+    size = flat_N.shape[0]
+    pad = (-size) % n_inner
+    flat_N = jnp.pad(flat_N, (0, pad))
+    shard_S = jax.lax.psum_scatter(flat_N, inner, scatter_dimension=0, tiled=True)
+    shard_S = jax.lax.psum(shard_S, outer) / n_total
+    mean_N = jax.lax.all_gather(shard_S.astype(dtype), inner, axis=0, tiled=True)[:size]
+    offset = 0
+    for i in idx:
+      n = leaves[i].size
+      out[i] = _like_vma(mean_N[offset:offset + n].reshape(leaves[i].shape), leaves[i])
+      offset += n
+  return jax.tree.unflatten(treedef, out)
+
+
+def tree_mean(tree, axes: tuple[str, ...], route: str = "hierarchical"):
+  """Average every leaf of ``tree`` over the mesh ``axes`` (outermost first).
+
+  Args:
+    tree: pytree of per-device arrays.
+    axes: axes to average over; with one axis, or ``route='flat'``, one all-reduce per leaf.
+    route: ``'hierarchical'`` routes a multi-axis mean through the innermost axis (see module
+      docstring); it equals the flat mean up to floating-point summation order.
+
+  Returns:
+    The mean, with the same structure, shapes and dtypes as ``tree``.
+  """
+  if len(axes) == 1 or route == "flat":
+    return _flat_mean(tree, tuple(axes))
+  return _hierarchical_mean(tree, tuple(axes[:-1]), axes[-1])
+
+
+def switch_merge(level, schedule: MergeSchedule, state: str,
+                 local_fn: Callable[[Any], Any], merge_fn: Callable[[Any, Callable], Any],
+                 operand):
+  """Run the merge that ``schedule`` prescribes for ``state`` at merge ``level`` (0 = local).
+
+  Args:
+    level: int32 scalar from ``schedule.level_at(state, step)``.
+    schedule: the merge schedule.
+    state: which state's periods to use.
+    local_fn: ``operand -> out`` on a local step; must contain no collective.
+    merge_fn: ``(operand, mean) -> out`` on a merge step, where ``mean(tree)`` averages a
+      pytree over the axes of this level (``schedule.axis_names[i:]``).
+    operand: pytree passed to the branches.
+
+  Returns:
+    The chosen branch's output. Only merge branches contain collectives; they sit inside
+    ``lax.switch``, so a local step executes none. If the outermost level merges every
+    step, no branch is built at all.
+  """
+  if not schedule.merges(state):
+    return local_fn(operand)
+  axes, route = schedule.axis_names, schedule.route
+  check_axes_bound(axes)
+  if schedule.periods(state)[0] == 1:  # Merges over all axes every step.
+    return merge_fn(operand, lambda t: tree_mean(t, axes, route))
+  branches = [local_fn] + [
+      (lambda op, i=i: merge_fn(op, lambda t: tree_mean(t, axes[i:], route)))
+      for i in range(len(axes))
+  ]
+  return jax.lax.switch(level, branches, operand)
+
+
+def merge_tree(level, tree, schedule: MergeSchedule, state: str):
+  """Average ``tree`` on the merge steps of ``state``; return it unchanged otherwise."""
+  return switch_merge(level, schedule, state, lambda t: t, lambda t, mean: mean(t), tree)
+
+
+class MergeParamsState(NamedTuple):
+  """State of :func:`merge_params`."""
+  count: jax.Array  # shape=(), int32; steps taken so far.
+
+
+def merge_params(schedule: MergeSchedule) -> optax.GradientTransformation:
+  """Turn updates into model-averaging updates on merge steps.
+
+  .. math::
+    u_t \\leftarrow \\operatorname{mean}_w(x_t + u_t) - x_t \\quad\\text{if step } t
+    \\text{ merges, else } u_t
+
+  so that after ``optax.apply_updates`` every worker holds the mean of the replicas. Chain it
+  last (after the learning rate). Needs ``params`` in ``update``.
+
+  Args:
+    schedule: merge schedule; its ``'params'`` periods decide the merge steps.
+
+  Returns:
+    An ``optax.GradientTransformation``.
+  """
+
+  def init_fn(params):
+    del params
+    return MergeParamsState(count=jnp.zeros([], jnp.int32))
+
+  def update_fn(updates, state, params=None):
+    count = optax.safe_increment(state.count)
+    if not schedule.merges("params"):
+      return updates, MergeParamsState(count=count)
+    if params is None:
+      raise ValueError("merge_params needs `params` in update(updates, state, params)")
+
+    def merge_fn(operand, mean):
+      params, updates = operand
+      new_params = jax.tree.map(lambda p, u: (p + u).astype(p.dtype), params, updates)
+      return jax.tree.map(lambda m, p, u: (m - p).astype(u.dtype), mean(new_params), params,
+                          updates)
+
+    updates = switch_merge(schedule.level_at("params", count), schedule, "params",
+                           lambda op: op[1], merge_fn, (params, updates))
+    return updates, MergeParamsState(count=count)
+
+  return optax.GradientTransformation(init_fn, update_fn)

@@ -1,0 +1,196 @@
+"""When and what to merge: the one merge schedule shared by optimizers and byte accounting.
+
+A :class:`MergeSchedule` is a small frozen object. The optimizers in this package build their
+collectives from it, and :func:`kstep_adam.comm_bytes` counts bytes from it, so the two can never
+disagree about what was sent.
+
+Levels. The merge axes are ordered from the outermost (slowest links, e.g. ``'node'``) to the
+innermost (fastest links, e.g. ``'local'``). Merging at level ``i`` averages over
+``axis_names[i:]``, i.e. over that axis *and every axis inside it*. At step ``t`` (1-based) a state
+with per-axis periods ``k_i`` merges at the outermost level ``i`` with ``t % k_i == 0``; if none
+divides ``t`` the step is local. With one axis this is plain "merge every k steps".
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+
+# Names of the pytrees a schedule may average. 'params', 'mu' and 'nu' belong to k-step Adam;
+# 'grads' is synchronous data parallelism; 'delta' is DiLoCo's outer gradient.
+STATE_NAMES = ("params", "mu", "nu", "grads", "delta")
+
+# Presets for `sync`: state name -> period as a multiple of k.
+SYNC_PRESETS: dict[str, dict[str, int]] = {
+    # Production default (PaddleBox k-step mode): moments stay local.
+    "params": {"params": 1},
+    # hivemind-style: parameters and the second moment.
+    "params+nu": {"params": 1, "nu": 1},
+    # Local Adam (Cheng & Glasgow, arXiv 2409.13155): x, u and v every K steps.
+    "params+moments": {"params": 1, "mu": 1, "nu": 1},
+    # DES-LOC (arXiv 2505.22549) recommended periods K, 3K, 6K.
+    "desloc": {"params": 1, "mu": 3, "nu": 6},
+    # Synchronous data parallelism (DDP): gradients every step (use with k=1).
+    "grads": {"grads": 1},
+    # DiLoCo: the outer gradient (mean parameter delta) every H inner steps.
+    "delta": {"delta": 1},
+}
+
+ROUTES = ("hierarchical", "flat")
+
+
+def _is_positive_int(x: Any) -> bool:
+  return isinstance(x, (int, np.integer)) and not isinstance(x, bool) and x >= 1
+
+
+@dataclasses.dataclass(frozen=True)
+class MergeSchedule:
+  """What is averaged, over which mesh axes, and how often.
+
+  Attributes:
+    axis_names: mesh axes to average over, outermost first; ``()`` means never merge.
+    axis_periods: base period ``k`` per axis, aligned with ``axis_names``.
+    state_periods: ``(state, multiple)`` pairs; state ``s`` merges at level ``i`` every
+      ``axis_periods[i] * multiple`` steps. States not listed are never averaged.
+    route: ``'hierarchical'`` (reduce-scatter inside the innermost axis, reduce the own shard
+      across the outer axes, all-gather) or ``'flat'`` (one all-reduce over all merged axes).
+    mu_dtype: dtype of the first moment, used only to count its bytes (``None``: params' dtype).
+  """
+
+  axis_names: tuple[str, ...] = ()
+  axis_periods: tuple[int, ...] = ()
+  state_periods: tuple[tuple[str, int], ...] = (("params", 1),)
+  route: str = "hierarchical"
+  mu_dtype: str | None = None
+
+  def states(self) -> tuple[str, ...]:
+    """Names of the states this schedule averages."""
+    return tuple(name for name, _ in self.state_periods)
+
+  def periods(self, state: str) -> tuple[int, ...] | None:
+    """Per-axis periods of ``state`` (aligned with ``axis_names``), or None if never merged."""
+    for name, multiple in self.state_periods:
+      if name == state:
+        return tuple(k * multiple for k in self.axis_periods)
+    return None
+
+  def merges(self, state: str) -> bool:
+    """Whether ``state`` is ever averaged (there is an axis and the state is listed)."""
+    return bool(self.axis_names) and self.periods(state) is not None
+
+  def level_at(self, state: str, step):
+    """Merge level of ``state`` at 1-based ``step``: 0 = local step, ``i+1`` = merge at level i.
+
+    Works on Python ints (for byte accounting) and on traced int32 scalars (inside ``jit``):
+    the outermost level whose period divides ``step`` wins.
+    """
+    periods = self.periods(state)
+    if not self.axis_names or periods is None:
+      return 0
+    traced = not isinstance(step, (int, np.integer))
+    level = jnp.zeros((), jnp.int32) if traced else 0
+    for i in reversed(range(len(periods))):  # innermost first; outer levels overwrite.
+      if traced:
+        level = jnp.where(step % periods[i] == 0, i + 1, level)
+      elif step % periods[i] == 0:
+        level = i + 1
+    return level
+
+
+def _normalize_axis_names(axis_name) -> tuple[str, ...]:
+  if axis_name is None:
+    return ()
+  names = (axis_name,) if isinstance(axis_name, str) else tuple(axis_name)
+  if not names or not all(isinstance(a, str) and a for a in names):
+    raise ValueError(
+        f"axis_name must be None, a mesh axis name or a non-empty tuple of names, got "
+        f"{axis_name!r}")
+  if len(set(names)) != len(names):
+    raise ValueError(f"axis_name has repeated axes: {axis_name!r}")
+  return names
+
+
+def _normalize_k(k, axis_names: tuple[str, ...]) -> tuple[int, ...]:
+  if isinstance(k, Mapping):
+    unknown = set(k) - set(axis_names)
+    if unknown or set(k) != set(axis_names):
+      raise ValueError(
+          f"k as a mapping needs exactly one period per axis of axis_name={axis_names!r}, got "
+          f"keys {sorted(k)!r}")
+    values = [k[a] for a in axis_names]
+  else:
+    values = [k] * max(len(axis_names), 1)
+  for v in values:
+    if not _is_positive_int(v):
+      hint = ""
+      if hasattr(v, "shape"):
+        hint = (" (under optax.inject_hyperparams pass static_args=('k',) or a MergeSchedule)")
+      raise ValueError(f"k must be a positive int or a mapping axis -> positive int, got "
+                       f"{k!r}{hint}")
+  return tuple(int(v) for v in values) if axis_names else ()
+
+
+def _normalize_sync(sync, allowed_states: Sequence[str]) -> tuple[tuple[str, int], ...]:
+  if isinstance(sync, str):
+    if sync not in SYNC_PRESETS:
+      raise ValueError(
+          f"sync must be one of {sorted(SYNC_PRESETS)!r} or a mapping state -> period "
+          f"multiple, got {sync!r}")
+    sync = SYNC_PRESETS[sync]
+  if not isinstance(sync, Mapping) or not sync:
+    raise ValueError(f"sync must be a preset name or a non-empty mapping state -> multiple of "
+                     f"k, got {sync!r}")
+  for name, multiple in sync.items():
+    if name not in allowed_states:
+      raise ValueError(f"sync state {name!r} is unknown here; allowed: {tuple(allowed_states)!r}")
+    if not _is_positive_int(multiple):
+      raise ValueError(f"sync period for {name!r} must be a positive int multiple of k, got "
+                       f"{multiple!r}")
+  return tuple((name, int(sync[name])) for name in allowed_states if name in sync)
+
+
+def merge_schedule(
+    k: int | Mapping[str, int] | MergeSchedule,
+    *,
+    axis_name: str | Sequence[str] | None = None,
+    sync: str | Mapping[str, int] = "params",
+    route: str = "hierarchical",
+    mu_dtype: Any = None,
+    allowed_states: Sequence[str] = STATE_NAMES,
+) -> MergeSchedule:
+  """Build and validate a :class:`MergeSchedule` (or pass one through unchanged).
+
+  Args:
+    k: merge period in steps; an int for every axis, or a mapping ``{axis: period}`` such as
+      ``{'node': 8, 'local': 1}``; or an existing ``MergeSchedule``, returned as is.
+    axis_name: mesh axis (str) or axes (tuple, outermost first) to average over; None: never.
+    sync: preset (``'params'``, ``'params+nu'``, ``'params+moments'``, ``'desloc'``; ``'grads'``
+      for :func:`sync_adam`, ``'delta'`` for :func:`diloco`) or a mapping state -> period as a
+      multiple of ``k`` (e.g. ``{'params': 1, 'mu': 3, 'nu': 6}``).
+    route: ``'hierarchical'`` or ``'flat'``; matters only when a merge spans several axes.
+    mu_dtype: first-moment dtype, recorded for byte accounting.
+    allowed_states: states the calling optimizer can average (default: all known states).
+
+  Returns:
+    A frozen, hashable ``MergeSchedule``.
+
+  Raises:
+    ValueError: on a non-positive or non-int period, an unknown sync option or route.
+  """
+  if isinstance(k, MergeSchedule):
+    for name, _ in k.state_periods:
+      if name not in allowed_states:
+        raise ValueError(f"schedule averages {name!r}, which this optimizer does not have; "
+                         f"allowed: {tuple(allowed_states)!r}")
+    return k
+  if route not in ROUTES:
+    raise ValueError(f"route must be one of {ROUTES!r}, got {route!r}")
+  axis_names = _normalize_axis_names(axis_name)
+  axis_periods = _normalize_k(k, axis_names)
+  state_periods = _normalize_sync(sync, allowed_states)
+  mu_name = None if mu_dtype is None else jnp.dtype(mu_dtype).name
+  return MergeSchedule(axis_names, axis_periods, state_periods, route, mu_name)
