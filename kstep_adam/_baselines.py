@@ -164,7 +164,7 @@ def diloco(
     https://arxiv.org/abs/2311.08105
   """
   schedule = merge_schedule(inner_steps, axis_name=axis_name, sync="delta", route=route,
-                            allowed_states=("delta",))
+                            allowed_states=("delta",), period_name="inner_steps")
   if not schedule.axis_names and not isinstance(inner_steps, int):
     raise ValueError(f"without axis_name, inner_steps must be a positive int, got "
                      f"{inner_steps!r}")

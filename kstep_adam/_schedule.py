@@ -114,12 +114,12 @@ def _normalize_axis_names(axis_name) -> tuple[str, ...]:
   return names
 
 
-def _normalize_k(k, axis_names: tuple[str, ...]) -> tuple[int, ...]:
+def _normalize_k(k, axis_names: tuple[str, ...], name: str) -> tuple[int, ...]:
   if isinstance(k, Mapping):
     unknown = set(k) - set(axis_names)
     if unknown or set(k) != set(axis_names):
       raise ValueError(
-          f"k as a mapping needs exactly one period per axis of axis_name={axis_names!r}, got "
+          f"{name} as a mapping needs exactly one period per axis of axis_name={axis_names!r}, got "
           f"keys {sorted(k)!r}")
     values = [k[a] for a in axis_names]
   else:
@@ -128,8 +128,9 @@ def _normalize_k(k, axis_names: tuple[str, ...]) -> tuple[int, ...]:
     if not _is_positive_int(v):
       hint = ""
       if hasattr(v, "shape"):
-        hint = (" (under optax.inject_hyperparams pass static_args=('k',) or a MergeSchedule)")
-      raise ValueError(f"k must be a positive int or a mapping axis -> positive int, got "
+        hint = (f" (under optax.inject_hyperparams pass static_args=('{name}',) or a "
+                f"MergeSchedule)")
+      raise ValueError(f"{name} must be a positive int or a mapping axis -> positive int, got "
                        f"{k!r}{hint}")
   return tuple(int(v) for v in values) if axis_names else ()
 
@@ -161,6 +162,7 @@ def merge_schedule(
     route: str = "hierarchical",
     mu_dtype: Any = None,
     allowed_states: Sequence[str] = STATE_NAMES,
+    period_name: str = "k",
 ) -> MergeSchedule:
   """Build and validate a :class:`MergeSchedule` (or pass one through unchanged).
 
@@ -174,6 +176,7 @@ def merge_schedule(
     route: ``'hierarchical'`` or ``'flat'``; matters only when a merge spans several axes.
     mu_dtype: first-moment dtype, recorded for byte accounting.
     allowed_states: states the calling optimizer can average (default: all known states).
+    period_name: how error messages call ``k`` (e.g. ``'inner_steps'`` for DiLoCo).
 
   Returns:
     A frozen, hashable ``MergeSchedule``.
@@ -190,7 +193,7 @@ def merge_schedule(
   if route not in ROUTES:
     raise ValueError(f"route must be one of {ROUTES!r}, got {route!r}")
   axis_names = _normalize_axis_names(axis_name)
-  axis_periods = _normalize_k(k, axis_names)
+  axis_periods = _normalize_k(k, axis_names, period_name)
   state_periods = _normalize_sync(sync, allowed_states)
   mu_name = None if mu_dtype is None else jnp.dtype(mu_dtype).name
   return MergeSchedule(axis_names, axis_periods, state_periods, route, mu_name)

@@ -92,7 +92,7 @@ def replicate(tree, mesh: Mesh):
 
 def unreplicate(tree_W, worker: int = 0):
   """Fetch one worker's replica to the host (NumPy)."""
-  return jax.tree.map(lambda x: np.asarray(jax.device_get(x[worker])), tree_W)
+  return jax.tree.map(lambda x: np.asarray(jax.device_get(x))[worker], tree_W)
 
 
 def init_replicas(params, tx: optax.GradientTransformation, mesh: Mesh):

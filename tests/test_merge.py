@@ -1,0 +1,121 @@
+"""The collectives: hierarchical mean == flat mean, and no collective on a non-merge step."""
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+import kstep_adam
+from _runs import init_params, loss_fn
+from kstep_adam import parallel
+
+NODE_LOCAL = ("node", "local")
+COLLECTIVE = re.compile(r"\b(all-reduce|reduce-scatter|all-gather|collective-permute|all-to-all)"
+                        r"(-start)?\(")
+
+
+def _mean_under_shard_map(tree_W, mesh, axes, route):
+  spec = P(tuple(mesh.axis_names))
+
+  def fn(tree_W):
+    tree = jax.tree.map(lambda x: x[0], tree_W)
+    return jax.tree.map(lambda x: x[None], kstep_adam.tree_mean(tree, axes, route))
+
+  return jax.jit(jax.shard_map(fn, mesh=mesh, in_specs=spec, out_specs=spec))(tree_W)
+
+
+def _per_worker_tree(mesh, seed=0):
+  rng = np.random.default_rng(seed)
+  n = mesh.size
+  tree = {
+      "odd": rng.normal(size=(n, 7, 3)).astype(np.float32),  # 21 elements: needs padding.
+      "scalar": rng.normal(size=(n,)).astype(np.float32),
+      "half": rng.normal(size=(n, 5)).astype(jnp.bfloat16),
+  }
+  sharded = jax.tree.map(lambda x: jax.device_put(x, parallel.worker_sharding(mesh, x.ndim)),
+                         tree)
+  return tree, sharded
+
+
+@pytest.mark.parametrize("mesh_shape", [(2, 4), (2, 2)])
+def test_hierarchical_mean_equals_flat_mean(mesh_shape):
+  mesh = parallel.make_mesh(*mesh_shape)
+  tree, tree_W = _per_worker_tree(mesh)
+  hier = _mean_under_shard_map(tree_W, mesh, NODE_LOCAL, "hierarchical")
+  flat = _mean_under_shard_map(tree_W, mesh, NODE_LOCAL, "flat")
+  for name, x in tree.items():
+    want = np.broadcast_to(np.asarray(x, np.float64).mean(0), x.shape)
+    tol = 1e-2 if x.dtype == jnp.bfloat16 else 1e-6
+    np.testing.assert_allclose(np.asarray(hier[name], np.float64), want, rtol=tol, atol=tol)
+    np.testing.assert_allclose(np.asarray(hier[name], np.float64),
+                               np.asarray(flat[name], np.float64), rtol=tol, atol=tol)
+    assert hier[name].dtype == x.dtype and hier[name].shape == x.shape
+
+
+def test_inner_axis_mean_averages_within_each_node():
+  mesh = parallel.make_mesh(2, 4)
+  tree, tree_W = _per_worker_tree(mesh)
+  out = _mean_under_shard_map(tree_W, mesh, ("local",), "hierarchical")
+  x = tree["odd"].reshape(2, 4, 7, 3).mean(1, keepdims=True)
+  np.testing.assert_allclose(out["odd"], np.broadcast_to(x, (2, 4, 7, 3)).reshape(8, 7, 3),
+                             rtol=1e-6)
+
+
+def _computations(hlo_text: str) -> dict[str, str]:
+  """Split optimized HLO text into {computation name: body}."""
+  blocks, name = {}, None
+  for line in hlo_text.splitlines():
+    m = re.match(r"^(?:ENTRY )?%?([\w.\-]+) .*\{$", line)
+    if m:
+      name = ("ENTRY " if line.startswith("ENTRY") else "") + m.group(1)
+      blocks[name] = ""
+    elif name is not None:
+      blocks[name] += line + "\n"
+  return blocks
+
+
+def _compiled_hlo(tx, mesh):
+  params_W, state_W = parallel.init_replicas(init_params(), tx, mesh)
+  step = parallel.make_train_step(loss_fn, tx, mesh, donate=False)
+  batch = jax.tree.map(lambda x: jax.device_put(x, parallel.worker_sharding(mesh, x.ndim)),
+                       (np.zeros((mesh.size, 5), np.float32), np.zeros(mesh.size, np.float32)))
+  return step.jitted.lower(params_W, state_W, batch).compile().as_text()
+
+
+def test_collectives_only_inside_merge_branches():
+  mesh = parallel.make_mesh(2, 4)
+  tx = kstep_adam.kstep_adam(0.1, {"node": 4, "local": 2}, axis_name=NODE_LOCAL,
+                             sync="params+moments")
+  blocks = _computations(_compiled_hlo(tx, mesh))
+  branch_names = set()
+  for body in blocks.values():
+    for group in re.findall(r"branch_computations=\{([^}]*)\}", body):
+      branch_names.update(n.strip().lstrip("%") for n in group.split(","))
+    for a, b in re.findall(r"true_computation=%?([\w.\-]+), false_computation=%?([\w.\-]+)",
+                           body):
+      branch_names.update((a, b))
+  with_collectives = {n for n, body in blocks.items() if COLLECTIVE.search(body)}
+  entry = [n for n in blocks if n.startswith("ENTRY")]
+  assert len(entry) == 1 and entry[0] not in with_collectives
+  assert with_collectives, "the merge branches should contain collectives"
+  assert with_collectives <= branch_names, (with_collectives, branch_names)
+  # Hierarchical node-level merge: reduce-scatter and all-gather are present.
+  text = "".join(blocks[n] for n in with_collectives)
+  assert "reduce-scatter(" in text and "all-gather(" in text
+
+
+def test_sync_adam_all_reduces_in_the_main_computation():
+  """Sanity check of the HLO parser: DDP communicates every step, outside any branch."""
+  mesh = parallel.make_mesh(1, 4)
+  blocks = _computations(_compiled_hlo(kstep_adam.sync_adam(0.1, axis_name="local"), mesh))
+  entry = [body for n, body in blocks.items() if n.startswith("ENTRY")][0]
+  assert COLLECTIVE.search(entry)
+
+
+def test_merge_params_needs_params():
+  tx = kstep_adam.merge_params(kstep_adam.merge_schedule(2, axis_name="w"))
+  with pytest.raises(ValueError, match="needs `params`"):
+    tx.update({"a": jnp.ones(2)}, tx.init({"a": jnp.ones(2)}))
