@@ -1,0 +1,98 @@
+"""A vectorized open-addressing hash map from int64 row ids to int32 cache slots.
+
+A Python dict costs about 100 ns per id; at 50k ids per step that is several ms per
+lookup. This map probes all ids of a batch at once with NumPy: linear probing over a
+table of 3x the maximum entry count (so live entries fill at most a third), Fibonacci
+hashing with a multiply-shift range reduction, tombstones for deletions, and a rebuild
+once live entries plus tombstones pass three quarters of the table (every ~1.2x
+max_entries deletions, so rebuilds cost O(1) amortized). Memory: 36 bytes per entry.
+"""
+
+import numpy as np
+
+_EMPTY = -1
+_TOMBSTONE = -2
+_FIBONACCI_U64 = np.uint64(0x9E3779B97F4A7C15)
+
+
+class IdSlotMap:
+  """Maps non-negative int64 ids to int32 values; all operations take whole arrays."""
+
+  def __init__(self, max_entries: int):
+    self._max_entries = max_entries
+    self._keys = np.full(max(16, 3 * max_entries), _EMPTY, np.int64)
+    self._values = np.zeros(len(self._keys), np.int32)
+    self._num_live = 0
+    self._num_tombstones = 0
+
+  def __len__(self) -> int:
+    return self._num_live
+
+  def _home(self, ids: np.ndarray) -> np.ndarray:
+    with np.errstate(over="ignore"):
+      h = (ids.astype(np.uint64) * _FIBONACCI_U64) >> np.uint64(32)
+      return ((h * np.uint64(len(self._keys))) >> np.uint64(32)).astype(np.int64)
+
+  def _find(self, ids: np.ndarray) -> np.ndarray:
+    """Table positions of ``ids``, or -1 where absent."""
+    size = len(self._keys)
+    pos = self._home(ids)
+    found = np.full(len(ids), -1, np.int64)
+    active = np.arange(len(ids))
+    while active.size:
+      p = pos[active]
+      k = self._keys[p]
+      hit = k == ids[active]
+      found[active[hit]] = p[hit]
+      keep = ~(hit | (k == _EMPTY))
+      active = active[keep]
+      pos[active] = (p[keep] + 1) % size
+    return found
+
+  def lookup(self, ids: np.ndarray) -> np.ndarray:
+    """Values of ``ids``, or -1 where an id is absent."""
+    pos = self._find(ids)
+    return np.where(pos >= 0, self._values[np.maximum(pos, 0)], -1)
+
+  def insert(self, ids: np.ndarray, values: np.ndarray) -> None:
+    """Inserts unique ``ids`` that are not yet present."""
+    if self._num_live + self._num_tombstones + len(ids) > 3 * len(self._keys) // 4:
+      self._rebuild(extra=len(ids))
+    size = len(self._keys)
+    pos = self._home(ids)
+    pending = np.arange(len(ids))
+    while pending.size:
+      p = pos[pending]
+      k = self._keys[p]
+      free = (k == _EMPTY) | (k == _TOMBSTONE)
+      cand, cand_pos = pending[free], p[free]
+      # Several ids may probe the same free position: the first one wins it.
+      win_pos, first = np.unique(cand_pos, return_index=True)
+      self._num_tombstones -= int(np.count_nonzero(self._keys[win_pos] == _TOMBSTONE))
+      self._keys[win_pos] = ids[cand[first]]
+      self._values[win_pos] = values[cand[first]]
+      placed = np.zeros(len(ids), bool)
+      placed[cand[first]] = True
+      pending = pending[~placed[pending]]
+      pos[pending] = (pos[pending] + 1) % size
+    self._num_live += len(ids)
+
+  def delete(self, ids: np.ndarray) -> None:
+    """Removes ``ids``, which must all be present."""
+    pos = self._find(ids)
+    if np.any(pos < 0):
+      raise KeyError("IdSlotMap.delete: some ids are absent")
+    self._keys[pos] = _TOMBSTONE
+    self._num_live -= len(ids)
+    self._num_tombstones += len(ids)
+
+  def _rebuild(self, extra: int) -> None:
+    live = self._keys >= 0
+    keys, values = self._keys[live], self._values[live]
+    self._max_entries = max(self._max_entries, len(keys) + extra)
+    self._keys = np.full(max(16, 3 * self._max_entries), _EMPTY, np.int64)
+    self._values = np.zeros(len(self._keys), np.int32)
+    self._num_live = 0
+    self._num_tombstones = 0
+    if len(keys):
+      self.insert(keys, values)

@@ -1,0 +1,155 @@
+"""The disk tier: TensorStore arrays for a table's rows, an atomic commit, a pending area.
+
+Directory layout of a table at ``path``::
+
+  path/table.json   static configuration, written once (the table is created in a
+                    temporary sibling directory that is renamed into place, so a table
+                    either exists whole or not at all)
+  path/db/          an OCDBT database holding
+                      rows/        zarr3 float32 [num_rows, W]: every row's full state
+                      commit.json  {"step": t}: the table step of the last flush
+  path/pending/     zarr3 float32 [num_rows, W] on a plain file kvstore: dirty rows
+                    evicted from the host cache since the last flush
+
+Row layout (width ``W = 1 + D + S``): column 0 holds the int32 bits of ``last_step + 1``
+(so the zarr fill value 0 reads as "never written", and the row's value is its
+deterministic init), columns ``1:1+D`` the parameters, and ``1+D:`` the optimizer slots.
+
+``db/`` only changes in ``commit``: one atomic OCDBT transaction that writes the rows
+and ``commit.json`` together. So ``db/`` always holds the rows of exactly one flushed step.
+``pending/`` is never part of a committed state: ``open`` wipes it. OCDBT is
+copy-on-write and does not garbage-collect old versions, so ``db/`` grows by the bytes
+of the chunks each flush rewrites.
+"""
+
+import json
+import os
+import shutil
+import tempfile
+
+import numpy as np
+import tensorstore as ts
+
+FORMAT = "kstep_adam.embedding/1"
+CONFIG_FILE = "table.json"
+
+
+def row_width(dim: int, slot_width: int) -> int:
+  return 1 + dim + slot_width
+
+
+def encode_last_step(last_step_N: np.ndarray) -> np.ndarray:
+  """Column 0 of the row layout: the float32 bit pattern of int32 ``last_step + 1``."""
+  return (np.asarray(last_step_N) + 1).astype(np.int32).view(np.float32)
+
+
+def decode_last_step(rows_NxW: np.ndarray) -> np.ndarray:
+  """``last_step`` of each row from column 0 (-1: never written)."""
+  return np.ascontiguousarray(rows_NxW[:, 0]).view(np.int32).astype(np.int64) - 1
+
+
+def _array_spec(kvstore: dict, num_rows: int, width: int, chunk_rows: int) -> dict:
+  return {
+      "driver": "zarr3",
+      "kvstore": kvstore,
+      "metadata": {
+          "shape": [num_rows, width],
+          "chunk_grid": {"name": "regular",
+                         "configuration": {"chunk_shape": [chunk_rows, width]}},
+          "data_type": "float32",
+          "fill_value": 0.0,
+      },
+      "recheck_cached_data": False,
+  }
+
+
+def read_config(path: str) -> dict:
+  """Reads ``table.json``; raises ValueError if ``path`` is not an embedding table."""
+  config_path = os.path.join(path, CONFIG_FILE)
+  if not os.path.isfile(config_path):
+    raise ValueError(f"{path!r} exists but is not an embedding table (no {CONFIG_FILE}); "
+                     "pass a new or empty directory to create one")
+  with open(config_path) as f:
+    try:
+      config = json.load(f)
+    except json.JSONDecodeError as e:
+      raise ValueError(f"{config_path!r} is not valid JSON: {e}") from None
+  if config.get("format") != FORMAT:
+    raise ValueError(f"{config_path!r} has format {config.get('format')!r}, "
+                     f"expected {FORMAT!r}")
+  return config
+
+
+def create(path: str, config: dict) -> None:
+  """Creates an empty table atomically: build in a temporary sibling, then rename."""
+  parent = os.path.dirname(os.path.abspath(path)) or "."
+  os.makedirs(parent, exist_ok=True)
+  tmp = tempfile.mkdtemp(prefix=os.path.basename(path) + ".creating-", dir=parent)
+  try:
+    with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
+      json.dump(config, f, indent=1)
+    store = TableStore(tmp, config, ts_cache_bytes=0, create=True)
+    store.commit(np.zeros(0, np.int64), np.zeros((0, config["width"]), np.float32), 0)
+    del store
+    if os.path.isdir(path):
+      os.rmdir(path)  # only an empty directory gets here; see open_table
+    os.rename(tmp, path)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+
+
+class TableStore:
+  """TensorStore handles of one table; all calls take sorted unique row ids."""
+
+  def __init__(self, path: str, config: dict, *, ts_cache_bytes: int, create: bool = False):
+    self._context = ts.Context({"cache_pool": {"total_bytes_limit": int(ts_cache_bytes)}})
+    num_rows, width, chunk_rows = config["num_rows"], config["width"], config["chunk_rows"]
+    db = {"driver": "ocdbt", "base": {"driver": "file", "path": os.path.join(path, "db")}}
+    self._kv = ts.KvStore.open(db, context=self._context).result()
+    self._rows = ts.open(_array_spec(dict(db, path="rows/"), num_rows, width, chunk_rows),
+                         create=create, open=not create, context=self._context).result()
+    self._pending_spec = _array_spec({"driver": "file",
+                                      "path": os.path.join(path, "pending")},
+                                     num_rows, width, chunk_rows)
+    self._row_bytes = 4 * width
+    self.bytes_read = 0
+    self.bytes_written = 0
+    self.wipe_pending()
+
+  def committed_step(self) -> int:
+    result = self._kv.read(b"commit.json").result()
+    if result.state != "value":
+      raise ValueError("table database has no commit.json: it was not created by "
+                       "open_table or is damaged")
+    return int(json.loads(result.value)["step"])
+
+  def read_rows(self, ids_N: np.ndarray, *, pending: bool) -> np.ndarray:
+    """Gathers rows from the committed table or from the pending area."""
+    if len(ids_N) == 0:
+      return np.zeros((0, self._row_bytes // 4), np.float32)
+    store = self._pending if pending else self._rows
+    self.bytes_read += len(ids_N) * self._row_bytes
+    return store[ids_N].read().result()
+
+  def write_pending(self, ids_N: np.ndarray, rows_NxW: np.ndarray) -> None:
+    """Scatters evicted dirty rows into the pending area, grouped by chunk in a transaction."""
+    if len(ids_N) == 0:
+      return
+    self.bytes_written += len(ids_N) * self._row_bytes
+    with ts.Transaction() as txn:
+      self._pending.with_transaction(txn)[ids_N] = rows_NxW
+
+  def commit(self, ids_N: np.ndarray, rows_NxW: np.ndarray, step: int) -> None:
+    """Atomically writes rows and the step (one OCDBT commit): all of it or none."""
+    self.bytes_written += len(ids_N) * self._row_bytes
+    txn = ts.Transaction(atomic=True)
+    if len(ids_N):
+      self._rows.with_transaction(txn)[ids_N] = rows_NxW
+    self._kv.with_transaction(txn)[b"commit.json"] = json.dumps({"step": int(step)}).encode()
+    txn.commit_sync()
+
+  def wipe_pending(self) -> None:
+    """Discards the pending area (it never holds committed state)."""
+    self._pending = ts.open(self._pending_spec, create=True, delete_existing=True,
+                            context=self._context).result()

@@ -1,0 +1,335 @@
+"""EmbeddingTable: pull/push rows through the host cache, with the disk tier below it.
+
+Step semantics. ``table.step`` counts pushes. ``push(ids, grads)`` performs step
+``t + 1`` on the pushed rows (summing duplicate ids' gradients) and then ``t`` becomes
+``t + 1``. ``pull`` at step ``t`` returns every row as it stands after ``t`` steps; in
+exact Adam mode that means a row last written at step ``s < t`` is first caught up over
+the ``t - s`` zero-gradient steps it missed (the caught-up state is kept in the cache
+and marked dirty, so later reads reproduce it bit for bit).
+
+Durability. ``flush`` commits all dirty rows together with ``t`` in one atomic OCDBT
+transaction. Dirty rows evicted between flushes go to a pending area that ``open``
+discards. So after a crash the table reopens at the last flushed step, with every row
+from that step: everything since the last flush is lost, nothing is mixed.
+
+Concurrency. One lock guards the cache. Disk reads run outside it: an operation
+reserves (pins) slots for its missing rows, marks them ``loading``, releases the lock,
+reads, and re-takes the lock to fill them. Another operation that needs a loading row
+waits on a condition variable. Flush waits until no read is in flight.
+"""
+
+import concurrent.futures
+import threading
+from typing import NamedTuple, Optional
+
+import numpy as np
+
+from kstep_adam.embedding import _init
+from kstep_adam.embedding import _store
+
+
+class WorkingSet(NamedTuple):
+  """A batch's deduplicated rows: ``rows[inverse]`` equals ``pull(ids)``."""
+  unique_ids: np.ndarray  # shape=[U], int64, sorted ascending
+  rows: object  # shape=[U, dim], float32: np.ndarray, or a jax.Array with a device cache
+  inverse: np.ndarray  # shape=[len(ids)], int64 indices into unique_ids
+
+
+class EmbeddingTable:
+  """A row-sparse embedding table on disk with a bounded host cache. Use ``open_table``."""
+
+  def __init__(self, path: str, config: dict, optimizer, *, host_cache_rows: int,
+               ts_cache_bytes: int, device_cache=None):
+    from kstep_adam.embedding._host_cache import HostCache  # noqa: PLC0415
+    self.path = path
+    self.num_rows = int(config["num_rows"])
+    self.dim = int(config["dim"])
+    self.optimizer = optimizer
+    self._config = config
+    self._store = _store.TableStore(path, config, ts_cache_bytes=ts_cache_bytes)
+    self._step = self._store.committed_step()
+    self._cache = HostCache(host_cache_rows, config["width"])
+    self._device_cache = device_cache
+    self._pending_ids = np.zeros(0, np.int64)  # sorted; rows in the pending area
+    self._lock = threading.Lock()
+    self._cond = threading.Condition(self._lock)
+    self._num_loading = 0
+    self._executor = concurrent.futures.ThreadPoolExecutor(
+        max_workers=1, thread_name_prefix="embedding-prefetch")
+    self._closed = False
+    self._counts = dict(hits=0, misses=0, prefetched_rows=0, pulls=0, pushes=0)
+
+  # ----------------------------------------------------------------- public API
+  @property
+  def step(self) -> int:
+    """The table step t: the number of pushes applied (restored from the last flush)."""
+    return self._step
+
+  @property
+  def host_cache_rows(self) -> int:
+    return self._cache.capacity
+
+  def pull(self, ids) -> np.ndarray:
+    """Returns the rows of ``ids`` at the current step, float32 ``[len(ids), dim]``."""
+    ids_N = self._check_ids(ids)
+    unique_U, inverse_N = np.unique(ids_N, return_inverse=True)
+    return self._pull_unique(unique_U)[inverse_N]
+
+  def working_set(self, ids) -> WorkingSet:
+    """Deduplicates ``ids`` and returns their unique rows with the inverse index."""
+    ids_N = self._check_ids(ids)
+    unique_U, inverse_N = np.unique(ids_N, return_inverse=True)
+    rows_UxD = self._pull_unique(unique_U)
+    if self._device_cache is not None:
+      rows_UxD = self._device_cache.rows_on_device(unique_U, rows_UxD)
+    return WorkingSet(unique_U, rows_UxD, inverse_N.astype(np.int64))
+
+  def push(self, ids, grads) -> None:
+    """Applies one optimizer step (step ``t + 1``) to the rows of ``ids``.
+
+    Args:
+      ids: int row ids ``[N]``, may repeat (their gradients are summed).
+      grads: floating ``[N, dim]`` gradients (a NumPy or JAX array; cast to float32).
+    """
+    ids_N = self._check_ids(ids)
+    grads_NxD = self._check_grads(grads, len(ids_N))
+    unique_U, inverse_N = np.unique(ids_N, return_inverse=True)
+    if len(unique_U) == len(ids_N):
+      grads_UxD = np.empty_like(grads_NxD)
+      grads_UxD[inverse_N] = grads_NxD
+    else:
+      grads_UxD = _segment_sum(grads_NxD, inverse_N, len(unique_U))
+    dim = self.dim
+    with self._lock:
+      self._check_open()
+      step = self._step + 1
+      for lo in range(0, len(unique_U), self._cache.capacity):
+        hi = min(lo + self._cache.capacity, len(unique_U))
+        slots = self._acquire(unique_U[lo:hi])
+        try:
+          block = self._cache.rows_CxW[slots]
+          params, opt_slots = block[:, 1:1 + dim], block[:, 1 + dim:]
+          self.optimizer.catch_up(params, opt_slots, _store.decode_last_step(block),
+                                  step - 1)
+          self.optimizer.apply(params, opt_slots, grads_UxD[lo:hi], step)
+          block[:, 0] = _store.encode_last_step(np.full(hi - lo, step))
+          self._cache.rows_CxW[slots] = block
+          self._cache.dirty_C[slots] = True
+        finally:
+          self._release(slots)
+      self._step = step
+      self._counts["pushes"] += 1
+      if self._device_cache is not None:
+        self._device_cache.invalidate(unique_U)
+
+  def prefetch(self, ids) -> concurrent.futures.Future:
+    """Starts loading ``ids``' rows into the host cache on a background thread.
+
+    Returns a Future whose result is the number of rows read from disk. It overlaps with
+    compute and with pull/push on other rows.
+    """
+    ids_N = self._check_ids(ids)
+    unique_U = np.unique(ids_N)
+    if len(unique_U) > self._cache.capacity:
+      raise ValueError(f"prefetch of {len(unique_U)} unique ids exceeds host_cache_rows="
+                       f"{self._cache.capacity}; prefetch at most that many")
+    self._check_open()
+    return self._executor.submit(self._prefetch_task, unique_U)
+
+  def flush(self) -> None:
+    """Commits every dirty row and the step atomically; a reopen then sees exactly this."""
+    with self._lock:
+      self._check_open()
+      while self._num_loading:
+        self._cond.wait()
+      cache = self._cache
+      dirty_slots = np.flatnonzero(cache.dirty_C)
+      pend_slots = cache.peek(self._pending_ids)
+      # Pending rows that are cached (clean or dirty) commit from the cache: it is newer.
+      slots = np.union1d(dirty_slots, pend_slots[pend_slots >= 0])
+      uncached = self._pending_ids[pend_slots < 0]
+      ids = np.concatenate([cache.ids_C[slots], uncached])
+      rows = np.concatenate([cache.rows_CxW[slots],
+                             self._store.read_rows(uncached, pending=True)])
+      order = np.argsort(ids)
+      self._store.commit(ids[order], rows[order], self._step)
+      cache.dirty_C[slots] = False
+      self._pending_ids = np.zeros(0, np.int64)
+      self._store.wipe_pending()
+
+  def close(self, flush: bool = True) -> None:
+    """Flushes (unless ``flush=False``) and releases the table; idempotent."""
+    if self._closed:
+      return
+    self._executor.shutdown(wait=True)
+    if flush:
+      self.flush()
+    self._closed = True
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.close()
+
+  def stats(self) -> dict:
+    """Counters since open: cache hits/misses (per unique row), hit rate, evictions, I/O."""
+    with self._lock:
+      c = dict(self._counts)
+      lookups = c["hits"] + c["misses"]
+      c.update(hit_rate=c["hits"] / lookups if lookups else 0.0,
+               evictions=self._cache.evictions,
+               dirty_evictions=self._cache.dirty_evictions,
+               resident_rows=len(self._cache),
+               dirty_rows=int(np.count_nonzero(self._cache.dirty_C)),
+               pending_rows=len(self._pending_ids),
+               bytes_read=self._store.bytes_read,
+               bytes_written=self._store.bytes_written,
+               step=self._step)
+      if self._device_cache is not None:
+        c.update(self._device_cache.stats())
+      return c
+
+  # ------------------------------------------------------------- internals
+  def _pull_unique(self, unique_U: np.ndarray) -> np.ndarray:
+    dim = self.dim
+    out_UxD = np.empty((len(unique_U), dim), np.float32)
+    with self._lock:
+      self._check_open()
+      for lo in range(0, len(unique_U), self._cache.capacity):
+        hi = min(lo + self._cache.capacity, len(unique_U))
+        slots = self._acquire(unique_U[lo:hi])
+        try:
+          block = self._cache.rows_CxW[slots]
+          changed = self.optimizer.catch_up(block[:, 1:1 + dim], block[:, 1 + dim:],
+                                            _store.decode_last_step(block), self._step)
+          if changed.any():
+            block[changed, 0] = _store.encode_last_step(
+                np.full(int(changed.sum()), self._step))
+            self._cache.rows_CxW[slots[changed]] = block[changed]
+            self._cache.dirty_C[slots[changed]] = True
+          out_UxD[lo:hi] = block[:, 1:1 + dim]
+        finally:
+          self._release(slots)
+      self._counts["pulls"] += 1
+    return out_UxD
+
+  def _prefetch_task(self, unique_U: np.ndarray) -> int:
+    with self._lock:
+      self._check_open()
+      before = self._counts["prefetched_rows"]
+      slots = self._acquire(unique_U, prefetch=True)
+      self._release(slots)
+      return self._counts["prefetched_rows"] - before
+
+  def _release(self, slots: np.ndarray) -> None:
+    self._cache.unpin(slots)
+    self._cond.notify_all()
+
+  def _acquire(self, unique_U: np.ndarray, prefetch: bool = False) -> np.ndarray:
+    """Makes sorted unique rows resident and pinned; returns their slots. Holds the lock,
+    but releases it while reading from disk."""
+    cache = self._cache
+    while True:
+      slots_U = cache.peek(unique_U)
+      present = slots_U >= 0
+      # Wait while another thread reads some of these rows, or holds so many pins that
+      # the missing rows do not fit; then look up again, the cache may have changed.
+      if (not cache.loading_C[slots_U[present]].any()
+          and cache.num_evictable() >= np.count_nonzero(~present)):
+        break
+      self._cond.wait()
+    cache.ref_C[slots_U[present]] = True
+    cache.pin(slots_U[present])
+    missing = unique_U[~present]
+    self._counts["prefetched_rows" if prefetch else "misses"] += len(missing)
+    if not prefetch:
+      self._counts["hits"] += int(np.count_nonzero(present))
+    if len(missing) == 0:
+      return slots_U
+    new_slots, evicted_ids, evicted_rows = cache.reserve(missing)
+    slots_U[~present] = new_slots
+    if len(evicted_ids):
+      order = np.argsort(evicted_ids)
+      self._store.write_pending(evicted_ids[order], evicted_rows[order])
+      self._pending_ids = np.union1d(self._pending_ids, evicted_ids)
+    in_pending = _isin_sorted(missing, self._pending_ids)
+    self._num_loading += 1
+    self._lock.release()
+    try:
+      rows_MxW = np.empty((len(missing), cache.rows_CxW.shape[1]), np.float32)
+      rows_MxW[~in_pending] = self._store.read_rows(missing[~in_pending], pending=False)
+      rows_MxW[in_pending] = self._store.read_rows(missing[in_pending], pending=True)
+      fresh = _store.decode_last_step(rows_MxW) < 0
+      if fresh.any():
+        rows_MxW[fresh] = self._fresh_rows(missing[fresh])
+    except BaseException:
+      self._lock.acquire()
+      cache.abort(new_slots)
+      cache.unpin(slots_U[present])
+      self._num_loading -= 1
+      self._cond.notify_all()
+      raise
+    self._lock.acquire()
+    cache.fill(new_slots, rows_MxW)
+    self._num_loading -= 1
+    self._cond.notify_all()
+    return slots_U
+
+  def _fresh_rows(self, ids_M: np.ndarray) -> np.ndarray:
+    """Rows never written: deterministic init, initial optimizer slots, last_step = -1."""
+    config = self._config
+    rows = np.empty((len(ids_M), config["width"]), np.float32)
+    rows[:, 0] = _store.encode_last_step(np.full(len(ids_M), -1))
+    rows[:, 1:1 + self.dim] = _init.init_rows(
+        ids_M, self.dim, seed=config["seed"], scale=config["init_scale"],
+        distribution=config["init_distribution"])
+    rows[:, 1 + self.dim:] = self.optimizer.init_slots(len(ids_M), self.dim)
+    return rows
+
+  def _check_open(self) -> None:
+    if self._closed:
+      raise ValueError(f"embedding table {self.path!r} is closed")
+
+  def _check_ids(self, ids) -> np.ndarray:
+    ids = np.asarray(ids)
+    if ids.ndim != 1:
+      raise ValueError(f"ids must be a 1-D integer array, got shape {ids.shape}")
+    if ids.size and not np.issubdtype(ids.dtype, np.integer):
+      raise ValueError(f"ids must be integers, got dtype {ids.dtype}")
+    ids = ids.astype(np.int64, copy=False)
+    if ids.size and (ids.min() < 0 or ids.max() >= self.num_rows):
+      bad = ids[(ids < 0) | (ids >= self.num_rows)]
+      raise ValueError(f"ids must be in [0, num_rows={self.num_rows}), got {bad.size} "
+                       f"out of range, e.g. {int(bad[0])}")
+    return ids
+
+  def _check_grads(self, grads, n: int) -> np.ndarray:
+    grads = np.asarray(grads)
+    if grads.shape != (n, self.dim):
+      raise ValueError(f"grads must have shape [len(ids), dim] = [{n}, {self.dim}], got "
+                       f"{list(grads.shape)}")
+    if not np.issubdtype(grads.dtype, np.floating):
+      raise ValueError(f"grads must be a floating array (float16/32/64, bfloat16), got "
+                       f"dtype {grads.dtype}")
+    grads = grads.astype(np.float32, copy=False)
+    if not np.isfinite(grads).all():
+      raise ValueError(f"grads must be finite, got {np.size(grads) - np.count_nonzero(np.isfinite(grads))} NaN/inf entries")
+    return grads
+
+
+def _segment_sum(values_NxD: np.ndarray, segment_N: np.ndarray, num: int) -> np.ndarray:
+  """Sums rows of ``values_NxD`` that share a segment id (vectorized, no Python loop)."""
+  order = np.argsort(segment_N, kind="stable")
+  sorted_seg = segment_N[order]
+  starts = np.flatnonzero(np.r_[True, sorted_seg[1:] != sorted_seg[:-1]])
+  out = np.zeros((num, values_NxD.shape[1]), np.float32)
+  out[sorted_seg[starts]] = np.add.reduceat(values_NxD[order], starts, axis=0)
+  return out
+
+
+def _isin_sorted(x: np.ndarray, sorted_ref: np.ndarray) -> np.ndarray:
+  if len(sorted_ref) == 0:
+    return np.zeros(len(x), bool)
+  pos = np.minimum(np.searchsorted(sorted_ref, x), len(sorted_ref) - 1)
+  return sorted_ref[pos] == x
