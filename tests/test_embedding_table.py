@@ -1,0 +1,316 @@
+"""EmbeddingTable behaviour: tiers, durability, concurrency, validation, lazy init."""
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+
+import numpy as np
+import pytest
+
+from kstep_adam import embedding
+from test_embedding_optimizers import _dense_adam
+
+DIM = 4
+
+
+def _adam(**kw):
+  return embedding.SparseAdam(learning_rate=0.02, b1=0.9, b2=0.99, eps=1e-6, **kw)
+
+
+def _dense_replay(num_rows, batches, seed, scale):
+  p = embedding.init_rows(np.arange(num_rows), DIM, seed=seed, scale=scale).astype(float)
+  m, v = np.zeros_like(p), np.zeros_like(p)
+  for step, (ids, grads) in enumerate(batches, start=1):
+    g = np.zeros_like(p)
+    np.add.at(g, ids, grads.astype(np.float64))
+    _dense_adam(p, m, v, g, step, 0.02, 0.9, 0.99, 1e-6)
+  return p
+
+
+def _batches(num_rows, steps, seed=0, size=20):
+  rng = np.random.default_rng(seed)
+  return [(rng.integers(0, num_rows, size), rng.standard_normal((size, DIM)).astype(np.float32))
+          for _ in range(steps)]
+
+
+def _du_bytes(path) -> int:
+  return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs)
+
+
+def test_flush_then_reopen_returns_exactly_what_was_pulled(tmp_path):
+  table = embedding.open_table(tmp_path / "t", num_rows=200, dim=DIM, optimizer=_adam(),
+                               host_cache_rows=30)
+  for ids, grads in _batches(200, 25):
+    table.push(ids, grads)
+  before = table.pull(np.arange(200))
+  table.flush()
+  table.close()
+  with embedding.open_table(tmp_path / "t", host_cache_rows=7) as reopened:
+    assert reopened.step == 25
+    np.testing.assert_equal(reopened.pull(np.arange(200)), before)
+
+
+def test_close_without_flush_loses_only_unflushed_steps(tmp_path):
+  batches = _batches(100, 12)
+  table = embedding.open_table(tmp_path / "t", num_rows=100, dim=DIM, optimizer=_adam(),
+                               host_cache_rows=10)
+  for ids, grads in batches[:8]:
+    table.push(ids, grads)
+  table.flush()
+  at_flush = table.pull(np.arange(100))
+  for ids, grads in batches[8:]:
+    table.push(ids, grads)  # evicts dirty rows into the pending area
+  assert table.stats()["pending_rows"] > 0
+  table.close(flush=False)
+  with embedding.open_table(tmp_path / "t") as reopened:
+    assert reopened.step == 8
+    np.testing.assert_equal(reopened.pull(np.arange(100)), at_flush)
+
+
+def test_eviction_keeps_cache_bounded_and_counts(tmp_path):
+  with embedding.open_table(tmp_path / "t", num_rows=1000, dim=DIM, optimizer=_adam(),
+                            host_cache_rows=50) as table:
+    for ids, grads in _batches(1000, 30, size=40):
+      table.push(ids, grads)
+      assert table.stats()["resident_rows"] <= 50
+    stats = table.stats()
+    assert stats["evictions"] > 0 and stats["dirty_evictions"] > 0
+    assert stats["misses"] > 0 and 0.0 <= stats["hit_rate"] < 1.0
+    table.pull(np.arange(40))
+    hits = table.stats()["hits"]
+    table.pull(np.arange(40))  # all resident now
+    assert table.stats()["hits"] == hits + 40
+
+
+def test_clock_keeps_hot_rows_resident(tmp_path):
+  with embedding.open_table(tmp_path / "t", num_rows=10_000, dim=DIM, optimizer=_adam(),
+                            host_cache_rows=100) as table:
+    rng = np.random.default_rng(0)
+    hot = np.arange(20)
+    for _ in range(30):
+      table.pull(np.concatenate([hot, rng.integers(100, 10_000, 60)]))
+    misses = table.stats()["misses"]
+    table.pull(hot)
+    assert table.stats()["misses"] == misses
+
+
+def test_kill_without_flush_reopens_at_a_flushed_step(tmp_path):
+  path = tmp_path / "t"
+  child = textwrap.dedent(f"""
+      import sys, numpy as np
+      from kstep_adam import embedding
+      opt = embedding.SparseAdam(learning_rate=0.02, b1=0.9, b2=0.99, eps=1e-6)
+      table = embedding.open_table({str(path)!r}, num_rows=150, dim={DIM}, optimizer=opt,
+                                   host_cache_rows=12)
+      rng = np.random.default_rng(0)
+      step = 0
+      while True:
+        ids = rng.integers(0, 150, 20)
+        grads = rng.standard_normal((20, {DIM})).astype(np.float32)
+        table.push(ids, grads)
+        step += 1
+        if step % 4 == 0:
+          table.flush()
+          print(step, flush=True)
+      """)
+  proc = subprocess.Popen([sys.executable, "-c", child], stdout=subprocess.PIPE, text=True,
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  flushed = [int(proc.stdout.readline()) for _ in range(5)]
+  os.kill(proc.pid, signal.SIGKILL)
+  proc.wait()
+  assert flushed == [4, 8, 12, 16, 20]
+  with embedding.open_table(path) as reopened:
+    step = reopened.step
+    assert step >= 20 and step % 4 == 0  # a flushed step, never a partial one
+    expected = _dense_replay(150, _batches(150, step, size=20), seed=0, scale=0.5)
+    np.testing.assert_allclose(reopened.pull(np.arange(150)), expected, rtol=1e-6, atol=1e-7)
+
+
+def test_prefetch_loads_rows_into_the_host_tier(tmp_path):
+  with embedding.open_table(tmp_path / "t", num_rows=5000, dim=DIM, optimizer=_adam(),
+                            host_cache_rows=500) as table:
+    table.push(np.arange(300), np.ones((300, DIM), np.float32))
+    table.flush()
+  with embedding.open_table(tmp_path / "t", host_cache_rows=500) as table:
+    ids = np.arange(0, 600, 2)
+    assert table.prefetch(ids).result() == 300
+    before = table.stats()
+    rows = table.pull(ids)
+    after = table.stats()
+    assert after["misses"] == before["misses"] and after["hits"] == before["hits"] + 300
+    assert rows.shape == (300, DIM)
+
+
+def test_prefetch_concurrent_with_push_matches_dense(tmp_path):
+  batches = _batches(400, 40, seed=1, size=30)
+  table = embedding.open_table(tmp_path / "t", num_rows=400, dim=DIM, optimizer=_adam(),
+                               host_cache_rows=60)
+  stop = threading.Event()
+  errors = []
+
+  def prefetcher():
+    rng = np.random.default_rng(9)
+    try:
+      while not stop.is_set():
+        table.prefetch(rng.integers(0, 400, 25)).result()
+    except Exception as e:  # noqa: BLE001 - surfaced by the assert below
+      errors.append(e)
+
+  thread = threading.Thread(target=prefetcher)
+  thread.start()
+  for i, (ids, grads) in enumerate(batches):
+    if i + 1 < len(batches):
+      table.prefetch(batches[i + 1][0])  # the next batch's rows, while this one runs
+    table.push(ids, grads)
+  stop.set()
+  thread.join()
+  assert not errors
+  assert table.stats()["prefetched_rows"] > 0
+  expected = _dense_replay(400, batches, seed=0, scale=0.5)
+  np.testing.assert_allclose(table.pull(np.arange(400)), expected, rtol=1e-6, atol=1e-7)
+  table.close()
+
+
+def test_working_set_round_trip_equals_push_of_raw_ids(tmp_path):
+  ids = np.array([5, 3, 5, 9, 3, 3, 0])
+  grads = np.random.default_rng(0).standard_normal((7, DIM)).astype(np.float32)
+  a = embedding.open_table(tmp_path / "a", num_rows=10, dim=DIM, optimizer=_adam())
+  b = embedding.open_table(tmp_path / "b", num_rows=10, dim=DIM, optimizer=_adam())
+  ws = a.working_set(ids)
+  np.testing.assert_equal(ws.unique_ids, [0, 3, 5, 9])
+  np.testing.assert_equal(np.asarray(ws.rows)[ws.inverse], b.pull(ids))
+  grads_U = np.zeros((4, DIM), np.float32)
+  np.add.at(grads_U, ws.inverse, grads)
+  a.push(ws.unique_ids, grads_U)
+  b.push(ids, grads)
+  np.testing.assert_allclose(a.pull(np.arange(10)), b.pull(np.arange(10)), rtol=1e-6)
+  a.close()
+  b.close()
+
+
+def test_multiple_tables_in_one_process_are_independent(tmp_path):
+  adam = embedding.open_table(tmp_path / "a", num_rows=300, dim=DIM, optimizer=_adam(),
+                              host_cache_rows=20)
+  ada = embedding.open_table(tmp_path / "b", num_rows=50, dim=8, host_cache_rows=10,
+                             optimizer=embedding.RowwiseAdagrad(learning_rate=0.1), seed=1)
+  batches = _batches(300, 20)
+  rng = np.random.default_rng(5)
+  p_b = embedding.init_rows(np.arange(50), 8, seed=1, scale=8**-0.5).astype(float)
+  acc = np.zeros(50)
+  for ids, grads in batches:
+    adam.push(ids, grads)
+    ids_b = rng.integers(0, 50, 6)
+    grads_b = rng.standard_normal((6, 8)).astype(np.float32)
+    ada.push(ids_b, grads_b)
+    g = np.zeros((50, 8))
+    np.add.at(g, ids_b, grads_b.astype(float))
+    acc += np.mean(g * g, axis=1)
+    p_b -= 0.1 * g / (np.sqrt(acc)[:, None] + 1e-8)
+  np.testing.assert_allclose(adam.pull(np.arange(300)),
+                             _dense_replay(300, batches, seed=0, scale=0.5), rtol=1e-6,
+                             atol=1e-7)
+  np.testing.assert_allclose(ada.pull(np.arange(50)), p_b, rtol=1e-6, atol=1e-7)
+  adam.close()
+  ada.close()
+
+
+def test_lazy_init_costs_no_disk_for_a_huge_table(tmp_path):
+  path = tmp_path / "huge"
+  with embedding.open_table(path, num_rows=2**28, dim=16, seed=4, init_scale=0.05,
+                            host_cache_rows=1000) as table:
+    assert _du_bytes(path) < 100_000
+    ids = np.array([0, 7, 2**28 - 1, 123_456_789])
+    np.testing.assert_equal(table.pull(ids),
+                            embedding.init_rows(ids, 16, seed=4, scale=0.05))
+    table.push(ids[:2], np.ones((2, 16), np.float32))
+  assert _du_bytes(path) < 1_000_000  # one chunk written, not 2**28 rows
+
+
+def test_init_is_deterministic_per_row_and_seed():
+  a = embedding.init_rows(np.array([3, 10, 3]), 5, seed=1, scale=0.1)
+  np.testing.assert_equal(a[0], a[2])
+  np.testing.assert_equal(a[1], embedding.init_rows(np.array([10]), 5, seed=1, scale=0.1)[0])
+  assert not np.array_equal(a, embedding.init_rows(np.array([3, 10, 3]), 5, seed=2, scale=0.1))
+  assert np.abs(a).max() <= 0.1
+  normal = embedding.init_rows(np.arange(20_000), 4, seed=0, scale=2.0,
+                               distribution="normal")
+  assert abs(normal.std() - 2.0) < 0.05 and abs(normal.mean()) < 0.05
+
+
+def test_hash_keys_to_rows_is_explicit_and_salted():
+  keys = np.array([1, 2**40 + 1, -5, 1])
+  rows = embedding.hash_keys_to_rows(keys, 1000, salt=7)
+  assert rows.dtype == np.int64 and ((rows >= 0) & (rows < 1000)).all()
+  assert rows[0] == rows[3]
+  assert not np.array_equal(rows, embedding.hash_keys_to_rows(keys, 1000, salt=8))
+  counts = np.bincount(embedding.hash_keys_to_rows(np.arange(100_000), 10), minlength=10)
+  assert counts.min() > 9_000
+  with pytest.raises(ValueError, match="num_rows"):
+    embedding.hash_keys_to_rows(keys, 0)
+
+
+BAD_PUSHES = {
+    "grads shape": (np.arange(3), np.zeros((3, DIM + 1), np.float32), "shape"),
+    "grads rows": (np.arange(3), np.zeros((2, DIM), np.float32), "shape"),
+    "grads dtype": (np.arange(3), np.zeros((3, DIM), np.int32), "floating"),
+    "grads nan": (np.arange(3), np.full((3, DIM), np.nan, np.float32), "finite"),
+    "id too large": (np.array([1, 50]), np.zeros((2, DIM), np.float32), "num_rows=50"),
+    "id negative": (np.array([-1, 2]), np.zeros((2, DIM), np.float32), "num_rows=50"),
+    "ids float": (np.array([1.0, 2.0]), np.zeros((2, DIM), np.float32), "integers"),
+    "ids 2-D": (np.array([[1, 2]]), np.zeros((2, DIM), np.float32), "1-D"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_PUSHES))
+def test_bad_push_raises_and_leaves_table_intact(tmp_path, case):
+  ids, grads, match = BAD_PUSHES[case]
+  with embedding.open_table(tmp_path / "t", num_rows=50, dim=DIM, optimizer=_adam(),
+                            host_cache_rows=10) as table:
+    for b_ids, b_grads in _batches(50, 5):
+      table.push(b_ids, b_grads)
+    before = table.pull(np.arange(50))
+    with pytest.raises(ValueError, match=match):
+      table.push(ids, grads)
+    if "grads" not in case:
+      with pytest.raises(ValueError, match=match):
+        table.pull(ids)
+    assert table.step == 5
+    np.testing.assert_equal(table.pull(np.arange(50)), before)
+
+
+def test_bad_paths_and_conflicting_reopen(tmp_path):
+  (tmp_path / "file").write_text("x")
+  with pytest.raises(ValueError, match="is a file"):
+    embedding.open_table(tmp_path / "file", num_rows=10, dim=DIM)
+  (tmp_path / "other").mkdir()
+  (tmp_path / "other" / "data.csv").write_text("a,b")
+  with pytest.raises(ValueError, match="not an embedding table"):
+    embedding.open_table(tmp_path / "other", num_rows=10, dim=DIM)
+  assert os.listdir(tmp_path / "other") == ["data.csv"]
+  with pytest.raises(ValueError, match="needs num_rows and dim"):
+    embedding.open_table(tmp_path / "new")
+  with embedding.open_table(tmp_path / "t", num_rows=20, dim=DIM, optimizer=_adam()) as t:
+    t.push([1, 2], np.ones((2, DIM), np.float32))
+    before = t.pull(np.arange(20))
+  with pytest.raises(ValueError, match="dim=8 conflicts"):
+    embedding.open_table(tmp_path / "t", dim=8)
+  with pytest.raises(ValueError, match="num_rows=21 conflicts"):
+    embedding.open_table(tmp_path / "t", num_rows=21)
+  with pytest.raises(ValueError, match="mode='lazy' conflicts"):
+    embedding.open_table(tmp_path / "t", optimizer=_adam(mode="lazy"))
+  with pytest.raises(ValueError, match="kind='rowwise_adagrad' conflicts"):
+    embedding.open_table(tmp_path / "t", optimizer=embedding.RowwiseAdagrad())
+  with embedding.open_table(tmp_path / "t", dim=DIM) as t:
+    np.testing.assert_equal(t.pull(np.arange(20)), before)
+
+
+def test_bad_constructor_arguments():
+  with pytest.raises(ValueError, match="mode"):
+    embedding.SparseAdam(mode="dense")
+  with pytest.raises(ValueError, match="b1\\*\\*2 < b2"):
+    embedding.SparseAdam(b1=0.99, b2=0.9)
+  with pytest.raises(ValueError, match="learning_rate"):
+    embedding.RowwiseAdagrad(learning_rate=-1.0)
