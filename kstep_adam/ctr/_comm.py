@@ -1,0 +1,93 @@
+"""Per-step communication accounting of a CTR run: dense merges and sparse pulls/pushes.
+
+Dense bytes come from the optimizer's own merge schedule (:func:`kstep_adam.merge_bytes`), so
+what is counted is what runs. Sparse traffic is counted here, per step:
+
+* pull: the ``U`` unique row ids go out (8 bytes each) and ``U`` rows of ``D`` float32 come
+  back; push: ids and ``U x D`` gradients go out. ``sparse_bytes = 2 U (8 + 4 D)``.
+* In a parameter server sharded over ``n`` nodes, a share ``(n-1)/n`` of those rows live on
+  another node, so that share crosses the inter-node (``'node'``) links, one message for the
+  pull and one for the push. Within a node the rows are spread over its devices by the fast
+  links, which this model leaves out.
+
+A :class:`kstep_adam.NetworkModel` with one bandwidth and latency per axis turns both into
+estimated seconds, reported beside the measured compute time.
+"""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+
+import kstep_adam
+from kstep_adam.ctr._config import TrainConfig
+
+
+def network_model(config: TrainConfig) -> kstep_adam.NetworkModel:
+  """The configured links: ``'local'`` (intra-node) and ``'node'`` (inter-node)."""
+  return kstep_adam.NetworkModel(
+      bandwidth_bytes_per_s={'local': config.intra_node_gbps * 1e9 / 8,
+                             'node': config.inter_node_gbps * 1e9 / 8},
+      latency_s={'local': config.intra_node_latency_us * 1e-6,
+                 'node': config.inter_node_latency_us * 1e-6})
+
+
+class CommMeter:
+  """Accumulates dense and sparse communication and per-step compute time."""
+
+  def __init__(self, config: TrainConfig, params, schedule, mesh):
+    self._params = jax_shapes(params)
+    self._schedule, self._mesh = schedule, mesh
+    self._row_bytes = 8 + 4 * config.embed_dim
+    self._nodes = config.nodes
+    self._network = network_model(config)
+    self._dense = None
+    self._sparse_bytes = 0.0
+    self._sparse_node_bytes = 0.0
+    self._sparse_messages = 0
+    self._compute = {True: [], False: []}  # per-step compute seconds, by "merged this step"
+
+  def add_step(self, step: int, num_unique: int, compute_seconds: float) -> None:
+    cost = kstep_adam.merge_bytes(self._params, self._schedule, self._mesh, step=step)
+    self._dense = cost if self._dense is None else self._dense + cost
+    nbytes = 2 * num_unique * self._row_bytes
+    self._sparse_bytes += nbytes
+    self._sparse_node_bytes += nbytes * (self._nodes - 1) / self._nodes
+    self._sparse_messages += 2 if self._nodes > 1 else 0
+    if step > 1:  # the first step compiles
+      self._compute[cost.total_bytes > 0].append(compute_seconds)
+
+  def _sparse_cost(self) -> kstep_adam.CommCost:
+    return kstep_adam.CommCost({'node': self._sparse_node_bytes, 'local': 0.0},
+                               {'node': self._sparse_messages, 'local': 0})
+
+  def merge_seconds_estimate(self) -> float | None:
+    """Measured extra compute time of merge steps over plain steps, times their number.
+
+    None when every step merges (synchronous Adam: nothing to compare against)."""
+    merged, plain = self._compute[True], self._compute[False]
+    if not merged or not plain:
+      return None
+    return float(max(0.0, np.median(merged) - np.median(plain)) * len(merged))
+
+  def totals(self) -> dict:
+    dense = self._dense
+    dense_seconds = self._network.seconds_by_axis(dense) if dense is not None else {}
+    sparse_seconds = self._network.seconds(self._sparse_cost())
+    compute = sum(self._compute[True]) + sum(self._compute[False])
+    return {
+        'dense_bytes_by_axis': dict(dense.bytes_by_axis) if dense is not None else {},
+        'dense_messages_by_axis': dict(dense.messages_by_axis) if dense is not None else {},
+        'sparse_bytes': self._sparse_bytes,
+        'sparse_inter_node_bytes': self._sparse_node_bytes,
+        'estimated_comm_seconds': float(sum(dense_seconds.values()) + sparse_seconds),
+        'estimated_comm_seconds_by_kind': {
+            **{f'dense_{axis}': s for axis, s in dense_seconds.items()},
+            'sparse': sparse_seconds},
+        'measured_compute_seconds': compute,
+    }
+
+
+def jax_shapes(tree):
+  """Shapes and dtypes of a pytree, all the byte accounting needs."""
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), tree)

@@ -1,0 +1,120 @@
+"""Host-side plumbing of the trainer: a background reader, step timers, shape buckets."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import queue
+import threading
+import time
+from typing import Callable, Iterator
+
+import numpy as np
+
+from kstep_adam.ctr._batch import CTRBatch
+
+_DONE = object()
+
+
+@dataclasses.dataclass
+class Prepared:
+  """A global batch with its keys already hashed to table rows."""
+
+  batch: CTRBatch
+  rows_GxF: np.ndarray  # int64 [global_batch, num_categorical], table row of every key
+
+
+class Prefetcher:
+  """Read and hash batches on a background thread, ``depth`` steps ahead.
+
+  Args:
+    batches: iterator of global batches.
+    rows_of: ``keys_GxF -> rows_GxF``, the tier's key hashing (pure NumPy, thread-safe).
+    depth: queue length (how far the reader runs ahead).
+    background: False runs everything on the caller's thread (for tests and debugging).
+  """
+
+  def __init__(self, batches: Iterator[CTRBatch], rows_of: Callable[[np.ndarray], np.ndarray],
+               *, depth: int = 2, background: bool = True):
+    self._batches, self._rows_of = batches, rows_of
+    self._queue: queue.Queue = queue.Queue(maxsize=depth)
+    self._stop = threading.Event()
+    self._thread = None
+    if background:
+      self._thread = threading.Thread(target=self._run, name='ctr-reader', daemon=True)
+      self._thread.start()
+
+  def _prepare(self, batch: CTRBatch) -> Prepared:
+    return Prepared(batch, self._rows_of(batch.keys_BxF))
+
+  def _run(self) -> None:
+    try:
+      for batch in self._batches:
+        item = self._prepare(batch)
+        while not self._stop.is_set():
+          try:
+            self._queue.put(item, timeout=0.1)
+            break
+          except queue.Full:
+            continue
+        if self._stop.is_set():
+          return
+      self._queue.put(_DONE)
+    except BaseException as error:  # handed to the consumer, raised there
+      self._queue.put(error)
+
+  def get(self) -> Prepared:
+    """Return the next prepared batch; raise the reader's error if it failed."""
+    if self._thread is None:
+      batch = next(self._batches, None)
+      if batch is None:
+        raise StopIteration('the data source is exhausted')
+      return self._prepare(batch)
+    item = self._queue.get()
+    if item is _DONE:
+      raise StopIteration('the data source is exhausted')
+    if isinstance(item, BaseException):
+      raise item
+    return item
+
+  def close(self) -> None:
+    self._stop.set()
+    if self._thread is not None:
+      while self._thread.is_alive():
+        try:
+          self._queue.get(timeout=0.05)
+        except queue.Empty:
+          pass
+      self._thread.join()
+
+
+class Timer:
+  """Accumulates wall time per phase (``with timer('pull'): ...``), in total and per step."""
+
+  def __init__(self):
+    self._totals: dict[str, float] = {}
+    self.step: dict[str, float] = {}
+
+  @contextlib.contextmanager
+  def __call__(self, name: str):
+    start = time.perf_counter()
+    try:
+      yield
+    finally:
+      elapsed = time.perf_counter() - start
+      self._totals[name] = self._totals.get(name, 0.0) + elapsed
+      self.step[name] = self.step.get(name, 0.0) + elapsed
+
+  def new_step(self) -> None:
+    self.step = {}
+
+  def total(self, name: str) -> float:
+    return self._totals.get(name, 0.0)
+
+  def totals(self) -> dict[str, float]:
+    return {name: round(value, 6) for name, value in self._totals.items()}
+
+
+def bucket_size(num_unique: int, *, minimum: int = 1024) -> int:
+  """Round the working-set size up to a power of two, so the jitted step sees few shapes."""
+  return max(minimum, 1 << int(np.ceil(np.log2(max(num_unique, 1)))))

@@ -1,0 +1,234 @@
+"""The CTR trainer: data-parallel dense layers, a synchronous sparse tier, comm accounting.
+
+Each step (DESIGN.md section 1, "the pass workflow", one mini-batch at a time):
+
+1. every worker takes its shard of the global batch (read by a background thread);
+2. the keys of all workers are hashed to rows and deduplicated together;
+3. the unique rows are pulled once from the embedding tier (``table.working_set``);
+4. every worker runs forward and backward on its own shard (:mod:`._step`);
+5. the rows' gradient, averaged over workers, is pushed once (``table.push``): synchronous
+   sparse, like a parameter server;
+6. the dense replicas follow the optimizer: synchronous Adam, or k-step Adam and its merges.
+
+While step t computes, the thread reads step t+2 and the tier stages step t+1's rows
+(``table.prefetch``). Every table call stays on this thread, so the order of pull and push
+is the synchronous order: a prefetch stages rows, the pull after the push reads their values.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import kstep_adam
+from kstep_adam import parallel
+from kstep_adam.ctr import _step
+from kstep_adam.ctr._comm import CommMeter
+from kstep_adam.ctr._config import TrainConfig
+from kstep_adam.ctr._metrics import auc, logloss
+from kstep_adam.ctr._models import make_model
+from kstep_adam.ctr._pipeline import Prefetcher, Timer, bucket_size
+from kstep_adam.ctr._sources import DataSource
+from kstep_adam.ctr._tier import SparseTier
+
+AXES = parallel.AXIS_NAMES
+
+
+def make_optimizer(config: TrainConfig):
+  """The dense optimizer and the merge schedule it runs (used for byte accounting)."""
+  if config.optimizer == 'sync_adam':
+    schedule = kstep_adam.merge_schedule(1, axis_name=AXES, sync='grads',
+                                         allowed_states=('grads',))
+    return kstep_adam.sync_adam(config.learning_rate, axis_name=AXES), schedule
+  k = config.k if config.merge == 'global' else {'node': config.k, 'local': 1}
+  schedule = kstep_adam.merge_schedule(k, axis_name=AXES, sync=config.sync)
+  return kstep_adam.kstep_adam(config.learning_rate, schedule), schedule
+
+
+def _num_steps(config: TrainConfig, source: DataSource) -> int:
+  if config.steps is not None:
+    return config.steps
+  per_epoch = source.steps_per_epoch(config.global_batch)
+  if per_epoch is None:
+    return config.synthetic_steps
+  if per_epoch < 1:
+    raise ValueError(f'{source.name} has fewer training lines than one global batch '
+                     f'({config.global_batch}); lower --batch-size or use fewer workers')
+  return config.epochs * per_epoch
+
+
+def _batches(config: TrainConfig, source: DataSource, num_steps: int):
+  """Global batches across epochs until ``num_steps`` are produced."""
+  produced, epoch = 0, 0
+  while produced < num_steps:
+    count_before = produced
+    for batch in source.train_epoch(epoch, config.global_batch):
+      yield batch
+      produced += 1
+      if produced == num_steps:
+        return
+    if produced == count_before:
+      raise ValueError(f'{source.name} yielded no full global batch of {config.global_batch}')
+    epoch += 1
+
+
+def evaluate(source: DataSource, tier: SparseTier, predict, params) -> dict:
+  """AUC and logloss of ``params`` (one replica) on the source's held-out set."""
+  labels, probs = [], []
+  for batch in source.test_batches():
+    ws = tier.lookup(batch.keys_BxF)
+    rows_UxD = ws.padded_rows(bucket_size(ws.num_unique))
+    probs.append(np.asarray(predict(params, rows_UxD, ws.inverse_BxF, batch.dense_BxI)))
+    labels.append(batch.label_B)
+  labels, probs = np.concatenate(labels), np.concatenate(probs)
+  return {'test_auc': auc(labels, probs), 'test_logloss': logloss(labels, probs),
+          'test_examples': int(labels.size)}
+
+
+def train(config: TrainConfig, source: DataSource, out_dir: str | None = None, *,
+          progress: bool = False) -> dict:
+  """Train a CTR model with the workflow above and return the run summary.
+
+  Args:
+    config: the run's configuration.
+    source: training and test data (:func:`synthetic_source` or :func:`file_source`).
+    out_dir: if given, ``metrics.jsonl`` and ``summary.json`` are written there.
+    progress: show a tqdm progress bar (steps, examples/s, loss, cache hit rate).
+
+  Returns:
+    The summary dict (also ``summary.json``): ``test_auc``, ``test_logloss``,
+    ``teacher_auc``, ``examples_per_sec``, ``dense_bytes_by_axis``, ``sparse_bytes``,
+    ``estimated_comm_seconds``, the time breakdown and the full config.
+  """
+  if config.num_workers > len(jax.devices()):
+    raise ValueError(f'nodes x devices_per_node = {config.num_workers} exceeds the '
+                     f'{len(jax.devices())} devices; on CPU set jax_num_cpu_devices first')
+  num_steps = _num_steps(config, source)
+  mesh = parallel.make_mesh(config.nodes, config.devices_per_node)
+  model = make_model(config.model, num_dense=source.num_dense,
+                     num_categorical=source.num_categorical, embed_dim=config.embed_dim,
+                     seed=config.seed)
+  graphdef, params = nnx.split(model)
+  tx, schedule = make_optimizer(config)
+  params_W, opt_state_W = parallel.init_replicas(params, tx, mesh)
+  step_fn = _step.make_ctr_train_step(graphdef, tx, mesh)
+  predict = _step.make_predict(graphdef)
+  meter = CommMeter(config, params, schedule, mesh)
+  replicated = NamedSharding(mesh, P())
+  per_worker = parallel.worker_sharding(mesh)
+
+  writer = None
+  if out_dir is not None:
+    os.makedirs(out_dir, exist_ok=True)
+    writer = open(os.path.join(out_dir, 'metrics.jsonl'), 'w')
+
+  def log(record: dict) -> None:
+    if writer is not None:
+      writer.write(json.dumps(record) + '\n')
+      writer.flush()
+
+  table_dir = config.table_dir or tempfile.mkdtemp(prefix='ctr_table_')
+  tier = SparseTier(config, table_dir)
+  timer = Timer()
+  evals, window_loss, window_start, first_step_seconds = [], [], time.perf_counter(), 0.0
+  bar = None
+  if progress:
+    from tqdm.auto import tqdm
+    bar = tqdm(total=num_steps, unit='step', dynamic_ncols=True)
+  prefetcher = Prefetcher(_batches(config, source, num_steps), tier.rows_of,
+                          background=config.prefetch)
+  try:
+    train_start = time.perf_counter()
+    with timer('data'):
+      current = prefetcher.get()
+    tier.prefetch(current.rows_GxF)
+    for step in range(1, num_steps + 1):
+      t0 = time.perf_counter()
+      timer.new_step()
+      with timer('pull'):
+        ws = tier.working_set(current.rows_GxF)
+        padded = bucket_size(ws.num_unique)
+        rows_UxD = jax.device_put(ws.padded_rows(padded), replicated)
+        batch = current.batch
+        inputs = jax.device_put((ws.inverse_BxF, batch.dense_BxI, batch.label_B), per_worker)
+      with timer('compute'):
+        params_W, opt_state_W, grad_rows_UxD, loss = step_fn(params_W, opt_state_W,
+                                                              rows_UxD, *inputs)
+      if step < num_steps:
+        with timer('data'):
+          upcoming = prefetcher.get()
+        tier.prefetch(upcoming.rows_GxF)  # stages rows while the step still computes
+      with timer('compute'):
+        grad_rows = np.asarray(jax.device_get(grad_rows_UxD))[:ws.num_unique]
+        loss = float(loss)
+      with timer('push'):
+        tier.push(ws.unique_rows, grad_rows)
+      meter.add_step(step, ws.num_unique, timer.step.get('compute', 0.0))
+      if step == 1:
+        first_step_seconds = time.perf_counter() - t0  # includes compilation
+      window_loss.append(loss)
+      if step < num_steps:
+        current = upcoming
+      if bar is not None:
+        bar.update(1)
+        if step % 10 == 0 or step == num_steps:
+          bar.set_postfix(loss=f'{np.mean(window_loss[-10:]):.4f}',
+                          ex_s=f'{config.global_batch * step / (time.perf_counter() - train_start):.0f}',
+                          hit=f'{tier.hit_rate():.3f}')
+      if step % config.log_every == 0 or step == num_steps:
+        now = time.perf_counter()
+        log({'kind': 'train', 'step': step, 'examples': step * config.global_batch,
+             'loss': float(np.mean(window_loss)),
+             'examples_per_sec': len(window_loss) * config.global_batch / (now - window_start),
+             'hit_rate': tier.hit_rate(), 'seconds': timer.totals(), **meter.totals()})
+        window_loss, window_start = [], now
+      if config.eval_every and step % config.eval_every == 0 and step < num_steps:
+        with timer('eval'):
+          result = evaluate(source, tier, predict,
+                            jax.device_get(_step.replica_mean(params_W)))
+        evals.append({'kind': 'eval', 'step': step, **result})
+        log(evals[-1])
+    train_seconds = time.perf_counter() - train_start - timer.total('eval')
+  finally:
+    prefetcher.close()
+    if bar is not None:
+      bar.close()
+  # The end of the pass merges the replicas (as PaddleBox does); evaluate the merged model.
+  final = evaluate(source, tier, predict, jax.device_get(_step.replica_mean(params_W)))
+  evals.append({'kind': 'eval', 'step': num_steps, **final})
+  log(evals[-1])
+  steady = max(train_seconds - first_step_seconds, 1e-9)
+  summary = {
+      **final,
+      'teacher_auc': source.teacher_auc,
+      'steps': num_steps,
+      'examples': num_steps * config.global_batch,
+      'examples_per_sec': (num_steps - 1) * config.global_batch / steady if num_steps > 1
+                          else config.global_batch / max(train_seconds, 1e-9),
+      'train_seconds': train_seconds,
+      'first_step_seconds': first_step_seconds,
+      'time_breakdown_seconds': {**timer.totals(), 'merge': meter.merge_seconds_estimate()},
+      **meter.totals(),
+      'table_stats': tier.stats(),
+      'evals': evals,
+      'data': {'source': source.name, **source.info,
+               'lines_skipped': sum(s.lines_skipped for s in source.read_stats),
+               'skip_messages': [m for s in source.read_stats for m in s.messages]},
+      'config': {**vars(config), 'table_dir': table_dir},
+      'mesh': dict(mesh.shape),
+      'devices': [str(d) for d in jax.devices()[:config.num_workers]],
+  }
+  if writer is not None:
+    writer.close()
+    with open(os.path.join(out_dir, 'summary.json'), 'w') as f:
+      json.dump(summary, f, indent=2, default=str)
+  tier.close()
+  return summary
