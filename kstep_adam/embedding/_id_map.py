@@ -86,6 +86,11 @@ class IdSlotMap:
     self._num_live -= len(ids)
     self._num_tombstones += len(ids)
 
+  def items(self):
+    """All live ``(keys, values)``, in table order."""
+    live = self._keys >= 0
+    return self._keys[live], self._values[live].astype(np.int64)
+
   def _rebuild(self, extra: int) -> None:
     live = self._keys >= 0
     keys, values = self._keys[live], self._values[live]

@@ -1,4 +1,4 @@
-"""The disk tier: TensorStore arrays for a table's rows, an atomic commit, a pending area.
+"""The disk tier: a TensorStore zarr3 array of a table's rows with an atomic commit.
 
 Directory layout of a table at ``path``::
 
@@ -8,8 +8,8 @@ Directory layout of a table at ``path``::
   path/db/          an OCDBT database holding
                       rows/        zarr3 float32 [num_rows, W]: every row's full state
                       commit.json  {"step": t}: the table step of the last flush
-  path/pending/     zarr3 float32 [num_rows, W] on a plain file kvstore: dirty rows
-                    evicted from the host cache since the last flush
+  path/pending.log  dirty rows evicted from the host cache since the last flush
+                    (see ``_pending``)
 
 Row layout (width ``W = 1 + D + S``): column 0 holds the int32 bits of ``last_step + 1``
 (so the zarr fill value 0 reads as "never written", and the row's value is its
@@ -17,7 +17,8 @@ deterministic init), columns ``1:1+D`` the parameters, and ``1+D:`` the optimize
 
 ``db/`` only changes in ``commit``: one atomic OCDBT transaction that writes the rows
 and ``commit.json`` together. So ``db/`` always holds the rows of exactly one flushed step.
-``pending/`` is never part of a committed state: ``open`` wipes it. OCDBT is
+Writes are grouped by chunk inside that transaction, so each touched chunk is written
+once per flush however many of its rows changed. OCDBT is
 copy-on-write and does not garbage-collect old versions, so ``db/`` grows by the bytes
 of the chunks each flush rewrites.
 """
@@ -109,13 +110,9 @@ class TableStore:
     self._kv = ts.KvStore.open(db, context=self._context).result()
     self._rows = ts.open(_array_spec(dict(db, path="rows/"), num_rows, width, chunk_rows),
                          create=create, open=not create, context=self._context).result()
-    self._pending_spec = _array_spec({"driver": "file",
-                                      "path": os.path.join(path, "pending")},
-                                     num_rows, width, chunk_rows)
     self._row_bytes = 4 * width
     self.bytes_read = 0
     self.bytes_written = 0
-    self.wipe_pending()
 
   def committed_step(self) -> int:
     result = self._kv.read(b"commit.json").result()
@@ -124,21 +121,12 @@ class TableStore:
                        "open_table or is damaged")
     return int(json.loads(result.value)["step"])
 
-  def read_rows(self, ids_N: np.ndarray, *, pending: bool) -> np.ndarray:
-    """Gathers rows from the committed table or from the pending area."""
+  def read_rows(self, ids_N: np.ndarray) -> np.ndarray:
+    """Gathers committed rows (one batched TensorStore read of sorted unique ids)."""
     if len(ids_N) == 0:
       return np.zeros((0, self._row_bytes // 4), np.float32)
-    store = self._pending if pending else self._rows
     self.bytes_read += len(ids_N) * self._row_bytes
-    return store[ids_N].read().result()
-
-  def write_pending(self, ids_N: np.ndarray, rows_NxW: np.ndarray) -> None:
-    """Scatters evicted dirty rows into the pending area, grouped by chunk in a transaction."""
-    if len(ids_N) == 0:
-      return
-    self.bytes_written += len(ids_N) * self._row_bytes
-    with ts.Transaction() as txn:
-      self._pending.with_transaction(txn)[ids_N] = rows_NxW
+    return self._rows[ids_N].read().result()
 
   def commit(self, ids_N: np.ndarray, rows_NxW: np.ndarray, step: int) -> None:
     """Atomically writes rows and the step (one OCDBT commit): all of it or none."""
@@ -148,8 +136,3 @@ class TableStore:
       self._rows.with_transaction(txn)[ids_N] = rows_NxW
     self._kv.with_transaction(txn)[b"commit.json"] = json.dumps({"step": int(step)}).encode()
     txn.commit_sync()
-
-  def wipe_pending(self) -> None:
-    """Discards the pending area (it never holds committed state)."""
-    self._pending = ts.open(self._pending_spec, create=True, delete_existing=True,
-                            context=self._context).result()

@@ -19,6 +19,7 @@ waits on a condition variable. Flush waits until no read is in flight.
 """
 
 import concurrent.futures
+import os
 import threading
 from typing import NamedTuple, Optional
 
@@ -26,6 +27,7 @@ import numpy as np
 
 from kstep_adam.embedding import _init
 from kstep_adam.embedding import _store
+from kstep_adam.embedding._pending import PendingLog
 
 
 class WorkingSet(NamedTuple):
@@ -50,7 +52,7 @@ class EmbeddingTable:
     self._step = self._store.committed_step()
     self._cache = HostCache(host_cache_rows, config["width"])
     self._device_cache = device_cache
-    self._pending_ids = np.zeros(0, np.int64)  # sorted; rows in the pending area
+    self._pending = PendingLog(os.path.join(path, "pending.log"), config["width"])
     self._lock = threading.Lock()
     self._cond = threading.Condition(self._lock)
     self._num_loading = 0
@@ -144,18 +146,18 @@ class EmbeddingTable:
         self._cond.wait()
       cache = self._cache
       dirty_slots = np.flatnonzero(cache.dirty_C)
-      pend_slots = cache.peek(self._pending_ids)
+      pend_ids, pend_pos = self._pending.items()
+      pend_slots = cache.peek(pend_ids)
       # Pending rows that are cached (clean or dirty) commit from the cache: it is newer.
       slots = np.union1d(dirty_slots, pend_slots[pend_slots >= 0])
-      uncached = self._pending_ids[pend_slots < 0]
-      ids = np.concatenate([cache.ids_C[slots], uncached])
+      uncached = pend_slots < 0
+      ids = np.concatenate([cache.ids_C[slots], pend_ids[uncached]])
       rows = np.concatenate([cache.rows_CxW[slots],
-                             self._store.read_rows(uncached, pending=True)])
+                             self._pending.read(pend_pos[uncached])])
       order = np.argsort(ids)
       self._store.commit(ids[order], rows[order], self._step)
       cache.dirty_C[slots] = False
-      self._pending_ids = np.zeros(0, np.int64)
-      self._store.wipe_pending()
+      self._pending.clear()
 
   def close(self, flush: bool = True) -> None:
     """Flushes (unless ``flush=False``) and releases the table; idempotent."""
@@ -165,6 +167,7 @@ class EmbeddingTable:
     if flush:
       self.flush()
     self._closed = True
+    self._pending.close()
 
   def __enter__(self):
     return self
@@ -182,9 +185,9 @@ class EmbeddingTable:
                dirty_evictions=self._cache.dirty_evictions,
                resident_rows=len(self._cache),
                dirty_rows=int(np.count_nonzero(self._cache.dirty_C)),
-               pending_rows=len(self._pending_ids),
-               bytes_read=self._store.bytes_read,
-               bytes_written=self._store.bytes_written,
+               pending_rows=len(self._pending),
+               bytes_read=self._store.bytes_read + self._pending.bytes_read,
+               bytes_written=self._store.bytes_written + self._pending.bytes_written,
                step=self._step)
       if self._device_cache is not None:
         c.update(self._device_cache.stats())
@@ -249,17 +252,15 @@ class EmbeddingTable:
       return slots_U
     new_slots, evicted_ids, evicted_rows = cache.reserve(missing)
     slots_U[~present] = new_slots
-    if len(evicted_ids):
-      order = np.argsort(evicted_ids)
-      self._store.write_pending(evicted_ids[order], evicted_rows[order])
-      self._pending_ids = np.union1d(self._pending_ids, evicted_ids)
-    in_pending = _isin_sorted(missing, self._pending_ids)
+    self._pending.append(evicted_ids, evicted_rows)
+    log_pos = self._pending.positions(missing)
+    in_pending = log_pos >= 0
     self._num_loading += 1
     self._lock.release()
     try:
       rows_MxW = np.empty((len(missing), cache.rows_CxW.shape[1]), np.float32)
-      rows_MxW[~in_pending] = self._store.read_rows(missing[~in_pending], pending=False)
-      rows_MxW[in_pending] = self._store.read_rows(missing[in_pending], pending=True)
+      rows_MxW[~in_pending] = self._store.read_rows(missing[~in_pending])
+      rows_MxW[in_pending] = self._pending.read(log_pos[in_pending])
       fresh = _store.decode_last_step(rows_MxW) < 0
       if fresh.any():
         rows_MxW[fresh] = self._fresh_rows(missing[fresh])
@@ -327,9 +328,3 @@ def _segment_sum(values_NxD: np.ndarray, segment_N: np.ndarray, num: int) -> np.
   out[sorted_seg[starts]] = np.add.reduceat(values_NxD[order], starts, axis=0)
   return out
 
-
-def _isin_sorted(x: np.ndarray, sorted_ref: np.ndarray) -> np.ndarray:
-  if len(sorted_ref) == 0:
-    return np.zeros(len(x), bool)
-  pos = np.minimum(np.searchsorted(sorted_ref, x), len(sorted_ref) - 1)
-  return sorted_ref[pos] == x

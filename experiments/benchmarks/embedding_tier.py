@@ -1,0 +1,287 @@
+"""Benchmark of the tiered embedding table against a plain in-RAM NumPy table.
+
+Command (default, ~1-2 min on 2 shared cores):
+  .venv/bin/python -m experiments.benchmarks.embedding_tier
+Smoke run (seconds):          ... -m experiments.benchmarks.embedding_tier --quick
+Large table (NOT for CI; ~48 GiB of disk and hours at 2^28 rows):
+  .venv/bin/python -m experiments.benchmarks.embedding_tier --large --log2-rows 28
+  (a scaled-down check of the same code path: --large --log2-rows 22 --large-steps 50)
+
+The baseline ``NumpyTable`` holds params, optimizer slots and last steps in RAM and runs
+the same ``_optimizers`` math on gathered rows (np.unique + gather + update + scatter),
+so it stands in for the memory-bandwidth limit of one host. Every ratio below comes from
+one process, measured back to back, so it stays meaningful on a shared machine.
+Results are printed and appended as JSON lines to ``--out``.
+"""
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import tempfile
+import time
+
+import numpy as np
+
+from kstep_adam import embedding
+from kstep_adam.embedding import _store
+
+
+class NumpyTable:
+  """The in-RAM baseline: whole table as NumPy arrays, same optimizer math."""
+
+  def __init__(self, num_rows: int, dim: int, optimizer, seed: int = 0):
+    self.dim, self.optimizer, self.step = dim, optimizer, 0
+    self.params = embedding.init_rows(np.arange(num_rows), dim, seed=seed, scale=dim**-0.5)
+    self.slots = optimizer.init_slots(num_rows, dim)
+    self.last_step = np.full(num_rows, -1, np.int64)
+
+  def working_set(self, ids):
+    unique, inverse = np.unique(ids, return_inverse=True)
+    p, s = self.params[unique], self.slots[unique]
+    self.optimizer.catch_up(p, s, self.last_step[unique], self.step)
+    self.params[unique], self.slots[unique] = p, s
+    self.last_step[unique] = np.where(self.last_step[unique] >= 0, self.step, -1)
+    return unique, p, inverse
+
+  def push(self, unique, grads_UxD):
+    p, s = self.params[unique], self.slots[unique]
+    self.optimizer.catch_up(p, s, self.last_step[unique], self.step)
+    self.step += 1
+    self.optimizer.apply(p, s, grads_UxD, self.step)
+    self.params[unique], self.slots[unique] = p, s
+    self.last_step[unique] = self.step
+
+
+def make_optimizer(name: str):
+  if name == "adagrad":
+    return embedding.RowwiseAdagrad(learning_rate=0.05)
+  return embedding.SparseAdam(learning_rate=1e-3, mode=name)
+
+
+def zipf_ids(rng, num_rows: int, n: int, a: float, perm) -> np.ndarray:
+  """Zipf(a) ranks folded into [0, num_rows), scattered by a fixed permutation."""
+  ranks = (rng.zipf(a, n) - 1) % num_rows
+  return perm[ranks]
+
+
+def run_steps(table, batches, prefetch: bool) -> float:
+  """pull (working set) + push for each batch; returns seconds."""
+  rng = np.random.default_rng(0)
+  start = time.perf_counter()
+  future = None
+  for i, ids in enumerate(batches):
+    if future is not None:
+      future.result()
+    if prefetch and i + 1 < len(batches):
+      future = table.prefetch(batches[i + 1])
+    if isinstance(table, NumpyTable):
+      unique, rows, _ = table.working_set(ids)
+    else:
+      ws = table.working_set(ids)
+      unique, rows = ws.unique_ids, ws.rows
+    grads = rng.standard_normal(rows.shape).astype(np.float32) * 0.01
+    table.push(unique, grads)
+  return time.perf_counter() - start
+
+
+def unique_rows(batches) -> int:
+  return sum(len(np.unique(b)) for b in batches)
+
+
+def sequential_read_bandwidth(directory: str, size_bytes: int) -> float:
+  """Bytes/s of a sequential read of a fresh file, evicted from the page cache first."""
+  path = os.path.join(directory, "seq.bin")
+  block = np.random.default_rng(0).integers(0, 255, 1 << 24, dtype=np.uint8).tobytes()
+  with open(path, "wb") as f:
+    for _ in range(size_bytes // len(block)):
+      f.write(block)
+    f.flush()
+    os.fsync(f.fileno())
+  _drop_page_cache(path)
+  start = time.perf_counter()
+  with open(path, "rb", buffering=0) as f:
+    while f.read(1 << 24):
+      pass
+  seconds = time.perf_counter() - start
+  os.remove(path)
+  return size_bytes // len(block) * len(block) / seconds
+
+
+def _drop_page_cache(root: str) -> None:
+  paths = [root] if os.path.isfile(root) else [
+      os.path.join(d, f) for d, _, fs in os.walk(root) for f in fs]
+  for p in paths:
+    fd = os.open(p, os.O_RDONLY)
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    os.close(fd)
+
+
+def du_bytes(path: str) -> int:
+  return sum(os.stat(os.path.join(d, f)).st_blocks * 512
+             for d, _, fs in os.walk(path) for f in fs)
+
+
+def emit(out, record: dict) -> None:
+  print(json.dumps(record), flush=True)
+  if out:
+    with open(out, "a") as f:
+      f.write(json.dumps(record) + "\n")
+
+
+def case_fits_in_cache(args, workdir):
+  num_rows, dim = args.rows, args.dim
+  rng = np.random.default_rng(1)
+  batches = [rng.integers(0, num_rows, args.batch) for _ in range(args.steps)]
+  opt = make_optimizer(args.optimizer)
+  base = NumpyTable(num_rows, dim, opt)
+  run_steps(base, batches[:2], prefetch=False)
+  t_base = run_steps(base, batches, prefetch=False)
+  table = embedding.open_table(os.path.join(workdir, "fits"), num_rows=num_rows, dim=dim,
+                               optimizer=opt, host_cache_rows=num_rows)
+  table.pull(np.arange(num_rows))  # warm: the whole working set resident
+  run_steps(table, batches[:2], prefetch=False)
+  t_table = run_steps(table, batches, prefetch=False)
+  n = unique_rows(batches)
+  emit(args.out, dict(case="fits_in_host_cache", optimizer=args.optimizer, rows=num_rows,
+                      dim=dim, batch_ids=args.batch, steps=args.steps,
+                      numpy_unique_rows_per_s=n / t_base, table_unique_rows_per_s=n / t_table,
+                      ratio_vs_numpy=t_base / t_table, hit_rate=table.stats()["hit_rate"]))
+  table.close()
+
+
+def case_zipf_10x(args, workdir):
+  cache_rows, dim = args.rows // 10, args.dim
+  num_rows = args.rows
+  rng = np.random.default_rng(2)
+  perm = rng.permutation(num_rows)
+  batches = [zipf_ids(rng, num_rows, args.batch, args.zipf_a, perm) for _ in range(args.steps)]
+  opt = make_optimizer(args.optimizer)
+  base = NumpyTable(num_rows, dim, opt)
+  t_base = run_steps(base, batches, prefetch=False)
+  results = {}
+  for prefetch in (False, True):
+    path = os.path.join(workdir, f"zipf{int(prefetch)}")
+    table = embedding.open_table(path, num_rows=num_rows, dim=dim, optimizer=opt,
+                                 host_cache_rows=cache_rows)
+    t = run_steps(table, batches, prefetch=prefetch)
+    flush_start = time.perf_counter()
+    table.flush()
+    results[prefetch] = (t, time.perf_counter() - flush_start, table.stats())
+    table.close()
+  n = unique_rows(batches)
+  for prefetch, (t, t_flush, stats) in results.items():
+    emit(args.out, dict(case="zipf_table_10x_cache", optimizer=args.optimizer,
+                        prefetch_next_batch=prefetch, rows=num_rows, host_cache_rows=cache_rows,
+                        zipf_a=args.zipf_a, batch_ids=args.batch, steps=args.steps,
+                        numpy_unique_rows_per_s=n / t_base, table_unique_rows_per_s=n / t,
+                        ratio_vs_numpy=t_base / t, hit_rate=stats["hit_rate"],
+                        evictions=stats["evictions"], dirty_evictions=stats["dirty_evictions"],
+                        flush_s=t_flush, mib_read=stats["bytes_read"] / 2**20,
+                        mib_written=stats["bytes_written"] / 2**20))
+
+
+def case_disk_bandwidth(args, workdir):
+  seq = sequential_read_bandwidth(workdir, args.seq_mib << 20)
+  num_rows, dim = args.rows, args.dim
+  path = os.path.join(workdir, "cold")
+  opt = make_optimizer(args.optimizer)
+  with embedding.open_table(path, num_rows=num_rows, dim=dim, optimizer=opt,
+                            host_cache_rows=num_rows) as table:
+    for lo in range(0, num_rows, 1 << 16):  # write every row once
+      ids = np.arange(lo, min(lo + (1 << 16), num_rows))
+      table.push(ids, np.zeros((len(ids), dim), np.float32))
+    chunk_rows, width = table._config["chunk_rows"], table._config["width"]
+  _drop_page_cache(path)
+  rng = np.random.default_rng(3)
+  ids = np.unique(rng.integers(0, num_rows, args.batch))
+  with embedding.open_table(path, host_cache_rows=len(ids), ts_cache_bytes=0) as table:
+    start = time.perf_counter()
+    table.prefetch(ids).result()
+    seconds = time.perf_counter() - start
+  chunks = len(np.unique(ids // chunk_rows))
+  chunk_bytes = chunks * chunk_rows * width * 4
+  emit(args.out, dict(case="cold_random_gather_vs_sequential_read", rows=num_rows,
+                      unique_ids=len(ids), chunk_rows=chunk_rows,
+                      seq_read_mib_per_s=seq / 2**20,
+                      row_bytes_mib_per_s=len(ids) * width * 4 / seconds / 2**20,
+                      chunk_bytes_mib_per_s=chunk_bytes / seconds / 2**20,
+                      fraction_of_seq_bandwidth=chunk_bytes / seconds / seq))
+
+
+def case_large(args, workdir):
+  num_rows, dim = 1 << args.log2_rows, 16
+  opt = make_optimizer(args.optimizer)
+  path = os.path.join(workdir, "large")
+  table = embedding.open_table(path, num_rows=num_rows, dim=dim, optimizer=opt,
+                               host_cache_bytes=args.large_cache_gib << 30)
+  rng = np.random.default_rng(4)
+  perm_seed = 12345  # rank r -> row hash_keys_to_rows(r): scatters hot rows, no 2^28 perm
+  n_unique, start, future = 0, time.perf_counter(), None
+  next_ids = embedding.hash_keys_to_rows((rng.zipf(args.zipf_a, args.batch) - 1), num_rows,
+                                         salt=perm_seed)
+  for step in range(args.large_steps):
+    ids = next_ids
+    next_ids = embedding.hash_keys_to_rows((rng.zipf(args.zipf_a, args.batch) - 1),
+                                           num_rows, salt=perm_seed)
+    if future is not None:
+      future.result()
+    future = table.prefetch(next_ids)
+    ws = table.working_set(ids)
+    n_unique += len(ws.unique_ids)
+    table.push(ws.unique_ids, rng.standard_normal(ws.rows.shape).astype(np.float32) * 0.01)
+    if (step + 1) % args.flush_every == 0:
+      table.flush()
+  future.result()
+  table.flush()
+  seconds = time.perf_counter() - start
+  stats = table.stats()
+  table.close()
+  emit(args.out, dict(case="large", rows=num_rows, dim=dim, optimizer=args.optimizer,
+                      host_cache_rows=table.host_cache_rows, steps=args.large_steps,
+                      batch_ids=args.batch, unique_rows_per_s=n_unique / seconds,
+                      seconds=seconds, hit_rate=stats["hit_rate"],
+                      peak_rss_gib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+                      disk_used_gib=du_bytes(path) / 2**30,
+                      dense_equivalent_gib=num_rows * 4 * (1 + 3 * dim) / 2**30))
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--rows", type=int, default=1 << 20)
+  parser.add_argument("--dim", type=int, default=16)
+  parser.add_argument("--batch", type=int, default=50_000, help="ids per step")
+  parser.add_argument("--steps", type=int, default=20)
+  parser.add_argument("--optimizer", choices=["exact", "lazy", "adagrad"], default="exact")
+  parser.add_argument("--zipf-a", type=float, default=1.05)
+  parser.add_argument("--seq-mib", type=int, default=512)
+  parser.add_argument("--quick", action="store_true", help="smoke run in seconds")
+  parser.add_argument("--large", action="store_true", help="only the large-table case")
+  parser.add_argument("--log2-rows", type=int, default=28)
+  parser.add_argument("--large-steps", type=int, default=3000)
+  parser.add_argument("--large-cache-gib", type=int, default=2)
+  parser.add_argument("--flush-every", type=int, default=500)
+  parser.add_argument("--workdir", default=None, help="default: a temp dir, removed after")
+  parser.add_argument("--out", default=None, help="append JSON lines here")
+  args = parser.parse_args(argv)
+  if args.quick:
+    args.rows, args.batch, args.steps, args.seq_mib = 1 << 16, 4096, 5, 32
+    args.log2_rows, args.large_steps, args.flush_every = min(args.log2_rows, 20), 10, 5
+    args.large_cache_gib = 1
+  workdir = args.workdir or tempfile.mkdtemp(prefix="embedding_tier_")
+  os.makedirs(workdir, exist_ok=True)
+  try:
+    if args.large:
+      case_large(args, workdir)
+    else:
+      case_fits_in_cache(args, workdir)
+      case_zipf_10x(args, workdir)
+      case_disk_bandwidth(args, workdir)
+  finally:
+    if args.workdir is None:
+      shutil.rmtree(workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+  main()
