@@ -64,11 +64,16 @@ def test_local_sgd_optimal_rate_scales_as_one_over_sqrt_nt():
 def test_local_sgd_k_term_breaks_speedup_beyond_threshold():
     T, N = 10**6, 4
     k_max = theory.local_sgd_speedup_max_k(T, N)
+    assert k_max == pytest.approx(1000 / 8)
+    assert theory.local_sgd_speedup_max_k(T, N, bound="yu") == pytest.approx(10**1.5 / 4**0.75)
     def rate(k):
         eta = theory.local_sgd_optimal_eta(T, N, k, 1.0, 1.0, 1.0)
         return theory.local_sgd_bound(T, N, k, eta, 1.0, 1.0, 1.0)
-    assert rate(max(1, int(k_max))) < 1.5 * rate(1)
+    assert rate(int(k_max) // 10) < 1.1 * rate(1)
+    assert rate(int(k_max)) < 2.0 * rate(1)
     assert rate(int(100 * k_max)) > 2 * rate(1)
+    with pytest.raises(ValueError, match="bound"):
+        theory.local_sgd_speedup_max_k(T, N, bound="stich")
 
 
 @pytest.mark.parametrize("bad", [dict(eta=1.0), dict(k=0), dict(T=0), dict(N=2.5),
@@ -203,3 +208,35 @@ def test_initial_gap():
         theory.initial_gap(f, jnp.ones(2))
     with pytest.raises(ValueError, match="positive"):
         theory.initial_gap(f, jnp.zeros(2), f_lower=1.0)
+
+
+# --- Derived here: replica drift of k-step Adam -------------------------------
+
+@pytest.mark.parametrize("bias_correction", [False, True])
+def test_adam_step_bound_holds_on_adversarial_gradients(bias_correction):
+    import optax
+    b1, b2, T = 0.9, 0.99, 300
+    B = theory.adam_step_bound(beta1=b1, beta2=b2, T=T, bias_correction=bias_correction)
+    rng = np.random.default_rng(0)
+    # Heavy-tailed, sign-flipping gradients spanning 12 orders of magnitude.
+    g = rng.standard_cauchy((T, 5)) * 10.0 ** rng.uniform(-6, 6, (T, 5))
+    if bias_correction:
+        tx = optax.scale_by_adam(b1=b1, b2=b2, eps=0.0)
+    else:
+        import kstep_adam
+        tx = kstep_adam.scale_by_kstep_adam(b1=b1, b2=b2, eps=0.0, form="local_adam")
+    state = tx.init(jnp.zeros(5))
+    worst = 0.0
+    for t in range(T):
+        u, state = tx.update(jnp.asarray(g[t], jnp.float32), state)
+        worst = max(worst, float(jnp.max(jnp.abs(u))))
+    assert worst <= B * (1 + 1e-5)  # (loose: worst/B is about 0.1 here)
+
+
+def test_replica_spread_bound_properties():
+    kw = dict(eta=0.01, beta1=0.9, beta2=0.999, d=10, T=1000, bias_correction=False)
+    assert theory.replica_spread_bound(k=1, **kw) == 0.0
+    vals = [theory.replica_spread_bound(k=k, **kw) for k in (2, 4, 8)]
+    assert vals[0] < vals[1] < vals[2]
+    with pytest.raises(ValueError, match="beta1"):
+        theory.replica_spread_bound(k=2, **{**kw, "beta1": 0.9999})

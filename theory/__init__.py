@@ -7,6 +7,8 @@ function's docstring and in ``theory/derivations.md``.
 from theory.adam import defossez_adam_bound
 from theory.adam import defossez_adam_momentum_bound
 from theory.adam import defossez_from_no_bias_correction
+from theory.drift import adam_step_bound
+from theory.drift import replica_spread_bound
 from theory.estimators import NoiseStats
 from theory.estimators import gradient_noise_stats
 from theory.estimators import initial_gap
@@ -24,6 +26,7 @@ from theory.local_sgd import local_sgd_speedup_max_k
 
 __all__ = [
     "NoiseStats",
+    "adam_step_bound",
     "defossez_adam_bound",
     "defossez_adam_momentum_bound",
     "defossez_from_no_bias_correction",
@@ -38,6 +41,7 @@ __all__ = [
     "local_sgd_speedup_max_k",
     "max_grad_inf_norm",
     "minibatch_adam_rate",
+    "replica_spread_bound",
     "smoothness_at_points",
     "smoothness_power_iteration",
 ]

@@ -179,16 +179,30 @@ def local_sgd_optimal_eta(T: int, N: int, k: int, L: float, sigma2: float,
     return 0.5 * (lo + hi)
 
 
-def local_sgd_speedup_max_k(T: int, N: int) -> float:
-    r"""Return the largest period with linear speedup, ``T^{1/4} / N^{3/4}``.
+def local_sgd_speedup_max_k(T: int, N: int, *, bound: str = "wang_joshi") -> float:
+    r"""Return the largest period ``k`` that keeps linear speedup under a bound.
 
-    Plugging ``eta = sqrt(N/T)`` (units ``L = sigma = Delta = 1``) into
-    :func:`local_sgd_bound`, the ``k`` term ``N (k-1) / T`` stays below the
-    ``1/sqrt(NT)`` terms while ``k <= T^{1/4} / N^{3/4}`` (derivations.md, 1.3).
+    With ``eta = sqrt(N/T)`` (units ``L = sigma = Delta = 1``) the leading terms are
+    ``1/sqrt(NT)``. Wang & Joshi's ``k`` term ``eta^2 (k-1) = N (k-1)/T`` stays below them
+    while ``k <= sqrt(T) / N^{3/2}``; Yu et al.'s ``4 eta^2 k^2 G^2`` term needs
+    ``k <= T^{1/4} / N^{3/4}`` (the figure DESIGN.md quotes). Derived in
+    ``theory/derivations.md``, section 1.3.
+
+    Args:
+      T: steps per worker.
+      N: number of workers.
+      bound: ``'wang_joshi'`` or ``'yu'``.
+
+    Returns:
+      The threshold on ``k`` (up to constants).
     """
     _check_int("T", T)
     _check_int("N", N)
-    return T**0.25 / N**0.75
+    if bound == "wang_joshi":
+        return T**0.5 / N**1.5
+    if bound == "yu":
+        return T**0.25 / N**0.75
+    raise ValueError(f"bound must be 'wang_joshi' or 'yu', got {bound!r}")
 
 
 def local_sgd_bound_yu(T: int, N: int, k: int, eta: float, L: float, sigma2: float,

@@ -5,7 +5,9 @@ Five kinds of rows, each saying which bound it uses or ``"no bound"``:
 * ``bound``: explicit-constant bounds (Wang & Joshi for Local SGD on i.i.d. data,
   Yu-Yang-Zhu with an estimated ``G^2``, Défossez Thm 2 for one-worker Adam): the
   seed-mean of ``(1/T) sum ||grad f(xbar_t)||^2`` must be ``<=`` the bound at *every*
-  step size of the grid. A failure makes ``--check`` exit non-zero.
+  step size of the grid. The replica-spread bound derived here
+  (:mod:`theory.drift`) is checked the same way on the time-averaged spread of the
+  k-step Adam variants. A failure makes ``--check`` exit non-zero.
 * ``slope``: least-squares slope of log(measured gap) against log T per measure seed, its
   mean with a 95% t-interval over seeds, widened by ``SLOPE_TOL``; the predicted exponent
   is the slope of the bound (at its optimal step size) or of the rate shape over the same
@@ -93,6 +95,14 @@ def _bound_rows(records) -> list[dict]:
                                                info["delta"])
                 groups[("yu_yang_zhu (G2 estimated)", rec["problem"], v)].append(
                     (mean / yu, worst / yu))
+            if v in ("kstep_adam_params", "kstep_adam_moments", "local_adam"):
+                spread = np.asarray(rec["spread_ExS"][e])
+                sb = theory.replica_spread_bound(eta=eta, beta1=ADAM_BETA1, beta2=rec["beta2"],
+                                                 k=k, d=d, T=T,
+                                                 bias_correction=v != "local_adam")
+                if sb > 0:
+                    groups[("spread_drift (derived here)", rec["problem"], v)].append(
+                        (float(spread.mean()) / sb, float(spread.max()) / sb))
             if v == "adam_defossez" and info.get("sigma_inf_source") == "exact":
                 eps = ADAM_EPS**2 / (1 - rec["beta2"])
                 R = float(np.max(rec["ginf_ExS"][e])) + info["sigma_inf"] + math.sqrt(eps)

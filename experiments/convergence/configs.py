@@ -18,24 +18,23 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["full", "quick", "ALL_VARIANTS", "K_VARIANTS"]
+__all__ = ["full", "quick", "ALL_VARIANTS"]
 
 ALL_VARIANTS = ["local_sgd", "kstep_adam_params", "kstep_adam_moments", "local_adam",
                 "sync_adam"]
-K_VARIANTS = ["local_sgd", "kstep_adam_params", "kstep_adam_moments", "local_adam",
-              "sync_adam"]
 
 
 def _sweeps(*, T_list, N_list, N_fixed, T_fixed, k_fixed, k_list, R_fixed, problem,
-            extra_T_problems=(), hetero_problem=None) -> list[dict[str, Any]]:
+            extra_T_problems=(), hetero_problem=None,
+            nk_variants=tuple(ALL_VARIANTS)) -> list[dict[str, Any]]:
     sweeps = [
         dict(name="T", problem=problem, variants=ALL_VARIANTS,
              points=[dict(T=T, N=N_fixed, k=k_fixed) for T in T_list]),
-        dict(name="N", problem=problem, variants=ALL_VARIANTS,
+        dict(name="N", problem=problem, variants=list(nk_variants),
              points=[dict(T=T_fixed, N=N, k=k_fixed) for N in N_list]),
-        dict(name="k_fixed_T", problem=problem, variants=K_VARIANTS,
+        dict(name="k_fixed_T", problem=problem, variants=list(nk_variants),
              points=[dict(T=T_fixed, N=N_fixed, k=k) for k in k_list]),
-        dict(name="k_fixed_R", problem=problem, variants=K_VARIANTS,
+        dict(name="k_fixed_R", problem=problem, variants=list(nk_variants),
              points=[dict(T=R_fixed * k, N=N_fixed, k=k) for k in k_list]),
         dict(name="T_defossez", problem=problem + "_uniform", variants=["adam_defossez"],
              points=[dict(T=T, N=1, k=1) for T in T_list]),
@@ -44,7 +43,7 @@ def _sweeps(*, T_list, N_list, N_fixed, T_fixed, k_fixed, k_list, R_fixed, probl
         sweeps.append(dict(name="T", problem=name, variants=ALL_VARIANTS,
                            points=[dict(T=T, N=N_fixed, k=k_fixed) for T in T_list]))
     if hetero_problem is not None:
-        sweeps.append(dict(name="k_fixed_T", problem=hetero_problem, variants=K_VARIANTS,
+        sweeps.append(dict(name="k_fixed_T", problem=hetero_problem, variants=ALL_VARIANTS,
                            points=[dict(T=T_fixed, N=N_fixed, k=k) for k in k_list]))
     return sweeps
 
@@ -84,5 +83,6 @@ def quick() -> dict[str, Any]:
                                    noise="uniform"),
         ),
         sweeps=_sweeps(T_list=[64, 128], N_list=[1, 4], N_fixed=4, T_fixed=128,
-                       k_fixed=4, k_list=[1, 4], R_fixed=16, problem="separable"),
+                       k_fixed=4, k_list=[1, 4], R_fixed=16, problem="separable",
+                       nk_variants=("local_sgd", "local_adam")),
     )

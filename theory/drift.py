@@ -1,0 +1,84 @@
+r"""Derived here: an almost-sure bound on the replica spread of k-step Adam.
+
+This is the project's own result (``theory/derivations.md``, section 3), not a published
+theorem. It is *not* a convergence bound: no published result bounds the gradient norm of
+parameter-only averaging (the production default), and none is derived here. What can be
+proved with explicit constants is that Adam's step is bounded coordinate-wise whatever the
+gradients are, so between merges the replicas drift apart by at most
+
+.. math::
+    |x^w_t - \bar x_t|_i \le 2\, j\, \eta B, \qquad
+    B = \frac{(1-\beta_1)\, c_T}{\sqrt{1-\beta_2}\,(1 - \beta_1/\sqrt{\beta_2})},
+
+after ``j`` local steps since the last merge, where ``c_T = 1`` without bias correction and
+``c_T = max_{t<=T} sqrt(1-beta2^t)/(1-beta1^t)`` with it. Averaged over a round, the logged
+spread ``(1/N) sum_w ||x^w - xbar||^2`` is at most
+``d (2 eta B)^2 (k-1)(2k-1)/6``. It holds for parameter-only averaging and for averaging
+parameters and both moments on the same steps; it needs ``beta1 < sqrt(beta2)``.
+"""
+
+from __future__ import annotations
+
+import math
+
+__all__ = ["adam_step_bound", "replica_spread_bound"]
+
+
+def adam_step_bound(*, beta1: float, beta2: float, T: int,
+                    bias_correction: bool) -> float:
+    """Return ``B``: ``|update_i| <= eta * B`` for every coordinate and step ``<= T``.
+
+    Args:
+      beta1: first-moment decay, ``0 <= beta1 < sqrt(beta2)``.
+      beta2: second-moment decay, in ``(0, 1)``.
+      T: the number of steps (only used with bias correction).
+      bias_correction: True for optax-style Adam, False for the Cheng & Glasgow form.
+
+    Returns:
+      The constant ``B`` of the module docstring.
+    """
+    if not 0.0 < beta2 < 1.0:
+        raise ValueError(f"beta2 must be in (0, 1), got {beta2!r}")
+    if not 0.0 <= beta1 < math.sqrt(beta2):
+        raise ValueError(f"beta1 must satisfy 0 <= beta1 < sqrt(beta2)={math.sqrt(beta2)!r},"
+                         f" got {beta1!r}")
+    if not (isinstance(T, int) and T >= 1):
+        raise ValueError(f"T must be a positive int, got {T!r}")
+    base = (1 - beta1) / (math.sqrt(1 - beta2) * (1 - beta1 / math.sqrt(beta2)))
+    if not bias_correction:
+        return base
+    c_T = max(math.sqrt(1 - beta2**t) / (1 - beta1**t) for t in range(1, T + 1))
+    return base * c_T
+
+
+def replica_spread_bound(*, eta: float, beta1: float, beta2: float, k: int, d: int, T: int,
+                         bias_correction: bool) -> float:
+    r"""Return the bound on the time-averaged replica spread of k-step Adam.
+
+    .. math::
+        \frac1T \sum_t \frac1N \sum_w \|x^w_t - \bar x_t\|^2
+        \le d\, (2\eta B)^2 \frac{(k-1)(2k-1)}{6}
+
+    (exact average over a round of ``j^2``, ``j = 0..k-1``; a partial last round only
+    lowers it). Zero at ``k = 1``.
+
+    Args:
+      eta: constant step size.
+      beta1: first-moment decay.
+      beta2: second-moment decay.
+      k: merge period.
+      d: dimension.
+      T: steps per worker.
+      bias_correction: True for optax-style Adam, False for the Cheng & Glasgow form.
+
+    Returns:
+      The bound (derived here; see ``theory/derivations.md``, section 3).
+    """
+    if not (isinstance(k, int) and k >= 1):
+        raise ValueError(f"k must be a positive int, got {k!r}")
+    if not (isinstance(d, int) and d >= 1):
+        raise ValueError(f"d must be a positive int, got {d!r}")
+    if not (eta > 0 and math.isfinite(eta)):
+        raise ValueError(f"eta must be a finite positive number, got {eta!r}")
+    B = adam_step_bound(beta1=beta1, beta2=beta2, T=T, bias_correction=bias_correction)
+    return d * (2 * eta * B) ** 2 * (k - 1) * (2 * k - 1) / 6
