@@ -17,6 +17,7 @@ from kstep_adam._kstep_adam import ScaleByKStepAdamState
 from kstep_adam._kstep_adam import kstep_adam
 from kstep_adam._kstep_adam import scale_by_kstep_adam
 from kstep_adam._merge import MergeParamsState
+from kstep_adam._merge import assume_local_step
 from kstep_adam._merge import merge_params
 from kstep_adam._merge import tree_mean
 from kstep_adam._schedule import MergeSchedule
@@ -40,6 +41,7 @@ __all__ = [
     "kstep_adam",
     "scale_by_kstep_adam",
     "MergeParamsState",
+    "assume_local_step",
     "merge_params",
     "tree_mean",
     "MergeSchedule",

@@ -14,13 +14,36 @@ Everything here runs inside ``shard_map`` (or any context that binds the named a
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+import contextlib
+from typing import Any, Callable, Iterator, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
 from kstep_adam._schedule import MergeSchedule
+
+
+# Schedules whose steps are traced as local steps (see `assume_local_step`); trace time only.
+_ASSUMED_LOCAL: list[MergeSchedule] = []
+
+
+@contextlib.contextmanager
+def assume_local_step(schedule: MergeSchedule) -> Iterator[None]:
+  """While tracing inside this context, steps of ``schedule`` are built as local steps.
+
+  An optimizer whose merge schedule equals ``schedule`` then traces only its local branch: the
+  program has no conditional and no collective at all, so it is exactly as fast as the
+  non-distributed optimizer. The caller must run such a program only on steps where
+  ``schedule`` does not merge (:func:`kstep_adam.parallel.make_train_step` does this when given
+  ``schedule=``). An optimizer with a different schedule is unaffected (it keeps its
+  ``lax.switch``), so a mismatch costs speed, never correctness.
+  """
+  _ASSUMED_LOCAL.append(schedule)
+  try:
+    yield
+  finally:
+    _ASSUMED_LOCAL.pop()
 
 
 def check_axes_bound(axis_names: tuple[str, ...]) -> None:
@@ -123,7 +146,7 @@ def switch_merge(level, schedule: MergeSchedule, state: str,
     ``lax.switch``, so a local step executes none. If the outermost level merges every
     step, no branch is built at all.
   """
-  if not schedule.merges(state):
+  if not schedule.merges(state) or schedule in _ASSUMED_LOCAL:
     return local_fn(operand)
   axes, route = schedule.axis_names, schedule.route
   check_axes_bound(axes)

@@ -82,6 +82,10 @@ class MergeSchedule:
     """Whether ``state`` is ever averaged (there is an axis and the state is listed)."""
     return bool(self.axis_names) and self.periods(state) is not None
 
+  def merges_at(self, step: int) -> bool:
+    """Whether any state merges at 1-based Python int ``step`` (host-side dispatch)."""
+    return any(self.level_at(state, int(step)) for state in self.states())
+
   def level_at(self, state: str, step):
     """Merge level of ``state`` at 1-based ``step``: 0 = local step, ``i+1`` = merge at level i.
 

@@ -29,6 +29,7 @@ from jax.sharding import PartitionSpec as P
 
 from kstep_adam._comm import NetworkModel
 from kstep_adam._comm import comm_bytes
+from kstep_adam._merge import assume_local_step
 from kstep_adam._schedule import MergeSchedule
 
 AXIS_NAMES = ("node", "local")
@@ -117,6 +118,8 @@ def make_train_step(
     tx: optax.GradientTransformation,
     mesh: Mesh,
     *,
+    schedule: MergeSchedule | None = None,
+    start_step: int = 0,
     donate: bool = True,
 ) -> Callable:
   """Build the jitted ``shard_map`` step ``(params_W, opt_state_W, batch) -> (..., metrics)``.
@@ -125,18 +128,30 @@ def make_train_step(
   global batch, then applies ``tx`` (which averages over mesh axes when it is told to). The
   step itself adds no collective: metrics stay per worker.
 
+  With ``schedule`` (the same :class:`MergeSchedule` the optimizer was built from), the step
+  is compiled twice: a *local* program, traced under :func:`kstep_adam._merge.assume_local_step`
+  with no conditional and no collective, and the general program with the merge branches. The
+  host counts steps and runs the local program on steps where the schedule merges nothing.
+  This removes the cost of ``lax.switch`` on local steps (XLA copies the operands of an
+  identity branch), which matters for memory-bound optimizer updates.
+
   Args:
     loss_fn: ``(params, batch) -> scalar loss`` for one worker's replica and batch shard.
     tx: the optimizer; its ``axis_name`` must name axes of ``mesh``.
     mesh: the mesh from :func:`make_mesh`.
+    schedule: optional merge schedule of ``tx`` for host-side dispatch of local steps.
+    start_step: steps already taken by ``opt_state`` (for host-side dispatch after a restore).
     donate: donate the params and state buffers (saves memory; inputs become invalid).
 
   Returns:
     ``train_step(params_W, opt_state_W, batch)`` returning ``(params_W, opt_state_W, metrics)``
     where ``batch`` is a pytree with a leading global-batch dimension divisible by the number
-    of workers, and ``metrics = {'loss': loss_W}``. ``train_step.jitted`` is the underlying
-    jitted function (e.g. for ``.lower(...)``).
+    of workers, and ``metrics = {'loss': loss_W}``. ``train_step.jitted`` is the general
+    jitted function (e.g. for ``.lower(...)``), ``train_step.local_jitted`` the local-step one
+    (None without ``schedule``), ``train_step.step`` the number of steps taken.
   """
+  if not isinstance(start_step, int) or start_step < 0:
+    raise ValueError(f"start_step must be a non-negative int, got {start_step!r}")
   spec = P(tuple(mesh.axis_names))
   num_workers = mesh.size
 
@@ -148,10 +163,18 @@ def make_train_step(
     params_W, opt_state_W = jax.tree.map(lambda x: x[None], (params, opt_state))
     return params_W, opt_state_W, {"loss": loss[None]}
 
-  jitted = jax.jit(
-      jax.shard_map(per_worker, mesh=mesh, in_specs=(spec, spec, spec),
-                    out_specs=(spec, spec, spec)),
-      donate_argnums=(0, 1) if donate else ())
+  def build(body):
+    return jax.jit(
+        jax.shard_map(body, mesh=mesh, in_specs=(spec, spec, spec),
+                      out_specs=(spec, spec, spec)),
+        donate_argnums=(0, 1) if donate else ())
+
+  def local_body(*args):
+    with assume_local_step(schedule):
+      return per_worker(*args)
+
+  jitted = build(per_worker)
+  local_jitted = None if schedule is None else build(local_body)
 
   def train_step(params_W, opt_state_W, batch):
     sizes = {np.shape(x)[0] if np.ndim(x) else None for x in jax.tree.leaves(batch)}
@@ -163,9 +186,14 @@ def make_train_step(
       raise ValueError(f"global batch size {batch_size} is not divisible by the number of "
                        f"workers {num_workers} (mesh {dict(mesh.shape)})")
     batch = jax.tree.map(lambda x: jax.device_put(x, worker_sharding(mesh, np.ndim(x))), batch)
+    train_step.step += 1
+    if local_jitted is not None and not schedule.merges_at(train_step.step):
+      return local_jitted(params_W, opt_state_W, batch)
     return jitted(params_W, opt_state_W, batch)
 
   train_step.jitted = jitted
+  train_step.local_jitted = local_jitted
+  train_step.step = start_step
   return train_step
 
 

@@ -77,12 +77,14 @@ def _computations(hlo_text: str) -> dict[str, str]:
   return blocks
 
 
-def _compiled_hlo(tx, mesh):
+def _compiled_hlo(tx, mesh, schedule=None):
+  """Optimized HLO of the general step, or of the local program when ``schedule`` is given."""
   params_W, state_W = parallel.init_replicas(init_params(), tx, mesh)
-  step = parallel.make_train_step(loss_fn, tx, mesh, donate=False)
+  step = parallel.make_train_step(loss_fn, tx, mesh, schedule=schedule, donate=False)
   batch = jax.tree.map(lambda x: jax.device_put(x, parallel.worker_sharding(mesh, x.ndim)),
                        (np.zeros((mesh.size, 5), np.float32), np.zeros(mesh.size, np.float32)))
-  return step.jitted.lower(params_W, state_W, batch).compile().as_text()
+  fn = step.jitted if schedule is None else step.local_jitted
+  return fn.lower(params_W, state_W, batch).compile().as_text()
 
 
 def test_collectives_only_inside_merge_branches():
@@ -105,6 +107,23 @@ def test_collectives_only_inside_merge_branches():
   # Hierarchical node-level merge: reduce-scatter and all-gather are present.
   text = "".join(blocks[n] for n in with_collectives)
   assert "reduce-scatter(" in text and "all-gather(" in text
+
+
+def test_host_dispatched_local_program_has_no_collective_and_no_branch():
+  mesh = parallel.make_mesh(2, 4)
+  schedule = kstep_adam.merge_schedule({"node": 4, "local": 2}, axis_name=NODE_LOCAL,
+                                       sync="desloc")
+  text = _compiled_hlo(kstep_adam.kstep_adam(0.1, schedule), mesh, schedule)
+  assert not COLLECTIVE.search(text)
+  assert "conditional(" not in text
+
+
+def test_assume_local_step_ignores_other_schedules():
+  """A schedule that differs from the optimizer's keeps the merge branches (safe default)."""
+  mesh = parallel.make_mesh(2, 4)
+  tx = kstep_adam.kstep_adam(0.1, 4, axis_name=NODE_LOCAL)
+  other = kstep_adam.merge_schedule(8, axis_name=NODE_LOCAL)
+  assert COLLECTIVE.search(_compiled_hlo(tx, mesh, other))
 
 
 def test_sync_adam_all_reduces_in_the_main_computation():

@@ -39,15 +39,22 @@ VARIANTS = [
 ]
 
 
+SCHEDULE_KEYS = ("k", "axis_name", "sync", "route")
+
+
 @pytest.mark.parametrize("name,mesh_shape,kwargs,periods,ref_kwargs,steps", VARIANTS,
                          ids=[v[0] for v in VARIANTS])
 def test_kstep_adam_matches_numpy_step_for_step(name, mesh_shape, kwargs, periods, ref_kwargs,
                                                steps):
+  """Run through the host-dispatched harness (local program on non-merge steps)."""
   del name
   lr = 0.05
   mesh = parallel.make_mesh(*mesh_shape)
   data = worker_data(mesh.size, steps)
-  got, _ = run_harness(kstep_adam.kstep_adam(lr, **kwargs), mesh, data)
+  schedule = kstep_adam.merge_schedule(**{k: v for k, v in kwargs.items() if k in SCHEDULE_KEYS})
+  tx = kstep_adam.kstep_adam(lr, schedule,
+                             **{k: v for k, v in kwargs.items() if k not in SCHEDULE_KEYS})
+  got, _ = run_harness(tx, mesh, data, schedule=schedule)
   want = ref.kstep_adam(theta_of(init_params()), data, num_nodes=mesh_shape[0], lr=lr,
                         periods=periods, **ref_kwargs)
   for t, (g, w) in enumerate(zip(got, want), start=1):
@@ -57,6 +64,19 @@ def test_kstep_adam_matches_numpy_step_for_step(name, mesh_shape, kwargs, period
   # ... and agree right after a global merge.
   period_all = periods["params"][0]
   np.testing.assert_allclose(np.ptp(got[period_all - 1], axis=0), 0.0, atol=1e-6)
+
+
+def test_in_graph_switch_and_host_dispatch_agree():
+  mesh = parallel.make_mesh(2, 2)
+  data = worker_data(mesh.size, 6)
+  schedule = kstep_adam.merge_schedule({"node": 3, "local": 2}, axis_name=NODE_LOCAL,
+                                       sync="desloc")
+  tx = kstep_adam.kstep_adam(0.05, schedule)
+  switch, _ = run_harness(tx, mesh, data)
+  dispatch, (_, _, step) = run_harness(tx, mesh, data, schedule=schedule)
+  # Not bitwise: XLA fuses the two programs differently (1-ulp differences seen).
+  np.testing.assert_allclose(np.stack(switch), np.stack(dispatch), rtol=1e-6, atol=1e-7)
+  assert step.step == 6 and step.local_jitted._cache_size() == 1  # steps 1 and 5 were local.
 
 
 def test_identical_data_makes_averaging_a_no_op():
@@ -84,19 +104,20 @@ def test_no_recompilation_and_state_keeps_shapes_and_dtypes():
     traces.append(1)
     return loss_fn(params, batch)
 
-  tx = kstep_adam.kstep_adam(0.05, 2, axis_name=NODE_LOCAL, sync="desloc",
-                             mu_dtype=jnp.bfloat16)
+  schedule = kstep_adam.merge_schedule(2, axis_name=NODE_LOCAL, sync="desloc",
+                                       mu_dtype=jnp.bfloat16)
+  tx = kstep_adam.kstep_adam(0.05, schedule, mu_dtype=jnp.bfloat16)
   params_W, state_W = parallel.init_replicas(init_params(), tx, mesh)
   spec0 = jax.tree.map(lambda x: (x.shape, x.dtype, x.sharding), (params_W, state_W))
-  step = parallel.make_train_step(counting_loss, tx, mesh)
-  for x, y in worker_data(mesh.size, 4):
+  step = parallel.make_train_step(counting_loss, tx, mesh, schedule=schedule)
+  for x, y in worker_data(mesh.size, 5):
     params_W, state_W, metrics = step(params_W, state_W, (x.reshape(-1, 5), y.reshape(-1)))
-  assert len(traces) == 1
-  assert step.jitted._cache_size() == 1
+  assert len(traces) == 2  # One trace each for the local and the general program.
+  assert step.jitted._cache_size() == 1 and step.local_jitted._cache_size() == 1
   assert jax.tree.map(lambda x: (x.shape, x.dtype, x.sharding), (params_W, state_W)) == spec0
   assert metrics["loss"].shape == (mesh.size,)
   assert state_W[0].mu["w"].dtype == jnp.bfloat16
-  np.testing.assert_array_equal(np.asarray(state_W[0].count), 4)
+  np.testing.assert_array_equal(np.asarray(state_W[0].count), 5)
 
 
 def test_batch_not_divisible_by_workers_raises():
