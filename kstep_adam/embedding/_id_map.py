@@ -66,13 +66,15 @@ class IdSlotMap:
       k = self._keys[p]
       free = (k == _EMPTY) | (k == _TOMBSTONE)
       cand, cand_pos = pending[free], p[free]
-      # Several ids may probe the same free position: the first one wins it.
-      win_pos, first = np.unique(cand_pos, return_index=True)
-      self._num_tombstones -= int(np.count_nonzero(self._keys[win_pos] == _TOMBSTONE))
-      self._keys[win_pos] = ids[cand[first]]
-      self._values[win_pos] = values[cand[first]]
+      was_tombstone = k[free] == _TOMBSTONE
+      # Several ids may probe the same free position: one write lands (NumPy keeps the
+      # last of duplicate-index assignments), and the others see a taken slot and probe on.
+      self._keys[cand_pos] = ids[cand]
+      won = self._keys[cand_pos] == ids[cand]
+      self._values[cand_pos[won]] = values[cand[won]]
+      self._num_tombstones -= int(np.count_nonzero(was_tombstone & won))
       placed = np.zeros(len(ids), bool)
-      placed[cand[first]] = True
+      placed[cand[won]] = True
       pending = pending[~placed[pending]]
       pos[pending] = (pos[pending] + 1) % size
     self._num_live += len(ids)

@@ -33,7 +33,7 @@ from kstep_adam.embedding._pending import PendingLog
 class WorkingSet(NamedTuple):
   """A batch's deduplicated rows: ``rows[inverse]`` equals ``pull(ids)``."""
   unique_ids: np.ndarray  # shape=[U], int64, sorted ascending
-  rows: object  # shape=[U, dim], float32: np.ndarray, or a jax.Array with a device cache
+  rows: object  # shape=[U or pad_to, dim], float32: np.ndarray, or jax.Array (device cache)
   inverse: np.ndarray  # shape=[len(ids)], int64 indices into unique_ids
 
 
@@ -77,13 +77,35 @@ class EmbeddingTable:
     unique_U, inverse_N = np.unique(ids_N, return_inverse=True)
     return self._pull_unique(unique_U)[inverse_N]
 
-  def working_set(self, ids) -> WorkingSet:
-    """Deduplicates ``ids`` and returns their unique rows with the inverse index."""
+  def working_set(self, ids, *, pad_to: Optional[int] = None) -> WorkingSet:
+    """Deduplicates ``ids`` and returns their unique rows with the inverse index.
+
+    Args:
+      ids: int row ids ``[N]``, may repeat.
+      pad_to: if set (>= the number U of unique ids), ``rows`` has ``pad_to`` rows, the
+        ones past U zero, so a jitted model sees one shape every step. ``unique_ids``
+        and ``inverse`` are not padded; push ``grads[:U]`` back.
+
+    Returns:
+      ``WorkingSet(unique_ids [U], rows [U or pad_to, dim], inverse [N])`` with
+      ``rows[inverse] == pull(ids)``. ``rows`` is a NumPy array, or a ``jax.Array`` on the
+      device when the table has a device cache (``device_cache_rows > 0``).
+    """
     ids_N = self._check_ids(ids)
     unique_U, inverse_N = np.unique(ids_N, return_inverse=True)
-    rows_UxD = self._pull_unique(unique_U)
-    if self._device_cache is not None:
-      rows_UxD = self._device_cache.rows_on_device(unique_U, rows_UxD)
+    num_rows = len(unique_U) if pad_to is None else pad_to
+    if not isinstance(num_rows, (int, np.integer)) or num_rows < len(unique_U):
+      raise ValueError(f"pad_to must be an int >= the {len(unique_U)} unique ids, got "
+                       f"{pad_to!r}")
+    with self._lock:
+      self._check_open()
+      rows_UxD = self._pull_unique_locked(unique_U)
+      if self._device_cache is not None:
+        rows = self._device_cache.rows_on_device(unique_U, rows_UxD, int(num_rows))
+        return WorkingSet(unique_U, rows, inverse_N.astype(np.int64))
+    if num_rows > len(unique_U):
+      rows_UxD = np.concatenate(
+          [rows_UxD, np.zeros((num_rows - len(unique_U), self.dim), np.float32)])
     return WorkingSet(unique_U, rows_UxD, inverse_N.astype(np.int64))
 
   def push(self, ids, grads) -> None:
@@ -117,12 +139,12 @@ class EmbeddingTable:
           block[:, 0] = _store.encode_last_step(np.full(hi - lo, step))
           self._cache.rows_CxW[slots] = block
           self._cache.dirty_C[slots] = True
+          if self._device_cache is not None:
+            self._device_cache.refresh(unique_U[lo:hi], params)
         finally:
           self._release(slots)
       self._step = step
       self._counts["pushes"] += 1
-      if self._device_cache is not None:
-        self._device_cache.invalidate(unique_U)
 
   def prefetch(self, ids) -> concurrent.futures.Future:
     """Starts loading ``ids``' rows into the host cache on a background thread.
@@ -195,26 +217,32 @@ class EmbeddingTable:
 
   # ------------------------------------------------------------- internals
   def _pull_unique(self, unique_U: np.ndarray) -> np.ndarray:
-    dim = self.dim
-    out_UxD = np.empty((len(unique_U), dim), np.float32)
     with self._lock:
       self._check_open()
-      for lo in range(0, len(unique_U), self._cache.capacity):
-        hi = min(lo + self._cache.capacity, len(unique_U))
-        slots = self._acquire(unique_U[lo:hi])
-        try:
-          block = self._cache.rows_CxW[slots]
-          changed = self.optimizer.catch_up(block[:, 1:1 + dim], block[:, 1 + dim:],
-                                            _store.decode_last_step(block), self._step)
-          if changed.any():
-            block[changed, 0] = _store.encode_last_step(
-                np.full(int(changed.sum()), self._step))
-            self._cache.rows_CxW[slots[changed]] = block[changed]
-            self._cache.dirty_C[slots[changed]] = True
-          out_UxD[lo:hi] = block[:, 1:1 + dim]
-        finally:
-          self._release(slots)
-      self._counts["pulls"] += 1
+      return self._pull_unique_locked(unique_U)
+
+  def _pull_unique_locked(self, unique_U: np.ndarray) -> np.ndarray:
+    dim = self.dim
+    out_UxD = np.empty((len(unique_U), dim), np.float32)
+    for lo in range(0, len(unique_U), self._cache.capacity):
+      hi = min(lo + self._cache.capacity, len(unique_U))
+      slots = self._acquire(unique_U[lo:hi])
+      try:
+        block = self._cache.rows_CxW[slots]
+        changed = self.optimizer.catch_up(block[:, 1:1 + dim], block[:, 1 + dim:],
+                                          _store.decode_last_step(block), self._step)
+        if changed.any():
+          block[changed, 0] = _store.encode_last_step(
+              np.full(int(changed.sum()), self._step))
+          self._cache.rows_CxW[slots[changed]] = block[changed]
+          self._cache.dirty_C[slots[changed]] = True
+          if self._device_cache is not None:
+            self._device_cache.refresh(unique_U[lo:hi][changed],
+                                       block[changed, 1:1 + dim])
+        out_UxD[lo:hi] = block[:, 1:1 + dim]
+      finally:
+        self._release(slots)
+    self._counts["pulls"] += 1
     return out_UxD
 
   def _prefetch_task(self, unique_U: np.ndarray) -> int:
