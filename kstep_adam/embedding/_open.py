@@ -3,6 +3,8 @@
 import os
 from typing import Optional
 
+import numpy as np
+
 from kstep_adam.embedding import _init
 from kstep_adam.embedding import _optimizers
 from kstep_adam.embedding import _store
@@ -69,10 +71,11 @@ def open_table(path: str, *, num_rows: Optional[int] = None, dim: Optional[int] 
   else:
     if num_rows is None or dim is None:
       raise ValueError(f"no table at {path!r}: creating one needs num_rows and dim")
-    if not isinstance(num_rows, int) or not 1 <= num_rows < 2**62:
+    if not isinstance(num_rows, (int, np.integer)) or not 1 <= num_rows < 2**62:
       raise ValueError(f"num_rows must be an int in [1, 2**62), got {num_rows!r}")
-    if not isinstance(dim, int) or dim < 1:
+    if not isinstance(dim, (int, np.integer)) or dim < 1:
       raise ValueError(f"dim must be a positive int, got {dim!r}")
+    num_rows, dim = int(num_rows), int(dim)
     optimizer = _optimizers.SparseAdam() if optimizer is None else optimizer
     _check_optimizer(optimizer)
     init_scale = 1.0 / dim**0.5 if init_scale is None else float(init_scale)
@@ -81,10 +84,10 @@ def open_table(path: str, *, num_rows: Optional[int] = None, dim: Optional[int] 
     width = _store.row_width(dim, optimizer.slot_width(dim))
     if chunk_rows is None:
       chunk_rows = 1 << max(0, (_TARGET_CHUNK_BYTES // (4 * width)).bit_length() - 1)
-    if not isinstance(chunk_rows, int) or chunk_rows < 1:
+    if not isinstance(chunk_rows, (int, np.integer)) or chunk_rows < 1:
       raise ValueError(f"chunk_rows must be a positive int, got {chunk_rows!r}")
     config = dict(format=_store.FORMAT, num_rows=num_rows, dim=dim, width=width,
-                  chunk_rows=min(chunk_rows, num_rows), seed=int(seed or 0),
+                  chunk_rows=int(min(chunk_rows, num_rows)), seed=int(seed or 0),
                   init_scale=init_scale, init_distribution=init_distribution,
                   optimizer=optimizer.config())
   row_bytes = 4 * config["width"]
@@ -94,18 +97,18 @@ def open_table(path: str, *, num_rows: Optional[int] = None, dim: Optional[int] 
     host_cache_rows = int(host_cache_bytes) // row_bytes
   if host_cache_rows is None:
     host_cache_rows = min(config["num_rows"], 1 << 20)
-  if not isinstance(host_cache_rows, int) or host_cache_rows < 1:
+  if not isinstance(host_cache_rows, (int, np.integer)) or host_cache_rows < 1:
     raise ValueError(f"host_cache_rows must be a positive int (host_cache_bytes at least "
                      f"one row, {row_bytes} bytes), got {host_cache_rows!r}")
-  if not isinstance(device_cache_rows, int) or device_cache_rows < 0:
+  if not isinstance(device_cache_rows, (int, np.integer)) or device_cache_rows < 0:
     raise ValueError(f"device_cache_rows must be an int >= 0, got {device_cache_rows!r}")
   if not exists:
     _store.create(path, config)
   device_cache = None
   if device_cache_rows:
     from kstep_adam.embedding._device_cache import DeviceCache  # noqa: PLC0415
-    device_cache = DeviceCache(device_cache_rows, config["dim"])
-  return EmbeddingTable(path, config, optimizer, host_cache_rows=host_cache_rows,
+    device_cache = DeviceCache(int(device_cache_rows), config["dim"])
+  return EmbeddingTable(path, config, optimizer, host_cache_rows=int(host_cache_rows),
                         ts_cache_bytes=ts_cache_bytes, device_cache=device_cache)
 
 

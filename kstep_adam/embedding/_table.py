@@ -12,7 +12,10 @@ transaction. Dirty rows evicted between flushes go to a pending area that ``open
 discards. So after a crash the table reopens at the last flushed step, with every row
 from that step: everything since the last flush is lost, nothing is mixed.
 
-Concurrency. One lock guards the cache. Disk reads run outside it: an operation
+Concurrency. ``pull``, ``working_set``, ``push`` and ``flush`` are serialized by an
+operation lock, so each sees the table at one step. ``prefetch`` runs on a background
+thread and takes only the cache lock, which guards the cache. Disk reads run outside
+the cache lock: an operation
 reserves (pins) slots for its missing rows, marks them ``loading``, releases the lock,
 reads, and re-takes the lock to fill them. Another operation that needs a loading row
 waits on a condition variable. Flush waits until no read is in flight.
@@ -53,7 +56,8 @@ class EmbeddingTable:
     self._cache = HostCache(host_cache_rows, config["width"])
     self._device_cache = device_cache
     self._pending = PendingLog(os.path.join(path, "pending.log"), config["width"])
-    self._lock = threading.Lock()
+    self._op_lock = threading.Lock()  # serializes pull/push/flush; prefetch skips it
+    self._lock = threading.Lock()  # guards the host cache, the pending log, counters
     self._cond = threading.Condition(self._lock)
     self._num_loading = 0
     self._executor = concurrent.futures.ThreadPoolExecutor(
@@ -97,7 +101,7 @@ class EmbeddingTable:
     if not isinstance(num_rows, (int, np.integer)) or num_rows < len(unique_U):
       raise ValueError(f"pad_to must be an int >= the {len(unique_U)} unique ids, got "
                        f"{pad_to!r}")
-    with self._lock:
+    with self._op_lock, self._lock:
       self._check_open()
       rows_UxD = self._pull_unique_locked(unique_U)
       if self._device_cache is not None:
@@ -124,7 +128,7 @@ class EmbeddingTable:
     else:
       grads_UxD = _segment_sum(grads_NxD, inverse_N, len(unique_U))
     dim = self.dim
-    with self._lock:
+    with self._op_lock, self._lock:
       self._check_open()
       step = self._step + 1
       for lo in range(0, len(unique_U), self._cache.capacity):
@@ -162,7 +166,7 @@ class EmbeddingTable:
 
   def flush(self) -> None:
     """Commits every dirty row and the step atomically; a reopen then sees exactly this."""
-    with self._lock:
+    with self._op_lock, self._lock:
       self._check_open()
       while self._num_loading:
         self._cond.wait()
@@ -217,7 +221,7 @@ class EmbeddingTable:
 
   # ------------------------------------------------------------- internals
   def _pull_unique(self, unique_U: np.ndarray) -> np.ndarray:
-    with self._lock:
+    with self._op_lock, self._lock:
       self._check_open()
       return self._pull_unique_locked(unique_U)
 
