@@ -5,6 +5,7 @@ The public API is re-exported here, one name per line.
 
 from kstep_adam.ctr._batch import CTRBatch
 from kstep_adam.ctr._batch import concat_batches
+from kstep_adam.ctr._config import TrainConfig
 from kstep_adam.ctr._batch import feature_keys
 from kstep_adam.ctr._metrics import auc
 from kstep_adam.ctr._metrics import logloss
@@ -16,21 +17,34 @@ from kstep_adam.ctr._readers import CTRDataError
 from kstep_adam.ctr._readers import CTRFileReader
 from kstep_adam.ctr._readers import ReadStats
 from kstep_adam.ctr._readers import count_lines
+from kstep_adam.ctr._sources import DataSource
+from kstep_adam.ctr._sources import file_source
+from kstep_adam.ctr._sources import synthetic_source
 from kstep_adam.ctr._synthetic import SyntheticCTR
+from kstep_adam.ctr._workflow import evaluate
+from kstep_adam.ctr._workflow import make_optimizer
+from kstep_adam.ctr._workflow import train
 
 __all__ = [
     "CTRBatch",
     "CTRDataError",
     "CTRFileReader",
+    "DataSource",
     "DCNv2",
     "DLRM",
     "MODELS",
     "ReadStats",
     "SyntheticCTR",
+    "TrainConfig",
     "auc",
     "concat_batches",
     "count_lines",
+    "evaluate",
     "feature_keys",
+    "file_source",
     "logloss",
     "make_model",
+    "make_optimizer",
+    "synthetic_source",
+    "train",
 ]

@@ -9,6 +9,7 @@ from kstep_adam.ctr._models import MODELS
 OPTIMIZERS = ('sync_adam', 'kstep_adam')
 SYNC_STATES = ('params', 'params+nu', 'params+moments')
 MERGE_MODES = ('global', 'node')
+SPARSE_MODES = ('exact', 'lazy')
 
 
 @dataclasses.dataclass
@@ -38,6 +39,9 @@ class TrainConfig:
     table_rows: rows of the embedding table (keys are hashed into them).
     host_cache_rows: rows the host tier keeps in memory.
     device_cache_rows: rows the device tier keeps (0 disables it).
+    init_scale: half-width of the uniform init of embedding rows.
+    sparse_mode: the tier's SparseAdam mode: ``'exact'`` (every row follows dense Adam,
+      untouched rows caught up lazily) or ``'lazy'`` (LazyAdam: only pushed rows change).
     table_dir: directory of the on-disk tier; None uses a fresh temporary directory.
     prefetch: read data and stage the next step's rows in the background.
     seed: seed of the model, the table and the data.
@@ -49,7 +53,7 @@ class TrainConfig:
 
   model: str = 'dlrm'
   embed_dim: int = 16
-  batch_size: int = 256
+  batch_size: int = 128
   learning_rate: float = 2e-3
   sparse_learning_rate: float = 2e-2
   optimizer: str = 'kstep_adam'
@@ -60,12 +64,14 @@ class TrainConfig:
   devices_per_node: int = 4
   steps: int | None = None
   epochs: int = 1
-  synthetic_steps: int = 400
+  synthetic_steps: int = 800
   log_every: int = 50
   eval_every: int = 0
   table_rows: int = 1 << 20
   host_cache_rows: int = 1 << 18
-  device_cache_rows: int = 1 << 16
+  device_cache_rows: int = 0
+  init_scale: float = 0.05
+  sparse_mode: str = 'lazy'
   table_dir: str | None = None
   prefetch: bool = True
   seed: int = 0
@@ -75,7 +81,8 @@ class TrainConfig:
   inter_node_latency_us: float = 20.0
 
   def __post_init__(self):
-    choices = dict(model=MODELS, optimizer=OPTIMIZERS, sync=SYNC_STATES, merge=MERGE_MODES)
+    choices = dict(model=MODELS, optimizer=OPTIMIZERS, sync=SYNC_STATES, merge=MERGE_MODES,
+                   sparse_mode=SPARSE_MODES)
     for name, allowed in choices.items():
       if getattr(self, name) not in allowed:
         raise ValueError(f'{name} must be one of {allowed}, got {getattr(self, name)!r}')

@@ -20,6 +20,7 @@ deterministic in the seed, random-access, and identical however it is consumed.
 
 from __future__ import annotations
 
+import gzip
 from typing import Iterator
 
 import numpy as np
@@ -27,8 +28,9 @@ import numpy as np
 from kstep_adam.ctr._batch import CTRBatch, feature_keys, splitmix64
 from kstep_adam.ctr._metrics import auc
 
-_TRAIN, _TEST, _CALIBRATE = 0, 1, 2
+_TRAIN, _TEST, _CALIBRATE, _FILE = 0, 1, 2, 3
 _SHARDINGS = ('iid', 'non_iid')
+_HEAD_IDS = 8192  # per field, the teacher values of ids below this rank are precomputed
 
 
 def _hashed_normals(seed: int, field_BxF: np.ndarray, id_BxF: np.ndarray, n: int) -> np.ndarray:
@@ -111,6 +113,10 @@ class SyntheticCTR:
     self._pairs_Px2 = np.array([pairs[i] for i in picked], dtype=np.int64).reshape(-1, 2)
     self._skewed_F = np.zeros(F, bool)
     self._skewed_F[rng.choice(F, size=max(1, F // 4), replace=False)] = True
+    head = int(min(self.vocab_F.max(), _HEAD_IDS))
+    ids_FxH = np.broadcast_to(np.arange(head), (F, head))
+    fields_FxH = np.broadcast_to(np.arange(F)[:, None], (F, head))
+    self._head_FxHxT = _hashed_normals(self.seed, fields_FxH, ids_FxH, 1 + teacher_dim)
     self._scale, self._bias = 1.0, 0.0
     raw_logit = self._teacher_logit(*self._sample(
         np.random.default_rng([self.seed, _CALIBRATE]), 20_000, None)[1:])
@@ -129,16 +135,32 @@ class SyntheticCTR:
     raw_I = np.floor(np.exp(rng.normal(self._dense_mu_I, 1.0, (n, self.num_dense))))
     dense_BxI = np.log1p(raw_I)
     std_BxI = dense_BxI - self._dense_mu_I
-    rank_BxF = (rng.zipf(self.zipf_exponent, (n, F)) - 1) % self.vocab_F[None, :]
+    # Truncated Zipf by inverting the CDF of the continuous power law on [1, V + 1).
+    one_minus_a = 1.0 - self.zipf_exponent
+    top_F = (self.vocab_F + 1.0) ** one_minus_a
+    u_BxF = rng.random((n, F))
+    x_BxF = (1.0 + u_BxF * (top_F - 1.0)) ** (1.0 / one_minus_a)
+    rank_BxF = np.minimum(x_BxF.astype(np.int64) - 1, self.vocab_F - 1)
     if worker_B is not None and self.sharding == 'non_iid' and self.num_workers > 1:
       shift_BxF = (worker_B[:, None] * self.vocab_F[None, :]) // self.num_workers
       rank_BxF = np.where(self._skewed_F[None, :], (rank_BxF + shift_BxF) % self.vocab_F,
                           rank_BxF)
     return dense_BxI.astype(np.float32), std_BxI, rank_BxF
 
-  def _teacher_logit(self, std_BxI: np.ndarray, id_BxF: np.ndarray) -> np.ndarray:
+  def _teacher_normals(self, id_BxF: np.ndarray) -> np.ndarray:
+    """The teacher's per-id values [B, F, 1 + teacher_dim]: a lookup for the popular ids
+    (precomputed, bounded size), hashed on the fly for the tail."""
     field_BxF = np.broadcast_to(np.arange(self.num_categorical), id_BxF.shape)
-    normals = _hashed_normals(self.seed, field_BxF, id_BxF, 1 + self.teacher_dim)
+    head = self._head_FxHxT.shape[1]
+    out = self._head_FxHxT[field_BxF, np.minimum(id_BxF, head - 1)]
+    tail = id_BxF >= head
+    if tail.any():
+      out[tail] = _hashed_normals(self.seed, field_BxF[tail][:, None], id_BxF[tail][:, None],
+                                  out.shape[-1])[:, 0]
+    return out
+
+  def _teacher_logit(self, std_BxI: np.ndarray, id_BxF: np.ndarray) -> np.ndarray:
+    normals = self._teacher_normals(id_BxF)
     logit = std_BxI @ self._w_I + normals[..., 0] @ self._field_scale_F
     u_BxFxT = normals[..., 1:] / np.sqrt(self.teacher_dim)
     f, g = self._pairs_Px2[:, 0], self._pairs_Px2[:, 1]
@@ -176,6 +198,26 @@ class SyntheticCTR:
       n = min(batch_size, num_examples - start)
       rng = np.random.default_rng([self.seed, _TEST, index])
       yield self._make(rng, n, rng.integers(0, self.num_workers, n))
+
+  def write_criteo(self, path: str, num_lines: int, *, chunk: int = 8192) -> None:
+    """Write ``num_lines`` examples as a Criteo TSV file (gzip if ``path`` ends in .gz):
+    label, 13 integer counts, 26 hex ids, so a real-format file with a known teacher can be
+    fed to the readers. Needs ``num_dense == 13`` and ``num_categorical == 26``."""
+    if (self.num_dense, self.num_categorical) != (13, 26):
+      raise ValueError(f'write_criteo needs 13 dense and 26 categorical fields, got '
+                       f'{self.num_dense} and {self.num_categorical}')
+    opener = gzip.open if path.endswith('.gz') else open
+    with opener(path, 'wt') as f:
+      for index, start in enumerate(range(0, num_lines, chunk)):
+        n = min(chunk, num_lines - start)
+        rng = np.random.default_rng([self.seed, _FILE, index])
+        dense_BxI, std_BxI, id_BxF = self._sample(rng, n, rng.integers(0, self.num_workers, n))
+        p_B = 1 / (1 + np.exp(-self._teacher_logit(std_BxI, id_BxF)))
+        label_B = (rng.random(n) < p_B).astype(int)
+        counts_BxI = np.rint(np.expm1(dense_BxI)).astype(np.int64)
+        for b in range(n):
+          f.write('\t'.join([str(label_B[b]), *map(str, counts_BxI[b]),
+                             *(f'{v:08x}' for v in id_BxF[b])]) + '\n')
 
   def teacher_auc(self, num_examples: int) -> float:
     """AUC of the teacher's own probabilities on the first ``num_examples`` test examples."""

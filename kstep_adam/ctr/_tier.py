@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from kstep_adam import embedding
@@ -20,18 +22,20 @@ class WorkingSet:
   """The deduplicated rows of one global batch."""
 
   unique_rows: np.ndarray  # int64 [U], table rows, each once
-  rows_UxD: np.ndarray  # float32 [U, D], their current values
+  rows_UxD: np.ndarray | jax.Array  # float32 [U, D], current values (on device with a
+  # device cache)
   inverse_BxF: np.ndarray  # int32 [G, F], index into unique_rows of every key
 
   @property
   def num_unique(self) -> int:
     return int(self.unique_rows.shape[0])
 
-  def padded_rows(self, size: int) -> np.ndarray:
-    """``rows_UxD`` padded with zero rows to ``size`` (padding is never indexed)."""
-    out = np.zeros((size, self.rows_UxD.shape[1]), np.float32)
-    out[:self.num_unique] = self.rows_UxD
-    return out
+  def padded_rows(self, size: int) -> np.ndarray | jax.Array:
+    """``rows_UxD`` padded with zero rows to ``size`` rows (padding is never indexed)."""
+    pad = ((0, size - self.num_unique), (0, 0))
+    if isinstance(self.rows_UxD, jax.Array):  # rows from the device tier stay on device
+      return jnp.pad(self.rows_UxD, pad)
+    return np.pad(self.rows_UxD, pad)
 
 
 class SparseTier:
@@ -40,15 +44,19 @@ class SparseTier:
   Args:
     config: the run's configuration (rows, caches, sparse learning rate, seed).
     table_dir: directory of the table's on-disk tier.
+    temporary: the directory is scratch space and ``close`` skips the final flush;
+      otherwise ``close`` flushes, so the directory holds the trained table.
   """
 
-  def __init__(self, config: TrainConfig, table_dir: str):
+  def __init__(self, config: TrainConfig, table_dir: str, *, temporary: bool = False):
     self.num_rows, self.dim, self._salt = config.table_rows, config.embed_dim, config.seed
     self.table = embedding.open_table(
         table_dir, num_rows=config.table_rows, dim=config.embed_dim,
-        optimizer=embedding.SparseAdam(learning_rate=config.sparse_learning_rate),
+        optimizer=embedding.SparseAdam(learning_rate=config.sparse_learning_rate,
+                                       mode=config.sparse_mode),
         host_cache_rows=config.host_cache_rows, device_cache_rows=config.device_cache_rows,
-        seed=config.seed)
+        seed=config.seed, init_scale=config.init_scale)
+    self._temporary = temporary
 
   def rows_of(self, keys_GxF: np.ndarray) -> np.ndarray:
     """Hash feature keys into table rows (pure NumPy; safe on the reader thread)."""
@@ -61,7 +69,8 @@ class SparseTier:
   def working_set(self, rows_GxF: np.ndarray) -> WorkingSet:
     """Pull the unique rows of a batch once (the step's working set)."""
     ws = self.table.working_set(rows_GxF.reshape(-1))
-    return WorkingSet(np.asarray(ws.unique_ids), np.asarray(ws.rows, np.float32),
+    rows = ws.rows if isinstance(ws.rows, jax.Array) else np.asarray(ws.rows, np.float32)
+    return WorkingSet(np.asarray(ws.unique_ids), rows,
                       np.asarray(ws.inverse, np.int32).reshape(rows_GxF.shape))
 
   def lookup(self, keys_BxF: np.ndarray) -> WorkingSet:
@@ -73,18 +82,11 @@ class SparseTier:
     self.table.push(unique_rows, grads_UxD)
 
   def stats(self) -> dict:
-    stats = self.table.stats()
-    return dict(stats._asdict() if hasattr(stats, '_asdict') else
-                dataclasses.asdict(stats) if dataclasses.is_dataclass(stats) else stats)
+    """The table's counters (hits, misses, hit rate, evictions, bytes read/written)."""
+    return self.table.stats()
 
   def hit_rate(self) -> float:
-    stats = self.stats()
-    for name in ('hit_rate', 'host_hit_rate', 'cache_hit_rate'):
-      if name in stats:
-        return float(stats[name])
-    return float('nan')
+    return float(self.table.stats()['hit_rate'])
 
   def close(self) -> None:
-    close = getattr(self.table, 'close', None)
-    if close is not None:
-      close()
+    self.table.close(flush=not self._temporary)

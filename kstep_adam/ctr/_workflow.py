@@ -135,8 +135,9 @@ def train(config: TrainConfig, source: DataSource, out_dir: str | None = None, *
       writer.write(json.dumps(record) + '\n')
       writer.flush()
 
-  table_dir = config.table_dir or tempfile.mkdtemp(prefix='ctr_table_')
-  tier = SparseTier(config, table_dir)
+  scratch = None if config.table_dir else tempfile.TemporaryDirectory(prefix='ctr_table_')
+  table_dir = config.table_dir or os.path.join(scratch.name, 'table')
+  tier = SparseTier(config, table_dir, temporary=scratch is not None)
   timer = Timer()
   evals, window_loss, window_start, first_step_seconds = [], [], time.perf_counter(), 0.0
   bar = None
@@ -231,4 +232,6 @@ def train(config: TrainConfig, source: DataSource, out_dir: str | None = None, *
     with open(os.path.join(out_dir, 'summary.json'), 'w') as f:
       json.dump(summary, f, indent=2, default=str)
   tier.close()
+  if scratch is not None:
+    scratch.cleanup()
   return summary
