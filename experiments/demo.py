@@ -66,10 +66,10 @@ def make_batches(num_steps: int, batch_size: int, seed: int = 0):
     yield x, y
 
 
-def train(tx, schedule, mesh, params, num_steps, batch_size, log_every):
+def train(tx, mesh, params, num_steps, batch_size, log_every):
   params_W, state_W = parallel.init_replicas(params, tx, mesh)
-  # With the schedule, non-merge steps run a program without collectives or branches.
-  step = parallel.make_train_step(loss_fn, tx, mesh, schedule=schedule)
+  # Non-merge steps run a program without collectives or branches (host-side dispatch).
+  step = parallel.make_train_step(loss_fn, tx, mesh)
   losses = []
   for t, batch in enumerate(make_batches(num_steps, batch_size), start=1):
     params_W, state_W, metrics = step(params_W, state_W, batch)
@@ -110,8 +110,7 @@ def main(argv=None):
   ]:
     print(name)
     start = time.perf_counter()
-    losses, spread = train(tx, sched, mesh, params, steps, args.batch_size,
-                           max(steps // 8, 1))
+    losses, spread = train(tx, mesh, params, steps, args.batch_size, max(steps // 8, 1))
     wall = time.perf_counter() - start
     report = parallel.comm_report(params, sched, mesh, steps, NETWORK)
     merges = {lvl: sum(1 for t in range(1, steps + 1) if sched.level_at(sched.states()[0], t)

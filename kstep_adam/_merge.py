@@ -24,26 +24,52 @@ import optax
 from kstep_adam._schedule import MergeSchedule
 
 
-# Schedules whose steps are traced as local steps (see `assume_local_step`); trace time only.
+# Trace-time registries (see `assume_local_step` and `record_merge_schedules`).
 _ASSUMED_LOCAL: list[MergeSchedule] = []
+_RECORDERS: list[list[MergeSchedule]] = []
 
 
 @contextlib.contextmanager
-def assume_local_step(schedule: MergeSchedule) -> Iterator[None]:
-  """While tracing inside this context, steps of ``schedule`` are built as local steps.
+def assume_local_step(*schedules: MergeSchedule) -> Iterator[None]:
+  """While tracing inside this context, steps of these schedules are built as local steps.
 
-  An optimizer whose merge schedule equals ``schedule`` then traces only its local branch: the
-  program has no conditional and no collective at all, so it is exactly as fast as the
-  non-distributed optimizer. The caller must run such a program only on steps where
-  ``schedule`` does not merge (:func:`kstep_adam.parallel.make_train_step` does this when given
-  ``schedule=``). An optimizer with a different schedule is unaffected (it keeps its
-  ``lax.switch``), so a mismatch costs speed, never correctness.
+  An optimizer whose merge schedule equals one of ``schedules`` then traces only its local
+  branch: the program has no conditional and no collective for it, so it runs as fast as the
+  non-distributed optimizer (XLA copies the operands of an identity ``lax.switch`` branch, which
+  costs a lot on memory-bound updates). The caller must run such a program only on steps where
+  none of ``schedules`` merges (``not schedule.merges_at(step)``);
+  :func:`kstep_adam.parallel.make_train_step` does this. An optimizer with a different schedule
+  is unaffected (it keeps its ``lax.switch``), so a mismatch costs speed, never correctness.
+
+  Examples:
+    >>> import kstep_adam
+    >>> s = kstep_adam.merge_schedule(8, axis_name=('node', 'local'))
+    >>> tx = kstep_adam.kstep_adam(1e-3, s)
+    >>> def local_step(grads, state, params):  # trace under jit/shard_map
+    ...   with kstep_adam.assume_local_step(s):
+    ...     return tx.update(grads, state, params)
   """
-  _ASSUMED_LOCAL.append(schedule)
+  _ASSUMED_LOCAL.extend(schedules)
   try:
     yield
   finally:
-    _ASSUMED_LOCAL.pop()
+    del _ASSUMED_LOCAL[len(_ASSUMED_LOCAL) - len(schedules):]
+
+
+@contextlib.contextmanager
+def record_merge_schedules() -> Iterator[list[MergeSchedule]]:
+  """Collect the merge schedules whose step-gated merges are traced inside this context.
+
+  Yields:
+    A list that fills up, during tracing, with every distinct schedule that built a
+    ``lax.switch`` merge; a harness can then build a local program for them.
+  """
+  found: list[MergeSchedule] = []
+  _RECORDERS.append(found)
+  try:
+    yield found
+  finally:
+    _RECORDERS.remove(found)
 
 
 def check_axes_bound(axis_names: tuple[str, ...]) -> None:
@@ -146,7 +172,12 @@ def switch_merge(level, schedule: MergeSchedule, state: str,
     ``lax.switch``, so a local step executes none. If the outermost level merges every
     step, no branch is built at all.
   """
-  if not schedule.merges(state) or schedule in _ASSUMED_LOCAL:
+  if not schedule.merges(state):
+    return local_fn(operand)
+  for found in _RECORDERS:
+    if schedule not in found:
+      found.append(schedule)
+  if schedule in _ASSUMED_LOCAL:
     return local_fn(operand)
   axes, route = schedule.axis_names, schedule.route
   check_axes_bound(axes)

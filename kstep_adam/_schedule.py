@@ -189,6 +189,9 @@ def merge_schedule(
     ValueError: on a non-positive or non-int period, an unknown sync option or route.
   """
   if isinstance(k, MergeSchedule):
+    if axis_name is not None:
+      raise ValueError(f"pass either a MergeSchedule as {period_name} or axis_name, not both "
+                       f"(got axis_name={axis_name!r}); the schedule already names its axes")
     for name, _ in k.state_periods:
       if name not in allowed_states:
         raise ValueError(f"schedule averages {name!r}, which this optimizer does not have; "

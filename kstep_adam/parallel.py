@@ -30,6 +30,7 @@ from jax.sharding import PartitionSpec as P
 from kstep_adam._comm import NetworkModel
 from kstep_adam._comm import comm_bytes
 from kstep_adam._merge import assume_local_step
+from kstep_adam._merge import record_merge_schedules
 from kstep_adam._schedule import MergeSchedule
 
 AXIS_NAMES = ("node", "local")
@@ -118,7 +119,7 @@ def make_train_step(
     tx: optax.GradientTransformation,
     mesh: Mesh,
     *,
-    schedule: MergeSchedule | None = None,
+    dispatch_local_steps: bool = True,
     start_step: int = 0,
     donate: bool = True,
 ) -> Callable:
@@ -128,29 +129,32 @@ def make_train_step(
   global batch, then applies ``tx`` (which averages over mesh axes when it is told to). The
   step itself adds no collective: metrics stay per worker.
 
-  With ``schedule`` (the same :class:`MergeSchedule` the optimizer was built from), the step
-  is compiled twice: a *local* program, traced under :func:`kstep_adam._merge.assume_local_step`
-  with no conditional and no collective, and the general program with the merge branches. The
-  host counts steps and runs the local program on steps where the schedule merges nothing.
-  This removes the cost of ``lax.switch`` on local steps (XLA copies the operands of an
-  identity branch), which matters for memory-bound optimizer updates.
+  Local-step dispatch (default): on the first call the general program is traced once to
+  find the merge schedules that ``tx`` gates with ``lax.switch``. If there are any, a second,
+  *local* program is compiled under :func:`kstep_adam.assume_local_step`: it has no merge
+  branch and no collective. The host counts steps and runs the local program on every step
+  where no schedule merges, the general program otherwise. This matters because XLA copies
+  the operands of an identity ``lax.switch`` branch, which makes an in-graph local step of a
+  memory-bound update several times slower than ``optax.adam`` (see the overhead benchmark).
 
   Args:
     loss_fn: ``(params, batch) -> scalar loss`` for one worker's replica and batch shard.
     tx: the optimizer; its ``axis_name`` must name axes of ``mesh``.
     mesh: the mesh from :func:`make_mesh`.
-    schedule: optional merge schedule of ``tx`` for host-side dispatch of local steps.
-    start_step: steps already taken by ``opt_state`` (for host-side dispatch after a restore).
+    dispatch_local_steps: compile and dispatch the local program as described above.
+    start_step: steps already taken by ``opt_state`` (the host's step counter starts here;
+      it must match the optimizer's own counter, e.g. after restoring a checkpoint).
     donate: donate the params and state buffers (saves memory; inputs become invalid).
 
   Returns:
     ``train_step(params_W, opt_state_W, batch)`` returning ``(params_W, opt_state_W, metrics)``
     where ``batch`` is a pytree with a leading global-batch dimension divisible by the number
-    of workers, and ``metrics = {'loss': loss_W}``. ``train_step.jitted`` is the general
-    jitted function (e.g. for ``.lower(...)``), ``train_step.local_jitted`` the local-step one
-    (None without ``schedule``), ``train_step.step`` the number of steps taken.
+    of workers, and ``metrics = {'loss': loss_W}``. Attributes: ``jitted`` (the general
+    program, e.g. for ``.lower(...)``), ``local_jitted`` (the local program or None),
+    ``schedules`` (the schedules found), ``step`` (steps taken), and ``prepare(params_W,
+    opt_state_W, batch)`` which runs the discovery without taking a step.
   """
-  if not isinstance(start_step, int) or start_step < 0:
+  if not isinstance(start_step, int) or isinstance(start_step, bool) or start_step < 0:
     raise ValueError(f"start_step must be a non-negative int, got {start_step!r}")
   spec = P(tuple(mesh.axis_names))
   num_workers = mesh.size
@@ -169,14 +173,7 @@ def make_train_step(
                       out_specs=(spec, spec, spec)),
         donate_argnums=(0, 1) if donate else ())
 
-  def local_body(*args):
-    with assume_local_step(schedule):
-      return per_worker(*args)
-
-  jitted = build(per_worker)
-  local_jitted = None if schedule is None else build(local_body)
-
-  def train_step(params_W, opt_state_W, batch):
+  def place(batch):
     sizes = {np.shape(x)[0] if np.ndim(x) else None for x in jax.tree.leaves(batch)}
     if len(sizes) != 1 or None in sizes:
       raise ValueError(f"every batch leaf needs the same leading global-batch dimension, got "
@@ -185,15 +182,36 @@ def make_train_step(
     if batch_size % num_workers:
       raise ValueError(f"global batch size {batch_size} is not divisible by the number of "
                        f"workers {num_workers} (mesh {dict(mesh.shape)})")
-    batch = jax.tree.map(lambda x: jax.device_put(x, worker_sharding(mesh, np.ndim(x))), batch)
-    train_step.step += 1
-    if local_jitted is not None and not schedule.merges_at(train_step.step):
-      return local_jitted(params_W, opt_state_W, batch)
-    return jitted(params_W, opt_state_W, batch)
+    return jax.tree.map(lambda x: jax.device_put(x, worker_sharding(mesh, np.ndim(x))), batch)
 
+  def prepare(params_W, opt_state_W, batch):
+    if train_step.schedules is not None:
+      return
+    with record_merge_schedules() as found:
+      jax.eval_shape(jitted, params_W, opt_state_W, place(batch))
+    train_step.schedules = tuple(found)
+    if dispatch_local_steps and found:
+      def local_body(*args):
+        with assume_local_step(*found):
+          return per_worker(*args)
+      train_step.local_jitted = build(local_body)
+
+  def train_step(params_W, opt_state_W, batch):
+    batch = place(batch)
+    prepare(params_W, opt_state_W, batch)
+    step = train_step.step + 1
+    local = train_step.local_jitted is not None and not any(
+        s.merges_at(step) for s in train_step.schedules)
+    out = (train_step.local_jitted if local else jitted)(params_W, opt_state_W, batch)
+    train_step.step = step
+    return out
+
+  jitted = build(per_worker)
   train_step.jitted = jitted
-  train_step.local_jitted = local_jitted
+  train_step.local_jitted = None
+  train_step.schedules = None
   train_step.step = start_step
+  train_step.prepare = prepare
   return train_step
 
 

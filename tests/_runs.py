@@ -43,11 +43,11 @@ def worker_data(num_workers: int, num_steps: int, *, seed: int = 1, identical: b
   return out
 
 
-def run_harness(tx, mesh, data, params=None, schedule=None):
+def run_harness(tx, mesh, data, params=None, dispatch=True):
   """Train with ``make_train_step``; return the list of per-step ``(W, D)`` theta arrays."""
   params = init_params() if params is None else params
   params_W, opt_state_W = parallel.init_replicas(params, tx, mesh)
-  step = parallel.make_train_step(loss_fn, tx, mesh, schedule=schedule)
+  step = parallel.make_train_step(loss_fn, tx, mesh, dispatch_local_steps=dispatch)
   history = []
   for x_WxMxF, y_WxM in data:
     batch = (x_WxMxF.reshape(-1, NUM_FEATURES), y_WxM.reshape(-1))  # global batch, worker-major

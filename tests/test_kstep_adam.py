@@ -123,6 +123,8 @@ def test_scale_by_kstep_adam_state_fields():
     (dict(k=2, clip=-1.0), "clip must be None or a positive float"),
     (dict(k=2, axis_name=("node", "node")), "repeated axes"),
     (dict(k=2, axis_name=""), "axis_name must be None"),
+    (dict(k=kstep_adam.merge_schedule(2, axis_name="w"), axis_name="w"),
+     "either a MergeSchedule as k or axis_name"),
 ])
 def test_bad_arguments_raise_value_error(kwargs, match):
   with pytest.raises(ValueError, match=match):

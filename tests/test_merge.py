@@ -77,13 +77,14 @@ def _computations(hlo_text: str) -> dict[str, str]:
   return blocks
 
 
-def _compiled_hlo(tx, mesh, schedule=None):
-  """Optimized HLO of the general step, or of the local program when ``schedule`` is given."""
+def _compiled_hlo(tx, mesh, local=False):
+  """Optimized HLO of the harness's general step, or of its local program."""
   params_W, state_W = parallel.init_replicas(init_params(), tx, mesh)
-  step = parallel.make_train_step(loss_fn, tx, mesh, schedule=schedule, donate=False)
+  step = parallel.make_train_step(loss_fn, tx, mesh, donate=False)
   batch = jax.tree.map(lambda x: jax.device_put(x, parallel.worker_sharding(mesh, x.ndim)),
                        (np.zeros((mesh.size, 5), np.float32), np.zeros(mesh.size, np.float32)))
-  fn = step.jitted if schedule is None else step.local_jitted
+  step.prepare(params_W, state_W, batch)
+  fn = step.local_jitted if local else step.jitted
   return fn.lower(params_W, state_W, batch).compile().as_text()
 
 
@@ -113,17 +114,30 @@ def test_host_dispatched_local_program_has_no_collective_and_no_branch():
   mesh = parallel.make_mesh(2, 4)
   schedule = kstep_adam.merge_schedule({"node": 4, "local": 2}, axis_name=NODE_LOCAL,
                                        sync="desloc")
-  text = _compiled_hlo(kstep_adam.kstep_adam(0.1, schedule), mesh, schedule)
+  text = _compiled_hlo(kstep_adam.kstep_adam(0.1, schedule), mesh, local=True)
   assert not COLLECTIVE.search(text)
   assert "conditional(" not in text
 
 
 def test_assume_local_step_ignores_other_schedules():
   """A schedule that differs from the optimizer's keeps the merge branches (safe default)."""
-  mesh = parallel.make_mesh(2, 4)
-  tx = kstep_adam.kstep_adam(0.1, 4, axis_name=NODE_LOCAL)
-  other = kstep_adam.merge_schedule(8, axis_name=NODE_LOCAL)
-  assert COLLECTIVE.search(_compiled_hlo(tx, mesh, other))
+  mesh = parallel.make_mesh(1, 4)
+  ours = kstep_adam.merge_schedule(4, axis_name="local")
+  other = kstep_adam.merge_schedule(8, axis_name="local")
+  tx = kstep_adam.kstep_adam(0.1, ours)
+  state = tx.init({"w": jnp.zeros(1)})
+  x_W = jax.ShapeDtypeStruct((4,), jnp.float32, sharding=parallel.worker_sharding(mesh))
+
+  def lowered(schedule):
+    def fn(x):
+      with kstep_adam.assume_local_step(schedule):
+        return tx.update({"w": x}, state, {"w": x})[0]["w"]
+    spec = P(("node", "local"))
+    return jax.jit(jax.shard_map(fn, mesh=mesh, in_specs=spec, out_specs=spec)
+                   ).lower(x_W).compile().as_text()
+
+  assert COLLECTIVE.search(lowered(other))
+  assert not COLLECTIVE.search(lowered(ours))
 
 
 def test_sync_adam_all_reduces_in_the_main_computation():

@@ -96,9 +96,8 @@ def bench(mode: str, params, batch, mesh, reps: int, seed: int = 0):
     params_W, state_W = parallel.init_replicas(params, tx, mesh)
     if mode == "step":
       step = parallel.make_train_step(loss_fn, tx, mesh)
-      fn = step.jitted
-      if name == "dispatch":
-        fn = parallel.make_train_step(loss_fn, tx, mesh, schedule=schedule).local_jitted
+      step.prepare(params_W, state_W, batch)
+      fn = step.local_jitted if name == "dispatch" else step.jitted
       runners[name] = lambda p, s, fn=fn: fn(p, s, batch)[:2]
     else:
       update = make_update_only(tx, mesh, schedule if name == "dispatch" else None)
