@@ -33,7 +33,8 @@ def open_table(path: str, *, num_rows: Optional[int] = None, dim: Optional[int] 
     optimizer: ``SparseAdam(...)`` (default ``SparseAdam()``) or ``RowwiseAdagrad(...)``.
       On reopen it defaults to the stored one; one with a learning-rate schedule must be
       passed again (a schedule is not stored).
-    host_cache_rows: host tier capacity in rows (default ``min(num_rows, 2**20)``).
+    host_cache_rows: host tier capacity in rows (default ``min(num_rows, 2**20)``; capped
+      at ``num_rows``).
     host_cache_bytes: alternatively, the capacity in bytes of row state (each row takes
       ``4 * (1 + D + slot_width)`` bytes, e.g. ``4 * (1 + 3D)`` for Adam).
     device_cache_rows: rows of a jax.Array device tier for ``working_set`` (0: none).
@@ -100,6 +101,7 @@ def open_table(path: str, *, num_rows: Optional[int] = None, dim: Optional[int] 
   if not isinstance(host_cache_rows, (int, np.integer)) or host_cache_rows < 1:
     raise ValueError(f"host_cache_rows must be a positive int (host_cache_bytes at least "
                      f"one row, {row_bytes} bytes), got {host_cache_rows!r}")
+  host_cache_rows = min(int(host_cache_rows), config["num_rows"])  # more is never used
   if not isinstance(device_cache_rows, (int, np.integer)) or device_cache_rows < 0:
     raise ValueError(f"device_cache_rows must be an int >= 0, got {device_cache_rows!r}")
   if not exists:
