@@ -140,6 +140,41 @@ def test_assume_local_step_ignores_other_schedules():
   assert not COLLECTIVE.search(lowered(ours))
 
 
+def _ring_bytes_by_group_size(body: str) -> dict[int, float]:
+  """Per-device bytes of the collectives in an HLO body, by replica-group size, ring model."""
+  out: dict[int, float] = {}
+  for line in body.splitlines():
+    m = COLLECTIVE.search(line)
+    if not m:
+      continue
+    result_type = line.split("=", 1)[1].split(m.group(1), 1)[0]
+    elems = sum(int(np.prod([int(d) for d in dims.split(",") if d] or [1]))
+                for dims in re.findall(r"f32\[([\d,]*)\]", result_type))
+    n = len(re.search(r"replica_groups=\{\{([\d,]*)\}", line).group(1).split(","))
+    factor = {"all-reduce": 2 * (n - 1) / n, "reduce-scatter": (n - 1),
+              "all-gather": (n - 1) / n}[m.group(1)]  # reduce-scatter result is S/n.
+    out[n] = out.get(n, 0.0) + factor * elems * 4
+  return out
+
+
+def test_counted_bytes_equal_the_collectives_in_the_compiled_program():
+  """What kstep_adam.merge_bytes counts is what the merge branches of the HLO move."""
+  mesh = parallel.make_mesh(2, 4)
+  schedule = kstep_adam.merge_schedule({"node": 4, "local": 2}, axis_name=NODE_LOCAL)
+  blocks = _computations(_compiled_hlo(kstep_adam.kstep_adam(0.1, schedule), mesh))
+  branches = [b for b in blocks.values() if COLLECTIVE.search(b)]
+  node_branch = [b for b in branches if "reduce-scatter(" in b]
+  local_branch = [b for b in branches if "reduce-scatter(" not in b]
+  assert len(node_branch) == 1 and len(local_branch) == 1
+  params = init_params()
+  at_node = kstep_adam.merge_bytes(params, schedule, mesh, step=4).bytes_by_axis
+  at_local = kstep_adam.merge_bytes(params, schedule, mesh, step=2).bytes_by_axis
+  hlo_node = _ring_bytes_by_group_size(node_branch[0])
+  assert hlo_node == {4: at_node["local"], 2: at_node["node"]}
+  assert _ring_bytes_by_group_size(local_branch[0]) == {4: at_local["local"]}
+  assert at_local["node"] == 0
+
+
 def test_sync_adam_all_reduces_in_the_main_computation():
   """Sanity check of the HLO parser: DDP communicates every step, outside any branch."""
   mesh = parallel.make_mesh(1, 4)
