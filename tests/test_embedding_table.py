@@ -281,6 +281,14 @@ def test_bad_push_raises_and_leaves_table_intact(tmp_path, case):
     np.testing.assert_equal(table.pull(np.arange(50)), before)
 
 
+def test_grads_of_any_float_dtype_are_accepted(tmp_path):
+  import ml_dtypes  # noqa: PLC0415 - installed with jax
+  with embedding.open_table(tmp_path / "t", num_rows=10, dim=DIM, optimizer=_adam()) as t:
+    for dtype in (np.float16, np.float64, ml_dtypes.bfloat16):
+      t.push([1, 2], np.ones((2, DIM), dtype))
+    assert t.step == 3
+
+
 def test_bad_paths_and_conflicting_reopen(tmp_path):
   (tmp_path / "file").write_text("x")
   with pytest.raises(ValueError, match="is a file"):

@@ -342,7 +342,7 @@ class EmbeddingTable:
     if grads.shape != (n, self.dim):
       raise ValueError(f"grads must have shape [len(ids), dim] = [{n}, {self.dim}], got "
                        f"{list(grads.shape)}")
-    if not np.issubdtype(grads.dtype, np.floating):
+    if not (np.issubdtype(grads.dtype, np.floating) or grads.dtype.name == "bfloat16"):
       raise ValueError(f"grads must be a floating array (float16/32/64, bfloat16), got "
                        f"dtype {grads.dtype}")
     grads = grads.astype(np.float32, copy=False)
