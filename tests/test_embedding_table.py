@@ -281,6 +281,16 @@ def test_bad_push_raises_and_leaves_table_intact(tmp_path, case):
     np.testing.assert_equal(table.pull(np.arange(50)), before)
 
 
+def test_a_table_open_twice_is_refused(tmp_path):
+  with embedding.open_table(tmp_path / "t", num_rows=10, dim=DIM) as table:
+    table.push([1], np.ones((1, DIM), np.float32))
+    with pytest.raises(ValueError, match="already open"):
+      embedding.open_table(tmp_path / "t")
+    assert table.step == 1
+  with embedding.open_table(tmp_path / "t") as table:  # free again after close
+    assert table.step == 1
+
+
 def test_grads_of_any_float_dtype_are_accepted(tmp_path):
   import ml_dtypes  # noqa: PLC0415 - installed with jax
   with embedding.open_table(tmp_path / "t", num_rows=10, dim=DIM, optimizer=_adam()) as t:

@@ -50,8 +50,9 @@ class DeviceCache:
   def __init__(self, capacity_rows: int, dim: int, device=None):
     self.capacity = capacity_rows
     self._device = device or jax.devices()[0]
-    self._slots = HostCache(capacity_rows, 0)  # slot map + CLOCK, no row payload
-    self._valid_R = np.zeros(capacity_rows, bool)
+    # Slot map + CLOCK with no row payload. Resident rows are always current: every host
+    # change to a row's parameters (push, exact-mode catch-up) calls ``refresh``.
+    self._slots = HostCache(capacity_rows, 0)
     self._rows_RxD = jax.device_put(np.zeros((capacity_rows, dim), np.float32),
                                     self._device)
     self._lock = threading.Lock()
@@ -72,12 +73,9 @@ class DeviceCache:
       new_slots, _, _ = self._slots.reserve(unique_U[~present])
       self._slots.fill(new_slots, np.zeros((len(new_slots), 0), np.float32))
       slots_U[~present] = new_slots
-      need = ~present
-      need[present] = ~self._valid_R[slots_U[present]]
-      self._upload(slots_U[need], rows_UxD[need])
-      self._valid_R[slots_U] = True
+      self._upload(new_slots, rows_UxD[~present])
       self._slots.unpin(slots_U)
-      self.hits += int(np.count_nonzero(~need))
+      self.hits += int(np.count_nonzero(present))
       padded_slots = np.full(pad_to, self.capacity, np.int64)
       padded_slots[:len(unique_U)] = slots_U
       return _gather_rows(self._rows_RxD, jax.device_put(padded_slots, self._device))

@@ -22,6 +22,7 @@ waits on a condition variable. Flush waits until no read is in flight.
 """
 
 import concurrent.futures
+import fcntl
 import os
 import threading
 from typing import NamedTuple, Optional
@@ -46,6 +47,13 @@ class EmbeddingTable:
   def __init__(self, path: str, config: dict, optimizer, *, host_cache_rows: int,
                ts_cache_bytes: int, device_cache=None):
     from kstep_adam.embedding._host_cache import HostCache  # noqa: PLC0415
+    self._lock_file = open(os.path.join(path, "LOCK"), "w")
+    try:  # one writer per table: the kernel drops this lock if the process dies
+      fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      self._lock_file.close()
+      raise ValueError(f"the table at {path!r} is already open (in this or another "
+                       "process); close it first") from None
     self.path = path
     self.num_rows = int(config["num_rows"])
     self.dim = int(config["dim"])
@@ -194,6 +202,7 @@ class EmbeddingTable:
       self.flush()
     self._closed = True
     self._pending.close()
+    self._lock_file.close()  # releases the flock
 
   def __enter__(self):
     return self
