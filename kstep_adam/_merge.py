@@ -183,11 +183,15 @@ def switch_merge(level, schedule: MergeSchedule, state: str,
   check_axes_bound(axes)
   if schedule.periods(state)[0] == 1:  # Merges over all axes every step.
     return merge_fn(operand, lambda t: tree_mean(t, axes, route))
+  live = schedule.live_levels(state)
   branches = [local_fn] + [
-      (lambda op, i=i: merge_fn(op, lambda t: tree_mean(t, axes[i:], route)))
-      for i in range(len(axes))
+      (lambda op, i=level_ - 1: merge_fn(op, lambda t: tree_mean(t, axes[i:], route)))
+      for level_ in live
   ]
-  return jax.lax.switch(level, branches, operand)
+  # Map merge level -> branch index; dead levels (never selected) get no branch.
+  branch_of_level = [0] + [live.index(i) + 1 if i in live else 0 for i in range(1, len(axes) + 1)]
+  index = jnp.asarray(branch_of_level, jnp.int32)[level]
+  return jax.lax.switch(index, branches, operand)
 
 
 def merge_tree(level, tree, schedule: MergeSchedule, state: str):
@@ -228,14 +232,15 @@ def merge_params(schedule: MergeSchedule) -> optax.GradientTransformation:
     if params is None:
       raise ValueError("merge_params needs `params` in update(updates, state, params)")
 
-    def merge_fn(operand, mean):
-      params, updates = operand
+    def merge_fn(updates, mean):
       new_params = jax.tree.map(lambda p, u: (p + u).astype(p.dtype), params, updates)
       return jax.tree.map(lambda m, p, u: (m - p).astype(u.dtype), mean(new_params), params,
                           updates)
 
+    # Only `updates` is the switch operand; `params` enters by closure. XLA then copies less
+    # on the identity (local) branch (measured: 1.4x instead of 1.9x optax.adam's update time).
     updates = switch_merge(schedule.level_at("params", count), schedule, "params",
-                           lambda op: op[1], merge_fn, (params, updates))
+                           lambda u: u, merge_fn, updates)
     return updates, MergeParamsState(count=count)
 
   return optax.GradientTransformation(init_fn, update_fn)

@@ -82,6 +82,19 @@ class MergeSchedule:
     """Whether ``state`` is ever averaged (there is an axis and the state is listed)."""
     return bool(self.axis_names) and self.periods(state) is not None
 
+  def live_levels(self, state: str) -> tuple[int, ...]:
+    """Merge levels (1-based, outermost = 1) that some step can select for ``state``.
+
+    Level ``i`` is dead when an outer level's period divides its period: every step it
+    divides is then taken by that outer level. An int ``k`` over several axes leaves only
+    level 1 (one global merge).
+    """
+    periods = self.periods(state)
+    if not self.axis_names or periods is None:
+      return ()
+    return tuple(i + 1 for i, p in enumerate(periods)
+                 if not any(p % q == 0 for q in periods[:i]))
+
   def merges_at(self, step: int) -> bool:
     """Whether any state merges at 1-based Python int ``step`` (host-side dispatch)."""
     return any(self.level_at(state, int(step)) for state in self.states())

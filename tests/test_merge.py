@@ -187,3 +187,16 @@ def test_merge_params_needs_params():
   tx = kstep_adam.merge_params(kstep_adam.merge_schedule(2, axis_name="w"))
   with pytest.raises(ValueError, match="needs `params`"):
     tx.update({"a": jnp.ones(2)}, tx.init({"a": jnp.ones(2)}))
+
+
+@pytest.mark.parametrize("k,live", [
+    (4, (1,)),  # One period for both axes: only the global merge is ever selected.
+    ({"node": 4, "local": 2}, (1, 2)),
+    ({"node": 2, "local": 4}, (1,)),  # Every 4th step is also a 2nd step: node level wins.
+    ({"node": 3, "local": 2}, (1, 2)),
+])
+def test_dead_merge_levels_get_no_branch(k, live):
+  schedule = kstep_adam.merge_schedule(k, axis_name=NODE_LOCAL)
+  assert schedule.live_levels("params") == live
+  for t in range(1, 25):
+    assert schedule.level_at("params", t) in (0,) + live
