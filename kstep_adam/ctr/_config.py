@@ -42,6 +42,7 @@ class TrainConfig:
     init_scale: half-width of the uniform init of embedding rows.
     sparse_mode: the tier's SparseAdam mode: ``'exact'`` (every row follows dense Adam,
       untouched rows caught up lazily) or ``'lazy'`` (LazyAdam: only pushed rows change).
+    sparse_eps: the tier's Adam epsilon.
     table_dir: directory of the on-disk tier; None uses a fresh temporary directory.
     prefetch: read data and stage the next step's rows in the background.
     seed: seed of the model, the table and the data.
@@ -72,6 +73,7 @@ class TrainConfig:
   device_cache_rows: int = 0
   init_scale: float = 0.05
   sparse_mode: str = 'lazy'
+  sparse_eps: float = 1e-8
   table_dir: str | None = None
   prefetch: bool = True
   seed: int = 0

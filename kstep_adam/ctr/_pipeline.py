@@ -22,6 +22,7 @@ class Prepared:
 
   batch: CTRBatch
   rows_GxF: np.ndarray  # int64 [global_batch, num_categorical], table row of every key
+  unique_rows: np.ndarray  # int64 [U], the distinct rows of the batch
 
 
 class Prefetcher:
@@ -45,7 +46,8 @@ class Prefetcher:
       self._thread.start()
 
   def _prepare(self, batch: CTRBatch) -> Prepared:
-    return Prepared(batch, self._rows_of(batch.keys_BxF))
+    rows_GxF = self._rows_of(batch.keys_BxF)
+    return Prepared(batch, rows_GxF, np.unique(rows_GxF))
 
   def _run(self) -> None:
     try:

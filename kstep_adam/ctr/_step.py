@@ -59,6 +59,11 @@ def make_ctr_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation
       emb_BxFxD = jnp.take(rows_UxD, inverse_BxF, axis=0)
       return bce_loss(nnx.merge(graphdef, params)(emb_BxFxD, dense_BxI), label_B)
 
+    # The rows enter replicated (unvarying over the mesh); differentiating with respect to
+    # an unvarying input makes JAX psum the cotangent implicitly, which would give the *sum*
+    # of the workers' gradients. Casting to varying first keeps the gradient per worker,
+    # so the pmean below is the gradient of the global-mean loss.
+    rows_UxD = jax.lax.pcast(rows_UxD, axes, to='varying')
     loss, (grads, grad_rows_UxD) = jax.value_and_grad(loss_fn, argnums=(0, 1))(params, rows_UxD)
     grad_rows_UxD = jax.lax.pmean(grad_rows_UxD, axes)  # synchronous sparse, every step
     updates, opt_state = tx.update(grads, opt_state, params)

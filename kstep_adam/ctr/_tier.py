@@ -7,35 +7,27 @@ shapes (flat ``inverse`` to ``[G, F]``, rows padded to a shape bucket).
 
 from __future__ import annotations
 
-import dataclasses
+from typing import NamedTuple
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from kstep_adam import embedding
 from kstep_adam.ctr._config import TrainConfig
+from kstep_adam.ctr._pipeline import bucket_size
 
 
-@dataclasses.dataclass
-class WorkingSet:
-  """The deduplicated rows of one global batch."""
+class WorkingSet(NamedTuple):
+  """The deduplicated rows of one global batch, padded to a shape bucket."""
 
   unique_rows: np.ndarray  # int64 [U], table rows, each once
-  rows_UxD: np.ndarray | jax.Array  # float32 [U, D], current values (on device with a
-  # device cache)
+  rows_PxD: np.ndarray | jax.Array  # float32 [P >= U, D]; rows past U are zero (on the
+  # device when the tier has a device cache)
   inverse_BxF: np.ndarray  # int32 [G, F], index into unique_rows of every key
 
   @property
   def num_unique(self) -> int:
     return int(self.unique_rows.shape[0])
-
-  def padded_rows(self, size: int) -> np.ndarray | jax.Array:
-    """``rows_UxD`` padded with zero rows to ``size`` rows (padding is never indexed)."""
-    pad = ((0, size - self.num_unique), (0, 0))
-    if isinstance(self.rows_UxD, jax.Array):  # rows from the device tier stay on device
-      return jnp.pad(self.rows_UxD, pad)
-    return np.pad(self.rows_UxD, pad)
 
 
 class SparseTier:
@@ -53,7 +45,7 @@ class SparseTier:
     self.table = embedding.open_table(
         table_dir, num_rows=config.table_rows, dim=config.embed_dim,
         optimizer=embedding.SparseAdam(learning_rate=config.sparse_learning_rate,
-                                       mode=config.sparse_mode),
+                                       mode=config.sparse_mode, eps=config.sparse_eps),
         host_cache_rows=config.host_cache_rows, device_cache_rows=config.device_cache_rows,
         seed=config.seed, init_scale=config.init_scale)
     self._temporary = temporary
@@ -62,20 +54,21 @@ class SparseTier:
     """Hash feature keys into table rows (pure NumPy; safe on the reader thread)."""
     return embedding.hash_keys_to_rows(keys_GxF, self.num_rows, salt=self._salt)
 
-  def prefetch(self, rows_GxF: np.ndarray) -> None:
-    """Start staging these rows toward the fastest tier (asynchronous)."""
-    self.table.prefetch(np.unique(rows_GxF))
+  def prefetch(self, unique_rows: np.ndarray) -> None:
+    """Start staging these rows into the host tier (asynchronous)."""
+    self.table.prefetch(unique_rows)
 
-  def working_set(self, rows_GxF: np.ndarray) -> WorkingSet:
-    """Pull the unique rows of a batch once (the step's working set)."""
-    ws = self.table.working_set(rows_GxF.reshape(-1))
-    rows = ws.rows if isinstance(ws.rows, jax.Array) else np.asarray(ws.rows, np.float32)
-    return WorkingSet(np.asarray(ws.unique_ids), rows,
-                      np.asarray(ws.inverse, np.int32).reshape(rows_GxF.shape))
+  def working_set(self, rows_GxF: np.ndarray, num_unique: int) -> WorkingSet:
+    """Pull the unique rows of a batch once (the step's working set), padded to
+    ``bucket_size(num_unique)`` rows so the jitted step sees few shapes."""
+    ws = self.table.working_set(rows_GxF.reshape(-1), pad_to=bucket_size(num_unique))
+    return WorkingSet(ws.unique_ids, ws.rows,
+                      ws.inverse.astype(np.int32).reshape(rows_GxF.shape))
 
   def lookup(self, keys_BxF: np.ndarray) -> WorkingSet:
     """Rows for evaluation: hash and pull, never push."""
-    return self.working_set(self.rows_of(keys_BxF))
+    rows_BxF = self.rows_of(keys_BxF)
+    return self.working_set(rows_BxF, len(np.unique(rows_BxF)))
 
   def push(self, unique_rows: np.ndarray, grads_UxD: np.ndarray) -> None:
     """One sparse optimizer step on these rows with their (worker-averaged) gradients."""

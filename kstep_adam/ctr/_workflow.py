@@ -35,7 +35,7 @@ from kstep_adam.ctr._comm import CommMeter
 from kstep_adam.ctr._config import TrainConfig
 from kstep_adam.ctr._metrics import auc, logloss
 from kstep_adam.ctr._models import make_model
-from kstep_adam.ctr._pipeline import Prefetcher, Timer, bucket_size
+from kstep_adam.ctr._pipeline import Prefetcher, Timer
 from kstep_adam.ctr._sources import DataSource
 from kstep_adam.ctr._tier import SparseTier
 
@@ -85,8 +85,7 @@ def evaluate(source: DataSource, tier: SparseTier, predict, params) -> dict:
   labels, probs = [], []
   for batch in source.test_batches():
     ws = tier.lookup(batch.keys_BxF)
-    rows_UxD = ws.padded_rows(bucket_size(ws.num_unique))
-    probs.append(np.asarray(predict(params, rows_UxD, ws.inverse_BxF, batch.dense_BxI)))
+    probs.append(np.asarray(predict(params, ws.rows_PxD, ws.inverse_BxF, batch.dense_BxI)))
     labels.append(batch.label_B)
   labels, probs = np.concatenate(labels), np.concatenate(probs)
   return {'test_auc': auc(labels, probs), 'test_logloss': logloss(labels, probs),
@@ -94,7 +93,7 @@ def evaluate(source: DataSource, tier: SparseTier, predict, params) -> dict:
 
 
 def train(config: TrainConfig, source: DataSource, out_dir: str | None = None, *,
-          progress: bool = False) -> dict:
+          progress: bool = False, return_state: bool = False):
   """Train a CTR model with the workflow above and return the run summary.
 
   Args:
@@ -102,11 +101,14 @@ def train(config: TrainConfig, source: DataSource, out_dir: str | None = None, *
     source: training and test data (:func:`synthetic_source` or :func:`file_source`).
     out_dir: if given, ``metrics.jsonl`` and ``summary.json`` are written there.
     progress: show a tqdm progress bar (steps, examples/s, loss, cache hit rate).
+    return_state: also return the final state (for tests and notebooks).
 
   Returns:
     The summary dict (also ``summary.json``): ``test_auc``, ``test_logloss``,
     ``teacher_auc``, ``examples_per_sec``, ``dense_bytes_by_axis``, ``sparse_bytes``,
-    ``estimated_comm_seconds``, the time breakdown and the full config.
+    ``estimated_comm_seconds``, the time breakdown and the full config. With
+    ``return_state``, ``(summary, state)`` where ``state`` has ``params_W`` (every worker's
+    dense replica, NumPy), ``row_ids`` (every row ever pushed) and ``rows`` (their values).
   """
   if config.num_workers > len(jax.devices()):
     raise ValueError(f'nodes x devices_per_node = {config.num_workers} exceeds the '
@@ -140,7 +142,7 @@ def train(config: TrainConfig, source: DataSource, out_dir: str | None = None, *
   tier = SparseTier(config, table_dir, temporary=scratch is not None)
   timer = Timer()
   evals, window_loss, window_start, first_step_seconds = [], [], time.perf_counter(), 0.0
-  bar = None
+  bar, pushed = None, []
   if progress:
     from tqdm.auto import tqdm
     bar = tqdm(total=num_steps, unit='step', dynamic_ncols=True)
@@ -150,28 +152,29 @@ def train(config: TrainConfig, source: DataSource, out_dir: str | None = None, *
     train_start = time.perf_counter()
     with timer('data'):
       current = prefetcher.get()
-    tier.prefetch(current.rows_GxF)
+    tier.prefetch(current.unique_rows)
     for step in range(1, num_steps + 1):
       t0 = time.perf_counter()
       timer.new_step()
       with timer('pull'):
-        ws = tier.working_set(current.rows_GxF)
-        padded = bucket_size(ws.num_unique)
-        rows_UxD = jax.device_put(ws.padded_rows(padded), replicated)
+        ws = tier.working_set(current.rows_GxF, len(current.unique_rows))
+        rows_PxD = jax.device_put(ws.rows_PxD, replicated)
         batch = current.batch
         inputs = jax.device_put((ws.inverse_BxF, batch.dense_BxI, batch.label_B), per_worker)
       with timer('compute'):
         params_W, opt_state_W, grad_rows_UxD, loss = step_fn(params_W, opt_state_W,
-                                                              rows_UxD, *inputs)
+                                                              rows_PxD, *inputs)
       if step < num_steps:
         with timer('data'):
           upcoming = prefetcher.get()
-        tier.prefetch(upcoming.rows_GxF)  # stages rows while the step still computes
+        tier.prefetch(upcoming.unique_rows)  # stages rows while the step still computes
       with timer('compute'):
         grad_rows = np.asarray(jax.device_get(grad_rows_UxD))[:ws.num_unique]
         loss = float(loss)
       with timer('push'):
         tier.push(ws.unique_rows, grad_rows)
+      if return_state:
+        pushed.append(ws.unique_rows)
       meter.add_step(step, ws.num_unique, timer.step.get('compute', 0.0))
       if step == 1:
         first_step_seconds = time.perf_counter() - t0  # includes compilation
@@ -231,7 +234,12 @@ def train(config: TrainConfig, source: DataSource, out_dir: str | None = None, *
     writer.close()
     with open(os.path.join(out_dir, 'summary.json'), 'w') as f:
       json.dump(summary, f, indent=2, default=str)
+  state = None
+  if return_state:
+    row_ids = np.unique(np.concatenate(pushed))
+    state = {'params_W': jax.device_get(params_W), 'row_ids': row_ids,
+             'rows': tier.table.pull(row_ids)}
   tier.close()
   if scratch is not None:
     scratch.cleanup()
-  return summary
+  return (summary, state) if return_state else summary
