@@ -72,7 +72,7 @@ def test_eta_grid_respects_wang_joshi_condition():
 
 def _fake_record(gap, *, variant="local_sgd", T=100, sweep="T"):
     info = problems.SeparableCosine(d=4).describe()
-    return dict(sweep=sweep, problem="separable", variant=variant, T=T, N=2, k=2,
+    return dict(sweep=sweep, problem="separable", variant=variant, T=T, N=2, k=2, k_point=2,
                 problem_info=info, etas=[0.1], beta2=0.99, best=0, eta_at_grid_edge=True,
                 gap_xbar_ExS=[[gap, gap]], gap_zbar_ExS=[[gap, gap]], ginf_ExS=[[1.0, 1.0]],
                 measured_xbar=[gap], measured_zbar=[gap], theory="wang_joshi")

@@ -4,7 +4,7 @@ Full run (``full()``), the one the figures in ``figures/convergence_*.png`` come
 
   Command:  python -m experiments.convergence_rate --out results/convergence_rate --check
   Hardware: CPU only, a 2-core VM shared with three other jobs (JAX 0.10.2).
-  Runtime:  about 8 minutes on that machine (mostly XLA compiles: one per run).
+  Runtime:  about 11 minutes on that machine under load (mostly XLA compiles: one per run).
   Expected: Local SGD measured <= Wang & Joshi's bound at every step size; the T-slope of
             each covered variant near its predicted exponent (about -0.5 in the
             noise-dominated range); k-step Adam (params only) reported as "no bound".

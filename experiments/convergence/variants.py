@@ -27,11 +27,13 @@ import optax
 
 import kstep_adam
 
-__all__ = ["Variant", "VARIANTS", "get_variant", "ADAM_BETA1", "ADAM_EPS"]
+__all__ = ["Variant", "VARIANTS", "SHAPE_VARIANTS", "get_variant", "ADAM_BETA1", "ADAM_EPS"]
 
 AXIS = "w"
 ADAM_BETA1 = 0.9
 ADAM_EPS = 1e-3  # lambda (inside the root) for 'local_adam'; eps for the 'adam' form.
+# Averaging x, u and v together: measured (and tuned) at Cheng & Glasgow's zbar.
+SHAPE_VARIANTS = ("local_adam", "kstep_adam_moments")
 
 
 class Variant(NamedTuple):
