@@ -14,11 +14,10 @@ from that step: everything since the last flush is lost, nothing is mixed.
 
 Concurrency. ``pull``, ``working_set``, ``push`` and ``flush`` are serialized by an
 operation lock, so each sees the table at one step. ``prefetch`` runs on a background
-thread and takes only the cache lock, which guards the cache. Disk reads run outside
-the cache lock: an operation
-reserves (pins) slots for its missing rows, marks them ``loading``, releases the lock,
-reads, and re-takes the lock to fill them. Another operation that needs a loading row
-waits on a condition variable. Flush waits until no read is in flight.
+thread and takes only the cache lock. Disk reads run outside the cache lock: an
+operation reserves (pins) slots for its missing rows, marks them ``loading``, releases
+the lock, reads, and re-takes the lock to fill them. An operation that needs a loading
+row waits on a condition variable; flush waits until no read is in flight.
 """
 
 import concurrent.futures
@@ -31,6 +30,7 @@ import numpy as np
 
 from kstep_adam.embedding import _init
 from kstep_adam.embedding import _store
+from kstep_adam.embedding._host_cache import HostCache
 from kstep_adam.embedding._pending import PendingLog
 
 
@@ -42,11 +42,24 @@ class WorkingSet(NamedTuple):
 
 
 class EmbeddingTable:
-  """A row-sparse embedding table on disk with a bounded host cache. Use ``open_table``."""
+  """A row-sparse embedding table on disk with a bounded host cache. Use ``open_table``.
+
+  Examples:
+    >>> import tempfile
+    >>> from kstep_adam import embedding
+    >>> table = embedding.open_table(tempfile.mkdtemp() + '/t', num_rows=2**20, dim=8,
+    ...                              host_cache_rows=4096)
+    >>> future = table.prefetch([10, 11])      # next batch, in the background
+    >>> ws = table.working_set([5, 7, 5])      # this batch, deduplicated
+    >>> grads_UxD = np.ones_like(ws.rows)      # the model's gradient w.r.t. ws.rows
+    >>> table.push(ws.unique_ids, grads_UxD)   # one optimizer step on rows 5 and 7
+    >>> future.result(), table.step, table.stats()['misses']
+    (2, 1, 2)
+    >>> table.close()                          # flushes
+  """
 
   def __init__(self, path: str, config: dict, optimizer, *, host_cache_rows: int,
                ts_cache_bytes: int, device_cache=None):
-    from kstep_adam.embedding._host_cache import HostCache  # noqa: PLC0415
     self._lock_file = open(os.path.join(path, "LOCK"), "w")
     try:  # one writer per table: the kernel drops this lock if the process dies
       fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
