@@ -70,6 +70,54 @@ def test_close_without_flush_loses_only_unflushed_steps(tmp_path):
     np.testing.assert_equal(reopened.pull(np.arange(100)), at_flush)
 
 
+class _Crash(Exception):
+  pass
+
+
+def _crash_on_call(monkeypatch, owner, name, call_number):
+  original = getattr(owner, name)
+  calls = []
+
+  def wrapper(*args, **kwargs):
+    calls.append(1)
+    if len(calls) == call_number:
+      raise _Crash(name)
+    return original(*args, **kwargs)
+
+  monkeypatch.setattr(owner, name, wrapper)
+
+
+@pytest.mark.parametrize("crash_point", ["before_commit_point", "during_copy"])
+def test_interrupted_flush_is_all_or_nothing(tmp_path, monkeypatch, crash_point):
+  from kstep_adam.embedding import _pending, _store, _table  # noqa: PLC0415
+  batches = _batches(300, 10, size=40)
+  table = embedding.open_table(tmp_path / "t", num_rows=300, dim=DIM, optimizer=_adam(),
+                               host_cache_rows=50, chunk_rows=8)
+  for ids, grads in batches[:4]:
+    table.push(ids, grads)
+  table.flush()
+  at_first_flush = table.pull(np.arange(300))
+  for ids, grads in batches[4:]:
+    table.push(ids, grads)
+  at_second_flush = table.pull(np.arange(300))
+  monkeypatch.setattr(_table, "_FLUSH_BATCH_BYTES", 8 * 4 * 13 * 3)  # 3 chunks a batch
+  if crash_point == "before_commit_point":
+    _crash_on_call(monkeypatch, _pending.PendingLog, "commit", 1)
+  else:
+    _crash_on_call(monkeypatch, _store.TableStore, "write_rows", 2)
+  with pytest.raises(_Crash):
+    table.flush()
+  table.close(flush=False)
+  monkeypatch.undo()
+  with embedding.open_table(tmp_path / "t") as reopened:
+    if crash_point == "before_commit_point":  # rolled back to the first flush
+      assert reopened.step == 4
+      np.testing.assert_equal(reopened.pull(np.arange(300)), at_first_flush)
+    else:  # committed: the copy is redone at open
+      assert reopened.step == 10
+      np.testing.assert_equal(reopened.pull(np.arange(300)), at_second_flush)
+
+
 def test_eviction_keeps_cache_bounded_and_counts(tmp_path):
   with embedding.open_table(tmp_path / "t", num_rows=1000, dim=DIM, optimizer=_adam(),
                             host_cache_rows=50) as table:

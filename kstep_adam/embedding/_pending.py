@@ -1,30 +1,48 @@
-"""The pending area: an append-only log of dirty rows evicted between flushes.
+"""The pending log: dirty rows since the last flush, and the redo log that makes flush atomic.
 
-Evicting a dirty row must not touch the committed table (that would mix steps after a
-crash), and must be cheap: scattering single rows into zarr chunks rewrites whole chunks
-(about 30x slower than a gather on this machine). So evicted rows are appended to a flat
-file, ``path/pending.log`` (float32 rows of the table's row layout), and an in-memory
-``IdSlotMap`` maps each id to its newest position in the log. A later miss reads the row
-back from the log; ``flush`` moves every pending row into the committed table and
-empties the log. The log is never part of a committed state, so ``open`` truncates it and
-a crash loses exactly the rows written since the last flush. A row evicted several times
-between flushes takes one log record each time (the log grows with evictions, not rows).
+Two jobs, one append-only log in the table directory:
+
+* **Spill.** A dirty row evicted from the host cache is appended here, never written
+  into the committed table (that would mix steps after a crash) and never scattered into
+  zarr chunks (a random scatter rewrites whole chunks, ~30x slower than a gather here).
+  An in-memory ``IdSlotMap`` maps each id to its newest record; a later miss reads the
+  row back from the log.
+* **Redo log.** ``flush`` appends every still-dirty cached row too, so the newest record
+  of each id is that row's state at the flush step. It then makes the log durable
+  (fsync) and atomically writes ``pending.commit`` (``{"step", "records"}``, via rename):
+  that rename is the commit point. Only then are the rows copied into the zarr table,
+  in batches of bounded memory, and the log is emptied.
+
+On open: if ``pending.commit`` exists, the copy was interrupted and is redone from the
+log (it is idempotent); otherwise the log holds only uncommitted rows and is discarded.
+
+Files: ``pending.rows`` (float32 records of the row layout), ``pending.ids`` (int64 ids
+of the same records), ``pending.commit``. A row evicted several times between flushes
+takes one record each time: the log grows with evictions, not with distinct rows.
 """
 
+import json
 import os
+from typing import Optional
 
 import numpy as np
 
 from kstep_adam.embedding._id_map import IdSlotMap
 
+_ROWS, _IDS, _COMMIT = "pending.rows", "pending.ids", "pending.commit"
+
 
 class PendingLog:
-  """Append-only row log with an id -> newest position index. Not thread-safe."""
+  """Append-only row log with an id -> newest record index. Not thread-safe."""
 
-  def __init__(self, path: str, width: int):
-    self._path = path
+  def __init__(self, directory: str, width: int):
+    self._dir = directory
     self._width = width
-    self._file = open(path, "w+b")  # truncates: the log never outlives a session
+    for name in (_ROWS, _IDS):
+      if not os.path.exists(os.path.join(directory, name)):
+        open(os.path.join(directory, name), "wb").close()
+    self._rows_file = open(os.path.join(directory, _ROWS), "r+b")
+    self._ids_file = open(os.path.join(directory, _IDS), "r+b")
     self._index = IdSlotMap(1024)
     self._num_records = 0
     self.bytes_written = 0
@@ -33,14 +51,34 @@ class PendingLog:
   def __len__(self) -> int:
     return len(self._index)
 
+  def recover(self) -> Optional[int]:
+    """Loads a committed-but-unapplied log and returns its step; else empties the log."""
+    commit_path = os.path.join(self._dir, _COMMIT)
+    if not os.path.exists(commit_path):
+      self.clear()
+      return None
+    with open(commit_path) as f:
+      commit = json.load(f)
+    n = int(commit["records"])
+    ids = np.fromfile(os.path.join(self._dir, _IDS), dtype=np.int64, count=n)
+    # Newest record wins: the last occurrence of each id.
+    unique, last_from_end = np.unique(ids[::-1], return_index=True)
+    self._index = IdSlotMap(max(1024, len(unique)))
+    self._index.insert(unique, n - 1 - last_from_end)
+    self._num_records = n
+    return int(commit["step"])
+
   def append(self, ids_N: np.ndarray, rows_NxW: np.ndarray) -> None:
     """Appends rows (unique ids); they supersede earlier records of the same ids."""
     if len(ids_N) == 0:
       return
     data = np.ascontiguousarray(rows_NxW, dtype=np.float32)
-    self._file.seek(self._num_records * self._width * 4)
-    self._file.write(data.tobytes())
-    self._file.flush()
+    self._rows_file.seek(self._num_records * self._width * 4)
+    self._rows_file.write(data.tobytes())
+    self._rows_file.flush()
+    self._ids_file.seek(self._num_records * 8)
+    self._ids_file.write(np.ascontiguousarray(ids_N, dtype=np.int64).tobytes())
+    self._ids_file.flush()
     known = self._index.lookup(ids_N) >= 0
     if known.any():
       self._index.delete(ids_N[known])
@@ -49,14 +87,14 @@ class PendingLog:
     self.bytes_written += data.nbytes
 
   def positions(self, ids_N: np.ndarray) -> np.ndarray:
-    """Log positions of ``ids_N``, -1 where an id has no pending record."""
+    """Record positions of ``ids_N``, -1 where an id has no pending record."""
     return self._index.lookup(ids_N)
 
   def read(self, positions_M: np.ndarray) -> np.ndarray:
     """Reads records by position (safe while other threads append)."""
     if len(positions_M) == 0:
       return np.zeros((0, self._width), np.float32)
-    log = np.memmap(self._path, dtype=np.float32, mode="r",
+    log = np.memmap(os.path.join(self._dir, _ROWS), dtype=np.float32, mode="r",
                     shape=(self._num_records, self._width))
     rows = np.array(log[positions_M])
     del log
@@ -64,14 +102,40 @@ class PendingLog:
     return rows
 
   def items(self):
-    """All pending ``(ids, positions)``."""
+    """All pending ``(ids, positions)``, ids unique."""
     return self._index.items()
 
+  def commit(self, step: int) -> None:
+    """Makes the log durable, then atomically marks it as the state at ``step``."""
+    os.fsync(self._rows_file.fileno())
+    os.fsync(self._ids_file.fileno())
+    tmp = os.path.join(self._dir, _COMMIT + ".tmp")
+    with open(tmp, "w") as f:
+      json.dump({"step": int(step), "records": self._num_records}, f)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, os.path.join(self._dir, _COMMIT))
+    _fsync_dir(self._dir)
+
   def clear(self) -> None:
-    self._file.truncate(0)
+    """Empties the log; after ``commit``, call only once its rows are in the table."""
+    commit_path = os.path.join(self._dir, _COMMIT)
+    if os.path.exists(commit_path):
+      os.remove(commit_path)
+      _fsync_dir(self._dir)
+    self._rows_file.truncate(0)
+    self._ids_file.truncate(0)
     self._index = IdSlotMap(1024)
     self._num_records = 0
 
   def close(self) -> None:
-    self._file.close()
-    os.remove(self._path)
+    self._rows_file.close()
+    self._ids_file.close()
+
+
+def _fsync_dir(directory: str) -> None:
+  fd = os.open(directory, os.O_RDONLY)
+  try:
+    os.fsync(fd)
+  finally:
+    os.close(fd)

@@ -8,8 +8,9 @@ Directory layout of a table at ``path``::
   path/db/          an OCDBT database holding
                       rows/        zarr3 float32 [num_rows, W]: every row's full state
                       commit.json  {"step": t}: the table step of the last flush
-  path/pending.log  dirty rows evicted from the host cache since the last flush
-                    (see ``_pending``)
+  path/pending.*    the pending log: rows changed since the last flush, and the redo
+                    log that makes a flush atomic (see ``_pending``)
+  path/LOCK         flock'ed by the process that has the table open
 
 Chunks are zstd-compressed (level 1): a chunk written for one row is otherwise fill
 zeros, so compression keeps the disk footprint near the bytes of written rows, both for
@@ -20,12 +21,14 @@ Row layout (width ``W = 1 + D + S``): column 0 holds the int32 bits of ``last_st
 (so the zarr fill value 0 reads as "never written", and the row's value is its
 deterministic init), columns ``1:1+D`` the parameters, and ``1+D:`` the optimizer slots.
 
-``db/`` only changes in ``commit``: one atomic OCDBT transaction that writes the rows
-and ``commit.json`` together. So ``db/`` always holds the rows of exactly one flushed step.
-Writes are grouped by chunk inside that transaction, so each touched chunk is written
-once per flush however many of its rows changed. OCDBT is
-copy-on-write and does not garbage-collect old versions, so ``db/`` grows by the bytes
-of the chunks each flush rewrites.
+``db/`` only changes when a flush copies a committed pending log into it: rows in
+batches of whole chunks (each batch one transaction, writes grouped by chunk, so each
+touched chunk is written once per flush however many of its rows changed), then
+``commit.json``. An interrupted copy is redone from the log at the next open, so ``db/``
+is read only when it holds exactly one flushed step. OCDBT packs chunks into a few data
+files (faster than one file per chunk here), but it is copy-on-write and does not
+garbage-collect old versions, so ``db/`` grows by the compressed bytes of the chunks
+each flush rewrites.
 """
 
 import json
@@ -97,7 +100,7 @@ def create(path: str, config: dict) -> None:
     with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
       json.dump(config, f, indent=1)
     store = TableStore(tmp, config, ts_cache_bytes=0, create=True)
-    store.commit(np.zeros(0, np.int64), np.zeros((0, config["width"]), np.float32), 0)
+    store.write_step(0)
     del store
     if os.path.isdir(path):
       os.rmdir(path)  # only an empty directory gets here; see open_table
@@ -135,11 +138,13 @@ class TableStore:
     self.bytes_read += len(ids_N) * self._row_bytes
     return self._rows[ids_N].read().result()
 
-  def commit(self, ids_N: np.ndarray, rows_NxW: np.ndarray, step: int) -> None:
-    """Atomically writes rows and the step (one OCDBT commit): all of it or none."""
+  def write_rows(self, ids_N: np.ndarray, rows_NxW: np.ndarray) -> None:
+    """Scatters rows in one transaction, so each touched chunk is written once."""
+    if len(ids_N) == 0:
+      return
     self.bytes_written += len(ids_N) * self._row_bytes
-    txn = ts.Transaction(atomic=True)
-    if len(ids_N):
+    with ts.Transaction() as txn:
       self._rows.with_transaction(txn)[ids_N] = rows_NxW
-    self._kv.with_transaction(txn)[b"commit.json"] = json.dumps({"step": int(step)}).encode()
-    txn.commit_sync()
+
+  def write_step(self, step: int) -> None:
+    self._kv[b"commit.json"] = json.dumps({"step": int(step)}).encode()

@@ -7,10 +7,13 @@ exact Adam mode that means a row last written at step ``s < t`` is first caught 
 the ``t - s`` zero-gradient steps it missed (the caught-up state is kept in the cache
 and marked dirty, so later reads reproduce it bit for bit).
 
-Durability. ``flush`` commits all dirty rows together with ``t`` in one atomic OCDBT
-transaction. Dirty rows evicted between flushes go to a pending area that ``open``
-discards. So after a crash the table reopens at the last flushed step, with every row
-from that step: everything since the last flush is lost, nothing is mixed.
+Durability. Dirty rows evicted between flushes go to the pending log, never into the
+committed table. ``flush`` appends the remaining dirty rows to the log, fsyncs it and
+atomically marks it committed at step ``t`` (the commit point), then copies it into the
+zarr table in bounded batches. ``open`` redoes an interrupted copy, or discards an
+uncommitted log. So after a crash the table reopens at the last flushed step, with every
+row from that step: everything since the last flush is lost, nothing is mixed. Flush
+memory is bounded by ``_FLUSH_BATCH_BYTES`` of chunks, not by the number of dirty rows.
 
 Concurrency. ``pull``, ``working_set``, ``push`` and ``flush`` are serialized by an
 operation lock, so each sees the table at one step. ``prefetch`` runs on a background
@@ -32,6 +35,9 @@ from kstep_adam.embedding import _init
 from kstep_adam.embedding import _store
 from kstep_adam.embedding._host_cache import HostCache
 from kstep_adam.embedding._pending import PendingLog
+
+
+_FLUSH_BATCH_BYTES = 256 << 20  # uncompressed chunk bytes per flush write batch
 
 
 class WorkingSet(NamedTuple):
@@ -73,10 +79,13 @@ class EmbeddingTable:
     self.optimizer = optimizer
     self._config = config
     self._store = _store.TableStore(path, config, ts_cache_bytes=ts_cache_bytes)
+    self._pending = PendingLog(path, config["width"])
+    redo_step = self._pending.recover()
+    if redo_step is not None:  # a flush was committed but not fully copied: finish it
+      self._apply_pending(redo_step)
     self._step = self._store.committed_step()
     self._cache = HostCache(host_cache_rows, config["width"])
     self._device_cache = device_cache
-    self._pending = PendingLog(os.path.join(path, "pending.log"), config["width"])
     self._op_lock = threading.Lock()  # serializes pull/push/flush; prefetch skips it
     self._lock = threading.Lock()  # guards the host cache, the pending log, counters
     self._cond = threading.Condition(self._lock)
@@ -193,18 +202,15 @@ class EmbeddingTable:
         self._cond.wait()
       cache = self._cache
       dirty_slots = np.flatnonzero(cache.dirty_C)
-      pend_ids, pend_pos = self._pending.items()
-      pend_slots = cache.peek(pend_ids)
-      # Pending rows that are cached (clean or dirty) commit from the cache: it is newer.
-      slots = np.union1d(dirty_slots, pend_slots[pend_slots >= 0])
-      uncached = pend_slots < 0
-      ids = np.concatenate([cache.ids_C[slots], pend_ids[uncached]])
-      rows = np.concatenate([cache.rows_CxW[slots],
-                             self._pending.read(pend_pos[uncached])])
-      order = np.argsort(ids)
-      self._store.commit(ids[order], rows[order], self._step)
-      cache.dirty_C[slots] = False
-      self._pending.clear()
+      # A cached pending row is either dirty (appended now) or equal to its newest
+      # record, so afterwards the newest record of every id is its state at this step.
+      batch = max(1, _FLUSH_BATCH_BYTES // cache.rows_CxW.shape[1] // 4)
+      for lo in range(0, len(dirty_slots), batch):
+        slots = dirty_slots[lo:lo + batch]
+        self._pending.append(cache.ids_C[slots], cache.rows_CxW[slots])
+      self._pending.commit(self._step)  # the commit point
+      self._apply_pending(self._step)
+      cache.dirty_C[dirty_slots] = False
 
   def close(self, flush: bool = True) -> None:
     """Flushes (unless ``flush=False``) and releases the table; idempotent."""
@@ -330,6 +336,23 @@ class EmbeddingTable:
     self._num_loading -= 1
     self._cond.notify_all()
     return slots_U
+
+  def _apply_pending(self, step: int) -> None:
+    """Copies the committed pending log into the zarr table, then records ``step``."""
+    ids, positions = self._pending.items()
+    order = np.argsort(ids)
+    ids, positions = ids[order], positions[order]
+    chunk_rows, width = self._config["chunk_rows"], self._config["width"]
+    max_chunks = max(1, _FLUSH_BATCH_BYTES // (chunk_rows * width * 4))
+    # Cut the sorted ids into batches of at most max_chunks distinct chunks.
+    chunk = ids // chunk_rows
+    ordinal = np.cumsum(np.r_[True, chunk[1:] != chunk[:-1]]) - 1 if len(ids) else chunk
+    bounds = np.searchsorted(ordinal, np.arange(0, (ordinal[-1] + 1 if len(ids) else 0),
+                                                max_chunks))
+    for lo, hi in zip(bounds, np.r_[bounds[1:], len(ids)].astype(np.int64)):
+      self._store.write_rows(ids[lo:hi], self._pending.read(positions[lo:hi]))
+    self._store.write_step(step)
+    self._pending.clear()
 
   def _fresh_rows(self, ids_M: np.ndarray) -> np.ndarray:
     """Rows never written: deterministic init, initial optimizer slots, last_step = -1."""
