@@ -117,7 +117,15 @@ def bench(mode: str, params, batch, mesh, reps: int, seed: int = 0):
           times[f"switch_{slot}"].append(dt)
         else:
           times["dispatch_local"].append(dt)  # This program never merges.
-  return {name: float(np.median(ts)) for name, ts in times.items()}
+  med = {name: float(np.median(ts)) for name, ts in times.items()}
+  # Paired estimate: per repetition, local-step time over adam time in the same repetition
+  # (two steps each), which cancels slow drifts in machine load.
+  pair = lambda name: np.asarray(times[name]).reshape(reps, -1).mean(1)  # noqa: E731
+  adam = pair("adam")
+  for name in ("dispatch_local", "switch_local"):
+    ratios = pair(name) / adam
+    med[f"{name}_paired"] = tuple(float(q) for q in np.percentile(ratios, [25, 50, 75]))
+  return med
 
 
 def main(argv=None):
@@ -154,6 +162,9 @@ def main(argv=None):
           f"{med['dispatch_local'] / med['adam']:.3f} (goal <= 1.03), in-graph switch "
           f"{med['switch_local'] / med['adam']:.3f}; merge/non-merge "
           f"{med['switch_merge'] / med['dispatch_local']:.3f}")
+    for name in ("dispatch_local", "switch_local"):
+      q25, q50, q75 = med[f"{name}_paired"]
+      print(f"  paired per-rep ratio {name}/adam: median {q50:.3f} (IQR {q25:.3f}-{q75:.3f})")
 
   print("bytes per device per step (params only, hierarchical route; mean over 64 steps), "
         "and estimated comm time per step on "
