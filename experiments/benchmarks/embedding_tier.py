@@ -5,7 +5,9 @@ Command (default, ~1-2 min on 2 shared cores):
 Smoke run (seconds):          ... -m experiments.benchmarks.embedding_tier --quick
 Large table (NOT for CI; ~48 GiB of disk and hours at 2^28 rows):
   .venv/bin/python -m experiments.benchmarks.embedding_tier --large --log2-rows 28
-  (a scaled-down check of the same code path: --large --log2-rows 22 --large-steps 50)
+  (a scaled-down check of the same code path, ~1.5 min:
+   --large --log2-rows 22 --large-steps 100 --flush-every 25 --batch 20000
+   --large-cache-mib 128)
 
 The baseline ``NumpyTable`` holds params, optimizer slots and last steps in RAM and runs
 the same ``_optimizers`` math on gathered rows (np.unique + gather + update + scatter),
@@ -227,7 +229,8 @@ def case_large(args, workdir):
   opt = make_optimizer(args.optimizer)
   path = os.path.join(workdir, "large")
   table = embedding.open_table(path, num_rows=num_rows, dim=dim, optimizer=opt,
-                               host_cache_bytes=args.large_cache_gib << 30)
+                               host_cache_bytes=args.large_cache_mib << 20,
+                               chunk_rows=args.large_chunk_rows)
   rng = np.random.default_rng(4)
   perm_seed = 12345  # rank r -> row hash_keys_to_rows(r): scatters hot rows, no 2^28 perm
   n_unique, start, future = 0, time.perf_counter(), None
@@ -272,7 +275,9 @@ def main(argv=None):
   parser.add_argument("--large", action="store_true", help="only the large-table case")
   parser.add_argument("--log2-rows", type=int, default=28)
   parser.add_argument("--large-steps", type=int, default=3000)
-  parser.add_argument("--large-cache-gib", type=int, default=2)
+  parser.add_argument("--large-cache-mib", type=int, default=2048)
+  parser.add_argument("--large-chunk-rows", type=int, default=None,
+                      help="rows per zarr chunk (default: the table's ~64 KiB chunks)")
   parser.add_argument("--flush-every", type=int, default=500)
   parser.add_argument("--workdir", default=None, help="default: a temp dir, removed after")
   parser.add_argument("--out", default=None, help="append JSON lines here")
@@ -280,7 +285,7 @@ def main(argv=None):
   if args.quick:
     args.rows, args.batch, args.steps, args.seq_mib = 1 << 16, 4096, 5, 32
     args.log2_rows, args.large_steps, args.flush_every = min(args.log2_rows, 20), 10, 5
-    args.large_cache_gib = 1
+    args.large_cache_mib = 64
   workdir = args.workdir or tempfile.mkdtemp(prefix="embedding_tier_")
   os.makedirs(workdir, exist_ok=True)
   try:

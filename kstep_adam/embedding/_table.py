@@ -37,7 +37,7 @@ from kstep_adam.embedding._host_cache import HostCache
 from kstep_adam.embedding._pending import PendingLog
 
 
-_FLUSH_BATCH_BYTES = 256 << 20  # uncompressed chunk bytes per flush write batch
+_FLUSH_BATCH_BYTES = 64 << 20  # uncompressed chunk bytes per flush write batch
 
 
 class WorkingSet(NamedTuple):
