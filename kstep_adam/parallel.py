@@ -29,8 +29,7 @@ from jax.sharding import PartitionSpec as P
 
 from kstep_adam._comm import NetworkModel
 from kstep_adam._comm import comm_bytes
-from kstep_adam._merge import assume_local_step
-from kstep_adam._merge import record_merge_schedules
+from kstep_adam._dispatch import DispatchedStep
 from kstep_adam._schedule import MergeSchedule
 
 AXIS_NAMES = ("node", "local")
@@ -122,20 +121,17 @@ def make_train_step(
     dispatch_local_steps: bool = True,
     start_step: int = 0,
     donate: bool = True,
-) -> Callable:
+) -> DispatchedStep:
   """Build the jitted ``shard_map`` step ``(params_W, opt_state_W, batch) -> (..., metrics)``.
 
   Each worker computes ``loss_fn(params, batch_shard)`` and its gradient on its slice of the
   global batch, then applies ``tx`` (which averages over mesh axes when it is told to). The
   step itself adds no collective: metrics stay per worker.
 
-  Local-step dispatch (default): on the first call the general program is traced once to
-  find the merge schedules that ``tx`` gates with ``lax.switch``. If there are any, a second,
-  *local* program is compiled under :func:`kstep_adam.assume_local_step`: it has no merge
-  branch and no collective. The host counts steps and runs the local program on every step
-  where no schedule merges, the general program otherwise. This matters because XLA copies
-  the operands of an identity ``lax.switch`` branch, which makes an in-graph local step of a
-  memory-bound update several times slower than ``optax.adam`` (see the overhead benchmark).
+  With ``dispatch_local_steps`` (default) the step is a :class:`DispatchedStep`: on the first
+  call it finds the merge schedules that ``tx`` gates with ``lax.switch`` and compiles a second,
+  branch-free *local* program without any collective, which the host runs on every step where
+  no schedule merges. Results equal the single-program step up to XLA fusion rounding.
 
   Args:
     loss_fn: ``(params, batch) -> scalar loss`` for one worker's replica and batch shard.
@@ -149,13 +145,9 @@ def make_train_step(
   Returns:
     ``train_step(params_W, opt_state_W, batch)`` returning ``(params_W, opt_state_W, metrics)``
     where ``batch`` is a pytree with a leading global-batch dimension divisible by the number
-    of workers, and ``metrics = {'loss': loss_W}``. Attributes: ``jitted`` (the general
-    program, e.g. for ``.lower(...)``), ``local_jitted`` (the local program or None),
-    ``schedules`` (the schedules found), ``step`` (steps taken), and ``prepare(params_W,
-    opt_state_W, batch)`` which runs the discovery without taking a step.
+    of workers, and ``metrics = {'loss': loss_W}``; see :class:`DispatchedStep` for its
+    attributes (``jitted``, ``local_jitted``, ``schedules``, ``step``, ``prepare``).
   """
-  if not isinstance(start_step, int) or isinstance(start_step, bool) or start_step < 0:
-    raise ValueError(f"start_step must be a non-negative int, got {start_step!r}")
   spec = P(tuple(mesh.axis_names))
   num_workers = mesh.size
 
@@ -173,7 +165,7 @@ def make_train_step(
                       out_specs=(spec, spec, spec)),
         donate_argnums=(0, 1) if donate else ())
 
-  def place(batch):
+  def place_args(params_W, opt_state_W, batch):
     sizes = {np.shape(x)[0] if np.ndim(x) else None for x in jax.tree.leaves(batch)}
     if len(sizes) != 1 or None in sizes:
       raise ValueError(f"every batch leaf needs the same leading global-batch dimension, got "
@@ -182,37 +174,11 @@ def make_train_step(
     if batch_size % num_workers:
       raise ValueError(f"global batch size {batch_size} is not divisible by the number of "
                        f"workers {num_workers} (mesh {dict(mesh.shape)})")
-    return jax.tree.map(lambda x: jax.device_put(x, worker_sharding(mesh, np.ndim(x))), batch)
+    batch = jax.tree.map(lambda x: jax.device_put(x, worker_sharding(mesh, np.ndim(x))), batch)
+    return params_W, opt_state_W, batch
 
-  def prepare(params_W, opt_state_W, batch):
-    if train_step.schedules is not None:
-      return
-    with record_merge_schedules() as found:
-      jax.eval_shape(jitted, params_W, opt_state_W, place(batch))
-    train_step.schedules = tuple(found)
-    if dispatch_local_steps and found:
-      def local_body(*args):
-        with assume_local_step(*found):
-          return per_worker(*args)
-      train_step.local_jitted = build(local_body)
-
-  def train_step(params_W, opt_state_W, batch):
-    batch = place(batch)
-    prepare(params_W, opt_state_W, batch)
-    step = train_step.step + 1
-    local = train_step.local_jitted is not None and not any(
-        s.merges_at(step) for s in train_step.schedules)
-    out = (train_step.local_jitted if local else jitted)(params_W, opt_state_W, batch)
-    train_step.step = step
-    return out
-
-  jitted = build(per_worker)
-  train_step.jitted = jitted
-  train_step.local_jitted = None
-  train_step.schedules = None
-  train_step.step = start_step
-  train_step.prepare = prepare
-  return train_step
+  return DispatchedStep(build, per_worker, start_step=start_step,
+                        enabled=dispatch_local_steps, place_args=place_args)
 
 
 def comm_report(params, schedule: MergeSchedule, mesh: Mesh, num_steps: int,
