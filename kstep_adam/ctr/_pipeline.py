@@ -110,6 +110,10 @@ class Timer:
   def new_step(self) -> None:
     self.step = {}
 
+  def reset(self) -> None:
+    """Forget the totals so far (e.g. after the first step, which compiles)."""
+    self._totals = {}
+
   def total(self, name: str) -> float:
     return self._totals.get(name, 0.0)
 

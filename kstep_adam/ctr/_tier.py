@@ -49,6 +49,7 @@ class SparseTier:
         host_cache_rows=config.host_cache_rows, device_cache_rows=config.device_cache_rows,
         seed=config.seed, init_scale=config.init_scale)
     self._temporary = temporary
+    self._pad_to = 0
 
   def rows_of(self, keys_GxF: np.ndarray) -> np.ndarray:
     """Hash feature keys into table rows (pure NumPy; safe on the reader thread)."""
@@ -59,9 +60,11 @@ class SparseTier:
     self.table.prefetch(unique_rows)
 
   def working_set(self, rows_GxF: np.ndarray, num_unique: int) -> WorkingSet:
-    """Pull the unique rows of a batch once (the step's working set), padded to
-    ``bucket_size(num_unique)`` rows so the jitted step sees few shapes."""
-    ws = self.table.working_set(rows_GxF.reshape(-1), pad_to=bucket_size(num_unique))
+    """Pull the unique rows of a batch once (the step's working set), padded to a power of
+    two at least ``num_unique`` so the jitted step sees few shapes."""
+    # The bucket never shrinks, so the step compiles once per new high-water mark only.
+    self._pad_to = max(self._pad_to, bucket_size(num_unique))
+    ws = self.table.working_set(rows_GxF.reshape(-1), pad_to=self._pad_to)
     return WorkingSet(ws.unique_ids, ws.rows,
                       ws.inverse.astype(np.int32).reshape(rows_GxF.shape))
 

@@ -178,6 +178,7 @@ def train(config: TrainConfig, source: DataSource, out_dir: str | None = None, *
       meter.add_step(step, ws.num_unique, timer.step.get('compute', 0.0))
       if step == 1:
         first_step_seconds = time.perf_counter() - t0  # includes compilation
+        timer.reset()  # the breakdown covers the steady state (steps 2..T)
       window_loss.append(loss)
       if step < num_steps:
         current = upcoming
