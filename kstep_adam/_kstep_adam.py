@@ -159,11 +159,17 @@ def kstep_adam(
 
   Without ``axis_name`` it equals ``optax.adam`` (``form='adam'``, ``clip=None``).
 
+  Merges are gated by ``lax.switch`` on the step counter, so a local step executes no
+  collective. The identity branch still costs XLA copies of the updates; the harness
+  (:func:`kstep_adam.parallel.make_train_step`, :class:`kstep_adam.parallel.DispatchedStep`)
+  removes that by running a branch-free program on local steps.
+
   Args:
     learning_rate: a float or an optax schedule.
     k: merge period in steps, per-axis periods ``{axis: k}``, or a :class:`MergeSchedule`
-      (then ``axis_name``, ``sync``, ``route`` are taken from it). Under
-      ``optax.inject_hyperparams`` pass ``static_args=('k',)``.
+      (then ``axis_name``, ``sync``, ``route`` are taken from it; build it with the same
+      ``mu_dtype`` so that byte counts are right). Under ``optax.inject_hyperparams`` pass
+      ``static_args=('k',)``.
     b1: decay rate of the first moment.
     b2: decay rate of the second moment.
     eps: denominator term, see :func:`scale_by_kstep_adam`.
