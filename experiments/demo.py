@@ -117,7 +117,7 @@ def main(argv=None):
                        == i + 1) for i, lvl in enumerate(axes)}
     print(f"  final loss {np.mean(losses[-10:]):.4f}; replica spread {spread:.2e}; "
           f"wall {wall:.1f}s")
-    print(f"  merges by level: {merges}")
+    print(f"  merges (DDP: gradient all-reduces) by level: {merges}")
     print("  bytes sent per device: " + ", ".join(
         f"{a}={b / 1e6:.3f} MB" for a, b in report["bytes_by_axis"].items()))
     print("  estimated comm time: " + ", ".join(
