@@ -233,7 +233,7 @@ def case_large(args, workdir):
                                chunk_rows=args.large_chunk_rows)
   rng = np.random.default_rng(4)
   perm_seed = 12345  # rank r -> row hash_keys_to_rows(r): scatters hot rows, no 2^28 perm
-  n_unique, start, future = 0, time.perf_counter(), None
+  n_unique, start, future, flush_seconds = 0, time.perf_counter(), None, 0.0
   next_ids = embedding.hash_keys_to_rows((rng.zipf(args.zipf_a, args.batch) - 1), num_rows,
                                          salt=perm_seed)
   for step in range(args.large_steps):
@@ -247,16 +247,21 @@ def case_large(args, workdir):
     n_unique += len(ws.unique_ids)
     table.push(ws.unique_ids, rng.standard_normal(ws.rows.shape).astype(np.float32) * 0.01)
     if (step + 1) % args.flush_every == 0:
+      flush_start = time.perf_counter()
       table.flush()
+      flush_seconds += time.perf_counter() - flush_start
   future.result()
+  flush_start = time.perf_counter()
   table.flush()
+  flush_seconds += time.perf_counter() - flush_start
   seconds = time.perf_counter() - start
   stats = table.stats()
   table.close()
   emit(args.out, dict(case="large", rows=num_rows, dim=dim, optimizer=args.optimizer,
                       host_cache_rows=table.host_cache_rows, steps=args.large_steps,
                       batch_ids=args.batch, unique_rows_per_s=n_unique / seconds,
-                      seconds=seconds, hit_rate=stats["hit_rate"],
+                      seconds=seconds, flush_seconds=flush_seconds,
+                      hit_rate=stats["hit_rate"], prefetched_rows=stats["prefetched_rows"],
                       peak_rss_gib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
                       disk_used_gib=du_bytes(path) / 2**30,
                       dense_equivalent_gib=num_rows * 4 * (1 + 3 * dim) / 2**30))
