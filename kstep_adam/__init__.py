@@ -3,6 +3,7 @@
 The public API is re-exported here, one name per line.
 """
 
+from kstep_adam import ctr
 from kstep_adam import embedding
 from kstep_adam import parallel
 from kstep_adam._baselines import DiLoCoState
@@ -27,6 +28,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "__version__",
+    "ctr",
     "embedding",
     "parallel",
     "DiLoCoState",
