@@ -12,9 +12,9 @@ from typing import NamedTuple
 
 import numpy as np
 
-_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
-_MIX1 = np.uint64(0xBF58476D1CE4E5B9)
-_MIX2 = np.uint64(0x94D049BB133111EB)
+# One SplitMix64 for the project: the embedding tier's.
+from kstep_adam.embedding._hashing import splitmix64
+
 MAX_KEY_BITS = 63  # keys stay non-negative when viewed as int64
 
 
@@ -28,14 +28,6 @@ class CTRBatch(NamedTuple):
   @property
   def size(self) -> int:
     return int(self.label_B.shape[0])
-
-
-def splitmix64(x: np.ndarray) -> np.ndarray:
-  """Apply the splitmix64 finalizer elementwise (a bijection on uint64, good avalanche)."""
-  z = np.asarray(x, dtype=np.uint64) + _GOLDEN
-  z = (z ^ (z >> np.uint64(30))) * _MIX1
-  z = (z ^ (z >> np.uint64(27))) * _MIX2
-  return z ^ (z >> np.uint64(31))
 
 
 def feature_keys(values_BxF: np.ndarray, *, key_bits: int = 40) -> np.ndarray:
