@@ -199,15 +199,9 @@ def make_figures(rows: list[dict], out_dir: str, figures_dir: str, *, seed: int 
     ax.axhline(sync['auc'][0], color='k', ls='--', label='sync Adam (DDP)')
     ax.axhspan(sync['auc'][0] - sync['auc'][1], sync['auc'][0] + sync['auc'][1], color='k',
                alpha=0.08)
-  ax.set_xscale('log', base=2)
-  ax.set_xlabel('merge period k (steps)')
-  ax.set_ylabel('test AUC (mean ± std over seeds)')
-  ax.set_title(f"Test AUC vs k (teacher AUC {rows[0]['teacher_auc']:.3f})")
-  ax.legend(fontsize=8)
-  fig.tight_layout()
-  paths.append(os.path.join(figures_dir, 'paper_auc_vs_k.png'))
-  fig.savefig(paths[-1], dpi=120)
-  plt.close(fig)
+  paths.append(_save(fig, ax, os.path.join(figures_dir, 'paper_auc_vs_k.png'),
+                     xlabel='merge period k (steps)', ylabel='test AUC (mean ± std over seeds)',
+                     title=f"Test AUC vs k (teacher AUC {rows[0]['teacher_auc']:.3f})"))
 
   fig, ax = plt.subplots(figsize=(6, 4))
   for v in variants:
@@ -216,16 +210,11 @@ def make_figures(rows: list[dict], out_dir: str, figures_dir: str, *, seed: int 
             label=f'k-step Adam ({v})')
   if sync is not None:
     ax.axhline(sync['node_bytes'] / 1e6, color='k', ls='--', label='sync Adam (DDP)')
-  ax.set_xscale('log', base=2)
   ax.set_yscale('log')
-  ax.set_xlabel('merge period k (steps)')
-  ax.set_ylabel('dense inter-node MB per device (whole run)')
-  ax.set_title('Dense inter-node traffic vs k')
-  ax.legend(fontsize=8)
-  fig.tight_layout()
-  paths.append(os.path.join(figures_dir, 'paper_traffic_vs_k.png'))
-  fig.savefig(paths[-1], dpi=120)
-  plt.close(fig)
+  paths.append(_save(fig, ax, os.path.join(figures_dir, 'paper_traffic_vs_k.png'),
+                     xlabel='merge period k (steps)',
+                     ylabel='dense inter-node MB per device (whole run)',
+                     title='Dense inter-node traffic vs k'))
 
   fig, ax = plt.subplots(figsize=(6, 4))
   curves = [('sync_adam', 'grads', 1)] + [('kstep_adam', variants[0], r['k'])
@@ -238,12 +227,23 @@ def make_figures(rows: list[dict], out_dir: str, figures_dir: str, *, seed: int 
     label = 'sync Adam' if optimizer == 'sync_adam' else f'k={k}'
     ax.plot([r['step'] for r in recs], [r['loss'] for r in recs], label=label,
             color='k' if optimizer == 'sync_adam' else None, lw=1.2)
-  ax.set_xlabel('step')
-  ax.set_ylabel('training loss (window mean)')
-  ax.set_title(f'Training loss, k-step Adam ({variants[0] if variants else ""}), seed {seed}')
-  ax.legend(fontsize=8, ncol=2)
-  fig.tight_layout()
-  paths.append(os.path.join(figures_dir, 'paper_loss_curves.png'))
-  fig.savefig(paths[-1], dpi=120)
-  plt.close(fig)
+  paths.append(_save(
+      fig, ax, os.path.join(figures_dir, 'paper_loss_curves.png'), xlabel='step',
+      ylabel='training loss (window mean)', log_x=False,
+      title=f'Training loss, k-step Adam ({variants[0] if variants else ""}), seed {seed}'))
   return paths
+
+
+def _save(fig, ax, path: str, *, xlabel: str, ylabel: str, title: str,
+          log_x: bool = True) -> str:
+  import matplotlib.pyplot as plt
+  if log_x:
+    ax.set_xscale('log', base=2)
+  ax.set_xlabel(xlabel)
+  ax.set_ylabel(ylabel)
+  ax.set_title(title)
+  ax.legend(fontsize=8, ncol=1 if log_x else 2)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+  return path

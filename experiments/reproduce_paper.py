@@ -47,7 +47,10 @@ def main(argv=None) -> str:
   figures = args.figures or (f'{out}/figures' if args.quick else 'figures')
   if not args.plot_only:
     lib.run_grid(cfg, out, log=lambda s: print(s, flush=True))
-  rows = lib.summarize(lib.read_runs(f'{out}/runs.jsonl'))
+  runs = lib.read_runs(f'{out}/runs.jsonl')
+  if not runs:
+    raise SystemExit(f'no results in {out}/runs.jsonl; run without --plot-only first')
+  rows = lib.summarize(runs)
   table = lib.write_table(rows, out, cfg)
   lib.make_figures(rows, out, figures)
   print(table)

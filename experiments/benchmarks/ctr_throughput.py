@@ -7,8 +7,10 @@ Baseline: every embedding row in one in-memory ``jax.Array [table_rows, D]``, ``
 ``optax.adam`` over embeddings and dense layers together, one jitted step (dense Adam
 touches every row each step). Workflow: :func:`kstep_adam.ctr.train` with the tiered
 embedding table in exact SparseAdam mode (the same math as ``optax.adam`` on the full table)
-and synchronous Adam on the dense layers, in two settings: the table fully in the host tier,
-and a host cache 10x smaller than the table (a vocabulary large enough to overflow it).
+and synchronous Adam on the dense layers (plus k-step Adam, k=8, on 2 x 4 simulated CPU
+devices, whose merge steps give the "merge" column), in two settings: the table fully in the
+host tier, and a host cache 10x smaller than the table (a vocabulary large enough to
+overflow it).
 Both read the same pre-generated global batches from memory, so data generation is not
 timed; the workflow still hashes keys on its reader thread. Prints examples/s, the ratio to
 the baseline and the workflow's time breakdown (data wait, pull, compute, push, merge).
@@ -77,12 +79,13 @@ def run_baseline(batches, *, table_rows: int, embed_dim: int, lr: float, sparse_
 
 def run_workflow(batches, *, nodes: int, devices_per_node: int, table_rows: int,
                  host_cache_rows: int, device_cache_rows: int, embed_dim: int, lr: float,
-                 sparse_lr: float, sparse_mode: str, seed: int, test_batches) -> dict:
+                 sparse_lr: float, sparse_mode: str, seed: int, test_batches,
+                 optimizer: str = 'sync_adam', k: int = 1) -> dict:
   from kstep_adam import ctr
   workers = nodes * devices_per_node
   config = ctr.TrainConfig(
       batch_size=batches[0].size // workers, embed_dim=embed_dim, learning_rate=lr,
-      sparse_learning_rate=sparse_lr, sparse_mode=sparse_mode, optimizer='sync_adam',
+      sparse_learning_rate=sparse_lr, sparse_mode=sparse_mode, optimizer=optimizer, k=k,
       nodes=nodes, devices_per_node=devices_per_node, steps=len(batches), log_every=10**9,
       table_rows=table_rows, host_cache_rows=host_cache_rows,
       device_cache_rows=device_cache_rows, seed=seed)
@@ -129,6 +132,9 @@ def main(argv=None) -> dict:
   if platform == 'cpu':
     results['workflow_host_2x4'] = run_workflow(
         batches, nodes=2, devices_per_node=4, host_cache_rows=args.table_rows, **wf)
+    results['workflow_host_2x4_kstep8'] = run_workflow(
+        batches, nodes=2, devices_per_node=4, host_cache_rows=args.table_rows,
+        optimizer='kstep_adam', k=8, **wf)
   big_data, big_batches = _batches(args.steps, args.global_batch, args.big_vocab_size,
                                    args.seed)
   results['baseline_big_vocab'] = run_baseline(big_batches, **common)
