@@ -197,13 +197,12 @@ def case_zipf_10x(args, workdir):
                         mib_written=stats["bytes_written"] / 2**20))
 
 
-def case_disk_bandwidth(args, workdir):
-  seq = sequential_read_bandwidth(workdir, args.seq_mib << 20)
+def case_disk_bandwidth(args, workdir, seq: float, compress: bool):
   num_rows, dim = args.rows, args.dim
-  path = os.path.join(workdir, "cold")
+  path = os.path.join(workdir, f"cold{int(compress)}")
   opt = make_optimizer(args.optimizer)
   with embedding.open_table(path, num_rows=num_rows, dim=dim, optimizer=opt,
-                            host_cache_rows=num_rows) as table:
+                            host_cache_rows=num_rows, compress=compress) as table:
     rng = np.random.default_rng(3)
     for lo in range(0, num_rows, 1 << 16):  # write every row once (incompressible)
       ids = np.arange(lo, min(lo + (1 << 16), num_rows))
@@ -216,7 +215,7 @@ def case_disk_bandwidth(args, workdir):
     table.prefetch(ids).result()
     seconds, disk_bytes = time.perf_counter() - start, _storage_read_bytes() - io_before
   emit(args.out, dict(case="cold_random_gather_vs_sequential_read", rows=num_rows,
-                      unique_ids=len(ids), chunk_rows=chunk_rows,
+                      compress=compress, unique_ids=len(ids), chunk_rows=chunk_rows,
                       chunks_touched=len(np.unique(ids // chunk_rows)),
                       seq_read_mib_per_s=seq / 2**20,
                       useful_row_mib_per_s=len(ids) * width * 4 / seconds / 2**20,
@@ -299,7 +298,9 @@ def main(argv=None):
     else:
       case_fits_in_cache(args, workdir)
       case_zipf_10x(args, workdir)
-      case_disk_bandwidth(args, workdir)
+      seq = sequential_read_bandwidth(workdir, args.seq_mib << 20)
+      for compress in (True, False):
+        case_disk_bandwidth(args, workdir, seq, compress)
   finally:
     if args.workdir is None:
       shutil.rmtree(workdir, ignore_errors=True)

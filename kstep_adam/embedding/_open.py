@@ -18,6 +18,7 @@ def open_table(path: str, *, num_rows: Optional[int] = None, dim: Optional[int] 
                host_cache_bytes: Optional[int] = None, device_cache_rows: int = 0,
                seed: Optional[int] = None, init_scale: Optional[float] = None,
                init_distribution: Optional[str] = None, chunk_rows: Optional[int] = None,
+               compress: Optional[bool] = None,
                ts_cache_bytes: int = 64 << 20) -> EmbeddingTable:
   """Creates the embedding table at ``path``, or reopens the one there.
 
@@ -42,6 +43,7 @@ def open_table(path: str, *, num_rows: Optional[int] = None, dim: Optional[int] 
     init_scale: U(-s, s) half-width or N(0, s) std of the init (default ``1/sqrt(dim)``).
     init_distribution: ``'uniform'`` (default) or ``'normal'``.
     chunk_rows: rows per zarr chunk on disk (default: about 64 KiB per chunk).
+    compress: zstd-compress chunks (default True; see ``_store`` for the trade-off).
     ts_cache_bytes: TensorStore's own chunk cache for this table.
 
   Returns:
@@ -63,9 +65,10 @@ def open_table(path: str, *, num_rows: Optional[int] = None, dim: Optional[int] 
   if exists:
     config = _store.read_config(path)  # raises if the path holds something else
     given = dict(num_rows=num_rows, dim=dim, seed=seed, init_scale=init_scale,
-                 init_distribution=init_distribution, chunk_rows=chunk_rows)
+                 init_distribution=init_distribution, chunk_rows=chunk_rows,
+                 compress=compress)
     for name, value in given.items():
-      if value is not None and value != config[name]:
+      if value is not None and value != config.get(name, True):
         raise ValueError(f"{name}={value!r} conflicts with the table at {path!r}, which "
                          f"has {name}={config[name]!r}; omit it or pass the stored value")
     optimizer = _reconcile_optimizer(path, config, optimizer)
@@ -90,6 +93,7 @@ def open_table(path: str, *, num_rows: Optional[int] = None, dim: Optional[int] 
     config = dict(format=_store.FORMAT, num_rows=num_rows, dim=dim, width=width,
                   chunk_rows=int(min(chunk_rows, num_rows)), seed=int(seed or 0),
                   init_scale=init_scale, init_distribution=init_distribution,
+                  compress=True if compress is None else bool(compress),
                   optimizer=optimizer.config())
   row_bytes = 4 * config["width"]
   if host_cache_rows is not None and host_cache_bytes is not None:

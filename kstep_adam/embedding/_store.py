@@ -12,10 +12,12 @@ Directory layout of a table at ``path``::
                     log that makes a flush atomic (see ``_pending``)
   path/LOCK         flock'ed by the process that has the table open
 
-Chunks are zstd-compressed (level 1): a chunk written for one row is otherwise fill
-zeros, so compression keeps the disk footprint near the bytes of written rows, both for
-the first write and for each flush's copy-on-write rewrite (measured on a 2^22-row table
-with Zipf traffic: 79 MiB on disk instead of 3.1 GiB uncompressed, and 3x faster flushes).
+Chunks are zstd-compressed (level 1) unless the table was created with
+``compress=False``: a chunk written for one row is otherwise fill zeros, so compression
+keeps the disk footprint near the bytes of written rows, both for the first write and
+for each flush's copy-on-write rewrite (measured on a 2^22-row table with Zipf traffic:
+79 MiB on disk instead of 3.1 GiB uncompressed, and 3x faster flushes). A densely
+written table gains nothing from it and pays the (de)compression on every chunk.
 
 Row layout (width ``W = 1 + D + S``): column 0 holds the int32 bits of ``last_step + 1``
 (so the zarr fill value 0 reads as "never written", and the row's value is its
@@ -57,7 +59,11 @@ def decode_last_step(rows_NxW: np.ndarray) -> np.ndarray:
   return np.ascontiguousarray(rows_NxW[:, 0]).view(np.int32).astype(np.int64) - 1
 
 
-def _array_spec(kvstore: dict, num_rows: int, width: int, chunk_rows: int) -> dict:
+def _array_spec(kvstore: dict, num_rows: int, width: int, chunk_rows: int,
+                compress: bool) -> dict:
+  codecs = [{"name": "bytes", "configuration": {"endian": "little"}}]
+  if compress:
+    codecs.append({"name": "zstd", "configuration": {"level": 1}})
   return {
       "driver": "zarr3",
       "kvstore": kvstore,
@@ -67,8 +73,7 @@ def _array_spec(kvstore: dict, num_rows: int, width: int, chunk_rows: int) -> di
                          "configuration": {"chunk_shape": [chunk_rows, width]}},
           "data_type": "float32",
           "fill_value": 0.0,
-          "codecs": [{"name": "bytes", "configuration": {"endian": "little"}},
-                     {"name": "zstd", "configuration": {"level": 1}}],
+          "codecs": codecs,
       },
       "recheck_cached_data": False,
   }
@@ -118,7 +123,9 @@ class TableStore:
     num_rows, width, chunk_rows = config["num_rows"], config["width"], config["chunk_rows"]
     db = {"driver": "ocdbt", "base": {"driver": "file", "path": os.path.join(path, "db")}}
     self._kv = ts.KvStore.open(db, context=self._context).result()
-    self._rows = ts.open(_array_spec(dict(db, path="rows/"), num_rows, width, chunk_rows),
+    spec = _array_spec(dict(db, path="rows/"), num_rows, width, chunk_rows,
+                       config.get("compress", True))
+    self._rows = ts.open(spec,
                          create=create, open=not create, context=self._context).result()
     self._row_bytes = 4 * width
     self.bytes_read = 0

@@ -391,8 +391,10 @@ class EmbeddingTable:
       raise ValueError(f"grads must be a floating array (float16/32/64, bfloat16), got "
                        f"dtype {grads.dtype}")
     grads = grads.astype(np.float32, copy=False)
-    if not np.isfinite(grads).all():
-      raise ValueError(f"grads must be finite, got {np.size(grads) - np.count_nonzero(np.isfinite(grads))} NaN/inf entries")
+    finite = np.isfinite(grads)
+    if not finite.all():
+      raise ValueError(f"grads must be finite, got {finite.size - np.count_nonzero(finite)} "
+                       "NaN/inf entries")
     return grads
 
 
