@@ -373,6 +373,25 @@ def test_bad_paths_and_conflicting_reopen(tmp_path):
     np.testing.assert_equal(t.pull(np.arange(20)), before)
 
 
+def test_uncompressed_table_round_trips_and_keeps_its_setting(tmp_path):
+  with embedding.open_table(tmp_path / "t", num_rows=100, dim=DIM, optimizer=_adam(),
+                            compress=False, host_cache_rows=10) as table:
+    for ids, grads in _batches(100, 6):
+      table.push(ids, grads)
+    before = table.pull(np.arange(100))
+  with pytest.raises(ValueError, match="compress=True conflicts"):
+    embedding.open_table(tmp_path / "t", compress=True)
+  with embedding.open_table(tmp_path / "t", compress=False) as table:
+    np.testing.assert_equal(table.pull(np.arange(100)), before)
+
+
+def test_hash_keys_to_rows_follows_its_documented_formula():
+  from kstep_adam.embedding._hashing import splitmix64  # noqa: PLC0415
+  keys = np.array([0, 5, 2**63 - 1], np.int64)
+  expected = splitmix64(keys.view(np.uint64) ^ splitmix64(np.uint64(3))) % np.uint64(97)
+  np.testing.assert_equal(embedding.hash_keys_to_rows(keys, 97, salt=3), expected)
+
+
 def test_bad_constructor_arguments():
   with pytest.raises(ValueError, match="mode"):
     embedding.SparseAdam(mode="dense")
