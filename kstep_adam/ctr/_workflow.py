@@ -202,45 +202,47 @@ def train(config: TrainConfig, source: DataSource, out_dir: str | None = None, *
         evals.append({'kind': 'eval', 'step': step, **result})
         log(evals[-1])
     train_seconds = time.perf_counter() - train_start - timer.total('eval')
+    prefetcher.close()
+    # The end of the pass merges the replicas (as PaddleBox does); evaluate the merged model.
+    final = evaluate(source, tier, predict, jax.device_get(_step.replica_mean(params_W)))
+    evals.append({'kind': 'eval', 'step': num_steps, **final})
+    log(evals[-1])
+    steady = max(train_seconds - first_step_seconds, 1e-9)
+    summary = {
+        **final,
+        'teacher_auc': source.teacher_auc,
+        'steps': num_steps,
+        'examples': num_steps * config.global_batch,
+        'examples_per_sec': (num_steps - 1) * config.global_batch / steady if num_steps > 1
+                            else config.global_batch / max(train_seconds, 1e-9),
+        'train_seconds': train_seconds,
+        'first_step_seconds': first_step_seconds,
+        'time_breakdown_seconds': {**timer.totals(), 'merge': meter.merge_seconds_estimate()},
+        **meter.totals(),
+        'table_stats': tier.stats(),
+        'evals': evals,
+        'data': {'source': source.name, **source.info,
+                 'lines_skipped': sum(s.lines_skipped for s in source.read_stats),
+                 'skip_messages': [m for s in source.read_stats for m in s.messages]},
+        'config': {**vars(config), 'table_dir': table_dir},
+        'mesh': dict(mesh.shape),
+        'devices': [str(d) for d in jax.devices()[:config.num_workers]],
+    }
+    if out_dir is not None:
+      with open(os.path.join(out_dir, 'summary.json'), 'w') as f:
+        json.dump(summary, f, indent=2, default=str)
+    state = None
+    if return_state:
+      row_ids = np.unique(np.concatenate(pushed))
+      state = {'params_W': jax.device_get(params_W), 'row_ids': row_ids,
+               'rows': tier.table.pull(row_ids)}
   finally:
     prefetcher.close()
     if bar is not None:
       bar.close()
-  # The end of the pass merges the replicas (as PaddleBox does); evaluate the merged model.
-  final = evaluate(source, tier, predict, jax.device_get(_step.replica_mean(params_W)))
-  evals.append({'kind': 'eval', 'step': num_steps, **final})
-  log(evals[-1])
-  steady = max(train_seconds - first_step_seconds, 1e-9)
-  summary = {
-      **final,
-      'teacher_auc': source.teacher_auc,
-      'steps': num_steps,
-      'examples': num_steps * config.global_batch,
-      'examples_per_sec': (num_steps - 1) * config.global_batch / steady if num_steps > 1
-                          else config.global_batch / max(train_seconds, 1e-9),
-      'train_seconds': train_seconds,
-      'first_step_seconds': first_step_seconds,
-      'time_breakdown_seconds': {**timer.totals(), 'merge': meter.merge_seconds_estimate()},
-      **meter.totals(),
-      'table_stats': tier.stats(),
-      'evals': evals,
-      'data': {'source': source.name, **source.info,
-               'lines_skipped': sum(s.lines_skipped for s in source.read_stats),
-               'skip_messages': [m for s in source.read_stats for m in s.messages]},
-      'config': {**vars(config), 'table_dir': table_dir},
-      'mesh': dict(mesh.shape),
-      'devices': [str(d) for d in jax.devices()[:config.num_workers]],
-  }
-  if writer is not None:
-    writer.close()
-    with open(os.path.join(out_dir, 'summary.json'), 'w') as f:
-      json.dump(summary, f, indent=2, default=str)
-  state = None
-  if return_state:
-    row_ids = np.unique(np.concatenate(pushed))
-    state = {'params_W': jax.device_get(params_W), 'row_ids': row_ids,
-             'rows': tier.table.pull(row_ids)}
-  tier.close()
-  if scratch is not None:
-    scratch.cleanup()
+    if writer is not None:
+      writer.close()
+    tier.close()
+    if scratch is not None:
+      scratch.cleanup()
   return (summary, state) if return_state else summary
