@@ -92,7 +92,7 @@ def run_config(config: dict[str, Any], out_dir: str, *, log=print) -> str:
                 tune_E = res[tuned_on][:, :half].mean(1)
                 best = int(np.argmin(tune_E))
                 cache[key] = dict(
-                    etas=_r(etas), beta2=beta2, best=best, tuned_on=tuned_on,
+                    etas=etas.tolist(), beta2=beta2, best=best, tuned_on=tuned_on,
                     eta_at_grid_edge=best in (0, len(etas) - 1),
                     gap_xbar_ExS=_r(res["gap_xbar_ExS"]),
                     gap_zbar_ExS=_r(res["gap_zbar_ExS"]),
