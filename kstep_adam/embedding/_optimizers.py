@@ -21,6 +21,7 @@ ADAM_MODES = ("exact", "lazy")
 # The exact catch-up truncates its sum once the remaining tail is below this fraction of
 # the largest learning rate (2^-24: float32's half-ulp at 1.0).
 CATCH_UP_TAIL_TOL = 2.0**-24
+_CATCH_UP_BLOCK_ROWS = 1024
 
 
 def _learning_rate(learning_rate: ScalarOrSchedule, count_N: np.ndarray) -> np.ndarray:
@@ -144,27 +145,40 @@ class SparseAdam:
     n_U = np.minimum(gap_U, self.catch_up_terms)
     # Sort by number of terms (descending): rows still summing at term j are a prefix.
     order = np.argsort(-n_U, kind="stable")
-    m_s, v_s, s_s, n_s = m_UxD[order], v_UxD[order], s_U[order], n_U[order]
-    sqrt_v = np.sqrt(v_s)
-    coef_UxD = np.zeros_like(m_s)
-    neg_n = -n_s
-    tmp = np.empty_like(m_s)
-    for j in range(1, int(n_s[0]) + 1):
-      k = int(np.searchsorted(neg_n, -j, side="right"))  # rows with n >= j
-      c_k = s_s[:k] + j
-      a_k = (_learning_rate(self.learning_rate, c_k - 1) * self.b1**j
-             / (1.0 - np.power(self.b1, c_k)))
-      q_k = np.sqrt(self.b2**j / (1.0 - np.power(self.b2, c_k)))
-      t_kxD = tmp[:k]
-      np.multiply(sqrt_v[:k], q_k[:, None], out=t_kxD)
-      t_kxD += self.eps
-      np.divide(a_k[:, None], t_kxD, out=t_kxD)
-      coef_UxD[:k] += t_kxD
+    m_s, v_s = m_UxD[order], v_UxD[order]
+    coef_UxD = self._displacement_coefficients(np.sqrt(v_s), s_U[order], n_U[order])
     new_p = params_NxD[idx[order]].astype(np.float64) - m_s * coef_UxD
     params_NxD[idx[order]] = new_p
     slots_NxS[idx, :dim] = m_UxD * np.power(self.b1, gap_U)[:, None]
     slots_NxS[idx, dim:] = v_UxD * np.power(self.b2, gap_U)[:, None]
     return changed_N
+
+  def _displacement_coefficients(self, sqrt_v_UxD, s_U, n_U):
+    """Per element, sum_j eta_(s+j-1) a_j / (sqrt(v_s) q_j + eps) for j = 1..n (n sorted
+    descending), as (a_j/q_j) / (sqrt(v_s) + eps/q_j): three passes per term. Rows are
+    processed in blocks that stay in the CPU cache across the K terms, and each block's
+    per-row scalars for all terms are computed at once."""
+    coef_UxD = np.zeros_like(sqrt_v_UxD)
+    for lo in range(0, len(n_U), _CATCH_UP_BLOCK_ROWS):
+      sqrt_v = sqrt_v_UxD[lo:lo + _CATCH_UP_BLOCK_ROWS]
+      acc = coef_UxD[lo:lo + _CATCH_UP_BLOCK_ROWS]
+      s_b, neg_n = s_U[lo:lo + _CATCH_UP_BLOCK_ROWS], -n_U[lo:lo + _CATCH_UP_BLOCK_ROWS]
+      j_J = np.arange(1, int(-neg_n[0]) + 1)
+      k_J = np.searchsorted(neg_n, -j_J, side="right")  # rows still summing at term j
+      c_JxB = s_b[None, :] + j_J[:, None]  # the step number of term j for each row
+      a_JxB = (_learning_rate(self.learning_rate, c_JxB - 1)
+               * np.power(self.b1, j_J.astype(np.float64))[:, None]
+               / (1.0 - np.power(self.b1, c_JxB.astype(np.float64))))
+      q_JxB = np.sqrt(np.power(self.b2, j_J.astype(np.float64))[:, None]
+                      / (1.0 - np.power(self.b2, c_JxB.astype(np.float64))))
+      num_JxB, shift_JxB = a_JxB / q_JxB, self.eps / q_JxB
+      tmp = np.empty_like(sqrt_v)
+      for j, k in enumerate(k_J):
+        t = tmp[:k]
+        np.add(sqrt_v[:k], shift_JxB[j, :k, None], out=t)
+        np.divide(num_JxB[j, :k, None], t, out=t)
+        acc[:k] += t
+    return coef_UxD
 
   def apply(self, params_NxD, slots_NxS, grads_NxD, step: int) -> None:
     """Applies step number ``step`` (1-based) with summed gradients, in place."""
