@@ -25,11 +25,19 @@ _CATCH_UP_BLOCK_ROWS = 1024
 
 
 def _learning_rate(learning_rate: ScalarOrSchedule, count_N: np.ndarray) -> np.ndarray:
-  """Evaluates a float or a schedule at the 0-based step counts ``count_N`` (float64)."""
-  if callable(learning_rate):
-    return np.broadcast_to(np.asarray(learning_rate(count_N), dtype=np.float64),
-                           count_N.shape)
-  return np.full(count_N.shape, float(learning_rate))
+  """Evaluates a float or a schedule at the 0-based step counts ``count_N`` (float64).
+
+  A schedule is called once, on the distinct counts padded to a power-of-two length, so
+  a jitted (optax) schedule compiles for a few shapes only.
+  """
+  if not callable(learning_rate):
+    return np.full(count_N.shape, float(learning_rate))
+  unique, inverse = np.unique(count_N, return_inverse=True)
+  padded = np.full(1 << max(0, int(len(unique) - 1).bit_length()), unique[-1])
+  padded[:len(unique)] = unique
+  values = np.asarray(learning_rate(padded), dtype=np.float64)
+  values = np.broadcast_to(values, padded.shape)[:len(unique)]
+  return values[inverse].reshape(count_N.shape)
 
 
 def _check_learning_rate(learning_rate: ScalarOrSchedule) -> None:
