@@ -21,6 +21,7 @@ e.g. NVLink) or ``'node'`` (inter-node network).
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 from collections.abc import Mapping
 
@@ -54,6 +55,14 @@ class CommCost:
 def _axis_sizes(axis_sizes) -> dict[str, int]:
   shape = getattr(axis_sizes, "shape", axis_sizes)  # a jax Mesh has .shape: name -> size.
   return {str(a): int(n) for a, n in dict(shape).items()}
+
+
+def _checked_sizes(schedule: MergeSchedule, axis_sizes) -> dict[str, int]:
+  sizes = _axis_sizes(axis_sizes)
+  missing = [a for a in schedule.axis_names if a not in sizes]
+  if missing:
+    raise ValueError(f"axis_sizes has no size for axes {missing!r}; it has {sorted(sizes)!r}")
+  return sizes
 
 
 def _elements_by_dtype(params, state: str, schedule: MergeSchedule) -> dict[str, int]:
@@ -114,10 +123,7 @@ def merge_bytes(params, schedule: MergeSchedule, axis_sizes, *, step: int) -> Co
   """
   if not isinstance(step, (int, np.integer)) or step < 1:
     raise ValueError(f"step must be a 1-based positive int, got {step!r}")
-  sizes = _axis_sizes(axis_sizes)
-  missing = [a for a in schedule.axis_names if a not in sizes]
-  if missing:
-    raise ValueError(f"axis_sizes has no size for axes {missing!r}; it has {sorted(sizes)!r}")
+  sizes = _checked_sizes(schedule, axis_sizes)
   total = _zero(schedule)
   for state in schedule.states():
     level = schedule.level_at(state, int(step))
@@ -141,14 +147,29 @@ def comm_bytes(params, schedule: MergeSchedule, axis_sizes, num_steps: int) -> C
   """
   if not isinstance(num_steps, (int, np.integer)) or num_steps < 0:
     raise ValueError(f"num_steps must be a non-negative int, got {num_steps!r}")
+  sizes = _checked_sizes(schedule, axis_sizes)
   total = _zero(schedule)
-  cycle = math.lcm(*(p for s in schedule.states() for p in (schedule.periods(s) or (1,))), 1)
-  per_step = {t: merge_bytes(params, schedule, axis_sizes, step=t)
-              for t in range(1, min(cycle, num_steps) + 1)}
-  full_cycles, rest = divmod(num_steps, cycle) if num_steps >= cycle else (0, num_steps)
-  for t, cost in per_step.items():
-    total = total + cost.scaled(full_cycles + (1 if t <= rest else 0))
+  for state in schedule.states():
+    periods = schedule.periods(state)
+    for level in schedule.live_levels(state):
+      count = _steps_at_level(periods, level, int(num_steps))
+      if count:
+        cost = _level_cost(_elements_by_dtype(params, state, schedule), schedule, level, sizes)
+        total = total + cost.scaled(count)
   return total
+
+
+def _steps_at_level(periods: tuple[int, ...], level: int, num_steps: int) -> int:
+  """Steps t in 1..T that merge at ``level``: divisible by its period and by no outer one.
+
+  Inclusion-exclusion over the outer periods, so the cost does not grow with T or the lcm.
+  """
+  own, outer = periods[level - 1], periods[:level - 1]
+  count = 0
+  for r in range(len(outer) + 1):
+    for subset in itertools.combinations(outer, r):
+      count += (-1) ** r * (num_steps // math.lcm(own, *subset))
+  return count
 
 
 @dataclasses.dataclass(frozen=True)

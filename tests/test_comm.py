@@ -51,7 +51,7 @@ def test_desloc_total_bytes_count_each_state_on_its_period():
   np.testing.assert_allclose(total.bytes_by_axis["w"], (12 + 4 + 2) * per_merge)
 
 
-@pytest.mark.parametrize("num_steps", [0, 5, 64, 100])
+@pytest.mark.parametrize("num_steps", [0, 5, 64, 100, 131])
 def test_comm_bytes_is_the_sum_of_merge_bytes(num_steps):
   schedule = kstep_adam.merge_schedule({"node": 8, "local": 2}, axis_name=NODE_LOCAL,
                                        sync={"params": 1, "nu": 3})
@@ -62,6 +62,14 @@ def test_comm_bytes_is_the_sum_of_merge_bytes(num_steps):
       want[a] += b
   for a in want:
     np.testing.assert_allclose(total.bytes_by_axis[a], want[a])
+
+
+def test_comm_bytes_is_fast_for_coprime_periods():
+  schedule = kstep_adam.merge_schedule({"node": 997, "local": 991}, axis_name=NODE_LOCAL,
+                                       sync={"params": 1, "nu": 983})
+  total = kstep_adam.comm_bytes(PARAMS, schedule, SIZES, 10**9)
+  node_merges = 10**9 // 997 + 10**9 // (997 * 983)  # params and nu at the node level
+  np.testing.assert_allclose(total.bytes_by_axis["node"], node_merges * S_PADDED / 4)
 
 
 def test_bytes_per_step_fall_as_one_over_k_and_match_ddp_at_k1():
