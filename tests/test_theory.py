@@ -129,6 +129,15 @@ def test_local_adam_tau_defaults_to_l_and_c_scales():
     assert theory.local_adam_rate(T=1000, K=8, tau=0.0, **ADAM) < a
 
 
+def test_local_adam_clipping_term():
+    args = dict(T=1000, K=8, **{**ADAM, "G_inf": 2.0, "sigma_inf": 1.0})
+    base = theory.local_adam_rate(**args)
+    assert theory.local_adam_rate(rho=3.0, **args) == base      # clipping never acts
+    with pytest.raises(ValueError, match="rho"):
+        theory.local_adam_rate(rho=2.5, **args)                # it can act: term unknown
+    assert theory.local_adam_rate(rho=2.5, clip_term=0.1, **args) == pytest.approx(base + 0.1)
+
+
 @pytest.mark.parametrize("bad,match", [
     (dict(beta1=0.99), "beta1"), (dict(beta2=0.9), "beta2"), (dict(eta=0.5), "eta"),
     (dict(beta1=1.0), "beta1"), (dict(K=0), "K")])
@@ -225,11 +234,11 @@ def test_adam_step_bound_holds_on_adversarial_gradients(bias_correction):
     else:
         import kstep_adam
         tx = kstep_adam.scale_by_kstep_adam(b1=b1, b2=b2, eps=0.0, form="local_adam")
-    state = tx.init(jnp.zeros(5))
-    worst = 0.0
-    for t in range(T):
-        u, state = tx.update(jnp.asarray(g[t], jnp.float32), state)
-        worst = max(worst, float(jnp.max(jnp.abs(u))))
+    def step(state, g_t):
+        u, state = tx.update(g_t, state)
+        return state, jnp.max(jnp.abs(u))
+    _, worst_T = jax.lax.scan(step, tx.init(jnp.zeros(5)), jnp.asarray(g, jnp.float32))
+    worst = float(jnp.max(worst_T))
     assert worst <= B * (1 + 1e-5)  # (loose: worst/B is about 0.1 here)
 
 

@@ -25,6 +25,14 @@ coordinate-wise; ``u <- beta1 u + (1-beta1) g``; ``v <- beta2 v + (1-beta2) g^2`
 the root; every ``K`` steps the workers average **x, u and v**. It does not
 cover parameter-only averaging, bias-corrected Adam, or ``eps`` outside the
 root (see ``theory/derivations.md``, section 3).
+
+Conditions (checked by :func:`local_adam_conditions` with explicit stand-in
+constants): ``1 - beta1 = Omega(1)``, ``1 - beta2 = O~(K^{-3/2} R^{-1/2})``,
+``eta = O~(1/sqrt T)``. Clipping: :func:`local_adam_rate` takes the clipping
+term as 0 only when clipping cannot act (``rho >= G_inf + sigma_inf``, or no
+clipping); otherwise the caller must supply it, because the paper's clipping
+term (a heavy-tail bias depending on ``rho`` and the noise moments) is not
+reproduced here.
 """
 
 from __future__ import annotations
@@ -101,8 +109,8 @@ def local_adam_conditions(*, beta1: float, beta2: float, eta: float, K: int, R: 
 
 def local_adam_rate(*, T: int, N: int, K: int, L: float, delta: float, sigma: float,
                     lam: float, G_inf: float = 0.0, sigma_inf: float = 0.0,
-                    tau: float | None = None, C: float = 1.0,
-                    clip_term: float = 0.0) -> float:
+                    tau: float | None = None, C: float = 1.0, rho: float | None = None,
+                    clip_term: float | None = None) -> float:
     r"""Return ``C`` times the shape of Cheng & Glasgow's Local Adam rate.
 
     See the module docstring for the formula and the algorithm it covers. At
@@ -123,8 +131,12 @@ def local_adam_rate(*, T: int, N: int, K: int, L: float, delta: float, sigma: fl
       sigma_inf: coordinate-wise noise bound.
       tau: weak-convexity constant; ``None`` means ``tau = L`` (general non-convex).
       C: the single absolute constant standing in for the ``O~``.
-      clip_term: the clipping-bias term, supplied by the caller (0 when the
-        clipping threshold is never reached).
+      rho: the coordinate-wise clipping threshold; None means no clipping.
+      clip_term: the clipping-bias term. When None it is 0, which is exact only if
+        clipping never acts: ``rho`` is None or ``rho >= G_inf + sigma_inf`` (then
+        every stochastic coordinate satisfies ``|g_i| <= rho`` and ``clip(g) = g``).
+        With an active threshold the paper's clipping term is not reproduced here, so
+        the caller must supply it.
 
     Returns:
       ``C * (1 + (G_inf + sigma_inf)/lam) * [...] + clip_term``.
@@ -139,11 +151,21 @@ def local_adam_rate(*, T: int, N: int, K: int, L: float, delta: float, sigma: fl
     _count("K", K)
     for name, value in (("L", L), ("delta", delta), ("lam", lam), ("C", C)):
         _positive(name, value)
-    for name, value in (("sigma", sigma), ("G_inf", G_inf), ("sigma_inf", sigma_inf),
-                        ("clip_term", clip_term)):
+    for name, value in (("sigma", sigma), ("G_inf", G_inf), ("sigma_inf", sigma_inf)):
         _positive(name, value, allow_zero=True)
+    if clip_term is not None:
+        _positive("clip_term", clip_term, allow_zero=True)
+    if rho is not None:
+        _positive("rho", rho)
     tau = L if tau is None else tau
     _positive("tau", tau, allow_zero=True)
+    if clip_term is None:
+        if rho is not None and rho < G_inf + sigma_inf:
+            raise ValueError(
+                f"rho={rho!r} < G_inf + sigma_inf = {G_inf + sigma_inf!r}: clipping can act, "
+                "so the clipping term is not zero; pass clip_term explicitly (allowed without "
+                "it: rho=None or rho >= G_inf + sigma_inf)")
+        clip_term = 0.0
     bracket = (tau * delta * K / T + L * delta / T
                + math.sqrt(L * delta * sigma**2 / (N * T))
                + (L * delta * sigma) ** (2 / 3) * K ** (1 / 3) / T ** (2 / 3))
