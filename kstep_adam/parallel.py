@@ -92,8 +92,21 @@ def replicate(tree, mesh: Mesh):
 
 
 def unreplicate(tree_W, worker: int = 0):
-  """Fetch one worker's replica to the host (NumPy)."""
-  return jax.tree.map(lambda x: np.asarray(jax.device_get(x))[worker], tree_W)
+  """Fetch one worker's replica to the host (NumPy), reading only that worker's shard.
+
+  Raises:
+    ValueError: if that worker's shard lives in another process.
+  """
+
+  def fetch(x):
+    for shard in x.addressable_shards:
+      start = shard.index[0].start or 0
+      if start <= worker < start + shard.data.shape[0]:
+        return np.asarray(shard.data)[worker - start]
+    raise ValueError(f"worker {worker} is not addressable from this process (array of shape "
+                     f"{x.shape})")
+
+  return jax.tree.map(fetch, tree_W)
 
 
 def init_replicas(params, tx: optax.GradientTransformation, mesh: Mesh):

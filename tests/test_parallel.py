@@ -153,6 +153,9 @@ def test_replicate_gives_each_worker_its_own_copy():
   assert tree_W["a"].shape == (8, 3) and tree_W["s"].shape == (8,)
   np.testing.assert_array_equal(parallel.unreplicate(tree_W, worker=5)["a"], [0.0, 1.0, 2.0])
   assert tree_W["a"].sharding.spec[0] == NODE_LOCAL
+  distinct_W = jax.device_put(np.arange(24.0).reshape(8, 3), parallel.worker_sharding(mesh, 2))
+  np.testing.assert_array_equal(parallel.unreplicate({"d": distinct_W}, worker=5)["d"],
+                                [15.0, 16.0, 17.0])
 
 
 def test_comm_report_uses_the_mesh_axis_sizes():
