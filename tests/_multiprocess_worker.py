@@ -1,0 +1,36 @@
+"""One process of the two-process test (run by tests/test_multiprocess.py, not by pytest)."""
+
+import os
+import sys
+
+os.environ["JAX_PLATFORMS"] = "cpu"
+import jax  # noqa: E402
+
+jax.config.update("jax_num_cpu_devices", 2)
+jax.config.update("jax_cpu_collectives_implementation", "gloo")
+
+
+def main(rank: int, port: str, out_path: str):
+  jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=2, process_id=rank)
+  import numpy as np
+  import kstep_adam
+  from kstep_adam import parallel
+  from _runs import NUM_FEATURES, init_params, loss_fn, theta_of, worker_data
+
+  mesh = parallel.make_mesh(2, 2)  # 'node' = process, 'local' = its two devices.
+  tx = kstep_adam.kstep_adam(0.05, {"node": 3, "local": 1}, axis_name=("node", "local"))
+  params_W, state_W = parallel.init_replicas(init_params(), tx, mesh)
+  step = parallel.make_train_step(loss_fn, tx, mesh)
+  history = []
+  for x, y in worker_data(4, 5):
+    params_W, state_W, _ = step(params_W, state_W, (x.reshape(-1, NUM_FEATURES), y.reshape(-1)))
+    mine = [theta_of(parallel.unreplicate(params_W, worker=w)) for w in (2 * rank, 2 * rank + 1)]
+    history.append(np.stack(mine))
+  np.save(out_path, np.stack(history))
+  assert step.local_jitted is not None
+  jax.distributed.shutdown()
+
+
+if __name__ == "__main__":
+  sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+  main(int(sys.argv[1]), sys.argv[2], sys.argv[3])
