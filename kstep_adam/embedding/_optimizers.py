@@ -155,8 +155,9 @@ class SparseAdam:
     order = np.argsort(-n_U, kind="stable")
     m_s, v_s = m_UxD[order], v_UxD[order]
     coef_UxD = self._displacement_coefficients(np.sqrt(v_s), s_U[order], n_U[order])
-    new_p = params_NxD[idx[order]].astype(np.float64) - m_s * coef_UxD
-    params_NxD[idx[order]] = new_p
+    # A zero moment does not move (with eps = 0 and v = 0, its coefficient is inf).
+    displacement_UxD = m_s * np.where(m_s == 0, 0.0, coef_UxD)
+    params_NxD[idx[order]] = params_NxD[idx[order]].astype(np.float64) - displacement_UxD
     slots_NxS[idx, :dim] = m_UxD * np.power(self.b1, gap_U)[:, None]
     slots_NxS[idx, dim:] = v_UxD * np.power(self.b2, gap_U)[:, None]
     return changed_N
@@ -181,11 +182,12 @@ class SparseAdam:
                       / (1.0 - np.power(self.b2, c_JxB.astype(np.float64))))
       num_JxB, shift_JxB = a_JxB / q_JxB, self.eps / q_JxB
       tmp = np.empty_like(sqrt_v)
-      for j, k in enumerate(k_J):
-        t = tmp[:k]
-        np.add(sqrt_v[:k], shift_JxB[j, :k, None], out=t)
-        np.divide(num_JxB[j, :k, None], t, out=t)
-        acc[:k] += t
+      with np.errstate(divide="ignore"):  # only eps = 0 with v = 0 (then m = 0 too)
+        for j, k in enumerate(k_J):
+          t = tmp[:k]
+          np.add(sqrt_v[:k], shift_JxB[j, :k, None], out=t)
+          np.divide(num_JxB[j, :k, None], t, out=t)
+          acc[:k] += t
     return coef_UxD
 
   def apply(self, params_NxD, slots_NxS, grads_NxD, step: int) -> None:
