@@ -87,5 +87,5 @@ def quick() -> dict[str, Any]:
         ),
         sweeps=_sweeps(T_list=[64, 128], N_list=[1, 4], N_fixed=4, T_fixed=128,
                        k_fixed=4, k_list=[1, 4], R_fixed=16, problem="separable",
-                       nk_variants=("local_sgd", "local_adam")),
+                       nk_variants=("local_sgd",)),
     )
