@@ -1,4 +1,4 @@
-"""The disk tier: a TensorStore zarr3 array of a table's rows with an atomic commit.
+"""The disk tier: a TensorStore zarr3 array of every row's state, in an OCDBT database.
 
 Directory layout of a table at ``path``::
 
