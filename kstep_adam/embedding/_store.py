@@ -5,6 +5,8 @@ Directory layout of a table at ``path``::
   path/table.json   static configuration, written once (the table is created in a
                     temporary sibling directory that is renamed into place, so a table
                     either exists whole or not at all)
+  path/CURRENT      name of the live database directory (absent: ``db``); ``compact``
+                    writes a fresh ``db.<n>`` and switches this file atomically
   path/db/          an OCDBT database holding
                       rows/        zarr3 float32 [num_rows, W]: every row's full state
                       commit.json  {"step": t}: the table step of the last flush
@@ -30,19 +32,54 @@ touched chunk is written once per flush however many of its rows changed), then
 is read only when it holds exactly one flushed step. OCDBT packs chunks into a few data
 files (faster than one file per chunk here), but it is copy-on-write and does not
 garbage-collect old versions, so ``db/`` grows by the compressed bytes of the chunks
-each flush rewrites.
+each flush rewrites; ``EmbeddingTable.compact`` copies the live chunks into a fresh
+database and deletes the old one.
 """
 
 import json
 import os
 import shutil
 import tempfile
+from typing import Optional
 
 import numpy as np
 import tensorstore as ts
 
 FORMAT = "kstep_adam.embedding/1"
 CONFIG_FILE = "table.json"
+CURRENT_FILE = "CURRENT"
+
+
+def current_db(path: str) -> str:
+  """Name of the live database directory of the table at ``path``."""
+  current = os.path.join(path, CURRENT_FILE)
+  if not os.path.exists(current):
+    return "db"
+  with open(current) as f:
+    return f.read().strip()
+
+
+def set_current_db(path: str, name: str) -> None:
+  """Switches the live database atomically (write, fsync, rename, fsync the directory)."""
+  tmp = os.path.join(path, CURRENT_FILE + ".tmp")
+  with open(tmp, "w") as f:
+    f.write(name)
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(tmp, os.path.join(path, CURRENT_FILE))
+  fd = os.open(path, os.O_RDONLY)
+  try:
+    os.fsync(fd)
+  finally:
+    os.close(fd)
+
+
+def remove_stale_dbs(path: str) -> None:
+  """Deletes database directories left by an interrupted or finished ``compact``."""
+  live = current_db(path)
+  for entry in os.listdir(path):
+    if (entry == "db" or entry.startswith("db.")) and entry != live:
+      shutil.rmtree(os.path.join(path, entry), ignore_errors=True)
 
 
 def row_width(dim: int, slot_width: int) -> int:
@@ -118,10 +155,13 @@ def create(path: str, config: dict) -> None:
 class TableStore:
   """TensorStore handles of one table; all calls take sorted unique row ids."""
 
-  def __init__(self, path: str, config: dict, *, ts_cache_bytes: int, create: bool = False):
+  def __init__(self, path: str, config: dict, *, ts_cache_bytes: int, create: bool = False,
+               db_name: Optional[str] = None):
     self._context = ts.Context({"cache_pool": {"total_bytes_limit": int(ts_cache_bytes)}})
     num_rows, width, chunk_rows = config["num_rows"], config["width"], config["chunk_rows"]
-    db = {"driver": "ocdbt", "base": {"driver": "file", "path": os.path.join(path, "db")}}
+    self.db_name = current_db(path) if db_name is None else db_name
+    self.db_path = os.path.join(path, self.db_name)
+    db = {"driver": "ocdbt", "base": {"driver": "file", "path": self.db_path}}
     self._kv = ts.KvStore.open(db, context=self._context).result()
     spec = _array_spec(dict(db, path="rows/"), num_rows, width, chunk_rows,
                        config.get("compress", True))
@@ -155,3 +195,8 @@ class TableStore:
 
   def write_step(self, step: int) -> None:
     self._kv[b"commit.json"] = json.dumps({"step": int(step)}).encode()
+
+  def stored_chunks(self) -> np.ndarray:
+    """Indices (along rows) of the chunks that exist on disk, sorted."""
+    keys = self._kv.list(ts.KvStore.KeyRange(b"rows/c/", b"rows/c0")).result()
+    return np.sort(np.array([int(k.split(b"/")[2]) for k in keys], np.int64))

@@ -78,6 +78,8 @@ class EmbeddingTable:
     self.dim = int(config["dim"])
     self.optimizer = optimizer
     self._config = config
+    _store.remove_stale_dbs(path)
+    self._ts_cache_bytes = ts_cache_bytes
     self._store = _store.TableStore(path, config, ts_cache_bytes=ts_cache_bytes)
     self._pending = PendingLog(path, config["width"])
     redo_step = self._pending.recover()
@@ -198,19 +200,58 @@ class EmbeddingTable:
     """Commits every dirty row and the step atomically; a reopen then sees exactly this."""
     with self._op_lock, self._lock:
       self._check_open()
-      while self._num_loading:
-        self._cond.wait()
-      cache = self._cache
-      dirty_slots = np.flatnonzero(cache.dirty_C)
-      # A cached pending row is either dirty (appended now) or equal to its newest
-      # record, so afterwards the newest record of every id is its state at this step.
-      batch = max(1, _FLUSH_BATCH_BYTES // cache.rows_CxW.shape[1] // 4)
-      for lo in range(0, len(dirty_slots), batch):
-        slots = dirty_slots[lo:lo + batch]
-        self._pending.append(cache.ids_C[slots], cache.rows_CxW[slots])
-      self._pending.commit(self._step)  # the commit point
-      self._apply_pending(self._step)
-      cache.dirty_C[dirty_slots] = False
+      self._flush_locked()
+
+  def compact(self) -> dict:
+    """Flushes, then copies the stored chunks into a fresh database and deletes the old one.
+
+    OCDBT keeps every old version of a rewritten chunk, so the database grows with each
+    flush. Compaction reclaims that space; it reads and writes every stored chunk once.
+    The switch to the new database is one atomic rename, and ``open`` deletes whichever
+    database is not live, so a crash during ``compact`` loses nothing.
+
+    Returns:
+      ``{"bytes_before": ..., "bytes_after": ...}``, the database's size on disk.
+    """
+    with self._op_lock, self._lock:
+      self._check_open()
+      self._flush_locked()
+      old = self._store
+      number = int(old.db_name.split(".")[1]) + 1 if "." in old.db_name else 1
+      new = _store.TableStore(self.path, self._config, ts_cache_bytes=self._ts_cache_bytes,
+                              create=True, db_name=f"db.{number}")
+      chunk_rows, width = self._config["chunk_rows"], self._config["width"]
+      per_batch = max(1, _FLUSH_BATCH_BYTES // (chunk_rows * width * 4))
+      chunks = old.stored_chunks()
+      for lo in range(0, len(chunks), per_batch):
+        starts = chunks[lo:lo + per_batch] * chunk_rows
+        ids = (starts[:, None] + np.arange(chunk_rows)[None, :]).reshape(-1)
+        ids = ids[ids < self.num_rows]
+        new.write_rows(ids, old.read_rows(ids))
+      new.write_step(self._step)
+      before = _du_bytes(old.db_path)
+      _store.set_current_db(self.path, new.db_name)  # the switch
+      new.bytes_read, new.bytes_written = old.bytes_read, old.bytes_written
+      self._store = new
+      del old
+      _store.remove_stale_dbs(self.path)
+      return {"bytes_before": before, "bytes_after": _du_bytes(new.db_path)}
+
+  def _flush_locked(self) -> None:
+    """Flush with both locks held (see ``flush``)."""
+    while self._num_loading:
+      self._cond.wait()
+    cache = self._cache
+    dirty_slots = np.flatnonzero(cache.dirty_C)
+    # A cached pending row is either dirty (appended now) or equal to its newest
+    # record, so afterwards the newest record of every id is its state at this step.
+    batch = max(1, _FLUSH_BATCH_BYTES // cache.rows_CxW.shape[1] // 4)
+    for lo in range(0, len(dirty_slots), batch):
+      slots = dirty_slots[lo:lo + batch]
+      self._pending.append(cache.ids_C[slots], cache.rows_CxW[slots])
+    self._pending.commit(self._step)  # the commit point
+    self._apply_pending(self._step)
+    cache.dirty_C[dirty_slots] = False
 
   def close(self, flush: bool = True) -> None:
     """Flushes (unless ``flush=False``) and releases the table; idempotent."""
@@ -396,6 +437,11 @@ class EmbeddingTable:
       raise ValueError(f"grads must be finite, got {finite.size - np.count_nonzero(finite)} "
                        "NaN/inf entries")
     return grads
+
+
+def _du_bytes(directory: str) -> int:
+  return sum(os.stat(os.path.join(d, f)).st_blocks * 512
+             for d, _, files in os.walk(directory) for f in files)
 
 
 def _segment_sum(values_NxD: np.ndarray, segment_N: np.ndarray, num: int) -> np.ndarray:
