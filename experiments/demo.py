@@ -2,7 +2,7 @@
 
 Command: ``python -m experiments.demo`` (add ``--quick`` for a seconds-long smoke run).
 Hardware: any Linux CPU (2 cores are enough); it simulates 2 nodes x 4 devices.
-Expected runtime: about 20-40 s; ``--quick`` a few seconds.
+Expected runtime: about 10 s; ``--quick`` a few seconds.
 Expected result (400 steps): final loss about 0.03 for k-step Adam and 0.02 for synchronous
 Adam (DDP), against a noise floor of 0.01, with 8x fewer bytes over the inter-node links.
 

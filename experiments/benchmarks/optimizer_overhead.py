@@ -2,7 +2,7 @@
 
 Command: ``python -m experiments.benchmarks.optimizer_overhead`` (``--quick`` for a smoke run).
 Hardware: CPU, 8 simulated devices as 2 nodes x 4 (set up below); runs on 2 cores.
-Expected runtime: about 1-3 min; ``--quick`` about 20 s.
+Expected runtime: about 3.5 min on a shared 2-core machine; ``--quick`` 20-60 s.
 Expected numbers: non-merge-step time ratio kstep_adam / optax.adam close to 1.00 (goal
 <= 1.03); a merge step costs more than a local one; bytes per step fall as 1/k.
 
