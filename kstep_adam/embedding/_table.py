@@ -31,6 +31,7 @@ from typing import NamedTuple, Optional
 
 import numpy as np
 
+from kstep_adam.embedding import _batch
 from kstep_adam.embedding import _init
 from kstep_adam.embedding import _store
 from kstep_adam.embedding._host_cache import HostCache
@@ -109,7 +110,7 @@ class EmbeddingTable:
 
   def pull(self, ids) -> np.ndarray:
     """Returns the rows of ``ids`` at the current step, float32 ``[len(ids), dim]``."""
-    ids_N = self._check_ids(ids)
+    ids_N = _batch.check_ids(ids, self.num_rows)
     unique_U, inverse_N = np.unique(ids_N, return_inverse=True)
     return self._pull_unique(unique_U)[inverse_N]
 
@@ -127,7 +128,7 @@ class EmbeddingTable:
       ``rows[inverse] == pull(ids)``. ``rows`` is a NumPy array, or a ``jax.Array`` on the
       device when the table has a device cache (``device_cache_rows > 0``).
     """
-    ids_N = self._check_ids(ids)
+    ids_N = _batch.check_ids(ids, self.num_rows)
     unique_U, inverse_N = np.unique(ids_N, return_inverse=True)
     num_rows = len(unique_U) if pad_to is None else pad_to
     if not isinstance(num_rows, (int, np.integer)) or num_rows < len(unique_U):
@@ -151,14 +152,14 @@ class EmbeddingTable:
       ids: int row ids ``[N]``, may repeat (their gradients are summed).
       grads: floating ``[N, dim]`` gradients (a NumPy or JAX array; cast to float32).
     """
-    ids_N = self._check_ids(ids)
-    grads_NxD = self._check_grads(grads, len(ids_N))
+    ids_N = _batch.check_ids(ids, self.num_rows)
+    grads_NxD = _batch.check_grads(grads, len(ids_N), self.dim)
     unique_U, inverse_N = np.unique(ids_N, return_inverse=True)
     if len(unique_U) == len(ids_N):
       grads_UxD = np.empty_like(grads_NxD)
       grads_UxD[inverse_N] = grads_NxD
     else:
-      grads_UxD = _segment_sum(grads_NxD, inverse_N, len(unique_U))
+      grads_UxD = _batch.segment_sum(grads_NxD, inverse_N, len(unique_U))
     dim = self.dim
     with self._op_lock, self._lock:
       self._check_open()
@@ -188,7 +189,7 @@ class EmbeddingTable:
     Returns a Future whose result is the number of rows read from disk. It overlaps with
     compute and with pull/push on other rows.
     """
-    ids_N = self._check_ids(ids)
+    ids_N = _batch.check_ids(ids, self.num_rows)
     unique_U = np.unique(ids_N)
     if len(unique_U) > self._cache.capacity:
       raise ValueError(f"prefetch of {len(unique_U)} unique ids exceeds host_cache_rows="
@@ -410,46 +411,7 @@ class EmbeddingTable:
     if self._closed:
       raise ValueError(f"embedding table {self.path!r} is closed")
 
-  def _check_ids(self, ids) -> np.ndarray:
-    ids = np.asarray(ids)
-    if ids.ndim != 1:
-      raise ValueError(f"ids must be a 1-D integer array, got shape {ids.shape}")
-    if ids.size and not np.issubdtype(ids.dtype, np.integer):
-      raise ValueError(f"ids must be integers, got dtype {ids.dtype}")
-    ids = ids.astype(np.int64, copy=False)
-    if ids.size and (ids.min() < 0 or ids.max() >= self.num_rows):
-      bad = ids[(ids < 0) | (ids >= self.num_rows)]
-      raise ValueError(f"ids must be in [0, num_rows={self.num_rows}), got {bad.size} "
-                       f"out of range, e.g. {int(bad[0])}")
-    return ids
-
-  def _check_grads(self, grads, n: int) -> np.ndarray:
-    grads = np.asarray(grads)
-    if grads.shape != (n, self.dim):
-      raise ValueError(f"grads must have shape [len(ids), dim] = [{n}, {self.dim}], got "
-                       f"{list(grads.shape)}")
-    if not (np.issubdtype(grads.dtype, np.floating) or grads.dtype.name == "bfloat16"):
-      raise ValueError(f"grads must be a floating array (float16/32/64, bfloat16), got "
-                       f"dtype {grads.dtype}")
-    grads = grads.astype(np.float32, copy=False)
-    finite = np.isfinite(grads)
-    if not finite.all():
-      raise ValueError(f"grads must be finite, got {finite.size - np.count_nonzero(finite)} "
-                       "NaN/inf entries")
-    return grads
-
 
 def _du_bytes(directory: str) -> int:
   return sum(os.stat(os.path.join(d, f)).st_blocks * 512
              for d, _, files in os.walk(directory) for f in files)
-
-
-def _segment_sum(values_NxD: np.ndarray, segment_N: np.ndarray, num: int) -> np.ndarray:
-  """Sums rows of ``values_NxD`` that share a segment id (vectorized, no Python loop)."""
-  order = np.argsort(segment_N, kind="stable")
-  sorted_seg = segment_N[order]
-  starts = np.flatnonzero(np.r_[True, sorted_seg[1:] != sorted_seg[:-1]])
-  out = np.zeros((num, values_NxD.shape[1]), np.float32)
-  out[sorted_seg[starts]] = np.add.reduceat(values_NxD[order], starts, axis=0)
-  return out
-
