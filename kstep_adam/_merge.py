@@ -77,7 +77,7 @@ def check_axes_bound(axis_names: tuple[str, ...]) -> None:
   for name in axis_names:
     try:
       jax.lax.axis_size(name)
-    except NameError as e:
+    except (NameError, KeyError) as e:  # unbound axis (the type differs across jax versions)
       raise ValueError(
           f"axis_name {name!r} is not an axis of the enclosing shard_map/mesh; the optimizer "
           f"must run inside shard_map over a mesh that has all of {axis_names!r}") from e
