@@ -190,15 +190,25 @@ def make_figures(rows: list[dict], out_dir: str, figures_dir: str, *, seed: int 
   sync = next((r for r in rows if r['optimizer'] == 'sync_adam'), None)
   variants = sorted({r['variant'] for r in rows if r['optimizer'] == 'kstep_adam'})
 
-  fig, ax = plt.subplots(figsize=(6, 4))
-  for v in variants:
+  fig, (ax, ax_d) = plt.subplots(1, 2, figsize=(11, 4))
+  for i, v in enumerate(variants):
     rs = kstep(v)
-    ax.errorbar([r['k'] for r in rs], [r['auc'][0] for r in rs], [r['auc'][1] for r in rs],
+    ks = [r['k'] * 2 ** (0.06 * (2 * i - 1)) for r in rs]  # side by side, not on top
+    ax.errorbar(ks, [r['auc'][0] for r in rs], [r['auc'][1] for r in rs],
                 marker='o', capsize=3, label=f'k-step Adam ({v})')
+    ax_d.errorbar(ks, [r['d_auc_vs_k1'][0] for r in rs], [r['d_auc_vs_k1'][1] for r in rs],
+                  marker='o', capsize=3, label=f'k-step Adam ({v})')
   if sync is not None:
     ax.axhline(sync['auc'][0], color='k', ls='--', label='sync Adam (DDP)')
     ax.axhspan(sync['auc'][0] - sync['auc'][1], sync['auc'][0] + sync['auc'][1], color='k',
                alpha=0.08)
+  ax_d.axhline(0.0, color='k', lw=0.8)
+  ax_d.axhspan(-0.001, 0.001, color='g', alpha=0.1, label='±0.001')
+  ax_d.set_xscale('log', base=2)
+  ax_d.set_xlabel('merge period k (steps)')
+  ax_d.set_ylabel('ΔAUC vs k=1, same seed (mean ± std)')
+  ax_d.set_title('Paired change against k = 1')
+  ax_d.legend(fontsize=8)
   paths.append(_save(fig, ax, os.path.join(figures_dir, 'paper_auc_vs_k.png'),
                      xlabel='merge period k (steps)', ylabel='test AUC (mean ± std over seeds)',
                      title=f"Test AUC vs k (teacher AUC {rows[0]['teacher_auc']:.3f})"))
