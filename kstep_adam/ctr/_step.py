@@ -8,8 +8,9 @@ workers and returns only parameters and state. The CTR step needs two things it 
 * their gradient as an extra *replicated* output, averaged over all workers, so the host can
   push it to the embedding tier once.
 
-So this module builds its own ``shard_map`` over the same mesh and applies the same optax
-optimizer to the dense parameters (which merge on their own schedule inside ``tx.update``).
+So this module builds its own ``shard_map`` over the same mesh, applies the same optax
+optimizer to the dense parameters (which merge on their own schedule inside ``tx.update``)
+and reuses the harness's :class:`kstep_adam.parallel.DispatchedStep` for local steps.
 
 Scaling: every worker's loss is the mean over its ``B`` examples and the global objective is
 the mean over the ``N`` workers, i.e. the mean over all ``N*B`` examples. Its gradient with
@@ -28,6 +29,8 @@ from flax import nnx
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
+from kstep_adam import parallel
+
 
 def bce_loss(logit_B: jax.Array, label_B: jax.Array) -> jax.Array:
   """Mean binary cross-entropy with logits (the CTR training loss)."""
@@ -44,7 +47,8 @@ def make_ctr_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation
     mesh: the ``('node', 'local')`` mesh.
 
   Returns:
-    A jitted function returning ``(params_W, opt_state_W, grad_rows_UxD, loss)``: new
+    A :class:`kstep_adam.parallel.DispatchedStep` (called like a jitted function) returning
+    ``(params_W, opt_state_W, grad_rows_UxD, loss)``: new
     per-worker replicas, the rows' gradient of the global-mean loss (replicated) and the
     global-mean loss. ``G = N * B`` is the global batch; worker ``w`` owns rows
     ``[w*B, (w+1)*B)`` of the batch arrays. Params and state buffers are donated.
@@ -71,11 +75,16 @@ def make_ctr_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation
     params_W, opt_state_W = jax.tree.map(lambda x: x[None], (params, opt_state))
     return params_W, opt_state_W, grad_rows_UxD, jax.lax.pmean(loss, axes)
 
-  return jax.jit(
-      jax.shard_map(per_worker, mesh=mesh,
-                    in_specs=(worker, worker, P(), worker, worker, worker),
-                    out_specs=(worker, worker, P(), P())),
-      donate_argnums=(0, 1))
+  def build(body):
+    return jax.jit(
+        jax.shard_map(body, mesh=mesh,
+                      in_specs=(worker, worker, P(), worker, worker, worker),
+                      out_specs=(worker, worker, P(), P())),
+        donate_argnums=(0, 1))
+
+  # Non-merge steps run a second, branch-free program without collectives for the dense
+  # part (the sparse pmean stays in both).
+  return parallel.DispatchedStep(build, per_worker)
 
 
 def make_predict(graphdef: nnx.GraphDef) -> Callable:
