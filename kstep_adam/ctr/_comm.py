@@ -47,14 +47,15 @@ class CommMeter:
     self._sparse_messages = 0
     self._compute = {True: [], False: []}  # per-step compute seconds, by "merged this step"
 
-  def add_step(self, step: int, num_unique: int, compute_seconds: float) -> None:
+  def add_step(self, step: int, num_unique: int, compute_seconds: float | None) -> None:
+    """Count step ``step`` (1-based); ``compute_seconds`` None for a step that compiled."""
     cost = kstep_adam.merge_bytes(self._params, self._schedule, self._mesh, step=step)
     self._dense = cost if self._dense is None else self._dense + cost
     nbytes = 2 * num_unique * self._row_bytes
     self._sparse_bytes += nbytes
     self._sparse_node_bytes += nbytes * (self._nodes - 1) / self._nodes
     self._sparse_messages += 2 if self._nodes > 1 else 0
-    if step > 1:  # the first step compiles
+    if compute_seconds is not None:
       self._compute[cost.total_bytes > 0].append(compute_seconds)
 
   def _sparse_cost(self) -> kstep_adam.CommCost:

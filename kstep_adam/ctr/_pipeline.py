@@ -110,9 +110,11 @@ class Timer:
   def new_step(self) -> None:
     self.step = {}
 
-  def reset(self) -> None:
-    """Forget the totals so far (e.g. after the first step, which compiles)."""
-    self._totals = {}
+  def discard_step(self) -> float:
+    """Move this step's phases out of the totals (a step that compiled); return its time."""
+    for name, elapsed in self.step.items():
+      self._totals[name] -= elapsed
+    return sum(self.step.values())
 
   def total(self, name: str) -> float:
     return self._totals.get(name, 0.0)

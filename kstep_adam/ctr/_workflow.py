@@ -141,7 +141,8 @@ def train(config: TrainConfig, source: DataSource, out_dir: str | None = None, *
   table_dir = config.table_dir or os.path.join(scratch.name, 'table')
   tier = SparseTier(config, table_dir, temporary=scratch is not None)
   timer = Timer()
-  evals, window_loss, window_start, first_step_seconds = [], [], time.perf_counter(), 0.0
+  evals, window_loss, window_start = [], [], time.perf_counter()
+  compiled, compile_steps, compile_seconds = set(), 0, 0.0
   bar, pushed = None, []
   if progress:
     from tqdm.auto import tqdm
@@ -175,10 +176,16 @@ def train(config: TrainConfig, source: DataSource, out_dir: str | None = None, *
         tier.push(ws.unique_rows, grad_rows)
       if return_state:
         pushed.append(ws.unique_rows)
-      meter.add_step(step, ws.num_unique, timer.step.get('compute', 0.0))
-      if step == 1:
-        first_step_seconds = time.perf_counter() - t0  # includes compilation
-        timer.reset()  # the breakdown covers the steady state (steps 2..T)
+      # The first call of each program (general or local, per row-bucket shape) compiles;
+      # such steps are left out of the throughput and the breakdown.
+      program = (step_fn.is_local(step), ws.rows_PxD.shape[0])
+      compiling = program not in compiled
+      meter.add_step(step, ws.num_unique, None if compiling else timer.step.get('compute', 0.0))
+      if compiling:
+        compiled.add(program)
+        compile_steps += 1
+        compile_seconds += time.perf_counter() - t0
+        timer.discard_step()
       window_loss.append(loss)
       if step < num_steps:
         current = upcoming
@@ -207,16 +214,19 @@ def train(config: TrainConfig, source: DataSource, out_dir: str | None = None, *
     final = evaluate(source, tier, predict, jax.device_get(_step.replica_mean(params_W)))
     evals.append({'kind': 'eval', 'step': num_steps, **final})
     log(evals[-1])
-    steady = max(train_seconds - first_step_seconds, 1e-9)
+    steady_steps = num_steps - compile_steps
+    steady_seconds = max(train_seconds - compile_seconds, 1e-9)
     summary = {
         **final,
         'teacher_auc': source.teacher_auc,
         'steps': num_steps,
         'examples': num_steps * config.global_batch,
-        'examples_per_sec': (num_steps - 1) * config.global_batch / steady if num_steps > 1
-                            else config.global_batch / max(train_seconds, 1e-9),
+        'examples_per_sec': (steady_steps * config.global_batch / steady_seconds
+                             if steady_steps else
+                             num_steps * config.global_batch / max(train_seconds, 1e-9)),
         'train_seconds': train_seconds,
-        'first_step_seconds': first_step_seconds,
+        'compile_steps': compile_steps,
+        'compile_step_seconds': compile_seconds,
         'time_breakdown_seconds': {**timer.totals(), 'merge': meter.merge_seconds_estimate()},
         **meter.totals(),
         'table_stats': tier.stats(),
