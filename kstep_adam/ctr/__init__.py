@@ -21,7 +21,6 @@ from kstep_adam.ctr._sources import DataSource
 from kstep_adam.ctr._sources import file_source
 from kstep_adam.ctr._sources import synthetic_source
 from kstep_adam.ctr._synthetic import SyntheticCTR
-from kstep_adam.ctr._workflow import evaluate
 from kstep_adam.ctr._workflow import make_optimizer
 from kstep_adam.ctr._workflow import train
 
@@ -39,7 +38,6 @@ __all__ = [
     "auc",
     "concat_batches",
     "count_lines",
-    "evaluate",
     "feature_keys",
     "file_source",
     "logloss",
