@@ -100,6 +100,9 @@ def build(args: argparse.Namespace):
       device_cache_rows=args.device_cache_rows, table_dir=args.table_dir, seed=args.seed,
       intra_node_gbps=args.intra_node_gbps, inter_node_gbps=args.inter_node_gbps)
   if args.data == 'synthetic':
+    if args.test_data is not None:
+      raise ValueError('--test-data needs file data (--data criteo:PATH or csv:PATH); the '
+                       'synthetic source makes its own held-out set (--test-examples)')
     data = ctr.SyntheticCTR(num_workers=config.num_workers, sharding=args.sharding,
                             vocab_size=args.vocab_size, seed=args.seed)
     source = ctr.synthetic_source(data, batch_size=config.batch_size,
