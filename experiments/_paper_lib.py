@@ -26,7 +26,7 @@ class PaperConfig:
 
   ks: tuple[int, ...] = KS
   variants: tuple[str, ...] = VARIANTS
-  seeds: tuple[int, ...] = (0, 1, 2)
+  seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
   steps: int = 512
   batch_size: int = 128  # per worker; 8 workers
   test_examples: int = 40_000

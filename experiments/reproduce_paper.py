@@ -6,11 +6,11 @@ teacher; DLRM; 2 nodes x 4 devices; synchronous sparse embeddings every step; de
 with synchronous Adam (DDP) or k-step Adam, k in {1, 2, 4, 8, 16, 32, 64}, averaging the
 parameters only (production default) or the parameters and both Adam moments.
 
-  python -m experiments.reproduce_paper            # full: 3 seeds x 15 runs
+  python -m experiments.reproduce_paper            # full: 5 seeds x 15 runs
   python -m experiments.reproduce_paper --quick    # smoke run, under a minute
   python -m experiments.reproduce_paper --plot-only  # table + figures from the files
 
-Hardware: 2 shared CPU cores, 8 simulated devices. Expected runtime: full about 25 minutes,
+Hardware: 2 shared CPU cores, 8 simulated devices. Expected runtime: full 17-25 minutes,
 quick about 1 minute. Writes OUT/runs.jsonl, OUT/<run>/metrics.jsonl, OUT/table.{csv,md}
 and figures/paper_{auc_vs_k,traffic_vs_k,loss_curves}.png. Runs already in runs.jsonl are
 skipped, so an interrupted run resumes.
