@@ -13,7 +13,7 @@ from typing import NamedTuple
 import numpy as np
 
 # One SplitMix64 for the project: the embedding tier's.
-from kstep_adam.embedding._hashing import splitmix64
+from kstep_adam.embedding import splitmix64
 
 MAX_KEY_BITS = 63  # keys stay non-negative when viewed as int64
 

@@ -6,6 +6,7 @@ optimizer (exact or lazy ``SparseAdam``, ``RowwiseAdagrad``).
 """
 
 from kstep_adam.embedding._hashing import hash_keys_to_rows
+from kstep_adam.embedding._hashing import splitmix64
 from kstep_adam.embedding._init import init_rows
 from kstep_adam.embedding._open import open_table
 from kstep_adam.embedding._optimizers import RowwiseAdagrad
@@ -21,4 +22,5 @@ __all__ = [
     "hash_keys_to_rows",
     "init_rows",
     "open_table",
+    "splitmix64",
 ]
