@@ -13,7 +13,8 @@ parameters only (production default) or the parameters and both Adam moments.
 Hardware: 2 shared CPU cores, 8 simulated devices. Expected runtime: full 17-25 minutes,
 quick about 1 minute. Writes OUT/runs.jsonl, OUT/<run>/metrics.jsonl, OUT/table.{csv,md}
 and figures/paper_{auc_vs_k,traffic_vs_k,loss_curves}.png. Runs already in runs.jsonl are
-skipped, so an interrupted run resumes.
+skipped, so an interrupted run resumes (and a rerun into the committed results/reproduce_paper
+only redraws; pass --out to start fresh).
 """
 
 from __future__ import annotations
@@ -26,8 +27,9 @@ def main(argv=None) -> str:
   p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
   p.add_argument('--quick', action='store_true', help='a smoke-sized grid')
   p.add_argument('--plot-only', action='store_true', help='rebuild table and figures only')
-  p.add_argument('--out', default=None, help='results directory (default runs/reproduce_paper'
-                 '[_quick])')
+  p.add_argument('--out', default=None,
+                 help='results directory (default: results/reproduce_paper, the committed '
+                      'run behind the figures; runs/reproduce_paper_quick with --quick)')
   p.add_argument('--figures', default=None,
                  help='figures directory (default figures/, or OUT/figures with --quick)')
   p.add_argument('--seeds', type=int, default=None, help='number of seeds (overrides config)')
@@ -43,7 +45,7 @@ def main(argv=None) -> str:
     cfg = dataclasses.replace(cfg, seeds=tuple(range(args.seeds)))
   if args.steps is not None:
     cfg = dataclasses.replace(cfg, steps=args.steps)
-  out = args.out or ('runs/reproduce_paper_quick' if args.quick else 'runs/reproduce_paper')
+  out = args.out or ('runs/reproduce_paper_quick' if args.quick else 'results/reproduce_paper')
   figures = args.figures or (f'{out}/figures' if args.quick else 'figures')
   if not args.plot_only:
     lib.run_grid(cfg, out, log=lambda s: print(s, flush=True))
