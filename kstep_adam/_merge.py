@@ -15,6 +15,7 @@ Everything here runs inside ``shard_map`` (or any context that binds the named a
 from __future__ import annotations
 
 import contextlib
+import contextvars
 from typing import Any, Callable, Iterator, NamedTuple
 
 import jax
@@ -24,9 +25,13 @@ import optax
 from kstep_adam._schedule import MergeSchedule
 
 
-# Trace-time registries (see `assume_local_step` and `record_merge_schedules`).
-_ASSUMED_LOCAL: list[MergeSchedule] = []
-_RECORDERS: list[list[MergeSchedule]] = []
+# Trace-time registries (see `assume_local_step` and `record_merge_schedules`). Context
+# variables, not module lists, so that steps traced concurrently in other threads (a second
+# trainer, a data thread that jits) neither see nor disturb them.
+_ASSUMED_LOCAL: contextvars.ContextVar[tuple[MergeSchedule, ...]] = contextvars.ContextVar(
+    "kstep_adam_assumed_local", default=())
+_RECORDERS: contextvars.ContextVar[tuple[list[MergeSchedule], ...]] = contextvars.ContextVar(
+    "kstep_adam_recorders", default=())
 
 
 @contextlib.contextmanager
@@ -49,11 +54,11 @@ def assume_local_step(*schedules: MergeSchedule) -> Iterator[None]:
     ...   with kstep_adam.assume_local_step(s):
     ...     return tx.update(grads, state, params)
   """
-  _ASSUMED_LOCAL.extend(schedules)
+  token = _ASSUMED_LOCAL.set(_ASSUMED_LOCAL.get() + tuple(schedules))
   try:
     yield
   finally:
-    del _ASSUMED_LOCAL[len(_ASSUMED_LOCAL) - len(schedules):]
+    _ASSUMED_LOCAL.reset(token)
 
 
 @contextlib.contextmanager
@@ -65,11 +70,11 @@ def record_merge_schedules() -> Iterator[list[MergeSchedule]]:
     ``lax.switch`` merge; a harness can then build a local program for them.
   """
   found: list[MergeSchedule] = []
-  _RECORDERS.append(found)
+  token = _RECORDERS.set(_RECORDERS.get() + (found,))
   try:
     yield found
   finally:
-    _RECORDERS.remove(found)
+    _RECORDERS.reset(token)
 
 
 def check_axes_bound(axis_names: tuple[str, ...]) -> None:
@@ -174,10 +179,10 @@ def switch_merge(level, schedule: MergeSchedule, state: str,
   """
   if not schedule.merges(state):
     return local_fn(operand)
-  for found in _RECORDERS:
+  for found in _RECORDERS.get():
     if schedule not in found:
       found.append(schedule)
-  if schedule in _ASSUMED_LOCAL:
+  if schedule in _ASSUMED_LOCAL.get():
     return local_fn(operand)
   axes, route = schedule.axis_names, schedule.route
   check_axes_bound(axes)

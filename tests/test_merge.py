@@ -200,3 +200,29 @@ def test_dead_merge_levels_get_no_branch(k, live):
   assert schedule.live_levels("params") == live
   for t in range(1, 25):
     assert schedule.level_at("params", t) in (0,) + live
+
+
+def test_assume_local_step_in_another_thread_does_not_leak():
+  """The trace-time registries are per context: a thread holding `assume_local_step` open
+  (e.g. a second trainer tracing its local program) must not strip this thread's merges."""
+  import threading
+
+  mesh = parallel.make_mesh(2, 4)
+  schedule = kstep_adam.merge_schedule(2, axis_name=NODE_LOCAL)
+  tx = kstep_adam.kstep_adam(0.1, schedule)
+  entered, release = threading.Event(), threading.Event()
+
+  def hold():
+    with kstep_adam.assume_local_step(schedule):
+      entered.set()
+      release.wait(timeout=60)
+
+  thread = threading.Thread(target=hold)
+  thread.start()
+  try:
+    assert entered.wait(timeout=60)
+    text = _compiled_hlo(tx, mesh)  # the general program, traced while the other holds
+  finally:
+    release.set()
+    thread.join()
+  assert COLLECTIVE.search(text), "merges were traced away by another thread's context"
