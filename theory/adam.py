@@ -32,6 +32,9 @@ from __future__ import annotations
 
 import math
 
+from theory._checks import check_count
+from theory._checks import check_positive
+
 __all__ = [
     "defossez_adam_bound",
     "defossez_adam_momentum_bound",
@@ -39,22 +42,15 @@ __all__ = [
 ]
 
 
-def _positive(name: str, value: float) -> None:
-    if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
-        raise ValueError(f"{name} must be a finite positive number, got {value!r}")
-
-
 def _common(N: int, alpha: float, beta2: float, eps: float, d: int, R: float,
             L: float, delta: float) -> None:
-    if not (isinstance(N, int) and N >= 1):
-        raise ValueError(f"N must be a positive int, got {N!r}")
-    if not (isinstance(d, int) and d >= 1):
-        raise ValueError(f"d must be a positive int, got {d!r}")
+    check_count("N", N)
+    check_count("d", d)
     if not 0.0 < beta2 < 1.0:
         raise ValueError(f"beta2 must be in (0, 1), got {beta2!r}")
     for name, value in (("alpha", alpha), ("eps", eps), ("R", R), ("L", L),
                         ("delta", delta)):
-        _positive(name, value)
+        check_positive(name, value)
     if R <= math.sqrt(eps):
         raise ValueError(f"R must exceed sqrt(eps) (the gradient bound is R - sqrt(eps)),"
                          f" got R={R!r}, eps={eps!r}")
@@ -169,8 +165,8 @@ def defossez_from_no_bias_correction(*, eta: float, beta2: float,
     Returns:
       ``(alpha, eps)`` in Défossez's parametrisation.
     """
-    _positive("eta", eta)
-    _positive("lam", lam)
+    check_positive("eta", eta)
+    check_positive("lam", lam)
     if not 0.0 < beta2 < 1.0:
         raise ValueError(f"beta2 must be in (0, 1), got {beta2!r}")
     return eta, lam**2 / (1 - beta2)

@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import math
 
+from theory._checks import check_count
+
 __all__ = ["adam_step_bound", "replica_spread_bound"]
 
 
@@ -42,8 +44,7 @@ def adam_step_bound(*, beta1: float, beta2: float, T: int,
     if not 0.0 <= beta1 < math.sqrt(beta2):
         raise ValueError(f"beta1 must satisfy 0 <= beta1 < sqrt(beta2)={math.sqrt(beta2)!r},"
                          f" got {beta1!r}")
-    if not (isinstance(T, int) and T >= 1):
-        raise ValueError(f"T must be a positive int, got {T!r}")
+    check_count("T", T)
     base = (1 - beta1) / (math.sqrt(1 - beta2) * (1 - beta1 / math.sqrt(beta2)))
     if not bias_correction:
         return base
@@ -74,10 +75,8 @@ def replica_spread_bound(*, eta: float, beta1: float, beta2: float, k: int, d: i
     Returns:
       The bound (derived here; see ``theory/derivations.md``, section 3).
     """
-    if not (isinstance(k, int) and k >= 1):
-        raise ValueError(f"k must be a positive int, got {k!r}")
-    if not (isinstance(d, int) and d >= 1):
-        raise ValueError(f"d must be a positive int, got {d!r}")
+    check_count("k", k)
+    check_count("d", d)
     if not (eta > 0 and math.isfinite(eta)):
         raise ValueError(f"eta must be a finite positive number, got {eta!r}")
     B = adam_step_bound(beta1=beta1, beta2=beta2, T=T, bias_correction=bias_correction)

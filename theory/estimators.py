@@ -12,6 +12,8 @@ from typing import Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from theory._checks import check_count
+
 __all__ = [
     "NoiseStats",
     "smoothness_power_iteration",
@@ -42,8 +44,7 @@ def smoothness_power_iteration(f: Callable[[jax.Array], jax.Array], x_D: jax.Arr
     Returns:
       A scalar, the estimate of ``||Hess f(x_D)||_2`` (a lower bound on ``L``).
     """
-    if not (isinstance(num_iters, int) and num_iters >= 1):
-        raise ValueError(f"num_iters must be a positive int, got {num_iters!r}")
+    check_count("num_iters", num_iters)
     grad_f = jax.grad(f)
 
     def hvp(v_D):
@@ -108,8 +109,7 @@ def gradient_noise_stats(per_sample_grads: Callable[[jax.Array], jax.Array],
     Returns:
       :class:`NoiseStats` (the max over points is the estimate of the sup).
     """
-    if not (isinstance(batch_size, int) and batch_size >= 1):
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    check_count("batch_size", batch_size)
 
     def at_point(x_D):
         dev_SxD = per_sample_grads(x_D) - full_grad(x_D)[None, :]

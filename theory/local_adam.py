@@ -39,23 +39,14 @@ from __future__ import annotations
 
 import math
 
+from theory._checks import check_count
+from theory._checks import check_positive
+
 __all__ = [
     "local_adam_conditions",
     "local_adam_rate",
     "minibatch_adam_rate",
 ]
-
-
-def _positive(name: str, value: float, *, allow_zero: bool = False) -> None:
-    ok = value >= 0 if allow_zero else value > 0
-    if not (isinstance(value, (int, float)) and math.isfinite(value) and ok):
-        kind = "non-negative" if allow_zero else "positive"
-        raise ValueError(f"{name} must be a finite {kind} number, got {value!r}")
-
-
-def _count(name: str, value: int) -> None:
-    if not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
 
 
 def local_adam_conditions(*, beta1: float, beta2: float, eta: float, K: int, R: int,
@@ -86,9 +77,9 @@ def local_adam_conditions(*, beta1: float, beta2: float, eta: float, K: int, R: 
     Raises:
       ValueError: naming the violated condition and the allowed range.
     """
-    _count("K", K)
-    _count("R", R)
-    _positive("eta", eta)
+    check_count("K", K)
+    check_count("R", R)
+    check_positive("eta", eta)
     if not 0.0 <= beta1 < 1.0:
         raise ValueError(f"beta1 must be in [0, 1), got {beta1!r}")
     if not 0.0 < beta2 < 1.0:
@@ -146,19 +137,19 @@ def local_adam_rate(*, T: int, N: int, K: int, L: float, delta: float, sigma: fl
       Local Updates", https://arxiv.org/abs/2409.13155 (main Local Adam theorem;
       the constants are unspecified there).
     """
-    _count("T", T)
-    _count("N", N)
-    _count("K", K)
+    check_count("T", T)
+    check_count("N", N)
+    check_count("K", K)
     for name, value in (("L", L), ("delta", delta), ("lam", lam), ("C", C)):
-        _positive(name, value)
+        check_positive(name, value)
     for name, value in (("sigma", sigma), ("G_inf", G_inf), ("sigma_inf", sigma_inf)):
-        _positive(name, value, allow_zero=True)
+        check_positive(name, value, allow_zero=True)
     if clip_term is not None:
-        _positive("clip_term", clip_term, allow_zero=True)
+        check_positive("clip_term", clip_term, allow_zero=True)
     if rho is not None:
-        _positive("rho", rho)
+        check_positive("rho", rho)
     tau = L if tau is None else tau
-    _positive("tau", tau, allow_zero=True)
+    check_positive("tau", tau, allow_zero=True)
     if clip_term is None:
         if rho is not None and rho < G_inf + sigma_inf:
             raise ValueError(
@@ -193,10 +184,10 @@ def minibatch_adam_rate(*, R: int, N: int, K: int, L: float, delta: float,
     Returns:
       The rate's value.
     """
-    _count("R", R)
-    _count("N", N)
-    _count("K", K)
+    check_count("R", R)
+    check_count("N", N)
+    check_count("K", K)
     for name, value in (("L", L), ("delta", delta), ("C", C)):
-        _positive(name, value)
-    _positive("sigma", sigma, allow_zero=True)
+        check_positive(name, value)
+    check_positive("sigma", sigma, allow_zero=True)
     return C * (L * delta / R + math.sqrt(L * delta * sigma**2 / (N * K * R)))

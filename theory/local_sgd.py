@@ -26,6 +26,9 @@ from __future__ import annotations
 
 import math
 
+from theory._checks import check_count
+from theory._checks import check_positive
+
 __all__ = [
     "local_sgd_bound",
     "local_sgd_max_eta",
@@ -35,16 +38,15 @@ __all__ = [
 ]
 
 
-def _check_positive(name: str, value: float, *, allow_zero: bool = False) -> None:
-    ok = value >= 0 if allow_zero else value > 0
-    if not (isinstance(value, (int, float)) and math.isfinite(value) and ok):
-        kind = "non-negative" if allow_zero else "positive"
-        raise ValueError(f"{name} must be a finite {kind} number, got {value!r}")
-
-
-def _check_int(name: str, value: int) -> None:
-    if not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
+def _check_run(T: int, N: int, k: int, eta: float, L: float, sigma2: float,
+               delta: float) -> None:
+    """The arguments every Local SGD bound takes: counts, positive constants, sigma2 >= 0."""
+    check_count("T", T)
+    check_count("N", N)
+    check_count("k", k)
+    for name, value in (("eta", eta), ("L", L), ("delta", delta)):
+        check_positive(name, value)
+    check_positive("sigma2", sigma2, allow_zero=True)
 
 
 def local_sgd_max_eta(L: float, k: int) -> float:
@@ -64,8 +66,8 @@ def local_sgd_max_eta(L: float, k: int) -> float:
     Returns:
       The largest ``eta`` that satisfies the condition.
     """
-    _check_positive("L", L)
-    _check_int("k", k)
+    check_positive("L", L)
+    check_count("k", k)
     return 2.0 / (L * (1.0 + math.sqrt(1.0 + 4.0 * k * (k - 1))))
 
 
@@ -115,12 +117,7 @@ def local_sgd_bound(T: int, N: int, k: int, eta: float, L: float, sigma2: float,
       https://arxiv.org/abs/1810.08313. Constants not re-verified here (see module
       docstring).
     """
-    _check_int("T", T)
-    _check_int("N", N)
-    _check_int("k", k)
-    for name, value in (("eta", eta), ("L", L), ("delta", delta)):
-        _check_positive(name, value)
-    _check_positive("sigma2", sigma2, allow_zero=True)
+    _check_run(T, N, k, eta, L, sigma2, delta)
     if check and eta > local_sgd_max_eta(L, k) * (1 + 1e-12):
         raise ValueError(
             f"eta={eta!r} violates Wang & Joshi's condition eta*L + eta^2*L^2*k*(k-1)"
@@ -156,12 +153,12 @@ def local_sgd_optimal_eta(T: int, N: int, k: int, L: float, sigma2: float,
     Returns:
       The minimising ``eta`` within the allowed range.
     """
-    _check_int("T", T)
-    _check_int("N", N)
-    _check_int("k", k)
-    _check_positive("L", L)
-    _check_positive("delta", delta)
-    _check_positive("sigma2", sigma2, allow_zero=True)
+    check_count("T", T)
+    check_count("N", N)
+    check_count("k", k)
+    check_positive("L", L)
+    check_positive("delta", delta)
+    check_positive("sigma2", sigma2, allow_zero=True)
     eta_max = local_sgd_max_eta(L, k)
     if sigma2 == 0:
         return eta_max
@@ -196,8 +193,8 @@ def local_sgd_speedup_max_k(T: int, N: int, *, bound: str = "wang_joshi") -> flo
     Returns:
       The threshold on ``k`` (up to constants).
     """
-    _check_int("T", T)
-    _check_int("N", N)
+    check_count("T", T)
+    check_count("N", N)
     if bound == "wang_joshi":
         return T**0.5 / N**1.5
     if bound == "yu":
@@ -241,13 +238,8 @@ def local_sgd_bound_yu(T: int, N: int, k: int, eta: float, L: float, sigma2: flo
       Communication", AAAI 2019, https://arxiv.org/abs/1807.06629, Theorem 1.
       Constants not re-verified here (see module docstring).
     """
-    _check_int("T", T)
-    _check_int("N", N)
-    _check_int("k", k)
-    for name, value in (("eta", eta), ("L", L), ("delta", delta)):
-        _check_positive(name, value)
-    _check_positive("sigma2", sigma2, allow_zero=True)
-    _check_positive("G2", G2, allow_zero=True)
+    _check_run(T, N, k, eta, L, sigma2, delta)
+    check_positive("G2", G2, allow_zero=True)
     if check and eta > 1.0 / L * (1 + 1e-12):
         raise ValueError(f"eta={eta!r} violates Yu et al.'s condition 0 < eta <= 1/L"
                          f" = {1.0 / L!r}")
