@@ -90,6 +90,17 @@ def _plot_theory(ax, recs, axis, variant, C):
     ax.plot(x, vals, ls="--", color=COLORS[variant], label=f"{variant}: {label}")
 
 
+def _save(fig, axes, path):
+    """Finish every panel the same way (legend, log grid), write the PNG, free the figure."""
+    for ax in axes:
+        ax.legend(fontsize=6)
+        ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def _fig_vs(records, checks, sweep_names, axis, path, title):
     series = _series(records, sweep_names, axis)
     panels = sorted({(p, s) for p, s, _ in series})
@@ -112,12 +123,7 @@ def _fig_vs(records, checks, sweep_names, axis, path, title):
         ax.set_xlabel("k (merge period)" if axis == "k_point" else axis)
         ax.set_ylabel("(1/T) Σ_t ||∇f(·)||²  (tuned eta; bars: seed min..max)")
         ax.set_title(f"{title}: {problem}, sweep {sweep}", fontsize=9)
-        ax.legend(fontsize=6)
-        ax.grid(True, which="both", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, axes[0], path)
 
 
 def _fig_speedup(records, path):
@@ -140,12 +146,7 @@ def _fig_speedup(records, path):
     ax.set_yscale("log", base=2)
     ax.set_xlabel("N (workers)")
     ax.set_ylabel("gap(N=1) / gap(N) at fixed T, tuned eta")
-    ax.legend(fontsize=6)
-    ax.grid(True, which="both", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, [ax], path)
 
 
 def make_figures(results_path: str, checks_path: str, fig_dir: str) -> list[str]:
