@@ -27,6 +27,7 @@ from typing import Optional
 
 import numpy as np
 
+from kstep_adam.embedding import _store
 from kstep_adam.embedding._id_map import IdSlotMap
 
 _ROWS, _IDS, _COMMIT = "pending.rows", "pending.ids", "pending.commit"
@@ -109,20 +110,15 @@ class PendingLog:
     """Makes the log durable, then atomically marks it as the state at ``step``."""
     os.fsync(self._rows_file.fileno())
     os.fsync(self._ids_file.fileno())
-    tmp = os.path.join(self._dir, _COMMIT + ".tmp")
-    with open(tmp, "w") as f:
-      json.dump({"step": int(step), "records": self._num_records}, f)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, os.path.join(self._dir, _COMMIT))
-    _fsync_dir(self._dir)
+    _store.replace_file_durably(
+        self._dir, _COMMIT, json.dumps({"step": int(step), "records": self._num_records}))
 
   def clear(self) -> None:
     """Empties the log; after ``commit``, call only once its rows are in the table."""
     commit_path = os.path.join(self._dir, _COMMIT)
     if os.path.exists(commit_path):
       os.remove(commit_path)
-      _fsync_dir(self._dir)
+      _store.fsync_dir(self._dir)
     self._rows_file.truncate(0)
     self._ids_file.truncate(0)
     self._index = IdSlotMap(1024)
@@ -131,11 +127,3 @@ class PendingLog:
   def close(self) -> None:
     self._rows_file.close()
     self._ids_file.close()
-
-
-def _fsync_dir(directory: str) -> None:
-  fd = os.open(directory, os.O_RDONLY)
-  try:
-    os.fsync(fd)
-  finally:
-    os.close(fd)

@@ -60,14 +60,25 @@ def current_db(path: str) -> str:
 
 
 def set_current_db(path: str, name: str) -> None:
-  """Switches the live database atomically (write, fsync, rename, fsync the directory)."""
-  tmp = os.path.join(path, CURRENT_FILE + ".tmp")
+  """Switches the live database atomically."""
+  replace_file_durably(path, CURRENT_FILE, name)
+
+
+def replace_file_durably(directory: str, name: str, text: str) -> None:
+  """Replaces ``directory/name`` with ``text`` atomically and durably: write a temporary
+  file, fsync it, rename it over ``name``, fsync the directory."""
+  tmp = os.path.join(directory, name + ".tmp")
   with open(tmp, "w") as f:
-    f.write(name)
+    f.write(text)
     f.flush()
     os.fsync(f.fileno())
-  os.replace(tmp, os.path.join(path, CURRENT_FILE))
-  fd = os.open(path, os.O_RDONLY)
+  os.replace(tmp, os.path.join(directory, name))
+  fsync_dir(directory)
+
+
+def fsync_dir(directory: str) -> None:
+  """Makes the directory's entries (creations, renames, removals) durable."""
+  fd = os.open(directory, os.O_RDONLY)
   try:
     os.fsync(fd)
   finally:
