@@ -221,8 +221,7 @@ class EmbeddingTable:
       number = int(old.db_name.split(".")[1]) + 1 if "." in old.db_name else 1
       new = _store.TableStore(self.path, self._config, ts_cache_bytes=self._ts_cache_bytes,
                               create=True, db_name=f"db.{number}")
-      chunk_rows, width = self._config["chunk_rows"], self._config["width"]
-      per_batch = max(1, _FLUSH_BATCH_BYTES // (chunk_rows * width * 4))
+      chunk_rows, per_batch = self._config["chunk_rows"], self._chunks_per_batch()
       chunks = old.stored_chunks()
       for lo in range(0, len(chunks), per_batch):
         starts = chunks[lo:lo + per_batch] * chunk_rows
@@ -384,8 +383,7 @@ class EmbeddingTable:
     ids, positions = self._pending.items()
     order = np.argsort(ids)
     ids, positions = ids[order], positions[order]
-    chunk_rows, width = self._config["chunk_rows"], self._config["width"]
-    max_chunks = max(1, _FLUSH_BATCH_BYTES // (chunk_rows * width * 4))
+    chunk_rows, max_chunks = self._config["chunk_rows"], self._chunks_per_batch()
     # Cut the sorted ids into batches of at most max_chunks distinct chunks.
     chunk = ids // chunk_rows
     ordinal = np.cumsum(np.r_[True, chunk[1:] != chunk[:-1]]) - 1 if len(ids) else chunk
@@ -395,6 +393,11 @@ class EmbeddingTable:
       self._store.write_rows(ids[lo:hi], self._pending.read(positions[lo:hi]))
     self._store.write_step(step)
     self._pending.clear()
+
+  def _chunks_per_batch(self) -> int:
+    """Whole chunks per disk write batch (flush copy, compact): ``_FLUSH_BATCH_BYTES``."""
+    chunk_bytes = self._config["chunk_rows"] * self._config["width"] * 4
+    return max(1, _FLUSH_BATCH_BYTES // chunk_bytes)
 
   def _fresh_rows(self, ids_M: np.ndarray) -> np.ndarray:
     """Rows never written: deterministic init, initial optimizer slots, last_step = -1."""
