@@ -131,11 +131,6 @@ def _storage_read_bytes() -> int:
     return int(next(line for line in f if line.startswith("read_bytes:")).split()[1])
 
 
-def du_bytes(path: str) -> int:
-  return sum(os.stat(os.path.join(d, f)).st_blocks * 512
-             for d, _, fs in os.walk(path) for f in fs)
-
-
 def emit(out, record: dict) -> None:
   print(json.dumps(record), flush=True)
   if out:
@@ -274,7 +269,7 @@ def case_large(args, workdir):
                       seconds=seconds, flush_seconds=flush_seconds,
                       hit_rate=stats["hit_rate"], prefetched_rows=stats["prefetched_rows"],
                       peak_rss_gib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
-                      disk_used_gib=du_bytes(path) / 2**30,
+                      disk_used_gib=_store.du_bytes(path) / 2**30,
                       dense_equivalent_gib=num_rows * 4 * (1 + 3 * dim) / 2**30))
 
 

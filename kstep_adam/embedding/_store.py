@@ -93,6 +93,12 @@ def remove_stale_dbs(path: str) -> None:
       shutil.rmtree(os.path.join(path, entry), ignore_errors=True)
 
 
+def du_bytes(directory: str) -> int:
+  """Bytes allocated on disk under ``directory`` (as ``du`` counts them)."""
+  return sum(os.stat(os.path.join(d, f)).st_blocks * 512
+             for d, _, files in os.walk(directory) for f in files)
+
+
 def row_width(dim: int, slot_width: int) -> int:
   return 1 + dim + slot_width
 

@@ -229,13 +229,13 @@ class EmbeddingTable:
         ids = ids[ids < self.num_rows]
         new.write_rows(ids, old.read_rows(ids))
       new.write_step(self._step)
-      before = _du_bytes(old.db_path)
+      before = _store.du_bytes(old.db_path)
       _store.set_current_db(self.path, new.db_name)  # the switch
       new.bytes_read, new.bytes_written = old.bytes_read, old.bytes_written
       self._store = new
       del old
       _store.remove_stale_dbs(self.path)
-      return {"bytes_before": before, "bytes_after": _du_bytes(new.db_path)}
+      return {"bytes_before": before, "bytes_after": _store.du_bytes(new.db_path)}
 
   def _flush_locked(self) -> None:
     """Flush with both locks held (see ``flush``)."""
@@ -413,8 +413,3 @@ class EmbeddingTable:
   def _check_open(self) -> None:
     if self._closed:
       raise ValueError(f"embedding table {self.path!r} is closed")
-
-
-def _du_bytes(directory: str) -> int:
-  return sum(os.stat(os.path.join(d, f)).st_blocks * 512
-             for d, _, files in os.walk(directory) for f in files)
