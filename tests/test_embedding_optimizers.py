@@ -13,9 +13,13 @@ from kstep_adam import embedding
 NUM_ROWS, DIM = 300, 4
 
 
-def _dense_init(table_seed: int, scale: float) -> np.ndarray:
-  return embedding.init_rows(np.arange(NUM_ROWS), DIM, seed=table_seed, scale=scale
-                             ).astype(np.float64)
+def _table_and_dense_init(tmp_path, opt, seed: int):
+  """A NUM_ROWS x DIM table with a 40-row host cache, and its initial rows in float64
+  (same seed and scale) for a dense reference."""
+  table = embedding.open_table(tmp_path / "t", num_rows=NUM_ROWS, dim=DIM, optimizer=opt,
+                               host_cache_rows=40, seed=seed, init_scale=0.1)
+  p = embedding.init_rows(np.arange(NUM_ROWS), DIM, seed=seed, scale=0.1).astype(np.float64)
+  return table, p
 
 
 def _dense_adam(p, m, v, g, count, lr, b1, b2, eps, lazy_rows=None):
@@ -50,9 +54,8 @@ def _scatter_sum(ids, grads):
 def test_exact_adam_matches_dense_adam_over_whole_table(tmp_path, flush_every):
   lr, b1, b2, eps = 0.02, 0.9, 0.99, 1e-6
   opt = embedding.SparseAdam(learning_rate=lr, b1=b1, b2=b2, eps=eps, mode="exact")
-  table = embedding.open_table(tmp_path / "t", num_rows=NUM_ROWS, dim=DIM, optimizer=opt,
-                               host_cache_rows=40, seed=3, init_scale=0.1)
-  p, m, v = _dense_init(3, 0.1), np.zeros((NUM_ROWS, DIM)), np.zeros((NUM_ROWS, DIM))
+  table, p = _table_and_dense_init(tmp_path, opt, seed=3)
+  m, v = np.zeros((NUM_ROWS, DIM)), np.zeros((NUM_ROWS, DIM))
   rng = np.random.default_rng(0)
   for step in range(1, 61):
     ids, grads = _random_batch(rng, step)
@@ -117,9 +120,8 @@ def test_exact_catch_up_long_gap_uses_truncated_sum(tmp_path):
 def test_lazy_adam_matches_lazy_reference(tmp_path):
   lr, b1, b2, eps = 0.02, 0.9, 0.999, 1e-7
   opt = embedding.SparseAdam(learning_rate=lr, b1=b1, b2=b2, eps=eps, mode="lazy")
-  table = embedding.open_table(tmp_path / "t", num_rows=NUM_ROWS, dim=DIM, optimizer=opt,
-                               host_cache_rows=40, seed=5, init_scale=0.1)
-  p, m, v = _dense_init(5, 0.1), np.zeros((NUM_ROWS, DIM)), np.zeros((NUM_ROWS, DIM))
+  table, p = _table_and_dense_init(tmp_path, opt, seed=5)
+  m, v = np.zeros((NUM_ROWS, DIM)), np.zeros((NUM_ROWS, DIM))
   rng = np.random.default_rng(2)
   for step in range(1, 41):
     ids, grads = _random_batch(rng, step)
@@ -133,9 +135,8 @@ def test_lazy_adam_matches_lazy_reference(tmp_path):
 def test_rowwise_adagrad_matches_reference(tmp_path):
   lr, eps, acc0 = 0.1, 1e-8, 0.1
   opt = embedding.RowwiseAdagrad(learning_rate=lr, eps=eps, initial_accumulator_value=acc0)
-  table = embedding.open_table(tmp_path / "t", num_rows=NUM_ROWS, dim=DIM, optimizer=opt,
-                               host_cache_rows=40, seed=7, init_scale=0.1)
-  p, acc = _dense_init(7, 0.1), np.full(NUM_ROWS, acc0)
+  table, p = _table_and_dense_init(tmp_path, opt, seed=7)
+  acc = np.full(NUM_ROWS, acc0)
   rng = np.random.default_rng(3)
   for _ in range(40):
     ids, grads = _random_batch(rng, 0)
