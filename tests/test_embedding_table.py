@@ -386,7 +386,7 @@ def test_uncompressed_table_round_trips_and_keeps_its_setting(tmp_path):
 
 
 def test_hash_keys_to_rows_follows_its_documented_formula():
-  from kstep_adam.embedding._hashing import splitmix64  # noqa: PLC0415
+  splitmix64 = embedding.splitmix64
   keys = np.array([0, 5, 2**63 - 1], np.int64)
   expected = splitmix64(keys.view(np.uint64) ^ splitmix64(np.uint64(3))) % np.uint64(97)
   np.testing.assert_equal(embedding.hash_keys_to_rows(keys, 97, salt=3), expected)
