@@ -18,26 +18,28 @@ _DONE = object()
 
 @dataclasses.dataclass
 class Prepared:
-  """A global batch with its keys already hashed to table rows."""
+  """A global batch with its keys already hashed to table rows and deduplicated."""
 
   batch: CTRBatch
-  rows_GxF: np.ndarray  # int64 [global_batch, num_categorical], table row of every key
-  unique_rows: np.ndarray  # int64 [U], the distinct rows of the batch
+  unique_rows: np.ndarray  # int64 [U], the distinct rows of the batch, sorted
+  inverse_GxF: np.ndarray  # int32 [global_batch, num_categorical], index into unique_rows
 
 
 class Prefetcher:
-  """Read and hash batches on a background thread, ``depth`` steps ahead.
+  """Read, hash and deduplicate batches on a background thread, ``depth`` steps ahead.
 
   Args:
     batches: iterator of global batches.
-    rows_of: ``keys_GxF -> rows_GxF``, the tier's key hashing (pure NumPy, thread-safe).
+    index_of: ``keys_GxF -> (unique_rows, inverse_GxF)``, the tier's key hashing and
+      deduplication (pure NumPy, thread-safe).
     depth: queue length (how far the reader runs ahead).
     background: False runs everything on the caller's thread (for tests and debugging).
   """
 
-  def __init__(self, batches: Iterator[CTRBatch], rows_of: Callable[[np.ndarray], np.ndarray],
+  def __init__(self, batches: Iterator[CTRBatch],
+               index_of: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]],
                *, depth: int = 2, background: bool = True):
-    self._batches, self._rows_of = batches, rows_of
+    self._batches, self._index_of = batches, index_of
     self._queue: queue.Queue = queue.Queue(maxsize=depth)
     self._stop = threading.Event()
     self._thread = None
@@ -46,8 +48,7 @@ class Prefetcher:
       self._thread.start()
 
   def _prepare(self, batch: CTRBatch) -> Prepared:
-    rows_GxF = self._rows_of(batch.keys_BxF)
-    return Prepared(batch, rows_GxF, np.unique(rows_GxF))
+    return Prepared(batch, *self._index_of(batch.keys_BxF))
 
   def _run(self) -> None:
     try:

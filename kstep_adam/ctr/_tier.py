@@ -2,7 +2,8 @@
 
 All tier calls of a run go through :class:`SparseTier`, on the trainer's thread. The tier is
 :func:`kstep_adam.embedding.open_table`; this class only adapts its arrays to the step's
-shapes (flat ``inverse`` to ``[G, F]``, rows padded to a shape bucket).
+shapes (keys hashed and deduplicated once per batch into ``unique_rows`` and an ``[G, F]``
+inverse, rows padded to a shape bucket).
 """
 
 from __future__ import annotations
@@ -51,27 +52,29 @@ class SparseTier:
     self._temporary = temporary
     self._pad_to = 0
 
-  def rows_of(self, keys_GxF: np.ndarray) -> np.ndarray:
-    """Hash feature keys into table rows (pure NumPy; safe on the reader thread)."""
-    return embedding.hash_keys_to_rows(keys_GxF, self.num_rows, salt=self._salt)
+  def index(self, keys_GxF: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Hash feature keys into table rows and deduplicate them, once per batch (pure NumPy;
+    safe on the reader thread): ``(unique_rows [U] sorted, inverse_GxF int32)``."""
+    rows_GxF = embedding.hash_keys_to_rows(keys_GxF, self.num_rows, salt=self._salt)
+    unique_rows, inverse = np.unique(rows_GxF, return_inverse=True)
+    return unique_rows, inverse.astype(np.int32).reshape(rows_GxF.shape)
 
   def prefetch(self, unique_rows: np.ndarray) -> None:
     """Start staging these rows into the host tier (asynchronous)."""
     self.table.prefetch(unique_rows)
 
-  def working_set(self, rows_GxF: np.ndarray, num_unique: int) -> WorkingSet:
-    """Pull the unique rows of a batch once (the step's working set), padded to a power of
-    two at least ``num_unique`` so the jitted step sees few shapes."""
+  def working_set(self, unique_rows: np.ndarray, inverse_GxF: np.ndarray) -> WorkingSet:
+    """Pull the unique rows of a batch (from :meth:`index`) once, the step's working set,
+    padded to a power of two at least ``U`` so the jitted step sees few shapes."""
     # The bucket never shrinks, so the step compiles once per new high-water mark only.
-    self._pad_to = max(self._pad_to, bucket_size(num_unique))
-    ws = self.table.working_set(rows_GxF.reshape(-1), pad_to=self._pad_to)
-    return WorkingSet(ws.unique_ids, ws.rows,
-                      ws.inverse.astype(np.int32).reshape(rows_GxF.shape))
+    self._pad_to = max(self._pad_to, bucket_size(len(unique_rows)))
+    # The rows are unique already, so the table's own deduplication returns them unchanged.
+    ws = self.table.working_set(unique_rows, pad_to=self._pad_to)
+    return WorkingSet(unique_rows, ws.rows, inverse_GxF)
 
   def lookup(self, keys_BxF: np.ndarray) -> WorkingSet:
     """Rows for evaluation: hash and pull, never push."""
-    rows_BxF = self.rows_of(keys_BxF)
-    return self.working_set(rows_BxF, len(np.unique(rows_BxF)))
+    return self.working_set(*self.index(keys_BxF))
 
   def push(self, unique_rows: np.ndarray, grads_UxD: np.ndarray) -> None:
     """One sparse optimizer step on these rows with their (worker-averaged) gradients."""

@@ -3,7 +3,7 @@
 Each step (DESIGN.md section 1, "the pass workflow", one mini-batch at a time):
 
 1. every worker takes its shard of the global batch (read by a background thread);
-2. the keys of all workers are hashed to rows and deduplicated together;
+2. the keys of all workers are hashed to rows and deduplicated together (reader thread);
 3. the unique rows are pulled once from the embedding tier (``table.working_set``);
 4. every worker runs forward and backward on its own shard (:mod:`._step`);
 5. the rows' gradient, averaged over workers, is pushed once (``table.push``): synchronous
@@ -147,7 +147,7 @@ def train(config: TrainConfig, source: DataSource, out_dir: str | None = None, *
   if progress:
     from tqdm.auto import tqdm
     bar = tqdm(total=num_steps, unit='step', dynamic_ncols=True)
-  prefetcher = Prefetcher(_batches(config, source, num_steps), tier.rows_of,
+  prefetcher = Prefetcher(_batches(config, source, num_steps), tier.index,
                           background=config.prefetch)
   try:
     train_start = time.perf_counter()
@@ -158,7 +158,7 @@ def train(config: TrainConfig, source: DataSource, out_dir: str | None = None, *
       t0 = time.perf_counter()
       timer.new_step()
       with timer('pull'):
-        ws = tier.working_set(current.rows_GxF, len(current.unique_rows))
+        ws = tier.working_set(current.unique_rows, current.inverse_GxF)
         rows_PxD = jax.device_put(ws.rows_PxD, replicated)
         batch = current.batch
         inputs = jax.device_put((ws.inverse_BxF, batch.dense_BxI, batch.label_B), per_worker)
