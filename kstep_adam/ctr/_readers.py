@@ -102,6 +102,9 @@ class CTRFileReader:
     if format == 'criteo':
       self.num_dense, self.num_categorical = CRITEO_NUM_DENSE, CRITEO_NUM_CATEGORICAL
       self._num_fields = 1 + self.num_dense + self.num_categorical
+      self._label_index = 0
+      self._dense_index = list(range(1, 1 + self.num_dense))
+      self._cat_index = list(range(1 + self.num_dense, self._num_fields))
       return
     with _open_text(path) as f:
       header = next(csv.reader(f), None)
@@ -139,30 +142,27 @@ class CTRFileReader:
     """Return (label, dense list, categorical raw values) or None after reporting a bad line."""
     if len(parts) != self._num_fields:
       return self._bad(line_no, f'expected {self._num_fields} fields, got {len(parts)}')
-    criteo = self.format == 'criteo'
-    label_text = parts[0] if criteo else parts[self._label_index]
+    label_text = parts[self._label_index]
     try:
       label = float(label_text)
     except ValueError:
       return self._bad(line_no, f'label is not numeric: {label_text!r}')
     if label not in (0.0, 1.0):
       return self._bad(line_no, f'label must be 0 or 1, got {label_text!r}')
-    dense_index = range(1, 1 + self.num_dense) if criteo else self._dense_index
     dense = []
-    for i in dense_index:
+    for i in self._dense_index:
       s = parts[i].strip()
       try:
         x = float(s) if s else 0.0
       except ValueError:
         return self._bad(line_no, f'field {i + 1} (dense) is not a number: {s!r}')
       dense.append(math.log1p(max(x, 0.0)))
-    cat_index = range(1 + self.num_dense, self._num_fields) if criteo else self._cat_index
     values = []
-    for i in cat_index:
+    for i in self._cat_index:
       s = parts[i].strip()
       if not s:
         values.append(_MISSING)
-      elif criteo:
+      elif self.format == 'criteo':
         try:
           values.append(int(s, 16))
         except ValueError:
@@ -196,7 +196,7 @@ class CTRFileReader:
           line_no = lines.line_num  # a quoted record may span lines
           if line_no == 1:
             continue
-        if not parts or parts == [''] or (len(parts) == 1 and not parts[0].strip()):
+        if not parts or (len(parts) == 1 and not parts[0].strip()):  # a blank line
           continue
         data_index += 1
         if data_index < self.start_line:
