@@ -25,7 +25,7 @@ from typing import Iterator
 
 import numpy as np
 
-from kstep_adam.ctr._batch import CTRBatch, feature_keys, splitmix64
+from kstep_adam.ctr._batch import CTRBatch, concat_batches, feature_keys, splitmix64
 from kstep_adam.ctr._metrics import auc
 
 _TRAIN, _TEST, _CALIBRATE, _FILE = 0, 1, 2, 3
@@ -186,8 +186,7 @@ class SyntheticCTR:
 
   def global_batch(self, step: int, batch_size: int) -> CTRBatch:
     """All workers' batches at ``step`` concatenated: rows [w*B, (w+1)*B) are worker w's."""
-    parts = [self.batch(step, w, batch_size)[0] for w in range(self.num_workers)]
-    return CTRBatch(*(np.concatenate(x) for x in zip(*parts)))
+    return concat_batches([self.batch(step, w, batch_size)[0] for w in range(self.num_workers)])
 
   def test_batches(self, num_examples: int, batch_size: int = 8192
                    ) -> Iterator[tuple[CTRBatch, np.ndarray]]:
