@@ -384,12 +384,11 @@ class EmbeddingTable:
     order = np.argsort(ids)
     ids, positions = ids[order], positions[order]
     chunk_rows, max_chunks = self._config["chunk_rows"], self._chunks_per_batch()
-    # Cut the sorted ids into batches of at most max_chunks distinct chunks.
+    # Cut the sorted ids into batches of at most max_chunks distinct chunks: a batch
+    # starts at the first id of every max_chunks-th chunk.
     chunk = ids // chunk_rows
-    ordinal = np.cumsum(np.r_[True, chunk[1:] != chunk[:-1]]) - 1 if len(ids) else chunk
-    bounds = np.searchsorted(ordinal, np.arange(0, (ordinal[-1] + 1 if len(ids) else 0),
-                                                max_chunks))
-    for lo, hi in zip(bounds, np.r_[bounds[1:], len(ids)].astype(np.int64)):
+    bounds = np.flatnonzero(np.diff(chunk, prepend=-1))[::max_chunks]
+    for lo, hi in zip(bounds, np.r_[bounds[1:], len(ids)]):
       self._store.write_rows(ids[lo:hi], self._pending.read(positions[lo:hi]))
     self._store.write_step(step)
     self._pending.clear()
