@@ -45,7 +45,8 @@ def feature_keys(values_BxF: np.ndarray, *, key_bits: int = 40) -> np.ndarray:
     int64 array ``[B, F]`` of keys in ``[0, 2**key_bits)``.
 
   Examples:
-    >>> feature_keys(np.array([[7, 7]])).tolist()[0][0] != feature_keys(np.array([[7, 7]]))[0, 1]
+    >>> keys = feature_keys(np.array([[7, 7]]))  # one value in two fields: two keys
+    >>> bool(keys[0, 0] != keys[0, 1])
     True
   """
   if not isinstance(key_bits, int) or not 1 <= key_bits <= MAX_KEY_BITS:
