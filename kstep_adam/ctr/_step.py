@@ -37,6 +37,13 @@ def bce_loss(logit_B: jax.Array, label_B: jax.Array) -> jax.Array:
   return jnp.mean(optax.sigmoid_binary_cross_entropy(logit_B, label_B))
 
 
+def _logits(graphdef: nnx.GraphDef, params, rows_UxD: jax.Array, inverse_BxF: jax.Array,
+            dense_BxI: jax.Array) -> jax.Array:
+  """The model on a working set: every key's embedding gathered from the unique rows."""
+  emb_BxFxD = jnp.take(rows_UxD, inverse_BxF, axis=0)
+  return nnx.merge(graphdef, params)(emb_BxFxD, dense_BxI)
+
+
 def make_ctr_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
                         mesh: Mesh) -> Callable:
   """Build ``step(params_W, opt_state_W, rows_UxD, inverse_GxF, dense_GxI, label_G)``.
@@ -60,8 +67,7 @@ def make_ctr_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation
     params, opt_state = jax.tree.map(lambda x: x[0], (params_W, opt_state_W))
 
     def loss_fn(params, rows_UxD):
-      emb_BxFxD = jnp.take(rows_UxD, inverse_BxF, axis=0)
-      return bce_loss(nnx.merge(graphdef, params)(emb_BxFxD, dense_BxI), label_B)
+      return bce_loss(_logits(graphdef, params, rows_UxD, inverse_BxF, dense_BxI), label_B)
 
     # The rows enter replicated (unvarying over the mesh); differentiating with respect to
     # an unvarying input makes JAX psum the cotangent implicitly, which would give the *sum*
@@ -92,8 +98,7 @@ def make_predict(graphdef: nnx.GraphDef) -> Callable:
 
   @jax.jit
   def predict(params, rows_UxD, inverse_BxF, dense_BxI):
-    emb_BxFxD = jnp.take(rows_UxD, inverse_BxF, axis=0)
-    return jax.nn.sigmoid(nnx.merge(graphdef, params)(emb_BxFxD, dense_BxI))
+    return jax.nn.sigmoid(_logits(graphdef, params, rows_UxD, inverse_BxF, dense_BxI))
 
   return predict
 
