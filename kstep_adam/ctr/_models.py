@@ -61,11 +61,10 @@ class DLRM(nnx.Module):
 
   def __call__(self, emb_BxFxD: jax.Array, dense_BxI: jax.Array) -> jax.Array:
     if self.bottom is None:
-      h = [], emb_BxFxD
+      first, v_BxNxD = [], emb_BxFxD
     else:
       h_BxD = self.bottom(dense_BxI)
-      h = [h_BxD], jnp.concatenate([h_BxD[:, None, :], emb_BxFxD], axis=1)
-    first, v_BxNxD = h
+      first, v_BxNxD = [h_BxD], jnp.concatenate([h_BxD[:, None, :], emb_BxFxD], axis=1)
     dots_BxNxN = jnp.einsum('bnd,bmd->bnm', v_BxNxD, v_BxNxD)
     i, j = jnp.triu_indices(v_BxNxD.shape[1], k=1)
     z = jnp.concatenate([*first, dots_BxNxN[:, i, j]], axis=1)
