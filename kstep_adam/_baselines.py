@@ -13,7 +13,6 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from kstep_adam._merge import check_axes_bound
 from kstep_adam._merge import merge_params
 from kstep_adam._merge import switch_merge
 from kstep_adam._merge import tree_mean
@@ -65,7 +64,6 @@ def sync_adam(
     del params
     if not schedule.merges("grads"):
       return updates
-    check_axes_bound(schedule.axis_names)
     return tree_mean(updates, schedule.axis_names, schedule.route)
 
   return optax.chain(
@@ -165,7 +163,8 @@ def diloco(
   """
   schedule = merge_schedule(inner_steps, axis_name=axis_name, sync="delta", route=route,
                             allowed_states=("delta",), period_name="inner_steps")
-  if not schedule.axis_names and not isinstance(inner_steps, int):
+  if not schedule.axis_names and isinstance(inner_steps, MergeSchedule):
+    # Without axes a schedule keeps no period; the one-worker outer step needs an int H.
     raise ValueError(f"without axis_name, inner_steps must be a positive int, got "
                      f"{inner_steps!r}")
   inner = optax.adam(inner_learning_rate) if inner is None else inner
@@ -204,7 +203,7 @@ def diloco(
           schedule.level_at("delta", count), schedule, "delta", local_fn, merge_fn, operand)
     else:  # One worker: the outer step still runs every H steps, on its own delta.
       updates, anchor, outer_state = jax.lax.cond(
-          count % inner_steps == 0, lambda op: merge_fn(op, lambda t: t), local_fn, operand)
+          count % int(inner_steps) == 0, lambda op: merge_fn(op, lambda t: t), local_fn, operand)
     return updates, DiLoCoState(count=count, anchor=anchor, inner_state=inner_state,
                                 outer_state=outer_state)
 

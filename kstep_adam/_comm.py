@@ -29,6 +29,7 @@ import jax
 import numpy as np
 
 from kstep_adam._schedule import MergeSchedule
+from kstep_adam._schedule import is_int_at_least
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,7 +122,7 @@ def merge_bytes(params, schedule: MergeSchedule, axis_sizes, *, step: int) -> Co
     >>> kstep_adam.merge_bytes({'w': np.zeros(10, np.float32)}, s, {'w': 2}, step=4).bytes_by_axis
     {'w': 40.0}
   """
-  if not isinstance(step, (int, np.integer)) or step < 1:
+  if not is_int_at_least(step, 1):
     raise ValueError(f"step must be a 1-based positive int, got {step!r}")
   sizes = _checked_sizes(schedule, axis_sizes)
   total = _zero(schedule)
@@ -145,7 +146,7 @@ def comm_bytes(params, schedule: MergeSchedule, axis_sizes, num_steps: int) -> C
   Returns:
     A :class:`CommCost` summed over the T steps.
   """
-  if not isinstance(num_steps, (int, np.integer)) or num_steps < 0:
+  if not is_int_at_least(num_steps, 0):
     raise ValueError(f"num_steps must be a non-negative int, got {num_steps!r}")
   sizes = _checked_sizes(schedule, axis_sizes)
   total = _zero(schedule)

@@ -28,6 +28,7 @@ import jax
 
 from kstep_adam._merge import assume_local_step
 from kstep_adam._merge import record_merge_schedules
+from kstep_adam._schedule import is_int_at_least
 
 
 class DispatchedStep:
@@ -55,14 +56,14 @@ class DispatchedStep:
   def __init__(self, build: Callable[[Callable], Callable], body: Callable, *,
                start_step: int = 0, enabled: bool = True,
                place_args: Callable[..., tuple] | None = None):
-    if not isinstance(start_step, int) or isinstance(start_step, bool) or start_step < 0:
+    if not is_int_at_least(start_step, 0):
       raise ValueError(f"start_step must be a non-negative int, got {start_step!r}")
     self._build, self._body, self._enabled = build, body, enabled
     self._place_args = place_args or (lambda *args: args)
     self.jitted = build(body)
     self.local_jitted = None
     self.schedules = None
-    self.step = start_step
+    self.step = int(start_step)
 
   def prepare(self, *args: Any) -> None:
     """Trace the general program once to find its schedules; build the local program."""

@@ -6,11 +6,13 @@
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from kstep_adam._merge import merge_params
@@ -27,6 +29,21 @@ class ScaleByKStepAdamState(NamedTuple):
   count: jax.Array  # shape=(), int32; steps taken so far.
   mu: optax.Updates  # first moment, like params (dtype mu_dtype if given).
   nu: optax.Updates  # second moment, like params.
+
+
+def _check_clip(clip) -> None:
+  """Raise ValueError unless ``clip`` is None or a positive scalar (traced values pass)."""
+  if clip is None:
+    return
+  if (isinstance(clip, (bool, np.bool_)) or np.ndim(clip) != 0 or
+      not (isinstance(clip, numbers.Real) or hasattr(clip, "dtype"))):
+    raise ValueError(f"clip must be None or a positive float, got {clip!r}")
+  try:
+    value = float(clip)
+  except jax.errors.ConcretizationTypeError:  # traced under inject_hyperparams: unknowable.
+    return
+  if not value > 0:
+    raise ValueError(f"clip must be None or a positive float, got {clip!r}")
 
 
 def scale_by_kstep_adam(
@@ -86,9 +103,7 @@ def scale_by_kstep_adam(
   """
   if form not in FORMS:
     raise ValueError(f"form must be one of {FORMS!r}, got {form!r}")
-  if clip is not None and (isinstance(clip, bool) or
-                           (isinstance(clip, (int, float)) and not clip > 0)):
-    raise ValueError(f"clip must be None or a positive float, got {clip!r}")
+  _check_clip(clip)
   schedule = merge_schedule(k, axis_name=axis_name, sync=sync, route=route, mu_dtype=mu_dtype,
                             allowed_states=ADAM_STATES)
   mu_dtype = None if mu_dtype is None else jnp.dtype(mu_dtype)
@@ -167,9 +182,9 @@ def kstep_adam(
   Args:
     learning_rate: a float or an optax schedule.
     k: merge period in steps, per-axis periods ``{axis: k}``, or a :class:`MergeSchedule`
-      (then ``axis_name``, ``sync``, ``route`` are taken from it; build it with the same
-      ``mu_dtype`` so that byte counts are right). Under ``optax.inject_hyperparams`` pass
-      ``static_args=('k',)``.
+      (then ``axis_name``, ``sync``, ``route`` are taken from it; if it averages ``mu`` it
+      must be built with the same ``mu_dtype``, so that byte counts are right). Under
+      ``optax.inject_hyperparams`` pass ``static_args=('k',)``.
     b1: decay rate of the first moment.
     b2: decay rate of the second moment.
     eps: denominator term, see :func:`scale_by_kstep_adam`.

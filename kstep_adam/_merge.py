@@ -6,7 +6,7 @@ Everything here runs inside ``shard_map`` (or any context that binds the named a
   production "k-step node" routing: reduce-scatter inside the innermost axis (fast links), each
   device all-reduces only its own ``1/n`` shard across the outer axes (every device and NIC
   carries inter-node traffic in parallel), then all-gather inside the innermost axis.
-* :func:`merge_at_level` runs the merge that a :class:`MergeSchedule` prescribes for the
+* :func:`switch_merge` runs the merge that a :class:`MergeSchedule` prescribes for the
   current step under ``lax.switch``: a local step executes no collective at all.
 * :func:`merge_params` is the optax transform that turns updates ``u`` into
   ``mean(params + u) - params`` on merge steps; chain it last, after the learning rate.
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+from collections.abc import Sequence
 from typing import Any, Callable, Iterator, NamedTuple
 
 import jax
@@ -23,6 +24,8 @@ import jax.numpy as jnp
 import optax
 
 from kstep_adam._schedule import MergeSchedule
+from kstep_adam._schedule import check_route
+from kstep_adam._schedule import normalize_axis_names
 
 
 # Trace-time registries (see `assume_local_step` and `record_merge_schedules`). Context
@@ -77,7 +80,7 @@ def record_merge_schedules() -> Iterator[list[MergeSchedule]]:
     _RECORDERS.reset(token)
 
 
-def check_axes_bound(axis_names: tuple[str, ...]) -> None:
+def _check_axes_bound(axis_names: tuple[str, ...]) -> None:
   """Raise ValueError if an axis is not bound (not a mesh axis of the enclosing shard_map)."""
   for name in axis_names:
     try:
@@ -85,7 +88,8 @@ def check_axes_bound(axis_names: tuple[str, ...]) -> None:
     except (NameError, KeyError) as e:  # unbound axis (the type differs across jax versions)
       raise ValueError(
           f"axis_name {name!r} is not an axis of the enclosing shard_map/mesh; the optimizer "
-          f"must run inside shard_map over a mesh that has all of {axis_names!r}") from e
+          f"(or tree_mean) must run inside shard_map over a mesh that has all of "
+          f"{axis_names!r}") from e
 
 
 def _varying_axes(x) -> frozenset:
@@ -141,21 +145,31 @@ def _hierarchical_mean(tree, outer: tuple[str, ...], inner: str):
   return jax.tree.unflatten(treedef, out)
 
 
-def tree_mean(tree, axes: tuple[str, ...], route: str = "hierarchical"):
+def tree_mean(tree, axes: str | Sequence[str], route: str = "hierarchical"):
   """Average every leaf of ``tree`` over the mesh ``axes`` (outermost first).
 
   Args:
     tree: pytree of per-device arrays.
-    axes: axes to average over; with one axis, or ``route='flat'``, one all-reduce per leaf.
+    axes: axis name or axes to average over; with one axis, or ``route='flat'``, one
+      all-reduce per leaf.
     route: ``'hierarchical'`` routes a multi-axis mean through the innermost axis (see module
       docstring); it equals the flat mean up to floating-point summation order.
 
   Returns:
     The mean, with the same structure, shapes and dtypes as ``tree``.
+
+  Raises:
+    ValueError: on no axes, an unknown route, or an axis that the enclosing ``shard_map``
+      does not bind.
   """
+  axes = normalize_axis_names(axes, "axes")
+  if not axes:
+    raise ValueError("tree_mean needs at least one axis, got None")
+  check_route(route)
+  _check_axes_bound(axes)
   if len(axes) == 1 or route == "flat":
-    return _flat_mean(tree, tuple(axes))
-  return _hierarchical_mean(tree, tuple(axes[:-1]), axes[-1])
+    return _flat_mean(tree, axes)
+  return _hierarchical_mean(tree, axes[:-1], axes[-1])
 
 
 def switch_merge(level, schedule: MergeSchedule, state: str,
@@ -185,7 +199,6 @@ def switch_merge(level, schedule: MergeSchedule, state: str,
   if schedule in _ASSUMED_LOCAL.get():
     return local_fn(operand)
   axes, route = schedule.axis_names, schedule.route
-  check_axes_bound(axes)
   if schedule.periods(state)[0] == 1:  # Merges over all axes every step.
     return merge_fn(operand, lambda t: tree_mean(t, axes, route))
   live = schedule.live_levels(state)

@@ -43,8 +43,15 @@ SYNC_PRESETS: dict[str, dict[str, int]] = {
 ROUTES = ("hierarchical", "flat")
 
 
-def _is_positive_int(x: Any) -> bool:
-  return isinstance(x, (int, np.integer)) and not isinstance(x, bool) and x >= 1
+def is_int_at_least(x: Any, minimum: int) -> bool:
+  """Whether ``x`` is a Python or NumPy int (not a bool) with ``x >= minimum``."""
+  return isinstance(x, (int, np.integer)) and not isinstance(x, bool) and x >= minimum
+
+
+def check_route(route: str) -> None:
+  """Raise ValueError unless ``route`` is one of :data:`ROUTES`."""
+  if route not in ROUTES:
+    raise ValueError(f"route must be one of {ROUTES!r}, got {route!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,23 +125,23 @@ class MergeSchedule:
     return level
 
 
-def _normalize_axis_names(axis_name) -> tuple[str, ...]:
+def normalize_axis_names(axis_name, name: str = "axis_name") -> tuple[str, ...]:
+  """``None`` -> ``()``, one name -> ``(name,)``, a sequence of distinct names -> a tuple."""
   if axis_name is None:
     return ()
   names = (axis_name,) if isinstance(axis_name, str) else tuple(axis_name)
   if not names or not all(isinstance(a, str) and a for a in names):
     raise ValueError(
-        f"axis_name must be None, a mesh axis name or a non-empty tuple of names, got "
+        f"{name} must be None, a mesh axis name or a non-empty tuple of names, got "
         f"{axis_name!r}")
   if len(set(names)) != len(names):
-    raise ValueError(f"axis_name has repeated axes: {axis_name!r}")
+    raise ValueError(f"{name} has repeated axes: {axis_name!r}")
   return names
 
 
 def _normalize_k(k, axis_names: tuple[str, ...], name: str) -> tuple[int, ...]:
   if isinstance(k, Mapping):
-    unknown = set(k) - set(axis_names)
-    if unknown or set(k) != set(axis_names):
+    if set(k) != set(axis_names):
       raise ValueError(
           f"{name} as a mapping needs exactly one period per axis of axis_name={axis_names!r}, got "
           f"keys {sorted(k)!r}")
@@ -142,7 +149,7 @@ def _normalize_k(k, axis_names: tuple[str, ...], name: str) -> tuple[int, ...]:
   else:
     values = [k] * max(len(axis_names), 1)
   for v in values:
-    if not _is_positive_int(v):
+    if not is_int_at_least(v, 1):
       hint = ""
       if hasattr(v, "shape"):
         hint = (f" (under optax.inject_hyperparams pass static_args=('{name}',) or a "
@@ -165,7 +172,7 @@ def _normalize_sync(sync, allowed_states: Sequence[str]) -> tuple[tuple[str, int
   for name, multiple in sync.items():
     if name not in allowed_states:
       raise ValueError(f"sync state {name!r} is unknown here; allowed: {tuple(allowed_states)!r}")
-    if not _is_positive_int(multiple):
+    if not is_int_at_least(multiple, 1):
       raise ValueError(f"sync period for {name!r} must be a positive int multiple of k, got "
                        f"{multiple!r}")
   return tuple((name, int(sync[name])) for name in allowed_states if name in sync)
@@ -199,8 +206,10 @@ def merge_schedule(
     A frozen, hashable ``MergeSchedule``.
 
   Raises:
-    ValueError: on a non-positive or non-int period, an unknown sync option or route.
+    ValueError: on a non-positive or non-int period, an unknown sync option or route, or a
+      ``MergeSchedule`` that averages ``'mu'`` with another ``mu_dtype`` than the one given.
   """
+  mu_name = None if mu_dtype is None else jnp.dtype(mu_dtype).name
   if isinstance(k, MergeSchedule):
     if axis_name is not None:
       raise ValueError(f"pass either a MergeSchedule as {period_name} or axis_name, not both "
@@ -209,11 +218,13 @@ def merge_schedule(
       if name not in allowed_states:
         raise ValueError(f"schedule averages {name!r}, which this optimizer does not have; "
                          f"allowed: {tuple(allowed_states)!r}")
+    if k.periods("mu") is not None and k.mu_dtype != mu_name:
+      raise ValueError(f"the schedule averages 'mu' counted as mu_dtype={k.mu_dtype!r} but the "
+                       f"optimizer has mu_dtype={mu_name!r}; build the schedule with "
+                       f"merge_schedule(..., mu_dtype=...) equal to the optimizer's")
     return k
-  if route not in ROUTES:
-    raise ValueError(f"route must be one of {ROUTES!r}, got {route!r}")
-  axis_names = _normalize_axis_names(axis_name)
+  check_route(route)
+  axis_names = normalize_axis_names(axis_name)
   axis_periods = _normalize_k(k, axis_names, period_name)
   state_periods = _normalize_sync(sync, allowed_states)
-  mu_name = None if mu_dtype is None else jnp.dtype(mu_dtype).name
   return MergeSchedule(axis_names, axis_periods, state_periods, route, mu_name)

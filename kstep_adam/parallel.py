@@ -31,6 +31,7 @@ from kstep_adam._comm import NetworkModel
 from kstep_adam._comm import comm_bytes
 from kstep_adam._dispatch import DispatchedStep
 from kstep_adam._schedule import MergeSchedule
+from kstep_adam._schedule import is_int_at_least
 
 AXIS_NAMES = ("node", "local")
 
@@ -50,7 +51,7 @@ def make_mesh(num_nodes: int, devices_per_node: int, *,
     ``NamedSharding``; :func:`replicate` and :func:`make_train_step` do it).
   """
   for name, value in (("num_nodes", num_nodes), ("devices_per_node", devices_per_node)):
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+    if not is_int_at_least(value, 1):
       raise ValueError(f"{name} must be a positive int, got {value!r}")
   devices = list(jax.devices() if devices is None else devices)
   needed = num_nodes * devices_per_node

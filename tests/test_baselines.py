@@ -64,9 +64,10 @@ def test_diloco_matches_numpy(mesh_shape, route):
   assert np.ptp(np.asarray(state_W.inner_state[0].mu["w"]), axis=0).max() > 1e-4
 
 
-def test_diloco_on_one_worker_still_takes_outer_steps():
+@pytest.mark.parametrize("inner_steps", [2, np.int64(2)])
+def test_diloco_on_one_worker_still_takes_outer_steps(inner_steps):
   data = worker_data(1, 4)
-  tx = kstep_adam.diloco(2, inner_learning_rate=0.05)
+  tx = kstep_adam.diloco(inner_steps, inner_learning_rate=0.05)
   params = init_params()
   state = tx.init(params)
   for x, y in data:

@@ -99,6 +99,8 @@ def test_network_model_turns_bytes_into_seconds():
                                     {"x": 2}, step=2), "no size for axes"),
     (lambda: kstep_adam.merge_bytes(PARAMS, kstep_adam.merge_schedule(2, axis_name="w"),
                                     {"w": 2}, step=0), "1-based positive int"),
+    (lambda: kstep_adam.merge_bytes(PARAMS, kstep_adam.merge_schedule(2, axis_name="w"),
+                                    {"w": 2}, step=True), "1-based positive int"),
     (lambda: kstep_adam.comm_bytes(PARAMS, kstep_adam.merge_schedule(2, axis_name="w"),
                                    {"w": 2}, num_steps=-1), "non-negative int"),
 ])

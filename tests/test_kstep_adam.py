@@ -71,6 +71,19 @@ def test_chains_with_clipping_and_works_under_inject_hyperparams():
   np.testing.assert_allclose(got_state[1].hyperparams["learning_rate"], sched(5), rtol=1e-6)
 
 
+def test_clip_may_be_injected_and_traced():
+  """Under inject_hyperparams clip arrives as an array (traced under jit); it is not rejected."""
+  params = _params(jnp.float32)
+
+  def run(clip, static_args):
+    return _run(optax.inject_hyperparams(kstep_adam.kstep_adam, static_args=static_args)(
+        learning_rate=0.1, k=2, clip=clip), params)[0]
+
+  traced, static = run(0.3, ("k",)), run(0.3, ("k", "clip"))
+  jax.tree.map(np.testing.assert_array_equal, traced, static)
+  assert not np.allclose(traced["w"], run(None, ("k",))["w"], rtol=1e-3)  # clipping is active
+
+
 def test_inject_hyperparams_with_traced_k_gives_a_clear_error():
   tx = optax.inject_hyperparams(kstep_adam.kstep_adam)(learning_rate=0.1, k=4)
   with pytest.raises(ValueError, match=r"static_args=\('k',\)"):
@@ -121,10 +134,16 @@ def test_scale_by_kstep_adam_state_fields():
     (dict(k=2, route="ring"), "route must be one of"),
     (dict(k=2, form="adamw"), "form must be one of"),
     (dict(k=2, clip=-1.0), "clip must be None or a positive float"),
+    (dict(k=2, clip=np.float32(-1.0)), "clip must be None or a positive float"),
+    (dict(k=2, clip=True), "clip must be None or a positive float"),
+    (dict(k=2, clip="0.5"), "clip must be None or a positive float"),
+    (dict(k=2, clip=np.ones(2)), "clip must be None or a positive float"),
     (dict(k=2, axis_name=("node", "node")), "repeated axes"),
     (dict(k=2, axis_name=""), "axis_name must be None"),
     (dict(k=kstep_adam.merge_schedule(2, axis_name="w"), axis_name="w"),
      "either a MergeSchedule as k or axis_name"),
+    (dict(k=kstep_adam.merge_schedule(2, axis_name="w", sync="params+moments"),
+          mu_dtype=jnp.bfloat16), "the schedule averages 'mu' counted as mu_dtype=None"),
 ])
 def test_bad_arguments_raise_value_error(kwargs, match):
   with pytest.raises(ValueError, match=match):

@@ -55,13 +55,27 @@ def test_hierarchical_mean_equals_flat_mean(mesh_shape):
     assert hier[name].dtype == x.dtype and hier[name].shape == x.shape
 
 
-def test_inner_axis_mean_averages_within_each_node():
+@pytest.mark.parametrize("axes", [("local",), "local"])
+def test_inner_axis_mean_averages_within_each_node(axes):
   mesh = parallel.make_mesh(2, 4)
   tree, tree_W = _per_worker_tree(mesh)
-  out = _mean_under_shard_map(tree_W, mesh, ("local",), "hierarchical")
+  out = _mean_under_shard_map(tree_W, mesh, axes, "hierarchical")
   x = tree["odd"].reshape(2, 4, 7, 3).mean(1, keepdims=True)
   np.testing.assert_allclose(out["odd"], np.broadcast_to(x, (2, 4, 7, 3)).reshape(8, 7, 3),
                              rtol=1e-6)
+
+
+@pytest.mark.parametrize("axes,route,match", [
+    (("node", "data"), "hierarchical", "axis_name 'data' is not an axis"),
+    (NODE_LOCAL, "ring", "route must be one of"),
+    (None, "flat", "needs at least one axis"),
+    (("local", "local"), "flat", "axes has repeated axes"),
+])
+def test_tree_mean_rejects_bad_axes_and_routes(axes, route, match):
+  mesh = parallel.make_mesh(2, 4)
+  _, tree_W = _per_worker_tree(mesh)
+  with pytest.raises(ValueError, match=match):
+    _mean_under_shard_map(tree_W, mesh, axes, route)
 
 
 def _computations(hlo_text: str) -> dict[str, str]:

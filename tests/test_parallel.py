@@ -195,6 +195,7 @@ def test_dispatched_step_serves_a_custom_shard_map_step():
   assert step.step == 2
 
 
-def test_dispatched_step_rejects_a_bad_start_step():
+@pytest.mark.parametrize("start_step", [-1, 1.0, True])
+def test_dispatched_step_rejects_a_bad_start_step(start_step):
   with pytest.raises(ValueError, match="start_step must be a non-negative int"):
-    parallel.DispatchedStep(lambda body: body, lambda: None, start_step=-1)
+    parallel.DispatchedStep(lambda body: body, lambda: None, start_step=start_step)

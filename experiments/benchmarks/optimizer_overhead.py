@@ -19,7 +19,6 @@ back), not the absolute times.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import time
 
@@ -58,13 +57,16 @@ def loss_fn(params, batch):
   return jnp.mean((h - y_BxD) ** 2)
 
 
-def make_update_only(tx, mesh, assume_local=None):
-  """Jitted shard_map of ``tx.update`` + ``apply_updates`` on given per-worker gradients."""
+def make_update_only(tx, mesh, assume_local=()):
+  """Jitted shard_map of ``tx.update`` + ``apply_updates`` on given per-worker gradients.
+
+  ``assume_local``: schedules to trace as local steps (the harness's local program).
+  """
   spec = P(AXES)
 
   def per_worker(params_W, state_W, grads_W):
     params, state, grads = jax.tree.map(lambda x: x[0], (params_W, state_W, grads_W))
-    with kstep_adam.assume_local_step(assume_local) if assume_local else contextlib.nullcontext():
+    with kstep_adam.assume_local_step(*assume_local):
       updates, state = tx.update(grads, state, params)
     params = optax.apply_updates(params, updates)
     return jax.tree.map(lambda x: x[None], (params, state))
@@ -100,7 +102,7 @@ def bench(mode: str, params, batch, mesh, reps: int, seed: int = 0):
       fn = step.local_jitted if name == "dispatch" else step.jitted
       runners[name] = lambda p, s, fn=fn: fn(p, s, batch)[:2]
     else:
-      update = make_update_only(tx, mesh, schedule if name == "dispatch" else None)
+      update = make_update_only(tx, mesh, (schedule,) if name == "dispatch" else ())
       runners[name] = lambda p, s, update=update: update(p, s, batch)
     carries[name] = (params_W, state_W)
     for _ in range(4):  # Compile and warm up; leaves kstep at an even count (next: local).
