@@ -156,14 +156,16 @@ def create(path: str, config: dict) -> None:
   os.makedirs(parent, exist_ok=True)
   tmp = tempfile.mkdtemp(prefix=os.path.basename(path) + ".creating-", dir=parent)
   try:
-    with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
-      json.dump(config, f, indent=1)
+    # Durable before the rename publishes the table: after a power loss a table either does
+    # not exist or has its config (a process kill alone never needed the fsyncs).
+    replace_file_durably(tmp, CONFIG_FILE, json.dumps(config, indent=1))
     store = TableStore(tmp, config, ts_cache_bytes=0, create=True)
     store.write_step(0)
     del store
     if os.path.isdir(path):
       os.rmdir(path)  # only an empty directory gets here; see open_table
     os.rename(tmp, path)
+    fsync_dir(parent)
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise
