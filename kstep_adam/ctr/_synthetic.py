@@ -167,12 +167,16 @@ class SyntheticCTR:
     logit = logit + np.einsum('bpt,bpt->b', u_BxFxT[:, f], u_BxFxT[:, g])
     return logit * self._scale + self._bias
 
-  def _make(self, rng: np.random.Generator, n: int, worker_B: np.ndarray | None):
+  def _draw(self, rng: np.random.Generator, n: int, worker_B: np.ndarray | None):
+    """Draw n labelled examples: (dense features, ids, teacher probabilities, clicks)."""
     dense_BxI, std_BxI, id_BxF = self._sample(rng, n, worker_B)
     p_B = 1 / (1 + np.exp(-self._teacher_logit(std_BxI, id_BxF)))
-    label_B = (rng.random(n) < p_B).astype(np.float32)
+    return dense_BxI, id_BxF, p_B, rng.random(n) < p_B
+
+  def _make(self, rng: np.random.Generator, n: int, worker_B: np.ndarray | None):
+    dense_BxI, id_BxF, p_B, click_B = self._draw(rng, n, worker_B)
     keys_BxF = feature_keys(id_BxF, key_bits=self.key_bits)
-    return CTRBatch(dense_BxI, keys_BxF, label_B), p_B.astype(np.float32)
+    return CTRBatch(dense_BxI, keys_BxF, click_B.astype(np.float32)), p_B.astype(np.float32)
 
   # -- public streams ----------------------------------------------------------------------
   def batch(self, step: int, worker: int, batch_size: int) -> tuple[CTRBatch, np.ndarray]:
@@ -210,9 +214,8 @@ class SyntheticCTR:
       for index, start in enumerate(range(0, num_lines, chunk)):
         n = min(chunk, num_lines - start)
         rng = np.random.default_rng([self.seed, _FILE, index])
-        dense_BxI, std_BxI, id_BxF = self._sample(rng, n, rng.integers(0, self.num_workers, n))
-        p_B = 1 / (1 + np.exp(-self._teacher_logit(std_BxI, id_BxF)))
-        label_B = (rng.random(n) < p_B).astype(int)
+        dense_BxI, id_BxF, _, click_B = self._draw(rng, n, rng.integers(0, self.num_workers, n))
+        label_B = click_B.astype(int)
         counts_BxI = np.rint(np.expm1(dense_BxI)).astype(np.int64)
         for b in range(n):
           f.write('\t'.join([str(label_B[b]), *map(str, counts_BxI[b]),
