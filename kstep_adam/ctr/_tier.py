@@ -50,7 +50,7 @@ class SparseTier:
         host_cache_rows=config.host_cache_rows, device_cache_rows=config.device_cache_rows,
         seed=config.seed, init_scale=config.init_scale)
     self._temporary = temporary
-    self._pad_to = 0
+    self._pad_to = {'train': 0, 'eval': 0}  # shape bucket per kind of batch
 
   def index(self, keys_GxF: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Hash feature keys into table rows and deduplicate them, once per batch (pure NumPy;
@@ -63,18 +63,21 @@ class SparseTier:
     """Start staging these rows into the host tier (asynchronous)."""
     self.table.prefetch(unique_rows)
 
-  def working_set(self, unique_rows: np.ndarray, inverse_GxF: np.ndarray) -> WorkingSet:
+  def working_set(self, unique_rows: np.ndarray, inverse_GxF: np.ndarray, *,
+                  kind: str = 'train') -> WorkingSet:
     """Pull the unique rows of a batch (from :meth:`index`) once, the step's working set,
     padded to a power of two at least ``U`` so the jitted step sees few shapes."""
-    # The bucket never shrinks, so the step compiles once per new high-water mark only.
-    self._pad_to = max(self._pad_to, bucket_size(len(unique_rows)))
+    # A bucket never shrinks, so the step compiles once per new high-water mark only. Train
+    # and eval batches keep separate buckets: the larger eval batches would otherwise pad
+    # (and recompile) every training step after the first evaluation.
+    pad_to = self._pad_to[kind] = max(self._pad_to[kind], bucket_size(len(unique_rows)))
     # The rows are unique already, so the table's own deduplication returns them unchanged.
-    ws = self.table.working_set(unique_rows, pad_to=self._pad_to)
+    ws = self.table.working_set(unique_rows, pad_to=pad_to)
     return WorkingSet(unique_rows, ws.rows, inverse_GxF)
 
   def lookup(self, keys_BxF: np.ndarray) -> WorkingSet:
     """Rows for evaluation: hash and pull, never push."""
-    return self.working_set(*self.index(keys_BxF))
+    return self.working_set(*self.index(keys_BxF), kind='eval')
 
   def push(self, unique_rows: np.ndarray, grads_UxD: np.ndarray) -> None:
     """One sparse optimizer step on these rows with their (worker-averaged) gradients."""
