@@ -12,8 +12,9 @@ devices, whose merge steps give the "merge" column), in two settings: the table 
 host tier, and a host cache 10x smaller than the table (a vocabulary large enough to
 overflow it).
 Both read the same pre-generated global batches from memory, so data generation is not
-timed; the workflow still hashes keys on its reader thread. Prints examples/s, the ratio to
-the baseline and the workflow's time breakdown (data wait, pull, compute, push, merge).
+timed; the workflow still hashes and deduplicates keys on its reader thread. Prints
+examples/s, the ratio to the baseline and the workflow's time breakdown (data wait, pull,
+compute, push, merge).
 
 Runs unchanged on a GPU (one device: the 8-device case is CPU-only, simulated). Expected on
 the 2-core CPU box: see the README; the numbers are ratios within one process.
