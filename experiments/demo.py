@@ -20,7 +20,7 @@ import time
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-import jax  # noqa: E402
+import jax
 
 jax.config.update("jax_num_cpu_devices", 8)  # Must precede the first use of the backend.
 
@@ -32,16 +32,19 @@ from kstep_adam import parallel  # noqa: E402
 
 # Per-device link bandwidth and per-message latency (illustrative: NVLink vs 100 Gb/s NIC).
 NETWORK = kstep_adam.NetworkModel(
-    bandwidth_bytes_per_s={"local": 150e9, "node": 12.5e9},
-    latency_s={"local": 5e-6, "node": 25e-6},
+  bandwidth_bytes_per_s={"local": 150e9, "node": 12.5e9},
+  latency_s={"local": 5e-6, "node": 25e-6},
 )
 FEATURES, HIDDEN = 16, 64
 
 
 def init_mlp(rng: np.random.Generator) -> dict:
   def dense(n_in, n_out):
-    return {"w": (rng.normal(size=(n_in, n_out)) / np.sqrt(n_in)).astype(np.float32),
-            "b": np.zeros(n_out, np.float32)}
+    return {
+      "w": (rng.normal(size=(n_in, n_out)) / np.sqrt(n_in)).astype(np.float32),
+      "b": np.zeros(n_out, np.float32),
+    }
+
   return {"l1": dense(FEATURES, HIDDEN), "l2": dense(HIDDEN, HIDDEN), "out": dense(HIDDEN, 1)}
 
 
@@ -96,33 +99,44 @@ def main(argv=None):
   params = init_mlp(np.random.default_rng(0))
   num_params = sum(np.size(x) for x in jax.tree.leaves(params))
   axes = ("node", "local")
-  schedule = kstep_adam.merge_schedule({"node": args.k_node, "local": args.k_local},
-                                       axis_name=axes)
+  schedule = kstep_adam.merge_schedule({"node": args.k_node, "local": args.k_local}, axis_name=axes)
   ddp_schedule = kstep_adam.merge_schedule(1, axis_name=axes, sync="grads")
-  print(f"mesh {dict(mesh.shape)} on {jax.devices()[0].platform}; MLP with {num_params} params; "
-        f"{steps} steps, global batch {args.batch_size}")
+  print(
+    f"mesh {dict(mesh.shape)} on {jax.devices()[0].platform}; MLP with {num_params} params; "
+    f"{steps} steps, global batch {args.batch_size}"
+  )
 
   summary = {"steps": steps, "num_params": int(num_params)}
   for name, tx, sched in [
-      (f"kstep_adam(k_node={args.k_node}, k_local={args.k_local})",
-       kstep_adam.kstep_adam(args.lr, schedule), schedule),
-      ("sync_adam (DDP)", kstep_adam.sync_adam(args.lr, axis_name=axes), ddp_schedule),
+    (
+      f"kstep_adam(k_node={args.k_node}, k_local={args.k_local})",
+      kstep_adam.kstep_adam(args.lr, schedule),
+      schedule,
+    ),
+    ("sync_adam (DDP)", kstep_adam.sync_adam(args.lr, axis_name=axes), ddp_schedule),
   ]:
     print(name)
     start = time.perf_counter()
     losses, spread = train(tx, mesh, params, steps, args.batch_size, max(steps // 8, 1))
     wall = time.perf_counter() - start
     report = parallel.comm_report(params, sched, mesh, steps, NETWORK)
-    merges = {lvl: sum(1 for t in range(1, steps + 1) if sched.level_at(sched.states()[0], t)
-                       == i + 1) for i, lvl in enumerate(axes)}
-    print(f"  final loss {np.mean(losses[-10:]):.4f}; replica spread {spread:.2e}; "
-          f"wall {wall:.1f}s")
+    merges = {
+      lvl: sum(1 for t in range(1, steps + 1) if sched.level_at(sched.states()[0], t) == i + 1)
+      for i, lvl in enumerate(axes)
+    }
+    print(
+      f"  final loss {np.mean(losses[-10:]):.4f}; replica spread {spread:.2e}; wall {wall:.1f}s"
+    )
     print(f"  merges (DDP: gradient all-reduces) by level: {merges}")
-    print("  bytes sent per device: " + ", ".join(
-        f"{a}={b / 1e6:.3f} MB" for a, b in report["bytes_by_axis"].items()))
-    print("  estimated comm time: " + ", ".join(
-        f"{a}={s * 1e3:.3f} ms" for a, s in report["seconds_by_axis"].items())
-          + f" (total {report['seconds'] * 1e3:.3f} ms)")
+    print(
+      "  bytes sent per device: "
+      + ", ".join(f"{a}={b / 1e6:.3f} MB" for a, b in report["bytes_by_axis"].items())
+    )
+    print(
+      "  estimated comm time: "
+      + ", ".join(f"{a}={s * 1e3:.3f} ms" for a, s in report["seconds_by_axis"].items())
+      + f" (total {report['seconds'] * 1e3:.3f} ms)"
+    )
     summary[name] = {"final_loss": float(np.mean(losses[-10:])), "merges": merges, **report}
   if args.out:
     with open(args.out, "w") as f:

@@ -24,20 +24,27 @@ import dataclasses
 
 
 def main(argv=None) -> str:
-  p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-  p.add_argument('--quick', action='store_true', help='a smoke-sized grid')
-  p.add_argument('--plot-only', action='store_true', help='rebuild table and figures only')
-  p.add_argument('--out', default=None,
-                 help='results directory (default: results/reproduce_paper, the committed '
-                      'run behind the figures; runs/reproduce_paper_quick with --quick)')
-  p.add_argument('--figures', default=None,
-                 help='figures directory (default figures/, or OUT/figures with --quick)')
-  p.add_argument('--seeds', type=int, default=None, help='number of seeds (overrides config)')
-  p.add_argument('--steps', type=int, default=None, help='steps per run (overrides config)')
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  p.add_argument("--quick", action="store_true", help="a smoke-sized grid")
+  p.add_argument("--plot-only", action="store_true", help="rebuild table and figures only")
+  p.add_argument(
+    "--out",
+    default=None,
+    help="results directory (default: results/reproduce_paper, the committed "
+    "run behind the figures; runs/reproduce_paper_quick with --quick)",
+  )
+  p.add_argument(
+    "--figures",
+    default=None,
+    help="figures directory (default figures/, or OUT/figures with --quick)",
+  )
+  p.add_argument("--seeds", type=int, default=None, help="number of seeds (overrides config)")
+  p.add_argument("--steps", type=int, default=None, help="steps per run (overrides config)")
   args = p.parse_args(argv)
 
   import jax
-  jax.config.update('jax_num_cpu_devices', 8)
+
+  jax.config.update("jax_num_cpu_devices", 8)
   from experiments import _paper_lib as lib
 
   cfg = lib.QUICK if args.quick else lib.FULL
@@ -45,22 +52,22 @@ def main(argv=None) -> str:
     cfg = dataclasses.replace(cfg, seeds=tuple(range(args.seeds)))
   if args.steps is not None:
     cfg = dataclasses.replace(cfg, steps=args.steps)
-  out = args.out or ('runs/reproduce_paper_quick' if args.quick else 'results/reproduce_paper')
-  figures = args.figures or (f'{out}/figures' if args.quick else 'figures')
+  out = args.out or ("runs/reproduce_paper_quick" if args.quick else "results/reproduce_paper")
+  figures = args.figures or (f"{out}/figures" if args.quick else "figures")
   if not args.plot_only:
     lib.run_grid(cfg, out, log=lambda s: print(s, flush=True))
-  runs = lib.read_runs(f'{out}/runs.jsonl')
+  runs = lib.read_runs(f"{out}/runs.jsonl")
   if not runs:
-    raise SystemExit(f'no results in {out}/runs.jsonl; run without --plot-only first')
+    raise SystemExit(f"no results in {out}/runs.jsonl; run without --plot-only first")
   rows = lib.summarize(runs)
   table = lib.write_table(rows, out, cfg)
   lib.make_figures(rows, out, figures)
   print(table)
-  for variant in sorted({r['variant'] for r in rows if r['optimizer'] == 'kstep_adam'}):
+  for variant in sorted({r["variant"] for r in rows if r["optimizer"] == "kstep_adam"}):
     k = lib.largest_safe_k(rows, variant)
-    print(f'k-step Adam ({variant}): largest k with mean AUC within 0.001 of k=1: {k}')
+    print(f"k-step Adam ({variant}): largest k with mean AUC within 0.001 of k=1: {k}")
   return table
 
 
-if __name__ == '__main__':
+if __name__ == "__main__":
   main()

@@ -6,8 +6,10 @@ their communication is counted the same way.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from typing import Any, NamedTuple
+from collections.abc import Mapping
+from collections.abc import Sequence
+from typing import Any
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -21,15 +23,15 @@ from kstep_adam._schedule import merge_schedule
 
 
 def sync_adam(
-    learning_rate: optax.ScalarOrSchedule,
-    *,
-    axis_name: str | Sequence[str] | None = None,
-    b1: float = 0.9,
-    b2: float = 0.999,
-    eps: float = 1e-8,
-    eps_root: float = 0.0,
-    mu_dtype: Any = None,
-    route: str = "hierarchical",
+  learning_rate: optax.ScalarOrSchedule,
+  *,
+  axis_name: str | Sequence[str] | None = None,
+  b1: float = 0.9,
+  b2: float = 0.999,
+  eps: float = 1e-8,
+  eps_root: float = 0.0,
+  mu_dtype: Any = None,
+  route: str = "hierarchical",
 ) -> optax.GradientTransformation:
   r"""Synchronous data-parallel Adam (DDP): average gradients every step, then ``optax.adam``.
 
@@ -57,8 +59,9 @@ def sync_adam(
     >>> import kstep_adam
     >>> tx = kstep_adam.sync_adam(1e-3)  # without an axis this is optax.adam(1e-3)
   """
-  schedule = merge_schedule(1, axis_name=axis_name, sync="grads", route=route,
-                            allowed_states=("grads",))
+  schedule = merge_schedule(
+    1, axis_name=axis_name, sync="grads", route=route, allowed_states=("grads",)
+  )
 
   def mean_grads(updates, params=None):
     del params
@@ -67,19 +70,19 @@ def sync_adam(
     return tree_mean(updates, schedule.axis_names, schedule.route)
 
   return optax.chain(
-      optax.stateless(mean_grads),
-      optax.adam(learning_rate, b1=b1, b2=b2, eps=eps, eps_root=eps_root, mu_dtype=mu_dtype),
+    optax.stateless(mean_grads),
+    optax.adam(learning_rate, b1=b1, b2=b2, eps=eps, eps_root=eps_root, mu_dtype=mu_dtype),
   )
 
 
 def local_sgd(
-    learning_rate: optax.ScalarOrSchedule,
-    k: int | Mapping[str, int] | MergeSchedule,
-    *,
-    momentum: float | None = None,
-    nesterov: bool = False,
-    axis_name: str | Sequence[str] | None = None,
-    route: str = "hierarchical",
+  learning_rate: optax.ScalarOrSchedule,
+  k: int | Mapping[str, int] | MergeSchedule,
+  *,
+  momentum: float | None = None,
+  nesterov: bool = False,
+  axis_name: str | Sequence[str] | None = None,
+  route: str = "hierarchical",
 ) -> optax.GradientTransformation:
   r"""Local SGD: SGD (optionally with momentum) on each worker, parameters averaged every k.
 
@@ -102,16 +105,18 @@ def local_sgd(
   References:
     Stich, Local SGD Converges Fast and Communicates Little, https://arxiv.org/abs/1805.09767
   """
-  schedule = merge_schedule(k, axis_name=axis_name, sync="params", route=route,
-                            allowed_states=("params",))
+  schedule = merge_schedule(
+    k, axis_name=axis_name, sync="params", route=route, allowed_states=("params",)
+  )
   return optax.chain(
-      optax.sgd(learning_rate, momentum=momentum, nesterov=nesterov),
-      merge_params(schedule),
+    optax.sgd(learning_rate, momentum=momentum, nesterov=nesterov),
+    merge_params(schedule),
   )
 
 
 class DiLoCoState(NamedTuple):
   """State of :func:`diloco`; every field is per worker (outer fields agree across workers)."""
+
   count: jax.Array  # shape=(), int32; inner steps taken so far.
   anchor: optax.Params  # global parameters after the last outer step.
   inner_state: optax.OptState  # local inner-optimizer state, never averaged.
@@ -119,15 +124,15 @@ class DiLoCoState(NamedTuple):
 
 
 def diloco(
-    inner_steps: int | Mapping[str, int] | MergeSchedule,
-    *,
-    inner: optax.GradientTransformation | None = None,
-    inner_learning_rate: optax.ScalarOrSchedule = 1e-3,
-    outer_learning_rate: float = 0.7,
-    outer_momentum: float = 0.9,
-    nesterov: bool = True,
-    axis_name: str | Sequence[str] | None = None,
-    route: str = "hierarchical",
+  inner_steps: int | Mapping[str, int] | MergeSchedule,
+  *,
+  inner: optax.GradientTransformation | None = None,
+  inner_learning_rate: optax.ScalarOrSchedule = 1e-3,
+  outer_learning_rate: float = 0.7,
+  outer_momentum: float = 0.9,
+  nesterov: bool = True,
+  axis_name: str | Sequence[str] | None = None,
+  route: str = "hierarchical",
 ) -> optax.GradientTransformation:
   r"""DiLoCo: local inner steps, then an outer Nesterov SGD step on the averaged delta.
 
@@ -161,21 +166,26 @@ def diloco(
     Douillard et al., DiLoCo: Distributed Low-Communication Training of Language Models,
     https://arxiv.org/abs/2311.08105
   """
-  schedule = merge_schedule(inner_steps, axis_name=axis_name, sync="delta", route=route,
-                            allowed_states=("delta",), period_name="inner_steps")
+  schedule = merge_schedule(
+    inner_steps,
+    axis_name=axis_name,
+    sync="delta",
+    route=route,
+    allowed_states=("delta",),
+    period_name="inner_steps",
+  )
   if not schedule.axis_names and isinstance(inner_steps, MergeSchedule):
     # Without axes a schedule keeps no period; the one-worker outer step needs an int H.
-    raise ValueError(f"without axis_name, inner_steps must be a positive int, got "
-                     f"{inner_steps!r}")
+    raise ValueError(f"without axis_name, inner_steps must be a positive int, got {inner_steps!r}")
   inner = optax.adam(inner_learning_rate) if inner is None else inner
   outer = optax.sgd(outer_learning_rate, momentum=outer_momentum, nesterov=nesterov)
 
   def init_fn(params):
     return DiLoCoState(
-        count=jnp.zeros([], jnp.int32),
-        anchor=jax.tree.map(jnp.array, params),
-        inner_state=inner.init(params),
-        outer_state=outer.init(params),
+      count=jnp.zeros([], jnp.int32),
+      anchor=jax.tree.map(jnp.array, params),
+      inner_state=inner.init(params),
+      outer_state=outer.init(params),
     )
 
   def update_fn(updates, state, params=None):
@@ -193,18 +203,20 @@ def diloco(
       delta = mean(jax.tree.map(lambda a, p, u: a - (p + u), anchor, params, inner_updates))
       outer_updates, outer_state = outer.update(delta, outer_state, anchor)
       anchor = optax.apply_updates(anchor, outer_updates)
-      updates = jax.tree.map(lambda a, p, u: (a - p).astype(u.dtype), anchor, params,
-                             inner_updates)
+      updates = jax.tree.map(lambda a, p, u: (a - p).astype(u.dtype), anchor, params, inner_updates)
       return updates, anchor, outer_state
 
     operand = (inner_updates, state.anchor, state.outer_state)
     if schedule.axis_names:
       updates, anchor, outer_state = switch_merge(
-          schedule.level_at("delta", count), schedule, "delta", local_fn, merge_fn, operand)
+        schedule.level_at("delta", count), schedule, "delta", local_fn, merge_fn, operand
+      )
     else:  # One worker: the outer step still runs every H steps, on its own delta.
       updates, anchor, outer_state = jax.lax.cond(
-          count % int(inner_steps) == 0, lambda op: merge_fn(op, lambda t: t), local_fn, operand)
-    return updates, DiLoCoState(count=count, anchor=anchor, inner_state=inner_state,
-                                outer_state=outer_state)
+        count % int(inner_steps) == 0, lambda op: merge_fn(op, lambda t: t), local_fn, operand
+      )
+    return updates, DiLoCoState(
+      count=count, anchor=anchor, inner_state=inner_state, outer_state=outer_state
+    )
 
   return optax.GradientTransformation(init_fn, update_fn)

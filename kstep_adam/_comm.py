@@ -35,6 +35,7 @@ from kstep_adam._schedule import is_int_at_least
 @dataclasses.dataclass(frozen=True)
 class CommCost:
   """Bytes sent per device and sequential messages, per mesh axis."""
+
   bytes_by_axis: Mapping[str, float]  # bytes each device sends over this axis's links.
   messages_by_axis: Mapping[str, int]  # sequential message steps (latency terms).
 
@@ -42,15 +43,18 @@ class CommCost:
   def total_bytes(self) -> float:
     return float(sum(self.bytes_by_axis.values()))
 
-  def __add__(self, other: "CommCost") -> "CommCost":
+  def __add__(self, other: CommCost) -> CommCost:
     axes = list(dict.fromkeys([*self.bytes_by_axis, *other.bytes_by_axis]))
     return CommCost(
-        {a: self.bytes_by_axis.get(a, 0.0) + other.bytes_by_axis.get(a, 0.0) for a in axes},
-        {a: self.messages_by_axis.get(a, 0) + other.messages_by_axis.get(a, 0) for a in axes})
+      {a: self.bytes_by_axis.get(a, 0.0) + other.bytes_by_axis.get(a, 0.0) for a in axes},
+      {a: self.messages_by_axis.get(a, 0) + other.messages_by_axis.get(a, 0) for a in axes},
+    )
 
-  def scaled(self, times: int) -> "CommCost":
-    return CommCost({a: b * times for a, b in self.bytes_by_axis.items()},
-                    {a: m * times for a, m in self.messages_by_axis.items()})
+  def scaled(self, times: int) -> CommCost:
+    return CommCost(
+      {a: b * times for a, b in self.bytes_by_axis.items()},
+      {a: m * times for a, m in self.messages_by_axis.items()},
+    )
 
 
 def _axis_sizes(axis_sizes) -> dict[str, int]:
@@ -80,10 +84,14 @@ def _zero(schedule: MergeSchedule) -> CommCost:
   return CommCost({a: 0.0 for a in schedule.axis_names}, {a: 0 for a in schedule.axis_names})
 
 
-def _level_cost(elements_by_dtype: Mapping[str, int], schedule: MergeSchedule, level: int,
-                sizes: Mapping[str, int]) -> CommCost:
+def _level_cost(
+  elements_by_dtype: Mapping[str, int],
+  schedule: MergeSchedule,
+  level: int,
+  sizes: Mapping[str, int],
+) -> CommCost:
   """Cost of one mean over ``schedule.axis_names[level-1:]`` of a tree of these elements."""
-  axes = schedule.axis_names[level - 1:]
+  axes = schedule.axis_names[level - 1 :]
   cost = dict.fromkeys(schedule.axis_names, 0.0)
   msgs = dict.fromkeys(schedule.axis_names, 0)
   if len(axes) == 1 or schedule.route == "flat":
@@ -129,8 +137,9 @@ def merge_bytes(params, schedule: MergeSchedule, axis_sizes, *, step: int) -> Co
   for state in schedule.states():
     level = schedule.level_at(state, int(step))
     if level:
-      total = total + _level_cost(_elements_by_dtype(params, state, schedule), schedule, level,
-                                  sizes)
+      total = total + _level_cost(
+        _elements_by_dtype(params, state, schedule), schedule, level, sizes
+      )
   return total
 
 
@@ -165,7 +174,7 @@ def _steps_at_level(periods: tuple[int, ...], level: int, num_steps: int) -> int
 
   Inclusion-exclusion over the outer periods, so the cost does not grow with T or the lcm.
   """
-  own, outer = periods[level - 1], periods[:level - 1]
+  own, outer = periods[level - 1], periods[: level - 1]
   count = 0
   for r in range(len(outer) + 1):
     for subset in itertools.combinations(outer, r):
@@ -185,6 +194,7 @@ class NetworkModel:
       ``{'local': 150e9, 'node': 12.5e9}`` (NVLink vs 100 Gb/s NIC).
     latency_s: per-message latency per axis, e.g. ``{'local': 5e-6, 'node': 20e-6}``.
   """
+
   bandwidth_bytes_per_s: Mapping[str, float]
   latency_s: Mapping[str, float] = dataclasses.field(default_factory=dict)
 
@@ -201,8 +211,10 @@ class NetworkModel:
     out = {}
     for axis, nbytes in cost.bytes_by_axis.items():
       if nbytes and axis not in self.bandwidth_bytes_per_s:
-        raise ValueError(f"NetworkModel has no bandwidth for axis {axis!r}; it has "
-                         f"{sorted(self.bandwidth_bytes_per_s)!r}")
+        raise ValueError(
+          f"NetworkModel has no bandwidth for axis {axis!r}; it has "
+          f"{sorted(self.bandwidth_bytes_per_s)!r}"
+        )
       seconds = nbytes / self.bandwidth_bytes_per_s[axis] if nbytes else 0.0
       out[axis] = seconds + cost.messages_by_axis.get(axis, 0) * self.latency_s.get(axis, 0.0)
     return out
@@ -210,4 +222,3 @@ class NetworkModel:
   def seconds(self, cost: CommCost) -> float:
     """Estimated seconds for ``cost`` (sum over axes)."""
     return float(sum(self.seconds_by_axis(cost).values()))
-

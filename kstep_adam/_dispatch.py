@@ -53,9 +53,15 @@ class DispatchedStep:
     step: steps taken so far.
   """
 
-  def __init__(self, build: Callable[[Callable], Callable], body: Callable, *,
-               start_step: int = 0, enabled: bool = True,
-               place_args: Callable[..., tuple] | None = None):
+  def __init__(
+    self,
+    build: Callable[[Callable], Callable],
+    body: Callable,
+    *,
+    start_step: int = 0,
+    enabled: bool = True,
+    place_args: Callable[..., tuple] | None = None,
+  ):
     if not is_int_at_least(start_step, 0):
       raise ValueError(f"start_step must be a non-negative int, got {start_step!r}")
     self._build, self._body, self._enabled = build, body, enabled

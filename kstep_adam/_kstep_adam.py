@@ -7,8 +7,10 @@
 from __future__ import annotations
 
 import numbers
-from collections.abc import Mapping, Sequence
-from typing import Any, NamedTuple
+from collections.abc import Mapping
+from collections.abc import Sequence
+from typing import Any
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -26,6 +28,7 @@ ADAM_STATES = ("params", "mu", "nu")  # what k-step Adam can average.
 
 class ScaleByKStepAdamState(NamedTuple):
   """State of :func:`scale_by_kstep_adam`; every field is per worker."""
+
   count: jax.Array  # shape=(), int32; steps taken so far.
   mu: optax.Updates  # first moment, like params (dtype mu_dtype if given).
   nu: optax.Updates  # second moment, like params.
@@ -35,8 +38,11 @@ def _check_clip(clip) -> None:
   """Raise ValueError unless ``clip`` is None or a positive scalar (traced values pass)."""
   if clip is None:
     return
-  if (isinstance(clip, (bool, np.bool_)) or np.ndim(clip) != 0 or
-      not (isinstance(clip, numbers.Real) or hasattr(clip, "dtype"))):
+  if (
+    isinstance(clip, (bool, np.bool_))
+    or np.ndim(clip) != 0
+    or not (isinstance(clip, numbers.Real) or hasattr(clip, "dtype"))
+  ):
     raise ValueError(f"clip must be None or a positive float, got {clip!r}")
   try:
     value = float(clip)
@@ -47,18 +53,18 @@ def _check_clip(clip) -> None:
 
 
 def scale_by_kstep_adam(
-    *,
-    b1: float = 0.9,
-    b2: float = 0.999,
-    eps: float = 1e-8,
-    eps_root: float = 0.0,
-    mu_dtype: Any = None,
-    form: str = "adam",
-    clip: float | None = None,
-    k: int | Mapping[str, int] | MergeSchedule = 1,
-    axis_name: str | Sequence[str] | None = None,
-    sync: str | Mapping[str, int] = "params",
-    route: str = "hierarchical",
+  *,
+  b1: float = 0.9,
+  b2: float = 0.999,
+  eps: float = 1e-8,
+  eps_root: float = 0.0,
+  mu_dtype: Any = None,
+  form: str = "adam",
+  clip: float | None = None,
+  k: int | Mapping[str, int] | MergeSchedule = 1,
+  axis_name: str | Sequence[str] | None = None,
+  sync: str | Mapping[str, int] = "params",
+  route: str = "hierarchical",
 ) -> optax.GradientTransformation:
   r"""Scale updates by local Adam and average the moments on their merge steps.
 
@@ -104,15 +110,16 @@ def scale_by_kstep_adam(
   if form not in FORMS:
     raise ValueError(f"form must be one of {FORMS!r}, got {form!r}")
   _check_clip(clip)
-  schedule = merge_schedule(k, axis_name=axis_name, sync=sync, route=route, mu_dtype=mu_dtype,
-                            allowed_states=ADAM_STATES)
+  schedule = merge_schedule(
+    k, axis_name=axis_name, sync=sync, route=route, mu_dtype=mu_dtype, allowed_states=ADAM_STATES
+  )
   mu_dtype = None if mu_dtype is None else jnp.dtype(mu_dtype)
 
   def init_fn(params):
     return ScaleByKStepAdamState(
-        count=jnp.zeros([], jnp.int32),
-        mu=optax.tree.zeros_like(params, dtype=mu_dtype),
-        nu=optax.tree.zeros_like(params),
+      count=jnp.zeros([], jnp.int32),
+      mu=optax.tree.zeros_like(params, dtype=mu_dtype),
+      nu=optax.tree.zeros_like(params),
     )
 
   def update_fn(updates, state, params=None):
@@ -139,19 +146,19 @@ def scale_by_kstep_adam(
 
 
 def kstep_adam(
-    learning_rate: optax.ScalarOrSchedule,
-    k: int | Mapping[str, int] | MergeSchedule,
-    *,
-    b1: float = 0.9,
-    b2: float = 0.999,
-    eps: float = 1e-8,
-    eps_root: float = 0.0,
-    mu_dtype: Any = None,
-    form: str = "adam",
-    clip: float | None = None,
-    axis_name: str | Sequence[str] | None = None,
-    sync: str | Mapping[str, int] = "params",
-    route: str = "hierarchical",
+  learning_rate: optax.ScalarOrSchedule,
+  k: int | Mapping[str, int] | MergeSchedule,
+  *,
+  b1: float = 0.9,
+  b2: float = 0.999,
+  eps: float = 1e-8,
+  eps_root: float = 0.0,
+  mu_dtype: Any = None,
+  form: str = "adam",
+  clip: float | None = None,
+  axis_name: str | Sequence[str] | None = None,
+  sync: str | Mapping[str, int] = "params",
+  route: str = "hierarchical",
 ) -> optax.GradientTransformation:
   r"""k-step Adam: Adam on each worker's own gradients, replicas averaged every k steps.
 
@@ -212,11 +219,13 @@ def kstep_adam(
     Cheng & Glasgow, https://arxiv.org/abs/2409.13155;
     Iacob et al., DES-LOC, https://arxiv.org/abs/2505.22549
   """
-  schedule = merge_schedule(k, axis_name=axis_name, sync=sync, route=route, mu_dtype=mu_dtype,
-                            allowed_states=ADAM_STATES)
+  schedule = merge_schedule(
+    k, axis_name=axis_name, sync=sync, route=route, mu_dtype=mu_dtype, allowed_states=ADAM_STATES
+  )
   return optax.chain(
-      scale_by_kstep_adam(b1=b1, b2=b2, eps=eps, eps_root=eps_root, mu_dtype=mu_dtype,
-                          form=form, clip=clip, k=schedule),
-      optax.scale_by_learning_rate(learning_rate),
-      merge_params(schedule),
+    scale_by_kstep_adam(
+      b1=b1, b2=b2, eps=eps, eps_root=eps_root, mu_dtype=mu_dtype, form=form, clip=clip, k=schedule
+    ),
+    optax.scale_by_learning_rate(learning_rate),
+    merge_params(schedule),
   )

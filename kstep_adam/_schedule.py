@@ -14,7 +14,8 @@ divides ``t`` the step is local. With one axis this is plain "merge every k step
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
+from collections.abc import Sequence
 from typing import Any
 
 import jax.numpy as jnp
@@ -26,18 +27,18 @@ STATE_NAMES = ("params", "mu", "nu", "grads", "delta")
 
 # Presets for `sync`: state name -> period as a multiple of k.
 SYNC_PRESETS: dict[str, dict[str, int]] = {
-    # Production default (PaddleBox k-step mode): moments stay local.
-    "params": {"params": 1},
-    # hivemind-style: parameters and the second moment.
-    "params+nu": {"params": 1, "nu": 1},
-    # Local Adam (Cheng & Glasgow, arXiv 2409.13155): x, u and v every K steps.
-    "params+moments": {"params": 1, "mu": 1, "nu": 1},
-    # DES-LOC (arXiv 2505.22549) recommended periods K, 3K, 6K.
-    "desloc": {"params": 1, "mu": 3, "nu": 6},
-    # Synchronous data parallelism (DDP): gradients every step (use with k=1).
-    "grads": {"grads": 1},
-    # DiLoCo: the outer gradient (mean parameter delta) every H inner steps.
-    "delta": {"delta": 1},
+  # Production default (PaddleBox k-step mode): moments stay local.
+  "params": {"params": 1},
+  # hivemind-style: parameters and the second moment.
+  "params+nu": {"params": 1, "nu": 1},
+  # Local Adam (Cheng & Glasgow, arXiv 2409.13155): x, u and v every K steps.
+  "params+moments": {"params": 1, "mu": 1, "nu": 1},
+  # DES-LOC (arXiv 2505.22549) recommended periods K, 3K, 6K.
+  "desloc": {"params": 1, "mu": 3, "nu": 6},
+  # Synchronous data parallelism (DDP): gradients every step (use with k=1).
+  "grads": {"grads": 1},
+  # DiLoCo: the outer gradient (mean parameter delta) every H inner steps.
+  "delta": {"delta": 1},
 }
 
 ROUTES = ("hierarchical", "flat")
@@ -99,8 +100,7 @@ class MergeSchedule:
     periods = self.periods(state)
     if not self.axis_names or periods is None:
       return ()
-    return tuple(i + 1 for i, p in enumerate(periods)
-                 if not any(p % q == 0 for q in periods[:i]))
+    return tuple(i + 1 for i, p in enumerate(periods) if not any(p % q == 0 for q in periods[:i]))
 
   def merges_at(self, step: int) -> bool:
     """Whether any state merges at 1-based Python int ``step`` (host-side dispatch)."""
@@ -132,8 +132,8 @@ def normalize_axis_names(axis_name, name: str = "axis_name") -> tuple[str, ...]:
   names = (axis_name,) if isinstance(axis_name, str) else tuple(axis_name)
   if not names or not all(isinstance(a, str) and a for a in names):
     raise ValueError(
-        f"{name} must be None, a mesh axis name or a non-empty tuple of names, got "
-        f"{axis_name!r}")
+      f"{name} must be None, a mesh axis name or a non-empty tuple of names, got {axis_name!r}"
+    )
   if len(set(names)) != len(names):
     raise ValueError(f"{name} has repeated axes: {axis_name!r}")
   return names
@@ -143,8 +143,9 @@ def _normalize_k(k, axis_names: tuple[str, ...], name: str) -> tuple[int, ...]:
   if isinstance(k, Mapping):
     if set(k) != set(axis_names):
       raise ValueError(
-          f"{name} as a mapping needs exactly one period per axis of axis_name={axis_names!r}, got "
-          f"keys {sorted(k)!r}")
+        f"{name} as a mapping needs exactly one period per axis of axis_name={axis_names!r}, got "
+        f"keys {sorted(k)!r}"
+      )
     values = [k[a] for a in axis_names]
   else:
     values = [k] * max(len(axis_names), 1)
@@ -152,10 +153,10 @@ def _normalize_k(k, axis_names: tuple[str, ...], name: str) -> tuple[int, ...]:
     if not is_int_at_least(v, 1):
       hint = ""
       if hasattr(v, "shape"):
-        hint = (f" (under optax.inject_hyperparams pass static_args=('{name}',) or a "
-                f"MergeSchedule)")
-      raise ValueError(f"{name} must be a positive int or a mapping axis -> positive int, got "
-                       f"{k!r}{hint}")
+        hint = f" (under optax.inject_hyperparams pass static_args=('{name}',) or a MergeSchedule)"
+      raise ValueError(
+        f"{name} must be a positive int or a mapping axis -> positive int, got {k!r}{hint}"
+      )
   return tuple(int(v) for v in values) if axis_names else ()
 
 
@@ -163,30 +164,33 @@ def _normalize_sync(sync, allowed_states: Sequence[str]) -> tuple[tuple[str, int
   if isinstance(sync, str):
     if sync not in SYNC_PRESETS:
       raise ValueError(
-          f"sync must be one of {sorted(SYNC_PRESETS)!r} or a mapping state -> period "
-          f"multiple, got {sync!r}")
+        f"sync must be one of {sorted(SYNC_PRESETS)!r} or a mapping state -> period "
+        f"multiple, got {sync!r}"
+      )
     sync = SYNC_PRESETS[sync]
   if not isinstance(sync, Mapping) or not sync:
-    raise ValueError(f"sync must be a preset name or a non-empty mapping state -> multiple of "
-                     f"k, got {sync!r}")
+    raise ValueError(
+      f"sync must be a preset name or a non-empty mapping state -> multiple of k, got {sync!r}"
+    )
   for name, multiple in sync.items():
     if name not in allowed_states:
       raise ValueError(f"sync state {name!r} is unknown here; allowed: {tuple(allowed_states)!r}")
     if not is_int_at_least(multiple, 1):
-      raise ValueError(f"sync period for {name!r} must be a positive int multiple of k, got "
-                       f"{multiple!r}")
+      raise ValueError(
+        f"sync period for {name!r} must be a positive int multiple of k, got {multiple!r}"
+      )
   return tuple((name, int(sync[name])) for name in allowed_states if name in sync)
 
 
 def merge_schedule(
-    k: int | Mapping[str, int] | MergeSchedule,
-    *,
-    axis_name: str | Sequence[str] | None = None,
-    sync: str | Mapping[str, int] = "params",
-    route: str = "hierarchical",
-    mu_dtype: Any = None,
-    allowed_states: Sequence[str] = STATE_NAMES,
-    period_name: str = "k",
+  k: int | Mapping[str, int] | MergeSchedule,
+  *,
+  axis_name: str | Sequence[str] | None = None,
+  sync: str | Mapping[str, int] = "params",
+  route: str = "hierarchical",
+  mu_dtype: Any = None,
+  allowed_states: Sequence[str] = STATE_NAMES,
+  period_name: str = "k",
 ) -> MergeSchedule:
   """Build and validate a :class:`MergeSchedule` (or pass one through unchanged).
 
@@ -212,16 +216,22 @@ def merge_schedule(
   mu_name = None if mu_dtype is None else jnp.dtype(mu_dtype).name
   if isinstance(k, MergeSchedule):
     if axis_name is not None:
-      raise ValueError(f"pass either a MergeSchedule as {period_name} or axis_name, not both "
-                       f"(got axis_name={axis_name!r}); the schedule already names its axes")
+      raise ValueError(
+        f"pass either a MergeSchedule as {period_name} or axis_name, not both "
+        f"(got axis_name={axis_name!r}); the schedule already names its axes"
+      )
     for name, _ in k.state_periods:
       if name not in allowed_states:
-        raise ValueError(f"schedule averages {name!r}, which this optimizer does not have; "
-                         f"allowed: {tuple(allowed_states)!r}")
+        raise ValueError(
+          f"schedule averages {name!r}, which this optimizer does not have; "
+          f"allowed: {tuple(allowed_states)!r}"
+        )
     if k.periods("mu") is not None and k.mu_dtype != mu_name:
-      raise ValueError(f"the schedule averages 'mu' counted as mu_dtype={k.mu_dtype!r} but the "
-                       f"optimizer has mu_dtype={mu_name!r}; build the schedule with "
-                       f"merge_schedule(..., mu_dtype=...) equal to the optimizer's")
+      raise ValueError(
+        f"the schedule averages 'mu' counted as mu_dtype={k.mu_dtype!r} but the "
+        f"optimizer has mu_dtype={mu_name!r}; build the schedule with "
+        f"merge_schedule(..., mu_dtype=...) equal to the optimizer's"
+      )
     return k
   check_route(route)
   axis_names = normalize_axis_names(axis_name)

@@ -16,7 +16,8 @@ Example::
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -36,8 +37,9 @@ from kstep_adam._schedule import is_int_at_least
 AXIS_NAMES = ("node", "local")
 
 
-def make_mesh(num_nodes: int, devices_per_node: int, *,
-              devices: Sequence[jax.Device] | None = None) -> Mesh:
+def make_mesh(
+  num_nodes: int, devices_per_node: int, *, devices: Sequence[jax.Device] | None = None
+) -> Mesh:
   """Build a ``num_nodes x devices_per_node`` mesh with axes ``('node', 'local')``.
 
   Args:
@@ -56,8 +58,9 @@ def make_mesh(num_nodes: int, devices_per_node: int, *,
   devices = list(jax.devices() if devices is None else devices)
   needed = num_nodes * devices_per_node
   if needed > len(devices):
-    raise ValueError(f"num_nodes * devices_per_node = {needed} exceeds the {len(devices)} "
-                     f"available devices")
+    raise ValueError(
+      f"num_nodes * devices_per_node = {needed} exceeds the {len(devices)} available devices"
+    )
   devices_NxL = np.array(devices[:needed], dtype=object).reshape(num_nodes, devices_per_node)
   return Mesh(devices_NxL, AXIS_NAMES, axis_types=(AxisType.Explicit,) * 2)
 
@@ -87,7 +90,8 @@ def replicate(tree, mesh: Mesh):
     x = np.asarray(x)
     shape = (n,) + x.shape
     return jax.make_array_from_callback(
-        shape, worker_sharding(mesh, len(shape)), lambda idx: np.broadcast_to(x[None], shape)[idx])
+      shape, worker_sharding(mesh, len(shape)), lambda idx: np.broadcast_to(x[None], shape)[idx]
+    )
 
   return jax.tree.map(put, tree)
 
@@ -104,8 +108,9 @@ def unreplicate(tree_W, worker: int = 0):
       start = shard.index[0].start or 0
       if start <= worker < start + shard.data.shape[0]:
         return np.asarray(shard.data)[worker - start]
-    raise ValueError(f"worker {worker} is not addressable from this process (array of shape "
-                     f"{x.shape})")
+    raise ValueError(
+      f"worker {worker} is not addressable from this process (array of shape {x.shape})"
+    )
 
   return jax.tree.map(fetch, tree_W)
 
@@ -128,13 +133,13 @@ def init_replicas(params, tx: optax.GradientTransformation, mesh: Mesh):
 
 
 def make_train_step(
-    loss_fn: Callable[[Any, Any], jax.Array],
-    tx: optax.GradientTransformation,
-    mesh: Mesh,
-    *,
-    dispatch_local_steps: bool = True,
-    start_step: int = 0,
-    donate: bool = True,
+  loss_fn: Callable[[Any, Any], jax.Array],
+  tx: optax.GradientTransformation,
+  mesh: Mesh,
+  *,
+  dispatch_local_steps: bool = True,
+  start_step: int = 0,
+  donate: bool = True,
 ) -> DispatchedStep:
   """Build the jitted ``shard_map`` step ``(params_W, opt_state_W, batch) -> (..., metrics)``.
 
@@ -175,28 +180,34 @@ def make_train_step(
 
   def build(body):
     return jax.jit(
-        jax.shard_map(body, mesh=mesh, in_specs=(spec, spec, spec),
-                      out_specs=(spec, spec, spec)),
-        donate_argnums=(0, 1) if donate else ())
+      jax.shard_map(body, mesh=mesh, in_specs=(spec, spec, spec), out_specs=(spec, spec, spec)),
+      donate_argnums=(0, 1) if donate else (),
+    )
 
   def place_args(params_W, opt_state_W, batch):
     sizes = {np.shape(x)[0] if np.ndim(x) else None for x in jax.tree.leaves(batch)}
     if len(sizes) != 1 or None in sizes:
-      raise ValueError(f"every batch leaf needs the same leading global-batch dimension, got "
-                       f"leading sizes {sorted(map(str, sizes))}")
+      raise ValueError(
+        f"every batch leaf needs the same leading global-batch dimension, got "
+        f"leading sizes {sorted(map(str, sizes))}"
+      )
     (batch_size,) = sizes
     if batch_size % num_workers:
-      raise ValueError(f"global batch size {batch_size} is not divisible by the number of "
-                       f"workers {num_workers} (mesh {dict(mesh.shape)})")
+      raise ValueError(
+        f"global batch size {batch_size} is not divisible by the number of "
+        f"workers {num_workers} (mesh {dict(mesh.shape)})"
+      )
     batch = jax.tree.map(lambda x: jax.device_put(x, worker_sharding(mesh, np.ndim(x))), batch)
     return params_W, opt_state_W, batch
 
-  return DispatchedStep(build, per_worker, start_step=start_step,
-                        enabled=dispatch_local_steps, place_args=place_args)
+  return DispatchedStep(
+    build, per_worker, start_step=start_step, enabled=dispatch_local_steps, place_args=place_args
+  )
 
 
-def comm_report(params, schedule: MergeSchedule, mesh: Mesh, num_steps: int,
-                network: NetworkModel | None = None) -> dict[str, Any]:
+def comm_report(
+  params, schedule: MergeSchedule, mesh: Mesh, num_steps: int, network: NetworkModel | None = None
+) -> dict[str, Any]:
   """Bytes (per device) and messages per mesh axis over ``num_steps``, and estimated seconds.
 
   Args:
@@ -212,10 +223,10 @@ def comm_report(params, schedule: MergeSchedule, mesh: Mesh, num_steps: int,
   """
   cost = comm_bytes(params, schedule, mesh, num_steps)
   report: dict[str, Any] = {
-      "num_steps": num_steps,
-      "bytes_by_axis": dict(cost.bytes_by_axis),
-      "messages_by_axis": dict(cost.messages_by_axis),
-      "total_bytes": cost.total_bytes,
+    "num_steps": num_steps,
+    "bytes_by_axis": dict(cost.bytes_by_axis),
+    "messages_by_axis": dict(cost.messages_by_axis),
+    "total_bytes": cost.total_bytes,
   }
   if network is not None:
     report["seconds_by_axis"] = network.seconds_by_axis(cost)

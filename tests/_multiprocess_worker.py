@@ -4,7 +4,7 @@ import os
 import sys
 
 os.environ["JAX_PLATFORMS"] = "cpu"
-import jax  # noqa: E402
+import jax
 
 jax.config.update("jax_num_cpu_devices", 2)
 jax.config.update("jax_cpu_collectives_implementation", "gloo")
@@ -13,9 +13,14 @@ jax.config.update("jax_cpu_collectives_implementation", "gloo")
 def main(rank: int, port: str, out_path: str):
   jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=2, process_id=rank)
   import numpy as np
+  from _runs import NUM_FEATURES
+  from _runs import init_params
+  from _runs import loss_fn
+  from _runs import theta_of
+  from _runs import worker_data
+
   import kstep_adam
   from kstep_adam import parallel
-  from _runs import NUM_FEATURES, init_params, loss_fn, theta_of, worker_data
 
   mesh = parallel.make_mesh(2, 2)  # 'node' = process, 'local' = its two devices.
   tx = kstep_adam.kstep_adam(0.05, {"node": 3, "local": 1}, axis_name=("node", "local"))

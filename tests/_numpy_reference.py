@@ -25,8 +25,9 @@ def mean_over(x_WxD: np.ndarray, num_nodes: int, level: str) -> np.ndarray:
   if level == "all":
     return np.broadcast_to(x_WxD.mean(axis=0, keepdims=True), x_WxD.shape).copy()
   x_NxLxD = x_WxD.reshape(num_nodes, -1, x_WxD.shape[-1])
-  return np.broadcast_to(x_NxLxD.mean(axis=1, keepdims=True), x_NxLxD.shape).reshape(
-      x_WxD.shape).copy()
+  return (
+    np.broadcast_to(x_NxLxD.mean(axis=1, keepdims=True), x_NxLxD.shape).reshape(x_WxD.shape).copy()
+  )
 
 
 def merge_level(t: int, period_all: int | None, period_node: int | None = None) -> str | None:
@@ -38,8 +39,9 @@ def merge_level(t: int, period_all: int | None, period_node: int | None = None) 
   return None
 
 
-def kstep_adam(theta0_D, data, *, num_nodes, lr, periods, b1=0.9, b2=0.999, eps=1e-8,
-               form="adam", clip=None):
+def kstep_adam(
+  theta0_D, data, *, num_nodes, lr, periods, b1=0.9, b2=0.999, eps=1e-8, form="adam", clip=None
+):
   """k-step Adam. ``periods``: state -> (global period, within-node period or None).
 
   Args:
@@ -118,8 +120,18 @@ def local_sgd(theta0_D, data, *, lr, k, momentum=None, nesterov=False):
   return history
 
 
-def diloco(theta0_D, data, *, inner_lr, inner_steps, outer_lr=0.7, outer_momentum=0.9,
-           b1=0.9, b2=0.999, eps=1e-8):
+def diloco(
+  theta0_D,
+  data,
+  *,
+  inner_lr,
+  inner_steps,
+  outer_lr=0.7,
+  outer_momentum=0.9,
+  b1=0.9,
+  b2=0.999,
+  eps=1e-8,
+):
   """DiLoCo: local Adam steps; every H steps an outer Nesterov SGD step on the mean delta."""
   num_workers = data[0][1].shape[0]
   theta = np.tile(np.asarray(theta0_D, np.float64), (num_workers, 1))

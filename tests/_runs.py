@@ -19,8 +19,7 @@ def loss_fn(params, batch):
 
 def init_params(seed: int = 0) -> dict:
   rng = np.random.default_rng(seed)
-  return {"w": rng.normal(size=NUM_FEATURES).astype(np.float32),
-          "b": np.float32(0.5)}
+  return {"w": rng.normal(size=NUM_FEATURES).astype(np.float32), "b": np.float32(0.5)}
 
 
 def theta_of(params) -> np.ndarray:

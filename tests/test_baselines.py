@@ -1,14 +1,18 @@
 """Baselines (DDP Adam, local SGD, DiLoCo) vs the NumPy reference, through the same harness."""
 
+import _numpy_reference as ref
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from _runs import init_params
+from _runs import loss_fn
+from _runs import run_harness
+from _runs import theta_of
+from _runs import worker_data
 
-import _numpy_reference as ref
 import kstep_adam
-from _runs import init_params, loss_fn, run_harness, theta_of, worker_data
 from kstep_adam import parallel
 
 NODE_LOCAL = ("node", "local")
@@ -38,19 +42,25 @@ def test_sync_adam_without_axis_is_optax_adam():
   jax.tree.map(np.testing.assert_array_equal, u1, u2)
 
 
-@pytest.mark.parametrize("mesh_shape,k,momentum,nesterov", [
+@pytest.mark.parametrize(
+  "mesh_shape,k,momentum,nesterov",
+  [
     ((1, 4), 2, None, False),
     ((2, 4), 3, 0.9, False),
     ((2, 2), 2, 0.8, True),
-])
+  ],
+)
 def test_local_sgd_matches_numpy(mesh_shape, k, momentum, nesterov):
   mesh = parallel.make_mesh(*mesh_shape)
   data = worker_data(mesh.size, 6)
-  tx = kstep_adam.local_sgd(0.02, k, momentum=momentum, nesterov=nesterov,
-                            axis_name=NODE_LOCAL)
+  tx = kstep_adam.local_sgd(0.02, k, momentum=momentum, nesterov=nesterov, axis_name=NODE_LOCAL)
   got, _ = run_harness(tx, mesh, data)
-  _check(got, ref.local_sgd(theta_of(init_params()), data, lr=0.02, k=k, momentum=momentum,
-                            nesterov=nesterov))
+  _check(
+    got,
+    ref.local_sgd(
+      theta_of(init_params()), data, lr=0.02, k=k, momentum=momentum, nesterov=nesterov
+    ),
+  )
 
 
 @pytest.mark.parametrize("mesh_shape,route", [((2, 4), "hierarchical"), ((1, 4), "flat")])
@@ -78,16 +88,24 @@ def test_diloco_on_one_worker_still_takes_outer_steps(inner_steps):
   np.testing.assert_allclose(theta_of(params), want, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("make,match", [
+@pytest.mark.parametrize(
+  "make,match",
+  [
     (lambda: kstep_adam.local_sgd(0.1, 0, axis_name="w"), "k must be a positive int"),
     (lambda: kstep_adam.diloco(0, axis_name="w"), "inner_steps must be a positive int"),
     (lambda: kstep_adam.diloco({"w": 2}), "inner_steps as a mapping needs exactly one"),
-    (lambda: kstep_adam.diloco(kstep_adam.merge_schedule(2, sync="delta")),
-     "without axis_name, inner_steps must be a positive int"),
-    (lambda: kstep_adam.local_sgd(
-        0.1, kstep_adam.merge_schedule(2, axis_name="w", sync="params+nu")),
-     "averages 'nu', which this optimizer does not have"),
-])
+    (
+      lambda: kstep_adam.diloco(kstep_adam.merge_schedule(2, sync="delta")),
+      "without axis_name, inner_steps must be a positive int",
+    ),
+    (
+      lambda: kstep_adam.local_sgd(
+        0.1, kstep_adam.merge_schedule(2, axis_name="w", sync="params+nu")
+      ),
+      "averages 'nu', which this optimizer does not have",
+    ),
+  ],
+)
 def test_baselines_reject_bad_arguments(make, match):
   with pytest.raises(ValueError, match=match):
     make()

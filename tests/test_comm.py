@@ -36,8 +36,9 @@ def test_inner_level_merge_uses_only_the_local_axis():
 
 
 def test_moments_add_their_own_bytes_with_their_dtype():
-  schedule = kstep_adam.merge_schedule(1, axis_name="w", sync="params+moments",
-                                       mu_dtype=jnp.bfloat16)
+  schedule = kstep_adam.merge_schedule(
+    1, axis_name="w", sync="params+moments", mu_dtype=jnp.bfloat16
+  )
   cost = kstep_adam.merge_bytes(PARAMS, schedule, {"w": 8}, step=1)
   # params (4 bytes) + mu (2 bytes) + nu (4 bytes) per element.
   np.testing.assert_allclose(cost.bytes_by_axis["w"], 2 * 7 / 8 * 1007 * (4 + 2 + 4))
@@ -53,8 +54,9 @@ def test_desloc_total_bytes_count_each_state_on_its_period():
 
 @pytest.mark.parametrize("num_steps", [0, 5, 64, 100, 131])
 def test_comm_bytes_is_the_sum_of_merge_bytes(num_steps):
-  schedule = kstep_adam.merge_schedule({"node": 8, "local": 2}, axis_name=NODE_LOCAL,
-                                       sync={"params": 1, "nu": 3})
+  schedule = kstep_adam.merge_schedule(
+    {"node": 8, "local": 2}, axis_name=NODE_LOCAL, sync={"params": 1, "nu": 3}
+  )
   total = kstep_adam.comm_bytes(PARAMS, schedule, SIZES, num_steps)
   want = {"node": 0.0, "local": 0.0}
   for t in range(1, num_steps + 1):
@@ -65,8 +67,9 @@ def test_comm_bytes_is_the_sum_of_merge_bytes(num_steps):
 
 
 def test_comm_bytes_is_fast_for_coprime_periods():
-  schedule = kstep_adam.merge_schedule({"node": 997, "local": 991}, axis_name=NODE_LOCAL,
-                                       sync={"params": 1, "nu": 983})
+  schedule = kstep_adam.merge_schedule(
+    {"node": 997, "local": 991}, axis_name=NODE_LOCAL, sync={"params": 1, "nu": 983}
+  )
   total = kstep_adam.comm_bytes(PARAMS, schedule, SIZES, 10**9)
   node_merges = 10**9 // 997 + 10**9 // (997 * 983)  # params and nu at the node level
   np.testing.assert_allclose(total.bytes_by_axis["node"], node_merges * S_PADDED / 4)
@@ -74,11 +77,13 @@ def test_comm_bytes_is_fast_for_coprime_periods():
 
 def test_bytes_per_step_fall_as_one_over_k_and_match_ddp_at_k1():
   params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), PARAMS)
-  ddp = kstep_adam.comm_bytes(params, kstep_adam.merge_schedule(1, axis_name=NODE_LOCAL,
-                                                                sync="grads"), SIZES, 64)
+  ddp = kstep_adam.comm_bytes(
+    params, kstep_adam.merge_schedule(1, axis_name=NODE_LOCAL, sync="grads"), SIZES, 64
+  )
   for k in (1, 2, 4, 8, 16, 32):
-    cost = kstep_adam.comm_bytes(params, kstep_adam.merge_schedule(k, axis_name=NODE_LOCAL),
-                                 SIZES, 64)
+    cost = kstep_adam.comm_bytes(
+      params, kstep_adam.merge_schedule(k, axis_name=NODE_LOCAL), SIZES, 64
+    )
     for a in NODE_LOCAL:
       np.testing.assert_allclose(cost.bytes_by_axis[a], ddp.bytes_by_axis[a] / k)
 
@@ -90,20 +95,43 @@ def test_network_model_turns_bytes_into_seconds():
   assert net.seconds(cost) == pytest.approx(3.0001)
 
 
-@pytest.mark.parametrize("make,match", [
+@pytest.mark.parametrize(
+  "make,match",
+  [
     (lambda: kstep_adam.NetworkModel({"node": 0.0}), r"bandwidth_bytes_per_s\['node'\]"),
     (lambda: kstep_adam.NetworkModel({"node": 1.0}, {"node": -1.0}), r"latency_s\['node'\]"),
-    (lambda: kstep_adam.NetworkModel({"node": 1.0}).seconds(
-        kstep_adam.CommCost({"local": 5.0}, {})), "no bandwidth for axis 'local'"),
-    (lambda: kstep_adam.merge_bytes(PARAMS, kstep_adam.merge_schedule(2, axis_name="w"),
-                                    {"x": 2}, step=2), "no size for axes"),
-    (lambda: kstep_adam.merge_bytes(PARAMS, kstep_adam.merge_schedule(2, axis_name="w"),
-                                    {"w": 2}, step=0), "1-based positive int"),
-    (lambda: kstep_adam.merge_bytes(PARAMS, kstep_adam.merge_schedule(2, axis_name="w"),
-                                    {"w": 2}, step=True), "1-based positive int"),
-    (lambda: kstep_adam.comm_bytes(PARAMS, kstep_adam.merge_schedule(2, axis_name="w"),
-                                   {"w": 2}, num_steps=-1), "non-negative int"),
-])
+    (
+      lambda: kstep_adam.NetworkModel({"node": 1.0}).seconds(
+        kstep_adam.CommCost({"local": 5.0}, {})
+      ),
+      "no bandwidth for axis 'local'",
+    ),
+    (
+      lambda: kstep_adam.merge_bytes(
+        PARAMS, kstep_adam.merge_schedule(2, axis_name="w"), {"x": 2}, step=2
+      ),
+      "no size for axes",
+    ),
+    (
+      lambda: kstep_adam.merge_bytes(
+        PARAMS, kstep_adam.merge_schedule(2, axis_name="w"), {"w": 2}, step=0
+      ),
+      "1-based positive int",
+    ),
+    (
+      lambda: kstep_adam.merge_bytes(
+        PARAMS, kstep_adam.merge_schedule(2, axis_name="w"), {"w": 2}, step=True
+      ),
+      "1-based positive int",
+    ),
+    (
+      lambda: kstep_adam.comm_bytes(
+        PARAMS, kstep_adam.merge_schedule(2, axis_name="w"), {"w": 2}, num_steps=-1
+      ),
+      "non-negative int",
+    ),
+  ],
+)
 def test_bad_accounting_arguments_raise(make, match):
   with pytest.raises(ValueError, match=match):
     make()

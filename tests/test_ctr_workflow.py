@@ -19,92 +19,125 @@ def _source(num_workers, batch_size, seed=0, test_examples=4096, **data_kwargs):
 
 
 def _config(**overrides):
-  base = dict(batch_size=32, steps=20, log_every=5, table_rows=1 << 16,
-              host_cache_rows=1 << 14, nodes=2, devices_per_node=4, k=4)
+  base = dict(
+    batch_size=32,
+    steps=20,
+    log_every=5,
+    table_rows=1 << 16,
+    host_cache_rows=1 << 14,
+    nodes=2,
+    devices_per_node=4,
+    k=4,
+  )
   return ctr.TrainConfig(**{**base, **overrides})
 
 
 def test_end_to_end_learns_close_to_teacher(tmp_path):
-  config = _config(steps=200, batch_size=64, eval_every=100, optimizer='kstep_adam', k=8)
+  config = _config(steps=200, batch_size=64, eval_every=100, optimizer="kstep_adam", k=8)
   summary = ctr.train(config, _source(8, 64, test_examples=8192), str(tmp_path))
-  assert summary['test_auc'] > 0.65
-  assert summary['test_auc'] > summary['teacher_auc'] - TEACHER_MARGIN
-  assert summary['test_auc'] < summary['teacher_auc'] + 0.01  # nobody beats Bayes
-  for key in ('test_logloss', 'examples_per_sec', 'dense_bytes_by_axis', 'sparse_bytes',
-              'estimated_comm_seconds', 'teacher_auc', 'config', 'time_breakdown_seconds'):
+  assert summary["test_auc"] > 0.65
+  assert summary["test_auc"] > summary["teacher_auc"] - TEACHER_MARGIN
+  assert summary["test_auc"] < summary["teacher_auc"] + 0.01  # nobody beats Bayes
+  for key in (
+    "test_logloss",
+    "examples_per_sec",
+    "dense_bytes_by_axis",
+    "sparse_bytes",
+    "estimated_comm_seconds",
+    "teacher_auc",
+    "config",
+    "time_breakdown_seconds",
+  ):
     assert key in summary
   # k-step Adam, global merge every 8 steps: 200 // 8 = 25 inter-node merges
-  assert summary['dense_messages_by_axis']['node'] == 25 * 2
-  assert summary['sparse_bytes'] > 0 and summary['estimated_comm_seconds'] > 0
-  with open(tmp_path / 'summary.json') as f:
-    assert json.load(f)['config']['k'] == 8
-  with open(tmp_path / 'metrics.jsonl') as f:
+  assert summary["dense_messages_by_axis"]["node"] == 25 * 2
+  assert summary["sparse_bytes"] > 0 and summary["estimated_comm_seconds"] > 0
+  with open(tmp_path / "summary.json") as f:
+    assert json.load(f)["config"]["k"] == 8
+  with open(tmp_path / "metrics.jsonl") as f:
     records = [json.loads(line) for line in f]
-  evals = [r for r in records if r['kind'] == 'eval']
-  assert [r['step'] for r in evals] == [100, 200]
-  assert len([r for r in records if r['kind'] == 'train']) == 200 // 5
+  evals = [r for r in records if r["kind"] == "eval"]
+  assert [r["step"] for r in evals] == [100, 200]
+  assert len([r for r in records if r["kind"] == "train"]) == 200 // 5
 
 
 def test_same_seed_same_metrics_with_and_without_prefetch(tmp_path):
   runs = []
   for prefetch in (True, True, False):
-    summary, state = ctr.train(_config(prefetch=prefetch), _source(8, 32),
-                               return_state=True)
+    summary, state = ctr.train(_config(prefetch=prefetch), _source(8, 32), return_state=True)
     runs.append((summary, state))
   (a, sa), (b, sb), (c, sc) = runs
   for other, state in ((b, sb), (c, sc)):
-    assert other['test_auc'] == a['test_auc'] and other['test_logloss'] == a['test_logloss']
-    np.testing.assert_array_equal(state['rows'], sa['rows'])
-    jax.tree.map(np.testing.assert_array_equal, state['params_W'], sa['params_W'])
+    assert other["test_auc"] == a["test_auc"] and other["test_logloss"] == a["test_logloss"]
+    np.testing.assert_array_equal(state["rows"], sa["rows"])
+    jax.tree.map(np.testing.assert_array_equal, state["params_W"], sa["params_W"])
   d = ctr.train(_config(seed=1), _source(8, 32, seed=1))
-  assert d['test_auc'] != a['test_auc']
+  assert d["test_auc"] != a["test_auc"]
 
 
 def test_sync_sparse_and_sync_adam_equal_one_worker_on_global_batch():
   # 8 workers x 16 examples vs 1 worker x 128 examples, the same global batches.
   source = _source(8, 16)
-  multi = dict(optimizer='sync_adam', steps=6, batch_size=16, sparse_mode='exact')
+  multi = dict(optimizer="sync_adam", steps=6, batch_size=16, sparse_mode="exact")
   s8, state8 = ctr.train(_config(**multi), source, return_state=True)
-  s1, state1 = ctr.train(_config(**{**multi, 'batch_size': 128, 'nodes': 1,
-                                    'devices_per_node': 1}), source, return_state=True)
-  np.testing.assert_array_equal(state8['row_ids'], state1['row_ids'])
+  s1, state1 = ctr.train(
+    _config(**{**multi, "batch_size": 128, "nodes": 1, "devices_per_node": 1}),
+    source,
+    return_state=True,
+  )
+  np.testing.assert_array_equal(state8["row_ids"], state1["row_ids"])
   # Adam divides by sqrt(v): rows whose gradient is ~eps amplify float rounding, hence
   # atol 1e-4 (0.5% of one step at lr 2e-2). Summing instead of averaging the workers'
   # row gradients (8x too large) moves the median row by ~4e-4 and fails this.
-  np.testing.assert_allclose(state8['rows'], state1['rows'], rtol=0, atol=1e-4)
-  one = jax.tree.map(lambda x: x[0], state1['params_W'])
+  np.testing.assert_allclose(state8["rows"], state1["rows"], rtol=0, atol=1e-4)
+  one = jax.tree.map(lambda x: x[0], state1["params_W"])
   for w in range(8):
-    jax.tree.map(lambda x, y: np.testing.assert_allclose(x[w], y, rtol=1e-4, atol=1e-5),
-                 state8['params_W'], one)
-  assert s8['test_auc'] == pytest.approx(s1['test_auc'], abs=1e-4)
-  assert s8['dense_bytes_by_axis']['node'] > 0 and s1['dense_bytes_by_axis']['node'] == 0
+    jax.tree.map(
+      lambda x, y, w=w: np.testing.assert_allclose(x[w], y, rtol=1e-4, atol=1e-5),
+      state8["params_W"],
+      one,
+    )
+  assert s8["test_auc"] == pytest.approx(s1["test_auc"], abs=1e-4)
+  assert s8["dense_bytes_by_axis"]["node"] > 0 and s1["dense_bytes_by_axis"]["node"] == 0
 
 
 def test_train_ctr_on_a_criteo_file_with_bad_lines(tmp_path):
   from experiments import train_ctr
-  path = tmp_path / 'day.txt'
+
+  path = tmp_path / "day.txt"
   ctr.SyntheticCTR(vocab_size=500).write_criteo(str(path), 3000)
-  with open(path, 'a') as f:
-    f.write('1\tnot enough fields\n')
-  out = tmp_path / 'out'
-  args = ['--data', f'criteo:{path}', '--batch-size', '32', '--out', str(out),
-          '--no-progress', '--table-rows', '65536', '--eval-every', '0']
-  with pytest.raises(ctr.CTRDataError, match=r'day\.txt:3001: expected 40 fields'):
+  with open(path, "a") as f:
+    f.write("1\tnot enough fields\n")
+  out = tmp_path / "out"
+  args = [
+    "--data",
+    f"criteo:{path}",
+    "--batch-size",
+    "32",
+    "--out",
+    str(out),
+    "--no-progress",
+    "--table-rows",
+    "65536",
+    "--eval-every",
+    "0",
+  ]
+  with pytest.raises(ctr.CTRDataError, match=r"day\.txt:3001: expected 40 fields"):
     train_ctr.main(args)
-  summary = train_ctr.main(args + ['--skip-bad-lines'])
+  summary = train_ctr.main(args + ["--skip-bad-lines"])
   # 3001 lines, the last 300 held out (a time split); the bad line is the last test line
-  assert summary['data']['lines_skipped'] == 1
-  assert summary['steps'] == 2701 // 256  # one pass of full global batches of 8 x 32
-  assert summary['test_examples'] == 299
-  assert summary['teacher_auc'] is None and 0.0 < summary['test_auc'] < 1.0
-  assert np.isfinite(summary['test_logloss'])
-  assert os.path.exists(out / 'metrics.jsonl') and os.path.exists(out / 'summary.json')
+  assert summary["data"]["lines_skipped"] == 1
+  assert summary["steps"] == 2701 // 256  # one pass of full global batches of 8 x 32
+  assert summary["test_examples"] == 299
+  assert summary["teacher_auc"] is None and 0.0 < summary["test_auc"] < 1.0
+  assert np.isfinite(summary["test_logloss"])
+  assert os.path.exists(out / "metrics.jsonl") and os.path.exists(out / "summary.json")
 
 
 def test_bad_config_names_the_parameter():
-  with pytest.raises(ValueError, match='optimizer must be one of'):
-    ctr.TrainConfig(optimizer='sgd')
-  with pytest.raises(ValueError, match='k must be a positive int'):
+  with pytest.raises(ValueError, match="optimizer must be one of"):
+    ctr.TrainConfig(optimizer="sgd")
+  with pytest.raises(ValueError, match="k must be a positive int"):
     ctr.TrainConfig(k=0)
-  with pytest.raises(ValueError, match='exceeds the 8 devices'):
+  with pytest.raises(ValueError, match="exceeds the 8 devices"):
     ctr.train(_config(nodes=4, devices_per_node=4), _source(16, 32))

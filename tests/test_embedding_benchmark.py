@@ -15,8 +15,12 @@ def test_benchmark_quick_run_reports_every_case(tmp_path):
   embedding_tier.main(["--quick", "--workdir", str(tmp_path / "w"), "--out", str(out)])
   records = _records(out)
   assert [r["case"] for r in records] == [
-      "fits_in_host_cache", "zipf_table_10x_cache", "zipf_table_10x_cache",
-      "cold_random_gather_vs_sequential_read", "cold_random_gather_vs_sequential_read"]
+    "fits_in_host_cache",
+    "zipf_table_10x_cache",
+    "zipf_table_10x_cache",
+    "cold_random_gather_vs_sequential_read",
+    "cold_random_gather_vs_sequential_read",
+  ]
   assert records[0]["hit_rate"] == 1.0  # the working set fits: no misses after warm-up
   for r in records[1:3]:
     assert 0.0 < r["hit_rate"] < 1.0 and r["dirty_evictions"] > 0
@@ -26,8 +30,9 @@ def test_benchmark_quick_run_reports_every_case(tmp_path):
 
 def test_benchmark_large_case_runs_scaled_down(tmp_path):
   out = tmp_path / "large.jsonl"
-  embedding_tier.main(["--quick", "--large", "--log2-rows", "18", "--workdir",
-                       str(tmp_path / "w"), "--out", str(out)])
+  embedding_tier.main(
+    ["--quick", "--large", "--log2-rows", "18", "--workdir", str(tmp_path / "w"), "--out", str(out)]
+  )
   (record,) = _records(out)
   assert record["rows"] == 2**18 and record["steps"] == 10
   assert record["disk_used_gib"] > 0 and record["peak_rss_gib"] > 0

@@ -10,8 +10,9 @@ from kstep_adam import embedding
 @pytest.mark.parametrize("mode", ["exact", "lazy"])
 def test_device_rows_always_equal_pull(tmp_path, mode):
   opt = embedding.SparseAdam(learning_rate=0.05, b2=0.99, mode=mode)
-  table = embedding.open_table(tmp_path / "t", num_rows=500, dim=4, optimizer=opt,
-                               host_cache_rows=100, device_cache_rows=48)
+  table = embedding.open_table(
+    tmp_path / "t", num_rows=500, dim=4, optimizer=opt, host_cache_rows=100, device_cache_rows=48
+  )
   rng = np.random.default_rng(0)
   hot = np.arange(8)
   for step in range(25):

@@ -16,8 +16,15 @@ NUM_ROWS, DIM = 300, 4
 def _table_and_dense_init(tmp_path, opt, seed: int):
   """A NUM_ROWS x DIM table with a 40-row host cache, and its initial rows in float64
   (same seed and scale) for a dense reference."""
-  table = embedding.open_table(tmp_path / "t", num_rows=NUM_ROWS, dim=DIM, optimizer=opt,
-                               host_cache_rows=40, seed=seed, init_scale=0.1)
+  table = embedding.open_table(
+    tmp_path / "t",
+    num_rows=NUM_ROWS,
+    dim=DIM,
+    optimizer=opt,
+    host_cache_rows=40,
+    seed=seed,
+    init_scale=0.1,
+  )
   p = embedding.init_rows(np.arange(NUM_ROWS), DIM, seed=seed, scale=0.1).astype(np.float64)
   return table, p
 
@@ -76,8 +83,9 @@ def test_exact_adam_matches_dense_adam_over_whole_table(tmp_path, flush_every):
 def test_exact_adam_matches_optax_adam(tmp_path):
   lr = 0.05
   opt = embedding.SparseAdam(learning_rate=lr, mode="exact")
-  table = embedding.open_table(tmp_path / "t", num_rows=50, dim=3, optimizer=opt,
-                               host_cache_rows=10, init_scale=0.5)
+  table = embedding.open_table(
+    tmp_path / "t", num_rows=50, dim=3, optimizer=opt, host_cache_rows=10, init_scale=0.5
+  )
   params = embedding.init_rows(np.arange(50), 3, seed=0, scale=0.5)
   tx = optax.adam(lr)
   state = tx.init(params)
@@ -91,8 +99,7 @@ def test_exact_adam_matches_optax_adam(tmp_path):
     updates, state = tx.update(dense_g, state)
     params = optax.apply_updates(params, updates)
   # optax runs in float32 (the tight 1e-6 check is against the float64 reference above).
-  np.testing.assert_allclose(table.pull(np.arange(50)), np.asarray(params), rtol=1e-5,
-                             atol=1e-5)
+  np.testing.assert_allclose(table.pull(np.arange(50)), np.asarray(params), rtol=1e-5, atol=1e-5)
   table.close()
 
 
@@ -101,8 +108,9 @@ def test_exact_catch_up_long_gap_uses_truncated_sum(tmp_path):
   lr, b1, b2 = 0.01, 0.9, 0.999
   opt = embedding.SparseAdam(learning_rate=lr, b1=b1, b2=b2, mode="exact")
   assert opt.catch_up_terms == 199
-  table = embedding.open_table(tmp_path / "t", num_rows=4, dim=2, optimizer=opt,
-                               host_cache_rows=2, init_scale=0.1)
+  table = embedding.open_table(
+    tmp_path / "t", num_rows=4, dim=2, optimizer=opt, host_cache_rows=2, init_scale=0.1
+  )
   p = embedding.init_rows(np.arange(4), 2, seed=0, scale=0.1).astype(np.float64)
   m, v = np.zeros_like(p), np.zeros_like(p)
   g_row0 = np.array([[1.0, -2.0]], np.float32)
@@ -126,8 +134,7 @@ def test_lazy_adam_matches_lazy_reference(tmp_path):
   for step in range(1, 41):
     ids, grads = _random_batch(rng, step)
     table.push(ids, grads)
-    _dense_adam(p, m, v, _scatter_sum(ids, grads), step, lr, b1, b2, eps,
-                lazy_rows=np.unique(ids))
+    _dense_adam(p, m, v, _scatter_sum(ids, grads), step, lr, b1, b2, eps, lazy_rows=np.unique(ids))
   np.testing.assert_allclose(table.pull(np.arange(NUM_ROWS)), p, rtol=1e-6, atol=1e-7)
   table.close()
 
@@ -151,8 +158,9 @@ def test_rowwise_adagrad_matches_reference(tmp_path):
 def test_learning_rate_schedule_is_followed_in_catch_up(tmp_path):
   schedule = optax.linear_schedule(0.05, 0.01, transition_steps=30)
   opt = embedding.SparseAdam(learning_rate=schedule, b2=0.99, mode="exact")
-  table = embedding.open_table(tmp_path / "t", num_rows=20, dim=2, optimizer=opt,
-                               host_cache_rows=5, init_scale=0.1)
+  table = embedding.open_table(
+    tmp_path / "t", num_rows=20, dim=2, optimizer=opt, host_cache_rows=5, init_scale=0.1
+  )
   p = embedding.init_rows(np.arange(20), 2, seed=0, scale=0.1).astype(np.float64)
   m, v = np.zeros_like(p), np.zeros_like(p)
   rng = np.random.default_rng(4)

@@ -9,9 +9,9 @@ import threading
 
 import numpy as np
 import pytest
+from test_embedding_optimizers import _dense_adam
 
 from kstep_adam import embedding
-from test_embedding_optimizers import _dense_adam
 
 DIM = 4
 
@@ -32,8 +32,10 @@ def _dense_replay(num_rows, batches, seed, scale):
 
 def _batches(num_rows, steps, seed=0, size=20):
   rng = np.random.default_rng(seed)
-  return [(rng.integers(0, num_rows, size), rng.standard_normal((size, DIM)).astype(np.float32))
-          for _ in range(steps)]
+  return [
+    (rng.integers(0, num_rows, size), rng.standard_normal((size, DIM)).astype(np.float32))
+    for _ in range(steps)
+  ]
 
 
 def _du_bytes(path) -> int:
@@ -41,8 +43,9 @@ def _du_bytes(path) -> int:
 
 
 def test_flush_then_reopen_returns_exactly_what_was_pulled(tmp_path):
-  table = embedding.open_table(tmp_path / "t", num_rows=200, dim=DIM, optimizer=_adam(),
-                               host_cache_rows=30)
+  table = embedding.open_table(
+    tmp_path / "t", num_rows=200, dim=DIM, optimizer=_adam(), host_cache_rows=30
+  )
   for ids, grads in _batches(200, 25):
     table.push(ids, grads)
   before = table.pull(np.arange(200))
@@ -55,8 +58,9 @@ def test_flush_then_reopen_returns_exactly_what_was_pulled(tmp_path):
 
 def test_close_without_flush_loses_only_unflushed_steps(tmp_path):
   batches = _batches(100, 12)
-  table = embedding.open_table(tmp_path / "t", num_rows=100, dim=DIM, optimizer=_adam(),
-                               host_cache_rows=10)
+  table = embedding.open_table(
+    tmp_path / "t", num_rows=100, dim=DIM, optimizer=_adam(), host_cache_rows=10
+  )
   for ids, grads in batches[:8]:
     table.push(ids, grads)
   table.flush()
@@ -89,10 +93,14 @@ def _crash_on_call(monkeypatch, owner, name, call_number):
 
 @pytest.mark.parametrize("crash_point", ["before_commit_point", "during_copy"])
 def test_interrupted_flush_is_all_or_nothing(tmp_path, monkeypatch, crash_point):
-  from kstep_adam.embedding import _pending, _store, _table  # noqa: PLC0415
+  from kstep_adam.embedding import _pending
+  from kstep_adam.embedding import _store
+  from kstep_adam.embedding import _table
+
   batches = _batches(300, 10, size=40)
-  table = embedding.open_table(tmp_path / "t", num_rows=300, dim=DIM, optimizer=_adam(),
-                               host_cache_rows=50, chunk_rows=8)
+  table = embedding.open_table(
+    tmp_path / "t", num_rows=300, dim=DIM, optimizer=_adam(), host_cache_rows=50, chunk_rows=8
+  )
   for ids, grads in batches[:4]:
     table.push(ids, grads)
   table.flush()
@@ -119,8 +127,9 @@ def test_interrupted_flush_is_all_or_nothing(tmp_path, monkeypatch, crash_point)
 
 
 def test_eviction_keeps_cache_bounded_and_counts(tmp_path):
-  with embedding.open_table(tmp_path / "t", num_rows=1000, dim=DIM, optimizer=_adam(),
-                            host_cache_rows=50) as table:
+  with embedding.open_table(
+    tmp_path / "t", num_rows=1000, dim=DIM, optimizer=_adam(), host_cache_rows=50
+  ) as table:
     for ids, grads in _batches(1000, 30, size=40):
       table.push(ids, grads)
       assert table.stats()["resident_rows"] <= 50
@@ -134,8 +143,9 @@ def test_eviction_keeps_cache_bounded_and_counts(tmp_path):
 
 
 def test_clock_keeps_hot_rows_resident(tmp_path):
-  with embedding.open_table(tmp_path / "t", num_rows=10_000, dim=DIM, optimizer=_adam(),
-                            host_cache_rows=100) as table:
+  with embedding.open_table(
+    tmp_path / "t", num_rows=10_000, dim=DIM, optimizer=_adam(), host_cache_rows=100
+  ) as table:
     rng = np.random.default_rng(0)
     hot = np.arange(20)
     for _ in range(30):
@@ -164,8 +174,12 @@ def test_kill_without_flush_reopens_at_a_flushed_step(tmp_path):
           table.flush()
           print(step, flush=True)
       """)
-  proc = subprocess.Popen([sys.executable, "-c", child], stdout=subprocess.PIPE, text=True,
-                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  proc = subprocess.Popen(
+    [sys.executable, "-c", child],
+    stdout=subprocess.PIPE,
+    text=True,
+    cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+  )
   flushed = [int(proc.stdout.readline()) for _ in range(5)]
   os.kill(proc.pid, signal.SIGKILL)
   proc.wait()
@@ -178,8 +192,9 @@ def test_kill_without_flush_reopens_at_a_flushed_step(tmp_path):
 
 
 def test_prefetch_loads_rows_into_the_host_tier(tmp_path):
-  with embedding.open_table(tmp_path / "t", num_rows=5000, dim=DIM, optimizer=_adam(),
-                            host_cache_rows=500) as table:
+  with embedding.open_table(
+    tmp_path / "t", num_rows=5000, dim=DIM, optimizer=_adam(), host_cache_rows=500
+  ) as table:
     table.push(np.arange(300), np.ones((300, DIM), np.float32))
     table.flush()
   with embedding.open_table(tmp_path / "t", host_cache_rows=500) as table:
@@ -194,8 +209,9 @@ def test_prefetch_loads_rows_into_the_host_tier(tmp_path):
 
 def test_prefetch_concurrent_with_push_matches_dense(tmp_path):
   batches = _batches(400, 40, seed=1, size=30)
-  table = embedding.open_table(tmp_path / "t", num_rows=400, dim=DIM, optimizer=_adam(),
-                               host_cache_rows=60)
+  table = embedding.open_table(
+    tmp_path / "t", num_rows=400, dim=DIM, optimizer=_adam(), host_cache_rows=60
+  )
   stop = threading.Event()
   errors = []
 
@@ -204,7 +220,7 @@ def test_prefetch_concurrent_with_push_matches_dense(tmp_path):
     try:
       while not stop.is_set():
         table.prefetch(rng.integers(0, 400, 25)).result()
-    except Exception as e:  # noqa: BLE001 - surfaced by the assert below
+    except Exception as e:
       errors.append(e)
 
   thread = threading.Thread(target=prefetcher)
@@ -240,10 +256,17 @@ def test_working_set_round_trip_equals_push_of_raw_ids(tmp_path):
 
 
 def test_multiple_tables_in_one_process_are_independent(tmp_path):
-  adam = embedding.open_table(tmp_path / "a", num_rows=300, dim=DIM, optimizer=_adam(),
-                              host_cache_rows=20)
-  ada = embedding.open_table(tmp_path / "b", num_rows=50, dim=8, host_cache_rows=10,
-                             optimizer=embedding.RowwiseAdagrad(learning_rate=0.1), seed=1)
+  adam = embedding.open_table(
+    tmp_path / "a", num_rows=300, dim=DIM, optimizer=_adam(), host_cache_rows=20
+  )
+  ada = embedding.open_table(
+    tmp_path / "b",
+    num_rows=50,
+    dim=8,
+    host_cache_rows=10,
+    optimizer=embedding.RowwiseAdagrad(learning_rate=0.1),
+    seed=1,
+  )
   batches = _batches(300, 20)
   rng = np.random.default_rng(5)
   p_b = embedding.init_rows(np.arange(50), 8, seed=1, scale=8**-0.5).astype(float)
@@ -257,9 +280,9 @@ def test_multiple_tables_in_one_process_are_independent(tmp_path):
     np.add.at(g, ids_b, grads_b.astype(float))
     acc += np.mean(g * g, axis=1)
     p_b -= 0.1 * g / (np.sqrt(acc)[:, None] + 1e-8)
-  np.testing.assert_allclose(adam.pull(np.arange(300)),
-                             _dense_replay(300, batches, seed=0, scale=0.5), rtol=1e-6,
-                             atol=1e-7)
+  np.testing.assert_allclose(
+    adam.pull(np.arange(300)), _dense_replay(300, batches, seed=0, scale=0.5), rtol=1e-6, atol=1e-7
+  )
   np.testing.assert_allclose(ada.pull(np.arange(50)), p_b, rtol=1e-6, atol=1e-7)
   adam.close()
   ada.close()
@@ -267,12 +290,12 @@ def test_multiple_tables_in_one_process_are_independent(tmp_path):
 
 def test_lazy_init_costs_no_disk_for_a_huge_table(tmp_path):
   path = tmp_path / "huge"
-  with embedding.open_table(path, num_rows=2**28, dim=16, seed=4, init_scale=0.05,
-                            host_cache_rows=1000) as table:
+  with embedding.open_table(
+    path, num_rows=2**28, dim=16, seed=4, init_scale=0.05, host_cache_rows=1000
+  ) as table:
     assert _du_bytes(path) < 100_000
     ids = np.array([0, 7, 2**28 - 1, 123_456_789])
-    np.testing.assert_equal(table.pull(ids),
-                            embedding.init_rows(ids, 16, seed=4, scale=0.05))
+    np.testing.assert_equal(table.pull(ids), embedding.init_rows(ids, 16, seed=4, scale=0.05))
     table.push(ids[:2], np.ones((2, 16), np.float32))
   assert _du_bytes(path) < 1_000_000  # one chunk written, not 2**28 rows
 
@@ -283,8 +306,7 @@ def test_init_is_deterministic_per_row_and_seed():
   np.testing.assert_equal(a[1], embedding.init_rows(np.array([10]), 5, seed=1, scale=0.1)[0])
   assert not np.array_equal(a, embedding.init_rows(np.array([3, 10, 3]), 5, seed=2, scale=0.1))
   assert np.abs(a).max() <= 0.1
-  normal = embedding.init_rows(np.arange(20_000), 4, seed=0, scale=2.0,
-                               distribution="normal")
+  normal = embedding.init_rows(np.arange(20_000), 4, seed=0, scale=2.0, distribution="normal")
   assert abs(normal.std() - 2.0) < 0.05 and abs(normal.mean()) < 0.05
 
 
@@ -301,22 +323,23 @@ def test_hash_keys_to_rows_is_explicit_and_salted():
 
 
 BAD_PUSHES = {
-    "grads shape": (np.arange(3), np.zeros((3, DIM + 1), np.float32), "shape"),
-    "grads rows": (np.arange(3), np.zeros((2, DIM), np.float32), "shape"),
-    "grads dtype": (np.arange(3), np.zeros((3, DIM), np.int32), "floating"),
-    "grads nan": (np.arange(3), np.full((3, DIM), np.nan, np.float32), "finite"),
-    "id too large": (np.array([1, 50]), np.zeros((2, DIM), np.float32), "num_rows=50"),
-    "id negative": (np.array([-1, 2]), np.zeros((2, DIM), np.float32), "num_rows=50"),
-    "ids float": (np.array([1.0, 2.0]), np.zeros((2, DIM), np.float32), "integers"),
-    "ids 2-D": (np.array([[1, 2]]), np.zeros((2, DIM), np.float32), "1-D"),
+  "grads shape": (np.arange(3), np.zeros((3, DIM + 1), np.float32), "shape"),
+  "grads rows": (np.arange(3), np.zeros((2, DIM), np.float32), "shape"),
+  "grads dtype": (np.arange(3), np.zeros((3, DIM), np.int32), "floating"),
+  "grads nan": (np.arange(3), np.full((3, DIM), np.nan, np.float32), "finite"),
+  "id too large": (np.array([1, 50]), np.zeros((2, DIM), np.float32), "num_rows=50"),
+  "id negative": (np.array([-1, 2]), np.zeros((2, DIM), np.float32), "num_rows=50"),
+  "ids float": (np.array([1.0, 2.0]), np.zeros((2, DIM), np.float32), "integers"),
+  "ids 2-D": (np.array([[1, 2]]), np.zeros((2, DIM), np.float32), "1-D"),
 }
 
 
 @pytest.mark.parametrize("case", sorted(BAD_PUSHES))
 def test_bad_push_raises_and_leaves_table_intact(tmp_path, case):
   ids, grads, match = BAD_PUSHES[case]
-  with embedding.open_table(tmp_path / "t", num_rows=50, dim=DIM, optimizer=_adam(),
-                            host_cache_rows=10) as table:
+  with embedding.open_table(
+    tmp_path / "t", num_rows=50, dim=DIM, optimizer=_adam(), host_cache_rows=10
+  ) as table:
     for b_ids, b_grads in _batches(50, 5):
       table.push(b_ids, b_grads)
     before = table.pull(np.arange(50))
@@ -340,7 +363,8 @@ def test_a_table_open_twice_is_refused(tmp_path):
 
 
 def test_grads_of_any_float_dtype_are_accepted(tmp_path):
-  import ml_dtypes  # noqa: PLC0415 - installed with jax
+  import ml_dtypes
+
   with embedding.open_table(tmp_path / "t", num_rows=10, dim=DIM, optimizer=_adam()) as t:
     for dtype in (np.float16, np.float64, ml_dtypes.bfloat16):
       t.push([1, 2], np.ones((2, DIM), dtype))
@@ -374,8 +398,9 @@ def test_bad_paths_and_conflicting_reopen(tmp_path):
 
 
 def test_uncompressed_table_round_trips_and_keeps_its_setting(tmp_path):
-  with embedding.open_table(tmp_path / "t", num_rows=100, dim=DIM, optimizer=_adam(),
-                            compress=False, host_cache_rows=10) as table:
+  with embedding.open_table(
+    tmp_path / "t", num_rows=100, dim=DIM, optimizer=_adam(), compress=False, host_cache_rows=10
+  ) as table:
     for ids, grads in _batches(100, 6):
       table.push(ids, grads)
     before = table.pull(np.arange(100))
@@ -402,8 +427,15 @@ def test_bad_constructor_arguments():
 
 
 def test_compact_reclaims_old_versions_and_keeps_every_row(tmp_path):
-  table = embedding.open_table(tmp_path / "t", num_rows=4000, dim=DIM, optimizer=_adam(),
-                               host_cache_rows=500, chunk_rows=64, compress=False)
+  table = embedding.open_table(
+    tmp_path / "t",
+    num_rows=4000,
+    dim=DIM,
+    optimizer=_adam(),
+    host_cache_rows=500,
+    chunk_rows=64,
+    compress=False,
+  )
   for i, (ids, grads) in enumerate(_batches(4000, 12, size=300)):
     table.push(ids, grads)
     if i % 3 == 2:

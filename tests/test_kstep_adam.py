@@ -1,21 +1,26 @@
 """kstep_adam without an axis is optax.adam; options, composition and argument validation."""
 
+import _numpy_reference as ref
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from _runs import init_params
+from _runs import loss_fn
+from _runs import theta_of
+from _runs import worker_data
 
-import _numpy_reference as ref
 import kstep_adam
-from _runs import init_params, loss_fn, theta_of, worker_data
 
 
 def _params(dtype):
   rng = np.random.default_rng(0)
-  return {"w": jnp.asarray(rng.normal(size=(3, 4)), dtype),
-          "b": jnp.asarray(rng.normal(size=4), dtype),
-          "s": jnp.asarray(0.3, dtype)}
+  return {
+    "w": jnp.asarray(rng.normal(size=(3, 4)), dtype),
+    "b": jnp.asarray(rng.normal(size=4), dtype),
+    "s": jnp.asarray(0.3, dtype),
+  }
 
 
 def _run(tx, params, steps=6):
@@ -33,19 +38,27 @@ def _run(tx, params, steps=6):
 
 
 def _assert_trees_equal(a, b):
-  jax.tree.map(lambda x, y: np.testing.assert_array_equal(np.asarray(x, np.float32),
-                                                          np.asarray(y, np.float32)), a, b)
+  jax.tree.map(
+    lambda x, y: np.testing.assert_array_equal(
+      np.asarray(x, np.float32), np.asarray(y, np.float32)
+    ),
+    a,
+    b,
+  )
   jax.tree.map(lambda x, y: (x.shape, x.dtype) == (y.shape, y.dtype) or pytest.fail(), a, b)
 
 
-@pytest.mark.parametrize("lr,b1,b2,eps,eps_root,param_dtype,mu_dtype", [
+@pytest.mark.parametrize(
+  "lr,b1,b2,eps,eps_root,param_dtype,mu_dtype",
+  [
     (1e-3, 0.9, 0.999, 1e-8, 0.0, jnp.float32, None),
     (0.1, 0.5, 0.9, 1e-3, 1e-6, jnp.float32, None),
     (0.05, 0.0, 0.99, 1e-8, 0.0, jnp.float32, jnp.bfloat16),
     (0.05, 0.9, 0.999, 1e-8, 0.0, jnp.bfloat16, None),
     (0.05, 0.9, 0.999, 1e-5, 0.0, jnp.bfloat16, jnp.bfloat16),
     (optax.linear_schedule(0.1, 0.01, 4), 0.9, 0.95, 1e-8, 0.0, jnp.float32, None),
-])
+  ],
+)
 @pytest.mark.parametrize("k", [1, 3])
 def test_without_axis_equals_optax_adam(lr, b1, b2, eps, eps_root, param_dtype, mu_dtype, k):
   params = _params(param_dtype)
@@ -60,11 +73,15 @@ def test_chains_with_clipping_and_works_under_inject_hyperparams():
   params = _params(jnp.float32)
   sched = optax.cosine_decay_schedule(0.1, 10)
   ours = optax.chain(
-      optax.clip_by_global_norm(0.5),
-      optax.inject_hyperparams(kstep_adam.kstep_adam, static_args=("k",))(
-          learning_rate=sched, k=4, b1=0.8))
-  theirs = optax.chain(optax.clip_by_global_norm(0.5),
-                       optax.inject_hyperparams(optax.adam)(learning_rate=sched, b1=0.8))
+    optax.clip_by_global_norm(0.5),
+    optax.inject_hyperparams(kstep_adam.kstep_adam, static_args=("k",))(
+      learning_rate=sched, k=4, b1=0.8
+    ),
+  )
+  theirs = optax.chain(
+    optax.clip_by_global_norm(0.5),
+    optax.inject_hyperparams(optax.adam)(learning_rate=sched, b1=0.8),
+  )
   got, got_state = _run(ours, params)
   want, _ = _run(theirs, params)
   _assert_trees_equal(got, want)
@@ -76,8 +93,12 @@ def test_clip_may_be_injected_and_traced():
   params = _params(jnp.float32)
 
   def run(clip, static_args):
-    return _run(optax.inject_hyperparams(kstep_adam.kstep_adam, static_args=static_args)(
-        learning_rate=0.1, k=2, clip=clip), params)[0]
+    return _run(
+      optax.inject_hyperparams(kstep_adam.kstep_adam, static_args=static_args)(
+        learning_rate=0.1, k=2, clip=clip
+      ),
+      params,
+    )[0]
 
   traced, static = run(0.3, ("k",)), run(0.3, ("k", "clip"))
   jax.tree.map(np.testing.assert_array_equal, traced, static)
@@ -99,8 +120,16 @@ def test_local_adam_form_matches_numpy_on_one_worker():
     grads = jax.grad(loss_fn)(params, (x[0], y[0]))
     updates, state = tx.update(grads, state, params)
     params = optax.apply_updates(params, updates)
-    want = ref.kstep_adam(theta_of(init_params()), data[:t + 1], num_nodes=1, lr=0.05,
-                          periods={}, form="local_adam", eps=1e-2, clip=0.3)[-1][0]
+    want = ref.kstep_adam(
+      theta_of(init_params()),
+      data[: t + 1],
+      num_nodes=1,
+      lr=0.05,
+      periods={},
+      form="local_adam",
+      eps=1e-2,
+      clip=0.3,
+    )[-1][0]
     np.testing.assert_allclose(theta_of(params), want, rtol=1e-5, atol=1e-6)
 
 
@@ -119,7 +148,9 @@ def test_scale_by_kstep_adam_state_fields():
   assert state.mu["w"].dtype == jnp.bfloat16 and state.nu["w"].dtype == jnp.float32
 
 
-@pytest.mark.parametrize("kwargs,match", [
+@pytest.mark.parametrize(
+  "kwargs,match",
+  [
     (dict(k=0), "k must be a positive int"),
     (dict(k=-2, axis_name="w"), "k must be a positive int"),
     (dict(k=1.5), "k must be a positive int"),
@@ -140,11 +171,18 @@ def test_scale_by_kstep_adam_state_fields():
     (dict(k=2, clip=np.ones(2)), "clip must be None or a positive float"),
     (dict(k=2, axis_name=("node", "node")), "repeated axes"),
     (dict(k=2, axis_name=""), "axis_name must be None"),
-    (dict(k=kstep_adam.merge_schedule(2, axis_name="w"), axis_name="w"),
-     "either a MergeSchedule as k or axis_name"),
-    (dict(k=kstep_adam.merge_schedule(2, axis_name="w", sync="params+moments"),
-          mu_dtype=jnp.bfloat16), "the schedule averages 'mu' counted as mu_dtype=None"),
-])
+    (
+      dict(k=kstep_adam.merge_schedule(2, axis_name="w"), axis_name="w"),
+      "either a MergeSchedule as k or axis_name",
+    ),
+    (
+      dict(
+        k=kstep_adam.merge_schedule(2, axis_name="w", sync="params+moments"), mu_dtype=jnp.bfloat16
+      ),
+      "the schedule averages 'mu' counted as mu_dtype=None",
+    ),
+  ],
+)
 def test_bad_arguments_raise_value_error(kwargs, match):
   with pytest.raises(ValueError, match=match):
     kstep_adam.kstep_adam(0.1, **kwargs)

@@ -6,15 +6,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _runs import init_params
+from _runs import loss_fn
 from jax.sharding import PartitionSpec as P
 
 import kstep_adam
-from _runs import init_params, loss_fn
 from kstep_adam import parallel
 
 NODE_LOCAL = ("node", "local")
-COLLECTIVE = re.compile(r"\b(all-reduce|reduce-scatter|all-gather|collective-permute|all-to-all)"
-                        r"(-start)?\(")
+COLLECTIVE = re.compile(
+  r"\b(all-reduce|reduce-scatter|all-gather|collective-permute|all-to-all)"
+  r"(-start)?\("
+)
 
 
 def _mean_under_shard_map(tree_W, mesh, axes, route):
@@ -31,12 +34,11 @@ def _per_worker_tree(mesh, seed=0):
   rng = np.random.default_rng(seed)
   n = mesh.size
   tree = {
-      "odd": rng.normal(size=(n, 7, 3)).astype(np.float32),  # 21 elements: needs padding.
-      "scalar": rng.normal(size=(n,)).astype(np.float32),
-      "half": rng.normal(size=(n, 5)).astype(jnp.bfloat16),
+    "odd": rng.normal(size=(n, 7, 3)).astype(np.float32),  # 21 elements: needs padding.
+    "scalar": rng.normal(size=(n,)).astype(np.float32),
+    "half": rng.normal(size=(n, 5)).astype(jnp.bfloat16),
   }
-  sharded = jax.tree.map(lambda x: jax.device_put(x, parallel.worker_sharding(mesh, x.ndim)),
-                         tree)
+  sharded = jax.tree.map(lambda x: jax.device_put(x, parallel.worker_sharding(mesh, x.ndim)), tree)
   return tree, sharded
 
 
@@ -50,8 +52,9 @@ def test_hierarchical_mean_equals_flat_mean(mesh_shape):
     want = np.broadcast_to(np.asarray(x, np.float64).mean(0), x.shape)
     tol = 1e-2 if x.dtype == jnp.bfloat16 else 1e-6
     np.testing.assert_allclose(np.asarray(hier[name], np.float64), want, rtol=tol, atol=tol)
-    np.testing.assert_allclose(np.asarray(hier[name], np.float64),
-                               np.asarray(flat[name], np.float64), rtol=tol, atol=tol)
+    np.testing.assert_allclose(
+      np.asarray(hier[name], np.float64), np.asarray(flat[name], np.float64), rtol=tol, atol=tol
+    )
     assert hier[name].dtype == x.dtype and hier[name].shape == x.shape
 
 
@@ -61,16 +64,20 @@ def test_inner_axis_mean_averages_within_each_node(axes):
   tree, tree_W = _per_worker_tree(mesh)
   out = _mean_under_shard_map(tree_W, mesh, axes, "hierarchical")
   x = tree["odd"].reshape(2, 4, 7, 3).mean(1, keepdims=True)
-  np.testing.assert_allclose(out["odd"], np.broadcast_to(x, (2, 4, 7, 3)).reshape(8, 7, 3),
-                             rtol=1e-6)
+  np.testing.assert_allclose(
+    out["odd"], np.broadcast_to(x, (2, 4, 7, 3)).reshape(8, 7, 3), rtol=1e-6
+  )
 
 
-@pytest.mark.parametrize("axes,route,match", [
+@pytest.mark.parametrize(
+  "axes,route,match",
+  [
     (("node", "data"), "hierarchical", "axis_name 'data' is not an axis"),
     (NODE_LOCAL, "ring", "route must be one of"),
     (None, "flat", "needs at least one axis"),
     (("local", "local"), "flat", "axes has repeated axes"),
-])
+  ],
+)
 def test_tree_mean_rejects_bad_axes_and_routes(axes, route, match):
   mesh = parallel.make_mesh(2, 4)
   _, tree_W = _per_worker_tree(mesh)
@@ -95,8 +102,10 @@ def _compiled_hlo(tx, mesh, local=False):
   """Optimized HLO of the harness's general step, or of its local program."""
   params_W, state_W = parallel.init_replicas(init_params(), tx, mesh)
   step = parallel.make_train_step(loss_fn, tx, mesh, donate=False)
-  batch = jax.tree.map(lambda x: jax.device_put(x, parallel.worker_sharding(mesh, x.ndim)),
-                       (np.zeros((mesh.size, 5), np.float32), np.zeros(mesh.size, np.float32)))
+  batch = jax.tree.map(
+    lambda x: jax.device_put(x, parallel.worker_sharding(mesh, x.ndim)),
+    (np.zeros((mesh.size, 5), np.float32), np.zeros(mesh.size, np.float32)),
+  )
   step.prepare(params_W, state_W, batch)
   fn = step.local_jitted if local else step.jitted
   return fn.lower(params_W, state_W, batch).compile().as_text()
@@ -104,15 +113,15 @@ def _compiled_hlo(tx, mesh, local=False):
 
 def test_collectives_only_inside_merge_branches():
   mesh = parallel.make_mesh(2, 4)
-  tx = kstep_adam.kstep_adam(0.1, {"node": 4, "local": 2}, axis_name=NODE_LOCAL,
-                             sync="params+moments")
+  tx = kstep_adam.kstep_adam(
+    0.1, {"node": 4, "local": 2}, axis_name=NODE_LOCAL, sync="params+moments"
+  )
   blocks = _computations(_compiled_hlo(tx, mesh))
   branch_names = set()
   for body in blocks.values():
     for group in re.findall(r"branch_computations=\{([^}]*)\}", body):
       branch_names.update(n.strip().lstrip("%") for n in group.split(","))
-    for a, b in re.findall(r"true_computation=%?([\w.\-]+), false_computation=%?([\w.\-]+)",
-                           body):
+    for a, b in re.findall(r"true_computation=%?([\w.\-]+), false_computation=%?([\w.\-]+)", body):
       branch_names.update((a, b))
   with_collectives = {n for n, body in blocks.items() if COLLECTIVE.search(body)}
   entry = [n for n in blocks if n.startswith("ENTRY")]
@@ -126,8 +135,7 @@ def test_collectives_only_inside_merge_branches():
 
 def test_host_dispatched_local_program_has_no_collective_and_no_branch():
   mesh = parallel.make_mesh(2, 4)
-  schedule = kstep_adam.merge_schedule({"node": 4, "local": 2}, axis_name=NODE_LOCAL,
-                                       sync="desloc")
+  schedule = kstep_adam.merge_schedule({"node": 4, "local": 2}, axis_name=NODE_LOCAL, sync="desloc")
   text = _compiled_hlo(kstep_adam.kstep_adam(0.1, schedule), mesh, local=True)
   assert not COLLECTIVE.search(text)
   assert "conditional(" not in text
@@ -146,9 +154,14 @@ def test_assume_local_step_ignores_other_schedules():
     def fn(x):
       with kstep_adam.assume_local_step(schedule):
         return tx.update({"w": x}, state, {"w": x})[0]["w"]
+
     spec = P(("node", "local"))
-    return jax.jit(jax.shard_map(fn, mesh=mesh, in_specs=spec, out_specs=spec)
-                   ).lower(x_W).compile().as_text()
+    return (
+      jax.jit(jax.shard_map(fn, mesh=mesh, in_specs=spec, out_specs=spec))
+      .lower(x_W)
+      .compile()
+      .as_text()
+    )
 
   assert COLLECTIVE.search(lowered(other))
   assert not COLLECTIVE.search(lowered(ours))
@@ -162,11 +175,14 @@ def _ring_bytes_by_group_size(body: str) -> dict[int, float]:
     if not m:
       continue
     result_type = line.split("=", 1)[1].split(m.group(1), 1)[0]
-    elems = sum(int(np.prod([int(d) for d in dims.split(",") if d] or [1]))
-                for dims in re.findall(r"f32\[([\d,]*)\]", result_type))
+    elems = sum(
+      int(np.prod([int(d) for d in dims.split(",") if d] or [1]))
+      for dims in re.findall(r"f32\[([\d,]*)\]", result_type)
+    )
     n = len(re.search(r"replica_groups=\{\{([\d,]*)\}", line).group(1).split(","))
-    factor = {"all-reduce": 2 * (n - 1) / n, "reduce-scatter": (n - 1),
-              "all-gather": (n - 1) / n}[m.group(1)]  # reduce-scatter result is S/n.
+    factor = {"all-reduce": 2 * (n - 1) / n, "reduce-scatter": (n - 1), "all-gather": (n - 1) / n}[
+      m.group(1)
+    ]  # reduce-scatter result is S/n.
     out[n] = out.get(n, 0.0) + factor * elems * 4
   return out
 
@@ -193,7 +209,7 @@ def test_sync_adam_all_reduces_in_the_main_computation():
   """Sanity check of the HLO parser: DDP communicates every step, outside any branch."""
   mesh = parallel.make_mesh(1, 4)
   blocks = _computations(_compiled_hlo(kstep_adam.sync_adam(0.1, axis_name="local"), mesh))
-  entry = [body for n, body in blocks.items() if n.startswith("ENTRY")][0]
+  entry = next(body for n, body in blocks.items() if n.startswith("ENTRY"))
   assert COLLECTIVE.search(entry)
 
 
@@ -203,12 +219,15 @@ def test_merge_params_needs_params():
     tx.update({"a": jnp.ones(2)}, tx.init({"a": jnp.ones(2)}))
 
 
-@pytest.mark.parametrize("k,live", [
+@pytest.mark.parametrize(
+  "k,live",
+  [
     (4, (1,)),  # One period for both axes: only the global merge is ever selected.
     ({"node": 4, "local": 2}, (1, 2)),
     ({"node": 2, "local": 4}, (1,)),  # Every 4th step is also a 2nd step: node level wins.
     ({"node": 3, "local": 2}, (1, 2)),
-])
+  ],
+)
 def test_dead_merge_levels_get_no_branch(k, live):
   schedule = kstep_adam.merge_schedule(k, axis_name=NODE_LOCAL)
   assert schedule.live_levels("params") == live

@@ -1,49 +1,83 @@
 """k-step Adam variants through the shard_map harness vs an independent NumPy implementation."""
 
+import _numpy_reference as ref
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from _runs import init_params
+from _runs import loss_fn
+from _runs import run_harness
+from _runs import theta_of
+from _runs import worker_data
 from jax.sharding import PartitionSpec as P
 
-import _numpy_reference as ref
 import kstep_adam
-from _runs import init_params, loss_fn, run_harness, theta_of, worker_data
 from kstep_adam import parallel
 
 NODE_LOCAL = ("node", "local")
 
 # (name, mesh shape, kstep_adam kwargs, reference periods, reference kwargs, steps)
 VARIANTS = [
-    ("params_hierarchical_8dev", (2, 4), dict(k=3, axis_name=NODE_LOCAL),
-     {"params": (3, None)}, {}, 7),
-    ("params_single_axis_4dev", (1, 4), dict(k=2, axis_name="local"),
-     {"params": (2, None)}, {}, 5),
-    ("both_moments_local_adam_8dev", (2, 4),
-     dict(k=2, axis_name=NODE_LOCAL, sync="params+moments", form="local_adam", clip=0.5,
-          eps=1e-3),
-     {"params": (2, None), "mu": (2, None), "nu": (2, None)},
-     dict(form="local_adam", clip=0.5, eps=1e-3), 5),
-    ("params_nu_flat_route_4dev", (2, 2),
-     dict(k=2, axis_name=NODE_LOCAL, sync="params+nu", route="flat"),
-     {"params": (2, None), "nu": (2, None)}, {}, 5),
-    ("per_state_periods_4dev", (2, 2),
-     dict(k=1, axis_name=NODE_LOCAL, sync={"params": 2, "mu": 3, "nu": 6}),
-     {"params": (2, None), "mu": (3, None), "nu": (6, None)}, {}, 7),
-    ("hierarchical_periods_8dev", (2, 4),
-     dict(k={"node": 4, "local": 2}, axis_name=NODE_LOCAL),
-     {"params": (4, 2)}, {}, 9),
-    ("desloc_hierarchical_8dev", (2, 4),
-     dict(k={"node": 2, "local": 1}, axis_name=NODE_LOCAL, sync="desloc"),
-     {"params": (2, 1), "mu": (6, 3), "nu": (12, 6)}, {}, 12),
+  (
+    "params_hierarchical_8dev",
+    (2, 4),
+    dict(k=3, axis_name=NODE_LOCAL),
+    {"params": (3, None)},
+    {},
+    7,
+  ),
+  ("params_single_axis_4dev", (1, 4), dict(k=2, axis_name="local"), {"params": (2, None)}, {}, 5),
+  (
+    "both_moments_local_adam_8dev",
+    (2, 4),
+    dict(k=2, axis_name=NODE_LOCAL, sync="params+moments", form="local_adam", clip=0.5, eps=1e-3),
+    {"params": (2, None), "mu": (2, None), "nu": (2, None)},
+    dict(form="local_adam", clip=0.5, eps=1e-3),
+    5,
+  ),
+  (
+    "params_nu_flat_route_4dev",
+    (2, 2),
+    dict(k=2, axis_name=NODE_LOCAL, sync="params+nu", route="flat"),
+    {"params": (2, None), "nu": (2, None)},
+    {},
+    5,
+  ),
+  (
+    "per_state_periods_4dev",
+    (2, 2),
+    dict(k=1, axis_name=NODE_LOCAL, sync={"params": 2, "mu": 3, "nu": 6}),
+    {"params": (2, None), "mu": (3, None), "nu": (6, None)},
+    {},
+    7,
+  ),
+  (
+    "hierarchical_periods_8dev",
+    (2, 4),
+    dict(k={"node": 4, "local": 2}, axis_name=NODE_LOCAL),
+    {"params": (4, 2)},
+    {},
+    9,
+  ),
+  (
+    "desloc_hierarchical_8dev",
+    (2, 4),
+    dict(k={"node": 2, "local": 1}, axis_name=NODE_LOCAL, sync="desloc"),
+    {"params": (2, 1), "mu": (6, 3), "nu": (12, 6)},
+    {},
+    12,
+  ),
 ]
 
 
-@pytest.mark.parametrize("name,mesh_shape,kwargs,periods,ref_kwargs,steps", VARIANTS,
-                         ids=[v[0] for v in VARIANTS])
-def test_kstep_adam_matches_numpy_step_for_step(name, mesh_shape, kwargs, periods, ref_kwargs,
-                                               steps):
+@pytest.mark.parametrize(
+  "name,mesh_shape,kwargs,periods,ref_kwargs,steps", VARIANTS, ids=[v[0] for v in VARIANTS]
+)
+def test_kstep_adam_matches_numpy_step_for_step(
+  name, mesh_shape, kwargs, periods, ref_kwargs, steps
+):
   """Through the harness, which runs a branch-free local program on non-merge steps."""
   del name
   lr = 0.05
@@ -51,8 +85,9 @@ def test_kstep_adam_matches_numpy_step_for_step(name, mesh_shape, kwargs, period
   data = worker_data(mesh.size, steps)
   got, (_, _, step) = run_harness(kstep_adam.kstep_adam(lr, **kwargs), mesh, data)
   assert step.local_jitted is not None and len(step.schedules) == 1
-  want = ref.kstep_adam(theta_of(init_params()), data, num_nodes=mesh_shape[0], lr=lr,
-                        periods=periods, **ref_kwargs)
+  want = ref.kstep_adam(
+    theta_of(init_params()), data, num_nodes=mesh_shape[0], lr=lr, periods=periods, **ref_kwargs
+  )
   for t, (g, w) in enumerate(zip(got, want), start=1):
     np.testing.assert_allclose(g, w, rtol=1e-4, atol=2e-5, err_msg=f"step {t}")
   # Replicas really diverge between merges (data differ per worker) ...
@@ -65,8 +100,7 @@ def test_kstep_adam_matches_numpy_step_for_step(name, mesh_shape, kwargs, period
 def test_in_graph_switch_and_host_dispatch_agree():
   mesh = parallel.make_mesh(2, 2)
   data = worker_data(mesh.size, 6)
-  schedule = kstep_adam.merge_schedule({"node": 3, "local": 2}, axis_name=NODE_LOCAL,
-                                       sync="desloc")
+  schedule = kstep_adam.merge_schedule({"node": 3, "local": 2}, axis_name=NODE_LOCAL, sync="desloc")
   tx = kstep_adam.kstep_adam(0.05, schedule)
   switch, _ = run_harness(tx, mesh, data, dispatch=False)
   dispatch, (_, _, step) = run_harness(tx, mesh, data)
@@ -79,8 +113,9 @@ def test_in_graph_switch_and_host_dispatch_agree():
 def test_identical_data_makes_averaging_a_no_op():
   mesh = parallel.make_mesh(2, 4)
   data = worker_data(mesh.size, 6, identical=True)
-  tx = kstep_adam.kstep_adam(0.05, {"node": 3, "local": 2}, axis_name=NODE_LOCAL,
-                             sync="params+moments")
+  tx = kstep_adam.kstep_adam(
+    0.05, {"node": 3, "local": 2}, axis_name=NODE_LOCAL, sync="params+moments"
+  )
   got, _ = run_harness(tx, mesh, data)
   # One worker running optax.adam on the same stream.
   params, adam = init_params(), optax.adam(0.05)
@@ -101,8 +136,9 @@ def test_no_recompilation_and_state_keeps_shapes_and_dtypes():
     traces.append(1)
     return loss_fn(params, batch)
 
-  schedule = kstep_adam.merge_schedule(2, axis_name=NODE_LOCAL, sync="desloc",
-                                       mu_dtype=jnp.bfloat16)
+  schedule = kstep_adam.merge_schedule(
+    2, axis_name=NODE_LOCAL, sync="desloc", mu_dtype=jnp.bfloat16
+  )
   tx = kstep_adam.kstep_adam(0.05, schedule, mu_dtype=jnp.bfloat16)
   params_W, state_W = parallel.init_replicas(init_params(), tx, mesh)
   spec0 = jax.tree.map(lambda x: (x.shape, x.dtype, x.sharding), (params_W, state_W))
@@ -137,11 +173,14 @@ def test_axis_name_not_in_mesh_raises():
     step(params_W, state_W, (np.zeros((2, 5), np.float32), np.zeros(2, np.float32)))
 
 
-@pytest.mark.parametrize("args,match", [
+@pytest.mark.parametrize(
+  "args,match",
+  [
     ((0, 2), "num_nodes must be a positive int"),
     ((2, 1.5), "devices_per_node must be a positive int"),
     ((4, 4), "exceeds the 8 available devices"),
-])
+  ],
+)
 def test_make_mesh_rejects_bad_shapes(args, match):
   with pytest.raises(ValueError, match=match):
     parallel.make_mesh(*args)
@@ -154,8 +193,9 @@ def test_replicate_gives_each_worker_its_own_copy():
   np.testing.assert_array_equal(parallel.unreplicate(tree_W, worker=5)["a"], [0.0, 1.0, 2.0])
   assert tree_W["a"].sharding.spec[0] == NODE_LOCAL
   distinct_W = jax.device_put(np.arange(24.0).reshape(8, 3), parallel.worker_sharding(mesh, 2))
-  np.testing.assert_array_equal(parallel.unreplicate({"d": distinct_W}, worker=5)["d"],
-                                [15.0, 16.0, 17.0])
+  np.testing.assert_array_equal(
+    parallel.unreplicate({"d": distinct_W}, worker=5)["d"], [15.0, 16.0, 17.0]
+  )
 
 
 def test_comm_report_uses_the_mesh_axis_sizes():
@@ -184,8 +224,11 @@ def test_dispatched_step_serves_a_custom_shard_map_step():
     return jax.tree.map(lambda x: x[None], (optax.apply_updates(params, updates), state))
 
   step = parallel.DispatchedStep(
-      lambda body: jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(spec, spec, P()),
-                                         out_specs=(spec, spec))), per_worker)
+    lambda body: jax.jit(
+      jax.shard_map(body, mesh=mesh, in_specs=(spec, spec, P()), out_specs=(spec, spec))
+    ),
+    per_worker,
+  )
   params_W, state_W = parallel.init_replicas({"w": np.zeros(3, np.float32)}, tx, mesh)
   params_W, state_W = step(params_W, state_W, jnp.float32(1.0))
   assert step.local_jitted is not None and step.is_local(1) and not step.is_local(2)

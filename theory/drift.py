@@ -26,58 +26,59 @@ from theory._checks import check_count
 __all__ = ["adam_step_bound", "replica_spread_bound"]
 
 
-def adam_step_bound(*, beta1: float, beta2: float, T: int,
-                    bias_correction: bool) -> float:
-    """Return ``B``: ``|update_i| <= eta * B`` for every coordinate and step ``<= T``.
+def adam_step_bound(*, beta1: float, beta2: float, T: int, bias_correction: bool) -> float:
+  """Return ``B``: ``|update_i| <= eta * B`` for every coordinate and step ``<= T``.
 
-    Args:
-      beta1: first-moment decay, ``0 <= beta1 < sqrt(beta2)``.
-      beta2: second-moment decay, in ``(0, 1)``.
-      T: the number of steps (only used with bias correction).
-      bias_correction: True for optax-style Adam, False for the Cheng & Glasgow form.
+  Args:
+    beta1: first-moment decay, ``0 <= beta1 < sqrt(beta2)``.
+    beta2: second-moment decay, in ``(0, 1)``.
+    T: the number of steps (only used with bias correction).
+    bias_correction: True for optax-style Adam, False for the Cheng & Glasgow form.
 
-    Returns:
-      The constant ``B`` of the module docstring.
-    """
-    if not 0.0 < beta2 < 1.0:
-        raise ValueError(f"beta2 must be in (0, 1), got {beta2!r}")
-    if not 0.0 <= beta1 < math.sqrt(beta2):
-        raise ValueError(f"beta1 must satisfy 0 <= beta1 < sqrt(beta2)={math.sqrt(beta2)!r},"
-                         f" got {beta1!r}")
-    check_count("T", T)
-    base = (1 - beta1) / (math.sqrt(1 - beta2) * (1 - beta1 / math.sqrt(beta2)))
-    if not bias_correction:
-        return base
-    c_T = max(math.sqrt(1 - beta2**t) / (1 - beta1**t) for t in range(1, T + 1))
-    return base * c_T
+  Returns:
+    The constant ``B`` of the module docstring.
+  """
+  if not 0.0 < beta2 < 1.0:
+    raise ValueError(f"beta2 must be in (0, 1), got {beta2!r}")
+  if not 0.0 <= beta1 < math.sqrt(beta2):
+    raise ValueError(
+      f"beta1 must satisfy 0 <= beta1 < sqrt(beta2)={math.sqrt(beta2)!r}, got {beta1!r}"
+    )
+  check_count("T", T)
+  base = (1 - beta1) / (math.sqrt(1 - beta2) * (1 - beta1 / math.sqrt(beta2)))
+  if not bias_correction:
+    return base
+  c_T = max(math.sqrt(1 - beta2**t) / (1 - beta1**t) for t in range(1, T + 1))
+  return base * c_T
 
 
-def replica_spread_bound(*, eta: float, beta1: float, beta2: float, k: int, d: int, T: int,
-                         bias_correction: bool) -> float:
-    r"""Return the bound on the time-averaged replica spread of k-step Adam.
+def replica_spread_bound(
+  *, eta: float, beta1: float, beta2: float, k: int, d: int, T: int, bias_correction: bool
+) -> float:
+  r"""Return the bound on the time-averaged replica spread of k-step Adam.
 
-    .. math::
-        \frac1T \sum_t \frac1N \sum_w \|x^w_t - \bar x_t\|^2
-        \le d\, (2\eta B)^2 \frac{(k-1)(2k-1)}{6}
+  .. math::
+      \frac1T \sum_t \frac1N \sum_w \|x^w_t - \bar x_t\|^2
+      \le d\, (2\eta B)^2 \frac{(k-1)(2k-1)}{6}
 
-    (exact average over a round of ``j^2``, ``j = 0..k-1``; a partial last round only
-    lowers it). Zero at ``k = 1``.
+  (exact average over a round of ``j^2``, ``j = 0..k-1``; a partial last round only
+  lowers it). Zero at ``k = 1``.
 
-    Args:
-      eta: constant step size.
-      beta1: first-moment decay.
-      beta2: second-moment decay.
-      k: merge period.
-      d: dimension.
-      T: steps per worker.
-      bias_correction: True for optax-style Adam, False for the Cheng & Glasgow form.
+  Args:
+    eta: constant step size.
+    beta1: first-moment decay.
+    beta2: second-moment decay.
+    k: merge period.
+    d: dimension.
+    T: steps per worker.
+    bias_correction: True for optax-style Adam, False for the Cheng & Glasgow form.
 
-    Returns:
-      The bound (derived here; see ``theory/derivations.md``, section 3).
-    """
-    check_count("k", k)
-    check_count("d", d)
-    if not (eta > 0 and math.isfinite(eta)):
-        raise ValueError(f"eta must be a finite positive number, got {eta!r}")
-    B = adam_step_bound(beta1=beta1, beta2=beta2, T=T, bias_correction=bias_correction)
-    return d * (2 * eta * B) ** 2 * (k - 1) * (2 * k - 1) / 6
+  Returns:
+    The bound (derived here; see ``theory/derivations.md``, section 3).
+  """
+  check_count("k", k)
+  check_count("d", d)
+  if not (eta > 0 and math.isfinite(eta)):
+    raise ValueError(f"eta must be a finite positive number, got {eta!r}")
+  B = adam_step_bound(beta1=beta1, beta2=beta2, T=T, bias_correction=bias_correction)
+  return d * (2 * eta * B) ** 2 * (k - 1) * (2 * k - 1) / 6

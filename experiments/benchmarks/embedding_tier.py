@@ -117,8 +117,11 @@ def sequential_read_bandwidth(directory: str, size_bytes: int) -> float:
 
 
 def _drop_page_cache(root: str) -> None:
-  paths = [root] if os.path.isfile(root) else [
-      os.path.join(d, f) for d, _, fs in os.walk(root) for f in fs]
+  paths = (
+    [root]
+    if os.path.isfile(root)
+    else [os.path.join(d, f) for d, _, fs in os.walk(root) for f in fs]
+  )
   for p in paths:
     fd = os.open(p, os.O_RDONLY)
     os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
@@ -144,8 +147,13 @@ def case_fits_in_cache(args, workdir):
   batches = [rng.integers(0, num_rows, args.batch) for _ in range(args.steps)]
   opt = make_optimizer(args.optimizer)
   base = NumpyTable(num_rows, dim, opt)
-  table = embedding.open_table(os.path.join(workdir, "fits"), num_rows=num_rows, dim=dim,
-                               optimizer=opt, host_cache_rows=num_rows)
+  table = embedding.open_table(
+    os.path.join(workdir, "fits"),
+    num_rows=num_rows,
+    dim=dim,
+    optimizer=opt,
+    host_cache_rows=num_rows,
+  )
   table.pull(np.arange(num_rows))  # warm: the whole working set resident
   run_steps(base, batches[:2], prefetch=False)
   run_steps(table, batches[:2], prefetch=False)
@@ -155,12 +163,22 @@ def case_fits_in_cache(args, workdir):
     t_base.append(run_steps(base, batches, prefetch=False))
     t_table.append(run_steps(table, batches, prefetch=False))
   n = unique_rows(batches)
-  emit(args.out, dict(case="fits_in_host_cache", optimizer=args.optimizer, rows=num_rows,
-                      dim=dim, batch_ids=args.batch, steps=args.steps, repeats=args.repeats,
-                      numpy_unique_rows_per_s=n / min(t_base),
-                      table_unique_rows_per_s=n / min(t_table),
-                      ratio_vs_numpy=min(t_base) / min(t_table),
-                      hit_rate=hit_rate(before, table.stats())))
+  emit(
+    args.out,
+    dict(
+      case="fits_in_host_cache",
+      optimizer=args.optimizer,
+      rows=num_rows,
+      dim=dim,
+      batch_ids=args.batch,
+      steps=args.steps,
+      repeats=args.repeats,
+      numpy_unique_rows_per_s=n / min(t_base),
+      table_unique_rows_per_s=n / min(t_table),
+      ratio_vs_numpy=min(t_base) / min(t_table),
+      hit_rate=hit_rate(before, table.stats()),
+    ),
+  )
   table.close()
 
 
@@ -177,8 +195,9 @@ def case_zipf_10x(args, workdir):
     times["numpy"].append(run_steps(NumpyTable(num_rows, dim, opt), batches, prefetch=False))
     for prefetch in (False, True):
       path = os.path.join(workdir, f"zipf{int(prefetch)}_{repeat}")
-      table = embedding.open_table(path, num_rows=num_rows, dim=dim, optimizer=opt,
-                                   host_cache_rows=cache_rows)
+      table = embedding.open_table(
+        path, num_rows=num_rows, dim=dim, optimizer=opt, host_cache_rows=cache_rows
+      )
       times[prefetch].append(run_steps(table, batches, prefetch=prefetch))
       flush_start = time.perf_counter()
       table.flush()
@@ -188,23 +207,39 @@ def case_zipf_10x(args, workdir):
   n, t_base = unique_rows(batches), min(times["numpy"])
   for prefetch, (t_flush, stats) in results.items():
     t = min(times[prefetch])
-    emit(args.out, dict(case="zipf_table_10x_cache", optimizer=args.optimizer,
-                        prefetch_next_batch=prefetch, rows=num_rows, host_cache_rows=cache_rows,
-                        zipf_a=args.zipf_a, batch_ids=args.batch, steps=args.steps,
-                        repeats=args.repeats, numpy_unique_rows_per_s=n / t_base,
-                        table_unique_rows_per_s=n / t, ratio_vs_numpy=t_base / t,
-                        hit_rate=stats["hit_rate"], prefetched_rows=stats["prefetched_rows"],
-                        evictions=stats["evictions"], dirty_evictions=stats["dirty_evictions"],
-                        flush_s=t_flush, mib_read=stats["bytes_read"] / 2**20,
-                        mib_written=stats["bytes_written"] / 2**20))
+    emit(
+      args.out,
+      dict(
+        case="zipf_table_10x_cache",
+        optimizer=args.optimizer,
+        prefetch_next_batch=prefetch,
+        rows=num_rows,
+        host_cache_rows=cache_rows,
+        zipf_a=args.zipf_a,
+        batch_ids=args.batch,
+        steps=args.steps,
+        repeats=args.repeats,
+        numpy_unique_rows_per_s=n / t_base,
+        table_unique_rows_per_s=n / t,
+        ratio_vs_numpy=t_base / t,
+        hit_rate=stats["hit_rate"],
+        prefetched_rows=stats["prefetched_rows"],
+        evictions=stats["evictions"],
+        dirty_evictions=stats["dirty_evictions"],
+        flush_s=t_flush,
+        mib_read=stats["bytes_read"] / 2**20,
+        mib_written=stats["bytes_written"] / 2**20,
+      ),
+    )
 
 
 def case_disk_bandwidth(args, workdir, seq: float, compress: bool):
   num_rows, dim = args.rows, args.dim
   path = os.path.join(workdir, f"cold{int(compress)}")
   opt = make_optimizer(args.optimizer)
-  with embedding.open_table(path, num_rows=num_rows, dim=dim, optimizer=opt,
-                            host_cache_rows=num_rows, compress=compress) as table:
+  with embedding.open_table(
+    path, num_rows=num_rows, dim=dim, optimizer=opt, host_cache_rows=num_rows, compress=compress
+  ) as table:
     rng = np.random.default_rng(3)
     for lo in range(0, num_rows, 1 << 16):  # write every row once (incompressible)
       ids = np.arange(lo, min(lo + (1 << 16), num_rows))
@@ -221,31 +256,46 @@ def case_disk_bandwidth(args, workdir, seq: float, compress: bool):
     if best is None or seconds < best[0]:
       best = (seconds, disk_bytes)
   seconds, disk_bytes = best
-  emit(args.out, dict(case="cold_random_gather_vs_sequential_read", rows=num_rows,
-                      compress=compress, unique_ids=len(ids), chunk_rows=chunk_rows,
-                      chunks_touched=len(np.unique(ids // chunk_rows)),
-                      seq_read_mib_per_s=seq / 2**20,
-                      useful_row_mib_per_s=len(ids) * width * 4 / seconds / 2**20,
-                      disk_read_mib_per_s=disk_bytes / seconds / 2**20,
-                      fraction_of_seq_bandwidth=disk_bytes / seconds / seq))
+  emit(
+    args.out,
+    dict(
+      case="cold_random_gather_vs_sequential_read",
+      rows=num_rows,
+      compress=compress,
+      unique_ids=len(ids),
+      chunk_rows=chunk_rows,
+      chunks_touched=len(np.unique(ids // chunk_rows)),
+      seq_read_mib_per_s=seq / 2**20,
+      useful_row_mib_per_s=len(ids) * width * 4 / seconds / 2**20,
+      disk_read_mib_per_s=disk_bytes / seconds / 2**20,
+      fraction_of_seq_bandwidth=disk_bytes / seconds / seq,
+    ),
+  )
 
 
 def case_large(args, workdir):
   num_rows, dim = 1 << args.log2_rows, 16
   opt = make_optimizer(args.optimizer)
   path = os.path.join(workdir, "large")
-  table = embedding.open_table(path, num_rows=num_rows, dim=dim, optimizer=opt,
-                               host_cache_bytes=args.large_cache_mib << 20,
-                               chunk_rows=args.large_chunk_rows)
+  table = embedding.open_table(
+    path,
+    num_rows=num_rows,
+    dim=dim,
+    optimizer=opt,
+    host_cache_bytes=args.large_cache_mib << 20,
+    chunk_rows=args.large_chunk_rows,
+  )
   rng = np.random.default_rng(4)
   perm_seed = 12345  # rank r -> row hash_keys_to_rows(r): scatters hot rows, no 2^28 perm
   n_unique, start, future, flush_seconds = 0, time.perf_counter(), None, 0.0
-  next_ids = embedding.hash_keys_to_rows((rng.zipf(args.zipf_a, args.batch) - 1), num_rows,
-                                         salt=perm_seed)
+  next_ids = embedding.hash_keys_to_rows(
+    (rng.zipf(args.zipf_a, args.batch) - 1), num_rows, salt=perm_seed
+  )
   for step in range(args.large_steps):
     ids = next_ids
-    next_ids = embedding.hash_keys_to_rows((rng.zipf(args.zipf_a, args.batch) - 1),
-                                           num_rows, salt=perm_seed)
+    next_ids = embedding.hash_keys_to_rows(
+      (rng.zipf(args.zipf_a, args.batch) - 1), num_rows, salt=perm_seed
+    )
     if future is not None:
       future.result()
     future = table.prefetch(next_ids)
@@ -263,14 +313,26 @@ def case_large(args, workdir):
   seconds = time.perf_counter() - start
   stats = table.stats()
   table.close()
-  emit(args.out, dict(case="large", rows=num_rows, dim=dim, optimizer=args.optimizer,
-                      host_cache_rows=table.host_cache_rows, steps=args.large_steps,
-                      batch_ids=args.batch, unique_rows_per_s=n_unique / seconds,
-                      seconds=seconds, flush_seconds=flush_seconds,
-                      hit_rate=stats["hit_rate"], prefetched_rows=stats["prefetched_rows"],
-                      peak_rss_gib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
-                      disk_used_gib=_store.du_bytes(path) / 2**30,
-                      dense_equivalent_gib=num_rows * 4 * (1 + 3 * dim) / 2**30))
+  emit(
+    args.out,
+    dict(
+      case="large",
+      rows=num_rows,
+      dim=dim,
+      optimizer=args.optimizer,
+      host_cache_rows=table.host_cache_rows,
+      steps=args.large_steps,
+      batch_ids=args.batch,
+      unique_rows_per_s=n_unique / seconds,
+      seconds=seconds,
+      flush_seconds=flush_seconds,
+      hit_rate=stats["hit_rate"],
+      prefetched_rows=stats["prefetched_rows"],
+      peak_rss_gib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+      disk_used_gib=_store.du_bytes(path) / 2**30,
+      dense_equivalent_gib=num_rows * 4 * (1 + 3 * dim) / 2**30,
+    ),
+  )
 
 
 def main(argv=None):
@@ -282,15 +344,23 @@ def main(argv=None):
   parser.add_argument("--optimizer", choices=["exact", "lazy", "adagrad"], default="exact")
   parser.add_argument("--zipf-a", type=float, default=1.05)
   parser.add_argument("--seq-mib", type=int, default=512)
-  parser.add_argument("--repeats", type=int, default=3,
-                      help="interleaved repeats; the best time of each side is reported")
+  parser.add_argument(
+    "--repeats",
+    type=int,
+    default=3,
+    help="interleaved repeats; the best time of each side is reported",
+  )
   parser.add_argument("--quick", action="store_true", help="smoke run in seconds")
   parser.add_argument("--large", action="store_true", help="only the large-table case")
   parser.add_argument("--log2-rows", type=int, default=28)
   parser.add_argument("--large-steps", type=int, default=3000)
   parser.add_argument("--large-cache-mib", type=int, default=2048)
-  parser.add_argument("--large-chunk-rows", type=int, default=None,
-                      help="rows per zarr chunk (default: the table's ~64 KiB chunks)")
+  parser.add_argument(
+    "--large-chunk-rows",
+    type=int,
+    default=None,
+    help="rows per zarr chunk (default: the table's ~64 KiB chunks)",
+  )
   parser.add_argument("--flush-every", type=int, default=500)
   parser.add_argument("--workdir", default=None, help="default: a temp dir, removed after")
   parser.add_argument("--out", default=None, help="append JSON lines here")
@@ -308,8 +378,7 @@ def main(argv=None):
     else:
       case_fits_in_cache(args, workdir)
       case_zipf_10x(args, workdir)
-      seq = max(sequential_read_bandwidth(workdir, args.seq_mib << 20)
-                for _ in range(args.repeats))
+      seq = max(sequential_read_bandwidth(workdir, args.seq_mib << 20) for _ in range(args.repeats))
       for compress in (True, False):
         case_disk_bandwidth(args, workdir, seq, compress)
   finally:

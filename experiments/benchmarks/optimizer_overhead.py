@@ -24,7 +24,7 @@ import time
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-import jax  # noqa: E402
+import jax
 
 jax.config.update("jax_num_cpu_devices", 8)  # Must precede the first use of the backend.
 
@@ -38,15 +38,20 @@ from kstep_adam import parallel  # noqa: E402
 
 AXES = ("node", "local")
 NETWORK = kstep_adam.NetworkModel(
-    bandwidth_bytes_per_s={"local": 150e9, "node": 12.5e9},  # NVLink-class vs 100 Gb/s NIC.
-    latency_s={"local": 5e-6, "node": 25e-6},
+  bandwidth_bytes_per_s={"local": 150e9, "node": 12.5e9},  # NVLink-class vs 100 Gb/s NIC.
+  latency_s={"local": 5e-6, "node": 25e-6},
 )
 
 
 def init_mlp(width: int, depth: int, seed: int = 0) -> dict:
   rng = np.random.default_rng(seed)
-  return {f"l{i}": {"w": (rng.normal(size=(width, width)) / np.sqrt(width)).astype(np.float32),
-                    "b": np.zeros(width, np.float32)} for i in range(depth)}
+  return {
+    f"l{i}": {
+      "w": (rng.normal(size=(width, width)) / np.sqrt(width)).astype(np.float32),
+      "b": np.zeros(width, np.float32),
+    }
+    for i in range(depth)
+  }
 
 
 def loss_fn(params, batch):
@@ -71,8 +76,10 @@ def make_update_only(tx, mesh, assume_local=()):
     params = optax.apply_updates(params, updates)
     return jax.tree.map(lambda x: x[None], (params, state))
 
-  return jax.jit(jax.shard_map(per_worker, mesh=mesh, in_specs=(spec, spec, spec),
-                               out_specs=(spec, spec)), donate_argnums=(0, 1))
+  return jax.jit(
+    jax.shard_map(per_worker, mesh=mesh, in_specs=(spec, spec, spec), out_specs=(spec, spec)),
+    donate_argnums=(0, 1),
+  )
 
 
 def timed(fn, *args):
@@ -91,8 +98,11 @@ def bench(mode: str, params, batch, mesh, reps: int, seed: int = 0):
     the schedule (no conditional, no collective).
   """
   schedule = kstep_adam.merge_schedule(2, axis_name=AXES)
-  txs = {"adam": optax.adam(1e-4), "switch": kstep_adam.kstep_adam(1e-4, schedule),
-         "dispatch": kstep_adam.kstep_adam(1e-4, schedule)}
+  txs = {
+    "adam": optax.adam(1e-4),
+    "switch": kstep_adam.kstep_adam(1e-4, schedule),
+    "dispatch": kstep_adam.kstep_adam(1e-4, schedule),
+  }
   runners, carries = {}, {}
   for name, tx in txs.items():
     params_W, state_W = parallel.init_replicas(params, tx, mesh)
@@ -122,7 +132,7 @@ def bench(mode: str, params, batch, mesh, reps: int, seed: int = 0):
   med = {name: float(np.median(ts)) for name, ts in times.items()}
   # Paired estimate: per repetition, local-step time over adam time in the same repetition
   # (two steps each), which cancels slow drifts in machine load.
-  pair = lambda name: np.asarray(times[name]).reshape(reps, -1).mean(1)  # noqa: E731
+  pair = lambda name: np.asarray(times[name]).reshape(reps, -1).mean(1)
   adam = pair("adam")
   for name in ("dispatch_local", "switch_local"):
     ratios = pair(name) / adam
@@ -145,40 +155,52 @@ def main(argv=None):
   num_params = sum(x.size for x in jax.tree.leaves(params))
   rows = args.rows_per_worker * mesh.size
   rng = np.random.default_rng(1)
-  batch = (rng.normal(size=(rows, width)).astype(np.float32),
-           rng.normal(size=(rows, width)).astype(np.float32))
-  print(f"devices: {mesh.size} x {jax.devices()[0].platform} as {dict(mesh.shape)}; "
-        f"MLP {depth}x{width}x{width}: {num_params / 1e6:.2f}M params per replica; "
-        f"{reps} interleaved reps; medians")
+  batch = (
+    rng.normal(size=(rows, width)).astype(np.float32),
+    rng.normal(size=(rows, width)).astype(np.float32),
+  )
+  print(
+    f"devices: {mesh.size} x {jax.devices()[0].platform} as {dict(mesh.shape)}; "
+    f"MLP {depth}x{width}x{width}: {num_params / 1e6:.2f}M params per replica; "
+    f"{reps} interleaved reps; medians"
+  )
 
-  batch = jax.tree.map(lambda x: jax.device_put(x, parallel.worker_sharding(mesh, x.ndim)),
-                       batch)
+  batch = jax.tree.map(lambda x: jax.device_put(x, parallel.worker_sharding(mesh, x.ndim)), batch)
   grads_W = parallel.replicate(jax.tree.map(lambda x: 1e-3 * np.ones_like(x), params), mesh)
   for mode, what in (("step", batch), ("update", grads_W)):
     med = bench(mode, params, what, mesh, reps)
     label = "full train step" if mode == "step" else "optimizer update only"
-    print(f"[{label}] median ms: optax.adam {med['adam'] * 1e3:.2f} | kstep_adam local step: "
-          f"host-dispatched {med['dispatch_local'] * 1e3:.2f}, in-graph switch "
-          f"{med['switch_local'] * 1e3:.2f} | merge step {med['switch_merge'] * 1e3:.2f}")
-    print(f"  non-merge ratio kstep_adam/optax.adam: host-dispatched "
-          f"{med['dispatch_local'] / med['adam']:.3f} (goal <= 1.03), in-graph switch "
-          f"{med['switch_local'] / med['adam']:.3f}; merge/non-merge "
-          f"{med['switch_merge'] / med['dispatch_local']:.3f}")
+    print(
+      f"[{label}] median ms: optax.adam {med['adam'] * 1e3:.2f} | kstep_adam local step: "
+      f"host-dispatched {med['dispatch_local'] * 1e3:.2f}, in-graph switch "
+      f"{med['switch_local'] * 1e3:.2f} | merge step {med['switch_merge'] * 1e3:.2f}"
+    )
+    print(
+      f"  non-merge ratio kstep_adam/optax.adam: host-dispatched "
+      f"{med['dispatch_local'] / med['adam']:.3f} (goal <= 1.03), in-graph switch "
+      f"{med['switch_local'] / med['adam']:.3f}; merge/non-merge "
+      f"{med['switch_merge'] / med['dispatch_local']:.3f}"
+    )
     for name in ("dispatch_local", "switch_local"):
       q25, q50, q75 = med[f"{name}_paired"]
       print(f"  paired per-rep ratio {name}/adam: median {q50:.3f} (IQR {q25:.3f}-{q75:.3f})")
 
-  print("bytes per device per step (params only, hierarchical route; mean over 64 steps), "
-        "and estimated comm time per step on "
-        f"{dict(NETWORK.bandwidth_bytes_per_s)} B/s:")
+  print(
+    "bytes per device per step (params only, hierarchical route; mean over 64 steps), "
+    "and estimated comm time per step on "
+    f"{dict(NETWORK.bandwidth_bytes_per_s)} B/s:"
+  )
   ddp = kstep_adam.merge_schedule(1, axis_name=AXES, sync="grads")
   for name, schedule in [("DDP (grads)", ddp)] + [
-      (f"k={k}", kstep_adam.merge_schedule(k, axis_name=AXES)) for k in (1, 2, 4, 8, 16, 32)]:
+    (f"k={k}", kstep_adam.merge_schedule(k, axis_name=AXES)) for k in (1, 2, 4, 8, 16, 32)
+  ]:
     cost = kstep_adam.comm_bytes(params, schedule, mesh, 64)
     per_step = {a: b / 64 for a, b in cost.bytes_by_axis.items()}
     seconds = NETWORK.seconds(cost) / 64
-    print(f"  {name:12s} node {per_step['node'] / 1e6:9.3f} MB  local "
-          f"{per_step['local'] / 1e6:9.3f} MB  ~{seconds * 1e3:8.3f} ms")
+    print(
+      f"  {name:12s} node {per_step['node'] / 1e6:9.3f} MB  local "
+      f"{per_step['local'] / 1e6:9.3f} MB  ~{seconds * 1e3:8.3f} ms"
+    )
 
 
 if __name__ == "__main__":

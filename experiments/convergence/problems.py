@@ -28,141 +28,183 @@ __all__ = ["SeparableCosine", "NonconvexLogistic", "make_problem"]
 
 
 def _min_h(a: float) -> float:
-    """Return min over x of x^2/2 + a cos x (Newton from the global-minimum basin)."""
-    if a <= 1.0:
-        return a  # convex per coordinate; the minimum is at x = 0.
-    x = 2.0 * math.sqrt(a)  # right of the positive root of x = a sin x
-    x = min(x, math.pi)
-    for _ in range(100):
-        x -= (x - a * math.sin(x)) / (1.0 - a * math.cos(x))
-    return min(0.5 * x * x + a * math.cos(x), a)
+  """Return min over x of x^2/2 + a cos x (Newton from the global-minimum basin)."""
+  if a <= 1.0:
+    return a  # convex per coordinate; the minimum is at x = 0.
+  x = 2.0 * math.sqrt(a)  # right of the positive root of x = a sin x
+  x = min(x, math.pi)
+  for _ in range(100):
+    x -= (x - a * math.sin(x)) / (1.0 - a * math.cos(x))
+  return min(0.5 * x * x + a * math.cos(x), a)
 
 
 class SeparableCosine:
-    """``f(x) = sum_i (x_i^2/2 + a cos x_i)`` with controllable gradient noise."""
+  """``f(x) = sum_i (x_i^2/2 + a cos x_i)`` with controllable gradient noise."""
 
-    def __init__(self, *, d: int = 32, a: float = 2.0, noise_std: float = 1.0,
-                 noise: str = "gaussian", hetero: float = 0.0, x0_scale: float = 3.0):
-        if not (isinstance(d, int) and d >= 1):
-            raise ValueError(f"d must be a positive int, got {d!r}")
-        if noise not in ("gaussian", "uniform"):
-            raise ValueError(f"noise must be 'gaussian' or 'uniform', got {noise!r}")
-        if a < 0 or noise_std < 0 or hetero < 0:
-            raise ValueError(f"a, noise_std and hetero must be >= 0, got {a!r}, "
-                             f"{noise_std!r}, {hetero!r}")
-        self.name = "separable_hetero" if hetero > 0 else "separable"
-        self.d, self.a, self.noise_std, self.noise, self.hetero = d, a, noise_std, noise, hetero
-        # Coordinates spread over several basins, none exactly at a stationary point.
-        self.x0 = jnp.asarray(np.linspace(-x0_scale, x0_scale, d) + 0.05, jnp.float32)
-        self.L = 1.0 + a                      # exact: |1 - a cos x| <= 1 + a
-        self.tau = max(a - 1.0, 0.0)          # exact weak-convexity constant
-        self.f_star = d * _min_h(a)           # exact (separable 1-D minimum)
-        self.sigma2 = d * noise_std**2        # exact per-worker variance
-        # uniform on [-sqrt(3) s, sqrt(3) s] is bounded; a Gaussian is not (4 s: 99.99%).
-        self.sigma_inf = math.sqrt(3) * noise_std if noise == "uniform" else 4 * noise_std
-        self.sigma_inf_exact = noise == "uniform"
-        self.delta = float(self.f(self.x0)) - self.f_star
+  def __init__(
+    self,
+    *,
+    d: int = 32,
+    a: float = 2.0,
+    noise_std: float = 1.0,
+    noise: str = "gaussian",
+    hetero: float = 0.0,
+    x0_scale: float = 3.0,
+  ):
+    if not (isinstance(d, int) and d >= 1):
+      raise ValueError(f"d must be a positive int, got {d!r}")
+    if noise not in ("gaussian", "uniform"):
+      raise ValueError(f"noise must be 'gaussian' or 'uniform', got {noise!r}")
+    if a < 0 or noise_std < 0 or hetero < 0:
+      raise ValueError(
+        f"a, noise_std and hetero must be >= 0, got {a!r}, {noise_std!r}, {hetero!r}"
+      )
+    self.name = "separable_hetero" if hetero > 0 else "separable"
+    self.d, self.a, self.noise_std, self.noise, self.hetero = d, a, noise_std, noise, hetero
+    # Coordinates spread over several basins, none exactly at a stationary point.
+    self.x0 = jnp.asarray(np.linspace(-x0_scale, x0_scale, d) + 0.05, jnp.float32)
+    self.L = 1.0 + a  # exact: |1 - a cos x| <= 1 + a
+    self.tau = max(a - 1.0, 0.0)  # exact weak-convexity constant
+    self.f_star = d * _min_h(a)  # exact (separable 1-D minimum)
+    self.sigma2 = d * noise_std**2  # exact per-worker variance
+    # uniform on [-sqrt(3) s, sqrt(3) s] is bounded; a Gaussian is not (4 s: 99.99%).
+    self.sigma_inf = math.sqrt(3) * noise_std if noise == "uniform" else 4 * noise_std
+    self.sigma_inf_exact = noise == "uniform"
+    self.delta = float(self.f(self.x0)) - self.f_star
 
-    def f(self, x_D: jax.Array) -> jax.Array:
-        return jnp.sum(0.5 * x_D**2 + self.a * jnp.cos(x_D))
+  def f(self, x_D: jax.Array) -> jax.Array:
+    return jnp.sum(0.5 * x_D**2 + self.a * jnp.cos(x_D))
 
-    def grad(self, x_D: jax.Array) -> jax.Array:
-        return x_D - self.a * jnp.sin(x_D)
+  def grad(self, x_D: jax.Array) -> jax.Array:
+    return x_D - self.a * jnp.sin(x_D)
 
-    def shift(self, w: jax.Array, num_workers: int) -> jax.Array:
-        """Worker ``w``'s gradient shift ``b_w``; ``sum_w b_w = 0`` for ``N >= 2``."""
-        if num_workers == 1 or self.hetero == 0:
-            return jnp.zeros(self.d)
-        i = jnp.arange(self.d)
-        return self.hetero * jnp.cos(2 * jnp.pi * (w / num_workers + i / self.d))
+  def shift(self, w: jax.Array, num_workers: int) -> jax.Array:
+    """Worker ``w``'s gradient shift ``b_w``; ``sum_w b_w = 0`` for ``N >= 2``."""
+    if num_workers == 1 or self.hetero == 0:
+      return jnp.zeros(self.d)
+    i = jnp.arange(self.d)
+    return self.hetero * jnp.cos(2 * jnp.pi * (w / num_workers + i / self.d))
 
-    def stoch_grad(self, x_D, key, w, num_workers: int) -> jax.Array:
-        if self.noise == "gaussian":
-            xi = jax.random.normal(key, (self.d,))
-        else:
-            xi = jax.random.uniform(key, (self.d,), minval=-math.sqrt(3), maxval=math.sqrt(3))
-        return self.grad(x_D) + self.noise_std * xi - self.shift(w, num_workers)
+  def stoch_grad(self, x_D, key, w, num_workers: int) -> jax.Array:
+    if self.noise == "gaussian":
+      xi = jax.random.normal(key, (self.d,))
+    else:
+      xi = jax.random.uniform(key, (self.d,), minval=-math.sqrt(3), maxval=math.sqrt(3))
+    return self.grad(x_D) + self.noise_std * xi - self.shift(w, num_workers)
 
-    def describe(self) -> dict[str, Any]:
-        return dict(problem=self.name, d=self.d, a=self.a, noise_std=self.noise_std,
-                    noise=self.noise, hetero=self.hetero, L=self.L, L_source="exact",
-                    tau=self.tau, sigma2=self.sigma2, sigma2_source="exact",
-                    sigma_inf=self.sigma_inf,
-                    sigma_inf_source="exact" if self.sigma_inf_exact else "4*std (Gaussian)",
-                    delta=self.delta, delta_source="exact f*",
-                    heterogeneity=0.5 * self.d * self.hetero**2)
+  def describe(self) -> dict[str, Any]:
+    return dict(
+      problem=self.name,
+      d=self.d,
+      a=self.a,
+      noise_std=self.noise_std,
+      noise=self.noise,
+      hetero=self.hetero,
+      L=self.L,
+      L_source="exact",
+      tau=self.tau,
+      sigma2=self.sigma2,
+      sigma2_source="exact",
+      sigma_inf=self.sigma_inf,
+      sigma_inf_source="exact" if self.sigma_inf_exact else "4*std (Gaussian)",
+      delta=self.delta,
+      delta_source="exact f*",
+      heterogeneity=0.5 * self.d * self.hetero**2,
+    )
 
 
 class NonconvexLogistic:
-    """Logistic regression + ``lam sum x^2/(1+x^2)`` on a fixed synthetic data set."""
+  """Logistic regression + ``lam sum x^2/(1+x^2)`` on a fixed synthetic data set."""
 
-    def __init__(self, *, n: int = 512, d: int = 16, lam: float = 0.1, batch_size: int = 8,
-                 hetero: bool = False, seed: int = 0, max_workers: int = 16):
-        rng = np.random.default_rng(seed)
-        A = rng.normal(size=(n, d)) / math.sqrt(d) * 2.0
-        w_true = rng.normal(size=d)
-        y = np.sign(A @ w_true + 0.5 * rng.normal(size=n))
-        if hetero:  # shards by the first feature: workers see different distributions
-            order = np.argsort(A[:, 0])
-            A, y = A[order], y[order]
-        self.name = "logistic_hetero" if hetero else "logistic"
-        self.n, self.d, self.lam, self.batch_size, self.hetero = n, d, lam, batch_size, hetero
-        self.A_nxD = jnp.asarray(A, jnp.float32)
-        self.y_n = jnp.asarray(y, jnp.float32)
-        self.x0 = jnp.asarray(rng.normal(size=d) * 2.0, jnp.float32)
-        # Upper bound: logistic Hessian <= A^T A/(4n); |d2/dx2 x^2/(1+x^2)| <= 2.
-        self.L = float(np.linalg.norm(A, 2) ** 2 / (4 * n) + 2 * lam)
-        self.tau = 0.5 * lam  # min of d2/dx2 x^2/(1+x^2) = (2-6x^2)/(1+x^2)^3 is -1/2
-        self.f_lower = 0.0
-        self.delta = float(self.f(self.x0))  # upper bound on f(x0) - f* (f* >= 0)
-        self.max_workers = max_workers
-        pts = jnp.stack([self.x0, 0.5 * self.x0, jnp.zeros(d)])
-        stats = estimators.gradient_noise_stats(self.per_sample_grads, self.grad, pts,
-                                                batch_size=batch_size)
-        self.sigma2 = float(stats.sigma2)
-        self.sigma_inf = float(stats.sigma_inf)
+  def __init__(
+    self,
+    *,
+    n: int = 512,
+    d: int = 16,
+    lam: float = 0.1,
+    batch_size: int = 8,
+    hetero: bool = False,
+    seed: int = 0,
+    max_workers: int = 16,
+  ):
+    rng = np.random.default_rng(seed)
+    A = rng.normal(size=(n, d)) / math.sqrt(d) * 2.0
+    w_true = rng.normal(size=d)
+    y = np.sign(A @ w_true + 0.5 * rng.normal(size=n))
+    if hetero:  # shards by the first feature: workers see different distributions
+      order = np.argsort(A[:, 0])
+      A, y = A[order], y[order]
+    self.name = "logistic_hetero" if hetero else "logistic"
+    self.n, self.d, self.lam, self.batch_size, self.hetero = n, d, lam, batch_size, hetero
+    self.A_nxD = jnp.asarray(A, jnp.float32)
+    self.y_n = jnp.asarray(y, jnp.float32)
+    self.x0 = jnp.asarray(rng.normal(size=d) * 2.0, jnp.float32)
+    # Upper bound: logistic Hessian <= A^T A/(4n); |d2/dx2 x^2/(1+x^2)| <= 2.
+    self.L = float(np.linalg.norm(A, 2) ** 2 / (4 * n) + 2 * lam)
+    self.tau = 0.5 * lam  # min of d2/dx2 x^2/(1+x^2) = (2-6x^2)/(1+x^2)^3 is -1/2
+    self.f_lower = 0.0
+    self.delta = float(self.f(self.x0))  # upper bound on f(x0) - f* (f* >= 0)
+    self.max_workers = max_workers
+    pts = jnp.stack([self.x0, 0.5 * self.x0, jnp.zeros(d)])
+    stats = estimators.gradient_noise_stats(
+      self.per_sample_grads, self.grad, pts, batch_size=batch_size
+    )
+    self.sigma2 = float(stats.sigma2)
+    self.sigma_inf = float(stats.sigma_inf)
 
-    def _loss_i(self, x_D, a_D, y):
-        return jax.nn.softplus(-y * jnp.dot(a_D, x_D))
+  def _loss_i(self, x_D, a_D, y):
+    return jax.nn.softplus(-y * jnp.dot(a_D, x_D))
 
-    def _reg(self, x_D):
-        return self.lam * jnp.sum(x_D**2 / (1 + x_D**2))
+  def _reg(self, x_D):
+    return self.lam * jnp.sum(x_D**2 / (1 + x_D**2))
 
-    def f(self, x_D):
-        return jnp.mean(jax.vmap(self._loss_i, (None, 0, 0))(x_D, self.A_nxD, self.y_n)) + self._reg(x_D)
+  def f(self, x_D):
+    return jnp.mean(jax.vmap(self._loss_i, (None, 0, 0))(x_D, self.A_nxD, self.y_n)) + self._reg(
+      x_D
+    )
 
-    def grad(self, x_D):
-        return jax.grad(self.f)(x_D)
+  def grad(self, x_D):
+    return jax.grad(self.f)(x_D)
 
-    def per_sample_grads(self, x_D):
-        g_loss = jax.vmap(jax.grad(self._loss_i), (None, 0, 0))(x_D, self.A_nxD, self.y_n)
-        return g_loss + jax.grad(self._reg)(x_D)[None, :]
+  def per_sample_grads(self, x_D):
+    g_loss = jax.vmap(jax.grad(self._loss_i), (None, 0, 0))(x_D, self.A_nxD, self.y_n)
+    return g_loss + jax.grad(self._reg)(x_D)[None, :]
 
-    def stoch_grad(self, x_D, key, w, num_workers: int):
-        if self.hetero and num_workers > 1:
-            shard = self.n // num_workers
-            idx = w * shard + jax.random.randint(key, (self.batch_size,), 0, shard)
-        else:
-            idx = jax.random.randint(key, (self.batch_size,), 0, self.n)
-        batch = jax.vmap(jax.grad(self._loss_i), (None, 0, 0))(x_D, self.A_nxD[idx], self.y_n[idx])
-        return jnp.mean(batch, 0) + jax.grad(self._reg)(x_D)
+  def stoch_grad(self, x_D, key, w, num_workers: int):
+    if self.hetero and num_workers > 1:
+      shard = self.n // num_workers
+      idx = w * shard + jax.random.randint(key, (self.batch_size,), 0, shard)
+    else:
+      idx = jax.random.randint(key, (self.batch_size,), 0, self.n)
+    batch = jax.vmap(jax.grad(self._loss_i), (None, 0, 0))(x_D, self.A_nxD[idx], self.y_n[idx])
+    return jnp.mean(batch, 0) + jax.grad(self._reg)(x_D)
 
-    def describe(self) -> dict[str, Any]:
-        return dict(problem=self.name, n=self.n, d=self.d, lam=self.lam,
-                    batch_size=self.batch_size, hetero=self.hetero, L=self.L,
-                    L_source="upper bound ||A||^2/(4n) + 2 lam", tau=self.tau,
-                    sigma2=self.sigma2,
-                    sigma2_source="max over 3 points of per-sample variance / b (estimate)",
-                    sigma_inf=self.sigma_inf, sigma_inf_source="observed max (estimate)",
-                    delta=self.delta, delta_source="f(x0) - 0 (upper bound, f >= 0)")
+  def describe(self) -> dict[str, Any]:
+    return dict(
+      problem=self.name,
+      n=self.n,
+      d=self.d,
+      lam=self.lam,
+      batch_size=self.batch_size,
+      hetero=self.hetero,
+      L=self.L,
+      L_source="upper bound ||A||^2/(4n) + 2 lam",
+      tau=self.tau,
+      sigma2=self.sigma2,
+      sigma2_source="max over 3 points of per-sample variance / b (estimate)",
+      sigma_inf=self.sigma_inf,
+      sigma_inf_source="observed max (estimate)",
+      delta=self.delta,
+      delta_source="f(x0) - 0 (upper bound, f >= 0)",
+    )
 
 
 def make_problem(spec: dict[str, Any]):
-    """Build a problem from a config dict ``{'kind': 'separable'|'logistic', ...}``."""
-    spec = dict(spec)
-    kind = spec.pop("kind", None)
-    if kind == "separable":
-        return SeparableCosine(**spec)
-    if kind == "logistic":
-        return NonconvexLogistic(**spec)
-    raise ValueError(f"problem kind must be 'separable' or 'logistic', got {kind!r}")
+  """Build a problem from a config dict ``{'kind': 'separable'|'logistic', ...}``."""
+  spec = dict(spec)
+  kind = spec.pop("kind", None)
+  if kind == "separable":
+    return SeparableCosine(**spec)
+  if kind == "logistic":
+    return NonconvexLogistic(**spec)
+  raise ValueError(f"problem kind must be 'separable' or 'logistic', got {kind!r}")

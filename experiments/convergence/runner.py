@@ -32,84 +32,107 @@ __all__ = ["run_grid", "checkpoints", "adam_beta2"]
 
 
 def checkpoints(T: int, num: int = 24) -> list[int]:
-    """Log-spaced step counts in ``[1, T]`` (always including ``T``)."""
-    pts = np.unique(np.round(np.geomspace(1, T, num)).astype(int))
-    return [int(p) for p in pts]
+  """Log-spaced step counts in ``[1, T]`` (always including ``T``)."""
+  pts = np.unique(np.round(np.geomspace(1, T, num)).astype(int))
+  return [int(p) for p in pts]
 
 
 def adam_beta2(T: int, k: int, cap: float = 1e-2) -> float:
-    """``beta2 = 1 - min(cap, K^{-3/2} R^{-1/2})``: Cheng & Glasgow's condition with c = 1."""
-    R = max(T // k, 1)
-    return 1.0 - min(cap, k**-1.5 * R**-0.5)
+  """``beta2 = 1 - min(cap, K^{-3/2} R^{-1/2})``: Cheng & Glasgow's condition with c = 1."""
+  R = max(T // k, 1)
+  return 1.0 - min(cap, k**-1.5 * R**-0.5)
 
 
-def run_grid(problem, variant: Variant, *, T: int, N: int, k: int, etas, num_seeds: int,
-             beta2: float, seed: int = 0) -> dict[str, Any]:
-    """Run ``variant`` for every step size in ``etas`` and every seed; return NumPy results.
+def run_grid(
+  problem,
+  variant: Variant,
+  *,
+  T: int,
+  N: int,
+  k: int,
+  etas,
+  num_seeds: int,
+  beta2: float,
+  seed: int = 0,
+) -> dict[str, Any]:
+  """Run ``variant`` for every step size in ``etas`` and every seed; return NumPy results.
 
-    Args:
-      problem: a problem from :mod:`experiments.convergence.problems`.
-      variant: the algorithm (:mod:`experiments.convergence.variants`).
-      T: steps per worker.
-      N: number of simulated workers.
-      k: merge period (ignored by ``sync_adam``).
-      etas: step sizes, shape ``[E]``.
-      num_seeds: independent noise seeds ``S``.
-      beta2: second-moment decay for the Adam variants.
-      seed: base PRNG seed.
+  Args:
+    problem: a problem from :mod:`experiments.convergence.problems`.
+    variant: the algorithm (:mod:`experiments.convergence.variants`).
+    T: steps per worker.
+    N: number of simulated workers.
+    k: merge period (ignored by ``sync_adam``).
+    etas: step sizes, shape ``[E]``.
+    num_seeds: independent noise seeds ``S``.
+    beta2: second-moment decay for the Adam variants.
+    seed: base PRNG seed.
 
-    Returns:
-      A dict of NumPy arrays: ``gap_xbar_ExS``, ``gap_zbar_ExS``, ``spread_ExS``,
-      ``ginf_ExS``, ``f_final_ExS``, ``curve_xbar_ExSxC`` (running averages at
-      ``checkpoints``), and ``checkpoints``.
-    """
-    for name, v in (("T", T), ("N", N), ("k", k), ("num_seeds", num_seeds)):
-        if not (isinstance(v, int) and v >= 1):
-            raise ValueError(f"{name} must be a positive int, got {v!r}")
-    etas_E = jnp.asarray(etas, jnp.float32)
-    ckpts = checkpoints(T)
-    ckpt_idx = jnp.asarray(ckpts) - 1
-    c_z = variant.beta1 / (1.0 - variant.beta1)
-    workers_N = jnp.arange(N)
+  Returns:
+    A dict of NumPy arrays: ``gap_xbar_ExS``, ``gap_zbar_ExS``, ``spread_ExS``,
+    ``ginf_ExS``, ``f_final_ExS``, ``curve_xbar_ExSxC`` (running averages at
+    ``checkpoints``), and ``checkpoints``.
+  """
+  for name, v in (("T", T), ("N", N), ("k", k), ("num_seeds", num_seeds)):
+    if not (isinstance(v, int) and v >= 1):
+      raise ValueError(f"{name} must be a positive int, got {v!r}")
+  etas_E = jnp.asarray(etas, jnp.float32)
+  ckpts = checkpoints(T)
+  ckpt_idx = jnp.asarray(ckpts) - 1
+  c_z = variant.beta1 / (1.0 - variant.beta1)
+  workers_N = jnp.arange(N)
 
-    def one_run(eta, key):
-        tx = variant.make(lambda count: eta, k, beta2)
-        x_NxD = jnp.broadcast_to(problem.x0, (N, problem.d))
-        state = jax.vmap(tx.init)(x_NxD)
+  def one_run(eta, key):
+    tx = variant.make(lambda count: eta, k, beta2)
+    x_NxD = jnp.broadcast_to(problem.x0, (N, problem.d))
+    state = jax.vmap(tx.init)(x_NxD)
 
-        def worker_step(x_D, opt_state, key_t, w):
-            g_D = problem.stoch_grad(x_D, jax.random.fold_in(key_t, w), w, N)
-            updates, opt_state = tx.update(g_D, opt_state, x_D)
-            return optax.apply_updates(x_D, updates), opt_state
+    def worker_step(x_D, opt_state, key_t, w):
+      g_D = problem.stoch_grad(x_D, jax.random.fold_in(key_t, w), w, N)
+      updates, opt_state = tx.update(g_D, opt_state, x_D)
+      return optax.apply_updates(x_D, updates), opt_state
 
-        def body(carry, t):
-            x_NxD, opt_state, xbar_prev = carry
-            xbar = jnp.mean(x_NxD, 0)
-            zbar = xbar + c_z * (xbar - xbar_prev)
-            g_x = problem.grad(xbar)
-            g_z = problem.grad(zbar)
-            logs = (jnp.sum(g_x**2), jnp.sum(g_z**2),
-                    jnp.mean(jnp.sum((x_NxD - xbar) ** 2, -1)), jnp.max(jnp.abs(g_x)))
-            key_t = jax.random.fold_in(key, t)
-            x_NxD, opt_state = jax.vmap(worker_step, axis_name="w", in_axes=(0, 0, None, 0))(
-                x_NxD, opt_state, key_t, workers_N)
-            return (x_NxD, opt_state, xbar), logs
+    def body(carry, t):
+      x_NxD, opt_state, xbar_prev = carry
+      xbar = jnp.mean(x_NxD, 0)
+      zbar = xbar + c_z * (xbar - xbar_prev)
+      g_x = problem.grad(xbar)
+      g_z = problem.grad(zbar)
+      logs = (
+        jnp.sum(g_x**2),
+        jnp.sum(g_z**2),
+        jnp.mean(jnp.sum((x_NxD - xbar) ** 2, -1)),
+        jnp.max(jnp.abs(g_x)),
+      )
+      key_t = jax.random.fold_in(key, t)
+      x_NxD, opt_state = jax.vmap(worker_step, axis_name="w", in_axes=(0, 0, None, 0))(
+        x_NxD, opt_state, key_t, workers_N
+      )
+      return (x_NxD, opt_state, xbar), logs
 
-        (x_NxD, _, _), (gx_T, gz_T, spread_T, ginf_T) = jax.lax.scan(
-            body, (x_NxD, state, problem.x0), jnp.arange(T))
-        running_T = jnp.cumsum(gx_T) / jnp.arange(1, T + 1)
-        return dict(gap_xbar=jnp.mean(gx_T), gap_zbar=jnp.mean(gz_T),
-                    spread=jnp.mean(spread_T), ginf=jnp.max(ginf_T),
-                    f_final=problem.f(jnp.mean(x_NxD, 0)),
-                    curve_xbar=running_T[ckpt_idx])
+    (x_NxD, _, _), (gx_T, gz_T, spread_T, ginf_T) = jax.lax.scan(
+      body, (x_NxD, state, problem.x0), jnp.arange(T)
+    )
+    running_T = jnp.cumsum(gx_T) / jnp.arange(1, T + 1)
+    return dict(
+      gap_xbar=jnp.mean(gx_T),
+      gap_zbar=jnp.mean(gz_T),
+      spread=jnp.mean(spread_T),
+      ginf=jnp.max(ginf_T),
+      f_final=problem.f(jnp.mean(x_NxD, 0)),
+      curve_xbar=running_T[ckpt_idx],
+    )
 
-    keys_S = jax.vmap(lambda s: jax.random.fold_in(jax.random.PRNGKey(seed), s))(
-        jnp.arange(num_seeds))
-    grid = jax.jit(jax.vmap(jax.vmap(one_run, in_axes=(None, 0)), in_axes=(0, None)))
-    out = jax.device_get(grid(etas_E, keys_S))
-    result = {f"{name}_ExS" if name != "curve_xbar" else "curve_xbar_ExSxC": np.array(v)
-              for name, v in out.items()}
-    result["checkpoints"] = ckpts
-    bad = ~np.isfinite(result["gap_xbar_ExS"])
-    result["gap_xbar_ExS"][bad] = math.inf
-    return result
+  keys_S = jax.vmap(lambda s: jax.random.fold_in(jax.random.PRNGKey(seed), s))(
+    jnp.arange(num_seeds)
+  )
+  grid = jax.jit(jax.vmap(jax.vmap(one_run, in_axes=(None, 0)), in_axes=(0, None)))
+  out = jax.device_get(grid(etas_E, keys_S))
+  result = {
+    f"{name}_ExS" if name != "curve_xbar" else "curve_xbar_ExSxC": np.array(v)
+    for name, v in out.items()
+  }
+  result["checkpoints"] = ckpts
+  bad = ~np.isfinite(result["gap_xbar_ExS"])
+  result["gap_xbar_ExS"][bad] = math.inf
+  return result

@@ -20,7 +20,8 @@ variant                       kstep_adam call                                  t
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import jax.numpy as jnp
 import optax
@@ -37,49 +38,70 @@ SHAPE_VARIANTS = ("local_adam", "kstep_adam_moments")
 
 
 class Variant(NamedTuple):
-    """One compared algorithm."""
-    name: str
-    family: str  # 'sgd' or 'adam': picks the step-size grid.
-    beta1: float  # momentum used for Cheng & Glasgow's zbar (0: zbar = xbar).
-    theory: str  # which bound covers it, or 'no bound'.
-    make: Callable[[Callable, int, float], optax.GradientTransformation]
+  """One compared algorithm."""
+
+  name: str
+  family: str  # 'sgd' or 'adam': picks the step-size grid.
+  beta1: float  # momentum used for Cheng & Glasgow's zbar (0: zbar = xbar).
+  theory: str  # which bound covers it, or 'no bound'.
+  make: Callable[[Callable, int, float], optax.GradientTransformation]
 
 
 def _kstep(sync: str, form: str):
-    def make(lr, k, beta2):
-        return kstep_adam.kstep_adam(lr, k, axis_name=AXIS, sync=sync, form=form,
-                                     b1=ADAM_BETA1, b2=beta2, eps=ADAM_EPS)
-    return make
+  def make(lr, k, beta2):
+    return kstep_adam.kstep_adam(
+      lr, k, axis_name=AXIS, sync=sync, form=form, b1=ADAM_BETA1, b2=beta2, eps=ADAM_EPS
+    )
+
+  return make
 
 
 def _defossez(lr, k, beta2):
-    del k
-    # Défossez et al.'s alpha_n = alpha sqrt((1-beta2^n)/(1-beta2)) with v unnormalised equals
-    # the Local Adam form with lr_n = alpha sqrt(1-beta2^n) (theory/derivations.md, section 2).
-    def schedule(count):
-        return lr(count) * jnp.sqrt(1.0 - beta2 ** (count + 1.0))
-    return kstep_adam.kstep_adam(schedule, 1, axis_name=AXIS, sync="params",
-                                 form="local_adam", b1=0.0, b2=beta2, eps=ADAM_EPS)
+  del k
+
+  # Défossez et al.'s alpha_n = alpha sqrt((1-beta2^n)/(1-beta2)) with v unnormalised equals
+  # the Local Adam form with lr_n = alpha sqrt(1-beta2^n) (theory/derivations.md, section 2).
+  def schedule(count):
+    return lr(count) * jnp.sqrt(1.0 - beta2 ** (count + 1.0))
+
+  return kstep_adam.kstep_adam(
+    schedule, 1, axis_name=AXIS, sync="params", form="local_adam", b1=0.0, b2=beta2, eps=ADAM_EPS
+  )
 
 
 VARIANTS = {
-    "local_sgd": Variant("local_sgd", "sgd", 0.0, "wang_joshi",
-                         lambda lr, k, b2: kstep_adam.local_sgd(lr, k, axis_name=AXIS)),
-    "kstep_adam_params": Variant("kstep_adam_params", "adam", ADAM_BETA1, "no bound",
-                                 _kstep("params", "adam")),
-    "kstep_adam_moments": Variant("kstep_adam_moments", "adam", ADAM_BETA1,
-                                  "cheng_glasgow_shape (approx.: bias-corrected, eps outside root)",
-                                  _kstep("params+moments", "adam")),
-    "local_adam": Variant("local_adam", "adam", ADAM_BETA1, "cheng_glasgow_shape",
-                          _kstep("params+moments", "local_adam")),
-    "sync_adam": Variant("sync_adam", "adam", ADAM_BETA1, "minibatch_adam_shape",
-                         lambda lr, k, b2: kstep_adam.sync_adam(
-                             lr, axis_name=AXIS, b1=ADAM_BETA1, b2=b2, eps=ADAM_EPS)),
-    "adam_defossez": Variant("adam_defossez", "adam", 0.0, "defossez_thm2", _defossez),
+  "local_sgd": Variant(
+    "local_sgd",
+    "sgd",
+    0.0,
+    "wang_joshi",
+    lambda lr, k, b2: kstep_adam.local_sgd(lr, k, axis_name=AXIS),
+  ),
+  "kstep_adam_params": Variant(
+    "kstep_adam_params", "adam", ADAM_BETA1, "no bound", _kstep("params", "adam")
+  ),
+  "kstep_adam_moments": Variant(
+    "kstep_adam_moments",
+    "adam",
+    ADAM_BETA1,
+    "cheng_glasgow_shape (approx.: bias-corrected, eps outside root)",
+    _kstep("params+moments", "adam"),
+  ),
+  "local_adam": Variant(
+    "local_adam", "adam", ADAM_BETA1, "cheng_glasgow_shape", _kstep("params+moments", "local_adam")
+  ),
+  "sync_adam": Variant(
+    "sync_adam",
+    "adam",
+    ADAM_BETA1,
+    "minibatch_adam_shape",
+    lambda lr, k, b2: kstep_adam.sync_adam(lr, axis_name=AXIS, b1=ADAM_BETA1, b2=b2, eps=ADAM_EPS),
+  ),
+  "adam_defossez": Variant("adam_defossez", "adam", 0.0, "defossez_thm2", _defossez),
 }
 
 
 def get_variant(name: str) -> Variant:
-    if name not in VARIANTS:
-        raise ValueError(f"variant must be one of {sorted(VARIANTS)!r}, got {name!r}")
-    return VARIANTS[name]
+  if name not in VARIANTS:
+    raise ValueError(f"variant must be one of {sorted(VARIANTS)!r}, got {name!r}")
+  return VARIANTS[name]

@@ -5,13 +5,13 @@ The public API is re-exported here, one name per line.
 
 from kstep_adam.ctr._batch import CTRBatch
 from kstep_adam.ctr._batch import concat_batches
-from kstep_adam.ctr._config import TrainConfig
 from kstep_adam.ctr._batch import feature_keys
+from kstep_adam.ctr._config import TrainConfig
 from kstep_adam.ctr._metrics import auc
 from kstep_adam.ctr._metrics import logloss
-from kstep_adam.ctr._models import DCNv2
 from kstep_adam.ctr._models import DLRM
 from kstep_adam.ctr._models import MODELS
+from kstep_adam.ctr._models import DCNv2
 from kstep_adam.ctr._models import make_model
 from kstep_adam.ctr._readers import CTRDataError
 from kstep_adam.ctr._readers import CTRFileReader
@@ -25,24 +25,24 @@ from kstep_adam.ctr._workflow import make_optimizer
 from kstep_adam.ctr._workflow import train
 
 __all__ = [
-    "CTRBatch",
-    "CTRDataError",
-    "CTRFileReader",
-    "DataSource",
-    "DCNv2",
-    "DLRM",
-    "MODELS",
-    "ReadStats",
-    "SyntheticCTR",
-    "TrainConfig",
-    "auc",
-    "concat_batches",
-    "count_lines",
-    "feature_keys",
-    "file_source",
-    "logloss",
-    "make_model",
-    "make_optimizer",
-    "synthetic_source",
-    "train",
+  "CTRBatch",
+  "CTRDataError",
+  "CTRFileReader",
+  "DataSource",
+  "DCNv2",
+  "DLRM",
+  "MODELS",
+  "ReadStats",
+  "SyntheticCTR",
+  "TrainConfig",
+  "auc",
+  "concat_batches",
+  "count_lines",
+  "feature_keys",
+  "file_source",
+  "logloss",
+  "make_model",
+  "make_optimizer",
+  "synthetic_source",
+  "train",
 ]

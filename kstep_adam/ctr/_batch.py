@@ -50,10 +50,10 @@ def feature_keys(values_BxF: np.ndarray, *, key_bits: int = 40) -> np.ndarray:
     True
   """
   if not isinstance(key_bits, int) or not 1 <= key_bits <= MAX_KEY_BITS:
-    raise ValueError(f'key_bits must be an int in [1, {MAX_KEY_BITS}], got {key_bits!r}')
+    raise ValueError(f"key_bits must be an int in [1, {MAX_KEY_BITS}], got {key_bits!r}")
   values = np.asarray(values_BxF).astype(np.uint64)
   if values.ndim != 2:
-    raise ValueError(f'values_BxF must be 2-D [batch, fields], got shape {values.shape}')
+    raise ValueError(f"values_BxF must be 2-D [batch, fields], got shape {values.shape}")
   salt_F = splitmix64(np.arange(values.shape[1], dtype=np.uint64) + np.uint64(1))
   mixed = splitmix64(values ^ salt_F[None, :])
   return (mixed & np.uint64((1 << key_bits) - 1)).astype(np.int64)
@@ -62,5 +62,5 @@ def feature_keys(values_BxF: np.ndarray, *, key_bits: int = 40) -> np.ndarray:
 def concat_batches(batches: list[CTRBatch]) -> CTRBatch:
   """Concatenate batches along the example axis."""
   if not batches:
-    raise ValueError('concat_batches needs at least one batch, got an empty list')
+    raise ValueError("concat_batches needs at least one batch, got an empty list")
   return CTRBatch(*(np.concatenate(parts, axis=0) for parts in zip(*batches)))

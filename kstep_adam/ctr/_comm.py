@@ -26,10 +26,15 @@ from kstep_adam.ctr._config import TrainConfig
 def network_model(config: TrainConfig) -> kstep_adam.NetworkModel:
   """The configured links: ``'local'`` (intra-node) and ``'node'`` (inter-node)."""
   return kstep_adam.NetworkModel(
-      bandwidth_bytes_per_s={'local': config.intra_node_gbps * 1e9 / 8,
-                             'node': config.inter_node_gbps * 1e9 / 8},
-      latency_s={'local': config.intra_node_latency_us * 1e-6,
-                 'node': config.inter_node_latency_us * 1e-6})
+    bandwidth_bytes_per_s={
+      "local": config.intra_node_gbps * 1e9 / 8,
+      "node": config.inter_node_gbps * 1e9 / 8,
+    },
+    latency_s={
+      "local": config.intra_node_latency_us * 1e-6,
+      "node": config.inter_node_latency_us * 1e-6,
+    },
+  )
 
 
 class CommMeter:
@@ -59,8 +64,9 @@ class CommMeter:
       self._compute[cost.total_bytes > 0].append(compute_seconds)
 
   def _sparse_cost(self) -> kstep_adam.CommCost:
-    return kstep_adam.CommCost({'node': self._sparse_node_bytes, 'local': 0.0},
-                               {'node': self._sparse_messages, 'local': 0})
+    return kstep_adam.CommCost(
+      {"node": self._sparse_node_bytes, "local": 0.0}, {"node": self._sparse_messages, "local": 0}
+    )
 
   def merge_seconds_estimate(self) -> float | None:
     """Measured extra compute time of merge steps over plain steps, times their number.
@@ -77,15 +83,16 @@ class CommMeter:
     sparse_seconds = self._network.seconds(self._sparse_cost())
     compute = sum(self._compute[True]) + sum(self._compute[False])
     return {
-        'dense_bytes_by_axis': dict(dense.bytes_by_axis) if dense is not None else {},
-        'dense_messages_by_axis': dict(dense.messages_by_axis) if dense is not None else {},
-        'sparse_bytes': self._sparse_bytes,
-        'sparse_inter_node_bytes': self._sparse_node_bytes,
-        'estimated_comm_seconds': float(sum(dense_seconds.values()) + sparse_seconds),
-        'estimated_comm_seconds_by_kind': {
-            **{f'dense_{axis}': s for axis, s in dense_seconds.items()},
-            'sparse': sparse_seconds},
-        'measured_compute_seconds': compute,
+      "dense_bytes_by_axis": dict(dense.bytes_by_axis) if dense is not None else {},
+      "dense_messages_by_axis": dict(dense.messages_by_axis) if dense is not None else {},
+      "sparse_bytes": self._sparse_bytes,
+      "sparse_inter_node_bytes": self._sparse_node_bytes,
+      "estimated_comm_seconds": float(sum(dense_seconds.values()) + sparse_seconds),
+      "estimated_comm_seconds_by_kind": {
+        **{f"dense_{axis}": s for axis, s in dense_seconds.items()},
+        "sparse": sparse_seconds,
+      },
+      "measured_compute_seconds": compute,
     }
 
 

@@ -6,10 +6,10 @@ import dataclasses
 
 from kstep_adam.ctr._models import MODELS
 
-OPTIMIZERS = ('sync_adam', 'kstep_adam')
-SYNC_STATES = ('params', 'params+nu', 'params+moments')
-MERGE_MODES = ('global', 'node')
-SPARSE_MODES = ('exact', 'lazy')
+OPTIMIZERS = ("sync_adam", "kstep_adam")
+SYNC_STATES = ("params", "params+nu", "params+moments")
+MERGE_MODES = ("global", "node")
+SPARSE_MODES = ("exact", "lazy")
 
 
 @dataclasses.dataclass
@@ -52,15 +52,15 @@ class TrainConfig:
     inter_node_latency_us: modelled latency per inter-node message, microseconds.
   """
 
-  model: str = 'dlrm'
+  model: str = "dlrm"
   embed_dim: int = 16
   batch_size: int = 128
   learning_rate: float = 2e-3
   sparse_learning_rate: float = 2e-2
-  optimizer: str = 'kstep_adam'
+  optimizer: str = "kstep_adam"
   k: int = 8
-  sync: str = 'params'
-  merge: str = 'global'
+  sync: str = "params"
+  merge: str = "global"
   nodes: int = 2
   devices_per_node: int = 4
   steps: int | None = None
@@ -72,7 +72,7 @@ class TrainConfig:
   host_cache_rows: int = 1 << 18
   device_cache_rows: int = 0
   init_scale: float = 0.05
-  sparse_mode: str = 'lazy'
+  sparse_mode: str = "lazy"
   sparse_eps: float = 1e-8
   table_dir: str | None = None
   prefetch: bool = True
@@ -83,26 +83,40 @@ class TrainConfig:
   inter_node_latency_us: float = 20.0
 
   def __post_init__(self):
-    choices = dict(model=MODELS, optimizer=OPTIMIZERS, sync=SYNC_STATES, merge=MERGE_MODES,
-                   sparse_mode=SPARSE_MODES)
+    choices = dict(
+      model=MODELS,
+      optimizer=OPTIMIZERS,
+      sync=SYNC_STATES,
+      merge=MERGE_MODES,
+      sparse_mode=SPARSE_MODES,
+    )
     for name, allowed in choices.items():
       if getattr(self, name) not in allowed:
-        raise ValueError(f'{name} must be one of {allowed}, got {getattr(self, name)!r}')
-    positive = ('embed_dim', 'batch_size', 'k', 'nodes', 'devices_per_node', 'epochs',
-                'synthetic_steps', 'log_every', 'table_rows', 'host_cache_rows')
+        raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+    positive = (
+      "embed_dim",
+      "batch_size",
+      "k",
+      "nodes",
+      "devices_per_node",
+      "epochs",
+      "synthetic_steps",
+      "log_every",
+      "table_rows",
+      "host_cache_rows",
+    )
     for name in positive:
       value = getattr(self, name)
       if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f'{name} must be a positive int, got {value!r}')
-    for name in ('eval_every', 'device_cache_rows'):
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    for name in ("eval_every", "device_cache_rows"):
       if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
-        raise ValueError(f'{name} must be an int >= 0, got {getattr(self, name)!r}')
+        raise ValueError(f"{name} must be an int >= 0, got {getattr(self, name)!r}")
     if self.steps is not None and (not isinstance(self.steps, int) or self.steps < 1):
-      raise ValueError(f'steps must be None or a positive int, got {self.steps!r}')
-    for name in ('learning_rate', 'sparse_learning_rate', 'intra_node_gbps',
-                 'inter_node_gbps'):
+      raise ValueError(f"steps must be None or a positive int, got {self.steps!r}")
+    for name in ("learning_rate", "sparse_learning_rate", "intra_node_gbps", "inter_node_gbps"):
       if not getattr(self, name) > 0:
-        raise ValueError(f'{name} must be > 0, got {getattr(self, name)!r}')
+        raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
 
   @property
   def num_workers(self) -> int:

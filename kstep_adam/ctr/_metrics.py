@@ -9,10 +9,11 @@ def _check(labels_N: np.ndarray, scores_N: np.ndarray) -> tuple[np.ndarray, np.n
   labels = np.asarray(labels_N, dtype=np.float64).reshape(-1)
   scores = np.asarray(scores_N, dtype=np.float64).reshape(-1)
   if labels.shape != scores.shape:
-    raise ValueError(f'labels and scores must have the same length, got {labels.shape[0]} '
-                     f'and {scores.shape[0]}')
+    raise ValueError(
+      f"labels and scores must have the same length, got {labels.shape[0]} and {scores.shape[0]}"
+    )
   if not np.all((labels == 0) | (labels == 1)):
-    raise ValueError('labels must be 0 or 1')
+    raise ValueError("labels must be 0 or 1")
   return labels, scores
 
 
@@ -40,7 +41,7 @@ def auc(labels_N: np.ndarray, scores_N: np.ndarray) -> float:
   n_pos = labels.sum()
   n_neg = labels.size - n_pos
   if n_pos == 0 or n_neg == 0:
-    return float('nan')
+    return float("nan")
   _, inverse, counts = np.unique(scores, return_inverse=True, return_counts=True)
   mean_rank = np.cumsum(counts) - (counts - 1) / 2.0  # 1-based average rank of each value
   rank_sum_pos = mean_rank[inverse][labels == 1].sum()

@@ -7,18 +7,20 @@ respect to the embeddings falls out of ``jax.grad`` with respect to that input.
 
 from __future__ import annotations
 
+import itertools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-MODELS = ('dlrm', 'dcn_v2')
+MODELS = ("dlrm", "dcn_v2")
 
 
 class MLP(nnx.Module):
   """A stack of Linear layers with ReLU between them (none after the last)."""
 
   def __init__(self, sizes: list[int], *, rngs: nnx.Rngs, final_activation: bool = False):
-    self.layers = nnx.List([nnx.Linear(a, b, rngs=rngs) for a, b in zip(sizes[:-1], sizes[1:])])
+    self.layers = nnx.List([nnx.Linear(a, b, rngs=rngs) for a, b in itertools.pairwise(sizes)])
     self.final_activation = final_activation
 
   def __call__(self, x):
@@ -49,12 +51,20 @@ class DLRM(nnx.Module):
     Recommendation Systems", https://arxiv.org/abs/1906.00091
   """
 
-  def __init__(self, num_dense: int, num_categorical: int, embed_dim: int, *,
-               bottom: tuple[int, ...] = (64,), top: tuple[int, ...] = (128, 64),
-               rngs: nnx.Rngs):
+  def __init__(
+    self,
+    num_dense: int,
+    num_categorical: int,
+    embed_dim: int,
+    *,
+    bottom: tuple[int, ...] = (64,),
+    top: tuple[int, ...] = (128, 64),
+    rngs: nnx.Rngs,
+  ):
     # Without dense features (a categorical-only CSV) there is no bottom MLP.
-    self.bottom = (MLP([num_dense, *bottom, embed_dim], rngs=rngs, final_activation=True)
-                   if num_dense else None)
+    self.bottom = (
+      MLP([num_dense, *bottom, embed_dim], rngs=rngs, final_activation=True) if num_dense else None
+    )
     n = num_categorical + int(num_dense > 0)
     self.num_pairs = n * (n - 1) // 2
     self.top = MLP([embed_dim * int(num_dense > 0) + self.num_pairs, *top, 1], rngs=rngs)
@@ -65,7 +75,7 @@ class DLRM(nnx.Module):
     else:
       h_BxD = self.bottom(dense_BxI)
       first, v_BxNxD = [h_BxD], jnp.concatenate([h_BxD[:, None, :], emb_BxFxD], axis=1)
-    dots_BxNxN = jnp.einsum('bnd,bmd->bnm', v_BxNxD, v_BxNxD)
+    dots_BxNxN = jnp.einsum("bnd,bmd->bnm", v_BxNxD, v_BxNxD)
     i, j = jnp.triu_indices(v_BxNxD.shape[1], k=1)
     z = jnp.concatenate([*first, dots_BxNxN[:, i, j]], axis=1)
     return self.top(z)[:, 0]
@@ -91,13 +101,28 @@ class DCNv2(nnx.Module):
     Learning to Rank Systems", https://arxiv.org/abs/2008.13535
   """
 
-  def __init__(self, num_dense: int, num_categorical: int, embed_dim: int, *,
-               num_cross: int = 2, deep: tuple[int, ...] = (128, 64), rngs: nnx.Rngs):
+  def __init__(
+    self,
+    num_dense: int,
+    num_categorical: int,
+    embed_dim: int,
+    *,
+    num_cross: int = 2,
+    deep: tuple[int, ...] = (128, 64),
+    rngs: nnx.Rngs,
+  ):
     width = num_categorical * embed_dim + num_dense
-    self.cross = nnx.List([
-        nnx.Linear(width, width, rngs=rngs,
-                   kernel_init=nnx.initializers.variance_scaling(0.1, 'fan_in', 'normal'))
-        for _ in range(num_cross)])
+    self.cross = nnx.List(
+      [
+        nnx.Linear(
+          width,
+          width,
+          rngs=rngs,
+          kernel_init=nnx.initializers.variance_scaling(0.1, "fan_in", "normal"),
+        )
+        for _ in range(num_cross)
+      ]
+    )
     self.deep = MLP([width, *deep, 1], rngs=rngs)
 
   def __call__(self, emb_BxFxD: jax.Array, dense_BxI: jax.Array) -> jax.Array:
@@ -108,8 +133,9 @@ class DCNv2(nnx.Module):
     return self.deep(x)[:, 0]
 
 
-def make_model(name: str, *, num_dense: int, num_categorical: int, embed_dim: int,
-               seed: int = 0) -> nnx.Module:
+def make_model(
+  name: str, *, num_dense: int, num_categorical: int, embed_dim: int, seed: int = 0
+) -> nnx.Module:
   """Build a CTR model by name: ``'dlrm'`` or ``'dcn_v2'``.
 
   Examples:
@@ -118,9 +144,11 @@ def make_model(name: str, *, num_dense: int, num_categorical: int, embed_dim: in
     (2,)
   """
   if name not in MODELS:
-    raise ValueError(f'model must be one of {MODELS}, got {name!r}')
+    raise ValueError(f"model must be one of {MODELS}, got {name!r}")
   if embed_dim < 1 or num_categorical < 1 or num_dense < 0:
-    raise ValueError(f'need embed_dim >= 1, num_categorical >= 1, num_dense >= 0, got '
-                     f'{embed_dim!r}, {num_categorical!r}, {num_dense!r}')
-  cls = DLRM if name == 'dlrm' else DCNv2
+    raise ValueError(
+      f"need embed_dim >= 1, num_categorical >= 1, num_dense >= 0, got "
+      f"{embed_dim!r}, {num_categorical!r}, {num_dense!r}"
+    )
+  cls = DLRM if name == "dlrm" else DCNv2
   return cls(num_dense, num_categorical, embed_dim, rngs=nnx.Rngs(seed))

@@ -7,7 +7,8 @@ import dataclasses
 import queue
 import threading
 import time
-from typing import Callable, Iterator
+from collections.abc import Callable
+from collections.abc import Iterator
 
 import numpy as np
 
@@ -36,15 +37,20 @@ class Prefetcher:
     background: False runs everything on the caller's thread (for tests and debugging).
   """
 
-  def __init__(self, batches: Iterator[CTRBatch],
-               index_of: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]],
-               *, depth: int = 2, background: bool = True):
+  def __init__(
+    self,
+    batches: Iterator[CTRBatch],
+    index_of: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]],
+    *,
+    depth: int = 2,
+    background: bool = True,
+  ):
     self._batches, self._index_of = batches, index_of
     self._queue: queue.Queue = queue.Queue(maxsize=depth)
     self._stop = threading.Event()
     self._thread = None
     if background:
-      self._thread = threading.Thread(target=self._run, name='ctr-reader', daemon=True)
+      self._thread = threading.Thread(target=self._run, name="ctr-reader", daemon=True)
       self._thread.start()
 
   def _prepare(self, batch: CTRBatch) -> Prepared:
@@ -71,11 +77,11 @@ class Prefetcher:
     if self._thread is None:
       batch = next(self._batches, None)
       if batch is None:
-        raise StopIteration('the data source is exhausted')
+        raise StopIteration("the data source is exhausted")
       return self._prepare(batch)
     item = self._queue.get()
     if item is _DONE:
-      raise StopIteration('the data source is exhausted')
+      raise StopIteration("the data source is exhausted")
     if isinstance(item, BaseException):
       raise item
     return item
@@ -84,10 +90,8 @@ class Prefetcher:
     self._stop.set()
     if self._thread is not None:
       while self._thread.is_alive():
-        try:
+        with contextlib.suppress(queue.Empty):
           self._queue.get(timeout=0.05)
-        except queue.Empty:
-          pass
       self._thread.join()
 
 

@@ -17,16 +17,18 @@ import hashlib
 import io
 import math
 import os
-from typing import Iterator, Sequence
+from collections.abc import Iterator
+from collections.abc import Sequence
 
 import numpy as np
 
-from kstep_adam.ctr._batch import CTRBatch, feature_keys
+from kstep_adam.ctr._batch import CTRBatch
+from kstep_adam.ctr._batch import feature_keys
 
 CRITEO_NUM_DENSE = 13
 CRITEO_NUM_CATEGORICAL = 26
 _MISSING = 1 << 62  # raw value of an empty categorical field; outside 32-bit hex and hashes
-_FORMATS = ('criteo', 'csv')
+_FORMATS = ("criteo", "csv")
 _MAX_MESSAGES = 10
 
 
@@ -45,12 +47,12 @@ class ReadStats:
 
 def _open_text(path: str) -> io.TextIOBase:
   if not os.path.exists(path):
-    raise FileNotFoundError(f'CTR data file not found: {path}')
-  with open(path, 'rb') as f:
+    raise FileNotFoundError(f"CTR data file not found: {path}")
+  with open(path, "rb") as f:
     magic = f.read(2)
-  if magic == b'\x1f\x8b':
-    return gzip.open(path, 'rt', encoding='utf-8', newline='')
-  return open(path, 'rt', encoding='utf-8', newline='')
+  if magic == b"\x1f\x8b":
+    return gzip.open(path, "rt", encoding="utf-8", newline="")
+  return open(path, encoding="utf-8", newline="")
 
 
 def count_lines(path: str, *, header: bool = False) -> int:
@@ -61,7 +63,7 @@ def count_lines(path: str, *, header: bool = False) -> int:
 
 
 def _string_value(s: str) -> int:
-  return int.from_bytes(hashlib.blake2b(s.encode(), digest_size=8).digest(), 'little') >> 2
+  return int.from_bytes(hashlib.blake2b(s.encode(), digest_size=8).digest(), "little") >> 2
 
 
 class CTRFileReader:
@@ -86,20 +88,30 @@ class CTRFileReader:
     >>> for batch in reader.batches(4096): ...  # doctest: +SKIP
   """
 
-  def __init__(self, path: str, *, format: str = 'criteo', label_column: str | None = None,
-               dense_columns: Sequence[str] = (), ignore_columns: Sequence[str] = ('id',),
-               skip_bad_lines: bool = False, start_line: int = 0,
-               stop_line: int | None = None, key_bits: int = 40):
+  def __init__(
+    self,
+    path: str,
+    *,
+    format: str = "criteo",
+    label_column: str | None = None,
+    dense_columns: Sequence[str] = (),
+    ignore_columns: Sequence[str] = ("id",),
+    skip_bad_lines: bool = False,
+    start_line: int = 0,
+    stop_line: int | None = None,
+    key_bits: int = 40,
+  ):
     if format not in _FORMATS:
-      raise ValueError(f'format must be one of {_FORMATS}, got {format!r}')
+      raise ValueError(f"format must be one of {_FORMATS}, got {format!r}")
     if start_line < 0 or (stop_line is not None and stop_line < start_line):
-      raise ValueError(f'need 0 <= start_line <= stop_line, got start_line={start_line!r}, '
-                       f'stop_line={stop_line!r}')
+      raise ValueError(
+        f"need 0 <= start_line <= stop_line, got start_line={start_line!r}, stop_line={stop_line!r}"
+      )
     self.path, self.format, self.key_bits = path, format, key_bits
     self.skip_bad_lines, self.start_line, self.stop_line = skip_bad_lines, start_line, stop_line
     self.stats = ReadStats()
     self._cache: dict[str, int] = {}
-    if format == 'criteo':
+    if format == "criteo":
       self.num_dense, self.num_categorical = CRITEO_NUM_DENSE, CRITEO_NUM_CATEGORICAL
       self._num_fields = 1 + self.num_dense + self.num_categorical
       self._label_index = 0
@@ -109,31 +121,33 @@ class CTRFileReader:
     with _open_text(path) as f:
       header = next(csv.reader(f), None)
     if not header:
-      raise CTRDataError(f'{path}:1: csv format needs a header row, the file is empty')
+      raise CTRDataError(f"{path}:1: csv format needs a header row, the file is empty")
     header = [h.strip() for h in header]
     if label_column is None:
-      label_column = next((c for c in ('label', 'click') if c in header), None)
+      label_column = next((c for c in ("label", "click") if c in header), None)
     if label_column not in header:
-      raise ValueError(f'label_column {label_column!r} is not in the header of {path}: '
-                       f'{header}; pass label_column= one of them')
+      raise ValueError(
+        f"label_column {label_column!r} is not in the header of {path}: "
+        f"{header}; pass label_column= one of them"
+      )
     missing = [c for c in dense_columns if c not in header]
     if missing:
-      raise ValueError(f'dense_columns {missing} are not in the header of {path}: {header}')
+      raise ValueError(f"dense_columns {missing} are not in the header of {path}: {header}")
     self._label_index = header.index(label_column)
     self._dense_index = [header.index(c) for c in dense_columns]
     skip = {label_column, *dense_columns, *ignore_columns}
     self._cat_index = [i for i, c in enumerate(header) if c not in skip]
     if len(self._cat_index) < 1:
-      raise ValueError(f'{path} has no categorical columns left after label/dense/ignore')
+      raise ValueError(f"{path} has no categorical columns left after label/dense/ignore")
     self.categorical_columns = [header[i] for i in self._cat_index]
     self.num_dense, self.num_categorical = len(self._dense_index), len(self._cat_index)
     self._num_fields = len(header)
 
   # -- parsing -----------------------------------------------------------------------------
   def _bad(self, line_no: int, what: str) -> None:
-    message = f'{self.path}:{line_no}: {what}'
+    message = f"{self.path}:{line_no}: {what}"
     if not self.skip_bad_lines:
-      raise CTRDataError(message + ' (pass skip_bad_lines=True to skip such lines)')
+      raise CTRDataError(message + " (pass skip_bad_lines=True to skip such lines)")
     self.stats.lines_skipped += 1
     if len(self.stats.messages) < _MAX_MESSAGES:
       self.stats.messages.append(message)
@@ -141,32 +155,32 @@ class CTRFileReader:
   def _parse(self, parts: list[str], line_no: int):
     """Return (label, dense list, categorical raw values) or None after reporting a bad line."""
     if len(parts) != self._num_fields:
-      return self._bad(line_no, f'expected {self._num_fields} fields, got {len(parts)}')
+      return self._bad(line_no, f"expected {self._num_fields} fields, got {len(parts)}")
     label_text = parts[self._label_index]
     try:
       label = float(label_text)
     except ValueError:
-      return self._bad(line_no, f'label is not numeric: {label_text!r}')
+      return self._bad(line_no, f"label is not numeric: {label_text!r}")
     if label not in (0.0, 1.0):
-      return self._bad(line_no, f'label must be 0 or 1, got {label_text!r}')
+      return self._bad(line_no, f"label must be 0 or 1, got {label_text!r}")
     dense = []
     for i in self._dense_index:
       s = parts[i].strip()
       try:
         x = float(s) if s else 0.0
       except ValueError:
-        return self._bad(line_no, f'field {i + 1} (dense) is not a number: {s!r}')
+        return self._bad(line_no, f"field {i + 1} (dense) is not a number: {s!r}")
       dense.append(math.log1p(max(x, 0.0)))
     values = []
     for i in self._cat_index:
       s = parts[i].strip()
       if not s:
         values.append(_MISSING)
-      elif self.format == 'criteo':
+      elif self.format == "criteo":
         try:
           values.append(int(s, 16))
         except ValueError:
-          return self._bad(line_no, f'field {i + 1} (categorical) is not hex: {s!r}')
+          return self._bad(line_no, f"field {i + 1} (categorical) is not hex: {s!r}")
       else:
         v = self._cache.get(s)
         if v is None:
@@ -184,12 +198,12 @@ class CTRFileReader:
     """Yield one pass over lines ``[start_line, stop_line)``, ``batch_size`` examples each
     (the last chunk may be smaller)."""
     if not isinstance(batch_size, int) or batch_size < 1:
-      raise ValueError(f'batch_size must be a positive int, got {batch_size!r}')
-    header = self.format == 'csv'
-    delimiter = '\t' if self.format == 'criteo' else ','
+      raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    header = self.format == "csv"
+    delimiter = "\t" if self.format == "criteo" else ","
     rows: list = []
     with _open_text(self.path) as f:
-      lines = csv.reader(f) if header else (l.rstrip('\r\n').split(delimiter) for l in f)
+      lines = csv.reader(f) if header else (row.rstrip("\r\n").split(delimiter) for row in f)
       data_index = -1
       for line_no, parts in enumerate(lines, start=1):
         if header:

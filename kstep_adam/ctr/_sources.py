@@ -9,10 +9,13 @@ file, consecutive lines are split across workers and a short last batch is dropp
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Iterator
+from collections.abc import Callable
+from collections.abc import Iterator
 
 from kstep_adam.ctr._batch import CTRBatch
-from kstep_adam.ctr._readers import CTRFileReader, ReadStats, count_lines
+from kstep_adam.ctr._readers import CTRFileReader
+from kstep_adam.ctr._readers import ReadStats
+from kstep_adam.ctr._readers import count_lines
 from kstep_adam.ctr._synthetic import SyntheticCTR
 
 
@@ -42,8 +45,9 @@ class DataSource:
   info: dict = dataclasses.field(default_factory=dict)
 
 
-def synthetic_source(data: SyntheticCTR, *, batch_size: int, test_examples: int = 50_000
-                     ) -> DataSource:
+def synthetic_source(
+  data: SyntheticCTR, *, batch_size: int, test_examples: int = 50_000
+) -> DataSource:
   """Wrap a :class:`SyntheticCTR`; every worker reads its own ``batch_size`` shard per step.
 
   Epoch ``e`` is simply the stream continued: steps are numbered globally, so the data never
@@ -60,11 +64,16 @@ def synthetic_source(data: SyntheticCTR, *, batch_size: int, test_examples: int 
   def test_batches() -> Iterator[CTRBatch]:
     return (b for b, _ in data.test_batches(test_examples))
 
-  return DataSource(name='synthetic', num_dense=data.num_dense,
-                    num_categorical=data.num_categorical, train_epoch=train_epoch,
-                    test_batches=test_batches, steps_per_epoch=lambda _: None,
-                    teacher_auc=data.teacher_auc(test_examples),
-                    info=dict(data.config, test_examples=test_examples))
+  return DataSource(
+    name="synthetic",
+    num_dense=data.num_dense,
+    num_categorical=data.num_categorical,
+    train_epoch=train_epoch,
+    test_batches=test_batches,
+    steps_per_epoch=lambda _: None,
+    teacher_auc=data.teacher_auc(test_examples),
+    info=dict(data.config, test_examples=test_examples),
+  )
 
 
 def _rebatch(chunks: Iterator[CTRBatch], size: int) -> Iterator[CTRBatch]:
@@ -73,9 +82,15 @@ def _rebatch(chunks: Iterator[CTRBatch], size: int) -> Iterator[CTRBatch]:
       yield chunk
 
 
-def file_source(path: str, *, format: str = 'criteo', test_path: str | None = None,
-                test_fraction: float = 0.1, skip_bad_lines: bool = False,
-                **reader_kwargs) -> DataSource:
+def file_source(
+  path: str,
+  *,
+  format: str = "criteo",
+  test_path: str | None = None,
+  test_fraction: float = 0.1,
+  skip_bad_lines: bool = False,
+  **reader_kwargs,
+) -> DataSource:
   """A Criteo TSV or CSV file; without ``test_path`` its last ``test_fraction`` of lines is
   the test set (a time split for time-ordered logs such as Criteo's).
 
@@ -88,16 +103,19 @@ def file_source(path: str, *, format: str = 'criteo', test_path: str | None = No
     **reader_kwargs: passed to :class:`CTRFileReader` (``label_column=``, ...).
   """
   if not 0.0 < test_fraction < 1.0:
-    raise ValueError(f'test_fraction must be in (0, 1), got {test_fraction!r}')
-  make = lambda p, **kw: CTRFileReader(p, format=format, skip_bad_lines=skip_bad_lines,
-                                       **reader_kwargs, **kw)
-  header = format == 'csv'
+    raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction!r}")
+  make = lambda p, **kw: CTRFileReader(
+    p, format=format, skip_bad_lines=skip_bad_lines, **reader_kwargs, **kw
+  )
+  header = format == "csv"
   if test_path is None:
     num_lines = count_lines(path, header=header)
-    num_train = num_lines - int(round(num_lines * test_fraction))
+    num_train = num_lines - round(num_lines * test_fraction)
     if num_train < 1 or num_train == num_lines:
-      raise ValueError(f'{path} has {num_lines} data lines, too few to hold out '
-                       f'{test_fraction:.0%} as a test set; pass a test file')
+      raise ValueError(
+        f"{path} has {num_lines} data lines, too few to hold out "
+        f"{test_fraction:.0%} as a test set; pass a test file"
+      )
     train_reader, test_reader = make(path, stop_line=num_train), make(path, start_line=num_train)
   else:
     num_train = count_lines(path, header=header)
@@ -108,9 +126,12 @@ def file_source(path: str, *, format: str = 'criteo', test_path: str | None = No
     return _rebatch(train_reader.batches(global_batch), global_batch)
 
   return DataSource(
-      name=f'{format}:{path}', num_dense=train_reader.num_dense,
-      num_categorical=train_reader.num_categorical, train_epoch=train_epoch,
-      test_batches=lambda: test_reader.batches(8192),
-      steps_per_epoch=lambda global_batch: num_train // global_batch,
-      read_stats=[train_reader.stats, test_reader.stats],
-      info=dict(path=path, format=format, test_path=test_path, train_lines=num_train))
+    name=f"{format}:{path}",
+    num_dense=train_reader.num_dense,
+    num_categorical=train_reader.num_categorical,
+    train_epoch=train_epoch,
+    test_batches=lambda: test_reader.batches(8192),
+    steps_per_epoch=lambda global_batch: num_train // global_batch,
+    read_stats=[train_reader.stats, test_reader.stats],
+    info=dict(path=path, format=format, test_path=test_path, train_lines=num_train),
+  )

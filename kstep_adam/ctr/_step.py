@@ -20,7 +20,7 @@ gradient a single worker would get on the concatenated global batch.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -37,15 +37,17 @@ def bce_loss(logit_B: jax.Array, label_B: jax.Array) -> jax.Array:
   return jnp.mean(optax.sigmoid_binary_cross_entropy(logit_B, label_B))
 
 
-def _logits(graphdef: nnx.GraphDef, params, rows_UxD: jax.Array, inverse_BxF: jax.Array,
-            dense_BxI: jax.Array) -> jax.Array:
+def _logits(
+  graphdef: nnx.GraphDef, params, rows_UxD: jax.Array, inverse_BxF: jax.Array, dense_BxI: jax.Array
+) -> jax.Array:
   """The model on a working set: every key's embedding gathered from the unique rows."""
   emb_BxFxD = jnp.take(rows_UxD, inverse_BxF, axis=0)
   return nnx.merge(graphdef, params)(emb_BxFxD, dense_BxI)
 
 
-def make_ctr_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
-                        mesh: Mesh) -> Callable:
+def make_ctr_train_step(
+  graphdef: nnx.GraphDef, tx: optax.GradientTransformation, mesh: Mesh
+) -> Callable:
   """Build ``step(params_W, opt_state_W, rows_UxD, inverse_GxF, dense_GxI, label_G)``.
 
   Args:
@@ -73,7 +75,7 @@ def make_ctr_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation
     # an unvarying input makes JAX psum the cotangent implicitly, which would give the *sum*
     # of the workers' gradients. Casting to varying first keeps the gradient per worker,
     # so the pmean below is the gradient of the global-mean loss.
-    rows_UxD = jax.lax.pcast(rows_UxD, axes, to='varying')
+    rows_UxD = jax.lax.pcast(rows_UxD, axes, to="varying")
     loss, (grads, grad_rows_UxD) = jax.value_and_grad(loss_fn, argnums=(0, 1))(params, rows_UxD)
     grad_rows_UxD = jax.lax.pmean(grad_rows_UxD, axes)  # synchronous sparse, every step
     updates, opt_state = tx.update(grads, opt_state, params)
@@ -83,10 +85,14 @@ def make_ctr_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation
 
   def build(body):
     return jax.jit(
-        jax.shard_map(body, mesh=mesh,
-                      in_specs=(worker, worker, P(), worker, worker, worker),
-                      out_specs=(worker, worker, P(), P())),
-        donate_argnums=(0, 1))
+      jax.shard_map(
+        body,
+        mesh=mesh,
+        in_specs=(worker, worker, P(), worker, worker, worker),
+        out_specs=(worker, worker, P(), P()),
+      ),
+      donate_argnums=(0, 1),
+    )
 
   # Non-merge steps run a second, branch-free program without collectives for the dense
   # part (the sparse pmean stays in both).

@@ -21,22 +21,27 @@ deterministic in the seed, random-access, and identical however it is consumed.
 from __future__ import annotations
 
 import gzip
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 
-from kstep_adam.ctr._batch import CTRBatch, concat_batches, feature_keys, splitmix64
+from kstep_adam.ctr._batch import CTRBatch
+from kstep_adam.ctr._batch import concat_batches
+from kstep_adam.ctr._batch import feature_keys
+from kstep_adam.ctr._batch import splitmix64
 from kstep_adam.ctr._metrics import auc
 
 _TRAIN, _TEST, _CALIBRATE, _FILE = 0, 1, 2, 3
-_SHARDINGS = ('iid', 'non_iid')
+_SHARDINGS = ("iid", "non_iid")
 _HEAD_IDS = 8192  # per field, the teacher values of ids below this rank are precomputed
 
 
 def _hashed_normals(seed: int, field_BxF: np.ndarray, id_BxF: np.ndarray, n: int) -> np.ndarray:
   """Standard normals [B, F, n] that depend only on (seed, field, id): the teacher's 'tables'."""
-  base = splitmix64(id_BxF.astype(np.uint64) * np.uint64(1_000_003)
-                    ^ splitmix64(field_BxF.astype(np.uint64) + np.uint64(seed) * np.uint64(7919)))
+  base = splitmix64(
+    id_BxF.astype(np.uint64) * np.uint64(1_000_003)
+    ^ splitmix64(field_BxF.astype(np.uint64) + np.uint64(seed) * np.uint64(7919))
+  )
   cols = [splitmix64(base + np.uint64(j + 1)) for j in range(n + (n % 2))]
   u = np.stack([(c >> np.uint64(11)).astype(np.float64) * 2.0**-53 for c in cols], axis=-1)
   u1, u2 = np.clip(u[..., 0::2], 1e-12, 1.0), u[..., 1::2]
@@ -72,39 +77,64 @@ class SyntheticCTR:
     ((4, 26), (4,))
   """
 
-  def __init__(self, *, num_dense: int = 13, num_categorical: int = 26,
-               vocab_size: int = 20_000, zipf_exponent: float = 1.2, key_bits: int = 40,
-               teacher_dim: int = 4, num_interactions: int = 16, logit_std: float = 1.5,
-               base_ctr: float = 0.25, num_workers: int = 1, sharding: str = 'iid',
-               seed: int = 0):
-    for name, value, low in (('num_dense', num_dense, 0), ('num_categorical', num_categorical, 2),
-                             ('vocab_size', vocab_size, 4), ('teacher_dim', teacher_dim, 1),
-                             ('num_interactions', num_interactions, 0),
-                             ('num_workers', num_workers, 1)):
+  def __init__(
+    self,
+    *,
+    num_dense: int = 13,
+    num_categorical: int = 26,
+    vocab_size: int = 20_000,
+    zipf_exponent: float = 1.2,
+    key_bits: int = 40,
+    teacher_dim: int = 4,
+    num_interactions: int = 16,
+    logit_std: float = 1.5,
+    base_ctr: float = 0.25,
+    num_workers: int = 1,
+    sharding: str = "iid",
+    seed: int = 0,
+  ):
+    for name, value, low in (
+      ("num_dense", num_dense, 0),
+      ("num_categorical", num_categorical, 2),
+      ("vocab_size", vocab_size, 4),
+      ("teacher_dim", teacher_dim, 1),
+      ("num_interactions", num_interactions, 0),
+      ("num_workers", num_workers, 1),
+    ):
       if not isinstance(value, (int, np.integer)) or value < low:
-        raise ValueError(f'{name} must be an int >= {low}, got {value!r}')
+        raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
     if not zipf_exponent > 1.0:
-      raise ValueError(f'zipf_exponent must be > 1, got {zipf_exponent!r}')
+      raise ValueError(f"zipf_exponent must be > 1, got {zipf_exponent!r}")
     if not 0.0 < base_ctr < 1.0:
-      raise ValueError(f'base_ctr must be in (0, 1), got {base_ctr!r}')
+      raise ValueError(f"base_ctr must be in (0, 1), got {base_ctr!r}")
     if not logit_std > 0:
-      raise ValueError(f'logit_std must be > 0, got {logit_std!r}')
+      raise ValueError(f"logit_std must be > 0, got {logit_std!r}")
     if sharding not in _SHARDINGS:
-      raise ValueError(f'sharding must be one of {_SHARDINGS}, got {sharding!r}')
+      raise ValueError(f"sharding must be one of {_SHARDINGS}, got {sharding!r}")
     self.num_dense, self.num_categorical = int(num_dense), int(num_categorical)
     self.key_bits, self.teacher_dim = key_bits, teacher_dim
     self.zipf_exponent, self.seed = float(zipf_exponent), int(seed)
     self.num_workers, self.sharding = int(num_workers), sharding
-    self.config = dict(num_dense=num_dense, num_categorical=num_categorical,
-                       vocab_size=vocab_size, zipf_exponent=zipf_exponent, key_bits=key_bits,
-                       teacher_dim=teacher_dim, num_interactions=num_interactions,
-                       logit_std=logit_std, base_ctr=base_ctr, num_workers=num_workers,
-                       sharding=sharding, seed=seed)
+    self.config = dict(
+      num_dense=num_dense,
+      num_categorical=num_categorical,
+      vocab_size=vocab_size,
+      zipf_exponent=zipf_exponent,
+      key_bits=key_bits,
+      teacher_dim=teacher_dim,
+      num_interactions=num_interactions,
+      logit_std=logit_std,
+      base_ctr=base_ctr,
+      num_workers=num_workers,
+      sharding=sharding,
+      seed=seed,
+    )
 
     rng = np.random.default_rng([self.seed, 12345])
     F = self.num_categorical
     self.vocab_F = rng.permutation(
-        np.round(np.logspace(np.log10(4), np.log10(vocab_size), F)).astype(np.int64))
+      np.round(np.logspace(np.log10(4), np.log10(vocab_size), F)).astype(np.int64)
+    )
     self._dense_mu_I = rng.uniform(0.5, 3.0, num_dense)
     self._w_I = rng.normal(0, 0.3, num_dense)
     self._field_scale_F = 0.6 * np.exp(-rng.uniform(0, 2.5, F))
@@ -118,8 +148,9 @@ class SyntheticCTR:
     fields_FxH = np.broadcast_to(np.arange(F)[:, None], (F, head))
     self._head_FxHxT = _hashed_normals(self.seed, fields_FxH, ids_FxH, 1 + teacher_dim)
     self._scale, self._bias = 1.0, 0.0
-    raw_logit = self._teacher_logit(*self._sample(
-        np.random.default_rng([self.seed, _CALIBRATE]), 20_000, None)[1:])
+    raw_logit = self._teacher_logit(
+      *self._sample(np.random.default_rng([self.seed, _CALIBRATE]), 20_000, None)[1:]
+    )
     self._scale = logit_std / max(float(raw_logit.std()), 1e-9)
     logit = raw_logit * self._scale
     bias = np.log(base_ctr / (1 - base_ctr)) - logit.mean()
@@ -141,10 +172,9 @@ class SyntheticCTR:
     u_BxF = rng.random((n, F))
     x_BxF = (1.0 + u_BxF * (top_F - 1.0)) ** (1.0 / one_minus_a)
     rank_BxF = np.minimum(x_BxF.astype(np.int64) - 1, self.vocab_F - 1)
-    if worker_B is not None and self.sharding == 'non_iid' and self.num_workers > 1:
+    if worker_B is not None and self.sharding == "non_iid" and self.num_workers > 1:
       shift_BxF = (worker_B[:, None] * self.vocab_F[None, :]) // self.num_workers
-      rank_BxF = np.where(self._skewed_F[None, :], (rank_BxF + shift_BxF) % self.vocab_F,
-                          rank_BxF)
+      rank_BxF = np.where(self._skewed_F[None, :], (rank_BxF + shift_BxF) % self.vocab_F, rank_BxF)
     return dense_BxI.astype(np.float32), std_BxI, rank_BxF
 
   def _teacher_normals(self, id_BxF: np.ndarray) -> np.ndarray:
@@ -155,8 +185,9 @@ class SyntheticCTR:
     out = self._head_FxHxT[field_BxF, np.minimum(id_BxF, head - 1)]
     tail = id_BxF >= head
     if tail.any():
-      out[tail] = _hashed_normals(self.seed, field_BxF[tail][:, None], id_BxF[tail][:, None],
-                                  out.shape[-1])[:, 0]
+      out[tail] = _hashed_normals(
+        self.seed, field_BxF[tail][:, None], id_BxF[tail][:, None], out.shape[-1]
+      )[:, 0]
     return out
 
   def _teacher_logit(self, std_BxI: np.ndarray, id_BxF: np.ndarray) -> np.ndarray:
@@ -164,7 +195,7 @@ class SyntheticCTR:
     logit = std_BxI @ self._w_I + normals[..., 0] @ self._field_scale_F
     u_BxFxT = normals[..., 1:] / np.sqrt(self.teacher_dim)
     f, g = self._pairs_Px2[:, 0], self._pairs_Px2[:, 1]
-    logit = logit + np.einsum('bpt,bpt->b', u_BxFxT[:, f], u_BxFxT[:, g])
+    logit = logit + np.einsum("bpt,bpt->b", u_BxFxT[:, f], u_BxFxT[:, g])
     return logit * self._scale + self._bias
 
   def _draw(self, rng: np.random.Generator, n: int, worker_B: np.ndarray | None):
@@ -182,9 +213,9 @@ class SyntheticCTR:
   def batch(self, step: int, worker: int, batch_size: int) -> tuple[CTRBatch, np.ndarray]:
     """Return worker ``worker``'s training batch at ``step`` and its teacher probabilities."""
     if not 0 <= worker < self.num_workers:
-      raise ValueError(f'worker must be in [0, {self.num_workers}), got {worker!r}')
+      raise ValueError(f"worker must be in [0, {self.num_workers}), got {worker!r}")
     if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
-      raise ValueError(f'batch_size must be a positive int, got {batch_size!r}')
+      raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     rng = np.random.default_rng([self.seed, _TRAIN, worker, step])
     return self._make(rng, batch_size, np.full(batch_size, worker))
 
@@ -192,11 +223,12 @@ class SyntheticCTR:
     """All workers' batches at ``step`` concatenated: rows [w*B, (w+1)*B) are worker w's."""
     return concat_batches([self.batch(step, w, batch_size)[0] for w in range(self.num_workers)])
 
-  def test_batches(self, num_examples: int, batch_size: int = 8192
-                   ) -> Iterator[tuple[CTRBatch, np.ndarray]]:
+  def test_batches(
+    self, num_examples: int, batch_size: int = 8192
+  ) -> Iterator[tuple[CTRBatch, np.ndarray]]:
     """Yield the held-out set (the global mixture over shards) with teacher probabilities."""
     if num_examples < 1:
-      raise ValueError(f'num_examples must be >= 1, got {num_examples!r}')
+      raise ValueError(f"num_examples must be >= 1, got {num_examples!r}")
     for index, start in enumerate(range(0, num_examples, batch_size)):
       n = min(batch_size, num_examples - start)
       rng = np.random.default_rng([self.seed, _TEST, index])
@@ -207,10 +239,12 @@ class SyntheticCTR:
     label, 13 integer counts, 26 hex ids, so a real-format file with a known teacher can be
     fed to the readers. Needs ``num_dense == 13`` and ``num_categorical == 26``."""
     if (self.num_dense, self.num_categorical) != (13, 26):
-      raise ValueError(f'write_criteo needs 13 dense and 26 categorical fields, got '
-                       f'{self.num_dense} and {self.num_categorical}')
-    opener = gzip.open if path.endswith('.gz') else open
-    with opener(path, 'wt') as f:
+      raise ValueError(
+        f"write_criteo needs 13 dense and 26 categorical fields, got "
+        f"{self.num_dense} and {self.num_categorical}"
+      )
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "wt") as f:
       for index, start in enumerate(range(0, num_lines, chunk)):
         n = min(chunk, num_lines - start)
         rng = np.random.default_rng([self.seed, _FILE, index])
@@ -218,8 +252,10 @@ class SyntheticCTR:
         label_B = click_B.astype(int)
         counts_BxI = np.rint(np.expm1(dense_BxI)).astype(np.int64)
         for b in range(n):
-          f.write('\t'.join([str(label_B[b]), *map(str, counts_BxI[b]),
-                             *(f'{v:08x}' for v in id_BxF[b])]) + '\n')
+          f.write(
+            "\t".join([str(label_B[b]), *map(str, counts_BxI[b]), *(f"{v:08x}" for v in id_BxF[b])])
+            + "\n"
+          )
 
   def teacher_auc(self, num_examples: int) -> float:
     """AUC of the teacher's own probabilities on the first ``num_examples`` test examples."""

@@ -44,13 +44,19 @@ class SparseTier:
   def __init__(self, config: TrainConfig, table_dir: str, *, temporary: bool = False):
     self.num_rows, self.dim, self._salt = config.table_rows, config.embed_dim, config.seed
     self.table = embedding.open_table(
-        table_dir, num_rows=config.table_rows, dim=config.embed_dim,
-        optimizer=embedding.SparseAdam(learning_rate=config.sparse_learning_rate,
-                                       mode=config.sparse_mode, eps=config.sparse_eps),
-        host_cache_rows=config.host_cache_rows, device_cache_rows=config.device_cache_rows,
-        seed=config.seed, init_scale=config.init_scale)
+      table_dir,
+      num_rows=config.table_rows,
+      dim=config.embed_dim,
+      optimizer=embedding.SparseAdam(
+        learning_rate=config.sparse_learning_rate, mode=config.sparse_mode, eps=config.sparse_eps
+      ),
+      host_cache_rows=config.host_cache_rows,
+      device_cache_rows=config.device_cache_rows,
+      seed=config.seed,
+      init_scale=config.init_scale,
+    )
     self._temporary = temporary
-    self._pad_to = {'train': 0, 'eval': 0}  # shape bucket per kind of batch
+    self._pad_to = {"train": 0, "eval": 0}  # shape bucket per kind of batch
 
   def index(self, keys_GxF: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Hash feature keys into table rows and deduplicate them, once per batch (pure NumPy;
@@ -63,8 +69,9 @@ class SparseTier:
     """Start staging these rows into the host tier (asynchronous)."""
     self.table.prefetch(unique_rows)
 
-  def working_set(self, unique_rows: np.ndarray, inverse_GxF: np.ndarray, *,
-                  kind: str = 'train') -> WorkingSet:
+  def working_set(
+    self, unique_rows: np.ndarray, inverse_GxF: np.ndarray, *, kind: str = "train"
+  ) -> WorkingSet:
     """Pull the unique rows of a batch (from :meth:`index`) once, the step's working set,
     padded to a power of two at least ``U`` so the jitted step sees few shapes."""
     # A bucket never shrinks, so the step compiles once per new high-water mark only. Train
@@ -77,7 +84,7 @@ class SparseTier:
 
   def lookup(self, keys_BxF: np.ndarray) -> WorkingSet:
     """Rows for evaluation: hash and pull, never push."""
-    return self.working_set(*self.index(keys_BxF), kind='eval')
+    return self.working_set(*self.index(keys_BxF), kind="eval")
 
   def push(self, unique_rows: np.ndarray, grads_UxD: np.ndarray) -> None:
     """One sparse optimizer step on these rows with their (worker-averaged) gradients."""
@@ -88,7 +95,7 @@ class SparseTier:
     return self.table.stats()
 
   def hit_rate(self) -> float:
-    return float(self.table.stats()['hit_rate'])
+    return float(self.table.stats()["hit_rate"])
 
   def close(self) -> None:
     self.table.close(flush=not self._temporary)

@@ -15,12 +15,12 @@ from kstep_adam.embedding._table import EmbeddingTable
 from kstep_adam.embedding._table import WorkingSet
 
 __all__ = [
-    "EmbeddingTable",
-    "RowwiseAdagrad",
-    "SparseAdam",
-    "WorkingSet",
-    "hash_keys_to_rows",
-    "init_rows",
-    "open_table",
-    "splitmix64",
+  "EmbeddingTable",
+  "RowwiseAdagrad",
+  "SparseAdam",
+  "WorkingSet",
+  "hash_keys_to_rows",
+  "init_rows",
+  "open_table",
+  "splitmix64",
 ]

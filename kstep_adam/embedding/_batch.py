@@ -16,8 +16,9 @@ def check_ids(ids, num_rows: int) -> np.ndarray:
   ids = ids.astype(np.int64, copy=False)
   if ids.size and (ids.min() < 0 or ids.max() >= num_rows):
     bad = ids[(ids < 0) | (ids >= num_rows)]
-    raise ValueError(f"ids must be in [0, num_rows={num_rows}), got {bad.size} "
-                     f"out of range, e.g. {int(bad[0])}")
+    raise ValueError(
+      f"ids must be in [0, num_rows={num_rows}), got {bad.size} out of range, e.g. {int(bad[0])}"
+    )
   return ids
 
 
@@ -25,16 +26,19 @@ def check_grads(grads, n: int, dim: int) -> np.ndarray:
   """Returns finite float32 ``[n, dim]`` gradients, or raises ValueError naming the problem."""
   grads = np.asarray(grads)
   if grads.shape != (n, dim):
-    raise ValueError(f"grads must have shape [len(ids), dim] = [{n}, {dim}], got "
-                     f"{list(grads.shape)}")
+    raise ValueError(
+      f"grads must have shape [len(ids), dim] = [{n}, {dim}], got {list(grads.shape)}"
+    )
   if not (np.issubdtype(grads.dtype, np.floating) or grads.dtype.name == "bfloat16"):
-    raise ValueError("grads must be a floating array (float16/32/64, bfloat16), got "
-                     f"dtype {grads.dtype}")
+    raise ValueError(
+      f"grads must be a floating array (float16/32/64, bfloat16), got dtype {grads.dtype}"
+    )
   grads = grads.astype(np.float32, copy=False)
   finite = np.isfinite(grads)
   if not finite.all():
-    raise ValueError(f"grads must be finite, got {finite.size - np.count_nonzero(finite)} "
-                     "NaN/inf entries")
+    raise ValueError(
+      f"grads must be finite, got {finite.size - np.count_nonzero(finite)} NaN/inf entries"
+    )
   return grads
 
 

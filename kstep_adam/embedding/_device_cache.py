@@ -53,8 +53,7 @@ class DeviceCache:
     # Slot map + CLOCK with no row payload. Resident rows are always current: every host
     # change to a row's parameters (push, exact-mode catch-up) calls ``refresh``.
     self._slots = HostCache(capacity_rows, 0)
-    self._rows_RxD = jax.device_put(np.zeros((capacity_rows, dim), np.float32),
-                                    self._device)
+    self._rows_RxD = jax.device_put(np.zeros((capacity_rows, dim), np.float32), self._device)
     self._lock = threading.Lock()
     self.hits = 0
     self.uploaded_rows = 0
@@ -65,7 +64,7 @@ class DeviceCache:
       if len(unique_U) > self.capacity:  # cannot hold the batch: plain transfer
         self.uploaded_rows += len(unique_U)
         padded = np.zeros((pad_to, rows_UxD.shape[1]), np.float32)
-        padded[:len(unique_U)] = rows_UxD
+        padded[: len(unique_U)] = rows_UxD
         return jax.device_put(padded, self._device)
       slots_U = self._slots.lookup(unique_U)
       present = slots_U >= 0
@@ -77,7 +76,7 @@ class DeviceCache:
       self._slots.unpin(slots_U)
       self.hits += int(np.count_nonzero(present))
       padded_slots = np.full(pad_to, self.capacity, np.int64)
-      padded_slots[:len(unique_U)] = slots_U
+      padded_slots[: len(unique_U)] = slots_U
       return _gather_rows(self._rows_RxD, jax.device_put(padded_slots, self._device))
 
   def refresh(self, ids_U: np.ndarray, params_UxD: np.ndarray) -> None:
@@ -92,14 +91,20 @@ class DeviceCache:
       return
     size = _pow2_at_least(len(slots_M))
     padded_slots = np.full(size, self.capacity, np.int64)
-    padded_slots[:len(slots_M)] = slots_M
+    padded_slots[: len(slots_M)] = slots_M
     padded_rows = np.zeros((size, rows_MxD.shape[1]), np.float32)
-    padded_rows[:len(slots_M)] = rows_MxD
-    self._rows_RxD = _scatter_rows(self._rows_RxD, jax.device_put(padded_slots, self._device),
-                                   jax.device_put(padded_rows, self._device))
+    padded_rows[: len(slots_M)] = rows_MxD
+    self._rows_RxD = _scatter_rows(
+      self._rows_RxD,
+      jax.device_put(padded_slots, self._device),
+      jax.device_put(padded_rows, self._device),
+    )
     self.uploaded_rows += len(slots_M)
 
   def stats(self) -> dict:
     with self._lock:
-      return dict(device_hits=self.hits, device_uploaded_rows=self.uploaded_rows,
-                  device_resident_rows=len(self._slots))
+      return dict(
+        device_hits=self.hits,
+        device_uploaded_rows=self.uploaded_rows,
+        device_resident_rows=len(self._slots),
+      )

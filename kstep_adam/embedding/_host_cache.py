@@ -57,7 +57,7 @@ class HostCache:
     self.loading_C[slots_M] = False
     self._num_pinned -= int(np.count_nonzero(self.pins_C[slots_M] > 0))
     self.pins_C[slots_M] = 0
-    self._free_slots[self._num_free:self._num_free + len(slots_M)] = slots_M
+    self._free_slots[self._num_free : self._num_free + len(slots_M)] = slots_M
     self._num_free += len(slots_M)
 
   def pin(self, slots: np.ndarray) -> None:
@@ -84,7 +84,7 @@ class HostCache:
     """
     m = len(ids_M)
     take = min(m, self._num_free)
-    slots = [self._free_slots[self._num_free - take:self._num_free][::-1]]
+    slots = [self._free_slots[self._num_free - take : self._num_free][::-1]]
     self._num_free -= take
     self._num_pinned += take
     evicted_ids = np.zeros(0, np.int64)
@@ -127,7 +127,7 @@ class HostCache:
       if len(pos) >= n:
         last = int(pos[n - 1])
         victims = idx[pos[:n]]
-        self.ref_C[idx[:last + 1]] = False
+        self.ref_C[idx[: last + 1]] = False
         self._hand = (self._hand + last + 1) % capacity
       else:
         victims = idx[pos]

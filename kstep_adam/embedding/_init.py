@@ -14,14 +14,14 @@ INIT_DISTRIBUTIONS = ("uniform", "normal")
 def validate_init(distribution: str, scale: float) -> None:
   """Raises ValueError for an unknown distribution or a negative/non-finite scale."""
   if distribution not in INIT_DISTRIBUTIONS:
-    raise ValueError(
-        f"init_distribution must be one of {INIT_DISTRIBUTIONS}, got {distribution!r}")
+    raise ValueError(f"init_distribution must be one of {INIT_DISTRIBUTIONS}, got {distribution!r}")
   if not np.isfinite(scale) or scale < 0:
     raise ValueError(f"init_scale must be a finite float >= 0, got {scale!r}")
 
 
-def init_rows(row_ids: np.ndarray, dim: int, *, seed: int, scale: float,
-              distribution: str = "uniform") -> np.ndarray:
+def init_rows(
+  row_ids: np.ndarray, dim: int, *, seed: int, scale: float, distribution: str = "uniform"
+) -> np.ndarray:
   """Returns the initial parameters of ``row_ids`` as float32 ``[len(row_ids), dim]``.
 
   .. math::
@@ -44,8 +44,9 @@ def init_rows(row_ids: np.ndarray, dim: int, *, seed: int, scale: float,
   row_ids = np.asarray(row_ids, dtype=np.int64)
   base_u64 = _hashing.splitmix64(np.uint64(int(seed) & 0xFFFFFFFFFFFFFFFF))
   with np.errstate(over="ignore"):
-    counter_NxD = (row_ids.astype(np.uint64)[:, None] * np.uint64(dim)
-                   + np.arange(dim, dtype=np.uint64)[None, :]) * np.uint64(2) + base_u64
+    counter_NxD = (
+      row_ids.astype(np.uint64)[:, None] * np.uint64(dim) + np.arange(dim, dtype=np.uint64)[None, :]
+    ) * np.uint64(2) + base_u64
     u1_NxD = _hashing.uniform01(_hashing.splitmix64(counter_NxD))
     if distribution == "uniform":
       return (scale * (2.0 * u1_NxD - 1.0)).astype(np.float32)

@@ -1,7 +1,6 @@
 """open_table: create a table directory or reopen one, validating before anything changes."""
 
 import os
-from typing import Optional
 
 import numpy as np
 
@@ -13,13 +12,22 @@ from kstep_adam.embedding._table import EmbeddingTable
 _TARGET_CHUNK_BYTES = 64 << 10
 
 
-def open_table(path: str, *, num_rows: Optional[int] = None, dim: Optional[int] = None,
-               optimizer=None, host_cache_rows: Optional[int] = None,
-               host_cache_bytes: Optional[int] = None, device_cache_rows: int = 0,
-               seed: Optional[int] = None, init_scale: Optional[float] = None,
-               init_distribution: Optional[str] = None, chunk_rows: Optional[int] = None,
-               compress: Optional[bool] = None,
-               ts_cache_bytes: int = 64 << 20) -> EmbeddingTable:
+def open_table(
+  path: str,
+  *,
+  num_rows: int | None = None,
+  dim: int | None = None,
+  optimizer=None,
+  host_cache_rows: int | None = None,
+  host_cache_bytes: int | None = None,
+  device_cache_rows: int = 0,
+  seed: int | None = None,
+  init_scale: float | None = None,
+  init_distribution: str | None = None,
+  chunk_rows: int | None = None,
+  compress: bool | None = None,
+  ts_cache_bytes: int = 64 << 20,
+) -> EmbeddingTable:
   """Creates the embedding table at ``path``, or reopens the one there.
 
   A new table needs ``num_rows`` and ``dim``; it costs nothing on disk until rows are
@@ -64,13 +72,21 @@ def open_table(path: str, *, num_rows: Optional[int] = None, dim: Optional[int] 
   exists = os.path.isdir(path) and bool(os.listdir(path))
   if exists:
     config = _store.read_config(path)  # raises if the path holds something else
-    given = dict(num_rows=num_rows, dim=dim, seed=seed, init_scale=init_scale,
-                 init_distribution=init_distribution, chunk_rows=chunk_rows,
-                 compress=compress)
+    given = dict(
+      num_rows=num_rows,
+      dim=dim,
+      seed=seed,
+      init_scale=init_scale,
+      init_distribution=init_distribution,
+      chunk_rows=chunk_rows,
+      compress=compress,
+    )
     for name, value in given.items():
       if value is not None and value != config.get(name, True):
-        raise ValueError(f"{name}={value!r} conflicts with the table at {path!r}, which "
-                         f"has {name}={config[name]!r}; omit it or pass the stored value")
+        raise ValueError(
+          f"{name}={value!r} conflicts with the table at {path!r}, which "
+          f"has {name}={config[name]!r}; omit it or pass the stored value"
+        )
     optimizer = _reconcile_optimizer(path, config, optimizer)
   else:
     if num_rows is None or dim is None:
@@ -90,11 +106,18 @@ def open_table(path: str, *, num_rows: Optional[int] = None, dim: Optional[int] 
       chunk_rows = 1 << max(0, (_TARGET_CHUNK_BYTES // (4 * width)).bit_length() - 1)
     if not isinstance(chunk_rows, (int, np.integer)) or chunk_rows < 1:
       raise ValueError(f"chunk_rows must be a positive int, got {chunk_rows!r}")
-    config = dict(format=_store.FORMAT, num_rows=num_rows, dim=dim, width=width,
-                  chunk_rows=int(min(chunk_rows, num_rows)), seed=int(seed or 0),
-                  init_scale=init_scale, init_distribution=init_distribution,
-                  compress=True if compress is None else bool(compress),
-                  optimizer=optimizer.config())
+    config = dict(
+      format=_store.FORMAT,
+      num_rows=num_rows,
+      dim=dim,
+      width=width,
+      chunk_rows=int(min(chunk_rows, num_rows)),
+      seed=int(seed or 0),
+      init_scale=init_scale,
+      init_distribution=init_distribution,
+      compress=True if compress is None else bool(compress),
+      optimizer=optimizer.config(),
+    )
   row_bytes = 4 * config["width"]
   if host_cache_rows is not None and host_cache_bytes is not None:
     raise ValueError("pass host_cache_rows or host_cache_bytes, not both")
@@ -103,8 +126,10 @@ def open_table(path: str, *, num_rows: Optional[int] = None, dim: Optional[int] 
   if host_cache_rows is None:
     host_cache_rows = min(config["num_rows"], 1 << 20)
   if not isinstance(host_cache_rows, (int, np.integer)) or host_cache_rows < 1:
-    raise ValueError(f"host_cache_rows must be a positive int (host_cache_bytes at least "
-                     f"one row, {row_bytes} bytes), got {host_cache_rows!r}")
+    raise ValueError(
+      f"host_cache_rows must be a positive int (host_cache_bytes at least "
+      f"one row, {row_bytes} bytes), got {host_cache_rows!r}"
+    )
   host_cache_rows = min(int(host_cache_rows), config["num_rows"])  # more is never used
   if not isinstance(device_cache_rows, (int, np.integer)) or device_cache_rows < 0:
     raise ValueError(f"device_cache_rows must be an int >= 0, got {device_cache_rows!r}")
@@ -112,16 +137,25 @@ def open_table(path: str, *, num_rows: Optional[int] = None, dim: Optional[int] 
     _store.create(path, config)
   device_cache = None
   if device_cache_rows:
-    from kstep_adam.embedding._device_cache import DeviceCache  # noqa: PLC0415
+    from kstep_adam.embedding._device_cache import DeviceCache
+
     device_cache = DeviceCache(int(device_cache_rows), config["dim"])
-  return EmbeddingTable(path, config, optimizer, host_cache_rows=int(host_cache_rows),
-                        ts_cache_bytes=ts_cache_bytes, device_cache=device_cache)
+  return EmbeddingTable(
+    path,
+    config,
+    optimizer,
+    host_cache_rows=int(host_cache_rows),
+    ts_cache_bytes=ts_cache_bytes,
+    device_cache=device_cache,
+  )
 
 
 def _check_optimizer(optimizer) -> None:
   if not isinstance(optimizer, (_optimizers.SparseAdam, _optimizers.RowwiseAdagrad)):
-    raise ValueError("optimizer must be embedding.SparseAdam(...) or "
-                     f"embedding.RowwiseAdagrad(...), got {type(optimizer).__name__}")
+    raise ValueError(
+      "optimizer must be embedding.SparseAdam(...) or "
+      f"embedding.RowwiseAdagrad(...), got {type(optimizer).__name__}"
+    )
 
 
 def _reconcile_optimizer(path: str, config: dict, optimizer):
@@ -129,13 +163,17 @@ def _reconcile_optimizer(path: str, config: dict, optimizer):
   if optimizer is None:
     optimizer = _optimizers.optimizer_from_config(stored)
     if optimizer is None:
-      raise ValueError(f"the table at {path!r} was created with a learning-rate schedule, "
-                       "which is not stored: pass optimizer= again")
+      raise ValueError(
+        f"the table at {path!r} was created with a learning-rate schedule, "
+        "which is not stored: pass optimizer= again"
+      )
     return optimizer
   _check_optimizer(optimizer)
   given = optimizer.config()
   for key in ("kind", "mode"):
     if given.get(key) != stored.get(key):
-      raise ValueError(f"optimizer {key}={given.get(key)!r} conflicts with the table at "
-                       f"{path!r}, created with {key}={stored.get(key)!r}")
+      raise ValueError(
+        f"optimizer {key}={given.get(key)!r} conflicts with the table at "
+        f"{path!r}, created with {key}={stored.get(key)!r}"
+      )
   return optimizer

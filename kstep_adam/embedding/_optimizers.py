@@ -12,11 +12,12 @@ baseline.
 import dataclasses
 import functools
 import math
-from typing import Any, Callable, Union
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
-ScalarOrSchedule = Union[float, Callable[[np.ndarray], Any]]
+ScalarOrSchedule = float | Callable[[np.ndarray], Any]
 ADAM_MODES = ("exact", "lazy")
 # The exact catch-up truncates its sum once the remaining tail is below this fraction of
 # the largest learning rate (2^-24: float32's half-ulp at 1.0).
@@ -34,9 +35,9 @@ def _learning_rate(learning_rate: ScalarOrSchedule, count_N: np.ndarray) -> np.n
     return np.full(count_N.shape, float(learning_rate))
   unique, inverse = np.unique(count_N, return_inverse=True)
   padded = np.full(1 << max(0, int(len(unique) - 1).bit_length()), unique[-1])
-  padded[:len(unique)] = unique
+  padded[: len(unique)] = unique
   values = np.asarray(learning_rate(padded), dtype=np.float64)
-  values = np.broadcast_to(values, padded.shape)[:len(unique)]
+  values = np.broadcast_to(values, padded.shape)[: len(unique)]
   return values[inverse].reshape(count_N.shape)
 
 
@@ -44,8 +45,7 @@ def _check_learning_rate(learning_rate: ScalarOrSchedule) -> None:
   if callable(learning_rate):
     return
   if not isinstance(learning_rate, (int, float)) or not learning_rate > 0:
-    raise ValueError(
-        f"learning_rate must be a positive float or a schedule, got {learning_rate!r}")
+    raise ValueError(f"learning_rate must be a positive float or a schedule, got {learning_rate!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,6 +96,7 @@ class SparseAdam:
   References:
     Kingma & Ba, "Adam: A Method for Stochastic Optimization", https://arxiv.org/abs/1412.6980
   """
+
   learning_rate: ScalarOrSchedule = 1e-3
   b1: float = 0.9
   b2: float = 0.999
@@ -114,8 +115,8 @@ class SparseAdam:
       raise ValueError(f"mode must be one of {ADAM_MODES}, got {self.mode!r}")
     if self.mode == "exact" and not self.b1**2 < self.b2:
       raise ValueError(
-          f"mode='exact' needs b1**2 < b2 for a bounded catch-up sum, got b1={self.b1}, "
-          f"b2={self.b2}")
+        f"mode='exact' needs b1**2 < b2 for a bounded catch-up sum, got b1={self.b1}, b2={self.b2}"
+      )
 
   kind = "adam"
 
@@ -169,17 +170,21 @@ class SparseAdam:
     per-row scalars for all terms are computed at once."""
     coef_UxD = np.zeros_like(sqrt_v_UxD)
     for lo in range(0, len(n_U), _CATCH_UP_BLOCK_ROWS):
-      sqrt_v = sqrt_v_UxD[lo:lo + _CATCH_UP_BLOCK_ROWS]
-      acc = coef_UxD[lo:lo + _CATCH_UP_BLOCK_ROWS]
-      s_b, neg_n = s_U[lo:lo + _CATCH_UP_BLOCK_ROWS], -n_U[lo:lo + _CATCH_UP_BLOCK_ROWS]
+      sqrt_v = sqrt_v_UxD[lo : lo + _CATCH_UP_BLOCK_ROWS]
+      acc = coef_UxD[lo : lo + _CATCH_UP_BLOCK_ROWS]
+      s_b, neg_n = s_U[lo : lo + _CATCH_UP_BLOCK_ROWS], -n_U[lo : lo + _CATCH_UP_BLOCK_ROWS]
       j_J = np.arange(1, int(-neg_n[0]) + 1)
       k_J = np.searchsorted(neg_n, -j_J, side="right")  # rows still summing at term j
       c_JxB = s_b[None, :] + j_J[:, None]  # the step number of term j for each row
-      a_JxB = (_learning_rate(self.learning_rate, c_JxB - 1)
-               * np.power(self.b1, j_J.astype(np.float64))[:, None]
-               / (1.0 - np.power(self.b1, c_JxB.astype(np.float64))))
-      q_JxB = np.sqrt(np.power(self.b2, j_J.astype(np.float64))[:, None]
-                      / (1.0 - np.power(self.b2, c_JxB.astype(np.float64))))
+      a_JxB = (
+        _learning_rate(self.learning_rate, c_JxB - 1)
+        * np.power(self.b1, j_J.astype(np.float64))[:, None]
+        / (1.0 - np.power(self.b1, c_JxB.astype(np.float64)))
+      )
+      q_JxB = np.sqrt(
+        np.power(self.b2, j_J.astype(np.float64))[:, None]
+        / (1.0 - np.power(self.b2, c_JxB.astype(np.float64)))
+      )
       num_JxB, shift_JxB = a_JxB / q_JxB, self.eps / q_JxB
       tmp = np.empty_like(sqrt_v)
       with np.errstate(divide="ignore"):  # only eps = 0 with v = 0 (then m = 0 too)
@@ -208,8 +213,14 @@ class SparseAdam:
     slots_NxS[:, dim:] = v
 
   def config(self) -> dict:
-    return {"kind": self.kind, "mode": self.mode, "b1": self.b1, "b2": self.b2,
-            "eps": self.eps, "learning_rate": _lr_config(self.learning_rate)}
+    return {
+      "kind": self.kind,
+      "mode": self.mode,
+      "b1": self.b1,
+      "b2": self.b2,
+      "eps": self.eps,
+      "learning_rate": _lr_config(self.learning_rate),
+    }
 
 
 @dataclasses.dataclass(frozen=True)
@@ -236,6 +247,7 @@ class RowwiseAdagrad:
     Duchi, Hazan & Singer, "Adaptive Subgradient Methods", JMLR 2011; Gupta et al.,
     "Shampoo" (row-wise/diagonal variants), https://arxiv.org/abs/1802.09568
   """
+
   learning_rate: ScalarOrSchedule = 0.01
   eps: float = 1e-8
   initial_accumulator_value: float = 0.0
@@ -247,8 +259,9 @@ class RowwiseAdagrad:
     if not self.eps > 0:
       raise ValueError(f"eps must be > 0, got {self.eps!r}")
     if not self.initial_accumulator_value >= 0:
-      raise ValueError("initial_accumulator_value must be >= 0, got "
-                       f"{self.initial_accumulator_value!r}")
+      raise ValueError(
+        f"initial_accumulator_value must be >= 0, got {self.initial_accumulator_value!r}"
+      )
 
   def slot_width(self, dim: int) -> int:
     return 1
@@ -267,9 +280,12 @@ class RowwiseAdagrad:
     slots_NxS[:, 0] = acc
 
   def config(self) -> dict:
-    return {"kind": self.kind, "eps": self.eps,
-            "initial_accumulator_value": self.initial_accumulator_value,
-            "learning_rate": _lr_config(self.learning_rate)}
+    return {
+      "kind": self.kind,
+      "eps": self.eps,
+      "initial_accumulator_value": self.initial_accumulator_value,
+      "learning_rate": _lr_config(self.learning_rate),
+    }
 
 
 def _lr_config(learning_rate: ScalarOrSchedule):
@@ -281,15 +297,23 @@ def optimizer_from_config(config: dict):
   if config["learning_rate"] == "schedule":
     return None
   if config["kind"] == "adam":
-    return SparseAdam(learning_rate=config["learning_rate"], b1=config["b1"],
-                      b2=config["b2"], eps=config["eps"], mode=config["mode"])
+    return SparseAdam(
+      learning_rate=config["learning_rate"],
+      b1=config["b1"],
+      b2=config["b2"],
+      eps=config["eps"],
+      mode=config["mode"],
+    )
   if config["kind"] == "rowwise_adagrad":
-    return RowwiseAdagrad(learning_rate=config["learning_rate"], eps=config["eps"],
-                          initial_accumulator_value=config["initial_accumulator_value"])
+    return RowwiseAdagrad(
+      learning_rate=config["learning_rate"],
+      eps=config["eps"],
+      initial_accumulator_value=config["initial_accumulator_value"],
+    )
   raise ValueError(f"unknown optimizer kind {config['kind']!r} in table metadata")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _catch_up_terms(b1: float, b2: float) -> int:
   r = b1 / math.sqrt(b2)
   if r == 0.0:

@@ -23,7 +23,6 @@ takes one record each time: the log grows with evictions, not with distinct rows
 
 import json
 import os
-from typing import Optional
 
 import numpy as np
 
@@ -52,7 +51,7 @@ class PendingLog:
   def __len__(self) -> int:
     return len(self._index)
 
-  def recover(self) -> Optional[int]:
+  def recover(self) -> int | None:
     """Loads a committed-but-unapplied log and returns its step; else empties the log."""
     commit_path = os.path.join(self._dir, _COMMIT)
     if not os.path.exists(commit_path):
@@ -95,8 +94,12 @@ class PendingLog:
     """Reads records by position (safe while other threads append)."""
     if len(positions_M) == 0:
       return np.zeros((0, self._width), np.float32)
-    log = np.memmap(os.path.join(self._dir, _ROWS), dtype=np.float32, mode="r",
-                    shape=(self._num_records, self._width))
+    log = np.memmap(
+      os.path.join(self._dir, _ROWS),
+      dtype=np.float32,
+      mode="r",
+      shape=(self._num_records, self._width),
+    )
     rows = np.array(log[positions_M])
     del log
     self.bytes_read += rows.nbytes
@@ -111,7 +114,8 @@ class PendingLog:
     os.fsync(self._rows_file.fileno())
     os.fsync(self._ids_file.fileno())
     _store.replace_file_durably(
-        self._dir, _COMMIT, json.dumps({"step": int(step), "records": self._num_records}))
+      self._dir, _COMMIT, json.dumps({"step": int(step), "records": self._num_records})
+    )
 
   def clear(self) -> None:
     """Empties the log; after ``commit``, call only once its rows are in the table."""

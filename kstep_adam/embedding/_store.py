@@ -40,7 +40,6 @@ import json
 import os
 import shutil
 import tempfile
-from typing import Optional
 
 import numpy as np
 import tensorstore as ts
@@ -95,8 +94,9 @@ def remove_stale_dbs(path: str) -> None:
 
 def du_bytes(directory: str) -> int:
   """Bytes allocated on disk under ``directory`` (as ``du`` counts them)."""
-  return sum(os.stat(os.path.join(d, f)).st_blocks * 512
-             for d, _, files in os.walk(directory) for f in files)
+  return sum(
+    os.stat(os.path.join(d, f)).st_blocks * 512 for d, _, files in os.walk(directory) for f in files
+  )
 
 
 def row_width(dim: int, slot_width: int) -> int:
@@ -113,23 +113,21 @@ def decode_last_step(rows_NxW: np.ndarray) -> np.ndarray:
   return np.ascontiguousarray(rows_NxW[:, 0]).view(np.int32).astype(np.int64) - 1
 
 
-def _array_spec(kvstore: dict, num_rows: int, width: int, chunk_rows: int,
-                compress: bool) -> dict:
+def _array_spec(kvstore: dict, num_rows: int, width: int, chunk_rows: int, compress: bool) -> dict:
   codecs = [{"name": "bytes", "configuration": {"endian": "little"}}]
   if compress:
     codecs.append({"name": "zstd", "configuration": {"level": 1}})
   return {
-      "driver": "zarr3",
-      "kvstore": kvstore,
-      "metadata": {
-          "shape": [num_rows, width],
-          "chunk_grid": {"name": "regular",
-                         "configuration": {"chunk_shape": [chunk_rows, width]}},
-          "data_type": "float32",
-          "fill_value": 0.0,
-          "codecs": codecs,
-      },
-      "recheck_cached_data": False,
+    "driver": "zarr3",
+    "kvstore": kvstore,
+    "metadata": {
+      "shape": [num_rows, width],
+      "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": [chunk_rows, width]}},
+      "data_type": "float32",
+      "fill_value": 0.0,
+      "codecs": codecs,
+    },
+    "recheck_cached_data": False,
   }
 
 
@@ -137,16 +135,17 @@ def read_config(path: str) -> dict:
   """Reads ``table.json``; raises ValueError if ``path`` is not an embedding table."""
   config_path = os.path.join(path, CONFIG_FILE)
   if not os.path.isfile(config_path):
-    raise ValueError(f"{path!r} exists but is not an embedding table (no {CONFIG_FILE}); "
-                     "pass a new or empty directory to create one")
+    raise ValueError(
+      f"{path!r} exists but is not an embedding table (no {CONFIG_FILE}); "
+      "pass a new or empty directory to create one"
+    )
   with open(config_path) as f:
     try:
       config = json.load(f)
     except json.JSONDecodeError as e:
       raise ValueError(f"{config_path!r} is not valid JSON: {e}") from None
   if config.get("format") != FORMAT:
-    raise ValueError(f"{config_path!r} has format {config.get('format')!r}, "
-                     f"expected {FORMAT!r}")
+    raise ValueError(f"{config_path!r} has format {config.get('format')!r}, expected {FORMAT!r}")
   return config
 
 
@@ -174,18 +173,25 @@ def create(path: str, config: dict) -> None:
 class TableStore:
   """TensorStore handles of one table; all calls take sorted unique row ids."""
 
-  def __init__(self, path: str, config: dict, *, ts_cache_bytes: int, create: bool = False,
-               db_name: Optional[str] = None):
+  def __init__(
+    self,
+    path: str,
+    config: dict,
+    *,
+    ts_cache_bytes: int,
+    create: bool = False,
+    db_name: str | None = None,
+  ):
     self._context = ts.Context({"cache_pool": {"total_bytes_limit": int(ts_cache_bytes)}})
     num_rows, width, chunk_rows = config["num_rows"], config["width"], config["chunk_rows"]
     self.db_name = current_db(path) if db_name is None else db_name
     self.db_path = os.path.join(path, self.db_name)
     db = {"driver": "ocdbt", "base": {"driver": "file", "path": self.db_path}}
     self._kv = ts.KvStore.open(db, context=self._context).result()
-    spec = _array_spec(dict(db, path="rows/"), num_rows, width, chunk_rows,
-                       config.get("compress", True))
-    self._rows = ts.open(spec,
-                         create=create, open=not create, context=self._context).result()
+    spec = _array_spec(
+      dict(db, path="rows/"), num_rows, width, chunk_rows, config.get("compress", True)
+    )
+    self._rows = ts.open(spec, create=create, open=not create, context=self._context).result()
     self._row_bytes = 4 * width
     self.bytes_read = 0
     self.bytes_written = 0
@@ -193,8 +199,9 @@ class TableStore:
   def committed_step(self) -> int:
     result = self._kv.read(b"commit.json").result()
     if result.state != "value":
-      raise ValueError("table database has no commit.json: it was not created by "
-                       "open_table or is damaged")
+      raise ValueError(
+        "table database has no commit.json: it was not created by open_table or is damaged"
+      )
     return int(json.loads(result.value)["step"])
 
   def read_rows(self, ids_N: np.ndarray) -> np.ndarray:

@@ -27,7 +27,7 @@ import concurrent.futures
 import fcntl
 import os
 import threading
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import numpy as np
 
@@ -37,12 +37,12 @@ from kstep_adam.embedding import _store
 from kstep_adam.embedding._host_cache import HostCache
 from kstep_adam.embedding._pending import PendingLog
 
-
 _FLUSH_BATCH_BYTES = 64 << 20  # uncompressed chunk bytes per flush write batch
 
 
 class WorkingSet(NamedTuple):
   """A batch's deduplicated rows: ``rows[inverse]`` equals ``pull(ids)``."""
+
   unique_ids: np.ndarray  # shape=[U], int64, sorted ascending
   rows: object  # shape=[U or pad_to, dim], float32: np.ndarray, or jax.Array (device cache)
   inverse: np.ndarray  # shape=[len(ids)], int64 indices into unique_ids
@@ -65,15 +65,24 @@ class EmbeddingTable:
     >>> table.close()                          # flushes
   """
 
-  def __init__(self, path: str, config: dict, optimizer, *, host_cache_rows: int,
-               ts_cache_bytes: int, device_cache=None):
+  def __init__(
+    self,
+    path: str,
+    config: dict,
+    optimizer,
+    *,
+    host_cache_rows: int,
+    ts_cache_bytes: int,
+    device_cache=None,
+  ):
     self._lock_file = open(os.path.join(path, "LOCK"), "w")
     try:  # one writer per table: the kernel drops this lock if the process dies
       fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
       self._lock_file.close()
-      raise ValueError(f"the table at {path!r} is already open (in this or another "
-                       "process); close it first") from None
+      raise ValueError(
+        f"the table at {path!r} is already open (in this or another process); close it first"
+      ) from None
     self.path = path
     self.num_rows = int(config["num_rows"])
     self.dim = int(config["dim"])
@@ -94,7 +103,8 @@ class EmbeddingTable:
     self._cond = threading.Condition(self._lock)
     self._num_loading = 0
     self._executor = concurrent.futures.ThreadPoolExecutor(
-        max_workers=1, thread_name_prefix="embedding-prefetch")
+      max_workers=1, thread_name_prefix="embedding-prefetch"
+    )
     self._closed = False
     self._counts = dict(hits=0, misses=0, prefetched_rows=0, pulls=0, pushes=0)
 
@@ -114,7 +124,7 @@ class EmbeddingTable:
     unique_U, inverse_N = np.unique(ids_N, return_inverse=True)
     return self._pull_unique(unique_U)[inverse_N]
 
-  def working_set(self, ids, *, pad_to: Optional[int] = None) -> WorkingSet:
+  def working_set(self, ids, *, pad_to: int | None = None) -> WorkingSet:
     """Deduplicates ``ids`` and returns their unique rows with the inverse index.
 
     Args:
@@ -132,8 +142,7 @@ class EmbeddingTable:
     unique_U, inverse_N = np.unique(ids_N, return_inverse=True)
     num_rows = len(unique_U) if pad_to is None else pad_to
     if not isinstance(num_rows, (int, np.integer)) or num_rows < len(unique_U):
-      raise ValueError(f"pad_to must be an int >= the {len(unique_U)} unique ids, got "
-                       f"{pad_to!r}")
+      raise ValueError(f"pad_to must be an int >= the {len(unique_U)} unique ids, got {pad_to!r}")
     with self._op_lock, self._lock:
       self._check_open()
       rows_UxD = self._pull_unique_locked(unique_U)
@@ -142,7 +151,8 @@ class EmbeddingTable:
         return WorkingSet(unique_U, rows, inverse_N.astype(np.int64))
     if num_rows > len(unique_U):
       rows_UxD = np.concatenate(
-          [rows_UxD, np.zeros((num_rows - len(unique_U), self.dim), np.float32)])
+        [rows_UxD, np.zeros((num_rows - len(unique_U), self.dim), np.float32)]
+      )
     return WorkingSet(unique_U, rows_UxD, inverse_N.astype(np.int64))
 
   def push(self, ids, grads) -> None:
@@ -169,9 +179,8 @@ class EmbeddingTable:
         slots = self._acquire(unique_U[lo:hi])
         try:
           block = self._cache.rows_CxW[slots]
-          params, opt_slots = block[:, 1:1 + dim], block[:, 1 + dim:]
-          self.optimizer.catch_up(params, opt_slots, _store.decode_last_step(block),
-                                  step - 1)
+          params, opt_slots = block[:, 1 : 1 + dim], block[:, 1 + dim :]
+          self.optimizer.catch_up(params, opt_slots, _store.decode_last_step(block), step - 1)
           self.optimizer.apply(params, opt_slots, grads_UxD[lo:hi], step)
           block[:, 0] = _store.encode_last_step(np.full(hi - lo, step))
           self._cache.rows_CxW[slots] = block
@@ -192,8 +201,10 @@ class EmbeddingTable:
     ids_N = _batch.check_ids(ids, self.num_rows)
     unique_U = np.unique(ids_N)
     if len(unique_U) > self._cache.capacity:
-      raise ValueError(f"prefetch of {len(unique_U)} unique ids exceeds host_cache_rows="
-                       f"{self._cache.capacity}; prefetch at most that many")
+      raise ValueError(
+        f"prefetch of {len(unique_U)} unique ids exceeds host_cache_rows="
+        f"{self._cache.capacity}; prefetch at most that many"
+      )
     self._check_open()
     return self._executor.submit(self._prefetch_task, unique_U)
 
@@ -219,12 +230,17 @@ class EmbeddingTable:
       self._flush_locked()
       old = self._store
       number = int(old.db_name.split(".")[1]) + 1 if "." in old.db_name else 1
-      new = _store.TableStore(self.path, self._config, ts_cache_bytes=self._ts_cache_bytes,
-                              create=True, db_name=f"db.{number}")
+      new = _store.TableStore(
+        self.path,
+        self._config,
+        ts_cache_bytes=self._ts_cache_bytes,
+        create=True,
+        db_name=f"db.{number}",
+      )
       chunk_rows, per_batch = self._config["chunk_rows"], self._chunks_per_batch()
       chunks = old.stored_chunks()
       for lo in range(0, len(chunks), per_batch):
-        starts = chunks[lo:lo + per_batch] * chunk_rows
+        starts = chunks[lo : lo + per_batch] * chunk_rows
         ids = (starts[:, None] + np.arange(chunk_rows)[None, :]).reshape(-1)
         ids = ids[ids < self.num_rows]
         new.write_rows(ids, old.read_rows(ids))
@@ -247,7 +263,7 @@ class EmbeddingTable:
     # record, so afterwards the newest record of every id is its state at this step.
     batch = max(1, _FLUSH_BATCH_BYTES // cache.rows_CxW.shape[1] // 4)
     for lo in range(0, len(dirty_slots), batch):
-      slots = dirty_slots[lo:lo + batch]
+      slots = dirty_slots[lo : lo + batch]
       self._pending.append(cache.ids_C[slots], cache.rows_CxW[slots])
     self._pending.commit(self._step)  # the commit point
     self._apply_pending(self._step)
@@ -275,15 +291,17 @@ class EmbeddingTable:
     with self._lock:
       c = dict(self._counts)
       lookups = c["hits"] + c["misses"]
-      c.update(hit_rate=c["hits"] / lookups if lookups else 0.0,
-               evictions=self._cache.evictions,
-               dirty_evictions=self._cache.dirty_evictions,
-               resident_rows=len(self._cache),
-               dirty_rows=int(np.count_nonzero(self._cache.dirty_C)),
-               pending_rows=len(self._pending),
-               bytes_read=self._store.bytes_read + self._pending.bytes_read,
-               bytes_written=self._store.bytes_written + self._pending.bytes_written,
-               step=self._step)
+      c.update(
+        hit_rate=c["hits"] / lookups if lookups else 0.0,
+        evictions=self._cache.evictions,
+        dirty_evictions=self._cache.dirty_evictions,
+        resident_rows=len(self._cache),
+        dirty_rows=int(np.count_nonzero(self._cache.dirty_C)),
+        pending_rows=len(self._pending),
+        bytes_read=self._store.bytes_read + self._pending.bytes_read,
+        bytes_written=self._store.bytes_written + self._pending.bytes_written,
+        step=self._step,
+      )
       if self._device_cache is not None:
         c.update(self._device_cache.stats())
       return c
@@ -302,17 +320,16 @@ class EmbeddingTable:
       slots = self._acquire(unique_U[lo:hi])
       try:
         block = self._cache.rows_CxW[slots]
-        changed = self.optimizer.catch_up(block[:, 1:1 + dim], block[:, 1 + dim:],
-                                          _store.decode_last_step(block), self._step)
+        changed = self.optimizer.catch_up(
+          block[:, 1 : 1 + dim], block[:, 1 + dim :], _store.decode_last_step(block), self._step
+        )
         if changed.any():
-          block[changed, 0] = _store.encode_last_step(
-              np.full(int(changed.sum()), self._step))
+          block[changed, 0] = _store.encode_last_step(np.full(int(changed.sum()), self._step))
           self._cache.rows_CxW[slots[changed]] = block[changed]
           self._cache.dirty_C[slots[changed]] = True
           if self._device_cache is not None:
-            self._device_cache.refresh(unique_U[lo:hi][changed],
-                                       block[changed, 1:1 + dim])
-        out_UxD[lo:hi] = block[:, 1:1 + dim]
+            self._device_cache.refresh(unique_U[lo:hi][changed], block[changed, 1 : 1 + dim])
+        out_UxD[lo:hi] = block[:, 1 : 1 + dim]
       finally:
         self._release(slots)
     self._counts["pulls"] += 1
@@ -339,8 +356,9 @@ class EmbeddingTable:
       present = slots_U >= 0
       # Wait while another thread reads some of these rows, or holds so many pins that
       # the missing rows do not fit; then look up again, the cache may have changed.
-      if (not cache.loading_C[slots_U[present]].any()
-          and cache.num_evictable() >= np.count_nonzero(~present)):
+      if not cache.loading_C[slots_U[present]].any() and cache.num_evictable() >= np.count_nonzero(
+        ~present
+      ):
         break
       self._cond.wait()
     cache.ref_C[slots_U[present]] = True
@@ -403,10 +421,14 @@ class EmbeddingTable:
     config = self._config
     rows = np.empty((len(ids_M), config["width"]), np.float32)
     rows[:, 0] = _store.encode_last_step(np.full(len(ids_M), -1))
-    rows[:, 1:1 + self.dim] = _init.init_rows(
-        ids_M, self.dim, seed=config["seed"], scale=config["init_scale"],
-        distribution=config["init_distribution"])
-    rows[:, 1 + self.dim:] = self.optimizer.init_slots(len(ids_M), self.dim)
+    rows[:, 1 : 1 + self.dim] = _init.init_rows(
+      ids_M,
+      self.dim,
+      seed=config["seed"],
+      scale=config["init_scale"],
+      distribution=config["init_distribution"],
+    )
+    rows[:, 1 + self.dim :] = self.optimizer.init_slots(len(ids_M), self.dim)
     return rows
 
   def _check_open(self) -> None:
