@@ -29,7 +29,7 @@ import jax
 import numpy as np
 
 from kstep_adam._schedule import MergeSchedule
-from kstep_adam._schedule import is_int_at_least
+from kstep_adam._validation import is_int_at_least
 
 
 @dataclasses.dataclass(frozen=True)

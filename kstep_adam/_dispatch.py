@@ -28,7 +28,7 @@ import jax
 
 from kstep_adam._merge import assume_local_step
 from kstep_adam._merge import record_merge_schedules
-from kstep_adam._schedule import is_int_at_least
+from kstep_adam._validation import is_int_at_least
 
 
 class DispatchedStep:

@@ -21,6 +21,8 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
+from kstep_adam._validation import is_int_at_least
+
 # Names of the pytrees a schedule may average. 'params', 'mu' and 'nu' belong to k-step Adam;
 # 'grads' is synchronous data parallelism; 'delta' is DiLoCo's outer gradient.
 STATE_NAMES = ("params", "mu", "nu", "grads", "delta")
@@ -42,11 +44,6 @@ SYNC_PRESETS: dict[str, dict[str, int]] = {
 }
 
 ROUTES = ("hierarchical", "flat")
-
-
-def is_int_at_least(x: Any, minimum: int) -> bool:
-  """Whether ``x`` is a Python or NumPy int (not a bool) with ``x >= minimum``."""
-  return isinstance(x, (int, np.integer)) and not isinstance(x, bool) and x >= minimum
 
 
 def check_route(route: str) -> None:

@@ -32,7 +32,7 @@ from kstep_adam._comm import NetworkModel
 from kstep_adam._comm import comm_bytes
 from kstep_adam._dispatch import DispatchedStep
 from kstep_adam._schedule import MergeSchedule
-from kstep_adam._schedule import is_int_at_least
+from kstep_adam._validation import is_int_at_least
 
 AXIS_NAMES = ("node", "local")
 

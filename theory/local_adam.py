@@ -4,7 +4,7 @@ The published bound (arXiv 2409.13155, ICLR'25) is a high-probability
 ``O~(.)`` statement with **unspecified absolute constants and log factors**, so
 this module implements its *shape* times a single constant ``C`` that an
 experiment must calibrate on some runs and test on others. Nothing here is a
-certified upper bound. The statement, as recorded in ``DESIGN.md`` section 2
+certified upper bound. The statement, as summarized in ``docs/design.md`` §3
 (the search tool returned the abstract only, so the exact theorem and equation
 numbers could not be re-checked here):
 

@@ -19,7 +19,7 @@ tool available to this project returned only the abstracts of both papers, so
 the constants below are transcribed from the statements as they are commonly
 cited (Wang & Joshi's bound is restated as Theorem 1 of their AdaComm paper,
 arXiv 1810.08313) and could **not** be re-checked against the papers' text
-here. They agree with the DESIGN.md form ``O(D/(eta T) + eta L s2/N + eta^2 L^2 k s2)``.
+here. They agree with the usual form ``O(D/(eta T) + eta L s2/N + eta^2 L^2 k s2)`` (``docs/design.md`` §3).
 """
 
 from __future__ import annotations
@@ -180,7 +180,7 @@ def local_sgd_speedup_max_k(T: int, N: int, *, bound: str = "wang_joshi") -> flo
   With ``eta = sqrt(N/T)`` (units ``L = sigma = Delta = 1``) the leading terms are
   ``1/sqrt(NT)``. Wang & Joshi's ``k`` term ``eta^2 (k-1) = N (k-1)/T`` stays below them
   while ``k <= sqrt(T) / N^{3/2}``; Yu et al.'s ``4 eta^2 k^2 G^2`` term needs
-  ``k <= T^{1/4} / N^{3/4}`` (the figure DESIGN.md quotes). Derived in
+  ``k <= T^{1/4} / N^{3/4}`` (the range usually quoted). Derived in
   ``theory/derivations.md``, section 1.3.
 
   Args:

@@ -1,6 +1,6 @@
 """The CTR trainer: data-parallel dense layers, a synchronous sparse tier, comm accounting.
 
-Each step (DESIGN.md section 1, "the pass workflow", one mini-batch at a time):
+Each step (the pass workflow of `docs/design.md` §1.1, one mini-batch at a time):
 
 1. every worker takes its shard of the global batch (read by a background thread);
 2. the keys of all workers are hashed to rows and deduplicated together (reader thread);

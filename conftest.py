@@ -1,4 +1,4 @@
-"""Test configuration: 8 simulated CPU devices for every test in the suite.
+"""Test configuration: 8 simulated CPU devices for every test and doctest in the suite.
 
 The flag must be set before the JAX backend starts, so it lives here.
 """

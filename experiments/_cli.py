@@ -1,0 +1,139 @@
+"""Command lines generated from frozen config dataclasses: one source for defaults and help.
+
+Every experiment's configuration is a frozen dataclass whose docstring has an ``Attributes:``
+section. :func:`add_config_args` turns its fields into ``--flags`` (``learning_rate`` becomes
+``--learning-rate``; short aliases such as ``--lr`` are opt-in), with the field's type, default,
+allowed choices (``dataclasses.field(metadata={"choices": ...})``) and the docstring's text as
+help. :func:`config_from_args` builds the config back, so the dataclass's own validation runs on
+whatever the user typed. Nothing is declared twice.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import re
+import types
+import typing
+from collections.abc import Iterable
+from collections.abc import Mapping
+
+
+def field_docs(cls: type) -> dict[str, str]:
+  """The one-paragraph description of each field in ``cls``'s ``Attributes:`` docstring section.
+
+  Examples:
+    >>> @dataclasses.dataclass(frozen=True)
+    ... class C:
+    ...   '''A config.
+    ...
+    ...   Attributes:
+    ...     lr: learning rate,
+    ...       a float.
+    ...   '''
+    ...   lr: float = 0.1
+    >>> field_docs(C)
+    {'lr': 'learning rate, a float.'}
+  """
+  doc = cls.__doc__ or ""
+  match = re.search(r"^(\s*)Attributes:\s*$", doc, flags=re.MULTILINE)
+  if not match:
+    return {}
+  docs: dict[str, list[str]] = {}
+  current, entry_indent = None, None
+  for line in doc[match.end() :].splitlines():
+    if not line.strip():
+      continue
+    indent = len(line) - len(line.lstrip())
+    if entry_indent is None:
+      entry_indent = indent
+    if indent < entry_indent:
+      break
+    m = re.match(r"\s*([A-Za-z_]\w*)\s*(?:\([^)]*\))?:\s*(.*)$", line)
+    if indent == entry_indent and m:
+      current = m.group(1)
+      docs[current] = [m.group(2)]
+    elif current is not None:
+      docs[current].append(line.strip())
+  # Help text is plain text: drop reST literal markup; argparse reads % as a format.
+  return {
+    name: " ".join(parts).strip().replace("``", "").replace("%", "%%")
+    for name, parts in docs.items()
+  }
+
+
+def _base_type(hint) -> tuple[type, bool]:
+  """``(type, optional)`` for ``int``, ``float``, ``str``, ``bool`` and ``X | None``."""
+  origin = typing.get_origin(hint)
+  if origin in (typing.Union, types.UnionType):
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if len(args) == 1:
+      return args[0], True
+    raise TypeError(f"unsupported config field type {hint!r}")
+  return hint, False
+
+
+def _optional(parse):
+  def parse_optional(text: str):
+    return None if text.lower() == "none" else parse(text)
+
+  parse_optional.__name__ = getattr(parse, "__name__", "value")
+  return parse_optional
+
+
+def flag_name(field_name: str) -> str:
+  """``learning_rate`` -> ``--learning-rate``."""
+  return "--" + field_name.replace("_", "-")
+
+
+def add_config_args(
+  parser: argparse.ArgumentParser | argparse._ArgumentGroup,
+  cls: type,
+  *,
+  aliases: Mapping[str, Iterable[str]] | None = None,
+  exclude: Iterable[str] = (),
+  defaults: Mapping[str, object] | None = None,
+) -> None:
+  """Add one ``--flag`` per field of the dataclass ``cls`` to ``parser``.
+
+  Args:
+    parser: a parser or an argument group.
+    cls: a dataclass whose fields are ``int``, ``float``, ``str``, ``bool`` or ``X | None``.
+    aliases: extra flag spellings per field, e.g. ``{"learning_rate": ["--lr"]}``.
+    exclude: fields that get no flag (set by the program itself).
+    defaults: defaults that differ from the dataclass's (e.g. a quicker entry point).
+
+  Raises:
+    TypeError: a field has a type this generator does not handle.
+  """
+  aliases = dict(aliases or {})
+  defaults = dict(defaults or {})
+  docs = field_docs(cls)
+  hints = typing.get_type_hints(cls)
+  for field in dataclasses.fields(cls):
+    if field.name in exclude or not field.init:
+      continue
+    base, optional = _base_type(hints[field.name])
+    default = defaults.get(field.name, field.default)
+    if default is dataclasses.MISSING and field.default_factory is not dataclasses.MISSING:
+      default = field.default_factory()
+    names = [flag_name(field.name), *aliases.get(field.name, ())]
+    kwargs: dict = {"dest": field.name, "default": default, "help": docs.get(field.name, "")}
+    if base is bool:
+      kwargs["action"] = argparse.BooleanOptionalAction
+    elif base in (int, float, str):
+      kwargs["type"] = _optional(base) if optional else base
+      kwargs["metavar"] = base.__name__.upper() + ("|none" if optional else "")
+      if "choices" in field.metadata:
+        kwargs["choices"] = tuple(field.metadata["choices"])
+        kwargs.pop("metavar")
+    else:
+      raise TypeError(f"{cls.__name__}.{field.name}: unsupported type {hints[field.name]!r}")
+    parser.add_argument(*names, **kwargs)
+
+
+def config_from_args(cls: type, args: argparse.Namespace, **overrides):
+  """Build ``cls`` from the parsed flags (fields without a flag keep their default)."""
+  values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}
+  values.update(overrides)
+  return cls(**values)

@@ -1,0 +1,89 @@
+"""Argument checks shared by every layer of the package, each written once.
+
+Every public entry point validates its arguments with these helpers, so a bad value gets the
+same kind of message everywhere: ``ValueError`` naming the parameter, what is allowed and what
+was given. Bools are never counts, and NumPy scalars count as numbers.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+
+def is_int_at_least(x: Any, minimum: int) -> bool:
+  """Whether ``x`` is a Python or NumPy int (not a bool) with ``x >= minimum``."""
+  return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_)) and x >= minimum
+
+
+def check_int(value: Any, name: str, *, minimum: int = 1, maximum: int | None = None) -> int:
+  """Return ``value`` as an int, or raise ValueError naming ``name`` and the allowed range.
+
+  Examples:
+    >>> check_int(3, "k")
+    3
+    >>> check_int(True, "k")
+    Traceback (most recent call last):
+    ...
+    ValueError: k must be an int >= 1, got True
+  """
+  allowed = f"an int >= {minimum}" if maximum is None else f"an int in [{minimum}, {maximum}]"
+  if not is_int_at_least(value, minimum) or (maximum is not None and value > maximum):
+    raise ValueError(f"{name} must be {allowed}, got {value!r}")
+  return int(value)
+
+
+def check_float(
+  value: Any,
+  name: str,
+  *,
+  low: float | None = None,
+  high: float | None = None,
+  low_open: bool = False,
+  high_open: bool = False,
+) -> float:
+  """Return ``value`` as a finite float within the bounds, or raise ValueError naming it.
+
+  Args:
+    value: the number to check (a Python or NumPy real scalar; bools are refused).
+    name: the parameter's name, used in the message.
+    low: smallest allowed value (None: unbounded below).
+    high: largest allowed value (None: unbounded above).
+    low_open: exclude ``low`` itself.
+    high_open: exclude ``high`` itself.
+
+  Returns:
+    ``float(value)``.
+
+  Examples:
+    >>> check_float(0.9, "b1", low=0.0, high=1.0, high_open=True)
+    0.9
+    >>> check_float(1.0, "b1", low=0.0, high=1.0, high_open=True)
+    Traceback (most recent call last):
+    ...
+    ValueError: b1 must be a finite number in [0.0, 1.0), got 1.0
+  """
+  ok = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(
+    value, (bool, np.bool_)
+  )
+  x = float(value) if ok else math.nan
+  if ok and math.isfinite(x):
+    ok = (low is None or (x > low if low_open else x >= low)) and (
+      high is None or (x < high if high_open else x <= high)
+    )
+  else:
+    ok = False
+  if not ok:
+    lo = "(-inf" if low is None else ("(" if low_open else "[") + repr(float(low))
+    hi = "inf)" if high is None else repr(float(high)) + (")" if high_open else "]")
+    raise ValueError(f"{name} must be a finite number in {lo}, {hi}, got {value!r}")
+  return x
+
+
+def check_choice(value: Any, name: str, allowed: tuple) -> Any:
+  """Return ``value`` if it is one of ``allowed``, else raise ValueError listing them."""
+  if value not in allowed:
+    raise ValueError(f"{name} must be one of {allowed!r}, got {value!r}")
+  return value
