@@ -1,10 +1,20 @@
 """kstep_adam: communication-efficient adaptive optimizers for data-parallel JAX.
 
+The optimizer core (this module's names and :mod:`kstep_adam.parallel`) needs only JAX, optax
+and NumPy. The subpackages :mod:`kstep_adam.embedding` (TensorStore) and :mod:`kstep_adam.ctr`
+(flax, TensorStore) are imported on first use, ``kstep_adam.ctr`` or
+``from kstep_adam import ctr``, so that ``import kstep_adam`` never loads their dependencies;
+install them with the ``embedding`` and ``ctr`` extras. Imports run one way: the core imports
+no subpackage, ``embedding`` imports only the core, ``ctr`` imports both.
+
 The public API is re-exported here, one name per line.
 """
 
-from kstep_adam import ctr
-from kstep_adam import embedding
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
 from kstep_adam import parallel
 from kstep_adam._baselines import DiLoCoState
 from kstep_adam._baselines import diloco
@@ -24,12 +34,38 @@ from kstep_adam._merge import tree_mean
 from kstep_adam._schedule import MergeSchedule
 from kstep_adam._schedule import merge_schedule
 
+if TYPE_CHECKING:  # Loaded lazily at run time, see __getattr__.
+  from kstep_adam import ctr as ctr
+  from kstep_adam import embedding as embedding
+
 __version__ = "0.1.0"
+
+# Subpackages with optional dependencies, imported on first attribute access (PEP 562). They
+# are not in __all__, so `from kstep_adam import *` does not import them either.
+_LAZY_SUBPACKAGES = ("ctr", "embedding")
+
+
+def __getattr__(name: str):
+  if name not in _LAZY_SUBPACKAGES:
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+  try:
+    return importlib.import_module(f"{__name__}.{name}")  # also binds it as an attribute
+  except ModuleNotFoundError as e:
+    if e.name is None or e.name.split(".")[0] == __name__:
+      raise
+    raise ModuleNotFoundError(
+      f"kstep_adam.{name} needs {e.name!r}, which is not installed; "
+      f"install the extra: pip install 'kstep_adam[{name}]'",
+      name=e.name,
+    ) from e
+
+
+def __dir__() -> list[str]:
+  return sorted([*globals(), *_LAZY_SUBPACKAGES])
+
 
 __all__ = [
   "__version__",
-  "ctr",
-  "embedding",
   "parallel",
   "DiLoCoState",
   "diloco",

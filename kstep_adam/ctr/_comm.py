@@ -19,13 +19,15 @@ from __future__ import annotations
 import jax
 import numpy as np
 
-import kstep_adam
+from kstep_adam._comm import CommCost
+from kstep_adam._comm import NetworkModel
+from kstep_adam._comm import merge_bytes
 from kstep_adam.ctr._config import TrainConfig
 
 
-def network_model(config: TrainConfig) -> kstep_adam.NetworkModel:
+def network_model(config: TrainConfig) -> NetworkModel:
   """The configured links: ``'local'`` (intra-node) and ``'node'`` (inter-node)."""
-  return kstep_adam.NetworkModel(
+  return NetworkModel(
     bandwidth_bytes_per_s={
       "local": config.intra_node_gbps * 1e9 / 8,
       "node": config.inter_node_gbps * 1e9 / 8,
@@ -54,7 +56,7 @@ class CommMeter:
 
   def add_step(self, step: int, num_unique: int, compute_seconds: float | None) -> None:
     """Count step ``step`` (1-based); ``compute_seconds`` None for a step that compiled."""
-    cost = kstep_adam.merge_bytes(self._params, self._schedule, self._mesh, step=step)
+    cost = merge_bytes(self._params, self._schedule, self._mesh, step=step)
     self._dense = cost if self._dense is None else self._dense + cost
     nbytes = 2 * num_unique * self._row_bytes
     self._sparse_bytes += nbytes
@@ -63,8 +65,8 @@ class CommMeter:
     if compute_seconds is not None:
       self._compute[cost.total_bytes > 0].append(compute_seconds)
 
-  def _sparse_cost(self) -> kstep_adam.CommCost:
-    return kstep_adam.CommCost(
+  def _sparse_cost(self) -> CommCost:
+    return CommCost(
       {"node": self._sparse_node_bytes, "local": 0.0}, {"node": self._sparse_messages, "local": 0}
     )
 

@@ -28,8 +28,10 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-import kstep_adam
 from kstep_adam import parallel
+from kstep_adam._baselines import sync_adam
+from kstep_adam._kstep_adam import kstep_adam
+from kstep_adam._schedule import merge_schedule
 from kstep_adam.ctr import _step
 from kstep_adam.ctr._comm import CommMeter
 from kstep_adam.ctr._config import TrainConfig
@@ -47,11 +49,11 @@ AXES = parallel.AXIS_NAMES
 def make_optimizer(config: TrainConfig):
   """The dense optimizer and the merge schedule it runs (used for byte accounting)."""
   if config.optimizer == "sync_adam":
-    schedule = kstep_adam.merge_schedule(1, axis_name=AXES, sync="grads", allowed_states=("grads",))
-    return kstep_adam.sync_adam(config.learning_rate, axis_name=AXES), schedule
+    schedule = merge_schedule(1, axis_name=AXES, sync="grads", allowed_states=("grads",))
+    return sync_adam(config.learning_rate, axis_name=AXES), schedule
   k = config.k if config.merge == "global" else {"node": config.k, "local": 1}
-  schedule = kstep_adam.merge_schedule(k, axis_name=AXES, sync=config.sync)
-  return kstep_adam.kstep_adam(config.learning_rate, schedule), schedule
+  schedule = merge_schedule(k, axis_name=AXES, sync=config.sync)
+  return kstep_adam(config.learning_rate, schedule), schedule
 
 
 def _num_steps(config: TrainConfig, source: DataSource) -> int:
