@@ -30,11 +30,7 @@ import numpy as np  # noqa: E402
 import kstep_adam  # noqa: E402
 from kstep_adam import parallel  # noqa: E402
 
-# Per-device link bandwidth and per-message latency (illustrative: NVLink vs 100 Gb/s NIC).
-NETWORK = kstep_adam.NetworkModel(
-  bandwidth_bytes_per_s={"local": 150e9, "node": 12.5e9},
-  latency_s={"local": 5e-6, "node": 25e-6},
-)
+NETWORK = kstep_adam.NETWORKS["nvlink+100g"]  # NVLink inside a node, 100 Gb/s NIC across
 FEATURES, HIDDEN = 16, 64
 
 
@@ -100,7 +96,7 @@ def main(argv=None):
   num_params = sum(np.size(x) for x in jax.tree.leaves(params))
   axes = ("node", "local")
   schedule = kstep_adam.merge_schedule({"node": args.k_node, "local": args.k_local}, axis_name=axes)
-  ddp_schedule = kstep_adam.merge_schedule(1, axis_name=axes, sync="grads")
+  ddp_schedule = kstep_adam.sync_schedule(axes)
   print(
     f"mesh {dict(mesh.shape)} on {jax.devices()[0].platform}; MLP with {num_params} params; "
     f"{steps} steps, global batch {args.batch_size}"
@@ -113,7 +109,7 @@ def main(argv=None):
       kstep_adam.kstep_adam(args.lr, schedule),
       schedule,
     ),
-    ("sync_adam (DDP)", kstep_adam.sync_adam(args.lr, axis_name=axes), ddp_schedule),
+    ("sync_adam (DDP)", kstep_adam.sync_adam(args.lr, ddp_schedule), ddp_schedule),
   ]:
     print(name)
     start = time.perf_counter()

@@ -20,10 +20,12 @@ from kstep_adam._baselines import DiLoCoState
 from kstep_adam._baselines import diloco
 from kstep_adam._baselines import local_sgd
 from kstep_adam._baselines import sync_adam
+from kstep_adam._comm import NETWORKS
 from kstep_adam._comm import CommCost
 from kstep_adam._comm import NetworkModel
 from kstep_adam._comm import comm_bytes
 from kstep_adam._comm import merge_bytes
+from kstep_adam._comm import node_local_network
 from kstep_adam._kstep_adam import ScaleByKStepAdamState
 from kstep_adam._kstep_adam import kstep_adam
 from kstep_adam._kstep_adam import scale_by_kstep_adam
@@ -33,6 +35,7 @@ from kstep_adam._merge import merge_params
 from kstep_adam._merge import tree_mean
 from kstep_adam._schedule import MergeSchedule
 from kstep_adam._schedule import merge_schedule
+from kstep_adam._schedule import sync_schedule
 
 if TYPE_CHECKING:  # Loaded lazily at run time, see __getattr__.
   from kstep_adam import ctr as ctr
@@ -71,10 +74,12 @@ __all__ = [
   "diloco",
   "local_sgd",
   "sync_adam",
+  "NETWORKS",
   "CommCost",
   "NetworkModel",
   "comm_bytes",
   "merge_bytes",
+  "node_local_network",
   "ScaleByKStepAdamState",
   "kstep_adam",
   "scale_by_kstep_adam",
@@ -84,4 +89,5 @@ __all__ = [
   "tree_mean",
   "MergeSchedule",
   "merge_schedule",
+  "sync_schedule",
 ]

@@ -1,7 +1,9 @@
 """Baselines in the k-step family: synchronous Adam (DDP), local SGD and DiLoCo.
 
 They share the merge schedule, the collectives and the harness with :func:`kstep_adam`, so
-their communication is counted the same way.
+their communication is counted the same way. Each takes the :class:`MergeSchedule` it runs
+(``sync_schedule(...)`` for DDP, ``merge_schedule(...)`` for the others): build it once, pass
+it to the optimizer and to :func:`kstep_adam.comm_bytes`.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from kstep_adam._schedule import merge_schedule
 
 def sync_adam(
   learning_rate: optax.ScalarOrSchedule,
+  schedule: MergeSchedule | None = None,
   *,
   axis_name: str | Sequence[str] | None = None,
   b1: float = 0.9,
@@ -43,6 +46,9 @@ def sync_adam(
 
   Args:
     learning_rate: a float or an optax schedule.
+    schedule: the :class:`MergeSchedule` to run, from :func:`kstep_adam.sync_schedule`
+      (then ``axis_name`` and ``route`` are taken from it); pass the same object to the byte
+      accounting. None builds ``sync_schedule(axis_name, route=route)``.
     axis_name: mesh axis or axes to average gradients over; None: plain ``optax.adam``.
     b1: decay rate of the first moment.
     b2: decay rate of the second moment.
@@ -52,16 +58,32 @@ def sync_adam(
     route: ``'hierarchical'`` or ``'flat'`` routing of a multi-axis mean.
 
   Returns:
-    An ``optax.GradientTransformation``. Its bytes are counted with
-    ``merge_schedule(1, axis_name=..., sync='grads')``.
+    An ``optax.GradientTransformation``.
 
   Examples:
     >>> import kstep_adam
     >>> tx = kstep_adam.sync_adam(1e-3)  # without an axis this is optax.adam(1e-3)
+    >>> schedule = kstep_adam.sync_schedule(("node", "local"))  # built once: optimizer
+    >>> tx = kstep_adam.sync_adam(1e-3, schedule)  # and byte accounting share it
   """
+  if schedule is not None and not isinstance(schedule, MergeSchedule):
+    raise ValueError(
+      f"schedule must be None or a MergeSchedule from kstep_adam.sync_schedule(...), "
+      f"got {schedule!r}"
+    )
   schedule = merge_schedule(
-    1, axis_name=axis_name, sync="grads", route=route, allowed_states=("grads",)
+    1 if schedule is None else schedule,
+    axis_name=axis_name,
+    sync="grads",
+    route=route,
+    allowed_states=("grads",),
+    period_name="schedule",
   )
+  if any(period != 1 for period in schedule.axis_periods):
+    raise ValueError(
+      f"sync_adam averages gradients every step: its schedule needs period 1 on every axis, "
+      f"got axis_periods={schedule.axis_periods!r}; build it with kstep_adam.sync_schedule"
+    )
 
   def mean_grads(updates, params=None):
     del params
@@ -93,7 +115,9 @@ def local_sgd(
 
   Args:
     learning_rate: a float or an optax schedule.
-    k: merge period, per-axis periods, or a :class:`MergeSchedule` over ``'params'``.
+    k: merge period, per-axis periods, or a :class:`MergeSchedule` over ``'params'``
+      (``merge_schedule(k, axis_name=...)``, built once and passed also to the byte
+      accounting; then ``axis_name`` and ``route`` are taken from it).
     momentum: heavy-ball momentum as in ``optax.sgd``; None disables it.
     nesterov: use Nesterov momentum.
     axis_name: mesh axis or axes to average over; None: plain ``optax.sgd``.
@@ -145,7 +169,9 @@ def diloco(
   The inner optimizer (Adam by default) keeps its state local across rounds.
 
   Args:
-    inner_steps: H, per-axis periods, or a :class:`MergeSchedule` over ``'delta'``.
+    inner_steps: H, per-axis periods, or a :class:`MergeSchedule` over ``'delta'``
+      (``merge_schedule(H, axis_name=..., sync='delta')``, built once and passed also to the
+      byte accounting; then ``axis_name`` and ``route`` are taken from it).
     inner: inner optimizer; None uses ``optax.adam(inner_learning_rate)``.
     inner_learning_rate: learning rate of the default inner Adam.
     outer_learning_rate: outer SGD learning rate (0.7 in the paper).

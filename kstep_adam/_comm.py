@@ -15,7 +15,8 @@ parallel):
   messages are charged to the outermost axis, whose links bound the ring.
 
 Bytes and messages are counted on the axis whose links carry them: ``'local'`` (intra-node,
-e.g. NVLink) or ``'node'`` (inter-node network).
+e.g. NVLink) or ``'node'`` (inter-node network). A :class:`NetworkModel` turns them into
+seconds; the named networks every experiment uses are defined once, in :data:`NETWORKS`.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
+import types
 from collections.abc import Mapping
 
 import jax
@@ -222,3 +224,53 @@ class NetworkModel:
   def seconds(self, cost: CommCost) -> float:
     """Estimated seconds for ``cost`` (sum over axes)."""
     return float(sum(self.seconds_by_axis(cost).values()))
+
+
+def node_local_network(
+  *,
+  intra_node_gbps: float,
+  inter_node_gbps: float,
+  intra_node_latency_us: float,
+  inter_node_latency_us: float,
+) -> NetworkModel:
+  """A two-level network over the ``('node', 'local')`` mesh, in the units links are sold in.
+
+  Args:
+    intra_node_gbps: per-device bandwidth of the intra-node (``'local'``) links, Gbit/s.
+    inter_node_gbps: per-device bandwidth of the inter-node (``'node'``) links, Gbit/s.
+    intra_node_latency_us: latency per intra-node message, microseconds.
+    inter_node_latency_us: latency per inter-node message, microseconds.
+
+  Returns:
+    A :class:`NetworkModel` with bandwidths in bytes/s and latencies in seconds.
+
+  Examples:
+    >>> net = node_local_network(
+    ...   intra_node_gbps=800, inter_node_gbps=80, intra_node_latency_us=1, inter_node_latency_us=10
+    ... )
+    >>> net.bandwidth_bytes_per_s["node"], net.latency_s["node"]
+    (10000000000.0, 1e-05)
+  """
+  return NetworkModel(
+    bandwidth_bytes_per_s={"local": intra_node_gbps * 1e9 / 8, "node": inter_node_gbps * 1e9 / 8},
+    latency_s={"local": intra_node_latency_us / 1e6, "node": inter_node_latency_us / 1e6},
+  )
+
+
+# Named networks, defined once: demo, benchmarks and the CTR trainer's defaults use these.
+NETWORKS: Mapping[str, NetworkModel] = types.MappingProxyType(
+  {
+    # A V100-era GPU node like those of the paper's system: NVLink 2 gives each GPU
+    # 6 links x 25 GB/s = 150 GB/s (1200 Gbit/s) per direction, and each GPU has its own
+    # 100 Gbit/s NIC (InfiniBand EDR / RoCE), as on DGX-class machines. The latencies are
+    # per ring step of a collective, not the wire alone: a few microseconds of kernel launch
+    # and synchronization inside a node, plus NIC, switch and proxy-thread hops across nodes.
+    # Illustrative orders of magnitude for the time model, not a measurement.
+    "nvlink+100g": node_local_network(
+      intra_node_gbps=1200.0,
+      inter_node_gbps=100.0,
+      intra_node_latency_us=5.0,
+      inter_node_latency_us=20.0,
+    ),
+  }
+)

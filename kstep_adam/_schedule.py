@@ -235,3 +235,30 @@ def merge_schedule(
   axis_periods = _normalize_k(k, axis_names, period_name)
   state_periods = _normalize_sync(sync, allowed_states)
   return MergeSchedule(axis_names, axis_periods, state_periods, route, mu_name)
+
+
+def sync_schedule(
+  axis_name: str | Sequence[str] | None = None, *, route: str = "hierarchical"
+) -> MergeSchedule:
+  """The merge schedule of synchronous data parallelism: gradients over all axes, every step.
+
+  Build it once and pass it to :func:`kstep_adam.sync_adam` and to the byte accounting, as
+  with :func:`merge_schedule` for the k-step optimizers, so the two cannot disagree.
+
+  Args:
+    axis_name: mesh axis or axes (outermost first) to average gradients over; None: never.
+    route: ``'hierarchical'`` or ``'flat'`` routing of a multi-axis mean.
+
+  Returns:
+    ``merge_schedule(1, axis_name=axis_name, sync='grads', route=route)``.
+
+  Examples:
+    >>> import kstep_adam
+    >>> schedule = kstep_adam.sync_schedule(("node", "local"))
+    >>> tx = kstep_adam.sync_adam(1e-3, schedule)
+    >>> schedule.states(), schedule.axis_periods
+    (('grads',), (1, 1))
+  """
+  return merge_schedule(
+    1, axis_name=axis_name, sync="grads", route=route, allowed_states=("grads",)
+  )

@@ -32,6 +32,17 @@ def test_sync_adam_matches_numpy_and_keeps_replicas_equal():
     np.testing.assert_allclose(np.ptp(g, axis=0), 0.0, atol=1e-6)
 
 
+def test_sync_adam_runs_the_schedule_it_is_given():
+  mesh = parallel.make_mesh(2, 4)
+  data = worker_data(mesh.size, 3)
+  schedule = kstep_adam.sync_schedule(NODE_LOCAL, route="flat")
+  assert schedule == kstep_adam.merge_schedule(1, axis_name=NODE_LOCAL, sync="grads", route="flat")
+  got, _ = run_harness(kstep_adam.sync_adam(0.05, schedule), mesh, data)
+  want, _ = run_harness(kstep_adam.sync_adam(0.05, axis_name=NODE_LOCAL, route="flat"), mesh, data)
+  for g, w in zip(got, want, strict=True):
+    np.testing.assert_array_equal(g, w)
+
+
 def test_sync_adam_without_axis_is_optax_adam():
   params = init_params()
   ours, theirs = kstep_adam.sync_adam(0.1), optax.adam(0.1)
@@ -104,6 +115,19 @@ def test_diloco_on_one_worker_still_takes_outer_steps(inner_steps):
       ),
       "averages 'nu', which this optimizer does not have",
     ),
+    (
+      lambda: kstep_adam.sync_adam(0.1, kstep_adam.merge_schedule(2, axis_name="w", sync="grads")),
+      r"needs period 1 on every axis, got axis_periods=\(2,\)",
+    ),
+    (
+      lambda: kstep_adam.sync_adam(0.1, kstep_adam.merge_schedule(1, axis_name="w")),
+      "averages 'params', which this optimizer does not have",
+    ),
+    (
+      lambda: kstep_adam.sync_adam(0.1, kstep_adam.sync_schedule("w"), axis_name="w"),
+      "pass either a MergeSchedule as schedule or axis_name",
+    ),
+    (lambda: kstep_adam.sync_adam(0.1, 1), "schedule must be None or a MergeSchedule"),
   ],
 )
 def test_baselines_reject_bad_arguments(make, match):

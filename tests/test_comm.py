@@ -95,6 +95,18 @@ def test_network_model_turns_bytes_into_seconds():
   assert net.seconds(cost) == pytest.approx(3.0001)
 
 
+def test_named_network_is_the_ctr_default_and_built_by_the_one_constructor():
+  from kstep_adam import ctr
+  from kstep_adam.ctr._comm import network_model
+
+  net = kstep_adam.NETWORKS["nvlink+100g"]
+  assert net.bandwidth_bytes_per_s == {"local": 150e9, "node": 12.5e9}
+  assert net.latency_s == {"local": 5e-6, "node": 20e-6}
+  assert network_model(ctr.TrainConfig()) == net
+  with pytest.raises(TypeError):
+    kstep_adam.NETWORKS["mine"] = net  # shared by every caller: read-only
+
+
 @pytest.mark.parametrize(
   "make,match",
   [

@@ -205,6 +205,20 @@ def test_counted_bytes_equal_the_collectives_in_the_compiled_program():
   assert at_local["node"] == 0
 
 
+@pytest.mark.parametrize("route", ["hierarchical", "flat"])
+def test_ddp_counted_bytes_equal_the_collectives_in_the_compiled_program(route):
+  """sync_adam runs the schedule it is given, the one the accounting reads: same bytes."""
+  mesh = parallel.make_mesh(2, 4)
+  schedule = kstep_adam.sync_schedule(NODE_LOCAL, route=route)
+  blocks = _computations(_compiled_hlo(kstep_adam.sync_adam(0.1, schedule), mesh))
+  entry = next(body for n, body in blocks.items() if n.startswith("ENTRY"))
+  counted = kstep_adam.merge_bytes(init_params(), schedule, mesh, step=1).bytes_by_axis
+  if route == "flat":  # one ring over all 8 devices, charged to the outer axis
+    assert _ring_bytes_by_group_size(entry) == {8: counted["node"]} and counted["local"] == 0
+  else:
+    assert _ring_bytes_by_group_size(entry) == {4: counted["local"], 2: counted["node"]}
+
+
 def test_sync_adam_all_reduces_in_the_main_computation():
   """Sanity check of the HLO parser: DDP communicates every step, outside any branch."""
   mesh = parallel.make_mesh(1, 4)

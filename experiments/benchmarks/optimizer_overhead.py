@@ -37,10 +37,7 @@ import kstep_adam  # noqa: E402
 from kstep_adam import parallel  # noqa: E402
 
 AXES = ("node", "local")
-NETWORK = kstep_adam.NetworkModel(
-  bandwidth_bytes_per_s={"local": 150e9, "node": 12.5e9},  # NVLink-class vs 100 Gb/s NIC.
-  latency_s={"local": 5e-6, "node": 25e-6},
-)
+NETWORK = kstep_adam.NETWORKS["nvlink+100g"]  # NVLink inside a node, 100 Gb/s NIC across
 
 
 def init_mlp(width: int, depth: int, seed: int = 0) -> dict:
@@ -190,7 +187,7 @@ def main(argv=None):
     "and estimated comm time per step on "
     f"{dict(NETWORK.bandwidth_bytes_per_s)} B/s:"
   )
-  ddp = kstep_adam.merge_schedule(1, axis_name=AXES, sync="grads")
+  ddp = kstep_adam.sync_schedule(AXES)
   for name, schedule in [("DDP (grads)", ddp)] + [
     (f"k={k}", kstep_adam.merge_schedule(k, axis_name=AXES)) for k in (1, 2, 4, 8, 16, 32)
   ]:

@@ -22,20 +22,17 @@ import numpy as np
 from kstep_adam._comm import CommCost
 from kstep_adam._comm import NetworkModel
 from kstep_adam._comm import merge_bytes
+from kstep_adam._comm import node_local_network
 from kstep_adam.ctr._config import TrainConfig
 
 
 def network_model(config: TrainConfig) -> NetworkModel:
   """The configured links: ``'local'`` (intra-node) and ``'node'`` (inter-node)."""
-  return NetworkModel(
-    bandwidth_bytes_per_s={
-      "local": config.intra_node_gbps * 1e9 / 8,
-      "node": config.inter_node_gbps * 1e9 / 8,
-    },
-    latency_s={
-      "local": config.intra_node_latency_us * 1e-6,
-      "node": config.inter_node_latency_us * 1e-6,
-    },
+  return node_local_network(
+    intra_node_gbps=config.intra_node_gbps,
+    inter_node_gbps=config.inter_node_gbps,
+    intra_node_latency_us=config.intra_node_latency_us,
+    inter_node_latency_us=config.inter_node_latency_us,
   )
 
 

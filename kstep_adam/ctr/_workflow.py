@@ -32,6 +32,7 @@ from kstep_adam import parallel
 from kstep_adam._baselines import sync_adam
 from kstep_adam._kstep_adam import kstep_adam
 from kstep_adam._schedule import merge_schedule
+from kstep_adam._schedule import sync_schedule
 from kstep_adam.ctr import _step
 from kstep_adam.ctr._comm import CommMeter
 from kstep_adam.ctr._config import TrainConfig
@@ -49,8 +50,8 @@ AXES = parallel.AXIS_NAMES
 def make_optimizer(config: TrainConfig):
   """The dense optimizer and the merge schedule it runs (used for byte accounting)."""
   if config.optimizer == "sync_adam":
-    schedule = merge_schedule(1, axis_name=AXES, sync="grads", allowed_states=("grads",))
-    return sync_adam(config.learning_rate, axis_name=AXES), schedule
+    schedule = sync_schedule(AXES)
+    return sync_adam(config.learning_rate, schedule), schedule
   k = config.k if config.merge == "global" else {"node": config.k, "local": 1}
   schedule = merge_schedule(k, axis_name=AXES, sync=config.sync)
   return kstep_adam(config.learning_rate, schedule), schedule
