@@ -22,6 +22,8 @@ from kstep_adam._merge import switch_merge
 from kstep_adam._merge import tree_mean
 from kstep_adam._schedule import MergeSchedule
 from kstep_adam._schedule import merge_schedule
+from kstep_adam._validation import check_float_dtype
+from kstep_adam._validation import check_hyperparameter
 
 
 def sync_adam(
@@ -45,15 +47,15 @@ def sync_adam(
   it is *not* ``kstep_adam(k=1)``, which averages parameters after local Adam steps.
 
   Args:
-    learning_rate: a float or an optax schedule.
+    learning_rate: a float >= 0 or an optax schedule (not checked until called).
     schedule: the :class:`MergeSchedule` to run, from :func:`kstep_adam.sync_schedule`
       (then ``axis_name`` and ``route`` are taken from it); pass the same object to the byte
       accounting. None builds ``sync_schedule(axis_name, route=route)``.
     axis_name: mesh axis or axes to average gradients over; None: plain ``optax.adam``.
-    b1: decay rate of the first moment.
-    b2: decay rate of the second moment.
-    eps: denominator term.
-    eps_root: term inside the root.
+    b1: decay rate of the first moment, in [0, 1).
+    b2: decay rate of the second moment, in [0, 1).
+    eps: denominator term, >= 0.
+    eps_root: term inside the root, >= 0.
     mu_dtype: dtype of the first moment.
     route: ``'hierarchical'`` or ``'flat'`` routing of a multi-axis mean.
 
@@ -66,6 +68,12 @@ def sync_adam(
     >>> schedule = kstep_adam.sync_schedule(("node", "local"))  # built once: optimizer
     >>> tx = kstep_adam.sync_adam(1e-3, schedule)  # and byte accounting share it
   """
+  check_hyperparameter(learning_rate, "learning_rate", low=0.0, schedule=True)
+  check_hyperparameter(b1, "b1", low=0.0, high=1.0, high_open=True)
+  check_hyperparameter(b2, "b2", low=0.0, high=1.0, high_open=True)
+  check_hyperparameter(eps, "eps", low=0.0)
+  check_hyperparameter(eps_root, "eps_root", low=0.0)
+  check_float_dtype(mu_dtype, "mu_dtype")
   if schedule is not None and not isinstance(schedule, MergeSchedule):
     raise ValueError(
       f"schedule must be None or a MergeSchedule from kstep_adam.sync_schedule(...), "
@@ -114,11 +122,11 @@ def local_sgd(
   The momentum buffer stays local (it is never averaged).
 
   Args:
-    learning_rate: a float or an optax schedule.
+    learning_rate: a float >= 0 or an optax schedule (not checked until called).
     k: merge period, per-axis periods, or a :class:`MergeSchedule` over ``'params'``
       (``merge_schedule(k, axis_name=...)``, built once and passed also to the byte
       accounting; then ``axis_name`` and ``route`` are taken from it).
-    momentum: heavy-ball momentum as in ``optax.sgd``; None disables it.
+    momentum: heavy-ball momentum in [0, 1) as in ``optax.sgd``; None disables it.
     nesterov: use Nesterov momentum.
     axis_name: mesh axis or axes to average over; None: plain ``optax.sgd``.
     route: ``'hierarchical'`` or ``'flat'``.
@@ -129,6 +137,8 @@ def local_sgd(
   References:
     Stich, Local SGD Converges Fast and Communicates Little, https://arxiv.org/abs/1805.09767
   """
+  check_hyperparameter(learning_rate, "learning_rate", low=0.0, schedule=True)
+  check_hyperparameter(momentum, "momentum", low=0.0, high=1.0, high_open=True, allow_none=True)
   schedule = merge_schedule(
     k, axis_name=axis_name, sync="params", route=route, allowed_states=("params",)
   )
@@ -152,8 +162,8 @@ def diloco(
   *,
   inner: optax.GradientTransformation | None = None,
   inner_learning_rate: optax.ScalarOrSchedule = 1e-3,
-  outer_learning_rate: float = 0.7,
-  outer_momentum: float = 0.9,
+  outer_learning_rate: optax.ScalarOrSchedule = 0.7,
+  outer_momentum: float | None = 0.9,
   nesterov: bool = True,
   axis_name: str | Sequence[str] | None = None,
   route: str = "hierarchical",
@@ -173,9 +183,9 @@ def diloco(
       (``merge_schedule(H, axis_name=..., sync='delta')``, built once and passed also to the
       byte accounting; then ``axis_name`` and ``route`` are taken from it).
     inner: inner optimizer; None uses ``optax.adam(inner_learning_rate)``.
-    inner_learning_rate: learning rate of the default inner Adam.
-    outer_learning_rate: outer SGD learning rate (0.7 in the paper).
-    outer_momentum: outer momentum (0.9 in the paper).
+    inner_learning_rate: learning rate (>= 0, or a schedule) of the default inner Adam.
+    outer_learning_rate: outer SGD learning rate (>= 0, or a schedule; 0.7 in the paper).
+    outer_momentum: outer momentum in [0, 1) (0.9 in the paper); None disables it.
     nesterov: Nesterov outer momentum (True in the paper).
     axis_name: mesh axis or axes to average the delta over; None: one worker.
     route: ``'hierarchical'`` or ``'flat'``.
@@ -192,6 +202,13 @@ def diloco(
     Douillard et al., DiLoCo: Distributed Low-Communication Training of Language Models,
     https://arxiv.org/abs/2311.08105
   """
+  if inner is not None and not isinstance(inner, optax.GradientTransformation):
+    raise ValueError(f"inner must be None or an optax.GradientTransformation, got {inner!r}")
+  check_hyperparameter(inner_learning_rate, "inner_learning_rate", low=0.0, schedule=True)
+  check_hyperparameter(outer_learning_rate, "outer_learning_rate", low=0.0, schedule=True)
+  check_hyperparameter(
+    outer_momentum, "outer_momentum", low=0.0, high=1.0, high_open=True, allow_none=True
+  )
   schedule = merge_schedule(
     inner_steps,
     axis_name=axis_name,

@@ -6,7 +6,6 @@
 
 from __future__ import annotations
 
-import numbers
 from collections.abc import Mapping
 from collections.abc import Sequence
 from typing import Any
@@ -14,13 +13,15 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from kstep_adam._merge import merge_params
 from kstep_adam._merge import merge_tree
 from kstep_adam._schedule import MergeSchedule
 from kstep_adam._schedule import merge_schedule
+from kstep_adam._validation import check_choice
+from kstep_adam._validation import check_float_dtype
+from kstep_adam._validation import check_hyperparameter
 
 FORMS = ("adam", "local_adam")
 ADAM_STATES = ("params", "mu", "nu")  # what k-step Adam can average.
@@ -32,24 +33,6 @@ class ScaleByKStepAdamState(NamedTuple):
   count: jax.Array  # shape=(), int32; steps taken so far.
   mu: optax.Updates  # first moment, like params (dtype mu_dtype if given).
   nu: optax.Updates  # second moment, like params.
-
-
-def _check_clip(clip) -> None:
-  """Raise ValueError unless ``clip`` is None or a positive scalar (traced values pass)."""
-  if clip is None:
-    return
-  if (
-    isinstance(clip, (bool, np.bool_))
-    or np.ndim(clip) != 0
-    or not (isinstance(clip, numbers.Real) or hasattr(clip, "dtype"))
-  ):
-    raise ValueError(f"clip must be None or a positive float, got {clip!r}")
-  try:
-    value = float(clip)
-  except jax.errors.ConcretizationTypeError:  # traced under inject_hyperparams: unknowable.
-    return
-  if not value > 0:
-    raise ValueError(f"clip must be None or a positive float, got {clip!r}")
 
 
 def scale_by_kstep_adam(
@@ -83,10 +66,12 @@ def scale_by_kstep_adam(
   in Cheng & Glasgow's algorithm. Parameters are merged by :func:`kstep_adam`, not here.
 
   Args:
-    b1: decay rate of the first moment.
-    b2: decay rate of the second moment.
-    eps: added to the denominator (``'adam'``) or, squared, inside the root (``'local_adam'``).
-    eps_root: added inside the root (``'adam'`` form only, as in optax).
+    b1: decay rate of the first moment, in [0, 1).
+    b2: decay rate of the second moment, in [0, 1) (``'adam'`` divides by ``1 - b2^t``) or
+      [0, 1] (``'local_adam'``).
+    eps: added to the denominator (``'adam'``) or, squared, inside the root (``'local_adam'``);
+      >= 0.
+    eps_root: added inside the root (``'adam'`` form only, as in optax); >= 0.
     mu_dtype: dtype of the first moment; None keeps the params' dtype.
     form: ``'adam'`` (bias-corrected, as optax) or ``'local_adam'`` (Cheng & Glasgow).
     clip: coordinate-wise gradient clipping threshold ``rho``; None disables it.
@@ -98,6 +83,10 @@ def scale_by_kstep_adam(
   Returns:
     An ``optax.GradientTransformation`` with state :class:`ScaleByKStepAdamState`.
 
+  Raises:
+    ValueError: on an argument out of its range, at construction. Values that
+      ``optax.inject_hyperparams`` traces under ``jit`` are unknown then and are not checked.
+
   Examples:
     >>> import jax.numpy as jnp, kstep_adam
     >>> tx = kstep_adam.scale_by_kstep_adam()
@@ -107,13 +96,17 @@ def scale_by_kstep_adam(
     Cheng & Glasgow, Convergence of Distributed Adaptive Optimization with Local Updates,
     https://arxiv.org/abs/2409.13155
   """
-  if form not in FORMS:
-    raise ValueError(f"form must be one of {FORMS!r}, got {form!r}")
-  _check_clip(clip)
+  check_choice(form, "form", FORMS)
+  check_hyperparameter(b1, "b1", low=0.0, high=1.0, high_open=True)
+  # 'adam' divides by the bias correction 1 - b2^t, which b2 = 1 makes zero.
+  check_hyperparameter(b2, "b2", low=0.0, high=1.0, high_open=form == "adam")
+  check_hyperparameter(eps, "eps", low=0.0)
+  check_hyperparameter(eps_root, "eps_root", low=0.0)
+  check_hyperparameter(clip, "clip", low=0.0, low_open=True, allow_none=True)
+  mu_dtype = check_float_dtype(mu_dtype, "mu_dtype")
   schedule = merge_schedule(
     k, axis_name=axis_name, sync=sync, route=route, mu_dtype=mu_dtype, allowed_states=ADAM_STATES
   )
-  mu_dtype = None if mu_dtype is None else jnp.dtype(mu_dtype)
 
   def init_fn(params):
     return ScaleByKStepAdamState(
@@ -187,15 +180,16 @@ def kstep_adam(
   removes that by running a branch-free program on local steps.
 
   Args:
-    learning_rate: a float or an optax schedule.
+    learning_rate: a float >= 0 or an optax schedule (a schedule is not checked: its values
+      are known only when it is called).
     k: merge period in steps, per-axis periods ``{axis: k}``, or a :class:`MergeSchedule`
       (then ``axis_name``, ``sync``, ``route`` are taken from it; if it averages ``mu`` it
       must be built with the same ``mu_dtype``, so that byte counts are right). Under
       ``optax.inject_hyperparams`` pass ``static_args=('k',)``.
-    b1: decay rate of the first moment.
-    b2: decay rate of the second moment.
-    eps: denominator term, see :func:`scale_by_kstep_adam`.
-    eps_root: term inside the root (``'adam'`` form).
+    b1: decay rate of the first moment, in [0, 1).
+    b2: decay rate of the second moment, in [0, 1) (``'local_adam'``: [0, 1]).
+    eps: denominator term, see :func:`scale_by_kstep_adam`; >= 0.
+    eps_root: term inside the root (``'adam'`` form); >= 0.
     mu_dtype: dtype of the first moment.
     form: ``'adam'`` or ``'local_adam'`` (Cheng & Glasgow).
     clip: coordinate-wise gradient clipping threshold, or None.
@@ -206,6 +200,10 @@ def kstep_adam(
 
   Returns:
     An ``optax.GradientTransformation``; its ``update`` needs ``params``.
+
+  Raises:
+    ValueError: on an argument out of its range, at construction (schedules and values traced
+      under ``optax.inject_hyperparams`` excepted: they are unknown then).
 
   Examples:
     >>> import jax.numpy as jnp, optax, kstep_adam
@@ -219,6 +217,7 @@ def kstep_adam(
     Cheng & Glasgow, https://arxiv.org/abs/2409.13155;
     Iacob et al., DES-LOC, https://arxiv.org/abs/2505.22549
   """
+  check_hyperparameter(learning_rate, "learning_rate", low=0.0, schedule=True)
   schedule = merge_schedule(
     k, axis_name=axis_name, sync=sync, route=route, mu_dtype=mu_dtype, allowed_states=ADAM_STATES
   )

@@ -21,6 +21,7 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
+from kstep_adam._validation import check_float_dtype
 from kstep_adam._validation import is_int_at_least
 
 # Names of the pytrees a schedule may average. 'params', 'mu' and 'nu' belong to k-step Adam;
@@ -44,6 +45,9 @@ SYNC_PRESETS: dict[str, dict[str, int]] = {
 }
 
 ROUTES = ("hierarchical", "flat")
+
+# Steps are counted in int32 (as optax counts them), so no period may exceed its range.
+MAX_PERIOD = 2**31 - 1
 
 
 def check_route(route: str) -> None:
@@ -138,7 +142,7 @@ def normalize_axis_names(axis_name, name: str = "axis_name") -> tuple[str, ...]:
 
 def _normalize_k(k, axis_names: tuple[str, ...], name: str) -> tuple[int, ...]:
   if isinstance(k, Mapping):
-    if set(k) != set(axis_names):
+    if not axis_names or set(k) != set(axis_names):
       raise ValueError(
         f"{name} as a mapping needs exactly one period per axis of axis_name={axis_names!r}, got "
         f"keys {sorted(k)!r}"
@@ -147,12 +151,13 @@ def _normalize_k(k, axis_names: tuple[str, ...], name: str) -> tuple[int, ...]:
   else:
     values = [k] * max(len(axis_names), 1)
   for v in values:
-    if not is_int_at_least(v, 1):
+    if not is_int_at_least(v, 1) or v > MAX_PERIOD:
       hint = ""
       if hasattr(v, "shape"):
         hint = f" (under optax.inject_hyperparams pass static_args=('{name}',) or a MergeSchedule)"
       raise ValueError(
-        f"{name} must be a positive int or a mapping axis -> positive int, got {k!r}{hint}"
+        f"{name} must be a positive int (at most 2**31 - 1: steps are counted in int32) or a "
+        f"mapping axis -> such an int, got {k!r}{hint}"
       )
   return tuple(int(v) for v in values) if axis_names else ()
 
@@ -207,10 +212,13 @@ def merge_schedule(
     A frozen, hashable ``MergeSchedule``.
 
   Raises:
-    ValueError: on a non-positive or non-int period, an unknown sync option or route, or a
-      ``MergeSchedule`` that averages ``'mu'`` with another ``mu_dtype`` than the one given.
+    ValueError: on a period that is not an int in [1, 2**31 - 1] (also after multiplying by a
+      sync multiple: steps are counted in int32), an unknown sync option or route, a
+      ``mu_dtype`` that is not a floating dtype, or a ``MergeSchedule`` that averages ``'mu'``
+      with another ``mu_dtype`` than the one given.
   """
-  mu_name = None if mu_dtype is None else jnp.dtype(mu_dtype).name
+  mu_dtype = check_float_dtype(mu_dtype, "mu_dtype")
+  mu_name = None if mu_dtype is None else mu_dtype.name
   if isinstance(k, MergeSchedule):
     if axis_name is not None:
       raise ValueError(
@@ -234,6 +242,12 @@ def merge_schedule(
   axis_names = normalize_axis_names(axis_name)
   axis_periods = _normalize_k(k, axis_names, period_name)
   state_periods = _normalize_sync(sync, allowed_states)
+  for state, multiple in state_periods:
+    if any(k_axis * multiple > MAX_PERIOD for k_axis in axis_periods):
+      raise ValueError(
+        f"sync period for {state!r} is {multiple} x {period_name}={k!r}, beyond 2**31 - 1 "
+        f"steps (steps are counted in int32); use a smaller {period_name} or multiple"
+      )
   return MergeSchedule(axis_names, axis_periods, state_periods, route, mu_name)
 
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 
@@ -43,7 +45,8 @@ def check_float(
   high: float | None = None,
   low_open: bool = False,
   high_open: bool = False,
-) -> float:
+  allow_none: bool = False,
+) -> float | None:
   """Return ``value`` as a finite float within the bounds, or raise ValueError naming it.
 
   Args:
@@ -53,9 +56,10 @@ def check_float(
     high: largest allowed value (None: unbounded above).
     low_open: exclude ``low`` itself.
     high_open: exclude ``high`` itself.
+    allow_none: also accept None (returned as is).
 
   Returns:
-    ``float(value)``.
+    ``float(value)``, or None when ``allow_none`` and ``value`` is None.
 
   Examples:
     >>> check_float(0.9, "b1", low=0.0, high=1.0, high_open=True)
@@ -65,6 +69,8 @@ def check_float(
     ...
     ValueError: b1 must be a finite number in [0.0, 1.0), got 1.0
   """
+  if allow_none and value is None:
+    return None
   ok = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(
     value, (bool, np.bool_)
   )
@@ -78,8 +84,58 @@ def check_float(
   if not ok:
     lo = "(-inf" if low is None else ("(" if low_open else "[") + repr(float(low))
     hi = "inf)" if high is None else repr(float(high)) + (")" if high_open else "]")
-    raise ValueError(f"{name} must be a finite number in {lo}, {hi}, got {value!r}")
+    none = "None or " if allow_none else ""
+    raise ValueError(f"{name} must be {none}a finite number in {lo}, {hi}, got {value!r}")
   return x
+
+
+def check_hyperparameter(value: Any, name: str, *, schedule: bool = False, **bounds) -> None:
+  """Raise ValueError unless ``value`` is a real scalar within ``bounds`` (see :func:`check_float`).
+
+  Optimizer hyperparameters may arrive as 0-d arrays (``optax.inject_hyperparams`` passes them
+  so), checked by value; under ``jit`` they are tracers, whose value is unknown, and pass. With
+  ``schedule=True`` a callable passes too: a schedule's values are known only when it is
+  called, so they cannot be checked at construction.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> check_hyperparameter(jnp.float32(0.1), "learning_rate", low=0.0, schedule=True)
+    >>> check_hyperparameter(-1.0, "learning_rate", low=0.0, schedule=True)
+    Traceback (most recent call last):
+    ...
+    ValueError: learning_rate must be a finite number in [0.0, inf), got -1.0
+  """
+  if (schedule and callable(value)) or isinstance(value, jax.core.Tracer):
+    return
+  if (
+    hasattr(value, "dtype")
+    and np.ndim(value) == 0
+    and (jnp.issubdtype(value.dtype, jnp.floating) or jnp.issubdtype(value.dtype, jnp.integer))
+  ):
+    value = value.item()  # a 0-d NumPy or JAX array
+  check_float(value, name, **bounds)
+
+
+def check_float_dtype(value: Any, name: str) -> jnp.dtype | None:
+  """Return ``value`` as a floating ``jnp.dtype`` (None stays None), or raise ValueError.
+
+  Examples:
+    >>> check_float_dtype("bfloat16", "mu_dtype")
+    dtype(bfloat16)
+    >>> check_float_dtype("int32", "mu_dtype")
+    Traceback (most recent call last):
+    ...
+    ValueError: mu_dtype must be None or a floating dtype, got 'int32'
+  """
+  if value is None:
+    return None
+  try:
+    dtype = jnp.dtype(value)
+  except (TypeError, ValueError):
+    dtype = None
+  if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
+    raise ValueError(f"{name} must be None or a floating dtype, got {value!r}")
+  return dtype
 
 
 def check_choice(value: Any, name: str, allowed: tuple) -> Any:

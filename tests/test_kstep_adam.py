@@ -13,6 +13,8 @@ from _runs import worker_data
 
 import kstep_adam
 
+CLIP = r"clip must be None or a finite number in \(0.0, inf\)"
+
 
 def _params(dtype):
   rng = np.random.default_rng(0)
@@ -164,11 +166,11 @@ def test_scale_by_kstep_adam_state_fields():
     (dict(k=2, sync={"grads": 1}), "sync state 'grads' is unknown here"),
     (dict(k=2, route="ring"), "route must be one of"),
     (dict(k=2, form="adamw"), "form must be one of"),
-    (dict(k=2, clip=-1.0), "clip must be None or a positive float"),
-    (dict(k=2, clip=np.float32(-1.0)), "clip must be None or a positive float"),
-    (dict(k=2, clip=True), "clip must be None or a positive float"),
-    (dict(k=2, clip="0.5"), "clip must be None or a positive float"),
-    (dict(k=2, clip=np.ones(2)), "clip must be None or a positive float"),
+    (dict(k=2, clip=-1.0), CLIP),
+    (dict(k=2, clip=np.float32(-1.0)), CLIP),
+    (dict(k=2, clip=True), CLIP),
+    (dict(k=2, clip="0.5"), CLIP),
+    (dict(k=2, clip=np.ones(2)), CLIP),
     (dict(k=2, axis_name=("node", "node")), "repeated axes"),
     (dict(k=2, axis_name=""), "axis_name must be None"),
     (
@@ -186,3 +188,69 @@ def test_scale_by_kstep_adam_state_fields():
 def test_bad_arguments_raise_value_error(kwargs, match):
   with pytest.raises(ValueError, match=match):
     kstep_adam.kstep_adam(0.1, **kwargs)
+
+
+LR = r"learning_rate must be a finite number in \[0.0, inf\)"
+K = r"k must be a positive int \(at most 2\*\*31 - 1"
+
+
+@pytest.mark.parametrize(
+  "make,match",
+  [
+    (lambda: kstep_adam.kstep_adam(-1.0, 2), LR + ", got -1.0"),
+    (lambda: kstep_adam.kstep_adam(float("nan"), 2), LR + ", got nan"),
+    (lambda: kstep_adam.kstep_adam(float("inf"), 2), LR + ", got inf"),
+    (lambda: kstep_adam.kstep_adam(np.float32(-0.1), 2), LR),
+    (lambda: kstep_adam.kstep_adam(jnp.asarray(-0.1), 2), LR),
+    (lambda: kstep_adam.kstep_adam(True, 2), LR),
+    (lambda: kstep_adam.kstep_adam(0.1, 2, b1=1.0), r"b1 must be a finite number in \[0.0, 1.0\)"),
+    (lambda: kstep_adam.kstep_adam(0.1, 2, b1=-0.1), "b1 must be"),
+    (lambda: kstep_adam.kstep_adam(0.1, 2, b2=1.0), r"b2 must be a finite number in \[0.0, 1.0\)"),
+    (
+      lambda: kstep_adam.kstep_adam(0.1, 2, b2=1.5, form="local_adam"),
+      r"b2 must be a finite number in \[0.0, 1.0\]",
+    ),
+    (lambda: kstep_adam.kstep_adam(0.1, 2, eps=-1e-8), "eps must be"),
+    (lambda: kstep_adam.kstep_adam(0.1, 2, eps_root=float("nan")), "eps_root must be"),
+    (
+      lambda: kstep_adam.kstep_adam(0.1, 2, mu_dtype="int32"),
+      "mu_dtype must be None or a floating",
+    ),
+    (lambda: kstep_adam.kstep_adam(0.1, 2, mu_dtype="float33"), "mu_dtype must be None or a float"),
+    (lambda: kstep_adam.kstep_adam(0.1, 2**31, axis_name="w"), K),
+    (lambda: kstep_adam.kstep_adam(0.1, {"n": 2**31, "w": 1}, axis_name=("n", "w")), K),
+    (lambda: kstep_adam.kstep_adam(0.1, 2**31), K),  # ignored without an axis, still refused
+    (lambda: kstep_adam.kstep_adam(0.1, {}), "k as a mapping needs exactly one period per axis"),
+    (
+      lambda: kstep_adam.kstep_adam(0.1, 2**30, axis_name="w", sync="desloc"),
+      r"sync period for 'mu' is 3 x k=1073741824, beyond 2\*\*31 - 1",
+    ),
+    (lambda: kstep_adam.scale_by_kstep_adam(b1=1.0), "b1 must be"),
+    (lambda: kstep_adam.scale_by_kstep_adam(b2=1.0), "b2 must be"),
+    (lambda: kstep_adam.merge_schedule(2**31, axis_name="w"), K),
+    (lambda: kstep_adam.merge_schedule(2, mu_dtype="float33"), "mu_dtype must be None"),
+    (
+      lambda: optax.inject_hyperparams(kstep_adam.kstep_adam, static_args=("k",))(
+        learning_rate=-0.1, k=2
+      ).init({"w": jnp.ones(2)}),
+      LR,
+    ),
+  ],
+)
+def test_hyperparameters_out_of_range_raise_at_construction(make, match):
+  with pytest.raises(ValueError, match=match):
+    make()
+
+
+@pytest.mark.parametrize(
+  "make",
+  [
+    lambda: kstep_adam.kstep_adam(0.0, 2, b1=0.0),  # lr = 0 and b1 = 0 are legitimate
+    lambda: kstep_adam.kstep_adam(np.float32(0.1), 2**31 - 1, axis_name="w"),
+    lambda: kstep_adam.kstep_adam(0.1, 2, b2=1.0, form="local_adam"),  # v never updates
+    lambda: kstep_adam.kstep_adam(lambda step: -1.0, 2),  # a schedule is checked when called
+    lambda: kstep_adam.kstep_adam(0.1, 2, mu_dtype="bfloat16", eps=0.0, clip=np.float32(1.0)),
+  ],
+)
+def test_edge_values_in_range_are_accepted(make):
+  assert isinstance(make(), optax.GradientTransformation)
