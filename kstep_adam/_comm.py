@@ -31,7 +31,8 @@ import jax
 import numpy as np
 
 from kstep_adam._schedule import MergeSchedule
-from kstep_adam._validation import is_int_at_least
+from kstep_adam._validation import check_float
+from kstep_adam._validation import check_int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,7 +62,7 @@ class CommCost:
 
 def _axis_sizes(axis_sizes) -> dict[str, int]:
   shape = getattr(axis_sizes, "shape", axis_sizes)  # a jax Mesh has .shape: name -> size.
-  return {str(a): int(n) for a, n in dict(shape).items()}
+  return {str(a): check_int(n, f"axis_sizes[{a!r}]") for a, n in dict(shape).items()}
 
 
 def _checked_sizes(schedule: MergeSchedule, axis_sizes) -> dict[str, int]:
@@ -132,8 +133,7 @@ def merge_bytes(params, schedule: MergeSchedule, axis_sizes, *, step: int) -> Co
     >>> kstep_adam.merge_bytes({'w': np.zeros(10, np.float32)}, s, {'w': 2}, step=4).bytes_by_axis
     {'w': 40.0}
   """
-  if not is_int_at_least(step, 1):
-    raise ValueError(f"step must be a 1-based positive int, got {step!r}")
+  check_int(step, "step (1-based)")
   sizes = _checked_sizes(schedule, axis_sizes)
   total = _zero(schedule)
   for state in schedule.states():
@@ -157,8 +157,7 @@ def comm_bytes(params, schedule: MergeSchedule, axis_sizes, num_steps: int) -> C
   Returns:
     A :class:`CommCost` summed over the T steps.
   """
-  if not is_int_at_least(num_steps, 0):
-    raise ValueError(f"num_steps must be a non-negative int, got {num_steps!r}")
+  check_int(num_steps, "num_steps", minimum=0)
   sizes = _checked_sizes(schedule, axis_sizes)
   total = _zero(schedule)
   for state in schedule.states():
@@ -202,11 +201,9 @@ class NetworkModel:
 
   def __post_init__(self):
     for name, value in self.bandwidth_bytes_per_s.items():
-      if not value > 0:
-        raise ValueError(f"bandwidth_bytes_per_s[{name!r}] must be > 0, got {value!r}")
+      check_float(value, f"bandwidth_bytes_per_s[{name!r}]", low=0.0, low_open=True)
     for name, value in self.latency_s.items():
-      if not value >= 0:
-        raise ValueError(f"latency_s[{name!r}] must be >= 0, got {value!r}")
+      check_float(value, f"latency_s[{name!r}]", low=0.0)
 
   def seconds_by_axis(self, cost: CommCost) -> dict[str, float]:
     """Estimated seconds spent on each axis."""

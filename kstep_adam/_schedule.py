@@ -21,6 +21,7 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
+from kstep_adam._validation import check_choice
 from kstep_adam._validation import check_float_dtype
 from kstep_adam._validation import is_int_at_least
 
@@ -52,8 +53,7 @@ MAX_PERIOD = 2**31 - 1
 
 def check_route(route: str) -> None:
   """Raise ValueError unless ``route`` is one of :data:`ROUTES`."""
-  if route not in ROUTES:
-    raise ValueError(f"route must be one of {ROUTES!r}, got {route!r}")
+  check_choice(route, "route", ROUTES)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -32,7 +32,7 @@ from kstep_adam._comm import NetworkModel
 from kstep_adam._comm import comm_bytes
 from kstep_adam._dispatch import DispatchedStep
 from kstep_adam._schedule import MergeSchedule
-from kstep_adam._validation import is_int_at_least
+from kstep_adam._validation import check_int
 
 AXIS_NAMES = ("node", "local")
 
@@ -52,9 +52,8 @@ def make_mesh(
     A ``jax.sharding.Mesh`` with Explicit axis types (inputs to the step must be placed with
     ``NamedSharding``; :func:`replicate` and :func:`make_train_step` do it).
   """
-  for name, value in (("num_nodes", num_nodes), ("devices_per_node", devices_per_node)):
-    if not is_int_at_least(value, 1):
-      raise ValueError(f"{name} must be a positive int, got {value!r}")
+  check_int(num_nodes, "num_nodes")
+  check_int(devices_per_node, "devices_per_node")
   devices = list(jax.devices() if devices is None else devices)
   needed = num_nodes * devices_per_node
   if needed > len(devices):
@@ -102,6 +101,8 @@ def unreplicate(tree_W, worker: int = 0):
   Raises:
     ValueError: if that worker's shard lives in another process.
   """
+
+  check_int(worker, "worker", minimum=0)
 
   def fetch(x):
     for shard in x.addressable_shards:

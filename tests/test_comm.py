@@ -112,6 +112,17 @@ def test_named_network_is_the_ctr_default_and_built_by_the_one_constructor():
   [
     (lambda: kstep_adam.NetworkModel({"node": 0.0}), r"bandwidth_bytes_per_s\['node'\]"),
     (lambda: kstep_adam.NetworkModel({"node": 1.0}, {"node": -1.0}), r"latency_s\['node'\]"),
+    (lambda: kstep_adam.NetworkModel({"node": True}), r"bandwidth_bytes_per_s\['node'\]"),
+    (
+      lambda: kstep_adam.NetworkModel({"node": 1.0}, {"node": float("nan")}),
+      r"latency_s\['node'\] must be a finite number",
+    ),
+    (
+      lambda: kstep_adam.comm_bytes(
+        PARAMS, kstep_adam.merge_schedule(2, axis_name="w"), {"w": 0}, 4
+      ),
+      r"axis_sizes\['w'\] must be an int >= 1, got 0",
+    ),
     (
       lambda: kstep_adam.NetworkModel({"node": 1.0}).seconds(
         kstep_adam.CommCost({"local": 5.0}, {})
@@ -128,19 +139,19 @@ def test_named_network_is_the_ctr_default_and_built_by_the_one_constructor():
       lambda: kstep_adam.merge_bytes(
         PARAMS, kstep_adam.merge_schedule(2, axis_name="w"), {"w": 2}, step=0
       ),
-      "1-based positive int",
+      r"step \(1-based\) must be an int >= 1",
     ),
     (
       lambda: kstep_adam.merge_bytes(
         PARAMS, kstep_adam.merge_schedule(2, axis_name="w"), {"w": 2}, step=True
       ),
-      "1-based positive int",
+      r"step \(1-based\) must be an int >= 1",
     ),
     (
       lambda: kstep_adam.comm_bytes(
         PARAMS, kstep_adam.merge_schedule(2, axis_name="w"), {"w": 2}, num_steps=-1
       ),
-      "non-negative int",
+      "num_steps must be an int >= 0",
     ),
   ],
 )

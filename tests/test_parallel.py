@@ -176,14 +176,22 @@ def test_axis_name_not_in_mesh_raises():
 @pytest.mark.parametrize(
   "args,match",
   [
-    ((0, 2), "num_nodes must be a positive int"),
-    ((2, 1.5), "devices_per_node must be a positive int"),
+    ((0, 2), "num_nodes must be an int >= 1, got 0"),
+    ((True, 2), "num_nodes must be an int >= 1, got True"),
+    ((2, 1.5), "devices_per_node must be an int >= 1, got 1.5"),
     ((4, 4), "exceeds the 8 available devices"),
   ],
 )
 def test_make_mesh_rejects_bad_shapes(args, match):
   with pytest.raises(ValueError, match=match):
     parallel.make_mesh(*args)
+
+
+@pytest.mark.parametrize("worker", [-1, True, 1.0])
+def test_unreplicate_rejects_a_worker_that_is_not_an_index(worker):
+  tree_W = parallel.replicate({"a": np.zeros(2, np.float32)}, parallel.make_mesh(2, 4))
+  with pytest.raises(ValueError, match="worker must be an int >= 0"):
+    parallel.unreplicate(tree_W, worker=worker)
 
 
 def test_replicate_gives_each_worker_its_own_copy():
