@@ -7,6 +7,7 @@ was given. Bools are never counts, and NumPy scalars count as numbers.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Any
 
@@ -129,12 +130,15 @@ def check_float_dtype(value: Any, name: str) -> jnp.dtype | None:
   """
   if value is None:
     return None
-  try:
-    dtype = jnp.dtype(value)
-  except (TypeError, ValueError):
-    dtype = None
+  dtype = None
+  if not isinstance(value, (jax.Array, np.ndarray)):  # an array is a value, not a dtype
+    with contextlib.suppress(TypeError, ValueError):
+      dtype = jnp.dtype(value)
   if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
-    raise ValueError(f"{name} must be None or a floating dtype, got {value!r}")
+    hint = ""
+    if isinstance(value, jax.Array):  # a dtype is callable: inject_hyperparams schedules it
+      hint = f" (under optax.inject_hyperparams pass static_args=('{name}',))"
+    raise ValueError(f"{name} must be None or a floating dtype, got {value!r}{hint}")
   return dtype
 
 
