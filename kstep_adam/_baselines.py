@@ -26,6 +26,15 @@ from kstep_adam._validation import check_float_dtype
 from kstep_adam._validation import check_hyperparameter
 
 
+def _baseline_schedule(period, state: str, axis_name, route: str, period_name: str = "k"):
+  """The schedule of a baseline that averages only ``state``: every ``period`` steps, or
+  ``period`` itself when it is a :class:`MergeSchedule` (its own period for ``state`` holds)."""
+  kwargs = dict(axis_name=axis_name, route=route, allowed_states=(state,), period_name=period_name)
+  if isinstance(period, MergeSchedule):
+    return merge_schedule(period, **kwargs)
+  return merge_schedule(period, sync={state: 1}, **kwargs)
+
+
 def sync_adam(
   learning_rate: optax.ScalarOrSchedule,
   schedule: MergeSchedule | None = None,
@@ -79,13 +88,8 @@ def sync_adam(
       f"schedule must be None or a MergeSchedule from kstep_adam.sync_schedule(...), "
       f"got {schedule!r}"
     )
-  schedule = merge_schedule(
-    1 if schedule is None else schedule,
-    axis_name=axis_name,
-    sync="grads",
-    route=route,
-    allowed_states=("grads",),
-    period_name="schedule",
+  schedule = _baseline_schedule(
+    1 if schedule is None else schedule, "grads", axis_name, route, period_name="schedule"
   )
   if any(period != 1 for period in schedule.axis_periods):
     raise ValueError(
@@ -139,9 +143,7 @@ def local_sgd(
   """
   check_hyperparameter(learning_rate, "learning_rate", low=0.0, schedule=True)
   check_hyperparameter(momentum, "momentum", low=0.0, high=1.0, high_open=True, allow_none=True)
-  schedule = merge_schedule(
-    k, axis_name=axis_name, sync="params", route=route, allowed_states=("params",)
-  )
+  schedule = _baseline_schedule(k, "params", axis_name, route)
   return optax.chain(
     optax.sgd(learning_rate, momentum=momentum, nesterov=nesterov),
     merge_params(schedule),
@@ -209,14 +211,7 @@ def diloco(
   check_hyperparameter(
     outer_momentum, "outer_momentum", low=0.0, high=1.0, high_open=True, allow_none=True
   )
-  schedule = merge_schedule(
-    inner_steps,
-    axis_name=axis_name,
-    sync="delta",
-    route=route,
-    allowed_states=("delta",),
-    period_name="inner_steps",
-  )
+  schedule = _baseline_schedule(inner_steps, "delta", axis_name, route, period_name="inner_steps")
   if not schedule.axis_names and isinstance(inner_steps, MergeSchedule):
     # Without axes a schedule keeps no period; the one-worker outer step needs an int H.
     raise ValueError(f"without axis_name, inner_steps must be a positive int, got {inner_steps!r}")

@@ -22,6 +22,7 @@ seconds; the named networks every experiment uses are defined once, in :data:`NE
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import math
 import types
@@ -73,14 +74,31 @@ def _checked_sizes(schedule: MergeSchedule, axis_sizes) -> dict[str, int]:
   return sizes
 
 
-def _elements_by_dtype(params, state: str, schedule: MergeSchedule) -> dict[str, int]:
+def _leaf_specs(params) -> tuple:
+  """``(shape, dtype)`` of every leaf: all the accounting needs of ``params``, hashable."""
+  return tuple((leaf.shape, leaf.dtype) for leaf in jax.tree.leaves(params))
+
+
+def _elements_by_dtype(leaf_specs, state: str, schedule: MergeSchedule) -> dict[str, int]:
   out: dict[str, int] = {}
-  for leaf in jax.tree.leaves(params):
-    dtype = np.dtype(leaf.dtype)
-    if state == "mu" and schedule.mu_dtype is not None:
-      dtype = np.dtype(schedule.mu_dtype)
-    out[dtype.name] = out.get(dtype.name, 0) + int(math.prod(leaf.shape))
+  for shape, dtype in leaf_specs:
+    dtype = np.dtype(schedule.mu_dtype if state == "mu" and schedule.mu_dtype else dtype)
+    out[dtype.name] = out.get(dtype.name, 0) + math.prod(shape)
   return out
+
+
+@functools.lru_cache(maxsize=64)
+def _merge_costs(
+  leaf_specs, schedule: MergeSchedule, sizes: tuple[tuple[str, int], ...]
+) -> dict[tuple[str, int], CommCost]:
+  """Cost of one merge of each state at each live level, computed once per parameter shapes,
+  schedule and mesh: a trainer asks for the bytes of every step. Callers must not mutate it."""
+  costs = {}
+  for state in schedule.states():
+    elements = _elements_by_dtype(leaf_specs, state, schedule)
+    for level in schedule.live_levels(state):
+      costs[state, level] = _level_cost(elements, schedule, level, dict(sizes))
+  return costs
 
 
 def _zero(schedule: MergeSchedule) -> CommCost:
@@ -135,13 +153,13 @@ def merge_bytes(params, schedule: MergeSchedule, axis_sizes, *, step: int) -> Co
   """
   check_int(step, "step (1-based)")
   sizes = _checked_sizes(schedule, axis_sizes)
+  merging = [(s, schedule.level_at(s, int(step))) for s in schedule.states()]
+  merging = [(state, level) for state, level in merging if level]
   total = _zero(schedule)
-  for state in schedule.states():
-    level = schedule.level_at(state, int(step))
-    if level:
-      total = total + _level_cost(
-        _elements_by_dtype(params, state, schedule), schedule, level, sizes
-      )
+  if merging:  # only a merge step looks at the parameters
+    costs = _merge_costs(_leaf_specs(params), schedule, tuple(sorted(sizes.items())))
+    for state_level in merging:
+      total = total + costs[state_level]
   return total
 
 
@@ -159,14 +177,12 @@ def comm_bytes(params, schedule: MergeSchedule, axis_sizes, num_steps: int) -> C
   """
   check_int(num_steps, "num_steps", minimum=0)
   sizes = _checked_sizes(schedule, axis_sizes)
+  costs = _merge_costs(_leaf_specs(params), schedule, tuple(sorted(sizes.items())))
   total = _zero(schedule)
-  for state in schedule.states():
-    periods = schedule.periods(state)
-    for level in schedule.live_levels(state):
-      count = _steps_at_level(periods, level, int(num_steps))
-      if count:
-        cost = _level_cost(_elements_by_dtype(params, state, schedule), schedule, level, sizes)
-        total = total + cost.scaled(count)
+  for (state, level), cost in costs.items():
+    count = _steps_at_level(schedule.periods(state), level, int(num_steps))
+    if count:
+      total = total + cost.scaled(count)
   return total
 
 

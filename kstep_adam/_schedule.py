@@ -198,7 +198,9 @@ def merge_schedule(
 
   Args:
     k: merge period in steps; an int for every axis, or a mapping ``{axis: period}`` such as
-      ``{'node': 8, 'local': 1}``; or an existing ``MergeSchedule``, returned as is.
+      ``{'node': 8, 'local': 1}``; or an existing ``MergeSchedule``, returned as is (it carries
+      its axes, sync and route: ``axis_name``, and a ``sync`` or ``route`` other than the
+      default that disagrees with the schedule's, are refused rather than ignored).
     axis_name: mesh axis (str) or axes (tuple, outermost first) to average over; None: never.
     sync: preset (``'params'``, ``'params+nu'``, ``'params+moments'``, ``'desloc'``; ``'grads'``
       for :func:`sync_adam`, ``'delta'`` for :func:`diloco`) or a mapping state -> period as a
@@ -215,7 +217,7 @@ def merge_schedule(
     ValueError: on a period that is not an int in [1, 2**31 - 1] (also after multiplying by a
       sync multiple: steps are counted in int32), an unknown sync option or route, a
       ``mu_dtype`` that is not a floating dtype, or a ``MergeSchedule`` that averages ``'mu'``
-      with another ``mu_dtype`` than the one given.
+      with another ``mu_dtype`` than the one given or conflicts with ``sync`` or ``route``.
   """
   mu_dtype = check_float_dtype(mu_dtype, "mu_dtype")
   mu_name = None if mu_dtype is None else mu_dtype.name
@@ -231,6 +233,16 @@ def merge_schedule(
           f"schedule averages {name!r}, which this optimizer does not have; "
           f"allowed: {tuple(allowed_states)!r}"
         )
+    if sync != "params" and _normalize_sync(sync, allowed_states) != k.state_periods:
+      raise ValueError(
+        f"sync={sync!r} conflicts with the MergeSchedule given as {period_name}, which "
+        f"averages {dict(k.state_periods)!r}; leave sync out or build the schedule with it"
+      )
+    if route != "hierarchical" and route != k.route:
+      raise ValueError(
+        f"route={route!r} conflicts with the MergeSchedule given as {period_name}, which "
+        f"routes {k.route!r}; leave route out or build the schedule with it"
+      )
     if k.periods("mu") is not None and k.mu_dtype != mu_name:
       raise ValueError(
         f"the schedule averages 'mu' counted as mu_dtype={k.mu_dtype!r} but the "

@@ -128,6 +128,16 @@ def test_diloco_on_one_worker_still_takes_outer_steps(inner_steps):
       "pass either a MergeSchedule as schedule or axis_name",
     ),
     (lambda: kstep_adam.sync_adam(0.1, 1), "schedule must be None or a MergeSchedule"),
+    (
+      lambda: kstep_adam.sync_adam(0.1, kstep_adam.sync_schedule(NODE_LOCAL), route="flat"),
+      "route='flat' conflicts with the MergeSchedule given as schedule",
+    ),
+    (
+      lambda: kstep_adam.diloco(
+        kstep_adam.merge_schedule(2, axis_name="w", sync="delta"), route="flat"
+      ),
+      "route='flat' conflicts with the MergeSchedule given as inner_steps",
+    ),
     (lambda: kstep_adam.sync_adam(-1.0), r"learning_rate must be a finite number in \[0.0, inf\)"),
     (lambda: kstep_adam.sync_adam(float("nan")), "learning_rate must be"),
     (lambda: kstep_adam.sync_adam(0.1, b1=1.0), r"b1 must be a finite number in \[0.0, 1.0\)"),
@@ -147,3 +157,15 @@ def test_diloco_on_one_worker_still_takes_outer_steps(inner_steps):
 def test_baselines_reject_bad_arguments(make, match):
   with pytest.raises(ValueError, match=match):
     make()
+
+
+def test_a_baseline_keeps_the_period_of_the_schedule_it_is_given():
+  schedule = kstep_adam.merge_schedule(3, axis_name=NODE_LOCAL, sync={"delta": 2})
+  mesh = parallel.make_mesh(1, 4)
+  data = worker_data(mesh.size, 6)
+  got, _ = run_harness(kstep_adam.diloco(schedule, inner_learning_rate=0.05), mesh, data)
+  want, _ = run_harness(
+    kstep_adam.diloco(6, inner_learning_rate=0.05, axis_name=NODE_LOCAL), mesh, data
+  )
+  for g, w in zip(got, want, strict=True):
+    np.testing.assert_allclose(g, w, rtol=1e-6)

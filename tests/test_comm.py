@@ -88,6 +88,23 @@ def test_bytes_per_step_fall_as_one_over_k_and_match_ddp_at_k1():
       np.testing.assert_allclose(cost.bytes_by_axis[a], ddp.bytes_by_axis[a] / k)
 
 
+def test_merge_bytes_computes_once_per_shapes_schedule_and_mesh():
+  """A trainer asks every step; the per-merge costs are computed once and never shared out."""
+  from kstep_adam import _comm
+
+  schedule = kstep_adam.merge_schedule(2, axis_name=NODE_LOCAL, sync="params+moments")
+  shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), PARAMS)
+  first = kstep_adam.merge_bytes(PARAMS, schedule, SIZES, step=2)
+  first.bytes_by_axis["node"] = -1.0  # the caller owns what it gets
+  before = _comm._merge_costs.cache_info()
+  for step in range(2, 12, 2):  # arrays or their shapes: the same key
+    again = kstep_adam.merge_bytes(shapes if step % 4 else PARAMS, schedule, SIZES, step=step)
+    assert again.bytes_by_axis["node"] == 3 * 2 * 1 / 2 * S_PADDED / 4  # params, mu, nu
+  after = _comm._merge_costs.cache_info()
+  assert (after.hits - before.hits, after.misses - before.misses) == (5, 0)
+  assert kstep_adam.merge_bytes(PARAMS, schedule, SIZES, step=3).total_bytes == 0
+
+
 def test_network_model_turns_bytes_into_seconds():
   net = kstep_adam.NetworkModel({"node": 1e9, "local": 1e11}, {"node": 1e-5})
   cost = kstep_adam.CommCost({"node": 2e9, "local": 1e11}, {"node": 10, "local": 4})

@@ -183,6 +183,15 @@ def test_scale_by_kstep_adam_state_fields():
       ),
       "the schedule averages 'mu' counted as mu_dtype=None",
     ),
+    (
+      dict(k=kstep_adam.merge_schedule(2, axis_name="w"), sync="params+nu"),
+      r"sync='params\+nu' conflicts with the MergeSchedule given as k, which averages "
+      r"\{'params': 1\}",
+    ),
+    (
+      dict(k=kstep_adam.merge_schedule(2, axis_name=("n", "w")), route="flat"),
+      "route='flat' conflicts with the MergeSchedule given as k, which routes 'hierarchical'",
+    ),
   ],
 )
 def test_bad_arguments_raise_value_error(kwargs, match):
@@ -250,6 +259,13 @@ def test_hyperparameters_out_of_range_raise_at_construction(make, match):
     lambda: kstep_adam.kstep_adam(0.1, 2, b2=1.0, form="local_adam"),  # v never updates
     lambda: kstep_adam.kstep_adam(lambda step: -1.0, 2),  # a schedule is checked when called
     lambda: kstep_adam.kstep_adam(0.1, 2, mu_dtype="bfloat16", eps=0.0, clip=np.float32(1.0)),
+    # A schedule with the same sync or route as the one given beside it agrees: no conflict.
+    lambda: kstep_adam.kstep_adam(
+      0.1, kstep_adam.merge_schedule(2, axis_name="w", sync="desloc"), sync="desloc"
+    ),
+    lambda: kstep_adam.kstep_adam(
+      0.1, kstep_adam.merge_schedule(2, axis_name="w", route="flat"), route="flat"
+    ),
   ],
 )
 def test_edge_values_in_range_are_accepted(make):
