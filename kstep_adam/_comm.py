@@ -246,7 +246,7 @@ def node_local_network(
   intra_node_latency_us: float,
   inter_node_latency_us: float,
 ) -> NetworkModel:
-  """A two-level network over the ``('node', 'local')`` mesh, in the units links are sold in.
+  """Build a two-level network over the ``('node', 'local')`` mesh, in the units of link specs.
 
   Args:
     intra_node_gbps: per-device bandwidth of the intra-node (``'local'``) links, Gbit/s.

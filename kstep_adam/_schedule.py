@@ -219,6 +219,7 @@ def merge_schedule(
       ``mu_dtype`` that is not a floating dtype, or a ``MergeSchedule`` that averages ``'mu'``
       with another ``mu_dtype`` than the one given or conflicts with ``sync`` or ``route``.
   """
+  check_route(route)
   mu_dtype = check_float_dtype(mu_dtype, "mu_dtype")
   mu_name = None if mu_dtype is None else mu_dtype.name
   if isinstance(k, MergeSchedule):
@@ -250,7 +251,6 @@ def merge_schedule(
         f"merge_schedule(..., mu_dtype=...) equal to the optimizer's"
       )
     return k
-  check_route(route)
   axis_names = normalize_axis_names(axis_name)
   axis_periods = _normalize_k(k, axis_names, period_name)
   state_periods = _normalize_sync(sync, allowed_states)
@@ -266,7 +266,7 @@ def merge_schedule(
 def sync_schedule(
   axis_name: str | Sequence[str] | None = None, *, route: str = "hierarchical"
 ) -> MergeSchedule:
-  """The merge schedule of synchronous data parallelism: gradients over all axes, every step.
+  """Build the schedule of synchronous data parallelism: gradients over all axes, every step.
 
   Build it once and pass it to :func:`kstep_adam.sync_adam` and to the byte accounting, as
   with :func:`merge_schedule` for the k-step optimizers, so the two cannot disagree.
