@@ -14,13 +14,21 @@ Hardware: 2 shared CPU cores, 8 simulated devices. Expected runtime: full 17-25 
 quick about 1 minute. Writes OUT/runs.jsonl, OUT/<run>/metrics.jsonl, OUT/table.{csv,md}
 and figures/paper_{auc_vs_k,traffic_vs_k,loss_curves}.png. Runs already in runs.jsonl are
 skipped, so an interrupted run resumes (and a rerun into the committed results/reproduce_paper
-only redraws; pass --out to start fresh).
+only redraws; pass --out to start fresh). The logic lives in :mod:`experiments.paper`, the
+figures in :mod:`experiments.plot.paper`.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+
+from experiments._common import use_cpu_devices
+from experiments.paper import config
+from experiments.paper import run
+from experiments.paper import summary
+from experiments.paper import table
+from experiments.plot import paper as paper_figures
 
 
 def main(argv=None) -> str:
@@ -42,12 +50,7 @@ def main(argv=None) -> str:
   p.add_argument("--steps", type=int, default=None, help="steps per run (overrides config)")
   args = p.parse_args(argv)
 
-  import jax
-
-  jax.config.update("jax_num_cpu_devices", 8)
-  from experiments import _paper_lib as lib
-
-  cfg = lib.QUICK if args.quick else lib.FULL
+  cfg = config.QUICK if args.quick else config.FULL
   if args.seeds is not None:
     cfg = dataclasses.replace(cfg, seeds=tuple(range(args.seeds)))
   if args.steps is not None:
@@ -55,18 +58,19 @@ def main(argv=None) -> str:
   out = args.out or ("runs/reproduce_paper_quick" if args.quick else "results/reproduce_paper")
   figures = args.figures or (f"{out}/figures" if args.quick else "figures")
   if not args.plot_only:
-    lib.run_grid(cfg, out, log=lambda s: print(s, flush=True))
-  runs = lib.read_runs(f"{out}/runs.jsonl")
+    use_cpu_devices(8)  # 2 nodes x 4 devices; before the first JAX computation
+    run.run_grid(cfg, out, log=lambda s: print(s, flush=True))
+  runs = run.read_runs(out)
   if not runs:
     raise SystemExit(f"no results in {out}/runs.jsonl; run without --plot-only first")
-  rows = lib.summarize(runs)
-  table = lib.write_table(rows, out, cfg)
-  lib.make_figures(rows, out, figures)
-  print(table)
-  for variant in sorted({r["variant"] for r in rows if r["optimizer"] == "kstep_adam"}):
-    k = lib.largest_safe_k(rows, variant)
+  rows = summary.summarize(runs)
+  text = table.write_table(rows, out, cfg)
+  paper_figures.make_figures(out, figures)
+  print(text)
+  for variant in summary.kstep_variants(rows):
+    k = summary.largest_safe_k(rows, variant)
     print(f"k-step Adam ({variant}): largest k with mean AUC within 0.001 of k=1: {k}")
-  return table
+  return text
 
 
 if __name__ == "__main__":

@@ -1,19 +1,13 @@
 """The embedding-tier benchmark runs end to end on its --quick config (a smoke test)."""
 
-import json
-
+from experiments._common import read_jsonl
 from experiments.benchmarks import embedding_tier
-
-
-def _records(path):
-  with open(path) as f:
-    return [json.loads(line) for line in f]
 
 
 def test_benchmark_quick_run_reports_every_case(tmp_path):
   out = tmp_path / "bench.jsonl"
   embedding_tier.main(["--quick", "--workdir", str(tmp_path / "w"), "--out", str(out)])
-  records = _records(out)
+  records = read_jsonl(str(out))
   assert [r["case"] for r in records] == [
     "fits_in_host_cache",
     "zipf_table_10x_cache",
@@ -33,6 +27,6 @@ def test_benchmark_large_case_runs_scaled_down(tmp_path):
   embedding_tier.main(
     ["--quick", "--large", "--log2-rows", "18", "--workdir", str(tmp_path / "w"), "--out", str(out)]
   )
-  (record,) = _records(out)
+  (record,) = read_jsonl(str(out))
   assert record["rows"] == 2**18 and record["steps"] == 10
   assert record["disk_used_gib"] > 0 and record["peak_rss_gib"] > 0

@@ -23,10 +23,12 @@ the 2-core CPU box: see the README; the numbers are ratios within one process.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 
 import numpy as np
+
+from experiments._common import use_cpu_devices
+from experiments._common import write_json
 
 
 def _batches(num_steps: int, global_batch: int, vocab_size: int, seed: int):
@@ -161,9 +163,9 @@ def main(argv=None) -> dict:
   p.add_argument("--out", default=None, help="write the results as JSON here")
   args = p.parse_args(argv)
 
+  use_cpu_devices(8)  # a GPU backend ignores it
   import jax
 
-  jax.config.update("jax_num_cpu_devices", 8)  # CPU only; a GPU backend ignores it
   platform = jax.default_backend()
   common = dict(
     table_rows=args.table_rows, embed_dim=args.embed_dim, lr=2e-3, sparse_lr=2e-2, seed=args.seed
@@ -227,8 +229,7 @@ def main(argv=None) -> dict:
       f"{r.get('hit_rate', float('nan')):5.2f}"
     )
   if args.out:
-    with open(args.out, "w") as f:
-      json.dump(results, f, indent=1, default=str)
+    write_json(args.out, results)
   return results
 
 

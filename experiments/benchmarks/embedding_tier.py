@@ -17,7 +17,6 @@ Results are printed and appended as JSON lines to ``--out``.
 """
 
 import argparse
-import json
 import os
 import resource
 import shutil
@@ -26,6 +25,7 @@ import time
 
 import numpy as np
 
+from experiments._common import dumps
 from kstep_adam import embedding
 from kstep_adam.embedding import _store
 
@@ -135,10 +135,11 @@ def _storage_read_bytes() -> int:
 
 
 def emit(out, record: dict) -> None:
-  print(json.dumps(record), flush=True)
+  line = dumps(record)
+  print(line, flush=True)
   if out:
-    with open(out, "a") as f:
-      f.write(json.dumps(record) + "\n")
+    with open(out, "a", encoding="utf-8") as f:
+      f.write(line + "\n")
 
 
 def case_fits_in_cache(args, workdir):
