@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
+import secrets
 from collections.abc import Iterable
 
 
@@ -55,10 +55,15 @@ def dumps(record) -> str:
 
 
 def write_atomic(path: str, text: str) -> None:
-  """Write ``text`` to ``path`` through a temporary file and a rename (never half a file)."""
+  """Write ``text`` to ``path`` through a temporary file and a rename (never half a file).
+
+  The file gets the permissions of any file the user creates (0o666 less the umask), not the
+  owner-only mode of :func:`tempfile.mkstemp`: results are shared.
+  """
   directory = os.path.dirname(os.path.abspath(path))
   os.makedirs(directory, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path), suffix=".tmp")
+  tmp = os.path.join(directory, f".{os.path.basename(path)}.{secrets.token_hex(6)}.tmp")
+  fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
   try:
     with os.fdopen(fd, "w", encoding="utf-8") as f:
       f.write(text)
@@ -73,7 +78,8 @@ def write_atomic(path: str, text: str) -> None:
 
 def write_json(path: str, record) -> None:
   """Write one strict-JSON document atomically (indented, for people to read)."""
-  write_atomic(path, json.dumps(_finite_or_none(record), indent=2, default=str, allow_nan=False))
+  text = json.dumps(_finite_or_none(record), indent=2, default=str, allow_nan=False)
+  write_atomic(path, text + "\n")
 
 
 def write_jsonl(path: str, records: Iterable[dict]) -> None:
