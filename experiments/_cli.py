@@ -4,7 +4,8 @@ Every experiment's configuration is a frozen dataclass whose docstring has an ``
 section. :func:`add_config_args` turns its fields into ``--flags`` (``learning_rate`` becomes
 ``--learning-rate``; short aliases such as ``--lr`` are opt-in), with the field's type, default,
 allowed choices (``dataclasses.field(metadata={"choices": ...})``) and the docstring's text as
-help. :func:`config_from_args` builds the config back, so the dataclass's own validation runs on
+help. A ``tuple[int, ...]`` (or ``float``, ``str``) field takes one or more values
+(``--ks 1 8 64``). :func:`config_from_args` builds the config back, so the dataclass's own validation runs on
 whatever the user typed. Nothing is declared twice.
 """
 
@@ -81,6 +82,31 @@ def _optional(parse):
   return parse_optional
 
 
+class _StoreTuple(argparse.Action):
+  """Store the values of an ``nargs="+"`` flag as a tuple, as the config field holds them."""
+
+  def __call__(self, parser, namespace, values, option_string=None):
+    setattr(namespace, self.dest, tuple(values))
+
+
+def _tuple_item_type(hint) -> type | None:
+  """``X`` for ``tuple[X, ...]`` with X in int, float, str; None for any other type."""
+  args = typing.get_args(hint)
+  if typing.get_origin(hint) is tuple and len(args) == 2 and args[1] is Ellipsis:
+    return args[0] if args[0] in (int, float, str) else None
+  return None
+
+
+class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+  """Help that shows each flag's default, except where there is nothing to show (None, or an
+  on/off switch that is off)."""
+
+  def _get_help_string(self, action):
+    if action.default is None or (action.nargs == 0 and action.default is False):
+      return action.help
+    return super()._get_help_string(action)
+
+
 def flag_name(field_name: str) -> str:
   """``learning_rate`` -> ``--learning-rate``."""
   return "--" + field_name.replace("_", "-")
@@ -98,13 +124,32 @@ def add_config_args(
 
   Args:
     parser: a parser or an argument group.
-    cls: a dataclass whose fields are ``int``, ``float``, ``str``, ``bool`` or ``X | None``.
+    cls: a dataclass whose fields are ``int``, ``float``, ``str``, ``bool``, ``X | None`` or
+      ``tuple[X, ...]``.
     aliases: extra flag spellings per field, e.g. ``{"learning_rate": ["--lr"]}``.
     exclude: fields that get no flag (set by the program itself).
     defaults: defaults that differ from the dataclass's (e.g. a quicker entry point).
 
   Raises:
     TypeError: a field has a type this generator does not handle.
+
+  Examples:
+    >>> @dataclasses.dataclass(frozen=True)
+    ... class Grid:
+    ...   '''A grid.
+    ...
+    ...   Attributes:
+    ...     ks: merge periods.
+    ...     steps: steps per run.
+    ...   '''
+    ...   ks: tuple[int, ...] = (1, 8)
+    ...   steps: int = 100
+    >>> parser = argparse.ArgumentParser()
+    >>> add_config_args(parser, Grid, aliases={"steps": ["-n"]})
+    >>> config_from_args(Grid, parser.parse_args(["--ks", "2", "4", "-n", "7"]))
+    Grid(ks=(2, 4), steps=7)
+    >>> config_from_args(Grid, parser.parse_args([]))
+    Grid(ks=(1, 8), steps=100)
   """
   aliases = dict(aliases or {})
   defaults = dict(defaults or {})
@@ -119,16 +164,20 @@ def add_config_args(
       default = field.default_factory()
     names = [flag_name(field.name), *aliases.get(field.name, ())]
     kwargs: dict = {"dest": field.name, "default": default, "help": docs.get(field.name, "")}
+    item_type = _tuple_item_type(base)
     if base is bool:
       kwargs["action"] = argparse.BooleanOptionalAction
+    elif item_type is not None:
+      kwargs.update(nargs="+", type=item_type, action=_StoreTuple)
+      kwargs["metavar"] = item_type.__name__.upper()
     elif base in (int, float, str):
       kwargs["type"] = _optional(base) if optional else base
       kwargs["metavar"] = base.__name__.upper() + ("|none" if optional else "")
-      if "choices" in field.metadata:
-        kwargs["choices"] = tuple(field.metadata["choices"])
-        kwargs.pop("metavar")
     else:
       raise TypeError(f"{cls.__name__}.{field.name}: unsupported type {hints[field.name]!r}")
+    if "choices" in field.metadata and base is not bool:
+      kwargs["choices"] = tuple(field.metadata["choices"])
+      kwargs.pop("metavar")
     parser.add_argument(*names, **kwargs)
 
 

@@ -1,8 +1,10 @@
 """Train every run of a grid and append its result line to ``OUT/runs.jsonl``.
 
 Results go to files first: ``runs.jsonl`` holds one summary line per run and ``RUN/`` each
-run's ``metrics.jsonl`` and ``summary.json``. A run already in ``runs.jsonl`` is skipped, so an
-interrupted grid resumes where it stopped.
+run's ``metrics.jsonl`` and ``summary.json``; ``config.json`` records the config. A run already
+in ``runs.jsonl`` is skipped, so an interrupted grid resumes where it stopped, or grows by more
+seeds or values of k; resuming with a config that changes what a run computes (its steps, batch,
+data, model or link) is refused instead of mixing two experiments in one table.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import time
 
 from experiments._common import dumps
 from experiments._common import read_jsonl
+from experiments.paper import config
 from experiments.paper.config import PaperConfig
 
 # The fields of a run's summary.json copied into its runs.jsonl line.
@@ -40,6 +43,16 @@ def grid(cfg: PaperConfig) -> list[tuple[str, str, int]]:
   return [("sync_adam", "grads", 1)] + [("kstep_adam", v, k) for v in cfg.variants for k in cfg.ks]
 
 
+def config_path(out_dir: str) -> str:
+  return os.path.join(out_dir, "config.json")
+
+
+def recorded_config(out_dir: str) -> PaperConfig | None:
+  """The config recorded in ``out_dir`` (None when there is none yet)."""
+  path = config_path(out_dir)
+  return config.read(path) if os.path.exists(path) else None
+
+
 def read_runs(out_dir: str) -> list[dict]:
   """The lines of ``out_dir/runs.jsonl`` (none when the grid has not started)."""
   path = os.path.join(out_dir, "runs.jsonl")
@@ -51,6 +64,16 @@ def run_grid(cfg: PaperConfig, out_dir: str, *, log=print) -> None:
   from kstep_adam import ctr
 
   os.makedirs(out_dir, exist_ok=True)
+  recorded = recorded_config(out_dir)
+  if recorded is not None and (differ := config.run_fields_differ(recorded, cfg)):
+    raise ValueError(
+      f"{config_path(out_dir)}: the runs in {out_dir} were made with "
+      + ", ".join(f"{name}={getattr(recorded, name)!r}" for name in differ)
+      + ", this config has "
+      + ", ".join(f"{name}={getattr(cfg, name)!r}" for name in differ)
+      + "; pass another --out"
+    )
+  config.write(cfg, config_path(out_dir))
   results_path = os.path.join(out_dir, "runs.jsonl")
   done = {r["name"] for r in read_runs(out_dir)}
   datasets = {}
@@ -59,7 +82,7 @@ def run_grid(cfg: PaperConfig, out_dir: str, *, log=print) -> None:
       name = run_name(optimizer, variant, k, seed)
       if name in done:
         continue
-      config = ctr.TrainConfig(
+      train_config = ctr.TrainConfig(
         model=cfg.model,
         batch_size=cfg.batch_size,
         optimizer=optimizer,
@@ -76,13 +99,13 @@ def run_grid(cfg: PaperConfig, out_dir: str, *, log=print) -> None:
       )
       if seed not in datasets:  # the data (and teacher AUC) depend on the seed only
         data = ctr.SyntheticCTR(
-          num_workers=config.num_workers, vocab_size=cfg.vocab_size, seed=seed
+          num_workers=train_config.num_workers, vocab_size=cfg.vocab_size, seed=seed
         )
         datasets[seed] = ctr.synthetic_source(
           data, batch_size=cfg.batch_size, test_examples=cfg.test_examples
         )
       start = time.time()
-      summary = ctr.train(config, datasets[seed], os.path.join(out_dir, name))
+      summary = ctr.train(train_config, datasets[seed], os.path.join(out_dir, name))
       row = {
         "name": name,
         "optimizer": optimizer,
