@@ -14,13 +14,20 @@ import secrets
 from collections.abc import Iterable
 
 
-def use_cpu_devices(count: int) -> None:
-  """Ask for ``count`` simulated CPU devices; call before the JAX backend starts.
+def use_cpu_devices(count: int, *, cpu_only: bool = False) -> None:
+  """Ask for ``count`` simulated CPU devices; call in ``main()``, before the JAX backend starts.
 
   On a GPU or TPU backend the flag is ignored, so the same entry point runs unchanged there.
+
+  Args:
+    count: CPU devices to simulate.
+    cpu_only: run on the CPU even where an accelerator is present (unless the user picked a
+      platform with ``JAX_PLATFORMS``), for programs that need exactly ``count`` devices.
   """
   import jax
 
+  if cpu_only and not jax.config.jax_platforms:
+    jax.config.update("jax_platforms", "cpu")
   jax.config.update("jax_num_cpu_devices", max(int(count), 1))
 
 

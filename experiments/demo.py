@@ -14,21 +14,16 @@ would take on a described network (NVLink-class inside a node, a 100 Gb/s NIC ac
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import time
 
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
-
 import jax
+import jax.numpy as jnp
+import numpy as np
 
-jax.config.update("jax_num_cpu_devices", 8)  # Must precede the first use of the backend.
-
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-
-import kstep_adam  # noqa: E402
-from kstep_adam import parallel  # noqa: E402
+import kstep_adam
+from experiments._common import use_cpu_devices
+from experiments._common import write_json
+from kstep_adam import parallel
 
 NETWORK = kstep_adam.NETWORKS["nvlink+100g"]  # NVLink inside a node, 100 Gb/s NIC across
 FEATURES, HIDDEN = 16, 64
@@ -91,6 +86,7 @@ def main(argv=None):
   args = parser.parse_args(argv)
   steps = 40 if args.quick else args.steps
 
+  use_cpu_devices(8, cpu_only=True)  # 2 nodes x 4 devices, on any machine; before JAX starts
   mesh = parallel.make_mesh(2, 4)
   params = init_mlp(np.random.default_rng(0))
   num_params = sum(np.size(x) for x in jax.tree.leaves(params))
@@ -135,8 +131,7 @@ def main(argv=None):
     )
     summary[name] = {"final_loss": float(np.mean(losses[-10:])), "merges": merges, **report}
   if args.out:
-    with open(args.out, "w") as f:
-      json.dump(summary, f, indent=1)
+    write_json(args.out, summary)
   return summary
 
 

@@ -1,7 +1,7 @@
 """Benchmark: cost of k-step Adam's local steps and merges, and bytes per step vs k.
 
 Command: ``python -m experiments.benchmarks.optimizer_overhead`` (``--quick`` for a smoke run).
-Hardware: CPU, 8 simulated devices as 2 nodes x 4 (set up below); runs on 2 cores.
+Hardware: CPU, 8 simulated devices as 2 nodes x 4 (set up in ``main()``); runs on 2 cores.
 Expected runtime: about 3.5 min on a shared 2-core machine; ``--quick`` 20-60 s.
 Expected numbers: non-merge-step time ratio kstep_adam / optax.adam close to 1.00 (goal
 <= 1.03); a merge step costs more than a local one; bytes per step fall as 1/k.
@@ -19,22 +19,17 @@ back), not the absolute times.
 from __future__ import annotations
 
 import argparse
-import os
 import time
 
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
-
 import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import PartitionSpec as P
 
-jax.config.update("jax_num_cpu_devices", 8)  # Must precede the first use of the backend.
-
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-import optax  # noqa: E402
-from jax.sharding import PartitionSpec as P  # noqa: E402
-
-import kstep_adam  # noqa: E402
-from kstep_adam import parallel  # noqa: E402
+import kstep_adam
+from experiments._common import use_cpu_devices
+from kstep_adam import parallel
 
 AXES = ("node", "local")
 NETWORK = kstep_adam.NETWORKS["nvlink+100g"]  # NVLink inside a node, 100 Gb/s NIC across
@@ -147,6 +142,7 @@ def main(argv=None):
   args = parser.parse_args(argv)
   width, depth, reps = (512, 4, 6) if args.quick else (args.width, args.depth, args.reps)
 
+  use_cpu_devices(8, cpu_only=True)  # 2 nodes x 4 devices, on any machine; before JAX starts
   mesh = parallel.make_mesh(2, 4)
   params = init_mlp(width, depth)
   num_params = sum(x.size for x in jax.tree.leaves(params))
