@@ -74,7 +74,7 @@ def train(tx, mesh, params, num_steps, batch_size, log_every):
   return losses, spread
 
 
-def main(argv=None):
+def parse_args(argv=None) -> argparse.Namespace:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--steps", type=int, default=400)
   parser.add_argument("--k-node", type=int, default=8, help="cross-node merge period")
@@ -83,7 +83,11 @@ def main(argv=None):
   parser.add_argument("--lr", type=float, default=3e-3)
   parser.add_argument("--quick", action="store_true", help="smoke run: 40 steps")
   parser.add_argument("--out", default=None, help="optional JSON file for the summary")
-  args = parser.parse_args(argv)
+  return parser.parse_args(argv)
+
+
+def main(argv=None):
+  args = parse_args(argv)
   steps = 40 if args.quick else args.steps
 
   use_cpu_devices(8, cpu_only=True)  # 2 nodes x 4 devices, on any machine; before JAX starts

@@ -12,8 +12,10 @@ with synchronous Adam (DDP) or k-step Adam over a range of k, averaging the para
 
 Writes OUT/config.json, OUT/runs.jsonl, OUT/<run>/metrics.jsonl, OUT/table.{csv,md} and
 FIGURES/paper_{auc_vs_k,traffic_vs_k,loss_curves}.png. Runs already in runs.jsonl are skipped,
-so an interrupted run resumes (and a rerun into the committed results/reproduce_paper only
-redraws; pass --out to start fresh). The grid, its flags and the full run's header (hardware,
+so an interrupted run resumes. Only the full config, unchanged, defaults to the committed
+results/reproduce_paper (whose runs are all done, so it only redraws) and figures/; ``--quick``
+or any changed grid flag defaults to runs/, and figures go beside their results (OUT/figures)
+unless OUT is the committed directory. The grid, its flags and the full run's header (hardware,
 runtime, expected result) are in :mod:`experiments.paper.config`; the logic in
 :mod:`experiments.paper`, the figures in :mod:`experiments.plot.paper`.
 """
@@ -51,13 +53,14 @@ def _parser(base: PaperConfig, *, add_help: bool = True) -> argparse.ArgumentPar
   p.add_argument(
     "--out",
     default=None,
-    help=f"results directory (default: {COMMITTED_RESULTS}, the committed run behind the "
-    "figures; runs/reproduce_paper_quick with --quick)",
+    help=f"results directory (default: {COMMITTED_RESULTS} for the full config unchanged; "
+    "runs/reproduce_paper_quick with --quick; runs/reproduce_paper otherwise)",
   )
   p.add_argument(
     "--figures",
     default=None,
-    help=f"figures directory (default: {COMMITTED_FIGURES}/, or OUT/figures with --quick)",
+    help=f"figures directory (default: {COMMITTED_FIGURES}/ when OUT is {COMMITTED_RESULTS}, "
+    "else OUT/figures)",
   )
   add_config_args(
     p.add_argument_group("grid"),
@@ -81,9 +84,15 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, PaperConfig]:
 
 
 def output_dirs(args: argparse.Namespace, cfg: PaperConfig) -> tuple[str, str]:
-  """``(results, figures)`` directories."""
-  out = args.out or ("runs/reproduce_paper_quick" if args.quick else COMMITTED_RESULTS)
-  figures = args.figures or (os.path.join(out, "figures") if args.quick else COMMITTED_FIGURES)
+  """``(results, figures)``: committed directories only for the full config, unchanged."""
+  if args.out:
+    out = args.out
+  elif cfg == config.FULL:
+    out = COMMITTED_RESULTS
+  else:
+    out = "runs/reproduce_paper_quick" if args.quick else "runs/reproduce_paper"
+  committed = os.path.normpath(out) == COMMITTED_RESULTS
+  figures = args.figures or (COMMITTED_FIGURES if committed else os.path.join(out, "figures"))
   return out, figures
 
 

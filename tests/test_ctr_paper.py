@@ -3,6 +3,7 @@ end."""
 
 import dataclasses
 import os
+import subprocess
 
 import pytest
 
@@ -11,10 +12,30 @@ from experiments.paper import config
 from experiments.paper import run
 from experiments.paper import summary
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-def test_reproduce_paper_quick_writes_results_table_and_figures(tmp_path):
-  out = tmp_path / "paper"
-  table = reproduce_paper.main(["--quick", "--out", str(out)])
+
+def _git_status() -> str | None:
+  """``git status`` of the checkout the tests run from (None outside a git checkout)."""
+  try:
+    result = subprocess.run(
+      ["git", "status", "--porcelain", "--untracked-files=all"],
+      cwd=REPO,
+      capture_output=True,
+      text=True,
+      check=True,
+    )
+  except (OSError, subprocess.CalledProcessError):
+    return None
+  return result.stdout
+
+
+def test_reproduce_paper_quick_writes_results_table_and_figures(tmp_path, monkeypatch):
+  status_before = _git_status()
+  monkeypatch.chdir(tmp_path)  # the default paths are relative: they land in tmp_path
+  table = reproduce_paper.main(["--quick"])
+  assert os.listdir(tmp_path) == ["runs"]  # no results/, no figures/
+  out = tmp_path / "runs" / "reproduce_paper_quick"
   runs = run.read_runs(str(out))
   assert len(runs) == 1 + len(config.QUICK.ks)  # sync Adam + k-step Adam per k, one seed
   assert run.recorded_config(str(out)) == config.QUICK
@@ -31,10 +52,12 @@ def test_reproduce_paper_quick_writes_results_table_and_figures(tmp_path):
     assert path.stat().st_size > 10_000
     os.remove(path)
   # --plot-only rebuilds table and figures from the files, without training
-  assert reproduce_paper.main(["--quick", "--out", str(out), "--plot-only"]) == table
+  assert reproduce_paper.main(["--quick", "--plot-only"]) == table
   assert (out / "figures" / "paper_auc_vs_k.png").exists()
   rows = summary.summarize(runs)
   assert summary.largest_safe_k(rows, "params") in (None, *config.QUICK.ks)
+  assert os.listdir(tmp_path) == ["runs"]
+  assert _git_status() == status_before  # nothing in the checkout changed
 
 
 def test_command_line_is_generated_from_the_config():

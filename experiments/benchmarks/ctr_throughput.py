@@ -144,7 +144,7 @@ def run_workflow(
   }
 
 
-def main(argv=None) -> dict:
+def parse_args(argv=None) -> argparse.Namespace:
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   p.add_argument("--steps", type=int, default=60)
   p.add_argument("--global-batch", type=int, default=1024)
@@ -161,7 +161,11 @@ def main(argv=None) -> dict:
   p.add_argument("--device-cache-rows", type=int, default=0)
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--out", default=None, help="write the results as JSON here")
-  args = p.parse_args(argv)
+  return p.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+  args = parse_args(argv)
 
   use_cpu_devices(8)  # a GPU backend ignores it
   import jax

@@ -336,7 +336,7 @@ def case_large(args, workdir):
   )
 
 
-def main(argv=None):
+def parse_args(argv=None) -> argparse.Namespace:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--rows", type=int, default=1 << 20)
   parser.add_argument("--dim", type=int, default=16)
@@ -371,6 +371,11 @@ def main(argv=None):
     args.repeats = 1
     args.log2_rows, args.large_steps, args.flush_every = min(args.log2_rows, 20), 10, 5
     args.large_cache_mib = 64
+  return args
+
+
+def main(argv=None):
+  args = parse_args(argv)
   workdir = args.workdir or tempfile.mkdtemp(prefix="embedding_tier_")
   os.makedirs(workdir, exist_ok=True)
   try:

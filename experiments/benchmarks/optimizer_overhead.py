@@ -132,14 +132,18 @@ def bench(mode: str, params, batch, mesh, reps: int, seed: int = 0):
   return med
 
 
-def main(argv=None):
+def parse_args(argv=None) -> argparse.Namespace:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--width", type=int, default=1024)
   parser.add_argument("--depth", type=int, default=4)
   parser.add_argument("--rows-per-worker", type=int, default=8)
   parser.add_argument("--reps", type=int, default=30)
   parser.add_argument("--quick", action="store_true", help="~1e6 params, 6 reps")
-  args = parser.parse_args(argv)
+  return parser.parse_args(argv)
+
+
+def main(argv=None):
+  args = parse_args(argv)
   width, depth, reps = (512, 4, 6) if args.quick else (args.width, args.depth, args.reps)
 
   use_cpu_devices(8, cpu_only=True)  # 2 nodes x 4 devices, on any machine; before JAX starts
