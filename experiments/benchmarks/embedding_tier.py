@@ -1,11 +1,11 @@
 """Benchmark of the tiered embedding table against a plain in-RAM NumPy table.
 
-Command (default, ~3 min on 2 shared cores):
+Command (default; runtimes and measured ratios are in the README, with these commands):
   .venv/bin/python -m experiments.benchmarks.embedding_tier
 Smoke run (seconds):          ... -m experiments.benchmarks.embedding_tier --quick
-Large table (NOT for CI; ~48 GiB of disk and hours at 2^28 rows):
+Large table (NOT for CI: 2^28 rows of 16 floats and their Adam slots take tens of GiB of disk):
   .venv/bin/python -m experiments.benchmarks.embedding_tier --large --log2-rows 28
-  (a scaled-down check of the same code path, ~1.5 min:
+  (a scaled-down check of the same code path:
    --large --log2-rows 22 --large-steps 100 --flush-every 25 --batch 20000
    --large-cache-mib 128)
 
