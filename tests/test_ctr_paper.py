@@ -11,6 +11,7 @@ from experiments import reproduce_paper
 from experiments.paper import config
 from experiments.paper import run
 from experiments.paper import summary
+from experiments.plot import paper as paper_figures
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -100,3 +101,9 @@ def test_recorded_config_that_is_not_one_names_the_file(tmp_path):
   (tmp_path / "config.json").write_text('{"ks": [1], "steps": -1}')
   with pytest.raises(ValueError, match=r"config.json: not a paper-experiment config \(steps"):
     run.recorded_config(str(tmp_path))
+
+
+def test_figures_of_a_directory_without_runs_name_the_missing_file(tmp_path):
+  with pytest.raises(ValueError, match=r"runs.jsonl: no runs to plot"):
+    paper_figures.make_figures(str(tmp_path), str(tmp_path / "figures"))
+  assert not (tmp_path / "figures").exists()

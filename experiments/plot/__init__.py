@@ -2,6 +2,6 @@
 
 Figures are never drawn from in-memory training state: each function takes records read back
 from ``results/`` or a run directory, so a figure can be rebuilt without retraining. One
-private module per figure family; :mod:`experiments.plot._style` finishes and saves every
-figure the same way.
+module per figure family (``paper.py``, ...); :mod:`experiments.plot._style` finishes and saves
+every figure the same way.
 """

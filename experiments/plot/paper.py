@@ -20,6 +20,8 @@ from experiments.plot import _style
 def make_figures(results_dir: str, figures_dir: str, *, seed: int = 0) -> list[str]:
   """AUC vs k, inter-node traffic vs k and the loss curves of ``seed``; returns the paths."""
   rows = summary.summarize(run.read_runs(results_dir))
+  if not rows:
+    raise ValueError(f"{os.path.join(results_dir, 'runs.jsonl')}: no runs to plot")
   os.makedirs(figures_dir, exist_ok=True)
   return [
     auc_vs_k(rows, os.path.join(figures_dir, "paper_auc_vs_k.png")),
