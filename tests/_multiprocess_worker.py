@@ -3,11 +3,7 @@
 import os
 import sys
 
-os.environ["JAX_PLATFORMS"] = "cpu"
 import jax
-
-jax.config.update("jax_num_cpu_devices", 2)
-jax.config.update("jax_cpu_collectives_implementation", "gloo")
 
 
 def main(rank: int, port: str, out_path: str):
@@ -37,5 +33,10 @@ def main(rank: int, port: str, out_path: str):
 
 
 if __name__ == "__main__":
+  # Configured here, not at import: the suite's doctest collection imports this file too, and
+  # an import-time update would leave every later test with 2 devices.
+  jax.config.update("jax_platforms", "cpu")
+  jax.config.update("jax_num_cpu_devices", 2)
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
   sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
   main(int(sys.argv[1]), sys.argv[2], sys.argv[3])
