@@ -100,6 +100,10 @@ def main(argv=None) -> str:
   args, cfg = parse_args(argv)
   out, figures = output_dirs(args, cfg)
   if not args.plot_only:
+    try:
+      run.check_resumable(cfg, out)
+    except ValueError as e:
+      raise SystemExit(f"reproduce_paper: {e}") from None
     use_cpu_devices(8)  # 2 nodes x 4 devices; before the first JAX computation
     run.run_grid(cfg, out, log=lambda s: print(s, flush=True))
   runs = run.read_runs(out)

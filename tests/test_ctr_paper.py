@@ -93,6 +93,8 @@ def test_resuming_with_a_different_run_config_is_refused(tmp_path):
   config.write(config.QUICK, str(tmp_path / "config.json"))
   with pytest.raises(ValueError, match=r"config.json: .* steps=96, .* steps=10; pass another"):
     run.run_grid(dataclasses.replace(config.QUICK, steps=10), str(tmp_path))
+  with pytest.raises(SystemExit, match=r"reproduce_paper: .*config.json: .* steps=96"):
+    reproduce_paper.main(["--quick", "--steps", "10", "--out", str(tmp_path)])
   # More seeds or values of k only grow the grid: allowed (checked before any training here).
   assert config.run_fields_differ(config.QUICK, dataclasses.replace(config.QUICK, ks=(2,))) == []
 

@@ -53,6 +53,19 @@ def recorded_config(out_dir: str) -> PaperConfig | None:
   return config.read(path) if os.path.exists(path) else None
 
 
+def check_resumable(cfg: PaperConfig, out_dir: str) -> None:
+  """Raise ValueError naming ``out_dir/config.json`` if its runs compute something else."""
+  recorded = recorded_config(out_dir)
+  if recorded is not None and (differ := config.run_fields_differ(recorded, cfg)):
+    raise ValueError(
+      f"{config_path(out_dir)}: the runs in {out_dir} were made with "
+      + ", ".join(f"{name}={getattr(recorded, name)!r}" for name in differ)
+      + ", this config has "
+      + ", ".join(f"{name}={getattr(cfg, name)!r}" for name in differ)
+      + "; pass another --out"
+    )
+
+
 def read_runs(out_dir: str) -> list[dict]:
   """The lines of ``out_dir/runs.jsonl`` (none when the grid has not started)."""
   path = os.path.join(out_dir, "runs.jsonl")
@@ -63,16 +76,7 @@ def run_grid(cfg: PaperConfig, out_dir: str, *, log=print) -> None:
   """Run every (optimizer, k, seed) not yet in ``out_dir/runs.jsonl``; append each result."""
   from kstep_adam import ctr
 
-  os.makedirs(out_dir, exist_ok=True)
-  recorded = recorded_config(out_dir)
-  if recorded is not None and (differ := config.run_fields_differ(recorded, cfg)):
-    raise ValueError(
-      f"{config_path(out_dir)}: the runs in {out_dir} were made with "
-      + ", ".join(f"{name}={getattr(recorded, name)!r}" for name in differ)
-      + ", this config has "
-      + ", ".join(f"{name}={getattr(cfg, name)!r}" for name in differ)
-      + "; pass another --out"
-    )
+  check_resumable(cfg, out_dir)
   config.write(cfg, config_path(out_dir))
   results_path = os.path.join(out_dir, "runs.jsonl")
   done = {r["name"] for r in read_runs(out_dir)}
