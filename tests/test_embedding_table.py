@@ -454,3 +454,80 @@ def test_compact_reclaims_old_versions_and_keeps_every_row(tmp_path):
     assert reopened.step == 14
     np.testing.assert_equal(reopened.pull(np.arange(4000)), after)
   assert not os.path.exists(tmp_path / "t" / "db.2")
+
+
+# table.json exactly as format kstep_adam.embedding/1 writes it: kept literal, so a change
+# that stops reading tables already on disk fails here.
+_FORMAT_1_TABLE_JSON = """{
+ "format": "kstep_adam.embedding/1",
+ "num_rows": 300,
+ "dim": 4,
+ "width": 6,
+ "chunk_rows": 16,
+ "seed": 3,
+ "init_scale": 0.5,
+ "init_distribution": "uniform",
+ "compress": true,
+ "optimizer": {
+  "kind": "rowwise_adagrad",
+  "eps": 1e-08,
+  "initial_accumulator_value": 0.0,
+  "learning_rate": 0.1
+ }
+}"""
+
+
+def test_table_config_reads_format_1_and_round_trips():
+  config = embedding.TableConfig.from_json(_FORMAT_1_TABLE_JSON)
+  assert config == embedding.TableConfig(
+    num_rows=300,
+    dim=4,
+    optimizer=embedding.RowwiseAdagrad(learning_rate=0.1).config(),
+    chunk_rows=16,
+    seed=3,
+    init_scale=0.5,
+  )
+  assert config.width == 6 and config.row_bytes == 24 and config.compress
+  assert embedding.TableConfig.from_json(config.to_json()) == config
+  with pytest.raises(TypeError):
+    config.optimizer["eps"] = 1.0  # read-only, like the rest of the config
+  older = _FORMAT_1_TABLE_JSON.replace(' "compress": true,\n', "")  # written before compress
+  assert embedding.TableConfig.from_json(older).compress
+
+
+def test_open_table_stores_and_exposes_its_config(tmp_path):
+  with embedding.open_table(
+    tmp_path / "t", num_rows=100, dim=DIM, optimizer=_adam(mode="lazy"), chunk_rows=1000, seed=5
+  ) as table:
+    config = table.config
+  assert config == embedding.TableConfig.from_json((tmp_path / "t" / "table.json").read_text())
+  assert (config.num_rows, config.dim, config.chunk_rows, config.seed) == (100, DIM, 100, 5)
+  assert config.optimizer == _adam(mode="lazy").config() and config.width == 1 + 3 * DIM
+  with embedding.open_table(tmp_path / "t", chunk_rows=100, init_scale=DIM**-0.5) as table:
+    assert table.config == config and table.optimizer == _adam(mode="lazy")
+
+
+BAD_TABLE_JSON = {
+  "format": ('"kstep_adam.embedding/1"', '"other/2"', "format 'other/2'"),
+  "unknown field": ('"seed": 3', '"seed": 3, "rows": 1', "unknown fields \\['rows'\\]"),
+  "missing field": ('"seed": 3,', "", "missing fields \\['seed'\\]"),
+  "bool count": ('"num_rows": 300', '"num_rows": true', "num_rows must be an int"),
+  "bad chunk_rows": ('"chunk_rows": 16', '"chunk_rows": 0', "chunk_rows must be an int >= 1"),
+  "bad scale": ('"init_scale": 0.5', '"init_scale": -1', "init_scale must be a finite"),
+  "bad kind": ('"rowwise_adagrad"', '"sgd"', "optimizer kind must be one of"),
+  "bad hyper": ('"eps": 1e-08', '"eps": 0', "eps must be a finite number in \\(0.0"),
+  "width": ('"width": 6', '"width": 7', "width=7 does not match"),
+  "not json": ("{", "[", "not valid JSON"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_TABLE_JSON))
+def test_a_bad_table_json_is_refused_naming_the_file(tmp_path, case):
+  old, new, match = BAD_TABLE_JSON[case]
+  assert old in _FORMAT_1_TABLE_JSON
+  (tmp_path / "t").mkdir()
+  (tmp_path / "t" / "table.json").write_text(_FORMAT_1_TABLE_JSON.replace(old, new, 1))
+  with pytest.raises(ValueError, match=match) as info:
+    embedding.open_table(tmp_path / "t")
+  assert "table.json" in str(info.value)
+  assert os.listdir(tmp_path / "t") == ["table.json"]  # nothing created or changed

@@ -245,7 +245,7 @@ def case_disk_bandwidth(args, workdir, seq: float, compress: bool):
     for lo in range(0, num_rows, 1 << 16):  # write every row once (incompressible)
       ids = np.arange(lo, min(lo + (1 << 16), num_rows))
       table.push(ids, rng.standard_normal((len(ids), dim)).astype(np.float32))
-    chunk_rows, width = table._config["chunk_rows"], table._config["width"]
+    chunk_rows, width = table.config.chunk_rows, table.config.width
   ids = np.unique(rng.integers(0, num_rows, args.batch))
   best = None
   for _ in range(args.repeats):  # best of repeats, each from a cold page cache

@@ -5,6 +5,7 @@ database), are staged through a bounded host cache, and are updated by a sparse
 optimizer (exact or lazy ``SparseAdam``, ``RowwiseAdagrad``).
 """
 
+from kstep_adam.embedding._config import TableConfig
 from kstep_adam.embedding._hashing import hash_keys_to_rows
 from kstep_adam.embedding._hashing import splitmix64
 from kstep_adam.embedding._init import init_rows
@@ -18,6 +19,7 @@ __all__ = [
   "EmbeddingTable",
   "RowwiseAdagrad",
   "SparseAdam",
+  "TableConfig",
   "WorkingSet",
   "hash_keys_to_rows",
   "init_rows",

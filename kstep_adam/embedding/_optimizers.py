@@ -13,9 +13,12 @@ import dataclasses
 import functools
 import math
 from collections.abc import Callable
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
+
+from kstep_adam import _validation
 
 ScalarOrSchedule = float | Callable[[np.ndarray], Any]
 ADAM_MODES = ("exact", "lazy")
@@ -42,10 +45,8 @@ def _learning_rate(learning_rate: ScalarOrSchedule, count_N: np.ndarray) -> np.n
 
 
 def _check_learning_rate(learning_rate: ScalarOrSchedule) -> None:
-  if callable(learning_rate):
-    return
-  if not isinstance(learning_rate, (int, float)) or not learning_rate > 0:
-    raise ValueError(f"learning_rate must be a positive float or a schedule, got {learning_rate!r}")
+  if not callable(learning_rate):
+    _validation.check_float(learning_rate, "learning_rate (or a schedule)", low=0.0, low_open=True)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,13 +107,9 @@ class SparseAdam:
   def __post_init__(self):
     _check_learning_rate(self.learning_rate)
     for name in ("b1", "b2"):
-      value = getattr(self, name)
-      if not 0.0 <= value < 1.0:
-        raise ValueError(f"{name} must be in [0, 1), got {value!r}")
-    if not self.eps >= 0:
-      raise ValueError(f"eps must be >= 0, got {self.eps!r}")
-    if self.mode not in ADAM_MODES:
-      raise ValueError(f"mode must be one of {ADAM_MODES}, got {self.mode!r}")
+      _validation.check_float(getattr(self, name), name, low=0.0, high=1.0, high_open=True)
+    _validation.check_float(self.eps, "eps", low=0.0)
+    _validation.check_choice(self.mode, "mode", ADAM_MODES)
     if self.mode == "exact" and not self.b1**2 < self.b2:
       raise ValueError(
         f"mode='exact' needs b1**2 < b2 for a bounded catch-up sum, got b1={self.b1}, b2={self.b2}"
@@ -120,7 +117,8 @@ class SparseAdam:
 
   kind = "adam"
 
-  def slot_width(self, dim: int) -> int:
+  @staticmethod
+  def slot_width(dim: int) -> int:
     """Returns the per-row state width: first and second moments, D columns each."""
     return 2 * dim
 
@@ -256,14 +254,12 @@ class RowwiseAdagrad:
 
   def __post_init__(self):
     _check_learning_rate(self.learning_rate)
-    if not self.eps > 0:
-      raise ValueError(f"eps must be > 0, got {self.eps!r}")
-    if not self.initial_accumulator_value >= 0:
-      raise ValueError(
-        f"initial_accumulator_value must be >= 0, got {self.initial_accumulator_value!r}"
-      )
+    _validation.check_float(self.eps, "eps", low=0.0, low_open=True)
+    _validation.check_float(self.initial_accumulator_value, "initial_accumulator_value", low=0.0)
 
-  def slot_width(self, dim: int) -> int:
+  @staticmethod
+  def slot_width(dim: int) -> int:
+    """Returns the per-row state width: one accumulator."""
     return 1
 
   def init_slots(self, n: int, dim: int) -> np.ndarray:
@@ -292,25 +288,43 @@ def _lr_config(learning_rate: ScalarOrSchedule):
   return "schedule" if callable(learning_rate) else float(learning_rate)
 
 
-def optimizer_from_config(config: dict):
-  """Rebuilds an optimizer from ``config()``; a schedule cannot be rebuilt (returns None)."""
-  if config["learning_rate"] == "schedule":
+OPTIMIZERS = {"adam": SparseAdam, "rowwise_adagrad": RowwiseAdagrad}  # by ``kind``
+_HYPERPARAMETERS = {
+  "adam": ("b1", "b2", "eps", "mode"),
+  "rowwise_adagrad": ("eps", "initial_accumulator_value"),
+}
+
+
+def optimizer_from_config(description: Mapping[str, Any]):
+  """Rebuilds an optimizer from ``config()``; a schedule cannot be rebuilt (returns None).
+
+  Raises ValueError naming the problem for an unknown kind, a missing or extra key, or a
+  hyperparameter the optimizer refuses.
+  """
+  learning_rate = description.get("learning_rate")
+  if learning_rate == "schedule":
     return None
-  if config["kind"] == "adam":
-    return SparseAdam(
-      learning_rate=config["learning_rate"],
-      b1=config["b1"],
-      b2=config["b2"],
-      eps=config["eps"],
-      mode=config["mode"],
+  return _build(description, learning_rate)
+
+
+def check_description(description: Mapping[str, Any]) -> None:
+  """Raises ValueError unless ``description`` is a valid optimizer ``config()``."""
+  learning_rate = description.get("learning_rate")
+  _build(description, 1.0 if learning_rate == "schedule" else learning_rate)
+
+
+def _build(description: Mapping[str, Any], learning_rate):
+  kind = description.get("kind")
+  if kind not in OPTIMIZERS:
+    raise ValueError(f"optimizer kind must be one of {tuple(OPTIMIZERS)}, got {kind!r}")
+  names = _HYPERPARAMETERS[kind]
+  expected = {"kind", "learning_rate", *names}
+  if set(description) != expected:
+    raise ValueError(
+      f"optimizer description of kind {kind!r} must have keys {sorted(expected)}, "
+      f"got {sorted(description)}"
     )
-  if config["kind"] == "rowwise_adagrad":
-    return RowwiseAdagrad(
-      learning_rate=config["learning_rate"],
-      eps=config["eps"],
-      initial_accumulator_value=config["initial_accumulator_value"],
-    )
-  raise ValueError(f"unknown optimizer kind {config['kind']!r} in table metadata")
+  return OPTIMIZERS[kind](learning_rate=learning_rate, **{n: description[n] for n in names})
 
 
 @functools.cache

@@ -2,7 +2,7 @@
 
 Directory layout of a table at ``path``::
 
-  path/table.json   static configuration, written once (the table is created in a
+  path/table.json   the static ``TableConfig``, written once (the table is created in a
                     temporary sibling directory that is renamed into place, so a table
                     either exists whole or not at all)
   path/CURRENT      name of the live database directory (absent: ``db``); ``compact``
@@ -44,7 +44,8 @@ import tempfile
 import numpy as np
 import tensorstore as ts
 
-FORMAT = "kstep_adam.embedding/1"
+from kstep_adam.embedding._config import TableConfig
+
 CONFIG_FILE = "table.json"
 CURRENT_FILE = "CURRENT"
 
@@ -99,10 +100,6 @@ def du_bytes(directory: str) -> int:
   )
 
 
-def row_width(dim: int, slot_width: int) -> int:
-  return 1 + dim + slot_width
-
-
 def encode_last_step(last_step_N: np.ndarray) -> np.ndarray:
   """Column 0 of the row layout: the float32 bit pattern of int32 ``last_step + 1``."""
   return (np.asarray(last_step_N) + 1).astype(np.int32).view(np.float32)
@@ -131,7 +128,7 @@ def _array_spec(kvstore: dict, num_rows: int, width: int, chunk_rows: int, compr
   }
 
 
-def read_config(path: str) -> dict:
+def read_config(path: str) -> TableConfig:
   """Reads ``table.json``; raises ValueError if ``path`` is not an embedding table."""
   config_path = os.path.join(path, CONFIG_FILE)
   if not os.path.isfile(config_path):
@@ -140,16 +137,10 @@ def read_config(path: str) -> dict:
       "pass a new or empty directory to create one"
     )
   with open(config_path) as f:
-    try:
-      config = json.load(f)
-    except json.JSONDecodeError as e:
-      raise ValueError(f"{config_path!r} is not valid JSON: {e}") from None
-  if config.get("format") != FORMAT:
-    raise ValueError(f"{config_path!r} has format {config.get('format')!r}, expected {FORMAT!r}")
-  return config
+    return TableConfig.from_json(f.read(), source=config_path)
 
 
-def create(path: str, config: dict) -> None:
+def create(path: str, config: TableConfig) -> None:
   """Creates an empty table atomically: build in a temporary sibling, then rename."""
   parent = os.path.dirname(os.path.abspath(path)) or "."
   os.makedirs(parent, exist_ok=True)
@@ -157,7 +148,7 @@ def create(path: str, config: dict) -> None:
   try:
     # Durable before the rename publishes the table: after a power loss a table either does
     # not exist or has its config (a process kill alone never needed the fsyncs).
-    replace_file_durably(tmp, CONFIG_FILE, json.dumps(config, indent=1))
+    replace_file_durably(tmp, CONFIG_FILE, config.to_json())
     store = TableStore(tmp, config, ts_cache_bytes=0, create=True)
     store.write_step(0)
     del store
@@ -176,23 +167,22 @@ class TableStore:
   def __init__(
     self,
     path: str,
-    config: dict,
+    config: TableConfig,
     *,
     ts_cache_bytes: int,
     create: bool = False,
     db_name: str | None = None,
   ):
     self._context = ts.Context({"cache_pool": {"total_bytes_limit": int(ts_cache_bytes)}})
-    num_rows, width, chunk_rows = config["num_rows"], config["width"], config["chunk_rows"]
     self.db_name = current_db(path) if db_name is None else db_name
     self.db_path = os.path.join(path, self.db_name)
     db = {"driver": "ocdbt", "base": {"driver": "file", "path": self.db_path}}
     self._kv = ts.KvStore.open(db, context=self._context).result()
     spec = _array_spec(
-      dict(db, path="rows/"), num_rows, width, chunk_rows, config.get("compress", True)
+      dict(db, path="rows/"), config.num_rows, config.width, config.chunk_rows, config.compress
     )
     self._rows = ts.open(spec, create=create, open=not create, context=self._context).result()
-    self._row_bytes = 4 * width
+    self._row_bytes = config.row_bytes
     self.bytes_read = 0
     self.bytes_written = 0
 

@@ -34,6 +34,7 @@ import numpy as np
 from kstep_adam.embedding import _batch
 from kstep_adam.embedding import _init
 from kstep_adam.embedding import _store
+from kstep_adam.embedding._config import TableConfig
 from kstep_adam.embedding._host_cache import HostCache
 from kstep_adam.embedding._pending import PendingLog
 
@@ -68,7 +69,7 @@ class EmbeddingTable:
   def __init__(
     self,
     path: str,
-    config: dict,
+    config: TableConfig,
     optimizer,
     *,
     host_cache_rows: int,
@@ -84,19 +85,19 @@ class EmbeddingTable:
         f"the table at {path!r} is already open (in this or another process); close it first"
       ) from None
     self.path = path
-    self.num_rows = int(config["num_rows"])
-    self.dim = int(config["dim"])
+    self.num_rows = config.num_rows
+    self.dim = config.dim
     self.optimizer = optimizer
     self._config = config
     _store.remove_stale_dbs(path)
     self._ts_cache_bytes = ts_cache_bytes
     self._store = _store.TableStore(path, config, ts_cache_bytes=ts_cache_bytes)
-    self._pending = PendingLog(path, config["width"])
+    self._pending = PendingLog(path, config.width)
     redo_step = self._pending.recover()
     if redo_step is not None:  # a flush was committed but not fully copied: finish it
       self._apply_pending(redo_step)
     self._step = self._store.committed_step()
-    self._cache = HostCache(host_cache_rows, config["width"])
+    self._cache = HostCache(host_cache_rows, config.width)
     self._device_cache = device_cache
     self._op_lock = threading.Lock()  # serializes pull/push/flush; prefetch skips it
     self._lock = threading.Lock()  # guards the host cache, the pending log, counters
@@ -115,7 +116,13 @@ class EmbeddingTable:
     return self._step
 
   @property
+  def config(self) -> TableConfig:
+    """The table's static configuration, as stored in ``table.json``."""
+    return self._config
+
+  @property
   def host_cache_rows(self) -> int:
+    """The host tier's capacity in rows."""
     return self._cache.capacity
 
   def pull(self, ids) -> np.ndarray:
@@ -237,7 +244,7 @@ class EmbeddingTable:
         create=True,
         db_name=f"db.{number}",
       )
-      chunk_rows, per_batch = self._config["chunk_rows"], self._chunks_per_batch()
+      chunk_rows, per_batch = self._config.chunk_rows, self._chunks_per_batch()
       chunks = old.stored_chunks()
       for lo in range(0, len(chunks), per_batch):
         starts = chunks[lo : lo + per_batch] * chunk_rows
@@ -401,7 +408,7 @@ class EmbeddingTable:
     ids, positions = self._pending.items()
     order = np.argsort(ids)
     ids, positions = ids[order], positions[order]
-    chunk_rows, max_chunks = self._config["chunk_rows"], self._chunks_per_batch()
+    chunk_rows, max_chunks = self._config.chunk_rows, self._chunks_per_batch()
     # Cut the sorted ids into batches of at most max_chunks distinct chunks: a batch
     # starts at the first id of every max_chunks-th chunk.
     chunk = ids // chunk_rows
@@ -413,20 +420,20 @@ class EmbeddingTable:
 
   def _chunks_per_batch(self) -> int:
     """Whole chunks per disk write batch (flush copy, compact): ``_FLUSH_BATCH_BYTES``."""
-    chunk_bytes = self._config["chunk_rows"] * self._config["width"] * 4
+    chunk_bytes = self._config.chunk_rows * self._config.row_bytes
     return max(1, _FLUSH_BATCH_BYTES // chunk_bytes)
 
   def _fresh_rows(self, ids_M: np.ndarray) -> np.ndarray:
     """Rows never written: deterministic init, initial optimizer slots, last_step = -1."""
     config = self._config
-    rows = np.empty((len(ids_M), config["width"]), np.float32)
+    rows = np.empty((len(ids_M), config.width), np.float32)
     rows[:, 0] = _store.encode_last_step(np.full(len(ids_M), -1))
     rows[:, 1 : 1 + self.dim] = _init.init_rows(
       ids_M,
       self.dim,
-      seed=config["seed"],
-      scale=config["init_scale"],
-      distribution=config["init_distribution"],
+      seed=config.seed,
+      scale=config.init_scale,
+      distribution=config.init_distribution,
     )
     rows[:, 1 + self.dim :] = self.optimizer.init_slots(len(ids_M), self.dim)
     return rows
