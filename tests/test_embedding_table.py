@@ -353,13 +353,86 @@ def test_bad_push_raises_and_leaves_table_intact(tmp_path, case):
 
 
 def test_a_table_open_twice_is_refused(tmp_path):
-  with embedding.open_table(tmp_path / "t", num_rows=10, dim=DIM) as table:
+  path = str(tmp_path / "t")
+  with embedding.open_table(path, num_rows=10, dim=DIM) as table:
     table.push([1], np.ones((1, DIM), np.float32))
-    with pytest.raises(ValueError, match="already open"):
-      embedding.open_table(tmp_path / "t")
+    with pytest.raises(embedding.TableLockedError, match="already open") as info:
+      embedding.open_table(path)
+    assert not isinstance(info.value, ValueError)  # not a bad argument: a busy table
+    assert info.value.path == path and repr(path) in str(info.value)
     assert table.step == 1
-  with embedding.open_table(tmp_path / "t") as table:  # free again after close
+  with embedding.open_table(path) as table:  # free again after close
     assert table.step == 1
+
+
+def test_a_table_open_in_another_process_is_refused(tmp_path):
+  path = str(tmp_path / "t")
+  embedding.open_table(path, num_rows=10, dim=DIM).close()
+  child = textwrap.dedent(f"""
+      import sys
+      from kstep_adam import embedding
+      table = embedding.open_table({path!r})
+      print("open", flush=True)
+      sys.stdin.readline()  # hold the table until the parent has tried
+      table.close()
+      """)
+  proc = subprocess.Popen(
+    [sys.executable, "-c", child],
+    stdin=subprocess.PIPE,
+    stdout=subprocess.PIPE,
+    text=True,
+    cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+  )
+  try:
+    assert proc.stdout.readline() == "open\n"
+    with pytest.raises(embedding.TableLockedError, match="another process"):
+      embedding.open_table(path)
+  finally:
+    proc.communicate("done\n", timeout=60)
+  assert proc.returncode == 0
+  embedding.open_table(path).close()  # free once the other process closed it
+
+
+BAD_OPEN_ARGS = {
+  "num_rows bool": (dict(num_rows=True), "num_rows must be an int"),
+  "num_rows float": (dict(num_rows=10.0), "num_rows must be an int"),
+  "num_rows huge": (dict(num_rows=2**62), "num_rows must be an int in \\[1, "),
+  "dim bool": (dict(dim=True), "dim must be an int"),
+  "dim zero": (dict(dim=0), "dim must be an int >= 1"),
+  "chunk_rows bool": (dict(chunk_rows=True), "chunk_rows must be an int"),
+  "seed bool": (dict(seed=False), "seed must be an int"),
+  "seed float": (dict(seed=1.5), "seed must be an int"),
+  "init_scale bool": (dict(init_scale=True), "init_scale must be a finite number"),
+  "init_scale nan": (dict(init_scale=float("nan")), "init_scale must be a finite number"),
+  "distribution": (dict(init_distribution="cauchy"), "init_distribution must be one of"),
+  "compress int": (dict(compress=1), "compress must be a bool"),
+  "host_cache_rows bool": (dict(host_cache_rows=True), "host_cache_rows must be an int"),
+  "host_cache_bytes small": (dict(host_cache_bytes=4), "host_cache_bytes \\(at least one row"),
+  "host_cache_bytes bool": (dict(host_cache_bytes=True), "host_cache_bytes"),
+  "device_cache_rows bool": (dict(device_cache_rows=True), "device_cache_rows must be an int"),
+  "device_cache_rows neg": (dict(device_cache_rows=-1), "device_cache_rows must be an int >= 0"),
+  "ts_cache_bytes bool": (dict(ts_cache_bytes=False), "ts_cache_bytes must be an int"),
+  "optimizer": (dict(optimizer="adam"), "optimizer must be embedding.SparseAdam"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_OPEN_ARGS))
+def test_bad_open_arguments_are_refused_before_anything_is_created(tmp_path, case):
+  kwargs, match = BAD_OPEN_ARGS[case]
+  with pytest.raises(ValueError, match=match):
+    embedding.open_table(tmp_path / "t", **{"num_rows": 10, "dim": DIM, **kwargs})
+  assert not os.path.exists(tmp_path / "t")
+
+
+def test_bool_counts_are_refused_on_reopen_and_in_working_set(tmp_path):
+  with embedding.open_table(tmp_path / "t", num_rows=1, dim=DIM) as table:
+    with pytest.raises(ValueError, match="pad_to"):
+      table.working_set([0], pad_to=True)
+    assert table.working_set([0], pad_to=np.int64(2)).rows.shape == (2, DIM)
+  with pytest.raises(ValueError, match="num_rows must be an int"):
+    embedding.open_table(tmp_path / "t", num_rows=True)  # True == 1, but not a count
+  with embedding.open_table(tmp_path / "t", num_rows=1) as table:
+    assert table.num_rows == 1
 
 
 def test_grads_of_any_float_dtype_are_accepted(tmp_path):

@@ -6,6 +6,7 @@ optimizer (exact or lazy ``SparseAdam``, ``RowwiseAdagrad``).
 """
 
 from kstep_adam.embedding._config import TableConfig
+from kstep_adam.embedding._errors import TableLockedError
 from kstep_adam.embedding._hashing import hash_keys_to_rows
 from kstep_adam.embedding._hashing import splitmix64
 from kstep_adam.embedding._init import init_rows
@@ -20,6 +21,7 @@ __all__ = [
   "RowwiseAdagrad",
   "SparseAdam",
   "TableConfig",
+  "TableLockedError",
   "WorkingSet",
   "hash_keys_to_rows",
   "init_rows",

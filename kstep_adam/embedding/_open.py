@@ -7,6 +7,7 @@ from kstep_adam import _validation
 from kstep_adam.embedding import _optimizers
 from kstep_adam.embedding import _store
 from kstep_adam.embedding._config import TableConfig
+from kstep_adam.embedding._device_cache import DeviceCache
 from kstep_adam.embedding._table import EmbeddingTable
 
 
@@ -15,7 +16,7 @@ def open_table(
   *,
   num_rows: int | None = None,
   dim: int | None = None,
-  optimizer=None,
+  optimizer: _optimizers.SparseAdam | _optimizers.RowwiseAdagrad | None = None,
   host_cache_rows: int | None = None,
   host_cache_bytes: int | None = None,
   device_cache_rows: int = 0,
@@ -56,6 +57,11 @@ def open_table(
 
   Returns:
     An ``EmbeddingTable``; use it as a context manager or call ``close()``.
+
+  Raises:
+    ValueError: a bad argument, one that conflicts with the stored table, or a path that
+      holds something else; nothing on disk changes.
+    TableLockedError: the table is already open, in this process or another.
 
   Examples:
     >>> import tempfile
@@ -117,11 +123,7 @@ def open_table(
   ts_cache_bytes = _validation.check_int(ts_cache_bytes, "ts_cache_bytes", minimum=0)
   if not exists:
     _store.create(path, config)
-  device_cache = None
-  if device_cache_rows:
-    from kstep_adam.embedding._device_cache import DeviceCache
-
-    device_cache = DeviceCache(device_cache_rows, config.dim)
+  device_cache = DeviceCache(device_cache_rows, config.dim) if device_cache_rows else None
   return EmbeddingTable(
     path,
     config,

@@ -29,13 +29,19 @@ import os
 import threading
 from typing import NamedTuple
 
+import jax
 import numpy as np
 
+from kstep_adam import _validation
 from kstep_adam.embedding import _batch
 from kstep_adam.embedding import _init
 from kstep_adam.embedding import _store
 from kstep_adam.embedding._config import TableConfig
+from kstep_adam.embedding._device_cache import DeviceCache
+from kstep_adam.embedding._errors import TableLockedError
 from kstep_adam.embedding._host_cache import HostCache
+from kstep_adam.embedding._optimizers import RowwiseAdagrad
+from kstep_adam.embedding._optimizers import SparseAdam
 from kstep_adam.embedding._pending import PendingLog
 
 _FLUSH_BATCH_BYTES = 64 << 20  # uncompressed chunk bytes per flush write batch
@@ -45,7 +51,8 @@ class WorkingSet(NamedTuple):
   """A batch's deduplicated rows: ``rows[inverse]`` equals ``pull(ids)``."""
 
   unique_ids: np.ndarray  # shape=[U], int64, sorted ascending
-  rows: object  # shape=[U or pad_to, dim], float32: np.ndarray, or jax.Array (device cache)
+  rows: np.ndarray | jax.Array  # shape=[U or pad_to, dim], float32; a jax.Array on the
+  # device when the table has a device cache
   inverse: np.ndarray  # shape=[len(ids)], int64 indices into unique_ids
 
 
@@ -70,20 +77,18 @@ class EmbeddingTable:
     self,
     path: str,
     config: TableConfig,
-    optimizer,
+    optimizer: SparseAdam | RowwiseAdagrad,
     *,
     host_cache_rows: int,
     ts_cache_bytes: int,
-    device_cache=None,
+    device_cache: DeviceCache | None = None,
   ):
     self._lock_file = open(os.path.join(path, "LOCK"), "w")
     try:  # one writer per table: the kernel drops this lock if the process dies
       fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
       self._lock_file.close()
-      raise ValueError(
-        f"the table at {path!r} is already open (in this or another process); close it first"
-      ) from None
+      raise TableLockedError(path) from None
     self.path = path
     self.num_rows = config.num_rows
     self.dim = config.dim
@@ -147,14 +152,16 @@ class EmbeddingTable:
     """
     ids_N = _batch.check_ids(ids, self.num_rows)
     unique_U, inverse_N = np.unique(ids_N, return_inverse=True)
-    num_rows = len(unique_U) if pad_to is None else pad_to
-    if not isinstance(num_rows, (int, np.integer)) or num_rows < len(unique_U):
-      raise ValueError(f"pad_to must be an int >= the {len(unique_U)} unique ids, got {pad_to!r}")
+    num_rows = len(unique_U)
+    if pad_to is not None:
+      num_rows = _validation.check_int(
+        pad_to, "pad_to (rows, at least the unique ids)", minimum=num_rows
+      )
     with self._op_lock, self._lock:
       self._check_open()
       rows_UxD = self._pull_unique_locked(unique_U)
       if self._device_cache is not None:
-        rows = self._device_cache.rows_on_device(unique_U, rows_UxD, int(num_rows))
+        rows = self._device_cache.rows_on_device(unique_U, rows_UxD, num_rows)
         return WorkingSet(unique_U, rows, inverse_N.astype(np.int64))
     if num_rows > len(unique_U):
       rows_UxD = np.concatenate(
@@ -199,7 +206,7 @@ class EmbeddingTable:
       self._step = step
       self._counts["pushes"] += 1
 
-  def prefetch(self, ids) -> concurrent.futures.Future:
+  def prefetch(self, ids) -> concurrent.futures.Future[int]:
     """Starts loading ``ids``' rows into the host cache on a background thread.
 
     Returns a Future whose result is the number of rows read from disk. It overlaps with
