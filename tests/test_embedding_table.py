@@ -113,8 +113,9 @@ def test_interrupted_flush_is_all_or_nothing(tmp_path, monkeypatch, crash_point)
     _crash_on_call(monkeypatch, _pending.PendingLog, "commit", 1)
   else:
     _crash_on_call(monkeypatch, _store.TableStore, "write_rows", 2)
-  with pytest.raises(_Crash):
+  with pytest.raises(embedding.TableFailedError) as info:
     table.flush()
+  assert isinstance(info.value.__cause__, _Crash)
   table.close(flush=False)
   monkeypatch.undo()
   with embedding.open_table(tmp_path / "t") as reopened:

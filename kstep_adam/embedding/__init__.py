@@ -6,6 +6,7 @@ optimizer (exact or lazy ``SparseAdam``, ``RowwiseAdagrad``).
 """
 
 from kstep_adam.embedding._config import TableConfig
+from kstep_adam.embedding._errors import TableFailedError
 from kstep_adam.embedding._errors import TableLockedError
 from kstep_adam.embedding._hashing import hash_keys_to_rows
 from kstep_adam.embedding._hashing import splitmix64
@@ -21,6 +22,7 @@ __all__ = [
   "RowwiseAdagrad",
   "SparseAdam",
   "TableConfig",
+  "TableFailedError",
   "TableLockedError",
   "WorkingSet",
   "hash_keys_to_rows",

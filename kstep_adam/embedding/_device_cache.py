@@ -69,7 +69,7 @@ class DeviceCache:
       slots_U = self._slots.lookup(unique_U)
       present = slots_U >= 0
       self._slots.pin(slots_U[present])
-      new_slots, _, _ = self._slots.reserve(unique_U[~present])
+      new_slots = self._slots.reserve(unique_U[~present])
       self._slots.fill(new_slots, np.zeros((len(new_slots), 0), np.float32))
       slots_U[~present] = new_slots
       self._upload(new_slots, rows_UxD[~present])

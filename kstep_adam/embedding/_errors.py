@@ -22,3 +22,27 @@ class TableLockedError(RuntimeError):
       f"the table at {path!r} is already open (in this or another process); close it first"
     )
     self.path = path
+
+
+class TableFailedError(RuntimeError):
+  """An I/O error left the table in a state it cannot continue from: reopen it.
+
+  Raised by the call that hit the error (its ``__cause__``) and by every later call on the
+  same ``EmbeddingTable``, ``flush`` and ``close(flush=True)`` included, so no flush can
+  commit a state that no step produced. Close the table (``close(flush=False)``) and open
+  it again: that gives exactly its last committed flush. Calls whose error left the table
+  as it was raise the original error instead (``OSError`` for I/O).
+
+  Attributes:
+    path: the table's directory.
+    operation: the call that failed (``'push'``, ``'flush'``, ...).
+  """
+
+  def __init__(self, path: str, operation: str, cause: BaseException):
+    super().__init__(
+      f"the embedding table at {path!r} failed during {operation} "
+      f"({type(cause).__name__}: {cause}); it refuses every call until it is closed and "
+      "reopened, which restores its last committed flush"
+    )
+    self.path = path
+    self.operation = operation

@@ -9,8 +9,9 @@ by sweeping a window of slots per NumPy call.
 
 A slot is *pinned* while an operation uses it (its pin count is > 0) and while its row
 is being read from disk (``loading``); pinned slots are never evicted. A *dirty* slot
-holds a row newer than the disk; evicting it hands the row back to the caller for
-write-back. This class does no I/O and no locking; the table does both.
+holds a row newer than the disk; evicting it hands the row to the caller's write-back
+first, and a failed write-back leaves the cache unchanged. This class does no I/O and no
+locking; the table does both.
 """
 
 import numpy as np
@@ -73,39 +74,41 @@ class HostCache:
     """Slots that are free or hold an unpinned row."""
     return self.capacity - self._num_pinned
 
-  def reserve(self, ids_M: np.ndarray):
-    """Assigns slots to absent unique ``ids_M``, evicting as needed.
+  def reserve(self, ids_M: np.ndarray, write_back=None) -> np.ndarray:
+    """Assigns slots to absent unique ``ids_M``, evicting as needed; returns the slots.
 
-    The new slots are registered, pinned once and marked ``loading`` until ``fill``.
-
-    Returns:
-      ``(slots_M, evicted_ids_V, evicted_rows_VxW)``: the new slots, and the ids and rows
-      of the *dirty* rows that were evicted and must be written back.
+    The new slots are registered, pinned once and marked ``loading`` until ``fill``. The
+    *dirty* rows that eviction displaces are handed to ``write_back(ids_V, rows_VxW)``
+    first, before the cache changes: if it raises, the cache is left as it was (only
+    CLOCK reference bits moved) and the exception propagates, so a failed write-back never
+    loses a row. ``write_back`` may be None only for a cache whose rows have no payload
+    (the device cache's slot map).
     """
     m = len(ids_M)
     take = min(m, self._num_free)
-    slots = [self._free_slots[self._num_free - take : self._num_free][::-1]]
+    free = self._free_slots[self._num_free - take : self._num_free][::-1]
+    victims = self._choose_victims(m - take) if take < m else np.zeros(0, np.int64)
+    dirty = self.dirty_C[victims]
+    if write_back is not None:
+      try:
+        write_back(self.ids_C[victims[dirty]], self.rows_CxW[victims[dirty]])
+      except BaseException:
+        self.unpin(victims)  # _choose_victims pinned them; nothing else has changed
+        raise
+    # The write-back is safe: now evict and assign.
     self._num_free -= take
     self._num_pinned += take
-    evicted_ids = np.zeros(0, np.int64)
-    evicted_rows = np.zeros((0, self.rows_CxW.shape[1]), np.float32)
-    if take < m:
-      victims = self._choose_victims(m - take)
-      dirty = self.dirty_C[victims]
-      evicted_ids = self.ids_C[victims[dirty]]
-      evicted_rows = self.rows_CxW[victims[dirty]]
-      self._map.delete(self.ids_C[victims])
-      self.evictions += len(victims)
-      self.dirty_evictions += len(evicted_ids)
-      slots.append(victims)
-    slots_M = np.concatenate(slots)
+    self._map.delete(self.ids_C[victims])
+    self.evictions += len(victims)
+    self.dirty_evictions += int(np.count_nonzero(dirty))
+    slots_M = np.concatenate([free, victims])
     self.ids_C[slots_M] = ids_M
     self.dirty_C[slots_M] = False
     self.ref_C[slots_M] = True
     self.loading_C[slots_M] = True
     self.pins_C[slots_M] = 1
     self._map.insert(ids_M, slots_M)
-    return slots_M, evicted_ids, evicted_rows
+    return slots_M
 
   def fill(self, slots_M: np.ndarray, rows_MxW: np.ndarray) -> None:
     """Stores rows read from disk into reserved slots and clears their ``loading`` flag."""

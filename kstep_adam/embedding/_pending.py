@@ -38,11 +38,14 @@ class PendingLog:
   def __init__(self, directory: str, width: int):
     self._dir = directory
     self._width = width
-    for name in (_ROWS, _IDS):
-      if not os.path.exists(os.path.join(directory, name)):
-        open(os.path.join(directory, name), "wb").close()
-    self._rows_file = open(os.path.join(directory, _ROWS), "r+b")
-    self._ids_file = open(os.path.join(directory, _IDS), "r+b")
+    # Unbuffered descriptors written with pwrite at explicit offsets: a failed write
+    # leaves no buffered bytes behind for a later write to flush, and no file position.
+    self._rows_fd = os.open(os.path.join(directory, _ROWS), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+      self._ids_fd = os.open(os.path.join(directory, _IDS), os.O_RDWR | os.O_CREAT, 0o644)
+    except BaseException:
+      os.close(self._rows_fd)
+      raise
     self._index = IdSlotMap(1024)
     self._num_records = 0
     self.bytes_written = 0
@@ -69,16 +72,16 @@ class PendingLog:
     return int(commit["step"])
 
   def append(self, ids_N: np.ndarray, rows_NxW: np.ndarray) -> None:
-    """Appends rows (unique ids); they supersede earlier records of the same ids."""
+    """Appends rows (unique ids); they supersede earlier records of the same ids.
+
+    All or nothing: if a write fails (a full disk), the log is unchanged (the bytes past
+    its end are overwritten by the next append) and the error propagates.
+    """
     if len(ids_N) == 0:
       return
     data = np.ascontiguousarray(rows_NxW, dtype=np.float32)
-    self._rows_file.seek(self._num_records * self._width * 4)
-    self._rows_file.write(data.tobytes())
-    self._rows_file.flush()
-    self._ids_file.seek(self._num_records * 8)
-    self._ids_file.write(np.ascontiguousarray(ids_N, dtype=np.int64).tobytes())
-    self._ids_file.flush()
+    _pwrite_all(self._rows_fd, data, self._num_records * self._width * 4)
+    _pwrite_all(self._ids_fd, np.ascontiguousarray(ids_N, dtype=np.int64), self._num_records * 8)
     known = self._index.lookup(ids_N) >= 0
     if known.any():
       self._index.delete(ids_N[known])
@@ -111,8 +114,8 @@ class PendingLog:
 
   def commit(self, step: int) -> None:
     """Makes the log durable, then atomically marks it as the state at ``step``."""
-    os.fsync(self._rows_file.fileno())
-    os.fsync(self._ids_file.fileno())
+    os.fsync(self._rows_fd)
+    os.fsync(self._ids_fd)
     _store.replace_file_durably(
       self._dir, _COMMIT, json.dumps({"step": int(step), "records": self._num_records})
     )
@@ -123,11 +126,19 @@ class PendingLog:
     if os.path.exists(commit_path):
       os.remove(commit_path)
       _store.fsync_dir(self._dir)
-    self._rows_file.truncate(0)
-    self._ids_file.truncate(0)
+    os.ftruncate(self._rows_fd, 0)
+    os.ftruncate(self._ids_fd, 0)
     self._index = IdSlotMap(1024)
     self._num_records = 0
 
   def close(self) -> None:
-    self._rows_file.close()
-    self._ids_file.close()
+    os.close(self._rows_fd)
+    os.close(self._ids_fd)
+
+
+def _pwrite_all(fd: int, array: np.ndarray, offset: int) -> None:
+  """Writes all of ``array``'s bytes at ``offset`` (pwrite may write fewer in one call)."""
+  view = memoryview(array).cast("B")
+  while len(view):
+    written = os.pwrite(fd, view, offset)
+    view, offset = view[written:], offset + written

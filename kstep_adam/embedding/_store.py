@@ -36,8 +36,10 @@ each flush rewrites; ``EmbeddingTable.compact`` copies the live chunks into a fr
 database and deletes the old one.
 """
 
+import contextlib
 import json
 import os
+import re
 import shutil
 import tempfile
 
@@ -187,7 +189,8 @@ class TableStore:
     self.bytes_written = 0
 
   def committed_step(self) -> int:
-    result = self._kv.read(b"commit.json").result()
+    with self._io("read commit.json of"):
+      result = self._kv.read(b"commit.json").result()
     if result.state != "value":
       raise ValueError(
         "table database has no commit.json: it was not created by open_table or is damaged"
@@ -199,20 +202,36 @@ class TableStore:
     if len(ids_N) == 0:
       return np.zeros((0, self._row_bytes // 4), np.float32)
     self.bytes_read += len(ids_N) * self._row_bytes
-    return self._rows[ids_N].read().result()
+    with self._io("read rows of"):
+      return self._rows[ids_N].read().result()
 
   def write_rows(self, ids_N: np.ndarray, rows_NxW: np.ndarray) -> None:
     """Scatters rows in one transaction, so each touched chunk is written once."""
     if len(ids_N) == 0:
       return
     self.bytes_written += len(ids_N) * self._row_bytes
-    with ts.Transaction() as txn:
+    with self._io("write rows of"), ts.Transaction() as txn:
       self._rows.with_transaction(txn)[ids_N] = rows_NxW
 
   def write_step(self, step: int) -> None:
-    self._kv[b"commit.json"] = json.dumps({"step": int(step)}).encode()
+    with self._io("write commit.json of"):
+      self._kv[b"commit.json"] = json.dumps({"step": int(step)}).encode()
 
   def stored_chunks(self) -> np.ndarray:
     """Indices (along rows) of the chunks that exist on disk, sorted."""
-    keys = self._kv.list(ts.KvStore.KeyRange(b"rows/c/", b"rows/c0")).result()
+    with self._io("list chunks of"):
+      keys = self._kv.list(ts.KvStore.KeyRange(b"rows/c/", b"rows/c0")).result()
     return np.sort(np.array([int(k.split(b"/")[2]) for k in keys], np.int64))
+
+  @contextlib.contextmanager
+  def _io(self, what: str):
+    """Re-raises TensorStore's I/O failures as ``OSError`` (with the errno when it names
+    one): TensorStore reports them as ``ValueError``, which here means a bad argument."""
+    try:
+      yield
+    except ValueError as e:
+      code = re.search(r"os_error_code='?(\d+)", str(e))
+      message = f"TensorStore failed to {what} {self.db_path!r}: {e}"
+      if code:
+        raise OSError(int(code.group(1)), message) from e
+      raise OSError(message) from e

@@ -15,6 +15,28 @@ uncommitted log. So after a crash the table reopens at the last flushed step, wi
 row from that step: everything since the last flush is lost, nothing is mixed. Flush
 memory is bounded by ``_FLUSH_BATCH_BYTES`` of chunks, not by the number of dirty rows.
 
+I/O errors (a full disk, a failing device). Every call either leaves the table as it was,
+or puts it in a *failed* state; none leaves a state that no step produced, and none hangs:
+
+* a failed read (disk tier or pending log) frees the slots reserved for it, a failed
+  write-back of evicted rows leaves them in the cache (``HostCache.reserve``), a flush
+  whose log append fails has made nothing durable yet, and a ``compact`` whose copy fails
+  still has the old database live: the call raises the ``OSError`` and the table is as
+  before, so it may be retried once there is room;
+* a failure once a push has changed rows (a push of more unique rows than the host cache
+  holds changes them block by block), once a flush has started to make its log durable
+  (an fsync error leaves the page cache in an unknown state, so retrying is not safe),
+  or while the device mirror is being updated, puts the table in the failed state: the
+  call raises ``TableFailedError``, and so does every later call, ``flush`` and ``close``
+  included, until the table is closed and reopened, which gives exactly its last
+  committed flush. Waiting threads wake up and raise too.
+
+A failed ``prefetch`` (it only reads) leaves the table as before; its Future holds the
+error, and if nobody reads that, the next ``pull``/``working_set``/``push``/``prefetch``
+(or one already waiting for the rows it was loading) raises it, so a trainer that fires
+prefetches and forgets them still learns of a failing disk. ``flush`` and ``close`` do not
+raise it: they still save the table.
+
 Concurrency. ``pull``, ``working_set``, ``push`` and ``flush`` are serialized by an
 operation lock, so each sees the table at one step. ``prefetch`` runs on a background
 thread and takes only the cache lock. Disk reads run outside the cache lock: an
@@ -24,10 +46,13 @@ row waits on a condition variable; flush waits until no read is in flight.
 """
 
 import concurrent.futures
+import contextlib
 import fcntl
 import os
+import shutil
 import threading
 from typing import NamedTuple
+from typing import NoReturn
 
 import jax
 import numpy as np
@@ -38,6 +63,7 @@ from kstep_adam.embedding import _init
 from kstep_adam.embedding import _store
 from kstep_adam.embedding._config import TableConfig
 from kstep_adam.embedding._device_cache import DeviceCache
+from kstep_adam.embedding._errors import TableFailedError
 from kstep_adam.embedding._errors import TableLockedError
 from kstep_adam.embedding._host_cache import HostCache
 from kstep_adam.embedding._optimizers import RowwiseAdagrad
@@ -94,14 +120,21 @@ class EmbeddingTable:
     self.dim = config.dim
     self.optimizer = optimizer
     self._config = config
-    _store.remove_stale_dbs(path)
     self._ts_cache_bytes = ts_cache_bytes
-    self._store = _store.TableStore(path, config, ts_cache_bytes=ts_cache_bytes)
-    self._pending = PendingLog(path, config.width)
-    redo_step = self._pending.recover()
-    if redo_step is not None:  # a flush was committed but not fully copied: finish it
-      self._apply_pending(redo_step)
-    self._step = self._store.committed_step()
+    self._pending = None
+    try:  # a failed open (a damaged database, an I/O error in the redo) releases the lock
+      _store.remove_stale_dbs(path)
+      self._store = _store.TableStore(path, config, ts_cache_bytes=ts_cache_bytes)
+      self._pending = PendingLog(path, config.width)
+      redo_step = self._pending.recover()
+      if redo_step is not None:  # a flush was committed but not fully copied: finish it
+        self._apply_pending(redo_step)
+      self._step = self._store.committed_step()
+    except BaseException:
+      if self._pending is not None:
+        self._pending.close()
+      self._lock_file.close()
+      raise
     self._cache = HostCache(host_cache_rows, config.width)
     self._device_cache = device_cache
     self._op_lock = threading.Lock()  # serializes pull/push/flush; prefetch skips it
@@ -112,6 +145,8 @@ class EmbeddingTable:
       max_workers=1, thread_name_prefix="embedding-prefetch"
     )
     self._closed = False
+    self._failure: tuple[str, BaseException] | None = None  # (operation, cause) once failed
+    self._failed_prefetches: list[_PrefetchFuture] = []  # errors the next call may raise
     self._counts = dict(hits=0, misses=0, prefetched_rows=0, pulls=0, pushes=0)
 
   # ----------------------------------------------------------------- public API
@@ -119,6 +154,12 @@ class EmbeddingTable:
   def step(self) -> int:
     """The table step t: the number of pushes applied (restored from the last flush)."""
     return self._step
+
+  @property
+  def failed(self) -> bool:
+    """Whether an I/O error put the table in the failed state (see the module docstring):
+    every call then raises ``TableFailedError`` until it is closed and reopened."""
+    return self._failure is not None
 
   @property
   def config(self) -> TableConfig:
@@ -134,7 +175,10 @@ class EmbeddingTable:
     """Returns the rows of ``ids`` at the current step, float32 ``[len(ids), dim]``."""
     ids_N = _batch.check_ids(ids, self.num_rows)
     unique_U, inverse_N = np.unique(ids_N, return_inverse=True)
-    return self._pull_unique(unique_U)[inverse_N]
+    with self._op_lock, self._lock:
+      self._check_usable()
+      rows_UxD = self._pull_unique_locked(unique_U)
+    return rows_UxD[inverse_N]
 
   def working_set(self, ids, *, pad_to: int | None = None) -> WorkingSet:
     """Deduplicates ``ids`` and returns their unique rows with the inverse index.
@@ -158,10 +202,11 @@ class EmbeddingTable:
         pad_to, "pad_to (rows, at least the unique ids)", minimum=num_rows
       )
     with self._op_lock, self._lock:
-      self._check_open()
+      self._check_usable()
       rows_UxD = self._pull_unique_locked(unique_U)
       if self._device_cache is not None:
-        rows = self._device_cache.rows_on_device(unique_U, rows_UxD, num_rows)
+        with self._failure_is_fatal("working_set"):  # the mirror may be half updated
+          rows = self._device_cache.rows_on_device(unique_U, rows_UxD, num_rows)
         return WorkingSet(unique_U, rows, inverse_N.astype(np.int64))
     if num_rows > len(unique_U):
       rows_UxD = np.concatenate(
@@ -186,23 +231,31 @@ class EmbeddingTable:
       grads_UxD = _batch.segment_sum(grads_NxD, inverse_N, len(unique_U))
     dim = self.dim
     with self._op_lock, self._lock:
-      self._check_open()
+      self._check_usable()
       step = self._step + 1
-      for lo in range(0, len(unique_U), self._cache.capacity):
-        hi = min(lo + self._cache.capacity, len(unique_U))
-        slots = self._acquire(unique_U[lo:hi])
-        try:
-          block = self._cache.rows_CxW[slots]
-          params, opt_slots = block[:, 1 : 1 + dim], block[:, 1 + dim :]
-          self.optimizer.catch_up(params, opt_slots, _store.decode_last_step(block), step - 1)
-          self.optimizer.apply(params, opt_slots, grads_UxD[lo:hi], step)
-          block[:, 0] = _store.encode_last_step(np.full(hi - lo, step))
-          self._cache.rows_CxW[slots] = block
-          self._cache.dirty_C[slots] = True
-          if self._device_cache is not None:
-            self._device_cache.refresh(unique_U[lo:hi], params)
-        finally:
-          self._release(slots)
+      changed = False  # whether any row is at step t + 1 yet: then a failure is fatal
+      try:
+        for lo in range(0, len(unique_U), self._cache.capacity):
+          hi = min(lo + self._cache.capacity, len(unique_U))
+          # Once rows changed, a failed prefetch must not abort the push half done.
+          slots = self._acquire(unique_U[lo:hi], prefetch_errors=not changed)
+          try:
+            block = self._cache.rows_CxW[slots]  # a copy: the cache changes only below
+            params, opt_slots = block[:, 1 : 1 + dim], block[:, 1 + dim :]
+            self.optimizer.catch_up(params, opt_slots, _store.decode_last_step(block), step - 1)
+            self.optimizer.apply(params, opt_slots, grads_UxD[lo:hi], step)
+            block[:, 0] = _store.encode_last_step(np.full(hi - lo, step))
+            changed = True
+            self._cache.rows_CxW[slots] = block
+            self._cache.dirty_C[slots] = True
+            if self._device_cache is not None:
+              self._device_cache.refresh(unique_U[lo:hi], params)
+          finally:
+            self._release(slots)
+      except BaseException as error:
+        if changed:
+          self._raise_failed("push", error)
+        raise
       self._step = step
       self._counts["pushes"] += 1
 
@@ -210,7 +263,9 @@ class EmbeddingTable:
     """Starts loading ``ids``' rows into the host cache on a background thread.
 
     Returns a Future whose result is the number of rows read from disk. It overlaps with
-    compute and with pull/push on other rows.
+    compute and with pull/push on other rows. If it fails, the table is unchanged; the
+    Future holds the error, and if its result is never read, the table's next
+    pull/working_set/push/prefetch raises it.
     """
     ids_N = _batch.check_ids(ids, self.num_rows)
     unique_U = np.unique(ids_N)
@@ -219,13 +274,21 @@ class EmbeddingTable:
         f"prefetch of {len(unique_U)} unique ids exceeds host_cache_rows="
         f"{self._cache.capacity}; prefetch at most that many"
       )
-    self._check_open()
-    return self._executor.submit(self._prefetch_task, unique_U)
+    with self._lock:
+      self._check_usable()
+    future = _PrefetchFuture()
+    self._executor.submit(self._prefetch_task, future, unique_U)
+    return future
 
   def flush(self) -> None:
-    """Commits every dirty row and the step atomically; a reopen then sees exactly this."""
+    """Commits every dirty row and the step atomically; a reopen then sees exactly this.
+
+    If it fails before its commit point with the log unchanged on disk (a full disk while
+    appending), the table is as before and ``flush`` may be retried; a failure after that
+    puts the table in the failed state (``TableFailedError``).
+    """
     with self._op_lock, self._lock:
-      self._check_open()
+      self._check_usable(prefetch_errors=False)
       self._flush_locked()
 
   def compact(self) -> dict:
@@ -240,29 +303,38 @@ class EmbeddingTable:
       ``{"bytes_before": ..., "bytes_after": ...}``, the database's size on disk.
     """
     with self._op_lock, self._lock:
-      self._check_open()
+      self._check_usable(prefetch_errors=False)
       self._flush_locked()
       old = self._store
+      _store.remove_stale_dbs(self.path)  # what an earlier failed compact left behind
       number = int(old.db_name.split(".")[1]) + 1 if "." in old.db_name else 1
-      new = _store.TableStore(
-        self.path,
-        self._config,
-        ts_cache_bytes=self._ts_cache_bytes,
-        create=True,
-        db_name=f"db.{number}",
-      )
-      chunk_rows, per_batch = self._config.chunk_rows, self._chunks_per_batch()
-      chunks = old.stored_chunks()
-      for lo in range(0, len(chunks), per_batch):
-        starts = chunks[lo : lo + per_batch] * chunk_rows
-        ids = (starts[:, None] + np.arange(chunk_rows)[None, :]).reshape(-1)
-        ids = ids[ids < self.num_rows]
-        new.write_rows(ids, old.read_rows(ids))
-      new.write_step(self._step)
-      before = _store.du_bytes(old.db_path)
-      _store.set_current_db(self.path, new.db_name)  # the switch
-      new.bytes_read, new.bytes_written = old.bytes_read, old.bytes_written
-      self._store = new
+      new_name = f"db.{number}"
+      new = None
+      try:  # everything is flushed and the old database stays live: a failure changes nothing
+        new = _store.TableStore(
+          self.path,
+          self._config,
+          ts_cache_bytes=self._ts_cache_bytes,
+          create=True,
+          db_name=new_name,
+        )
+        chunk_rows, per_batch = self._config.chunk_rows, self._chunks_per_batch()
+        chunks = old.stored_chunks()
+        for lo in range(0, len(chunks), per_batch):
+          starts = chunks[lo : lo + per_batch] * chunk_rows
+          ids = (starts[:, None] + np.arange(chunk_rows)[None, :]).reshape(-1)
+          ids = ids[ids < self.num_rows]
+          new.write_rows(ids, old.read_rows(ids))
+        new.write_step(self._step)
+        before = _store.du_bytes(old.db_path)
+      except BaseException:
+        del new
+        shutil.rmtree(os.path.join(self.path, new_name), ignore_errors=True)
+        raise
+      with self._failure_is_fatal("compact"):  # CURRENT and self._store must agree
+        _store.set_current_db(self.path, new.db_name)  # the switch
+        new.bytes_read, new.bytes_written = old.bytes_read, old.bytes_written
+        self._store = new
       del old
       _store.remove_stale_dbs(self.path)
       return {"bytes_before": before, "bytes_after": _store.du_bytes(new.db_path)}
@@ -271,34 +343,49 @@ class EmbeddingTable:
     """Flush with both locks held (see ``flush``)."""
     while self._num_loading:
       self._cond.wait()
+      self._check_usable(prefetch_errors=False)
     cache = self._cache
     dirty_slots = np.flatnonzero(cache.dirty_C)
     # A cached pending row is either dirty (appended now) or equal to its newest
-    # record, so afterwards the newest record of every id is its state at this step.
+    # record, so afterwards the newest record of every id is its state at this step. If
+    # an append fails, the rows stay dirty, and a record already appended equals its
+    # dirty row: the table is as before.
     batch = max(1, _FLUSH_BATCH_BYTES // cache.rows_CxW.shape[1] // 4)
     for lo in range(0, len(dirty_slots), batch):
       slots = dirty_slots[lo : lo + batch]
       self._pending.append(cache.ids_C[slots], cache.rows_CxW[slots])
-    self._pending.commit(self._step)  # the commit point
-    self._apply_pending(self._step)
-    cache.dirty_C[dirty_slots] = False
+    with self._failure_is_fatal("flush"):
+      self._pending.commit(self._step)  # the commit point
+      self._apply_pending(self._step)
+      cache.dirty_C[dirty_slots] = False
 
   def close(self, flush: bool = True) -> None:
-    """Flushes (unless ``flush=False``) and releases the table; idempotent."""
+    """Flushes (unless ``flush=False``) and releases the table; idempotent.
+
+    The table is released even if the flush fails. Closing a failed table releases it
+    too; with ``flush=True`` it then raises ``TableFailedError``, since the steps since the
+    last committed flush are lost.
+    """
     if self._closed:
       return
-    self._executor.shutdown(wait=True)
-    if flush:
-      self.flush()
-    self._closed = True
-    self._pending.close()
-    self._lock_file.close()  # releases the flock
+    try:
+      self._executor.shutdown(wait=True)
+      if flush:
+        with self._op_lock, self._lock:
+          self._check_usable(prefetch_errors=False)
+          self._flush_locked()
+    finally:
+      self._closed = True
+      self._pending.close()
+      self._lock_file.close()  # releases the flock
 
   def __enter__(self):
     return self
 
-  def __exit__(self, *exc):
-    self.close()
+  def __exit__(self, exc_type, exc, traceback):
+    # A failed table with an exception already on its way out: that exception tells
+    # the story, so release the table without raising TableFailedError over it.
+    self.close(flush=exc_type is None or self._failure is None)
 
   def stats(self) -> dict:
     """Counters since open: cache hits/misses (per unique row), hit rate, evictions, I/O."""
@@ -321,11 +408,6 @@ class EmbeddingTable:
       return c
 
   # ------------------------------------------------------------- internals
-  def _pull_unique(self, unique_U: np.ndarray) -> np.ndarray:
-    with self._op_lock, self._lock:
-      self._check_open()
-      return self._pull_unique_locked(unique_U)
-
   def _pull_unique_locked(self, unique_U: np.ndarray) -> np.ndarray:
     dim = self.dim
     out_UxD = np.empty((len(unique_U), dim), np.float32)
@@ -342,50 +424,73 @@ class EmbeddingTable:
           self._cache.rows_CxW[slots[changed]] = block[changed]
           self._cache.dirty_C[slots[changed]] = True
           if self._device_cache is not None:
-            self._device_cache.refresh(unique_U[lo:hi][changed], block[changed, 1 : 1 + dim])
+            with self._failure_is_fatal("pull"):  # the mirror may be half updated
+              self._device_cache.refresh(unique_U[lo:hi][changed], block[changed, 1 : 1 + dim])
         out_UxD[lo:hi] = block[:, 1 : 1 + dim]
       finally:
         self._release(slots)
     self._counts["pulls"] += 1
     return out_UxD
 
-  def _prefetch_task(self, unique_U: np.ndarray) -> int:
-    with self._lock:
-      self._check_open()
-      before = self._counts["prefetched_rows"]
-      slots = self._acquire(unique_U, prefetch=True)
-      self._release(slots)
-      return self._counts["prefetched_rows"] - before
+  def _prefetch_task(self, future: "_PrefetchFuture", unique_U: np.ndarray) -> None:
+    if not future.set_running_or_notify_cancel():
+      return
+    try:
+      with self._lock:
+        self._check_usable(prefetch_errors=False)
+        before = self._counts["prefetched_rows"]
+        self._release(self._acquire(unique_U, prefetch=True, prefetch_errors=False))
+        num_read = self._counts["prefetched_rows"] - before
+    except BaseException as error:
+      with self._lock:  # recorded before the Future completes, so a reader marks it seen
+        self._failed_prefetches.append(future)
+      future.set_exception(error)
+    else:
+      future.set_result(num_read)
 
   def _release(self, slots: np.ndarray) -> None:
     self._cache.unpin(slots)
     self._cond.notify_all()
 
-  def _acquire(self, unique_U: np.ndarray, prefetch: bool = False) -> np.ndarray:
+  def _acquire(
+    self, unique_U: np.ndarray, *, prefetch: bool = False, prefetch_errors: bool = True
+  ) -> np.ndarray:
     """Makes sorted unique rows resident and pinned; returns their slots. Holds the lock,
-    but releases it while reading from disk."""
+    but releases it while reading from disk. If it raises, the cache is as it was.
+
+    A wait for rows that another thread is loading ends in an error if the table fails
+    meanwhile, or (``prefetch_errors``) if that thread was a prefetch whose read failed.
+    """
     cache = self._cache
     while True:
+      self._check_usable(prefetch_errors=prefetch_errors)  # never wait on a failed table
       slots_U = cache.peek(unique_U)
       present = slots_U >= 0
+      present_slots = slots_U[present]
       # Wait while another thread reads some of these rows, or holds so many pins that
-      # the missing rows do not fit; then look up again, the cache may have changed.
-      if not cache.loading_C[slots_U[present]].any() and cache.num_evictable() >= np.count_nonzero(
-        ~present
+      # the missing rows do not fit beside ours; then look up again, the cache may have
+      # changed.
+      evictable = cache.num_evictable() - np.count_nonzero(cache.pins_C[present_slots] == 0)
+      if not cache.loading_C[present_slots].any() and evictable >= len(unique_U) - len(
+        present_slots
       ):
         break
       self._cond.wait()
-    cache.ref_C[slots_U[present]] = True
-    cache.pin(slots_U[present])
+    cache.ref_C[present_slots] = True
+    cache.pin(present_slots)
     missing = unique_U[~present]
+    if len(missing):
+      try:  # evicted dirty rows go to the pending log before the cache lets go of them
+        new_slots = cache.reserve(missing, write_back=self._pending.append)
+      except BaseException:
+        self._release(present_slots)
+        raise
+      slots_U[~present] = new_slots
     self._counts["prefetched_rows" if prefetch else "misses"] += len(missing)
     if not prefetch:
-      self._counts["hits"] += int(np.count_nonzero(present))
+      self._counts["hits"] += len(present_slots)
     if len(missing) == 0:
       return slots_U
-    new_slots, evicted_ids, evicted_rows = cache.reserve(missing)
-    slots_U[~present] = new_slots
-    self._pending.append(evicted_ids, evicted_rows)
     log_pos = self._pending.positions(missing)
     in_pending = log_pos >= 0
     self._num_loading += 1
@@ -400,9 +505,8 @@ class EmbeddingTable:
     except BaseException:
       self._lock.acquire()
       cache.abort(new_slots)
-      cache.unpin(slots_U[present])
       self._num_loading -= 1
-      self._cond.notify_all()
+      self._release(present_slots)
       raise
     self._lock.acquire()
     cache.fill(new_slots, rows_MxW)
@@ -445,6 +549,56 @@ class EmbeddingTable:
     rows[:, 1 + self.dim :] = self.optimizer.init_slots(len(ids_M), self.dim)
     return rows
 
-  def _check_open(self) -> None:
+  def _check_usable(self, prefetch_errors: bool = True) -> None:
+    """Raises if the table is closed or failed, or (``prefetch_errors``) the error of a
+    failed prefetch whose Future nobody read. Call with the cache lock held."""
     if self._closed:
       raise ValueError(f"embedding table {self.path!r} is closed")
+    if self._failure is not None:
+      operation, cause = self._failure
+      raise TableFailedError(self.path, operation, cause) from cause
+    if prefetch_errors and self._failed_prefetches:
+      unread = [f for f in self._failed_prefetches if not f.observed]
+      self._failed_prefetches = []
+      if unread:
+        error = unread[0].exception()
+        error.add_note(f"(raised by a background prefetch of the table at {self.path!r})")
+        raise error
+
+  def _raise_failed(self, operation: str, cause: BaseException) -> NoReturn:
+    """Puts the table in the failed state, wakes every waiting thread (to raise), and
+    raises ``TableFailedError`` from ``cause``; an interrupt (``KeyboardInterrupt``)
+    propagates as itself. Call with the cache lock held."""
+    if self._failure is None:
+      self._failure = (operation, cause)
+    self._cond.notify_all()
+    if isinstance(cause, Exception):
+      raise TableFailedError(self.path, operation, cause) from cause
+    raise cause
+
+  @contextlib.contextmanager
+  def _failure_is_fatal(self, operation: str):
+    """Any exception inside puts the table in the failed state (``_raise_failed``)."""
+    try:
+      yield
+    except BaseException as cause:
+      self._raise_failed(operation, cause)
+
+
+class _PrefetchFuture(concurrent.futures.Future):
+  """A prefetch's Future that remembers whether its outcome was read, so that a failure
+  is raised by the table's next call only if nobody has seen it here."""
+
+  observed = False
+
+  def result(self, timeout=None):
+    try:
+      return super().result(timeout)
+    finally:
+      self.observed = self.observed or self.done()
+
+  def exception(self, timeout=None):
+    try:
+      return super().exception(timeout)
+    finally:
+      self.observed = self.observed or self.done()

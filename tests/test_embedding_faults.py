@@ -1,0 +1,510 @@
+"""I/O faults in the embedding tier: a full disk or a failing device, in any operation.
+
+The contract (``kstep_adam/embedding/_table.py``): a call that hits an I/O error either
+leaves the table as it was (it raises the ``OSError``; retrying gives what a fault-free run
+gives) or puts it in a failed state (``TableFailedError`` from then on, ``flush`` and
+``close`` included); no call hangs; a reopen gives exactly the last committed flush.
+
+The main test replays one scripted run (prefetch, working_set, push, pull, flush, compact,
+and a push larger than the host cache) once without faults, then once per N with every
+I/O primitive after the (N-1)-th raising ``OSError(ENOSPC)`` until the run "frees the
+disk" (right after the failing call), and checks every returned row and every reopened
+table bit for bit against the fault-free run. Row state is compared raw (parameters,
+optimizer slots, last step) from the zarr table, which after a reopen holds everything.
+"""
+
+import errno
+import json
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+
+import numpy as np
+import pytest
+
+from kstep_adam import embedding
+from kstep_adam.embedding import _pending
+from kstep_adam.embedding import _store
+
+NUM_ROWS, DIM, CACHE = 150, 3, 16
+_CALL_TIMEOUT_S = 60.0  # far above any call here: reaching it means a hang
+
+
+def _adam():
+  return embedding.SparseAdam(learning_rate=0.05, b1=0.9, b2=0.99, eps=1e-6)
+
+
+def _open(path, **kw):
+  return embedding.open_table(
+    path, num_rows=NUM_ROWS, dim=DIM, optimizer=_adam(), host_cache_rows=CACHE, chunk_rows=8, **kw
+  )
+
+
+def _script(steps=14, seed=0):
+  """The scripted run: a list of (name, args) table calls."""
+  rng = np.random.default_rng(seed)
+  batches = [np.unique(rng.integers(0, NUM_ROWS, 12)) for _ in range(steps)]
+  batches[5] = np.unique(rng.integers(0, NUM_ROWS, 60))  # > CACHE: pushed block by block
+  ops = []
+  for step, ids in enumerate(batches):
+    if step + 1 < steps and step % 2 == 0:
+      ops.append(("prefetch", (batches[step + 1][:CACHE],)))  # its Future is never read
+    ops.append(("working_set", (ids,)))
+    ops.append(("push", (ids, rng.standard_normal((len(ids), DIM)).astype(np.float32))))
+    if step % 3 == 1:
+      ops.append(("pull", (rng.integers(0, NUM_ROWS, 10),)))
+    if step % 4 == 3:
+      ops.append(("flush", ()))
+    if step == 9:
+      ops.append(("compact", ()))
+  ops.append(("flush", ()))
+  ops.append(("close", ()))  # flushes once more (nothing is dirty: the same step)
+  return ops
+
+
+def _call(table, name, args):
+  if name == "prefetch":
+    table.prefetch(*args)
+    return None
+  if name == "working_set":
+    return table.working_set(*args).rows
+  if name in ("compact", "close"):
+    getattr(table, name)()
+    return None
+  return getattr(table, name)(*args)
+
+
+def _with_timeout(fn, *args):
+  """Runs ``fn`` on a thread; fails the test if it has not returned after the timeout."""
+  outcome = {}
+
+  def target():
+    try:
+      outcome["value"] = fn(*args)
+    except BaseException as e:
+      outcome["error"] = e
+
+  thread = threading.Thread(target=target, daemon=True)
+  thread.start()
+  thread.join(_CALL_TIMEOUT_S)
+  assert not thread.is_alive(), f"{getattr(fn, '__name__', fn)}{args!r} hung"
+  if "error" in outcome:
+    raise outcome["error"]
+  return outcome.get("value")
+
+
+def _committed_rows(table):
+  """Every row's raw committed state (all in zarr after an open: the pending log is empty)."""
+  assert table.stats()["pending_rows"] == 0
+  return table._store.read_rows(np.arange(NUM_ROWS))
+
+
+class _Reference:
+  """The scripted run without faults: outputs per call, committed state per flushed step."""
+
+  def __init__(self, path, ops):
+    table = _open(path)
+    self.committed = {0: _committed_rows(table)}  # step -> raw rows of its flush
+    self.resume_at = {0: 0}  # step -> index of the first call after its flush
+    self.outputs = []
+    for i, (name, args) in enumerate(ops):
+      self.outputs.append(_call(table, name, args))
+      if name in ("flush", "compact"):
+        self.committed[table.step] = table._store.read_rows(np.arange(NUM_ROWS))
+        self.resume_at.setdefault(table.step, i + 1)
+    assert ops[-1][0] == "close"
+    self.final_step = table.step
+
+
+class _DiskFull:
+  """Makes the table's I/O primitives raise ENOSPC from their ``fail_at``-th call on, until
+  ``free()``. Counts calls across threads (the prefetch thread does I/O too)."""
+
+  PRIMITIVES = (
+    (_pending, "_pwrite_all"),  # pending-log append: rows, then ids (a half-done append)
+    (_pending.PendingLog, "read"),
+    (_pending.PendingLog, "commit"),  # fsync + the commit marker
+    (_pending.PendingLog, "clear"),
+    (_store.TableStore, "read_rows"),
+    (_store.TableStore, "write_rows"),
+    (_store.TableStore, "write_step"),
+    (_store.TableStore, "stored_chunks"),
+    (_store, "set_current_db"),
+  )
+
+  def __init__(self, monkeypatch, fail_at=None):
+    self.fail_at = fail_at
+    self.calls = 0
+    self.fired = False
+    self._free = False
+    self._lock = threading.Lock()
+    for owner, name in self.PRIMITIVES:
+      monkeypatch.setattr(owner, name, self._wrap(getattr(owner, name), name))
+
+  def _wrap(self, original, name):
+    def primitive(*args, **kwargs):
+      with self._lock:
+        self.calls += 1
+        full = not self._free and self.fail_at is not None and self.calls >= self.fail_at
+        self.fired |= full
+      if full:
+        raise OSError(errno.ENOSPC, f"No space left on device (injected in {name})")
+      return original(*args, **kwargs)
+
+    return primitive
+
+  def free(self):
+    with self._lock:
+      self._free = True
+
+
+def _every_call_refuses(table):
+  calls = [
+    (table.pull, [1]),
+    (table.working_set, [1]),
+    (table.push, [1], np.ones((1, DIM), np.float32)),
+    (table.prefetch, [1]),
+    (table.flush,),
+    (table.compact,),
+  ]
+  for fn, *args in calls:
+    with pytest.raises(embedding.TableFailedError, match="reopen"):
+      _with_timeout(fn, *args)
+  assert table.failed
+  with pytest.raises(embedding.TableFailedError):
+    table.close()  # flush=True: the lost steps must not pass silently
+  table.close()  # released anyway, and idempotent
+
+
+def _run_with_disk_full(path, ops, ref, disk):
+  """Runs the script with ``disk`` armed; returns what happened, checking as it goes."""
+  outcome = "no fault"
+  try:
+    table = _with_timeout(_open, path)
+  except OSError as e:  # creating is all or nothing; a failed open releases the table
+    assert e.errno == errno.ENOSPC
+    disk.free()
+    outcome = "open raised"
+    table = _open(path)
+  i = 0
+  while i < len(ops):
+    name, args = ops[i]
+    try:
+      out = _with_timeout(_call, table, name, args)
+    except embedding.TableFailedError:
+      assert disk.fired
+      disk.free()
+      last_flushed = max(s for s, at in ref.resume_at.items() if at <= i)
+      if name != "close":  # a failed close has released the table already
+        _every_call_refuses(table)
+      table = _with_timeout(embedding.open_table, path)
+      # The last committed flush: the one before, or the failing flush past its commit point.
+      allowed = {last_flushed}
+      if name in ("flush", "compact"):
+        allowed.add(max(s for s, at in ref.resume_at.items() if at <= i + 1))
+      assert table.step in allowed, (table.step, allowed, name)
+      np.testing.assert_array_equal(_committed_rows(table), ref.committed[table.step])
+      outcome = f"failed in {name}, reopened at {table.step}"
+      i = ref.resume_at[table.step]  # redo what was lost, from that flush on
+      continue
+    except OSError as e:
+      assert e.errno == errno.ENOSPC and disk.fired, e
+      assert not table.failed
+      disk.free()
+      outcome = outcome if outcome != "no fault" else f"{name} raised, table intact"
+      continue  # the table is as before: retry the call
+    if ref.outputs[i] is not None:
+      np.testing.assert_array_equal(out, ref.outputs[i], err_msg=f"call {i}: {name}")
+    i += 1
+  disk.free()  # the fault point may lie past this run's calls (the prefetch timing varies)
+  with embedding.open_table(path) as reopened:
+    assert reopened.step == ref.final_step
+    np.testing.assert_array_equal(_committed_rows(reopened), ref.committed[ref.final_step])
+  return outcome
+
+
+@pytest.fixture
+def scratch(tmp_path):
+  """A directory in RAM when there is one (/dev/shm): these tests are about I/O errors, not
+  the medium, and an fsync there costs nothing, which makes trying every fault point cheap."""
+  if not os.access("/dev/shm", os.W_OK):
+    yield tmp_path
+    return
+  path = tempfile.mkdtemp(prefix="kstep_adam-faults-", dir="/dev/shm")
+  yield pathlib.Path(path)
+  shutil.rmtree(path, ignore_errors=True)
+
+
+def _fault_points(path, monkeypatch, ops):
+  counter = _DiskFull(monkeypatch)
+  _Reference(path, ops)
+  monkeypatch.undo()
+  return counter.calls
+
+
+@pytest.mark.parametrize("stride", [pytest.param(1, marks=pytest.mark.slow), 3])
+def test_disk_full_at_any_io_call_never_mixes_steps_nor_hangs(scratch, monkeypatch, stride):
+  ops = _script()
+  ref = _Reference(scratch / "ref", ops)
+  total = _fault_points(scratch / "count", monkeypatch, ops)
+  assert total > 50
+  outcomes = []
+  for fail_at in range(1, total + 1, stride):
+    path = scratch / f"t{fail_at}"
+    disk = _DiskFull(monkeypatch, fail_at)
+    outcomes.append(_run_with_disk_full(path, ops, ref, disk))
+    monkeypatch.undo()
+    shutil.rmtree(path)
+  # Both kinds of outcome were exercised: calls that left the table intact, and failures.
+  assert any("intact" in o for o in outcomes), outcomes
+  assert any("failed in flush" in o for o in outcomes), outcomes
+  assert any("failed in push" in o for o in outcomes), outcomes
+
+
+def test_disk_full_while_evicting_leaves_the_table_as_before(scratch, monkeypatch):
+  """The reported bug: the pending-log append of evicted dirty rows fails inside a push.
+  The rows used to be dropped and their slots left pinned and loading, so the next pull
+  hung and a flush committed a mix of steps."""
+  rng = np.random.default_rng(1)
+  batches = [
+    (rng.integers(0, NUM_ROWS, 20), rng.standard_normal((20, DIM)).astype(np.float32))
+    for _ in range(12)
+  ]
+  with _open(scratch / "ref") as ref:
+    for step, (ids, grads) in enumerate(batches, start=1):
+      ref.push(ids, grads)
+      if step == 7:
+        ref.flush()
+        committed_at_7 = ref._store.read_rows(np.arange(NUM_ROWS))
+    expected_rows = ref.pull(np.arange(NUM_ROWS))
+  table = _open(scratch / "t")
+  for ids, grads in batches[:6]:
+    table.push(ids, grads)
+  disk = _DiskFull(monkeypatch, fail_at=1)
+  ids, grads = batches[6]
+  with pytest.raises(OSError) as info:
+    _with_timeout(table.push, ids, grads)
+  assert info.value.errno == errno.ENOSPC and disk.fired and not table.failed
+  assert table.step == 6  # the step did not happen
+  disk.free()  # the disk has room again: retry, flush, carry on
+  _with_timeout(table.push, ids, grads)
+  _with_timeout(table.flush)
+  for ids, grads in batches[7:]:
+    _with_timeout(table.push, ids, grads)
+  np.testing.assert_array_equal(_with_timeout(table.pull, np.arange(NUM_ROWS)), expected_rows)
+  table.close(flush=False)
+  with embedding.open_table(scratch / "t") as reopened:  # exactly the flush at step 7
+    assert reopened.step == 7
+    np.testing.assert_array_equal(_committed_rows(reopened), committed_at_7)
+
+
+def _fail_commit(monkeypatch):
+  """An fsync of the pending log that fails (ENOSPC surfaces there with delayed allocation)."""
+
+  def commit(self, step):
+    raise OSError(errno.ENOSPC, "No space left on device (injected in commit)")
+
+  monkeypatch.setattr(_pending.PendingLog, "commit", commit)
+
+
+def test_a_failed_table_refuses_everything_and_a_with_block_keeps_the_first_error(
+  scratch, monkeypatch
+):
+  table = _open(scratch / "t")
+  table.push(np.arange(40), np.ones((40, DIM), np.float32))  # dirty rows to flush
+  _fail_commit(monkeypatch)
+  with pytest.raises(embedding.TableFailedError, match="failed during flush") as info:
+    table.flush()
+  assert info.value.operation == "flush" and info.value.__cause__.errno == errno.ENOSPC
+  monkeypatch.undo()  # even with room again, the failed table refuses every call
+  _every_call_refuses(table)
+  with embedding.open_table(scratch / "t") as table:  # the last committed flush: none yet
+    assert table.step == 0
+    with pytest.raises(RuntimeError, match="the model diverged"), table:
+      table.push(np.arange(40), np.ones((40, DIM), np.float32))
+      _fail_commit(monkeypatch)
+      try:
+        table.flush()
+      except embedding.TableFailedError:
+        raise RuntimeError("the model diverged") from None  # any error in flight
+    monkeypatch.undo()
+  with embedding.open_table(scratch / "t") as table:  # __exit__ released it
+    assert table.step == 0
+
+
+def _wait_until(predicate):
+  for _ in range(6000):
+    if predicate():
+      return
+    threading.Event().wait(0.01)
+  raise AssertionError("timed out")
+
+
+def test_a_failed_prefetch_read_surfaces_to_the_waiting_caller_and_never_hangs_it(
+  scratch, monkeypatch
+):
+  ids = np.arange(12)
+  with _open(scratch / "t") as table:
+    table.push(ids, np.ones((12, DIM), np.float32))
+  expected = None
+  with embedding.open_table(scratch / "t") as table:  # cold cache: rows come from disk
+    expected = table.pull(ids)
+  table = embedding.open_table(scratch / "t")
+  reading, fail_now = threading.Event(), threading.Event()
+  read_rows = _store.TableStore.read_rows
+
+  def read_then_fail_in_prefetch(self, ids_N):
+    if threading.current_thread().name.startswith("embedding-prefetch"):
+      reading.set()
+      fail_now.wait()
+      raise OSError(errno.EIO, "Input/output error (injected)")
+    return read_rows(self, ids_N)
+
+  monkeypatch.setattr(_store.TableStore, "read_rows", read_then_fail_in_prefetch)
+  future = table.prefetch(ids)
+  assert reading.wait(_CALL_TIMEOUT_S)
+  outcome = {}
+
+  def working_set():  # needs rows the prefetch is loading: waits for them
+    try:
+      outcome["rows"] = table.working_set(ids).rows
+    except OSError as e:
+      outcome["error"] = e
+
+  waiter = threading.Thread(target=working_set, daemon=True)
+  waiter.start()
+  _wait_until(lambda: len(table._cond._waiters) > 0)  # the waiter is blocked on the rows
+  fail_now.set()
+  waiter.join(_CALL_TIMEOUT_S)
+  assert not waiter.is_alive()
+  assert outcome["error"].errno == errno.EIO  # the prefetch's error, handed to the waiter
+  assert "background prefetch" in str(outcome["error"].__notes__)
+  assert not table.failed  # a failed read changes nothing: the next call just works
+  np.testing.assert_array_equal(table.working_set(ids).rows, expected)
+  with pytest.raises(OSError):
+    future.result()  # the Future holds it too
+  table.close()
+
+
+@pytest.mark.parametrize("read_future", [False, True])
+def test_a_failed_prefetch_is_raised_once_by_the_next_call_unless_its_future_was_read(
+  scratch, monkeypatch, read_future
+):
+  with _open(scratch / "t") as table:
+    table.push(np.arange(12), np.ones((12, DIM), np.float32))
+  table = embedding.open_table(scratch / "t")
+  disk = _DiskFull(monkeypatch, fail_at=1)
+  future = table.prefetch(np.arange(12))
+  if read_future:
+    assert isinstance(future.exception(_CALL_TIMEOUT_S), OSError)
+  else:
+    _wait_until(future.done)
+  disk.free()
+  if read_future:
+    table.pull([1])  # the error was delivered through the Future: not raised again
+  else:
+    with pytest.raises(OSError, match="injected in read_rows"):
+      table.pull([1])
+  assert table.pull([1]).shape == (1, DIM) and not table.failed
+  table.close()
+
+
+_TMPFS_CHILD = """
+import json, os, sys
+import numpy as np
+from kstep_adam import embedding
+
+mount, batches_file, out = sys.argv[1:]
+batches = np.load(batches_file)
+ids_SxB, grads_SxBxD = batches["ids"], batches["grads"]
+path = os.path.join(mount, "t")
+
+
+def open_table():
+  return embedding.open_table(path, num_rows=20000, dim=8, host_cache_rows=300)
+
+
+table = open_table()
+free = os.statvfs(mount)
+filler = os.path.join(mount, "filler")
+with open(filler, "wb") as f:  # leave about 1 MiB: the run soon fills the disk
+  f.write(bytes(free.f_bavail * free.f_frsize - (1 << 20)))
+events = []
+step = 0
+while step < len(ids_SxB):
+  try:
+    table.push(ids_SxB[step], grads_SxBxD[step])
+    step += 1
+    if step % 5 == 0 or step == len(ids_SxB):
+      table.flush()
+  except embedding.TableFailedError as e:
+    events.append(["failed", step, e.__cause__.errno, repr(e.__cause__)])
+    table.close(flush=False)
+    os.remove(filler)  # make room (a second failure finds no filler and stops the run)
+    table = open_table()
+    step = table.step  # the last committed flush: redo the steps after it
+  except OSError as e:
+    events.append(["intact", step, e.errno, repr(e)])
+    os.remove(filler)  # make room and retry the call
+table.close()
+with embedding.open_table(path) as reopened:
+  np.save(out + ".npy", reopened._store.read_rows(np.arange(20000)))
+  with open(out + ".json", "w") as f:
+    json.dump({"step": reopened.step, "events": events}, f)
+"""
+
+
+def _can_mount_tmpfs(tmp_path) -> bool:
+  if shutil.which("unshare") is None or not sys.platform.startswith("linux"):
+    return False
+  mount = tmp_path / "probe"
+  mount.mkdir()
+  probe = subprocess.run(
+    ["unshare", "-rm", "sh", "-c", f"mount -t tmpfs -o size=1m tmpfs {mount}"],
+    capture_output=True,
+  )
+  return probe.returncode == 0
+
+
+def test_a_real_full_tmpfs_never_mixes_steps(tmp_path):
+  """A real ENOSPC from a small tmpfs (in a user+mount namespace; skipped where that is not
+  permitted): the run frees space and carries on, and the table ends exactly where a
+  fault-free run does."""
+  if not _can_mount_tmpfs(tmp_path):
+    pytest.skip("cannot mount a tmpfs here (needs `unshare -rm` and user namespaces)")
+  rng = np.random.default_rng(0)
+  steps = 40
+  ids_SxB = rng.integers(0, 20000, (steps, 400))
+  grads_SxBxD = rng.standard_normal((steps, 400, 8)).astype(np.float32)
+  np.savez(tmp_path / "batches.npz", ids=ids_SxB, grads=grads_SxBxD)
+  (tmp_path / "child.py").write_text(_TMPFS_CHILD)
+  mount, out = tmp_path / "mnt", tmp_path / "out"
+  mount.mkdir()
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  script = (
+    f"mount -t tmpfs -o size=16m tmpfs {mount} && "
+    f"exec {sys.executable} {tmp_path / 'child.py'} {mount} {tmp_path / 'batches.npz'} {out}"
+  )
+  run = subprocess.run(
+    ["unshare", "-rm", "sh", "-c", script],
+    capture_output=True,
+    text=True,
+    cwd=repo,
+    env={**os.environ, "PYTHONPATH": repo, "JAX_PLATFORMS": "cpu"},
+    timeout=600,
+  )
+  assert run.returncode == 0, run.stderr[-3000:]
+  with open(f"{out}.json") as f:
+    result = json.load(f)
+  assert result["events"], "the tmpfs never filled up: the test tested nothing"
+  assert all(event[2] == errno.ENOSPC for event in result["events"]), result["events"]
+  with embedding.open_table(tmp_path / "ref", num_rows=20000, dim=8, host_cache_rows=300) as ref:
+    for ids, grads in zip(ids_SxB, grads_SxBxD):
+      ref.push(ids, grads)
+  with embedding.open_table(tmp_path / "ref") as ref:
+    assert result["step"] == ref.step == steps
+    np.testing.assert_array_equal(np.load(f"{out}.npy"), ref._store.read_rows(np.arange(20000)))
