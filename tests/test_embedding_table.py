@@ -605,3 +605,65 @@ def test_a_bad_table_json_is_refused_naming_the_file(tmp_path, case):
     embedding.open_table(tmp_path / "t")
   assert "table.json" in str(info.value)
   assert os.listdir(tmp_path / "t") == ["table.json"]  # nothing created or changed
+
+
+def _push_reference(ids, grads):
+  """What push reduced a batch to before its one-sort path: np.unique, then a stable
+  argsort of the inverse and np.add.reduceat (the same summation order, by construction)."""
+  unique, inverse = np.unique(ids, return_inverse=True)
+  order = np.argsort(inverse, kind="stable")
+  starts = np.flatnonzero(np.r_[True, np.diff(inverse[order]) != 0])
+  return unique, np.add.reduceat(grads[order], starts, axis=0)
+
+
+def test_sorted_unique_ids_skip_the_sort_with_the_same_results(tmp_path):
+  rng = np.random.default_rng(3)
+  raw = embedding.open_table(tmp_path / "raw", num_rows=300, dim=DIM, optimizer=_adam())
+  reduced = embedding.open_table(tmp_path / "reduced", num_rows=300, dim=DIM, optimizer=_adam())
+  for _ in range(15):
+    ids = rng.integers(0, 300, 80)  # duplicates, unsorted: the sorting path
+    grads = rng.standard_normal((80, DIM)).astype(np.float32)
+    raw.push(ids, grads)
+    unique, grads_U = _push_reference(ids, grads)
+    reduced.push(unique, grads_U)  # sorted and unique: the O(N) path
+    ws = reduced.working_set(unique)
+    assert ws.unique_ids is not unique  # never the caller's array
+    np.testing.assert_array_equal(ws.unique_ids, unique)
+    np.testing.assert_array_equal(ws.inverse, np.arange(len(unique)))
+    np.testing.assert_array_equal(ws.rows, raw.working_set(ids).rows[: len(unique)])
+  np.testing.assert_array_equal(raw.pull(np.arange(300)), reduced.pull(np.arange(300)))
+  shuffled = rng.permutation(300)  # unique but unsorted: sorted first
+  np.testing.assert_array_equal(raw.pull(shuffled), reduced.pull(np.arange(300))[shuffled])
+  raw.close()
+  reduced.close()
+
+
+def test_pending_log_stays_bounded_without_a_flush(tmp_path, monkeypatch):
+  from kstep_adam.embedding import _pending
+
+  num_rows, cache, steps = 400, 40, 160
+  batches = _batches(num_rows, steps, seed=4, size=30)
+  results = {}
+  for name, min_bytes in (("capped", 0), ("uncapped", 1 << 40)):
+    monkeypatch.setattr(_pending, "COMPACT_MIN_BYTES", min_bytes)
+    table = embedding.open_table(
+      tmp_path / name, num_rows=num_rows, dim=DIM, optimizer=_adam(), host_cache_rows=cache
+    )
+    row_bytes = table.config.row_bytes
+    peak = 0
+    for ids, grads in batches:  # never flushed: every dirty eviction appends to the log
+      table.push(ids, grads)
+      stats = table.stats()
+      peak = max(peak, stats["pending_bytes"])
+      if name == "capped":  # newest records at most twice over, plus one append
+        assert stats["pending_bytes"] <= (2 * stats["pending_rows"] + cache) * row_bytes
+    results[name] = (peak, table.stats()["dirty_evictions"], table.pull(np.arange(num_rows)))
+    table.flush()
+    table.close()
+    with embedding.open_table(tmp_path / name) as reopened:
+      np.testing.assert_array_equal(reopened.pull(np.arange(num_rows)), results[name][2])
+  (capped_peak, evictions, capped_rows), (uncapped_peak, _, uncapped_rows) = results.values()
+  assert uncapped_peak >= evictions * row_bytes  # one record per dirty eviction
+  assert capped_peak < uncapped_peak / 3  # the cap held it well below that
+  assert capped_peak <= (2 * num_rows + cache) * row_bytes
+  np.testing.assert_array_equal(capped_rows, uncapped_rows)  # the same table, bit for bit

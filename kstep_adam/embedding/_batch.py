@@ -42,11 +42,29 @@ def check_grads(grads, n: int, dim: int) -> np.ndarray:
   return grads
 
 
-def segment_sum(values_NxD: np.ndarray, segment_N: np.ndarray, num: int) -> np.ndarray:
-  """Sums rows of ``values_NxD`` that share a segment id (vectorized, no Python loop)."""
-  order = np.argsort(segment_N, kind="stable")
-  sorted_seg = segment_N[order]
-  starts = np.flatnonzero(np.r_[True, sorted_seg[1:] != sorted_seg[:-1]])
-  out = np.zeros((num, values_NxD.shape[1]), np.float32)
-  out[sorted_seg[starts]] = np.add.reduceat(values_NxD[order], starts, axis=0)
-  return out
+def is_sorted_unique(ids_N: np.ndarray) -> bool:
+  """Whether ``ids_N`` is strictly increasing (sorted and unique): one O(N) pass."""
+  return bool(np.all(ids_N[1:] > ids_N[:-1]))
+
+
+def unique_inverse(ids_N: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """``np.unique(ids_N, return_inverse=True)``, without the sort when ``ids_N`` is sorted
+  and unique already (what the CTR trainer passes): then ``(ids_N, arange(N))``."""
+  if is_sorted_unique(ids_N):
+    return ids_N, np.arange(len(ids_N))
+  return np.unique(ids_N, return_inverse=True)
+
+
+def sum_duplicates(ids_N: np.ndarray, grads_NxD: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """Sorted unique ids and the sum of each one's gradient rows, with one sort at most.
+
+  Returns:
+    ``(unique_U, grads_UxD)``; ``ids_N``, ``grads_NxD`` themselves when ``ids_N`` is sorted
+    and unique. Duplicates are summed in their order in ``ids_N`` (a stable sort).
+  """
+  if is_sorted_unique(ids_N):
+    return ids_N, grads_NxD
+  order_N = np.argsort(ids_N, kind="stable")
+  sorted_N = ids_N[order_N]
+  starts_U = np.flatnonzero(np.r_[True, sorted_N[1:] != sorted_N[:-1]])
+  return sorted_N[starts_U], np.add.reduceat(grads_NxD[order_N], starts_U, axis=0)

@@ -5,7 +5,8 @@ lookup. This map probes all ids of a batch at once with NumPy: linear probing ov
 table of 3x the maximum entry count (so live entries fill at most a third), Fibonacci
 hashing with a multiply-shift range reduction, tombstones for deletions, and a rebuild
 once live entries plus tombstones pass three quarters of the table (every ~1.2x
-max_entries deletions, so rebuilds cost O(1) amortized). Memory: 36 bytes per entry.
+max_entries deletions, so rebuilds cost O(1) amortized). Memory: 36 bytes per entry (48 with
+int64 values).
 """
 
 import numpy as np
@@ -16,12 +17,16 @@ _FIBONACCI_U64 = np.uint64(0x9E3779B97F4A7C15)
 
 
 class IdSlotMap:
-  """Maps non-negative int64 ids to int32 values; all operations take whole arrays."""
+  """Maps non-negative int64 ids to int values; all operations take whole arrays.
 
-  def __init__(self, max_entries: int):
+  Values are int32 (cache slots) unless ``value_dtype`` says otherwise (int64 for record
+  positions of a log that may pass 2**31 records).
+  """
+
+  def __init__(self, max_entries: int, value_dtype=np.int32):
     self._max_entries = max_entries
     self._keys = np.full(max(16, 3 * max_entries), _EMPTY, np.int64)
-    self._values = np.zeros(len(self._keys), np.int32)
+    self._values = np.zeros(len(self._keys), value_dtype)
     self._num_live = 0
     self._num_tombstones = 0
 
@@ -98,7 +103,7 @@ class IdSlotMap:
     keys, values = self._keys[live], self._values[live]
     self._max_entries = max(self._max_entries, len(keys) + extra)
     self._keys = np.full(max(16, 3 * self._max_entries), _EMPTY, np.int64)
-    self._values = np.zeros(len(self._keys), np.int32)
+    self._values = np.zeros(len(self._keys), self._values.dtype)
     self._num_live = 0
     self._num_tombstones = 0
     if len(keys):

@@ -4,7 +4,7 @@ Two jobs, one append-only log in the table directory:
 
 * **Spill.** A dirty row evicted from the host cache is appended here, never written
   into the committed table (that would mix steps after a crash) and never scattered into
-  zarr chunks (a random scatter rewrites whole chunks, ~30x slower than a gather here).
+  zarr chunks (a random scatter rewrites whole chunks, far slower than an append).
   An in-memory ``IdSlotMap`` maps each id to its newest record; a later miss reads the
   row back from the log.
 * **Redo log.** ``flush`` appends every still-dirty cached row too, so the newest record
@@ -17,12 +17,26 @@ On open: if ``pending.commit`` exists, the copy was interrupted and is redone fr
 log (it is idempotent); otherwise the log holds only uncommitted rows and is discarded.
 
 Files: ``pending.rows`` (float32 records of the row layout), ``pending.ids`` (int64 ids
-of the same records), ``pending.commit``. A row evicted several times between flushes
-takes one record each time: the log grows with evictions, not with distinct rows.
+of the same records), ``pending.commit``.
+
+Size between flushes. A row evicted several times between flushes takes one record each
+time, so appends alone would grow the log with evictions, without bound for a run that
+never flushes. Instead, once superseded records outnumber live ones in a log of at least
+``COMPACT_MIN_BYTES``, the table rewrites the log with only the newest record of each id
+(``stage_compaction``, then ``install_compaction``): no flush, nothing committed, and the
+log stays within ``max(2 x live records, COMPACT_MIN_BYTES)`` plus one append, where the
+live records are the distinct rows changed and evicted since the last flush (at most
+``num_rows``). Each compaction copies fewer records than were appended since the last
+one, so it costs at most one extra read and write per appended record. (A flush-free
+policy, rather than an automatic flush, because a flush commits a step: when that
+happens stays the caller's choice.) The rewrite goes to temporary files renamed over the
+log, and the log is uncommitted until the next flush, so a crash at any point leaves a
+log that open discards, as always.
 """
 
 import json
 import os
+from typing import NamedTuple
 
 import numpy as np
 
@@ -30,6 +44,18 @@ from kstep_adam.embedding import _store
 from kstep_adam.embedding._id_map import IdSlotMap
 
 _ROWS, _IDS, _COMMIT = "pending.rows", "pending.ids", "pending.commit"
+_COMPACTING = ".compacting"  # suffix of a compaction's files before they replace the log
+COMPACT_MIN_BYTES = 64 << 20  # below this a log is never compacted: not worth the I/O
+_COMPACT_BATCH_BYTES = 64 << 20  # records copied per read/write while compacting
+
+
+class StagedCompaction(NamedTuple):
+  """A compacted copy of the log in temporary files, ready to replace it."""
+
+  rows_fd: int  # open on pending.rows.compacting
+  ids_fd: int  # open on pending.ids.compacting
+  index: IdSlotMap  # id -> record position in the copy
+  num_records: int  # records in the copy, one per live id
 
 
 class PendingLog:
@@ -46,7 +72,7 @@ class PendingLog:
     except BaseException:
       os.close(self._rows_fd)
       raise
-    self._index = IdSlotMap(1024)
+    self._index = _new_index(1024)
     self._num_records = 0
     self.bytes_written = 0
     self.bytes_read = 0
@@ -66,7 +92,7 @@ class PendingLog:
     ids = np.fromfile(os.path.join(self._dir, _IDS), dtype=np.int64, count=n)
     # Newest record wins: the last occurrence of each id.
     unique, last_from_end = np.unique(ids[::-1], return_index=True)
-    self._index = IdSlotMap(max(1024, len(unique)))
+    self._index = _new_index(len(unique))
     self._index.insert(unique, n - 1 - last_from_end)
     self._num_records = n
     return int(commit["step"])
@@ -128,12 +154,78 @@ class PendingLog:
       _store.fsync_dir(self._dir)
     os.ftruncate(self._rows_fd, 0)
     os.ftruncate(self._ids_fd, 0)
-    self._index = IdSlotMap(1024)
+    self._index = _new_index(1024)
     self._num_records = 0
+    for name in (_ROWS, _IDS):  # what a compaction interrupted by a crash left behind
+      if os.path.exists(os.path.join(self._dir, name + _COMPACTING)):
+        os.remove(os.path.join(self._dir, name + _COMPACTING))
+
+  @property
+  def num_bytes(self) -> int:
+    """Bytes of row records in the log (superseded ones included)."""
+    return self._num_records * self._width * 4
+
+  def wants_compaction(self) -> bool:
+    """Whether superseded records outnumber live ones in a log of ``COMPACT_MIN_BYTES``."""
+    return self._num_records > 2 * len(self._index) and self.num_bytes >= COMPACT_MIN_BYTES
+
+  def stage_compaction(self) -> StagedCompaction:
+    """Writes the newest record of each id, in log order, to temporary files.
+
+    The log itself is untouched: if this raises (a full disk), nothing has changed.
+    Reading the records must not race with another reader of positions (the table calls
+    it only when no read is in flight).
+    """
+    ids, positions = self._index.items()
+    order = np.argsort(positions)  # log order: the copy reads the log front to back
+    ids, positions = ids[order], positions[order]
+    rows_path, ids_path = (os.path.join(self._dir, n + _COMPACTING) for n in (_ROWS, _IDS))
+    rows_fd = ids_fd = None
+    try:
+      rows_fd = os.open(rows_path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+      ids_fd = os.open(ids_path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+      batch = max(1, _COMPACT_BATCH_BYTES // (self._width * 4))
+      for lo in range(0, len(ids), batch):
+        rows = self.read(positions[lo : lo + batch])
+        _pwrite_all(rows_fd, rows, lo * self._width * 4)
+        self.bytes_written += rows.nbytes
+      _pwrite_all(ids_fd, np.ascontiguousarray(ids), 0)
+    except BaseException:
+      for fd in (rows_fd, ids_fd):
+        if fd is not None:
+          os.close(fd)
+      for path in (rows_path, ids_path):
+        if os.path.exists(path):
+          os.remove(path)
+      raise
+    index = _new_index(len(ids))
+    index.insert(ids, np.arange(len(ids)))
+    return StagedCompaction(rows_fd, ids_fd, index, len(ids))
+
+  def install_compaction(self, staged: StagedCompaction) -> None:
+    """Replaces the log with a staged copy (two renames; the log is uncommitted, so a crash
+    between them leaves a log that open discards). If this raises, the log's files may
+    disagree with its index: the table must not use the log again (it fails)."""
+    try:
+      for name in (_IDS, _ROWS):
+        os.replace(os.path.join(self._dir, name + _COMPACTING), os.path.join(self._dir, name))
+    except BaseException:
+      os.close(staged.rows_fd)
+      os.close(staged.ids_fd)
+      raise
+    os.close(self._rows_fd)
+    os.close(self._ids_fd)
+    self._rows_fd, self._ids_fd = staged.rows_fd, staged.ids_fd
+    self._index, self._num_records = staged.index, staged.num_records
 
   def close(self) -> None:
     os.close(self._rows_fd)
     os.close(self._ids_fd)
+
+
+def _new_index(max_entries: int) -> IdSlotMap:
+  """id -> record position; int64, since a log may pass 2**31 records."""
+  return IdSlotMap(max(1024, max_entries), value_dtype=np.int64)
 
 
 def _pwrite_all(fd: int, array: np.ndarray, offset: int) -> None:

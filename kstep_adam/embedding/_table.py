@@ -174,11 +174,11 @@ class EmbeddingTable:
   def pull(self, ids) -> np.ndarray:
     """Returns the rows of ``ids`` at the current step, float32 ``[len(ids), dim]``."""
     ids_N = _batch.check_ids(ids, self.num_rows)
-    unique_U, inverse_N = np.unique(ids_N, return_inverse=True)
+    unique_U, inverse_N = _batch.unique_inverse(ids_N)
     with self._op_lock, self._lock:
       self._check_usable()
       rows_UxD = self._pull_unique_locked(unique_U)
-    return rows_UxD[inverse_N]
+    return rows_UxD if unique_U is ids_N else rows_UxD[inverse_N]
 
   def working_set(self, ids, *, pad_to: int | None = None) -> WorkingSet:
     """Deduplicates ``ids`` and returns their unique rows with the inverse index.
@@ -195,7 +195,8 @@ class EmbeddingTable:
       device when the table has a device cache (``device_cache_rows > 0``).
     """
     ids_N = _batch.check_ids(ids, self.num_rows)
-    unique_U, inverse_N = np.unique(ids_N, return_inverse=True)
+    unique_U, inverse_N = _batch.unique_inverse(ids_N)
+    unique_U = unique_U.copy() if unique_U is ids else unique_U  # never the caller's array
     num_rows = len(unique_U)
     if pad_to is not None:
       num_rows = _validation.check_int(
@@ -223,12 +224,7 @@ class EmbeddingTable:
     """
     ids_N = _batch.check_ids(ids, self.num_rows)
     grads_NxD = _batch.check_grads(grads, len(ids_N), self.dim)
-    unique_U, inverse_N = np.unique(ids_N, return_inverse=True)
-    if len(unique_U) == len(ids_N):
-      grads_UxD = np.empty_like(grads_NxD)
-      grads_UxD[inverse_N] = grads_NxD
-    else:
-      grads_UxD = _batch.segment_sum(grads_NxD, inverse_N, len(unique_U))
+    unique_U, grads_UxD = _batch.sum_duplicates(ids_N, grads_NxD)
     dim = self.dim
     with self._op_lock, self._lock:
       self._check_usable()
@@ -268,7 +264,7 @@ class EmbeddingTable:
     pull/working_set/push/prefetch raises it.
     """
     ids_N = _batch.check_ids(ids, self.num_rows)
-    unique_U = np.unique(ids_N)
+    unique_U, _ = _batch.unique_inverse(ids_N)
     if len(unique_U) > self._cache.capacity:
       raise ValueError(
         f"prefetch of {len(unique_U)} unique ids exceeds host_cache_rows="
@@ -388,7 +384,8 @@ class EmbeddingTable:
     self.close(flush=exc_type is None or self._failure is None)
 
   def stats(self) -> dict:
-    """Counters since open: cache hits/misses (per unique row), hit rate, evictions, I/O."""
+    """Counters since open: cache hits/misses (per unique row), hit rate, evictions, I/O,
+    and the pending log's live rows (``pending_rows``) and size (``pending_bytes``)."""
     with self._lock:
       c = dict(self._counts)
       lookups = c["hits"] + c["misses"]
@@ -399,6 +396,7 @@ class EmbeddingTable:
         resident_rows=len(self._cache),
         dirty_rows=int(np.count_nonzero(self._cache.dirty_C)),
         pending_rows=len(self._pending),
+        pending_bytes=self._pending.num_bytes,
         bytes_read=self._store.bytes_read + self._pending.bytes_read,
         bytes_written=self._store.bytes_written + self._pending.bytes_written,
         step=self._step,
@@ -476,9 +474,11 @@ class EmbeddingTable:
       ):
         break
       self._cond.wait()
+    missing = unique_U[~present]
+    if len(missing) and self._num_loading == 0 and self._pending.wants_compaction():
+      self._compact_pending_log()  # here no read is in flight to race with the rewrite
     cache.ref_C[present_slots] = True
     cache.pin(present_slots)
-    missing = unique_U[~present]
     if len(missing):
       try:  # evicted dirty rows go to the pending log before the cache lets go of them
         new_slots = cache.reserve(missing, write_back=self._pending.append)
@@ -513,6 +513,12 @@ class EmbeddingTable:
     self._num_loading -= 1
     self._cond.notify_all()
     return slots_U
+
+  def _compact_pending_log(self) -> None:
+    """Rewrites the pending log with the newest record of each row (see ``_pending``)."""
+    staged = self._pending.stage_compaction()  # if this raises, the log is as it was
+    with self._failure_is_fatal("pending-log compaction"):
+      self._pending.install_compaction(staged)
 
   def _apply_pending(self, step: int) -> None:
     """Copies the committed pending log into the zarr table, then records ``step``."""
