@@ -116,11 +116,22 @@ def test_local_adam_monotone_in_k_and_t():
 def test_local_adam_k1_reduces_to_minibatch_rate():
   ratios = [
     theory.local_adam_rate(T=T, K=1, **ADAM)
-    / theory.minibatch_adam_rate(R=T, N=4, K=1, L=2.0, delta=1.0, sigma=1.0)
+    / theory.minibatch_adam_rate(R=T, N=4, K=1, L=2.0, delta=1.0, sigma=1.0, lam=1e-3)
     for T in (10**4, 10**8, 10**16)
   ]
   assert ratios[0] > ratios[1] > ratios[2] > 1.0
   assert ratios[2] == pytest.approx(1.0, abs=0.01)
+
+
+def test_local_and_minibatch_rates_carry_the_same_norm_conversion():
+  # Both bound the lambda H^-1 norm; converting to the plain norm multiplies both by
+  # 1 + (G_inf + sigma_inf)/lambda, so their ratio is the paper's comparison.
+  kw = dict(N=4, L=2.0, delta=1.0, sigma=1.0, lam=0.5)
+  plain_local = theory.local_adam_rate(T=4096, K=8, **kw)
+  plain_mini = theory.minibatch_adam_rate(R=512, K=8, **kw)
+  noisy = dict(G_inf=1.0, sigma_inf=0.5)
+  assert theory.local_adam_rate(T=4096, K=8, **kw, **noisy) == pytest.approx(4 * plain_local)
+  assert theory.minibatch_adam_rate(R=512, K=8, **kw, **noisy) == pytest.approx(4 * plain_mini)
 
 
 def test_local_adam_scales_as_one_over_sqrt_nt():
@@ -153,13 +164,44 @@ def test_local_adam_clipping_term():
     (dict(eta=0.5), "eta"),
     (dict(beta1=1.0), "beta1"),
     (dict(K=0), "K"),
+    (dict(lam=0.0), "lam"),
   ],
 )
 def test_local_adam_conditions_reject(bad, match):
-  args = dict(beta1=0.5, beta2=0.9999, eta=0.01, K=4, R=64)
+  args = dict(beta1=0.5, beta2=0.9999, eta=1e-3, K=4, R=64, lam=1.0, L=2.0)
   theory.local_adam_conditions(**args)  # in-condition: no error
   with pytest.raises(ValueError, match=match):
     theory.local_adam_conditions(**{**args, **bad})
+
+
+def test_local_adam_condition_ratios_follow_the_papers_eq_c20():
+  r = theory.local_adam_condition_ratios(
+    beta1=0.5, beta2=1 - 1 / 32, eta=0.01, K=4, R=16, lam=0.1, L=2.0, tau=1.0
+  )
+  assert r["beta1"] == pytest.approx(0.5 / 0.9)
+  assert r["beta2"] == pytest.approx(1.0)  # 1 - beta2 = K^-3/2 R^-1/2 exactly
+  # eta/lambda = 0.1 against min(1/(K tau), (1-beta1)^2/L) = min(0.25, 0.125).
+  assert r["eta"] == pytest.approx(0.1 / 0.125)
+  # A smaller lambda needs a proportionally smaller step.
+  smaller = theory.local_adam_condition_ratios(
+    beta1=0.5, beta2=1 - 1 / 32, eta=0.01, K=4, R=16, lam=0.01, L=2.0, tau=1.0
+  )
+  assert smaller["eta"] == pytest.approx(10 * r["eta"])
+
+
+def test_asymptotes_state_only_the_papers_exponents():
+  assert {a.exponent for a in theory.ASYMPTOTES.values()} == {-0.5}
+  cg = theory.ASYMPTOTES["cheng_glasgow_local_adam"]
+  # The log^{1/4} factor of eq. (C.27) adds 1/(4 ln T) to the local slope.
+  assert cg.slack(1024) == pytest.approx(0.25 / math.log(1024))
+
+  # The shape's finite-range slope is not -1/2 and drifts towards it: only the limit is stated.
+  def local_slope(T):
+    r = lambda t: theory.local_adam_rate(T=t, K=8, **ADAM)
+    return math.log(r(2 * T) / r(T)) / math.log(2)
+
+  assert local_slope(2**8) < local_slope(2**20) < local_slope(2**40) < -0.5 + 1e-3
+  assert local_slope(2**40) == pytest.approx(-0.5, abs=0.01)
 
 
 # --- Défossez et al. -----------------------------------------------------------
@@ -187,6 +229,42 @@ def test_defossez_momentum_matches_structure_at_beta1_zero():
     theory.defossez_adam_momentum_bound(beta1=0.9995, **args)
   with pytest.raises(ValueError, match="R must exceed"):
     theory.defossez_adam_bound(**{**args, "R": 1e-5})
+
+
+def test_defossez_tau_weights():
+  w = theory.defossez_tau_weights(50, 0.9)
+  assert w.sum() == pytest.approx(1.0)
+  assert np.all(np.diff(w) <= 0)  # the last iterates are sampled least
+  np.testing.assert_allclose(theory.defossez_tau_weights(7, 0.0), np.full(7, 1 / 7))
+
+
+@pytest.mark.parametrize("beta1", [0.0, 0.9])
+def test_defossez_map_runs_their_algorithm_exactly(beta1):
+  # Their recursion (unnormalised m, v; eps in the root; alpha_n with the beta2 correction)
+  # against the package's Local Adam form with lr_n = alpha sqrt(1 - beta2^n).
+  import optax
+
+  import kstep_adam
+
+  alpha, beta2, lam, steps = 0.05, 0.99, 1e-2, 40
+  _, eps = theory.defossez_from_no_bias_correction(eta=alpha, beta2=beta2, lam=lam)
+  g_TxD = np.random.default_rng(0).normal(size=(steps, 3)) * np.array([1.0, 10.0, 0.1])
+  m = v = np.zeros(3)
+  x_ref = np.zeros(3)
+  for n in range(1, steps + 1):
+    m, v = beta1 * m + g_TxD[n - 1], beta2 * v + g_TxD[n - 1] ** 2
+    alpha_n = alpha * (1 - beta1) * math.sqrt((1 - beta2**n) / (1 - beta2))
+    x_ref = x_ref - alpha_n * m / np.sqrt(eps + v)
+  tx = optax.chain(
+    kstep_adam.scale_by_kstep_adam(b1=beta1, b2=beta2, eps=lam, form="local_adam"),
+    optax.scale_by_learning_rate(lambda c: alpha * jnp.sqrt(1 - beta2 ** (c + 1.0))),
+  )
+  x = jnp.zeros(3)
+  state = tx.init(x)
+  for g in g_TxD:
+    u, state = tx.update(jnp.asarray(g, jnp.float32), state)
+    x = x + u
+  np.testing.assert_allclose(np.asarray(x), x_ref, rtol=2e-5, atol=1e-6)
 
 
 def test_defossez_parameter_map_reproduces_update():
@@ -265,6 +343,25 @@ def test_adam_step_bound_holds_on_adversarial_gradients(bias_correction):
   assert worst <= B * (1 + 1e-5)  # (loose: worst/B is about 0.1 here)
 
 
+def test_replica_spread_bound_is_attained_given_b():
+  # beta1 = 0, lambda -> 0: the first step from zero state moves each coordinate by exactly
+  # eta B = eta / sqrt(1 - beta2). Two replicas with opposite gradients are then eta B on
+  # either side of their mean: the spread is d (eta B)^2 at j = 1 and 0 at j = 0, whose mean
+  # over the round is the bound (the earlier d (2 j eta B)^2 was four times too loose).
+  import kstep_adam
+
+  eta, beta2, d = 0.1, 0.99, 3
+  tx = kstep_adam.scale_by_kstep_adam(b1=0.0, b2=beta2, eps=1e-12, form="local_adam")
+  step = lambda g: eta * tx.update(g, tx.init(jnp.zeros(d)))[0]
+  x_2xD = jnp.stack([step(jnp.ones(d)), step(-jnp.ones(d))])
+  spread_j1 = float(jnp.mean(jnp.sum((x_2xD - x_2xD.mean(0)) ** 2, -1)))
+  measured = (0.0 + spread_j1) / 2  # j = 0 then j = 1, T = k = 2
+  bound = theory.replica_spread_bound(
+    eta=eta, beta1=0.0, beta2=beta2, k=2, d=d, T=2, bias_correction=False
+  )
+  assert measured == pytest.approx(bound, rel=1e-5)
+
+
 def test_replica_spread_bound_properties():
   kw = dict(eta=0.01, beta1=0.9, beta2=0.999, d=10, T=1000, bias_correction=False)
   assert theory.replica_spread_bound(k=1, **kw) == 0.0
@@ -272,3 +369,11 @@ def test_replica_spread_bound_properties():
   assert vals[0] < vals[1] < vals[2]
   with pytest.raises(ValueError, match="beta1"):
     theory.replica_spread_bound(k=2, **{**kw, "beta1": 0.9999})
+
+
+def test_counts_refuse_bools_and_accept_numpy_ints():
+  assert theory.local_sgd_bound(np.int64(100), 4, 1, 0.1, 1.0, 1.0, 1.0) > 0
+  with pytest.raises(ValueError, match="T must be an int"):
+    theory.local_sgd_bound(True, 4, 1, 0.1, 1.0, 1.0, 1.0)
+  with pytest.raises(ValueError, match="L must be a finite number"):
+    theory.local_sgd_bound(100, 4, 1, 0.1, True, 1.0, 1.0)

@@ -4,17 +4,20 @@ This is the project's own result (``theory/derivations.md``, section 3), not a p
 theorem. It is *not* a convergence bound: no published result bounds the gradient norm of
 parameter-only averaging (the production default), and none is derived here. What can be
 proved with explicit constants is that Adam's step is bounded coordinate-wise whatever the
-gradients are, so between merges the replicas drift apart by at most
+gradients are, so ``j`` local steps after a merge every replica is within
 
 .. math::
-    |x^w_t - \bar x_t|_i \le 2\, j\, \eta B, \qquad
+    |x^w_t - x_{\mathrm{merge}}|_i \le j\, \eta B, \qquad
     B = \frac{(1-\beta_1)\, c_T}{\sqrt{1-\beta_2}\,(1 - \beta_1/\sqrt{\beta_2})},
 
-after ``j`` local steps since the last merge, where ``c_T = 1`` without bias correction and
-``c_T = max_{t<=T} sqrt(1-beta2^t)/(1-beta1^t)`` with it. Averaged over a round, the logged
-spread ``(1/N) sum_w ||x^w - xbar||^2`` is at most
-``d (2 eta B)^2 (k-1)(2k-1)/6``. It holds for parameter-only averaging and for averaging
-parameters and both moments on the same steps; it needs ``beta1 < sqrt(beta2)``.
+of the point all replicas left from, where ``c_T = 1`` without bias correction and
+``c_T = max_{t<=T} sqrt(1-beta2^t)/(1-beta1^t)`` with it. The spread about the mean is at most
+the mean squared distance to any fixed point, so the logged spread
+``(1/N) sum_w ||x^w - xbar||^2`` is at most ``d (j eta B)^2``, and averaged over a round at most
+``d (eta B)^2 (k-1)(2k-1)/6``. It holds for parameter-only averaging and for averaging
+parameters and both moments on the same steps; it needs ``beta1 < sqrt(beta2)``. Two replicas
+stepping ``+eta B`` and ``-eta B`` on every coordinate attain it, so given ``B`` it cannot be
+lowered; ``B`` itself is a worst case that real gradients rarely approach.
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ from __future__ import annotations
 import math
 
 from theory._checks import check_count
+from theory._checks import check_positive
+from theory._checks import check_unit_interval
 
 __all__ = ["adam_step_bound", "replica_spread_bound"]
 
@@ -37,9 +42,12 @@ def adam_step_bound(*, beta1: float, beta2: float, T: int, bias_correction: bool
 
   Returns:
     The constant ``B`` of the module docstring.
+
+  Examples:
+    >>> round(adam_step_bound(beta1=0.0, beta2=0.75, T=1, bias_correction=False), 6)
+    2.0
   """
-  if not 0.0 < beta2 < 1.0:
-    raise ValueError(f"beta2 must be in (0, 1), got {beta2!r}")
+  check_unit_interval("beta2", beta2, closed_low=False, closed_high=False)
   if not 0.0 <= beta1 < math.sqrt(beta2):
     raise ValueError(
       f"beta1 must satisfy 0 <= beta1 < sqrt(beta2)={math.sqrt(beta2)!r}, got {beta1!r}"
@@ -59,7 +67,7 @@ def replica_spread_bound(
 
   .. math::
       \frac1T \sum_t \frac1N \sum_w \|x^w_t - \bar x_t\|^2
-      \le d\, (2\eta B)^2 \frac{(k-1)(2k-1)}{6}
+      \le d\, (\eta B)^2 \frac{(k-1)(2k-1)}{6}
 
   (exact average over a round of ``j^2``, ``j = 0..k-1``; a partial last round only
   lowers it). Zero at ``k = 1``.
@@ -75,10 +83,14 @@ def replica_spread_bound(
 
   Returns:
     The bound (derived here; see ``theory/derivations.md``, section 3).
+
+  Examples:
+    >>> replica_spread_bound(eta=0.5, beta1=0.0, beta2=0.75, k=2, d=3, T=8,
+    ...                      bias_correction=False)
+    1.5
   """
   check_count("k", k)
   check_count("d", d)
-  if not (eta > 0 and math.isfinite(eta)):
-    raise ValueError(f"eta must be a finite positive number, got {eta!r}")
+  check_positive("eta", eta)
   B = adam_step_bound(beta1=beta1, beta2=beta2, T=T, bias_correction=bias_correction)
-  return d * (2 * eta * B) ** 2 * (k - 1) * (2 * k - 1) / 6
+  return d * (eta * B) ** 2 * (k - 1) * (2 * k - 1) / 6

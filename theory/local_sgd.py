@@ -14,12 +14,12 @@ steps all workers replace their parameters by the average. Both bound the
 average over ``t = 0 .. T-1`` of ``E||grad f(xbar_t)||^2`` at the *virtual*
 average ``xbar_t`` of the replicas (before the step-``t`` update).
 
-Provenance of the constants (read this before trusting a number): the search
-tool available to this project returned only the abstracts of both papers, so
-the constants below are transcribed from the statements as they are commonly
-cited (Wang & Joshi's bound is restated as Theorem 1 of their AdaComm paper,
-arXiv 1810.08313) and could **not** be re-checked against the papers' text
-here. They agree with the usual form ``O(D/(eta T) + eta L s2/N + eta^2 L^2 k s2)`` (``docs/design.md`` §3).
+Provenance of the constants (read this before trusting a number): the project's search tool
+reaches the abstracts and introductions of both papers (arXiv 1808.07576, JMLR 22(213); arXiv
+1807.06629, AAAI'19) but not their theorem statements, so the constants below are transcribed
+from the statements as they are commonly cited (Wang & Joshi's bound is restated as Theorem 1
+of their AdaComm paper, arXiv 1810.08313) and could **not** be checked against the papers' text
+here. They agree with the usual form ``O(D/(eta T) + eta L s2/N + eta^2 L^2 k s2)``.
 """
 
 from __future__ import annotations
@@ -114,8 +114,7 @@ def local_sgd_bound(
     Wang & Joshi, "Cooperative SGD: A Unified Framework for the Design and
     Analysis of Communication-Efficient SGD Algorithms",
     https://arxiv.org/abs/1808.07576 (JMLR 22(213), 2021); restated as Thm 1 of
-    https://arxiv.org/abs/1810.08313. Constants not re-verified here (see module
-    docstring).
+    https://arxiv.org/abs/1810.08313. Not checked against the text (module docstring).
   """
   _check_run(T, N, k, eta, L, sigma2, delta)
   if check and eta > local_sgd_max_eta(L, k) * (1 + 1e-12):
@@ -243,8 +242,8 @@ def local_sgd_bound_yu(
 
   References:
     Yu, Yang & Zhu, "Parallel Restarted SGD with Faster Convergence and Less
-    Communication", AAAI 2019, https://arxiv.org/abs/1807.06629, Theorem 1.
-    Constants not re-verified here (see module docstring).
+    Communication", AAAI 2019, https://arxiv.org/abs/1807.06629, Theorem 1. Not checked
+    against the text (module docstring).
   """
   _check_run(T, N, k, eta, L, sigma2, delta)
   check_positive("G2", G2, allow_zero=True)

@@ -1,153 +1,312 @@
-"""Configs of the convergence-rate experiment.
+"""Configs of the convergence-rate experiment: frozen dataclasses, the quick one derived by replace.
 
-Full run (``full()``), the one the figures in ``figures/convergence_*.png`` come from:
+Full run (:data:`FULL`), the one behind ``results/convergence_rate`` and
+``figures/convergence_*.png``:
 
-  Command:  python -m experiments.convergence_rate --out results/convergence_rate --check
-  Hardware: CPU only, a 2-core VM shared with three other jobs (JAX 0.10.2).
-  Runtime:  about 11 minutes on that machine under load (mostly XLA compiles: one per run).
-  Expected: (committed run, results/convergence_rate/checks.json) every explicit-constant
-            bound holds at every step size (Wang & Joshi: max measured/bound 0.50; Défossez
-            Thm 2: 0.014; derived drift bound: 7e-4); T-slopes: Local SGD -0.60 vs predicted
-            -0.61, sync Adam -0.50 vs -0.54, Local Adam (zbar) -0.68 vs -0.64 on the separable
-            problem; two slope checks FAIL (k-step Adam with moments, separable: -0.47 vs
-            -0.64; Local Adam, logistic: -0.75 vs -0.64), so ``--check`` exits 1.
-            k-step Adam (params only) is reported as "no bound".
+  Command:  nice python -m experiments.convergence_rate --out results/convergence_rate
+            --figures figures --check
+  Hardware: CPU only, a 2-core VM shared with other jobs (JAX 0.10.2).
+  Runtime:  see the README's convergence section (mostly XLA compiles: one per run).
+  Expected: every enforced check passes; the README lists the numbers.
 
-Quick run (``quick()``): ``python -m experiments.convergence_rate --quick --out /tmp/cr``,
-about 1 minute on the same machine; a smoke test of every code path, not evidence.
+Quick run (:data:`QUICK`): ``python -m experiments.convergence_rate --quick [--check]``, about
+a minute, writing under ``runs/convergence_rate_quick``. It runs every code path at smoke
+sizes and enforces only the explicit-constant bounds, which hold at any size; its slopes and
+fitted constants are printed but are not evidence.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import dataclasses
 
-__all__ = ["full", "quick", "ALL_VARIANTS"]
+from experiments.convergence import problems as problems_lib
+from kstep_adam._validation import check_choice
+from kstep_adam._validation import check_float
+from kstep_adam._validation import check_int
 
-ALL_VARIANTS = ["local_sgd", "kstep_adam_params", "kstep_adam_moments", "local_adam", "sync_adam"]
+__all__ = [
+  "Config",
+  "FULL",
+  "LogisticSpec",
+  "QUICK",
+  "SeparableSpec",
+  "Sweep",
+  "CHECK_KINDS",
+  "by_name",
+]
 
-
-def _sweeps(
-  *,
-  T_list,
-  N_list,
-  N_fixed,
-  T_fixed,
-  k_fixed,
-  k_list,
-  R_fixed,
-  problem,
-  extra_T_problems=(),
-  hetero_problem=None,
-  nk_variants=tuple(ALL_VARIANTS),
-) -> list[dict[str, Any]]:
-  sweeps = [
-    dict(
-      name="T",
-      problem=problem,
-      variants=ALL_VARIANTS,
-      points=[dict(T=T, N=N_fixed, k=k_fixed) for T in T_list],
-    ),
-    dict(
-      name="N",
-      problem=problem,
-      variants=list(nk_variants),
-      points=[dict(T=T_fixed, N=N, k=k_fixed) for N in N_list],
-    ),
-    dict(
-      name="k_fixed_T",
-      problem=problem,
-      variants=list(nk_variants),
-      points=[dict(T=T_fixed, N=N_fixed, k=k) for k in k_list],
-    ),
-    dict(
-      name="k_fixed_R",
-      problem=problem,
-      variants=list(nk_variants),
-      points=[dict(T=R_fixed * k, N=N_fixed, k=k) for k in k_list],
-    ),
-    dict(
-      name="T_defossez",
-      problem=problem + "_uniform",
-      variants=["adam_defossez"],
-      points=[dict(T=T, N=1, k=1) for T in T_list],
-    ),
-  ]
-  for name in extra_T_problems:
-    sweeps.append(
-      dict(
-        name="T",
-        problem=name,
-        variants=ALL_VARIANTS,
-        points=[dict(T=T, N=N_fixed, k=k_fixed) for T in T_list],
-      )
-    )
-  if hetero_problem is not None:
-    sweeps.append(
-      dict(
-        name="k_fixed_T",
-        problem=hetero_problem,
-        variants=ALL_VARIANTS,
-        points=[dict(T=T_fixed, N=N_fixed, k=k) for k in k_list],
-      )
-    )
-  return sweeps
+CHECK_KINDS = ("bound", "slope", "calibrate_C", "tuning")
+BETA2_MODES = ("fixed", "schedule", "one_over_T")
+ETA_MODES = ("series", "point")
 
 
-def full() -> dict[str, Any]:
-  """The real run behind the figures (see the module docstring for its header)."""
-  d = 32
-  return dict(
-    num_seeds=8,
-    num_etas=8,
-    adam_c_max=8.0,
-    seed=0,
-    problems=dict(
-      separable=dict(kind="separable", d=d, a=2.0, noise_std=1.0),
-      separable_uniform=dict(kind="separable", d=d, a=2.0, noise_std=1.0, noise="uniform"),
-      separable_hetero=dict(kind="separable", d=d, a=2.0, noise_std=1.0, hetero=1.0),
-      logistic=dict(kind="logistic", n=512, d=16, lam=0.1, batch_size=8),
-    ),
-    sweeps=_sweeps(
-      T_list=[256, 512, 1024, 2048, 4096],
-      N_list=[1, 2, 4, 8, 16],
-      N_fixed=4,
-      T_fixed=1024,
-      k_fixed=8,
-      k_list=[1, 2, 4, 8, 16, 32],
-      R_fixed=32,
-      problem="separable",
-      extra_T_problems=("logistic",),
-      hetero_problem="separable_hetero",
-    ),
-  )
+@dataclasses.dataclass(frozen=True)
+class SeparableSpec:
+  """``f(x) = sum_i x_i^2/2 + a cos x_i`` with additive gradient noise.
 
-
-def quick() -> dict[str, Any]:
-  """A smoke run of every code path in about a minute; its numbers are not evidence.
-
-  Command: python -m experiments.convergence_rate --quick --out /tmp/cr [--check]
-  Hardware/runtime: shared 2-core CPU VM, about 1 minute.
-  Expected: a results.jsonl, checks.json and three figures under --out.
+  Attributes:
+    name: the problem's name in the results and figures.
+    d: dimension.
+    a: cosine amplitude (``L = 1 + a``, ``tau = a - 1``).
+    noise_std: per-coordinate noise standard deviation.
+    noise: ``'gaussian'`` or ``'uniform'`` (bounded, so ``sigma_inf`` is exact).
+    hetero: amplitude of the per-worker gradient shifts; 0 gives i.i.d. workers.
   """
-  d = 8
-  return dict(
-    num_seeds=4,
-    num_etas=4,
-    adam_c_max=8.0,
-    seed=0,
-    problems=dict(
-      separable=dict(kind="separable", d=d, a=2.0, noise_std=1.0),
-      separable_uniform=dict(kind="separable", d=d, a=2.0, noise_std=1.0, noise="uniform"),
-    ),
-    sweeps=_sweeps(
-      T_list=[64, 128],
-      N_list=[1, 4],
-      N_fixed=4,
-      T_fixed=128,
-      k_fixed=4,
-      k_list=[1, 4],
-      R_fixed=16,
-      problem="separable",
-      nk_variants=("local_sgd",),
-    ),
-  )
+
+  name: str
+  d: int = 32
+  a: float = 2.0
+  noise_std: float = 1.0
+  noise: str = "gaussian"
+  hetero: float = 0.0
+
+  def build(self) -> problems_lib.SeparableCosine:
+    return problems_lib.SeparableCosine(
+      d=self.d, a=self.a, noise_std=self.noise_std, noise=self.noise, hetero=self.hetero
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class LogisticSpec:
+  """Logistic regression plus a non-convex regularizer on a fixed synthetic data set.
+
+  Attributes:
+    name: the problem's name in the results and figures.
+    n: number of examples.
+    d: dimension.
+    lam: weight of ``sum_i x_i^2/(1+x_i^2)``.
+    batch_size: examples per stochastic gradient (drawn with replacement).
+    seed: seed of the data set and the starting point.
+  """
+
+  name: str
+  n: int = 512
+  d: int = 16
+  lam: float = 0.1
+  batch_size: int = 8
+  seed: int = 0
+
+  def build(self) -> problems_lib.NonconvexLogistic:
+    return problems_lib.NonconvexLogistic(
+      n=self.n, d=self.d, lam=self.lam, batch_size=self.batch_size, seed=self.seed
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class Sweep:
+  """One axis of the experiment: a problem, the variants, and the ``(T, N, k)`` points.
+
+  Attributes:
+    name: what the sweep varies; names starting with ``T`` vary ``T`` at fixed ``N`` and
+      ``k`` and get slope checks, ``N`` gets speedup rows, ``k_fixed_T`` and ``k_fixed_R``
+      get growth rows.
+    problem: name of one of the config's problems.
+    variants: the algorithms run at every point (:mod:`experiments.convergence.variants`).
+    points: ``(T, N, k)`` triples.
+    beta2: how ``beta2`` is set for the Adam variants: ``'schedule'`` is Cheng & Glasgow's
+      condition with constant 1 at each point, ``1 - min(cap, k^-3/2 R^-1/2)``; ``'fixed'``
+      is that value at the sweep's largest ``T``, so one ``beta2`` meets the condition at
+      every point; ``'one_over_T'`` is Défossez et al.'s ``1 - 1/T``.
+    eta: ``'series'`` picks one ``c = eta sqrt(T)`` for the whole sweep (so the ``T``-slope
+      is not a tuning artefact); ``'point'`` picks ``c`` per point.
+  """
+
+  name: str
+  problem: str
+  variants: tuple[str, ...]
+  points: tuple[tuple[int, int, int], ...]
+  beta2: str = "schedule"
+  eta: str = "point"
+
+  def __post_init__(self):
+    check_choice(self.beta2, "beta2", BETA2_MODES)
+    check_choice(self.eta, "eta", ETA_MODES)
+    for T, N, k in self.points:
+      for name, value in (("T", T), ("N", N), ("k", k)):
+        check_int(value, f"sweep {self.name!r} point {name}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  """The whole experiment: problems, sweeps, seeds, step-size grids and the checks enforced.
+
+  Attributes:
+    name: ``'full'`` or ``'quick'``; written into every result line, so ``--plot-only``
+      applies the checks of the config that produced the file.
+    num_seeds: independent noise seeds, even: the first half choose ``c``, the second half
+      are the reported measurements.
+    num_etas: points of each step-size grid (halvings of ``c`` from its maximum).
+    c_max_sgd: top of the SGD grid in units of ``eta L sqrt(T)``.
+    c_max_adam: top of the Adam grid in units of ``eta sqrt(T)``.
+    beta2_cap: largest ``1 - beta2`` the ``'schedule'`` and ``'fixed'`` modes use.
+    seed: base PRNG seed.
+    slope_tol: how far above a bound's asymptotic exponent (plus its log factor's local slope)
+      a measured slope's confidence interval may start before the check fails; fixed before
+      looking at results.
+    c_tol: relative slack of the held-out test of a calibrated constant, on top of three
+      standard errors of the seed means (the choice of ``c`` on the tuning seeds favours them).
+    enforce: kinds of check rows whose failure makes ``--check`` exit 1.
+    problems: the problems, by name.
+    sweeps: the sweeps.
+  """
+
+  name: str
+  num_seeds: int
+  num_etas: int
+  c_max_sgd: float
+  c_max_adam: float
+  beta2_cap: float
+  seed: int
+  slope_tol: float
+  c_tol: float
+  enforce: tuple[str, ...]
+  problems: tuple[SeparableSpec | LogisticSpec, ...]
+  sweeps: tuple[Sweep, ...]
+
+  def __post_init__(self):
+    check_int(self.num_seeds, "num_seeds", minimum=4)
+    if self.num_seeds % 2:
+      raise ValueError(f"num_seeds must be even (half tune, half measure), got {self.num_seeds}")
+    check_int(self.num_etas, "num_etas", minimum=3)
+    check_float(self.c_max_sgd, "c_max_sgd", low=0.0, low_open=True)
+    check_float(self.c_max_adam, "c_max_adam", low=0.0, low_open=True)
+    check_float(self.beta2_cap, "beta2_cap", low=0.0, high=1.0, low_open=True, high_open=True)
+    check_float(self.slope_tol, "slope_tol", low=0.0)
+    check_float(self.c_tol, "c_tol", low=0.0)
+    for kind in self.enforce:
+      check_choice(kind, "enforce", CHECK_KINDS)
+    names = [p.name for p in self.problems]
+    for sweep in self.sweeps:
+      check_choice(sweep.problem, f"sweep {sweep.name!r} problem", tuple(names))
+
+  def problem(self, name: str) -> SeparableSpec | LogisticSpec:
+    """The spec of the problem called ``name``."""
+    return {p.name: p for p in self.problems}[name]
+
+
+SGD_AND_ADAM = (
+  "local_sgd",
+  "kstep_adam_params",
+  "kstep_adam_moments",
+  "local_adam",
+  "minibatch_adam",
+  "sync_adam",
+)
+# The beta2 comparison: the same form with and without local steps, and bias-corrected Adam.
+BETA2_VARIANTS = ("local_adam", "minibatch_adam", "kstep_adam_moments")
+DEFOSSEZ_VARIANTS = ("adam_defossez", "adam_defossez_momentum")
+
+
+def sweeps(
+  *,
+  T_list: tuple[int, ...],
+  N_list: tuple[int, ...],
+  k_list: tuple[int, ...],
+  N_fixed: int,
+  k_fixed: int,
+  T_fixed: int,
+  R_fixed: int,
+  t_problems: tuple[str, ...],
+  defossez_problems: tuple[str, ...],
+  nk_problem: str,
+  hetero_problem: str | None,
+  variants: tuple[str, ...] = SGD_AND_ADAM,
+  nk_variants: tuple[str, ...] = SGD_AND_ADAM,
+  beta2_variants: tuple[str, ...] = BETA2_VARIANTS,
+  defossez_variants: tuple[str, ...] = DEFOSSEZ_VARIANTS,
+) -> tuple[Sweep, ...]:
+  """The sweeps of the experiment at the given sizes (the full and quick configs share it)."""
+  t_points = tuple((T, N_fixed, k_fixed) for T in T_list)
+  out = []
+  for problem in t_problems:
+    out.append(Sweep("T", problem, variants, t_points, beta2="fixed", eta="series"))
+    if beta2_variants:
+      out.append(
+        Sweep("T_beta2_schedule", problem, beta2_variants, t_points, beta2="schedule", eta="series")
+      )
+  for problem in defossez_problems:
+    out.append(
+      Sweep(
+        "T_defossez",
+        problem,
+        defossez_variants,
+        tuple((T, 1, 1) for T in T_list),
+        beta2="one_over_T",
+        eta="series",
+      )
+    )
+  out += [
+    Sweep("N", nk_problem, nk_variants, tuple((T_fixed, N, k_fixed) for N in N_list)),
+    Sweep("k_fixed_T", nk_problem, nk_variants, tuple((T_fixed, N_fixed, k) for k in k_list)),
+    Sweep("k_fixed_R", nk_problem, nk_variants, tuple((R_fixed * k, N_fixed, k) for k in k_list)),
+  ]
+  if hetero_problem is not None:
+    out.append(
+      Sweep("k_fixed_T", hetero_problem, nk_variants, tuple((T_fixed, N_fixed, k) for k in k_list))
+    )
+  return tuple(out)
+
+
+FULL = Config(
+  name="full",
+  num_seeds=8,
+  num_etas=9,
+  c_max_sgd=32.0,
+  c_max_adam=8.0,
+  beta2_cap=1e-2,
+  seed=0,
+  slope_tol=0.1,
+  c_tol=0.1,
+  enforce=CHECK_KINDS,
+  problems=(
+    SeparableSpec("separable"),
+    SeparableSpec("separable_uniform", noise="uniform"),
+    SeparableSpec("separable_hetero", hetero=1.0),
+    LogisticSpec("logistic"),
+  ),
+  sweeps=sweeps(
+    T_list=(256, 512, 1024, 2048, 4096),
+    N_list=(1, 2, 4, 8, 16),
+    k_list=(1, 2, 4, 8, 16, 32),
+    N_fixed=4,
+    k_fixed=8,
+    T_fixed=1024,
+    R_fixed=32,
+    t_problems=("separable", "logistic"),
+    defossez_problems=("separable_uniform", "logistic"),
+    nk_problem="separable",
+    hetero_problem="separable_hetero",
+  ),
+)
+
+QUICK = dataclasses.replace(
+  FULL,
+  name="quick",
+  num_seeds=4,
+  num_etas=6,
+  enforce=("bound",),
+  problems=(
+    SeparableSpec("separable", d=8),
+    LogisticSpec("logistic", n=128, d=8),
+  ),
+  sweeps=sweeps(
+    T_list=(64, 256),
+    N_list=(1, 4),
+    k_list=(1, 4),
+    N_fixed=4,
+    k_fixed=4,
+    T_fixed=64,
+    R_fixed=16,
+    t_problems=("separable",),
+    defossez_problems=("logistic",),
+    nk_problem="separable",
+    hetero_problem=None,
+    nk_variants=("local_sgd", "local_adam"),
+    beta2_variants=(),
+  ),
+)
+
+
+def by_name(name: str) -> Config:
+  """The config called ``name`` (``'full'`` or ``'quick'``)."""
+  return {c.name: c for c in (FULL, QUICK)}[check_choice(name, "config", ("full", "quick"))]

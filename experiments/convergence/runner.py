@@ -12,8 +12,9 @@ Logged at every step ``t = 0 .. T-1``, *before* the step-``t`` update (as in the
 * the replica spread ``(1/N) sum_w ||x_w - xbar||^2``;
 * ``||grad f(xbar_t)||_inf`` (for ``G_inf``).
 
-Returned per (step size, seed): the time averages over all ``T`` steps, running averages
-at log-spaced checkpoints, the max of ``||grad f||_inf`` and ``f(xbar_T)``.
+Returned per (step size, seed): the time averages over all ``T`` steps, the average of
+``||grad f(xbar_t)||^2`` with Défossez et al.'s ``tau`` weights, and the max of
+``||grad f||_inf``.
 """
 
 from __future__ import annotations
@@ -26,19 +27,20 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+import theory
 from experiments.convergence.variants import Variant
+from kstep_adam._validation import check_int
 
-__all__ = ["run_grid", "checkpoints", "adam_beta2"]
-
-
-def checkpoints(T: int, num: int = 24) -> list[int]:
-  """Log-spaced step counts in ``[1, T]`` (always including ``T``)."""
-  pts = np.unique(np.round(np.geomspace(1, T, num)).astype(int))
-  return [int(p) for p in pts]
+__all__ = ["run_grid", "adam_beta2"]
 
 
-def adam_beta2(T: int, k: int, cap: float = 1e-2) -> float:
-  """``beta2 = 1 - min(cap, K^{-3/2} R^{-1/2})``: Cheng & Glasgow's condition with c = 1."""
+def adam_beta2(T: int, k: int, cap: float) -> float:
+  """``1 - min(cap, k^{-3/2} R^{-1/2})``, ``R = T/k``: Cheng & Glasgow's eq. (4.9) with c = 1.
+
+  Examples:
+    >>> adam_beta2(1024, 4, cap=1e-2)
+    0.9921875
+  """
   R = max(T // k, 1)
   return 1.0 - min(cap, k**-1.5 * R**-0.5)
 
@@ -54,7 +56,7 @@ def run_grid(
   num_seeds: int,
   beta2: float,
   seed: int = 0,
-) -> dict[str, Any]:
+) -> dict[str, np.ndarray]:
   """Run ``variant`` for every step size in ``etas`` and every seed; return NumPy results.
 
   Args:
@@ -62,24 +64,21 @@ def run_grid(
     variant: the algorithm (:mod:`experiments.convergence.variants`).
     T: steps per worker.
     N: number of simulated workers.
-    k: merge period (ignored by ``sync_adam``).
+    k: merge period (the variants without local steps ignore it).
     etas: step sizes, shape ``[E]``.
     num_seeds: independent noise seeds ``S``.
     beta2: second-moment decay for the Adam variants.
     seed: base PRNG seed.
 
   Returns:
-    A dict of NumPy arrays: ``gap_xbar_ExS``, ``gap_zbar_ExS``, ``spread_ExS``,
-    ``ginf_ExS``, ``f_final_ExS``, ``curve_xbar_ExSxC`` (running averages at
-    ``checkpoints``), and ``checkpoints``.
+    ``gap_xbar_ExS``, ``gap_zbar_ExS``, ``gap_tau_ExS``, ``spread_ExS`` and ``ginf_ExS``;
+    a diverged run has an infinite gap.
   """
-  for name, v in (("T", T), ("N", N), ("k", k), ("num_seeds", num_seeds)):
-    if not (isinstance(v, int) and v >= 1):
-      raise ValueError(f"{name} must be a positive int, got {v!r}")
+  for name, value in (("T", T), ("N", N), ("k", k), ("num_seeds", num_seeds)):
+    check_int(value, name)
   etas_E = jnp.asarray(etas, jnp.float32)
-  ckpts = checkpoints(T)
-  ckpt_idx = jnp.asarray(ckpts) - 1
   c_z = variant.beta1 / (1.0 - variant.beta1)
+  tau_weights_T = jnp.asarray(theory.defossez_tau_weights(T, variant.beta1), jnp.float32)
   workers_N = jnp.arange(N)
 
   def one_run(eta, key):
@@ -110,17 +109,15 @@ def run_grid(
       )
       return (x_NxD, opt_state, xbar), logs
 
-    (x_NxD, _, _), (gx_T, gz_T, spread_T, ginf_T) = jax.lax.scan(
+    _, (gx_T, gz_T, spread_T, ginf_T) = jax.lax.scan(
       body, (x_NxD, state, problem.x0), jnp.arange(T)
     )
-    running_T = jnp.cumsum(gx_T) / jnp.arange(1, T + 1)
     return dict(
       gap_xbar=jnp.mean(gx_T),
       gap_zbar=jnp.mean(gz_T),
+      gap_tau=jnp.sum(tau_weights_T * gx_T),
       spread=jnp.mean(spread_T),
       ginf=jnp.max(ginf_T),
-      f_final=problem.f(jnp.mean(x_NxD, 0)),
-      curve_xbar=running_T[ckpt_idx],
     )
 
   keys_S = jax.vmap(lambda s: jax.random.fold_in(jax.random.PRNGKey(seed), s))(
@@ -128,11 +125,7 @@ def run_grid(
   )
   grid = jax.jit(jax.vmap(jax.vmap(one_run, in_axes=(None, 0)), in_axes=(0, None)))
   out = jax.device_get(grid(etas_E, keys_S))
-  result = {
-    f"{name}_ExS" if name != "curve_xbar" else "curve_xbar_ExSxC": np.array(v)
-    for name, v in out.items()
-  }
-  result["checkpoints"] = ckpts
-  bad = ~np.isfinite(result["gap_xbar_ExS"])
-  result["gap_xbar_ExS"][bad] = math.inf
+  result: dict[str, Any] = {f"{name}_ExS": np.array(v, np.float64) for name, v in out.items()}
+  for name in ("gap_xbar_ExS", "gap_zbar_ExS", "gap_tau_ExS"):
+    result[name][~np.isfinite(result[name])] = math.inf
   return result

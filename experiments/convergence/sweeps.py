@@ -1,27 +1,29 @@
-"""Run the sweeps of a config and write one JSON line per (sweep, problem, variant, T, N, k).
+"""Run the sweeps of a config and return one record per (sweep, problem, variant, T, N, k).
 
-Step sizes are tuned per configuration on half of the seeds (``tune`` seeds) and the
-reported numbers come from the other half (``measure`` seeds), so the tuning does not
-select for lucky noise. Every grid point is kept in the file, so the explicit-constant
-bounds are checked at every step size, not only the tuned one.
+Step sizes are ``eta = c / sqrt(T)`` (``c / (L sqrt(T))`` for SGD) on a grid of ``c``. The
+first half of the seeds chooses ``c`` and the second half is what gets reported, so the choice
+does not select for lucky noise: one ``c`` for a whole ``T`` sweep (``eta='series'``), so the
+measured ``T``-slope is the method's and not the grid's, or one per point (``eta='point'``).
+Every grid point is kept in the records, so the explicit-constant bounds are checked at every
+step size, not only the chosen one.
 """
 
 from __future__ import annotations
 
-import json
-import os
+import math
 import time
+from collections.abc import Callable
 from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 
-from experiments.convergence import problems as problems_lib
 from experiments.convergence import runner
 from experiments.convergence import variants as variants_lib
-from theory import local_sgd as local_sgd_theory
+from experiments.convergence.configs import Config
+from experiments.convergence.configs import Sweep
 
-__all__ = ["eta_grid", "iter_jobs", "run_config"]
+__all__ = ["c_grid", "eta_grid", "iter_jobs", "run_config", "gap_key"]
 
 
 def _r(x) -> list:
@@ -29,118 +31,135 @@ def _r(x) -> list:
   return np.vectorize(lambda v: float(f"{v:.6g}"), otypes=[float])(np.asarray(x)).tolist()
 
 
-def eta_grid(
-  variant: variants_lib.Variant, *, T: int, k: int, L: float, num: int, adam_c_max: float
-) -> np.ndarray:
-  """The step-size grid of a run: halvings from the largest allowed value.
-
-  SGD starts at Wang & Joshi's ``eta_max(k)`` (so every grid point is covered by the
-  bound); Adam starts at ``adam_c_max / sqrt(T)`` (Cheng & Glasgow's ``eta = O(1/sqrt T)``
-  with an explicit constant).
-  """
-  if variant.family == "sgd":
-    top = local_sgd_theory.local_sgd_max_eta(L, k)
-  else:
-    top = adam_c_max / np.sqrt(T)
-  return top * 2.0 ** -np.arange(num)
+def gap_key(point: str) -> str:
+  """The result array holding the gap at ``point`` (``'xbar'``, ``'zbar'`` or ``'tau'``)."""
+  return f"gap_{point}_ExS"
 
 
-def iter_jobs(config: dict[str, Any]) -> Iterator[dict[str, Any]]:
-  """Yield every (sweep, problem, variant, T, N, k) job of a config, de-duplicated."""
-  seen = set()
-  for sweep in config["sweeps"]:
-    for variant in sweep["variants"]:
-      for point in sweep["points"]:
-        job = dict(
-          sweep=sweep["name"],
-          problem=sweep["problem"],
-          variant=variant,
-          T=int(point["T"]),
-          N=int(point["N"]),
-          k=int(point["k"]),
-          k_point=int(point["k"]),
-        )
-        if variant in ("sync_adam", "adam_defossez"):
-          job["k"] = 1  # no local steps; k_point keeps the sweep's k axis
-        key = tuple(sorted(job.items()))
-        if key not in seen:
-          seen.add(key)
-          yield job
+def c_grid(config: Config, family: str) -> np.ndarray:
+  """Halvings of ``c`` from the family's maximum, ``config.num_etas`` of them."""
+  top = config.c_max_sgd if family == "sgd" else config.c_max_adam
+  return top * 2.0 ** -np.arange(config.num_etas)
 
 
-def run_config(config: dict[str, Any], out_dir: str, *, log=print) -> str:
-  """Run every job of ``config`` and write ``out_dir/results.jsonl``; return its path."""
-  os.makedirs(out_dir, exist_ok=True)
-  path = os.path.join(out_dir, "results.jsonl")
-  problems = {name: problems_lib.make_problem(spec) for name, spec in config["problems"].items()}
-  num_seeds = config["num_seeds"]
-  if num_seeds < 4 or num_seeds % 2:
-    raise ValueError(
-      f"num_seeds must be an even int >= 4 (half tune, half measure), got {num_seeds!r}"
-    )
-  half = num_seeds // 2
-  cache: dict[tuple, dict] = {}
-  t_start = time.time()
-  with open(path, "w") as fh:
-    for job in iter_jobs(config):
-      problem = problems[job["problem"]]
-      variant = variants_lib.get_variant(job["variant"])
-      T, N, k = job["T"], job["N"], job["k"]
-      key = (job["problem"], job["variant"], T, N, k)
-      if key not in cache:
-        beta2 = runner.adam_beta2(T, k)
-        etas = eta_grid(
-          variant, T=T, k=k, L=problem.L, num=config["num_etas"], adam_c_max=config["adam_c_max"]
-        )
-        t0 = time.time()
-        res = runner.run_grid(
-          problem,
-          variant,
+def eta_grid(config: Config, family: str, *, T: int, L: float) -> np.ndarray:
+  """``c / (L sqrt(T))`` for SGD (``1/L`` is its natural scale), ``c / sqrt(T)`` for Adam."""
+  scale = L if family == "sgd" else 1.0
+  return c_grid(config, family) / (scale * math.sqrt(T))
+
+
+def _beta2(config: Config, sweep: Sweep, family: str, T: int, k_point: int) -> float | None:
+  if family == "sgd":
+    return None
+  if sweep.beta2 == "one_over_T":
+    return 1.0 - 1.0 / T
+  T_beta2 = max(p[0] for p in sweep.points) if sweep.beta2 == "fixed" else T
+  return runner.adam_beta2(T_beta2, k_point, cap=config.beta2_cap)
+
+
+def iter_jobs(config: Config) -> Iterator[dict[str, Any]]:
+  """Yield every (sweep, problem, variant, T, N, k) job of a config, in sweep order."""
+  for sweep in config.sweeps:
+    for name in sweep.variants:
+      variant = variants_lib.get_variant(name)
+      for T, N, k_point in sweep.points:
+        yield dict(
+          sweep=sweep.name,
+          problem=sweep.problem,
+          variant=name,
           T=T,
           N=N,
-          k=k,
-          etas=etas,
-          num_seeds=num_seeds,
-          beta2=beta2,
-          seed=config.get("seed", 0),
+          k=k_point if variant.local_steps else 1,
+          k_point=k_point,
+          beta2=_beta2(config, sweep, variant.family, T, k_point),
+          beta2_mode=sweep.beta2,
+          eta_mode=sweep.eta,
         )
-        # Tune on the quantity that is reported: zbar for the Cheng & Glasgow forms.
-        tuned_on = "gap_zbar_ExS" if variant.name in variants_lib.SHAPE_VARIANTS else "gap_xbar_ExS"
-        tune_E = res[tuned_on][:, :half].mean(1)
-        best = int(np.argmin(tune_E))
-        cache[key] = dict(
-          etas=etas.tolist(),
-          beta2=beta2,
-          best=best,
-          tuned_on=tuned_on,
-          eta_at_grid_edge=best in (0, len(etas) - 1),
-          gap_xbar_ExS=_r(res["gap_xbar_ExS"]),
-          gap_zbar_ExS=_r(res["gap_zbar_ExS"]),
-          spread_ExS=_r(res["spread_ExS"]),
-          ginf_ExS=_r(res["ginf_ExS"]),
-          f_final_ExS=_r(res["f_final_ExS"]),
-          measured_xbar=_r(res["gap_xbar_ExS"][best, half:]),
-          measured_zbar=_r(res["gap_zbar_ExS"][best, half:]),
-          measured_spread=_r(res["spread_ExS"][best, half:]),
-          curve_xbar=_r(res["curve_xbar_ExSxC"][best, half:].mean(0)),
-          checkpoints=res["checkpoints"],
-          seconds=round(time.time() - t0, 2),
-        )
-        log(
-          f"  {job['sweep']:>10} {job['problem']:>16} {job['variant']:>18} "
-          f"T={T:<5} N={N:<3} k={k:<3} eta*={etas[best]:.4g} "
-          f"gap={np.mean(cache[key]['measured_xbar']):.4g} "
-          f"({cache[key]['seconds']}s)"
-        )
-      record = dict(
+
+
+def _choose(tune_PxE: np.ndarray) -> int:
+  """The grid index minimising the summed log tuning gap over the points (inf: diverged)."""
+  with np.errstate(divide="ignore"):
+    score_E = np.sum(np.log(tune_PxE), axis=0)
+  return int(np.argmin(np.where(np.isnan(score_E), math.inf, score_E)))
+
+
+def run_config(config: Config, *, log: Callable[[str], None] = print) -> list[dict[str, Any]]:
+  """Run every job of ``config``; return the records (one per job, in sweep order)."""
+  problems = {spec.name: spec.build() for spec in config.problems}
+  infos = {name: p.describe() for name, p in problems.items()}
+  half = config.num_seeds // 2
+  cache: dict[tuple, dict[str, Any]] = {}
+  jobs = list(iter_jobs(config))
+  t_start = time.time()
+  for i, job in enumerate(jobs):
+    key = (job["problem"], job["variant"], job["T"], job["N"], job["k"], job["beta2"])
+    if key in cache:
+      continue
+    problem = problems[job["problem"]]
+    variant = variants_lib.get_variant(job["variant"])
+    etas = eta_grid(config, variant.family, T=job["T"], L=problem.L)
+    t0 = time.time()
+    res = runner.run_grid(
+      problem,
+      variant,
+      T=job["T"],
+      N=job["N"],
+      k=job["k"],
+      etas=etas,
+      num_seeds=config.num_seeds,
+      beta2=1.0 - 1e-3 if job["beta2"] is None else job["beta2"],
+      seed=config.seed,
+    )
+    cache[key] = dict(
+      cs=c_grid(config, variant.family).tolist(),
+      etas=_r(etas),
+      seconds=round(time.time() - t0, 2),
+      **{name: _r(value) for name, value in res.items()},
+    )
+    log(
+      f"  [{i + 1}/{len(jobs)}] {job['sweep']:>16} {job['problem']:>17} {job['variant']:>22} "
+      f"T={job['T']:<5} N={job['N']:<3} k={job['k']:<3} ({cache[key]['seconds']}s)"
+    )
+  records = []
+  for job in jobs:
+    variant = variants_lib.get_variant(job["variant"])
+    key = (job["problem"], job["variant"], job["T"], job["N"], job["k"], job["beta2"])
+    records.append(
+      dict(
         job,
-        problem_info=problem.describe(),
-        half=half,
+        config=config.name,
+        problem_info=infos[job["problem"]],
         theory=variant.theory,
+        point=variant.point,
+        family=variant.family,
         beta1=variant.beta1,
+        bias_correction=variant.bias_correction,
+        half=half,
         **cache[key],
       )
-      fh.write(json.dumps(record) + "\n")
-      fh.flush()
-  log(f"wrote {path} in {time.time() - t_start:.1f}s")
-  return path
+    )
+  _choose_step_sizes(records, config)
+  log(f"ran {len(cache)} distinct jobs in {time.time() - t_start:.1f}s")
+  return records
+
+
+def _choose_step_sizes(records: list[dict[str, Any]], config: Config) -> None:
+  """Set ``best`` (grid index) and ``best_interior`` on every record, from the tuning seeds."""
+  half = config.num_seeds // 2
+  series: dict[tuple, list[dict[str, Any]]] = {}
+  for rec in records:
+    if rec["eta_mode"] == "series":
+      series.setdefault((rec["sweep"], rec["problem"], rec["variant"]), []).append(rec)
+    else:
+      series[(rec["sweep"], rec["problem"], rec["variant"], rec["T"], rec["N"], rec["k_point"])] = [
+        rec
+      ]
+  for recs in series.values():
+    tune_PxE = np.array(
+      [np.mean(np.asarray(r[gap_key(r["point"])], float)[:, :half], axis=1) for r in recs]
+    )
+    best = _choose(tune_PxE)
+    for rec in recs:
+      rec["best"] = best
+      rec["best_interior"] = 0 < best < config.num_etas - 1
