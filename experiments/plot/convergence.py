@@ -22,44 +22,52 @@ from experiments.plot import _style
 
 __all__ = ["FIGURES", "make_figures"]
 
-# figure key -> (file name, x label, y label, title)
+KEY = (
+  "solid + dots (band: seed min–max) = measured;  dashed + crosses = explicit-constant bound;  "
+  "dotted = O~ shape × fitted C_max"
+)
+
+# figure key -> (file name, x label, y label, title, style key)
 FIGURES = {
   "gap_vs_T": (
     "convergence_gap_vs_T.png",
     "T (steps per worker)",
     "(1/T) Σ‖∇f‖²  at the bound's point",
     "Gap against T at one c = η√T per series (β2 fixed per series)",
+    KEY,
   ),
   "beta2": (
     "convergence_beta2.png",
     "T (steps per worker)",
-    "(1/T) Σ‖∇f‖²  at the bound's point",
-    "β2 fixed (solid) against β2 = 1 − 1/(k√T) (dashed): the schedule, not the local steps",
+    "(1/T) Σ‖∇f(x̄_t)‖²",
+    "β2 fixed per series against the schedule β2 = 1 − 1/(k√T), same form with and without "
+    "local steps, at x̄",
+    "solid + dots: β2 fixed;  dashed + dots: β2 = 1 − 1/(k√T) at each T;  "
+    "band: seed min–max (all measured)",
   ),
   "defossez": (
     "convergence_defossez.png",
     "N = T (steps, one worker)",
     "Σ_j w_j ‖∇f(x_j)‖²  (Défossez τ weights)",
     "One-worker Adam against Défossez et al.'s explicit bounds (α = c/√N, β2 = 1 − 1/N)",
+    KEY,
   ),
   "gap_vs_k": (
     "convergence_gap_vs_k.png",
     "k (merge period)",
     "(1/T) Σ‖∇f‖²  at the bound's point",
-    "Gap against k at fixed T and at fixed rounds R (c chosen per point)",
+    "Gap against k at fixed T and at fixed rounds R (c chosen per point, β2 = 1 − 1/(k√T))",
+    KEY,
   ),
   "speedup_N": (
     "convergence_speedup_vs_N.png",
     "N (workers)",
     "gap(N=1) / gap(N)",
-    "Speedup in N at T = 1024, k = 8 (c chosen per point)",
+    "Speedup in N (c chosen per point)",
+    KEY + ";  dash-dot: ideal √N",
   ),
 }
 
-KEY = (
-  "solid + dots (band: seed min–max) = measured;  dashed + crosses = explicit-constant bound;  "
-  "dotted = O~ shape × fitted C_max"
-)
 COLORS = dict(
   local_sgd="tab:blue",
   kstep_adam_params="tab:red",
@@ -90,7 +98,7 @@ def _draw(ax, curve) -> None:
 def _figure(key: str, curves: list[dict], fig_dir: str) -> str | None:
   if not curves:
     return None
-  name, xlabel, ylabel, title = FIGURES[key]
+  name, xlabel, ylabel, title, style_key = FIGURES[key]
   panels = defaultdict(list)
   for c in curves:
     panels[c["panel"]].append(c)
@@ -100,7 +108,7 @@ def _figure(key: str, curves: list[dict], fig_dir: str) -> str | None:
       _draw(ax, curve)
     if key == "speedup_N":
       Ns = sorted({n for c in panel_curves for n in c["x"]})
-      ax.plot(Ns, np.sqrt(Ns), color="black", ls=":", lw=1, label="ideal √N (rate 1/√(NT))")
+      ax.plot(Ns, np.sqrt(Ns), color="black", ls="-.", lw=1, label="ideal √N (rate 1/√(NT))")
       ax.set_yscale("log", base=2)
     else:
       ax.set_yscale("log")
@@ -108,9 +116,10 @@ def _figure(key: str, curves: list[dict], fig_dir: str) -> str | None:
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel, fontsize=8)
     ax.set_title(panel, fontsize=10)
-    ax.grid(True, which="both", alpha=0.3)
+    ax.grid(True, which="major", alpha=0.35)
+    ax.grid(True, which="minor", alpha=0.1)
     _style.legend(ax, outside=True, fontsize=7)
-  fig.suptitle(f"{title}\n{KEY}", fontsize=9)
+  fig.suptitle(f"{title}\n{style_key}", fontsize=9)
   os.makedirs(fig_dir, exist_ok=True)
   return _style.save(fig, os.path.join(fig_dir, name))
 
