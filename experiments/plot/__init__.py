@@ -2,6 +2,6 @@
 
 Figures are never drawn from in-memory training state: each function takes records read back
 from ``results/`` or a run directory, so a figure can be rebuilt without retraining. One
-module per figure family (``paper.py``, ...); :mod:`experiments.plot._style` finishes and saves
+module per figure family (``paper.py``, ``convergence.py``); :mod:`experiments.plot._style` finishes and saves
 every figure the same way.
 """
