@@ -2,27 +2,17 @@
 
 import gzip
 import itertools
+import re
 
 import numpy as np
 import pytest
+from _ctr_files import assert_same_batches
+from _ctr_files import criteo_line
+from _ctr_files import good_lines
+from _ctr_files import read_both
 
 from kstep_adam import ctr
-
-
-def _criteo_line(label, dense, cats):
-  return "\t".join([str(label), *dense, *cats]) + "\n"
-
-
-def _good_lines(n, seed=0):
-  rng = np.random.default_rng(seed)
-  lines = []
-  for i in range(n):
-    dense = [str(int(x)) for x in rng.integers(-1, 50, 13)]
-    cats = [f"{int(x):08x}" for x in rng.integers(0, 2**32, 26)]
-    if i % 3 == 0:  # empty fields are allowed in Criteo
-      dense[2], cats[5] = "", ""
-    lines.append(_criteo_line(i % 2, dense, cats))
-  return lines
+from kstep_adam.ctr import _readers as ctr_readers
 
 
 def _read_all(reader, batch_size=4):
@@ -30,30 +20,32 @@ def _read_all(reader, batch_size=4):
 
 
 def test_criteo_well_formed_plain_and_gzip_agree(tmp_path):
-  lines = _good_lines(10)
+  lines = good_lines(10)
   plain, gz = tmp_path / "day.txt", tmp_path / "day.gz"
   plain.write_text("".join(lines))
   with gzip.open(gz, "wt") as f:
     f.write("".join(lines))
-  a = _read_all(ctr.CTRFileReader(str(plain)))
-  b = _read_all(ctr.CTRFileReader(str(gz)))
-  for x, y in zip(a, b):
-    np.testing.assert_equal(x, y)
+  _, plain_batches, _ = read_both(plain)
+  _, gz_batches, _ = read_both(gz)
+  assert_same_batches(plain_batches, gz_batches)
+  a = ctr.concat_batches(plain_batches)
   assert a.dense_BxI.shape == (10, 13) and a.keys_BxF.shape == (10, 26)
   np.testing.assert_equal(a.label_B, np.arange(10) % 2)
   first = lines[0].rstrip("\n").split("\t")
   expected = [np.log1p(max(float(s), 0.0)) if s else 0.0 for s in first[1:14]]
   np.testing.assert_allclose(a.dense_BxI[0], expected, rtol=1e-6)
   assert a.dense_BxI[0, 2] == 0.0  # empty dense field reads as 0
+  values = [int(s, 16) if s else ctr_readers.MISSING for s in first[14:]]
+  np.testing.assert_array_equal(a.keys_BxF[0], ctr.feature_keys(np.array([values], np.uint64))[0])
   assert (a.keys_BxF >= 0).all() and (a.keys_BxF < 2**40).all()
   assert ctr.count_lines(str(gz)) == 10
 
 
 def test_empty_categorical_is_its_own_value_per_field(tmp_path):
-  lines = _good_lines(6)
+  lines = good_lines(6)
   path = tmp_path / "d.txt"
   path.write_text("".join(lines))
-  batch = _read_all(ctr.CTRFileReader(str(path)))
+  batch = ctr.concat_batches(read_both(path)[1])
   assert batch.keys_BxF[0, 5] == batch.keys_BxF[3, 5]  # both empty, same field
   assert batch.keys_BxF[0, 5] != batch.keys_BxF[1, 5]
 
@@ -62,33 +54,62 @@ def test_empty_categorical_is_its_own_value_per_field(tmp_path):
   "bad, what",
   [
     ("1\t2\t3\n", "expected 40 fields, got 3"),
-    (_criteo_line("x", ["1"] * 13, ["0a"] * 26), "label is not numeric"),
-    (_criteo_line(1, ["1"] * 13, ["zz"] * 26), "not hex"),
-    (_criteo_line(1, ["q"] + ["1"] * 12, ["0a"] * 26), "not a number"),
+    (criteo_line("x", ["1"] * 13, ["0a"] * 26), "label is not numeric"),
+    (criteo_line(2, ["1"] * 13, ["0a"] * 26), "label must be 0 or 1"),
+    (criteo_line(1, ["1"] * 13, ["zz"] * 26), r"field 15 \(C1, categorical\) is not hex"),
+    (criteo_line(1, ["q"] + ["1"] * 12, ["0a"] * 26), r"field 2 \(I1, dense\) is not a number"),
   ],
 )
 def test_malformed_line_names_file_and_line(tmp_path, bad, what):
-  lines = _good_lines(5)
+  lines = good_lines(5)
   lines.insert(3, bad)
   path = tmp_path / "bad.txt"
   path.write_text("".join(lines))
-  with pytest.raises(ctr.CTRDataError, match=rf"bad\.txt:4: .*{what}"):
-    _read_all(ctr.CTRFileReader(str(path)))
-  reader = ctr.CTRFileReader(str(path), skip_bad_lines=True)
-  batch = _read_all(reader)
-  assert batch.size == 5
+  _, _, error = read_both(path)
+  assert re.search(rf"bad\.txt:4: {what}", error)
+  reader, batches, _ = read_both(path, skip_bad_lines=True)
+  assert ctr.concat_batches(batches).size == 5
   assert reader.stats.lines_skipped == 1 and reader.stats.lines_read == 5
   assert "bad.txt:4:" in reader.stats.messages[0]
 
 
-def test_start_stop_lines_split_the_file(tmp_path):
-  path = tmp_path / "d.txt"
-  path.write_text("".join(_good_lines(10)))
-  whole = _read_all(ctr.CTRFileReader(str(path)))
-  head = _read_all(ctr.CTRFileReader(str(path), stop_line=9))
-  tail = _read_all(ctr.CTRFileReader(str(path), start_line=9))
-  np.testing.assert_equal(np.concatenate([head.keys_BxF, tail.keys_BxF]), whole.keys_BxF)
-  assert tail.size == 1
+@pytest.mark.parametrize("compress", [False, True])
+def test_byte_spans_split_the_file_into_disjoint_complete_parts(tmp_path, compress):
+  lines = good_lines(400, seed=1)
+  path = tmp_path / ("d.gz" if compress else "d.txt")
+  data = "".join(lines).encode()
+  path.write_bytes(gzip.compress(data) if compress else data)
+  whole = _read_all(ctr.CTRFileReader(str(path)), batch_size=1000)
+  cuts = [0.0, 0.3, 0.3, 0.71, 0.9, 1.0]  # an empty part too
+  parts = [
+    ctr.CTRFileReader(str(path), span=(lo, hi), block_bytes=4096)
+    for lo, hi in itertools.pairwise(cuts)
+  ]
+  for _ in range(2):  # a second pass resumes a later gzip part where the first found it
+    keys = [b.keys_BxF for r in parts for b in r.batches(64)]
+    np.testing.assert_array_equal(np.concatenate(keys), whole.keys_BxF)
+  assert parts[1].stats.lines_read == 0 and parts[1].stats.passes == 2
+  if not compress:  # the split falls where the bytes say: the line holding byte 0.9 * size
+    start_of_line = np.cumsum([0] + [len(line) for line in lines])
+    test_lines = int((start_of_line[:-1] >= int(0.9 * len(data))).sum())
+    assert parts[-1].stats.lines_read == test_lines
+
+
+def test_a_bad_line_in_a_later_part_is_named_by_its_line_in_the_file(tmp_path):
+  lines = good_lines(300, seed=2)
+  lines[290] = criteo_line(1, ["inf"] + ["1"] * 12, ["0a"] * 26)
+  for name, write in (("d.txt", lambda p, t: p.write_text(t)), ("d.gz", _write_gzip)):
+    path = tmp_path / name
+    write(path, "".join(lines))
+    for engine in ("columnar", "lines"):
+      reader = ctr.CTRFileReader(str(path), span=(0.9, 1.0), block_bytes=2048, engine=engine)
+      with pytest.raises(ctr.CTRDataError, match=rf"{name}:291: field 2 \(I1, dense\)"):
+        _read_all(reader)
+
+
+def _write_gzip(path, text):
+  with gzip.open(path, "wt") as f:
+    f.write(text)
 
 
 def test_avazu_style_csv_with_header(tmp_path):
@@ -100,19 +121,19 @@ def test_avazu_style_csv_with_header(tmp_path):
   )
   path = tmp_path / "avazu.csv"
   path.write_text(text)
-  reader = ctr.CTRFileReader(str(path), format="csv")
-  batch = _read_all(reader)
+  reader, batches, _ = read_both(path, format="csv")
+  batch = ctr.concat_batches(batches)
   assert reader.categorical_columns == ["hour", "site_id", "banner_pos"]
   assert batch.dense_BxI.shape == (3, 0)
   np.testing.assert_equal(batch.label_B, [0, 1, 0])
   assert batch.keys_BxF[0, 1] == batch.keys_BxF[2, 1] != batch.keys_BxF[1, 1]
-  dense = _read_all(ctr.CTRFileReader(str(path), format="csv", dense_columns=["banner_pos"]))
+  dense = ctr.concat_batches(read_both(path, format="csv", dense_columns=["banner_pos"])[1])
   np.testing.assert_allclose(dense.dense_BxI[:, 0], np.log1p([0, 1, 0]))
   with pytest.raises(ValueError, match="label_column"):
     ctr.CTRFileReader(str(path), format="csv", label_column="y")
   path.write_text(text + "1003,2,1,2,3\n")
-  with pytest.raises(ctr.CTRDataError, match=r"avazu\.csv:5: label must be 0 or 1"):
-    _read_all(ctr.CTRFileReader(str(path), format="csv"))
+  _, _, error = read_both(path, format="csv")
+  assert re.search(r"avazu\.csv:5: label must be 0 or 1", error)
 
 
 def test_synthetic_is_deterministic_and_shards():

@@ -51,12 +51,13 @@ def feature_keys(values_BxF: np.ndarray, *, key_bits: int = 40) -> np.ndarray:
   """
   if not isinstance(key_bits, int) or not 1 <= key_bits <= MAX_KEY_BITS:
     raise ValueError(f"key_bits must be an int in [1, {MAX_KEY_BITS}], got {key_bits!r}")
-  values = np.asarray(values_BxF).astype(np.uint64)
+  values = np.asarray(values_BxF)
   if values.ndim != 2:
     raise ValueError(f"values_BxF must be 2-D [batch, fields], got shape {values.shape}")
   salt_F = splitmix64(np.arange(values.shape[1], dtype=np.uint64) + np.uint64(1))
-  mixed = splitmix64(values ^ salt_F[None, :])
-  return (mixed & np.uint64((1 << key_bits) - 1)).astype(np.int64)
+  mixed = splitmix64(np.bitwise_xor(values.astype(np.uint64, copy=False), salt_F[None, :]))
+  mixed &= np.uint64((1 << key_bits) - 1)
+  return mixed.view(np.int64)  # below 2**63: the same numbers
 
 
 def concat_batches(batches: list[CTRBatch]) -> CTRBatch:

@@ -1,73 +1,304 @@
 """Streaming readers for CTR files: Criteo TSV, Avazu CSV and generic "label + columns" CSV.
 
-Both formats go through one line parser and yield :class:`CTRBatch` chunks; plain and gzip
-files are told apart by their magic bytes. Integer (dense) fields get the standard Criteo log
-transform ``log(1 + max(x, 0))``; an empty dense field reads as 0 and an empty categorical
-field as its own "missing" value. A bad line raises :class:`CTRDataError` naming the file, the
-line number and the field, unless ``skip_bad_lines=True``, which counts and skips it
-(``reader.stats`` holds the counts and the first messages).
+A file (plain or gzip, told apart by its first bytes) is read in blocks of whole lines
+(:mod:`._textfile`); each block is parsed by pyarrow's CSV reader and NumPy
+(:mod:`._columnar`), and a block that does not parse cleanly there goes through the line
+parser below, which defines what a record is and names every bad line. Both paths give the
+same rows and the same keys, so the line parser is the reference the columnar one is tested
+against.
+
+A record, in both formats:
+
+- **label**: a number equal to 0 or 1 (``0``, ``1``, ``1.0``).
+- **dense** fields: empty (read as 0) or a finite number ``x`` with ``|x| <= 2**53``, the
+  range in which a float64 holds every integer (Criteo's dense fields are counts). The
+  features are ``log(1 + max(x, 0))``, so they lie in ``[0, 36.8]``. NaN, infinities and
+  larger magnitudes are bad lines, never clipped.
+- **categorical** fields: empty (a "missing" value of its own per field), or for Criteo 1 to
+  16 hex digits (at most 64 bits; no sign, prefix or separator), for CSV any UTF-8 string.
+  Surrounding ASCII whitespace is ignored in every field.
+
+Lines end in ``\\n`` or ``\\r\\n``; blank lines are skipped; a UTF-8 byte-order mark at the
+start of the file is ignored. A CSV file has a header line; a CSV record is one line (a
+quoted field may hold commas and ``""`` but no line break). A bad line raises
+:class:`CTRDataError` naming the file, the line and the field, unless ``skip_bad_lines=True``,
+which counts and skips it (``reader.stats``). A file that cannot be read, or whose gzip data
+is corrupt or truncated, is always an error (it names the file and the last line read):
+skipping is for bad lines, not for an unknown amount of lost data.
 """
 
 from __future__ import annotations
 
 import csv
 import dataclasses
-import gzip
 import hashlib
-import io
 import math
-import os
+import re
 from collections.abc import Iterator
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import numpy as np
 
+from kstep_adam._validation import check_choice
+from kstep_adam._validation import check_float
+from kstep_adam._validation import check_int
 from kstep_adam.ctr._batch import CTRBatch
 from kstep_adam.ctr._batch import feature_keys
+from kstep_adam.ctr._textfile import CTRDataError
+from kstep_adam.ctr._textfile import TextFile
 
 CRITEO_NUM_DENSE = 13
 CRITEO_NUM_CATEGORICAL = 26
-_MISSING = 1 << 62  # raw value of an empty categorical field; outside 32-bit hex and hashes
-_FORMATS = ("criteo", "csv")
+CRITEO_NAMES = (
+  "label",
+  *(f"I{i}" for i in range(1, CRITEO_NUM_DENSE + 1)),
+  *(f"C{i}" for i in range(1, CRITEO_NUM_CATEGORICAL + 1)),
+)
+MISSING = 1 << 62  # raw value of an empty categorical field; outside hashed CSV strings
+DENSE_LIMIT = 2.0**53  # largest accepted |dense value|
+FORMATS = ("criteo", "csv")
+ENGINES = ("columnar", "lines")
+ASCII_WHITESPACE = " \t\n\r\x0b\x0c"
+_HEX_RE = re.compile(rb"[0-9A-Fa-f]+")
 _MAX_MESSAGES = 10
-
-
-class CTRDataError(ValueError):
-  """A malformed record in a CTR data file; the message names file, line and field."""
+_PIECE_BYTES = 1 << 16  # a block that fails the columnar parser is retried in pieces this big
+__all__ = ["CTRDataError"]
 
 
 @dataclasses.dataclass
 class ReadStats:
-  """Counts kept by a reader over all passes since it was made."""
+  """Counts kept by a reader; every line is counted once, however many passes read it."""
 
-  lines_read: int = 0  # data lines parsed successfully
+  lines_read: int = 0  # good data lines
   lines_skipped: int = 0  # bad lines skipped (skip_bad_lines=True only)
+  passes: int = 0  # complete passes over the reader's part of the file
   messages: list[str] = dataclasses.field(default_factory=list)  # first bad-line messages
 
 
-def _open_text(path: str) -> io.TextIOBase:
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"CTR data file not found: {path}")
-  with open(path, "rb") as f:
-    magic = f.read(2)
-  if magic == b"\x1f\x8b":
-    return gzip.open(path, "rt", encoding="utf-8", newline="")
-  return open(path, encoding="utf-8", newline="")
+@dataclasses.dataclass(frozen=True)
+class Schema:
+  """What each field of a line is: names in file order and the roles by field index."""
+
+  format: str  # 'criteo' or 'csv'
+  names: tuple[str, ...]  # every field of a line, in file order
+  label: int  # field index of the label
+  dense: tuple[int, ...]  # field indices of the dense features, in feature order
+  categorical: tuple[int, ...]  # field indices of the categorical fields, in feature order
+
+  def field(self, index: int, kind: str) -> str:
+    return f"field {index + 1} ({self.names[index]}, {kind})"
 
 
-def count_lines(path: str, *, header: bool = False) -> int:
-  """Return the number of data lines in a (possibly gzip) file, excluding a header line."""
-  with _open_text(path) as f:
-    n = sum(1 for line in f if line.strip())
-  return max(n - int(header), 0)
+class Rows(NamedTuple):
+  """One block's good records, before the dense transform and key hashing."""
+
+  label_N: np.ndarray  # float32 [N], 0.0 or 1.0
+  dense_NxI: np.ndarray  # float64 [N, num_dense], the raw values (empty fields are 0)
+  values_NxF: np.ndarray  # uint64 [N, num_categorical], raw categorical values
 
 
-def _string_value(s: str) -> int:
-  return int.from_bytes(hashlib.blake2b(s.encode(), digest_size=8).digest(), "little") >> 2
+def _show(field: bytes | str) -> str:
+  """A field for a message: decoded, quoted, and cut short when long."""
+  text = field.decode("utf-8", "backslashreplace") if isinstance(field, bytes) else field
+  return repr(text if len(text) <= 40 else text[:40] + "...")
+
+
+def string_value(text: str) -> int:
+  """The raw value of a CSV categorical string (stable across runs and machines)."""
+  digest = hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).digest()
+  return int.from_bytes(digest, "little") >> 2
+
+
+class StringValues:
+  """Raw values of CSV strings, remembered (a CSV column repeats its values)."""
+
+  def __init__(self):
+    self._cache: dict[str, int] = {"": MISSING}
+
+  def __call__(self, text: str) -> int:
+    value = self._cache.get(text)
+    if value is None:
+      value = self._cache[text] = string_value(text)
+    return value
+
+
+class LineParser:
+  """The reference parser: one line at a time, every bad line named."""
+
+  def __init__(self, schema: Schema, strings: StringValues):
+    self.schema, self._strings = schema, strings
+    self._num_fields = len(schema.names)
+
+  def parse(self, data: bytes) -> tuple[Rows, list[tuple[int, str]]]:
+    """Parse a block of whole lines; return its good rows and ``(line offset, what)`` of
+    every bad line (offset 0 is the block's first line)."""
+    labels, dense, values, bad = [], [], [], []
+    for offset, line in enumerate(data.split(b"\n")):
+      line = line.removesuffix(b"\r")
+      if not line.strip():
+        continue
+      try:
+        label, x, v = self._record(line)
+      except _BadLine as error:
+        bad.append((offset, str(error)))
+        continue
+      labels.append(label)
+      dense.append(x)
+      values.append(v)
+    schema = self.schema
+    rows = Rows(
+      np.asarray(labels, np.float32).reshape(len(labels)),
+      np.asarray(dense, np.float64).reshape(len(labels), len(schema.dense)),
+      np.asarray(values, np.uint64).reshape(len(labels), len(schema.categorical)),
+    )
+    return rows, bad
+
+  def _fields(self, line: bytes) -> list:
+    if self.schema.format == "criteo":
+      return line.split(b"\t")
+    try:
+      text = line.decode("utf-8")
+    except UnicodeDecodeError:
+      text = line.decode("utf-8", "surrogateescape")
+      fields = self._csv_fields(text)
+      i = next((i for i, f in enumerate(fields) if re.search("[\udc80-\udcff]", f)), 0)
+      name = self.schema.names[i] if i < self._num_fields else "?"
+      shown = _show(fields[i].encode("utf-8", "surrogateescape"))
+      raise _BadLine(f"field {i + 1} ({name}) is not valid UTF-8: {shown}") from None
+    return self._csv_fields(text)
+
+  @staticmethod
+  def _csv_fields(text: str) -> list[str]:
+    try:
+      return next(csv.reader([text], strict=True))
+    except csv.Error as error:
+      raise _BadLine(f"malformed CSV quoting ({error})") from None
+
+  def _record(self, line: bytes):
+    schema = self.schema
+    fields = self._fields(line)
+    if len(fields) != self._num_fields:
+      raise _BadLine(f"expected {self._num_fields} fields, got {len(fields)}")
+    text = fields[schema.label].strip(_strip_of(fields[schema.label]))
+    try:
+      label = float(text)
+    except ValueError:
+      raise _BadLine(f"label is not numeric: {_show(text)}") from None
+    if label not in (0.0, 1.0):
+      raise _BadLine(f"label must be 0 or 1, got {_show(text)}")
+    dense = []
+    for i in schema.dense:
+      text = fields[i].strip(_strip_of(fields[i]))
+      try:
+        x = float(text) if text else 0.0
+      except ValueError:
+        raise _BadLine(f"{schema.field(i, 'dense')} is not a number: {_show(text)}") from None
+      if not math.isfinite(x):
+        raise _BadLine(f"{schema.field(i, 'dense')} is not finite: {_show(text)}")
+      if abs(x) > DENSE_LIMIT:
+        raise _BadLine(f"{schema.field(i, 'dense')} is outside [-2**53, 2**53]: {_show(text)}")
+      dense.append(x)
+    values = []
+    for i in schema.categorical:
+      text = fields[i].strip(_strip_of(fields[i]))
+      if schema.format == "csv":
+        values.append(self._strings(text))
+      elif not text:
+        values.append(MISSING)
+      elif not _HEX_RE.fullmatch(text):
+        raise _BadLine(f"{schema.field(i, 'categorical')} is not hex: {_show(text)}")
+      elif len(text) > 16:
+        raise _BadLine(
+          f"{schema.field(i, 'categorical')} has more than 16 hex digits (64 bits): {_show(text)}"
+        )
+      else:
+        values.append(int(text, 16))
+    return 1.0 if label == 1.0 else 0.0, dense, values
+
+
+_ASCII_WHITESPACE_BYTES = ASCII_WHITESPACE.encode()
+
+
+def _strip_of(field):
+  return _ASCII_WHITESPACE_BYTES if isinstance(field, bytes) else ASCII_WHITESPACE
+
+
+class _BadLine(Exception):
+  """A bad record; the message says which field and why."""
+
+
+def csv_schema(
+  path: str,
+  header_line: bytes,
+  *,
+  label_column: str | None,
+  dense_columns: Sequence[str],
+  ignore_columns: Sequence[str],
+  categorical_columns: Sequence[str] | None,
+) -> Schema:
+  """Roles of a CSV file's columns, matched by name in its header (line 1)."""
+  try:
+    header = next(csv.reader([header_line.decode("utf-8")], strict=True), [])
+  except (UnicodeDecodeError, csv.Error) as error:
+    raise CTRDataError(f"{path}:1: the CSV header cannot be read ({error})") from None
+  header = [h.strip(ASCII_WHITESPACE) for h in header]
+  if not header or header == [""]:
+    raise CTRDataError(f"{path}:1: csv format needs a header row, the first line is empty")
+  duplicates = sorted({h for h in header if header.count(h) > 1})
+  if duplicates:
+    raise CTRDataError(f"{path}:1: the header names columns {duplicates} more than once")
+  if label_column is None:
+    label_column = next((c for c in ("label", "click") if c in header), None)
+  if categorical_columns is not None:  # the columns are known: match them by name
+    expected = [label_column, *dense_columns, *categorical_columns]
+    missing = [c for c in expected if c not in header]
+    extra = [c for c in header if c not in expected and c not in ignore_columns]
+    if missing or extra:
+      raise CTRDataError(
+        f"the columns of {path} differ from the expected ones: missing {missing}, "
+        f"unexpected {extra} (columns are matched by name; the training file's header sets "
+        "them)"
+      )
+  if label_column not in header:
+    raise CTRDataError(
+      f"label_column {label_column!r} is not in the header of {path}: {header}; pass "
+      "label_column= one of them"
+    )
+  missing = [c for c in dense_columns if c not in header]
+  if missing:
+    raise CTRDataError(f"dense_columns {missing} are not in the header of {path}: {header}")
+  used = {label_column, *dense_columns}
+  if len(used) != 1 + len(dense_columns) or used & set(categorical_columns or ()):
+    raise CTRDataError(
+      f"a column of {path} has two roles: label {label_column!r}, dense {list(dense_columns)}, "
+      f"categorical {categorical_columns}"
+    )
+  if categorical_columns is None:
+    skip = used | set(ignore_columns)
+    categorical_columns = [c for c in header if c not in skip]
+  if not categorical_columns:
+    raise CTRDataError(f"{path} has no categorical columns left after label/dense/ignore")
+  return Schema(
+    format="csv",
+    names=tuple(header),
+    label=header.index(label_column),
+    dense=tuple(header.index(c) for c in dense_columns),
+    categorical=tuple(header.index(c) for c in categorical_columns),
+  )
+
+
+CRITEO_SCHEMA = Schema(
+  format="criteo",
+  names=CRITEO_NAMES,
+  label=0,
+  dense=tuple(range(1, 1 + CRITEO_NUM_DENSE)),
+  categorical=tuple(range(1 + CRITEO_NUM_DENSE, len(CRITEO_NAMES))),
+)
 
 
 class CTRFileReader:
-  """Stream a CTR file as :class:`CTRBatch` chunks.
+  """Stream a CTR file, or one part of it, as :class:`CTRBatch` chunks.
 
   Args:
     path: file path; gzip is detected from the content.
@@ -76,12 +307,20 @@ class CTRFileReader:
     label_column: csv only; the label column's name. Default: ``'label'`` or ``'click'``,
       whichever the header has.
     dense_columns: csv only; names of numeric columns to log-transform as dense features.
-      Every other column except ``ignore_columns`` is categorical.
     ignore_columns: csv only; columns to drop (Avazu's per-row ``id`` by default).
+    categorical_columns: csv only; the categorical columns in feature order. Default: every
+      other column, in header order. When given, the header must hold exactly the label,
+      dense, categorical and (optionally) ignored columns, in any order: a test file read
+      with the training file's columns is matched by name.
     skip_bad_lines: skip and count malformed lines instead of raising.
-    start_line: first data line to read (0-based, header excluded), for train/test splits.
-    stop_line: one past the last data line to read; ``None`` reads to the end.
+    span: the part of the file to read, as fractions of its size as stored (compressed for
+      gzip): the lines that *start* in ``[span[0], span[1])``. ``(0, 0.9)`` and ``(0.9, 1)``
+      split a file into disjoint, complete, time-ordered parts.
     key_bits: size of the feature-key space, see :func:`feature_keys`.
+    engine: ``'columnar'`` (pyarrow and NumPy, a block at a time; blocks that do not parse
+      cleanly go through the line parser) or ``'lines'`` (the line parser only: the
+      reference, slow).
+    block_bytes: bytes per block read and parsed at once.
 
   Examples:
     >>> reader = CTRFileReader('day_0.gz', format='criteo')  # doctest: +SKIP
@@ -96,134 +335,186 @@ class CTRFileReader:
     label_column: str | None = None,
     dense_columns: Sequence[str] = (),
     ignore_columns: Sequence[str] = ("id",),
+    categorical_columns: Sequence[str] | None = None,
     skip_bad_lines: bool = False,
-    start_line: int = 0,
-    stop_line: int | None = None,
+    span: tuple[float, float] = (0.0, 1.0),
     key_bits: int = 40,
+    engine: str = "columnar",
+    block_bytes: int = 4 << 20,
   ):
-    if format not in _FORMATS:
-      raise ValueError(f"format must be one of {_FORMATS}, got {format!r}")
-    if start_line < 0 or (stop_line is not None and stop_line < start_line):
+    check_choice(format, "format", FORMATS)
+    check_choice(engine, "engine", ENGINES)
+    check_int(block_bytes, "block_bytes", minimum=1)
+    check_int(key_bits, "key_bits", minimum=1, maximum=63)
+    lo = check_float(span[0], "span[0]", low=0.0, high=1.0)
+    hi = check_float(span[1], "span[1]", low=lo, high=1.0)
+    if format == "criteo" and (label_column, tuple(dense_columns), categorical_columns) != (
+      None,
+      (),
+      None,
+    ):
       raise ValueError(
-        f"need 0 <= start_line <= stop_line, got start_line={start_line!r}, stop_line={stop_line!r}"
+        "label_column, dense_columns and categorical_columns are for format='csv'; a Criteo "
+        "file's fields are fixed (label, 13 dense, 26 categorical)"
       )
-    self.path, self.format, self.key_bits = path, format, key_bits
-    self.skip_bad_lines, self.start_line, self.stop_line = skip_bad_lines, start_line, stop_line
+    self.path, self.format, self.key_bits, self.engine = path, format, key_bits, engine
+    self.skip_bad_lines, self.span = skip_bad_lines, (lo, hi)
     self.stats = ReadStats()
-    self._cache: dict[str, int] = {}
+    self._file = TextFile(path, header=format == "csv", block_bytes=block_bytes)
     if format == "criteo":
-      self.num_dense, self.num_categorical = CRITEO_NUM_DENSE, CRITEO_NUM_CATEGORICAL
-      self._num_fields = 1 + self.num_dense + self.num_categorical
-      self._label_index = 0
-      self._dense_index = list(range(1, 1 + self.num_dense))
-      self._cat_index = list(range(1 + self.num_dense, self._num_fields))
-      return
-    with _open_text(path) as f:
-      header = next(csv.reader(f), None)
-    if not header:
-      raise CTRDataError(f"{path}:1: csv format needs a header row, the file is empty")
-    header = [h.strip() for h in header]
-    if label_column is None:
-      label_column = next((c for c in ("label", "click") if c in header), None)
-    if label_column not in header:
-      raise ValueError(
-        f"label_column {label_column!r} is not in the header of {path}: "
-        f"{header}; pass label_column= one of them"
+      self.schema = CRITEO_SCHEMA
+    else:
+      self.schema = csv_schema(
+        path,
+        self._file.header_line,
+        label_column=label_column,
+        dense_columns=dense_columns,
+        ignore_columns=ignore_columns,
+        categorical_columns=categorical_columns,
       )
-    missing = [c for c in dense_columns if c not in header]
-    if missing:
-      raise ValueError(f"dense_columns {missing} are not in the header of {path}: {header}")
-    self._label_index = header.index(label_column)
-    self._dense_index = [header.index(c) for c in dense_columns]
-    skip = {label_column, *dense_columns, *ignore_columns}
-    self._cat_index = [i for i, c in enumerate(header) if c not in skip]
-    if len(self._cat_index) < 1:
-      raise ValueError(f"{path} has no categorical columns left after label/dense/ignore")
-    self.categorical_columns = [header[i] for i in self._cat_index]
-    self.num_dense, self.num_categorical = len(self._dense_index), len(self._cat_index)
-    self._num_fields = len(header)
+    names = self.schema.names
+    self.label_column = names[self.schema.label]
+    self.dense_columns = [names[i] for i in self.schema.dense]
+    self.categorical_columns = [names[i] for i in self.schema.categorical]
+    self.num_dense, self.num_categorical = len(self.schema.dense), len(self.schema.categorical)
+    strings = StringValues()
+    self._lines = LineParser(self.schema, strings)
+    self._columnar = None
+    if engine == "columnar":
+      from kstep_adam.ctr._columnar import ColumnarParser
+
+      self._columnar = ColumnarParser(self.schema, strings)
+    self._next_uncounted = 0  # part line index from which blocks are not yet counted
+    self._estimate: float | None = None  # good lines per stored byte, from the first block
+    self._exact_lines: int | None = None  # good lines of the part, once a pass is complete
 
   # -- parsing -----------------------------------------------------------------------------
-  def _bad(self, line_no: int, what: str) -> None:
-    message = f"{self.path}:{line_no}: {what}"
-    if not self.skip_bad_lines:
-      raise CTRDataError(message + " (pass skip_bad_lines=True to skip such lines)")
-    self.stats.lines_skipped += 1
-    if len(self.stats.messages) < _MAX_MESSAGES:
-      self.stats.messages.append(message)
+  def _parse(self, data: bytes) -> tuple[Rows, list[tuple[int, str]]]:
+    """A block's good rows and bad lines; columnar where it parses cleanly."""
+    if self._columnar is None:
+      return self._lines.parse(data)
+    rows = self._columnar.parse(data)
+    if rows is not None:
+      return rows, []
+    # Retry in small pieces, so one bad line costs the line parser a piece, not a block.
+    parts, bad, offset, start = [], [], 0, 0
+    while start < len(data):
+      end = data.find(b"\n", start + _PIECE_BYTES - 1)
+      end = len(data) if end < 0 else end + 1
+      piece = data[start:end]
+      rows = self._columnar.parse(piece) if len(piece) < len(data) else None
+      if rows is None:
+        rows, piece_bad = self._lines.parse(piece)
+        bad.extend((offset + i, what) for i, what in piece_bad)
+      parts.append(rows)
+      offset += piece.count(b"\n")
+      start = end
+    return Rows(*(np.concatenate(arrays) for arrays in zip(*parts))), bad
 
-  def _parse(self, parts: list[str], line_no: int):
-    """Return (label, dense list, categorical raw values) or None after reporting a bad line."""
-    if len(parts) != self._num_fields:
-      return self._bad(line_no, f"expected {self._num_fields} fields, got {len(parts)}")
-    label_text = parts[self._label_index]
-    try:
-      label = float(label_text)
-    except ValueError:
-      return self._bad(line_no, f"label is not numeric: {label_text!r}")
-    if label not in (0.0, 1.0):
-      return self._bad(line_no, f"label must be 0 or 1, got {label_text!r}")
-    dense = []
-    for i in self._dense_index:
-      s = parts[i].strip()
-      try:
-        x = float(s) if s else 0.0
-      except ValueError:
-        return self._bad(line_no, f"field {i + 1} (dense) is not a number: {s!r}")
-      dense.append(math.log1p(max(x, 0.0)))
-    values = []
-    for i in self._cat_index:
-      s = parts[i].strip()
-      if not s:
-        values.append(_MISSING)
-      elif self.format == "criteo":
-        try:
-          values.append(int(s, 16))
-        except ValueError:
-          return self._bad(line_no, f"field {i + 1} (categorical) is not hex: {s!r}")
-      else:
-        v = self._cache.get(s)
-        if v is None:
-          v = self._cache[s] = _string_value(s)
-        values.append(v)
-    return label, dense, values
+  def _finish(self, rows: Rows) -> CTRBatch:
+    dense_NxI = np.log1p(np.maximum(rows.dense_NxI, 0.0)).astype(np.float32)
+    keys_NxF = feature_keys(rows.values_NxF, key_bits=self.key_bits)
+    return CTRBatch(dense_NxI, keys_NxF, rows.label_N)
 
-  def _to_batch(self, rows: list) -> CTRBatch:
-    labels, dense, values = zip(*rows)
-    dense_BxI = np.asarray(dense, np.float32).reshape(len(rows), self.num_dense)
-    keys_BxF = feature_keys(np.asarray(values, np.uint64), key_bits=self.key_bits)
-    return CTRBatch(dense_BxI, keys_BxF, np.asarray(labels, np.float32))
+  def _read_block(self, block) -> CTRBatch:
+    """Parse one block; report its bad lines (raise, or count them the first time)."""
+    rows, bad = self._parse(block.data)
+    first_time = block.index >= self._next_uncounted
+    if bad and not self.skip_bad_lines:
+      offset, what = bad[0]
+      line = self._file.first_line(block.part_start) + block.index + offset
+      raise CTRDataError(
+        f"{self.path}:{line}: {what} (pass skip_bad_lines=True to skip such lines)"
+      )
+    if first_time:
+      self._next_uncounted = block.index + 1
+      self.stats.lines_read += len(rows.label_N)
+      self.stats.lines_skipped += len(bad)
+      first = self._file.first_line(block.part_start) + block.index if bad else 0
+      for offset, what in bad[: max(_MAX_MESSAGES - len(self.stats.messages), 0)]:
+        self.stats.messages.append(f"{self.path}:{first + offset}: {what}")
+    return self._finish(rows)
+
+  def _parsed_blocks(self) -> Iterator[tuple[object, CTRBatch]]:
+    for block in self._file.blocks(*self.span):
+      yield block, self._read_block(block)
+
+  # -- reading -------------------------------------------------------------------------------
+  def check(self) -> None:
+    """Open the file and read its first block now, so that a bad input fails in seconds.
+
+    Raises:
+      CTRDataError: the first block holds a bad line (without ``skip_bad_lines``), no good
+        line at all, or the part is empty.
+    """
+    blocks = self._parsed_blocks()
+    first = next(blocks, None)
+    blocks.close()
+    if first is None:
+      raise CTRDataError(
+        f"{self.path}: no data lines in {self._describe_span()}; the file is empty or too "
+        "short for this split"
+      )
+    block, batch = first
+    if batch.size == 0 and not self.stats.lines_skipped:
+      raise CTRDataError(f"{self.path}: no data lines in the first block, only blank lines")
+    if batch.size == 0:
+      lines = block.data.count(b"\n") + (not block.data.endswith(b"\n"))
+      raise CTRDataError(
+        f"{self.path}: none of the first {lines} lines of "
+        f"{self._describe_span()} is a good {self.format} record, e.g. "
+        f"{self.stats.messages[:1]}; is format={self.format!r} right?"
+      )
+    if block.last:
+      self._exact_lines = batch.size
+    else:
+      start = self._file.stored_offset(self.span[0])
+      self._estimate = batch.size / max(block.stored_end - start, 1.0)
+
+  def _describe_span(self) -> str:
+    lo, hi = self.span
+    return "the file" if (lo, hi) == (0.0, 1.0) else f"the part {lo:g}-{hi:g} of its bytes"
+
+  def estimated_lines(self) -> int | None:
+    """Good lines of the part: exact after a whole pass (or when it fits one block), else an
+    estimate from the first block's lines per stored byte; None before :meth:`check`."""
+    if self._exact_lines is not None:
+      return self._exact_lines
+    if self._estimate is None:
+      return None
+    lo, hi = (self._file.stored_offset(f) for f in self.span)
+    return round(self._estimate * (hi - lo))
 
   def batches(self, batch_size: int) -> Iterator[CTRBatch]:
-    """Yield one pass over lines ``[start_line, stop_line)``, ``batch_size`` examples each
-    (the last chunk may be smaller)."""
-    if not isinstance(batch_size, int) or batch_size < 1:
-      raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-    header = self.format == "csv"
-    delimiter = "\t" if self.format == "criteo" else ","
-    rows: list = []
-    with _open_text(self.path) as f:
-      lines = csv.reader(f) if header else (row.rstrip("\r\n").split(delimiter) for row in f)
-      data_index = -1
-      for line_no, parts in enumerate(lines, start=1):
-        if header:
-          line_no = lines.line_num  # a quoted record may span lines
-          if line_no == 1:
-            continue
-        if not parts or (len(parts) == 1 and not parts[0].strip()):  # a blank line
-          continue
-        data_index += 1
-        if data_index < self.start_line:
-          continue
-        if self.stop_line is not None and data_index >= self.stop_line:
-          break
-        parsed = self._parse(parts, line_no)
-        if parsed is None:
-          continue
-        self.stats.lines_read += 1
-        rows.append(parsed)
-        if len(rows) == batch_size:
-          yield self._to_batch(rows)
-          rows = []
-    if rows:
-      yield self._to_batch(rows)
+    """Yield one pass over the part, ``batch_size`` examples each (the last chunk may be
+    smaller)."""
+    check_int(batch_size, "batch_size", minimum=1)
+    pending: list[CTRBatch] = []
+    count = good = 0
+    for _, batch in self._parsed_blocks():
+      good += batch.size
+      pending.append(batch)
+      count += batch.size
+      while count >= batch_size:
+        merged = _concat(pending)
+        yield CTRBatch(*(x[:batch_size] for x in merged))
+        rest = CTRBatch(*(x[batch_size:] for x in merged))
+        pending, count = [rest], rest.size
+    if count:
+      yield _concat(pending)
+    self.stats.passes += 1
+    self._exact_lines = good
+
+
+def _concat(batches: list[CTRBatch]) -> CTRBatch:
+  if len(batches) == 1:
+    return batches[0]
+  return CTRBatch(*(np.concatenate(parts) for parts in zip(*batches)))
+
+
+def count_lines(path: str, *, header: bool = False) -> int:
+  """Return the number of non-blank lines of a (possibly gzip) file, less a header line."""
+  total = 0
+  for block in TextFile(path, header=header, block_bytes=4 << 20).blocks():
+    total += sum(1 for line in block.data.split(b"\n") if line.strip())
+  return total

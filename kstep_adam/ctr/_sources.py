@@ -12,10 +12,10 @@ import dataclasses
 from collections.abc import Callable
 from collections.abc import Iterator
 
+from kstep_adam._validation import check_float
 from kstep_adam.ctr._batch import CTRBatch
 from kstep_adam.ctr._readers import CTRFileReader
 from kstep_adam.ctr._readers import ReadStats
-from kstep_adam.ctr._readers import count_lines
 from kstep_adam.ctr._synthetic import SyntheticCTR
 
 
@@ -29,7 +29,9 @@ class DataSource:
     num_categorical: number of categorical fields.
     train_epoch: ``(epoch, global_batch) -> iterator`` of full global batches for one pass.
     test_batches: ``() -> iterator`` over the held-out set.
-    steps_per_epoch: global batches in one pass, or None for an endless stream.
+    steps_per_epoch: global batches in one pass, or None for an endless stream. For file
+      data an estimate until one pass is complete: a pass (``train_epoch``) ends when the
+      file part does.
     teacher_auc: the Bayes-optimal AUC on the test set (synthetic data only).
     read_stats: reader counts (file data only).
   """
@@ -91,39 +93,61 @@ def file_source(
   skip_bad_lines: bool = False,
   **reader_kwargs,
 ) -> DataSource:
-  """A Criteo TSV or CSV file; without ``test_path`` its last ``test_fraction`` of lines is
-  the test set (a time split for time-ordered logs such as Criteo's).
+  """A Criteo TSV or CSV file; without ``test_path`` the lines that start in the last
+  ``test_fraction`` of its bytes are the test set (a time split for time-ordered logs such
+  as Criteo's).
+
+  Every input is opened and its first block parsed here, before any training: a missing
+  file, a bad header, columns that differ between the training and the test file, or a bad
+  line near the start fail in seconds, not after the last step.
+
+  The split is placed by bytes, not by a line count, so nothing reads the whole file before
+  training: the training part is the lines that start before ``(1 - test_fraction) * size``
+  stored bytes (compressed bytes for gzip), the test part the lines from there on. The two
+  parts are disjoint, complete and in file order; for lines of similar length the test part
+  holds about ``test_fraction`` of the lines.
 
   Args:
     path: training file (plain or gzip).
     format: ``'criteo'`` or ``'csv'``.
-    test_path: a held-out file in the same format, or None to split ``path``.
-    test_fraction: share of the lines of ``path`` held out when ``test_path`` is None.
+    test_path: a held-out file in the same format, or None to split ``path``. A CSV test
+      file's columns are matched to the training file's by name, in any order; a missing or
+      extra column is an error.
+    test_fraction: share of the bytes of ``path`` held out when ``test_path`` is None.
     skip_bad_lines: count and skip malformed lines instead of raising.
-    **reader_kwargs: passed to :class:`CTRFileReader` (``label_column=``, ...).
+    **reader_kwargs: passed to :class:`CTRFileReader` (``label_column=``, ``engine=``, ...).
+
+  Returns:
+    A :class:`DataSource`. One ``train_epoch`` is one pass over the training part;
+    ``steps_per_epoch`` is estimated from the first block (exact once a pass is complete,
+    or when the part fits in one block); ``read_stats`` count every line once.
   """
-  if not 0.0 < test_fraction < 1.0:
-    raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction!r}")
+  check_float(test_fraction, "test_fraction", low=0.0, high=1.0, low_open=True, high_open=True)
   make = lambda p, **kw: CTRFileReader(
-    p, format=format, skip_bad_lines=skip_bad_lines, **reader_kwargs, **kw
+    p, format=format, skip_bad_lines=skip_bad_lines, **{**reader_kwargs, **kw}
   )
-  header = format == "csv"
   if test_path is None:
-    num_lines = count_lines(path, header=header)
-    num_train = num_lines - round(num_lines * test_fraction)
-    if num_train < 1 or num_train == num_lines:
-      raise ValueError(
-        f"{path} has {num_lines} data lines, too few to hold out "
-        f"{test_fraction:.0%} as a test set; pass a test file"
-      )
-    train_reader, test_reader = make(path, stop_line=num_train), make(path, start_line=num_train)
+    split = 1.0 - test_fraction
+    train_reader, test_reader = make(path, span=(0.0, split)), make(path, span=(split, 1.0))
   else:
-    num_train = count_lines(path, header=header)
-    train_reader, test_reader = make(path), make(test_path)
+    train_reader = make(path)
+    columns = {}
+    if format == "csv":
+      columns = dict(
+        label_column=train_reader.label_column,
+        dense_columns=train_reader.dense_columns,
+        categorical_columns=train_reader.categorical_columns,
+      )
+    test_reader = make(test_path, **columns)
+  for reader in (train_reader, test_reader):
+    reader.check()
 
   def train_epoch(epoch: int, global_batch: int) -> Iterator[CTRBatch]:
     del epoch
     return _rebatch(train_reader.batches(global_batch), global_batch)
+
+  def steps_per_epoch(global_batch: int) -> int:
+    return train_reader.estimated_lines() // global_batch
 
   return DataSource(
     name=f"{format}:{path}",
@@ -131,7 +155,13 @@ def file_source(
     num_categorical=train_reader.num_categorical,
     train_epoch=train_epoch,
     test_batches=lambda: test_reader.batches(8192),
-    steps_per_epoch=lambda global_batch: num_train // global_batch,
+    steps_per_epoch=steps_per_epoch,
     read_stats=[train_reader.stats, test_reader.stats],
-    info=dict(path=path, format=format, test_path=test_path, train_lines=num_train),
+    info=dict(
+      path=path,
+      format=format,
+      test_path=test_path,
+      test_fraction=None if test_path else test_fraction,
+      train_lines_estimate=train_reader.estimated_lines(),
+    ),
   )
