@@ -301,3 +301,23 @@ def test_clean_blocks_take_the_columnar_path(tmp_path, monkeypatch):
   assert ctr.concat_batches(list(ctr.CTRFileReader(str(path)).batches(64))).size == 500
   reader = ctr.CTRFileReader(str(csv_path), format="csv")
   assert ctr.concat_batches(list(reader.batches(64))).size == 500
+
+
+def test_columnar_and_line_parsers_read_decimals_to_the_same_bits(tmp_path, monkeypatch):
+  rng = np.random.default_rng(0)
+  mantissas = rng.integers(0, 10**12, 4000)
+  exponents = rng.integers(-20, 4, 4000)  # within 2**53
+  texts = [
+    f"{m}e{e}" if i % 3 else f"{m / 10**6:.9f}"
+    for i, (m, e) in enumerate(zip(mantissas, exponents))
+  ]
+  lines = [
+    criteo_line(i % 2, texts[13 * (i % 300) : 13 * (i % 300) + 13], ["0a0b0c0d"] * 26)
+    for i in range(300)
+  ]
+  path = tmp_path / "decimals.txt"
+  path.write_text("".join(lines))
+  reader, _, error = read_both(path, batch_size=64)
+  assert error is None and reader.stats.lines_read == 300
+  monkeypatch.setattr(_readers.LineParser, "parse", lambda *a: pytest.fail("not columnar"))
+  assert sum(b.size for b in ctr.CTRFileReader(str(path)).batches(64)) == 300
