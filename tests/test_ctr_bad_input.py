@@ -172,22 +172,41 @@ def test_inf_only_in_the_test_lines_fails_before_training(tmp_path):
   assert np.isfinite(ctr.concat_batches(list(source.test_batches())).dense_BxI).all()
 
 
-def test_an_epoch_is_one_pass_and_each_bad_line_is_counted_once(tmp_path):
-  lines = good_lines(4500)
-  for i in range(0, 4500, 2):  # half the lines bad
-    lines[i] = "1\tnot enough fields\n"
+def _half_bad(tmp_path, lines=4500):
+  text = good_lines(lines)
+  for i in range(0, lines, 2):
+    text[i] = "1\tnot enough fields\n"
   path = tmp_path / "day.txt"
-  path.write_text("".join(lines))
+  path.write_text("".join(text))
+  return path
+
+
+def test_an_epoch_is_one_pass_and_each_bad_line_is_counted_once(tmp_path):
+  path = _half_bad(tmp_path, lines=9000)  # more than one block: the steps are estimated
   source = ctr.file_source(str(path), skip_bad_lines=True)
   train, test = source.read_stats
-  per_epoch = source.steps_per_epoch(64)
-  for epoch in range(2):
-    assert sum(1 for _ in source.train_epoch(epoch, 64)) == per_epoch
+  steps = [sum(1 for _ in source.train_epoch(epoch, 64)) for epoch in range(3)]
+  assert steps[0] == steps[1] == steps[2] == source.steps_per_epoch(64)  # exact after a pass
+  assert abs(steps[0] - 4050 // 64) <= 2  # the first block's estimate was close
   list(source.test_batches())
-  assert train.passes == 2 and train.lines_read == per_epoch * 64 + train.lines_read % 64
-  assert train.lines_skipped + test.lines_skipped == 2250
-  assert train.lines_read + test.lines_read == 2250
+  list(source.test_batches())
+  assert train.passes == 3 and test.passes == 2
+  assert train.lines_skipped + test.lines_skipped == 4500
+  assert train.lines_read + test.lines_read == 4500
   assert len(train.messages) == 10  # the first bad lines, not repeated per pass
+
+
+def test_one_epoch_with_half_the_lines_bad_trains_one_pass(tmp_path):
+  from experiments import train_ctr
+
+  path = _half_bad(tmp_path)  # one block: the steps of a pass are known before training
+  args = ["--data", f"criteo:{path}", "--batch-size", "32", "--epochs", "1", "--out"]
+  args += [str(tmp_path / "out"), "--no-progress", "--table-rows", "65536", "--eval-every", "0"]
+  summary = train_ctr.main([*args, "--skip-bad-lines"])
+  source = ctr.file_source(str(path), skip_bad_lines=True)
+  train_lines = source.read_stats[0].lines_read  # the first block is the whole training part
+  assert summary["steps"] == train_lines // 256  # global batch 8 x 32
+  assert summary["data"]["lines_skipped"] == 2250
 
 
 # -- everything is opened before the first step (issue 13, item 3) ---------------------------------

@@ -208,3 +208,14 @@ def test_models_take_embeddings_and_pass_gradients_back(name, num_dense):
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(g_params))
   with pytest.raises(ValueError, match="model must be one of"):
     ctr.make_model("fm", num_dense=1, num_categorical=2, embed_dim=2)
+
+
+@pytest.mark.parametrize("argv", [[], ["--format", "csv", "--gzip"]])
+def test_data_reader_benchmark_runs_and_reports_ratios(argv):
+  from experiments.benchmarks import data_reader
+
+  result = data_reader.main(["--lines", "3000", "--repeats", "1", "--line-lines", "1000", *argv])
+  rates = result["lines_per_sec"]
+  assert set(rates) == {"raw", "columnar", "lines"} and min(rates.values()) > 0
+  assert np.isclose(result["columnar_over_raw"], rates["columnar"] / rates["raw"], rtol=1e-2)
+  assert np.isclose(result["columnar_over_lines"], rates["columnar"] / rates["lines"], rtol=1e-2)

@@ -54,7 +54,7 @@ class DataReaderBenchmark:
   repeats: int = 3
   line_lines: int = 60_000
   workers: int = 2
-  block_bytes: int = 4 << 20
+  block_bytes: int = 1 << 20
   out: str | None = None
 
 

@@ -178,6 +178,7 @@ class ColumnarParser:
     self._label = names[schema.label]
     self._dense = [names[i] for i in schema.dense]
     self._categorical = [names[i] for i in schema.categorical]
+    # One chunk per column: the caller's blocks are small, and parsed on its worker threads.
     self._read = pacsv.ReadOptions(column_names=names, use_threads=False, block_size=1 << 30)
     self._parse = pacsv.ParseOptions(
       delimiter="\t" if criteo else ",",

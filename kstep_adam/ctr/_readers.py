@@ -397,7 +397,7 @@ class CTRFileReader:
     span: tuple[float, float] = (0.0, 1.0),
     key_bits: int = 40,
     engine: str = "columnar",
-    block_bytes: int = 4 << 20,
+    block_bytes: int = 1 << 20,
     workers: int = 2,
   ):
     check_choice(format, "format", FORMATS)
