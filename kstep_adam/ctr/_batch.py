@@ -55,7 +55,9 @@ def feature_keys(values_BxF: np.ndarray, *, key_bits: int = 40) -> np.ndarray:
   if values.ndim != 2:
     raise ValueError(f"values_BxF must be 2-D [batch, fields], got shape {values.shape}")
   salt_F = splitmix64(np.arange(values.shape[1], dtype=np.uint64) + np.uint64(1))
-  mixed = splitmix64(np.bitwise_xor(values.astype(np.uint64, copy=False), salt_F[None, :]))
+  mixed = np.empty(values.shape, np.uint64)  # C order whatever the input's layout
+  np.bitwise_xor(values.astype(np.uint64, copy=False), salt_F[None, :], out=mixed)
+  mixed = splitmix64(mixed)
   mixed &= np.uint64((1 << key_bits) - 1)
   return mixed.view(np.int64)  # below 2**63: the same numbers
 

@@ -122,41 +122,33 @@ def hex_values(columns: list[pa.Array], out_FxN: np.ndarray) -> bool:
   """Write the raw values of binary columns of hex ids (empty: MISSING) into ``out_FxN``,
   one row per column; return False if any is not 1..16 hex digits.
 
-  Columns whose ids are all 8 digits (Criteo's) are decoded together in one pass.
+  When every id is 8 digits (Criteo's), all columns are decoded together in one pass.
   """
-  eight, eight_present = [], []
-  for j, column in enumerate(columns):
-    offsets, data = _buffers(column)
-    lengths = np.diff(offsets)
-    present = lengths != 0
-    if ((lengths == 8) | ~present).all():
-      eight.append(data[offsets[0] : offsets[-1]])
-      eight_present.append((j, present))
-      continue
-    if not (lengths <= 16).all():
-      return False
-    values = _hex_any(data, offsets[:-1][present], lengths[present])
-    if values is None:
-      return False
-    out_FxN[j] = MISSING
-    out_FxN[j, present] = values
-  if eight:
-    x = np.concatenate(eight).view("<u8")
+  buffers = [_buffers(column) for column in columns]
+  lengths_FxN = np.empty(out_FxN.shape, np.int32)
+  for j, (offsets, _) in enumerate(buffers):
+    np.subtract(offsets[1:], offsets[:-1], out=lengths_FxN[j])
+  present_FxN = lengths_FxN != 0
+  out_FxN.fill(MISSING)
+  if ((lengths_FxN == 8) | ~present_FxN).all():
+    # The ids of a column are contiguous in its data buffer; in C order, so is present_FxN.
+    x = np.concatenate([data[offsets[0] : offsets[-1]] for offsets, data in buffers]).view("<u8")
     values = np.empty_like(x)
     for start in range(0, x.shape[0], _CACHE_WORDS):
       decoded = hex8(x[start : start + _CACHE_WORDS])
       if decoded is None:
         return False
       values[start : start + _CACHE_WORDS] = decoded
-    start = 0
-    for j, present in eight_present:
-      count = int(np.count_nonzero(present))
-      if count == present.shape[0]:
-        out_FxN[j] = values[start : start + count]
-      else:
-        out_FxN[j] = MISSING
-        out_FxN[j, present] = values[start : start + count]
-      start += count
+    out_FxN[present_FxN] = values
+    return True
+  if not (lengths_FxN <= 16).all():
+    return False
+  for j, (offsets, data) in enumerate(buffers):
+    present = present_FxN[j]
+    values = _hex_any(data, offsets[:-1][present], lengths_FxN[j][present])
+    if values is None:
+      return False
+    out_FxN[j, present] = values
   return True
 
 

@@ -497,21 +497,21 @@ class CTRFileReader:
         self.stats.messages.append(f"{self.path}:{first + offset}: {what}")
     return batch
 
-  def _parsed_blocks(self) -> Iterator[tuple[object, CTRBatch]]:
+  def _parsed_blocks(self, workers: int) -> Iterator[tuple[object, CTRBatch]]:
     """``(block, examples)`` in file order; blocks are parsed ``workers`` at a time."""
     blocks = self._file.blocks(*self.span)
-    if self.workers == 1:
+    if workers == 1:
       for block in blocks:
         yield block, self._account(block, *self._parse_block(block.data))
       return
     in_flight: collections.deque = collections.deque()
-    with concurrent.futures.ThreadPoolExecutor(self.workers, "ctr-parse") as pool:
+    with concurrent.futures.ThreadPoolExecutor(workers, "ctr-parse") as pool:
       try:
         failure = None
         try:
           for block in blocks:
             in_flight.append((block, pool.submit(self._parse_block, block.data)))
-            while len(in_flight) > self.workers:
+            while len(in_flight) > workers:
               block, parsed = in_flight.popleft()
               yield block, self._account(block, *parsed.result())
         except CTRDataError as error:  # the file failed: the blocks before it come first
@@ -533,7 +533,7 @@ class CTRFileReader:
       CTRDataError: the first block holds a bad line (without ``skip_bad_lines``), no good
         line at all, or the part is empty.
     """
-    blocks = self._parsed_blocks()
+    blocks = self._parsed_blocks(workers=1)
     first = next(blocks, None)
     blocks.close()
     if first is None:
@@ -577,7 +577,7 @@ class CTRFileReader:
     check_int(batch_size, "batch_size", minimum=1)
     pending: list[CTRBatch] = []
     count = good = 0
-    for _, batch in self._parsed_blocks():
+    for _, batch in self._parsed_blocks(self.workers):
       good += batch.size
       pending.append(batch)
       count += batch.size
