@@ -219,3 +219,19 @@ def test_data_reader_benchmark_runs_and_reports_ratios(argv):
   assert set(rates) == {"raw", "columnar", "lines"} and min(rates.values()) > 0
   assert np.isclose(result["columnar_over_raw"], rates["columnar"] / rates["raw"], rtol=1e-2)
   assert np.isclose(result["columnar_over_lines"], rates["columnar"] / rates["lines"], rtol=1e-2)
+
+
+def test_concatenated_gzip_members_and_zero_padding_read_as_one_file(tmp_path):
+  lines = good_lines(600, seed=3)
+  members = [gzip.compress("".join(lines[i : i + 150]).encode()) for i in range(0, 600, 150)]
+  path = tmp_path / "d.gz"
+  path.write_bytes(b"".join(members) + bytes(1024))
+  plain = tmp_path / "d.txt"
+  plain.write_text("".join(lines))
+  whole = _read_all(ctr.CTRFileReader(str(plain)), batch_size=600)
+  parts = [
+    ctr.CTRFileReader(str(path), span=span, block_bytes=8192) for span in [(0, 0.5), (0.5, 1)]
+  ]
+  for _ in range(2):
+    keys = np.concatenate([b.keys_BxF for r in parts for b in r.batches(100)])
+    np.testing.assert_array_equal(keys, whole.keys_BxF)
