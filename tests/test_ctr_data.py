@@ -229,8 +229,9 @@ def test_concatenated_gzip_members_and_zero_padding_read_as_one_file(tmp_path):
   plain = tmp_path / "d.txt"
   plain.write_text("".join(lines))
   whole = _read_all(ctr.CTRFileReader(str(plain)), batch_size=600)
-  parts = [
-    ctr.CTRFileReader(str(path), span=span, block_bytes=8192) for span in [(0, 0.5), (0.5, 1)]
+  parts = [  # parsed on the reading thread, and on two workers
+    ctr.CTRFileReader(str(path), span=span, block_bytes=8192, workers=workers)
+    for span, workers in [((0, 0.5), 1), ((0.5, 1), 2)]
   ]
   for _ in range(2):
     keys = np.concatenate([b.keys_BxF for r in parts for b in r.batches(100)])
