@@ -57,7 +57,9 @@ CRITEO_NAMES = (
   *(f"I{i}" for i in range(1, CRITEO_NUM_DENSE + 1)),
   *(f"C{i}" for i in range(1, CRITEO_NUM_CATEGORICAL + 1)),
 )
-MISSING = 1 << 62  # raw value of an empty categorical field; outside hashed CSV strings
+# The raw value of an empty categorical field: no CSV string hashes to it (those are < 2**62);
+# of the 2**64 Criteo ids, 4000000000000000 (hex) shares it.
+MISSING = 1 << 62
 DENSE_LIMIT = 2.0**53  # largest accepted |dense value|
 FORMATS = ("criteo", "csv")
 ENGINES = ("columnar", "lines")
