@@ -77,6 +77,8 @@ def test_invalid_utf8_in_a_csv_field_is_a_named_bad_line(tmp_path):
   assert re.search(r"a\.csv:3: field 2 \(site\) is not valid UTF-8: 'ab\\\\xffc'", error), error
   reader, batches, _ = read_both(path, format="csv", skip_bad_lines=True)
   assert reader.stats.lines_skipped == 1 and ctr.concat_batches(batches).size == 2
+  path.write_bytes(b"id,click,site\n1,1,x\n\xff2,0,y\n")  # in a dropped column: no matter
+  assert ctr.concat_batches(read_both(path, format="csv")[1]).size == 2
 
 
 def test_a_utf8_bom_does_not_rename_the_first_column(tmp_path):

@@ -203,16 +203,16 @@ class LineParser:
   def _fields(self, line: bytes) -> list:
     if self._criteo:
       return line.split(b"\t")
-    try:
-      text = line.decode("utf-8")
-    except UnicodeDecodeError:
-      text = line.decode("utf-8", "surrogateescape")
-      fields = self._csv_fields(text)
-      i = next((i for i, f in enumerate(fields) if re.search("[\udc80-\udcff]", f)), 0)
-      name = self.schema.names[i] if i < self._num_fields else "?"
-      shown = _show(fields[i].encode("utf-8", "surrogateescape"))
-      raise _BadLine(f"field {i + 1} ({name}) is not valid UTF-8: {shown}") from None
-    return self._csv_fields(text)
+    # Bytes that are not UTF-8 become lone surrogates; only a field that is used must be clean
+    # (an ignored column is never decoded by the columnar parser either).
+    fields = self._csv_fields(line.decode("utf-8", "surrogateescape"))
+    schema = self.schema
+    used = (schema.label, *schema.dense, *schema.categorical)
+    for i in sorted(used) if len(fields) == self._num_fields else ():
+      if _NOT_UTF8.search(fields[i]):
+        shown = _show(fields[i].encode("utf-8", "surrogateescape"))
+        raise _BadLine(f"field {i + 1} ({schema.names[i]}) is not valid UTF-8: {shown}")
+    return fields
 
   @staticmethod
   def _csv_fields(text: str) -> list[str]:
@@ -266,6 +266,7 @@ class LineParser:
 
 
 _ASCII_WHITESPACE_BYTES = ASCII_WHITESPACE.encode()
+_NOT_UTF8 = re.compile("[\udc80-\udcff]")  # what surrogateescape makes of a non-UTF-8 byte
 _HEX_DIGITS = b"0123456789abcdefABCDEF"
 
 
