@@ -28,8 +28,11 @@ import numpy as np
 from kstep_adam.ctr._batch import CTRBatch
 from kstep_adam.ctr._batch import concat_batches
 from kstep_adam.ctr._batch import feature_keys
-from kstep_adam.ctr._batch import splitmix64
 from kstep_adam.ctr._metrics import auc
+from kstep_adam.embedding import splitmix64
+
+# Not re-exported by kstep_adam.embedding (yet); the tier's own top-53-bit uniform.
+from kstep_adam.embedding._hashing import uniform01
 
 _TRAIN, _TEST, _CALIBRATE, _FILE = 0, 1, 2, 3
 _SHARDINGS = ("iid", "non_iid")
@@ -37,14 +40,17 @@ _HEAD_IDS = 8192  # per field, the teacher values of ids below this rank are pre
 
 
 def _hashed_normals(seed: int, field_BxF: np.ndarray, id_BxF: np.ndarray, n: int) -> np.ndarray:
-  """Standard normals [B, F, n] that depend only on (seed, field, id): the teacher's 'tables'."""
+  """Standard normals [B, F, n] that depend only on (seed, field, id): the teacher's 'tables'.
+
+  The embedding tier's SplitMix64 counters and uniforms, turned into normals by Box-Muller.
+  """
   base = splitmix64(
     id_BxF.astype(np.uint64) * np.uint64(1_000_003)
     ^ splitmix64(field_BxF.astype(np.uint64) + np.uint64(seed) * np.uint64(7919))
   )
   cols = [splitmix64(base + np.uint64(j + 1)) for j in range(n + (n % 2))]
-  u = np.stack([(c >> np.uint64(11)).astype(np.float64) * 2.0**-53 for c in cols], axis=-1)
-  u1, u2 = np.clip(u[..., 0::2], 1e-12, 1.0), u[..., 1::2]
+  u = np.stack([uniform01(c) for c in cols], axis=-1)  # in (0, 1): log(u1) is finite
+  u1, u2 = u[..., 0::2], u[..., 1::2]
   r = np.sqrt(-2.0 * np.log(u1))
   z = np.concatenate([r * np.cos(2 * np.pi * u2), r * np.sin(2 * np.pi * u2)], axis=-1)
   return z[..., :n]
