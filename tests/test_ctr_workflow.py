@@ -140,7 +140,48 @@ def test_train_ctr_on_a_criteo_file_with_bad_lines(tmp_path):
 def test_bad_config_names_the_parameter():
   with pytest.raises(ValueError, match="optimizer must be one of"):
     ctr.TrainConfig(optimizer="sgd")
-  with pytest.raises(ValueError, match="k must be a positive int"):
+  with pytest.raises(ValueError, match="k must be an int >= 1, got 0"):
     ctr.TrainConfig(k=0)
+  with pytest.raises(ValueError, match="learning_rate must be a finite number in"):
+    ctr.TrainConfig(learning_rate=float("nan"))
   with pytest.raises(ValueError, match="exceeds the 8 devices"):
     ctr.train(_config(nodes=4, devices_per_node=4), _source(16, 32))
+
+
+@pytest.mark.parametrize(
+  "kwargs,match",
+  [
+    (dict(data="parquet:x"), "data must be 'synthetic', 'criteo:PATH' or 'csv:PATH'"),
+    (dict(data="criteo:"), "names no file"),
+    (dict(test_data="criteo:t.txt"), "test_data needs file data"),
+    (dict(data="csv:a.csv", test_data="criteo:b.txt"), "differs from the data format 'csv'"),
+    (dict(data="criteo:a.txt", label_column="y"), "label_column applies to csv data only"),
+    (dict(sharding="skewed"), "sharding must be one of"),
+    (dict(test_fraction=1.0), "test_fraction must be a finite number in"),
+  ],
+)
+def test_bad_data_config_names_the_parameter(kwargs, match):
+  with pytest.raises(ValueError, match=match):
+    ctr.DataConfig(**kwargs)
+
+
+def test_data_config_reads_the_spec():
+  data = ctr.DataConfig(data="csv:dir/a:b.csv", test_data="t.csv")
+  assert (data.format, data.path, data.test_path) == ("csv", "dir/a:b.csv", "t.csv")
+  assert ctr.DataConfig().path is None
+
+
+def test_command_line_defaults_are_the_config_defaults():
+  """The CLI is generated from the dataclasses: no flags gives exactly their defaults."""
+  from experiments import train_ctr
+
+  parser = train_ctr.make_parser()
+  config, data = train_ctr.build(parser.parse_args([]))
+  assert config == ctr.TrainConfig() and data == ctr.DataConfig()
+  config, data = train_ctr.build(
+    parser.parse_args(["--lr", "0.01", "--sparse-lr", "0.1", "--steps", "none", "--k", "4"])
+  )
+  assert (config.learning_rate, config.sparse_learning_rate, config.k) == (0.01, 0.1, 4)
+  assert config.steps is None
+  with pytest.raises(SystemExit):
+    train_ctr.main(["--k", "0"])  # the dataclass's check, reported as a usage error

@@ -119,6 +119,7 @@ def run_workflow(
     devices_per_node=devices_per_node,
     steps=len(batches),
     log_every=10**9,
+    eval_every=0,
     table_rows=table_rows,
     host_cache_rows=host_cache_rows,
     device_cache_rows=device_cache_rows,

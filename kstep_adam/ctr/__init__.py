@@ -7,6 +7,8 @@ from kstep_adam.ctr._batch import CTRBatch
 from kstep_adam.ctr._batch import concat_batches
 from kstep_adam.ctr._batch import feature_keys
 from kstep_adam.ctr._config import TrainConfig
+from kstep_adam.ctr._data_config import DataConfig
+from kstep_adam.ctr._data_config import make_source
 from kstep_adam.ctr._metrics import auc
 from kstep_adam.ctr._metrics import logloss
 from kstep_adam.ctr._models import DLRM
@@ -28,6 +30,7 @@ __all__ = [
   "CTRBatch",
   "CTRDataError",
   "CTRFileReader",
+  "DataConfig",
   "DataSource",
   "DCNv2",
   "DLRM",
@@ -41,6 +44,7 @@ __all__ = [
   "feature_keys",
   "file_source",
   "logloss",
+  "make_source",
   "make_model",
   "make_optimizer",
   "synthetic_source",

@@ -35,7 +35,7 @@ from kstep_adam.embedding import splitmix64
 from kstep_adam.embedding._hashing import uniform01
 
 _TRAIN, _TEST, _CALIBRATE, _FILE = 0, 1, 2, 3
-_SHARDINGS = ("iid", "non_iid")
+SHARDINGS = ("iid", "non_iid")
 _HEAD_IDS = 8192  # per field, the teacher values of ids below this rank are precomputed
 
 
@@ -115,8 +115,8 @@ class SyntheticCTR:
       raise ValueError(f"base_ctr must be in (0, 1), got {base_ctr!r}")
     if not logit_std > 0:
       raise ValueError(f"logit_std must be > 0, got {logit_std!r}")
-    if sharding not in _SHARDINGS:
-      raise ValueError(f"sharding must be one of {_SHARDINGS}, got {sharding!r}")
+    if sharding not in SHARDINGS:
+      raise ValueError(f"sharding must be one of {SHARDINGS}, got {sharding!r}")
     self.num_dense, self.num_categorical = int(num_dense), int(num_categorical)
     self.key_bits, self.teacher_dim = key_bits, teacher_dim
     self.zipf_exponent, self.seed = float(zipf_exponent), int(seed)

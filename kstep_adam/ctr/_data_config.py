@@ -1,0 +1,147 @@
+"""Where a run's examples come from: a frozen description and the one function that opens it.
+
+:class:`DataConfig` names the data (``synthetic``, ``criteo:PATH`` or ``csv:PATH``) and the
+options of its source; :func:`make_source` turns it, with the run's :class:`TrainConfig`
+(workers, batch size, seed), into the :class:`DataSource` the trainer reads.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from kstep_adam._validation import check_float
+from kstep_adam._validation import check_int
+from kstep_adam.ctr._config import TrainConfig
+from kstep_adam.ctr._config import check_choices
+from kstep_adam.ctr._config import choice_field
+from kstep_adam.ctr._sources import DataSource
+from kstep_adam.ctr._sources import file_source
+from kstep_adam.ctr._sources import synthetic_source
+from kstep_adam.ctr._synthetic import SHARDINGS
+from kstep_adam.ctr._synthetic import SyntheticCTR
+
+SYNTHETIC = "synthetic"
+FILE_FORMATS = ("criteo", "csv")
+
+
+def _split_spec(spec: str, name: str) -> tuple[str, str]:
+  """``'criteo:PATH'`` -> ``('criteo', 'PATH')``; a bare path gives ``('', path)``."""
+  for fmt in FILE_FORMATS:
+    if spec.startswith(fmt + ":"):
+      path = spec[len(fmt) + 1 :]
+      if not path:
+        raise ValueError(f"{name} {spec!r} names no file after '{fmt}:'")
+      return fmt, path
+  return "", spec
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+  """The data of a run; :func:`make_source` opens it.
+
+  Attributes:
+    data: ``synthetic`` (streamed, with a known teacher), ``criteo:PATH`` (Criteo TSV, plain or
+      gzip) or ``csv:PATH`` (comma separated with a header row, e.g. Avazu).
+    test_data: held-out file, ``criteo:PATH``, ``csv:PATH`` or a bare path in the format of
+      ``data``; None holds out the last ``test_fraction`` of the lines of ``data`` (a time
+      split for time-ordered logs such as Criteo's).
+    test_fraction: share of the lines of ``data`` held out as the test set when ``test_data``
+      is None.
+    skip_bad_lines: count and skip malformed lines instead of stopping at the first one.
+    label_column: csv only; name of the label column (None: ``label`` or ``click``, whichever
+      the header has).
+    vocab_size: synthetic only; largest per-field vocabulary.
+    sharding: synthetic only; ``iid`` (every worker's shard has the same law) or ``non_iid``
+      (each worker has its own popular ids in a quarter of the fields).
+    test_examples: synthetic only; size of the held-out set.
+  """
+
+  data: str = SYNTHETIC
+  test_data: str | None = None
+  test_fraction: float = 0.1
+  skip_bad_lines: bool = False
+  label_column: str | None = None
+  vocab_size: int = 5000
+  sharding: str = choice_field("iid", SHARDINGS)
+  test_examples: int = 50_000
+
+  def __post_init__(self):
+    check_choices(self)
+    check_int(self.vocab_size, "vocab_size", minimum=4)
+    check_int(self.test_examples, "test_examples", minimum=1)
+    check_float(
+      self.test_fraction, "test_fraction", low=0.0, high=1.0, low_open=True, high_open=True
+    )
+    if not isinstance(self.skip_bad_lines, bool):
+      raise ValueError(f"skip_bad_lines must be a bool, got {self.skip_bad_lines!r}")
+    if not isinstance(self.data, str):
+      raise ValueError(f"data must be a str, got {self.data!r}")
+    if self.format == SYNTHETIC:
+      if self.test_data is not None:
+        raise ValueError(
+          f"test_data needs file data (data='criteo:PATH' or 'csv:PATH'), got "
+          f"test_data={self.test_data!r} with synthetic data, which makes its own held-out "
+          f"set (test_examples)"
+        )
+    elif self.format == "":
+      raise ValueError(f"data must be 'synthetic', 'criteo:PATH' or 'csv:PATH', got {self.data!r}")
+    if self.test_data is not None:
+      test_format, _ = _split_spec(self.test_data, "test_data")
+      if test_format and test_format != self.format:
+        raise ValueError(
+          f"test_data format {test_format!r} differs from the data format {self.format!r}"
+        )
+    if self.label_column is not None and self.format != "csv":
+      raise ValueError(
+        f"label_column applies to csv data only, got label_column={self.label_column!r} "
+        f"with data={self.data!r}"
+      )
+
+  @property
+  def format(self) -> str:
+    """``'synthetic'``, ``'criteo'`` or ``'csv'`` (``''`` for an unrecognized spec)."""
+    if self.data == SYNTHETIC:
+      return SYNTHETIC
+    return _split_spec(self.data, "data")[0]
+
+  @property
+  def path(self) -> str | None:
+    """The training file, None for synthetic data."""
+    return None if self.format == SYNTHETIC else _split_spec(self.data, "data")[1]
+
+  @property
+  def test_path(self) -> str | None:
+    """The held-out file, None when it is split off ``data`` (or synthetic)."""
+    return None if self.test_data is None else _split_spec(self.test_data, "test_data")[1]
+
+
+def make_source(data: DataConfig, config: TrainConfig) -> DataSource:
+  """Open the data of ``data`` for a run of ``config`` (workers, per-worker batch, seed).
+
+  Synthetic data gets one stream per worker (``config.num_workers`` shards) seeded with
+  ``config.seed``; file data is read line by line and split across workers per step.
+
+  Examples:
+    >>> source = make_source(DataConfig(test_examples=1000), TrainConfig(nodes=1, devices_per_node=2))
+    >>> source.name, source.num_dense, source.num_categorical
+    ('synthetic', 13, 26)
+  """
+  if data.format == SYNTHETIC:
+    generator = SyntheticCTR(
+      num_workers=config.num_workers,
+      vocab_size=data.vocab_size,
+      sharding=data.sharding,
+      seed=config.seed,
+    )
+    return synthetic_source(
+      generator, batch_size=config.batch_size, test_examples=data.test_examples
+    )
+  reader_kwargs = {"label_column": data.label_column} if data.format == "csv" else {}
+  return file_source(
+    data.path,
+    format=data.format,
+    test_path=data.test_path,
+    test_fraction=data.test_fraction,
+    skip_bad_lines=data.skip_bad_lines,
+    **reader_kwargs,
+  )
