@@ -139,7 +139,7 @@ def make_train_step(
   mesh: Mesh,
   *,
   dispatch_local_steps: bool = True,
-  start_step: int = 0,
+  start_step: int | None = None,
   donate: bool = True,
 ) -> DispatchedStep:
   """Build the jitted ``shard_map`` step ``(params_W, opt_state_W, batch) -> (..., metrics)``.
@@ -158,8 +158,8 @@ def make_train_step(
     tx: the optimizer; its ``axis_name`` must name axes of ``mesh``.
     mesh: the mesh from :func:`make_mesh`.
     dispatch_local_steps: compile and dispatch the local program as described above.
-    start_step: steps already taken by ``opt_state`` (the host's step counter starts here;
-      it must match the optimizer's own counter, e.g. after restoring a checkpoint).
+    start_step: steps already taken by ``opt_state``, checked against the optimizer's own
+      ``count``; None (default) takes the step from the state (e.g. a restored checkpoint).
     donate: donate the params and state buffers (saves memory; inputs become invalid).
 
   Returns:

@@ -15,6 +15,7 @@ from jax.sharding import PartitionSpec as P
 
 import kstep_adam
 from kstep_adam import parallel
+from kstep_adam._dispatch import optimizer_step
 
 NODE_LOCAL = ("node", "local")
 
@@ -107,7 +108,7 @@ def test_in_graph_switch_and_host_dispatch_agree():
   assert step.schedules == (schedule,)
   # Not bitwise: XLA fuses the two programs differently (1-ulp differences seen).
   np.testing.assert_allclose(np.stack(switch), np.stack(dispatch), rtol=1e-6, atol=1e-7)
-  assert step.step == 6 and step.local_jitted._cache_size() == 1  # steps 1 and 5 were local.
+  assert step.step == 6 and step.compiles == 2  # one local program (steps 1, 5), one general.
 
 
 def test_identical_data_makes_averaging_a_no_op():
@@ -148,7 +149,7 @@ def test_no_recompilation_and_state_keeps_shapes_and_dtypes():
     if t == 2:  # Both programs (local: step 1, general: step 2) have been traced by now.
       traces_after_two_steps = len(traces)
   assert len(traces) == traces_after_two_steps <= 3
-  assert step.jitted._cache_size() == 1 and step.local_jitted._cache_size() == 1
+  assert step.compiles == 2  # the local and the general program, once each
   assert jax.tree.map(lambda x: (x.shape, x.dtype, x.sharding), (params_W, state_W)) == spec0
   assert metrics["loss"].shape == (mesh.size,)
   assert state_W[0].mu["w"].dtype == jnp.bfloat16
@@ -248,5 +249,86 @@ def test_dispatched_step_serves_a_custom_shard_map_step():
 
 @pytest.mark.parametrize("start_step", [-1, 1.0, True])
 def test_dispatched_step_rejects_a_bad_start_step(start_step):
-  with pytest.raises(ValueError, match="start_step must be a non-negative int"):
+  with pytest.raises(ValueError, match="start_step must be None or a non-negative int"):
     parallel.DispatchedStep(lambda body: body, lambda: None, start_step=start_step)
+
+
+def _diverging_step(mesh, tx, **kwargs):
+  """A DispatchedStep whose workers move apart on every step, so a merge is visible."""
+  spec = P(NODE_LOCAL)
+
+  def per_worker(params_W, state_W, shift):
+    params, state = jax.tree.map(lambda x: x[0], (params_W, state_W))
+    worker = jax.lax.axis_index(NODE_LOCAL).astype(jnp.float32)
+    grads = jax.tree.map(lambda p: p - shift * worker, params)
+    updates, state = tx.update(grads, state, params)
+    return jax.tree.map(lambda x: x[None], (optax.apply_updates(params, updates), state))
+
+  build = lambda body: jax.jit(
+    jax.shard_map(body, mesh=mesh, in_specs=(spec, spec, P()), out_specs=(spec, spec))
+  )
+  return parallel.DispatchedStep(build, per_worker, **kwargs)
+
+
+def _spread(params_W):
+  return float(np.ptp(np.asarray(params_W["w"]), axis=0).max())
+
+
+def test_dispatched_step_takes_the_step_from_a_restored_state():
+  """A state that has taken 2 steps (k=3) must merge on its 3rd step, whoever calls it.
+
+  Regression: a new step counted from 0 on the host, ran the local program on the
+  optimizer's step 3 and skipped that merge.
+  """
+  mesh = parallel.make_mesh(1, 4)
+  tx = kstep_adam.kstep_adam(0.1, 3, axis_name=NODE_LOCAL)
+  params_W, state_W = parallel.init_replicas({"w": np.zeros(3, np.float32)}, tx, mesh)
+  first = _diverging_step(mesh, tx)
+  for _ in range(2):
+    params_W, state_W = first(params_W, state_W, jnp.float32(1.0))
+  assert optimizer_step(state_W) == 2 and _spread(params_W) > 0.01
+  restored = _diverging_step(mesh, tx)  # e.g. after loading a checkpoint
+  params_W, state_W = restored(params_W, state_W, jnp.float32(1.0))
+  assert _spread(params_W) < 1e-6  # the count-3 merge ran
+  assert restored.step == 3
+
+
+def test_dispatched_step_refuses_a_start_step_the_state_contradicts():
+  mesh = parallel.make_mesh(1, 4)
+  tx = kstep_adam.kstep_adam(0.1, 3, axis_name=NODE_LOCAL)
+  params_W, state_W = parallel.init_replicas({"w": np.zeros(3, np.float32)}, tx, mesh)
+  params_W, state_W = _diverging_step(mesh, tx)(params_W, state_W, jnp.float32(1.0))
+  with pytest.raises(ValueError, match=r"start_step=0 but the optimizer state has taken 1 steps"):
+    _diverging_step(mesh, tx, start_step=0)(params_W, state_W, jnp.float32(1.0))
+  assert _diverging_step(mesh, tx, start_step=1)(params_W, state_W, jnp.float32(1.0))
+
+
+def test_dispatched_step_follows_a_state_it_did_not_return():
+  """Handing the same step an older state re-reads that state's count."""
+  mesh = parallel.make_mesh(1, 4)
+  tx = kstep_adam.kstep_adam(0.1, 2, axis_name=NODE_LOCAL)
+  params0_W, state0_W = parallel.init_replicas({"w": np.zeros(3, np.float32)}, tx, mesh)
+  keep = jax.tree.map(jnp.copy, (params0_W, state0_W))
+  step = _diverging_step(mesh, tx)
+  params_W, state_W = step(params0_W, state0_W, jnp.float32(1.0))
+  params_W, state_W = step(params_W, state_W, jnp.float32(1.0))
+  assert step.step == 2
+  params_W, state_W = step(*keep, jnp.float32(1.0))  # back to count 0: step 1, local
+  assert step.step == 1 and _spread(params_W) > 0.01
+  params_W, state_W = step(params_W, state_W, jnp.float32(1.0))
+  assert step.step == 2 and _spread(params_W) < 1e-6
+
+
+def test_dispatched_step_reports_the_calls_that_compile():
+  mesh = parallel.make_mesh(1, 4)
+  tx = kstep_adam.kstep_adam(0.1, 2, axis_name=NODE_LOCAL)
+  params_W, state_W = parallel.init_replicas({"w": np.zeros(3, np.float32)}, tx, mesh)
+  step = _diverging_step(mesh, tx)
+  scalar, vector = jnp.float32(1.0), jnp.ones(3, jnp.float32)  # a new input shape: new programs
+  compiled = []
+  for shift in (scalar, scalar, scalar, scalar, vector, vector, vector):
+    params_W, state_W = step(params_W, state_W, shift)
+    compiled.append(step.last_call_compiled)
+  # Odd steps run the local program, even steps the general one; each compiles once per shape.
+  assert compiled == [True, True, False, False, True, True, False]
+  assert step.compiles == 4 and step.compile_seconds > 0
