@@ -9,6 +9,10 @@ from kstep_adam.ctr._batch import feature_keys
 from kstep_adam.ctr._config import TrainConfig
 from kstep_adam.ctr._data_config import DataConfig
 from kstep_adam.ctr._data_config import make_source
+from kstep_adam.ctr._hooks import MetricsLog
+from kstep_adam.ctr._hooks import PeriodicEval
+from kstep_adam.ctr._hooks import ProgressBar
+from kstep_adam.ctr._hooks import PushedRows
 from kstep_adam.ctr._metrics import auc
 from kstep_adam.ctr._metrics import logloss
 from kstep_adam.ctr._models import DLRM
@@ -23,30 +27,44 @@ from kstep_adam.ctr._sources import DataSource
 from kstep_adam.ctr._sources import file_source
 from kstep_adam.ctr._sources import synthetic_source
 from kstep_adam.ctr._synthetic import SyntheticCTR
+from kstep_adam.ctr._trainer import Hook
+from kstep_adam.ctr._trainer import StepResult
+from kstep_adam.ctr._trainer import Trainer
+from kstep_adam.ctr._trainer import evaluate
 from kstep_adam.ctr._workflow import make_optimizer
+from kstep_adam.ctr._workflow import summarize
 from kstep_adam.ctr._workflow import train
 
 __all__ = [
   "CTRBatch",
   "CTRDataError",
   "CTRFileReader",
-  "DataConfig",
-  "DataSource",
   "DCNv2",
   "DLRM",
+  "DataConfig",
+  "DataSource",
+  "Hook",
   "MODELS",
+  "MetricsLog",
+  "PeriodicEval",
+  "ProgressBar",
+  "PushedRows",
   "ReadStats",
+  "StepResult",
   "SyntheticCTR",
   "TrainConfig",
+  "Trainer",
   "auc",
   "concat_batches",
   "count_lines",
+  "evaluate",
   "feature_keys",
   "file_source",
   "logloss",
-  "make_source",
   "make_model",
   "make_optimizer",
+  "make_source",
+  "summarize",
   "synthetic_source",
   "train",
 ]

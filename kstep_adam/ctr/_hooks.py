@@ -1,0 +1,92 @@
+"""The hooks a CTR run uses: a progress bar, metric records and periodic evaluation.
+
+Each is a :class:`kstep_adam.ctr.Hook`; :meth:`Trainer.fit` calls them after every step.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from kstep_adam.ctr._trainer import Hook
+from kstep_adam.ctr._trainer import StepResult
+from kstep_adam.ctr._trainer import Trainer
+
+
+class ProgressBar(Hook):
+  """A tqdm bar: steps, examples/s, the recent loss and the cache hit rate."""
+
+  def __init__(self, total: int, *, refresh_every: int = 10):
+    from tqdm.auto import tqdm
+
+    self._bar = tqdm(total=total, unit="step", dynamic_ncols=True)
+    self._refresh_every, self._losses, self._start = refresh_every, [], time.perf_counter()
+
+  def after_step(self, trainer: Trainer, result: StepResult) -> None:
+    self._bar.update(1)
+    self._losses = [*self._losses[-(self._refresh_every - 1) :], result.loss]
+    if self._bar.n % self._refresh_every == 0 or result.step == trainer.last_step:
+      examples = self._bar.n * trainer.config.global_batch
+      self._bar.set_postfix(
+        loss=f"{np.mean(self._losses):.4f}",
+        ex_s=f"{examples / (time.perf_counter() - self._start):.0f}",
+        hit=f"{trainer.tier.hit_rate():.3f}",
+      )
+
+  def close(self) -> None:
+    self._bar.close()
+
+
+class MetricsLog(Hook):
+  """A ``train`` record in ``metrics.jsonl`` every ``every`` steps and at the last step:
+  mean loss and examples/s since the previous record, hit rate, time and traffic so far."""
+
+  def __init__(self, every: int):
+    self._every, self._losses, self._start = every, [], time.perf_counter()
+
+  def after_step(self, trainer: Trainer, result: StepResult) -> None:
+    self._losses.append(result.loss)
+    if result.step % self._every and result.step != trainer.last_step:
+      return
+    now = time.perf_counter()
+    global_batch = trainer.config.global_batch
+    trainer.log(
+      {
+        "kind": "train",
+        "step": result.step,
+        "examples": result.step * global_batch,
+        "loss": float(np.mean(self._losses)),
+        "examples_per_sec": len(self._losses) * global_batch / (now - self._start),
+        "hit_rate": trainer.tier.hit_rate(),
+        "seconds": trainer.timer.totals(),
+        **trainer.meter.totals(),
+      }
+    )
+    self._losses, self._start = [], now
+
+
+class PeriodicEval(Hook):
+  """Evaluate on the test set every ``every`` steps (the final evaluation is the caller's)."""
+
+  def __init__(self, every: int):
+    self._every = every
+
+  def after_step(self, trainer: Trainer, result: StepResult) -> None:
+    if self._every and result.step % self._every == 0 and result.step < trainer.last_step:
+      trainer.evaluate(result.step)
+
+
+class PushedRows(Hook):
+  """Collects the rows every step pushed (for :meth:`Trainer.state`)."""
+
+  def __init__(self):
+    self._rows: list[np.ndarray] = []
+
+  def after_step(self, trainer: Trainer, result: StepResult) -> None:
+    self._rows.append(result.unique_rows)
+
+  @property
+  def row_ids(self) -> np.ndarray:
+    """Every row pushed so far, sorted, each once."""
+    return np.unique(np.concatenate(self._rows)) if self._rows else np.zeros(0, np.int64)

@@ -1,0 +1,292 @@
+"""The CTR trainer: the resources of one run, its step loop, and evaluation.
+
+:class:`Trainer` is a context manager that owns everything a run opens (mesh, model and
+optimizer state, embedding tier, scratch directory, data prefetcher, metrics file) and closes
+it on exit, error or not. :meth:`Trainer.fit` runs the step loop; after every step it hands a
+:class:`StepResult` to each hook (:mod:`._hooks`: progress bar, metric records, periodic
+evaluation), so adding a behaviour to the loop means adding a hook, not editing the loop.
+:func:`evaluate` scores one set of parameters on the test set.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+import time
+from collections.abc import Iterator
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import jax
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from kstep_adam import parallel
+from kstep_adam._dispatch import optimizer_step
+from kstep_adam._schedule import MergeSchedule
+from kstep_adam.ctr import _step
+from kstep_adam.ctr._batch import CTRBatch
+from kstep_adam.ctr._comm import CommMeter
+from kstep_adam.ctr._config import TrainConfig
+from kstep_adam.ctr._metrics import auc
+from kstep_adam.ctr._metrics import logloss
+from kstep_adam.ctr._models import make_model
+from kstep_adam.ctr._pipeline import Prefetcher
+from kstep_adam.ctr._pipeline import Prepared
+from kstep_adam.ctr._pipeline import Timer
+from kstep_adam.ctr._sources import DataSource
+from kstep_adam.ctr._tier import SparseTier
+
+
+class StepResult(NamedTuple):
+  """What one training step did, handed to every hook."""
+
+  step: int  # the optimizer's step count after this step (1-based)
+  loss: float  # global-mean training loss of the step's batch
+  unique_rows: np.ndarray  # int64 [U], the table rows the step pulled and pushed
+  compiled: bool  # the step program compiled first (left out of throughput and breakdown)
+
+
+class Hook:
+  """Something that runs after every training step (logging, evaluation, checkpoints).
+
+  Subclasses override :meth:`after_step`, and :meth:`close` if they hold a resource.
+  """
+
+  def after_step(self, trainer: Trainer, result: StepResult) -> None:
+    """Called after every step, in the order the hooks were given."""
+
+  def close(self) -> None:
+    """Called once when :meth:`Trainer.fit` ends, normally or not."""
+
+
+def num_steps(config: TrainConfig, source: DataSource) -> int:
+  """Steps of a run: ``config.steps``, else ``epochs`` passes of file data, else
+  ``synthetic_steps`` of an endless stream."""
+  if config.steps is not None:
+    return config.steps
+  per_epoch = source.steps_per_epoch(config.global_batch)
+  if per_epoch is None:
+    return config.synthetic_steps
+  if per_epoch < 1:
+    raise ValueError(
+      f"{source.name} has fewer training lines than one global batch "
+      f"({config.global_batch}); lower --batch-size or use fewer workers"
+    )
+  return config.epochs * per_epoch
+
+
+def global_batches(config: TrainConfig, source: DataSource, count: int) -> Iterator[CTRBatch]:
+  """``count`` global batches, continuing into the next epoch as needed."""
+  produced, epoch = 0, 0
+  while produced < count:
+    count_before = produced
+    for batch in source.train_epoch(epoch, config.global_batch):
+      yield batch
+      produced += 1
+      if produced == count:
+        return
+    if produced == count_before:
+      raise ValueError(f"{source.name} yielded no full global batch of {config.global_batch}")
+    epoch += 1
+
+
+def evaluate(batches, tier: SparseTier, predict, params) -> dict:
+  """AUC and logloss of ``params`` (one replica) on ``batches``, the held-out set."""
+  labels, probs = [], []
+  for batch in batches:
+    ws = tier.lookup(batch.keys_BxF)
+    probs.append(np.asarray(predict(params, ws.rows_PxD, ws.inverse_BxF, batch.dense_BxI)))
+    labels.append(batch.label_B)
+  labels, probs = np.concatenate(labels), np.concatenate(probs)
+  return {
+    "test_auc": auc(labels, probs),
+    "test_logloss": logloss(labels, probs),
+    "test_examples": int(labels.size),
+  }
+
+
+class Trainer:
+  """One CTR training run: its resources and its step loop.
+
+  Use it as a context manager; everything it opened is closed on exit::
+
+      with Trainer(config, source, make_optimizer(config), out_dir) as trainer:
+        trainer.fit(hooks)
+        result = trainer.evaluate()
+
+  Args:
+    config: the run's configuration.
+    source: training and test data.
+    optimizer: ``(tx, schedule)``, the dense optimizer and the merge schedule it runs (for
+      byte accounting), e.g. from :func:`kstep_adam.ctr.make_optimizer`.
+    out_dir: where ``metrics.jsonl`` (and the caller's ``summary.json``) go; None writes
+      nothing.
+
+  Attributes:
+    num_steps: steps :meth:`fit` takes.
+    last_step: the optimizer's step count after :meth:`fit`.
+    evals: the evaluation records so far.
+    timer: wall time per phase (data, pull, compute, push, eval), compiling steps left out.
+    train_seconds: wall time of :meth:`fit` without evaluations.
+    compile_steps: steps whose program compiled first; compile_step_seconds: their time.
+  """
+
+  def __init__(
+    self,
+    config: TrainConfig,
+    source: DataSource,
+    optimizer: tuple[optax.GradientTransformation, MergeSchedule],
+    out_dir: str | None = None,
+  ):
+    if config.num_workers > len(jax.devices()):
+      raise ValueError(
+        f"nodes x devices_per_node = {config.num_workers} exceeds the "
+        f"{len(jax.devices())} devices; on CPU set jax_num_cpu_devices first"
+      )
+    self.config, self.source, self.out_dir = config, source, out_dir
+    self.num_steps = num_steps(config, source)
+    self._tx, self._schedule = optimizer
+    self._stack = contextlib.ExitStack()
+    self.evals: list[dict] = []
+    self.timer = Timer()
+    self.train_seconds = 0.0
+    self.compile_steps, self.compile_step_seconds = 0, 0.0
+
+  # -- resources ---------------------------------------------------------------------------
+  def __enter__(self) -> Trainer:
+    try:
+      self._open()
+    except BaseException:
+      self._stack.close()
+      raise
+    return self
+
+  def __exit__(self, *exc_info) -> None:
+    self._stack.close()
+
+  def _open(self) -> None:
+    config, source = self.config, self.source
+    self.mesh = parallel.make_mesh(config.nodes, config.devices_per_node)
+    model = make_model(
+      config.model,
+      num_dense=source.num_dense,
+      num_categorical=source.num_categorical,
+      embed_dim=config.embed_dim,
+      seed=config.seed,
+    )
+    graphdef, params = nnx.split(model)
+    self.params_W, self.opt_state_W = parallel.init_replicas(params, self._tx, self.mesh)
+    self.start_step = optimizer_step(self.opt_state_W) or 0
+    self.last_step = self.start_step + self.num_steps
+    self.step_fn = _step.make_ctr_train_step(graphdef, self._tx, self.mesh)
+    self.predict = _step.make_predict(graphdef)
+    self.meter = CommMeter(config, params, self._schedule, self.mesh)
+    self._replicated = NamedSharding(self.mesh, P())
+    self._per_worker = parallel.worker_sharding(self.mesh)
+    if config.table_dir:
+      self.table_dir = config.table_dir
+    else:
+      scratch = self._stack.enter_context(tempfile.TemporaryDirectory(prefix="ctr_table_"))
+      self.table_dir = os.path.join(scratch, "table")
+    self.tier = SparseTier(config, self.table_dir, temporary=not config.table_dir)
+    self._stack.callback(self.tier.close)
+    self._writer = None
+    if self.out_dir is not None:
+      os.makedirs(self.out_dir, exist_ok=True)
+      self._writer = self._stack.enter_context(
+        open(os.path.join(self.out_dir, "metrics.jsonl"), "w", encoding="utf-8")
+      )
+
+  def log(self, record: dict) -> None:
+    """Append one record to ``metrics.jsonl`` (nothing without an ``out_dir``)."""
+    if self._writer is not None:
+      self._writer.write(json.dumps(record) + "\n")
+      self._writer.flush()
+
+  # -- the step loop -----------------------------------------------------------------------
+  def fit(self, hooks: Sequence[Hook] = ()) -> None:
+    """Take :attr:`num_steps` steps; after each, call every hook in order."""
+    prefetcher = Prefetcher(
+      global_batches(self.config, self.source, self.num_steps),
+      self.tier.index,
+      background=self.config.prefetch,
+    )
+    self._stack.callback(prefetcher.close)  # also on error; closing twice is harmless
+    start, eval_before = time.perf_counter(), self.timer.total("eval")
+    try:
+      with self.timer("data"):
+        current = prefetcher.get()
+      self.tier.prefetch(current.unique_rows)
+      for index in range(self.num_steps):
+        step_start = time.perf_counter()
+        self.timer.new_step()
+        upcoming = prefetcher if index + 1 < self.num_steps else None
+        result, current = self._step(current, upcoming)
+        compute = None if result.compiled else self.timer.step.get("compute", 0.0)
+        self.meter.add_step(result.step, len(result.unique_rows), compute)
+        if result.compiled:
+          self.compile_steps += 1
+          self.compile_step_seconds += time.perf_counter() - step_start
+          self.timer.discard_step()
+        for hook in hooks:
+          hook.after_step(self, result)
+    finally:
+      prefetcher.close()
+      for hook in hooks:
+        hook.close()
+    eval_seconds = self.timer.total("eval") - eval_before
+    self.train_seconds += time.perf_counter() - start - eval_seconds
+
+  def _step(self, current: Prepared, prefetcher: Prefetcher | None):
+    """One synchronous step on ``current``; returns its result and the next prepared batch,
+    read (and its rows staged) while the step computes."""
+    timer, tier = self.timer, self.tier
+    with timer("pull"):
+      ws = tier.working_set(current.unique_rows, current.inverse_GxF)
+      rows_PxD = jax.device_put(ws.rows_PxD, self._replicated)
+      batch = current.batch
+      inputs = jax.device_put((ws.inverse_BxF, batch.dense_BxI, batch.label_B), self._per_worker)
+    with timer("compute"):
+      self.params_W, self.opt_state_W, grad_rows_UxD, loss = self.step_fn(
+        self.params_W, self.opt_state_W, rows_PxD, *inputs
+      )
+    upcoming = None
+    if prefetcher is not None:
+      with timer("data"):
+        upcoming = prefetcher.get()
+      tier.prefetch(upcoming.unique_rows)  # stages rows while the step still computes
+    with timer("compute"):
+      grad_rows = np.asarray(jax.device_get(grad_rows_UxD))[: ws.num_unique]
+      loss = float(loss)
+    with timer("push"):
+      tier.push(ws.unique_rows, grad_rows)
+    result = StepResult(self.step_fn.step, loss, ws.unique_rows, self.step_fn.last_call_compiled)
+    return result, upcoming
+
+  # -- evaluation and state ----------------------------------------------------------------
+  def merged_params(self):
+    """The mean of the workers' replicas (what a final merge produces), on the host."""
+    return jax.device_get(_step.replica_mean(self.params_W))
+
+  def evaluate(self, step: int | None = None) -> dict:
+    """Evaluate the merged replicas on the test set; record and log the result."""
+    with self.timer("eval"):
+      result = evaluate(self.source.test_batches(), self.tier, self.predict, self.merged_params())
+    record = {"kind": "eval", "step": self.last_step if step is None else step, **result}
+    self.evals.append(record)
+    self.log(record)
+    return record
+
+  def state(self, row_ids: np.ndarray) -> dict:
+    """Every worker's dense replica (NumPy) and the current values of ``row_ids``."""
+    return {
+      "params_W": jax.device_get(self.params_W),
+      "row_ids": row_ids,
+      "rows": self.tier.table.pull(row_ids),
+    }
