@@ -31,6 +31,7 @@ from experiments._cli import add_config_args
 from experiments._cli import config_from_args
 from experiments._common import use_cpu_devices
 from kstep_adam import ctr
+from kstep_adam._jsonio import finite_or_none
 
 # The short spellings users know, beside the generated --learning-rate / --sparse-learning-rate.
 ALIASES = {"learning_rate": ["--lr"], "sparse_learning_rate": ["--sparse-lr"]}
@@ -84,7 +85,9 @@ def main(argv=None) -> dict:
   use_cpu_devices(config.num_workers)
   source = ctr.make_source(data, config)
   summary = ctr.train(config, source, args.out, progress=args.progress)
-  print(json.dumps({key: summary[key] for key in PRINTED}, indent=1, default=str))
+  print(json.dumps(finite_or_none({key: summary[key] for key in PRINTED}), indent=1))
+  for warning in summary["warnings"]:
+    print(f"warning: {warning}", file=sys.stderr)
   if summary["data"]["lines_skipped"]:
     print(
       f"skipped {summary['data']['lines_skipped']} bad lines, e.g. "

@@ -185,3 +185,60 @@ def test_command_line_defaults_are_the_config_defaults():
   assert config.steps is None
   with pytest.raises(SystemExit):
     train_ctr.main(["--k", "0"])  # the dataclass's check, reported as a usage error
+
+
+def _strict_json(path):
+  """Parse a JSON file, refusing the bare NaN / Infinity that Python's json writes."""
+
+  def refuse(name):
+    raise AssertionError(f"{path} holds a bare {name}")
+
+  with open(path) as f:
+    text = f.read()
+  if str(path).endswith(".jsonl"):
+    return [json.loads(line, parse_constant=refuse) for line in text.splitlines()]
+  return json.loads(text, parse_constant=refuse)
+
+
+def test_a_single_class_test_set_reports_no_auc_and_says_why(tmp_path, capsys):
+  from experiments import train_ctr
+
+  path = tmp_path / "day.txt"
+  ctr.SyntheticCTR(vocab_size=500).write_criteo(str(path), 2200)
+  with open(path) as f:
+    lines = f.read().splitlines()
+  for i in range(1980, 2200):  # the held-out last 10%: all labelled 0
+    lines[i] = "0" + lines[i][1:]
+  path.write_text("\n".join(lines) + "\n")
+  out = tmp_path / "out"
+  args = ["--data", f"criteo:{path}", "--batch-size", "32", "--out", str(out), "--no-progress"]
+  summary = train_ctr.main(args + ["--table-rows", "65536", "--eval-every", "4"])
+  assert summary["test_auc"] is None and summary["test_positives"] == 0
+  assert "single class (220 examples, all labelled 0)" in summary["test_note"]
+  assert any("AUC is undefined" in w for w in summary["warnings"])
+  assert "warning: final evaluation: the test set has a single class" in capsys.readouterr().err
+  on_disk = _strict_json(out / "summary.json")
+  assert on_disk["test_auc"] is None and on_disk["warnings"] == summary["warnings"]
+  evals = [r for r in _strict_json(out / "metrics.jsonl") if r["kind"] == "eval"]
+  assert [r["test_auc"] for r in evals] == [None, None]  # steps 4 and 7 (the last)
+  assert not [p for p in os.listdir(out) if p.endswith(".tmp")]  # written atomically
+
+
+def test_undefined_metrics_are_none_with_a_reason():
+  from kstep_adam.ctr._trainer import test_metrics
+
+  diverged = test_metrics(np.array([0.0, 1.0, 1.0]), np.array([0.1, np.nan, 0.9]))
+  assert diverged["test_auc"] is None and diverged["test_logloss"] is None
+  assert diverged["test_note"] == "1 of 3 predictions are not finite (the model diverged)"
+  fine = test_metrics(np.array([0.0, 1.0]), np.array([0.1, 0.9]))
+  assert fine["test_auc"] == 1.0 and "test_note" not in fine
+
+
+def test_results_are_strict_json(tmp_path):
+  from kstep_adam._jsonio import dumps
+  from kstep_adam._jsonio import write_json
+
+  record = {"loss": float("nan"), "auc": np.float32("inf"), "n": [np.int64(3), np.float64(0.5)]}
+  assert dumps(record) == '{"loss": null, "auc": null, "n": [3, 0.5]}'
+  write_json(str(tmp_path / "s.json"), record)
+  assert _strict_json(tmp_path / "s.json") == {"loss": None, "auc": None, "n": [3, 0.5]}

@@ -11,7 +11,6 @@ evaluation), so adding a behaviour to the loop means adding a hook, not editing 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import tempfile
 import time
@@ -28,6 +27,7 @@ from jax.sharding import PartitionSpec as P
 
 from kstep_adam import parallel
 from kstep_adam._dispatch import optimizer_step
+from kstep_adam._jsonio import dumps
 from kstep_adam._schedule import MergeSchedule
 from kstep_adam.ctr import _step
 from kstep_adam.ctr._batch import CTRBatch
@@ -96,19 +96,54 @@ def global_batches(config: TrainConfig, source: DataSource, count: int) -> Itera
     epoch += 1
 
 
+def test_metrics(labels_N: np.ndarray, probs_N: np.ndarray) -> dict:
+  """AUC and logloss of click probabilities, or None with a reason where one is undefined.
+
+  Returns:
+    ``test_auc`` and ``test_logloss`` (floats, or None), ``test_examples``, ``test_positives``
+    and, when a metric is None, ``test_note`` saying why: a test set with a single class has
+    no AUC, and non-finite predictions (a diverged model) have neither.
+
+  Examples:
+    >>> test_metrics(np.array([0.0, 0.0]), np.array([0.2, 0.4]))["test_note"]
+    'the test set has a single class (2 examples, all labelled 0): AUC is undefined'
+  """
+  labels_N, probs_N = np.asarray(labels_N), np.asarray(probs_N)
+  positives = int(labels_N.sum())
+  result = {
+    "test_auc": None,
+    "test_logloss": None,
+    "test_examples": int(labels_N.size),
+    "test_positives": positives,
+  }
+  if labels_N.size == 0:
+    return {**result, "test_note": "the test set is empty"}
+  bad = int(np.count_nonzero(~np.isfinite(probs_N)))
+  if bad:
+    return {
+      **result,
+      "test_note": f"{bad} of {labels_N.size} predictions are not finite (the model diverged)",
+    }
+  result["test_logloss"] = logloss(labels_N, probs_N)
+  if positives in (0, labels_N.size):
+    note = (
+      f"the test set has a single class ({labels_N.size} examples, all labelled "
+      f"{int(positives > 0)}): AUC is undefined"
+    )
+    return {**result, "test_note": note}
+  return {**result, "test_auc": auc(labels_N, probs_N)}
+
+
 def evaluate(batches, tier: SparseTier, predict, params) -> dict:
-  """AUC and logloss of ``params`` (one replica) on ``batches``, the held-out set."""
+  """:func:`test_metrics` of ``params`` (one replica) on ``batches``, the held-out set."""
   labels, probs = [], []
   for batch in batches:
     ws = tier.lookup(batch.keys_BxF)
     probs.append(np.asarray(predict(params, ws.rows_PxD, ws.inverse_BxF, batch.dense_BxI)))
     labels.append(batch.label_B)
-  labels, probs = np.concatenate(labels), np.concatenate(probs)
-  return {
-    "test_auc": auc(labels, probs),
-    "test_logloss": logloss(labels, probs),
-    "test_examples": int(labels.size),
-  }
+  if not labels:
+    return test_metrics(np.zeros(0), np.zeros(0))
+  return test_metrics(np.concatenate(labels), np.concatenate(probs))
 
 
 class Trainer:
@@ -204,9 +239,9 @@ class Trainer:
       )
 
   def log(self, record: dict) -> None:
-    """Append one record to ``metrics.jsonl`` (nothing without an ``out_dir``)."""
+    """Append one strict-JSON record to ``metrics.jsonl`` (nothing without an ``out_dir``)."""
     if self._writer is not None:
-      self._writer.write(json.dumps(record) + "\n")
+      self._writer.write(dumps(record) + "\n")
       self._writer.flush()
 
   # -- the step loop -----------------------------------------------------------------------

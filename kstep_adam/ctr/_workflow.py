@@ -22,13 +22,13 @@ final evaluation and :func:`summarize`.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 
 import jax
 
 from kstep_adam import parallel
 from kstep_adam._baselines import sync_adam
+from kstep_adam._jsonio import write_json
 from kstep_adam._kstep_adam import kstep_adam
 from kstep_adam._schedule import merge_schedule
 from kstep_adam._schedule import sync_schedule
@@ -72,7 +72,8 @@ def train(
     return_state: also return the final state (for tests and notebooks).
 
   Returns:
-    The summary dict (also ``summary.json``, see :func:`summarize`). With ``return_state``,
+    The summary dict (also ``summary.json``, strict JSON written atomically; see
+    :func:`summarize`). With ``return_state``,
     ``(summary, state)`` where ``state`` has ``params_W`` (every worker's dense replica,
     NumPy), ``row_ids`` (every row ever pushed) and ``rows`` (their values).
   """
@@ -88,8 +89,7 @@ def train(
     final = trainer.evaluate()
     summary = summarize(trainer, final)
     if out_dir is not None:
-      with open(os.path.join(out_dir, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=2, default=str)
+      write_json(os.path.join(out_dir, "summary.json"), summary)
     state = trainer.state(pushed.row_ids) if return_state else None
   return (summary, state) if return_state else summary
 
@@ -97,7 +97,9 @@ def train(
 def summarize(trainer: Trainer, final: dict) -> dict:
   """The run summary: final test metrics, throughput, time breakdown, traffic, data, config.
 
-  Keys: ``test_auc``, ``test_logloss``, ``test_examples`` (from ``final``); ``teacher_auc``
+  Keys: ``test_auc``, ``test_logloss``, ``test_examples``, ``test_positives`` (from
+  ``final``; a metric that is undefined is None and ``test_note`` says why); ``warnings``
+  (what a reader of the numbers must know, e.g. that note); ``teacher_auc``
   (synthetic data); ``steps``, ``examples``, ``examples_per_sec`` (steps that compiled left
   out), ``train_seconds``, ``compile_steps``, ``compile_step_seconds``;
   ``time_breakdown_seconds`` (data, pull, compute, push, eval, and the estimated merge
@@ -113,8 +115,10 @@ def summarize(trainer: Trainer, final: dict) -> dict:
     examples_per_sec = steady_steps * global_batch / steady_seconds
   else:  # every step compiled: report what there is
     examples_per_sec = steps * global_batch / max(trainer.train_seconds, 1e-9)
+  warnings = [f"final evaluation: {final['test_note']}"] if "test_note" in final else []
   return {
     **{key: value for key, value in final.items() if key not in ("kind", "step")},
+    "warnings": warnings,
     "teacher_auc": source.teacher_auc,
     "steps": steps,
     "examples": steps * global_batch,
