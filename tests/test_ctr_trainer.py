@@ -49,7 +49,7 @@ def test_hooks_see_every_step_and_which_ones_compiled(tmp_path):
   assert [r.compiled for r in recorder.results] == [True, False, False, True, False, False]
   assert summary["compile_steps"] == 2 and summary["steps"] == 6
   assert final["step"] == 6 and summary["evals"] == [final]
-  assert all(r.unique_rows.size > 0 and r.loss > 0 for r in recorder.results)
+  assert all(r.row_ids_U.size > 0 and r.loss > 0 for r in recorder.results)
 
 
 def test_resources_are_released_when_a_step_hook_fails(tmp_path):

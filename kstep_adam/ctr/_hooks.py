@@ -84,7 +84,7 @@ class PushedRows(Hook):
     self._rows: list[np.ndarray] = []
 
   def after_step(self, trainer: Trainer, result: StepResult) -> None:
-    self._rows.append(result.unique_rows)
+    self._rows.append(result.row_ids_U)
 
   @property
   def row_ids(self) -> np.ndarray:

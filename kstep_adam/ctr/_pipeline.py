@@ -18,12 +18,12 @@ _DONE = object()
 
 
 @dataclasses.dataclass
-class Prepared:
-  """A global batch with its keys already hashed to table rows and deduplicated."""
+class IndexedBatch:
+  """A global batch of G examples with its keys already hashed to table rows, deduplicated."""
 
-  batch: CTRBatch
-  unique_rows: np.ndarray  # int64 [U], the distinct rows of the batch, sorted
-  inverse_GxF: np.ndarray  # int32 [global_batch, num_categorical], index into unique_rows
+  batch: CTRBatch  # G examples
+  row_ids_U: np.ndarray  # int64 [U], the batch's table rows, sorted, each once
+  inverse_GxF: np.ndarray  # int32 [G, F], the index into row_ids_U of every key
 
 
 class Prefetcher:
@@ -31,7 +31,7 @@ class Prefetcher:
 
   Args:
     batches: iterator of global batches.
-    index_of: ``keys_GxF -> (unique_rows, inverse_GxF)``, the tier's key hashing and
+    index_of: ``keys_GxF -> (row_ids_U, inverse_GxF)``, the tier's key hashing and
       deduplication (pure NumPy, thread-safe).
     depth: queue length (how far the reader runs ahead).
     background: False runs everything on the caller's thread (for tests and debugging).
@@ -53,13 +53,13 @@ class Prefetcher:
       self._thread = threading.Thread(target=self._run, name="ctr-reader", daemon=True)
       self._thread.start()
 
-  def _prepare(self, batch: CTRBatch) -> Prepared:
-    return Prepared(batch, *self._index_of(batch.keys_BxF))
+  def _index(self, batch: CTRBatch) -> IndexedBatch:
+    return IndexedBatch(batch, *self._index_of(batch.keys_BxF))
 
   def _run(self) -> None:
     try:
       for batch in self._batches:
-        item = self._prepare(batch)
+        item = self._index(batch)
         while not self._stop.is_set():
           try:
             self._queue.put(item, timeout=0.1)
@@ -72,13 +72,13 @@ class Prefetcher:
     except BaseException as error:  # handed to the consumer, raised there
       self._queue.put(error)
 
-  def get(self) -> Prepared:
+  def get(self) -> IndexedBatch:
     """Return the next prepared batch; raise the reader's error if it failed."""
     if self._thread is None:
       batch = next(self._batches, None)
       if batch is None:
         raise StopIteration("the data source is exhausted")
-      return self._prepare(batch)
+      return self._index(batch)
     item = self._queue.get()
     if item is _DONE:
       raise StopIteration("the data source is exhausted")

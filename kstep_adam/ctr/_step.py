@@ -3,10 +3,11 @@
 The generic :func:`kstep_adam.parallel.make_train_step` takes one batch pytree split over the
 workers and returns only parameters and state. The CTR step needs two things it lacks:
 
-* the step's deduplicated embedding rows ``rows_UxD`` as an extra *replicated* input (every
-  worker indexes into the same working set with its own ``inverse``), and
+* the step's deduplicated embedding rows ``rows_PxD`` as an extra *replicated* input (every
+  worker indexes into the same rows with its own ``inverse``; the ``U`` rows in use are
+  padded with zero rows to ``P``, a shape bucket), and
 * their gradient as an extra *replicated* output, averaged over all workers, so the host can
-  push it to the embedding tier once.
+  push it to the embedding tier once (the padding rows' gradient is zero).
 
 So this module builds its own ``shard_map`` over the same mesh, applies the same optax
 optimizer to the dense parameters (which merge on their own schedule inside ``tx.update``)
@@ -38,17 +39,17 @@ def bce_loss(logit_B: jax.Array, label_B: jax.Array) -> jax.Array:
 
 
 def _logits(
-  graphdef: nnx.GraphDef, params, rows_UxD: jax.Array, inverse_BxF: jax.Array, dense_BxI: jax.Array
+  graphdef: nnx.GraphDef, params, rows_PxD: jax.Array, inverse_BxF: jax.Array, dense_BxI: jax.Array
 ) -> jax.Array:
-  """The model on a working set: every key's embedding gathered from the unique rows."""
-  emb_BxFxD = jnp.take(rows_UxD, inverse_BxF, axis=0)
+  """The model on a batch's rows: every key's embedding gathered from the unique rows."""
+  emb_BxFxD = jnp.take(rows_PxD, inverse_BxF, axis=0)
   return nnx.merge(graphdef, params)(emb_BxFxD, dense_BxI)
 
 
 def make_ctr_train_step(
   graphdef: nnx.GraphDef, tx: optax.GradientTransformation, mesh: Mesh
 ) -> Callable:
-  """Build ``step(params_W, opt_state_W, rows_UxD, inverse_GxF, dense_GxI, label_G)``.
+  """Build ``step(params_W, opt_state_W, rows_PxD, inverse_GxF, dense_GxI, label_G)``.
 
   Args:
     graphdef: the nnx graph definition of the model (from ``nnx.split``).
@@ -57,31 +58,31 @@ def make_ctr_train_step(
 
   Returns:
     A :class:`kstep_adam.parallel.DispatchedStep` (called like a jitted function) returning
-    ``(params_W, opt_state_W, grad_rows_UxD, loss)``: new
-    per-worker replicas, the rows' gradient of the global-mean loss (replicated) and the
-    global-mean loss. ``G = N * B`` is the global batch; worker ``w`` owns rows
-    ``[w*B, (w+1)*B)`` of the batch arrays. Params and state buffers are donated.
+    ``(params_W, opt_state_W, grad_rows_PxD, loss)``: new per-worker replicas, the rows'
+    gradient of the global-mean loss (replicated) and the global-mean loss. ``G = N * B`` is
+    the global batch; worker ``w`` owns rows ``[w*B, (w+1)*B)`` of the batch arrays.
+    Params and state buffers are donated.
   """
   axes = tuple(mesh.axis_names)
   worker = P(axes)
 
-  def per_worker(params_W, opt_state_W, rows_UxD, inverse_BxF, dense_BxI, label_B):
+  def per_worker(params_W, opt_state_W, rows_PxD, inverse_BxF, dense_BxI, label_B):
     params, opt_state = jax.tree.map(lambda x: x[0], (params_W, opt_state_W))
 
-    def loss_fn(params, rows_UxD):
-      return bce_loss(_logits(graphdef, params, rows_UxD, inverse_BxF, dense_BxI), label_B)
+    def loss_fn(params, rows_PxD):
+      return bce_loss(_logits(graphdef, params, rows_PxD, inverse_BxF, dense_BxI), label_B)
 
     # The rows enter replicated (unvarying over the mesh); differentiating with respect to
     # an unvarying input makes JAX psum the cotangent implicitly, which would give the *sum*
     # of the workers' gradients. Casting to varying first keeps the gradient per worker,
     # so the pmean below is the gradient of the global-mean loss.
-    rows_UxD = jax.lax.pcast(rows_UxD, axes, to="varying")
-    loss, (grads, grad_rows_UxD) = jax.value_and_grad(loss_fn, argnums=(0, 1))(params, rows_UxD)
-    grad_rows_UxD = jax.lax.pmean(grad_rows_UxD, axes)  # synchronous sparse, every step
+    rows_PxD = jax.lax.pcast(rows_PxD, axes, to="varying")
+    loss, (grads, grad_rows_PxD) = jax.value_and_grad(loss_fn, argnums=(0, 1))(params, rows_PxD)
+    grad_rows_PxD = jax.lax.pmean(grad_rows_PxD, axes)  # synchronous sparse, every step
     updates, opt_state = tx.update(grads, opt_state, params)
     params = optax.apply_updates(params, updates)
     params_W, opt_state_W = jax.tree.map(lambda x: x[None], (params, opt_state))
-    return params_W, opt_state_W, grad_rows_UxD, jax.lax.pmean(loss, axes)
+    return params_W, opt_state_W, grad_rows_PxD, jax.lax.pmean(loss, axes)
 
   def build(body):
     return jax.jit(
@@ -100,11 +101,11 @@ def make_ctr_train_step(
 
 
 def make_predict(graphdef: nnx.GraphDef) -> Callable:
-  """Jitted ``predict(params, rows_UxD, inverse_BxF, dense_BxI) -> click probability [B]``."""
+  """Jitted ``predict(params, rows_PxD, inverse_BxF, dense_BxI) -> click probability [B]``."""
 
   @jax.jit
-  def predict(params, rows_UxD, inverse_BxF, dense_BxI):
-    return jax.nn.sigmoid(_logits(graphdef, params, rows_UxD, inverse_BxF, dense_BxI))
+  def predict(params, rows_PxD, inverse_BxF, dense_BxI):
+    return jax.nn.sigmoid(_logits(graphdef, params, rows_PxD, inverse_BxF, dense_BxI))
 
   return predict
 

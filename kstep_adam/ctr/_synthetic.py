@@ -152,7 +152,8 @@ class SyntheticCTR:
     head = int(min(self.vocab_F.max(), _HEAD_IDS))
     ids_FxH = np.broadcast_to(np.arange(head), (F, head))
     fields_FxH = np.broadcast_to(np.arange(F)[:, None], (F, head))
-    self._head_FxHxT = _hashed_normals(self.seed, fields_FxH, ids_FxH, 1 + teacher_dim)
+    # C = 1 + teacher_dim values per id: its scalar a and its interaction vector u.
+    self._head_FxHxC = _hashed_normals(self.seed, fields_FxH, ids_FxH, 1 + teacher_dim)
     self._scale, self._bias = 1.0, 0.0
     raw_logit = self._teacher_logit(
       *self._sample(np.random.default_rng([self.seed, _CALIBRATE]), 20_000, None)[1:]
@@ -169,8 +170,8 @@ class SyntheticCTR:
   def _sample(self, rng: np.random.Generator, n: int, worker_B: np.ndarray | None):
     """Draw n examples: (dense features, standardized dense, ids); non-IID if worker_B given."""
     F = self.num_categorical
-    raw_I = np.floor(np.exp(rng.normal(self._dense_mu_I, 1.0, (n, self.num_dense))))
-    dense_BxI = np.log1p(raw_I)
+    raw_BxI = np.floor(np.exp(rng.normal(self._dense_mu_I, 1.0, (n, self.num_dense))))
+    dense_BxI = np.log1p(raw_BxI)
     std_BxI = dense_BxI - self._dense_mu_I
     # Truncated Zipf by inverting the CDF of the continuous power law on [1, V + 1).
     one_minus_a = 1.0 - self.zipf_exponent
@@ -187,8 +188,8 @@ class SyntheticCTR:
     """The teacher's per-id values [B, F, 1 + teacher_dim]: a lookup for the popular ids
     (precomputed, bounded size), hashed on the fly for the tail."""
     field_BxF = np.broadcast_to(np.arange(self.num_categorical), id_BxF.shape)
-    head = self._head_FxHxT.shape[1]
-    out = self._head_FxHxT[field_BxF, np.minimum(id_BxF, head - 1)]
+    head = self._head_FxHxC.shape[1]
+    out = self._head_FxHxC[field_BxF, np.minimum(id_BxF, head - 1)]
     tail = id_BxF >= head
     if tail.any():
       out[tail] = _hashed_normals(
@@ -197,9 +198,9 @@ class SyntheticCTR:
     return out
 
   def _teacher_logit(self, std_BxI: np.ndarray, id_BxF: np.ndarray) -> np.ndarray:
-    normals = self._teacher_normals(id_BxF)
-    logit = std_BxI @ self._w_I + normals[..., 0] @ self._field_scale_F
-    u_BxFxT = normals[..., 1:] / np.sqrt(self.teacher_dim)
+    normals_BxFxC = self._teacher_normals(id_BxF)
+    logit = std_BxI @ self._w_I + normals_BxFxC[..., 0] @ self._field_scale_F
+    u_BxFxT = normals_BxFxC[..., 1:] / np.sqrt(self.teacher_dim)
     f, g = self._pairs_Px2[:, 0], self._pairs_Px2[:, 1]
     logit = logit + np.einsum("bpt,bpt->b", u_BxFxT[:, f], u_BxFxT[:, g])
     return logit * self._scale + self._bias

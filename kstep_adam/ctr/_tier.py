@@ -1,9 +1,11 @@
-"""The trainer's seam to the embedding tier: keys to rows, working sets, pushes, stats.
+"""The trainer's seam to the embedding tier: keys to rows, a batch's rows, pushes, stats.
 
-All tier calls of a run go through :class:`SparseTier`, on the trainer's thread. The tier is
+All tier calls of a run go through :class:`SparseTier`, on the trainer's thread (except
+:meth:`SparseTier.index`, pure NumPy, which the reader thread runs). The tier is
 :func:`kstep_adam.embedding.open_table`; this class only adapts its arrays to the step's
-shapes (keys hashed and deduplicated once per batch into ``unique_rows`` and an ``[G, F]``
-inverse, rows padded to a shape bucket).
+shapes: a batch of ``G`` examples with ``F`` fields has its keys hashed and deduplicated once
+into ``row_ids_U`` and an ``inverse_GxF``, and the rows' values are padded to ``P >= U`` rows,
+a shape bucket, so the jitted step sees few shapes.
 """
 
 from __future__ import annotations
@@ -18,17 +20,21 @@ from kstep_adam.ctr._config import TrainConfig
 from kstep_adam.ctr._pipeline import bucket_size
 
 
-class WorkingSet(NamedTuple):
-  """The deduplicated rows of one global batch, padded to a shape bucket."""
+class BatchRows(NamedTuple):
+  """The embedding rows one batch reads: each table row once, padded to a shape bucket.
 
-  unique_rows: np.ndarray  # int64 [U], table rows, each once
-  rows_PxD: np.ndarray | jax.Array  # float32 [P >= U, D]; rows past U are zero (on the
-  # device when the tier has a device cache)
-  inverse_BxF: np.ndarray  # int32 [G, F], index into unique_rows of every key
+  ``rows_PxD[inverse_GxF]`` is the ``[G, F, D]`` embedding of the batch's ``G`` examples.
+  """
+
+  row_ids_U: np.ndarray  # int64 [U], the batch's table rows, sorted, each once
+  rows_PxD: np.ndarray | jax.Array  # float32 [P, D], P >= U: row u's values, then zeros
+  # (a device array when the tier has a device cache)
+  inverse_GxF: np.ndarray  # int32 [G, F], the index into row_ids_U of every key
 
   @property
   def num_unique(self) -> int:
-    return int(self.unique_rows.shape[0])
+    """U, the rows before the padding."""
+    return int(self.row_ids_U.shape[0])
 
 
 class SparseTier:
@@ -60,41 +66,41 @@ class SparseTier:
 
   def index(self, keys_GxF: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Hash feature keys into table rows and deduplicate them, once per batch (pure NumPy;
-    safe on the reader thread): ``(unique_rows [U] sorted, inverse_GxF int32)``."""
+    safe on the reader thread): ``(row_ids_U sorted, inverse_GxF int32)``."""
     rows_GxF = embedding.hash_keys_to_rows(keys_GxF, self.num_rows, salt=self._salt)
-    unique_rows, inverse = np.unique(rows_GxF, return_inverse=True)
-    return unique_rows, inverse.astype(np.int32).reshape(rows_GxF.shape)
+    row_ids_U, inverse = np.unique(rows_GxF, return_inverse=True)
+    return row_ids_U, inverse.astype(np.int32).reshape(rows_GxF.shape)
 
-  def prefetch(self, unique_rows: np.ndarray) -> None:
+  def prefetch(self, row_ids_U: np.ndarray) -> None:
     """Start staging these rows into the host tier (asynchronous)."""
-    self.table.prefetch(unique_rows)
+    self.table.prefetch(row_ids_U)
 
-  def working_set(
-    self, unique_rows: np.ndarray, inverse_GxF: np.ndarray, *, kind: str = "train"
-  ) -> WorkingSet:
-    """Pull the unique rows of a batch (from :meth:`index`) once, the step's working set,
-    padded to a power of two at least ``U`` so the jitted step sees few shapes."""
+  def pull(
+    self, row_ids_U: np.ndarray, inverse_GxF: np.ndarray, *, kind: str = "train"
+  ) -> BatchRows:
+    """Pull a batch's rows (from :meth:`index`) once, padded to a power of two ``P >= U``."""
     # A bucket never shrinks, so the step compiles once per new high-water mark only. Train
     # and eval batches keep separate buckets: the larger eval batches would otherwise pad
     # (and recompile) every training step after the first evaluation.
-    pad_to = self._pad_to[kind] = max(self._pad_to[kind], bucket_size(len(unique_rows)))
+    pad_to = self._pad_to[kind] = max(self._pad_to[kind], bucket_size(len(row_ids_U)))
     # The rows are unique already, so the table's own deduplication returns them unchanged.
-    ws = self.table.working_set(unique_rows, pad_to=pad_to)
-    return WorkingSet(unique_rows, ws.rows, inverse_GxF)
+    working_set = self.table.working_set(row_ids_U, pad_to=pad_to)
+    return BatchRows(row_ids_U, working_set.rows, inverse_GxF)
 
-  def lookup(self, keys_BxF: np.ndarray) -> WorkingSet:
+  def lookup(self, keys_GxF: np.ndarray) -> BatchRows:
     """Rows for evaluation: hash and pull, never push."""
-    return self.working_set(*self.index(keys_BxF), kind="eval")
+    return self.pull(*self.index(keys_GxF), kind="eval")
 
-  def push(self, unique_rows: np.ndarray, grads_UxD: np.ndarray) -> None:
+  def push(self, row_ids_U: np.ndarray, grads_UxD: np.ndarray) -> None:
     """One sparse optimizer step on these rows with their (worker-averaged) gradients."""
-    self.table.push(unique_rows, grads_UxD)
+    self.table.push(row_ids_U, grads_UxD)
 
   def stats(self) -> dict:
     """The table's counters (hits, misses, hit rate, evictions, bytes read/written)."""
     return self.table.stats()
 
   def hit_rate(self) -> float:
+    """Share of row reads the host tier served from memory so far."""
     return float(self.table.stats()["hit_rate"])
 
   def close(self) -> None:

@@ -36,8 +36,8 @@ from kstep_adam.ctr._config import TrainConfig
 from kstep_adam.ctr._metrics import auc
 from kstep_adam.ctr._metrics import logloss
 from kstep_adam.ctr._models import make_model
+from kstep_adam.ctr._pipeline import IndexedBatch
 from kstep_adam.ctr._pipeline import Prefetcher
-from kstep_adam.ctr._pipeline import Prepared
 from kstep_adam.ctr._pipeline import Timer
 from kstep_adam.ctr._sources import DataSource
 from kstep_adam.ctr._tier import SparseTier
@@ -48,7 +48,7 @@ class StepResult(NamedTuple):
 
   step: int  # the optimizer's step count after this step (1-based)
   loss: float  # global-mean training loss of the step's batch
-  unique_rows: np.ndarray  # int64 [U], the table rows the step pulled and pushed
+  row_ids_U: np.ndarray  # int64 [U], the table rows the step pulled and pushed
   compiled: bool  # the step program compiled first (left out of throughput and breakdown)
 
 
@@ -138,8 +138,8 @@ def evaluate(batches, tier: SparseTier, predict, params) -> dict:
   """:func:`test_metrics` of ``params`` (one replica) on ``batches``, the held-out set."""
   labels, probs = [], []
   for batch in batches:
-    ws = tier.lookup(batch.keys_BxF)
-    probs.append(np.asarray(predict(params, ws.rows_PxD, ws.inverse_BxF, batch.dense_BxI)))
+    rows = tier.lookup(batch.keys_BxF)
+    probs.append(np.asarray(predict(params, rows.rows_PxD, rows.inverse_GxF, batch.dense_BxI)))
     labels.append(batch.label_B)
   if not labels:
     return test_metrics(np.zeros(0), np.zeros(0))
@@ -257,14 +257,14 @@ class Trainer:
     try:
       with self.timer("data"):
         current = prefetcher.get()
-      self.tier.prefetch(current.unique_rows)
+      self.tier.prefetch(current.row_ids_U)
       for index in range(self.num_steps):
         step_start = time.perf_counter()
         self.timer.new_step()
         upcoming = prefetcher if index + 1 < self.num_steps else None
         result, current = self._step(current, upcoming)
         compute = None if result.compiled else self.timer.step.get("compute", 0.0)
-        self.meter.add_step(result.step, len(result.unique_rows), compute)
+        self.meter.add_step(result.step, len(result.row_ids_U), compute)
         if result.compiled:
           self.compile_steps += 1
           self.compile_step_seconds += time.perf_counter() - step_start
@@ -278,30 +278,30 @@ class Trainer:
     eval_seconds = self.timer.total("eval") - eval_before
     self.train_seconds += time.perf_counter() - start - eval_seconds
 
-  def _step(self, current: Prepared, prefetcher: Prefetcher | None):
+  def _step(self, current: IndexedBatch, prefetcher: Prefetcher | None):
     """One synchronous step on ``current``; returns its result and the next prepared batch,
     read (and its rows staged) while the step computes."""
     timer, tier = self.timer, self.tier
     with timer("pull"):
-      ws = tier.working_set(current.unique_rows, current.inverse_GxF)
-      rows_PxD = jax.device_put(ws.rows_PxD, self._replicated)
+      rows = tier.pull(current.row_ids_U, current.inverse_GxF)
+      rows_PxD = jax.device_put(rows.rows_PxD, self._replicated)
       batch = current.batch
-      inputs = jax.device_put((ws.inverse_BxF, batch.dense_BxI, batch.label_B), self._per_worker)
+      inputs = jax.device_put((rows.inverse_GxF, batch.dense_BxI, batch.label_B), self._per_worker)
     with timer("compute"):
-      self.params_W, self.opt_state_W, grad_rows_UxD, loss = self.step_fn(
+      self.params_W, self.opt_state_W, grad_rows_PxD, loss = self.step_fn(
         self.params_W, self.opt_state_W, rows_PxD, *inputs
       )
     upcoming = None
     if prefetcher is not None:
       with timer("data"):
         upcoming = prefetcher.get()
-      tier.prefetch(upcoming.unique_rows)  # stages rows while the step still computes
+      tier.prefetch(upcoming.row_ids_U)  # stages rows while the step still computes
     with timer("compute"):
-      grad_rows = np.asarray(jax.device_get(grad_rows_UxD))[: ws.num_unique]
+      grad_rows_UxD = np.asarray(jax.device_get(grad_rows_PxD))[: rows.num_unique]
       loss = float(loss)
     with timer("push"):
-      tier.push(ws.unique_rows, grad_rows)
-    result = StepResult(self.step_fn.step, loss, ws.unique_rows, self.step_fn.last_call_compiled)
+      tier.push(rows.row_ids_U, grad_rows_UxD)
+    result = StepResult(self.step_fn.step, loss, rows.row_ids_U, self.step_fn.last_call_compiled)
     return result, upcoming
 
   # -- evaluation and state ----------------------------------------------------------------

@@ -4,7 +4,7 @@ Each step (the pass workflow of `docs/design.md` §1.1, one mini-batch at a time
 
 1. every worker takes its shard of the global batch (read by a background thread);
 2. the keys of all workers are hashed to rows and deduplicated together (reader thread);
-3. the unique rows are pulled once from the embedding tier (``table.working_set``);
+3. the unique rows are pulled once from the embedding tier (``SparseTier.pull``);
 4. every worker runs forward and backward on its own shard (:mod:`._step`);
 5. the rows' gradient, averaged over workers, is pushed once (``table.push``): synchronous
    sparse, like a parameter server;
