@@ -14,6 +14,9 @@ import numpy as np
 
 from kstep_adam.ctr._batch import CTRBatch
 
+# One power-of-two rounding for the project: the embedding tier's (ctr builds on embedding).
+from kstep_adam.embedding._device_cache import _pow2_at_least as pow2_at_least
+
 _DONE = object()
 
 
@@ -129,5 +132,11 @@ class Timer:
 
 
 def bucket_size(num_unique: int, *, minimum: int = 1024) -> int:
-  """Round the working-set size up to a power of two, so the jitted step sees few shapes."""
-  return max(minimum, 1 << int(np.ceil(np.log2(max(num_unique, 1)))))
+  """Round a batch's unique-row count up to a power of two (at least ``minimum``), so the
+  jitted step sees few shapes; the device cache pads its uploads the same way.
+
+  Examples:
+    >>> bucket_size(1000), bucket_size(1025), bucket_size(4096)
+    (1024, 2048, 4096)
+  """
+  return max(minimum, pow2_at_least(num_unique))
