@@ -1,11 +1,15 @@
 """The CTR Trainer's pieces: its step loop and hooks, and the resources it owns."""
 
+import dataclasses
 import os
 import threading
 
+import numpy as np
 import pytest
 
 from kstep_adam import ctr
+from kstep_adam.ctr._pipeline import HeldOutSet
+from kstep_adam.ctr._trainer import evaluate
 
 
 def _small(**overrides):
@@ -69,3 +73,39 @@ def test_a_table_dir_is_kept_and_flushed(tmp_path):
   with ctr.Trainer(config, source, ctr.make_optimizer(config)) as trainer:
     trainer.fit()
   assert os.listdir(tmp_path / "table")
+
+
+def test_the_test_set_is_read_once_per_run():
+  config, plain = _small(steps=6, eval_every=2)
+  reads = []
+
+  def counted_test_batches():
+    reads.append(1)
+    return plain.test_batches()
+
+  source = dataclasses.replace(plain, test_batches=counted_test_batches)
+  with ctr.Trainer(config, source, ctr.make_optimizer(config)) as trainer:
+    trainer.fit([ctr.PeriodicEval(config.eval_every)])
+    final = trainer.evaluate()
+    # Kept batches give exactly what a fresh read gives.
+    fresh = evaluate(
+      HeldOutSet(plain.test_batches, trainer.tier.index, max_bytes=0),
+      trainer.tier,
+      trainer.predict,
+      trainer.merged_params(),
+    )
+  assert [e["step"] for e in trainer.evals] == [2, 4, 6] and len(reads) == 1
+  assert fresh["test_auc"] == final["test_auc"] and fresh["test_examples"] == 512
+
+
+def test_a_test_set_too_large_to_keep_is_read_at_every_evaluation():
+  batches = [
+    ctr.CTRBatch(np.zeros((4, 1), np.float32), np.arange(8).reshape(4, 2), np.zeros(4, np.float32))
+    for _ in range(3)
+  ]
+  index = lambda keys: np.unique(keys, return_inverse=True)
+  small = HeldOutSet(lambda: iter(batches), index, max_bytes=1 << 20)
+  large = HeldOutSet(lambda: iter(batches), index, max_bytes=300)
+  for _ in range(3):
+    assert len(list(small)) == len(list(large)) == 3
+  assert small.reads == 1 and large.reads == 3

@@ -30,7 +30,6 @@ from kstep_adam.ctr._synthetic import SyntheticCTR
 from kstep_adam.ctr._trainer import Hook
 from kstep_adam.ctr._trainer import StepResult
 from kstep_adam.ctr._trainer import Trainer
-from kstep_adam.ctr._trainer import evaluate
 from kstep_adam.ctr._workflow import make_optimizer
 from kstep_adam.ctr._workflow import summarize
 from kstep_adam.ctr._workflow import train
@@ -57,7 +56,6 @@ __all__ = [
   "auc",
   "concat_batches",
   "count_lines",
-  "evaluate",
   "feature_keys",
   "file_source",
   "logloss",

@@ -98,6 +98,49 @@ class Prefetcher:
       self._thread.join()
 
 
+class HeldOutSet:
+  """The test batches, read and indexed once per run and kept while they fit in memory.
+
+  Every evaluation iterates it. The first one reads the source and hashes its keys; later
+  ones reuse the kept batches, so a synthetic test set is not generated again and a test
+  file not parsed again (nor its bad lines counted again). A set larger than ``max_bytes``
+  (a held-out day of a click log) is read again at every evaluation instead.
+
+  Args:
+    read: ``() -> iterator`` of test batches (the source's ``test_batches``).
+    index_of: ``keys_GxF -> (row_ids_U, inverse_GxF)``, as for :class:`Prefetcher`.
+    max_bytes: the most host memory the kept batches may take.
+  """
+
+  def __init__(
+    self,
+    read: Callable[[], Iterator[CTRBatch]],
+    index_of: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]],
+    *,
+    max_bytes: int,
+  ):
+    self._read, self._index_of, self._max_bytes = read, index_of, max_bytes
+    self._kept: list[IndexedBatch] | None = None
+    self.reads = 0  # passes over the source so far
+
+  def __iter__(self) -> Iterator[IndexedBatch]:
+    if self._kept is not None:
+      yield from self._kept
+      return
+    self.reads += 1
+    kept, size = [], 0
+    for batch in self._read():
+      item = IndexedBatch(batch, *self._index_of(batch.keys_BxF))
+      if kept is not None:
+        size += sum(x.nbytes for x in (*batch, item.row_ids_U, item.inverse_GxF))
+        if size <= self._max_bytes:
+          kept.append(item)
+        else:
+          kept = None  # too large to keep: read again next time
+      yield item
+    self._kept = kept
+
+
 class Timer:
   """Accumulates wall time per phase (``with timer('pull'): ...``), in total and per step."""
 

@@ -87,10 +87,6 @@ class SparseTier:
     working_set = self.table.working_set(row_ids_U, pad_to=pad_to)
     return BatchRows(row_ids_U, working_set.rows, inverse_GxF)
 
-  def lookup(self, keys_GxF: np.ndarray) -> BatchRows:
-    """Rows for evaluation: hash and pull, never push."""
-    return self.pull(*self.index(keys_GxF), kind="eval")
-
   def push(self, row_ids_U: np.ndarray, grads_UxD: np.ndarray) -> None:
     """One sparse optimizer step on these rows with their (worker-averaged) gradients."""
     self.table.push(row_ids_U, grads_UxD)

@@ -14,6 +14,7 @@ import contextlib
 import os
 import tempfile
 import time
+from collections.abc import Iterable
 from collections.abc import Iterator
 from collections.abc import Sequence
 from typing import NamedTuple
@@ -36,11 +37,15 @@ from kstep_adam.ctr._config import TrainConfig
 from kstep_adam.ctr._metrics import auc
 from kstep_adam.ctr._metrics import logloss
 from kstep_adam.ctr._models import make_model
+from kstep_adam.ctr._pipeline import HeldOutSet
 from kstep_adam.ctr._pipeline import IndexedBatch
 from kstep_adam.ctr._pipeline import Prefetcher
 from kstep_adam.ctr._pipeline import Timer
 from kstep_adam.ctr._sources import DataSource
 from kstep_adam.ctr._tier import SparseTier
+
+# Host memory a run may spend keeping its test set between evaluations (read once, reused).
+MAX_KEPT_TEST_SET_BYTES = 1 << 30
 
 
 class StepResult(NamedTuple):
@@ -134,13 +139,13 @@ def test_metrics(labels_N: np.ndarray, probs_N: np.ndarray) -> dict:
   return {**result, "test_auc": auc(labels_N, probs_N)}
 
 
-def evaluate(batches, tier: SparseTier, predict, params) -> dict:
-  """:func:`test_metrics` of ``params`` (one replica) on ``batches``, the held-out set."""
+def evaluate(test_set: Iterable[IndexedBatch], tier: SparseTier, predict, params) -> dict:
+  """:func:`test_metrics` of ``params`` (one replica) on the held-out ``test_set``."""
   labels, probs = [], []
-  for batch in batches:
-    rows = tier.lookup(batch.keys_BxF)
-    probs.append(np.asarray(predict(params, rows.rows_PxD, rows.inverse_GxF, batch.dense_BxI)))
-    labels.append(batch.label_B)
+  for item in test_set:
+    rows = tier.pull(item.row_ids_U, item.inverse_GxF, kind="eval")
+    probs.append(np.asarray(predict(params, rows.rows_PxD, rows.inverse_GxF, item.batch.dense_BxI)))
+    labels.append(item.batch.label_B)
   if not labels:
     return test_metrics(np.zeros(0), np.zeros(0))
   return test_metrics(np.concatenate(labels), np.concatenate(probs))
@@ -167,6 +172,7 @@ class Trainer:
     num_steps: steps :meth:`fit` takes.
     last_step: the optimizer's step count after :meth:`fit`.
     evals: the evaluation records so far.
+    test_set: the held-out batches, read and indexed once if they fit in memory.
     timer: wall time per phase (data, pull, compute, push, eval), compiling steps left out.
     train_seconds: wall time of :meth:`fit` without evaluations.
     compile_steps: steps whose program compiled first; compile_step_seconds: their time.
@@ -231,6 +237,9 @@ class Trainer:
       self.table_dir = os.path.join(scratch, "table")
     self.tier = SparseTier(config, self.table_dir, temporary=not config.table_dir)
     self._stack.callback(self.tier.close)
+    self.test_set = HeldOutSet(
+      source.test_batches, self.tier.index, max_bytes=MAX_KEPT_TEST_SET_BYTES
+    )
     self._writer = None
     if self.out_dir is not None:
       os.makedirs(self.out_dir, exist_ok=True)
@@ -312,7 +321,7 @@ class Trainer:
   def evaluate(self, step: int | None = None) -> dict:
     """Evaluate the merged replicas on the test set; record and log the result."""
     with self.timer("eval"):
-      result = evaluate(self.source.test_batches(), self.tier, self.predict, self.merged_params())
+      result = evaluate(self.test_set, self.tier, self.predict, self.merged_params())
     record = {"kind": "eval", "step": self.last_step if step is None else step, **result}
     self.evals.append(record)
     self.log(record)
