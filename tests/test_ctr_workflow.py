@@ -87,8 +87,8 @@ def test_sync_sparse_and_sync_adam_equal_one_worker_on_global_batch():
   )
   np.testing.assert_array_equal(state8["row_ids"], state1["row_ids"])
   # Adam divides by sqrt(v): rows whose gradient is ~eps amplify float rounding, hence
-  # atol 1e-4 (0.5% of one step at lr 2e-2). Summing instead of averaging the workers'
-  # row gradients (8x too large) moves the median row by ~4e-4 and fails this.
+  # atol 1e-4, 0.5% of one step at lr 2e-2. That still tells averaging from summing the
+  # workers' row gradients (8x too large), which fails it.
   np.testing.assert_allclose(state8["rows"], state1["rows"], rtol=0, atol=1e-4)
   one = jax.tree.map(lambda x: x[0], state1["params_W"])
   for w in range(8):
