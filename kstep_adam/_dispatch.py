@@ -114,8 +114,8 @@ class DispatchedStep:
       the local body, so both programs get the same sharding and donation.
     body: the per-worker step function; it calls the optimizer's ``update`` exactly once.
     start_step: steps the optimizer state has taken, if the caller wants it checked: a state
-      whose ``count`` says otherwise raises ValueError. None (default) takes the step from
-      the state.
+      whose ``count`` says otherwise raises ValueError (for a state without ``count`` it is
+      the only source). None (default) takes the step from the state.
     enabled: build and dispatch the local program; False always runs the general program.
     place_args: optional ``args -> args`` applied before every call (e.g. input placement and
       validation).
@@ -245,9 +245,12 @@ class DispatchedStep:
     else:
       found = optimizer_step(opt_state)
       if found is None:
+        if expected is not None:  # the caller's word is all there is
+          return expected
         raise ValueError(
           "the optimizer state has no integer `count` field, so the host cannot tell which "
-          "steps merge; build the step with enabled=False (dispatch_local_steps=False)"
+          "steps merge; pass start_step=, or build the step with enabled=False "
+          "(dispatch_local_steps=False)"
         )
     if expected is not None and expected != found:
       raise ValueError(

@@ -74,7 +74,7 @@ class PeriodicEval(Hook):
 
   def after_step(self, trainer: Trainer, result: StepResult) -> None:
     if self._every and result.step % self._every == 0 and result.step < trainer.last_step:
-      trainer.evaluate(result.step)
+      trainer.evaluate()
 
 
 class PushedRows(Hook):

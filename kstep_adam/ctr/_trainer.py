@@ -101,7 +101,7 @@ def global_batches(config: TrainConfig, source: DataSource, count: int) -> Itera
     epoch += 1
 
 
-def test_metrics(labels_N: np.ndarray, probs_N: np.ndarray) -> dict:
+def eval_metrics(labels_N: np.ndarray, probs_N: np.ndarray) -> dict:
   """AUC and logloss of click probabilities, or None with a reason where one is undefined.
 
   Returns:
@@ -110,7 +110,7 @@ def test_metrics(labels_N: np.ndarray, probs_N: np.ndarray) -> dict:
     no AUC, and non-finite predictions (a diverged model) have neither.
 
   Examples:
-    >>> test_metrics(np.array([0.0, 0.0]), np.array([0.2, 0.4]))["test_note"]
+    >>> eval_metrics(np.array([0.0, 0.0]), np.array([0.2, 0.4]))["test_note"]
     'the test set has a single class (2 examples, all labelled 0): AUC is undefined'
   """
   labels_N, probs_N = np.asarray(labels_N), np.asarray(probs_N)
@@ -140,15 +140,15 @@ def test_metrics(labels_N: np.ndarray, probs_N: np.ndarray) -> dict:
 
 
 def evaluate(test_set: Iterable[IndexedBatch], tier: SparseTier, predict, params) -> dict:
-  """:func:`test_metrics` of ``params`` (one replica) on the held-out ``test_set``."""
+  """:func:`eval_metrics` of ``params`` (one replica) on the held-out ``test_set``."""
   labels, probs = [], []
   for item in test_set:
     rows = tier.pull(item.row_ids_U, item.inverse_GxF, kind="eval")
     probs.append(np.asarray(predict(params, rows.rows_PxD, rows.inverse_GxF, item.batch.dense_BxI)))
     labels.append(item.batch.label_B)
   if not labels:
-    return test_metrics(np.zeros(0), np.zeros(0))
-  return test_metrics(np.concatenate(labels), np.concatenate(probs))
+    return eval_metrics(np.zeros(0), np.zeros(0))
+  return eval_metrics(np.concatenate(labels), np.concatenate(probs))
 
 
 class Trainer:
@@ -170,6 +170,7 @@ class Trainer:
 
   Attributes:
     num_steps: steps :meth:`fit` takes.
+    start_step: the optimizer's step count when the run starts (its state's ``count``).
     last_step: the optimizer's step count after :meth:`fit`.
     evals: the evaluation records so far.
     test_set: the held-out batches, read and indexed once if they fit in memory.
@@ -288,7 +289,7 @@ class Trainer:
     self.train_seconds += time.perf_counter() - start - eval_seconds
 
   def _step(self, current: IndexedBatch, prefetcher: Prefetcher | None):
-    """One synchronous step on ``current``; returns its result and the next prepared batch,
+    """One synchronous step on ``current``; returns its result and the next indexed batch,
     read (and its rows staged) while the step computes."""
     timer, tier = self.timer, self.tier
     with timer("pull"):
@@ -320,11 +321,16 @@ class Trainer:
     """The mean of the workers' replicas (what a final merge produces), on the host."""
     return jax.device_get(_step.replica_mean(self.params_W))
 
-  def evaluate(self, step: int | None = None) -> dict:
+  @property
+  def step(self) -> int:
+    """The optimizer's step count now (the state's own ``count`` before the first step)."""
+    return self.start_step if self.step_fn.step is None else self.step_fn.step
+
+  def evaluate(self) -> dict:
     """Evaluate the merged replicas on the test set; record and log the result."""
     with self.timer("eval"):
       result = evaluate(self.test_set, self.tier, self.predict, self.merged_params())
-    record = {"kind": "eval", "step": self.last_step if step is None else step, **result}
+    record = {"kind": "eval", "step": self.step, **result}
     self.evals.append(record)
     self.log(record)
     return record

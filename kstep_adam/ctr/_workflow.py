@@ -73,9 +73,9 @@ def train(
 
   Returns:
     The summary dict (also ``summary.json``, strict JSON written atomically; see
-    :func:`summarize`). With ``return_state``,
-    ``(summary, state)`` where ``state`` has ``params_W`` (every worker's dense replica,
-    NumPy), ``row_ids`` (every row ever pushed) and ``rows`` (their values).
+    :func:`summarize`). With ``return_state``, ``(summary, state)`` where ``state`` has
+    ``params_W`` (every worker's dense replica, NumPy), ``row_ids`` (every row ever pushed)
+    and ``rows`` (their values).
   """
   with Trainer(config, source, make_optimizer(config), out_dir) as trainer:
     hooks = [MetricsLog(config.log_every), PeriodicEval(config.eval_every)]
