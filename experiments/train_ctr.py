@@ -27,6 +27,7 @@ import json
 import os
 import sys
 
+from experiments._cli import DefaultsHelpFormatter
 from experiments._cli import add_config_args
 from experiments._cli import config_from_args
 from experiments._common import use_cpu_devices
@@ -52,7 +53,7 @@ PRINTED = (
 
 def make_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(
-    description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    description=__doc__.split("\n\n")[0], formatter_class=DefaultsHelpFormatter
   )
   add_config_args(parser.add_argument_group("data"), ctr.DataConfig)
   add_config_args(
