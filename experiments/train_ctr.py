@@ -9,8 +9,8 @@ Hardware: a CPU with 8 simulated devices (``jax_num_cpu_devices``); the same com
 unchanged on accelerators. Measured runtime: the README's "CTR training" section.
 Expected result: test AUC 0.7895 against the teacher's (Bayes-optimal) 0.8203.
 
-Your own data (without ``--test-data`` the last ``--test-fraction`` of the lines are the test
-set, a time split):
+Your own data (without ``--test-data`` the lines in the last ``--test-fraction`` of the file's
+bytes are the test set, a time split):
 
   python -m experiments.train_ctr --data criteo:day_0_100k.txt.gz --out runs/criteo
   python -m experiments.train_ctr --data csv:avazu_train.csv --test-data csv:avazu_test.csv

@@ -43,9 +43,9 @@ class DataConfig:
     data: ``synthetic`` (streamed, with a known teacher), ``criteo:PATH`` (Criteo TSV, plain or
       gzip) or ``csv:PATH`` (comma separated with a header row, e.g. Avazu).
     test_data: held-out file, ``criteo:PATH``, ``csv:PATH`` or a bare path in the format of
-      ``data``; None holds out the last ``test_fraction`` of the lines of ``data`` (a time
-      split for time-ordered logs such as Criteo's).
-    test_fraction: share of the lines of ``data`` held out as the test set when ``test_data``
+      ``data``; None holds out the lines that start in the last ``test_fraction`` of the bytes
+      of ``data`` (a time split for time-ordered logs such as Criteo's).
+    test_fraction: share of the bytes of ``data`` held out as the test set when ``test_data``
       is None.
     skip_bad_lines: count and skip malformed lines instead of stopping at the first one.
     label_column: csv only; name of the label column (None: ``label`` or ``click``, whichever
