@@ -17,9 +17,15 @@ from typing import TYPE_CHECKING
 
 from kstep_adam import parallel
 from kstep_adam._baselines import DiLoCoState
+from kstep_adam._baselines import ScaleByOneBitAdamState
+from kstep_adam._baselines import SparsifiedMeanState
 from kstep_adam._baselines import diloco
 from kstep_adam._baselines import local_sgd
+from kstep_adam._baselines import onebit_adam
+from kstep_adam._baselines import scale_by_onebit_adam
+from kstep_adam._baselines import sparsified_mean
 from kstep_adam._baselines import sync_adam
+from kstep_adam._baselines import topk_ef
 from kstep_adam._comm import NETWORKS
 from kstep_adam._comm import CommCost
 from kstep_adam._comm import NetworkModel
@@ -33,7 +39,9 @@ from kstep_adam._merge import MergeParamsState
 from kstep_adam._merge import assume_local_step
 from kstep_adam._merge import merge_params
 from kstep_adam._merge import tree_mean
+from kstep_adam._schedule import Compression
 from kstep_adam._schedule import MergeSchedule
+from kstep_adam._schedule import compressed_schedule
 from kstep_adam._schedule import merge_schedule
 from kstep_adam._schedule import sync_schedule
 
@@ -71,9 +79,15 @@ __all__ = [
   "__version__",
   "parallel",
   "DiLoCoState",
+  "ScaleByOneBitAdamState",
+  "SparsifiedMeanState",
   "diloco",
   "local_sgd",
+  "onebit_adam",
+  "scale_by_onebit_adam",
+  "sparsified_mean",
   "sync_adam",
+  "topk_ef",
   "NETWORKS",
   "CommCost",
   "NetworkModel",
@@ -87,7 +101,9 @@ __all__ = [
   "assume_local_step",
   "merge_params",
   "tree_mean",
+  "Compression",
   "MergeSchedule",
+  "compressed_schedule",
   "merge_schedule",
   "sync_schedule",
 ]

@@ -1,13 +1,15 @@
-"""Baselines in the k-step family: synchronous Adam (DDP), local SGD and DiLoCo.
+"""Baselines: synchronous Adam (DDP), local SGD, DiLoCo, and two compressed exchanges.
 
 They share the merge schedule, the collectives and the harness with :func:`kstep_adam`, so
 their communication is counted the same way. Each takes the :class:`MergeSchedule` it runs
-(``sync_schedule(...)`` for DDP, ``merge_schedule(...)`` for the others): build it once, pass
-it to the optimizer and to :func:`kstep_adam.comm_bytes`.
+(``sync_schedule(...)`` for DDP, ``compressed_schedule(...)`` for 1-bit Adam and top-k /
+random-k with error feedback, ``merge_schedule(...)`` for the others): build it once, pass it
+to the optimizer and to :func:`kstep_adam.comm_bytes`.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from collections.abc import Sequence
 from typing import Any
@@ -17,13 +19,22 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from kstep_adam._compression import onebit_mean
+from kstep_adam._compression import onebit_server_errors
+from kstep_adam._compression import sparse_mean
+from kstep_adam._merge import _check_axes_bound
+from kstep_adam._merge import check_merge_flag
+from kstep_adam._merge import declared_merge
 from kstep_adam._merge import merge_params
 from kstep_adam._merge import switch_merge
 from kstep_adam._merge import tree_mean
 from kstep_adam._schedule import MergeSchedule
+from kstep_adam._schedule import check_route
+from kstep_adam._schedule import compressed_schedule
 from kstep_adam._schedule import merge_schedule
 from kstep_adam._validation import check_float_dtype
 from kstep_adam._validation import check_hyperparameter
+from kstep_adam._validation import check_int
 
 
 def _baseline_schedule(period, state: str, axis_name, route: str, period_name: str = "k"):
@@ -97,16 +108,23 @@ def sync_adam(
       f"got axis_periods={schedule.axis_periods!r}; build it with kstep_adam.sync_schedule"
     )
 
-  def mean_grads(updates, params=None):
-    del params
-    if not schedule.merges("grads"):
-      return updates
-    return tree_mean(updates, schedule.axis_names, schedule.route)
-
   return optax.chain(
-    optax.stateless(mean_grads),
+    _mean_every_step(schedule, "grads"),
     optax.adam(learning_rate, b1=b1, b2=b2, eps=eps, eps_root=eps_root, mu_dtype=mu_dtype),
   )
+
+
+def _mean_every_step(schedule: MergeSchedule, state: str) -> optax.GradientTransformationExtraArgs:
+  """Stateless: average the updates over the schedule's axes on every step (if it has any)."""
+
+  def update_fn(updates, state_, params=None, *, merge=None, **extra_args):
+    del params, extra_args
+    with declared_merge(schedule, merge):  # validates `merge`; a local step is refused
+      if schedule.merges(state):
+        updates = tree_mean(updates, schedule.axis_names, schedule.route)
+    return updates, state_
+
+  return optax.GradientTransformationExtraArgs(lambda params: optax.EmptyState(), update_fn)
 
 
 def local_sgd(
@@ -226,7 +244,12 @@ def diloco(
       outer_state=outer.init(params),
     )
 
-  def update_fn(updates, state, params=None):
+  def update_fn(updates, state, params=None, *, merge=None, **extra_args):
+    del extra_args
+    with declared_merge(schedule, merge):
+      return _update(updates, state, params, declared_local=check_merge_flag(merge) is False)
+
+  def _update(updates, state, params, declared_local):
     if params is None:
       raise ValueError("diloco needs `params` in update(updates, state, params)")
     inner_updates, inner_state = inner.update(updates, state.inner_state, params)
@@ -249,6 +272,8 @@ def diloco(
       updates, anchor, outer_state = switch_merge(
         schedule.level_at("delta", count), schedule, "delta", local_fn, merge_fn, operand
       )
+    elif declared_local:
+      updates, anchor, outer_state = local_fn(operand)
     else:  # One worker: the outer step still runs every H steps, on its own delta.
       updates, anchor, outer_state = jax.lax.cond(
         count % int(inner_steps) == 0, lambda op: merge_fn(op, lambda t: t), local_fn, operand
@@ -257,4 +282,376 @@ def diloco(
       count=count, anchor=anchor, inner_state=inner_state, outer_state=outer_state
     )
 
-  return optax.GradientTransformation(init_fn, update_fn)
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _compressed_schedule_of(
+  schedule, methods: tuple[str, ...], axis_name, route: str, **compression
+) -> MergeSchedule:
+  """The compressed schedule an optimizer runs: ``schedule`` itself (checked against the
+  arguments given beside it) or one built from ``axis_name``, ``route`` and ``compression``
+  (a None value there means "not given")."""
+  check_route(route)
+  if schedule is None:
+    method = compression.pop("method", None) or methods[0]
+    given = {name: value for name, value in compression.items() if value is not None}
+    return compressed_schedule(axis_name, method, route=route, **given)
+  if (
+    not isinstance(schedule, MergeSchedule)
+    or schedule.compression is None
+    or schedule.compression.method not in methods
+  ):
+    raise ValueError(
+      f"schedule must be None or a MergeSchedule from kstep_adam.compressed_schedule(axes, "
+      f"{' or '.join(map(repr, methods))}, ...), got {schedule!r}"
+    )
+  if axis_name is not None:
+    raise ValueError(
+      f"pass either a MergeSchedule as schedule or axis_name, not both (got axis_name="
+      f"{axis_name!r}); the schedule already names its axes"
+    )
+  if route != "hierarchical" and route != schedule.route:
+    raise ValueError(
+      f"route={route!r} conflicts with the MergeSchedule given as schedule, which routes "
+      f"{schedule.route!r}; leave route out or build the schedule with it"
+    )
+  for name, value in compression.items():
+    if value is not None and value != getattr(schedule.compression, name):
+      raise ValueError(
+        f"{name}={value!r} conflicts with the MergeSchedule given as schedule, whose "
+        f"compression has {name}={getattr(schedule.compression, name)!r}; leave {name} out "
+        f"or build the schedule with it"
+      )
+  return schedule
+
+
+class ScaleByOneBitAdamState(NamedTuple):
+  """State of :func:`scale_by_onebit_adam`; every field is per worker."""
+
+  count: jax.Array  # shape=(), int32; steps taken so far.
+  mu: optax.Updates  # momentum, like params; after the warm-up the compressed mean.
+  nu: optax.Updates  # second moment, like params; frozen after the warm-up.
+  worker_error: optax.Updates  # float32, like params: what this worker's messages missed.
+  server_error: optax.Updates  # float32, one (chunk,) array per leaf: errors as a server.
+
+
+def scale_by_onebit_adam(
+  schedule: MergeSchedule | None = None,
+  *,
+  warmup_steps: int | None = None,
+  b1: float = 0.9,
+  b2: float = 0.999,
+  eps: float = 1e-8,
+  eps_root: float = 0.0,
+  axis_name: str | Sequence[str] | None = None,
+  route: str = "hierarchical",
+) -> optax.GradientTransformationExtraArgs:
+  r"""Scale updates by 1-bit Adam: Adam, then a frozen variance and a 1-bit momentum exchange.
+
+  For :math:`t \le T_w` (``warmup_steps``) this is ``optax.scale_by_adam`` on the gradients
+  averaged over the axes (full precision; as :func:`kstep_adam.sync_adam`). Afterwards the
+  second moment stays :math:`v_{T_w}` and each worker updates the shared momentum with its
+  own gradient, and the workers average it at one bit per element with worker and server
+  error feedback (the ``'onebit'`` exchange of :class:`kstep_adam.Compression`):
+
+  .. math::
+    m_t = \operatorname{mean}_{1\text{-bit}}\big(\beta_1 m_{t-1} + (1-\beta_1) g^w_t\big),
+    \qquad d_t = \frac{m_t / (1-\beta_1^t)}
+    {\sqrt{v_{T_w} / (1-\beta_2^{T_w}) + \epsilon_{root}} + \epsilon}.
+
+  Every worker gets the same :math:`m_t`, so replicas that start equal stay equal. Unlike
+  DeepSpeed's ``OnebitAdam``, the moments are bias-corrected as in ``optax.adam`` (so the
+  warm-up is exactly :func:`kstep_adam.sync_adam`; after a warm-up of a few hundred steps
+  both corrections are 1 to float precision), and the scales and errors ignore the padding
+  that packs a leaf into whole bytes.
+
+  Without an axis the worker is alone: after the warm-up it still compresses its momentum
+  twice (worker and server side, one chunk per leaf) with both error feedbacks.
+
+  ``init`` must run where ``update`` runs, inside ``shard_map`` over the axes (as
+  :func:`kstep_adam.parallel.init_replicas` does): the server error holds one chunk per leaf,
+  whose size depends on the number of workers.
+
+  Args:
+    schedule: a ``compressed_schedule(axes, 'onebit', warmup_steps=...)``, also passed to
+      the byte accounting; None builds it from ``axis_name``, ``warmup_steps``, ``route``.
+    warmup_steps: :math:`T_w` >= 1, full-precision Adam steps before the variance freezes.
+    b1: decay rate of the momentum, in [0, 1).
+    b2: decay rate of the second moment, in [0, 1).
+    eps: denominator term, >= 0.
+    eps_root: term inside the root, >= 0.
+    axis_name: mesh axis or axes (outermost first) to exchange over; None: one worker.
+    route: ``'hierarchical'`` or ``'flat'`` routing of the warm-up all-reduce.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs`` with state :class:`ScaleByOneBitAdamState`.
+
+  Raises:
+    ValueError: on an argument out of range, a schedule that is not a ``'onebit'`` one, or
+      arguments that contradict the schedule given.
+
+  References:
+    Tang et al., 1-bit Adam: Communication Efficient Large-Scale Training with Adam's
+    Convergence Speed, https://arxiv.org/abs/2102.02888
+  """
+  check_hyperparameter(b1, "b1", low=0.0, high=1.0, high_open=True)
+  check_hyperparameter(b2, "b2", low=0.0, high=1.0, high_open=True)
+  check_hyperparameter(eps, "eps", low=0.0)
+  check_hyperparameter(eps_root, "eps_root", low=0.0)
+  if schedule is None and warmup_steps is None:
+    raise ValueError("onebit_adam needs warmup_steps (or a schedule built with them)")
+  schedule = _compressed_schedule_of(
+    schedule, ("onebit",), axis_name, route, warmup_steps=warmup_steps
+  )
+  warmup = check_int(schedule.compression.warmup_steps, "warmup_steps")  # v must be estimated
+  axes = schedule.axis_names
+
+  def init_fn(params):
+    if axes:
+      _check_axes_bound(axes)
+    num_workers = math.prod(jax.lax.axis_size(a) for a in axes)
+    return ScaleByOneBitAdamState(
+      count=jnp.zeros([], jnp.int32),
+      mu=optax.tree.zeros_like(params),
+      nu=optax.tree.zeros_like(params),
+      worker_error=optax.tree.zeros_like(params, dtype=jnp.float32),
+      server_error=onebit_server_errors(params, num_workers),
+    )
+
+  def warmup_step(operand):
+    grads, mu, nu, worker_error, server_error = operand
+    if axes:
+      grads = tree_mean(grads, axes, schedule.route)
+    mu = optax.tree.update_moment(grads, mu, b1, 1)
+    nu = optax.tree.update_moment_per_elem_norm(grads, nu, b2, 2)
+    return mu, nu, worker_error, server_error
+
+  def compressed_step(operand):
+    grads, mu, nu, worker_error, server_error = operand
+    mu = optax.tree.update_moment(grads, mu, b1, 1)
+    mu, worker_error, server_error = onebit_mean(mu, worker_error, server_error, axes)
+    return mu, nu, worker_error, server_error
+
+  def update_fn(updates, state, params=None, *, merge=None, **extra_args):
+    del params, extra_args
+    declared_merge(schedule, merge)  # checks `merge`; a declared local step is refused
+    count = optax.safe_increment(state.count)
+    operand = (updates, state.mu, state.nu, state.worker_error, state.server_error)
+    mu, nu, worker_error, server_error = jax.lax.cond(
+      count <= warmup, warmup_step, compressed_step, operand
+    )
+    mu_hat = optax.tree.bias_correction(mu, b1, count)
+    nu_hat = optax.tree.bias_correction(nu, b2, jnp.minimum(count, warmup))
+    updates = jax.tree.map(lambda m, v: m / (jnp.sqrt(v + eps_root) + eps), mu_hat, nu_hat)
+    return updates, ScaleByOneBitAdamState(count, mu, nu, worker_error, server_error)
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def onebit_adam(
+  learning_rate: optax.ScalarOrSchedule,
+  schedule: MergeSchedule | None = None,
+  *,
+  warmup_steps: int | None = None,
+  b1: float = 0.9,
+  b2: float = 0.999,
+  eps: float = 1e-8,
+  eps_root: float = 0.0,
+  axis_name: str | Sequence[str] | None = None,
+  route: str = "hierarchical",
+) -> optax.GradientTransformationExtraArgs:
+  r"""1-bit Adam: full-precision Adam for a warm-up, then a 1-bit momentum exchange.
+
+  :func:`scale_by_onebit_adam` followed by the learning rate. During the warm-up it equals
+  :func:`kstep_adam.sync_adam`; afterwards every step exchanges 1 bit per parameter plus a
+  float32 scale per leaf, twice (an all-to-all to the chunks' servers and an all-gather back),
+  instead of DDP's all-reduce of 32 bits per parameter. It is not k-step Adam: it
+  communicates every step, compressed, where k-step Adam communicates every k steps at full
+  precision.
+
+  Args:
+    learning_rate: a float >= 0 or an optax schedule (not checked until called).
+    schedule: a ``kstep_adam.compressed_schedule(axes, 'onebit', warmup_steps=...)``; pass
+      the same object to the byte accounting. None builds it from ``axis_name``,
+      ``warmup_steps`` and ``route``.
+    warmup_steps: full-precision Adam steps before the variance freezes, >= 1.
+    b1: decay rate of the momentum, in [0, 1).
+    b2: decay rate of the second moment, in [0, 1).
+    eps: denominator term, >= 0.
+    eps_root: term inside the root, >= 0.
+    axis_name: mesh axis or axes (outermost first) to exchange over; None: one worker.
+    route: ``'hierarchical'`` or ``'flat'`` routing of the warm-up all-reduce.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``.
+
+  Examples:
+    >>> import kstep_adam
+    >>> schedule = kstep_adam.compressed_schedule(("node", "local"), "onebit", warmup_steps=100)
+    >>> tx = kstep_adam.onebit_adam(1e-3, schedule)  # and comm_bytes(params, schedule, ...)
+
+  References:
+    Tang et al., https://arxiv.org/abs/2102.02888
+  """
+  check_hyperparameter(learning_rate, "learning_rate", low=0.0, schedule=True)
+  return optax.chain(
+    scale_by_onebit_adam(
+      schedule,
+      warmup_steps=warmup_steps,
+      b1=b1,
+      b2=b2,
+      eps=eps,
+      eps_root=eps_root,
+      axis_name=axis_name,
+      route=route,
+    ),
+    optax.scale_by_learning_rate(learning_rate),
+  )
+
+
+class SparsifiedMeanState(NamedTuple):
+  """State of :func:`sparsified_mean`; every field is per worker."""
+
+  count: jax.Array  # shape=(), int32; steps taken so far.
+  error: optax.Updates  # float32, like params: what this worker's messages missed.
+
+
+def sparsified_mean(
+  schedule: MergeSchedule, *, seed: int = 0
+) -> optax.GradientTransformationExtraArgs:
+  r"""Average updates over the schedule's axes through top-k or random-k with error feedback.
+
+  .. math::
+    p^w_t = g^w_t + e^w_{t-1}, \qquad e^w_t = p^w_t - C(p^w_t), \qquad
+    g_t \leftarrow \tfrac{1}{N}\textstyle\sum_w C(p^w_t),
+
+  where :math:`C` keeps ``density`` of each leaf's entries (the ``'topk'`` or ``'randk'``
+  exchange of :class:`kstep_adam.Compression`; ``'randk'`` draws leaf ``i``'s indices, the
+  same on every worker, as ``jax.random.choice(jax.random.fold_in(key_t, i), size, (k,),
+  replace=False)`` with ``i`` the leaf's position in ``jax.tree.leaves``). The first ``warmup_steps`` steps average the
+  full-precision updates and leave the errors alone. Without an axis the worker is alone and
+  still sparsifies its own updates with error feedback (Stich et al.'s single-worker
+  setting). Chain an optimizer after it (:func:`topk_ef` chains ``optax.adam``).
+
+  Args:
+    schedule: a ``kstep_adam.compressed_schedule(axes, 'topk' or 'randk', density=...)``.
+    seed: seed of the indices ``'randk'`` draws (the same on every worker); step ``t`` uses
+      ``key_t = jax.random.fold_in(jax.random.key(seed), t)``.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs`` with state :class:`SparsifiedMeanState`.
+  """
+  schedule = _compressed_schedule_of(schedule, ("topk", "randk"), None, "hierarchical")
+  if not (
+    isinstance(seed, jax.Array) and seed.ndim == 0 and jnp.issubdtype(seed.dtype, jnp.integer)
+  ):
+    seed = check_int(seed, "seed", minimum=0)  # an int array passes: inject_hyperparams's
+  compression, axes = schedule.compression, schedule.axis_names
+
+  def init_fn(params):
+    return SparsifiedMeanState(
+      count=jnp.zeros([], jnp.int32), error=optax.tree.zeros_like(params, dtype=jnp.float32)
+    )
+
+  def warmup_step(operand):
+    updates, error = operand
+    return (tree_mean(updates, axes, schedule.route) if axes else updates), error
+
+  def update_fn(updates, state, params=None, *, merge=None, **extra_args):
+    del params, extra_args
+    declared_merge(schedule, merge)  # checks `merge`; a declared local step is refused
+    count = optax.safe_increment(state.count)
+    key = jax.random.fold_in(jax.random.key(seed), count)
+
+    def compressed_step(operand):
+      return sparse_mean(*operand, compression, axes, route=schedule.route, key=key)
+
+    operand = (updates, state.error)
+    if compression.warmup_steps:
+      updates, error = jax.lax.cond(
+        count <= compression.warmup_steps, warmup_step, compressed_step, operand
+      )
+    else:
+      updates, error = compressed_step(operand)
+    return updates, SparsifiedMeanState(count=count, error=error)
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def topk_ef(
+  learning_rate: optax.ScalarOrSchedule,
+  schedule: MergeSchedule | None = None,
+  *,
+  density: float | None = None,
+  method: str | None = None,
+  warmup_steps: int | None = None,
+  seed: int = 0,
+  b1: float = 0.9,
+  b2: float = 0.999,
+  eps: float = 1e-8,
+  eps_root: float = 0.0,
+  mu_dtype: Any = None,
+  axis_name: str | Sequence[str] | None = None,
+  route: str = "hierarchical",
+) -> optax.GradientTransformationExtraArgs:
+  r"""Adam on gradients averaged through top-k (or random-k) sparsification with error feedback.
+
+  :func:`sparsified_mean` followed by ``optax.adam``. Each step every worker sends ``density``
+  of its gradient entries (plus what earlier messages missed): ``'topk'`` the largest ones
+  with their int32 indices (an all-gather), ``'randk'`` the entries at indices every worker
+  draws from a shared seed (only values, one all-reduce). With ``density=1.0`` it equals
+  :func:`kstep_adam.sync_adam` up to summation order. It is not k-step Adam: it communicates
+  every step, sparsified, and its error memories hold a full gradient per worker.
+
+  Args:
+    learning_rate: a float >= 0 or an optax schedule (not checked until called).
+    schedule: a ``kstep_adam.compressed_schedule(axes, 'topk' or 'randk', density=...)``;
+      pass the same object to the byte accounting. None builds it from ``axis_name``,
+      ``density``, ``method``, ``warmup_steps`` and ``route``.
+    density: fraction of each leaf's entries sent, in (0, 1]; required without a schedule.
+    method: ``'topk'`` (default) or ``'randk'``.
+    warmup_steps: steps that average full-precision gradients first (default 0).
+    seed: seed of the ``'randk'`` indices.
+    b1: decay rate of the first moment, in [0, 1).
+    b2: decay rate of the second moment, in [0, 1).
+    eps: denominator term, >= 0.
+    eps_root: term inside the root, >= 0.
+    mu_dtype: dtype of the first moment.
+    axis_name: mesh axis or axes (outermost first) to exchange over; None: one worker.
+    route: ``'hierarchical'`` or ``'flat'`` routing of the warm-up and ``'randk'``
+      all-reduces.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``.
+
+  Examples:
+    >>> import kstep_adam
+    >>> schedule = kstep_adam.compressed_schedule(("node", "local"), "topk", density=0.01)
+    >>> tx = kstep_adam.topk_ef(1e-3, schedule)  # and comm_bytes(params, schedule, ...)
+
+  References:
+    Stich, Cordonnier & Jaggi, Sparsified SGD with Memory, https://arxiv.org/abs/1809.07599;
+    Karimireddy et al., Error Feedback Fixes SignSGD and other Gradient Compression Schemes,
+    https://arxiv.org/abs/1901.09847
+  """
+  check_hyperparameter(learning_rate, "learning_rate", low=0.0, schedule=True)
+  check_hyperparameter(b1, "b1", low=0.0, high=1.0, high_open=True)
+  check_hyperparameter(b2, "b2", low=0.0, high=1.0, high_open=True)
+  check_hyperparameter(eps, "eps", low=0.0)
+  check_hyperparameter(eps_root, "eps_root", low=0.0)
+  check_float_dtype(mu_dtype, "mu_dtype")
+  if schedule is None and density is None:
+    raise ValueError("topk_ef needs density (or a schedule built with it)")
+  schedule = _compressed_schedule_of(
+    schedule,
+    ("topk", "randk"),
+    axis_name,
+    route,
+    method=method,
+    density=density,
+    warmup_steps=warmup_steps,
+  )
+  return optax.chain(
+    sparsified_mean(schedule, seed=seed),
+    optax.adam(learning_rate, b1=b1, b2=b2, eps=eps, eps_root=eps_root, mu_dtype=mu_dtype),
+  )

@@ -14,6 +14,19 @@ parallel):
 * a *flat* all-reduce spanning several axes is one ring over ``n = N*L`` devices; its bytes and
   messages are charged to the outermost axis, whose links bound the ring.
 
+A schedule with a :class:`~kstep_adam.Compression` exchanges every step, counted per message
+format (see its docstring): its first ``warmup_steps`` steps are full-precision all-reduces of
+the gradients, as above; then
+
+* ``'onebit'``: an all-to-all and an all-gather of rows of ``R = sum_leaves(chunk/8 + 4)``
+  bytes (packed signs plus a float32 scale per leaf): ``2 (n-1) R`` bytes, ``2 (n-1)`` messages;
+* ``'topk'``: an all-gather of rows of ``R = sum_leaves(k * (itemsize + 4))`` bytes (values
+  plus int32 indices): ``(n-1) R`` bytes, ``n-1`` messages;
+* ``'randk'``: an all-reduce of the ``k`` values per leaf along the schedule's route.
+
+The all-to-all and all-gathers span all the schedule's axes as one group (``n`` devices) and
+are charged, as a flat ring is, to the outermost axis.
+
 Bytes and messages are counted on the axis whose links carry them: ``'local'`` (intra-node,
 e.g. NVLink) or ``'node'`` (inter-node network). A :class:`NetworkModel` turns them into
 seconds; the named networks every experiment uses are defined once, in :data:`NETWORKS`.
@@ -31,6 +44,7 @@ from collections.abc import Mapping
 import jax
 import numpy as np
 
+from kstep_adam._schedule import Compression
 from kstep_adam._schedule import MergeSchedule
 from kstep_adam._validation import check_float
 from kstep_adam._validation import check_int
@@ -101,6 +115,34 @@ def _merge_costs(
   return costs
 
 
+@functools.lru_cache(maxsize=64)
+def _compressed_costs(
+  leaf_specs, schedule: MergeSchedule, sizes: tuple[tuple[str, int], ...]
+) -> tuple[CommCost, CommCost]:
+  """Cost of one warm-up step (full-precision gradients) and of one compressed step."""
+  sizes = dict(sizes)
+  warmup = _level_cost(_elements_by_dtype(leaf_specs, "grads", schedule), schedule, 1, sizes)
+  compression = schedule.compression
+  leaves = [(math.prod(shape), np.dtype(dtype)) for shape, dtype in leaf_specs]
+  leaves = [(size, dtype) for size, dtype in leaves if size]
+  if compression.method == "randk":
+    values: dict[str, int] = {}
+    for size, dtype in leaves:
+      values[dtype.name] = values.get(dtype.name, 0) + compression.values_per_leaf(size)
+    return warmup, _level_cost(values, schedule, 1, sizes)
+  n = math.prod(sizes[a] for a in schedule.axis_names)
+  if compression.method == "onebit":
+    row = sum(Compression.chunk_size(size, n) // 8 + 4 for size, _ in leaves)
+    phases = 2  # all-to-all to the chunks' servers, all-gather of the servers' chunks
+  else:
+    row = sum(compression.values_per_leaf(size) * (dtype.itemsize + 4) for size, dtype in leaves)
+    phases = 1  # all-gather
+  cost = _zero(schedule)
+  cost.bytes_by_axis[schedule.axis_names[0]] = float(phases * (n - 1) * row)
+  cost.messages_by_axis[schedule.axis_names[0]] = phases * (n - 1)
+  return warmup, cost
+
+
 def _zero(schedule: MergeSchedule) -> CommCost:
   return CommCost({a: 0.0 for a in schedule.axis_names}, {a: 0 for a in schedule.axis_names})
 
@@ -153,6 +195,14 @@ def merge_bytes(params, schedule: MergeSchedule, axis_sizes, *, step: int) -> Co
   """
   check_int(step, "step (1-based)")
   sizes = _checked_sizes(schedule, axis_sizes)
+  if schedule.compression is not None:
+    if not schedule.axis_names:
+      return _zero(schedule)
+    warmup, compressed = _compressed_costs(
+      _leaf_specs(params), schedule, tuple(sorted(sizes.items()))
+    )
+    cost = warmup if step <= schedule.compression.warmup_steps else compressed
+    return cost + _zero(schedule)  # a copy: the cached cost is shared
   merging = [(s, schedule.level_at(s, int(step))) for s in schedule.states()]
   merging = [(state, level) for state, level in merging if level]
   total = _zero(schedule)
@@ -177,6 +227,14 @@ def comm_bytes(params, schedule: MergeSchedule, axis_sizes, num_steps: int) -> C
   """
   check_int(num_steps, "num_steps", minimum=0)
   sizes = _checked_sizes(schedule, axis_sizes)
+  if schedule.compression is not None:
+    if not schedule.axis_names:
+      return _zero(schedule)
+    warmup, compressed = _compressed_costs(
+      _leaf_specs(params), schedule, tuple(sorted(sizes.items()))
+    )
+    warmup_steps = min(int(num_steps), schedule.compression.warmup_steps)
+    return warmup.scaled(warmup_steps) + compressed.scaled(int(num_steps) - warmup_steps)
   costs = _merge_costs(_leaf_specs(params), schedule, tuple(sorted(sizes.items())))
   total = _zero(schedule)
   for (state, level), cost in costs.items():

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from kstep_adam._merge import declared_merge
 from kstep_adam._merge import merge_params
 from kstep_adam._merge import merge_tree
 from kstep_adam._schedule import MergeSchedule
@@ -48,7 +49,7 @@ def scale_by_kstep_adam(
   axis_name: str | Sequence[str] | None = None,
   sync: str | Mapping[str, int] = "params",
   route: str = "hierarchical",
-) -> optax.GradientTransformation:
+) -> optax.GradientTransformationExtraArgs:
   r"""Scale updates by local Adam and average the moments on their merge steps.
 
   With ``form='adam'`` (default) the direction is exactly ``optax.scale_by_adam``:
@@ -81,7 +82,8 @@ def scale_by_kstep_adam(
     route: ``'hierarchical'`` or ``'flat'`` routing of multi-axis means.
 
   Returns:
-    An ``optax.GradientTransformation`` with state :class:`ScaleByKStepAdamState`.
+    An ``optax.GradientTransformationExtraArgs`` with state :class:`ScaleByKStepAdamState`;
+    ``update`` takes the extra argument ``merge`` (see :func:`kstep_adam`).
 
   Raises:
     ValueError: on an argument out of its range, at construction. Values that
@@ -115,8 +117,12 @@ def scale_by_kstep_adam(
       nu=optax.tree.zeros_like(params),
     )
 
-  def update_fn(updates, state, params=None):
-    del params
+  def update_fn(updates, state, params=None, *, merge=None, **extra_args):
+    del params, extra_args
+    with declared_merge(schedule, merge):
+      return _update(updates, state)
+
+  def _update(updates, state):
     if clip is not None:
       updates = jax.tree.map(lambda g: jnp.clip(g, -clip, clip), updates)
     mu = optax.tree.update_moment(updates, state.mu, b1, 1)
@@ -135,7 +141,7 @@ def scale_by_kstep_adam(
     nu = merge_tree(schedule.level_at("nu", count), nu, schedule, "nu")
     return updates, ScaleByKStepAdamState(count=count, mu=mu, nu=nu)
 
-  return optax.GradientTransformation(init_fn, update_fn)
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 def kstep_adam(
@@ -175,9 +181,13 @@ def kstep_adam(
   Without ``axis_name`` it equals ``optax.adam`` (``form='adam'``, ``clip=None``).
 
   Merges are gated by ``lax.switch`` on the step counter, so a local step executes no
-  collective. The identity branch still costs XLA copies of the updates; the harness
-  (:func:`kstep_adam.parallel.make_train_step`, :class:`kstep_adam.parallel.DispatchedStep`)
-  removes that by running a branch-free program on local steps.
+  collective. The switch still makes XLA materialize and copy the parameter-sized updates on
+  every step. A caller that knows the step on the host removes that: pass
+  ``merge=schedule.merges_at(step)`` to ``update`` as a static argument of its ``jax.jit``
+  (two programs are compiled; a local step is then ``optax.adam``'s program plus one
+  counter), or let the harness (:func:`kstep_adam.parallel.make_train_step`,
+  :class:`kstep_adam.parallel.DispatchedStep`) do it. ``merge=False`` on a step that does
+  merge skips that merge: the host's step count must match the optimizer's.
 
   Args:
     learning_rate: a float >= 0 or an optax schedule (a schedule is not checked: its values
@@ -199,7 +209,8 @@ def kstep_adam(
     route: ``'hierarchical'`` (default) or ``'flat'`` routing of multi-axis merges.
 
   Returns:
-    An ``optax.GradientTransformation``; its ``update`` needs ``params``.
+    An ``optax.GradientTransformationExtraArgs``; its ``update`` needs ``params`` and takes
+    the extra argument ``merge`` (None: decided in the graph; a bool: decided by the caller).
 
   Raises:
     ValueError: on an argument out of its range, at construction (schedules and values traced
@@ -210,6 +221,20 @@ def kstep_adam(
     >>> tx = kstep_adam.kstep_adam(1e-3, k=4)  # no axis: same as optax.adam(1e-3)
     >>> params = {'w': jnp.zeros(3)}
     >>> u, state = tx.update({'w': jnp.ones(3)}, tx.init(params), params)
+
+    A plain ``jax.jit`` loop that decides merge steps on the host (inside ``shard_map`` over
+    the schedule's axes; without axes, as here, no step merges):
+
+    >>> import functools, jax
+    >>> schedule = kstep_adam.merge_schedule(2)
+    >>> tx = kstep_adam.kstep_adam(1e-3, schedule)
+    >>> @functools.partial(jax.jit, static_argnames="merge")
+    ... def step(params, state, grads, merge):
+    ...   updates, state = tx.update(grads, state, params, merge=merge)
+    ...   return optax.apply_updates(params, updates), state
+    >>> state = tx.init(params)
+    >>> for t in range(1, 4):
+    ...   params, state = step(params, state, {'w': jnp.ones(3)}, merge=schedule.merges_at(t))
 
   References:
     Zhao et al., Communication-Efficient TeraByte-Scale Model Training Framework for Online

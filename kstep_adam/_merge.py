@@ -10,6 +10,15 @@ Everything here runs inside ``shard_map`` (or any context that binds the named a
   current step under ``lax.switch``: a local step executes no collective at all.
 * :func:`merge_params` is the optax transform that turns updates ``u`` into
   ``mean(params + u) - params`` on merge steps; chain it last, after the learning rate.
+
+Who decides that a step merges. By default the optimizer does, in the graph, from its step
+counter. A caller that knows the step on the host can decide instead and trace a local step
+without any branch: ``tx.update(..., merge=schedule.merges_at(step))`` with ``merge`` a static
+argument of its ``jax.jit`` (:func:`declared_merge`), or the harness's host dispatch
+(:func:`assume_local_step`). On XLA:CPU this matters: every parameter-sized value that passes
+through a ``lax.switch`` (or ``while_loop``) is materialized and copied, so an in-graph local
+step of a memory-bound update costs well above the plain optimizer, whatever the branch
+computes; a hoisted local step is the plain optimizer's program plus one counter.
 """
 
 from __future__ import annotations
@@ -24,6 +33,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from kstep_adam._schedule import MergeSchedule
@@ -66,6 +76,45 @@ def assume_local_step(*schedules: MergeSchedule) -> Iterator[None]:
     yield
   finally:
     _ASSUMED_LOCAL.reset(token)
+
+
+def check_merge_flag(merge) -> bool | None:
+  """Return the ``merge`` extra argument as None, True or False, or raise ValueError."""
+  if merge is None or isinstance(merge, bool | np.bool_):
+    return None if merge is None else bool(merge)
+  hint = ""
+  if isinstance(merge, jax.Array | jax.core.Tracer):
+    hint = " (mark it static: jax.jit(..., static_argnames=('merge',)))"
+  raise ValueError(
+    f"merge must be None or a bool known when tracing, such as schedule.merges_at(step), "
+    f"got {merge!r}{hint}"
+  )
+
+
+def declared_merge(schedule: MergeSchedule, merge) -> contextlib.AbstractContextManager:
+  """Context for one ``update`` of an optimizer whose caller declared whether the step merges.
+
+  Args:
+    schedule: the optimizer's merge schedule.
+    merge: the ``merge`` extra argument of ``update``: None (the default) or True decide in
+      the graph from the step counter; False declares that no state of ``schedule`` merges at
+      this step, which is then traced without merge branches (see :func:`assume_local_step`).
+
+  Returns:
+    :func:`assume_local_step` for ``schedule`` when ``merge`` is False, else a no-op context.
+
+  Raises:
+    ValueError: if ``merge`` is not None or a Python bool known when tracing (a traced value
+      cannot choose what is traced), or is False for a schedule that averages every step.
+  """
+  if check_merge_flag(merge) is not False:
+    return contextlib.nullcontext()
+  if schedule.merges_every_step():
+    raise ValueError(
+      f"merge=False declares a local step, but this optimizer averages "
+      f"{schedule.states()!r} on every step (axes {schedule.axis_names!r})"
+    )
+  return assume_local_step(schedule)
 
 
 @contextlib.contextmanager
@@ -233,7 +282,7 @@ class MergeParamsState(NamedTuple):
   count: jax.Array  # shape=(), int32; steps taken so far.
 
 
-def merge_params(schedule: MergeSchedule) -> optax.GradientTransformation:
+def merge_params(schedule: MergeSchedule) -> optax.GradientTransformationExtraArgs:
   """Turn updates into model-averaging updates on merge steps.
 
   .. math::
@@ -241,20 +290,26 @@ def merge_params(schedule: MergeSchedule) -> optax.GradientTransformation:
     \\text{ merges, else } u_t
 
   so that after ``optax.apply_updates`` every worker holds the mean of the replicas. Chain it
-  last (after the learning rate). Needs ``params`` in ``update``.
+  last (after the learning rate). Needs ``params`` in ``update``, which also takes the extra
+  argument ``merge`` (see :func:`declared_merge`).
 
   Args:
     schedule: merge schedule; its ``'params'`` periods decide the merge steps.
 
   Returns:
-    An ``optax.GradientTransformation``.
+    An ``optax.GradientTransformationExtraArgs``.
   """
 
   def init_fn(params):
     del params
     return MergeParamsState(count=jnp.zeros([], jnp.int32))
 
-  def update_fn(updates, state, params=None):
+  def update_fn(updates, state, params=None, *, merge=None, **extra_args):
+    del extra_args
+    with declared_merge(schedule, merge):
+      return _merge_params_update(updates, state, params)
+
+  def _merge_params_update(updates, state, params):
     count = optax.safe_increment(state.count)
     if not schedule.merges("params"):
       return updates, MergeParamsState(count=count)
@@ -267,11 +322,11 @@ def merge_params(schedule: MergeSchedule) -> optax.GradientTransformation:
         lambda m, p, u: (m - p).astype(u.dtype), mean(new_params), params, updates
       )
 
-    # Only `updates` is the switch operand; `params` enters by closure. XLA then copies less
-    # on the identity (local) branch (measured: 1.4x instead of 1.9x optax.adam's update time).
+    # Only `updates` is the switch operand; `params` enters by closure, so that the identity
+    # (local) branch carries one parameter-sized tree, not two.
     updates = switch_merge(
       schedule.level_at("params", count), schedule, "params", lambda u: u, merge_fn, updates
     )
     return updates, MergeParamsState(count=count)
 
-  return optax.GradientTransformation(init_fn, update_fn)
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)

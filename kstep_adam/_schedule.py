@@ -9,11 +9,18 @@ innermost (fastest links, e.g. ``'local'``). Merging at level ``i`` averages ove
 ``axis_names[i:]``, i.e. over that axis *and every axis inside it*. At step ``t`` (1-based) a state
 with per-axis periods ``k_i`` merges at the outermost level ``i`` with ``t % k_i == 0``; if none
 divides ``t`` the step is local. With one axis this is plain "merge every k steps".
+
+Compression. A schedule that averages on every step may instead exchange a compressed tensor
+(:class:`Compression`, built with :func:`compressed_schedule`): 1-bit signs and scales of the
+Adam momentum, or the top-k / random-k entries of each gradient, with error feedback. Its
+first ``warmup_steps`` steps all-reduce the full-precision gradients. The accounting counts
+the compressed messages at their size, from the same object.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping
 from collections.abc import Sequence
 from typing import Any
@@ -22,7 +29,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from kstep_adam._validation import check_choice
+from kstep_adam._validation import check_float
 from kstep_adam._validation import check_float_dtype
+from kstep_adam._validation import check_int
 from kstep_adam._validation import is_int_at_least
 
 # Names of the pytrees a schedule may average. 'params', 'mu' and 'nu' belong to k-step Adam;
@@ -51,6 +60,85 @@ ROUTES = ("hierarchical", "flat")
 MAX_PERIOD = 2**31 - 1
 
 
+# Compressed exchanges, and the state each one averages: 1-bit Adam's momentum, or gradients.
+COMPRESSION_STATES = {"onebit": "mu", "topk": "grads", "randk": "grads"}
+
+
+def _with_inject_hint(check, value, name: str):
+  """Run ``check``; a ValueError about an array value gets the inject_hyperparams hint."""
+  try:
+    return check()
+  except ValueError as e:
+    if not hasattr(value, "shape"):
+      raise
+    hint = f" (under optax.inject_hyperparams pass static_args=('{name}',))"
+    raise ValueError(f"{e}{hint}") from None
+
+
+@dataclasses.dataclass(frozen=True)
+class Compression:
+  """How a schedule's every-step exchange is compressed; each worker keeps its error feedback.
+
+  The message formats below are what the collectives move and what the accounting counts.
+  Leaf by leaf (a leaf of ``d`` elements; ``n`` workers):
+
+  * ``'onebit'`` (1-bit Adam): the momentum plus the worker's error, as signs (1 bit each)
+    and one float32 scale ``||x||_2 / sqrt(d)``. The leaf is cut into ``n`` chunks of
+    :meth:`chunk_size` elements (padded to a multiple of 8 so that signs pack into bytes);
+    an all-to-all gives worker ``j`` chunk ``j`` of every worker, which it averages, adds its
+    server error to and compresses again; an all-gather returns every compressed chunk.
+  * ``'topk'``: the :meth:`values_per_leaf` largest-magnitude entries of gradient plus
+    error, as values in the gradient's dtype and int32 indices, all-gathered.
+  * ``'randk'``: as many entries at indices drawn from a seed every worker shares, so only
+    the values travel, in one all-reduce along the schedule's route.
+
+  Attributes:
+    method: ``'onebit'``, ``'topk'`` or ``'randk'``.
+    density: fraction of each leaf's entries that ``'topk'`` and ``'randk'`` send, in (0, 1];
+      1.0 for ``'onebit'``.
+    warmup_steps: steps ``1..warmup_steps`` all-reduce the full-precision gradients (along
+      the schedule's route) instead; >= 0.
+  """
+
+  method: str
+  density: float = 1.0
+  warmup_steps: int = 0
+
+  def __post_init__(self):
+    check_choice(self.method, "method", tuple(COMPRESSION_STATES))
+    density = _with_inject_hint(
+      lambda: check_float(self.density, "density", low=0.0, high=1.0, low_open=True),
+      self.density,
+      "density",
+    )
+    if self.method == "onebit" and density != 1.0:
+      raise ValueError(
+        f"density is for 'topk' and 'randk'; 'onebit' sends every sign, got {self.density!r}"
+      )
+    warmup_steps = _with_inject_hint(
+      lambda: check_int(self.warmup_steps, "warmup_steps", minimum=0, maximum=MAX_PERIOD),
+      self.warmup_steps,
+      "warmup_steps",
+    )
+    object.__setattr__(self, "density", density)
+    object.__setattr__(self, "warmup_steps", warmup_steps)
+
+  @property
+  def state(self) -> str:
+    """The state this method exchanges: ``'mu'`` for ``'onebit'``, else ``'grads'``."""
+    return COMPRESSION_STATES[self.method]
+
+  def values_per_leaf(self, size: int) -> int:
+    """Entries that ``'topk'``/``'randk'`` send of a leaf of ``size`` elements:
+    ``max(1, round(density * size))``, at most ``size`` (0 for an empty leaf)."""
+    return min(size, max(1, round(self.density * size)))
+
+  @staticmethod
+  def chunk_size(size: int, num_workers: int) -> int:
+    """Elements in each worker's chunk of a leaf under ``'onebit'``: ``8 ceil(size / 8n)``."""
+    return 8 * math.ceil(size / (8 * num_workers))
+
+
 def check_route(route: str) -> None:
   """Raise ValueError unless ``route`` is one of :data:`ROUTES`."""
   check_choice(route, "route", ROUTES)
@@ -68,6 +156,8 @@ class MergeSchedule:
     route: ``'hierarchical'`` (reduce-scatter inside the innermost axis, reduce the own shard
       across the outer axes, all-gather) or ``'flat'`` (one all-reduce over all merged axes).
     mu_dtype: dtype of the first moment, used only to count its bytes (``None``: params' dtype).
+    compression: how the every-step exchange is compressed (:func:`compressed_schedule`), or
+      None: full-precision means.
   """
 
   axis_names: tuple[str, ...] = ()
@@ -75,6 +165,7 @@ class MergeSchedule:
   state_periods: tuple[tuple[str, int], ...] = (("params", 1),)
   route: str = "hierarchical"
   mu_dtype: str | None = None
+  compression: Compression | None = None
 
   def states(self) -> tuple[str, ...]:
     """Names of the states this schedule averages."""
@@ -102,6 +193,10 @@ class MergeSchedule:
     if not self.axis_names or periods is None:
       return ()
     return tuple(i + 1 for i, p in enumerate(periods) if not any(p % q == 0 for q in periods[:i]))
+
+  def merges_every_step(self) -> bool:
+    """Whether some state merges on every step (a period of 1 at some level)."""
+    return bool(self.axis_names) and any(1 in self.periods(s) for s in self.states())
 
   def merges_at(self, step: int) -> bool:
     """Whether any state merges at 1-based Python int ``step`` (host-side dispatch)."""
@@ -223,6 +318,11 @@ def merge_schedule(
   mu_dtype = check_float_dtype(mu_dtype, "mu_dtype")
   mu_name = None if mu_dtype is None else mu_dtype.name
   if isinstance(k, MergeSchedule):
+    if k.compression is not None:
+      raise ValueError(
+        f"the schedule compresses its exchange ({k.compression.method!r}); pass it to "
+        f"{_COMPRESSED_OPTIMIZERS[k.compression.method]}, which runs that exchange"
+      )
     if axis_name is not None:
       raise ValueError(
         f"pass either a MergeSchedule as {period_name} or axis_name, not both "
@@ -287,4 +387,52 @@ def sync_schedule(
   """
   return merge_schedule(
     1, axis_name=axis_name, sync="grads", route=route, allowed_states=("grads",)
+  )
+
+
+_COMPRESSED_OPTIMIZERS = {"onebit": "onebit_adam", "topk": "topk_ef", "randk": "topk_ef"}
+
+
+def compressed_schedule(
+  axis_name: str | Sequence[str] | None,
+  method: str,
+  *,
+  density: float = 1.0,
+  warmup_steps: int = 0,
+  route: str = "hierarchical",
+) -> MergeSchedule:
+  """Build the schedule of a compressed every-step exchange (see :class:`Compression`).
+
+  Build it once and pass it to the optimizer (:func:`kstep_adam.onebit_adam` for
+  ``'onebit'``, :func:`kstep_adam.topk_ef` for ``'topk'`` and ``'randk'``) and to the byte
+  accounting, which then counts the warm-up all-reduces at full precision and every later
+  step at the compressed size.
+
+  Args:
+    axis_name: mesh axis or axes (outermost first) to exchange over; None: one worker.
+    method: ``'onebit'`` (exchanges the Adam momentum), ``'topk'`` or ``'randk'``
+      (exchange gradients).
+    density: fraction of each leaf's entries sent by ``'topk'`` and ``'randk'``, in (0, 1].
+    warmup_steps: steps that all-reduce full-precision gradients first; >= 0.
+    route: ``'hierarchical'`` or ``'flat'`` routing of the warm-up and ``'randk'``
+      all-reduces; the ``'onebit'`` and ``'topk'`` collectives span all axes as one group.
+
+  Returns:
+    A frozen ``MergeSchedule`` averaging its state every step, with ``compression`` set.
+
+  Raises:
+    ValueError: on an unknown method or route, a density outside (0, 1] (or other than 1.0
+      for ``'onebit'``), or a negative ``warmup_steps``.
+
+  Examples:
+    >>> import kstep_adam
+    >>> s = kstep_adam.compressed_schedule(("node", "local"), "topk", density=0.01)
+    >>> s.states(), s.compression.values_per_leaf(1000)
+    (('grads',), 10)
+  """
+  check_route(route)
+  compression = Compression(method, density, warmup_steps)
+  axis_names = normalize_axis_names(axis_name)
+  return MergeSchedule(
+    axis_names, (1,) * len(axis_names), ((compression.state, 1),), route, None, compression
   )

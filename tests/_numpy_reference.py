@@ -151,3 +151,145 @@ def diloco(
       theta = np.tile(anchor, (num_workers, 1))
     history.append(theta.copy())
   return history
+
+
+# Compressed exchanges. A model's parameters are leaves (named slices of theta), each
+# compressed on its own, as the optimizers compress each leaf of the parameter pytree.
+
+
+def _signs_times_scale(x: np.ndarray) -> np.ndarray:
+  """1-bit compression: sign(x) (zero counts as +) times ||x||_2 / sqrt(len(x))."""
+  if x.size == 0:
+    return x.copy()
+  scale = np.sqrt(np.sum(x * x) / x.size)
+  return np.where(x >= 0, scale, -scale)
+
+
+def onebit_chunk(d: int, num_workers: int) -> int:
+  """Elements each worker serves of a d-element leaf: d split n ways, rounded up to bytes."""
+  return 8 * -(-d // (8 * num_workers))
+
+
+def onebit_mean(m_WxD, worker_error_WxD, server_error, leaves):
+  """1-bit Adam's compressed all-reduce with worker and server error feedback.
+
+  Args:
+    m_WxD: each worker's momentum.
+    worker_error_WxD: each worker's compression error.
+    server_error: leaf name -> ``(W, chunk)`` errors; row j belongs to worker j, the server of
+      chunk j of that leaf.
+    leaves: leaf name -> slice of the D columns.
+
+  Returns:
+    ``(mean_WxD, worker_error_WxD, server_error)``; every row of the mean is the same.
+  """
+  num_workers = m_WxD.shape[0]
+  x = m_WxD + worker_error_WxD
+  sent = np.empty_like(x)
+  for sl in leaves.values():
+    for w in range(num_workers):
+      sent[w, sl] = _signs_times_scale(x[w, sl])
+  mean = np.empty(x.shape[1])
+  new_server_error = {}
+  for name, sl in leaves.items():
+    d = sl.stop - sl.start
+    chunk = onebit_chunk(d, num_workers)
+    errors = server_error[name].copy()
+    for j in range(num_workers):
+      lo, hi = min(j * chunk, d), min((j + 1) * chunk, d)
+      q = sent[:, sl][:, lo:hi].mean(axis=0) + errors[j, : hi - lo]
+      compressed = _signs_times_scale(q)
+      errors[j, : hi - lo] = q - compressed
+      mean[sl.start + lo : sl.start + hi] = compressed
+    new_server_error[name] = errors
+  return np.tile(mean, (num_workers, 1)), x - sent, new_server_error
+
+
+def onebit_adam(theta0_D, data, *, lr, warmup_steps, leaves, b1=0.9, b2=0.999, eps=1e-8):
+  """1-bit Adam: Adam on mean gradients for ``warmup_steps``, then frozen v and 1-bit momentum.
+
+  Both moments are bias-corrected as in Adam; v's correction stops at the warm-up's end.
+
+  Returns:
+    ``(history, states)``: per step the ``(W, D)`` parameters, and a dict with the momentum,
+    worker errors ``(W, D)`` and server errors (leaf -> ``(W, chunk)``) after the step.
+  """
+  num_workers = data[0][1].shape[0]
+  theta = np.tile(np.asarray(theta0_D, np.float64), (num_workers, 1))
+  m, v = np.zeros_like(theta), np.zeros_like(theta)
+  worker_error = np.zeros_like(theta)
+  server_error = {
+    name: np.zeros((num_workers, onebit_chunk(sl.stop - sl.start, num_workers)))
+    for name, sl in leaves.items()
+  }
+  history, states = [], []
+  for t, (x, y) in enumerate(data, start=1):
+    g = linreg_grads(theta, x, y)
+    if t <= warmup_steps:
+      g = mean_over(g, 1, "all")
+      m = b1 * m + (1 - b1) * g
+      v = b2 * v + (1 - b2) * g * g
+    else:
+      m = b1 * m + (1 - b1) * g
+      m, worker_error, server_error = onebit_mean(m, worker_error, server_error, leaves)
+    v_hat = v / (1 - b2 ** min(t, warmup_steps))
+    theta = theta - lr * (m / (1 - b1**t)) / (np.sqrt(v_hat) + eps)
+    history.append(theta.copy())
+    states.append(
+      {"mu": m.copy(), "worker_error": worker_error.copy(), "server_error": dict(server_error)}
+    )
+  return history, states
+
+
+def sparse_ef_adam(
+  theta0_D,
+  data,
+  *,
+  lr,
+  density,
+  leaves,
+  method="topk",
+  indices=None,
+  warmup_steps=0,
+  b1=0.9,
+  b2=0.999,
+  eps=1e-8,
+):
+  """Adam on the mean of sparsified gradients with error feedback (top-k or given indices).
+
+  Each worker sends ``k = max(1, round(density * d))`` entries of ``g + e`` per leaf (the
+  largest in magnitude, lower index first on ties, or ``indices(t, leaf_name)`` for
+  random-k) and keeps the rest as its error ``e``. Warm-up steps average dense gradients.
+
+  Returns:
+    ``(history, errors)``: per step the ``(W, D)`` parameters and the ``(W, D)`` errors.
+  """
+  num_workers = data[0][1].shape[0]
+  theta = np.tile(np.asarray(theta0_D, np.float64), (num_workers, 1))
+  m, v = np.zeros_like(theta), np.zeros_like(theta)
+  error = np.zeros_like(theta)
+  history, errors = [], []
+  for t, (x, y) in enumerate(data, start=1):
+    g = linreg_grads(theta, x, y)
+    if t <= warmup_steps:
+      g = mean_over(g, 1, "all")
+    else:
+      p = g + error
+      sent = np.zeros_like(p)
+      for name, sl in leaves.items():
+        d = sl.stop - sl.start
+        k = min(d, max(1, round(density * d)))
+        for w in range(num_workers):
+          if method == "topk":
+            idx = np.argsort(-np.abs(p[w, sl]), kind="stable")[:k]
+          else:
+            idx = np.asarray(indices(t, name))
+          sent[w, sl.start + idx] = p[w, sl.start + idx]
+      error = p - sent
+      g = mean_over(sent, 1, "all")
+    m = b1 * m + (1 - b1) * g
+    v = b2 * v + (1 - b2) * g * g
+    theta = theta - lr * (m / (1 - b1**t)) / (np.sqrt(v / (1 - b2**t)) + eps)
+    history.append(theta.copy())
+    errors.append(error.copy())
+  return history, errors

@@ -67,6 +67,17 @@ OPTIMIZERS = {
     ("k",),
   ),
   "diloco": (kstep_adam.diloco, dict(inner_steps=2, inner_learning_rate=0.05), ("inner_steps",)),
+  "onebit_adam": (
+    kstep_adam.onebit_adam,
+    dict(learning_rate=0.05, warmup_steps=2),
+    ("warmup_steps",),
+  ),
+  "topk_ef": (kstep_adam.topk_ef, dict(learning_rate=0.05, density=0.5), ("density",)),
+  "topk_ef/randk_warmup": (
+    kstep_adam.topk_ef,
+    dict(learning_rate=0.05, density=0.5, method="randk", warmup_steps=1),
+    ("density", "warmup_steps"),
+  ),
 }
 NAMES = list(OPTIMIZERS)
 
@@ -145,7 +156,8 @@ def test_works_under_inject_hyperparams(name):
   got, state, _, traces = _jitted_run(injected, params, steps=3)
   want, want_state, _, _ = _jitted_run(_make(name), params, steps=3)
   assert traces == 1
-  floats = {k for k, v in kwargs.items() if isinstance(v, float)}  # injected, so adjustable
+  # Float arguments are injected, so adjustable (those that shape the state stay static).
+  floats = {k for k, v in kwargs.items() if isinstance(v, float) and k not in static_args}
   assert floats and floats <= set(state.hyperparams)
   rtol, atol = _tolerance(want_state)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=rtol, atol=atol), got, want)

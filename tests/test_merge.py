@@ -1,13 +1,17 @@
 """The collectives: hierarchical mean == flat mean, and no collective on a non-merge step."""
 
+import functools
 import re
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from _runs import init_params
 from _runs import loss_fn
+from _runs import theta_of
+from _runs import worker_data
 from jax.sharding import PartitionSpec as P
 
 import kstep_adam
@@ -273,3 +277,102 @@ def test_assume_local_step_in_another_thread_does_not_leak():
     release.set()
     thread.join()
   assert COLLECTIVE.search(text), "merges were traced away by another thread's context"
+
+
+def _plain_jit_step(tx, mesh):
+  """A user's own jitted shard_map step that passes `merge` (static) to the optimizer."""
+  spec = P(NODE_LOCAL)
+
+  def per_worker(params_W, state_W, x_W, y_W, merge):
+    params, state, x, y = jax.tree.map(lambda a: a[0], (params_W, state_W, x_W, y_W))
+    updates, state = tx.update(jax.grad(loss_fn)(params, (x, y)), state, params, merge=merge)
+    params = optax.apply_updates(params, updates)
+    return jax.tree.map(lambda a: a[None], (params, state))
+
+  @functools.partial(jax.jit, static_argnames="merge")
+  def step(params_W, state_W, x_W, y_W, merge=None):
+    body = functools.partial(per_worker, merge=merge)
+    return jax.shard_map(body, mesh=mesh, in_specs=(spec,) * 4, out_specs=(spec, spec))(
+      params_W, state_W, x_W, y_W
+    )
+
+  return step
+
+
+@pytest.mark.parametrize(
+  "make,sync",
+  [
+    (lambda s: kstep_adam.kstep_adam(0.05, s), "desloc"),
+    (lambda s: kstep_adam.local_sgd(0.05, s, momentum=0.9), "params"),
+    (lambda s: kstep_adam.diloco(s, inner_learning_rate=0.05), "delta"),
+  ],
+  ids=["kstep_adam", "local_sgd", "diloco"],
+)
+@pytest.mark.parametrize("decide", ["host", "always_true"])
+def test_a_plain_jit_loop_may_decide_merges_on_the_host(make, sync, decide):
+  """merge=schedule.merges_at(t) gives the in-graph run (merge=True on a local step too)."""
+  mesh = parallel.make_mesh(2, 2)
+  schedule = kstep_adam.merge_schedule({"node": 3, "local": 2}, axis_name=NODE_LOCAL, sync=sync)
+  tx = make(schedule)
+  data = worker_data(mesh.size, 7)
+  step = _plain_jit_step(tx, mesh)
+  runs = {}
+  for mode in ("in_graph", decide):
+    params_W, state_W = parallel.init_replicas(init_params(), tx, mesh)
+    thetas = []
+    for t, (x, y) in enumerate(data, start=1):
+      merge = {"in_graph": None, "host": schedule.merges_at(t), "always_true": True}[mode]
+      x, y = (jax.device_put(a, parallel.worker_sharding(mesh, a.ndim)) for a in (x, y))
+      params_W, state_W = step(params_W, state_W, x, y, merge=merge)
+      thetas.append(theta_of(jax.device_get(params_W)))
+    runs[mode] = np.stack(thetas)
+  # Not bitwise: XLA fuses the branch-free program differently (1-ulp differences).
+  np.testing.assert_allclose(runs[decide], runs["in_graph"], rtol=1e-6, atol=1e-7)
+  assert np.ptp(runs["in_graph"][0], axis=0).max() > 1e-4  # step 1 is local: replicas differ
+  # One program per value of merge (None, and True/False or True), none per step.
+  assert step._cache_size() == (3 if decide == "host" else 2)
+
+
+def test_a_declared_local_step_compiles_without_branch_or_collective():
+  mesh = parallel.make_mesh(2, 4)
+  schedule = kstep_adam.merge_schedule({"node": 4, "local": 2}, axis_name=NODE_LOCAL, sync="desloc")
+  tx = kstep_adam.kstep_adam(0.1, schedule)
+  params_W, state_W = parallel.init_replicas(init_params(), tx, mesh)
+  x_W = parallel.replicate(np.zeros((1, 5), np.float32), mesh)
+  y_W = parallel.replicate(np.zeros(1, np.float32), mesh)
+  step = _plain_jit_step(tx, mesh)
+
+  def hlo(merge):
+    return step.lower(params_W, state_W, x_W, y_W, merge=merge).compile().as_text()
+
+  local = hlo(False)
+  assert not COLLECTIVE.search(local) and "conditional(" not in local
+  assert COLLECTIVE.search(hlo(True)) and "conditional(" in hlo(True)
+
+
+@pytest.mark.parametrize(
+  "merge,match",
+  [
+    (jnp.bool_(False), r"mark it static: jax.jit\(..., static_argnames=\('merge',\)\)"),
+    ("no", "merge must be None or a bool known when tracing"),
+  ],
+)
+def test_merge_flag_must_be_a_static_bool(merge, match):
+  tx = kstep_adam.kstep_adam(0.1, 2)
+  params = {"w": jnp.zeros(2)}
+  with pytest.raises(ValueError, match=match):
+    tx.update(params, tx.init(params), params, merge=merge)
+
+
+def test_merge_false_is_refused_where_every_step_merges():
+  mesh = parallel.make_mesh(1, 2)
+  tx = kstep_adam.kstep_adam(0.1, 1, axis_name=NODE_LOCAL)
+  params_W, state_W = parallel.init_replicas(init_params(), tx, mesh)
+
+  def body(params_W, state_W):
+    params, state = jax.tree.map(lambda a: a[0], (params_W, state_W))
+    return tx.update(params, state, params, merge=False)[0]
+
+  fn = jax.shard_map(body, mesh=mesh, in_specs=(P(NODE_LOCAL),) * 2, out_specs=P(NODE_LOCAL))
+  with pytest.raises(ValueError, match=r"declares a local step, but this optimizer averages"):
+    jax.eval_shape(fn, params_W, state_W)
