@@ -53,7 +53,7 @@ def test_importing_an_entry_point_leaves_jax_config_and_backend_alone():
   "module, argv, output_flags",
   [
     (demo, ["--quick"], {"out"}),
-    (optimizer_overhead, ["--quick"], set()),  # prints only
+    (optimizer_overhead, ["--quick"], {"out"}),  # prints only unless --out
     (ctr_throughput, ["--steps", "100"], {"out"}),  # its docstring's smoke run; no --quick
     (embedding_tier, ["--quick"], {"out", "workdir"}),
     (embedding_tier, ["--quick", "--large"], {"out", "workdir"}),
