@@ -541,6 +541,8 @@ def sparsified_mean(
   Returns:
     An ``optax.GradientTransformationExtraArgs`` with state :class:`SparsifiedMeanState`.
   """
+  if schedule is None:
+    raise ValueError("sparsified_mean needs a kstep_adam.compressed_schedule(...), got None")
   schedule = _compressed_schedule_of(schedule, ("topk", "randk"), None, "hierarchical")
   if not (
     isinstance(seed, jax.Array) and seed.ndim == 0 and jnp.issubdtype(seed.dtype, jnp.integer)
