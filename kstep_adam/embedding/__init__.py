@@ -14,6 +14,7 @@ from kstep_adam.embedding._init import init_rows
 from kstep_adam.embedding._open import open_table
 from kstep_adam.embedding._optimizers import RowwiseAdagrad
 from kstep_adam.embedding._optimizers import SparseAdam
+from kstep_adam.embedding._store import TableVersion
 from kstep_adam.embedding._table import EmbeddingTable
 from kstep_adam.embedding._table import WorkingSet
 
@@ -24,6 +25,7 @@ __all__ = [
   "TableConfig",
   "TableFailedError",
   "TableLockedError",
+  "TableVersion",
   "WorkingSet",
   "hash_keys_to_rows",
   "init_rows",

@@ -8,6 +8,7 @@ from kstep_adam.embedding import _optimizers
 from kstep_adam.embedding import _store
 from kstep_adam.embedding._config import TableConfig
 from kstep_adam.embedding._device_cache import DeviceCache
+from kstep_adam.embedding._store import TableVersion
 from kstep_adam.embedding._table import EmbeddingTable
 
 
@@ -26,6 +27,7 @@ def open_table(
   chunk_rows: int | None = None,
   compress: bool | None = None,
   ts_cache_bytes: int = 64 << 20,
+  version: TableVersion | None = None,
 ) -> EmbeddingTable:
   """Creates the embedding table at ``path``, or reopens the one there.
 
@@ -54,13 +56,17 @@ def open_table(
     chunk_rows: rows per zarr chunk on disk (default: about 64 KiB per chunk).
     compress: zstd-compress chunks (default True; see ``_store`` for the trade-off).
     ts_cache_bytes: TensorStore's own chunk cache for this table.
+    version: reopen the table as an earlier flush left it: the ``TableVersion`` that
+      ``flush`` returned. A table flushed again since is reverted to it (the later versions
+      stay in the database's history); one at that step already is opened as it is.
 
   Returns:
     An ``EmbeddingTable``; use it as a context manager or call ``close()``.
 
   Raises:
     ValueError: a bad argument, one that conflicts with the stored table, or a path that
-      holds something else; nothing on disk changes.
+      holds something else; nothing on disk changes. Also a ``version`` the table cannot
+      return to (it is at an earlier step, or was compacted since).
     TableLockedError: the table is already open, in this process or another.
 
   Examples:
@@ -131,6 +137,7 @@ def open_table(
     host_cache_rows=host_cache_rows,
     ts_cache_bytes=ts_cache_bytes,
     device_cache=device_cache,
+    version=version,
   )
 
 

@@ -10,6 +10,9 @@ Directory layout of a table at ``path``::
   path/db/          an OCDBT database holding
                       rows/        zarr3 float32 [num_rows, W]: every row's full state
                       commit.json  {"step": t}: the table step of the last flush
+                    and, since OCDBT is copy-on-write, every earlier version of both:
+                    a flush returns its ``TableVersion`` (database, generation, step)
+                    and ``TableStore.revert`` brings the table back to one
   path/pending.*    the pending log: rows changed since the last flush, and the redo
                     log that makes a flush atomic (see ``_pending``)
   path/LOCK         flock'ed by the process that has the table open
@@ -42,6 +45,7 @@ import os
 import re
 import shutil
 import tempfile
+from typing import NamedTuple
 
 import numpy as np
 import tensorstore as ts
@@ -50,6 +54,21 @@ from kstep_adam.embedding._config import TableConfig
 
 CONFIG_FILE = "table.json"
 CURRENT_FILE = "CURRENT"
+COMMIT_KEY = b"commit.json"
+
+
+class TableVersion(NamedTuple):
+  """One committed state of a table: what a flush made durable, and how to find it again.
+
+  OCDBT never overwrites: each commit is a new *generation* of the database, and every
+  earlier one stays readable, so a flush's version can be restored later (``open_table(...,
+  version=)``), e.g. by a trainer whose checkpoint names it. ``compact`` starts a new
+  database and drops the history before it.
+  """
+
+  step: int  # the table step the flush committed
+  database: str  # the database directory it lives in ('db', or 'db.<n>' after compact)
+  generation: int  # the OCDBT generation number of that commit
 
 
 def current_db(path: str) -> str:
@@ -190,7 +209,7 @@ class TableStore:
 
   def committed_step(self) -> int:
     with self._io("read commit.json of"):
-      result = self._kv.read(b"commit.json").result()
+      result = self._kv.read(COMMIT_KEY).result()
     if result.state != "value":
       raise ValueError(
         "table database has no commit.json: it was not created by open_table or is damaged"
@@ -215,7 +234,70 @@ class TableStore:
 
   def write_step(self, step: int) -> None:
     with self._io("write commit.json of"):
-      self._kv[b"commit.json"] = json.dumps({"step": int(step)}).encode()
+      self._kv[COMMIT_KEY] = json.dumps({"step": int(step)}).encode()
+
+  def generation(self) -> int:
+    """The OCDBT generation number of the database's latest commit."""
+    with self._io("read the manifest of"):
+      base = ts.KvStore.open({"driver": "file", "path": self.db_path}).result()
+      return int(ts.ocdbt.dump(base).result()["versions"][-1]["generation_number"])
+
+  def version(self) -> TableVersion:
+    """The committed state now: its step, this database and its latest generation."""
+    return TableVersion(self.committed_step(), self.db_name, self.generation())
+
+  def revert(self, version: TableVersion) -> None:
+    """Makes the live database equal to an earlier ``version`` of it, as new commits.
+
+    Only the keys whose value differs between that generation and now are rewritten (their
+    storage generations say which may, without reading the values); ``commit.json`` goes
+    last, so an interrupted revert still reads as the later step and is simply done again.
+    The versions in between stay in the history.
+    """
+    if version.database != self.db_name:
+      raise ValueError(
+        f"cannot revert the table to {version}: it lives in database {self.db_name!r} now "
+        f"(compacted since), whose history starts later"
+      )
+    spec = {
+      "driver": "ocdbt",
+      "base": {"driver": "file", "path": self.db_path},
+      "version": int(version.generation),
+    }
+    with self._io("revert"):
+      then = ts.KvStore.open(spec, context=self._context).result()
+      keys_then = set(then.list().result()) - {COMMIT_KEY}
+      keys_now = set(self._kv.list().result()) - {COMMIT_KEY}
+      common = sorted(keys_then & keys_now)
+      stamp = lambda kv, key: kv.read(key, byte_range=slice(0, 0))
+      stamps = [(stamp(then, k), stamp(self._kv, k)) for k in common]
+      changed = [
+        k
+        for k, (a, b) in zip(common, stamps)
+        if a.result().stamp.generation != b.result().stamp.generation
+      ]
+      candidates = sorted(keys_then - keys_now) + changed
+      restore = []
+      for lo in range(0, len(candidates), 256):  # bounded memory: a batch of chunks at a time
+        keys = candidates[lo : lo + 256]
+        reads = [(then.read(k), self._kv.read(k)) for k in keys]
+        values = {k: (a.result(), b.result()) for k, (a, b) in zip(keys, reads)}
+        # A value rewritten with the same bytes (an earlier revert) has a new generation.
+        keys = [k for k, (a, b) in values.items() if b.state != "value" or a.value != b.value]
+        restore += keys
+        if keys:
+          with ts.Transaction() as txn:
+            target = self._kv.with_transaction(txn)
+            for key in keys:
+              target[key] = values[key][0].value
+      stale = sorted(keys_now - keys_then)
+      if stale:
+        with ts.Transaction() as txn:
+          target = self._kv.with_transaction(txn)
+          for key in stale:
+            del target[key]
+    if restore or stale or self.committed_step() != version.step:
+      self.write_step(version.step)
 
   def stored_chunks(self) -> np.ndarray:
     """Indices (along rows) of the chunks that exist on disk, sorted."""

@@ -15,6 +15,12 @@ uncommitted log. So after a crash the table reopens at the last flushed step, wi
 row from that step: everything since the last flush is lost, nothing is mixed. Flush
 memory is bounded by ``_FLUSH_BATCH_BYTES`` of chunks, not by the number of dirty rows.
 
+History. ``flush`` returns the :class:`TableVersion` it committed, and the database keeps
+every earlier one (OCDBT is copy-on-write). Reopening with ``version=`` an earlier flush's
+version reverts the table to it, so a checkpoint that names a version can be restored
+even if the table was flushed again after it (a crash between a later flush and the
+checkpoint that was to name it). ``compact`` drops that history.
+
 I/O errors (a full disk, a failing device). Every call either leaves the table as it was,
 or puts it in a *failed* state; none leaves a state that no step produced, and none hangs:
 
@@ -69,6 +75,7 @@ from kstep_adam.embedding._host_cache import HostCache
 from kstep_adam.embedding._optimizers import RowwiseAdagrad
 from kstep_adam.embedding._optimizers import SparseAdam
 from kstep_adam.embedding._pending import PendingLog
+from kstep_adam.embedding._store import TableVersion
 
 _FLUSH_BATCH_BYTES = 64 << 20  # uncompressed chunk bytes per flush write batch
 
@@ -108,6 +115,7 @@ class EmbeddingTable:
     host_cache_rows: int,
     ts_cache_bytes: int,
     device_cache: DeviceCache | None = None,
+    version: TableVersion | None = None,
   ):
     self._lock_file = open(os.path.join(path, "LOCK"), "w")
     try:  # one writer per table: the kernel drops this lock if the process dies
@@ -130,6 +138,9 @@ class EmbeddingTable:
       if redo_step is not None:  # a flush was committed but not fully copied: finish it
         self._apply_pending(redo_step)
       self._step = self._store.committed_step()
+      if version is not None:
+        self._revert(version)
+      self._committed = self._store.version()
     except BaseException:
       if self._pending is not None:
         self._pending.close()
@@ -154,6 +165,11 @@ class EmbeddingTable:
   def step(self) -> int:
     """The table step t: the number of pushes applied (restored from the last flush)."""
     return self._step
+
+  @property
+  def committed(self) -> TableVersion:
+    """The version of the last flush (or of the state the table was opened at)."""
+    return self._committed
 
   @property
   def failed(self) -> bool:
@@ -276,16 +292,21 @@ class EmbeddingTable:
     self._executor.submit(self._prefetch_task, future, unique_U)
     return future
 
-  def flush(self) -> None:
+  def flush(self) -> TableVersion:
     """Commits every dirty row and the step atomically; a reopen then sees exactly this.
 
     If it fails before its commit point with the log unchanged on disk (a full disk while
     appending), the table is as before and ``flush`` may be retried; a failure after that
     puts the table in the failed state (``TableFailedError``).
+
+    Returns:
+      The committed :class:`TableVersion`; ``open_table(path, version=...)`` reverts the
+      table to it later, even after more flushes.
     """
     with self._op_lock, self._lock:
       self._check_usable(prefetch_errors=False)
       self._flush_locked()
+      return self._committed
 
   def compact(self) -> dict:
     """Flushes, then copies the stored chunks into a fresh database and deletes the old one.
@@ -331,6 +352,7 @@ class EmbeddingTable:
         _store.set_current_db(self.path, new.db_name)  # the switch
         new.bytes_read, new.bytes_written = old.bytes_read, old.bytes_written
         self._store = new
+        self._committed = new.version()
       del old
       _store.remove_stale_dbs(self.path)
       return {"bytes_before": before, "bytes_after": _store.du_bytes(new.db_path)}
@@ -354,6 +376,7 @@ class EmbeddingTable:
       self._pending.commit(self._step)  # the commit point
       self._apply_pending(self._step)
       cache.dirty_C[dirty_slots] = False
+      self._committed = self._store.version()
 
   def close(self, flush: bool = True) -> None:
     """Flushes (unless ``flush=False``) and releases the table; idempotent.
@@ -534,6 +557,18 @@ class EmbeddingTable:
       self._store.write_rows(ids[lo:hi], self._pending.read(positions[lo:hi]))
     self._store.write_step(step)
     self._pending.clear()
+
+  def _revert(self, version: TableVersion) -> None:
+    """Brings the just-opened table back to an earlier flush's ``version`` (see ``open``)."""
+    if self._store.version() == version:
+      return  # nothing was committed since
+    if self._step < version.step:
+      raise ValueError(
+        f"cannot restore the table at {self.path!r} to step {version.step}: it is at step "
+        f"{self._step}, older than the version asked for (was it replaced?)"
+      )
+    self._store.revert(version)
+    self._step = self._store.committed_step()
 
   def _chunks_per_batch(self) -> int:
     """Whole chunks per disk write batch (flush copy, compact): ``_FLUSH_BATCH_BYTES``."""
