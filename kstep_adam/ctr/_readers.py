@@ -36,6 +36,7 @@ import dataclasses
 import hashlib
 import math
 import re
+import threading
 from collections.abc import Iterator
 from collections.abc import Sequence
 from typing import NamedTuple
@@ -77,6 +78,19 @@ class ReadStats:
   lines_skipped: int = 0  # bad lines skipped (skip_bad_lines=True only)
   passes: int = 0  # complete passes over the reader's part of the file
   messages: list[str] = dataclasses.field(default_factory=list)  # first bad-line messages
+
+
+class ReadPosition(NamedTuple):
+  """Where a pass over a reader's part resumes: after the examples it has yielded so far.
+
+  The block at ``offset`` is the first one that still holds examples not yet yielded;
+  ``skip`` of its good examples were. A reader given this position yields exactly what the
+  pass would have yielded next (JSON-able as a list of three ints).
+  """
+
+  offset: int  # decompressed byte offset of that block's first line
+  line: int  # lines of the part before it
+  skip: int  # its good examples already yielded
 
 
 @dataclasses.dataclass(frozen=True)
@@ -446,6 +460,7 @@ class CTRFileReader:
       from kstep_adam.ctr._columnar import ColumnarParser
 
       self._columnar = ColumnarParser(self.schema, strings)
+    self._counting = threading.Lock()  # the stats and the counted lines change together
     self._next_uncounted = 0  # part line index from which blocks are not yet counted
     self._estimate: float | None = None  # good lines per stored byte, from the first block
     self._exact_lines: int | None = None  # good lines of the part, once a pass is complete
@@ -491,18 +506,43 @@ class CTRFileReader:
       raise CTRDataError(
         f"{self.path}:{line}: {what} (pass skip_bad_lines=True to skip such lines)"
       )
-    if block.index >= self._next_uncounted:
-      self._next_uncounted = block.index + 1
-      self.stats.lines_read += batch.size
-      self.stats.lines_skipped += len(bad)
-      first = self._file.first_line(block.part_start) + block.index if bad else 0
-      for offset, what in bad[: max(_MAX_MESSAGES - len(self.stats.messages), 0)]:
-        self.stats.messages.append(f"{self.path}:{first + offset}: {what}")
+    first = self._file.first_line(block.part_start) + block.index if bad else 0
+    with self._counting:
+      if block.index >= self._next_uncounted:
+        self._next_uncounted = block.index + 1
+        self.stats.lines_read += batch.size
+        self.stats.lines_skipped += len(bad)
+        for offset, what in bad[: max(_MAX_MESSAGES - len(self.stats.messages), 0)]:
+          self.stats.messages.append(f"{self.path}:{first + offset}: {what}")
     return batch
 
-  def _parsed_blocks(self, workers: int) -> Iterator[tuple[object, CTRBatch]]:
-    """``(block, examples)`` in file order; blocks are parsed ``workers`` at a time."""
-    blocks = self._file.blocks(*self.span)
+  def count_state(self) -> dict:
+    """The counts (``stats``) and which lines they cover, consistent even while a pass runs
+    on another thread: with :meth:`restore_counts`, a resumed run counts every line once."""
+    with self._counting:
+      return {
+        **dataclasses.asdict(self.stats),
+        "next_uncounted": self._next_uncounted,
+        "exact_lines": self._exact_lines,
+      }
+
+  def restore_counts(self, state: dict) -> None:
+    """Continue the counts of :meth:`count_state` (lines already counted are not again)."""
+    with self._counting:
+      self.stats.lines_read = int(state["lines_read"])
+      self.stats.lines_skipped = int(state["lines_skipped"])
+      self.stats.passes = int(state["passes"])
+      self.stats.messages[:] = list(state["messages"])
+      self._next_uncounted = int(state["next_uncounted"])
+      if state["exact_lines"] is not None:
+        self._exact_lines = int(state["exact_lines"])
+
+  def _parsed_blocks(
+    self, workers: int, start: tuple[int, int] | None = None
+  ) -> Iterator[tuple[object, CTRBatch]]:
+    """``(block, examples)`` in file order, from the block at ``start`` = ``(offset, line)``
+    if given; blocks are parsed ``workers`` at a time."""
+    blocks = self._file.blocks(*self.span, start=start)
     if workers == 1:
       for block in blocks:
         yield block, self._account(block, *self._parse_block(block.data))
@@ -574,25 +614,63 @@ class CTRFileReader:
     lo, hi = (self._file.stored_offset(f) for f in self.span)
     return round(self._estimate * (hi - lo))
 
-  def batches(self, batch_size: int) -> Iterator[CTRBatch]:
+  def batches(self, batch_size: int, *, start: ReadPosition | None = None) -> Iterator[CTRBatch]:
     """Yield one pass over the part, ``batch_size`` examples each (the last chunk may be
-    smaller)."""
+    smaller); from ``start`` (see :meth:`positioned_batches`) if given."""
+    return (batch for batch, _ in self.positioned_batches(batch_size, start=start))
+
+  def positioned_batches(
+    self, batch_size: int, *, start: ReadPosition | None = None
+  ) -> Iterator[tuple[CTRBatch, ReadPosition]]:
+    """Like :meth:`batches`, each batch with the :class:`ReadPosition` after it.
+
+    Args:
+      batch_size: examples per batch.
+      start: a position an earlier pass yielded: this pass yields what that one yielded
+        after it (the bytes before are skipped, not parsed). None starts at the beginning.
+    """
     check_int(batch_size, "batch_size", minimum=1)
-    pending: list[CTRBatch] = []
+    # The blocks whose examples are not all yielded yet: [block, examples left, examples
+    # yielded]; `count` examples are left in all.
+    pending: collections.deque = collections.deque()
     count = good = 0
-    for _, batch in self._parsed_blocks(self.workers):
+    skip = 0 if start is None else start.skip
+    block = None
+    for block, batch in self._parsed_blocks(self.workers, None if start is None else start[:2]):
       good += batch.size
-      pending.append(batch)
-      count += batch.size
+      pending.append([block, CTRBatch(*(x[skip:] for x in batch)), skip])
+      count += batch.size - skip
+      skip = 0  # only the first block of a resumed pass was partly yielded before
       while count >= batch_size:
-        merged = _concat(pending)
-        yield CTRBatch(*(x[:batch_size] for x in merged))
-        rest = CTRBatch(*(x[batch_size:] for x in merged))
-        pending, count = [rest], rest.size
+        parts, need = [], batch_size
+        while need:
+          entry = pending[0]
+          take = min(need, entry[1].size)
+          parts.append(CTRBatch(*(x[:take] for x in entry[1])))
+          entry[1] = CTRBatch(*(x[take:] for x in entry[1]))
+          entry[2] += take
+          need -= take
+          if not entry[1].size:
+            pending.popleft()
+        while pending and not pending[0][1].size:  # blocks without a good line
+          pending.popleft()
+        count -= batch_size
+        yield _concat(parts), _position(pending, block)
     if count:
-      yield _concat(pending)
+      yield _concat([entry[1] for entry in pending]), _position((), block)
     self.stats.passes += 1
-    self._exact_lines = good
+    if start is None:  # a whole pass: its count is exact
+      self._exact_lines = good
+
+
+def _position(pending, last_block) -> ReadPosition:
+  """Where a pass resumes: in the first block with examples left, or after ``last_block``."""
+  if pending:
+    block, _, yielded = pending[0]
+    return ReadPosition(block.offset, block.index, yielded)
+  return ReadPosition(
+    last_block.offset + len(last_block.data), last_block.index + last_block.data.count(b"\n"), 0
+  )
 
 
 def _concat(batches: list[CTRBatch]) -> CTRBatch:

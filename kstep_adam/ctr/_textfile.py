@@ -17,6 +17,10 @@ memory and later passes resume from it.
 Line numbers are 1-based physical lines of the whole file (a CSV header is line 1). For a
 seeked part they are counted only when first asked for (an error message), by one scan of
 the bytes before it.
+
+A pass can also start at a block that an earlier pass yielded (``blocks(..., start=(offset,
+index))``, e.g. to resume training from a checkpoint): the blocks from there are the same as
+that pass's. A plain file seeks to it; a gzip file is decompressed (not parsed) up to it.
 """
 
 from __future__ import annotations
@@ -46,6 +50,7 @@ class Block:
   index: int  # lines of the part before this block
   stored_end: float  # stored bytes consumed up to the block's end (interpolated for gzip)
   last: bool  # the part ends with this block
+  offset: int  # decompressed offset of the block's first byte (where a pass may resume)
 
 
 class _Truncated(Exception):
@@ -223,17 +228,41 @@ class TextFile:
     return self._first_line[part_start]
 
   # -- blocks ----------------------------------------------------------------------------------
-  def blocks(self, lo: float = 0.0, hi: float = 1.0) -> Iterator[Block]:
+  def blocks(
+    self, lo: float = 0.0, hi: float = 1.0, *, start: tuple[int, int] | None = None
+  ) -> Iterator[Block]:
     """Yield the blocks of the lines that start in ``[lo, hi)`` of the stored bytes.
+
+    Args:
+      lo, hi: the span, as fractions of the stored size.
+      start: ``(offset, index)`` of a block an earlier pass over the same span yielded (its
+        ``offset`` and ``index``): the pass starts there, with the blocks that pass had.
 
     Raises:
       CTRDataError: the file cannot be read, or its gzip data is corrupt or truncated (the
         message names the last line read); the blocks before the failure come first.
     """
-    start, stop = self.stored_offset(lo), self.stored_offset(hi)
+    begin, stop = self.stored_offset(lo), self.stored_offset(hi)
     with self._open() as f:
-      reader, part_start, head = self._position(f, start, stop)
-      yield from self._cut(reader, part_start, head, stop)
+      reader, part_start, head = self._position(f, begin, stop)
+      at, index = part_start, 0
+      if start is not None:
+        at, index = start
+        reader, head = self._skip_to(f, reader, part_start, head, at)
+      yield from self._cut(reader, part_start, head, stop, at=at, index=index)
+
+  def _skip_to(self, f, reader, pos: int, head: bytes, offset: int):
+    """A reader and the bytes from decompressed ``offset`` on, given ones from ``pos``."""
+    if offset < pos:
+      raise ValueError(f"{self.path}: cannot start a pass at offset {offset}, before its part")
+    if not self.gzip:
+      return _PlainReader(f, offset), b""
+    while pos + len(head) < offset:  # decompress, without parsing, up to the offset
+      chunk = self._call(reader.read)
+      if not chunk:
+        raise ValueError(f"{self.path}: offset {offset} is past the end of the file")
+      pos, head = pos + len(head), chunk
+    return reader, head[offset - pos :]
 
   def _position(self, f, start: int, stop: int):
     """A reader past the part's first line start, that start, and the bytes read past it."""
@@ -272,10 +301,14 @@ class TextFile:
       self._resume[start, stop] = (reader.state(), part_start, head)
     return reader, part_start, head
 
-  def _cut(self, reader, part_start: int, head: bytes, stop: int) -> Iterator[Block]:
-    """Cut the part's bytes into blocks until the line holding the stop offset ends."""
-    buf, buf_pos = bytearray(head), part_start  # buf holds [buf_pos, buf_pos + len(buf))
-    index, grid = 0, part_start + self.block_bytes
+  def _cut(
+    self, reader, part_start: int, head: bytes, stop: int, *, at: int, index: int
+  ) -> Iterator[Block]:
+    """Cut the part's bytes into blocks, from the block at decompressed offset ``at`` (the
+    ``index``-th line of the part), until the line holding the stop offset ends."""
+    buf, buf_pos = bytearray(head), at  # buf holds [buf_pos, buf_pos + len(buf))
+    # Cuts fall at the first line end at or after each grid point from the part's start.
+    grid = part_start + ((at - part_start) // self.block_bytes + 1) * self.block_bytes
     end = None  # one past the part's last byte, once known
     at_eof = False
 
@@ -304,7 +337,7 @@ class TextFile:
         last = cut == end
         if cut > buf_pos:
           data = bytes(memoryview(buf)[: cut - buf_pos])
-          yield Block(data, part_start, index, reader.stored_at(cut), last)
+          yield Block(data, part_start, index, reader.stored_at(cut), last, buf_pos)
           index += data.count(b"\n")
           del buf[: cut - buf_pos]
           buf_pos = cut
