@@ -15,9 +15,18 @@ bytes are the test set, a time split):
   python -m experiments.train_ctr --data criteo:day_0_100k.txt.gz --out runs/criteo
   python -m experiments.train_ctr --data csv:avazu_train.csv --test-data csv:avazu_test.csv
 
+Checkpoints, and a run that continues exactly where a killed one stopped:
+
+  python -m experiments.train_ctr --checkpoint-every 100 --out runs/ckpt
+  python -m experiments.train_ctr --checkpoint-every 100 --out runs/ckpt --resume
+
 Every flag comes from :class:`kstep_adam.ctr.DataConfig` and :class:`kstep_adam.ctr.TrainConfig`
-(``--help`` lists them with their defaults). Writes ``OUT/metrics.jsonl`` (every
-``--log-every`` steps and every evaluation) and ``OUT/summary.json``.
+(``--help`` lists them with their defaults). Writes ``OUT/run.json`` (what the run is),
+``OUT/metrics.jsonl`` (every ``--log-every`` steps and every evaluation), ``OUT/summary.json``
+and, with ``--checkpoint-every``, ``OUT/checkpoints/``. An ``--out`` that holds another run is
+refused unless ``--resume`` (continue it) or ``--overwrite`` (replace it) says what to do.
+A diverged run (non-finite or exploding loss) exits with status 3 and says at which step;
+its ``summary.json`` records ``"status": "diverged"``.
 """
 
 from __future__ import annotations
@@ -36,6 +45,9 @@ from kstep_adam._jsonio import finite_or_none
 
 # The short spellings users know, beside the generated --learning-rate / --sparse-learning-rate.
 ALIASES = {"learning_rate": ["--lr"], "sparse_learning_rate": ["--sparse-lr"]}
+
+# The exit status of a diverged run (a sweep tells it from a crash by it).
+DIVERGED_EXIT_STATUS = 3
 
 # What the command prints; everything else is in summary.json.
 PRINTED = (
@@ -60,7 +72,21 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument_group("model, optimizer and run"), ctr.TrainConfig, aliases=ALIASES
   )
   out = parser.add_argument_group("output")
-  out.add_argument("--out", default="runs/train_ctr", help="output directory")
+  out.add_argument(
+    "--out", default="runs/train_ctr", help="output directory, one run per directory"
+  )
+  start = out.add_mutually_exclusive_group()
+  start.add_argument(
+    "--resume",
+    action="store_true",
+    help="continue the run in --out from its latest checkpoint (with the same flags; a new "
+    "run if --out is empty)",
+  )
+  start.add_argument(
+    "--overwrite",
+    action="store_true",
+    help="replace the run in --out (its files are deleted when this run starts)",
+  )
   out.add_argument(
     "--progress",
     action=argparse.BooleanOptionalAction,
@@ -85,7 +111,21 @@ def main(argv=None) -> dict:
   # Simulated devices must be requested before the JAX backend starts (ignored on GPU/TPU).
   use_cpu_devices(config.num_workers)
   source = ctr.make_source(data, config)
-  summary = ctr.train(config, source, args.out, progress=args.progress)
+  try:
+    summary = ctr.train(
+      config,
+      source,
+      args.out,
+      resume=args.resume,
+      overwrite=args.overwrite,
+      progress=args.progress,
+    )
+  except ctr.RunDirectoryError as error:
+    parser.exit(2, f"{parser.prog}: error: {error}\n")
+  except ctr.DivergenceError as error:
+    print(f"error: {error}", file=sys.stderr)
+    print(f"wrote {os.path.join(args.out, 'summary.json')} (status: diverged)", file=sys.stderr)
+    sys.exit(DIVERGED_EXIT_STATUS)
   print(json.dumps(finite_or_none({key: summary[key] for key in PRINTED}), indent=1))
   for warning in summary["warnings"]:
     print(f"warning: {warning}", file=sys.stderr)

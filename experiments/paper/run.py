@@ -109,7 +109,9 @@ def run_grid(cfg: PaperConfig, out_dir: str, *, log=print) -> None:
           data, batch_size=cfg.batch_size, test_examples=cfg.test_examples
         )
       start = time.time()
-      summary = ctr.train(train_config, datasets[seed], os.path.join(out_dir, name))
+      # Not in runs.jsonl: any directory of this run is an interrupted attempt, replaced.
+      run_dir = os.path.join(out_dir, name)
+      summary = ctr.train(train_config, datasets[seed], run_dir, overwrite=True)
       row = {
         "name": name,
         "optimizer": optimizer,

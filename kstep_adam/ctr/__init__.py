@@ -9,6 +9,7 @@ from kstep_adam.ctr._batch import feature_keys
 from kstep_adam.ctr._config import TrainConfig
 from kstep_adam.ctr._data_config import DataConfig
 from kstep_adam.ctr._data_config import make_source
+from kstep_adam.ctr._divergence import DivergenceError
 from kstep_adam.ctr._hooks import MetricsLog
 from kstep_adam.ctr._hooks import PeriodicEval
 from kstep_adam.ctr._hooks import ProgressBar
@@ -23,6 +24,7 @@ from kstep_adam.ctr._readers import CTRDataError
 from kstep_adam.ctr._readers import CTRFileReader
 from kstep_adam.ctr._readers import ReadStats
 from kstep_adam.ctr._readers import count_lines
+from kstep_adam.ctr._rundir import RunDirectoryError
 from kstep_adam.ctr._sources import DataSource
 from kstep_adam.ctr._sources import file_source
 from kstep_adam.ctr._sources import synthetic_source
@@ -42,6 +44,7 @@ __all__ = [
   "DLRM",
   "DataConfig",
   "DataSource",
+  "DivergenceError",
   "Hook",
   "MODELS",
   "MetricsLog",
@@ -49,6 +52,7 @@ __all__ = [
   "ProgressBar",
   "PushedRows",
   "ReadStats",
+  "RunDirectoryError",
   "StepResult",
   "SyntheticCTR",
   "TrainConfig",

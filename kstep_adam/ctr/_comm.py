@@ -62,6 +62,26 @@ class CommMeter:
     if compute_seconds is not None:
       self._compute[cost.total_bytes > 0].append(compute_seconds)
 
+  def state(self) -> dict:
+    """Everything counted so far (JSON data), for a checkpoint."""
+    dense = self._dense
+    return {
+      "dense": None if dense is None else [dict(dense.bytes_by_axis), dict(dense.messages_by_axis)],
+      "sparse_bytes": self._sparse_bytes,
+      "sparse_node_bytes": self._sparse_node_bytes,
+      "sparse_messages": self._sparse_messages,
+      "compute_merge_seconds": list(self._compute[True]),
+      "compute_plain_seconds": list(self._compute[False]),
+    }
+
+  def restore(self, state: dict) -> None:
+    """Continue counting from :meth:`state`."""
+    self._dense = None if state["dense"] is None else CommCost(*state["dense"])
+    self._sparse_bytes = state["sparse_bytes"]
+    self._sparse_node_bytes = state["sparse_node_bytes"]
+    self._sparse_messages = state["sparse_messages"]
+    self._compute = {True: state["compute_merge_seconds"], False: state["compute_plain_seconds"]}
+
   def _sparse_cost(self) -> CommCost:
     return CommCost(
       {"node": self._sparse_node_bytes, "local": 0.0}, {"node": self._sparse_messages, "local": 0}

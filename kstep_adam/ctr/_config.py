@@ -18,6 +18,7 @@ OPTIMIZERS = ("sync_adam", "kstep_adam")
 SYNC_STATES = ("params", "params+nu", "params+moments")
 MERGE_MODES = ("global", "node")
 SPARSE_MODES = ("exact", "lazy")
+NONFINITE_ACTIONS = ("stop", "skip")
 
 
 def choice_field(default: str, choices: tuple[str, ...]):
@@ -64,9 +65,22 @@ class TrainConfig:
       caught up lazily) or ``lazy`` (LazyAdam: only pushed rows change).
     sparse_eps: the tier's Adam epsilon.
     table_dir: directory of the embedding table, kept and flushed at the end; None uses a
-      temporary directory.
+      temporary directory (or OUT/table when the run saves checkpoints). An existing table is
+      refused unless init_from_table is set (or the run is resumed).
+    init_from_table: start from the table already in table_dir (its rows, optimizer slots
+      and step), with freshly initialized dense layers.
     prefetch: read data and stage the next step's rows on a background thread.
     seed: seed of the model, the table and the synthetic data.
+    checkpoint_every: steps between checkpoints in OUT/checkpoints, and one at the end; 0
+      saves none. A checkpoint holds everything a resumed run needs to continue exactly.
+    keep_checkpoints: complete checkpoints kept (older ones are deleted).
+    on_nonfinite: a step whose loss or gradients are not finite: ``stop`` raises
+      DivergenceError naming the step; ``skip`` leaves the parameters, optimizer moments
+      and table as they were (the step still counts) and lists it in ``skipped_steps``.
+    divergence_factor: the run stops as diverged once its loss has been above this multiple
+      of its first step's loss for divergence_steps consecutive steps; 0 never.
+    divergence_steps: consecutive steps above divergence_factor x the initial loss that
+      make a run diverged.
     intra_node_gbps: modelled intra-node link bandwidth in Gbit/s (NVLink-class).
     inter_node_gbps: modelled inter-node link bandwidth in Gbit/s per device.
     intra_node_latency_us: modelled latency per intra-node message in microseconds.
@@ -96,8 +110,14 @@ class TrainConfig:
   sparse_mode: str = choice_field("lazy", SPARSE_MODES)
   sparse_eps: float = 1e-8
   table_dir: str | None = None
+  init_from_table: bool = False
   prefetch: bool = True
   seed: int = 0
+  checkpoint_every: int = 0
+  keep_checkpoints: int = 2
+  on_nonfinite: str = choice_field("stop", NONFINITE_ACTIONS)
+  divergence_factor: float = 10.0
+  divergence_steps: int = 20
   intra_node_gbps: float = 1200.0
   inter_node_gbps: float = 100.0
   intra_node_latency_us: float = 5.0
@@ -116,9 +136,11 @@ class TrainConfig:
       "log_every",
       "table_rows",
       "host_cache_rows",
+      "keep_checkpoints",
+      "divergence_steps",
     ):
       check_int(getattr(self, name), name, minimum=1)
-    for name in ("eval_every", "device_cache_rows", "seed"):
+    for name in ("eval_every", "device_cache_rows", "seed", "checkpoint_every"):
       check_int(getattr(self, name), name, minimum=0)
     if self.steps is not None:
       check_int(self.steps, "steps", minimum=1)
@@ -132,8 +154,17 @@ class TrainConfig:
       check_float(getattr(self, name), name, low=0.0, low_open=True)
     for name in ("init_scale", "intra_node_latency_us", "inter_node_latency_us"):
       check_float(getattr(self, name), name, low=0.0)
-    if not isinstance(self.prefetch, bool):
-      raise ValueError(f"prefetch must be a bool, got {self.prefetch!r}")
+    check_float(self.divergence_factor, "divergence_factor", low=0.0)
+    if 0.0 < self.divergence_factor <= 1.0:
+      raise ValueError(
+        f"divergence_factor must be 0 (off) or > 1 (a multiple of the initial loss), got "
+        f"{self.divergence_factor!r}"
+      )
+    for name in ("prefetch", "init_from_table"):
+      if not isinstance(getattr(self, name), bool):
+        raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
+    if self.init_from_table and self.table_dir is None:
+      raise ValueError("init_from_table needs table_dir, the table to start from")
 
   @property
   def num_workers(self) -> int:

@@ -26,7 +26,7 @@ class ProgressBar(Hook):
   def after_step(self, trainer: Trainer, result: StepResult) -> None:
     self._bar.update(1)
     self._losses = [*self._losses[-(self._refresh_every - 1) :], result.loss]
-    if self._bar.n % self._refresh_every == 0 or result.step == trainer.last_step:
+    if self._bar.n % self._refresh_every == 0 or result.last:
       examples = self._bar.n * trainer.config.global_batch
       self._bar.set_postfix(
         loss=f"{np.mean(self._losses):.4f}",
@@ -40,30 +40,49 @@ class ProgressBar(Hook):
 
 class MetricsLog(Hook):
   """A ``train`` record in ``metrics.jsonl`` every ``every`` steps and at the last step:
-  mean loss and examples/s since the previous record, hit rate, time and traffic so far."""
+  mean loss and examples/s since the previous record, hit rate, time and traffic so far.
+
+  ``examples_per_sec``, ``hit_rate``, ``seconds`` and ``measured_compute_seconds`` describe
+  the process (its speed, its cache); every other field is a function of the steps taken,
+  the same for a run resumed from a checkpoint as for one that never stopped. Skipped steps
+  (non-finite, ``on_nonfinite="skip"``) are counted in ``skipped`` and left out of the loss.
+  """
 
   def __init__(self, every: int):
     self._every, self._losses, self._start = every, [], time.perf_counter()
+    self._steps, self._skipped = 0, 0  # steps since the previous record, and how many skipped
 
   def after_step(self, trainer: Trainer, result: StepResult) -> None:
-    self._losses.append(result.loss)
-    if result.step % self._every and result.step != trainer.last_step:
+    self._steps += 1
+    if result.skipped:
+      self._skipped += 1
+    else:
+      self._losses.append(result.loss)
+    if result.step % self._every and not result.last:
       return
     now = time.perf_counter()
     global_batch = trainer.config.global_batch
-    trainer.log(
-      {
-        "kind": "train",
-        "step": result.step,
-        "examples": result.step * global_batch,
-        "loss": float(np.mean(self._losses)),
-        "examples_per_sec": len(self._losses) * global_batch / (now - self._start),
-        "hit_rate": trainer.tier.hit_rate(),
-        "seconds": trainer.timer.totals(),
-        **trainer.meter.totals(),
-      }
-    )
-    self._losses, self._start = [], now
+    record = {
+      "kind": "train",
+      "step": result.step,
+      "examples": result.step * global_batch,
+      "loss": float(np.mean(self._losses)) if self._losses else None,
+      "examples_per_sec": self._steps * global_batch / (now - self._start),
+      "hit_rate": trainer.tier.hit_rate(),
+      "seconds": trainer.timer.totals(),
+      **trainer.meter.totals(),
+    }
+    if self._skipped:
+      record["skipped"] = self._skipped
+    trainer.log(record)
+    self._losses, self._start, self._steps, self._skipped = [], now, 0, 0
+
+  def state(self) -> dict:
+    return {"losses": list(self._losses), "steps": self._steps, "skipped": self._skipped}
+
+  def restore(self, state: dict) -> None:
+    self._losses, self._steps = list(state["losses"]), int(state["steps"])
+    self._skipped = int(state["skipped"])
 
 
 class PeriodicEval(Hook):
@@ -73,7 +92,7 @@ class PeriodicEval(Hook):
     self._every = every
 
   def after_step(self, trainer: Trainer, result: StepResult) -> None:
-    if self._every and result.step % self._every == 0 and result.step < trainer.last_step:
+    if self._every and result.step % self._every == 0 and not result.last:
       trainer.evaluate()
 
 
@@ -84,9 +103,16 @@ class PushedRows(Hook):
     self._rows: list[np.ndarray] = []
 
   def after_step(self, trainer: Trainer, result: StepResult) -> None:
-    self._rows.append(result.row_ids_U)
+    if not result.skipped:
+      self._rows.append(result.row_ids_U)
 
   @property
   def row_ids(self) -> np.ndarray:
     """Every row pushed so far, sorted, each once."""
     return np.unique(np.concatenate(self._rows)) if self._rows else np.zeros(0, np.int64)
+
+  def state(self) -> dict:
+    return {"row_ids": self.row_ids.tolist()}
+
+  def restore(self, state: dict) -> None:
+    self._rows = [np.asarray(state["row_ids"], np.int64)]

@@ -9,6 +9,7 @@ import threading
 import time
 from collections.abc import Callable
 from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 
@@ -27,28 +28,32 @@ class IndexedBatch:
   batch: CTRBatch  # G examples
   row_ids_U: np.ndarray  # int64 [U], the batch's table rows, sorted, each once
   inverse_GxF: np.ndarray  # int32 [G, F], the index into row_ids_U of every key
+  position: Any = None  # where the data continues after this batch (JSON), if known
 
 
 class Prefetcher:
   """Read, hash and deduplicate batches on a background thread, ``depth`` steps ahead.
 
   Args:
-    batches: iterator of global batches.
+    batches: iterator of global batches, or of ``(batch, position)`` with ``positioned``.
     index_of: ``keys_GxF -> (row_ids_U, inverse_GxF)``, the tier's key hashing and
       deduplication (pure NumPy, thread-safe).
     depth: queue length (how far the reader runs ahead).
     background: False runs everything on the caller's thread (for tests and debugging).
+    positioned: the items are ``(batch, position)``; the position is kept in
+      ``IndexedBatch.position``.
   """
 
   def __init__(
     self,
-    batches: Iterator[CTRBatch],
+    batches: Iterator[CTRBatch] | Iterator[tuple[CTRBatch, Any]],
     index_of: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]],
     *,
     depth: int = 2,
     background: bool = True,
+    positioned: bool = False,
   ):
-    self._batches, self._index_of = batches, index_of
+    self._batches, self._index_of, self._positioned = batches, index_of, positioned
     self._queue: queue.Queue = queue.Queue(maxsize=depth)
     self._stop = threading.Event()
     self._thread = None
@@ -56,8 +61,9 @@ class Prefetcher:
       self._thread = threading.Thread(target=self._run, name="ctr-reader", daemon=True)
       self._thread.start()
 
-  def _index(self, batch: CTRBatch) -> IndexedBatch:
-    return IndexedBatch(batch, *self._index_of(batch.keys_BxF))
+  def _index(self, item) -> IndexedBatch:
+    batch, position = item if self._positioned else (item, None)
+    return IndexedBatch(batch, *self._index_of(batch.keys_BxF), position)
 
   def _run(self) -> None:
     try:
@@ -166,6 +172,10 @@ class Timer:
     for name, elapsed in self.step.items():
       self._totals[name] -= elapsed
     return sum(self.step.values())
+
+  def restore(self, totals: dict[str, float]) -> None:
+    """Continue from the :meth:`totals` of an earlier process (a resumed run)."""
+    self._totals = dict(totals)
 
   def total(self, name: str) -> float:
     return self._totals.get(name, 0.0)

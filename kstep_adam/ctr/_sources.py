@@ -9,12 +9,17 @@ file, consecutive lines are split across workers and a short last batch is dropp
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import itertools
+import os
 from collections.abc import Callable
 from collections.abc import Iterator
+from typing import Any
 
 from kstep_adam._validation import check_float
 from kstep_adam.ctr._batch import CTRBatch
 from kstep_adam.ctr._readers import CTRFileReader
+from kstep_adam.ctr._readers import ReadPosition
 from kstep_adam.ctr._readers import ReadStats
 from kstep_adam.ctr._synthetic import SyntheticCTR
 
@@ -34,6 +39,15 @@ class DataSource:
       file part does.
     teacher_auc: the Bayes-optimal AUC on the test set (synthetic data only).
     read_stats: reader counts (file data only).
+    info: what describes the data in ``summary.json`` (and identifies it in a run's
+      ``run.json``: a resumed run must read the same data).
+    train_from: ``(epoch, global_batch, start) -> iterator of (batch, position)``: one pass
+      from ``start`` (None: its beginning), each batch with the position after it (JSON
+      data), so that a resumed run continues exactly where its checkpoint was taken. None:
+      :func:`positioned_epoch` counts the batches of ``train_epoch`` instead (exact too, but
+      it reads the skipped batches again).
+    counts: ``() -> dict`` of the readers' counts (JSON), for a checkpoint; None if none.
+    restore_counts: continue the counts from :attr:`counts` (what a resumed run does).
   """
 
   name: str
@@ -45,6 +59,34 @@ class DataSource:
   teacher_auc: float | None = None
   read_stats: list[ReadStats] = dataclasses.field(default_factory=list)
   info: dict = dataclasses.field(default_factory=dict)
+  train_from: Callable[[int, int, Any], Iterator[tuple[CTRBatch, Any]]] | None = None
+  counts: Callable[[], dict] | None = None
+  restore_counts: Callable[[dict], None] | None = None
+
+
+def positioned_epoch(
+  source: DataSource, epoch: int, global_batch: int, start: Any = None
+) -> Iterator[tuple[CTRBatch, Any]]:
+  """One pass of ``source`` from ``start``, each batch with the position after it: the
+  source's own ``train_from``, else the index of the batch in ``train_epoch``'s pass."""
+  if source.train_from is not None:
+    return source.train_from(epoch, global_batch, start)
+  batches = source.train_epoch(epoch, global_batch)
+  first = start or 0
+  return zip(itertools.islice(batches, first, None), itertools.count(first + 1))
+
+
+def file_fingerprint(path: str, *, sample_bytes: int = 1 << 20) -> dict:
+  """Size and a hash of the first and last ``sample_bytes`` of a file: enough to tell that a
+  resumed run reads the bytes its checkpoint's positions point into (without reading a
+  whole click log)."""
+  size = os.path.getsize(path)
+  digest = hashlib.blake2b(digest_size=16)
+  with open(path, "rb") as f:
+    digest.update(f.read(sample_bytes))
+    f.seek(max(size - sample_bytes, 0))
+    digest.update(f.read(sample_bytes))
+  return {"bytes": size, "blake2b_head_tail": digest.hexdigest()}
 
 
 def synthetic_source(
@@ -56,12 +98,15 @@ def synthetic_source(
   repeats. ``teacher_auc`` is computed on the same ``test_examples`` used for evaluation.
   """
 
-  def train_epoch(epoch: int, global_batch: int) -> Iterator[CTRBatch]:
+  def train_from(epoch: int, global_batch: int, start: int | None) -> Iterator[tuple]:
     del epoch, global_batch
-    step = 0
+    step = start or 0
     while True:
-      yield data.global_batch(step, batch_size)
+      yield data.global_batch(step, batch_size), step + 1
       step += 1
+
+  def train_epoch(epoch: int, global_batch: int) -> Iterator[CTRBatch]:
+    return (batch for batch, _ in train_from(epoch, global_batch, None))
 
   def test_batches() -> Iterator[CTRBatch]:
     return (b for b, _ in data.test_batches(test_examples))
@@ -75,13 +120,14 @@ def synthetic_source(
     steps_per_epoch=lambda _: None,
     teacher_auc=data.teacher_auc(test_examples),
     info=dict(data.config, test_examples=test_examples),
+    train_from=train_from,
   )
 
 
-def _rebatch(chunks: Iterator[CTRBatch], size: int) -> Iterator[CTRBatch]:
-  for chunk in chunks:
+def _rebatch(chunks: Iterator[tuple[CTRBatch, Any]], size: int) -> Iterator[tuple]:
+  for chunk, position in chunks:
     if chunk.size == size:  # the reader already cuts at `size`; a short tail is dropped
-      yield chunk
+      yield chunk, list(position)
 
 
 def file_source(
@@ -142,9 +188,20 @@ def file_source(
   for reader in (train_reader, test_reader):
     reader.check()
 
+  def train_from(epoch: int, global_batch: int, start: list | None) -> Iterator[tuple]:
+    del epoch  # every pass reads the part in file order
+    position = None if start is None else ReadPosition(*start)
+    return _rebatch(train_reader.positioned_batches(global_batch, start=position), global_batch)
+
   def train_epoch(epoch: int, global_batch: int) -> Iterator[CTRBatch]:
-    del epoch
-    return _rebatch(train_reader.batches(global_batch), global_batch)
+    return (batch for batch, _ in train_from(epoch, global_batch, None))
+
+  def counts() -> dict:
+    return {"train": train_reader.count_state(), "test": test_reader.count_state()}
+
+  def restore_counts(state: dict) -> None:
+    train_reader.restore_counts(state["train"])
+    test_reader.restore_counts(state["test"])
 
   def steps_per_epoch(global_batch: int) -> int:
     return train_reader.estimated_lines() // global_batch
@@ -162,6 +219,12 @@ def file_source(
       format=format,
       test_path=test_path,
       test_fraction=None if test_path else test_fraction,
+      skip_bad_lines=skip_bad_lines,
+      reader=reader_kwargs,
+      files={p: file_fingerprint(p) for p in (path, test_path) if p is not None},
       train_lines_estimate=train_reader.estimated_lines(),
     ),
+    train_from=train_from,
+    counts=counts,
+    restore_counts=restore_counts,
   )

@@ -17,6 +17,12 @@ Scaling: every worker's loss is the mean over its ``B`` examples and the global 
 the mean over the ``N`` workers, i.e. the mean over all ``N*B`` examples. Its gradient with
 respect to the rows is ``pmean`` of the per-worker row gradients (not ``psum``), the same
 gradient a single worker would get on the concatenated global batch.
+
+Non-finite values: the step also says, per worker, whether its loss and gradients (dense and
+rows) were all finite, so the trainer can stop at the step that produced a NaN or an
+infinity, before anything of it is saved. With ``skip_nonfinite`` a step where any worker's
+were not is skipped by every worker: parameters and optimizer state stay as they were, except
+the step counters, which count it (the merge schedule stays on the host's count).
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from kstep_adam import parallel
+from kstep_adam._dispatch import counter_positions
 
 
 def bce_loss(logit_B: jax.Array, label_B: jax.Array) -> jax.Array:
@@ -46,8 +53,31 @@ def _logits(
   return nnx.merge(graphdef, params)(emb_BxFxD, dense_BxI)
 
 
+def all_finite(*trees) -> jax.Array:
+  """Whether every element of every leaf is finite (a boolean scalar)."""
+  leaves = [leaf for tree in trees for leaf in jax.tree.leaves(tree)]
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(leaf)) for leaf in leaves]))
+
+
+def keep_unless(ok: jax.Array, new, old, *, keep_counters: bool = False):
+  """``new`` where ``ok``, else ``old``, leaf by leaf; with ``keep_counters`` the state's
+  integer ``count`` fields take ``new`` either way (a skipped step is still a step)."""
+  counters = set(counter_positions(new)) if keep_counters else set()
+  leaves_new, treedef = jax.tree.flatten(new)
+  leaves_old = jax.tree.leaves(old)
+  picked = [
+    n if i in counters else jnp.where(ok, n, o)
+    for i, (n, o) in enumerate(zip(leaves_new, leaves_old))
+  ]
+  return jax.tree.unflatten(treedef, picked)
+
+
 def make_ctr_train_step(
-  graphdef: nnx.GraphDef, tx: optax.GradientTransformation, mesh: Mesh
+  graphdef: nnx.GraphDef,
+  tx: optax.GradientTransformation,
+  mesh: Mesh,
+  *,
+  skip_nonfinite: bool = False,
 ) -> Callable:
   """Build ``step(params_W, opt_state_W, rows_PxD, inverse_GxF, dense_GxI, label_G)``.
 
@@ -55,13 +85,17 @@ def make_ctr_train_step(
     graphdef: the nnx graph definition of the model (from ``nnx.split``).
     tx: the dense optimizer, e.g. ``kstep_adam.kstep_adam(..., axis_name=('node', 'local'))``.
     mesh: the ``('node', 'local')`` mesh.
+    skip_nonfinite: a step where any worker's loss or gradients are not finite changes no
+      parameter or optimizer moment on any worker (one scalar all-reduce per step decides);
+      the caller skips its row push too. False applies every step.
 
   Returns:
     A :class:`kstep_adam.parallel.DispatchedStep` (called like a jitted function) returning
-    ``(params_W, opt_state_W, grad_rows_PxD, loss)``: new per-worker replicas, the rows'
-    gradient of the global-mean loss (replicated) and the global-mean loss. ``G = N * B`` is
-    the global batch; worker ``w`` owns rows ``[w*B, (w+1)*B)`` of the batch arrays.
-    Params and state buffers are donated.
+    ``(params_W, opt_state_W, grad_rows_PxD, loss, finite_W)``: new per-worker replicas, the
+    rows' gradient of the global-mean loss (replicated), the global-mean loss and, per
+    worker, whether its loss and gradients were all finite. ``G = N * B`` is the global
+    batch; worker ``w`` owns rows ``[w*B, (w+1)*B)`` of the batch arrays. Params and state
+    buffers are donated.
   """
   axes = tuple(mesh.axis_names)
   worker = P(axes)
@@ -78,11 +112,16 @@ def make_ctr_train_step(
     # so the pmean below is the gradient of the global-mean loss.
     rows_PxD = jax.lax.pcast(rows_PxD, axes, to="varying")
     loss, (grads, grad_rows_PxD) = jax.value_and_grad(loss_fn, argnums=(0, 1))(params, rows_PxD)
+    finite = all_finite(loss, grads, grad_rows_PxD)  # this worker's, before any averaging
     grad_rows_PxD = jax.lax.pmean(grad_rows_PxD, axes)  # synchronous sparse, every step
-    updates, opt_state = tx.update(grads, opt_state, params)
-    params = optax.apply_updates(params, updates)
-    params_W, opt_state_W = jax.tree.map(lambda x: x[None], (params, opt_state))
-    return params_W, opt_state_W, grad_rows_PxD, jax.lax.pmean(loss, axes)
+    updates, new_opt_state = tx.update(grads, opt_state, params)
+    new_params = optax.apply_updates(params, updates)
+    if skip_nonfinite:  # all workers skip together, or their replicas would drift apart
+      ok = jax.lax.pmin(finite.astype(jnp.int32), axes) > 0
+      new_params = keep_unless(ok, new_params, params)
+      new_opt_state = keep_unless(ok, new_opt_state, opt_state, keep_counters=True)
+    params_W, opt_state_W = jax.tree.map(lambda x: x[None], (new_params, new_opt_state))
+    return params_W, opt_state_W, grad_rows_PxD, jax.lax.pmean(loss, axes), finite[None]
 
   def build(body):
     return jax.jit(
@@ -90,7 +129,7 @@ def make_ctr_train_step(
         body,
         mesh=mesh,
         in_specs=(worker, worker, P(), worker, worker, worker),
-        out_specs=(worker, worker, P(), P()),
+        out_specs=(worker, worker, P(), P(), worker),
       ),
       donate_argnums=(0, 1),
     )

@@ -45,9 +45,21 @@ class SparseTier:
     table_dir: directory of the table's on-disk tier.
     temporary: the directory is scratch space and ``close`` skips the final flush;
       otherwise ``close`` flushes, so the directory holds the trained table.
+    flush_on_close: override that: a run that saves checkpoints flushes only in them, so
+      the table's committed state is always a checkpoint's.
+    version: open the table at this earlier flush (``embedding.TableVersion``), reverting
+      any later one; None opens it as it is.
   """
 
-  def __init__(self, config: TrainConfig, table_dir: str, *, temporary: bool = False):
+  def __init__(
+    self,
+    config: TrainConfig,
+    table_dir: str,
+    *,
+    temporary: bool = False,
+    flush_on_close: bool | None = None,
+    version: embedding.TableVersion | None = None,
+  ):
     self.num_rows, self.dim, self._salt = config.table_rows, config.embed_dim, config.seed
     self.table = embedding.open_table(
       table_dir,
@@ -60,8 +72,9 @@ class SparseTier:
       device_cache_rows=config.device_cache_rows,
       seed=config.seed,
       init_scale=config.init_scale,
+      version=version,
     )
-    self._temporary = temporary
+    self._flush_on_close = not temporary if flush_on_close is None else flush_on_close
     self._pad_to = {"train": 0, "eval": 0}  # shape bucket per kind of batch
 
   def index(self, keys_GxF: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -99,5 +112,9 @@ class SparseTier:
     """Share of row reads the host tier served from memory so far."""
     return float(self.table.stats()["hit_rate"])
 
+  def flush(self) -> embedding.TableVersion:
+    """Commit the table at its current step; return the version committed."""
+    return self.table.flush()
+
   def close(self) -> None:
-    self.table.close(flush=not self._temporary)
+    self.table.close(flush=self._flush_on_close)

@@ -1,11 +1,17 @@
 """The CTR trainer: the resources of one run, its step loop, and evaluation.
 
 :class:`Trainer` is a context manager that owns everything a run opens (mesh, model and
-optimizer state, embedding tier, scratch directory, data prefetcher, metrics file) and closes
-it on exit, error or not. :meth:`Trainer.fit` runs the step loop; after every step it hands a
-:class:`StepResult` to each hook (:mod:`._hooks`: progress bar, metric records, periodic
-evaluation), so adding a behaviour to the loop means adding a hook, not editing the loop.
-:func:`evaluate` scores one set of parameters on the test set.
+optimizer state, embedding tier, scratch directory, data prefetcher, output directory and
+metrics file) and closes it on exit, error or not. :meth:`Trainer.fit` runs the step loop;
+after every step it hands a :class:`StepResult` to each hook (:mod:`._hooks`: progress bar,
+metric records, periodic evaluation), so adding a behaviour to the loop means adding a hook,
+not editing the loop. :func:`evaluate` scores one set of parameters on the test set.
+
+Two duties are the trainer's own, not hooks', because their order matters: every step is
+judged for divergence (:mod:`._divergence`) before anything of it is recorded, and a
+checkpoint (:mod:`._checkpoint`) is taken after all hooks ran, so it holds what they wrote.
+A run resumed from a checkpoint (``resume=True``) continues exactly: the same steps on the
+same batches, the same metric records, the same results (bit for bit on one machine).
 """
 
 from __future__ import annotations
@@ -29,11 +35,14 @@ from jax.sharding import PartitionSpec as P
 from kstep_adam import parallel
 from kstep_adam._dispatch import optimizer_step
 from kstep_adam._jsonio import dumps
+from kstep_adam._jsonio import write_atomic
 from kstep_adam._schedule import MergeSchedule
+from kstep_adam.ctr import _checkpoint
 from kstep_adam.ctr import _step
 from kstep_adam.ctr._batch import CTRBatch
 from kstep_adam.ctr._comm import CommMeter
 from kstep_adam.ctr._config import TrainConfig
+from kstep_adam.ctr._divergence import DivergenceMonitor
 from kstep_adam.ctr._metrics import auc
 from kstep_adam.ctr._metrics import logloss
 from kstep_adam.ctr._models import make_model
@@ -41,8 +50,16 @@ from kstep_adam.ctr._pipeline import HeldOutSet
 from kstep_adam.ctr._pipeline import IndexedBatch
 from kstep_adam.ctr._pipeline import Prefetcher
 from kstep_adam.ctr._pipeline import Timer
+from kstep_adam.ctr._rundir import CHECKPOINT_DIR
+from kstep_adam.ctr._rundir import METRICS_FILE
+from kstep_adam.ctr._rundir import TABLE_DIR
+from kstep_adam.ctr._rundir import RunDirectory
+from kstep_adam.ctr._rundir import RunDirectoryError
+from kstep_adam.ctr._rundir import run_identity
 from kstep_adam.ctr._sources import DataSource
+from kstep_adam.ctr._sources import positioned_epoch
 from kstep_adam.ctr._tier import SparseTier
+from kstep_adam.embedding import TableVersion
 
 # Host memory a run may spend keeping its test set between evaluations (read once, reused).
 MAX_KEPT_TEST_SET_BYTES = 1 << 30
@@ -55,12 +72,16 @@ class StepResult(NamedTuple):
   loss: float  # global-mean training loss of the step's batch
   row_ids_U: np.ndarray  # int64 [U], the table rows the step pulled and pushed
   compiled: bool  # the step program compiled first (left out of throughput and breakdown)
+  last: bool = False  # the run's last step (the data or the step budget ends here)
+  skipped: bool = False  # non-finite, skipped (on_nonfinite="skip"): nothing was updated
 
 
 class Hook:
-  """Something that runs after every training step (logging, evaluation, checkpoints).
+  """Something that runs after every training step (logging, evaluation, progress).
 
-  Subclasses override :meth:`after_step`, and :meth:`close` if they hold a resource.
+  Subclasses override :meth:`after_step`, :meth:`close` if they hold a resource, and
+  :meth:`state` / :meth:`restore` if what they do depends on earlier steps (then a resumed
+  run's hook continues where the checkpoint was taken).
   """
 
   def after_step(self, trainer: Trainer, result: StepResult) -> None:
@@ -69,10 +90,18 @@ class Hook:
   def close(self) -> None:
     """Called once when :meth:`Trainer.fit` ends, normally or not."""
 
+  def state(self) -> dict | None:
+    """What a checkpoint keeps of this hook (JSON data); None: nothing."""
+    return None
+
+  def restore(self, state: dict) -> None:
+    """Continue from :meth:`state`, as saved in the checkpoint a run resumes from."""
+
 
 def num_steps(config: TrainConfig, source: DataSource) -> int:
-  """Steps of a run: ``config.steps``, else ``epochs`` passes of file data, else
-  ``synthetic_steps`` of an endless stream."""
+  """Steps of a run: ``config.steps``, else ``epochs`` passes of file data (estimated until a
+  pass is complete: the run ends when its last pass does), else ``synthetic_steps`` of an
+  endless stream."""
   if config.steps is not None:
     return config.steps
   per_epoch = source.steps_per_epoch(config.global_batch)
@@ -86,19 +115,37 @@ def num_steps(config: TrainConfig, source: DataSource) -> int:
   return config.epochs * per_epoch
 
 
-def global_batches(config: TrainConfig, source: DataSource, count: int) -> Iterator[CTRBatch]:
-  """``count`` global batches, continuing into the next epoch as needed."""
-  produced, epoch = 0, 0
-  while produced < count:
-    count_before = produced
-    for batch in source.train_epoch(epoch, config.global_batch):
-      yield batch
+def step_budget(config: TrainConfig, source: DataSource) -> int | None:
+  """The run's steps if fixed in advance (``steps``, or ``synthetic_steps`` of an endless
+  stream); None when the data decides (``epochs`` whole passes over file data)."""
+  if config.steps is not None:
+    return config.steps
+  if source.steps_per_epoch(config.global_batch) is None:
+    return config.synthetic_steps
+  return None
+
+
+def global_batches(
+  config: TrainConfig, source: DataSource, count: int | None, start: dict | None = None
+) -> Iterator[tuple[CTRBatch, dict]]:
+  """Global batches from data position ``start`` (None: the beginning), each with the
+  position after it, ``{"epoch": e, "position": p}``: ``count`` of them, continuing into the
+  next epoch as needed, or (``count`` None) until ``config.epochs`` passes are complete."""
+  epoch = 0 if start is None else int(start["epoch"])
+  resume_at = None if start is None else start["position"]  # inside the first pass only
+  produced = 0
+  while count is None or produced < count:
+    if count is None and epoch >= config.epochs:
+      return
+    produced_before = produced
+    for batch, after in positioned_epoch(source, epoch, config.global_batch, resume_at):
+      yield batch, {"epoch": epoch, "position": after}
       produced += 1
       if produced == count:
         return
-    if produced == count_before:
+    if resume_at is None and produced == produced_before:
       raise ValueError(f"{source.name} yielded no full global batch of {config.global_batch}")
-    epoch += 1
+    epoch, resume_at = epoch + 1, None
 
 
 def eval_metrics(labels_N: np.ndarray, probs_N: np.ndarray) -> dict:
@@ -165,18 +212,28 @@ class Trainer:
     source: training and test data.
     optimizer: ``(tx, schedule)``, the dense optimizer and the merge schedule it runs (for
       byte accounting), e.g. from :func:`kstep_adam.ctr.make_optimizer`.
-    out_dir: where ``metrics.jsonl`` (and the caller's ``summary.json``) go; None writes
-      nothing.
+    out_dir: the run's directory: ``run.json``, ``metrics.jsonl``, checkpoints (and the
+      caller's ``summary.json``); None writes nothing. One run per directory: one that
+      holds another run is refused (see :class:`~kstep_adam.ctr._rundir.RunDirectory`).
+    resume: continue the run in ``out_dir`` from its latest checkpoint (from its start if
+      it has none; a new run if the directory is empty). Its configuration and data must be
+      the recorded ones.
+    overwrite: replace the run in ``out_dir`` (its files are deleted when this one starts).
 
   Attributes:
-    num_steps: steps :meth:`fit` takes.
-    start_step: the optimizer's step count when the run starts (its state's ``count``).
-    last_step: the optimizer's step count after :meth:`fit`.
+    num_steps: steps :meth:`fit` takes (an estimate for ``epochs`` passes over file data
+      until the last pass ends).
+    start_step: the optimizer's step count when the run starts (its state's ``count``; the
+      checkpoint's step for a resumed run).
+    last_step: the optimizer's step count after :meth:`fit` (exact once it has run).
     evals: the evaluation records so far.
     test_set: the held-out batches, read and indexed once if they fit in memory.
     timer: wall time per phase (data, pull, compute, push, eval), compiling steps left out.
     train_seconds: wall time of :meth:`fit` without evaluations.
     compile_steps: steps whose program compiled first; compile_step_seconds: their time.
+    monitor: the divergence test every step passes (:class:`DivergenceMonitor`).
+    checkpoint: the run's latest complete checkpoint (None before its first).
+    data_position: where the data continues after the last step taken (JSON data).
   """
 
   def __init__(
@@ -185,13 +242,22 @@ class Trainer:
     source: DataSource,
     optimizer: tuple[optax.GradientTransformation, MergeSchedule],
     out_dir: str | None = None,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
   ):
     if config.num_workers > len(jax.devices()):
       raise ValueError(
         f"nodes x devices_per_node = {config.num_workers} exceeds the "
         f"{len(jax.devices())} devices; on CPU set jax_num_cpu_devices first"
       )
+    if out_dir is None and (config.checkpoint_every or resume or overwrite):
+      raise ValueError(
+        "checkpoint_every, resume and overwrite need an output directory (out_dir); got "
+        f"checkpoint_every={config.checkpoint_every}, resume={resume}, overwrite={overwrite}"
+      )
     self.config, self.source, self.out_dir = config, source, out_dir
+    self._resume, self._overwrite = resume, overwrite
     self.num_steps = num_steps(config, source)
     self._tx, self._schedule = optimizer
     self._stack = contextlib.ExitStack()
@@ -199,6 +265,12 @@ class Trainer:
     self.timer = Timer()
     self.train_seconds = 0.0
     self.compile_steps, self.compile_step_seconds = 0, 0.0
+    self.monitor = DivergenceMonitor(config)
+    self.checkpoint: _checkpoint.Checkpoint | None = None
+    self.data_position: dict | None = None
+    self._hooks: tuple[Hook, ...] = ()  # those of the current (or last) fit
+    self._hook_states: dict = {}  # of the checkpoint resumed from, until fit() hands them over
+    self._fit_clock: tuple[float, float] | None = None  # fit's start time and eval time then
 
   # -- resources ---------------------------------------------------------------------------
   def __enter__(self) -> Trainer:
@@ -214,6 +286,10 @@ class Trainer:
 
   def _open(self) -> None:
     config, source = self.config, self.source
+    # Everything that can refuse the run does so before anything is written.
+    self.run_dir, checkpoint = self._open_run_dir()
+    resuming = self.run_dir is not None and self.run_dir.resuming
+    self.table_dir = self._table_dir(resuming)
     self.mesh = parallel.make_mesh(config.nodes, config.devices_per_node)
     model = make_model(
       config.model,
@@ -224,29 +300,104 @@ class Trainer:
     )
     graphdef, params = nnx.split(model)
     self.params_W, self.opt_state_W = parallel.init_replicas(params, self._tx, self.mesh)
+    host = None
+    if checkpoint is not None:
+      dense, host = _checkpoint.load_checkpoint(checkpoint, self._abstract_dense())
+      self.params_W, self.opt_state_W = dense["params_W"], dense["opt_state_W"]
+      self.checkpoint = checkpoint
     self.start_step = optimizer_step(self.opt_state_W) or 0
+    budget = step_budget(config, source)
+    self.num_steps = max((self.num_steps if budget is None else budget) - self.start_step, 0)
     self.last_step = self.start_step + self.num_steps
-    self.step_fn = _step.make_ctr_train_step(graphdef, self._tx, self.mesh)
+    self.step_fn = _step.make_ctr_train_step(
+      graphdef, self._tx, self.mesh, skip_nonfinite=config.on_nonfinite == "skip"
+    )
     self.predict = _step.make_predict(graphdef)
     self.meter = CommMeter(config, params, self._schedule, self.mesh)
     self._replicated = NamedSharding(self.mesh, P())
     self._per_worker = parallel.worker_sharding(self.mesh)
-    if config.table_dir:
-      self.table_dir = config.table_dir
-    else:
-      scratch = self._stack.enter_context(tempfile.TemporaryDirectory(prefix="ctr_table_"))
-      self.table_dir = os.path.join(scratch, "table")
-    self.tier = SparseTier(config, self.table_dir, temporary=not config.table_dir)
-    self._stack.callback(self.tier.close)
+    if self.run_dir is not None and not resuming:
+      self.run_dir.clear()  # an overwritten run's files: only now that this one can start
+    self.tier = self._open_tier(resuming, checkpoint)
+    if self.run_dir is not None and not resuming:
+      self.run_dir.record({"initial_version": self.tier.table.committed._asdict()})
     self.test_set = HeldOutSet(
       source.test_batches, self.tier.index, max_bytes=MAX_KEPT_TEST_SET_BYTES
     )
     self._writer = None
-    if self.out_dir is not None:
-      os.makedirs(self.out_dir, exist_ok=True)
-      self._writer = self._stack.enter_context(
-        open(os.path.join(self.out_dir, "metrics.jsonl"), "w", encoding="utf-8")
+    if self.run_dir is not None:
+      path = self.run_dir.file(METRICS_FILE)
+      if resuming:  # the records after the checkpoint are written again
+        _truncate(path, 0 if host is None else host["metrics_bytes"])
+      self._writer = self._stack.enter_context(open(path, "a", encoding="utf-8"))
+    if host is not None:
+      self._restore_host_state(host)
+
+  def _open_run_dir(self) -> tuple[RunDirectory | None, _checkpoint.Checkpoint | None]:
+    """The output directory, claimed for this run, and the checkpoint to resume from."""
+    if self.out_dir is None:
+      return None, None
+    run_dir = RunDirectory(
+      self.out_dir,
+      run_identity(self.config, self.source),
+      resume=self._resume,
+      overwrite=self._overwrite,
+    )
+    self._stack.callback(run_dir.close)
+    if not run_dir.resuming:
+      return run_dir, None
+    checkpoint = _checkpoint.latest_checkpoint(run_dir.file(CHECKPOINT_DIR))
+    if checkpoint is None and run_dir.status() == "completed":
+      raise RunDirectoryError(
+        f"the run in {self.out_dir} is complete and saved no checkpoint: there is nothing to "
+        "resume (its results are in summary.json)"
       )
+    return run_dir, checkpoint
+
+  def _table_dir(self, resuming: bool) -> str:
+    """Where the table lives: ``table_dir``, OUT/table for a run that saves checkpoints, or
+    a scratch directory. A fresh run refuses an existing table unless told to start from it."""
+    config = self.config
+    if config.table_dir is None:
+      if config.checkpoint_every:
+        return self.run_dir.file(TABLE_DIR)
+      scratch = self._stack.enter_context(tempfile.TemporaryDirectory(prefix="ctr_table_"))
+      return os.path.join(scratch, "table")
+    exists = os.path.isdir(config.table_dir) and bool(os.listdir(config.table_dir))
+    if not resuming and exists and not config.init_from_table:
+      raise ValueError(
+        f"table_dir {config.table_dir} holds a table already; pass init_from_table "
+        "(--init-from-table) to start from its rows with fresh dense layers, resume the run "
+        "that wrote it (--resume), or choose another table_dir"
+      )
+    if config.init_from_table and not exists:
+      raise ValueError(f"init_from_table: there is no table in table_dir {config.table_dir}")
+    return config.table_dir
+
+  def _open_tier(self, resuming: bool, checkpoint) -> SparseTier:
+    """The embedding tier, at the checkpoint's version (or the run's start) when resuming."""
+    version = None
+    if checkpoint is not None:
+      version = checkpoint.table
+    elif resuming:  # no checkpoint yet: the run starts over, from its table's first state
+      version = TableVersion(**self.run_dir.recorded["table"]["initial_version"])
+    flush_on_close = False if self.config.checkpoint_every else None
+    tier = SparseTier(
+      self.config,
+      self.table_dir,
+      temporary=self.config.table_dir is None and not self.config.checkpoint_every,
+      flush_on_close=flush_on_close,
+      version=version,
+    )
+    self._stack.callback(tier.close)
+    return tier
+
+  def _abstract_dense(self) -> dict:
+    """Shapes, dtypes and shardings of the dense state: where a checkpoint is restored to."""
+    state = {"params_W": self.params_W, "opt_state_W": self.opt_state_W}
+    return jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state
+    )
 
   def log(self, record: dict) -> None:
     """Append one strict-JSON record to ``metrics.jsonl`` (nothing without an ``out_dir``)."""
@@ -256,23 +407,31 @@ class Trainer:
 
   # -- the step loop -----------------------------------------------------------------------
   def fit(self, hooks: Sequence[Hook] = ()) -> None:
-    """Take :attr:`num_steps` steps; after each, call every hook in order."""
+    """Take :attr:`num_steps` steps (for ``epochs`` passes of file data: until the last pass
+    ends); after each, call every hook in order, then save a checkpoint when one is due.
+
+    Raises:
+      DivergenceError: a step's loss or gradients were not finite, or its loss exploded
+        (see :mod:`._divergence`); no checkpoint is taken of that step.
+    """
+    self._hooks = tuple(hooks)
+    self._restore_hooks()
+    batches = global_batches(self.config, self.source, self._remaining(), self.data_position)
     prefetcher = Prefetcher(
-      global_batches(self.config, self.source, self.num_steps),
-      self.tier.index,
-      background=self.config.prefetch,
+      batches, self.tier.index, background=self.config.prefetch, positioned=True
     )
     self._stack.callback(prefetcher.close)  # also on error; closing twice is harmless
     start, eval_before = time.perf_counter(), self.timer.total("eval")
+    self._fit_clock = (start, eval_before)
     try:
       with self.timer("data"):
-        current = prefetcher.get()
-      self.tier.prefetch(current.row_ids_U)
-      for index in range(self.num_steps):
+        current = _next_or_none(prefetcher)
+      if current is not None:
+        self.tier.prefetch(current.row_ids_U)
+      while current is not None:
         step_start = time.perf_counter()
         self.timer.new_step()
-        upcoming = prefetcher if index + 1 < self.num_steps else None
-        result, current = self._step(current, upcoming)
+        result, current = self._step(current, prefetcher)
         compute = None if result.compiled else self.timer.step.get("compute", 0.0)
         self.meter.add_step(result.step, len(result.row_ids_U), compute)
         if result.compiled:
@@ -281,16 +440,24 @@ class Trainer:
           self.timer.discard_step()
         for hook in hooks:
           hook.after_step(self, result)
+        self._checkpoint_if_due(result)
     finally:
       prefetcher.close()
       for hook in hooks:
         hook.close()
+      self._fit_clock = None
     eval_seconds = self.timer.total("eval") - eval_before
     self.train_seconds += time.perf_counter() - start - eval_seconds
+    self.last_step = self.step
 
-  def _step(self, current: IndexedBatch, prefetcher: Prefetcher | None):
-    """One synchronous step on ``current``; returns its result and the next indexed batch,
-    read (and its rows staged) while the step computes."""
+  def _remaining(self) -> int | None:
+    """Steps left of a fixed budget, or None when the data decides the end."""
+    budget = step_budget(self.config, self.source)
+    return None if budget is None else max(budget - self.step, 0)
+
+  def _step(self, current: IndexedBatch, prefetcher: Prefetcher):
+    """One synchronous step on ``current``; returns its result and the next indexed batch
+    (None after the last), read (and its rows staged) while the step computes."""
     timer, tier = self.timer, self.tier
     with timer("pull"):
       rows = tier.pull(current.row_ids_U, current.inverse_GxF)
@@ -300,21 +467,105 @@ class Trainer:
       # the step for the same cores and did not measure faster.
       inputs = jax.device_put((rows.inverse_GxF, batch.dense_BxI, batch.label_B), self._per_worker)
     with timer("compute"):
-      self.params_W, self.opt_state_W, grad_rows_PxD, loss = self.step_fn(
+      self.params_W, self.opt_state_W, grad_rows_PxD, loss, finite_W = self.step_fn(
         self.params_W, self.opt_state_W, rows_PxD, *inputs
       )
-    upcoming = None
-    if prefetcher is not None:
-      with timer("data"):
-        upcoming = prefetcher.get()
+    with timer("data"):
+      upcoming = _next_or_none(prefetcher)
+    if upcoming is not None:
       tier.prefetch(upcoming.row_ids_U)  # stages rows while the step still computes
     with timer("compute"):
       grad_rows_UxD = np.asarray(jax.device_get(grad_rows_PxD))[: rows.num_unique]
-      loss = float(loss)
-    with timer("push"):
-      tier.push(rows.row_ids_U, grad_rows_UxD)
-    result = StepResult(self.step_fn.step, loss, rows.row_ids_U, self.step_fn.last_call_compiled)
-    return result, upcoming
+      loss, finite = float(loss), bool(np.all(jax.device_get(finite_W)))
+    step = self.step_fn.step
+    skipped = self.monitor.check(step, loss, finite)  # raises if the run diverged
+    if not skipped:
+      with timer("push"):
+        tier.push(rows.row_ids_U, grad_rows_UxD)
+    self.data_position = current.position
+    last = upcoming is None
+    if last:
+      self.last_step = step
+    compiled = self.step_fn.last_call_compiled
+    return StepResult(step, loss, rows.row_ids_U, compiled, last, skipped), upcoming
+
+  # -- checkpoints -------------------------------------------------------------------------
+  def _checkpoint_if_due(self, result: StepResult) -> None:
+    every = self.config.checkpoint_every
+    if every and (result.step % every == 0 or result.last):
+      self.save_checkpoint()
+
+  def save_checkpoint(self) -> _checkpoint.Checkpoint:
+    """Save a checkpoint of the run at its current step (see :mod:`._checkpoint`)."""
+    if self.run_dir is None:
+      raise ValueError("a checkpoint needs an output directory (out_dir)")
+    if self._writer is not None:  # the records it counts must be on disk before it is
+      self._writer.flush()
+      os.fsync(self._writer.fileno())
+    self.checkpoint = _checkpoint.save_checkpoint(
+      self.run_dir.file(CHECKPOINT_DIR),
+      self.step,
+      {"params_W": self.params_W, "opt_state_W": self.opt_state_W},
+      self.host_state(),
+      self.tier.flush,
+      keep=self.config.keep_checkpoints,
+    )
+    return self.checkpoint
+
+  def host_state(self) -> dict:
+    """Everything of the run besides the dense state and the table, as a checkpoint keeps it
+    (JSON data): the data position, counters, records, hook states and time totals."""
+    train_seconds = self.train_seconds
+    if self._fit_clock is not None:  # inside fit: its time so far, without evaluations
+      start, eval_before = self._fit_clock
+      evals = self.timer.total("eval") - eval_before
+      train_seconds += time.perf_counter() - start - evals
+    hooks = {}
+    for key, hook in _keyed(self._hooks):
+      state = hook.state()
+      if state is not None:
+        hooks[key] = state
+    return {
+      "step": self.step,
+      "table_step": self.tier.table.step,
+      "data": {
+        "position": self.data_position,
+        "counts": None if self.source.counts is None else self.source.counts(),
+      },
+      "metrics_bytes": 0 if self._writer is None else self._writer.tell(),
+      "evals": self.evals,
+      "meter": self.meter.state(),
+      "monitor": self.monitor.state(),
+      "hooks": hooks,
+      "timer": self.timer.totals(),
+      "train_seconds": train_seconds,
+      "compile_steps": self.compile_steps,
+      "compile_step_seconds": self.compile_step_seconds,
+    }
+
+  def _restore_host_state(self, host: dict) -> None:
+    if host["table_step"] != self.tier.table.step:
+      raise ValueError(
+        f"{self.checkpoint.path}: the table is at step {self.tier.table.step}, the checkpoint "
+        f"was taken at table step {host['table_step']}"
+      )
+    self.data_position = host["data"]["position"]
+    if host["data"]["counts"] is not None and self.source.restore_counts is not None:
+      self.source.restore_counts(host["data"]["counts"])
+    self.evals = list(host["evals"])
+    self.meter.restore(host["meter"])
+    self.monitor.restore(host["monitor"])
+    self._hook_states = dict(host["hooks"])
+    self.timer.restore(host["timer"])
+    self.train_seconds = host["train_seconds"]
+    self.compile_steps = host["compile_steps"]
+    self.compile_step_seconds = host["compile_step_seconds"]
+
+  def _restore_hooks(self) -> None:
+    """Hand the resumed checkpoint's hook states to the hooks of this :meth:`fit`."""
+    for key, hook in _keyed(self._hooks):
+      if key in self._hook_states:
+        hook.restore(self._hook_states.pop(key))
 
   # -- evaluation and state ----------------------------------------------------------------
   def merged_params(self):
@@ -342,3 +593,36 @@ class Trainer:
       "row_ids": row_ids,
       "rows": self.tier.table.pull(row_ids),
     }
+
+
+def _next_or_none(prefetcher: Prefetcher) -> IndexedBatch | None:
+  """The next prepared batch, or None when the data (or the step budget) has ended."""
+  try:
+    return prefetcher.get()
+  except StopIteration:
+    return None
+
+
+def _keyed(hooks: Sequence[Hook]) -> Iterator[tuple[str, Hook]]:
+  """Each hook with its key in a checkpoint: its class name, numbered when repeated."""
+  seen: dict[str, int] = {}
+  for hook in hooks:
+    name = type(hook).__name__
+    seen[name] = seen.get(name, 0) + 1
+    yield (name if seen[name] == 1 else f"{name}#{seen[name]}"), hook
+
+
+def _truncate(path: str, size: int) -> None:
+  """Cut a metrics file back to its first ``size`` bytes (what a checkpoint counted),
+  atomically: the records after the checkpoint are written again by the resumed run."""
+  kept = b""
+  if os.path.exists(path):
+    with open(path, "rb") as f:
+      kept = f.read(size + 1)
+  if len(kept) < size:
+    raise ValueError(
+      f"{path} has {len(kept)} bytes, fewer than the {size} its checkpoint counted: it was "
+      "changed after the checkpoint was taken"
+    )
+  if len(kept) > size:
+    write_atomic(path, kept[:size].decode("utf-8"))

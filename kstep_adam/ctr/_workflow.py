@@ -33,10 +33,12 @@ from kstep_adam._kstep_adam import kstep_adam
 from kstep_adam._schedule import merge_schedule
 from kstep_adam._schedule import sync_schedule
 from kstep_adam.ctr._config import TrainConfig
+from kstep_adam.ctr._divergence import DivergenceError
 from kstep_adam.ctr._hooks import MetricsLog
 from kstep_adam.ctr._hooks import PeriodicEval
 from kstep_adam.ctr._hooks import ProgressBar
 from kstep_adam.ctr._hooks import PushedRows
+from kstep_adam.ctr._rundir import SUMMARY_FILE
 from kstep_adam.ctr._sources import DataSource
 from kstep_adam.ctr._trainer import Trainer
 
@@ -58,16 +60,22 @@ def train(
   source: DataSource,
   out_dir: str | None = None,
   *,
+  resume: bool = False,
+  overwrite: bool = False,
   progress: bool = False,
   return_state: bool = False,
 ):
   """Train a CTR model with the workflow above and return the run summary.
 
   Args:
-    config: the run's configuration.
+    config: the run's configuration (``checkpoint_every`` saves checkpoints in ``out_dir``).
     source: training and test data (:func:`make_source`, :func:`synthetic_source` or
       :func:`file_source`).
-    out_dir: if given, ``metrics.jsonl`` and ``summary.json`` are written there.
+    out_dir: if given, the run's directory: ``run.json``, ``metrics.jsonl``,
+      ``summary.json`` and its checkpoints. A directory that holds another run is refused.
+    resume: continue the run in ``out_dir`` from its latest checkpoint (a new run if there
+      is none there). The result is the one the run would have had without stopping.
+    overwrite: replace the run in ``out_dir``.
     progress: show a tqdm progress bar (steps, examples/s, loss, cache hit rate).
     return_state: also return the final state (for tests and notebooks).
 
@@ -76,28 +84,50 @@ def train(
     :func:`summarize`). With ``return_state``, ``(summary, state)`` where ``state`` has
     ``params_W`` (every worker's dense replica, NumPy), ``row_ids`` (every row ever pushed)
     and ``rows`` (their values).
+
+  Raises:
+    DivergenceError: the loss or a gradient was not finite, or the loss exploded; it names
+      the step. ``summary.json`` (``status: "diverged"``) and a ``diverged`` record in
+      ``metrics.jsonl`` say so too, and the last checkpoint keeps the last good state.
+    RunDirectoryError: ``out_dir`` holds another run, or a different one to resume.
   """
-  with Trainer(config, source, make_optimizer(config), out_dir) as trainer:
+  with Trainer(
+    config, source, make_optimizer(config), out_dir, resume=resume, overwrite=overwrite
+  ) as trainer:
     hooks = [MetricsLog(config.log_every), PeriodicEval(config.eval_every)]
     if progress:
       hooks.insert(0, ProgressBar(trainer.num_steps))
     pushed = PushedRows()
     if return_state:
       hooks.append(pushed)
-    trainer.fit(hooks)
+    try:
+      trainer.fit(hooks)
+    except DivergenceError as error:
+      checkpoint = trainer.checkpoint
+      error.with_checkpoint(None if checkpoint is None else checkpoint.step)
+      record = {**error.record(), "evals": trainer.evals}
+      trainer.log({"kind": "diverged", "step": error.step, **error.record()})
+      if out_dir is not None:
+        write_json(os.path.join(out_dir, SUMMARY_FILE), {**record, "config": _config(trainer)})
+      raise
     # The end of the pass merges the replicas (as PaddleBox does); evaluate the merged model.
     final = trainer.evaluate()
     summary = summarize(trainer, final)
     if out_dir is not None:
-      write_json(os.path.join(out_dir, "summary.json"), summary)
+      write_json(os.path.join(out_dir, SUMMARY_FILE), summary)
     state = trainer.state(pushed.row_ids) if return_state else None
   return (summary, state) if return_state else summary
+
+
+def _config(trainer: Trainer) -> dict:
+  return {**dataclasses.asdict(trainer.config), "table_dir": trainer.table_dir}
 
 
 def summarize(trainer: Trainer, final: dict) -> dict:
   """The run summary: final test metrics, throughput, time breakdown, traffic, data, config.
 
-  Keys: ``test_auc``, ``test_logloss``, ``test_examples``, ``test_positives`` (from
+  Keys: ``status`` (``completed``; a diverged run's summary says ``diverged`` instead, see
+  :func:`train`); ``test_auc``, ``test_logloss``, ``test_examples``, ``test_positives`` (from
   ``final``; a metric that is undefined is None and ``test_note`` says why); ``warnings``
   (what a reader of the numbers must know, e.g. that note); ``teacher_auc``
   (synthetic data); ``steps``, ``examples``, ``examples_per_sec`` (steps that compiled left
@@ -105,10 +135,18 @@ def summarize(trainer: Trainer, final: dict) -> dict:
   ``time_breakdown_seconds`` (data, pull, compute, push, eval, and the estimated merge
   time); the :class:`CommMeter` totals (dense bytes and messages per axis, sparse bytes,
   estimated communication seconds, measured compute seconds); ``table_stats``; ``evals``;
-  ``data`` (the source and its read counts); ``config``; ``mesh``; ``devices``.
+  ``data`` (the source and its read counts); ``skipped_steps`` (non-finite steps skipped,
+  with ``on_nonfinite="skip"``); ``config``; ``mesh``; ``devices``.
+
+  A run resumed from a checkpoint has the same summary as one that never stopped, except
+  the fields that describe the processes rather than the computation: ``examples_per_sec``,
+  ``train_seconds``, ``compile_steps``, ``compile_step_seconds``,
+  ``time_breakdown_seconds``, ``measured_compute_seconds`` (times, summed over the
+  processes, and each process compiles its own programs) and ``table_stats`` (the counters
+  of the last process's cache).
   """
   config, source = trainer.config, trainer.source
-  steps, global_batch = trainer.num_steps, config.global_batch
+  steps, global_batch = trainer.step, config.global_batch
   steady_steps = steps - trainer.compile_steps
   steady_seconds = max(trainer.train_seconds - trainer.compile_step_seconds, 1e-9)
   if steady_steps:
@@ -116,7 +154,11 @@ def summarize(trainer: Trainer, final: dict) -> dict:
   else:  # every step compiled: report what there is
     examples_per_sec = steps * global_batch / max(trainer.train_seconds, 1e-9)
   warnings = [f"final evaluation: {final['test_note']}"] if "test_note" in final else []
+  skipped = trainer.monitor.skipped_steps
+  if skipped:
+    warnings.append(f"{len(skipped)} steps had non-finite values and were skipped: {skipped[:10]}")
   return {
+    "status": "completed",
     **{key: value for key, value in final.items() if key not in ("kind", "step")},
     "warnings": warnings,
     "teacher_auc": source.teacher_auc,
@@ -139,7 +181,8 @@ def summarize(trainer: Trainer, final: dict) -> dict:
       "lines_skipped": sum(s.lines_skipped for s in source.read_stats),
       "skip_messages": [m for s in source.read_stats for m in s.messages],
     },
-    "config": {**dataclasses.asdict(config), "table_dir": trainer.table_dir},
+    "skipped_steps": skipped,
+    "config": _config(trainer),
     "mesh": dict(trainer.mesh.shape),
     "devices": [str(d) for d in jax.devices()[: config.num_workers]],
   }

@@ -1,0 +1,149 @@
+"""Checkpoints of a CTR run: dense state, embedding table and host state, tied to one step.
+
+A checkpoint at step ``s`` is a directory ``OUT/checkpoints/step_<s>/`` written in this
+order::
+
+  dense/          every replica's dense parameters and optimizer state (orbax; written to a
+                  temporary directory and renamed, so it exists whole or not at all)
+  host.json       the rest of the trainer's state at s (atomic write): the data position
+                  (epoch and position in the pass), reader counts, the byte length of
+                  metrics.jsonl, evaluations, traffic counters, hook states, time totals
+  -- the embedding table is flushed: its commit point makes step s durable on disk --
+  manifest.json   written last (atomic rename): names the dense state, the host state and
+                  the table's version (``embedding.TableVersion``) at s
+
+The manifest is the commit point: a directory without one is an interrupted checkpoint,
+ignored and deleted. A kill at any moment therefore leaves the previous complete checkpoint
+loadable, also when the table was already flushed at a later step (a kill between a flush
+and its manifest): restoring reopens the table at the version the manifest names
+(``open_table(..., version=)``), which reverts such a later flush. The table is flushed only
+by checkpoints while a run saves them, so its committed state is always one of theirs (or
+its state at the start, which ``run.json`` names).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from collections.abc import Callable
+from typing import Any
+from typing import NamedTuple
+
+from kstep_adam._jsonio import write_json
+from kstep_adam.embedding import TableVersion
+
+MANIFEST = "manifest.json"
+HOST_STATE = "host.json"
+DENSE_STATE = "dense"
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+class Checkpoint(NamedTuple):
+  """A complete checkpoint: one with a manifest."""
+
+  step: int  # the optimizer step it holds
+  path: str  # its directory
+  table: TableVersion  # the embedding table's version at that step
+
+
+def step_dir(root: str, step: int) -> str:
+  """The directory of the checkpoint at ``step`` under ``root``."""
+  return os.path.join(root, f"step_{step:09d}")
+
+
+def complete_checkpoints(root: str) -> list[Checkpoint]:
+  """The complete checkpoints under ``root``, oldest first."""
+  found = []
+  for name in sorted(os.listdir(root)) if os.path.isdir(root) else ():
+    match = _STEP_DIR.match(name)
+    manifest = os.path.join(root, name, MANIFEST)
+    if match and os.path.exists(manifest):
+      with open(manifest, encoding="utf-8") as f:
+        record = json.load(f)
+      found.append(
+        Checkpoint(int(record["step"]), os.path.join(root, name), TableVersion(**record["table"]))
+      )
+  return sorted(found)
+
+
+def latest_checkpoint(root: str) -> Checkpoint | None:
+  """The newest complete checkpoint under ``root``, or None."""
+  found = complete_checkpoints(root)
+  return found[-1] if found else None
+
+
+def remove_incomplete(root: str) -> None:
+  """Delete interrupted checkpoints (directories without a manifest) and orbax leftovers."""
+  for name in os.listdir(root) if os.path.isdir(root) else ():
+    path = os.path.join(root, name)
+    if not os.path.exists(os.path.join(path, MANIFEST)):
+      shutil.rmtree(path, ignore_errors=True)
+
+
+def save_checkpoint(
+  root: str,
+  step: int,
+  dense: Any,
+  host: dict,
+  flush_table: Callable[[], TableVersion],
+  *,
+  keep: int,
+) -> Checkpoint:
+  """Save the checkpoint at ``step`` in the order above, then keep the newest ``keep``.
+
+  Args:
+    root: the run's checkpoint directory.
+    step: the optimizer step the state is at.
+    dense: the dense pytree (``jax.Array`` leaves, any sharding), saved with orbax.
+    host: the host state (JSON data).
+    flush_table: flushes the embedding table and returns the version it committed; it must
+      be at ``step``'s state.
+    keep: complete checkpoints to keep, this one included.
+
+  Returns:
+    The new checkpoint.
+  """
+  import orbax.checkpoint as ocp
+
+  os.makedirs(root, exist_ok=True)
+  remove_incomplete(root)
+  path = step_dir(root, step)
+  checkpointer = ocp.StandardCheckpointer()
+  checkpointer.save(os.path.join(path, DENSE_STATE), dense)
+  checkpointer.wait_until_finished()
+  checkpointer.close()
+  write_json(os.path.join(path, HOST_STATE), host)
+  table = flush_table()
+  write_manifest(path, step, table)
+  checkpoint = Checkpoint(step, path, table)
+  for old in complete_checkpoints(root)[:-keep]:
+    os.unlink(os.path.join(old.path, MANIFEST))  # no longer a checkpoint, then gone
+    shutil.rmtree(old.path, ignore_errors=True)
+  return checkpoint
+
+
+def write_manifest(path: str, step: int, table: TableVersion) -> None:
+  """The commit point of a checkpoint: its manifest, written atomically."""
+  write_json(
+    os.path.join(path, MANIFEST),
+    {"step": step, "dense": DENSE_STATE, "host": HOST_STATE, "table": table._asdict()},
+  )
+
+
+def load_checkpoint(checkpoint: Checkpoint, abstract_dense: Any) -> tuple[Any, dict]:
+  """The dense state (placed as ``abstract_dense``'s shardings say) and the host state."""
+  import orbax.checkpoint as ocp
+
+  checkpointer = ocp.StandardCheckpointer()
+  dense = checkpointer.restore(os.path.join(checkpoint.path, DENSE_STATE), abstract_dense)
+  checkpointer.close()
+  with open(os.path.join(checkpoint.path, HOST_STATE), encoding="utf-8") as f:
+    host = json.load(f)
+  if host["step"] != checkpoint.step:
+    raise ValueError(
+      f"{checkpoint.path}: {HOST_STATE} is for step {host['step']}, the manifest says "
+      f"{checkpoint.step}"
+    )
+  return dense, host

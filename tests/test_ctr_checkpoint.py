@@ -1,0 +1,203 @@
+"""Checkpoint and exact resume of a CTR run (issue 9, part 1).
+
+A run killed with SIGKILL (a real one, of a separate process) and resumed from its latest
+checkpoint ends with exactly the uninterrupted run's dense parameters, table rows, metric
+records and summary, bit for bit: all but the fields that describe the processes (times,
+compilations, cache counters), listed below. A kill in the middle of writing a checkpoint
+leaves the previous one loadable, also when the table was already flushed past it.
+"""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from kstep_adam import ctr
+from kstep_adam import embedding
+from kstep_adam.ctr import _checkpoint
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+# What differs by nature between a resumed run and an uninterrupted one: wall time (and
+# throughput), programs each process compiles again, and the counters of each process's
+# cache. Every other field must be equal.
+PROCESS_SUMMARY_FIELDS = {
+  "examples_per_sec",
+  "train_seconds",
+  "compile_steps",
+  "compile_step_seconds",
+  "time_breakdown_seconds",
+  "measured_compute_seconds",
+  "table_stats",
+}
+PROCESS_METRICS_FIELDS = {"examples_per_sec", "seconds", "hit_rate", "measured_compute_seconds"}
+
+CONFIG = dict(
+  batch_size=16,
+  k=4,  # merges at 4, 8, ...: checkpoints every 3 steps fall between and on them
+  table_rows=1 << 14,
+  host_cache_rows=1 << 12,
+  log_every=2,
+  eval_every=5,
+  checkpoint_every=3,
+)
+SYNTHETIC = {"vocab_size": 300, "test_examples": 512}
+
+
+def _file_data(path, lines=1300):
+  """A Criteo file with a known teacher and two bad lines (skipped and counted)."""
+  ctr.SyntheticCTR(vocab_size=300, seed=4).write_criteo(str(path), lines)
+  text = path.read_text().splitlines(keepends=True)
+  for i in (40, 700):
+    text[i] = "1\tnot enough fields\n"
+  path.write_text("".join(text))
+  return str(path)
+
+
+def _run(out, config_kwargs, data, cache, *, kill=None, resume=False, timeout=300):
+  """A run in its own process (:mod:`_ctr_resume_worker`), to its end or killed as ``kill``
+  says; the processes share a compilation cache, so only the first compiles."""
+  spec = {
+    "out": str(out),
+    "config": config_kwargs,
+    "data": data,
+    "kill": kill,
+    "resume": resume,
+    "cache": str(cache),
+  }
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(HERE), HERE]))
+  proc = subprocess.Popen(
+    [sys.executable, os.path.join(HERE, "_ctr_resume_worker.py"), json.dumps(spec)],
+    env=env,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.STDOUT,
+  )
+  if kill is not None and kill["at"] == "step":  # it waits at that step: kill it there
+    deadline = time.monotonic() + timeout
+    while not os.path.exists(str(out) + ".paused") and proc.poll() is None:
+      assert time.monotonic() < deadline, "the worker never reached its step"
+      time.sleep(0.05)
+    if proc.poll() is None:
+      os.kill(proc.pid, signal.SIGKILL)
+  output, _ = proc.communicate(timeout=timeout)
+  expected = 0 if kill is None else -signal.SIGKILL
+  assert proc.returncode == expected, output.decode()[-3000:]
+
+
+def _result(out):
+  """What a finished run left: summary, metric records, dense parameters, table rows."""
+  out = str(out)
+  with open(os.path.join(out, "summary.json")) as f:
+    summary = json.load(f)
+  with open(os.path.join(out, "metrics.jsonl")) as f:
+    records = [json.loads(line) for line in f]
+  with np.load(out + ".params.npz") as params:
+    leaves = [params[f"arr_{i}"] for i in range(len(params.files))]
+  table = embedding.open_table(os.path.join(out, "table"))
+  try:
+    table_step, rows = table.step, table.pull(np.arange(summary["config"]["table_rows"]))
+  finally:
+    table.close(flush=False)
+  return summary, records, leaves, table_step, rows
+
+
+def _assert_same_run(got, want):
+  """Everything but the process fields is equal, bit for bit."""
+  (summary, records, leaves, table_step, rows) = got
+  (ref_summary, ref_records, ref_leaves, ref_table_step, ref_rows) = want
+  assert set(summary) == set(ref_summary)
+  for key in set(ref_summary) - PROCESS_SUMMARY_FIELDS - {"config"}:
+    assert summary[key] == ref_summary[key], key
+  # Each run has its own table in its own directory; the rest of the config is the same.
+  assert {**summary["config"], "table_dir": None} == {**ref_summary["config"], "table_dir": None}
+  assert len(records) == len(ref_records)
+  for record, ref_record in zip(records, ref_records):
+    assert set(record) == set(ref_record)
+    for key in set(ref_record) - PROCESS_METRICS_FIELDS:
+      assert record[key] == ref_record[key], (record["kind"], record["step"], key)
+  assert len(leaves) == len(ref_leaves)
+  for leaf, ref_leaf in zip(leaves, ref_leaves):
+    np.testing.assert_array_equal(leaf, ref_leaf)
+  assert table_step == ref_table_step == summary["steps"]
+  np.testing.assert_array_equal(rows, ref_rows)
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+  """JAX's compilation cache, shared by every process of this module: one compiles."""
+  return tmp_path_factory.mktemp("jax_cache")
+
+
+@pytest.fixture(scope="module")
+def file_run(tmp_path_factory, cache):
+  """An uninterrupted run over two passes of a file, read in small blocks."""
+  root = tmp_path_factory.mktemp("file_run")
+  data = {"file": _file_data(root / "day.txt"), "block_bytes": 4096}
+  config_kwargs = dict(CONFIG, steps=None, epochs=2)
+  _run(root / "reference", config_kwargs, data, cache)
+  reference = _result(root / "reference")
+  # Two whole passes: epochs counts passes, whatever the estimate said before the first ended.
+  source = ctr.file_source(data["file"], skip_bad_lines=True, block_bytes=data["block_bytes"])
+  list(source.train_epoch(0, 128))
+  assert reference[0]["steps"] == 2 * source.steps_per_epoch(128)
+  return config_kwargs, data, reference
+
+
+@pytest.fixture(scope="module")
+def synthetic_run(tmp_path_factory, cache):
+  """An uninterrupted run on synthetic data."""
+  root = tmp_path_factory.mktemp("synthetic_run")
+  data = {"synthetic": SYNTHETIC}
+  config_kwargs = dict(CONFIG, steps=11)
+  _run(root / "reference", config_kwargs, data, cache)
+  return config_kwargs, data, _result(root / "reference")
+
+
+def test_a_run_killed_at_a_random_step_resumes_to_exactly_the_same_result(
+  tmp_path, cache, file_run
+):
+  config_kwargs, data, reference = file_run
+  ref_summary = reference[0]
+  assert ref_summary["data"]["lines_skipped"] == 2
+  kill_step = random.Random().randint(CONFIG["checkpoint_every"] + 1, ref_summary["steps"] - 1)
+  out = tmp_path / "run"
+  _run(out, config_kwargs, data, cache, kill={"at": "step", "step": kill_step})
+  latest = _checkpoint.latest_checkpoint(str(out / "checkpoints"))
+  # The pause comes after the step's hooks, before its own checkpoint.
+  assert latest.step == (kill_step - 1) // 3 * 3, kill_step
+  _run(out, config_kwargs, data, cache, resume=True)
+  _assert_same_run(_result(out), reference)
+
+
+@pytest.mark.parametrize(
+  "kill",
+  [
+    # between the dense state and the manifest, the table flushed: the table is ahead of the
+    # last manifest and must be reverted to its version
+    {"at": "manifest", "checkpoint": 2},
+    # in the table flush, after its commit point: reopening redoes the flush, then reverts it
+    {"at": "flush", "checkpoint": 2},
+  ],
+  ids=["before-manifest", "in-table-flush"],
+)
+def test_a_kill_while_writing_a_checkpoint_leaves_the_previous_one_loadable(
+  tmp_path, cache, synthetic_run, kill
+):
+  config_kwargs, data, reference = synthetic_run
+  out = tmp_path / "run"
+  _run(out, config_kwargs, data, cache, kill=kill)
+  checkpoints = out / "checkpoints"
+  assert [c.step for c in _checkpoint.complete_checkpoints(str(checkpoints))] == [3]
+  assert os.path.isdir(checkpoints / "step_000000006" / "dense")  # the interrupted one
+  table = embedding.open_table(out / "table")  # its flush reached its commit point
+  assert table.step == 6
+  table.close(flush=False)
+  _run(out, config_kwargs, data, cache, resume=True)
+  _assert_same_run(_result(out), reference)
+  assert not os.path.exists(checkpoints / "step_000000003")  # kept: the newest two
