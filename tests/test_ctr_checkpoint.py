@@ -15,11 +15,18 @@ import subprocess
 import sys
 import time
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
+from test_parallel import _diverging_step
+from test_parallel import _spread
 
+import kstep_adam
 from kstep_adam import ctr
 from kstep_adam import embedding
+from kstep_adam import parallel
+from kstep_adam._dispatch import optimizer_step
 from kstep_adam.ctr import _checkpoint
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -201,3 +208,30 @@ def test_a_kill_while_writing_a_checkpoint_leaves_the_previous_one_loadable(
   _run(out, config_kwargs, data, cache, resume=True)
   _assert_same_run(_result(out), reference)
   assert not os.path.exists(checkpoints / "step_000000003")  # kept: the newest two
+
+
+def test_the_step_counter_of_a_restored_checkpoint_decides_the_next_merge(tmp_path):
+  """The optimizer state owns the step count (issue 9): a state restored from a checkpoint
+  after 2 steps (k=3) merges on its 3rd step in a new process's step function, which has
+  counted nothing itself."""
+  mesh = parallel.make_mesh(1, 4)
+  tx = kstep_adam.kstep_adam(0.1, 3, axis_name=("node", "local"))
+  params_W, state_W = parallel.init_replicas({"w": np.zeros(3, np.float32)}, tx, mesh)
+  step = _diverging_step(mesh, tx)
+  for _ in range(2):
+    params_W, state_W = step(params_W, state_W, jnp.float32(1.0))
+  dense = {"params_W": params_W, "opt_state_W": state_W}
+  version = embedding.TableVersion(step=2, database="db", generation=1)
+  checkpoint = _checkpoint.save_checkpoint(
+    str(tmp_path), 2, dense, {"step": 2}, lambda: version, keep=1
+  )
+  assert _checkpoint.latest_checkpoint(str(tmp_path)) == checkpoint
+  abstract = jax.tree.map(
+    lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), dense
+  )
+  restored, host = _checkpoint.load_checkpoint(checkpoint, abstract)
+  assert host == {"step": 2} and optimizer_step(restored["opt_state_W"]) == 2
+  assert _spread(restored["params_W"]) > 0.01
+  fresh = _diverging_step(mesh, tx)
+  merged, _ = fresh(restored["params_W"], restored["opt_state_W"], jnp.float32(1.0))
+  assert fresh.step == 3 and _spread(merged) < 1e-6  # the count-3 merge ran

@@ -10,7 +10,9 @@ one, and :func:`kstep_adam.ctr.train` records the outcome (``status: "diverged"`
 ``divergence_factor * L0`` for ``divergence_steps`` consecutive steps ending at ``t``. A
 healthy CTR run's loss stays below its initial value (a cross-entropy near ``log 2``) once
 it has started to learn; one that sits an order of magnitude above it is predicting the
-wrong class with confidence, batch after batch.
+wrong class with confidence, batch after batch. While the loss is above that limit the
+run is *suspect*: the trainer takes no periodic checkpoint then, so the last checkpoint of a
+run that goes on to diverge is one from before its loss left the range.
 """
 
 from __future__ import annotations
@@ -113,6 +115,11 @@ class DivergenceMonitor:
         f"and divergence_steps set this test)",
       )
     return False
+
+  @property
+  def suspect(self) -> bool:
+    """The last step's loss was above ``divergence_factor`` x the initial loss."""
+    return self.above > 0
 
   def state(self) -> dict:
     return {

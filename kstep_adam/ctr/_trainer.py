@@ -491,8 +491,10 @@ class Trainer:
 
   # -- checkpoints -------------------------------------------------------------------------
   def _checkpoint_if_due(self, result: StepResult) -> None:
+    """Every ``checkpoint_every`` steps while the loss is in range (a checkpoint must hold a
+    good state), and at the last step."""
     every = self.config.checkpoint_every
-    if every and (result.step % every == 0 or result.last):
+    if every and ((result.step % every == 0 and not self.monitor.suspect) or result.last):
       self.save_checkpoint()
 
   def save_checkpoint(self) -> _checkpoint.Checkpoint:

@@ -1,0 +1,297 @@
+"""The CTR trainer's fault handling (issue 13, items 4, 5 and 8): an output directory is never
+mixed or lost, an existing table is never silently reused, and a diverged run stops with an
+error naming the step and a machine-readable record."""
+
+import dataclasses
+import json
+import os
+import shutil
+
+import jax
+import numpy as np
+import pytest
+
+from kstep_adam import ctr
+from kstep_adam import embedding
+from kstep_adam.ctr import _checkpoint
+from kstep_adam.ctr._divergence import DivergenceMonitor
+from kstep_adam.ctr._rundir import OutDirLockedError
+from kstep_adam.ctr._rundir import RunDirectory
+from kstep_adam.ctr._rundir import run_identity
+
+BASE = dict(
+  batch_size=16,
+  steps=6,
+  k=4,
+  table_rows=1 << 14,
+  host_cache_rows=1 << 12,
+  log_every=2,
+  eval_every=0,
+)
+DATA = ctr.DataConfig(vocab_size=20, test_examples=512)
+
+
+def _config(**overrides):
+  return ctr.TrainConfig(**{**BASE, **overrides})
+
+
+def _source(config):
+  return ctr.make_source(DATA, config)
+
+
+def _files(directory) -> dict:
+  """Every file under ``directory`` with its bytes."""
+  found = {}
+  for root, _, names in os.walk(directory):
+    for name in names:
+      path = os.path.join(root, name)
+      with open(path, "rb") as f:
+        found[os.path.relpath(path, directory)] = f.read()
+  return found
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+  """A finished run with checkpoints: what a second run finds in its --out."""
+  out = tmp_path_factory.mktemp("previous") / "out"
+  config = _config(checkpoint_every=3)
+  ctr.train(config, _source(config), str(out))
+  return config, out
+
+
+@pytest.fixture
+def previous(tmp_path, finished_run):
+  config, out = finished_run
+  copy = tmp_path / "out"
+  shutil.copytree(out, copy)
+  return config, copy
+
+
+# -- item 4: --out reuse ------------------------------------------------------------------------
+def test_a_second_run_into_a_runs_directory_is_refused_and_changes_nothing(previous):
+  config, out = previous
+  before = _files(out)
+  assert {"run.json", "metrics.jsonl", "summary.json"} <= set(before)
+  with pytest.raises(ctr.RunDirectoryError, match=r"holds a run already.*--resume.*--overwrite"):
+    ctr.train(config, _source(config), str(out))
+  other = dataclasses.replace(config, learning_rate=0.01)
+  with pytest.raises(ctr.RunDirectoryError, match=r"learning_rate: 0\.002 -> 0\.01"):
+    ctr.train(other, _source(other), str(out), resume=True)
+  assert _files(out) == before
+
+
+def test_a_run_that_fails_at_start_up_leaves_the_previous_run_whole(previous, tmp_path):
+  """Regression: metrics.jsonl was opened with 'w' before anything was checked, so a run that
+  failed at start-up truncated the previous run's metrics beside its old summary.json."""
+  config, out = previous
+  before = _files(out)
+  table_dir = tmp_path / "table"
+  embedding.open_table(table_dir, num_rows=64, dim=16).close()
+  failing = dataclasses.replace(config, table_dir=str(table_dir))  # refused: it has a table
+  with pytest.raises(ValueError, match="holds a table already"):
+    ctr.train(failing, _source(failing), str(out), overwrite=True)
+  assert _files(out) == before
+
+
+def test_the_command_line_refuses_a_used_out_and_says_what_to_pass(previous, capsys):
+  from experiments import train_ctr
+
+  _, out = previous
+  before = _files(out)
+  args = ["--out", str(out), "--steps", "6", "--batch-size", "16", "--no-progress"]
+  with pytest.raises(SystemExit) as exit_info:
+    train_ctr.main(args)
+  assert exit_info.value.code == 2
+  assert "pass --resume to continue it, --overwrite to replace it" in capsys.readouterr().err
+  with pytest.raises(SystemExit):
+    train_ctr.main([*args, "--resume", "--overwrite"])  # one or the other
+  assert _files(out) == before
+
+
+def test_overwrite_replaces_the_previous_run_whole(previous):
+  config, out = previous
+  old_run = (out / "run.json").read_text()
+  changed = dataclasses.replace(config, steps=4, checkpoint_every=0, learning_rate=0.01)
+  summary = ctr.train(changed, _source(changed), str(out), overwrite=True)
+  assert summary["steps"] == 4
+  assert sorted(os.listdir(out)) == ["LOCK", "metrics.jsonl", "run.json", "summary.json"]
+  assert (out / "run.json").read_text() != old_run
+  records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+  assert [r["step"] for r in records] == [2, 4, 4]  # train records, then the final eval
+
+
+def test_files_that_are_not_a_runs_are_never_deleted(previous):
+  config, out = previous
+  (out / "notes.txt").write_text("mine")
+  for flags in ({}, {"overwrite": True}, {"resume": True}):
+    with pytest.raises(ctr.RunDirectoryError, match=r"not a run's outputs: \['notes.txt'\]"):
+      ctr.train(config, _source(config), str(out), **flags)
+  assert (out / "notes.txt").read_text() == "mine"
+
+
+def test_two_processes_never_write_one_directory(tmp_path):
+  config = _config()
+  identity = run_identity(config, _source(config))
+  holder = RunDirectory(str(tmp_path), identity, resume=False, overwrite=False)
+  try:
+    with pytest.raises(OutDirLockedError, match="being written by another run"):
+      RunDirectory(str(tmp_path), identity, resume=False, overwrite=False)
+  finally:
+    holder.close()
+
+
+def test_resuming_a_finished_run_rewrites_the_same_results(previous):
+  config, out = previous
+  summary = json.loads((out / "summary.json").read_text())
+  records = (out / "metrics.jsonl").read_text()
+  again = ctr.train(config, _source(config), str(out), resume=True)  # from its last checkpoint
+  assert again["test_auc"] == summary["test_auc"] and again["steps"] == summary["steps"] == 6
+  assert (out / "metrics.jsonl").read_text() == records
+
+
+# -- item 5: --table-dir reuse ------------------------------------------------------------------
+def test_an_existing_table_is_refused_unless_the_run_starts_from_it(tmp_path):
+  """Regression: a table_dir holding a table was reused with fresh dense layers (its step
+  going on from 4 to 8) without a word."""
+  table_dir = tmp_path / "table"
+  config = _config(table_dir=str(table_dir), steps=4)
+  with embedding.open_table(
+    table_dir,
+    num_rows=config.table_rows,
+    dim=config.embed_dim,
+    optimizer=embedding.SparseAdam(learning_rate=config.sparse_learning_rate, mode="lazy"),
+    init_scale=config.init_scale,
+  ) as table:
+    for _ in range(4):
+      table.push(np.arange(10), np.ones((10, 16), np.float32))
+    rows = table.pull(np.arange(10))
+  with pytest.raises(ValueError, match=r"holds a table already; pass init_from_table"):
+    ctr.train(config, _source(config))
+  with embedding.open_table(table_dir) as table:  # untouched
+    assert table.step == 4
+    np.testing.assert_array_equal(table.pull(np.arange(10)), rows)
+  start_from_it = dataclasses.replace(config, init_from_table=True)
+  ctr.train(start_from_it, _source(start_from_it))
+  with embedding.open_table(table_dir) as table:
+    assert table.step == 8  # the table's own steps go on: this run pushed 4 more
+  with pytest.raises(ValueError, match="no table in table_dir"):
+    ctr.train(
+      dataclasses.replace(start_from_it, table_dir=str(tmp_path / "empty")),
+      _source(config),
+    )
+
+
+# -- item 8: divergence -------------------------------------------------------------------------
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
+def test_a_diverging_run_stops_naming_the_step_and_records_it(tmp_path, capsys):
+  """Regression: with --lr 1e4 --sparse-lr 1e6 the loss reached 1e25 and the run exited 0
+  with AUC 0.50 and only a NumPy overflow warning."""
+  from experiments import train_ctr
+
+  out = tmp_path / "out"
+  args = ["--lr", "1e4", "--sparse-lr", "1e6", "--steps", "40", "--batch-size", "16"]
+  args += ["--table-rows", "16384", "--eval-every", "0", "--checkpoint-every", "5"]
+  with pytest.raises(SystemExit) as exit_info:
+    train_ctr.main([*args, "--out", str(out), "--no-progress"])
+  assert exit_info.value.code == train_ctr.DIVERGED_EXIT_STATUS
+  summary = json.loads((out / "summary.json").read_text())
+  step = summary["diverged_at_step"]
+  assert summary["status"] == "diverged" and summary["reason"] == "exploding"
+  assert f"training diverged at step {step}" in capsys.readouterr().err
+  assert step == 1 + ctr.TrainConfig().divergence_steps  # above 10x from step 2 on
+  record = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+  assert record["kind"] == "diverged" and record["step"] == step
+  # The loss left its range before the first checkpoint was due: none holds a bad state.
+  assert _checkpoint.latest_checkpoint(str(out / "checkpoints")) is None
+  assert summary["checkpoint_step"] is None
+  with pytest.raises(SystemExit):  # resuming would only diverge again
+    train_ctr.main([*args, "--out", str(out), "--no-progress", "--resume"])
+
+
+class _PoisonedSource:
+  """Synthetic data whose global batch at ``poisoned_step`` (1-based) has a NaN feature."""
+
+  def __init__(self, config, poisoned_step):
+    self.source = _source(config)
+    train_from = self.source.train_from
+
+    def poisoned(epoch, global_batch, start):
+      for batch, position in train_from(epoch, global_batch, start):
+        if position == poisoned_step:
+          batch = batch._replace(dense_BxI=np.where(np.eye(*batch.dense_BxI.shape), np.nan, 1.0))
+        yield batch, position
+
+    self.source = dataclasses.replace(self.source, train_from=poisoned)
+
+
+def test_a_nonfinite_step_stops_the_run_and_the_checkpoint_keeps_the_last_good_state(tmp_path):
+  config = _config(steps=8, checkpoint_every=2)
+  source = _PoisonedSource(config, poisoned_step=5).source
+  with pytest.raises(
+    ctr.DivergenceError, match="diverged at step 5: the loss is not finite"
+  ) as info:
+    ctr.train(config, source, str(tmp_path / "out"))
+  assert (info.value.step, info.value.reason, info.value.checkpoint_step) == (5, "nonfinite", 4)
+  summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+  assert summary["diverged_at_step"] == 5 and summary["loss"] is None  # NaN: strict JSON
+  latest = _checkpoint.latest_checkpoint(str(tmp_path / "out" / "checkpoints"))
+  with embedding.open_table(tmp_path / "out" / "table") as table:
+    assert latest.step == table.step == 4  # the table was flushed only by that checkpoint
+
+
+def test_skipping_nonfinite_steps_changes_nothing_but_the_step_count(tmp_path):
+  config = _config(steps=8, on_nonfinite="skip", sparse_mode="exact")
+  source = _PoisonedSource(config, poisoned_step=5).source
+  summary, state = ctr.train(config, source, str(tmp_path / "out"), return_state=True)
+  assert summary["status"] == "completed" and summary["skipped_steps"] == [5]
+  assert summary["steps"] == 8 and "1 steps had non-finite values" in summary["warnings"][-1]
+  assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(state["params_W"]))
+  assert np.isfinite(state["rows"]).all() and np.isfinite(summary["test_logloss"])
+  records = [
+    json.loads(line)
+    for line in (tmp_path / "out" / "metrics.jsonl").read_text().split("\n")
+    if line
+  ]
+  step6 = next(r for r in records if r.get("step") == 6 and r["kind"] == "train")
+  assert step6["skipped"] == 1 and np.isfinite(step6["loss"])
+
+
+def test_exploding_is_a_loss_above_a_multiple_of_the_first_for_enough_steps():
+  config = _config(divergence_factor=10.0, divergence_steps=3)
+  monitor = DivergenceMonitor(config)
+  losses = [0.7, 8.0, 6.0, 7.5, 8.0, 0.6, 7.1, 7.2]  # 10x 0.7 = 7: three above in a row
+  for step, loss in enumerate(losses, start=1):
+    assert not monitor.check(step, loss, finite=True)
+  with pytest.raises(ctr.DivergenceError) as info:
+    monitor.check(9, 7.3, finite=True)
+  assert (info.value.step, info.value.reason) == (9, "exploding")
+  resumed = DivergenceMonitor(config)
+  resumed.restore(json.loads(json.dumps(monitor.state())))
+  assert resumed.state() == monitor.state() and resumed.suspect
+  off = DivergenceMonitor(_config(divergence_factor=0.0))
+  for step in range(1, 100):
+    off.check(step, 1e30 if step > 1 else 0.7, finite=True)
+  with pytest.raises(ctr.DivergenceError, match="a gradient is not finite"):
+    off.check(100, 0.7, finite=False)
+
+
+@pytest.mark.parametrize(
+  "change, message",
+  [
+    (dict(divergence_factor=0.5), "divergence_factor must be 0 .off. or > 1"),
+    (dict(divergence_steps=0), "divergence_steps must be an int >= 1"),
+    (dict(checkpoint_every=-1), "checkpoint_every must be an int >= 0"),
+    (dict(keep_checkpoints=0), "keep_checkpoints must be an int >= 1"),
+    (dict(on_nonfinite="ignore"), "on_nonfinite must be one of"),
+    (dict(init_from_table=True), "init_from_table needs table_dir"),
+  ],
+)
+def test_new_config_fields_refuse_bad_values_naming_the_field(change, message):
+  with pytest.raises(ValueError, match=message):
+    _config(**change)
+
+
+def test_checkpoints_need_an_output_directory():
+  config = _config(checkpoint_every=2)
+  with pytest.raises(ValueError, match="need an output directory"):
+    ctr.train(config, _source(config))
