@@ -228,7 +228,8 @@ class Trainer:
     last_step: the optimizer's step count after :meth:`fit` (exact once it has run).
     evals: the evaluation records so far.
     test_set: the held-out batches, read and indexed once if they fit in memory.
-    timer: wall time per phase (data, pull, compute, push, eval), compiling steps left out.
+    timer: wall time per phase (data, pull, compute, push, eval, checkpoint), compiling steps
+      left out.
     train_seconds: wall time of :meth:`fit` without evaluations.
     compile_steps: steps whose program compiled first; compile_step_seconds: their time.
     monitor: the divergence test every step passes (:class:`DivergenceMonitor`).
@@ -501,17 +502,18 @@ class Trainer:
     """Save a checkpoint of the run at its current step (see :mod:`._checkpoint`)."""
     if self.run_dir is None:
       raise ValueError("a checkpoint needs an output directory (out_dir)")
-    if self._writer is not None:  # the records it counts must be on disk before it is
-      self._writer.flush()
-      os.fsync(self._writer.fileno())
-    self.checkpoint = _checkpoint.save_checkpoint(
-      self.run_dir.file(CHECKPOINT_DIR),
-      self.step,
-      {"params_W": self.params_W, "opt_state_W": self.opt_state_W},
-      self.host_state(),
-      self.tier.flush,
-      keep=self.config.keep_checkpoints,
-    )
+    with self.timer("checkpoint"):
+      if self._writer is not None:  # the records it counts must be on disk before it is
+        self._writer.flush()
+        os.fsync(self._writer.fileno())
+      self.checkpoint = _checkpoint.save_checkpoint(
+        self.run_dir.file(CHECKPOINT_DIR),
+        self.step,
+        {"params_W": self.params_W, "opt_state_W": self.opt_state_W},
+        self.host_state(),
+        self.tier.flush,
+        keep=self.config.keep_checkpoints,
+      )
     return self.checkpoint
 
   def host_state(self) -> dict:

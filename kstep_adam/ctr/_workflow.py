@@ -132,8 +132,8 @@ def summarize(trainer: Trainer, final: dict) -> dict:
   (what a reader of the numbers must know, e.g. that note); ``teacher_auc``
   (synthetic data); ``steps``, ``examples``, ``examples_per_sec`` (steps that compiled left
   out), ``train_seconds``, ``compile_steps``, ``compile_step_seconds``;
-  ``time_breakdown_seconds`` (data, pull, compute, push, eval, and the estimated merge
-  time); the :class:`CommMeter` totals (dense bytes and messages per axis, sparse bytes,
+  ``time_breakdown_seconds`` (data, pull, compute, push, eval, checkpoint, and the estimated
+  merge time); the :class:`CommMeter` totals (dense bytes and messages per axis, sparse bytes,
   estimated communication seconds, measured compute seconds); ``table_stats``; ``evals``;
   ``data`` (the source and its read counts); ``skipped_steps`` (non-finite steps skipped,
   with ``on_nonfinite="skip"``); ``config``; ``mesh``; ``devices``.
