@@ -20,9 +20,9 @@ from kstep_adam.ctr._rundir import RunDirectory
 from kstep_adam.ctr._rundir import run_identity
 
 BASE = dict(
+  optimizer="sync_adam",  # one step program to compile: these tests are not about merges
   batch_size=16,
   steps=6,
-  k=4,
   table_rows=1 << 14,
   host_cache_rows=1 << 12,
   log_every=2,
@@ -190,6 +190,7 @@ def test_a_diverging_run_stops_naming_the_step_and_records_it(tmp_path, capsys):
 
   out = tmp_path / "out"
   args = ["--lr", "1e4", "--sparse-lr", "1e6", "--steps", "40", "--batch-size", "16"]
+  args += ["--optimizer", "sync_adam"]
   args += ["--table-rows", "16384", "--eval-every", "0", "--checkpoint-every", "5"]
   with pytest.raises(SystemExit) as exit_info:
     train_ctr.main([*args, "--out", str(out), "--no-progress"])
@@ -295,3 +296,38 @@ def test_checkpoints_need_an_output_directory():
   config = _config(checkpoint_every=2)
   with pytest.raises(ValueError, match="need an output directory"):
     ctr.train(config, _source(config))
+
+
+class _FailAt(ctr.Hook):
+  def __init__(self, step):
+    self.step = step
+
+  def after_step(self, trainer, result):
+    if result.step == self.step:
+      raise RuntimeError(f"interrupted at step {result.step}")
+
+
+def test_a_run_resumed_before_its_first_checkpoint_starts_over_from_its_tables_start(
+  tmp_path, finished_run, monkeypatch
+):
+  """No checkpoint yet: the resumed run starts from step 0, with its table reverted to the
+  version it started from (this one was flushed when the interrupted run closed)."""
+  reference, reference_out = finished_run
+  config = dataclasses.replace(reference, checkpoint_every=0, table_dir=str(tmp_path / "table"))
+  out = tmp_path / "out"
+  original_fit = ctr.Trainer.fit
+  monkeypatch.setattr(
+    ctr.Trainer, "fit", lambda self, hooks=(): original_fit(self, [*hooks, _FailAt(4)])
+  )
+  with pytest.raises(RuntimeError, match="interrupted at step 4"):
+    ctr.train(config, _source(config), str(out))
+  monkeypatch.setattr(ctr.Trainer, "fit", original_fit)
+  with embedding.open_table(tmp_path / "table") as table:
+    assert table.step == 4
+    table.close(flush=False)
+  summary = ctr.train(config, _source(config), str(out), resume=True)
+  expected = json.loads((reference_out / "summary.json").read_text())
+  for key in ("test_auc", "test_logloss", "steps", "evals", "sparse_bytes", "dense_bytes_by_axis"):
+    assert summary[key] == expected[key], key
+  with embedding.open_table(tmp_path / "table") as table:
+    assert table.step == 6

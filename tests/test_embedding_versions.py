@@ -34,10 +34,12 @@ def _two_flushes(path):
   """A table flushed at step 3 and again at step 8; the rows at both flushes."""
   table = _open(path)
   _train(table, 3, seed=0)
-  first = table.flush()
+  table.flush()
+  first = table.committed
   rows_first = table.pull(np.arange(ROWS))
   _train(table, 5, seed=1)  # touches chunks the first flush never wrote, too
-  second = table.flush()
+  table.flush()
+  second = table.committed
   rows_second = table.pull(np.arange(ROWS))
   table.close(flush=False)
   return first, rows_first, second, rows_second

@@ -114,7 +114,8 @@ class SparseTier:
 
   def flush(self) -> embedding.TableVersion:
     """Commit the table at its current step; return the version committed."""
-    return self.table.flush()
+    self.table.flush()
+    return self.table.committed
 
   def close(self) -> None:
     self.table.close(flush=self._flush_on_close)

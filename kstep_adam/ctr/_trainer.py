@@ -360,8 +360,10 @@ class Trainer:
     a scratch directory. A fresh run refuses an existing table unless told to start from it."""
     config = self.config
     if config.table_dir is None:
-      if config.checkpoint_every:
-        return self.run_dir.file(TABLE_DIR)
+      # The run's own table, also when a resumed run no longer saves checkpoints.
+      own = self._own_table_dir()
+      if config.checkpoint_every or (resuming and os.path.isdir(own)):
+        return own
       scratch = self._stack.enter_context(tempfile.TemporaryDirectory(prefix="ctr_table_"))
       return os.path.join(scratch, "table")
     exists = os.path.isdir(config.table_dir) and bool(os.listdir(config.table_dir))
@@ -378,20 +380,25 @@ class Trainer:
   def _open_tier(self, resuming: bool, checkpoint) -> SparseTier:
     """The embedding tier, at the checkpoint's version (or the run's start) when resuming."""
     version = None
+    kept = os.path.isdir(self.table_dir) and bool(os.listdir(self.table_dir))
     if checkpoint is not None:
       version = checkpoint.table
-    elif resuming:  # no checkpoint yet: the run starts over, from its table's first state
+    elif resuming and kept:  # no checkpoint yet: the run starts over, from its table's start
       version = TableVersion(**self.run_dir.recorded["table"]["initial_version"])
-    flush_on_close = False if self.config.checkpoint_every else None
+    scratch = self.config.table_dir is None and self.table_dir != self._own_table_dir()
     tier = SparseTier(
       self.config,
       self.table_dir,
-      temporary=self.config.table_dir is None and not self.config.checkpoint_every,
-      flush_on_close=flush_on_close,
+      temporary=scratch,
+      flush_on_close=False if self.config.checkpoint_every else None,
       version=version,
     )
     self._stack.callback(tier.close)
     return tier
+
+  def _own_table_dir(self) -> str | None:
+    """OUT/table: where a run that saves checkpoints keeps its table (no table_dir given)."""
+    return None if self.run_dir is None else self.run_dir.file(TABLE_DIR)
 
   def _abstract_dense(self) -> dict:
     """Shapes, dtypes and shardings of the dense state: where a checkpoint is restored to."""
@@ -536,7 +543,7 @@ class Trainer:
         "position": self.data_position,
         "counts": None if self.source.counts is None else self.source.counts(),
       },
-      "metrics_bytes": 0 if self._writer is None else self._writer.tell(),
+      "metrics_bytes": 0 if self._writer is None else os.fstat(self._writer.fileno()).st_size,
       "evals": self.evals,
       "meter": self.meter.state(),
       "monitor": self.monitor.state(),

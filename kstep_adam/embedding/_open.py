@@ -56,8 +56,8 @@ def open_table(
     chunk_rows: rows per zarr chunk on disk (default: about 64 KiB per chunk).
     compress: zstd-compress chunks (default True; see ``_store`` for the trade-off).
     ts_cache_bytes: TensorStore's own chunk cache for this table.
-    version: reopen the table as an earlier flush left it: the ``TableVersion`` that
-      ``flush`` returned. A table flushed again since is reverted to it (the later versions
+    version: reopen the table as an earlier flush left it: the table's ``committed``
+      ``TableVersion`` after that flush. A table flushed again since is reverted to it (the later versions
       stay in the database's history); one at that step already is opened as it is.
 
   Returns:

@@ -11,8 +11,8 @@ Directory layout of a table at ``path``::
                       rows/        zarr3 float32 [num_rows, W]: every row's full state
                       commit.json  {"step": t}: the table step of the last flush
                     and, since OCDBT is copy-on-write, every earlier version of both:
-                    a flush returns its ``TableVersion`` (database, generation, step)
-                    and ``TableStore.revert`` brings the table back to one
+                    a flush's ``TableVersion`` (database, generation, step) names one
+                    and ``TableStore.revert`` brings the table back to it
   path/pending.*    the pending log: rows changed since the last flush, and the redo
                     log that makes a flush atomic (see ``_pending``)
   path/LOCK         flock'ed by the process that has the table open

@@ -15,8 +15,8 @@ uncommitted log. So after a crash the table reopens at the last flushed step, wi
 row from that step: everything since the last flush is lost, nothing is mixed. Flush
 memory is bounded by ``_FLUSH_BATCH_BYTES`` of chunks, not by the number of dirty rows.
 
-History. ``flush`` returns the :class:`TableVersion` it committed, and the database keeps
-every earlier one (OCDBT is copy-on-write). Reopening with ``version=`` an earlier flush's
+History. After a ``flush``, ``committed`` is the :class:`TableVersion` it committed, and the
+database keeps every earlier one (OCDBT is copy-on-write). Reopening with ``version=`` an earlier flush's
 version reverts the table to it, so a checkpoint that names a version can be restored
 even if the table was flushed again after it (a crash between a later flush and the
 checkpoint that was to name it). ``compact`` drops that history.
@@ -292,21 +292,18 @@ class EmbeddingTable:
     self._executor.submit(self._prefetch_task, future, unique_U)
     return future
 
-  def flush(self) -> TableVersion:
+  def flush(self) -> None:
     """Commits every dirty row and the step atomically; a reopen then sees exactly this.
 
     If it fails before its commit point with the log unchanged on disk (a full disk while
     appending), the table is as before and ``flush`` may be retried; a failure after that
-    puts the table in the failed state (``TableFailedError``).
-
-    Returns:
-      The committed :class:`TableVersion`; ``open_table(path, version=...)`` reverts the
-      table to it later, even after more flushes.
+    puts the table in the failed state (``TableFailedError``). Afterwards ``committed`` is
+    the version it committed: ``open_table(path, version=...)`` reverts the table to it
+    later, even after more flushes.
     """
     with self._op_lock, self._lock:
       self._check_usable(prefetch_errors=False)
       self._flush_locked()
-      return self._committed
 
   def compact(self) -> dict:
     """Flushes, then copies the stored chunks into a fresh database and deletes the old one.
