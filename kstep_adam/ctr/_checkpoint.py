@@ -19,6 +19,15 @@ and its manifest): restoring reopens the table at the version the manifest names
 (``open_table(..., version=)``), which reverts such a later flush. The table is flushed only
 by checkpoints while a run saves them, so its committed state is always one of theirs (or
 its state at the start, which ``run.json`` names).
+
+Random state: there is none to save beyond the above. The initial dense parameters come from
+``seed`` and are in the dense state; an embedding row's initial value is a hash of (seed,
+row); a synthetic batch is drawn from ``default_rng([seed, ..., step])``, so its position is
+the step; the file readers draw nothing, and the models have no dropout.
+
+One process writes all of it. With several (each holding a shard of the table), each would
+flush its own shard and write its own host state at the same step, and the manifest, written
+by one process once all have flushed, would name every shard's version.
 """
 
 from __future__ import annotations
