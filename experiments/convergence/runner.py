@@ -56,6 +56,7 @@ def run_grid(
   num_seeds: int,
   beta2: float,
   seed: int = 0,
+  curves: bool = False,
 ) -> dict[str, np.ndarray]:
   """Run ``variant`` for every step size in ``etas`` and every seed; return NumPy results.
 
@@ -69,6 +70,8 @@ def run_grid(
     num_seeds: independent noise seeds ``S``.
     beta2: second-moment decay for the Adam variants.
     seed: base PRNG seed.
+    curves: also return ``grad_norm2_xbar_ExSxT``, ``||grad f(xbar_t)||^2`` at every step
+      (what a sweep plots against the step).
 
   Returns:
     ``gap_xbar_ExS``, ``gap_zbar_ExS``, ``gap_tau_ExS``, ``spread_ExS`` and ``ginf_ExS``;
@@ -112,13 +115,16 @@ def run_grid(
     _, (gx_T, gz_T, spread_T, ginf_T) = jax.lax.scan(
       body, (x_NxD, state, problem.x0), jnp.arange(T)
     )
-    return dict(
+    out = dict(
       gap_xbar=jnp.mean(gx_T),
       gap_zbar=jnp.mean(gz_T),
       gap_tau=jnp.sum(tau_weights_T * gx_T),
       spread=jnp.mean(spread_T),
       ginf=jnp.max(ginf_T),
     )
+    if curves:
+      out["grad_norm2_xbar"] = gx_T
+    return out
 
   keys_S = jax.vmap(lambda s: jax.random.fold_in(jax.random.PRNGKey(seed), s))(
     jnp.arange(num_seeds)
@@ -126,6 +132,8 @@ def run_grid(
   grid = jax.jit(jax.vmap(jax.vmap(one_run, in_axes=(None, 0)), in_axes=(0, None)))
   out = jax.device_get(grid(etas_E, keys_S))
   result: dict[str, Any] = {f"{name}_ExS": np.array(v, np.float64) for name, v in out.items()}
+  if curves:
+    result["grad_norm2_xbar_ExSxT"] = result.pop("grad_norm2_xbar_ExS")
   for name in ("gap_xbar_ExS", "gap_zbar_ExS", "gap_tau_ExS"):
     result[name][~np.isfinite(result[name])] = math.inf
   return result

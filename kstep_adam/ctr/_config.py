@@ -9,14 +9,23 @@ from __future__ import annotations
 
 import dataclasses
 
+from kstep_adam._kstep_adam import FORMS
 from kstep_adam._validation import check_choice
 from kstep_adam._validation import check_float
 from kstep_adam._validation import check_int
 from kstep_adam.ctr._models import MODELS
 
-OPTIMIZERS = ("sync_adam", "kstep_adam")
-SYNC_STATES = ("params", "params+nu", "params+moments")
+# The dense optimizers of the family, all run by the same harness with the same byte accounting.
+OPTIMIZERS = ("sync_adam", "kstep_adam", "local_sgd", "diloco")
+SYNC_STATES = ("params", "params+nu", "params+moments", "desloc")
 MERGE_MODES = ("global", "node")
+# The fields each optimizer reads beside the learning rate (the others do not change its run).
+OPTIMIZER_FIELDS = {
+  "sync_adam": (),
+  "kstep_adam": ("k", "sync", "form", "merge"),
+  "local_sgd": ("k", "momentum", "merge"),
+  "diloco": ("k", "outer_learning_rate", "outer_momentum", "merge"),
+}
 SPARSE_MODES = ("exact", "lazy")
 NONFINITE_ACTIONS = ("stop", "skip")
 
@@ -41,14 +50,27 @@ class TrainConfig:
     model: the CTR model, ``dlrm`` or ``dcn_v2``.
     embed_dim: embedding width D.
     batch_size: examples per worker per step (the global batch is workers x batch_size).
-    learning_rate: dense Adam learning rate.
+    top_mlp: hidden sizes of the DLRM's top MLP (DCN-v2: of its deep MLP); a final size-1
+      layer is added. The dense tower: e.g. ``(2048, 1024)`` gives the DLRM about 3.1M dense
+      parameters, so that dense traffic is a real share of the bytes.
+    learning_rate: learning rate of the dense optimizer (DiLoCo: of its inner Adam).
     sparse_learning_rate: learning rate of the embedding tier's sparse Adam.
-    optimizer: ``sync_adam`` (DDP: gradients averaged every step) or ``kstep_adam``.
-    k: merge period of k-step Adam (ignored by sync_adam).
-    sync: what k-step Adam averages: ``params`` (the production default), ``params+nu`` or
-      ``params+moments``.
+    optimizer: the dense optimizer: ``sync_adam`` (DDP: gradients averaged every step),
+      ``kstep_adam`` (local Adam, replicas merged every k), ``local_sgd`` (local SGD with
+      momentum, parameters averaged every k) or ``diloco`` (inner Adam, an outer Nesterov step
+      on the averaged delta every k = H steps).
+    k: merge period of kstep_adam and local_sgd, inner steps H of diloco (ignored by sync_adam).
+    sync: what k-step Adam averages: ``params`` (the production default), ``params+nu``,
+      ``params+moments`` or ``desloc`` (params every k, first moment every 3k, second every 6k).
+    form: k-step Adam's local step: ``adam`` (bias-corrected, as optax) or ``local_adam``
+      (Cheng & Glasgow: no bias correction, epsilon inside the root).
     merge: ``global`` averages over all workers every k steps; ``node`` averages inside a node
-      every step and across nodes every k (PaddleBox's "k-step node" mode).
+      every step and across nodes every k (PaddleBox's "k-step node" mode); k-step optimizers
+      only.
+    momentum: local_sgd's heavy-ball momentum, in [0, 1); 0 disables it. The buffer stays
+      local.
+    outer_learning_rate: diloco's outer SGD learning rate.
+    outer_momentum: diloco's outer Nesterov momentum, in [0, 1).
     nodes: size of the ``node`` mesh axis.
     devices_per_node: size of the ``local`` mesh axis.
     steps: training steps; None means ``epochs`` passes over file data, or ``synthetic_steps``
@@ -89,13 +111,18 @@ class TrainConfig:
 
   model: str = choice_field("dlrm", MODELS)
   embed_dim: int = 16
+  top_mlp: tuple[int, ...] = (128, 64)
   batch_size: int = 128
   learning_rate: float = 2e-3
   sparse_learning_rate: float = 2e-2
   optimizer: str = choice_field("kstep_adam", OPTIMIZERS)
   k: int = 8
   sync: str = choice_field("params", SYNC_STATES)
+  form: str = choice_field("adam", FORMS)
   merge: str = choice_field("global", MERGE_MODES)
+  momentum: float = 0.9
+  outer_learning_rate: float = 0.7
+  outer_momentum: float = 0.9
   nodes: int = 2
   devices_per_node: int = 4
   steps: int | None = None
@@ -144,9 +171,16 @@ class TrainConfig:
       check_int(getattr(self, name), name, minimum=0)
     if self.steps is not None:
       check_int(self.steps, "steps", minimum=1)
+    if not isinstance(self.top_mlp, tuple):
+      raise ValueError(f"top_mlp must be a tuple of layer sizes, got {self.top_mlp!r}")
+    for size in self.top_mlp:
+      check_int(size, "top_mlp sizes", minimum=1)
+    for name in ("momentum", "outer_momentum"):
+      check_float(getattr(self, name), name, low=0.0, high=1.0, high_open=True)
     for name in (
       "learning_rate",
       "sparse_learning_rate",
+      "outer_learning_rate",
       "sparse_eps",
       "intra_node_gbps",
       "inter_node_gbps",
@@ -165,6 +199,16 @@ class TrainConfig:
         raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
     if self.init_from_table and self.table_dir is None:
       raise ValueError("init_from_table needs table_dir, the table to start from")
+
+  @property
+  def optimizer_fields(self) -> dict:
+    """The fields the chosen optimizer reads beside ``learning_rate``, with their values.
+
+    Examples:
+      >>> TrainConfig(optimizer="local_sgd", k=4).optimizer_fields
+      {'k': 4, 'momentum': 0.9, 'merge': 'global'}
+    """
+    return {name: getattr(self, name) for name in OPTIMIZER_FIELDS[self.optimizer]}
 
   @property
   def num_workers(self) -> int:

@@ -47,6 +47,10 @@ class DataConfig:
       of ``data`` (a time split for time-ordered logs such as Criteo's).
     test_fraction: share of the bytes of ``data`` held out as the test set when ``test_data``
       is None.
+    val_fraction: file data only; share of the bytes of ``data`` held out as a validation set
+      (for choosing hyperparameters without touching the test set): the lines that start in
+      the ``val_fraction`` of the bytes just before the test part (before the end of
+      ``data`` with ``test_data``). 0: no validation set.
     skip_bad_lines: count and skip malformed lines instead of stopping at the first one.
     label_column: csv only; name of the label column (None: ``label`` or ``click``, whichever
       the header has).
@@ -54,24 +58,30 @@ class DataConfig:
     sharding: synthetic only; ``iid`` (every worker's shard has the same law) or ``non_iid``
       (each worker has its own popular ids in a quarter of the fields).
     test_examples: synthetic only; size of the held-out set.
+    val_examples: synthetic only; size of a validation set drawn from a stream of its own
+      (never the test examples). 0: no validation set.
   """
 
   data: str = SYNTHETIC
   test_data: str | None = None
   test_fraction: float = 0.1
+  val_fraction: float = 0.0
   skip_bad_lines: bool = False
   label_column: str | None = None
   vocab_size: int = 5000
   sharding: str = choice_field("iid", SHARDINGS)
   test_examples: int = 50_000
+  val_examples: int = 0
 
   def __post_init__(self):
     check_choices(self)
     check_int(self.vocab_size, "vocab_size", minimum=4)
     check_int(self.test_examples, "test_examples", minimum=1)
+    check_int(self.val_examples, "val_examples", minimum=0)
     check_float(
       self.test_fraction, "test_fraction", low=0.0, high=1.0, low_open=True, high_open=True
     )
+    check_float(self.val_fraction, "val_fraction", low=0.0, high=1.0, high_open=True)
     if not isinstance(self.skip_bad_lines, bool):
       raise ValueError(f"skip_bad_lines must be a bool, got {self.skip_bad_lines!r}")
     if not isinstance(self.data, str):
@@ -91,6 +101,22 @@ class DataConfig:
         raise ValueError(
           f"test_data format {test_format!r} differs from the data format {self.format!r}"
         )
+    if self.format == SYNTHETIC and self.val_fraction:
+      raise ValueError(
+        f"val_fraction applies to file data only (synthetic data draws val_examples from a "
+        f"stream of its own), got val_fraction={self.val_fraction!r}"
+      )
+    if self.format != SYNTHETIC and self.val_examples:
+      raise ValueError(
+        f"val_examples applies to synthetic data only (file data holds out val_fraction of "
+        f"its bytes), got val_examples={self.val_examples!r} with data={self.data!r}"
+      )
+    held_out = self.val_fraction + (self.test_fraction if self.test_data is None else 0.0)
+    if self.format != SYNTHETIC and held_out >= 1.0:
+      raise ValueError(
+        f"val_fraction + test_fraction must leave bytes to train on, got "
+        f"{self.val_fraction!r} + {self.test_fraction!r}"
+      )
     if self.label_column is not None and self.format != "csv":
       raise ValueError(
         f"label_column applies to csv data only, got label_column={self.label_column!r} "
@@ -134,7 +160,10 @@ def make_source(data: DataConfig, config: TrainConfig) -> DataSource:
       seed=config.seed,
     )
     return synthetic_source(
-      generator, batch_size=config.batch_size, test_examples=data.test_examples
+      generator,
+      batch_size=config.batch_size,
+      test_examples=data.test_examples,
+      val_examples=data.val_examples,
     )
   reader_kwargs = {"label_column": data.label_column} if data.format == "csv" else {}
   return file_source(
@@ -142,6 +171,7 @@ def make_source(data: DataConfig, config: TrainConfig) -> DataSource:
     format=data.format,
     test_path=data.test_path,
     test_fraction=data.test_fraction,
+    val_fraction=data.val_fraction,
     skip_bad_lines=data.skip_bad_lines,
     **reader_kwargs,
   )

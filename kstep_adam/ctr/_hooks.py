@@ -86,14 +86,19 @@ class MetricsLog(Hook):
 
 
 class PeriodicEval(Hook):
-  """Evaluate on the test set every ``every`` steps (the final evaluation is the caller's)."""
+  """Evaluate every ``every`` steps (the final evaluation is the caller's).
+
+  With a validation set, only it is scored along the way and the test set waits for the final
+  evaluation, so nothing is chosen by looking at the test set (and each evaluation costs less).
+  Without one, the test set is scored.
+  """
 
   def __init__(self, every: int):
     self._every = every
 
   def after_step(self, trainer: Trainer, result: StepResult) -> None:
     if self._every and result.step % self._every == 0 and not result.last:
-      trainer.evaluate()
+      trainer.evaluate(test=trainer.val_set is None)
 
 
 class PushedRows(Hook):

@@ -134,14 +134,33 @@ class DCNv2(nnx.Module):
 
 
 def make_model(
-  name: str, *, num_dense: int, num_categorical: int, embed_dim: int, seed: int = 0
+  name: str,
+  *,
+  num_dense: int,
+  num_categorical: int,
+  embed_dim: int,
+  top_mlp: tuple[int, ...] = (128, 64),
+  seed: int = 0,
 ) -> nnx.Module:
   """Build a CTR model by name: ``'dlrm'`` or ``'dcn_v2'``.
+
+  Args:
+    name: ``'dlrm'`` or ``'dcn_v2'``.
+    num_dense: number of dense features.
+    num_categorical: number of categorical fields.
+    embed_dim: embedding width.
+    top_mlp: hidden sizes of the dense tower, the DLRM's top MLP or DCN-v2's deep MLP (a
+      size-1 output layer is added).
+    seed: seed of the initialization.
 
   Examples:
     >>> model = make_model('dlrm', num_dense=13, num_categorical=26, embed_dim=16)
     >>> model(jnp.zeros((2, 26, 16)), jnp.zeros((2, 13))).shape
     (2,)
+    >>> big = make_model('dlrm', num_dense=13, num_categorical=26, embed_dim=16,
+    ...                  top_mlp=(2048, 1024))
+    >>> round(dense_parameter_count(big) / 1e6, 2)
+    3.11
   """
   if name not in MODELS:
     raise ValueError(f"model must be one of {MODELS}, got {name!r}")
@@ -150,5 +169,13 @@ def make_model(
       f"need embed_dim >= 1, num_categorical >= 1, num_dense >= 0, got "
       f"{embed_dim!r}, {num_categorical!r}, {num_dense!r}"
     )
+  if not top_mlp or not all(isinstance(n, int) and n >= 1 for n in top_mlp):
+    raise ValueError(f"top_mlp must be a non-empty tuple of positive ints, got {top_mlp!r}")
+  tower = {"top": tuple(top_mlp)} if name == "dlrm" else {"deep": tuple(top_mlp)}
   cls = DLRM if name == "dlrm" else DCNv2
-  return cls(num_dense, num_categorical, embed_dim, rngs=nnx.Rngs(seed))
+  return cls(num_dense, num_categorical, embed_dim, **tower, rngs=nnx.Rngs(seed))
+
+
+def dense_parameter_count(model: nnx.Module) -> int:
+  """Number of dense parameters of ``model`` (the embedding rows live in the tier)."""
+  return sum(int(x.size) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))

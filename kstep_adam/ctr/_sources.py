@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from kstep_adam._validation import check_float
+from kstep_adam._validation import check_int
 from kstep_adam.ctr._batch import CTRBatch
 from kstep_adam.ctr._readers import CTRFileReader
 from kstep_adam.ctr._readers import ReadPosition
@@ -34,6 +35,8 @@ class DataSource:
     num_categorical: number of categorical fields.
     train_epoch: ``(epoch, global_batch) -> iterator`` of full global batches for one pass.
     test_batches: ``() -> iterator`` over the held-out set.
+    val_batches: ``() -> iterator`` over a validation set disjoint from both the training
+      and the test set (for choosing hyperparameters), or None when there is none.
     steps_per_epoch: global batches in one pass, or None for an endless stream. For file
       data an estimate until one pass is complete: a pass (``train_epoch``) ends when the
       file part does.
@@ -56,6 +59,7 @@ class DataSource:
   train_epoch: Callable[[int, int], Iterator[CTRBatch]]
   test_batches: Callable[[], Iterator[CTRBatch]]
   steps_per_epoch: Callable[[int], int | None]
+  val_batches: Callable[[], Iterator[CTRBatch]] | None = None
   teacher_auc: float | None = None
   read_stats: list[ReadStats] = dataclasses.field(default_factory=list)
   info: dict = dataclasses.field(default_factory=dict)
@@ -90,13 +94,16 @@ def file_fingerprint(path: str, *, sample_bytes: int = 1 << 20) -> dict:
 
 
 def synthetic_source(
-  data: SyntheticCTR, *, batch_size: int, test_examples: int = 50_000
+  data: SyntheticCTR, *, batch_size: int, test_examples: int = 50_000, val_examples: int = 0
 ) -> DataSource:
   """Wrap a :class:`SyntheticCTR`; every worker reads its own ``batch_size`` shard per step.
 
   Epoch ``e`` is simply the stream continued: steps are numbered globally, so the data never
   repeats. ``teacher_auc`` is computed on the same ``test_examples`` used for evaluation.
+  ``val_examples > 0`` adds a validation set drawn from its own stream
+  (:meth:`SyntheticCTR.val_batches`).
   """
+  check_int(val_examples, "val_examples", minimum=0)
 
   def train_from(epoch: int, global_batch: int, start: int | None) -> Iterator[tuple]:
     del epoch, global_batch
@@ -111,15 +118,19 @@ def synthetic_source(
   def test_batches() -> Iterator[CTRBatch]:
     return (b for b, _ in data.test_batches(test_examples))
 
+  def val_batches() -> Iterator[CTRBatch]:
+    return (b for b, _ in data.val_batches(val_examples))
+
   return DataSource(
     name="synthetic",
     num_dense=data.num_dense,
     num_categorical=data.num_categorical,
     train_epoch=train_epoch,
     test_batches=test_batches,
+    val_batches=val_batches if val_examples else None,
     steps_per_epoch=lambda _: None,
     teacher_auc=data.teacher_auc(test_examples),
-    info=dict(data.config, test_examples=test_examples),
+    info=dict(data.config, test_examples=test_examples, val_examples=val_examples),
     train_from=train_from,
   )
 
@@ -136,12 +147,15 @@ def file_source(
   format: str = "criteo",
   test_path: str | None = None,
   test_fraction: float = 0.1,
+  val_fraction: float = 0.0,
   skip_bad_lines: bool = False,
   **reader_kwargs,
 ) -> DataSource:
   """A Criteo TSV or CSV file; without ``test_path`` the lines that start in the last
   ``test_fraction`` of its bytes are the test set (a time split for time-ordered logs such
-  as Criteo's).
+  as Criteo's). ``val_fraction > 0`` carves a validation set out of the training part: the
+  ``val_fraction`` of the bytes just before the test part (just before the end of the file
+  with ``test_path``), so the order is train, validation, test, as in time.
 
   Every input is opened and its first block parsed here, before any training: a missing
   file, a bad header, columns that differ between the training and the test file, or a bad
@@ -160,6 +174,7 @@ def file_source(
       file's columns are matched to the training file's by name, in any order; a missing or
       extra column is an error.
     test_fraction: share of the bytes of ``path`` held out when ``test_path`` is None.
+    val_fraction: share of the bytes of ``path`` held out for validation; 0 makes none.
     skip_bad_lines: count and skip malformed lines instead of raising.
     **reader_kwargs: passed to :class:`CTRFileReader` (``label_column=``, ``engine=``, ...).
 
@@ -169,14 +184,23 @@ def file_source(
     or when the part fits in one block); ``read_stats`` count every line once.
   """
   check_float(test_fraction, "test_fraction", low=0.0, high=1.0, low_open=True, high_open=True)
+  check_float(val_fraction, "val_fraction", low=0.0, high=1.0, high_open=True)
+  held_out = val_fraction + (test_fraction if test_path is None else 0.0)
+  if held_out >= 1.0:
+    raise ValueError(
+      f"val_fraction + test_fraction must leave bytes to train on, got {val_fraction!r} + "
+      f"{test_fraction!r}"
+    )
   make = lambda p, **kw: CTRFileReader(
     p, format=format, skip_bad_lines=skip_bad_lines, **{**reader_kwargs, **kw}
   )
+  train_end = 1.0 - held_out
+  val_end = train_end + val_fraction
+  val_reader = make(path, span=(train_end, val_end)) if val_fraction else None
   if test_path is None:
-    split = 1.0 - test_fraction
-    train_reader, test_reader = make(path, span=(0.0, split)), make(path, span=(split, 1.0))
+    train_reader, test_reader = make(path, span=(0.0, train_end)), make(path, span=(val_end, 1.0))
   else:
-    train_reader = make(path)
+    train_reader = make(path, span=(0.0, train_end))
     columns = {}
     if format == "csv":
       columns = dict(
@@ -185,8 +209,9 @@ def file_source(
         categorical_columns=train_reader.categorical_columns,
       )
     test_reader = make(test_path, **columns)
-  for reader in (train_reader, test_reader):
-    reader.check()
+  for reader in (train_reader, test_reader, val_reader):
+    if reader is not None:
+      reader.check()
 
   def train_from(epoch: int, global_batch: int, start: list | None) -> Iterator[tuple]:
     del epoch  # every pass reads the part in file order
@@ -196,12 +221,20 @@ def file_source(
   def train_epoch(epoch: int, global_batch: int) -> Iterator[CTRBatch]:
     return (batch for batch, _ in train_from(epoch, global_batch, None))
 
+  held_out = (
+    {"test": test_reader} if val_reader is None else {"test": test_reader, "val": val_reader}
+  )
+
   def counts() -> dict:
-    return {"train": train_reader.count_state(), "test": test_reader.count_state()}
+    return {
+      "train": train_reader.count_state(),
+      **{k: r.count_state() for k, r in held_out.items()},
+    }
 
   def restore_counts(state: dict) -> None:
     train_reader.restore_counts(state["train"])
-    test_reader.restore_counts(state["test"])
+    for name, reader in held_out.items():
+      reader.restore_counts(state[name])
 
   def steps_per_epoch(global_batch: int) -> int:
     return train_reader.estimated_lines() // global_batch
@@ -212,13 +245,15 @@ def file_source(
     num_categorical=train_reader.num_categorical,
     train_epoch=train_epoch,
     test_batches=lambda: test_reader.batches(8192),
+    val_batches=None if val_reader is None else lambda: val_reader.batches(8192),
     steps_per_epoch=steps_per_epoch,
-    read_stats=[train_reader.stats, test_reader.stats],
+    read_stats=[r.stats for r in (train_reader, test_reader, val_reader) if r is not None],
     info=dict(
       path=path,
       format=format,
       test_path=test_path,
       test_fraction=None if test_path else test_fraction,
+      val_fraction=val_fraction,
       skip_bad_lines=skip_bad_lines,
       reader=reader_kwargs,
       files={p: file_fingerprint(p) for p in (path, test_path) if p is not None},

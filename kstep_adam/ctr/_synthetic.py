@@ -34,7 +34,7 @@ from kstep_adam.embedding import splitmix64
 # Not re-exported by kstep_adam.embedding (yet); the tier's own top-53-bit uniform.
 from kstep_adam.embedding._hashing import uniform01
 
-_TRAIN, _TEST, _CALIBRATE, _FILE = 0, 1, 2, 3
+_TRAIN, _TEST, _CALIBRATE, _FILE, _VAL = 0, 1, 2, 3, 4
 SHARDINGS = ("iid", "non_iid")
 _HEAD_IDS = 8192  # per field, the teacher values of ids below this rank are precomputed
 
@@ -234,11 +234,21 @@ class SyntheticCTR:
     self, num_examples: int, batch_size: int = 8192
   ) -> Iterator[tuple[CTRBatch, np.ndarray]]:
     """Yield the held-out set (the global mixture over shards) with teacher probabilities."""
+    return self._held_out(_TEST, num_examples, batch_size)
+
+  def val_batches(
+    self, num_examples: int, batch_size: int = 8192
+  ) -> Iterator[tuple[CTRBatch, np.ndarray]]:
+    """Yield a validation set: the same law as :meth:`test_batches`, from a stream of its
+    own, so choices made on it (a learning rate) never see the test examples."""
+    return self._held_out(_VAL, num_examples, batch_size)
+
+  def _held_out(self, split: int, num_examples: int, batch_size: int):
     if num_examples < 1:
       raise ValueError(f"num_examples must be >= 1, got {num_examples!r}")
     for index, start in enumerate(range(0, num_examples, batch_size)):
       n = min(batch_size, num_examples - start)
-      rng = np.random.default_rng([self.seed, _TEST, index])
+      rng = np.random.default_rng([self.seed, split, index])
       yield self._make(rng, n, rng.integers(0, self.num_workers, n))
 
   def write_criteo(self, path: str, num_lines: int, *, chunk: int = 8192) -> None:

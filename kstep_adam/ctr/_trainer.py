@@ -148,13 +148,19 @@ def global_batches(
     epoch, resume_at = epoch + 1, None
 
 
-def eval_metrics(labels_N: np.ndarray, probs_N: np.ndarray) -> dict:
+def eval_metrics(labels_N: np.ndarray, probs_N: np.ndarray, *, split: str = "test") -> dict:
   """AUC and logloss of click probabilities, or None with a reason where one is undefined.
+
+  Args:
+    labels_N: 0/1 labels.
+    probs_N: predicted click probabilities.
+    split: the held-out set scored, ``'test'`` or ``'val'``: the prefix of every key.
 
   Returns:
     ``test_auc`` and ``test_logloss`` (floats, or None), ``test_examples``, ``test_positives``
     and, when a metric is None, ``test_note`` saying why: a test set with a single class has
-    no AUC, and non-finite predictions (a diverged model) have neither.
+    no AUC, and non-finite predictions (a diverged model) have neither. With
+    ``split='val'`` the keys are ``val_auc``, ``val_logloss``, and so on.
 
   Examples:
     >>> eval_metrics(np.array([0.0, 0.0]), np.array([0.2, 0.4]))["test_note"]
@@ -163,39 +169,42 @@ def eval_metrics(labels_N: np.ndarray, probs_N: np.ndarray) -> dict:
   labels_N, probs_N = np.asarray(labels_N), np.asarray(probs_N)
   positives = int(labels_N.sum())
   result = {
-    "test_auc": None,
-    "test_logloss": None,
-    "test_examples": int(labels_N.size),
-    "test_positives": positives,
+    f"{split}_auc": None,
+    f"{split}_logloss": None,
+    f"{split}_examples": int(labels_N.size),
+    f"{split}_positives": positives,
   }
+  note = f"{split}_note"
   if labels_N.size == 0:
-    return {**result, "test_note": "the test set is empty"}
+    return {**result, note: f"the {split} set is empty"}
   bad = int(np.count_nonzero(~np.isfinite(probs_N)))
   if bad:
     return {
       **result,
-      "test_note": f"{bad} of {labels_N.size} predictions are not finite (the model diverged)",
+      note: f"{bad} of {labels_N.size} predictions are not finite (the model diverged)",
     }
-  result["test_logloss"] = logloss(labels_N, probs_N)
+  result[f"{split}_logloss"] = logloss(labels_N, probs_N)
   if positives in (0, labels_N.size):
-    note = (
-      f"the test set has a single class ({labels_N.size} examples, all labelled "
-      f"{int(positives > 0)}): AUC is undefined"
-    )
-    return {**result, "test_note": note}
-  return {**result, "test_auc": auc(labels_N, probs_N)}
+    return {
+      **result,
+      note: f"the {split} set has a single class ({labels_N.size} examples, all labelled "
+      f"{int(positives > 0)}): AUC is undefined",
+    }
+  return {**result, f"{split}_auc": auc(labels_N, probs_N)}
 
 
-def evaluate(test_set: Iterable[IndexedBatch], tier: SparseTier, predict, params) -> dict:
-  """:func:`eval_metrics` of ``params`` (one replica) on the held-out ``test_set``."""
+def evaluate(
+  held_out: Iterable[IndexedBatch], tier: SparseTier, predict, params, *, split: str = "test"
+) -> dict:
+  """:func:`eval_metrics` of ``params`` (one replica) on the held-out set ``held_out``."""
   labels, probs = [], []
-  for item in test_set:
+  for item in held_out:
     rows = tier.pull(item.row_ids_U, item.inverse_GxF, kind="eval")
     probs.append(np.asarray(predict(params, rows.rows_PxD, rows.inverse_GxF, item.batch.dense_BxI)))
     labels.append(item.batch.label_B)
   if not labels:
-    return eval_metrics(np.zeros(0), np.zeros(0))
-  return eval_metrics(np.concatenate(labels), np.concatenate(probs))
+    return eval_metrics(np.zeros(0), np.zeros(0), split=split)
+  return eval_metrics(np.concatenate(labels), np.concatenate(probs), split=split)
 
 
 class Trainer:
@@ -228,6 +237,7 @@ class Trainer:
     last_step: the optimizer's step count after :meth:`fit` (exact once it has run).
     evals: the evaluation records so far.
     test_set: the held-out batches, read and indexed once if they fit in memory.
+    val_set: the validation batches, likewise, or None when the source has none.
     timer: wall time per phase (data, pull, compute, push, eval, checkpoint), compiling steps
       left out.
     train_seconds: wall time of :meth:`fit` without evaluations.
@@ -297,6 +307,7 @@ class Trainer:
       num_dense=source.num_dense,
       num_categorical=source.num_categorical,
       embed_dim=config.embed_dim,
+      top_mlp=config.top_mlp,
       seed=config.seed,
     )
     graphdef, params = nnx.split(model)
@@ -325,6 +336,11 @@ class Trainer:
     self.test_set = HeldOutSet(
       source.test_batches, self.tier.index, max_bytes=MAX_KEPT_TEST_SET_BYTES
     )
+    self.val_set = None
+    if source.val_batches is not None:
+      self.val_set = HeldOutSet(
+        source.val_batches, self.tier.index, max_bytes=MAX_KEPT_TEST_SET_BYTES
+      )
     self._writer = None
     if self.run_dir is not None:
       path = self.run_dir.file(METRICS_FILE)
@@ -588,10 +604,16 @@ class Trainer:
     """The optimizer's step count now (the state's own ``count`` before the first step)."""
     return self.start_step if self.step_fn.step is None else self.step_fn.step
 
-  def evaluate(self) -> dict:
-    """Evaluate the merged replicas on the test set; record and log the result."""
+  def evaluate(self, *, test: bool = True) -> dict:
+    """Evaluate the merged replicas on the validation set (if any) and, unless ``test`` is
+    False, the test set; record and log the result (``val_*`` and ``test_*`` keys)."""
+    result = {}
     with self.timer("eval"):
-      result = evaluate(self.test_set, self.tier, self.predict, self.merged_params())
+      params = self.merged_params()
+      if self.val_set is not None:
+        result.update(evaluate(self.val_set, self.tier, self.predict, params, split="val"))
+      if test:
+        result.update(evaluate(self.test_set, self.tier, self.predict, params))
     record = {"kind": "eval", "step": self.step, **result}
     self.evals.append(record)
     self.log(record)

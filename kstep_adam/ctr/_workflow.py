@@ -8,7 +8,8 @@ Each step (the pass workflow of `docs/design.md` §1.1, one mini-batch at a time
 4. every worker runs forward and backward on its own shard (:mod:`._step`);
 5. the rows' gradient, averaged over workers, is pushed once (``table.push``): synchronous
    sparse, like a parameter server;
-6. the dense replicas follow the optimizer: synchronous Adam, or k-step Adam and its merges.
+6. the dense replicas follow the optimizer (:func:`make_optimizer`): synchronous Adam, k-step
+   Adam and its merges, or a baseline of the family (local SGD, DiLoCo).
 
 While step t computes, the thread reads step t+2 and the tier stages step t+1's rows
 (``table.prefetch``). Every table call stays on this thread, so the order of pull and push
@@ -27,11 +28,14 @@ import os
 import jax
 
 from kstep_adam import parallel
+from kstep_adam._baselines import diloco
+from kstep_adam._baselines import local_sgd
 from kstep_adam._baselines import sync_adam
 from kstep_adam._jsonio import write_json
 from kstep_adam._kstep_adam import kstep_adam
 from kstep_adam._schedule import merge_schedule
 from kstep_adam._schedule import sync_schedule
+from kstep_adam.ctr._config import OPTIMIZERS
 from kstep_adam.ctr._config import TrainConfig
 from kstep_adam.ctr._divergence import DivergenceError
 from kstep_adam.ctr._hooks import MetricsLog
@@ -46,13 +50,45 @@ AXES = parallel.AXIS_NAMES
 
 
 def make_optimizer(config: TrainConfig):
-  """The dense optimizer and the merge schedule it runs (used for byte accounting)."""
+  """The dense optimizer of ``config`` and the merge schedule it runs.
+
+  The schedule is built once and handed to both the optimizer and the byte accounting
+  (:class:`~kstep_adam.ctr._comm.CommMeter`), so what is counted is what runs.
+
+  Returns:
+    ``(tx, schedule)``: an optax transformation over the ``('node', 'local')`` axes and its
+    :class:`kstep_adam.MergeSchedule`.
+
+  Examples:
+    >>> tx, schedule = make_optimizer(TrainConfig(optimizer="diloco", k=16))
+    >>> schedule.states(), schedule.axis_periods
+    (('delta',), (16, 16))
+  """
+  lr = config.learning_rate
   if config.optimizer == "sync_adam":
     schedule = sync_schedule(AXES)
-    return sync_adam(config.learning_rate, schedule), schedule
+    return sync_adam(lr, schedule), schedule
+  # The k-step family: every k steps over all workers, or inside a node every step and
+  # across nodes every k.
   k = config.k if config.merge == "global" else {"node": config.k, "local": 1}
-  schedule = merge_schedule(k, axis_name=AXES, sync=config.sync)
-  return kstep_adam(config.learning_rate, schedule), schedule
+  if config.optimizer == "kstep_adam":
+    schedule = merge_schedule(k, axis_name=AXES, sync=config.sync)
+    return kstep_adam(lr, schedule, form=config.form), schedule
+  if config.optimizer == "local_sgd":
+    schedule = merge_schedule(k, axis_name=AXES, allowed_states=("params",))
+    return local_sgd(lr, schedule, momentum=config.momentum or None), schedule
+  if config.optimizer == "diloco":
+    schedule = merge_schedule(
+      k, axis_name=AXES, sync="delta", allowed_states=("delta",), period_name="inner_steps"
+    )
+    tx = diloco(
+      schedule,
+      inner_learning_rate=lr,
+      outer_learning_rate=config.outer_learning_rate,
+      outer_momentum=config.outer_momentum,
+    )
+    return tx, schedule
+  raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {config.optimizer!r}")
 
 
 def train(
@@ -127,8 +163,9 @@ def summarize(trainer: Trainer, final: dict) -> dict:
   """The run summary: final test metrics, throughput, time breakdown, traffic, data, config.
 
   Keys: ``status`` (``completed``; a diverged run's summary says ``diverged`` instead, see
-  :func:`train`); ``test_auc``, ``test_logloss``, ``test_examples``, ``test_positives`` (from
-  ``final``; a metric that is undefined is None and ``test_note`` says why); ``warnings``
+  :func:`train`); ``test_auc``, ``test_logloss``, ``test_examples``, ``test_positives`` and,
+  with a validation set, the same ``val_*`` keys (from ``final``; a metric that is undefined
+  is None and ``test_note`` or ``val_note`` says why); ``warnings``
   (what a reader of the numbers must know, e.g. that note); ``teacher_auc``
   (synthetic data); ``steps``, ``examples``, ``examples_per_sec`` (steps that compiled left
   out), ``train_seconds``, ``compile_steps``, ``compile_step_seconds``;
@@ -153,7 +190,9 @@ def summarize(trainer: Trainer, final: dict) -> dict:
     examples_per_sec = steady_steps * global_batch / steady_seconds
   else:  # every step compiled: report what there is
     examples_per_sec = steps * global_batch / max(trainer.train_seconds, 1e-9)
-  warnings = [f"final evaluation: {final['test_note']}"] if "test_note" in final else []
+  warnings = [
+    f"final evaluation: {final[note]}" for note in ("val_note", "test_note") if note in final
+  ]
   skipped = trainer.monitor.skipped_steps
   if skipped:
     warnings.append(f"{len(skipped)} steps had non-finite values and were skipped: {skipped[:10]}")

@@ -1,0 +1,169 @@
+"""The comparison table of a sweep: ``selection.csv`` (every number) and ``table.md``.
+
+One row per group (optimizer and non-tuned grid values) from :func:`~.select.select`: the
+chosen tuned values, the validation metric they were chosen on, the test metric over seeds,
+the paired difference to the reference, and for CTR sweeps the bytes each device sent, the
+modelled time (measured compute plus the communication the byte accounting estimates under
+the sweep's network) and the modelled time to reach the reference's final validation AUC.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+from experiments._common import write_atomic
+from experiments.sweep_lib import results
+from experiments.sweep_lib import select
+from experiments.sweep_lib import tasks
+from experiments.sweep_lib.spec import SweepSpec
+
+
+def selections(spec: SweepSpec, rows: list[dict]) -> list[select.Selection]:
+  """:func:`~.select.select` with the spec's grouping, tuning, metrics and reference."""
+  task = tasks.get(spec.task)
+  names = {row["name"] for row in rows}
+  return select.select(
+    rows,
+    group_by=spec.group_fields(),
+    tune=spec.tune,
+    metric=task.selection_metric,
+    report=task.report_metric,
+    higher_is_better=task.higher_is_better,
+    reference=spec.reference if spec.reference in names else None,
+  )
+
+
+def target(spec: SweepSpec, chosen: list[select.Selection]) -> float | None:
+  """The reference's final validation metric (mean over its seeds), the time-to-target goal."""
+  ref = [s for s in chosen if s.name == spec.reference]
+  if not ref or math.isnan(ref[0].val[0]):
+    return None
+  return ref[0].val[0]
+
+
+def report_rows(out_dir: str, spec: SweepSpec, rows: list[dict]) -> list[dict]:
+  """One dict per group with every reported number (``selection.csv``'s rows)."""
+  task = tasks.get(spec.task)
+  chosen = selections(spec, rows)
+  goal = target(spec, chosen)
+  out = []
+  for s in chosen:
+    row = {
+      "name": s.name,
+      **s.group,
+      **{f"best_{k}": v for k, v in s.tuned.items()},
+      "seeds": len(s.seeds),
+      "candidates": len(s.candidates),
+      "diverged_candidates": sum(1 for c in s.candidates if c.diverged),
+      f"{task.selection_metric}_mean": s.val[0],
+      f"{task.selection_metric}_std": s.val[1],
+      f"{task.report_metric}_mean": s.test[0],
+      f"{task.report_metric}_std": s.test[1],
+      f"d_{task.report_metric}_vs_reference_mean": s.paired[0],
+      f"d_{task.report_metric}_vs_reference_std": s.paired[1],
+      "paired_seeds": len(s.paired_seeds),
+    }
+    if spec.task == "ctr":
+      for column in ("inter_node_bytes", "total_bytes", "modelled_seconds"):
+        row[f"{column}_mean"], row[f"{column}_std"] = s.mean(column)
+      times = []
+      if goal is not None:
+        for run_id in s.run_ids:
+          times.append(
+            results.time_to_target(
+              results.curves(out_dir, run_id),
+              goal,
+              metric=task.selection_metric,
+              higher=task.higher_is_better,
+            )
+          )
+      reached = [t for t in times if t is not None]
+      row["target"] = goal
+      row["time_to_target_mean"], row["time_to_target_std"] = select.mean_std(reached)
+      row["time_to_target_reached"] = len(reached)
+    row["run_ids"] = " ".join(s.run_ids)
+    out.append(row)
+  return out
+
+
+def _pm(mean: float, std: float, digits: int = 4, signed: bool = False) -> str:
+  if mean is None or math.isnan(mean):
+    return "–"
+  sign = "+" if signed else ""
+  return f"{mean:{sign}.{digits}f} ± {std:.{digits}f}"
+
+
+def _value(v) -> str:
+  return "–" if v is None else (f"{v:g}" if isinstance(v, float) else str(v))
+
+
+def markdown(spec: SweepSpec, report: list[dict]) -> str:
+  """The README's table: one line per group, then a line on how to read it."""
+  task = tasks.get(spec.task)
+  sel, rep = task.selection_metric, task.report_metric
+  group = spec.group_fields()
+  ctr = spec.task == "ctr"
+  head = ["optimizer", *group, *(f"best {t}" for t in spec.tune), f"val {task.metric_label}"]
+  head += [f"test {task.metric_label} (mean ± std)"]
+  if spec.reference:
+    head += [f"Δ test vs {spec.reference} (paired)"]
+  if ctr:
+    head += ["inter-node MB / device", "all MB / device", "modelled s", "modelled s to target"]
+  head += ["seeds"]
+  lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+  for r in report:
+    cells = [r["name"], *(_value(r.get(g)) for g in group)]
+    cells += [_value(r.get(f"best_{t}")) for t in spec.tune]
+    cells += [_pm(r[f"{sel}_mean"], r[f"{sel}_std"]), _pm(r[f"{rep}_mean"], r[f"{rep}_std"])]
+    if spec.reference:
+      cells += [_pm(r[f"d_{rep}_vs_reference_mean"], r[f"d_{rep}_vs_reference_std"], signed=True)]
+    if ctr:
+      cells += [
+        f"{r['inter_node_bytes_mean'] / 1e6:.1f}",
+        f"{r['total_bytes_mean'] / 1e6:.1f}",
+        f"{r['modelled_seconds_mean']:.1f}",
+        "not reached"
+        if not r["time_to_target_reached"]
+        else f"{r['time_to_target_mean']:.1f}"
+        + (
+          ""
+          if r["time_to_target_reached"] == r["seeds"]
+          else f" ({r['time_to_target_reached']}/{r['seeds']} seeds)"
+        ),
+      ]
+    seeds = str(r["seeds"])
+    if r["diverged_candidates"]:
+      seeds += f" ({r['diverged_candidates']} of {r['candidates']} candidates diverged)"
+    cells.append(seeds)
+    lines.append("| " + " | ".join(cells) + " |")
+  lines.append("")
+  note = (
+    f"Best {', '.join(spec.tune)} per row chosen on the validation {task.metric_label} "
+    f"(mean over seeds); test {task.metric_label} of that choice, mean ± sample std over "
+    f"seeds"
+  )
+  if spec.reference:
+    note += f"; Δ paired by seed against {spec.reference}'s own choice"
+  if ctr and report:
+    goal = report[0].get("target")
+    note += (
+      "; bytes sent per device over the run (dense and sparse); modelled s = measured "
+      "compute + estimated communication"
+    )
+    if goal is not None:
+      note += (
+        f"; target = {spec.reference}'s final validation {task.metric_label} "
+        f"({goal:.4f}), reached at an evaluation"
+      )
+  lines.append(note + ".")
+  return "\n".join(lines)
+
+
+def write_report(out_dir: str, spec: SweepSpec, rows: list[dict]) -> str:
+  """Write ``selection.csv`` and ``table.md`` in ``out_dir``; return the markdown."""
+  report = report_rows(out_dir, spec, rows)
+  write_atomic(os.path.join(out_dir, "selection.csv"), results.csv_text(report))
+  text = markdown(spec, report)
+  write_atomic(os.path.join(out_dir, "table.md"), text + "\n")
+  return text

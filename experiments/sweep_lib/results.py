@@ -1,0 +1,222 @@
+"""``results.csv`` rebuilt from the run directories, and each run's curves read back.
+
+A sweep directory holds ``sweep.json`` (the spec), ``runs/RUN_ID/`` per run (``run.json``,
+``metrics.jsonl``, ``summary.json``) and ``results.csv``: one row per finished run of the
+spec, written atomically from the directories, never from memory, so it is complete and
+right after a kill, a rerun or several shards writing it in turn.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+
+import numpy as np
+
+from experiments._common import read_jsonl
+from experiments._common import write_atomic
+from experiments._common import write_json
+from experiments.sweep_lib import tasks
+from experiments.sweep_lib import worker
+from experiments.sweep_lib.spec import Run
+from experiments.sweep_lib.spec import SweepSpec
+
+RESULTS_FILE, SPEC_FILE, RUNS_DIR = "results.csv", "sweep.json", "runs"
+ID_COLUMNS = ("run_id", "name", "seed", "status", "diverged_step")
+
+
+def run_dir(out_dir: str, run_id: str) -> str:
+  return os.path.join(out_dir, RUNS_DIR, run_id)
+
+
+def write_spec(out_dir: str, spec: SweepSpec) -> None:
+  write_json(os.path.join(out_dir, SPEC_FILE), spec.to_json())
+
+
+def read_spec(out_dir: str) -> SweepSpec:
+  """The spec recorded in ``out_dir/sweep.json``; ValueError if there is none."""
+  path = os.path.join(out_dir, SPEC_FILE)
+  if not os.path.exists(path):
+    raise ValueError(f"{out_dir}: not a sweep directory (no {SPEC_FILE})")
+  with open(path, encoding="utf-8") as f:
+    return SweepSpec.from_json(json.load(f))
+
+
+def run_record(run: Run, task: str) -> dict:
+  """What ``run.json`` holds: everything the worker needs."""
+  return {
+    "run_id": run.run_id,
+    "name": run.name,
+    "seed": run.seed,
+    "task": task,
+    "grid": dict(run.grid),
+    "params": dict(run.params),
+  }
+
+
+def check_recorded(out_dir: str, spec: SweepSpec, runs: list[Run]) -> None:
+  """Raise ValueError if a run directory was made with other fields than the spec gives it
+  now (an edited config would otherwise mix two experiments in one table)."""
+  for run in runs:
+    path = os.path.join(run_dir(out_dir, run.run_id), worker.RUN_FILE)
+    if not os.path.exists(path):
+      continue
+    with open(path, encoding="utf-8") as f:
+      recorded = json.load(f)
+    wanted = json.loads(json.dumps(run_record(run, spec.task)))  # tuples as JSON has them
+    if recorded != wanted:
+      differ = sorted(
+        k
+        for k in set(recorded["params"]) | set(wanted["params"])
+        if recorded["params"].get(k) != wanted["params"].get(k)
+      )
+      raise ValueError(
+        f"{path}: run {run.run_id} was made with other fields ({differ}: "
+        f"{[recorded['params'].get(k) for k in differ]} there, "
+        f"{[wanted['params'].get(k) for k in differ]} now); pass another --out, or delete "
+        f"that run's directory to redo it"
+      )
+
+
+def _cell(value) -> str:
+  if value is None or (isinstance(value, float) and not math.isfinite(value)):
+    return ""
+  if isinstance(value, (list, tuple, dict)):
+    return json.dumps(value)
+  if isinstance(value, float):
+    return repr(value)
+  return str(value)
+
+
+def _parse(text: str):
+  if text == "":
+    return None
+  for parse in (int, float):
+    try:
+      return parse(text)
+    except ValueError:
+      pass
+  return text
+
+
+def collect(out_dir: str, spec: SweepSpec, runs: list[Run] | None = None) -> list[dict]:
+  """One row per finished run of ``spec`` found under ``out_dir``, in the spec's order."""
+  task = tasks.get(spec.task)
+  rows = []
+  for run in spec.runs() if runs is None else runs:
+    summary = worker.read_summary(run_dir(out_dir, run.run_id))
+    if summary is None:
+      continue
+    rows.append(
+      {
+        "run_id": run.run_id,
+        "name": run.name,
+        "seed": run.seed,
+        "status": summary["status"],
+        "diverged_step": summary.get("diverged_step"),
+        **{f: None for f in spec.grid_fields},
+        **task.row(summary),
+        **run.grid,
+      }
+    )
+  return rows
+
+
+def csv_text(rows: list[dict]) -> str:
+  """The rows as CSV; the columns are the union of the rows' keys in first-seen order."""
+  columns = list(dict.fromkeys(key for row in rows for key in row)) or list(ID_COLUMNS)
+  buffer = io.StringIO(newline="")
+  writer = csv.writer(buffer, lineterminator="\n")
+  writer.writerow(columns)
+  for row in rows:
+    writer.writerow([_cell(row.get(c)) for c in columns])
+  return buffer.getvalue()
+
+
+def write_results(out_dir: str, spec: SweepSpec, runs: list[Run] | None = None) -> list[dict]:
+  """Rebuild ``out_dir/results.csv`` from the run directories; return its rows."""
+  rows = collect(out_dir, spec, runs)
+  write_atomic(os.path.join(out_dir, RESULTS_FILE), csv_text(rows))
+  return rows
+
+
+def read_results(path: str) -> list[dict]:
+  """The rows of a ``results.csv`` (numbers parsed, empty cells None).
+
+  Examples:
+    >>> import tempfile
+    >>> with tempfile.NamedTemporaryFile("w", suffix=".csv", delete=False) as f:
+    ...   _ = f.write("run_id,learning_rate,test_auc\\nsgd-s0,0.1,\\n")
+    >>> read_results(f.name)
+    [{'run_id': 'sgd-s0', 'learning_rate': 0.1, 'test_auc': None}]
+  """
+  with open(path, encoding="utf-8", newline="") as f:
+    reader = csv.DictReader(f)
+    if reader.fieldnames is None or "run_id" not in reader.fieldnames:
+      raise ValueError(f"{path}: not a sweep results table (no run_id column)")
+    return [{k: _parse(v) for k, v in row.items()} for row in reader]
+
+
+def curves(out_dir: str, run_id: str) -> dict[str, np.ndarray]:
+  """A run's curves from its ``metrics.jsonl``.
+
+  Returns:
+    ``step``, ``loss`` and, where recorded, ``total_bytes``, ``inter_node_bytes``,
+    ``modelled_seconds`` (measured compute plus estimated communication, cumulative) at the
+    ``train`` records; ``eval_step`` and the ``val_*`` / ``test_*`` metrics at the ``eval``
+    records, with ``eval_total_bytes``, ``eval_inter_node_bytes`` and
+    ``eval_modelled_seconds`` interpolated in the step from the train records (both grow
+    step by step). Missing values are NaN.
+  """
+  path = os.path.join(run_dir(out_dir, run_id), "metrics.jsonl")
+  records = read_jsonl(path) if os.path.exists(path) else []
+  train = [r for r in records if r.get("kind") == "train"]
+  evals = [r for r in records if r.get("kind") == "eval"]
+  nan = lambda v: math.nan if v is None else float(v)
+  out = {
+    "step": np.array([r["step"] for r in train], float),
+    "loss": np.array([nan(r.get("loss")) for r in train], float),
+  }
+  if train and "sparse_bytes" in train[0]:
+    dense = [r.get("dense_bytes_by_axis") or {} for r in train]
+    out["total_bytes"] = np.array(
+      [sum(d.values()) + r["sparse_bytes"] for d, r in zip(dense, train)], float
+    )
+    out["inter_node_bytes"] = np.array(
+      [d.get("node", 0.0) + r["sparse_inter_node_bytes"] for d, r in zip(dense, train)], float
+    )
+    out["modelled_seconds"] = np.array(
+      [r["measured_compute_seconds"] + r["estimated_comm_seconds"] for r in train], float
+    )
+  out["eval_step"] = np.array([r["step"] for r in evals], float)
+  for key in dict.fromkeys(k for r in evals for k in r):
+    if key.startswith(("val_", "test_")) and not key.endswith("_note"):
+      out[key] = np.array([nan(r.get(key)) for r in evals], float)
+  for key in ("total_bytes", "inter_node_bytes", "modelled_seconds"):
+    if key in out:
+      x = np.concatenate([[0.0], out["step"]])
+      y = np.concatenate([[0.0], out[key]])
+      out["eval_" + key] = np.interp(out["eval_step"], x, y)
+  return out
+
+
+def time_to_target(
+  curve: dict[str, np.ndarray], target: float, *, metric: str = "val_auc", higher: bool = True
+) -> float | None:
+  """Modelled seconds at the first evaluation whose ``metric`` reaches ``target``, or None.
+
+  Examples:
+    >>> c = {"eval_step": np.array([10.0, 20.0]), "val_auc": np.array([0.6, 0.7]),
+    ...      "eval_modelled_seconds": np.array([1.0, 2.0])}
+    >>> time_to_target(c, 0.65), time_to_target(c, 0.75)
+    (2.0, None)
+  """
+  if metric not in curve or "eval_modelled_seconds" not in curve:
+    return None
+  values = curve[metric]
+  reached = values >= target if higher else values <= target
+  hits = np.flatnonzero(reached & np.isfinite(values))
+  return float(curve["eval_modelled_seconds"][hits[0]]) if hits.size else None

@@ -1,0 +1,241 @@
+"""Run a sweep's runs in parallel worker processes, one slice of them per shard, resumably.
+
+Every run is a process of its own (:mod:`.worker`): it asks JAX for its own device count, and
+a crash or a leak ends with it. The scheduler keeps ``jobs`` of them going, rebuilds
+``results.csv`` from the run directories after each one, and never records anything itself:
+what a run wrote is the record. So a sweep killed at any moment and started again skips every
+finished run, redoes the ones that died halfway, and waits for none that another process
+(another shard, a sweep killed without its workers) is still running: their lock says so.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import experiments
+from experiments._common import write_json
+from experiments.sweep_lib import results
+from experiments.sweep_lib import worker
+from experiments.sweep_lib.spec import Run
+from experiments.sweep_lib.spec import SweepSpec
+
+LOG_FILE = "worker.log"
+
+
+@dataclasses.dataclass(frozen=True)
+class Shard:
+  """The ``index``-th of ``count`` disjoint slices of a sweep (0-based): every ``count``-th run
+  from the ``index``-th on, so each slice gets a share of every optimizer and seed.
+
+  Attributes:
+    index: which slice, in [0, count).
+    count: how many slices.
+  """
+
+  index: int = 0
+  count: int = 1
+
+  def __post_init__(self):
+    if not (isinstance(self.count, int) and self.count >= 1 and 0 <= self.index < self.count):
+      raise ValueError(f"shard must be I/N with 0 <= I < N, got {self.index}/{self.count}")
+
+  @classmethod
+  def parse(cls, text: str) -> Shard:
+    """``'2/8'`` -> ``Shard(2, 8)``.
+
+    Examples:
+      >>> Shard.parse("1/4").take(list(range(10)))
+      [1, 5, 9]
+    """
+    try:
+      index, count = (int(part) for part in text.split("/"))
+    except ValueError:
+      raise ValueError(f"shard must be I/N (e.g. 0/4), got {text!r}") from None
+    return cls(index, count)
+
+  def take(self, runs: list) -> list:
+    return runs[self.index :: self.count]
+
+
+@dataclasses.dataclass
+class Outcome:
+  """What one invocation did, by run id."""
+
+  skipped: list[str] = dataclasses.field(default_factory=list)  # finished before
+  finished: list[str] = dataclasses.field(default_factory=list)
+  diverged: list[str] = dataclasses.field(default_factory=list)
+  failed: list[str] = dataclasses.field(default_factory=list)
+  busy: list[str] = dataclasses.field(default_factory=list)  # locked by another process
+
+
+def default_jobs() -> int:
+  """One run per usable CPU core."""
+  return max(len(os.sched_getaffinity(0)), 1)
+
+
+def _prepare(out_dir: str, spec: SweepSpec, run: Run) -> str:
+  directory = results.run_dir(out_dir, run.run_id)
+  os.makedirs(directory, exist_ok=True)
+  path = os.path.join(directory, worker.RUN_FILE)
+  if not os.path.exists(path):
+    write_json(path, results.run_record(run, spec.task))
+  return directory
+
+
+def _start(directory: str) -> subprocess.Popen:
+  root = os.path.dirname(os.path.dirname(os.path.abspath(experiments.__file__)))
+  env = dict(os.environ)
+  env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+  with open(os.path.join(directory, LOG_FILE), "a", encoding="utf-8") as log:
+    return subprocess.Popen(
+      [sys.executable, "-m", "experiments.sweep_lib.worker", directory],
+      stdout=log,
+      stderr=subprocess.STDOUT,
+      stdin=subprocess.DEVNULL,
+      env=env,
+    )
+
+
+def _describe(summary: dict, task_metrics: tuple[str, ...]) -> str:
+  parts = [summary["status"]]
+  if summary.get("diverged_step") is not None:
+    parts.append(f"at step {summary['diverged_step']}")
+  for key in task_metrics:
+    value = summary.get(key)
+    if isinstance(value, float):
+      parts.append(f"{key} {value:.4f}")
+  return " ".join(parts)
+
+
+def _stop(processes) -> None:
+  for process in processes:
+    if process.poll() is None:
+      process.terminate()
+  deadline = time.monotonic() + 10
+  for process in processes:
+    try:
+      process.wait(timeout=max(deadline - time.monotonic(), 0.1))
+    except subprocess.TimeoutExpired:
+      process.kill()
+
+
+def run_sweep(
+  spec: SweepSpec,
+  out_dir: str,
+  *,
+  jobs: int | None = None,
+  shard: Shard = Shard(),
+  log=print,
+) -> Outcome:
+  """Run every unfinished run of ``spec`` in this shard, ``jobs`` at a time, in ``out_dir``.
+
+  Args:
+    spec: the sweep.
+    out_dir: the sweep directory (``sweep.json``, ``runs/``, ``results.csv``).
+    jobs: worker processes at a time; None: :func:`default_jobs`.
+    shard: the slice of the runs to run here.
+    log: where progress lines go.
+
+  Returns:
+    The :class:`Outcome`; ``results.csv`` then holds every finished run of the spec, this
+    shard's and any other's.
+
+  Raises:
+    ValueError: a run directory in ``out_dir`` was made with other fields.
+  """
+  from experiments.sweep_lib import tasks
+
+  task = tasks.get(spec.task)
+  jobs = default_jobs() if jobs is None else jobs
+  if not (isinstance(jobs, int) and jobs >= 1):
+    raise ValueError(f"jobs must be an int >= 1, got {jobs!r}")
+  runs = spec.runs()
+  results.check_recorded(out_dir, spec, runs)
+  os.makedirs(out_dir, exist_ok=True)
+  results.write_spec(out_dir, spec)
+  outcome = Outcome()
+  pending = []
+  for run in shard.take(runs):
+    if worker.read_summary(results.run_dir(out_dir, run.run_id)) is not None:
+      outcome.skipped.append(run.run_id)
+    else:
+      pending.append(run)
+  log(
+    f"{spec.name}: {len(runs)} runs; shard {shard.index}/{shard.count} has "
+    f"{len(outcome.skipped) + len(pending)}: {len(outcome.skipped)} finished before, "
+    f"{len(pending)} to run, {jobs} at a time"
+  )
+  metrics = (task.selection_metric, task.report_metric)
+  running: dict[subprocess.Popen, tuple[Run, float]] = {}
+  started, total = 0, len(pending)
+  previous = signal.getsignal(signal.SIGTERM)
+
+  def on_sigterm(signum, frame):
+    raise SystemExit(128 + signum)
+
+  signal.signal(signal.SIGTERM, on_sigterm)
+  try:
+    while pending or running:
+      while pending and len(running) < jobs:
+        run = pending.pop(0)
+        running[_start(_prepare(out_dir, spec, run))] = (run, time.monotonic())
+        started += 1
+      time.sleep(0.2)
+      for process in [p for p in running if p.poll() is not None]:
+        run, start = running.pop(process)
+        directory = results.run_dir(out_dir, run.run_id)
+        done = total - len(pending) - len(running)
+        seconds = time.monotonic() - start
+        if process.returncode == worker.EXIT_BUSY:
+          outcome.busy.append(run.run_id)
+          log(f"[{done}/{total}] {run.run_id}: under way in another process, left to it")
+          continue
+        summary = worker.read_summary(directory)
+        if process.returncode == 0 and summary is not None:
+          getattr(outcome, summary["status"]).append(run.run_id)
+          log(f"[{done}/{total}] {run.run_id}: {_describe(summary, metrics)} ({seconds:.0f} s)")
+        else:
+          outcome.failed.append(run.run_id)
+          log(
+            f"[{done}/{total}] {run.run_id}: FAILED (exit {process.returncode}); see "
+            f"{os.path.join(directory, LOG_FILE)}"
+          )
+        results.write_results(out_dir, spec, runs)
+  finally:
+    _stop(list(running))
+    signal.signal(signal.SIGTERM, previous)
+  results.write_results(out_dir, spec, runs)
+  return outcome
+
+
+def status(out_dir: str, spec: SweepSpec) -> dict[str, list[str]]:
+  """Every run of ``spec`` by state: finished, diverged, failed, running, pending."""
+  states: dict[str, list[str]] = {
+    k: [] for k in ("finished", "diverged", "failed", "running", "pending")
+  }
+  for run in spec.runs():
+    directory = results.run_dir(out_dir, run.run_id)
+    summary = worker.read_summary(directory)
+    if summary is not None:
+      states[summary["status"]].append(run.run_id)
+    elif os.path.isdir(directory) and worker.is_locked(directory):
+      states["running"].append(run.run_id)
+    elif os.path.exists(os.path.join(directory, worker.FAILED_FILE)):
+      states["failed"].append(run.run_id)
+    else:
+      states["pending"].append(run.run_id)
+  return states
+
+
+def failure(out_dir: str, run_id: str) -> str:
+  """The last line of a failed run's traceback."""
+  path = os.path.join(results.run_dir(out_dir, run_id), worker.FAILED_FILE)
+  with open(path, encoding="utf-8") as f:
+    lines = json.load(f)["traceback"].strip().splitlines()
+  return lines[-1] if lines else "(no traceback)"
