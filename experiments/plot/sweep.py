@@ -1,0 +1,319 @@
+"""Figures of a sweep, drawn from its directory alone (``sweep.json``, ``results.csv``, the runs'
+``metrics.jsonl``).
+
+Every curve is a group's chosen configuration (best learning rate on validation, as in the
+table), the mean over its seeds with a ±1 std band. Files, prefixed ``sweep_NAME_``:
+
+* ``curves_steps.png``: training loss and validation metric against steps;
+* ``curves_bytes.png``: the same against the bytes each device sent (CTR);
+* ``curves_time.png``: the same against modelled wall time, measured compute plus the
+  communication the byte accounting estimates under the sweep's network (CTR);
+* ``final_vs_k.png``: the test metric against k per optimizer, the others as bands;
+* ``lr_sensitivity.png``: the validation metric of every learning rate, per group;
+* ``time_to_target.png``: modelled time to reach the reference's final validation AUC (CTR).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import matplotlib.pyplot as plt
+import numpy as np
+
+from experiments.plot import _style
+from experiments.sweep_lib import report
+from experiments.sweep_lib import results
+from experiments.sweep_lib import tasks
+from experiments.sweep_lib.select import Selection
+from experiments.sweep_lib.spec import SweepSpec
+
+# Colors by optimizer family, shades by variant within it; the reference is black.
+FAMILY_COLORMAPS = {
+  "kstep_adam": "Reds",
+  "local_sgd": "Blues",
+  "diloco": "Greens",
+  "onebit_adam": "Purples",
+  "topk_ef": "Oranges",
+}
+OTHER_COLORS = ("tab:cyan", "tab:olive", "tab:pink", "tab:gray", "tab:brown")
+LABELS = {
+  "loss": "training loss (window mean)",
+  "val_auc": "validation AUC",
+  "steps": "step",
+  "total_bytes": "MB sent per device (dense + sparse, cumulative)",
+  "modelled_seconds": "modelled wall time (s): measured compute + modelled communication",
+}
+
+
+def _family(selection: Selection, rows_by_id: dict) -> str:
+  row = rows_by_id[selection.run_ids[0]]
+  return str(row.get("optimizer") or row.get("variant") or selection.name)
+
+
+def colors(chosen: list[Selection], rows_by_id: dict, reference: str | None) -> dict[str, str]:
+  """One color per group label: the reference black, each family its own colormap."""
+  families: dict[str, list[str]] = {}
+  for s in chosen:
+    if s.name != reference:
+      families.setdefault(_family(s, rows_by_id), []).append(s.label)
+  out = {s.label: "black" for s in chosen if s.name == reference}
+  others = iter(OTHER_COLORS * 4)
+  for family, labels in families.items():
+    if family in FAMILY_COLORMAPS:
+      cmap = plt.get_cmap(FAMILY_COLORMAPS[family])
+      shades = np.linspace(0.9, 0.45, len(labels)) if len(labels) > 1 else [0.7]
+      out.update({label: cmap(shade) for label, shade in zip(labels, shades)})
+    else:
+      out.update({label: next(others) for label in labels})
+  return out
+
+
+def network_text(out_dir: str, chosen: list[Selection]) -> str:
+  """The network the modelled times assume, from a run's recorded config."""
+  if not chosen:
+    return ""
+  path = os.path.join(results.run_dir(out_dir, chosen[0].run_ids[0]), "summary.json")
+  import json
+
+  with open(path, encoding="utf-8") as f:
+    config = json.load(f).get("config", {})
+  if "inter_node_gbps" not in config:
+    return ""
+  return (
+    f"network: {config['inter_node_gbps']:g} Gbit/s + {config['inter_node_latency_us']:g} µs "
+    f"per message between nodes, {config['intra_node_gbps']:g} Gbit/s + "
+    f"{config['intra_node_latency_us']:g} µs inside a node"
+  )
+
+
+def _stack(curves: list[dict], x_key: str, y_key: str):
+  """Mean x, mean y and std y over seeds, on the records all seeds have."""
+  pairs = [(c.get(x_key), c.get(y_key)) for c in curves]
+  pairs = [(x, y) for x, y in pairs if x is not None and y is not None and len(x) == len(y)]
+  if not pairs:
+    return None
+  n = min(len(x) for x, _ in pairs)
+  if n == 0:
+    return None
+  x = np.mean([p[0][:n] for p in pairs], axis=0)
+  y_SxN = np.array([p[1][:n] for p in pairs])
+  with np.errstate(invalid="ignore"):
+    return x, np.nanmean(y_SxN, axis=0), np.nanstd(y_SxN, axis=0, ddof=1 if len(pairs) > 1 else 0)
+
+
+def _line(ax, x, y, std, color, label, *, reference: bool) -> None:
+  ax.plot(x, y, color=color, lw=2.0 if reference else 1.4, ls="--" if reference else "-", label=label)
+  ax.fill_between(x, y - std, y + std, color=color, alpha=0.15, lw=0)
+
+
+def curves_figure(
+  spec: SweepSpec,
+  chosen: list[Selection],
+  run_curves: dict[str, dict],
+  palette: dict,
+  x_key: str,
+  path: str,
+  *,
+  subtitle: str = "",
+) -> str | None:
+  """Loss and validation metric against ``x_key`` (``steps``, ``total_bytes`` or
+  ``modelled_seconds``), one line per group, mean ± std over seeds."""
+  task = tasks.get(spec.task)
+  panels = [("loss", "step" if x_key == "steps" else x_key)]
+  if spec.task == "ctr":
+    panels.append((task.selection_metric, "eval_step" if x_key == "steps" else "eval_" + x_key))
+  fig, axes = plt.subplots(1, len(panels), figsize=(6.2 * len(panels) + 2.5, 4.4), squeeze=False)
+  drawn = False
+  for ax, (y_key, x_col) in zip(axes[0], panels):
+    for s in chosen:
+      stacked = _stack([run_curves[r] for r in s.run_ids], x_col, y_key)
+      if stacked is None:
+        continue
+      x, y, std = stacked
+      scale = 1e-6 if "bytes" in x_key else 1.0
+      label = f"{s.label} (lr {_lr(s)})"
+      _line(ax, x * scale, y, std, palette[s.label], label, reference=s.name == spec.reference)
+      drawn = True
+    if "bytes" in x_key:
+      ax.set_xscale("log")
+    if y_key == "loss" and spec.task == "convergence":
+      ax.set_yscale("log")
+    ax.set_xlabel(LABELS.get(x_key, x_key))
+    ax.set_ylabel(LABELS.get(y_key, task.metric_label if y_key == "loss" else y_key))
+    ax.grid(True, alpha=0.3)
+  if not drawn:
+    plt.close(fig)
+    return None
+  if spec.task == "convergence":
+    axes[0][0].set_ylabel("‖∇f(x̄_t)‖²")
+  _style.legend(axes[0][-1], outside=True, fontsize=7)
+  title = f"{spec.name}: best learning rate per optimizer, mean ± std over seeds"
+  fig.suptitle("\n".join(t for t in (title, spec.description, subtitle) if t), fontsize=9)
+  return _style.save(fig, path)
+
+
+def _lr(s: Selection) -> str:
+  return ", ".join(f"{v:g}" if isinstance(v, float) else str(v) for v in s.tuned.values())
+
+
+def final_vs_k(spec: SweepSpec, chosen: list[Selection], palette: dict, path: str) -> str | None:
+  """Test metric (mean ± std over seeds) against k per optimizer that has several k; every
+  other group as a horizontal band."""
+  if "k" not in spec.group_fields():
+    return None
+  task = tasks.get(spec.task)
+  by_name: dict[str, list[Selection]] = {}
+  for s in chosen:
+    by_name.setdefault(s.name, []).append(s)
+  fig, ax = plt.subplots(figsize=(9.5, 4.6))
+  for name, group in by_name.items():
+    with_k = sorted((s for s in group if s.group.get("k") is not None), key=lambda s: s.group["k"])
+    if len(with_k) > 1:
+      ks = [s.group["k"] for s in with_k]
+      ax.errorbar(
+        ks,
+        [s.test[0] for s in with_k],
+        [s.test[1] for s in with_k],
+        marker="o",
+        capsize=3,
+        color=palette[with_k[-1].label],
+        label=f"{name} (against k)",
+      )
+      continue
+    for s in group:
+      mean, std = s.test
+      if math.isnan(mean):
+        continue
+      ls = "--" if s.name == spec.reference else ":"
+      k = s.group.get("k")
+      label = s.label if k is None else f"{name} (k={k})"
+      ax.axhline(mean, color=palette[s.label], ls=ls, lw=1.5, label=label)
+      ax.axhspan(mean - std, mean + std, color=palette[s.label], alpha=0.07)
+  ax.set_xscale("log", base=2)
+  ax.set_xlabel("merge period k (steps; DiLoCo: inner steps H)")
+  ax.set_ylabel(f"test {task.metric_label} at the best lr (mean ± std over seeds)")
+  ax.set_title(f"{spec.name}: final test {task.metric_label} against k", fontsize=10)
+  ax.grid(True, alpha=0.3)
+  _style.legend(ax, outside=True, fontsize=7)
+  return _style.save(fig, path)
+
+
+def lr_sensitivity(spec: SweepSpec, chosen: list[Selection], palette: dict, path: str) -> str:
+  """Validation metric against the learning rate for every group; diverged candidates as
+  crosses on the axis floor, the chosen one ringed."""
+  task = tasks.get(spec.task)
+  metric = task.selection_metric
+  fig, ax = plt.subplots(figsize=(9.5, 4.8))
+  floor = []
+  for s in chosen:
+    points = []
+    for c in s.candidates:
+      lr = c.tuned[0]
+      values = [r.get(metric) for r in c.runs.values()]
+      finite = [v for v in values if v is not None and math.isfinite(v)]
+      if c.diverged or not finite:
+        floor.append((lr, palette[s.label]))
+      if finite:
+        points.append((lr, float(np.mean(finite)), float(np.std(finite))))
+    if not points:
+      continue
+    points.sort()
+    ax.errorbar(
+      [p[0] for p in points],
+      [p[1] for p in points],
+      [p[2] for p in points],
+      marker="o",
+      ms=4,
+      capsize=2,
+      color=palette[s.label],
+      ls="--" if s.name == spec.reference else "-",
+      label=s.label,
+    )
+    best = s.chosen.tuned[0]
+    best_point = [p for p in points if p[0] == best]
+    if best_point:
+      ax.plot(best, best_point[0][1], "o", ms=10, mfc="none", color=palette[s.label])
+  ax.set_xscale("log")
+  if floor:
+    low = ax.get_ylim()[0]
+    for lr, color in floor:
+      ax.plot(lr, low, "x", ms=8, mew=2, color=color, clip_on=False)
+  tuned = ", ".join(spec.tune)
+  ax.set_xlabel(f"{tuned} (log scale)")
+  ax.set_ylabel(f"{metric} (mean ± std over seeds)")
+  ax.set_title(
+    f"{spec.name}: sensitivity to the {tuned} (ring: chosen; × at the bottom: a seed diverged)",
+    fontsize=10,
+  )
+  ax.grid(True, alpha=0.3)
+  _style.legend(ax, outside=True, fontsize=7)
+  return _style.save(fig, path)
+
+
+def time_to_target(
+  spec: SweepSpec, report_rows: list[dict], chosen: list[Selection], palette: dict, path: str
+) -> str | None:
+  """Modelled time to reach the reference's final validation AUC, one bar per group; groups
+  that never reach it get an empty bar to the longest modelled run, marked."""
+  if spec.task != "ctr" or not report_rows or report_rows[0].get("target") is None:
+    return None
+  labels = [s.label for s in chosen]
+  longest = max(r["modelled_seconds_mean"] for r in report_rows)
+  fig, ax = plt.subplots(figsize=(9.0, 0.42 * len(labels) + 1.8))
+  for i, (s, row) in enumerate(zip(chosen, report_rows)):
+    color = palette[s.label]
+    if row["time_to_target_reached"]:
+      ax.barh(i, row["time_to_target_mean"], xerr=row["time_to_target_std"], color=color, capsize=3)
+      if row["time_to_target_reached"] < row["seeds"]:
+        ax.text(
+          row["time_to_target_mean"],
+          i,
+          f"  {row['time_to_target_reached']}/{row['seeds']} seeds",
+          va="center",
+          fontsize=7,
+        )
+    else:
+      ax.barh(i, longest, color="none", edgecolor=color, hatch="//")
+      ax.text(longest, i, "  not reached", va="center", fontsize=7)
+  ax.set_yticks(range(len(labels)), labels, fontsize=8)
+  ax.invert_yaxis()
+  ax.set_xlabel(LABELS["modelled_seconds"])
+  ax.set_title(
+    f"{spec.name}: modelled time to {spec.reference}'s final validation AUC "
+    f"({report_rows[0]['target']:.4f}); mean ± std over seeds that reach it",
+    fontsize=9,
+  )
+  ax.grid(True, axis="x", alpha=0.3)
+  return _style.save(fig, path)
+
+
+def make_figures(out_dir: str, fig_dir: str) -> list[str]:
+  """Every figure of the sweep in ``out_dir`` that its results support; returns the paths."""
+  spec = results.read_spec(out_dir)
+  rows = results.read_results(os.path.join(out_dir, results.RESULTS_FILE))
+  if not rows:
+    raise ValueError(f"{out_dir}: results.csv has no finished run to plot")
+  chosen = report.selections(spec, rows)
+  rows_by_id = {r["run_id"]: r for r in rows}
+  palette = colors(chosen, rows_by_id, spec.reference)
+  run_curves = {r: results.curves(out_dir, r) for s in chosen for r in s.run_ids}
+  os.makedirs(fig_dir, exist_ok=True)
+  name = lambda kind: os.path.join(fig_dir, f"sweep_{spec.name}_{kind}.png")
+  network = network_text(out_dir, chosen)
+  paths = [
+    curves_figure(spec, chosen, run_curves, palette, "steps", name("curves_steps")),
+    final_vs_k(spec, chosen, palette, name("final_vs_k")),
+    lr_sensitivity(spec, chosen, palette, name("lr_sensitivity")),
+  ]
+  if spec.task == "ctr":
+    paths += [
+      curves_figure(spec, chosen, run_curves, palette, "total_bytes", name("curves_bytes")),
+      curves_figure(
+        spec, chosen, run_curves, palette, "modelled_seconds", name("curves_time"), subtitle=network
+      ),
+      time_to_target(
+        spec, report.report_rows(out_dir, spec, rows), chosen, palette, name("time_to_target")
+      ),
+    ]
+  return [p for p in paths if p]
