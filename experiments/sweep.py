@@ -90,7 +90,7 @@ def main(argv=None) -> int:
   if args.status:
     states = scheduler.status(out, spec)
     for state, ids in states.items():
-      print(f"{state}: {len(ids)}" + (f"  {' '.join(ids)}" if ids and state != "finished" else ""))
+      print(f"{state}: {len(ids)}" + (f"  {' '.join(ids)}" if ids and state != "completed" else ""))
     return 0
   if args.table_only:
     try:

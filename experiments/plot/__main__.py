@@ -56,7 +56,9 @@ def draw(directory: str, fig_dir: str) -> list[str]:
 
 
 def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(prog="python -m experiments.plot", description=__doc__.split("\n\n")[0])
+  parser = argparse.ArgumentParser(
+    prog="python -m experiments.plot", description=__doc__.split("\n\n")[0]
+  )
   parser.add_argument("dirs", nargs="+", metavar="DIR", help="results directories")
   parser.add_argument("--out", required=True, help="directory for the figures")
   args = parser.parse_args(argv)

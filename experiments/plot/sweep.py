@@ -103,7 +103,9 @@ def _stack(curves: list[dict], x_key: str, y_key: str):
 
 
 def _line(ax, x, y, std, color, label, *, reference: bool) -> None:
-  ax.plot(x, y, color=color, lw=2.0 if reference else 1.4, ls="--" if reference else "-", label=label)
+  ax.plot(
+    x, y, color=color, lw=2.0 if reference else 1.4, ls="--" if reference else "-", label=label
+  )
   ax.fill_between(x, y - std, y + std, color=color, alpha=0.15, lw=0)
 
 

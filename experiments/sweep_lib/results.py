@@ -1,9 +1,10 @@
 """``results.csv`` rebuilt from the run directories, and each run's curves read back.
 
-A sweep directory holds ``sweep.json`` (the spec), ``runs/RUN_ID/`` per run (``run.json``,
-``metrics.jsonl``, ``summary.json``) and ``results.csv``: one row per finished run of the
-spec, written atomically from the directories, never from memory, so it is complete and
-right after a kill, a rerun or several shards writing it in turn.
+A sweep directory holds ``sweep.json`` (the spec), ``runs/RUN_ID/`` per run (the trainer's
+``metrics.jsonl`` and ``summary.json``), ``jobs/`` (the sweep's bookkeeping, see
+:mod:`.worker`) and ``results.csv``: one row per finished run of the spec, written atomically
+from the run directories, never from memory, so it is complete and right after a kill, a rerun
+or several shards writing it in turn.
 """
 
 from __future__ import annotations
@@ -24,12 +25,9 @@ from experiments.sweep_lib import worker
 from experiments.sweep_lib.spec import Run
 from experiments.sweep_lib.spec import SweepSpec
 
-RESULTS_FILE, SPEC_FILE, RUNS_DIR = "results.csv", "sweep.json", "runs"
-ID_COLUMNS = ("run_id", "name", "seed", "status", "diverged_step")
-
-
-def run_dir(out_dir: str, run_id: str) -> str:
-  return os.path.join(out_dir, RUNS_DIR, run_id)
+RESULTS_FILE, SPEC_FILE = "results.csv", "sweep.json"
+ID_COLUMNS = ("run_id", "name", "seed", "status", "diverged_at_step")
+run_dir = worker.run_dir
 
 
 def write_spec(out_dir: str, spec: SweepSpec) -> None:
@@ -46,7 +44,7 @@ def read_spec(out_dir: str) -> SweepSpec:
 
 
 def run_record(run: Run, task: str) -> dict:
-  """What ``run.json`` holds: everything the worker needs."""
+  """What ``jobs/RUN_ID.json`` holds: everything the worker needs."""
   return {
     "run_id": run.run_id,
     "name": run.name,
@@ -61,7 +59,7 @@ def check_recorded(out_dir: str, spec: SweepSpec, runs: list[Run]) -> None:
   """Raise ValueError if a run directory was made with other fields than the spec gives it
   now (an edited config would otherwise mix two experiments in one table)."""
   for run in runs:
-    path = os.path.join(run_dir(out_dir, run.run_id), worker.RUN_FILE)
+    path = worker.job_file(out_dir, run.run_id, "json")
     if not os.path.exists(path):
       continue
     with open(path, encoding="utf-8") as f:
@@ -77,7 +75,7 @@ def check_recorded(out_dir: str, spec: SweepSpec, runs: list[Run]) -> None:
         f"{path}: run {run.run_id} was made with other fields ({differ}: "
         f"{[recorded['params'].get(k) for k in differ]} there, "
         f"{[wanted['params'].get(k) for k in differ]} now); pass another --out, or delete "
-        f"that run's directory to redo it"
+        f"{path} and {run_dir(out_dir, run.run_id)} to redo that run"
       )
 
 
@@ -107,7 +105,7 @@ def collect(out_dir: str, spec: SweepSpec, runs: list[Run] | None = None) -> lis
   task = tasks.get(spec.task)
   rows = []
   for run in spec.runs() if runs is None else runs:
-    summary = worker.read_summary(run_dir(out_dir, run.run_id))
+    summary = worker.read_summary(out_dir, run.run_id)
     if summary is None:
       continue
     rows.append(
@@ -116,7 +114,7 @@ def collect(out_dir: str, spec: SweepSpec, runs: list[Run] | None = None) -> lis
         "name": run.name,
         "seed": run.seed,
         "status": summary["status"],
-        "diverged_step": summary.get("diverged_step"),
+        "diverged_at_step": summary.get("diverged_at_step"),
         **{f: None for f in spec.grid_fields},
         **task.row(summary),
         **run.grid,

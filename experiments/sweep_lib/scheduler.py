@@ -25,8 +25,6 @@ from experiments.sweep_lib import worker
 from experiments.sweep_lib.spec import Run
 from experiments.sweep_lib.spec import SweepSpec
 
-LOG_FILE = "worker.log"
-
 
 @dataclasses.dataclass(frozen=True)
 class Shard:
@@ -68,7 +66,7 @@ class Outcome:
   """What one invocation did, by run id."""
 
   skipped: list[str] = dataclasses.field(default_factory=list)  # finished before
-  finished: list[str] = dataclasses.field(default_factory=list)
+  completed: list[str] = dataclasses.field(default_factory=list)
   diverged: list[str] = dataclasses.field(default_factory=list)
   failed: list[str] = dataclasses.field(default_factory=list)
   busy: list[str] = dataclasses.field(default_factory=list)  # locked by another process
@@ -79,22 +77,16 @@ def default_jobs() -> int:
   return max(len(os.sched_getaffinity(0)), 1)
 
 
-def _prepare(out_dir: str, spec: SweepSpec, run: Run) -> str:
-  directory = results.run_dir(out_dir, run.run_id)
-  os.makedirs(directory, exist_ok=True)
-  path = os.path.join(directory, worker.RUN_FILE)
+def _start(out_dir: str, spec: SweepSpec, run: Run) -> subprocess.Popen:
+  path = worker.job_file(out_dir, run.run_id, "json")
   if not os.path.exists(path):
     write_json(path, results.run_record(run, spec.task))
-  return directory
-
-
-def _start(directory: str) -> subprocess.Popen:
   root = os.path.dirname(os.path.dirname(os.path.abspath(experiments.__file__)))
   env = dict(os.environ)
   env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
-  with open(os.path.join(directory, LOG_FILE), "a", encoding="utf-8") as log:
+  with open(worker.job_file(out_dir, run.run_id, "log"), "a", encoding="utf-8") as log:
     return subprocess.Popen(
-      [sys.executable, "-m", "experiments.sweep_lib.worker", directory],
+      [sys.executable, "-m", "experiments.sweep_lib.worker", out_dir, run.run_id],
       stdout=log,
       stderr=subprocess.STDOUT,
       stdin=subprocess.DEVNULL,
@@ -104,8 +96,8 @@ def _start(directory: str) -> subprocess.Popen:
 
 def _describe(summary: dict, task_metrics: tuple[str, ...]) -> str:
   parts = [summary["status"]]
-  if summary.get("diverged_step") is not None:
-    parts.append(f"at step {summary['diverged_step']}")
+  if summary.get("diverged_at_step") is not None:
+    parts.append(f"at step {summary['diverged_at_step']}")
   for key in task_metrics:
     value = summary.get(key)
     if isinstance(value, float):
@@ -162,7 +154,7 @@ def run_sweep(
   outcome = Outcome()
   pending = []
   for run in shard.take(runs):
-    if worker.read_summary(results.run_dir(out_dir, run.run_id)) is not None:
+    if worker.read_summary(out_dir, run.run_id) is not None:
       outcome.skipped.append(run.run_id)
     else:
       pending.append(run)
@@ -184,19 +176,18 @@ def run_sweep(
     while pending or running:
       while pending and len(running) < jobs:
         run = pending.pop(0)
-        running[_start(_prepare(out_dir, spec, run))] = (run, time.monotonic())
+        running[_start(out_dir, spec, run)] = (run, time.monotonic())
         started += 1
       time.sleep(0.2)
       for process in [p for p in running if p.poll() is not None]:
         run, start = running.pop(process)
-        directory = results.run_dir(out_dir, run.run_id)
         done = total - len(pending) - len(running)
         seconds = time.monotonic() - start
         if process.returncode == worker.EXIT_BUSY:
           outcome.busy.append(run.run_id)
           log(f"[{done}/{total}] {run.run_id}: under way in another process, left to it")
           continue
-        summary = worker.read_summary(directory)
+        summary = worker.read_summary(out_dir, run.run_id)
         if process.returncode == 0 and summary is not None:
           getattr(outcome, summary["status"]).append(run.run_id)
           log(f"[{done}/{total}] {run.run_id}: {_describe(summary, metrics)} ({seconds:.0f} s)")
@@ -204,7 +195,7 @@ def run_sweep(
           outcome.failed.append(run.run_id)
           log(
             f"[{done}/{total}] {run.run_id}: FAILED (exit {process.returncode}); see "
-            f"{os.path.join(directory, LOG_FILE)}"
+            f"{worker.job_file(out_dir, run.run_id, 'log')}"
           )
         results.write_results(out_dir, spec, runs)
   finally:
@@ -215,18 +206,17 @@ def run_sweep(
 
 
 def status(out_dir: str, spec: SweepSpec) -> dict[str, list[str]]:
-  """Every run of ``spec`` by state: finished, diverged, failed, running, pending."""
+  """Every run of ``spec`` by state: completed, diverged, failed, running, pending."""
   states: dict[str, list[str]] = {
-    k: [] for k in ("finished", "diverged", "failed", "running", "pending")
+    k: [] for k in ("completed", "diverged", "failed", "running", "pending")
   }
   for run in spec.runs():
-    directory = results.run_dir(out_dir, run.run_id)
-    summary = worker.read_summary(directory)
+    summary = worker.read_summary(out_dir, run.run_id)
     if summary is not None:
       states[summary["status"]].append(run.run_id)
-    elif os.path.isdir(directory) and worker.is_locked(directory):
+    elif worker.is_locked(out_dir, run.run_id):
       states["running"].append(run.run_id)
-    elif os.path.exists(os.path.join(directory, worker.FAILED_FILE)):
+    elif os.path.exists(worker.job_file(out_dir, run.run_id, "failed.json")):
       states["failed"].append(run.run_id)
     else:
       states["pending"].append(run.run_id)
@@ -235,7 +225,7 @@ def status(out_dir: str, spec: SweepSpec) -> dict[str, list[str]]:
 
 def failure(out_dir: str, run_id: str) -> str:
   """The last line of a failed run's traceback."""
-  path = os.path.join(results.run_dir(out_dir, run_id), worker.FAILED_FILE)
+  path = worker.job_file(out_dir, run_id, "failed.json")
   with open(path, encoding="utf-8") as f:
     lines = json.load(f)["traceback"].strip().splitlines()
   return lines[-1] if lines else "(no traceback)"

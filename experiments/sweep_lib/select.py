@@ -141,7 +141,7 @@ def select(
 
   Examples:
     >>> rows = [
-    ...   dict(run_id=f"a-lr{lr}-s{s}", name="a", seed=s, status="finished", learning_rate=lr,
+    ...   dict(run_id=f"a-lr{lr}-s{s}", name="a", seed=s, status="completed", learning_rate=lr,
     ...        val=v, test=t)
     ...   for lr, s, v, t in [(0.1, 0, 0.70, 0.69), (0.1, 1, 0.72, 0.71),
     ...                       (0.3, 0, 0.75, 0.60), (0.3, 1, 0.74, 0.61)]

@@ -5,8 +5,8 @@ existing harness (``kstep_adam.ctr.train``; the convergence experiment's
 :func:`~experiments.convergence.runner.run_grid`), and turns the run's ``summary.json`` into a
 row of ``results.csv``. Nothing here is a training loop of its own.
 
-Every summary a task writes has a ``status``: ``finished``, or ``diverged`` with
-``diverged_step``, the first recorded step whose loss was not finite.
+Every summary a task writes has a ``status``: ``completed``, or ``diverged`` with
+``diverged_at_step`` (None where the step is not known) and a ``message``.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from experiments._common import read_jsonl
 from experiments._common import write_json
 from experiments._common import write_jsonl
 
-FINISHED, DIVERGED = "finished", "diverged"
+COMPLETED, DIVERGED = "completed", "diverged"
 
 
 def _first_non_finite_step(records: list[dict]) -> int | None:
@@ -138,17 +138,20 @@ class CTRTask(Task):
     return train_with_status(config, ctr.make_source(data, config), out_dir)
 
   def row(self, summary: dict) -> dict:
+    from kstep_adam.ctr._config import OPTIMIZER_FIELDS
+
     config = summary["config"]
+    relevant = {"optimizer", "learning_rate", "batch_size", "top_mlp"}
+    relevant.update(OPTIMIZER_FIELDS[config["optimizer"]])
+    hyperparameters = {f: config[f] if f in relevant else None for f in self.hyperparameters}
+    if "sparse_bytes" not in summary:  # stopped before its final evaluation: no totals
+      return {**hyperparameters, "steps": summary.get("steps")}
     dense = summary.get("dense_bytes_by_axis", {})
     dense_node, dense_local = dense.get("node", 0.0), dense.get("local", 0.0)
     sparse, sparse_node = summary["sparse_bytes"], summary["sparse_inter_node_bytes"]
     compute, comm = summary["measured_compute_seconds"], summary["estimated_comm_seconds"]
-    relevant = {"optimizer", "learning_rate", "batch_size", "top_mlp"}
-    from kstep_adam.ctr._config import OPTIMIZER_FIELDS
-
-    relevant.update(OPTIMIZER_FIELDS[config["optimizer"]])
     return {
-      **{f: config[f] if f in relevant else None for f in self.hyperparameters},
+      **hyperparameters,
       "steps": summary["steps"],
       "val_auc": summary.get("val_auc"),
       "val_logloss": summary.get("val_logloss"),
@@ -169,25 +172,43 @@ class CTRTask(Task):
 
 
 def train_with_status(config, source, out_dir: str) -> dict:
-  """Train with :func:`kstep_adam.ctr.train` and record how the run ended in its summary.
+  """Train with :func:`kstep_adam.ctr.train`; return its summary, with how the run ended.
 
-  The one place where the sweep learns that a run diverged. Until the trainer stops a
-  diverging run itself, a run is ``diverged`` when its loss became non-finite: the first
-  logged ``train`` record whose loss is not finite gives ``diverged_step`` (the end of the
-  logging window in which it happened).
+  The one place where the sweep learns that a CTR run diverged; everything else reads
+  ``status`` from the summary. A run whose loss or gradients became non-finite is
+  ``diverged``: either it finished with a non-finite training loss in ``metrics.jsonl``, or it
+  stopped because the embedding tier refused non-finite row gradients. ``diverged_at_step`` is
+  the step of the first non-finite loss record (the end of its logging window), or None when
+  the run stopped before logging one.
   """
   from kstep_adam import ctr
 
-  summary = ctr.train(config, source, out_dir)
-  records = read_jsonl(os.path.join(out_dir, "metrics.jsonl"))
+  metrics = os.path.join(out_dir, "metrics.jsonl")
+  try:
+    summary = ctr.train(config, source, out_dir)
+  except ValueError as e:
+    if "must be finite" not in str(e):
+      raise
+    records = read_jsonl(metrics) if os.path.exists(metrics) else []
+    summary = {
+      "status": DIVERGED,
+      "diverged_at_step": _first_non_finite_step(records),
+      "message": f"training stopped: {e}",
+      "config": dataclasses.asdict(config),
+    }
+    write_json(os.path.join(out_dir, "summary.json"), summary)
+    return summary
+  records = read_jsonl(metrics)
   train = [r for r in records if r.get("kind") == "train"]
   step = _first_non_finite_step(records)
   summary = {
     **summary,
-    "status": DIVERGED if step is not None else FINISHED,
-    "diverged_step": step,
+    "status": DIVERGED if step is not None else COMPLETED,
+    "diverged_at_step": step,
     "final_train_loss": train[-1]["loss"] if train else None,
   }
+  if step is not None:
+    summary["message"] = f"the training loss was not finite at step {step}"
   write_json(os.path.join(out_dir, "summary.json"), summary)
   return summary
 
@@ -294,8 +315,8 @@ class ConvergenceTask(Task):
     bad = np.flatnonzero(~np.isfinite(curve_T))
     gap = float(out["gap_xbar_ExS"][0, 0])
     summary = {
-      "status": DIVERGED if bad.size or not math.isfinite(gap) else FINISHED,
-      "diverged_step": int(bad[0]) + 1 if bad.size else None,
+      "status": DIVERGED if bad.size or not math.isfinite(gap) else COMPLETED,
+      "diverged_at_step": int(bad[0]) + 1 if bad.size else None,
       "gap": gap,
       "final_train_loss": float(curve_T[-1]),
       "steps": p["steps"],

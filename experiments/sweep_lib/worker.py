@@ -1,18 +1,21 @@
-"""One sweep run in a process of its own: ``python -m experiments.sweep_lib.worker RUN_DIR``.
+"""One sweep run in a process of its own: ``python -m experiments.sweep_lib.worker DIR RUN_ID``.
 
-``RUN_DIR/run.json`` says what to run (task and fields). The worker
+A run's outputs are the trainer's own, in ``DIR/runs/RUN_ID/`` (``metrics.jsonl``,
+``summary.json``), which the sweep never writes into. The sweep's bookkeeping of the run lives
+beside them, in ``DIR/jobs/``:
 
-1. takes ``RUN_DIR/lock`` (an exclusive ``flock``, held until the process ends): if another
-   process holds it, the run is under way elsewhere and the worker exits with
-   :data:`EXIT_BUSY`, so two sweeps over one directory never run a run twice at once;
-2. exits at once if the run already finished (``summary.json`` with a ``status``);
-3. otherwise clears what a killed attempt left (``metrics.jsonl``, ``summary.json``,
-   ``failed.json``), appends a line to ``starts.jsonl``, asks JAX for the run's devices, and
-   trains through the task;
-4. on an exception writes ``failed.json`` (the traceback) and exits with status 1.
+* ``RUN_ID.json``: what to run (task and fields), written by the scheduler;
+* ``RUN_ID.lock``: an exclusive ``flock`` the worker holds while it runs, so two sweeps over
+  one directory (two shards, a rerun beside a sweep killed without its workers) never run one
+  run twice at once;
+* ``RUN_ID.log``: every attempt's output, each headed by a ``start`` line;
+* ``RUN_ID.failed.json``: the traceback of an attempt that raised (removed by the next one).
 
-A run is finished exactly when its ``summary.json`` has a ``status``: the summary is written
-atomically, last, so a run killed at any moment is either finished or redone from the start.
+The worker takes the lock (else exits with :data:`EXIT_BUSY`), exits at once if the run has
+finished (its ``summary.json`` has a ``status``), otherwise removes what a killed attempt left
+in the run's directory, asks JAX for the run's devices and trains through the task. A run is
+finished exactly when its summary has a status: the trainer writes it atomically, last, so a
+run killed at any moment is either finished or redone from the start.
 """
 
 from __future__ import annotations
@@ -20,29 +23,34 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import shutil
 import socket
 import sys
 import time
 import traceback
 
-from experiments._common import dumps
 from experiments._common import use_cpu_devices
 from experiments._common import write_json
 
 EXIT_BUSY = 75  # EX_TEMPFAIL: the run is locked by another process
-RUN_FILE, SUMMARY_FILE, FAILED_FILE, STARTS_FILE, LOCK_FILE = (
-  "run.json",
-  "summary.json",
-  "failed.json",
-  "starts.jsonl",
-  "lock",
-)
-PARTIAL_FILES = ("metrics.jsonl", SUMMARY_FILE, FAILED_FILE)
+RUNS_DIR, JOBS_DIR = "runs", "jobs"
+SUMMARY_FILE = "summary.json"
 
 
-def read_summary(run_dir: str) -> dict | None:
+def run_dir(out_dir: str, run_id: str) -> str:
+  """The run's own directory (the trainer's ``out_dir``)."""
+  return os.path.join(out_dir, RUNS_DIR, run_id)
+
+
+def job_file(out_dir: str, run_id: str, kind: str) -> str:
+  """The sweep's bookkeeping file of a run: ``kind`` is ``json``, ``lock``, ``log`` or
+  ``failed.json``."""
+  return os.path.join(out_dir, JOBS_DIR, f"{run_id}.{kind}")
+
+
+def read_summary(out_dir: str, run_id: str) -> dict | None:
   """The run's ``summary.json`` if the run finished (it has a ``status``), else None."""
-  path = os.path.join(run_dir, SUMMARY_FILE)
+  path = os.path.join(run_dir(out_dir, run_id), SUMMARY_FILE)
   try:
     with open(path, encoding="utf-8") as f:
       summary = json.load(f)
@@ -53,9 +61,10 @@ def read_summary(run_dir: str) -> dict | None:
   return summary if isinstance(summary, dict) and "status" in summary else None
 
 
-def try_lock(run_dir: str):
-  """An open file holding ``run_dir``'s exclusive lock, or None if another process holds it."""
-  fd = os.open(os.path.join(run_dir, LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o666)
+def try_lock(path: str):
+  """An open file holding the exclusive lock ``path``, or None if another process holds it."""
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
   try:
     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
   except BlockingIOError:
@@ -64,52 +73,52 @@ def try_lock(run_dir: str):
   return os.fdopen(fd, "r+")
 
 
-def is_locked(run_dir: str) -> bool:
-  """Whether a live process holds ``run_dir``'s lock (a run under way)."""
-  if not os.path.exists(os.path.join(run_dir, LOCK_FILE)):
+def is_locked(out_dir: str, run_id: str) -> bool:
+  """Whether a live process holds the run's lock (the run is under way)."""
+  path = job_file(out_dir, run_id, "lock")
+  if not os.path.exists(path):
     return False
-  lock = try_lock(run_dir)
+  lock = try_lock(path)
   if lock is None:
     return True
   lock.close()
   return False
 
 
-def run(run_dir: str) -> int:
-  """Run ``run_dir``'s run unless it is finished or locked; return the exit status."""
+def run(out_dir: str, run_id: str) -> int:
+  """Run ``run_id`` of the sweep in ``out_dir`` unless it finished or is locked; return the
+  exit status (0, 1 on an error, :data:`EXIT_BUSY`)."""
   from experiments.sweep_lib import tasks
 
-  lock = try_lock(run_dir)
+  lock = try_lock(job_file(out_dir, run_id, "lock"))
   if lock is None:
     return EXIT_BUSY
   with lock:
-    if read_summary(run_dir) is not None:
+    if read_summary(out_dir, run_id) is not None:
       return 0
-    with open(os.path.join(run_dir, RUN_FILE), encoding="utf-8") as f:
+    with open(job_file(out_dir, run_id, "json"), encoding="utf-8") as f:
       record = json.load(f)
-    for name in PARTIAL_FILES:
-      path = os.path.join(run_dir, name)
-      if os.path.exists(path):
-        os.unlink(path)
-    with open(os.path.join(run_dir, STARTS_FILE), "a", encoding="utf-8") as f:
-      f.write(dumps({"time": time.time(), "host": socket.gethostname(), "pid": os.getpid()}))
-      f.write("\n")
+    failed = job_file(out_dir, run_id, "failed.json")
+    if os.path.exists(failed):
+      os.unlink(failed)
+    directory = run_dir(out_dir, run_id)
+    if os.path.exists(directory):  # what a killed attempt left: it is redone whole
+      shutil.rmtree(directory)
+    os.makedirs(directory)
+    print(f"start {run_id} at {time.ctime()} on {socket.gethostname()}, pid {os.getpid()}")
     task = tasks.get(record["task"])
     params = record["params"]
     try:
       use_cpu_devices(task.num_devices(params))
-      task.run(params, run_dir)
+      task.run(params, directory)
     except Exception:
-      write_json(
-        os.path.join(run_dir, FAILED_FILE),
-        {"run_id": record["run_id"], "traceback": traceback.format_exc()},
-      )
+      write_json(failed, {"run_id": run_id, "traceback": traceback.format_exc()})
       traceback.print_exc()
       return 1
   return 0
 
 
 if __name__ == "__main__":
-  if len(sys.argv) != 2:
-    raise SystemExit("usage: python -m experiments.sweep_lib.worker RUN_DIR")
-  sys.exit(run(sys.argv[1]))
+  if len(sys.argv) != 3:
+    raise SystemExit("usage: python -m experiments.sweep_lib.worker SWEEP_DIR RUN_ID")
+  sys.exit(run(sys.argv[1], sys.argv[2]))

@@ -16,7 +16,7 @@ from kstep_adam._validation import check_int
 from kstep_adam.ctr._models import MODELS
 
 # The dense optimizers of the family, all run by the same harness with the same byte accounting.
-OPTIMIZERS = ("sync_adam", "kstep_adam", "local_sgd", "diloco")
+OPTIMIZERS = ("sync_adam", "kstep_adam", "local_sgd", "diloco", "onebit_adam", "topk_ef")
 SYNC_STATES = ("params", "params+nu", "params+moments", "desloc")
 MERGE_MODES = ("global", "node")
 # The fields each optimizer reads beside the learning rate (the others do not change its run).
@@ -25,6 +25,8 @@ OPTIMIZER_FIELDS = {
   "kstep_adam": ("k", "sync", "form", "merge"),
   "local_sgd": ("k", "momentum", "merge"),
   "diloco": ("k", "outer_learning_rate", "outer_momentum", "merge"),
+  "onebit_adam": ("warmup_steps",),
+  "topk_ef": ("density", "warmup_steps"),
 }
 SPARSE_MODES = ("exact", "lazy")
 NONFINITE_ACTIONS = ("stop", "skip")
@@ -58,7 +60,11 @@ class TrainConfig:
     optimizer: the dense optimizer: ``sync_adam`` (DDP: gradients averaged every step),
       ``kstep_adam`` (local Adam, replicas merged every k), ``local_sgd`` (local SGD with
       momentum, parameters averaged every k) or ``diloco`` (inner Adam, an outer Nesterov step
-      on the averaged delta every k = H steps).
+      on the averaged delta every k = H steps), or a compression baseline that communicates
+      every step: ``onebit_adam`` (1-bit Adam: full Adam for ``warmup_steps``, then the
+      momentum exchanged as signs with error feedback) or ``topk_ef`` (Adam on gradients
+      averaged through top-k sparsification with error feedback). Their bytes are counted
+      at the compressed size.
     k: merge period of kstep_adam and local_sgd, inner steps H of diloco (ignored by sync_adam).
     sync: what k-step Adam averages: ``params`` (the production default), ``params+nu``,
       ``params+moments`` or ``desloc`` (params every k, first moment every 3k, second every 6k).
@@ -71,6 +77,9 @@ class TrainConfig:
       local.
     outer_learning_rate: diloco's outer SGD learning rate.
     outer_momentum: diloco's outer Nesterov momentum, in [0, 1).
+    density: topk_ef's share of each parameter array's entries sent per step, in (0, 1].
+    warmup_steps: the compression baselines' full-precision steps before compressing
+      (onebit_adam: >= 1, its second moment is frozen after them; topk_ef: >= 0).
     nodes: size of the ``node`` mesh axis.
     devices_per_node: size of the ``local`` mesh axis.
     steps: training steps; None means ``epochs`` passes over file data, or ``synthetic_steps``
@@ -123,6 +132,8 @@ class TrainConfig:
   momentum: float = 0.9
   outer_learning_rate: float = 0.7
   outer_momentum: float = 0.9
+  density: float = 0.01
+  warmup_steps: int = 100
   nodes: int = 2
   devices_per_node: int = 4
   steps: int | None = None
@@ -177,6 +188,10 @@ class TrainConfig:
       check_int(size, "top_mlp sizes", minimum=1)
     for name in ("momentum", "outer_momentum"):
       check_float(getattr(self, name), name, low=0.0, high=1.0, high_open=True)
+    check_float(self.density, "density", low=0.0, high=1.0, low_open=True)
+    check_int(
+      self.warmup_steps, "warmup_steps", minimum=1 if self.optimizer == "onebit_adam" else 0
+    )
     for name in (
       "learning_rate",
       "sparse_learning_rate",

@@ -9,7 +9,8 @@ Each step (the pass workflow of `docs/design.md` §1.1, one mini-batch at a time
 5. the rows' gradient, averaged over workers, is pushed once (``table.push``): synchronous
    sparse, like a parameter server;
 6. the dense replicas follow the optimizer (:func:`make_optimizer`): synchronous Adam, k-step
-   Adam and its merges, or a baseline of the family (local SGD, DiLoCo).
+   Adam and its merges, or a baseline of the family (local SGD, DiLoCo, 1-bit Adam, top-k
+   with error feedback).
 
 While step t computes, the thread reads step t+2 and the tier stages step t+1's rows
 (``table.prefetch``). Every table call stays on this thread, so the order of pull and push
@@ -30,9 +31,12 @@ import jax
 from kstep_adam import parallel
 from kstep_adam._baselines import diloco
 from kstep_adam._baselines import local_sgd
+from kstep_adam._baselines import onebit_adam
 from kstep_adam._baselines import sync_adam
+from kstep_adam._baselines import topk_ef
 from kstep_adam._jsonio import write_json
 from kstep_adam._kstep_adam import kstep_adam
+from kstep_adam._schedule import compressed_schedule
 from kstep_adam._schedule import merge_schedule
 from kstep_adam._schedule import sync_schedule
 from kstep_adam.ctr._config import OPTIMIZERS
@@ -68,6 +72,15 @@ def make_optimizer(config: TrainConfig):
   if config.optimizer == "sync_adam":
     schedule = sync_schedule(AXES)
     return sync_adam(lr, schedule), schedule
+  # The compression baselines exchange every step; the schedule carries the message format.
+  if config.optimizer == "onebit_adam":
+    schedule = compressed_schedule(AXES, "onebit", warmup_steps=config.warmup_steps)
+    return onebit_adam(lr, schedule), schedule
+  if config.optimizer == "topk_ef":
+    schedule = compressed_schedule(
+      AXES, "topk", density=config.density, warmup_steps=config.warmup_steps
+    )
+    return topk_ef(lr, schedule), schedule
   # The k-step family: every k steps over all workers, or inside a node every step and
   # across nodes every k.
   k = config.k if config.merge == "global" else {"node": config.k, "local": 1}
