@@ -15,8 +15,10 @@ table), the mean over its seeds with a ±1 std band. Files, prefixed ``sweep_NAM
 
 from __future__ import annotations
 
+import json
 import math
 import os
+import warnings
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -74,8 +76,6 @@ def network_text(out_dir: str, chosen: list[Selection]) -> str:
   if not chosen:
     return ""
   path = os.path.join(results.run_dir(out_dir, chosen[0].run_ids[0]), "summary.json")
-  import json
-
   with open(path, encoding="utf-8") as f:
     config = json.load(f).get("config", {})
   if "inter_node_gbps" not in config:
@@ -98,7 +98,8 @@ def _stack(curves: list[dict], x_key: str, y_key: str):
     return None
   x = np.mean([p[0][:n] for p in pairs], axis=0)
   y_SxN = np.array([p[1][:n] for p in pairs])
-  with np.errstate(invalid="ignore"):
+  with warnings.catch_warnings():  # a diverged run's records are NaN: no point to draw there
+    warnings.simplefilter("ignore", RuntimeWarning)
     return x, np.nanmean(y_SxN, axis=0), np.nanstd(y_SxN, axis=0, ddof=1 if len(pairs) > 1 else 0)
 
 

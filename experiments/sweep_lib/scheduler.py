@@ -163,7 +163,7 @@ def run_sweep(
     f"{len(outcome.skipped) + len(pending)}: {len(outcome.skipped)} finished before, "
     f"{len(pending)} to run, {jobs} at a time"
   )
-  metrics = (task.selection_metric, task.report_metric)
+  metrics = tuple(dict.fromkeys((task.selection_metric, task.report_metric)))
   running: dict[subprocess.Popen, tuple[Run, float]] = {}
   started, total = 0, len(pending)
   previous = signal.getsignal(signal.SIGTERM)

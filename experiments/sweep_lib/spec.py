@@ -275,7 +275,10 @@ def parse(document: Mapping, *, source: str = "<sweep>", quick: bool = False) ->
   for key in ("name", "task"):
     if not isinstance(document.get(key), str) or not document[key]:
       raise ValueError(f'{source}: needs {key} = "..."')
-  task = tasks.get(document["task"])
+  try:
+    task = tasks.get(document["task"])
+  except ValueError as e:
+    raise ValueError(f"{source}: {e}") from None
   if not isinstance(optimizer_tables, list) or not optimizer_tables:
     raise ValueError(f"{source}: needs at least one [[optimizers]] table")
   base = dict(document.get("base", {}))

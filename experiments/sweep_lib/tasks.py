@@ -326,7 +326,11 @@ class ConvergenceTask(Task):
     return summary
 
   def row(self, summary: dict) -> dict:
-    config = summary["config"]
+    from experiments.convergence import variants
+
+    config = dict(summary["config"])
+    if not variants.get_variant(config["variant"]).local_steps:
+      config["k"] = None  # it merges every step: k does not apply
     return {
       **{f: config.get(f) for f in self.hyperparameters},
       "steps": summary["steps"],

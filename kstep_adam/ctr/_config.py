@@ -21,12 +21,12 @@ SYNC_STATES = ("params", "params+nu", "params+moments", "desloc")
 MERGE_MODES = ("global", "node")
 # The fields each optimizer reads beside the learning rate (the others do not change its run).
 OPTIMIZER_FIELDS = {
-  "sync_adam": (),
-  "kstep_adam": ("k", "sync", "form", "merge"),
+  "sync_adam": ("eps",),
+  "kstep_adam": ("k", "sync", "form", "merge", "eps"),
   "local_sgd": ("k", "momentum", "merge"),
-  "diloco": ("k", "outer_learning_rate", "outer_momentum", "merge"),
-  "onebit_adam": ("warmup_steps",),
-  "topk_ef": ("density", "warmup_steps"),
+  "diloco": ("k", "outer_learning_rate", "outer_momentum", "merge", "eps"),
+  "onebit_adam": ("warmup_steps", "eps"),
+  "topk_ef": ("density", "warmup_steps", "eps"),
 }
 SPARSE_MODES = ("exact", "lazy")
 NONFINITE_ACTIONS = ("stop", "skip")
@@ -56,6 +56,10 @@ class TrainConfig:
       layer is added. The dense tower: e.g. ``(2048, 1024)`` gives the DLRM about 3.1M dense
       parameters, so that dense traffic is a real share of the bytes.
     learning_rate: learning rate of the dense optimizer (DiLoCo: of its inner Adam).
+    eps: epsilon of the dense Adam (every optimizer but local_sgd; k-step Adam's
+      ``local_adam`` form puts it inside the root). 1-bit Adam needs it well above 1e-8 on a
+      ReLU network: a unit that is dead through its warm-up keeps a second moment of exactly
+      0, and its compressed momentum (a leaf-wide scale, never 0) is divided by ``eps``.
     sparse_learning_rate: learning rate of the embedding tier's sparse Adam.
     optimizer: the dense optimizer: ``sync_adam`` (DDP: gradients averaged every step),
       ``kstep_adam`` (local Adam, replicas merged every k), ``local_sgd`` (local SGD with
@@ -123,6 +127,7 @@ class TrainConfig:
   top_mlp: tuple[int, ...] = (128, 64)
   batch_size: int = 128
   learning_rate: float = 2e-3
+  eps: float = 1e-8
   sparse_learning_rate: float = 2e-2
   optimizer: str = choice_field("kstep_adam", OPTIMIZERS)
   k: int = 8
@@ -194,6 +199,7 @@ class TrainConfig:
     )
     for name in (
       "learning_rate",
+      "eps",
       "sparse_learning_rate",
       "outer_learning_rate",
       "sparse_eps",

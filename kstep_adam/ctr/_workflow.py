@@ -27,6 +27,7 @@ import dataclasses
 import os
 
 import jax
+import optax
 
 from kstep_adam import parallel
 from kstep_adam._baselines import diloco
@@ -71,22 +72,22 @@ def make_optimizer(config: TrainConfig):
   lr = config.learning_rate
   if config.optimizer == "sync_adam":
     schedule = sync_schedule(AXES)
-    return sync_adam(lr, schedule), schedule
+    return sync_adam(lr, schedule, eps=config.eps), schedule
   # The compression baselines exchange every step; the schedule carries the message format.
   if config.optimizer == "onebit_adam":
     schedule = compressed_schedule(AXES, "onebit", warmup_steps=config.warmup_steps)
-    return onebit_adam(lr, schedule), schedule
+    return onebit_adam(lr, schedule, eps=config.eps), schedule
   if config.optimizer == "topk_ef":
     schedule = compressed_schedule(
       AXES, "topk", density=config.density, warmup_steps=config.warmup_steps
     )
-    return topk_ef(lr, schedule), schedule
+    return topk_ef(lr, schedule, eps=config.eps), schedule
   # The k-step family: every k steps over all workers, or inside a node every step and
   # across nodes every k.
   k = config.k if config.merge == "global" else {"node": config.k, "local": 1}
   if config.optimizer == "kstep_adam":
     schedule = merge_schedule(k, axis_name=AXES, sync=config.sync)
-    return kstep_adam(lr, schedule, form=config.form), schedule
+    return kstep_adam(lr, schedule, form=config.form, eps=config.eps), schedule
   if config.optimizer == "local_sgd":
     schedule = merge_schedule(k, axis_name=AXES, allowed_states=("params",))
     return local_sgd(lr, schedule, momentum=config.momentum or None), schedule
@@ -96,7 +97,7 @@ def make_optimizer(config: TrainConfig):
     )
     tx = diloco(
       schedule,
-      inner_learning_rate=lr,
+      inner=optax.adam(lr, eps=config.eps),
       outer_learning_rate=config.outer_learning_rate,
       outer_momentum=config.outer_momentum,
     )
