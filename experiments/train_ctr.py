@@ -20,6 +20,13 @@ Checkpoints, and a run that continues exactly where a killed one stopped:
   python -m experiments.train_ctr --checkpoint-every 100 --out runs/ckpt
   python -m experiments.train_ctr --checkpoint-every 100 --out runs/ckpt --resume
 
+Every optimizer of the family runs on the same harness, sparse tier and byte accounting
+(``--optimizer sync_adam|kstep_adam|local_sgd|diloco|onebit_adam|topk_ef``, with ``--sync``,
+``--form``, ``--k``, ``--momentum``, ``--outer-learning-rate``, ``--density``,
+``--warmup-steps``), and ``--dense-tower 2048 1024`` gives the DLRM 2.9M dense parameters:
+
+  python -m experiments.train_ctr --optimizer diloco --k 16 --dense-tower 2048 1024
+
 Every flag comes from :class:`kstep_adam.ctr.DataConfig` and :class:`kstep_adam.ctr.TrainConfig`
 (``--help`` lists them with their defaults). Writes ``OUT/run.json`` (what the run is),
 ``OUT/metrics.jsonl`` (every ``--log-every`` steps and every evaluation), ``OUT/summary.json``
@@ -44,7 +51,11 @@ from kstep_adam import ctr
 from kstep_adam._jsonio import finite_or_none
 
 # The short spellings users know, beside the generated --learning-rate / --sparse-learning-rate.
-ALIASES = {"learning_rate": ["--lr"], "sparse_learning_rate": ["--sparse-lr"]}
+ALIASES = {
+  "learning_rate": ["--lr"],
+  "sparse_learning_rate": ["--sparse-lr"],
+  "top_mlp": ["--dense-tower"],
+}
 
 # The exit status of a diverged run (a sweep tells it from a crash by it).
 DIVERGED_EXIT_STATUS = 3

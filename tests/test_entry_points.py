@@ -21,6 +21,8 @@ ENTRY_POINTS = (
   "experiments.benchmarks.optimizer_overhead",
   "experiments.benchmarks.ctr_throughput",
   "experiments.benchmarks.embedding_tier",
+  "experiments.sweep",
+  "experiments.plot.__main__",
 )
 OUTPUT_FLAGS = ("out", "figures", "workdir")
 

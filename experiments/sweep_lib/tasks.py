@@ -143,7 +143,7 @@ class CTRTask(Task):
     config = summary["config"]
     relevant = {"optimizer", "learning_rate", "batch_size", "top_mlp"}
     relevant.update(OPTIMIZER_FIELDS[config["optimizer"]])
-    hyperparameters = {f: config[f] if f in relevant else None for f in self.hyperparameters}
+    hyperparameters = {f: config.get(f) if f in relevant else None for f in self.hyperparameters}
     if "sparse_bytes" not in summary:  # stopped before its final evaluation: no totals
       return {**hyperparameters, "steps": summary.get("steps")}
     dense = summary.get("dense_bytes_by_axis", {})

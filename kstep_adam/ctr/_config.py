@@ -53,7 +53,7 @@ class TrainConfig:
     embed_dim: embedding width D.
     batch_size: examples per worker per step (the global batch is workers x batch_size).
     top_mlp: hidden sizes of the DLRM's top MLP (DCN-v2: of its deep MLP); a final size-1
-      layer is added. The dense tower: e.g. ``(2048, 1024)`` gives the DLRM about 3.1M dense
+      layer is added. The dense tower: e.g. ``(2048, 1024)`` gives the DLRM about 2.9M dense
       parameters, so that dense traffic is a real share of the bytes.
     learning_rate: learning rate of the dense optimizer (DiLoCo: of its inner Adam).
     eps: epsilon of the dense Adam (every optimizer but local_sgd; k-step Adam's
