@@ -295,16 +295,23 @@ def test_a_diverging_run_is_recorded_and_the_sweep_goes_on(tiny_done):
   assert "| sgd_blowup | 100 | – | – | 2 (1 of 1 candidates diverged) |" in table
 
 
-def test_a_ctr_run_that_diverges_is_recorded_with_its_step(tmp_path):
+def test_a_ctr_run_on_file_data_that_diverges_is_recorded(tmp_path):
   # Local SGD at a step size of 1e4 sends the dense tower to inf within a few steps; the
-  # embedding tier then refuses the non-finite row gradients, which ends the run.
+  # embedding tier then refuses the non-finite row gradients, which ends the run. The data is
+  # a Criteo-format file, its validation set carved from the bytes before the test part.
+  from kstep_adam import ctr
+
+  data = tmp_path / "day.txt"
+  ctr.SyntheticCTR(vocab_size=200, seed=1).write_criteo(str(data), 2000)
   config, out = tiny_sweep(
     tmp_path,
     textwrap.dedent(
-      """
+      f"""
       name = "ctr_blowup"
       task = "ctr"
       [base]
+      data = "criteo:{data}"
+      val_fraction = 0.15
       nodes = 1
       devices_per_node = 2
       batch_size = 16
@@ -312,8 +319,6 @@ def test_a_ctr_run_that_diverges_is_recorded_with_its_step(tmp_path):
       log_every = 2
       eval_every = 0
       top_mlp = [16]
-      val_examples = 512
-      test_examples = 512
       table_rows = 4096
       host_cache_rows = 1024
       [[optimizers]]
@@ -327,7 +332,11 @@ def test_a_ctr_run_that_diverges_is_recorded_with_its_step(tmp_path):
   assert sweep.main([config, "--out", out, "--jobs", "2"]) == 0
   rows = {r["run_id"]: r for r in read_csv(os.path.join(out, "results.csv"))}
   assert rows["sgd-lr0.01-s0"]["status"] == "completed"
-  assert float(rows["sgd-lr0.01-s0"]["test_auc"]) > 0.5
+  # A dozen steps on a small file: the metrics exist, their values are noise.
+  assert 0 < float(rows["sgd-lr0.01-s0"]["test_auc"]) < 1
+  assert 0 < float(rows["sgd-lr0.01-s0"]["val_auc"]) < 1
+  summary = worker.read_summary(out, "sgd-lr0.01-s0")
+  assert summary["val_examples"] + summary["test_examples"] < 2000 * 0.3
   diverged = worker.read_summary(out, "sgd-lr10000.0-s0")
   assert diverged["status"] == "diverged" and "finite" in diverged["message"]
 
