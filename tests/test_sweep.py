@@ -4,6 +4,7 @@ sweep end to end, and the figures drawn from a sweep directory."""
 import csv
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -295,10 +296,10 @@ def test_a_diverging_run_is_recorded_and_the_sweep_goes_on(tiny_done):
   assert "| sgd_blowup | 100 | – | – | 2 (1 of 1 candidates diverged) |" in table
 
 
-def test_a_ctr_run_on_file_data_that_diverges_is_recorded(tmp_path):
+def test_a_ctr_run_on_file_data_that_diverges_is_stopped_and_recorded(tmp_path):
   # Local SGD at a step size of 1e4 sends the dense tower to inf within a few steps; the
-  # embedding tier then refuses the non-finite row gradients, which ends the run. The data is
-  # a Criteo-format file, its validation set carved from the bytes before the test part.
+  # trainer stops the run at the first non-finite loss or gradient. The data is a
+  # Criteo-format file, its validation set carved from the bytes before the test part.
   from kstep_adam import ctr
 
   data = tmp_path / "day.txt"
@@ -338,7 +339,78 @@ def test_a_ctr_run_on_file_data_that_diverges_is_recorded(tmp_path):
   summary = worker.read_summary(out, "sgd-lr0.01-s0")
   assert summary["val_examples"] + summary["test_examples"] < 2000 * 0.3
   diverged = worker.read_summary(out, "sgd-lr10000.0-s0")
-  assert diverged["status"] == "diverged" and "finite" in diverged["message"]
+  assert diverged["status"] == "diverged" and "not finite" in diverged["message"]
+  assert 1 <= diverged["diverged_at_step"] <= 12
+  assert rows["sgd-lr10000.0-s0"]["diverged_at_step"] == str(diverged["diverged_at_step"])
+
+
+def test_killed_ctr_runs_resume_from_their_checkpoint_or_start_over(tmp_path):
+  # Two ways a CTR run dies halfway. One was killed after its checkpoint at step 8: its
+  # summary is gone and the checkpoint at step 10 lacks the manifest that commits it, so the
+  # rerun resumes the run at step 8 (from the same dense state, table version and data
+  # position). The other was killed before it recorded run.json: only a cut metrics.jsonl
+  # is left, of no run, and the rerun starts it over. Both end as the uninterrupted runs did.
+  from kstep_adam.ctr._checkpoint import step_dir
+
+  config, out = tiny_sweep(
+    tmp_path,
+    textwrap.dedent(
+      """
+      name = "ctr_resume"
+      task = "ctr"
+      [base]
+      nodes = 1
+      devices_per_node = 2
+      batch_size = 16
+      steps = 10
+      log_every = 2
+      eval_every = 0
+      checkpoint_every = 4
+      top_mlp = [16]
+      table_rows = 4096
+      host_cache_rows = 1024
+      val_examples = 512
+      test_examples = 512
+      [[optimizers]]
+      name = "kstep"
+      optimizer = "kstep_adam"
+      k = 2
+      learning_rate = [3e-3, 1e-2]
+      """
+    ),
+  )
+  assert sweep.main([config, "--out", out, "--jobs", "2"]) == 0
+  checkpointed, unrecorded = "kstep-lr0.003-s0", "kstep-lr0.01-s0"
+  before = {r: worker.read_summary(out, r) for r in (checkpointed, unrecorded)}
+  metrics = {}
+  for run_id in before:
+    with open(os.path.join(worker.run_dir(out, run_id), "metrics.jsonl")) as f:
+      metrics[run_id] = [json.loads(line) for line in f]
+  directory = worker.run_dir(out, checkpointed)
+  os.unlink(os.path.join(directory, "summary.json"))
+  checkpoints = os.path.join(directory, "checkpoints")
+  os.unlink(os.path.join(step_dir(checkpoints, 10), "manifest.json"))
+  resumed_from = os.stat(os.path.join(step_dir(checkpoints, 8), "manifest.json")).st_mtime_ns
+  directory = worker.run_dir(out, unrecorded)
+  shutil.rmtree(directory)
+  os.makedirs(directory)
+  with open(os.path.join(directory, "metrics.jsonl"), "w") as f:
+    f.write('{"kind": "train", "step": 2, "loss": 0.7}\n{"kind": "tra')  # cut mid-record
+
+  assert sweep.main([config, "--out", out, "--jobs", "2"]) == 0
+  for run_id, summary in before.items():
+    after = worker.read_summary(out, run_id)
+    assert after["status"] == "completed" and starts(out, run_id) == 2
+    for key in ("val_auc", "test_auc", "test_logloss", "steps", "dense_bytes_by_axis"):
+      assert after[key] == summary[key], (run_id, key)
+    with open(os.path.join(worker.run_dir(out, run_id), "metrics.jsonl")) as f:
+      records = [json.loads(line) for line in f]
+    assert [r["step"] for r in records] == [r["step"] for r in metrics[run_id]]
+  # Resumed, not redone: the checkpoint it resumed from is the one written the first time.
+  manifest = os.path.join(step_dir(checkpoints, 8), "manifest.json")
+  assert os.stat(manifest).st_mtime_ns == resumed_from
+  rows = read_csv(os.path.join(out, "results.csv"))
+  assert sorted(r["run_id"] for r in rows) == sorted(before)
 
 
 def test_an_edited_config_is_refused_instead_of_mixing_two_experiments(tmp_path):

@@ -108,6 +108,7 @@ def collect(out_dir: str, spec: SweepSpec, runs: list[Run] | None = None) -> lis
     summary = worker.read_summary(out_dir, run.run_id)
     if summary is None:
       continue
+    losses = curves(out_dir, run.run_id)["loss"]
     rows.append(
       {
         "run_id": run.run_id,
@@ -117,6 +118,7 @@ def collect(out_dir: str, spec: SweepSpec, runs: list[Run] | None = None) -> lis
         "diverged_at_step": summary.get("diverged_at_step"),
         **{f: None for f in spec.grid_fields},
         **task.row(summary),
+        "final_train_loss": float(losses[-1]) if losses.size else None,
         **run.grid,
       }
     )

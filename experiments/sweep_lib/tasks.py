@@ -6,38 +6,29 @@ existing harness (``kstep_adam.ctr.train``; the convergence experiment's
 row of ``results.csv``. Nothing here is a training loop of its own.
 
 Every summary a task writes has a ``status``: ``completed``, or ``diverged`` with
-``diverged_at_step`` (None where the step is not known) and a ``message``.
+``diverged_at_step`` and a ``message``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import typing
 from typing import Any
 
-from experiments._common import read_jsonl
 from experiments._common import write_json
 from experiments._common import write_jsonl
 
 COMPLETED, DIVERGED = "completed", "diverged"
 
 
-def _first_non_finite_step(records: list[dict]) -> int | None:
-  """The step of the first ``train`` record whose loss is not finite (None in strict JSON)."""
-  for record in records:
-    if record.get("kind") == "train":
-      loss = record.get("loss")
-      if loss is None or not math.isfinite(loss):
-        return int(record["step"])
-  return None
-
-
 class Task:
   """The interface of a sweep task (see :class:`CTRTask`)."""
 
   name: str
+  resumable: bool  # run() continues what a killed attempt left in its directory
   selection_metric: str  # chosen on: a validation metric
   report_metric: str  # reported: the test metric of the chosen runs
   higher_is_better: bool
@@ -86,6 +77,7 @@ class CTRTask(Task):
   """
 
   name = "ctr"
+  resumable = True
   selection_metric = "val_auc"
   report_metric = "test_auc"
   higher_is_better = True
@@ -158,7 +150,6 @@ class CTRTask(Task):
       "test_auc": summary.get("test_auc"),
       "test_logloss": summary.get("test_logloss"),
       "teacher_auc": summary.get("teacher_auc"),
-      "final_train_loss": summary.get("final_train_loss"),
       "dense_inter_node_bytes": dense_node,
       "dense_intra_node_bytes": dense_local,
       "sparse_bytes": sparse,
@@ -172,45 +163,25 @@ class CTRTask(Task):
 
 
 def train_with_status(config, source, out_dir: str) -> dict:
-  """Train with :func:`kstep_adam.ctr.train`; return its summary, with how the run ended.
+  """Train with :func:`kstep_adam.ctr.train`; return its summary, which says how the run ended.
 
-  The one place where the sweep learns that a CTR run diverged; everything else reads
-  ``status`` from the summary. A run whose loss or gradients became non-finite is
-  ``diverged``: either it finished with a non-finite training loss in ``metrics.jsonl``, or it
-  stopped because the embedding tier refused non-finite row gradients. ``diverged_at_step`` is
-  the step of the first non-finite loss record (the end of its logging window), or None when
-  the run stopped before logging one.
+  The one place where the sweep meets a diverging CTR run. The trainer stops a run whose loss
+  or gradients become non-finite, or whose loss explodes (``divergence_factor``), with a
+  :class:`kstep_adam.ctr.DivergenceError` naming the step, after writing a ``summary.json``
+  with ``status: "diverged"``, ``diverged_at_step`` and the message; the sweep records that
+  and goes on. A run that a killed attempt left is continued (``resume``), from its latest
+  checkpoint when it saved one (``checkpoint_every``), else from its start; an attempt killed
+  before it recorded ``run.json`` left only partial outputs of no run, which are replaced
+  (``overwrite``).
   """
   from kstep_adam import ctr
 
-  metrics = os.path.join(out_dir, "metrics.jsonl")
+  recorded = os.path.exists(os.path.join(out_dir, "run.json"))
   try:
-    summary = ctr.train(config, source, out_dir)
-  except ValueError as e:
-    if "must be finite" not in str(e):
-      raise
-    records = read_jsonl(metrics) if os.path.exists(metrics) else []
-    summary = {
-      "status": DIVERGED,
-      "diverged_at_step": _first_non_finite_step(records),
-      "message": f"training stopped: {e}",
-      "config": dataclasses.asdict(config),
-    }
-    write_json(os.path.join(out_dir, "summary.json"), summary)
-    return summary
-  records = read_jsonl(metrics)
-  train = [r for r in records if r.get("kind") == "train"]
-  step = _first_non_finite_step(records)
-  summary = {
-    **summary,
-    "status": DIVERGED if step is not None else COMPLETED,
-    "diverged_at_step": step,
-    "final_train_loss": train[-1]["loss"] if train else None,
-  }
-  if step is not None:
-    summary["message"] = f"the training loss was not finite at step {step}"
-  write_json(os.path.join(out_dir, "summary.json"), summary)
-  return summary
+    return ctr.train(config, source, out_dir, resume=recorded, overwrite=not recorded)
+  except ctr.DivergenceError:
+    with open(os.path.join(out_dir, "summary.json"), encoding="utf-8") as f:
+      return json.load(f)
 
 
 class ConvergenceTask(Task):
@@ -224,6 +195,7 @@ class ConvergenceTask(Task):
   """
 
   name = "convergence"
+  resumable = False
   selection_metric = "gap"
   report_metric = "gap"
   higher_is_better = False
@@ -318,7 +290,6 @@ class ConvergenceTask(Task):
       "status": DIVERGED if bad.size or not math.isfinite(gap) else COMPLETED,
       "diverged_at_step": int(bad[0]) + 1 if bad.size else None,
       "gap": gap,
-      "final_train_loss": float(curve_T[-1]),
       "steps": p["steps"],
       "config": p,
     }
@@ -335,7 +306,6 @@ class ConvergenceTask(Task):
       **{f: config.get(f) for f in self.hyperparameters},
       "steps": summary["steps"],
       "gap": summary["gap"],
-      "final_train_loss": summary["final_train_loss"],
     }
 
 

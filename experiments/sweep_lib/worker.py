@@ -12,10 +12,11 @@ beside them, in ``DIR/jobs/``:
 * ``RUN_ID.failed.json``: the traceback of an attempt that raised (removed by the next one).
 
 The worker takes the lock (else exits with :data:`EXIT_BUSY`), exits at once if the run has
-finished (its ``summary.json`` has a ``status``), otherwise removes what a killed attempt left
-in the run's directory, asks JAX for the run's devices and trains through the task. A run is
-finished exactly when its summary has a status: the trainer writes it atomically, last, so a
-run killed at any moment is either finished or redone from the start.
+finished (its ``summary.json`` has a ``status``), otherwise asks JAX for the run's devices and
+trains through the task, which continues what a killed attempt left in the run's directory
+(a CTR run resumes from its latest checkpoint, or starts over without one) or, for a task that
+cannot, finds it removed. A run is finished exactly when its summary has a status: the trainer
+writes it atomically, last, so a run killed at any moment is either finished or redone.
 """
 
 from __future__ import annotations
@@ -101,12 +102,12 @@ def run(out_dir: str, run_id: str) -> int:
     failed = job_file(out_dir, run_id, "failed.json")
     if os.path.exists(failed):
       os.unlink(failed)
-    directory = run_dir(out_dir, run_id)
-    if os.path.exists(directory):  # what a killed attempt left: it is redone whole
-      shutil.rmtree(directory)
-    os.makedirs(directory)
-    print(f"start {run_id} at {time.ctime()} on {socket.gethostname()}, pid {os.getpid()}")
     task = tasks.get(record["task"])
+    directory = run_dir(out_dir, run_id)
+    if os.path.exists(directory) and not task.resumable:  # a killed attempt's: redone whole
+      shutil.rmtree(directory)
+    os.makedirs(directory, exist_ok=True)
+    print(f"start {run_id} at {time.ctime()} on {socket.gethostname()}, pid {os.getpid()}")
     params = record["params"]
     try:
       use_cpu_devices(task.num_devices(params))
