@@ -140,8 +140,8 @@ class TableConfig:
 
     Examples:
       >>> from kstep_adam import embedding
-      >>> shard = embedding.TableConfig(num_rows=5, dim=2, optimizer=embedding.SparseAdam().config(),
-      ...                               shard_index=1, num_shards=2)
+      >>> adam = embedding.SparseAdam().config()
+      >>> shard = embedding.TableConfig(num_rows=5, dim=2, optimizer=adam, shard_index=1, num_shards=2)
       >>> shard.logical_rows(np.arange(3)).tolist()
       [1, 3, 5]
     """

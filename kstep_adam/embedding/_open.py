@@ -35,9 +35,9 @@ def open_table(
 
   A new table needs ``num_rows`` and ``dim``; it costs nothing on disk until rows are
   written (never-written rows read as their deterministic init). The static arguments
-  (``num_rows``, ``dim``, ``optimizer``, ``seed``, ``init_*``, ``chunk_rows``,
-  ``compress``, ``shard_index``, ``num_shards``) form the table's :class:`TableConfig`, validated there and stored as
-  ``path/table.json``. Reopening needs only ``path``: any static argument you do pass must
+  (``num_rows``, ``dim``, ``optimizer``, ``seed``, ``init_*``, ``chunk_rows``, ``compress``,
+  ``shard_index``, ``num_shards``) form the table's :class:`TableConfig`, validated there and
+  stored as ``path/table.json``. Reopening needs only ``path``: any static argument you do pass must
   agree with the stored one. Per-session settings (cache sizes) may differ between opens.
 
   Args:
