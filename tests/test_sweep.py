@@ -442,7 +442,13 @@ def test_quick_shipped_sweep_runs_every_optimizer_it_names(quick_sweep):
   assert {r["status"] for r in rows} == {"completed"}
   for row in rows:
     assert 0.5 < row["val_auc"] < 1 and 0.5 < row["test_auc"] < 1
-    assert row["modelled_seconds"] > row["measured_compute_seconds"] > 0
+    assert row["measured_compute_seconds"] > 0 and row["compute_seconds_per_step"] > 0
+  # Modelled wall time charges every run the sweep's median compute per step, plus its comm.
+  per_step = float(np.median([r["compute_seconds_per_step"] for r in rows]))
+  for row in rows:
+    assert row["common_compute_seconds_per_step"] == pytest.approx(per_step)
+    modelled = row["steps"] * per_step + row["estimated_comm_seconds"]
+    assert row["modelled_seconds"] == pytest.approx(modelled)
   by_optimizer = {r["optimizer"]: r for r in rows}
   sync, kstep = by_optimizer["sync_adam"], by_optimizer["kstep_adam"]
   assert kstep["dense_inter_node_bytes"] < sync["dense_inter_node_bytes"]

@@ -6,7 +6,8 @@ table), the mean over its seeds with a ±1 std band. Files, prefixed ``sweep_NAM
 
 * ``curves_steps.png``: training loss and validation metric against steps;
 * ``curves_bytes.png``: the same against the bytes each device sent (CTR);
-* ``curves_time.png``: the same against modelled wall time, measured compute plus the
+* ``curves_time.png``: the same against modelled wall time: the sweep's common compute per
+  step (:func:`~experiments.sweep_lib.results.common_compute_per_step`) plus the
   communication the byte accounting estimates under the sweep's network (CTR);
 * ``final_vs_k.png``: the test metric against k per optimizer, the others as bands;
 * ``lr_sensitivity.png``: the validation metric of every learning rate, per group;
@@ -44,7 +45,7 @@ LABELS = {
   "val_auc": "validation AUC",
   "steps": "step",
   "total_bytes": "MB sent per device (dense + sparse, cumulative)",
-  "modelled_seconds": "modelled wall time (s): measured compute + modelled communication",
+  "modelled_seconds": "modelled wall time (s): steps × common compute/step + modelled comm.",
 }
 
 
@@ -257,37 +258,39 @@ def lr_sensitivity(spec: SweepSpec, chosen: list[Selection], palette: dict, path
 def time_to_target(
   spec: SweepSpec, report_rows: list[dict], chosen: list[Selection], palette: dict, path: str
 ) -> str | None:
-  """Modelled time to reach the reference's final validation AUC, one bar per group; groups
-  that never reach it get an empty bar to the longest modelled run, marked."""
+  """Steps and modelled time to reach the reference's final validation AUC, one bar per
+  group in each panel; groups that never reach it get an empty bar to the longest run,
+  marked."""
   if spec.task != "ctr" or not report_rows or report_rows[0].get("target") is None:
     return None
   labels = [s.label for s in chosen]
-  longest = max(r["modelled_seconds_mean"] for r in report_rows)
-  fig, ax = plt.subplots(figsize=(9.0, 0.42 * len(labels) + 1.8))
-  for i, (s, row) in enumerate(zip(chosen, report_rows)):
-    color = palette[s.label]
-    if row["time_to_target_reached"]:
-      ax.barh(i, row["time_to_target_mean"], xerr=row["time_to_target_std"], color=color, capsize=3)
-      if row["time_to_target_reached"] < row["seeds"]:
-        ax.text(
-          row["time_to_target_mean"],
-          i,
-          f"  {row['time_to_target_reached']}/{row['seeds']} seeds",
-          va="center",
-          fontsize=7,
-        )
-    else:
-      ax.barh(i, longest, color="none", edgecolor=color, hatch="//")
-      ax.text(longest, i, "  not reached", va="center", fontsize=7)
-  ax.set_yticks(range(len(labels)), labels, fontsize=8)
-  ax.invert_yaxis()
-  ax.set_xlabel(LABELS["modelled_seconds"])
-  ax.set_title(
-    f"{spec.name}: modelled time to {spec.reference}'s final validation AUC "
-    f"({report_rows[0]['target']:.4f}); mean ± std over seeds that reach it",
+  panels = (
+    ("steps_to_target", "steps", LABELS["steps"] + "s"),
+    ("time_to_target", "modelled_seconds", LABELS["modelled_seconds"]),
+  )
+  fig, axes = plt.subplots(1, 2, figsize=(13.0, 0.42 * len(labels) + 2.0), sharey=True)
+  for ax, (key, total, xlabel) in zip(axes, panels):
+    longest = max(r[f"{total}_mean"] for r in report_rows)
+    for i, (s, row) in enumerate(zip(chosen, report_rows)):
+      color = palette[s.label]
+      if row["time_to_target_reached"]:
+        mean = row[f"{key}_mean"]
+        ax.barh(i, mean, xerr=row[f"{key}_std"], color=color, capsize=3)
+        if row["time_to_target_reached"] < row["seeds"]:
+          seeds = f"  {row['time_to_target_reached']}/{row['seeds']} seeds"
+          ax.text(mean, i, seeds, va="center", fontsize=7)
+      else:
+        ax.barh(i, longest, color="none", edgecolor=color, hatch="//")
+        ax.text(longest, i, "  not reached", va="center", fontsize=7)
+    ax.set_xlabel(xlabel, fontsize=8)
+    ax.grid(True, axis="x", alpha=0.3)
+  axes[0].set_yticks(range(len(labels)), labels, fontsize=8)
+  axes[0].invert_yaxis()
+  fig.suptitle(
+    f"{spec.name}: steps and modelled time to {spec.reference}'s final validation AUC "
+    f"({report_rows[0]['target']:.4f}); mean ± std over the seeds that reach it",
     fontsize=9,
   )
-  ax.grid(True, axis="x", alpha=0.3)
   return _style.save(fig, path)
 
 
@@ -300,7 +303,8 @@ def make_figures(out_dir: str, fig_dir: str) -> list[str]:
   chosen = report.selections(spec, rows)
   rows_by_id = {r["run_id"]: r for r in rows}
   palette = colors(chosen, rows_by_id, spec.reference)
-  run_curves = {r: results.curves(out_dir, r) for s in chosen for r in s.run_ids}
+  per_step = results.common_compute_per_step(rows)
+  run_curves = {r: results.curves(out_dir, r, per_step) for s in chosen for r in s.run_ids}
   os.makedirs(fig_dir, exist_ok=True)
   name = lambda kind: os.path.join(fig_dir, f"sweep_{spec.name}_{kind}.png")
   network = network_text(out_dir, chosen)

@@ -3,8 +3,10 @@
 One row per group (optimizer and non-tuned grid values) from :func:`~.select.select`: the
 chosen tuned values, the validation metric they were chosen on, the test metric over seeds,
 the paired difference to the reference, and for CTR sweeps the bytes each device sent, the
-modelled time (measured compute plus the communication the byte accounting estimates under
-the sweep's network) and the modelled time to reach the reference's final validation AUC.
+modelled time (the sweep's common compute per step times the steps, see
+:func:`~.results.common_compute_per_step`, plus the communication the byte accounting
+estimates under the sweep's network) and the modelled time to reach the reference's final
+validation AUC.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ def report_rows(out_dir: str, spec: SweepSpec, rows: list[dict]) -> list[dict]:
   task = tasks.get(spec.task)
   chosen = selections(spec, rows)
   goal = target(spec, chosen)
+  per_step = results.common_compute_per_step(rows)
   out = []
   for s in chosen:
     row = {
@@ -66,6 +69,7 @@ def report_rows(out_dir: str, spec: SweepSpec, rows: list[dict]) -> list[dict]:
     }
     if spec.task == "ctr":
       for column in (
+        "steps",
         "inter_node_bytes",
         "total_bytes",
         "estimated_comm_seconds",
@@ -73,21 +77,25 @@ def report_rows(out_dir: str, spec: SweepSpec, rows: list[dict]) -> list[dict]:
         "modelled_seconds",
       ):
         row[f"{column}_mean"], row[f"{column}_std"] = s.mean(column)
-      times = []
+      hits = []  # (step, comm s, modelled s) where each seed first reached the target
       if goal is not None:
         for run_id in s.run_ids:
-          times.append(
+          curve = results.curves(out_dir, run_id, per_step)
+          at = [
             results.time_to_target(
-              results.curves(out_dir, run_id),
-              goal,
-              metric=task.selection_metric,
-              higher=task.higher_is_better,
+              curve, goal, metric=task.selection_metric, higher=task.higher_is_better, key=key
             )
-          )
-      reached = [t for t in times if t is not None]
+            for key in ("step", "comm_seconds", "modelled_seconds")
+          ]
+          if at[0] is not None:
+            hits.append(at)
       row["target"] = goal
-      row["time_to_target_mean"], row["time_to_target_std"] = select.mean_std(reached)
-      row["time_to_target_reached"] = len(reached)
+      row["common_compute_seconds_per_step"] = per_step
+      for i, name in enumerate(("steps", "comm_seconds", "time")):
+        row[f"{name}_to_target_mean"], row[f"{name}_to_target_std"] = select.mean_std(
+          [h[i] for h in hits]
+        )
+      row["time_to_target_reached"] = len(hits)
     row["run_ids"] = " ".join(s.run_ids)
     out.append(row)
   return out
@@ -124,7 +132,7 @@ def markdown(spec: SweepSpec, report: list[dict]) -> str:
       "comm s (modelled)",
       "compute s (measured)",
       "wall s (modelled)",
-      "wall s to target",
+      "to target: steps · comm s · wall s",
     ]
   head += ["seeds"]
   lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -144,7 +152,8 @@ def markdown(spec: SweepSpec, report: list[dict]) -> str:
         f"{r['modelled_seconds_mean']:.1f}",
         "not reached"
         if not r["time_to_target_reached"]
-        else f"{r['time_to_target_mean']:.1f}"
+        else f"{r['steps_to_target_mean']:.0f} · {r['comm_seconds_to_target_mean']:.2f} · "
+        f"{r['time_to_target_mean']:.1f}"
         + (
           ""
           if r["time_to_target_reached"] == r["seeds"]
@@ -176,12 +185,20 @@ def markdown(spec: SweepSpec, report: list[dict]) -> str:
     note += (
       "; inter-node MB: what each device sent over the inter-node links in the whole run, "
       "dense and sparse; comm s: those bytes and the intra-node ones under the sweep's "
-      "network model; wall s = measured compute + modelled communication"
+      "network model; compute s: measured, summed over the run's steady steps (the runs "
+      "shared a machine: compare with care); wall s = steps × the sweep's median measured "
+      "compute per step"
     )
+    per_step = report[0].get("common_compute_seconds_per_step")
+    if per_step is not None:
+      note += f" ({per_step * 1e3:.1f} ms)"
+    note += ", the same for every optimizer, + modelled communication"
     if goal is not None:
       note += (
-        f"; target = {spec.reference}'s final validation {task.metric_label} "
-        f"({goal:.4f}), reached at an evaluation"
+        f"; to target: the step, the modelled communication seconds and the modelled wall "
+        f"seconds at the first evaluation reaching {spec.reference}'s final validation "
+        f"{task.metric_label} ({goal:.4f}), mean over the seeds that reach it (wall s to "
+        f"target under another compute speed c s/step: steps × c + comm s)"
       )
   lines.append(note + ".")
   return "\n".join(lines)

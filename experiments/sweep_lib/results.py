@@ -100,8 +100,33 @@ def _parse(text: str):
   return text
 
 
+def common_compute_per_step(rows: list[dict]) -> float | None:
+  """The sweep's compute seconds per step: the median over its runs of each run's measured
+  compute per steady step (None without any, e.g. a convergence sweep).
+
+  Every optimizer of a CTR sweep runs the same model on the same batches, so its compute per
+  step differs from the others' by its own update's cost, which is small next to the model's;
+  the measured times differ by much more where the runs share a loaded machine. The modelled
+  wall time therefore charges every run this one figure per step (plus the communication it
+  sent); each run's own measurement stays in ``results.csv``.
+
+  Examples:
+    >>> common_compute_per_step([{"compute_seconds_per_step": v} for v in (0.2, 0.1, 0.5)])
+    0.2
+  """
+  values = [r.get("compute_seconds_per_step") for r in rows]
+  values = [v for v in values if v is not None and math.isfinite(v)]
+  return float(np.median(values)) if values else None
+
+
 def collect(out_dir: str, spec: SweepSpec, runs: list[Run] | None = None) -> list[dict]:
-  """One row per finished run of ``spec`` found under ``out_dir``, in the spec's order."""
+  """One row per finished run of ``spec`` found under ``out_dir``, in the spec's order.
+
+  A CTR row's ``modelled_seconds`` is ``steps`` times the sweep's
+  :func:`common_compute_per_step` (in ``common_compute_seconds_per_step``) plus the run's
+  ``estimated_comm_seconds``; it therefore depends on the runs finished so far, and the file
+  is rebuilt whole every time.
+  """
   task = tasks.get(spec.task)
   rows = []
   for run in spec.runs() if runs is None else runs:
@@ -122,6 +147,12 @@ def collect(out_dir: str, spec: SweepSpec, runs: list[Run] | None = None) -> lis
         **run.grid,
       }
     )
+  per_step = common_compute_per_step(rows)
+  if per_step is not None:
+    for row in rows:
+      if row.get("estimated_comm_seconds") is not None:
+        row["common_compute_seconds_per_step"] = per_step
+        row["modelled_seconds"] = row["steps"] * per_step + row["estimated_comm_seconds"]
   return rows
 
 
@@ -160,16 +191,25 @@ def read_results(path: str) -> list[dict]:
     return [{k: _parse(v) for k, v in row.items()} for row in reader]
 
 
-def curves(out_dir: str, run_id: str) -> dict[str, np.ndarray]:
+def curves(
+  out_dir: str, run_id: str, compute_seconds_per_step: float | None = None
+) -> dict[str, np.ndarray]:
   """A run's curves from its ``metrics.jsonl``.
+
+  Args:
+    out_dir: the sweep directory.
+    run_id: the run.
+    compute_seconds_per_step: what ``modelled_seconds`` charges for a step's compute (the
+      sweep's :func:`common_compute_per_step`); None: the run's own measured compute.
 
   Returns:
     ``step``, ``loss`` and, where recorded, ``total_bytes``, ``inter_node_bytes``,
-    ``modelled_seconds`` (measured compute plus estimated communication, cumulative) at the
-    ``train`` records; ``eval_step`` and the ``val_*`` / ``test_*`` metrics at the ``eval``
-    records, with ``eval_total_bytes``, ``eval_inter_node_bytes`` and
-    ``eval_modelled_seconds`` interpolated in the step from the train records (both grow
-    step by step). Missing values are NaN.
+    ``comm_seconds`` (estimated communication) and ``modelled_seconds`` (compute plus
+    estimated communication), cumulative, at the ``train`` records; ``eval_step`` and the
+    ``val_*`` / ``test_*`` metrics at the ``eval`` records, with ``eval_total_bytes``,
+    ``eval_inter_node_bytes``, ``eval_comm_seconds`` and ``eval_modelled_seconds``
+    interpolated in the step from the train records (all grow step by step). Missing values
+    are NaN.
   """
   path = os.path.join(run_dir(out_dir, run_id), "metrics.jsonl")
   records = read_jsonl(path) if os.path.exists(path) else []
@@ -188,14 +228,21 @@ def curves(out_dir: str, run_id: str) -> dict[str, np.ndarray]:
     out["inter_node_bytes"] = np.array(
       [d.get("node", 0.0) + r["sparse_inter_node_bytes"] for d, r in zip(dense, train)], float
     )
+    out["comm_seconds"] = np.array([r["estimated_comm_seconds"] for r in train], float)
+    per_step = compute_seconds_per_step
     out["modelled_seconds"] = np.array(
-      [r["measured_compute_seconds"] + r["estimated_comm_seconds"] for r in train], float
+      [
+        (r["measured_compute_seconds"] if per_step is None else r["step"] * per_step)
+        + r["estimated_comm_seconds"]
+        for r in train
+      ],
+      float,
     )
   out["eval_step"] = np.array([r["step"] for r in evals], float)
   for key in dict.fromkeys(k for r in evals for k in r):
     if key.startswith(("val_", "test_")) and not key.endswith("_note"):
       out[key] = np.array([nan(r.get(key)) for r in evals], float)
-  for key in ("total_bytes", "inter_node_bytes", "modelled_seconds"):
+  for key in ("total_bytes", "inter_node_bytes", "comm_seconds", "modelled_seconds"):
     if key in out:
       x = np.concatenate([[0.0], out["step"]])
       y = np.concatenate([[0.0], out[key]])
@@ -204,19 +251,26 @@ def curves(out_dir: str, run_id: str) -> dict[str, np.ndarray]:
 
 
 def time_to_target(
-  curve: dict[str, np.ndarray], target: float, *, metric: str = "val_auc", higher: bool = True
+  curve: dict[str, np.ndarray],
+  target: float,
+  *,
+  metric: str = "val_auc",
+  higher: bool = True,
+  key: str = "modelled_seconds",
 ) -> float | None:
-  """Modelled seconds at the first evaluation whose ``metric`` reaches ``target``, or None.
+  """``key`` (``modelled_seconds``, ``comm_seconds``, ``step``...) at the first evaluation
+  whose ``metric`` reaches ``target``, or None if none does.
 
   Examples:
     >>> c = {"eval_step": np.array([10.0, 20.0]), "val_auc": np.array([0.6, 0.7]),
     ...      "eval_modelled_seconds": np.array([1.0, 2.0])}
-    >>> time_to_target(c, 0.65), time_to_target(c, 0.75)
-    (2.0, None)
+    >>> time_to_target(c, 0.65), time_to_target(c, 0.75), time_to_target(c, 0.65, key="step")
+    (2.0, None, 20.0)
   """
-  if metric not in curve or "eval_modelled_seconds" not in curve:
+  column = "eval_" + key
+  if metric not in curve or column not in curve:
     return None
   values = curve[metric]
   reached = values >= target if higher else values <= target
   hits = np.flatnonzero(reached & np.isfinite(values))
-  return float(curve["eval_modelled_seconds"][hits[0]]) if hits.size else None
+  return float(curve[column][hits[0]]) if hits.size else None

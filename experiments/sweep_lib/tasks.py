@@ -142,6 +142,7 @@ class CTRTask(Task):
     dense_node, dense_local = dense.get("node", 0.0), dense.get("local", 0.0)
     sparse, sparse_node = summary["sparse_bytes"], summary["sparse_inter_node_bytes"]
     compute, comm = summary["measured_compute_seconds"], summary["estimated_comm_seconds"]
+    timed_steps = summary["steps"] - summary.get("compile_steps", 0)
     return {
       **hyperparameters,
       "steps": summary["steps"],
@@ -156,8 +157,8 @@ class CTRTask(Task):
       "inter_node_bytes": dense_node + sparse_node,
       "total_bytes": dense_node + dense_local + sparse,
       "measured_compute_seconds": compute,
+      "compute_seconds_per_step": compute / timed_steps if timed_steps > 0 else None,
       "estimated_comm_seconds": comm,
-      "modelled_seconds": compute + comm,
       "train_seconds": summary.get("train_seconds"),
     }
 
