@@ -29,8 +29,6 @@ import jax
 import numpy as np
 import optax
 from flax import nnx
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 
 from kstep_adam import parallel
 from kstep_adam._dispatch import optimizer_step
@@ -310,16 +308,19 @@ class Trainer:
     budget = step_budget(config, source)
     self.num_steps = max((self.num_steps if budget is None else budget) - self.start_step, 0)
     self.last_step = self.start_step + self.num_steps
-    self.step_fn = _step.make_ctr_train_step(
-      graphdef, self._tx, self.mesh, skip_nonfinite=config.on_nonfinite == "skip"
-    )
     self.predict = _step.make_predict(graphdef)
     self.meter = CommMeter(config, params, self._schedule, self.mesh)
-    self._replicated = NamedSharding(self.mesh, P())
     self._per_worker = parallel.worker_sharding(self.mesh)
     if self.run_dir is not None and not resuming:
       self.run_dir.clear()  # an overwritten run's files: only now that this one can start
     self.tier = self._open_tier(resuming, checkpoint)
+    self.step_fn = _step.make_ctr_train_step(
+      graphdef,
+      self._tx,
+      self.mesh,
+      skip_nonfinite=config.on_nonfinite == "skip",
+      device_optimizer=self.tier.device_optimizer,
+    )
     if self.run_dir is not None and not resuming:
       self.run_dir.record({"initial_version": self.tier.table.committed._asdict()})
     self.test_set = HeldOutSet(
@@ -392,6 +393,7 @@ class Trainer:
       temporary=scratch,
       flush_on_close=False if self.config.checkpoint_every else None,
       version=version,
+      mesh=self.mesh,
     )
     self._stack.callback(tier.close)
     return tier
@@ -469,27 +471,30 @@ class Trainer:
     timer, tier = self.timer, self.tier
     with timer("pull"):
       rows = tier.pull(current.row_ids_U, current.inverse_GxF)
-      rows_PxD = jax.device_put(rows.rows_PxD, self._replicated)
       batch = current.batch
       # Copied here, not on the reader thread: on a CPU host the reader's copy competes with
       # the step for the same cores and did not measure faster.
-      inputs = jax.device_put((rows.inverse_GxF, batch.dense_BxI, batch.label_B), self._per_worker)
+      inputs = tier.meter.put(
+        (rows.inverse_GxF, batch.dense_BxI, batch.label_B), self._per_worker, "batch"
+      )
     with timer("compute"):
-      self.params_W, self.opt_state_W, grad_rows_PxD, loss, finite_W = self.step_fn(
-        self.params_W, self.opt_state_W, rows_PxD, *inputs
+      self.params_W, self.opt_state_W, sparse_output, loss, finite_W = self.step_fn(
+        self.params_W, self.opt_state_W, *rows.step_input, *inputs
       )
     with timer("data"):
       upcoming = _next_or_none(prefetcher)
     if upcoming is not None:
       tier.prefetch(upcoming.row_ids_U)  # stages rows while the step still computes
-    with timer("compute"):
-      grad_rows_UxD = np.asarray(jax.device_get(grad_rows_PxD))[: rows.num_unique]
+    with timer("compute"):  # waits for the step
       loss, finite = float(loss), bool(np.all(jax.device_get(finite_W)))
     step = self.step_fn.step
-    skipped = self.monitor.check(step, loss, finite)  # raises if the run diverged
-    if not skipped:
-      with timer("push"):
-        tier.push(rows.row_ids_U, grad_rows_UxD)
+    try:
+      skipped = self.monitor.check(step, loss, finite)  # raises if the run diverged
+    except BaseException:
+      tier.abandon(rows, sparse_output, finite)
+      raise
+    with timer("push"):
+      tier.push(rows, sparse_output, applied=not skipped)
     self.data_position = current.position
     last = upcoming is None
     if last:

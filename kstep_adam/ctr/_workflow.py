@@ -134,7 +134,8 @@ def summarize(trainer: Trainer, final: dict) -> dict:
   out), ``train_seconds``, ``compile_steps``, ``compile_step_seconds``;
   ``time_breakdown_seconds`` (data, pull, compute, push, eval, checkpoint, and the estimated
   merge time); the :class:`CommMeter` totals (dense bytes and messages per axis, sparse bytes,
-  estimated communication seconds, measured compute seconds); ``table_stats``; ``evals``;
+  estimated communication seconds, measured compute seconds); ``host_device_bytes`` and
+  ``host_device_bytes_per_step`` (:func:`host_device_traffic`); ``table_stats``; ``evals``;
   ``data`` (the source and its read counts); ``skipped_steps`` (non-finite steps skipped,
   with ``on_nonfinite="skip"``); ``config``; ``mesh``; ``devices``.
 
@@ -173,6 +174,7 @@ def summarize(trainer: Trainer, final: dict) -> dict:
       "merge": trainer.meter.merge_seconds_estimate(),
     },
     **trainer.meter.totals(),
+    **host_device_traffic(trainer),
     "table_stats": trainer.tier.stats(),
     "evals": trainer.evals,
     "data": {
@@ -185,4 +187,29 @@ def summarize(trainer: Trainer, final: dict) -> dict:
     "config": _config(trainer),
     "mesh": dict(trainer.mesh.shape),
     "devices": [str(d) for d in jax.devices()[: config.num_workers]],
+  }
+
+
+def host_device_traffic(trainer: Trainer) -> dict:
+  """Bytes copied between host and device memory: totals by direction and kind, and per
+  training step split into the embedding tier's (rows, optimizer state, gradients, slot
+  numbers, step inputs) and the batch inputs' (the same with or without a device tier).
+  Evaluation reads are in the totals (kind ``read``) but not in the per-step figures."""
+  totals = trainer.tier.transfer_bytes()
+  steps = max(1, trainer.num_steps)
+  by_kind: dict[str, int] = {}
+  for direction in totals.values():
+    for kind, nbytes in direction.items():
+      by_kind[kind] = by_kind.get(kind, 0) + nbytes
+  batch = by_kind.pop("batch", 0)
+  # Not the steps' traffic: the device tier's allocation (once per run) and the table reads
+  # of evaluations (``pull``/``working_set`` of resident rows).
+  for kind in ("device_tier_init", "read"):
+    by_kind.pop(kind, None)
+  return {
+    "host_device_bytes": totals,
+    "host_device_bytes_per_step": {
+      "embedding": sum(by_kind.values()) / steps,
+      "batch": batch / steps,
+    },
   }

@@ -74,9 +74,18 @@ def gather_rows(optimizer: _optimizers.SparseAdam, rows: DeviceRows, batch: Devi
 
 
 def apply_grads(
-  optimizer: _optimizers.SparseAdam, rows: DeviceRows, batch: DeviceBatch, grads_PxD: jax.Array
+  optimizer: _optimizers.SparseAdam,
+  rows: DeviceRows,
+  batch: DeviceBatch,
+  grads_PxD: jax.Array,
+  *,
+  apply: jax.Array | None = None,
 ) -> DeviceRows:
-  """One Adam step on the batch's rows with their gradients (rows past ``U`` are ignored)."""
+  """One Adam step on the batch's rows with their gradients (rows past ``U`` are ignored).
+
+  ``apply``: an optional traced boolean; where False the rows keep their values (a step
+  skipped for non-finite gradients), at the cost of a select over the batch's rows only.
+  """
   dim = rows.params_RxD.shape[1]
   slots_P = batch.slots_P
   params_PxD = jnp.take(rows.params_RxD, slots_P, axis=0, mode="fill", fill_value=0)
@@ -107,6 +116,9 @@ def apply_grads(
       zero=zero,
     ).astype(jnp.float32)
     new_state = jnp.concatenate([m, v], axis=1).astype(jnp.float32)
+  if apply is not None:
+    new_params = jnp.where(apply, new_params, params_PxD)
+    new_state = jnp.where(apply, new_state, state_PxS)
   return DeviceRows(
     rows.params_RxD.at[slots_P].set(new_params, mode="drop", unique_indices=True),
     rows.slots_RxS.at[slots_P].set(new_state, mode="drop", unique_indices=True),

@@ -359,15 +359,25 @@ class EmbeddingTable:
       self._open_device_step = slots_U
       return DeviceStep(device.rows, batch, unique_U)
 
-  def end_device_step(self, rows: DeviceRows) -> None:
-    """Install the rows a step returned; the table is then at step ``t + 1``."""
+  def end_device_step(self, rows: DeviceRows, *, pushed: bool = True) -> None:
+    """Install the rows a step returned; the table is then at step ``t + 1``.
+
+    ``pushed=False``: the step read the rows but applied no update (e.g. skipped for a
+    non-finite gradient); the table stays at step ``t``, as after a ``pull``.
+    """
     with self._op_lock, self._lock:
       slots_U = self._open_device_step
       if slots_U is None:
         raise ValueError("end_device_step without begin_device_step")
       self._open_device_step = None
       self._check_usable()
-      self._finish_device_push_locked(slots_U, rows)
+      if pushed:
+        self._finish_device_push_locked(slots_U, rows)
+      else:
+        device = self._device_cache
+        device.rows = rows
+        device.after_read(slots_U, self._step)
+        device.release(slots_U)
 
   def _device_fn(self, name: str):
     """The table's own jitted device programs (reads and pushes outside a training step)."""
