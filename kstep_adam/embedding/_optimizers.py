@@ -67,6 +67,12 @@ def powers(base: float, exponents) -> np.ndarray:
     array([0.125, 1.   , 0.125])
   """
   exponents = np.asarray(exponents, dtype=np.int64)
+  if exponents.size == 0:
+    return np.zeros(exponents.shape)
+  low, high = int(exponents.min()), int(exponents.max())
+  if high - low < exponents.size:  # a table over the range: no sort (the catch-up's case)
+    table = np.array([float(base) ** e for e in range(low, high + 1)], dtype=np.float64)
+    return table[exponents - low]
   unique, inverse = np.unique(exponents, return_inverse=True)
   values = np.array([float(base) ** int(e) for e in unique], dtype=np.float64)
   return values[inverse].reshape(exponents.shape)

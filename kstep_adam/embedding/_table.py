@@ -451,7 +451,8 @@ class EmbeddingTable:
     if resident.any():
       with self._failure_is_fatal("device tier read"):
         slots = slots_U[resident]
-        batch = device.batch(slots, self._step, _batch.pow2_at_least(len(slots)))
+        # At least 1024 rows: reads of any size share a few compiled programs.
+        batch = device.batch(slots, self._step, max(1024, _batch.pow2_at_least(len(slots))))
         batch = device.put_batch(batch, kind="read")
         device.rows, rows_PxD = self._device_fn("read")(device.rows, batch)
         device.after_read(slots, self._step)
