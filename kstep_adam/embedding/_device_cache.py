@@ -34,6 +34,7 @@ import numpy as np
 
 from kstep_adam.embedding import _device_adam
 from kstep_adam.embedding import _optimizers
+from kstep_adam.embedding import _store
 from kstep_adam.embedding._batch import pow2_at_least
 from kstep_adam.embedding._device_adam import DeviceBatch
 from kstep_adam.embedding._device_adam import DeviceRows
@@ -125,7 +126,8 @@ class DeviceCache:
 
   def resident_ids(self) -> tuple[np.ndarray, np.ndarray]:
     """``(ids, slots)`` of every resident row."""
-    return self._slots._map.items()
+    slots = np.flatnonzero(self._slots.ids_C >= 0)
+    return self._slots.ids_C[slots], slots
 
   def stale(self, slots_U: np.ndarray, step: int) -> np.ndarray:
     """Which resident rows are too stale for the device catch-up (exact mode)."""
@@ -182,13 +184,11 @@ class DeviceCache:
     if len(ids_V) == 0:
       return
     write_back(ids_V, self.download(slots_V))
-    self._slots.abort(slots_V)  # frees the slots (a no-payload cache has nothing to undo)
+    self._slots.free(slots_V)
     self.last_step_R[slots_V] = -1
 
   def download(self, slots_M: np.ndarray) -> np.ndarray:
     """The rows in ``slots_M`` in the host row layout ``[M, 1 + D + S]`` (last step first)."""
-    from kstep_adam.embedding import _store
-
     if len(slots_M) == 0:
       return np.zeros((0, 1 + self.dim + self.optimizer.slot_width(self.dim)), np.float32)
     padded = _padded(slots_M, _transfer_size(len(slots_M)), self.capacity)
@@ -202,8 +202,6 @@ class DeviceCache:
 
   def upload(self, slots_M: np.ndarray, rows_MxW: np.ndarray) -> None:
     """Write rows (host row layout) into ``slots_M``."""
-    from kstep_adam.embedding import _store
-
     if len(slots_M) == 0:
       return
     size = _transfer_size(len(slots_M))
