@@ -311,8 +311,8 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--sparse-mode", default="exact", choices=("exact", "lazy"))
   p.add_argument("--device-cache-rows", type=int, default=0)
   p.add_argument("--seed", type=int, default=0)
-  p.add_argument("--peer-rounds", type=int, default=3, help="interleaved rounds vs torch")
-  p.add_argument("--peer-steps", type=int, default=40, help="steps per run vs torch")
+  p.add_argument("--peer-rounds", type=int, default=5, help="interleaved rounds vs torch")
+  p.add_argument("--peer-steps", type=int, default=60, help="steps per run vs torch")
   p.add_argument("--peer-threads", type=int, default=2, help="torch threads")
   p.add_argument(
     "--peer-omp-wait",

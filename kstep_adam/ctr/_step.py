@@ -79,7 +79,7 @@ def keep_unless(ok: jax.Array, new, old, *, keep_counters: bool = False):
   return jax.tree.unflatten(treedef, picked)
 
 
-# On a CPU a worker's forward and backward pass runs over chunks of about this many
+# On a CPU a worker's forward and backward pass runs over chunks of at least this many
 # examples, one after another: the activations of a chunk (the [B, F+1, F+1] Gram matrices,
 # the [B, 367] interaction features) stay in the caches, where a whole large batch does not.
 # An accelerator gets the whole batch at once.
@@ -87,11 +87,12 @@ CPU_CHUNK_EXAMPLES = 1024
 
 
 def num_chunks(batch_size: int, chunk_examples: int = CPU_CHUNK_EXAMPLES) -> int:
-  """Equal chunks of at most about ``chunk_examples`` that a batch is cut into (a divisor).
+  """How many equal chunks a batch is cut into: the most that divide it and hold at least
+  ``chunk_examples`` examples each (1 for a smaller batch).
 
   Examples:
     >>> num_chunks(4096), num_chunks(1024), num_chunks(3000), num_chunks(7)
-    (4, 1, 3, 1)
+    (4, 1, 2, 1)
   """
   chunks = max(1, batch_size // chunk_examples)
   while batch_size % chunks:

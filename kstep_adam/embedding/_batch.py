@@ -77,4 +77,4 @@ def pow2_at_least(n: int) -> int:
     >>> pow2_at_least(1000), pow2_at_least(1024), pow2_at_least(0)
     (1024, 1024, 1)
   """
-  return 1 << max(0, int(n - 1).bit_length())
+  return 1 << max(0, int(n) - 1).bit_length()
