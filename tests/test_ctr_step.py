@@ -102,3 +102,30 @@ def test_the_device_tier_cuts_embedding_traffic_at_a_high_hit_rate():
   device_bytes = device["host_device_bytes_per_step"]
   assert device_bytes["embedding"] * 5 <= host_bytes["embedding"]
   assert device_bytes["batch"] == host_bytes["batch"]  # the data crosses either way
+
+
+def test_a_skipped_nonfinite_step_leaves_the_device_rows_as_the_host_path_does():
+  batches, test = _data(6, 128, vocab_size=300)
+  poisoned = batches[2].dense_BxI.copy()
+  poisoned[0, 0] = np.nan
+  batches[2] = batches[2]._replace(dense_BxI=poisoned)
+  config = ctr.TrainConfig(
+    batch_size=128,
+    optimizer="sync_adam",
+    nodes=1,
+    devices_per_node=1,
+    steps=len(batches),
+    eval_every=0,
+    table_rows=1 << 12,
+    host_cache_rows=1 << 12,
+    sparse_mode="exact",
+    on_nonfinite="skip",
+    prefetch=False,
+  )
+  host, host_state = _run(config, batches, test)
+  device, device_state = _run(dataclasses.replace(config, device_cache_rows=2048), batches, test)
+  assert host["skipped_steps"] == device["skipped_steps"] == [3]
+  assert host["table_stats"]["step"] == device["table_stats"]["step"] == 5  # 3 not pushed
+  np.testing.assert_array_equal(
+    device_state["rows"].view(np.uint32), host_state["rows"].view(np.uint32)
+  )
