@@ -143,8 +143,9 @@ def summarize(trainer: Trainer, final: dict) -> dict:
   the fields that describe the processes rather than the computation: ``examples_per_sec``,
   ``train_seconds``, ``compile_steps``, ``compile_step_seconds``,
   ``time_breakdown_seconds``, ``measured_compute_seconds`` (times, summed over the
-  processes, and each process compiles its own programs) and ``table_stats`` (the counters
-  of the last process's cache).
+  processes, and each process compiles its own programs), ``table_stats`` (the counters
+  of the last process's cache) and ``host_device_bytes`` / ``host_device_bytes_per_step``
+  (the last process's copies, over its own steps).
   """
   config, source = trainer.config, trainer.source
   steps, global_batch = trainer.step, config.global_batch
