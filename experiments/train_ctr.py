@@ -27,6 +27,13 @@ and, with ``--checkpoint-every``, ``OUT/checkpoints/``. An ``--out`` that holds 
 refused unless ``--resume`` (continue it) or ``--overwrite`` (replace it) says what to do.
 A diverged run (non-finite or exploding loss) exits with status 3 and says at which step;
 its ``summary.json`` records ``"status": "diverged"``.
+
+Several processes (one per node; the README's "Multi-process runs"): the same command under
+:mod:`kstep_adam.launch` or ``srun``. Each process then simulates ``--devices-per-node`` CPU
+devices, keeps its shard of the table, and process 0 writes the files and prints:
+
+  python -m kstep_adam.launch --num-processes 2 -- \
+    python -m experiments.train_ctr --nodes 2 --devices-per-node 2 --out runs/p2
 """
 
 from __future__ import annotations
@@ -40,8 +47,10 @@ from experiments._cli import DefaultsHelpFormatter
 from experiments._cli import add_config_args
 from experiments._cli import config_from_args
 from experiments._common import use_cpu_devices
+from kstep_adam import _distributed
 from kstep_adam import ctr
 from kstep_adam._jsonio import finite_or_none
+from kstep_adam.ctr._sharded_tier import sharded_device_cache_error
 
 # The short spellings users know, beside the generated --learning-rate / --sparse-learning-rate.
 ALIASES = {"learning_rate": ["--lr"], "sparse_learning_rate": ["--sparse-lr"]}
@@ -108,24 +117,41 @@ def main(argv=None) -> dict:
     config, data = build(args)
   except ValueError as error:
     parser.error(str(error))
-  # Simulated devices must be requested before the JAX backend starts (ignored on GPU/TPU).
-  use_cpu_devices(config.num_workers)
-  source = ctr.make_source(data, config)
-  try:
-    summary = ctr.train(
-      config,
-      source,
-      args.out,
-      resume=args.resume,
-      overwrite=args.overwrite,
-      progress=args.progress,
+  processes = _distributed.processes_from_env()
+  if processes.count > 1 and config.nodes != processes.count:
+    parser.error(
+      f"--nodes {config.nodes} with {processes.count} processes: the 'node' axis spans the "
+      f"processes, so pass --nodes {processes.count}"
     )
-  except ctr.RunDirectoryError as error:
-    parser.exit(2, f"{parser.prog}: error: {error}\n")
-  except ctr.DivergenceError as error:
-    print(f"error: {error}", file=sys.stderr)
-    print(f"wrote {os.path.join(args.out, 'summary.json')} (status: diverged)", file=sys.stderr)
-    sys.exit(DIVERGED_EXIT_STATUS)
+  if processes.count > 1 and config.device_cache_rows:
+    parser.error(sharded_device_cache_error(config.device_cache_rows, processes.count))
+  # Before the JAX backend starts: join the multi-process run, if this is one, and ask for
+  # this process's simulated devices (ignored on GPU/TPU).
+  processes = _distributed.initialize()
+  use_cpu_devices(config.num_workers // processes.count)
+  # A refused out dir or a diverged run ends every process the same way (they all see it);
+  # any other error ends this one at once (exit_on_error) and the others at their next
+  # collective.
+  with _distributed.exit_on_error(processes):
+    source = ctr.make_source(data, config, part=(processes.index, processes.count))
+    try:
+      summary = ctr.train(
+        config,
+        source,
+        args.out,
+        resume=args.resume,
+        overwrite=args.overwrite,
+        progress=args.progress,
+      )
+    except ctr.RunDirectoryError as error:
+      parser.exit(2, f"{parser.prog}: error: {error}\n")
+    except ctr.DivergenceError as error:
+      if processes.is_main:
+        print(f"error: {error}", file=sys.stderr)
+        print(f"wrote {os.path.join(args.out, 'summary.json')} (status: diverged)", file=sys.stderr)
+      sys.exit(DIVERGED_EXIT_STATUS)
+  if not processes.is_main:
+    return summary
   print(json.dumps(finite_or_none({key: summary[key] for key in PRINTED}), indent=1))
   for warning in summary["warnings"]:
     print(f"warning: {warning}", file=sys.stderr)

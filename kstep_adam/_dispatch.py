@@ -66,7 +66,7 @@ def optimizer_step(opt_state) -> int | None:
   """
   flat = jax.tree_util.tree_flatten_with_path(opt_state)[0]
   values = {
-    jax.tree_util.keystr(flat[i][0]): np.unique(np.asarray(jax.device_get(flat[i][1])))
+    jax.tree_util.keystr(flat[i][0]): np.unique(_local_values(flat[i][1]))
     for i in counter_positions(opt_state)
   }
   if not values:
@@ -78,6 +78,14 @@ def optimizer_step(opt_state) -> int | None:
       f"the optimizer state's step counters disagree, so its step is ambiguous: {found}"
     )
   return distinct.pop()
+
+
+def _local_values(leaf) -> np.ndarray:
+  """A leaf's values held by this process: all of them, except for an array spread over
+  several processes, whose other processes' workers it cannot read (they step in lockstep)."""
+  if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
+    return np.concatenate([np.asarray(s.data).reshape(-1) for s in leaf.addressable_shards])
+  return np.asarray(jax.device_get(leaf))
 
 
 def counter_positions(opt_state) -> tuple[int, ...]:

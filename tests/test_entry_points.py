@@ -21,6 +21,7 @@ ENTRY_POINTS = (
   "experiments.benchmarks.optimizer_overhead",
   "experiments.benchmarks.ctr_throughput",
   "experiments.benchmarks.embedding_tier",
+  "experiments.benchmarks.scaling",
 )
 OUTPUT_FLAGS = ("out", "figures", "workdir")
 

@@ -10,7 +10,8 @@ order::
                   metrics.jsonl, evaluations, traffic counters, hook states, time totals
   -- the embedding table is flushed: its commit point makes step s durable on disk --
   manifest.json   written last (atomic rename): names the dense state, the host state and
-                  the table's version (``embedding.TableVersion``) at s
+                  the table's version (``embedding.TableVersion``) at s; in a multi-process
+                  run, every shard's version, in process order (:mod:`._multiprocess`)
 
 The manifest is the commit point: a directory without one is an interrupted checkpoint,
 ignored and deleted. A kill at any moment therefore leaves the previous complete checkpoint
@@ -25,9 +26,9 @@ Random state: there is none to save beyond the above. The initial dense paramete
 row); a synthetic batch is drawn from ``default_rng([seed, ..., step])``, so its position is
 the step; the file readers draw nothing, and the models have no dropout.
 
-One process writes all of it. With several (each holding a shard of the table), each would
-flush its own shard and write its own host state at the same step, and the manifest, written
-by one process once all have flushed, would name every shard's version.
+In a multi-process run each process holds a shard of the table: every process flushes its
+shard at the same step, process 0 writes the host state and, once all have flushed, the
+manifest, which names every shard's version in process order (:mod:`._multiprocess`).
 """
 
 from __future__ import annotations
@@ -54,7 +55,15 @@ class Checkpoint(NamedTuple):
 
   step: int  # the optimizer step it holds
   path: str  # its directory
-  table: TableVersion  # the embedding table's version at that step
+  table: TableVersion | tuple[TableVersion, ...]  # the embedding table's version at that
+  # step; a tuple of every shard's, in process order, for a multi-process run
+
+
+def _table_versions(recorded) -> TableVersion | tuple[TableVersion, ...]:
+  """A manifest's ``table``: one version, or a list of the shards' versions."""
+  if isinstance(recorded, list):
+    return tuple(TableVersion(**version) for version in recorded)
+  return TableVersion(**recorded)
 
 
 def step_dir(root: str, step: int) -> str:
@@ -72,7 +81,7 @@ def complete_checkpoints(root: str) -> list[Checkpoint]:
       with open(manifest, encoding="utf-8") as f:
         record = json.load(f)
       found.append(
-        Checkpoint(int(record["step"]), os.path.join(root, name), TableVersion(**record["table"]))
+        Checkpoint(int(record["step"]), os.path.join(root, name), _table_versions(record["table"]))
       )
   return sorted(found)
 
@@ -126,18 +135,23 @@ def save_checkpoint(
   write_json(os.path.join(path, HOST_STATE), host)
   table = flush_table()
   write_manifest(path, step, table)
-  checkpoint = Checkpoint(step, path, table)
+  prune(root, keep)
+  return Checkpoint(step, path, table)
+
+
+def prune(root: str, keep: int) -> None:
+  """Delete all but the newest ``keep`` complete checkpoints."""
   for old in complete_checkpoints(root)[:-keep]:
     os.unlink(os.path.join(old.path, MANIFEST))  # no longer a checkpoint, then gone
     shutil.rmtree(old.path, ignore_errors=True)
-  return checkpoint
 
 
-def write_manifest(path: str, step: int, table: TableVersion) -> None:
+def write_manifest(path: str, step: int, table: TableVersion | tuple[TableVersion, ...]) -> None:
   """The commit point of a checkpoint: its manifest, written atomically."""
+  versions = table._asdict() if isinstance(table, TableVersion) else [v._asdict() for v in table]
   write_json(
     os.path.join(path, MANIFEST),
-    {"step": step, "dense": DENSE_STATE, "host": HOST_STATE, "table": table._asdict()},
+    {"step": step, "dense": DENSE_STATE, "host": HOST_STATE, "table": versions},
   )
 
 

@@ -10,6 +10,10 @@ what is counted is what runs. Sparse traffic is counted here, per step:
   pull and one for the push. Within a node the rows are spread over its devices by the fast
   links, which this model leaves out.
 
+In a multi-process run the sparse traffic is not modelled but counted: each step's
+all-to-all exchange (:func:`kstep_adam.ctr._sharded_tier.exchange_cost`), per device and per
+axis like the dense bytes, padding included.
+
 A :class:`kstep_adam.NetworkModel` with one bandwidth and latency per axis turns both into
 estimated seconds, reported beside the measured compute time.
 """
@@ -44,6 +48,8 @@ class CommMeter:
     self._schedule, self._mesh = schedule, mesh
     self._row_bytes = 8 + 4 * config.embed_dim
     self._nodes = config.nodes
+    self._workers = config.num_workers
+    self._exchange: CommCost | None = None  # the measured all-to-all, per device
     self._network = network_model(config)
     self._dense = None
     self._sparse_bytes = 0.0
@@ -51,22 +57,39 @@ class CommMeter:
     self._sparse_messages = 0
     self._compute = {True: [], False: []}  # per-step compute seconds, by "merged this step"
 
-  def add_step(self, step: int, num_unique: int, compute_seconds: float | None) -> None:
-    """Count step ``step`` (1-based); ``compute_seconds`` None for a step that compiled."""
+  def add_step(
+    self,
+    step: int,
+    num_unique: int,
+    compute_seconds: float | None,
+    *,
+    sparse_cost: CommCost | None = None,
+  ) -> None:
+    """Count step ``step`` (1-based); ``compute_seconds`` None for a step that compiled.
+
+    ``sparse_cost``: the bytes each device sent in the step's sparse exchange (a
+    multi-process run); without it the sparse traffic is the parameter-server model above.
+    """
     cost = merge_bytes(self._params, self._schedule, self._mesh, step=step)
     self._dense = cost if self._dense is None else self._dense + cost
+    if compute_seconds is not None:
+      self._compute[cost.total_bytes > 0].append(compute_seconds)
+    if sparse_cost is not None:
+      self._exchange = sparse_cost if self._exchange is None else self._exchange + sparse_cost
+      return
     nbytes = 2 * num_unique * self._row_bytes
     self._sparse_bytes += nbytes
     self._sparse_node_bytes += nbytes * (self._nodes - 1) / self._nodes
     self._sparse_messages += 2 if self._nodes > 1 else 0
-    if compute_seconds is not None:
-      self._compute[cost.total_bytes > 0].append(compute_seconds)
 
   def state(self) -> dict:
     """Everything counted so far (JSON data), for a checkpoint."""
-    dense = self._dense
+    dense, exchange = self._dense, self._exchange
     return {
       "dense": None if dense is None else [dict(dense.bytes_by_axis), dict(dense.messages_by_axis)],
+      "sparse_exchange": None
+      if exchange is None
+      else [dict(exchange.bytes_by_axis), dict(exchange.messages_by_axis)],
       "sparse_bytes": self._sparse_bytes,
       "sparse_node_bytes": self._sparse_node_bytes,
       "sparse_messages": self._sparse_messages,
@@ -77,15 +100,39 @@ class CommMeter:
   def restore(self, state: dict) -> None:
     """Continue counting from :meth:`state`."""
     self._dense = None if state["dense"] is None else CommCost(*state["dense"])
+    exchange = state.get("sparse_exchange")  # absent in a one-process checkpoint of before
+    self._exchange = None if exchange is None else CommCost(*exchange)
     self._sparse_bytes = state["sparse_bytes"]
     self._sparse_node_bytes = state["sparse_node_bytes"]
     self._sparse_messages = state["sparse_messages"]
     self._compute = {True: state["compute_merge_seconds"], False: state["compute_plain_seconds"]}
 
   def _sparse_cost(self) -> CommCost:
+    if self._exchange is not None:
+      return self._exchange
     return CommCost(
       {"node": self._sparse_node_bytes, "local": 0.0}, {"node": self._sparse_messages, "local": 0}
     )
+
+  def _sparse_totals(self) -> dict:
+    """The sparse keys of :meth:`totals`: all devices together, and per device by axis."""
+    if self._exchange is not None:
+      per_device = self._exchange.bytes_by_axis
+      return {
+        "sparse_transport": "all_to_all",
+        "sparse_bytes": float(sum(per_device.values()) * self._workers),
+        "sparse_inter_node_bytes": float(per_device["node"] * self._workers),
+        "sparse_bytes_by_axis": dict(per_device),
+        "sparse_messages_by_axis": dict(self._exchange.messages_by_axis),
+      }
+    return {
+      "sparse_transport": "parameter_server_model",
+      "sparse_bytes": self._sparse_bytes,
+      "sparse_inter_node_bytes": self._sparse_node_bytes,
+      # The model's traffic shared evenly: each worker pulls and pushes its part.
+      "sparse_bytes_by_axis": {"node": self._sparse_node_bytes / self._workers, "local": 0.0},
+      "sparse_messages_by_axis": {"node": self._sparse_messages, "local": 0},
+    }
 
   def merge_seconds_estimate(self) -> float | None:
     """Measured extra compute time of merge steps over plain steps, times their number.
@@ -97,6 +144,11 @@ class CommMeter:
     return float(max(0.0, np.median(merged) - np.median(plain)) * len(merged))
 
   def totals(self) -> dict:
+    """Traffic and compute so far: ``dense_bytes_by_axis`` and ``dense_messages_by_axis``
+    (per device); ``sparse_transport`` (``parameter_server_model`` in one process,
+    ``all_to_all`` across processes), ``sparse_bytes`` and ``sparse_inter_node_bytes`` (all
+    devices together), ``sparse_bytes_by_axis`` and ``sparse_messages_by_axis`` (per
+    device); the estimated communication seconds and the measured compute seconds."""
     dense = self._dense
     dense_seconds = self._network.seconds_by_axis(dense) if dense is not None else {}
     sparse_seconds = self._network.seconds(self._sparse_cost())
@@ -104,8 +156,7 @@ class CommMeter:
     return {
       "dense_bytes_by_axis": dict(dense.bytes_by_axis) if dense is not None else {},
       "dense_messages_by_axis": dict(dense.messages_by_axis) if dense is not None else {},
-      "sparse_bytes": self._sparse_bytes,
-      "sparse_inter_node_bytes": self._sparse_node_bytes,
+      **self._sparse_totals(),
       "estimated_comm_seconds": float(sum(dense_seconds.values()) + sparse_seconds),
       "estimated_comm_seconds_by_kind": {
         **{f"dense_{axis}": s for axis, s in dense_seconds.items()},

@@ -16,6 +16,7 @@ from kstep_adam.ctr._config import check_choices
 from kstep_adam.ctr._config import choice_field
 from kstep_adam.ctr._sources import DataSource
 from kstep_adam.ctr._sources import file_source
+from kstep_adam.ctr._sources import process_part
 from kstep_adam.ctr._sources import synthetic_source
 from kstep_adam.ctr._synthetic import SHARDINGS
 from kstep_adam.ctr._synthetic import SyntheticCTR
@@ -115,11 +116,15 @@ class DataConfig:
     return None if self.test_data is None else _split_spec(self.test_data, "test_data")[1]
 
 
-def make_source(data: DataConfig, config: TrainConfig) -> DataSource:
+def make_source(
+  data: DataConfig, config: TrainConfig, *, part: tuple[int, int] = (0, 1)
+) -> DataSource:
   """Open the data of ``data`` for a run of ``config`` (workers, per-worker batch, seed).
 
   Synthetic data gets one stream per worker (``config.num_workers`` shards) seeded with
   ``config.seed``; file data is read line by line and split across workers per step.
+  ``part=(index, count)`` opens process ``index``'s share of a ``count``-process run
+  (:func:`~._sources.process_part`); synthetic data then makes only its workers' streams.
 
   Examples:
     >>> source = make_source(DataConfig(test_examples=1000), TrainConfig(nodes=1, devices_per_node=2))
@@ -134,10 +139,10 @@ def make_source(data: DataConfig, config: TrainConfig) -> DataSource:
       seed=config.seed,
     )
     return synthetic_source(
-      generator, batch_size=config.batch_size, test_examples=data.test_examples
+      generator, batch_size=config.batch_size, test_examples=data.test_examples, part=part
     )
   reader_kwargs = {"label_column": data.label_column} if data.format == "csv" else {}
-  return file_source(
+  source = file_source(
     data.path,
     format=data.format,
     test_path=data.test_path,
@@ -145,3 +150,4 @@ def make_source(data: DataConfig, config: TrainConfig) -> DataSource:
     skip_bad_lines=data.skip_bad_lines,
     **reader_kwargs,
   )
+  return process_part(source, *part)

@@ -4,6 +4,11 @@ A :class:`DataSource` hides where examples come from. Training sees *global* bat
 exactly ``num_workers * batch_size`` examples; rows ``[w*B, (w+1)*B)`` are worker ``w``'s
 shard. For synthetic data each worker's rows come from its own stream (IID or non-IID); for a
 file, consecutive lines are split across workers and a short last batch is dropped.
+
+In a run of ``P`` processes, process ``p`` reads only its *part*: rows
+``[p*G/P, (p+1)*G/P)`` of every global batch (its workers' shards) and the same share of
+every test batch (:func:`process_part`). A synthetic source makes only its workers' streams;
+a file is read by every process, each keeping its lines.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from typing import Any
 
 from kstep_adam._validation import check_float
 from kstep_adam.ctr._batch import CTRBatch
+from kstep_adam.ctr._batch import concat_batches
 from kstep_adam.ctr._readers import CTRFileReader
 from kstep_adam.ctr._readers import ReadPosition
 from kstep_adam.ctr._readers import ReadStats
@@ -48,6 +54,9 @@ class DataSource:
       it reads the skipped batches again).
     counts: ``() -> dict`` of the readers' counts (JSON), for a checkpoint; None if none.
     restore_counts: continue the counts from :attr:`counts` (what a resumed run does).
+    part: ``(index, count)``: the source yields process ``index``'s share of ``count``
+      (``(0, 1)``: whole batches). ``train_epoch`` and ``train_from`` still take the
+      *global* batch size.
   """
 
   name: str
@@ -62,6 +71,7 @@ class DataSource:
   train_from: Callable[[int, int, Any], Iterator[tuple[CTRBatch, Any]]] | None = None
   counts: Callable[[], dict] | None = None
   restore_counts: Callable[[dict], None] | None = None
+  part: tuple[int, int] = (0, 1)
 
 
 def positioned_epoch(
@@ -89,27 +99,98 @@ def file_fingerprint(path: str, *, sample_bytes: int = 1 << 20) -> dict:
   return {"bytes": size, "blake2b_head_tail": digest.hexdigest()}
 
 
+def share(size: int, index: int, count: int) -> slice:
+  """Part ``index`` of ``count`` of ``size`` rows: ``[index*size//count, (index+1)*size//count)``.
+
+  Examples:
+    >>> share(10, 0, 2), share(5, 1, 2)
+    (slice(0, 5, None), slice(2, 5, None))
+  """
+  return slice(index * size // count, (index + 1) * size // count)
+
+
+def _cut(batch: CTRBatch, index: int, count: int) -> CTRBatch:
+  part = share(batch.size, index, count)
+  return CTRBatch(*(x[part] for x in batch))
+
+
+def process_part(source: DataSource, index: int, count: int) -> DataSource:
+  """The share of ``source`` that process ``index`` of ``count`` reads.
+
+  A source already cut for this process is returned as is; one that yields whole batches
+  is cut here (every process then reads all of it and keeps its rows).
+
+  Raises:
+    ValueError: ``source`` was cut for another process or number of processes.
+  """
+  if source.part == (index, count):
+    return source
+  if source.part != (0, 1):
+    raise ValueError(
+      f"the data source {source.name!r} yields part {source.part[0]} of {source.part[1]}, "
+      f"but this is process {index} of {count}"
+    )
+  whole = source
+
+  def train_epoch(epoch: int, global_batch: int) -> Iterator[CTRBatch]:
+    return (_cut(b, index, count) for b in whole.train_epoch(epoch, global_batch))
+
+  def test_batches() -> Iterator[CTRBatch]:
+    return (_cut(b, index, count) for b in whole.test_batches())
+
+  train_from = None
+  if whole.train_from is not None:
+
+    def train_from(epoch: int, global_batch: int, start: Any) -> Iterator[tuple[CTRBatch, Any]]:
+      return ((_cut(b, index, count), at) for b, at in whole.train_from(epoch, global_batch, start))
+
+  return dataclasses.replace(
+    source,
+    train_epoch=train_epoch,
+    test_batches=test_batches,
+    train_from=train_from,
+    part=(index, count),
+  )
+
+
 def synthetic_source(
-  data: SyntheticCTR, *, batch_size: int, test_examples: int = 50_000
+  data: SyntheticCTR,
+  *,
+  batch_size: int,
+  test_examples: int = 50_000,
+  part: tuple[int, int] = (0, 1),
 ) -> DataSource:
   """Wrap a :class:`SyntheticCTR`; every worker reads its own ``batch_size`` shard per step.
 
   Epoch ``e`` is simply the stream continued: steps are numbered globally, so the data never
   repeats. ``teacher_auc`` is computed on the same ``test_examples`` used for evaluation.
+  With ``part=(index, count)`` only that process's workers' streams are made (``count`` must
+  divide the workers).
   """
+  index, count = part
+  if count < 1 or not 0 <= index < count or data.num_workers % count:
+    raise ValueError(
+      f"part must be (index, count) with 0 <= index < count and count dividing the "
+      f"{data.num_workers} workers, got {part!r}"
+    )
+  per_part = data.num_workers // count
+  workers = range(index * per_part, (index + 1) * per_part)
 
   def train_from(epoch: int, global_batch: int, start: int | None) -> Iterator[tuple]:
     del epoch, global_batch
     step = start or 0
     while True:
-      yield data.global_batch(step, batch_size), step + 1
+      if count == 1:
+        yield data.global_batch(step, batch_size), step + 1
+      else:
+        yield concat_batches([data.batch(step, w, batch_size)[0] for w in workers]), step + 1
       step += 1
 
   def train_epoch(epoch: int, global_batch: int) -> Iterator[CTRBatch]:
     return (batch for batch, _ in train_from(epoch, global_batch, None))
 
   def test_batches() -> Iterator[CTRBatch]:
-    return (b for b, _ in data.test_batches(test_examples))
+    return (_cut(b, index, count) for b, _ in data.test_batches(test_examples))
 
   return DataSource(
     name="synthetic",
@@ -121,6 +202,7 @@ def synthetic_source(
     teacher_auc=data.teacher_auc(test_examples),
     info=dict(data.config, test_examples=test_examples),
     train_from=train_from,
+    part=part,
   )
 
 

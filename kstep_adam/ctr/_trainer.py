@@ -17,6 +17,7 @@ same batches, the same metric records, the same results (bit for bit on one mach
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import tempfile
 import time
@@ -30,12 +31,14 @@ import numpy as np
 import optax
 from flax import nnx
 
+from kstep_adam import _distributed
 from kstep_adam import parallel
 from kstep_adam._dispatch import optimizer_step
 from kstep_adam._jsonio import dumps
 from kstep_adam._jsonio import write_atomic
 from kstep_adam._schedule import MergeSchedule
 from kstep_adam.ctr import _checkpoint
+from kstep_adam.ctr import _multiprocess
 from kstep_adam.ctr import _step
 from kstep_adam.ctr._batch import CTRBatch
 from kstep_adam.ctr._comm import CommMeter
@@ -54,8 +57,14 @@ from kstep_adam.ctr._rundir import TABLE_DIR
 from kstep_adam.ctr._rundir import RunDirectory
 from kstep_adam.ctr._rundir import RunDirectoryError
 from kstep_adam.ctr._rundir import run_identity
+from kstep_adam.ctr._sharded_tier import ShardedRows
+from kstep_adam.ctr._sharded_tier import ShardedSparseTier
+from kstep_adam.ctr._sharded_tier import make_sharded_train_step
+from kstep_adam.ctr._sharded_tier import shard_dir
+from kstep_adam.ctr._sharded_tier import sharded_device_cache_error
 from kstep_adam.ctr._sources import DataSource
 from kstep_adam.ctr._sources import positioned_epoch
+from kstep_adam.ctr._sources import process_part
 from kstep_adam.ctr._tier import SparseTier
 from kstep_adam.embedding import TableVersion
 
@@ -68,7 +77,8 @@ class StepResult(NamedTuple):
 
   step: int  # the optimizer's step count after this step (1-based)
   loss: float  # global-mean training loss of the step's batch
-  row_ids_U: np.ndarray  # int64 [U], the table rows the step pulled and pushed
+  row_ids_U: np.ndarray  # int64 [U], the table rows the step pushed (in a multi-process
+  # run, those of this process's shard)
   compiled: bool  # the step program compiled first (left out of throughput and breakdown)
   last: bool = False  # the run's last step (the data or the step budget ends here)
   skipped: bool = False  # non-finite, skipped (on_nonfinite="skip"): nothing was updated
@@ -184,13 +194,31 @@ def eval_metrics(labels_N: np.ndarray, probs_N: np.ndarray) -> dict:
   return {**result, "test_auc": auc(labels_N, probs_N)}
 
 
-def evaluate(test_set: Iterable[IndexedBatch], tier: SparseTier, predict, params) -> dict:
-  """:func:`eval_metrics` of ``params`` (one replica) on the held-out ``test_set``."""
+def evaluate(
+  test_set: Iterable[IndexedBatch],
+  tier: SparseTier | ShardedSparseTier,
+  predict,
+  params,
+  *,
+  gather=None,
+) -> dict:
+  """:func:`eval_metrics` of ``params`` (one replica) on the held-out ``test_set``.
+
+  ``gather`` (a multi-process run) joins every process's labels and predictions, so each
+  scores the whole test set.
+  """
   labels, probs = [], []
   for item in test_set:
     rows = tier.pull(item.row_ids_U, item.inverse_GxF, kind="eval")
-    probs.append(np.asarray(predict(params, rows.rows_PxD, rows.inverse_GxF, item.batch.dense_BxI)))
+    rows_RxD = rows.rows if isinstance(rows, ShardedRows) else rows.rows_PxD
+    probs.append(np.asarray(predict(params, rows_RxD, rows.inverse_GxF, item.batch.dense_BxI)))
     labels.append(item.batch.label_B)
+  if gather is not None:
+    empty = [np.zeros(0, np.float32)]
+    labels, probs = (
+      [gather(np.concatenate(empty + labels))],
+      [gather(np.concatenate(empty + probs))],
+    )
   if not labels:
     return eval_metrics(np.zeros(0), np.zeros(0))
   return eval_metrics(np.concatenate(labels), np.concatenate(probs))
@@ -218,7 +246,16 @@ class Trainer:
       the recorded ones.
     overwrite: replace the run in ``out_dir`` (its files are deleted when this one starts).
 
+  In a multi-process run (``jax.distributed`` initialized, e.g. by :mod:`kstep_adam.launch`)
+  every process makes its own ``Trainer`` with the same arguments: the ``'node'`` axis spans
+  the processes (``config.nodes`` must equal their number), each reads its share of every
+  batch (the source's :attr:`~DataSource.part`, cut here if the source yields whole batches)
+  and keeps its shard of the table (:mod:`._sharded_tier`), and process 0 writes the output
+  directory (:mod:`._multiprocess`, also for checkpoints and resuming).
+
   Attributes:
+    processes: the processes of the run (``count`` 1 for a single process) and this one's
+      ``index``.
     num_steps: steps :meth:`fit` takes (an estimate for ``epochs`` passes over file data
       until the last pass ends).
     start_step: the optimizer's step count when the run starts (its state's ``count``; the
@@ -255,6 +292,16 @@ class Trainer:
         "checkpoint_every, resume and overwrite need an output directory (out_dir); got "
         f"checkpoint_every={config.checkpoint_every}, resume={resume}, overwrite={overwrite}"
       )
+    self.processes = _distributed.Processes(jax.process_index(), jax.process_count())
+    if self.sharded:
+      if config.nodes != self.processes.count:
+        raise ValueError(
+          f"nodes={config.nodes} but the run has {self.processes.count} processes: the "
+          f"'node' axis spans the processes, so pass --nodes {self.processes.count}"
+        )
+      if config.device_cache_rows:  # before anything is written (the tier refuses it too)
+        raise ValueError(sharded_device_cache_error(config.device_cache_rows, self.processes.count))
+      source = process_part(source, self.processes.index, self.processes.count)
     self.config, self.source, self.out_dir = config, source, out_dir
     self._resume, self._overwrite = resume, overwrite
     self.num_steps = num_steps(config, source)
@@ -270,6 +317,7 @@ class Trainer:
     self._hooks: tuple[Hook, ...] = ()  # those of the current (or last) fit
     self._hook_states: dict = {}  # of the checkpoint resumed from, until fit() hands them over
     self._fit_clock: tuple[float, float] | None = None  # fit's start time and eval time then
+    self._sparse_cost = None  # the last step's sparse exchange, in a multi-process run
 
   # -- resources ---------------------------------------------------------------------------
   def __enter__(self) -> Trainer:
@@ -283,13 +331,37 @@ class Trainer:
   def __exit__(self, *exc_info) -> None:
     self._stack.close()
 
+  @property
+  def sharded(self) -> bool:
+    """Whether the run spans several processes (and shards its table across them)."""
+    return self.processes.count > 1
+
+  @property
+  def is_main(self) -> bool:
+    """Whether this process writes the run's files (process 0)."""
+    return self.processes.is_main
+
   def _open(self) -> None:
     config, source = self.config, self.source
     # Everything that can refuse the run does so before anything is written.
-    self.run_dir, checkpoint = self._open_run_dir()
+    if self.sharded and self.out_dir is not None:
+      self.run_dir, checkpoint = _multiprocess.open_run_dir(
+        self._open_run_dir, self.out_dir, self.processes
+      )
+    else:
+      self.run_dir, checkpoint = self._open_run_dir()
+      if checkpoint is not None and not isinstance(checkpoint.table, TableVersion):
+        raise RunDirectoryError(
+          f"{checkpoint.path} was saved by a {len(checkpoint.table)}-process run (one table "
+          f"shard per process); resume it with as many (python -m kstep_adam.launch "
+          f"--num-processes {len(checkpoint.table)})"
+        )
     resuming = self.run_dir is not None and self.run_dir.resuming
     self.table_dir = self._table_dir(resuming)
-    self.mesh = parallel.make_mesh(config.nodes, config.devices_per_node)
+    devices = _distributed.process_major_devices() if self.sharded else None
+    self.mesh = parallel.make_mesh(config.nodes, config.devices_per_node, devices=devices)
+    if self.sharded:
+      _check_node_per_process(self.mesh)
     model = make_model(
       config.model,
       num_dense=source.num_dense,
@@ -313,21 +385,33 @@ class Trainer:
     self._per_worker = parallel.worker_sharding(self.mesh)
     if self.run_dir is not None and not resuming:
       self.run_dir.clear()  # an overwritten run's files: only now that this one can start
+      if self.sharded:
+        _multiprocess.barrier()  # the shards go where process 0 just cleared
     self.tier = self._open_tier(resuming, checkpoint)
-    self.step_fn = _step.make_ctr_train_step(
-      graphdef,
-      self._tx,
-      self.mesh,
-      skip_nonfinite=config.on_nonfinite == "skip",
-      device_optimizer=self.tier.device_optimizer,
-    )
+    skip_nonfinite = config.on_nonfinite == "skip"
+    if self.sharded:
+      self.step_fn = make_sharded_train_step(
+        graphdef, self._tx, self.mesh, skip_nonfinite=skip_nonfinite
+      )
+    else:  # built after the tier: a device tier's optimizer runs inside the step
+      self.step_fn = _step.make_ctr_train_step(
+        graphdef,
+        self._tx,
+        self.mesh,
+        skip_nonfinite=skip_nonfinite,
+        device_optimizer=self.tier.device_optimizer,
+      )
     if self.run_dir is not None and not resuming:
-      self.run_dir.record({"initial_version": self.tier.table.committed._asdict()})
+      if self.sharded:
+        versions = _multiprocess.gather_versions(self.tier.table.committed)
+        self.run_dir.record({"initial_versions": [v._asdict() for v in versions]})
+      else:
+        self.run_dir.record({"initial_version": self.tier.table.committed._asdict()})
     self.test_set = HeldOutSet(
       source.test_batches, self.tier.index, max_bytes=MAX_KEPT_TEST_SET_BYTES
     )
     self._writer = None
-    if self.run_dir is not None:
+    if self.run_dir is not None and self.is_main:
       path = self.run_dir.file(METRICS_FILE)
       if resuming:  # the records after the checkpoint are written again
         _truncate(path, 0 if host is None else host["metrics_bytes"])
@@ -378,23 +462,49 @@ class Trainer:
       raise ValueError(f"init_from_table: there is no table in table_dir {config.table_dir}")
     return config.table_dir
 
-  def _open_tier(self, resuming: bool, checkpoint) -> SparseTier:
+  def _open_tier(self, resuming: bool, checkpoint) -> SparseTier | ShardedSparseTier:
     """The embedding tier, at the checkpoint's version (or the run's start) when resuming."""
     version = None
-    kept = os.path.isdir(self.table_dir) and bool(os.listdir(self.table_dir))
+    own = self.table_dir  # this process's table: its shard when the table is sharded
+    if self.sharded:
+      own = shard_dir(self.table_dir, self.processes.index, self.processes.count)
+    kept = os.path.isdir(own) and bool(os.listdir(own))
     if checkpoint is not None:
       version = checkpoint.table
     elif resuming and kept:  # no checkpoint yet: the run starts over, from its table's start
-      version = TableVersion(**self.run_dir.recorded["table"]["initial_version"])
+      table = self.run_dir.recorded["table"]
+      if "initial_versions" in table:  # a multi-process run's shards
+        version = [TableVersion(**v) for v in table["initial_versions"]]
+      else:
+        version = TableVersion(**table["initial_version"])
+      if self.sharded and isinstance(version, TableVersion):
+        version = [version]  # refused below: one table for several processes
     scratch = self.config.table_dir is None and self.table_dir != self._own_table_dir()
-    tier = SparseTier(
-      self.config,
-      self.table_dir,
-      temporary=scratch,
-      flush_on_close=False if self.config.checkpoint_every else None,
-      version=version,
-      mesh=self.mesh,
-    )
+    flush_on_close = False if self.config.checkpoint_every else None
+    if self.sharded:
+      tier = ShardedSparseTier(
+        self.config,
+        self.table_dir,
+        self.mesh,
+        temporary=scratch,
+        flush_on_close=flush_on_close,
+        version=None if version is None else _multiprocess.shard_version(version, self.processes),
+      )
+    else:
+      if version is not None and not isinstance(version, TableVersion):  # no checkpoint yet
+        raise RunDirectoryError(
+          f"the run in {self.out_dir} was started with {len(version)} processes (one table "
+          f"shard each); resume it with as many (python -m kstep_adam.launch "
+          f"--num-processes {len(version)})"
+        )
+      tier = SparseTier(
+        self.config,
+        self.table_dir,
+        temporary=scratch,
+        flush_on_close=flush_on_close,
+        version=version,
+        mesh=self.mesh,
+      )
     self._stack.callback(tier.close)
     return tier
 
@@ -438,12 +548,15 @@ class Trainer:
         current = _next_or_none(prefetcher)
       if current is not None:
         self.tier.prefetch(current.row_ids_U)
+      take_step = self._sharded_step if self.sharded else self._step
       while current is not None:
         step_start = time.perf_counter()
         self.timer.new_step()
-        result, current = self._step(current, prefetcher)
+        result, current = take_step(current, prefetcher)
         compute = None if result.compiled else self.timer.step.get("compute", 0.0)
-        self.meter.add_step(result.step, len(result.row_ids_U), compute)
+        self.meter.add_step(
+          result.step, len(result.row_ids_U), compute, sparse_cost=self._sparse_cost
+        )
         if result.compiled:
           self.compile_steps += 1
           self.compile_step_seconds += time.perf_counter() - step_start
@@ -502,6 +615,53 @@ class Trainer:
     compiled = self.step_fn.last_call_compiled
     return StepResult(step, loss, rows.row_ids_U, compiled, last, skipped), upcoming
 
+  def _sharded_step(self, current: IndexedBatch, prefetcher: Prefetcher):
+    """:meth:`_step` of a multi-process run (:mod:`._sharded_tier`): the owners answer this
+    step's rows, the next step's ids are exchanged (its owners then stage their rows while
+    this step computes), the step runs, and the owners push the gradients they got back.
+
+    The next step's exchange comes before this step's program, not while it runs: the
+    processes' collectives run one at a time in launch order, so an exchange launched
+    behind the step would only wait for it.
+    """
+    timer, tier = self.timer, self.tier
+    with timer("pull"):
+      rows = tier.pull(current.row_ids_U, current.inverse_GxF)
+      batch = current.batch
+      inputs = [
+        self._place_share(x, tier.meter) for x in (rows.inverse_GxF, batch.dense_BxI, batch.label_B)
+      ]
+    with timer("data"):
+      upcoming = _next_or_none(prefetcher)
+    if upcoming is not None:  # the same on every process: they read the same steps
+      with timer("exchange"):
+        tier.prefetch(upcoming.row_ids_U)
+    with timer("compute"):
+      self.params_W, self.opt_state_W, grads_to_owners, loss, finite = self.step_fn(
+        self.params_W, self.opt_state_W, rows.rows, *inputs
+      )
+      loss, finite = float(loss), bool(finite)
+    step = self.step_fn.step
+    skipped = self.monitor.check(step, loss, finite)  # the same decision on every process
+    pushed_U = np.zeros(0, np.int64)
+    if not skipped:
+      with timer("push"):
+        pushed_U = tier.push(rows, grads_to_owners)
+    self._sparse_cost = rows.exchange.cost
+    self.data_position = current.position
+    last = upcoming is None
+    if last:
+      self.last_step = step
+    compiled = self.step_fn.last_call_compiled
+    return StepResult(step, loss, pushed_U, compiled, last, skipped), upcoming
+
+  def _place_share(self, share: np.ndarray, meter) -> jax.Array:
+    """This process's rows of a per-worker step input, as its part of the global array
+    (counted as ``batch`` by ``meter``)."""
+    global_shape = (share.shape[0] * self.processes.count, *share.shape[1:])
+    sharding = parallel.worker_sharding(self.mesh, share.ndim)
+    return meter.place(share, sharding, global_shape, "batch")
+
   # -- checkpoints -------------------------------------------------------------------------
   def _checkpoint_if_due(self, result: StepResult) -> None:
     """Every ``checkpoint_every`` steps while the loss is in range (a checkpoint must hold a
@@ -518,7 +678,10 @@ class Trainer:
       if self._writer is not None:  # the records it counts must be on disk before it is
         self._writer.flush()
         os.fsync(self._writer.fileno())
-      self.checkpoint = _checkpoint.save_checkpoint(
+      save = _checkpoint.save_checkpoint
+      if self.sharded:  # every process saves its part, process 0 the rest
+        save = functools.partial(_multiprocess.save_checkpoint, processes=self.processes)
+      self.checkpoint = save(
         self.run_dir.file(CHECKPOINT_DIR),
         self.step,
         {"params_W": self.params_W, "opt_state_W": self.opt_state_W},
@@ -595,20 +758,73 @@ class Trainer:
 
   def evaluate(self) -> dict:
     """Evaluate the merged replicas on the test set; record and log the result."""
+    gather = _distributed.allgather_concat if self.sharded else None
     with self.timer("eval"):
-      result = evaluate(self.test_set, self.tier, self.predict, self.merged_params())
+      result = evaluate(self.test_set, self.tier, self.predict, self.merged_params(), gather=gather)
     record = {"kind": "eval", "step": self.step, **result}
     self.evals.append(record)
     self.log(record)
     return record
 
   def state(self, row_ids: np.ndarray) -> dict:
-    """Every worker's dense replica (NumPy) and the current values of ``row_ids``."""
+    """Every worker's dense replica (NumPy) and the current values of ``row_ids``.
+
+    In a multi-process run: this process's workers' replicas (``workers`` says which) and
+    rows of its own shard.
+    """
+    if self.sharded:
+      workers = [w for w in range(self.mesh.size) if _addressable(self.params_W, w)]
+      replicas = [parallel.unreplicate(self.params_W, worker=w) for w in workers]
+      return {
+        "workers": np.asarray(workers),
+        "params_W": jax.tree.map(lambda *xs: np.stack(xs), *replicas),
+        "row_ids": row_ids,
+        "rows": self.tier.rows(row_ids),
+      }
     return {
       "params_W": jax.device_get(self.params_W),
       "row_ids": row_ids,
       "rows": self.tier.table.pull(row_ids),
     }
+
+  def table_stats(self) -> dict:
+    """The table's counters; in a multi-process run, summed over the shards (hit rate over
+    all their reads) with each shard's own under ``shards``. Collective when sharded."""
+    if not self.sharded:
+      return self.tier.stats()
+    shards = _distributed.allgather_json(self.tier.stats())
+    total = {
+      key: sum(s[key] for s in shards)
+      for key, value in shards[0].items()
+      if isinstance(value, int) and key != "step"
+    }
+    lookups = total["hits"] + total["misses"]
+    return {
+      **total,
+      "hit_rate": total["hits"] / lookups if lookups else 0.0,
+      "step": shards[0]["step"],
+      "shards": shards,
+    }
+
+
+def _addressable(tree_W, worker: int) -> bool:
+  """Whether this process holds ``worker``'s replica."""
+  leaf = jax.tree.leaves(tree_W)[0]
+  return any(
+    (s.index[0].start or 0) <= worker < (s.index[0].start or 0) + s.data.shape[0]
+    for s in leaf.addressable_shards
+  )
+
+
+def _check_node_per_process(mesh) -> None:
+  """Every row of the mesh (a ``'node'``) must be one process's devices."""
+  for node, devices in enumerate(mesh.devices):
+    owners = {d.process_index for d in devices}
+    if owners != {node}:
+      raise ValueError(
+        f"mesh node {node} has devices of processes {sorted(owners)}; with several processes "
+        f"each needs devices_per_node devices of its own (on CPU, jax_num_cpu_devices)"
+      )
 
 
 def _next_or_none(prefetcher: Prefetcher) -> IndexedBatch | None:

@@ -24,8 +24,6 @@ from __future__ import annotations
 import dataclasses
 import os
 
-import jax
-
 from kstep_adam import parallel
 from kstep_adam._baselines import sync_adam
 from kstep_adam._jsonio import write_json
@@ -73,6 +71,7 @@ def train(
       :func:`file_source`).
     out_dir: if given, the run's directory: ``run.json``, ``metrics.jsonl``,
       ``summary.json`` and its checkpoints. A directory that holds another run is refused.
+      In a multi-process run process 0 writes them.
     resume: continue the run in ``out_dir`` from its latest checkpoint (a new run if there
       is none there). The result is the one the run would have had without stopping.
     overwrite: replace the run in ``out_dir``.
@@ -83,7 +82,8 @@ def train(
     The summary dict (also ``summary.json``, strict JSON written atomically; see
     :func:`summarize`). With ``return_state``, ``(summary, state)`` where ``state`` has
     ``params_W`` (every worker's dense replica, NumPy), ``row_ids`` (every row ever pushed)
-    and ``rows`` (their values).
+    and ``rows`` (their values); in a multi-process run, this process's workers
+    (``workers``) and the rows of its shard (:meth:`Trainer.state`).
 
   Raises:
     DivergenceError: the loss or a gradient was not finite, or the loss exploded; it names
@@ -95,7 +95,7 @@ def train(
     config, source, make_optimizer(config), out_dir, resume=resume, overwrite=overwrite
   ) as trainer:
     hooks = [MetricsLog(config.log_every), PeriodicEval(config.eval_every)]
-    if progress:
+    if progress and trainer.is_main:
       hooks.insert(0, ProgressBar(trainer.num_steps))
     pushed = PushedRows()
     if return_state:
@@ -107,13 +107,13 @@ def train(
       error.with_checkpoint(None if checkpoint is None else checkpoint.step)
       record = {**error.record(), "evals": trainer.evals}
       trainer.log({"kind": "diverged", "step": error.step, **error.record()})
-      if out_dir is not None:
+      if out_dir is not None and trainer.is_main:
         write_json(os.path.join(out_dir, SUMMARY_FILE), {**record, "config": _config(trainer)})
       raise
     # The end of the pass merges the replicas (as PaddleBox does); evaluate the merged model.
     final = trainer.evaluate()
     summary = summarize(trainer, final)
-    if out_dir is not None:
+    if out_dir is not None and trainer.is_main:
       write_json(os.path.join(out_dir, SUMMARY_FILE), summary)
     state = trainer.state(pushed.row_ids) if return_state else None
   return (summary, state) if return_state else summary
@@ -137,7 +137,7 @@ def summarize(trainer: Trainer, final: dict) -> dict:
   estimated communication seconds, measured compute seconds); ``host_device_bytes`` and
   ``host_device_bytes_per_step`` (:func:`host_device_traffic`); ``table_stats``; ``evals``;
   ``data`` (the source and its read counts); ``skipped_steps`` (non-finite steps skipped,
-  with ``on_nonfinite="skip"``); ``config``; ``mesh``; ``devices``.
+  with ``on_nonfinite="skip"``); ``config``; ``mesh``; ``devices``; ``processes``.
 
   A run resumed from a checkpoint has the same summary as one that never stopped, except
   the fields that describe the processes rather than the computation: ``examples_per_sec``,
@@ -146,6 +146,11 @@ def summarize(trainer: Trainer, final: dict) -> dict:
   processes, and each process compiles its own programs), ``table_stats`` (the counters
   of the last process's cache) and ``host_device_bytes`` / ``host_device_bytes_per_step``
   (the last process's copies, over its own steps).
+
+  In a multi-process run (collective: every process calls it) the traffic is that of the
+  sparse all-to-all (:mod:`._sharded_tier`), the table statistics are summed over the shards,
+  and the times and host-device bytes are each process's own (``summary.json`` has process
+  0's: its exchange's counts, ids, rows and gradients, and its share of the batch).
   """
   config, source = trainer.config, trainer.source
   steps, global_batch = trainer.step, config.global_batch
@@ -176,7 +181,7 @@ def summarize(trainer: Trainer, final: dict) -> dict:
     },
     **trainer.meter.totals(),
     **host_device_traffic(trainer),
-    "table_stats": trainer.tier.stats(),
+    "table_stats": trainer.table_stats(),
     "evals": trainer.evals,
     "data": {
       "source": source.name,
@@ -187,15 +192,17 @@ def summarize(trainer: Trainer, final: dict) -> dict:
     "skipped_steps": skipped,
     "config": _config(trainer),
     "mesh": dict(trainer.mesh.shape),
-    "devices": [str(d) for d in jax.devices()[: config.num_workers]],
+    "devices": [str(d) for d in trainer.mesh.devices.flat],
+    "processes": trainer.processes.count,
   }
 
 
 def host_device_traffic(trainer: Trainer) -> dict:
   """Bytes copied between host and device memory: totals by direction and kind, and per
   training step split into the embedding tier's (rows, optimizer state, gradients, slot
-  numbers, step inputs) and the batch inputs' (the same with or without a device tier).
-  Evaluation reads are in the totals (kind ``read``) but not in the per-step figures."""
+  numbers, step inputs; in a multi-process run, the exchange's counts, ids, rows and
+  gradients) and the batch inputs' (the same with or without a device tier). Evaluation
+  reads are in the totals (kind ``read``) but not in the per-step figures."""
   totals = trainer.tier.transfer_bytes()
   steps = max(1, trainer.num_steps)
   by_kind: dict[str, int] = {}

@@ -9,6 +9,8 @@ import types
 from collections.abc import Mapping
 from typing import Any
 
+import numpy as np
+
 from kstep_adam import _validation
 from kstep_adam.embedding import _init
 from kstep_adam.embedding import _optimizers
@@ -20,6 +22,8 @@ _SEED_RANGE = (-(2**63), 2**64 - 1)  # the init hashes the seed's 64-bit pattern
 # Keys of table.json besides the fields: the format tag, and the row width (derived, but
 # written so a reader of the file sees the row layout without knowing the optimizers).
 _DERIVED_KEYS = ("format", "width")
+# Fields added after format 1 was first written; a table.json without them has the defaults.
+_OPTIONAL_KEYS = ("compress", "shard_index", "num_shards")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,6 +49,12 @@ class TableConfig:
       ``1/sqrt(dim)``).
     init_distribution: ``'uniform'`` or ``'normal'``.
     compress: zstd-compress chunks on disk.
+    shard_index: which shard of a larger logical table this table holds (0 unsharded).
+    num_shards: shards the logical table is split into, by ``row % num_shards`` (1:
+      unsharded). Local row ``i`` of shard ``s`` is logical row ``i * num_shards + s``, and it
+      starts from that row's deterministic init, so the shards of a table together start
+      exactly as the unsharded table would. ``num_rows`` counts this shard's rows; ids given
+      to the table are local.
 
   Examples:
     >>> from kstep_adam import embedding
@@ -68,6 +78,8 @@ class TableConfig:
   init_scale: float | None = None
   init_distribution: str = "uniform"
   compress: bool = True
+  shard_index: int = 0
+  num_shards: int = 1
 
   def __post_init__(self):
     num_rows = _validation.check_int(self.num_rows, "num_rows", maximum=MAX_ROWS)
@@ -88,8 +100,19 @@ class TableConfig:
     init_scale = _validation.check_float(init_scale, "init_scale", low=0.0)
     if not isinstance(self.compress, bool):
       raise ValueError(f"compress must be a bool, got {self.compress!r}")
+    num_shards = _validation.check_int(self.num_shards, "num_shards", maximum=MAX_ROWS)
+    shard_index = _validation.check_int(
+      self.shard_index, "shard_index", minimum=0, maximum=num_shards - 1
+    )
+    if (num_rows - 1) * num_shards + shard_index > MAX_ROWS:
+      raise ValueError(
+        f"num_rows={num_rows} rows in shard {shard_index} of {num_shards} reach logical rows "
+        f"past {MAX_ROWS}"
+      )
     values = dict(
       num_rows=num_rows,
+      shard_index=shard_index,
+      num_shards=num_shards,
       dim=dim,
       optimizer=optimizer,
       chunk_rows=chunk_rows,
@@ -112,6 +135,21 @@ class TableConfig:
     """Bytes of one row's state (float32)."""
     return 4 * self.width
 
+  def logical_rows(self, row_ids: np.ndarray) -> np.ndarray:
+    """The logical table's rows of these local rows: ``row_ids * num_shards + shard_index``.
+
+    Examples:
+      >>> from kstep_adam import embedding
+      >>> adam = embedding.SparseAdam().config()
+      >>> shard = embedding.TableConfig(num_rows=5, dim=2, optimizer=adam, shard_index=1, num_shards=2)
+      >>> shard.logical_rows(np.arange(3)).tolist()
+      [1, 3, 5]
+    """
+    row_ids = np.asarray(row_ids, np.int64)
+    if self.num_shards == 1:
+      return row_ids
+    return row_ids * np.int64(self.num_shards) + np.int64(self.shard_index)
+
   def to_json(self) -> str:
     """The ``table.json`` text: every field, plus the format tag and the row width."""
     fields = {field.name: getattr(self, field.name) for field in dataclasses.fields(self)}
@@ -123,7 +161,8 @@ class TableConfig:
     """Parses and validates ``table.json`` text; errors name ``source``.
 
     Reads every table written in format ``kstep_adam.embedding/1``, including ones written
-    before ``compress`` existed (they are compressed).
+    before ``compress`` existed (they are compressed) or before sharding (they are
+    unsharded).
     """
     try:
       stored = json.loads(text)
@@ -135,7 +174,7 @@ class TableConfig:
       raise ValueError(f"{source!r} has format {stored.get('format')!r}, expected {FORMAT!r}")
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(stored) - names - set(_DERIVED_KEYS))
-    missing = sorted(names - set(stored) - {"compress"})
+    missing = sorted(names - set(stored) - set(_OPTIONAL_KEYS))
     if unknown or missing:
       raise ValueError(f"{source!r}: unknown fields {unknown}, missing fields {missing}")
     try:

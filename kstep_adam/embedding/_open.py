@@ -27,6 +27,8 @@ def open_table(
   init_distribution: str | None = None,
   chunk_rows: int | None = None,
   compress: bool | None = None,
+  shard_index: int | None = None,
+  num_shards: int | None = None,
   ts_cache_bytes: int = 64 << 20,
   version: TableVersion | None = None,
 ) -> EmbeddingTable:
@@ -34,9 +36,9 @@ def open_table(
 
   A new table needs ``num_rows`` and ``dim``; it costs nothing on disk until rows are
   written (never-written rows read as their deterministic init). The static arguments
-  (``num_rows``, ``dim``, ``optimizer``, ``seed``, ``init_*``, ``chunk_rows``,
-  ``compress``) form the table's :class:`TableConfig`, validated there and stored as
-  ``path/table.json``. Reopening needs only ``path``: any static argument you do pass must
+  (``num_rows``, ``dim``, ``optimizer``, ``seed``, ``init_*``, ``chunk_rows``, ``compress``,
+  ``shard_index``, ``num_shards``) form the table's :class:`TableConfig`, validated there and
+  stored as ``path/table.json``. Reopening needs only ``path``: any static argument you do pass must
   agree with the stored one. Per-session settings (cache sizes) may differ between opens.
 
   Args:
@@ -59,6 +61,10 @@ def open_table(
     init_distribution: ``'uniform'`` (default) or ``'normal'``.
     chunk_rows: rows per zarr chunk on disk (default: about 64 KiB per chunk).
     compress: zstd-compress chunks (default True; see ``_store`` for the trade-off).
+    shard_index: for one shard of a table split by ``row % num_shards``: which one (default
+      0). ``num_rows`` and the ids are then the shard's own (local row ``i`` is logical row
+      ``i * num_shards + shard_index`` and starts from that row's init).
+    num_shards: the number of such shards (default 1: an unsharded table).
     ts_cache_bytes: TensorStore's own chunk cache for this table.
     version: reopen the table as an earlier flush left it: the table's ``committed``
       ``TableVersion`` after that flush. A table flushed again since is reverted to it (the later versions
@@ -95,6 +101,8 @@ def open_table(
     init_scale=init_scale,
     init_distribution=init_distribution,
     compress=compress,
+    shard_index=shard_index,
+    num_shards=num_shards,
   )
   given = {name: value for name, value in given.items() if value is not None}
   if optimizer is not None:

@@ -781,7 +781,7 @@ class EmbeddingTable:
     rows = np.empty((len(ids_M), config.width), np.float32)
     rows[:, 0] = _store.encode_last_step(np.full(len(ids_M), -1))
     rows[:, 1 : 1 + self.dim] = _init.init_rows(
-      ids_M,
+      config.logical_rows(ids_M),  # a shard's rows start as the same rows of the whole table
       self.dim,
       seed=config.seed,
       scale=config.init_scale,

@@ -28,13 +28,16 @@ class TransferMeter:
     self.to_host: dict[str, int] = {}
 
   def put(self, tree, sharding, kind: str):
-    """``jax.device_put(tree, sharding)``, counting the bytes of every leaf per device."""
-    copies = len(sharding.device_set) if hasattr(sharding, "device_set") else 1
+    """``jax.device_put(tree, sharding)``, counting the bytes every device receives (all of a
+    replicated leaf, its slice of a split one); leaves on devices already count nothing."""
+    placed = jax.device_put(tree, sharding)
     nbytes = sum(
-      np.asarray(x).nbytes for x in jax.tree.leaves(tree) if not isinstance(x, jax.Array)
+      sum(s.data.nbytes for s in out.addressable_shards)
+      for x, out in zip(jax.tree.leaves(tree), jax.tree.leaves(placed), strict=True)
+      if not isinstance(x, jax.Array)
     )
-    self.to_device[kind] = self.to_device.get(kind, 0) + nbytes * copies
-    return jax.device_put(tree, sharding)
+    self._add(self.to_device, kind, nbytes)
+    return placed
 
   def get(self, tree, kind: str):
     """``jax.device_get(tree)`` as NumPy, counting one copy of every leaf's bytes."""
@@ -43,6 +46,23 @@ class TransferMeter:
       np.asarray(x).nbytes for x in jax.tree.leaves(host)
     )
     return jax.tree.map(np.asarray, host)
+
+  def place(self, local_data: np.ndarray, sharding, global_shape: tuple, kind: str) -> jax.Array:
+    """``jax.make_array_from_process_local_data``: this process's part of a global array,
+    counting the bytes its devices receive (a part held by several devices once per device)."""
+    array = jax.make_array_from_process_local_data(sharding, local_data, global_shape)
+    self._add(self.to_device, kind, sum(s.data.nbytes for s in array.addressable_shards))
+    return array
+
+  def shards(self, array: jax.Array, kind: str) -> list[tuple[tuple, np.ndarray]]:
+    """This process's shards of ``array`` as ``(index, NumPy data)``, counting their bytes."""
+    shards = [(s.index, np.asarray(s.data)) for s in array.addressable_shards]
+    self._add(self.to_host, kind, sum(data.nbytes for _, data in shards))
+    return shards
+
+  @staticmethod
+  def _add(counts: dict[str, int], kind: str, nbytes: int) -> None:
+    counts[kind] = counts.get(kind, 0) + int(nbytes)
 
   def totals(self) -> dict:
     """``{"to_device": {kind: bytes}, "to_host": {kind: bytes}}``."""

@@ -1,0 +1,172 @@
+"""What a multi-process run does differently with its output directory and checkpoints.
+
+Process 0 owns the run's directory: it alone claims and checks it
+(:class:`~._rundir.RunDirectory`) and writes ``run.json``, ``metrics.jsonl``,
+``summary.json``, the host state and the manifests. Its decisions reach every process: a
+refused directory is refused by all of them with the same message, and a resumed run resumes
+from the same checkpoint everywhere. Every process keeps its own shard of the table (under
+``OUT/table/shard-p-of-P`` when the run saves checkpoints).
+
+A checkpoint at step ``s`` of a ``P``-process run (the layout of :mod:`._checkpoint`):
+
+* ``dense/``: orbax, every process writing its own workers' replicas (a collective save);
+* ``host.json``: process 0's host state (the data position, the counters and the records are
+  the same on every process, or process 0's);
+* every shard is flushed at ``s``, each committing its own version;
+* ``manifest.json``: written by process 0 once every shard has flushed (gathering the
+  versions is also the barrier), naming each shard's version in process order.
+
+So a process killed at any moment leaves the previous complete checkpoint, and a resumed run
+reopens every shard at the version the manifest names for it, reverting a later flush.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Any
+
+from kstep_adam import _distributed
+from kstep_adam._jsonio import write_json
+from kstep_adam.ctr import _checkpoint
+from kstep_adam.ctr._rundir import RunDirectory
+from kstep_adam.ctr._rundir import RunDirectoryError
+from kstep_adam.embedding import TableVersion
+
+
+class FollowerRunDirectory:
+  """The run directory as a process other than 0 sees it: where its parts are, and what
+  process 0 found there. It writes nothing.
+
+  Attributes:
+    resuming: process 0 is continuing the run recorded there.
+    recorded: that run's ``run.json`` (as process 0 read or wrote it).
+  """
+
+  def __init__(self, path: str, resuming: bool, recorded: dict | None):
+    self.path, self.resuming, self.recorded = path, resuming, recorded
+
+  def file(self, name: str) -> str:
+    return os.path.join(self.path, name)
+
+  def clear(self) -> None:
+    """Process 0 deletes what a fresh start found there."""
+
+  def record(self, table: dict) -> None:
+    """Process 0 writes ``run.json``; this one only keeps what it says."""
+    self.recorded = {**(self.recorded or {}), "table": table}
+
+  def close(self) -> None:
+    pass
+
+
+def barrier() -> None:
+  """Wait until every process gets here (a small collective)."""
+  _distributed.allgather_json(None)
+
+
+def open_run_dir(
+  open_on_main: Callable[[], tuple[RunDirectory | None, _checkpoint.Checkpoint | None]],
+  out_dir: str,
+  processes: _distributed.Processes,
+) -> tuple[RunDirectory | FollowerRunDirectory, _checkpoint.Checkpoint | None]:
+  """Process 0 claims and checks the run directory (``open_on_main``); every process learns
+  the outcome: the directory (a :class:`FollowerRunDirectory` away from process 0) and the
+  checkpoint to resume from.
+
+  Raises:
+    RunDirectoryError: on every process, when process 0's check refused the directory.
+  """
+  decision: dict[str, Any] = {"error": None}
+  if processes.is_main:
+    try:
+      run_dir, checkpoint = open_on_main()
+      decision = {
+        "error": None,
+        "resuming": run_dir.resuming,
+        "recorded": run_dir.recorded,
+        "checkpoint": None if checkpoint is None else _checkpoint_json(checkpoint, processes),
+      }
+    except RunDirectoryError as error:
+      decision = {"error": str(error)}
+      refused = error
+  decision = _distributed.allgather_json(decision)[0]
+  if decision["error"] is not None:
+    if processes.is_main:
+      raise refused
+    raise RunDirectoryError(decision["error"])
+  if processes.is_main:
+    if checkpoint is not None:  # orbax restores a multi-process checkpoint by absolute path
+      checkpoint = checkpoint._replace(path=os.path.abspath(checkpoint.path))
+    return run_dir, checkpoint
+  follower = FollowerRunDirectory(out_dir, decision["resuming"], decision["recorded"])
+  found = decision["checkpoint"]
+  if found is None:
+    return follower, None
+  step, path, versions = found
+  return follower, _checkpoint.Checkpoint(
+    step, path, tuple(TableVersion(**version) for version in versions)
+  )
+
+
+def _checkpoint_json(checkpoint: _checkpoint.Checkpoint, processes: _distributed.Processes) -> list:
+  """The checkpoint as JSON, for the other processes; refused if this run cannot resume it."""
+  saved_by = 1 if isinstance(checkpoint.table, TableVersion) else len(checkpoint.table)
+  if saved_by != processes.count:
+    raise RunDirectoryError(
+      f"{checkpoint.path} was saved by a {saved_by}-process run (one table shard per "
+      f"process); resume it with {saved_by} process(es), not {processes.count}"
+    )
+  path = os.path.abspath(checkpoint.path)
+  return [checkpoint.step, path, [v._asdict() for v in checkpoint.table]]
+
+
+def shard_version(versions, processes: _distributed.Processes) -> TableVersion:
+  """This process's shard's version among a checkpoint's (or a run's initial) versions."""
+  if len(versions) != processes.count:
+    raise RunDirectoryError(
+      f"the run was started with {len(versions)} processes (one table shard each); resume "
+      f"it with {len(versions)}, not {processes.count}"
+    )
+  version = versions[processes.index]
+  return version if isinstance(version, TableVersion) else TableVersion(**version)
+
+
+def gather_versions(version: TableVersion) -> tuple[TableVersion, ...]:
+  """Every shard's version, in process order. Collective."""
+  return tuple(TableVersion(**v) for v in _distributed.allgather_json(version._asdict()))
+
+
+def save_checkpoint(
+  root: str,
+  step: int,
+  dense: Any,
+  host: dict,
+  flush_table: Callable[[], TableVersion],
+  *,
+  keep: int,
+  processes: _distributed.Processes,
+) -> _checkpoint.Checkpoint:
+  """:func:`kstep_adam.ctr._checkpoint.save_checkpoint` for a multi-process run (the
+  module docstring); every process calls it at the same step."""
+  import orbax.checkpoint as ocp
+
+  if processes.is_main:
+    os.makedirs(root, exist_ok=True)
+    _checkpoint.remove_incomplete(root)
+  barrier()  # nobody writes into root before the interrupted checkpoints are gone
+  # orbax saves a multi-process checkpoint by absolute path only
+  path = os.path.abspath(_checkpoint.step_dir(root, step))
+  checkpointer = ocp.StandardCheckpointer()
+  checkpointer.save(os.path.join(path, _checkpoint.DENSE_STATE), dense)
+  checkpointer.wait_until_finished()
+  checkpointer.close()
+  if processes.is_main:
+    write_json(os.path.join(path, _checkpoint.HOST_STATE), host)
+  versions = gather_versions(flush_table())  # returns once every shard has flushed
+  checkpoint = _checkpoint.Checkpoint(step, path, versions)
+  if processes.is_main:
+    _checkpoint.write_manifest(path, step, versions)
+    _checkpoint.prune(root, keep)
+  barrier()  # the checkpoint is complete, for every process, when this returns
+  return checkpoint
