@@ -57,6 +57,7 @@ from experiments._common import use_cpu_devices
 from kstep_adam import _distributed
 from kstep_adam import ctr
 from kstep_adam._jsonio import finite_or_none
+from kstep_adam.ctr._sharded_tier import sharded_device_cache_error
 
 # The short spellings users know, beside the generated --learning-rate / --sparse-learning-rate.
 ALIASES = {
@@ -133,6 +134,8 @@ def main(argv=None) -> dict:
       f"--nodes {config.nodes} with {processes.count} processes: the 'node' axis spans the "
       f"processes, so pass --nodes {processes.count}"
     )
+  if processes.count > 1 and config.device_cache_rows:
+    parser.error(sharded_device_cache_error(config.device_cache_rows, processes.count))
   # Before the JAX backend starts: join the multi-process run, if this is one, and ask for
   # this process's simulated devices (ignored on GPU/TPU).
   processes = _distributed.initialize()

@@ -42,6 +42,8 @@ PROCESS_SUMMARY_FIELDS = {
   "time_breakdown_seconds",
   "measured_compute_seconds",
   "table_stats",
+  "host_device_bytes",
+  "host_device_bytes_per_step",
 }
 PROCESS_METRICS_FIELDS = {"examples_per_sec", "seconds", "hit_rate", "measured_compute_seconds"}
 

@@ -106,6 +106,15 @@ def check_twins(tmp_path, name: str, fields: dict) -> None:
   assert got["dense_bytes_by_axis"] == summary["dense_bytes_by_axis"]
   assert got["test_examples"] == summary["test_examples"]
   assert got["sparse_transport"] == "all_to_all"
+  # Process 0's host-device copies: the exchange's ids and rows in, the gradients out, and
+  # its share of the batches; the evaluations' apart.
+  traffic = got["host_device_bytes"]
+  assert {"counts", "ids", "rows", "batch", "read"} <= set(traffic["to_device"])
+  assert {"counts", "ids", "grads", "read"} <= set(traffic["to_host"])
+  per_step = got["host_device_bytes_per_step"]
+  assert per_step["embedding"] > 0 and per_step["batch"] > 0
+  # Its batch share is half the one-process run's batch inputs.
+  assert per_step["batch"] == summary["host_device_bytes_per_step"]["batch"] / 2
   records = read_jsonl(run_dir / "metrics.jsonl")
   reference = read_jsonl(tmp_path / "one" / "metrics.jsonl")
   assert [(r["kind"], r["step"]) for r in records] == [(r["kind"], r["step"]) for r in reference]
@@ -176,3 +185,12 @@ def test_train_ctr_refuses_a_node_count_other_than_the_processes(monkeypatch, ca
   assert (
     "--nodes 1 with 2 processes: the 'node' axis spans the processes" in capsys.readouterr().err
   )
+
+
+def test_train_ctr_refuses_the_device_tier_with_several_processes(monkeypatch, capsys):
+  monkeypatch.setenv(_distributed.ENV_COORDINATOR, "127.0.0.1:1")
+  monkeypatch.setenv(_distributed.ENV_NUM_PROCESSES, "2")
+  monkeypatch.setenv(_distributed.ENV_PROCESS_ID, "0")
+  with pytest.raises(SystemExit):  # before anything connects or starts JAX
+    train_ctr.main(["--nodes", "2", "--devices-per-node", "2", "--device-cache-rows", "4096"])
+  assert "device_cache_rows=4096 with processes=2" in capsys.readouterr().err

@@ -1,7 +1,21 @@
-"""Throughput of the CTR workflow against a plain JAX baseline, same model and same data.
+"""Throughput of the CTR workflow against a plain JAX baseline and the PyTorch CPU peer.
 
   python -m experiments.benchmarks.ctr_throughput            # CPU: also 8 simulated devices
   python -m experiments.benchmarks.ctr_throughput --steps 100 --out /tmp/ctr_bench.json
+  python -m experiments.benchmarks.ctr_throughput --only-peer  # just the peer comparison
+
+Peer comparison (needs torch: ``pip install -e '.[bench]'``; skipped with a note without it):
+the train step of ``train_ctr --nodes 1 --devices-per-node 1 --batch-size 4096 --optimizer
+sync_adam`` (DLRM, a 2^20-row table, lazy SparseAdam, Zipf ids from the default synthetic
+data) against :mod:`experiments.benchmarks.torch_peer` (the same model and optimizers in
+eager torch, ``--peer-threads`` threads), at batch 4096 and 1024 on one device and at 4096 on
+2 x 4 simulated devices (CPU only), plus the device-resident optimizer at batch 4096
+(``device_cache_rows`` >= the hot rows). The cases run in ``--peer-rounds`` interleaved
+rounds in this one process (the JAX and torch runs alternate which goes first); each
+ratio is the median of the per-round ratios, with the best beside it, and the load average
+is recorded, because a shared machine's speed drifts between minutes. It also prints the
+host-device bytes per step of the embedding tier with the host optimizer and with the
+device-resident one.
 
 Baseline: every embedding row in one in-memory ``jax.Array [table_rows, D]``, ``jnp.take``,
 ``optax.adam`` over embeddings and dense layers together, one jitted step (dense Adam
@@ -23,6 +37,7 @@ the 2-core CPU box: see the README; the numbers are ratios within one process.
 from __future__ import annotations
 
 import argparse
+import functools
 import time
 
 import numpy as np
@@ -134,8 +149,11 @@ def run_workflow(
     steps_per_epoch=lambda _: len(batches),
   )
   s = ctr.train(config, source)
+  table = s["table_stats"]
   return {
     "examples_per_sec": s["examples_per_sec"],
+    "host_device_bytes_per_step": s["host_device_bytes_per_step"],
+    "device_hit_rate": table.get("device_hit_rate"),
     "seconds": s["train_seconds"],
     "breakdown_seconds": s["time_breakdown_seconds"],
     "hit_rate": s["table_stats"]["hit_rate"],
@@ -143,6 +161,138 @@ def run_workflow(
     "evictions": s["table_stats"]["evictions"],
     "test_auc": s["test_auc"],
   }
+
+
+PEER_CASES = {  # name: (global batch, nodes, devices per node, device_cache_rows)
+  "batch 4096, 1 device": (4096, 1, 1, 0),
+  "batch 4096, 1 device, device-resident optimizer": (4096, 1, 1, 1 << 16),
+  "batch 1024, 1 device": (1024, 1, 1, 0),
+  "batch 4096, 2x4 simulated devices": (4096, 2, 4, 0),
+}
+
+
+def run_peer_comparison(args, platform: str) -> dict:
+  """The JAX train step against the torch peer, interleaved; see the module docstring."""
+  import os
+
+  from experiments.benchmarks import torch_peer
+
+  # libgomp's threads spin while they wait for work; on a shared machine (or next to XLA's
+  # own thread pool) that spinning takes the cores torch needs. Must precede importing torch.
+  os.environ.setdefault("OMP_WAIT_POLICY", args.peer_omp_wait.upper())
+  try:
+    torch_peer.require_torch()
+  except ImportError as error:
+    print(f"peer comparison skipped: {error}")
+    return {"skipped": str(error)}
+  from flax import nnx
+
+  from kstep_adam import ctr
+
+  cases = {
+    name: case for name, case in PEER_CASES.items() if platform == "cpu" or case[1] * case[2] == 1
+  }
+  data = {}
+  for batch in sorted({case[0] for case in cases.values()}):
+    stream, batches = _batches(args.peer_steps, batch, args.peer_vocab_size, args.seed)
+    data[batch] = (batches, [b for b, _ in stream.test_batches(4096)][:1])
+  common = dict(embed_dim=args.embed_dim, lr=2e-3, sparse_lr=2e-2, seed=args.seed)
+  model = ctr.make_model("dlrm", num_dense=13, num_categorical=26, embed_dim=args.embed_dim)
+  flax_params = nnx.split(model)[1]
+  rounds: dict[str, list] = {name: [] for name in cases}
+  load_before = os.getloadavg()
+  for round_index in range(args.peer_rounds):
+    for name, (batch, nodes, per_node, device_rows) in cases.items():
+      batches, test = data[batch]
+
+      jax_run = functools.partial(
+        run_workflow,
+        batches,
+        nodes=nodes,
+        devices_per_node=per_node,
+        table_rows=1 << 20,
+        host_cache_rows=1 << 18,
+        device_cache_rows=device_rows,
+        sparse_mode="lazy",
+        test_batches=test,
+        **common,
+      )
+      torch_run = functools.partial(
+        torch_peer.run,
+        batches,
+        threads=args.peer_threads,
+        table_rows=1 << 20,
+        embed_dim=args.embed_dim,
+        seed=args.seed,
+        flax_params=flax_params,
+      )
+      if round_index % 2 == 0:
+        jax_result, torch_result = jax_run(), torch_run()
+      else:
+        torch_result, jax_result = torch_run(), jax_run()
+      rounds[name].append(
+        {
+          "jax": jax_result,
+          "torch_examples_per_sec": torch_result["examples_per_sec"],
+          "ratio": jax_result["examples_per_sec"] / torch_result["examples_per_sec"],
+        }
+      )
+  summary = {}
+  for name, runs in rounds.items():
+    ratios = [r["ratio"] for r in runs]
+    last = runs[-1]["jax"]
+    summary[name] = {
+      "jax_examples_per_sec": float(np.median([r["jax"]["examples_per_sec"] for r in runs])),
+      "torch_examples_per_sec": float(np.median([r["torch_examples_per_sec"] for r in runs])),
+      "ratio_median": float(np.median(ratios)),
+      "ratio_best": float(max(ratios)),
+      "ratios": ratios,
+      "embedding_bytes_per_step": last["host_device_bytes_per_step"]["embedding"],
+      "batch_bytes_per_step": last["host_device_bytes_per_step"]["batch"],
+      "device_hit_rate": last["device_hit_rate"],
+    }
+  return {
+    "cases": summary,
+    "rounds": rounds,
+    "load_average_before": load_before,
+    "load_average_after": os.getloadavg(),
+    "torch_threads": args.peer_threads,
+    "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+    "steps": args.peer_steps,
+  }
+
+
+def print_peer_comparison(peer: dict) -> None:
+  if "skipped" in peer:
+    return
+  load = lambda x: "/".join(f"{v:.1f}" for v in x)
+  print(
+    f"\nJAX train step vs the PyTorch CPU peer ({peer['torch_threads']} threads, "
+    f"OMP_WAIT_POLICY={peer['omp_wait_policy']}), "
+    f"{len(next(iter(peer['rounds'].values())))} interleaved rounds of {peer['steps']} steps, "
+    f"load average {load(peer['load_average_before'])} before, "
+    f"{load(peer['load_average_after'])} after"
+  )
+  print(
+    f"{'case':50s} {'jax ex/s':>9s} {'torch':>9s} {'ratio':>6s} {'best':>6s} "
+    f"{'emb B/step':>11s} {'hit':>5s}"
+  )
+  for name, c in peer["cases"].items():
+    hit = c["device_hit_rate"]
+    print(
+      f"{name:50s} {c['jax_examples_per_sec']:9.0f} {c['torch_examples_per_sec']:9.0f} "
+      f"{c['ratio_median']:6.2f} {c['ratio_best']:6.2f} {c['embedding_bytes_per_step']:11.0f} "
+      f"{'-' if hit is None else f'{hit:.2f}':>5s}"
+    )
+  host = peer["cases"].get("batch 4096, 1 device")
+  device = peer["cases"].get("batch 4096, 1 device, device-resident optimizer")
+  if host and device:
+    print(
+      "embedding host-device bytes per step, host optimizer / device-resident optimizer: "
+      f"{host['embedding_bytes_per_step'] / device['embedding_bytes_per_step']:.1f}x "
+      f"(device hit rate {device['device_hit_rate']:.2f}; batch inputs add "
+      f"{device['batch_bytes_per_step']:.0f} B/step to both)"
+    )
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -161,6 +311,18 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--sparse-mode", default="exact", choices=("exact", "lazy"))
   p.add_argument("--device-cache-rows", type=int, default=0)
   p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--peer-rounds", type=int, default=5, help="interleaved rounds vs torch")
+  p.add_argument("--peer-steps", type=int, default=60, help="steps per run vs torch")
+  p.add_argument("--peer-threads", type=int, default=2, help="torch threads")
+  p.add_argument(
+    "--peer-omp-wait",
+    default="passive",
+    choices=("passive", "active"),
+    help="OMP_WAIT_POLICY for torch (unless set in the environment)",
+  )
+  p.add_argument("--peer-vocab-size", type=int, default=5000, help="train_ctr's default data")
+  p.add_argument("--no-peer", action="store_true", help="skip the PyTorch peer comparison")
+  p.add_argument("--only-peer", action="store_true", help="only the PyTorch peer comparison")
   p.add_argument("--out", default=None, help="write the results as JSON here")
   return p.parse_args(argv)
 
@@ -176,6 +338,13 @@ def main(argv=None) -> dict:
     table_rows=args.table_rows, embed_dim=args.embed_dim, lr=2e-3, sparse_lr=2e-2, seed=args.seed
   )
   results = {"platform": platform, "device": str(jax.devices()[0]), "args": vars(args)}
+  if not args.no_peer:
+    results["peer"] = run_peer_comparison(args, platform)
+  if args.only_peer:
+    print_peer_comparison(results["peer"])
+    if args.out:
+      write_json(args.out, results)
+    return results
   data, batches = _batches(args.steps, args.global_batch, args.vocab_size, args.seed)
   test = [b for b, _ in data.test_batches(4096)]
   results["baseline"] = run_baseline(batches, **common)
@@ -233,6 +402,8 @@ def main(argv=None) -> dict:
       f"{fmt(b.get('push'))} {fmt(b.get('merge'))} "
       f"{r.get('hit_rate', float('nan')):5.2f}"
     )
+  if "peer" in results:
+    print_peer_comparison(results["peer"])
   if args.out:
     write_json(args.out, results)
   return results

@@ -14,9 +14,7 @@ from typing import Any
 import numpy as np
 
 from kstep_adam.ctr._batch import CTRBatch
-
-# One power-of-two rounding for the project: the embedding tier's (ctr builds on embedding).
-from kstep_adam.embedding._device_cache import _pow2_at_least as pow2_at_least
+from kstep_adam.embedding import pow2_at_least  # the tier's padding rule, one for the project
 
 _DONE = object()
 

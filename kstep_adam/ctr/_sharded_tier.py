@@ -149,10 +149,7 @@ class ShardedSparseTier:
         f"the mesh's 'node' axis ({mesh.shape['node']}) must span the {count} processes"
       )
     if config.device_cache_rows:
-      raise ValueError(
-        f"device_cache_rows={config.device_cache_rows}: a multi-process run keeps its rows in "
-        f"the host and disk tiers only; set device_cache_rows=0"
-      )
+      raise ValueError(sharded_device_cache_error(config.device_cache_rows, count))
     if config.table_rows < count:
       raise ValueError(
         f"table_rows={config.table_rows} gives no rows to some of the {count} processes' shards"
@@ -176,7 +173,8 @@ class ShardedSparseTier:
     )
     self._flush_on_close = not temporary if flush_on_close is None else flush_on_close
     self._local = mesh.shape["local"]
-    self._collectives = _Collectives(mesh)
+    self.meter = embedding.TransferMeter()
+    self._collectives = _Collectives(mesh, self.meter)
     self._slots = {"train": 0, "eval": 0}  # S per kind of batch; never shrinks
     self._staged: tuple[np.ndarray, Exchange] | None = None  # from prefetch, for the next pull
 
@@ -193,7 +191,12 @@ class ShardedSparseTier:
     count = self.num_shards
     owner_U = row_ids_U % count
     counts_P = np.bincount(owner_U, minlength=count)
-    counts_PxP = self._collectives.gather_counts(counts_P, self.index_in_run)
+    # Evaluations' copies count as "read": left out of the per-step figures, as the
+    # one-process tier's evaluation reads are.
+    train = kind == "train"
+    counts_PxP = self._collectives.gather_counts(
+      counts_P, self.index_in_run, "counts" if train else "read"
+    )
     slots = self._slots[kind] = exchange_slots(
       int(counts_PxP.max()), count, self._local, self._slots[kind]
     )
@@ -204,7 +207,7 @@ class ShardedSparseTier:
     slot_U[order_U] = np.arange(len(row_ids_U)) - first_P[owner_U[order_U]]
     send_PxS = np.full((count, slots), -1, np.int64)
     send_PxS[owner_U, slot_U] = row_ids_U
-    requested_PxS = self._collectives.send_ids(send_PxS)
+    requested_PxS = self._collectives.send_ids(send_PxS, "ids" if train else "read")
     return Exchange(
       slots,
       (owner_U * slots + slot_U).astype(np.int32),
@@ -244,9 +247,9 @@ class ShardedSparseTier:
     answer_PxSxD = self._answer(exchange.requested_PxS)
     inverse_GxF = exchange.position_U[inverse_GxF]
     if kind == "train":
-      rows = self._collectives.place_blocks(answer_PxSxD)
+      rows = self._collectives.place_blocks(answer_PxSxD, "rows")
     else:
-      rows = self._collectives.deliver(answer_PxSxD).reshape(-1, self.dim)
+      rows = self._collectives.deliver(answer_PxSxD, "read").reshape(-1, self.dim)
     return ShardedRows(row_ids_U, rows, inverse_GxF, exchange)
 
   def push(self, rows: ShardedRows, grads_to_owners: jax.Array) -> np.ndarray:
@@ -261,7 +264,7 @@ class ShardedSparseTier:
     Returns:
       The rows this shard updated (logical ids, sorted, each once).
     """
-    grads_PxSxD = self._collectives.local_blocks(grads_to_owners)
+    grads_PxSxD = self._collectives.local_blocks(grads_to_owners, "grads")
     requested_PxS = rows.exchange.requested_PxS
     asked = requested_PxS >= 0
     self.table.push(requested_PxS[asked] // self.num_shards, grads_PxSxD[asked])
@@ -293,8 +296,24 @@ class ShardedSparseTier:
     self.table.flush()
     return self.table.committed
 
+  def transfer_bytes(self) -> dict:
+    """Host-device bytes this process copied so far, by direction and kind: the exchange's
+    ``counts``, ``ids``, ``rows`` and ``grads``, the trainer's ``batch`` inputs, and the
+    evaluations' traffic as ``read``."""
+    return self.meter.totals()
+
   def close(self) -> None:
     self.table.close(flush=self._flush_on_close)
+
+
+def sharded_device_cache_error(device_cache_rows: int, processes: int) -> str:
+  """Why a multi-process run refuses a device tier (the trainer and the tier both check)."""
+  return (
+    f"device_cache_rows={device_cache_rows} with processes={processes}: the device-resident "
+    "sparse optimizer runs on one process's whole table, and a multi-process run's rows "
+    "travel between their owners' host tiers in the step's all-to-all; use "
+    "device_cache_rows=0 with several processes (or one process for the device tier)"
+  )
 
 
 def _check_table_dir(table_dir: str, count: int) -> None:
@@ -346,10 +365,12 @@ class _Collectives:
 
   Buffers are global ``[P * P, S, ...]`` arrays sharded ``P('node', 'local')``: process ``p``
   holds rows ``[p * P, (p + 1) * P)`` (one per peer) and each of its devices ``S / L`` slots.
+  Every copy between host and devices goes through ``meter``, under the kind the caller names.
   """
 
-  def __init__(self, mesh: Mesh):
+  def __init__(self, mesh: Mesh, meter: embedding.TransferMeter):
     self._mesh = mesh
+    self._meter = meter
     self._count = mesh.shape["node"]
     self._blocks = NamedSharding(mesh, P("node", "local"))
     self._per_node = NamedSharding(mesh, P("node"))
@@ -365,35 +386,33 @@ class _Collectives:
       jax.shard_map(lambda x: jax.lax.psum(x, "node"), mesh=mesh, in_specs=P("node"), out_specs=P())
     )
 
-  def gather_counts(self, counts_P: np.ndarray, index: int) -> np.ndarray:
+  def gather_counts(self, counts_P: np.ndarray, index: int, kind: str) -> np.ndarray:
     """Every process's counts per owner, ``[requester, owner]``, on every process."""
     mine_1xPxP = np.zeros((1, self._count, self._count), np.int32)
     mine_1xPxP[0, index] = counts_P
-    placed = jax.make_array_from_process_local_data(
-      self._per_node, mine_1xPxP, (self._count, self._count, self._count)
-    )
-    return np.asarray(self._sum_over_nodes(placed))[0]
+    shape = (self._count, self._count, self._count)
+    placed = self._meter.place(mine_1xPxP, self._per_node, shape, kind)
+    return self._meter.get(self._sum_over_nodes(placed), kind)[0]
 
-  def send_ids(self, send_PxS: np.ndarray) -> np.ndarray:
+  def send_ids(self, send_PxS: np.ndarray, kind: str) -> np.ndarray:
     """All-to-all of int64 ids (as int32 pairs): ``[owner, S]`` out, ``[requester, S]`` in."""
     words_PxSx2 = np.ascontiguousarray(send_PxS).view(np.int32).reshape(*send_PxS.shape, 2)
-    received = self.local_blocks(self._swap(self.place_blocks(words_PxSx2)))
+    received = self.local_blocks(self._swap(self.place_blocks(words_PxSx2, kind)), kind)
     return np.ascontiguousarray(received).view(np.int64).reshape(send_PxS.shape)
 
-  def deliver(self, answer_PxSxD: np.ndarray) -> np.ndarray:
+  def deliver(self, answer_PxSxD: np.ndarray, kind: str) -> np.ndarray:
     """All-to-all of the owners' answers: this process's rows, ``[owner, S, D]``."""
-    return self.local_blocks(self._swap(self.place_blocks(answer_PxSxD)))
+    return self.local_blocks(self._swap(self.place_blocks(answer_PxSxD, kind)), kind)
 
-  def place_blocks(self, local_PxSx_: np.ndarray) -> jax.Array:
+  def place_blocks(self, local_PxSx_: np.ndarray, kind: str) -> jax.Array:
     """This process's ``[P, S, ...]`` buffer as its part of a global ``[P * P, S, ...]``."""
     shape = (self._count * local_PxSx_.shape[0], *local_PxSx_.shape[1:])
-    return jax.make_array_from_process_local_data(self._blocks, local_PxSx_, shape)
+    return self._meter.place(local_PxSx_, self._blocks, shape, kind)
 
-  @staticmethod
-  def local_blocks(array: jax.Array) -> np.ndarray:
+  def local_blocks(self, array: jax.Array, kind: str) -> np.ndarray:
     """This process's ``[P, S, ...]`` part of a global buffer, joined from its devices."""
-    shards = sorted(array.addressable_shards, key=lambda s: s.index[1].start or 0)
-    return np.concatenate([np.asarray(s.data) for s in shards], axis=1)
+    shards = sorted(self._meter.shards(array, kind), key=lambda s: s[0][1].start or 0)
+    return np.concatenate([data for _, data in shards], axis=1)
 
 
 def make_sharded_train_step(

@@ -13,6 +13,12 @@ So this module builds its own ``shard_map`` over the same mesh, applies the same
 optimizer to the dense parameters (which merge on their own schedule inside ``tx.update``)
 and reuses the harness's :class:`kstep_adam.parallel.DispatchedStep` for local steps.
 
+With a device tier (``device_optimizer``), the rows never leave the device: the step takes
+the tier's arrays and the batch's slots instead of ``rows_PxD``, gathers the rows (catching
+up stale ones in exact mode), and after the ``pmean`` applies the sparse optimizer to them
+(:func:`kstep_adam.embedding.apply_grads`) on every worker alike; it returns the new arrays
+instead of the gradient.
+
 Scaling: every worker's loss is the mean over its ``B`` examples and the global objective is
 the mean over the ``N`` workers, i.e. the mean over all ``N*B`` examples. Its gradient with
 respect to the rows is ``pmean`` of the per-worker row gradients (not ``psum``), the same
@@ -36,6 +42,7 @@ from flax import nnx
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
+from kstep_adam import embedding
 from kstep_adam import parallel
 from kstep_adam._dispatch import counter_positions
 
@@ -72,14 +79,61 @@ def keep_unless(ok: jax.Array, new, old, *, keep_counters: bool = False):
   return jax.tree.unflatten(treedef, picked)
 
 
+# On a CPU a worker's forward and backward pass runs over chunks of at least this many
+# examples, one after another: the activations of a chunk (the [B, F+1, F+1] Gram matrices,
+# the [B, 367] interaction features) stay in the caches, where a whole large batch does not.
+# An accelerator gets the whole batch at once.
+CPU_CHUNK_EXAMPLES = 1024
+
+
+def num_chunks(batch_size: int, chunk_examples: int = CPU_CHUNK_EXAMPLES) -> int:
+  """How many equal chunks a batch is cut into: the most that divide it and hold at least
+  ``chunk_examples`` examples each (1 for a smaller batch).
+
+  Examples:
+    >>> num_chunks(4096), num_chunks(1024), num_chunks(3000), num_chunks(7)
+    (4, 1, 2, 1)
+  """
+  chunks = max(1, batch_size // chunk_examples)
+  while batch_size % chunks:
+    chunks -= 1
+  return chunks
+
+
+def _value_and_grad(graphdef, params, rows_PxD, batch, chunks: int):
+  """The batch-mean loss and its gradient (params, rows), over ``chunks`` equal chunks.
+
+  The mean of the chunks' mean losses is the batch mean, so the result is the one-pass
+  gradient up to float summation order.
+  """
+
+  def loss_fn(params, rows_PxD, inverse_BxF, dense_BxI, label_B):
+    return bce_loss(_logits(graphdef, params, rows_PxD, inverse_BxF, dense_BxI), label_B)
+
+  grad_fn = jax.value_and_grad(loss_fn, argnums=(0, 1))
+  if chunks == 1:
+    return grad_fn(params, rows_PxD, *batch)
+  chunked = jax.tree.map(lambda x: x.reshape(chunks, -1, *x.shape[1:]), batch)
+
+  def add_chunk(total, chunk):
+    return jax.tree.map(jnp.add, total, grad_fn(params, rows_PxD, *chunk)), None
+
+  # zeros_like keeps each value's type, varying over the mesh included (the carry must).
+  zeros = jax.tree.map(jnp.zeros_like, (rows_PxD[0, 0], (params, rows_PxD)))
+  total, _ = jax.lax.scan(add_chunk, zeros, chunked)
+  return jax.tree.map(lambda x: x / chunks, total)
+
+
 def make_ctr_train_step(
   graphdef: nnx.GraphDef,
   tx: optax.GradientTransformation,
   mesh: Mesh,
   *,
   skip_nonfinite: bool = False,
+  device_optimizer: embedding.SparseAdam | None = None,
 ) -> Callable:
-  """Build ``step(params_W, opt_state_W, rows_PxD, inverse_GxF, dense_GxI, label_G)``.
+  """Build ``step(params_W, opt_state_W, sparse_rows, sparse_batch, inverse_GxF, dense_GxI,
+  label_G)``.
 
   Args:
     graphdef: the nnx graph definition of the model (from ``nnx.split``).
@@ -87,51 +141,67 @@ def make_ctr_train_step(
     mesh: the ``('node', 'local')`` mesh.
     skip_nonfinite: a step where any worker's loss or gradients are not finite changes no
       parameter or optimizer moment on any worker (one scalar all-reduce per step decides);
-      the caller skips its row push too. False applies every step.
+      the caller skips its row push too. False applies every step. A device tier never
+      applies a non-finite step to its rows, whichever the setting (the caller, which then
+      stops or skips, would not push them either).
+    device_optimizer: the device tier's sparse optimizer, or None for a host optimizer.
 
   Returns:
     A :class:`kstep_adam.parallel.DispatchedStep` (called like a jitted function) returning
-    ``(params_W, opt_state_W, grad_rows_PxD, loss, finite_W)``: new per-worker replicas, the
-    rows' gradient of the global-mean loss (replicated), the global-mean loss and, per
-    worker, whether its loss and gradients were all finite. ``G = N * B`` is the global
-    batch; worker ``w`` owns rows ``[w*B, (w+1)*B)`` of the batch arrays. Params and state
-    buffers are donated.
+    ``(params_W, opt_state_W, sparse_output, loss, finite_W)``: new per-worker replicas, the
+    sparse output, the global-mean loss and, per worker, whether its loss and gradients were
+    all finite. ``sparse_rows`` is the batch's rows ``rows_PxD`` (replicated,
+    ``sparse_batch`` None) and ``sparse_output`` their gradient of the global-mean loss; with
+    a ``device_optimizer`` they are the device tier's ``DeviceRows`` and ``DeviceBatch`` and
+    its new ``DeviceRows``. ``G = N * B`` is the global batch; worker ``w`` owns rows
+    ``[w*B, (w+1)*B)`` of the batch arrays. Params, state and ``sparse_rows`` are donated.
   """
   axes = tuple(mesh.axis_names)
   worker = P(axes)
+  cpu = mesh.devices.flat[0].platform == "cpu"
 
-  def per_worker(params_W, opt_state_W, rows_PxD, inverse_BxF, dense_BxI, label_B):
+  def per_worker(params_W, opt_state_W, sparse_rows, sparse_batch, inverse_BxF, dense_BxI, label_B):
+    chunks = num_chunks(inverse_BxF.shape[0]) if cpu else 1
     params, opt_state = jax.tree.map(lambda x: x[0], (params_W, opt_state_W))
-
-    def loss_fn(params, rows_PxD):
-      return bce_loss(_logits(graphdef, params, rows_PxD, inverse_BxF, dense_BxI), label_B)
+    if device_optimizer is None:
+      rows_PxD = sparse_rows
+    else:  # the same program on every worker: the rows stay replicated
+      device_rows, rows_PxD = embedding.gather_rows(device_optimizer, sparse_rows, sparse_batch)
 
     # The rows enter replicated (unvarying over the mesh); differentiating with respect to
     # an unvarying input makes JAX psum the cotangent implicitly, which would give the *sum*
     # of the workers' gradients. Casting to varying first keeps the gradient per worker,
     # so the pmean below is the gradient of the global-mean loss.
     rows_PxD = jax.lax.pcast(rows_PxD, axes, to="varying")
-    loss, (grads, grad_rows_PxD) = jax.value_and_grad(loss_fn, argnums=(0, 1))(params, rows_PxD)
+    batch = (inverse_BxF, dense_BxI, label_B)
+    loss, (grads, grad_rows_PxD) = _value_and_grad(graphdef, params, rows_PxD, batch, chunks)
     finite = all_finite(loss, grads, grad_rows_PxD)  # this worker's, before any averaging
     grad_rows_PxD = jax.lax.pmean(grad_rows_PxD, axes)  # synchronous sparse, every step
     updates, new_opt_state = tx.update(grads, opt_state, params)
     new_params = optax.apply_updates(params, updates)
-    if skip_nonfinite:  # all workers skip together, or their replicas would drift apart
-      ok = jax.lax.pmin(finite.astype(jnp.int32), axes) > 0
+    # Whether every worker's values were finite; all workers skip together, or their
+    # replicas would drift apart.
+    ok = jax.lax.pmin(finite.astype(jnp.int32), axes) > 0
+    if skip_nonfinite:
       new_params = keep_unless(ok, new_params, params)
       new_opt_state = keep_unless(ok, new_opt_state, opt_state, keep_counters=True)
+    sparse_output = grad_rows_PxD
+    if device_optimizer is not None:  # never a non-finite row: the host would not push it
+      sparse_output = embedding.apply_grads(
+        device_optimizer, device_rows, sparse_batch, grad_rows_PxD, apply=ok
+      )
     params_W, opt_state_W = jax.tree.map(lambda x: x[None], (new_params, new_opt_state))
-    return params_W, opt_state_W, grad_rows_PxD, jax.lax.pmean(loss, axes), finite[None]
+    return params_W, opt_state_W, sparse_output, jax.lax.pmean(loss, axes), finite[None]
 
   def build(body):
     return jax.jit(
       jax.shard_map(
         body,
         mesh=mesh,
-        in_specs=(worker, worker, P(), worker, worker, worker),
+        in_specs=(worker, worker, P(), P(), worker, worker, worker),
         out_specs=(worker, worker, P(), P(), worker),
       ),
-      donate_argnums=(0, 1),
+      donate_argnums=(0, 1, 2),
     )
 
   # Non-merge steps run a second, branch-free program without collectives for the dense

@@ -30,9 +30,7 @@ from kstep_adam.ctr._batch import concat_batches
 from kstep_adam.ctr._batch import feature_keys
 from kstep_adam.ctr._metrics import auc
 from kstep_adam.embedding import splitmix64
-
-# Not re-exported by kstep_adam.embedding (yet); the tier's own top-53-bit uniform.
-from kstep_adam.embedding._hashing import uniform01
+from kstep_adam.embedding import uniform01
 
 _TRAIN, _TEST, _CALIBRATE, _FILE, _VAL = 0, 1, 2, 3, 4
 SHARDINGS = ("iid", "non_iid")

@@ -6,6 +6,18 @@ All tier calls of a run go through :class:`SparseTier`, on the trainer's thread 
 shapes: a batch of ``G`` examples with ``F`` fields has its keys hashed and deduplicated once
 into ``row_ids_U`` and an ``inverse_GxF``, and the rows' values are padded to ``P >= U`` rows,
 a shape bucket, so the jitted step sees few shapes.
+
+Two ways a training step meets the table:
+
+* host optimizer (``device_cache_rows=0``): the step gets the rows' values (uploaded) and
+  returns their gradient (downloaded), which :meth:`SparseTier.push` hands to the table;
+* device optimizer (``device_cache_rows > 0``): the rows and their Adam state stay in device
+  memory; the step gets the device tier's arrays and the batch's slots
+  (:meth:`kstep_adam.embedding.EmbeddingTable.begin_device_step`), reads and updates the rows
+  in its own program, and returns the new arrays. Only misses and evictions cross the link.
+
+Every host-device copy is counted (:attr:`SparseTier.meter` and the table's device tier), so
+the run reports its bytes per step.
 """
 
 from __future__ import annotations
@@ -14,6 +26,8 @@ from typing import NamedTuple
 
 import jax
 import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from kstep_adam import embedding
 from kstep_adam.ctr._config import TrainConfig
@@ -27,9 +41,11 @@ class BatchRows(NamedTuple):
   """
 
   row_ids_U: np.ndarray  # int64 [U], the batch's table rows, sorted, each once
-  rows_PxD: np.ndarray | jax.Array  # float32 [P, D], P >= U: row u's values, then zeros
-  # (a device array when the tier has a device cache)
+  rows_PxD: np.ndarray | None  # float32 [P, D], P >= U: row u's values, then zeros (None
+  # when the rows stay on the device)
   inverse_GxF: np.ndarray  # int32 [G, F], the index into row_ids_U of every key
+  step_input: tuple = ()  # what the train step takes for the rows (train pulls only):
+  # (rows_PxD on the device, None), or the device tier's (DeviceRows, DeviceBatch)
 
   @property
   def num_unique(self) -> int:
@@ -49,6 +65,13 @@ class SparseTier:
       the table's committed state is always a checkpoint's.
     version: open the table at this earlier flush (``embedding.TableVersion``), reverting
       any later one; None opens it as it is.
+    mesh: the step's mesh; the rows it reads are replicated over it (and so is the device
+      tier, whose optimizer every worker runs on the same averaged gradient). None: the
+      first device.
+
+  Attributes:
+    meter: the host-device copies this class makes (rows and gradients of the host
+      optimizer, the trainer's batch inputs); the device tier counts its own.
   """
 
   def __init__(
@@ -59,8 +82,11 @@ class SparseTier:
     temporary: bool = False,
     flush_on_close: bool | None = None,
     version: embedding.TableVersion | None = None,
+    mesh=None,
   ):
     self.num_rows, self.dim, self._salt = config.table_rows, config.embed_dim, config.seed
+    self._replicated = NamedSharding(mesh, P()) if mesh is not None else jax.devices()[0]
+    self.meter = embedding.TransferMeter()
     self.table = embedding.open_table(
       table_dir,
       num_rows=config.table_rows,
@@ -70,6 +96,7 @@ class SparseTier:
       ),
       host_cache_rows=config.host_cache_rows,
       device_cache_rows=config.device_cache_rows,
+      device_sharding=self._replicated if config.device_cache_rows else None,
       seed=config.seed,
       init_scale=config.init_scale,
       version=version,
@@ -88,21 +115,59 @@ class SparseTier:
     """Start staging these rows into the host tier (asynchronous)."""
     self.table.prefetch(row_ids_U)
 
+  @property
+  def device_optimizer(self):
+    """The sparse optimizer the device tier runs inside the step (None: the host runs it)."""
+    return self.table.device_optimizer
+
   def pull(
     self, row_ids_U: np.ndarray, inverse_GxF: np.ndarray, *, kind: str = "train"
   ) -> BatchRows:
-    """Pull a batch's rows (from :meth:`index`) once, padded to a power of two ``P >= U``."""
+    """Pull a batch's rows (from :meth:`index`) once, padded to a power of two ``P >= U``.
+
+    ``kind="train"`` also prepares ``step_input`` for the train step (copied to the
+    device); a train pull must be followed by :meth:`push` of the step's sparse output.
+    """
     # A bucket never shrinks, so the step compiles once per new high-water mark only. Train
     # and eval batches keep separate buckets: the larger eval batches would otherwise pad
     # (and recompile) every training step after the first evaluation.
     pad_to = self._pad_to[kind] = max(self._pad_to[kind], bucket_size(len(row_ids_U)))
+    if kind == "train" and self.device_optimizer is not None:
+      step = self.table.begin_device_step(row_ids_U, pad_to=pad_to)
+      return BatchRows(row_ids_U, None, inverse_GxF, (step.rows, step.batch))
     # The rows are unique already, so the table's own deduplication returns them unchanged.
-    working_set = self.table.working_set(row_ids_U, pad_to=pad_to)
-    return BatchRows(row_ids_U, working_set.rows, inverse_GxF)
+    rows_PxD = self.table.working_set(row_ids_U, pad_to=pad_to).rows
+    step_input = ()
+    if kind == "train":
+      step_input = (self.meter.put(rows_PxD, self._replicated, "rows"), None)
+    return BatchRows(row_ids_U, rows_PxD, inverse_GxF, step_input)
 
-  def push(self, row_ids_U: np.ndarray, grads_UxD: np.ndarray) -> None:
-    """One sparse optimizer step on these rows with their (worker-averaged) gradients."""
-    self.table.push(row_ids_U, grads_UxD)
+  def push(self, rows: BatchRows, sparse_output, *, applied: bool = True) -> None:
+    """End a train :meth:`pull` with the step's sparse output: the rows' gradient
+    ``[P, D]`` (host optimizer: downloaded and pushed) or the device tier's new arrays
+    (device optimizer: installed). ``applied=False``: a skipped step, no row changes (the
+    device step left its rows as it read them)."""
+    if self.device_optimizer is not None:
+      self.table.end_device_step(sparse_output, pushed=applied)
+    elif applied:
+      grads_PxD = self.meter.get(sparse_output, "grads")
+      self.table.push(rows.row_ids_U, grads_PxD[: rows.num_unique])
+
+  def abandon(self, rows: BatchRows, sparse_output, finite: bool) -> None:
+    """End a train :meth:`pull` whose step the run stops at (it diverged): the host
+    optimizer pushes nothing; the device tier takes its arrays back, updated only if the
+    step's values were finite (an exploding but finite loss; see ``make_ctr_train_step``)."""
+    if self.device_optimizer is not None:
+      self.table.end_device_step(sparse_output, pushed=finite)
+
+  def transfer_bytes(self) -> dict:
+    """Host-device bytes so far, by direction and kind (this class's and the device tier's)."""
+    totals = self.meter.totals()
+    device = self.table.stats().get("device_transfer_bytes")
+    for direction, by_kind in (device or {}).items():
+      for kind, nbytes in by_kind.items():
+        totals[direction][kind] = totals[direction].get(kind, 0) + nbytes
+    return totals
 
   def stats(self) -> dict:
     """The table's counters (hits, misses, hit rate, evictions, bytes read/written)."""

@@ -30,8 +30,6 @@ import jax
 import numpy as np
 import optax
 from flax import nnx
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 
 from kstep_adam import _distributed
 from kstep_adam import parallel
@@ -63,6 +61,7 @@ from kstep_adam.ctr._sharded_tier import ShardedRows
 from kstep_adam.ctr._sharded_tier import ShardedSparseTier
 from kstep_adam.ctr._sharded_tier import make_sharded_train_step
 from kstep_adam.ctr._sharded_tier import shard_dir
+from kstep_adam.ctr._sharded_tier import sharded_device_cache_error
 from kstep_adam.ctr._sources import DataSource
 from kstep_adam.ctr._sources import positioned_epoch
 from kstep_adam.ctr._sources import process_part
@@ -309,6 +308,8 @@ class Trainer:
           f"nodes={config.nodes} but the run has {self.processes.count} processes: the "
           f"'node' axis spans the processes, so pass --nodes {self.processes.count}"
         )
+      if config.device_cache_rows:  # before anything is written (the tier refuses it too)
+        raise ValueError(sharded_device_cache_error(config.device_cache_rows, self.processes.count))
       source = process_part(source, self.processes.index, self.processes.count)
     self.config, self.source, self.out_dir = config, source, out_dir
     self._resume, self._overwrite = resume, overwrite
@@ -389,19 +390,27 @@ class Trainer:
     budget = step_budget(config, source)
     self.num_steps = max((self.num_steps if budget is None else budget) - self.start_step, 0)
     self.last_step = self.start_step + self.num_steps
-    make_step = make_sharded_train_step if self.sharded else _step.make_ctr_train_step
-    self.step_fn = make_step(
-      graphdef, self._tx, self.mesh, skip_nonfinite=config.on_nonfinite == "skip"
-    )
     self.predict = _step.make_predict(graphdef)
     self.meter = CommMeter(config, params, self._schedule, self.mesh)
-    self._replicated = NamedSharding(self.mesh, P())
     self._per_worker = parallel.worker_sharding(self.mesh)
     if self.run_dir is not None and not resuming:
       self.run_dir.clear()  # an overwritten run's files: only now that this one can start
       if self.sharded:
         _multiprocess.barrier()  # the shards go where process 0 just cleared
     self.tier = self._open_tier(resuming, checkpoint)
+    skip_nonfinite = config.on_nonfinite == "skip"
+    if self.sharded:
+      self.step_fn = make_sharded_train_step(
+        graphdef, self._tx, self.mesh, skip_nonfinite=skip_nonfinite
+      )
+    else:  # built after the tier: a device tier's optimizer runs inside the step
+      self.step_fn = _step.make_ctr_train_step(
+        graphdef,
+        self._tx,
+        self.mesh,
+        skip_nonfinite=skip_nonfinite,
+        device_optimizer=self.tier.device_optimizer,
+      )
     if self.run_dir is not None and not resuming:
       if self.sharded:
         versions = _multiprocess.gather_versions(self.tier.table.committed)
@@ -509,6 +518,7 @@ class Trainer:
         temporary=scratch,
         flush_on_close=flush_on_close,
         version=version,
+        mesh=self.mesh,
       )
     self._stack.callback(tier.close)
     return tier
@@ -589,27 +599,30 @@ class Trainer:
     timer, tier = self.timer, self.tier
     with timer("pull"):
       rows = tier.pull(current.row_ids_U, current.inverse_GxF)
-      rows_PxD = jax.device_put(rows.rows_PxD, self._replicated)
       batch = current.batch
       # Copied here, not on the reader thread: on a CPU host the reader's copy competes with
       # the step for the same cores and did not measure faster.
-      inputs = jax.device_put((rows.inverse_GxF, batch.dense_BxI, batch.label_B), self._per_worker)
+      inputs = tier.meter.put(
+        (rows.inverse_GxF, batch.dense_BxI, batch.label_B), self._per_worker, "batch"
+      )
     with timer("compute"):
-      self.params_W, self.opt_state_W, grad_rows_PxD, loss, finite_W = self.step_fn(
-        self.params_W, self.opt_state_W, rows_PxD, *inputs
+      self.params_W, self.opt_state_W, sparse_output, loss, finite_W = self.step_fn(
+        self.params_W, self.opt_state_W, *rows.step_input, *inputs
       )
     with timer("data"):
       upcoming = _next_or_none(prefetcher)
     if upcoming is not None:
       tier.prefetch(upcoming.row_ids_U)  # stages rows while the step still computes
-    with timer("compute"):
-      grad_rows_UxD = np.asarray(jax.device_get(grad_rows_PxD))[: rows.num_unique]
+    with timer("compute"):  # waits for the step
       loss, finite = float(loss), bool(np.all(jax.device_get(finite_W)))
     step = self.step_fn.step
-    skipped = self.monitor.check(step, loss, finite)  # raises if the run diverged
-    if not skipped:
-      with timer("push"):
-        tier.push(rows.row_ids_U, grad_rows_UxD)
+    try:
+      skipped = self.monitor.check(step, loss, finite)  # raises if the run diverged
+    except BaseException:
+      tier.abandon(rows, sparse_output, finite)
+      raise
+    with timer("push"):
+      tier.push(rows, sparse_output, applied=not skipped)
     self.data_position = current.position
     last = upcoming is None
     if last:
@@ -630,7 +643,9 @@ class Trainer:
     with timer("pull"):
       rows = tier.pull(current.row_ids_U, current.inverse_GxF)
       batch = current.batch
-      inputs = [self._place_share(x) for x in (rows.inverse_GxF, batch.dense_BxI, batch.label_B)]
+      inputs = [
+        self._place_share(x, tier.meter) for x in (rows.inverse_GxF, batch.dense_BxI, batch.label_B)
+      ]
     with timer("data"):
       upcoming = _next_or_none(prefetcher)
     if upcoming is not None:  # the same on every process: they read the same steps
@@ -655,11 +670,12 @@ class Trainer:
     compiled = self.step_fn.last_call_compiled
     return StepResult(step, loss, pushed_U, compiled, last, skipped), upcoming
 
-  def _place_share(self, share: np.ndarray) -> jax.Array:
-    """This process's rows of a per-worker step input, as its part of the global array."""
+  def _place_share(self, share: np.ndarray, meter) -> jax.Array:
+    """This process's rows of a per-worker step input, as its part of the global array
+    (counted as ``batch`` by ``meter``)."""
     global_shape = (share.shape[0] * self.processes.count, *share.shape[1:])
     sharding = parallel.worker_sharding(self.mesh, share.ndim)
-    return jax.make_array_from_process_local_data(sharding, share, global_shape)
+    return meter.place(share, sharding, global_shape, "batch")
 
   # -- checkpoints -------------------------------------------------------------------------
   def _checkpoint_if_due(self, result: StepResult) -> None:

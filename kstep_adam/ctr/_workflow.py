@@ -186,7 +186,8 @@ def summarize(trainer: Trainer, final: dict) -> dict:
   out), ``train_seconds``, ``compile_steps``, ``compile_step_seconds``;
   ``time_breakdown_seconds`` (data, pull, compute, push, eval, checkpoint, and the estimated
   merge time); the :class:`CommMeter` totals (dense bytes and messages per axis, sparse bytes,
-  estimated communication seconds, measured compute seconds); ``table_stats``; ``evals``;
+  estimated communication seconds, measured compute seconds); ``host_device_bytes`` and
+  ``host_device_bytes_per_step`` (:func:`host_device_traffic`); ``table_stats``; ``evals``;
   ``data`` (the source and its read counts); ``skipped_steps`` (non-finite steps skipped,
   with ``on_nonfinite="skip"``); ``config``; ``mesh``; ``devices``; ``processes``.
 
@@ -194,12 +195,14 @@ def summarize(trainer: Trainer, final: dict) -> dict:
   the fields that describe the processes rather than the computation: ``examples_per_sec``,
   ``train_seconds``, ``compile_steps``, ``compile_step_seconds``,
   ``time_breakdown_seconds``, ``measured_compute_seconds`` (times, summed over the
-  processes, and each process compiles its own programs) and ``table_stats`` (the counters
-  of the last process's cache).
+  processes, and each process compiles its own programs), ``table_stats`` (the counters
+  of the last process's cache) and ``host_device_bytes`` / ``host_device_bytes_per_step``
+  (the last process's copies, over its own steps).
 
   In a multi-process run (collective: every process calls it) the traffic is that of the
   sparse all-to-all (:mod:`._sharded_tier`), the table statistics are summed over the shards,
-  and the times are process 0's.
+  and the times and host-device bytes are each process's own (``summary.json`` has process
+  0's: its exchange's counts, ids, rows and gradients, and its share of the batch).
   """
   config, source = trainer.config, trainer.source
   steps, global_batch = trainer.step, config.global_batch
@@ -231,6 +234,7 @@ def summarize(trainer: Trainer, final: dict) -> dict:
       "merge": trainer.meter.merge_seconds_estimate(),
     },
     **trainer.meter.totals(),
+    **host_device_traffic(trainer),
     "table_stats": trainer.table_stats(),
     "evals": trainer.evals,
     "data": {
@@ -244,4 +248,30 @@ def summarize(trainer: Trainer, final: dict) -> dict:
     "mesh": dict(trainer.mesh.shape),
     "devices": [str(d) for d in trainer.mesh.devices.flat],
     "processes": trainer.processes.count,
+  }
+
+
+def host_device_traffic(trainer: Trainer) -> dict:
+  """Bytes copied between host and device memory: totals by direction and kind, and per
+  training step split into the embedding tier's (rows, optimizer state, gradients, slot
+  numbers, step inputs; in a multi-process run, the exchange's counts, ids, rows and
+  gradients) and the batch inputs' (the same with or without a device tier). Evaluation
+  reads are in the totals (kind ``read``) but not in the per-step figures."""
+  totals = trainer.tier.transfer_bytes()
+  steps = max(1, trainer.num_steps)
+  by_kind: dict[str, int] = {}
+  for direction in totals.values():
+    for kind, nbytes in direction.items():
+      by_kind[kind] = by_kind.get(kind, 0) + nbytes
+  batch = by_kind.pop("batch", 0)
+  # Not the steps' traffic: the device tier's allocation (once per run) and the table reads
+  # of evaluations (``pull``/``working_set`` of resident rows).
+  for kind in ("device_tier_init", "read"):
+    by_kind.pop(kind, None)
+  return {
+    "host_device_bytes": totals,
+    "host_device_bytes_per_step": {
+      "embedding": sum(by_kind.values()) / steps,
+      "batch": batch / steps,
+    },
   }

@@ -68,3 +68,13 @@ def sum_duplicates(ids_N: np.ndarray, grads_NxD: np.ndarray) -> tuple[np.ndarray
   sorted_N = ids_N[order_N]
   starts_U = np.flatnonzero(np.r_[True, sorted_N[1:] != sorted_N[:-1]])
   return sorted_N[starts_U], np.add.reduceat(grads_NxD[order_N], starts_U, axis=0)
+
+
+def pow2_at_least(n: int) -> int:
+  """The smallest power of two ``>= n`` (1 for ``n <= 1``): the tier's padding rule.
+
+  Examples:
+    >>> pow2_at_least(1000), pow2_at_least(1024), pow2_at_least(0)
+    (1024, 1024, 1)
+  """
+  return 1 << max(0, int(n) - 1).bit_length()

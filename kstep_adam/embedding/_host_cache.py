@@ -53,6 +53,10 @@ class HostCache:
 
   def abort(self, slots_M: np.ndarray) -> None:
     """Frees reserved slots whose load failed."""
+    self.free(slots_M)
+
+  def free(self, slots_M: np.ndarray) -> None:
+    """Forgets the rows in ``slots_M`` (pinned or not) and frees the slots; no write-back."""
     self._map.delete(self.ids_C[slots_M])
     self.ids_C[slots_M] = -1
     self.loading_C[slots_M] = False

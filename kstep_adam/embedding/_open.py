@@ -21,6 +21,7 @@ def open_table(
   host_cache_rows: int | None = None,
   host_cache_bytes: int | None = None,
   device_cache_rows: int = 0,
+  device_sharding=None,
   seed: int | None = None,
   init_scale: float | None = None,
   init_distribution: str | None = None,
@@ -51,7 +52,10 @@ def open_table(
       at ``num_rows``).
     host_cache_bytes: alternatively, the capacity in bytes of row state (each row takes
       ``4 * (1 + D + slot_width)`` bytes, e.g. ``4 * (1 + 3D)`` for Adam).
-    device_cache_rows: rows of a jax.Array device tier for ``working_set`` (0: none).
+    device_cache_rows: rows of the device tier (0: none): hot rows and their optimizer state
+      live in device arrays and ``SparseAdam`` updates them there (see ``begin_device_step``).
+    device_sharding: where the device tier lives: a ``jax.Device`` or a sharding (e.g.
+      replicated over a mesh); default the first device.
     seed: seed of the deterministic row init (default 0).
     init_scale: U(-s, s) half-width or N(0, s) std of the init (default ``1/sqrt(dim)``).
     init_distribution: ``'uniform'`` (default) or ``'normal'``.
@@ -135,9 +139,11 @@ def open_table(
   host_cache_rows = min(host_cache_rows, config.num_rows)  # more is never used
   device_cache_rows = _validation.check_int(device_cache_rows, "device_cache_rows", minimum=0)
   ts_cache_bytes = _validation.check_int(ts_cache_bytes, "ts_cache_bytes", minimum=0)
+  device_cache = None
+  if device_cache_rows:  # before anything is created: it refuses an optimizer it cannot run
+    device_cache = DeviceCache(device_cache_rows, config.dim, optimizer, sharding=device_sharding)
   if not exists:
     _store.create(path, config)
-  device_cache = DeviceCache(device_cache_rows, config.dim) if device_cache_rows else None
   return EmbeddingTable(
     path,
     config,

@@ -7,6 +7,18 @@ row reflects; -1 for a row that was never written). The table step ``t`` counts 
 ``optax.scale_by_learning_rate`` does. The table owns storage and caching; this module
 owns only the math, so the same code drives the tiered table and the in-RAM benchmark
 baseline.
+
+Adam's arithmetic is written once, for NumPy and for ``jax.numpy`` alike (``adam_moments``,
+``adam_params``, ``catch_up_coefficients``, ``catch_up_params``), so the device tier's
+optimizer (``_device_adam``) performs the very same float operations in the same order as the
+host and gets the same bits. Two details make that hold:
+
+* powers (``b1**c``) come from Python's ``pow``, one scalar at a time (``powers``), never from
+  NumPy's vectorized ``power``, which rounds differently at different positions of an array;
+* every product that feeds a sum is followed by ``+ zero`` (a zero the device receives at run
+  time): XLA's CPU and GPU compilers contract ``a * b + c`` into a fused multiply-add, which
+  rounds once instead of twice; ``fma(a, b, 0)`` is the rounded product, so with the extra
+  addition both sides round twice. The host adds a literal zero, which changes nothing.
 """
 
 import dataclasses
@@ -42,6 +54,75 @@ def _learning_rate(learning_rate: ScalarOrSchedule, count_N: np.ndarray) -> np.n
   values = np.asarray(learning_rate(padded), dtype=np.float64)
   values = np.broadcast_to(values, padded.shape)[: len(unique)]
   return values[inverse].reshape(count_N.shape)
+
+
+def powers(base: float, exponents) -> np.ndarray:
+  """``base ** e`` for int exponents, float64, each from Python's ``pow`` on one scalar.
+
+  The same bits for the same exponent wherever it stands in ``exponents``, which NumPy's
+  vectorized ``np.power`` does not guarantee; the device tier's tables come from here too.
+
+  Examples:
+    >>> powers(0.5, np.array([3, 0, 3]))
+    array([0.125, 1.   , 0.125])
+  """
+  exponents = np.asarray(exponents, dtype=np.int64)
+  if exponents.size == 0:
+    return np.zeros(exponents.shape)
+  low, high = int(exponents.min()), int(exponents.max())
+  if high - low < exponents.size:  # a table over the range: no sort (the catch-up's case)
+    table = np.array([float(base) ** e for e in range(low, high + 1)], dtype=np.float64)
+    return table[exponents - low]
+  unique, inverse = np.unique(exponents, return_inverse=True)
+  values = np.array([float(base) ** int(e) for e in unique], dtype=np.float64)
+  return values[inverse].reshape(exponents.shape)
+
+
+def learning_rates(learning_rate: ScalarOrSchedule, counts) -> np.ndarray:
+  """The learning rate (float64) at 0-based step counts: a float, or a schedule's values."""
+  return _learning_rate(learning_rate, np.asarray(counts, dtype=np.int64))
+
+
+def adam_moments(xp, m_NxD, v_NxD, g_NxD, *, b1: float, b2: float, zero):
+  """Adam's new moments in float64 from float32 moments and float64 gradients (NumPy or jnp).
+
+  ``b1 * m`` rounds in float32 (a Python float is weak, in NumPy 2 as in JAX), the rest in
+  float64. ``zero`` is 0.0 (float64); see the module docstring for why it is added.
+  """
+  zero32 = zero.astype(m_NxD.dtype) if hasattr(zero, "astype") else np.float32(zero)
+  m = (b1 * m_NxD + zero32).astype(xp.float64) + ((1.0 - b1) * g_NxD + zero)
+  v = (b2 * v_NxD + zero32).astype(xp.float64) + ((1.0 - b2) * g_NxD * g_NxD + zero)
+  return m, v
+
+
+def adam_params(xp, params_NxD, m, v, *, lr, bc1, bc2, lazy_scale, eps: float, exact: bool, zero):
+  """Parameters after one Adam step (float64) from the new float64 moments (NumPy or jnp).
+
+  ``bc1``/``bc2`` are the bias corrections ``1 - b^c``; ``lazy_scale`` is
+  ``sqrt(bc2) / bc1`` (lazy mode's step size factor).
+  """
+  if exact:
+    update = (m / bc1) / (xp.sqrt(v / bc2) + eps)
+  else:
+    update = lazy_scale * m / (xp.sqrt(v) + eps)
+  return params_NxD.astype(xp.float64) - (lr * update + zero)
+
+
+def catch_up_coefficients(xp, lr_prev, b1_pow_j, b1_tail_c, b2_pow_j, b2_tail_c, eps: float):
+  """One catch-up term's ``(num, shift)``: the term is ``num / (sqrt(v_s) + shift)``.
+
+  ``num = a_j / q_j``, ``shift = eps / q_j``, with ``a_j = lr_(c-1) b1^j / (1 - b1^c)`` and
+  ``q_j = sqrt(b2^j / (1 - b2^c))``, ``c = s + j`` (float64, NumPy or jnp).
+  """
+  a = lr_prev * b1_pow_j / b1_tail_c
+  q = xp.sqrt(b2_pow_j / b2_tail_c)
+  return a / q, eps / q
+
+
+def catch_up_params(xp, params_NxD, m_s, coef, zero):
+  """Parameters after the catch-up: ``p_s - m_s * coef`` (a zero moment does not move)."""
+  displacement = m_s * xp.where(m_s == 0, 0.0, coef) + zero
+  return params_NxD.astype(xp.float64) - displacement
 
 
 def _check_learning_rate(learning_rate: ScalarOrSchedule) -> None:
@@ -155,11 +236,14 @@ class SparseAdam:
     m_s, v_s = m_UxD[order], v_UxD[order]
     coef_UxD = self._displacement_coefficients(np.sqrt(v_s), s_U[order], n_U[order])
     # A zero moment does not move (with eps = 0 and v = 0, its coefficient is inf).
-    displacement_UxD = m_s * np.where(m_s == 0, 0.0, coef_UxD)
-    params_NxD[idx[order]] = params_NxD[idx[order]].astype(np.float64) - displacement_UxD
-    slots_NxS[idx, :dim] = m_UxD * np.power(self.b1, gap_U)[:, None]
-    slots_NxS[idx, dim:] = v_UxD * np.power(self.b2, gap_U)[:, None]
+    params_NxD[idx[order]] = catch_up_params(np, params_NxD[idx[order]], m_s, coef_UxD, 0.0)
+    slots_NxS[idx, :dim] = m_UxD * powers(self.b1, gap_U)[:, None]
+    slots_NxS[idx, dim:] = v_UxD * powers(self.b2, gap_U)[:, None]
     return changed_N
+
+  def power_tables(self) -> tuple[np.ndarray, np.ndarray]:
+    """``(b1**j, b2**j)`` for ``j = 0..K`` (float64, from :func:`powers`)."""
+    return _power_tables(self.b1, self.b2, self.catch_up_terms)
 
   def _displacement_coefficients(self, sqrt_v_UxD, s_U, n_U):
     """Per element, sum_j eta_(s+j-1) a_j / (sqrt(v_s) q_j + eps) for j = 1..n (n sorted
@@ -174,16 +258,16 @@ class SparseAdam:
       j_J = np.arange(1, int(-neg_n[0]) + 1)
       k_J = np.searchsorted(neg_n, -j_J, side="right")  # rows still summing at term j
       c_JxB = s_b[None, :] + j_J[:, None]  # the step number of term j for each row
-      a_JxB = (
-        _learning_rate(self.learning_rate, c_JxB - 1)
-        * np.power(self.b1, j_J.astype(np.float64))[:, None]
-        / (1.0 - np.power(self.b1, c_JxB.astype(np.float64)))
+      b1_pow, b2_pow = self.power_tables()
+      num_JxB, shift_JxB = catch_up_coefficients(
+        np,
+        _learning_rate(self.learning_rate, c_JxB - 1),
+        b1_pow[j_J][:, None],
+        1.0 - powers(self.b1, c_JxB),
+        b2_pow[j_J][:, None],
+        1.0 - powers(self.b2, c_JxB),
+        self.eps,
       )
-      q_JxB = np.sqrt(
-        np.power(self.b2, j_J.astype(np.float64))[:, None]
-        / (1.0 - np.power(self.b2, c_JxB.astype(np.float64)))
-      )
-      num_JxB, shift_JxB = a_JxB / q_JxB, self.eps / q_JxB
       tmp = np.empty_like(sqrt_v)
       with np.errstate(divide="ignore"):  # only eps = 0 with v = 0 (then m = 0 too)
         for j, k in enumerate(k_J):
@@ -196,19 +280,35 @@ class SparseAdam:
   def apply(self, params_NxD, slots_NxS, grads_NxD, step: int) -> None:
     """Applies step number ``step`` (1-based) with summed gradients, in place."""
     dim = params_NxD.shape[1]
-    g = grads_NxD.astype(np.float64)
-    m = self.b1 * slots_NxS[:, :dim] + (1.0 - self.b1) * g
-    v = self.b2 * slots_NxS[:, dim:] + (1.0 - self.b2) * g * g
-    lr = float(_learning_rate(self.learning_rate, np.array([step - 1]))[0])
-    bc1 = 1.0 - self.b1**step
-    bc2 = 1.0 - self.b2**step
-    if self.mode == "exact":
-      update = (m / bc1) / (np.sqrt(v / bc2) + self.eps)
-    else:
-      update = (math.sqrt(bc2) / bc1) * m / (np.sqrt(v) + self.eps)
-    params_NxD[:] = params_NxD - lr * update
+    m, v = adam_moments(
+      np,
+      slots_NxS[:, :dim],
+      slots_NxS[:, dim:],
+      grads_NxD.astype(np.float64),
+      b1=self.b1,
+      b2=self.b2,
+      zero=0.0,
+    )
+    params_NxD[:] = adam_params(
+      np,
+      params_NxD,
+      m,
+      v,
+      **self.step_scalars(step),
+      eps=self.eps,
+      exact=self.mode == "exact",
+      zero=0.0,
+    )
     slots_NxS[:, :dim] = m
     slots_NxS[:, dim:] = v
+
+  def step_scalars(self, step: int) -> dict:
+    """The float64 scalars of step number ``step`` (1-based): ``lr``, ``bc1``, ``bc2``,
+    ``lazy_scale`` (see :func:`adam_params`)."""
+    bc1 = 1.0 - float(powers(self.b1, step))
+    bc2 = 1.0 - float(powers(self.b2, step))
+    lr = float(_learning_rate(self.learning_rate, np.array([step - 1]))[0])
+    return dict(lr=lr, bc1=bc1, bc2=bc2, lazy_scale=math.sqrt(bc2) / bc1)
 
   def config(self) -> dict:
     return {
@@ -325,6 +425,14 @@ def _build(description: Mapping[str, Any], learning_rate):
       f"got {sorted(description)}"
     )
   return OPTIMIZERS[kind](learning_rate=learning_rate, **{n: description[n] for n in names})
+
+
+@functools.cache
+def _power_tables(b1: float, b2: float, terms: int) -> tuple[np.ndarray, np.ndarray]:
+  exponents = np.arange(terms + 1)
+  b1_pow, b2_pow = powers(b1, exponents), powers(b2, exponents)
+  b1_pow.flags.writeable = b2_pow.flags.writeable = False  # cached: shared by every caller
+  return b1_pow, b2_pow
 
 
 @functools.cache

@@ -43,6 +43,15 @@ error, and if nobody reads that, the next ``pull``/``working_set``/``push``/``pr
 prefetches and forgets them still learns of a failing disk. ``flush`` and ``close`` do not
 raise it: they still save the table.
 
+Device tier. With a device cache (``device_cache_rows > 0``), a resident row lives only on the
+device (``_device_cache``): ``pull``/``working_set`` read it there (catching it up there in
+exact mode), ``push`` updates it there, ``flush`` copies it down first. A training step that
+keeps its optimizer on the device calls ``begin_device_step``, runs
+``_device_adam.gather_rows`` and ``apply_grads`` inside its own jitted program, and hands the
+new rows to ``end_device_step``; only misses and evictions cross the host-device link. Every
+path performs the same float operations as the host optimizer, so the rows are the same bits
+with or without a device tier.
+
 Concurrency. ``pull``, ``working_set``, ``push`` and ``flush`` are serialized by an
 operation lock, so each sees the table at one step. ``prefetch`` runs on a background
 thread and takes only the cache lock. Disk reads run outside the cache lock: an
@@ -65,9 +74,12 @@ import numpy as np
 
 from kstep_adam import _validation
 from kstep_adam.embedding import _batch
+from kstep_adam.embedding import _device_adam
 from kstep_adam.embedding import _init
 from kstep_adam.embedding import _store
 from kstep_adam.embedding._config import TableConfig
+from kstep_adam.embedding._device_adam import DeviceBatch
+from kstep_adam.embedding._device_adam import DeviceRows
 from kstep_adam.embedding._device_cache import DeviceCache
 from kstep_adam.embedding._errors import TableFailedError
 from kstep_adam.embedding._errors import TableLockedError
@@ -87,6 +99,14 @@ class WorkingSet(NamedTuple):
   rows: np.ndarray | jax.Array  # shape=[U or pad_to, dim], float32; a jax.Array on the
   # device when the table has a device cache
   inverse: np.ndarray  # shape=[len(ids)], int64 indices into unique_ids
+
+
+class DeviceStep(NamedTuple):
+  """What a jitted step needs to read and update a batch's rows on the device."""
+
+  rows: DeviceRows  # the device tier's arrays (donate them to the step)
+  batch: DeviceBatch  # this step's slots, catch-up plan and scalars, on the device
+  unique_ids: np.ndarray  # int64 [U], the batch's rows, sorted
 
 
 class EmbeddingTable:
@@ -148,6 +168,8 @@ class EmbeddingTable:
       raise
     self._cache = HostCache(host_cache_rows, config.width)
     self._device_cache = device_cache
+    self._open_device_step: np.ndarray | None = None  # slots of a begun, unended device step
+    self._device_fns: dict = {}
     self._op_lock = threading.Lock()  # serializes pull/push/flush; prefetch skips it
     self._lock = threading.Lock()  # guards the host cache, the pending log, counters
     self._cond = threading.Condition(self._lock)
@@ -192,8 +214,8 @@ class EmbeddingTable:
     ids_N = _batch.check_ids(ids, self.num_rows)
     unique_U, inverse_N = _batch.unique_inverse(ids_N)
     with self._op_lock, self._lock:
-      self._check_usable()
-      rows_UxD = self._pull_unique_locked(unique_U)
+      self._check_rows_usable()
+      rows_UxD = self._read_locked(unique_U)
     return rows_UxD if unique_U is ids_N else rows_UxD[inverse_N]
 
   def working_set(self, ids, *, pad_to: int | None = None) -> WorkingSet:
@@ -207,8 +229,8 @@ class EmbeddingTable:
 
     Returns:
       ``WorkingSet(unique_ids [U], rows [U or pad_to, dim], inverse [N])`` with
-      ``rows[inverse] == pull(ids)``. ``rows`` is a NumPy array, or a ``jax.Array`` on the
-      device when the table has a device cache (``device_cache_rows > 0``).
+      ``rows[inverse] == pull(ids)``, a NumPy array. (A training step whose optimizer runs
+      on the device uses ``begin_device_step`` instead.)
     """
     ids_N = _batch.check_ids(ids, self.num_rows)
     unique_U, inverse_N = _batch.unique_inverse(ids_N)
@@ -219,12 +241,8 @@ class EmbeddingTable:
         pad_to, "pad_to (rows, at least the unique ids)", minimum=num_rows
       )
     with self._op_lock, self._lock:
-      self._check_usable()
-      rows_UxD = self._pull_unique_locked(unique_U)
-      if self._device_cache is not None:
-        with self._failure_is_fatal("working_set"):  # the mirror may be half updated
-          rows = self._device_cache.rows_on_device(unique_U, rows_UxD, num_rows)
-        return WorkingSet(unique_U, rows, inverse_N.astype(np.int64))
+      self._check_rows_usable()
+      rows_UxD = self._read_locked(unique_U)
     if num_rows > len(unique_U):
       rows_UxD = np.concatenate(
         [rows_UxD, np.zeros((num_rows - len(unique_U), self.dim), np.float32)]
@@ -243,7 +261,14 @@ class EmbeddingTable:
     unique_U, grads_UxD = _batch.sum_duplicates(ids_N, grads_NxD)
     dim = self.dim
     with self._op_lock, self._lock:
-      self._check_usable()
+      self._check_rows_usable()
+      device = self._device_cache
+      if device is not None and len(unique_U) <= device.capacity:
+        self._device_push_locked(unique_U, grads_UxD)
+        return
+      if device is not None:  # more rows than the device holds: the host updates them all
+        with self._failure_is_fatal("push"):
+          device.evict(unique_U, self._install_locked)
       step = self._step + 1
       changed = False  # whether any row is at step t + 1 yet: then a failure is fatal
       try:
@@ -260,8 +285,6 @@ class EmbeddingTable:
             changed = True
             self._cache.rows_CxW[slots] = block
             self._cache.dirty_C[slots] = True
-            if self._device_cache is not None:
-              self._device_cache.refresh(unique_U[lo:hi], params)
           finally:
             self._release(slots)
       except BaseException as error:
@@ -292,6 +315,177 @@ class EmbeddingTable:
     self._executor.submit(self._prefetch_task, future, unique_U)
     return future
 
+  @property
+  def device_optimizer(self):
+    """The optimizer the device tier runs (None without a device cache), for a step that
+    calls ``_device_adam.gather_rows`` / ``apply_grads`` itself."""
+    return None if self._device_cache is None else self._device_cache.optimizer
+
+  @property
+  def device_sharding(self):
+    """Where the device tier's rows live (None without a device cache)."""
+    return None if self._device_cache is None else self._device_cache.sharding
+
+  def begin_device_step(self, ids, *, pad_to: int) -> DeviceStep:
+    """Make a batch's rows resident on the device and return a jitted step's inputs.
+
+    The step reads the rows with ``_device_adam.gather_rows(optimizer, rows, batch)``,
+    computes their gradient (zero past the ``U`` rows) and updates them with
+    ``apply_grads``, which performs table step ``t + 1``; it hands the new rows to
+    :meth:`end_device_step`. Until then the table refuses other calls (the step owns the
+    donated device arrays). Rows that were not resident are read in from the host tier,
+    caught up to step ``t`` as ``pull`` would; rows evicted to make room are written to it.
+
+    Args:
+      ids: the batch's row ids (sorted and unique is cheapest).
+      pad_to: rows of the step's slot list (>= the unique ids), for a fixed shape.
+    """
+    ids_N = _batch.check_ids(ids, self.num_rows)
+    unique_U, _ = _batch.unique_inverse(ids_N)
+    pad_to = _validation.check_int(
+      pad_to, "pad_to (rows, at least the unique ids)", minimum=len(unique_U)
+    )
+    device = self._device_cache
+    if device is None:
+      raise ValueError(
+        "begin_device_step needs a device tier: open the table with device_cache_rows > 0"
+      )
+    device.check_fits(len(unique_U))  # before anything changes
+    with self._op_lock, self._lock:
+      self._check_rows_usable()
+      slots_U = self._admit_locked(unique_U)
+      with self._failure_is_fatal("begin_device_step"):
+        batch = device.put_batch(device.batch(slots_U, self._step, pad_to))
+      self._open_device_step = slots_U
+      return DeviceStep(device.rows, batch, unique_U)
+
+  def end_device_step(self, rows: DeviceRows, *, pushed: bool = True) -> None:
+    """Install the rows a step returned; the table is then at step ``t + 1``.
+
+    ``pushed=False``: the step read the rows but applied no update (e.g. skipped for a
+    non-finite gradient); the table stays at step ``t``, as after a ``pull``.
+    """
+    with self._op_lock, self._lock:
+      slots_U = self._open_device_step
+      if slots_U is None:
+        raise ValueError("end_device_step without begin_device_step")
+      self._open_device_step = None
+      self._check_usable()
+      if pushed:
+        self._finish_device_push_locked(slots_U, rows)
+      else:
+        device = self._device_cache
+        device.rows = rows
+        device.after_read(slots_U, self._step)
+        device.release(slots_U)
+
+  def _device_fn(self, name: str):
+    """The table's own jitted device programs (reads and pushes outside a training step)."""
+    fn = self._device_fns.get(name)
+    if fn is None:
+      opt = self._device_cache.optimizer
+      if name == "read":
+        fn = jax.jit(
+          lambda rows, batch: _device_adam.gather_rows(opt, rows, batch), donate_argnums=0
+        )
+      else:
+
+        def push(rows, batch, grads_PxD):
+          rows, _ = _device_adam.gather_rows(opt, rows, batch)
+          return _device_adam.apply_grads(opt, rows, batch, grads_PxD)
+
+        fn = jax.jit(push, donate_argnums=0)
+      self._device_fns[name] = fn
+    return fn
+
+  def _admit_locked(self, unique_U: np.ndarray) -> np.ndarray:
+    """Make sorted unique rows resident on the device (pinned); returns their slots."""
+    device = self._device_cache
+    with self._failure_is_fatal("device tier admission"):  # device and host must agree
+      if device.optimizer.mode == "exact":  # too stale for the device: the host catches up
+        slots = device.peek(unique_U)
+        resident = slots >= 0
+        stale = np.zeros(len(unique_U), bool)
+        stale[resident] = device.stale(slots[resident], self._step)
+        device.evict(unique_U[stale], self._install_locked)
+      slots_U, new = device.admit(unique_U, self._install_locked)
+      try:
+        device.upload(slots_U[new], self._pull_rows_locked(unique_U[new]))
+      except BaseException:
+        device.release(slots_U)
+        raise
+    return slots_U
+
+  def _device_push_locked(self, unique_U: np.ndarray, grads_UxD: np.ndarray) -> None:
+    """``push`` of rows that fit in the device tier: admitted, then updated there."""
+    device = self._device_cache
+    slots_U = self._admit_locked(unique_U)
+    with self._failure_is_fatal("push"):
+      pad_to = _batch.pow2_at_least(len(unique_U))
+      grads_PxD = np.zeros((pad_to, self.dim), np.float32)
+      grads_PxD[: len(unique_U)] = grads_UxD
+      batch = device.put_batch(device.batch(slots_U, self._step, pad_to))
+      grads = device.meter.put(grads_PxD, device.sharding, "grads")
+      rows = self._device_fn("push")(device.rows, batch, grads)
+      self._finish_device_push_locked(slots_U, rows)
+
+  def _finish_device_push_locked(self, slots_U: np.ndarray, rows: DeviceRows) -> None:
+    device = self._device_cache
+    device.rows = rows
+    device.after_push(slots_U, self._step + 1)
+    device.release(slots_U)
+    self._step += 1
+    self._counts["pushes"] += 1
+
+  def _read_locked(self, unique_U: np.ndarray) -> np.ndarray:
+    """Sorted unique rows at the current step: resident ones from the device tier (caught up
+    there), the others from the host tier."""
+    device = self._device_cache
+    if device is None:
+      return self._pull_unique_locked(unique_U)
+    slots_U = device.peek(unique_U)
+    resident = slots_U >= 0
+    out_UxD = np.empty((len(unique_U), self.dim), np.float32)
+    if not resident.all():
+      out_UxD[~resident] = self._pull_unique_locked(unique_U[~resident])
+    if resident.any():
+      with self._failure_is_fatal("device tier read"):
+        slots = slots_U[resident]
+        # At least 1024 rows: reads of any size share a few compiled programs.
+        batch = device.batch(slots, self._step, max(1024, _batch.pow2_at_least(len(slots))))
+        batch = device.put_batch(batch, kind="read")
+        device.rows, rows_PxD = self._device_fn("read")(device.rows, batch)
+        device.after_read(slots, self._step)
+        out_UxD[resident] = device.meter.get(rows_PxD, "read")[: len(slots)]
+    return out_UxD
+
+  def _sync_device_locked(self) -> None:
+    """Copy every resident device row into the host tier (they stay resident)."""
+    device = self._device_cache
+    if device is None or len(device) == 0:
+      return
+    with self._failure_is_fatal("device tier sync"):
+      ids, slots = device.resident_ids()
+      order = np.argsort(ids)
+      ids, slots = ids[order], slots[order]
+      for lo in range(0, len(ids), self._cache.capacity):
+        hi = min(lo + self._cache.capacity, len(ids))
+        self._install_locked(ids[lo:hi], device.download(slots[lo:hi]))
+
+  def _install_locked(self, ids_V: np.ndarray, rows_VxW: np.ndarray) -> None:
+    """Write whole rows (host layout) into the host cache as dirty: a device eviction or
+    sync. Callers hold both locks; ``ids_V`` are unique."""
+    order = np.argsort(ids_V)
+    ids_V, rows_VxW = ids_V[order], rows_VxW[order]
+    for lo in range(0, len(ids_V), self._cache.capacity):
+      hi = min(lo + self._cache.capacity, len(ids_V))
+      slots = self._acquire(ids_V[lo:hi], count=False)
+      try:
+        self._cache.rows_CxW[slots] = rows_VxW[lo:hi]
+        self._cache.dirty_C[slots] = True
+      finally:
+        self._release(slots)
+
   def flush(self) -> None:
     """Commits every dirty row and the step atomically; a reopen then sees exactly this.
 
@@ -302,7 +496,7 @@ class EmbeddingTable:
     later, even after more flushes.
     """
     with self._op_lock, self._lock:
-      self._check_usable(prefetch_errors=False)
+      self._check_rows_usable(prefetch_errors=False)
       self._flush_locked()
 
   def compact(self) -> dict:
@@ -317,7 +511,7 @@ class EmbeddingTable:
       ``{"bytes_before": ..., "bytes_after": ...}``, the database's size on disk.
     """
     with self._op_lock, self._lock:
-      self._check_usable(prefetch_errors=False)
+      self._check_rows_usable(prefetch_errors=False)
       self._flush_locked()
       old = self._store
       _store.remove_stale_dbs(self.path)  # what an earlier failed compact left behind
@@ -356,6 +550,7 @@ class EmbeddingTable:
 
   def _flush_locked(self) -> None:
     """Flush with both locks held (see ``flush``)."""
+    self._sync_device_locked()
     while self._num_loading:
       self._cond.wait()
       self._check_usable(prefetch_errors=False)
@@ -388,7 +583,7 @@ class EmbeddingTable:
       self._executor.shutdown(wait=True)
       if flush:
         with self._op_lock, self._lock:
-          self._check_usable(prefetch_errors=False)
+          self._check_rows_usable(prefetch_errors=False)
           self._flush_locked()
     finally:
       self._closed = True
@@ -427,8 +622,13 @@ class EmbeddingTable:
 
   # ------------------------------------------------------------- internals
   def _pull_unique_locked(self, unique_U: np.ndarray) -> np.ndarray:
+    return self._pull_rows_locked(unique_U)[:, 1 : 1 + self.dim]
+
+  def _pull_rows_locked(self, unique_U: np.ndarray) -> np.ndarray:
+    """Whole host rows (last step, params, slots) of sorted unique ids, caught up to the
+    current step (and kept so in the cache): ``pull``'s work on the host tier."""
     dim = self.dim
-    out_UxD = np.empty((len(unique_U), dim), np.float32)
+    out_UxW = np.empty((len(unique_U), self._cache.rows_CxW.shape[1]), np.float32)
     for lo in range(0, len(unique_U), self._cache.capacity):
       hi = min(lo + self._cache.capacity, len(unique_U))
       slots = self._acquire(unique_U[lo:hi])
@@ -441,14 +641,11 @@ class EmbeddingTable:
           block[changed, 0] = _store.encode_last_step(np.full(int(changed.sum()), self._step))
           self._cache.rows_CxW[slots[changed]] = block[changed]
           self._cache.dirty_C[slots[changed]] = True
-          if self._device_cache is not None:
-            with self._failure_is_fatal("pull"):  # the mirror may be half updated
-              self._device_cache.refresh(unique_U[lo:hi][changed], block[changed, 1 : 1 + dim])
-        out_UxD[lo:hi] = block[:, 1 : 1 + dim]
+        out_UxW[lo:hi] = block
       finally:
         self._release(slots)
     self._counts["pulls"] += 1
-    return out_UxD
+    return out_UxW
 
   def _prefetch_task(self, future: "_PrefetchFuture", unique_U: np.ndarray) -> None:
     if not future.set_running_or_notify_cancel():
@@ -471,7 +668,12 @@ class EmbeddingTable:
     self._cond.notify_all()
 
   def _acquire(
-    self, unique_U: np.ndarray, *, prefetch: bool = False, prefetch_errors: bool = True
+    self,
+    unique_U: np.ndarray,
+    *,
+    prefetch: bool = False,
+    prefetch_errors: bool = True,
+    count: bool = True,
   ) -> np.ndarray:
     """Makes sorted unique rows resident and pinned; returns their slots. Holds the lock,
     but releases it while reading from disk. If it raises, the cache is as it was.
@@ -506,9 +708,10 @@ class EmbeddingTable:
         self._release(present_slots)
         raise
       slots_U[~present] = new_slots
-    self._counts["prefetched_rows" if prefetch else "misses"] += len(missing)
-    if not prefetch:
-      self._counts["hits"] += len(present_slots)
+    if count:
+      self._counts["prefetched_rows" if prefetch else "misses"] += len(missing)
+      if not prefetch:
+        self._counts["hits"] += len(present_slots)
     if len(missing) == 0:
       return slots_U
     log_pos = self._pending.positions(missing)
@@ -602,6 +805,15 @@ class EmbeddingTable:
         error = unread[0].exception()
         error.add_note(f"(raised by a background prefetch of the table at {self.path!r})")
         raise error
+
+  def _check_rows_usable(self, prefetch_errors: bool = True) -> None:
+    """``_check_usable`` for a call that reads or writes rows: also fails the table if a
+    device step is open (it holds the donated device rows, so they cannot be read)."""
+    self._check_usable(prefetch_errors)
+    if self._open_device_step is not None:
+      self._raise_failed(
+        "device step", RuntimeError("a call came between begin_device_step and end_device_step")
+      )
 
   def _raise_failed(self, operation: str, cause: BaseException) -> NoReturn:
     """Puts the table in the failed state, wakes every waiting thread (to raise), and
