@@ -130,6 +130,7 @@ def curves_figure(
   fig, axes = plt.subplots(1, len(panels), figsize=(6.2 * len(panels) + 2.5, 4.4), squeeze=False)
   drawn = False
   for ax, (y_key, x_col) in zip(axes[0], panels):
+    plotted = []
     for s in chosen:
       stacked = _stack([run_curves[r] for r in s.run_ids], x_col, y_key)
       if stacked is None:
@@ -138,13 +139,17 @@ def curves_figure(
       scale = 1e-6 if "bytes" in x_key else 1.0
       label = f"{s.label} (lr {_lr(s)})"
       _line(ax, x * scale, y, std, palette[s.label], label, reference=s.name == spec.reference)
+      plotted.append(y)
       drawn = True
     if "bytes" in x_key:
       ax.set_xscale("log")
+    ylabel = LABELS.get(y_key, task.metric_label if y_key == "loss" else y_key)
     if y_key == "loss" and spec.task == "convergence":
       ax.set_yscale("log")
+    elif y_key == "loss" and plotted:
+      ylabel += _clip_outliers(ax, np.concatenate(plotted))
     ax.set_xlabel(LABELS.get(x_key, x_key))
-    ax.set_ylabel(LABELS.get(y_key, task.metric_label if y_key == "loss" else y_key))
+    ax.set_ylabel(ylabel)
     ax.grid(True, alpha=0.3)
   if not drawn:
     plt.close(fig)
@@ -155,6 +160,19 @@ def curves_figure(
   title = f"{spec.name}: best learning rate per optimizer, mean ± std over seeds"
   fig.suptitle("\n".join(t for t in (title, spec.description, subtitle) if t), fontsize=9)
   return _style.save(fig, path)
+
+
+def _clip_outliers(ax, y: np.ndarray) -> str:
+  """Keep a run whose loss exploded from flattening every other curve: clip the y axis at
+  twice the 90th percentile of the plotted values; returns the label's note, if clipped."""
+  y = y[np.isfinite(y)]
+  if not y.size:
+    return ""
+  top = 2.0 * float(np.percentile(y, 90))
+  if y.max() <= top:
+    return ""
+  ax.set_ylim(min(0.0, float(y.min())), top)
+  return f" (clipped at {top:.2g})"
 
 
 def _lr(s: Selection) -> str:
