@@ -110,6 +110,8 @@ def test_interrupted_flush_is_all_or_nothing(tmp_path, monkeypatch, crash_point)
     table.push(ids, grads)
   at_second_flush = table.pull(np.arange(300))
   monkeypatch.setattr(_table, "_FLUSH_BATCH_BYTES", 8 * 4 * 13 * 3)  # 3 chunks a batch
+  monkeypatch.setattr(_table, "_FLUSH_PIECE_RECORDS", 16)  # the copy in several id ranges
+  monkeypatch.setattr(_pending, "_SCAN_IDS", 7)  # each read of the ids file in blocks
   if crash_point == "before_commit_point":
     _crash_on_call(monkeypatch, _pending.PendingLog, "commit", 1)
   else:
