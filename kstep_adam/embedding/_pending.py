@@ -286,8 +286,10 @@ class PendingLog:
 
 
 def _new_index(max_entries: int) -> IdSlotMap:
-  """id -> record position; int64, since a log may pass 2**31 records."""
-  return IdSlotMap(max(1024, max_entries), value_dtype=np.int64)
+  """id -> record position; int64, since a log may pass 2**31 records. Two slots per
+  entry: the index holds every row evicted since the last flush, so its memory counts
+  more than its probe lengths."""
+  return IdSlotMap(max(1024, max_entries), value_dtype=np.int64, slots_per_entry=2)
 
 
 def _pwrite_all(fd: int, array: np.ndarray, offset: int) -> None:
