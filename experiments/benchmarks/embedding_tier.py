@@ -334,7 +334,14 @@ def case_large(args, workdir, ids_kind: str):
       table.flush()
       flush_seconds.append(time.perf_counter() - flush_start)
       if args.verbose:
-        print(f"step {step + 1}: flush {flush_seconds[-1]:.1f} s", flush=True)
+        elapsed = time.perf_counter() - start
+        print(
+          f"{ids_kind} step {step + 1}: flush {flush_seconds[-1]:.1f} s, "
+          f"{n_unique / elapsed:.0f} unique rows/s so far, "
+          f"peak RSS {_peak_rss_bytes() / 2**30:.2f} GiB, "
+          f"pending log {max_pending_bytes / 2**30:.2f} GiB",
+          flush=True,
+        )
   seconds = time.perf_counter() - start
   stats = table.stats()
   disk_bytes = _store.du_bytes(path)
