@@ -371,6 +371,8 @@ def case_large(args, workdir, ids_kind: str):
       hit_rate=stats["hit_rate"],
       prefetched_rows=stats["prefetched_rows"],
       peak_rss_gib=_peak_rss_bytes() / 2**30,
+      # glibc's arena limit, which the peak depends on (see kstep_adam.embedding._malloc)
+      malloc_arena_max=os.environ.get("MALLOC_ARENA_MAX"),
       disk_used_gib=disk_bytes / 2**30,
       compact_seconds=compact_seconds,
       disk_after_compact_gib=sizes["bytes_after"] / 2**30,

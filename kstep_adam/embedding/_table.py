@@ -77,6 +77,7 @@ from kstep_adam import _validation
 from kstep_adam.embedding import _batch
 from kstep_adam.embedding import _device_adam
 from kstep_adam.embedding import _init
+from kstep_adam.embedding import _malloc
 from kstep_adam.embedding import _store
 from kstep_adam.embedding._config import TableConfig
 from kstep_adam.embedding._device_adam import DeviceBatch
@@ -550,6 +551,7 @@ class EmbeddingTable:
         self._committed = new.version()
       del old
       _store.remove_stale_dbs(self.path)
+      _malloc.release_free_memory()
       return {"bytes_before": before, "bytes_after": _store.du_bytes(new.db_path)}
 
   def _flush_locked(self) -> None:
@@ -574,6 +576,7 @@ class EmbeddingTable:
       self._apply_pending(self._step)
       cache.dirty_C[dirty_slots] = False
       self._committed = self._store.version()
+    _malloc.release_free_memory()  # the copy's transients, before training resumes
 
   def close(self, flush: bool = True) -> None:
     """Flushes (unless ``flush=False``) and releases the table; idempotent.
