@@ -1,5 +1,7 @@
 """The embedding-tier benchmark runs end to end on its --quick config (a smoke test)."""
 
+import os
+
 from experiments._common import read_jsonl
 from experiments.benchmarks import embedding_tier
 
@@ -27,6 +29,26 @@ def test_benchmark_large_case_runs_scaled_down(tmp_path):
   embedding_tier.main(
     ["--quick", "--large", "--log2-rows", "18", "--workdir", str(tmp_path / "w"), "--out", str(out)]
   )
-  (record,) = read_jsonl(str(out))
-  assert record["rows"] == 2**18 and record["steps"] == 10
-  assert record["disk_used_gib"] > 0 and record["peak_rss_gib"] > 0
+  records = read_jsonl(str(out))
+  assert [r["ids"] for r in records] == ["zipf", "uniform"]
+  for record in records:
+    assert record["rows"] == 2**18 and record["steps"] == 10 and record["flushes"] == 2
+    assert 0 < record["disk_after_compact_gib"] <= record["disk_used_gib"]
+    assert record["peak_rss_gib"] > 0 and record["max_flush_seconds"] > 0
+
+
+def test_benchmark_flush_case_flushes_the_same_rows_into_each_layout(tmp_path):
+  out = tmp_path / "flush.jsonl"
+  embedding_tier.main(
+    ["--quick", "--flush-compare", "--log2-rows", "16", "--workdir", str(tmp_path / "w")]
+    + ["--out", str(out)]
+  )
+  records = read_jsonl(str(out))
+  assert [r["layout"] for r in records] == [name for name, _, _ in embedding_tier.FLUSH_LAYOUTS]
+  assert records[0]["btree_node_bytes"] is None  # OCDBT's default: the reference layout
+  assert records[0]["speedup_vs_ocdbt_default_nodes"] == [1.0, 1.0]
+  for record in records:
+    assert record["dirty_rows"] == records[0]["dirty_rows"]
+    assert len(record["flush_seconds"]) == 2 and record["disk_used_gib"] > 0
+  assert records[2]["chunk_rows"] == 32
+  assert not os.listdir(tmp_path / "w")  # every table removed

@@ -130,6 +130,7 @@ class _DiskFull:
   PRIMITIVES = (
     (_pending, "_pwrite_all"),  # pending-log append: rows, then ids (a half-done append)
     (_pending.PendingLog, "read"),
+    (_pending.PendingLog, "_read_ids"),  # the copy's scans of the ids file
     (_pending.PendingLog, "commit"),  # fsync + the commit marker
     (_pending.PendingLog, "clear"),
     (_store.TableStore, "read_rows"),

@@ -9,9 +9,11 @@ import threading
 
 import numpy as np
 import pytest
+import tensorstore as ts
 from test_embedding_optimizers import _dense_adam
 
 from kstep_adam import embedding
+from kstep_adam.embedding import _store
 
 DIM = 4
 
@@ -94,7 +96,6 @@ def _crash_on_call(monkeypatch, owner, name, call_number):
 @pytest.mark.parametrize("crash_point", ["before_commit_point", "during_copy"])
 def test_interrupted_flush_is_all_or_nothing(tmp_path, monkeypatch, crash_point):
   from kstep_adam.embedding import _pending
-  from kstep_adam.embedding import _store
   from kstep_adam.embedding import _table
 
   batches = _batches(300, 10, size=40)
@@ -109,6 +110,8 @@ def test_interrupted_flush_is_all_or_nothing(tmp_path, monkeypatch, crash_point)
     table.push(ids, grads)
   at_second_flush = table.pull(np.arange(300))
   monkeypatch.setattr(_table, "_FLUSH_BATCH_BYTES", 8 * 4 * 13 * 3)  # 3 chunks a batch
+  monkeypatch.setattr(_table, "_FLUSH_PIECE_RECORDS", 16)  # the copy in several id ranges
+  monkeypatch.setattr(_pending, "_SCAN_IDS", 7)  # each read of the ids file in blocks
   if crash_point == "before_commit_point":
     _crash_on_call(monkeypatch, _pending.PendingLog, "commit", 1)
   else:
@@ -528,6 +531,32 @@ def test_compact_reclaims_old_versions_and_keeps_every_row(tmp_path):
     assert reopened.step == 14
     np.testing.assert_equal(reopened.pull(np.arange(4000)), after)
   assert not os.path.exists(tmp_path / "t" / "db.2")
+
+
+def _btree_node_bytes(db_path) -> int:
+  """The B+tree node size stored in an OCDBT database's manifest."""
+  kvstore = ts.KvStore.open({"driver": "file", "path": f"{db_path}/"}).result()
+  return ts.ocdbt.dump(kvstore).result()["config"]["max_decoded_node_bytes"]
+
+
+def test_databases_are_created_with_small_btree_nodes_and_old_ones_still_work(tmp_path):
+  config = embedding.TableConfig(num_rows=4000, dim=DIM, optimizer=_adam().config(), chunk_rows=16)
+  old, new = tmp_path / "old", tmp_path / "new"
+  _store.create(str(old), config, btree_node_bytes=None)  # the layout before small nodes
+  _store.create(str(new), config)
+  ocdbt_default = _btree_node_bytes(old / "db")
+  assert ocdbt_default > _store.BTREE_NODE_BYTES == _btree_node_bytes(new / "db")
+  batches = _batches(4000, 6, size=300)
+  pulled = {}
+  for path in (old, new):  # the same steps on either layout give the same rows
+    with embedding.open_table(path, optimizer=_adam(), host_cache_rows=200) as table:
+      for ids, grads in batches:
+        table.push(ids, grads)
+    with embedding.open_table(path) as table:  # reopened: the rows come from the database
+      pulled[path] = table.pull(np.arange(4000))
+      table.compact()  # the copy is a new database, with this package's node size
+    assert _btree_node_bytes(path / "db.1") == _store.BTREE_NODE_BYTES
+  np.testing.assert_equal(pulled[old], pulled[new])
 
 
 # table.json exactly as format kstep_adam.embedding/1 writes it: kept literal, so a change

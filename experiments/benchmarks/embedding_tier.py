@@ -274,10 +274,38 @@ def case_disk_bandwidth(args, workdir, seq: float, compress: bool):
   )
 
 
-def case_large(args, workdir):
+def _reset_peak_rss() -> None:
+  """Starts a new peak-RSS window for ``_peak_rss_bytes`` (Linux ``clear_refs``; elsewhere
+  the peak stays the process's)."""
+  try:
+    with open("/proc/self/clear_refs", "w") as f:
+      f.write("5")
+  except OSError:
+    pass
+
+
+def _peak_rss_bytes() -> int:
+  """Peak resident set since ``_reset_peak_rss`` (``VmHWM``), else since the process began."""
+  try:
+    with open("/proc/self/status") as f:
+      return int(next(line for line in f if line.startswith("VmHWM:")).split()[1]) << 10
+  except (OSError, StopIteration):
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss << 10
+
+
+def large_ids(rng, kind: str, num_rows: int, n: int, zipf_a: float) -> np.ndarray:
+  """A batch of ``n`` ids: Zipf(a) ranks hashed to rows (hot rows scattered over the table
+  without a ``num_rows`` permutation in RAM), or uniform over all rows."""
+  if kind == "uniform":
+    return rng.integers(0, num_rows, n)
+  return embedding.hash_keys_to_rows(rng.zipf(zipf_a, n) - 1, num_rows, salt=12345)
+
+
+def case_large(args, workdir, ids_kind: str):
   num_rows, dim = 1 << args.log2_rows, 16
   opt = make_optimizer(args.optimizer)
-  path = os.path.join(workdir, "large")
+  path = os.path.join(workdir, f"large_{ids_kind}")
+  _reset_peak_rss()
   table = embedding.open_table(
     path,
     num_rows=num_rows,
@@ -287,53 +315,135 @@ def case_large(args, workdir):
     chunk_rows=args.large_chunk_rows,
   )
   rng = np.random.default_rng(4)
-  perm_seed = 12345  # rank r -> row hash_keys_to_rows(r): scatters hot rows, no 2^28 perm
-  n_unique, start, future, flush_seconds = 0, time.perf_counter(), None, 0.0
-  next_ids = embedding.hash_keys_to_rows(
-    (rng.zipf(args.zipf_a, args.batch) - 1), num_rows, salt=perm_seed
-  )
+  n_unique, start, future, flush_seconds = 0, time.perf_counter(), None, []
+  max_pending_bytes = 0
+  next_ids = large_ids(rng, ids_kind, num_rows, args.batch, args.zipf_a)
   for step in range(args.large_steps):
     ids = next_ids
-    next_ids = embedding.hash_keys_to_rows(
-      (rng.zipf(args.zipf_a, args.batch) - 1), num_rows, salt=perm_seed
-    )
+    next_ids = large_ids(rng, ids_kind, num_rows, args.batch, args.zipf_a)
     if future is not None:
       future.result()
     future = table.prefetch(next_ids)
     ws = table.working_set(ids)
     n_unique += len(ws.unique_ids)
     table.push(ws.unique_ids, rng.standard_normal(ws.rows.shape).astype(np.float32) * 0.01)
-    if (step + 1) % args.flush_every == 0:
+    if (step + 1) % args.flush_every == 0 or step + 1 == args.large_steps:
+      max_pending_bytes = max(max_pending_bytes, table.stats()["pending_bytes"])
+      future.result()
       flush_start = time.perf_counter()
       table.flush()
-      flush_seconds += time.perf_counter() - flush_start
-  future.result()
-  flush_start = time.perf_counter()
-  table.flush()
-  flush_seconds += time.perf_counter() - flush_start
+      flush_seconds.append(time.perf_counter() - flush_start)
+      if args.verbose:
+        elapsed = time.perf_counter() - start
+        print(
+          f"{ids_kind} step {step + 1}: flush {flush_seconds[-1]:.1f} s, "
+          f"{n_unique / elapsed:.0f} unique rows/s so far, "
+          f"peak RSS {_peak_rss_bytes() / 2**30:.2f} GiB, "
+          f"pending log {max_pending_bytes / 2**30:.2f} GiB",
+          flush=True,
+        )
   seconds = time.perf_counter() - start
   stats = table.stats()
+  disk_bytes = _store.du_bytes(path)
+  compact_start = time.perf_counter()
+  sizes = table.compact()
+  compact_seconds = time.perf_counter() - compact_start
   table.close()
   emit(
     args.out,
     dict(
       case="large",
+      ids=ids_kind,
       rows=num_rows,
       dim=dim,
       optimizer=args.optimizer,
       host_cache_rows=table.host_cache_rows,
+      chunk_rows=table.config.chunk_rows,
       steps=args.large_steps,
       batch_ids=args.batch,
       unique_rows_per_s=n_unique / seconds,
+      unique_rows_per_s_between_flushes=n_unique / (seconds - sum(flush_seconds)),
       seconds=seconds,
-      flush_seconds=flush_seconds,
+      flushes=len(flush_seconds),
+      flush_seconds=sum(flush_seconds),
+      max_flush_seconds=max(flush_seconds),
+      max_pending_log_gib=max_pending_bytes / 2**30,
       hit_rate=stats["hit_rate"],
       prefetched_rows=stats["prefetched_rows"],
-      peak_rss_gib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
-      disk_used_gib=_store.du_bytes(path) / 2**30,
-      dense_equivalent_gib=num_rows * 4 * (1 + 3 * dim) / 2**30,
+      peak_rss_gib=_peak_rss_bytes() / 2**30,
+      # glibc's arena limit, which the peak depends on (see kstep_adam.embedding._malloc)
+      malloc_arena_max=os.environ.get("MALLOC_ARENA_MAX"),
+      disk_used_gib=disk_bytes / 2**30,
+      compact_seconds=compact_seconds,
+      disk_after_compact_gib=sizes["bytes_after"] / 2**30,
+      dense_equivalent_gib=num_rows * table.config.row_bytes / 2**30,
     ),
   )
+  shutil.rmtree(path)
+
+
+# Disk layouts compared by the flush case: (name, B+tree node bytes (None: OCDBT's default,
+# the layout before tables got small nodes), rows per chunk (None: the table's default)).
+FLUSH_LAYOUTS = (
+  ("ocdbt_default_nodes", None, None),
+  ("small_nodes", _store.BTREE_NODE_BYTES, None),
+  ("small_nodes_32_row_chunks", _store.BTREE_NODE_BYTES, 32),
+)
+
+
+def case_flush_layouts(args, workdir):
+  """Flush time of the same random dirty rows on each disk layout, in one process.
+
+  Two rounds of ``--flush-rows`` uniformly random rows are pushed and flushed: the first
+  writes chunks that do not exist yet, the second read-modify-writes chunks that mostly
+  do (a steady-state flush). Each round goes to every layout back to back, so the ratios
+  hold on a shared machine.
+  """
+  num_rows, dim = 1 << args.log2_rows, 16
+  opt = make_optimizer(args.optimizer)
+  rng = np.random.default_rng(5)
+  rounds = [np.unique(rng.integers(0, num_rows, args.flush_rows)) for _ in range(2)]
+  tables = {}
+  for name, node_bytes, chunk_rows in FLUSH_LAYOUTS:
+    config = embedding.TableConfig(
+      num_rows=num_rows, dim=dim, optimizer=opt.config(), chunk_rows=chunk_rows
+    )
+    path = os.path.join(workdir, f"flush_{name}")
+    _store.create(path, config, btree_node_bytes=node_bytes)
+    tables[name] = embedding.open_table(
+      path, optimizer=opt, host_cache_rows=max(len(ids) for ids in rounds)
+    )
+  seconds = {name: [] for name in tables}
+  for ids in rounds:
+    grads = rng.standard_normal((len(ids), dim)).astype(np.float32)
+    for name, table in tables.items():
+      table.push(ids, grads)
+      start = time.perf_counter()
+      table.flush()
+      seconds[name].append(time.perf_counter() - start)
+      if args.verbose:
+        print(f"{name}: flush {seconds[name][-1]:.1f} s", flush=True)
+  reference = seconds[FLUSH_LAYOUTS[0][0]]
+  for name, node_bytes, _ in FLUSH_LAYOUTS:
+    table = tables[name]
+    chunk_rows = table.config.chunk_rows
+    emit(
+      args.out,
+      dict(
+        case="flush_random_rows",
+        layout=name,
+        btree_node_bytes=node_bytes,
+        chunk_rows=chunk_rows,
+        rows=num_rows,
+        dirty_rows=[len(ids) for ids in rounds],
+        chunks_written=[len(np.unique(ids // chunk_rows)) for ids in rounds],
+        flush_seconds=seconds[name],
+        speedup_vs_ocdbt_default_nodes=[r / t for r, t in zip(reference, seconds[name])],
+        disk_used_gib=_store.du_bytes(table.path) / 2**30,
+      ),
+    )
+    table.close(flush=False)
+    shutil.rmtree(table.path)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -363,6 +473,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     help="rows per zarr chunk (default: the table's ~64 KiB chunks)",
   )
   parser.add_argument("--flush-every", type=int, default=500)
+  parser.add_argument(
+    "--large-ids",
+    nargs="+",
+    choices=["zipf", "uniform"],
+    default=["zipf", "uniform"],
+    help="id distributions of the large case, one table each",
+  )
+  parser.add_argument(
+    "--flush-compare",
+    action="store_true",
+    help="only the flush case: the same random rows flushed into each disk layout",
+  )
+  parser.add_argument("--flush-rows", type=int, default=1 << 20, help="ids per flush round")
+  parser.add_argument("--verbose", action="store_true", help="print each flush's time")
   parser.add_argument("--workdir", default=None, help="default: a temp dir, removed after")
   parser.add_argument("--out", default=None, help="append JSON lines here")
   args = parser.parse_args(argv)
@@ -371,6 +495,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.repeats = 1
     args.log2_rows, args.large_steps, args.flush_every = min(args.log2_rows, 20), 10, 5
     args.large_cache_mib = 64
+    args.flush_rows = min(args.flush_rows, 4096)
   return args
 
 
@@ -379,8 +504,11 @@ def main(argv=None):
   workdir = args.workdir or tempfile.mkdtemp(prefix="embedding_tier_")
   os.makedirs(workdir, exist_ok=True)
   try:
-    if args.large:
-      case_large(args, workdir)
+    if args.flush_compare:
+      case_flush_layouts(args, workdir)
+    elif args.large:
+      for ids_kind in args.large_ids:
+        case_large(args, workdir, ids_kind)
     else:
       case_fits_in_cache(args, workdir)
       case_zipf_10x(args, workdir)

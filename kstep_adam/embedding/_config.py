@@ -43,7 +43,13 @@ class TableConfig:
       ``RowwiseAdagrad(...).config()`` (kind, mode, hyperparameters; the learning rate is
       ``"schedule"`` when it is a schedule, which is not stored). Read-only.
     chunk_rows: rows per zarr chunk on disk, in ``[1, num_rows]`` (default: about 64 KiB of
-      row state per chunk; a larger value is capped at ``num_rows``).
+      row state per chunk; a larger value is capped at ``num_rows``). A flush
+      read-modify-writes every chunk that holds a dirty row, at a fixed cost per chunk plus
+      a cost per byte, so the best size depends on how many rows a flush dirties per
+      chunk. The default suits flushes of a host cache that has filled (a few percent of
+      the table, with hashed ids about one dirty row per chunk or more); tables flushed
+      after far fewer rows than they have chunks flush faster with smaller chunks (the
+      README's flush benchmark measures both).
     seed: seed of the deterministic row init, a 64-bit int.
     init_scale: U(-s, s) half-width or N(0, s) std of the init, >= 0 (default
       ``1/sqrt(dim)``).

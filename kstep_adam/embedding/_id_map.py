@@ -2,11 +2,16 @@
 
 A Python dict costs about 100 ns per id; at 50k ids per step that is several ms per
 lookup. This map probes all ids of a batch at once with NumPy: linear probing over a
-table of 3x the maximum entry count (so live entries fill at most a third), Fibonacci
-hashing with a multiply-shift range reduction, tombstones for deletions, and a rebuild
-once live entries plus tombstones pass three quarters of the table (every ~1.2x
-max_entries deletions, so rebuilds cost O(1) amortized). Memory: 36 bytes per entry (48 with
-int64 values).
+table of ``slots_per_entry`` slots per entry of the maximum entry count (3: live entries
+fill at most a third), Fibonacci hashing with a multiply-shift range reduction,
+tombstones for deletions, and a rebuild once live entries plus tombstones pass three
+quarters of the table (every ~(0.75 * slots_per_entry - 1) * max_entries deletions, so
+rebuilds cost O(1) amortized). Memory: 12 bytes per slot (16 with int64 values); a
+rebuild frees the old table before it allocates the new one, so it adds only a compact
+copy of the live entries, not a second table. Fewer slots per entry trade longer probes
+and more frequent rebuilds for memory: the host cache's map (an entry per cached row,
+constant churn) keeps 3, the pending log's index (an entry per row evicted since the last
+flush, which can reach tens of millions) takes 2.
 """
 
 import numpy as np
@@ -14,18 +19,21 @@ import numpy as np
 _EMPTY = -1
 _TOMBSTONE = -2
 _FIBONACCI_U64 = np.uint64(0x9E3779B97F4A7C15)
+_REBUILD_BLOCK = 1 << 20  # entries re-inserted per call by a rebuild
 
 
 class IdSlotMap:
   """Maps non-negative int64 ids to int values; all operations take whole arrays.
 
   Values are int32 (cache slots) unless ``value_dtype`` says otherwise (int64 for record
-  positions of a log that may pass 2**31 records).
+  positions of a log that may pass 2**31 records). ``slots_per_entry`` (>= 2) sizes the
+  table against ``max_entries`` (see the module docstring).
   """
 
-  def __init__(self, max_entries: int, value_dtype=np.int32):
+  def __init__(self, max_entries: int, value_dtype=np.int32, slots_per_entry: int = 3):
     self._max_entries = max_entries
-    self._keys = np.full(max(16, 3 * max_entries), _EMPTY, np.int64)
+    self._slots_per_entry = slots_per_entry
+    self._keys = np.full(max(16, slots_per_entry * max_entries), _EMPTY, np.int64)
     self._values = np.zeros(len(self._keys), value_dtype)
     self._num_live = 0
     self._num_tombstones = 0
@@ -101,10 +109,13 @@ class IdSlotMap:
   def _rebuild(self, extra: int) -> None:
     live = self._keys >= 0
     keys, values = self._keys[live], self._values[live]
+    value_dtype = self._values.dtype
+    self._keys = self._values = live = None  # freed before the new table is allocated
     self._max_entries = max(self._max_entries, len(keys) + extra)
-    self._keys = np.full(max(16, 3 * self._max_entries), _EMPTY, np.int64)
-    self._values = np.zeros(len(self._keys), self._values.dtype)
+    self._keys = np.full(max(16, self._slots_per_entry * self._max_entries), _EMPTY, np.int64)
+    self._values = np.zeros(len(self._keys), value_dtype)
     self._num_live = 0
     self._num_tombstones = 0
-    if len(keys):
-      self.insert(keys, values)
+    # In blocks: an insert holds several temporaries the size of its input.
+    for lo in range(0, len(keys), _REBUILD_BLOCK):
+      self.insert(keys[lo : lo + _REBUILD_BLOCK], values[lo : lo + _REBUILD_BLOCK])

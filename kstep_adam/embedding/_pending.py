@@ -13,6 +13,13 @@ Two jobs, one append-only log in the table directory:
   that rename is the commit point. Only then are the rows copied into the zarr table,
   in batches of bounded memory, and the log is emptied.
 
+The newest record of an id is its last one: every append holds the row's state at that
+moment, so a later record is never older. The copy into zarr finds the newest records
+from the ids file alone (``newest_records``), a range of ids at a time, so its memory is
+bounded however many rows a flush commits; the in-memory index is not used for it, and
+the flush's own append (``append_unindexed``) does not grow it: a flush of a full host
+cache would otherwise add an entry per cached row, on top of the cache itself.
+
 On open: if ``pending.commit`` exists, the copy was interrupted and is redone from the
 log (it is idempotent); otherwise the log holds only uncommitted rows and is discarded.
 
@@ -47,6 +54,8 @@ _ROWS, _IDS, _COMMIT = "pending.rows", "pending.ids", "pending.commit"
 _COMPACTING = ".compacting"  # suffix of a compaction's files before they replace the log
 COMPACT_MIN_BYTES = 64 << 20  # below this a log is never compacted: not worth the I/O
 _COMPACT_BATCH_BYTES = 64 << 20  # records copied per read/write while compacting
+_SCAN_IDS = 1 << 22  # ids read per block while scanning the ids file (32 MiB)
+_ID_BUCKETS = 1 << 16  # id ranges counted to cut newest_records into pieces
 
 
 class StagedCompaction(NamedTuple):
@@ -81,20 +90,16 @@ class PendingLog:
     return len(self._index)
 
   def recover(self) -> int | None:
-    """Loads a committed-but-unapplied log and returns its step; else empties the log."""
+    """Returns the step of a committed-but-unapplied log, whose records then stand ready
+    for ``newest_records`` and ``read`` (the index stays empty: the log is only copied and
+    cleared); without a commit, empties the log and returns None."""
     commit_path = os.path.join(self._dir, _COMMIT)
     if not os.path.exists(commit_path):
       self.clear()
       return None
     with open(commit_path) as f:
       commit = json.load(f)
-    n = int(commit["records"])
-    ids = np.fromfile(os.path.join(self._dir, _IDS), dtype=np.int64, count=n)
-    # Newest record wins: the last occurrence of each id.
-    unique, last_from_end = np.unique(ids[::-1], return_index=True)
-    self._index = _new_index(len(unique))
-    self._index.insert(unique, n - 1 - last_from_end)
-    self._num_records = n
+    self._num_records = int(commit["records"])
     return int(commit["step"])
 
   def append(self, ids_N: np.ndarray, rows_NxW: np.ndarray) -> None:
@@ -103,15 +108,24 @@ class PendingLog:
     All or nothing: if a write fails (a full disk), the log is unchanged (the bytes past
     its end are overwritten by the next append) and the error propagates.
     """
+    first = self._num_records
+    self.append_unindexed(ids_N, rows_NxW)
+    known = self._index.lookup(ids_N) >= 0
+    if known.any():
+      self._index.delete(ids_N[known])
+    self._index.insert(ids_N, np.arange(first, self._num_records))
+
+  def append_unindexed(self, ids_N: np.ndarray, rows_NxW: np.ndarray) -> None:
+    """Appends rows like ``append`` without adding them to the index: for rows that are
+    never read back through it, as a flush's, which stay in the host cache (dirty until
+    the flush succeeds, so a later eviction appends them again, indexed) and reach zarr
+    through ``newest_records``. ``positions`` may then name an older record of such an id;
+    the table reads the log only for rows it does not hold."""
     if len(ids_N) == 0:
       return
     data = np.ascontiguousarray(rows_NxW, dtype=np.float32)
     _pwrite_all(self._rows_fd, data, self._num_records * self._width * 4)
     _pwrite_all(self._ids_fd, np.ascontiguousarray(ids_N, dtype=np.int64), self._num_records * 8)
-    known = self._index.lookup(ids_N) >= 0
-    if known.any():
-      self._index.delete(ids_N[known])
-    self._index.insert(ids_N, np.arange(self._num_records, self._num_records + len(ids_N)))
     self._num_records += len(ids_N)
     self.bytes_written += data.nbytes
 
@@ -134,9 +148,57 @@ class PendingLog:
     self.bytes_read += rows.nbytes
     return rows
 
-  def items(self):
-    """All pending ``(ids, positions)``, ids unique."""
-    return self._index.items()
+  def newest_records(self, unit: int, max_records: int):
+    """Yields ``(ids, positions)``: the newest record of every id in the log.
+
+    The ids come ascending and unique, in pieces that each cover a range of whole
+    ``unit``-aligned blocks of ids (the table passes its chunk rows, so no chunk is split
+    between pieces) and hold about ``max_records`` records, more only when that many fall
+    into one of ``_ID_BUCKETS`` equal slices of the ids. Only the ids file is read: once
+    to count records per slice, then once per piece, a block at a time, so memory stays
+    O(max_records) however many records the log holds.
+    """
+    n = self._num_records
+    blocks = range(0, n, _SCAN_IDS)
+    if n == 0:
+      return
+    num_units = max(int(self._read_ids(lo).max()) for lo in blocks) // unit + 1
+    bucket_units = -(-num_units // _ID_BUCKETS)  # a slice: this many unit blocks of ids
+    counts = np.zeros(-(-num_units // bucket_units), np.int64)
+    for lo in blocks:
+      counts += np.bincount(self._read_ids(lo) // (unit * bucket_units), minlength=len(counts))
+    # A piece ends before the slice that would take it past max_records.
+    starts, total = [0], 0
+    for bucket, count in enumerate(counts.tolist()):
+      if total and total + count > max_records:
+        starts.append(bucket)
+        total = 0
+      total += count
+    for first, end in zip(starts, starts[1:] + [len(counts)]):
+      lo_id, hi_id = first * bucket_units * unit, end * bucket_units * unit
+      ids_parts, positions_parts = [], []
+      for lo in blocks:
+        block = self._read_ids(lo)
+        where = np.flatnonzero((block >= lo_id) & (block < hi_id))
+        ids_parts.append(block[where])
+        positions_parts.append(where + lo)
+      ids, positions = np.concatenate(ids_parts), np.concatenate(positions_parts)
+      # The newest record of an id is its last one: the first in reverse order.
+      unique, first_in_reverse = np.unique(ids[::-1], return_index=True)
+      yield unique, positions[::-1][first_in_reverse]
+
+  def _read_ids(self, first: int) -> np.ndarray:
+    """Ids of records ``first`` to ``first + _SCAN_IDS`` (fewer at the end of the log);
+    pread, so an I/O error is an OSError, and appends from other threads do not interfere."""
+    count = min(_SCAN_IDS, self._num_records - first)
+    ids = np.empty(count, np.int64)
+    view, offset = memoryview(ids).cast("B"), first * 8
+    while len(view):
+      read = os.preadv(self._ids_fd, [view], offset)
+      if read == 0:
+        raise OSError(f"pending log {self._dir!r}: ids file ends before record {self._num_records}")
+      view, offset = view[read:], offset + read
+    return ids
 
   def commit(self, step: int) -> None:
     """Makes the log durable, then atomically marks it as the state at ``step``."""
@@ -224,8 +286,10 @@ class PendingLog:
 
 
 def _new_index(max_entries: int) -> IdSlotMap:
-  """id -> record position; int64, since a log may pass 2**31 records."""
-  return IdSlotMap(max(1024, max_entries), value_dtype=np.int64)
+  """id -> record position; int64, since a log may pass 2**31 records. Two slots per
+  entry: the index holds every row evicted since the last flush, so its memory counts
+  more than its probe lengths."""
+  return IdSlotMap(max(1024, max_entries), value_dtype=np.int64, slots_per_entry=2)
 
 
 def _pwrite_all(fd: int, array: np.ndarray, offset: int) -> None:

@@ -20,8 +20,7 @@ Directory layout of a table at ``path``::
 Chunks are zstd-compressed (level 1) unless the table was created with
 ``compress=False``: a chunk written for one row is otherwise fill zeros, so compression
 keeps the disk footprint near the bytes of written rows, both for the first write and
-for each flush's copy-on-write rewrite (measured on a 2^22-row table with Zipf traffic:
-79 MiB on disk instead of 3.1 GiB uncompressed, and 3x faster flushes). A densely
+for each flush's copy-on-write rewrite (and the flushes write fewer bytes). A densely
 written table gains nothing from it and pays the (de)compression on every chunk.
 
 Row layout (width ``W = 1 + D + S``): column 0 holds the int32 bits of ``last_step + 1``
@@ -37,6 +36,16 @@ files (faster than one file per chunk here), but it is copy-on-write and does no
 garbage-collect old versions, so ``db/`` grows by the compressed bytes of the chunks
 each flush rewrites; ``EmbeddingTable.compact`` copies the live chunks into a fresh
 database and deletes the old one.
+
+The database's index is a B+tree of chunk keys, with nodes of at most
+``BTREE_NODE_BYTES`` (decoded). OCDBT's default (80 MiB) makes the whole index of a table
+of a million chunks one leaf, which each chunk read of a flush's read-modify-write looks
+up and each commit (one per flush batch) decodes, re-encodes, compresses and rewrites
+whole; in profiles of a flush of random rows those two took most of its time. With small
+nodes a commit rewrites the leaves its batch's keys fall in (a batch is a range of chunk
+indices, whose keys mostly neighbour each other), so the work per chunk no longer grows
+with the table. The node size is stored in the database: a database keeps the size it
+was created with, and ``compact`` writes its new one with this size.
 """
 
 import contextlib
@@ -54,6 +63,10 @@ from kstep_adam.embedding._config import TableConfig
 
 CONFIG_FILE = "table.json"
 CURRENT_FILE = "CURRENT"
+# Decoded B+tree node size of new databases (see the module docstring): small enough that a
+# commit rewrites little besides the leaves its keys fall in, large enough to keep the
+# tree shallow (thousands of chunk keys a leaf).
+BTREE_NODE_BYTES = 256 << 10
 COMMIT_KEY = b"commit.json"
 
 
@@ -161,8 +174,12 @@ def read_config(path: str) -> TableConfig:
     return TableConfig.from_json(f.read(), source=config_path)
 
 
-def create(path: str, config: TableConfig) -> None:
-  """Creates an empty table atomically: build in a temporary sibling, then rename."""
+def create(path: str, config: TableConfig, *, btree_node_bytes: int | None = BTREE_NODE_BYTES):
+  """Creates an empty table atomically: build in a temporary sibling, then rename.
+
+  ``btree_node_bytes`` is the database's B+tree node size (None: OCDBT's default, which
+  only benchmarks of the previous layout ask for).
+  """
   parent = os.path.dirname(os.path.abspath(path)) or "."
   os.makedirs(parent, exist_ok=True)
   tmp = tempfile.mkdtemp(prefix=os.path.basename(path) + ".creating-", dir=parent)
@@ -170,7 +187,9 @@ def create(path: str, config: TableConfig) -> None:
     # Durable before the rename publishes the table: after a power loss a table either does
     # not exist or has its config (a process kill alone never needed the fsyncs).
     replace_file_durably(tmp, CONFIG_FILE, config.to_json())
-    store = TableStore(tmp, config, ts_cache_bytes=0, create=True)
+    store = TableStore(
+      tmp, config, ts_cache_bytes=0, create=True, btree_node_bytes=btree_node_bytes
+    )
     store.write_step(0)
     del store
     if os.path.isdir(path):
@@ -193,11 +212,16 @@ class TableStore:
     ts_cache_bytes: int,
     create: bool = False,
     db_name: str | None = None,
+    btree_node_bytes: int | None = BTREE_NODE_BYTES,
   ):
     self._context = ts.Context({"cache_pool": {"total_bytes_limit": int(ts_cache_bytes)}})
     self.db_name = current_db(path) if db_name is None else db_name
     self.db_path = os.path.join(path, self.db_name)
     db = {"driver": "ocdbt", "base": {"driver": "file", "path": self.db_path}}
+    if create and btree_node_bytes is not None:
+      # Only at creation: an existing database has its own configuration, and a
+      # constraint passed on open would have to match it.
+      db["config"] = {"max_decoded_node_bytes": int(btree_node_bytes)}
     self._kv = ts.KvStore.open(db, context=self._context).result()
     spec = _array_spec(
       dict(db, path="rows/"), config.num_rows, config.width, config.chunk_rows, config.compress

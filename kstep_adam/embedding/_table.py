@@ -13,7 +13,8 @@ atomically marks it committed at step ``t`` (the commit point), then copies it i
 zarr table in bounded batches. ``open`` redoes an interrupted copy, or discards an
 uncommitted log. So after a crash the table reopens at the last flushed step, with every
 row from that step: everything since the last flush is lost, nothing is mixed. Flush
-memory is bounded by ``_FLUSH_BATCH_BYTES`` of chunks, not by the number of dirty rows.
+memory is bounded by ``_FLUSH_BATCH_BYTES`` of chunks and ``_FLUSH_PIECE_RECORDS`` log
+records, not by the number of dirty rows.
 
 History. After a ``flush``, ``committed`` is the :class:`TableVersion` it committed, and the
 database keeps every earlier one (OCDBT is copy-on-write). Reopening with ``version=`` an earlier flush's
@@ -76,6 +77,7 @@ from kstep_adam import _validation
 from kstep_adam.embedding import _batch
 from kstep_adam.embedding import _device_adam
 from kstep_adam.embedding import _init
+from kstep_adam.embedding import _malloc
 from kstep_adam.embedding import _store
 from kstep_adam.embedding._config import TableConfig
 from kstep_adam.embedding._device_adam import DeviceBatch
@@ -90,6 +92,9 @@ from kstep_adam.embedding._pending import PendingLog
 from kstep_adam.embedding._store import TableVersion
 
 _FLUSH_BATCH_BYTES = 64 << 20  # uncompressed chunk bytes per flush write batch
+# Log records sorted at once while copying a committed log into zarr (``newest_records``
+# pieces): a few arrays of 8 bytes per record, about 100 MiB in all.
+_FLUSH_PIECE_RECORDS = 1 << 21
 
 
 class WorkingSet(NamedTuple):
@@ -546,6 +551,7 @@ class EmbeddingTable:
         self._committed = new.version()
       del old
       _store.remove_stale_dbs(self.path)
+      _malloc.release_free_memory()
       return {"bytes_before": before, "bytes_after": _store.du_bytes(new.db_path)}
 
   def _flush_locked(self) -> None:
@@ -563,12 +569,14 @@ class EmbeddingTable:
     batch = max(1, _FLUSH_BATCH_BYTES // cache.rows_CxW.shape[1] // 4)
     for lo in range(0, len(dirty_slots), batch):
       slots = dirty_slots[lo : lo + batch]
-      self._pending.append(cache.ids_C[slots], cache.rows_CxW[slots])
+      # Unindexed: these rows stay cached, and the copy below finds them from the log.
+      self._pending.append_unindexed(cache.ids_C[slots], cache.rows_CxW[slots])
     with self._failure_is_fatal("flush"):
       self._pending.commit(self._step)  # the commit point
       self._apply_pending(self._step)
       cache.dirty_C[dirty_slots] = False
       self._committed = self._store.version()
+    _malloc.release_free_memory()  # the copy's transients, before training resumes
 
   def close(self, flush: bool = True) -> None:
     """Flushes (unless ``flush=False``) and releases the table; idempotent.
@@ -745,16 +753,14 @@ class EmbeddingTable:
 
   def _apply_pending(self, step: int) -> None:
     """Copies the committed pending log into the zarr table, then records ``step``."""
-    ids, positions = self._pending.items()
-    order = np.argsort(ids)
-    ids, positions = ids[order], positions[order]
     chunk_rows, max_chunks = self._config.chunk_rows, self._chunks_per_batch()
-    # Cut the sorted ids into batches of at most max_chunks distinct chunks: a batch
-    # starts at the first id of every max_chunks-th chunk.
-    chunk = ids // chunk_rows
-    bounds = np.flatnonzero(np.diff(chunk, prepend=-1))[::max_chunks]
-    for lo, hi in zip(bounds, np.r_[bounds[1:], len(ids)]):
-      self._store.write_rows(ids[lo:hi], self._pending.read(positions[lo:hi]))
+    for ids, positions in self._pending.newest_records(chunk_rows, _FLUSH_PIECE_RECORDS):
+      # Cut the sorted ids into batches of at most max_chunks distinct chunks: a batch
+      # starts at the first id of every max_chunks-th chunk.
+      chunk = ids // chunk_rows
+      bounds = np.flatnonzero(np.diff(chunk, prepend=-1))[::max_chunks]
+      for lo, hi in zip(bounds, np.r_[bounds[1:], len(ids)]):
+        self._store.write_rows(ids[lo:hi], self._pending.read(positions[lo:hi]))
     self._store.write_step(step)
     self._pending.clear()
 
