@@ -152,7 +152,7 @@ class RunDirectory:
       return
     if not resume:
       raise RunDirectoryError(
-        f"{self.path} holds a run already ({RUN_FILE}, {', '.join(entries)}); pass --resume to "
+        f"{self.path} holds a run already ({', '.join(entries)}); pass --resume to "
         "continue it, --overwrite to replace it, or another --out"
       )
     differ = _differences(recorded["identity"], self.identity)
