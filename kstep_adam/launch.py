@@ -78,8 +78,33 @@ class _Rank:
   reader: threading.Thread | None = None
 
 
-def _relay(rank: _Rank, lock: threading.Lock, out) -> None:
-  """Copy a process's output to ``out``, every line (or progress-bar update) prefixed."""
+_LAUNCHER = object()  # the source of the launcher's own messages
+
+
+class _Terminal:
+  """The launcher's output, shared by the ranks' relays and the launcher's own messages.
+
+  A progress bar redraws itself with ``\r`` and no newline, so its line stays open. Whoever
+  writes next from another source first ends that line: otherwise the terminal would draw the
+  other rank's output over the bar, and a log would join the two into one line.
+  """
+
+  def __init__(self, out):
+    self._out = out
+    self._lock = threading.Lock()
+    self._open_line_of: object = None  # the source whose last write ended in \r
+
+  def write(self, source: object, text: bytes) -> None:
+    with self._lock:
+      if self._open_line_of is not None and self._open_line_of is not source:
+        self._out.write(b"\n")
+      self._out.write(text)
+      self._out.flush()
+      self._open_line_of = source if text.endswith(b"\r") else None
+
+
+def _relay(rank: _Rank, terminal: _Terminal) -> None:
+  """Copy a process's output to the terminal, every line (or progress-bar update) prefixed."""
   prefix = f"[rank {rank.rank}] ".encode()
   pending = b""
   stream = rank.process.stdout
@@ -90,18 +115,16 @@ def _relay(rank: _Rank, lock: threading.Lock, out) -> None:
       if cut < 0:
         break
       line, pending = pending[: cut + 1], pending[cut + 1 :]
-      _emit(rank, prefix, line, lock, out)
+      _emit(rank, prefix, line, terminal)
   if pending:
-    _emit(rank, prefix, pending + b"\n", lock, out)
+    _emit(rank, prefix, pending + b"\n", terminal)
 
 
-def _emit(rank: _Rank, prefix: bytes, line: bytes, lock: threading.Lock, out) -> None:
+def _emit(rank: _Rank, prefix: bytes, line: bytes, terminal: _Terminal) -> None:
   text = line.strip()
   if text:
     rank.last_line = text.decode(errors="replace")
-  with lock:
-    out.write(prefix + line)
-    out.flush()
+  terminal.write(rank, prefix + line)
 
 
 def launch(
@@ -134,7 +157,7 @@ def launch(
   out = sys.stdout.buffer if out is None else out
   process_ids = list(range(num_processes)) if process_ids is None else process_ids
   coordinator = coordinator or f"127.0.0.1:{free_port()}"
-  lock = threading.Lock()
+  terminal = _Terminal(out)
   ranks: list[_Rank] = []
   for rank in process_ids:
     env = dict(
@@ -150,14 +173,12 @@ def launch(
       env[_distributed.ENV_HEARTBEAT_TIMEOUT] = str(heartbeat_timeout)
     process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     started = _Rank(rank, process)
-    started.reader = threading.Thread(target=_relay, args=(started, lock, out), daemon=True)
+    started.reader = threading.Thread(target=_relay, args=(started, terminal), daemon=True)
     started.reader.start()
     ranks.append(started)
 
   def say(message: str) -> None:
-    with lock:
-      out.write(f"[launch] {message}\n".encode())
-      out.flush()
+    terminal.write(_LAUNCHER, f"[launch] {message}\n".encode())
 
   first_failure: _Rank | None = None
   deadline = None

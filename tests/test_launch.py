@@ -40,9 +40,25 @@ print('50%\\r100%', file=sys.stderr)
   for rank in (0, 1):
     assert f"[rank {rank}] {rank} 2 127.0.0.1" in lines
     assert f"[rank {rank}] half a line and the rest" in lines
-    # A progress bar's carriage returns start prefixed updates too.
-    assert f"[rank {rank}] 50%\r[rank {rank}] 100%" in lines
+    # A progress bar's carriage returns start prefixed updates too: its line is the update
+    # and, unless another rank's output came between them, the next one.
+    updates = [part for line in lines for part in line.split("\r")]
+    assert f"[rank {rank}] 50%" in updates and f"[rank {rank}] 100%" in updates
+  assert all(
+    part.startswith("[rank ") for line in lines if line for part in line.split("\r") if part
+  )
   assert not any(line.startswith("[launch]") for line in lines)
+
+
+def test_another_ranks_output_ends_an_open_progress_line_first():
+  out = io.BytesIO()
+  terminal = launch._Terminal(out)
+  rank0, rank1 = object(), object()
+  terminal.write(rank0, b"[rank 0] 50%\r")
+  terminal.write(rank0, b"[rank 0] 60%\r")  # the same bar redraws in place
+  terminal.write(rank1, b"[rank 1] hello\n")  # on a line of its own, not over the bar
+  terminal.write(rank0, b"[rank 0] 100%\n")
+  assert out.getvalue() == b"[rank 0] 50%\r[rank 0] 60%\r\n[rank 1] hello\n[rank 0] 100%\n"
 
 
 def test_a_failed_rank_is_named_with_its_status_and_last_words():
