@@ -37,14 +37,7 @@ def test_pairwise_dots_and_their_gradient_match_the_gathered_gram_matrix(shape):
 
 
 def _run(config, batches, test):
-  source = ctr.DataSource(
-    name="fixed",
-    num_dense=13,
-    num_categorical=26,
-    train_epoch=lambda epoch, global_batch: iter(batches),
-    test_batches=lambda: iter(test),
-    steps_per_epoch=lambda _: len(batches),
-  )
+  source = ctr.batches_source("fixed", batches, test)
   return ctr.train(config, source, return_state=True)
 
 

@@ -35,14 +35,7 @@ def test_the_peer_follows_the_jax_workflow_step_for_step():
     sparse_mode="lazy",
     prefetch=False,
   )
-  source = ctr.DataSource(
-    name="fixed",
-    num_dense=13,
-    num_categorical=26,
-    train_epoch=lambda epoch, global_batch: iter(batches),
-    test_batches=lambda: iter(batches[:1]),
-    steps_per_epoch=lambda _: len(batches),
-  )
+  source = ctr.batches_source("fixed", batches, batches[:1])
   records = []
 
   class Losses(ctr.Hook):

@@ -140,14 +140,7 @@ def run_workflow(
     device_cache_rows=device_cache_rows,
     seed=seed,
   )
-  source = ctr.DataSource(
-    name="benchmark",
-    num_dense=13,
-    num_categorical=26,
-    train_epoch=lambda epoch, global_batch: iter(batches),
-    test_batches=lambda: iter(test_batches),
-    steps_per_epoch=lambda _: len(batches),
-  )
+  source = ctr.batches_source("benchmark", batches, test_batches)
   s = ctr.train(config, source)
   table = s["table_stats"]
   return {

@@ -26,6 +26,7 @@ from kstep_adam.ctr._readers import ReadStats
 from kstep_adam.ctr._readers import count_lines
 from kstep_adam.ctr._rundir import RunDirectoryError
 from kstep_adam.ctr._sources import DataSource
+from kstep_adam.ctr._sources import batches_source
 from kstep_adam.ctr._sources import file_source
 from kstep_adam.ctr._sources import synthetic_source
 from kstep_adam.ctr._synthetic import SyntheticCTR
@@ -58,6 +59,7 @@ __all__ = [
   "TrainConfig",
   "Trainer",
   "auc",
+  "batches_source",
   "concat_batches",
   "count_lines",
   "feature_keys",

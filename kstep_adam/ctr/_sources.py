@@ -19,6 +19,7 @@ import itertools
 import os
 from collections.abc import Callable
 from collections.abc import Iterator
+from collections.abc import Sequence
 from typing import Any
 
 from kstep_adam._validation import check_float
@@ -161,6 +162,23 @@ def process_part(source: DataSource, index: int, count: int) -> DataSource:
     val_batches=val_batches,
     train_from=train_from,
     part=(index, count),
+  )
+
+
+def batches_source(name: str, train: Sequence[CTRBatch], test: Sequence[CTRBatch]) -> DataSource:
+  """A source over batches already in memory: every pass yields ``train`` in order.
+
+  For tests and benchmarks that fix their data up front. The batches are the global ones:
+  ``train_epoch``'s batch size is not used to cut them.
+  """
+  first = train[0]
+  return DataSource(
+    name=name,
+    num_dense=first.dense_BxI.shape[1],
+    num_categorical=first.keys_BxF.shape[1],
+    train_epoch=lambda epoch, global_batch: iter(train),
+    test_batches=lambda: iter(test),
+    steps_per_epoch=lambda epoch: len(train),
   )
 
 
