@@ -123,20 +123,28 @@ def save_checkpoint(
   Returns:
     The new checkpoint.
   """
-  import orbax.checkpoint as ocp
-
   os.makedirs(root, exist_ok=True)
   remove_incomplete(root)
   path = step_dir(root, step)
-  checkpointer = ocp.StandardCheckpointer()
-  checkpointer.save(os.path.join(path, DENSE_STATE), dense)
-  checkpointer.wait_until_finished()
-  checkpointer.close()
+  save_dense(path, dense)
   write_json(os.path.join(path, HOST_STATE), host)
   table = flush_table()
   write_manifest(path, step, table)
   prune(root, keep)
   return Checkpoint(step, path, table)
+
+
+def save_dense(path: str, dense: Any) -> None:
+  """Save the dense pytree into checkpoint directory ``path`` with orbax, and wait for it.
+
+  With several processes every process calls it (each writes its own shards), with the same
+  absolute ``path``."""
+  import orbax.checkpoint as ocp
+
+  checkpointer = ocp.StandardCheckpointer()
+  checkpointer.save(os.path.join(path, DENSE_STATE), dense)
+  checkpointer.wait_until_finished()
+  checkpointer.close()
 
 
 def prune(root: str, keep: int) -> None:

@@ -149,18 +149,13 @@ def save_checkpoint(
 ) -> _checkpoint.Checkpoint:
   """:func:`kstep_adam.ctr._checkpoint.save_checkpoint` for a multi-process run (the
   module docstring); every process calls it at the same step."""
-  import orbax.checkpoint as ocp
-
   if processes.is_main:
     os.makedirs(root, exist_ok=True)
     _checkpoint.remove_incomplete(root)
   barrier()  # nobody writes into root before the interrupted checkpoints are gone
   # orbax saves a multi-process checkpoint by absolute path only
   path = os.path.abspath(_checkpoint.step_dir(root, step))
-  checkpointer = ocp.StandardCheckpointer()
-  checkpointer.save(os.path.join(path, _checkpoint.DENSE_STATE), dense)
-  checkpointer.wait_until_finished()
-  checkpointer.close()
+  _checkpoint.save_dense(path, dense)
   if processes.is_main:
     write_json(os.path.join(path, _checkpoint.HOST_STATE), host)
   versions = gather_versions(flush_table())  # returns once every shard has flushed
