@@ -16,11 +16,13 @@ table), the mean over its seeds with a ±1 std band. Files, prefixed ``sweep_NAM
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
 import warnings
 
+import matplotlib.colors
 import matplotlib.pyplot as plt
 import numpy as np
 
@@ -31,15 +33,23 @@ from experiments.sweep_lib import tasks
 from experiments.sweep_lib.select import Selection
 from experiments.sweep_lib.spec import SweepSpec
 
-# Colors by optimizer family, shades by variant within it; the reference is black.
-FAMILY_COLORMAPS = {
-  "kstep_adam": "Reds",
-  "local_sgd": "Blues",
-  "diloco": "Greens",
-  "onebit_adam": "Purples",
-  "topk_ef": "Oranges",
-}
-OTHER_COLORS = ("tab:cyan", "tab:olive", "tab:pink", "tab:gray", "tab:brown")
+# One hue per optimizer (its sweep name: a variant such as kstep_adam-params+nu is its own
+# optimizer), one shade and one marker per k within it; the reference is black and dashed.
+HUES = (
+  "tab:red",
+  "tab:blue",
+  "tab:green",
+  "tab:purple",
+  "tab:orange",
+  "tab:brown",
+  "tab:pink",
+  "tab:olive",
+  "tab:cyan",
+  "gold",
+  "navy",
+  "teal",
+)
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
 LABELS = {
   "loss": "training loss (window mean)",
   "val_auc": "validation AUC",
@@ -49,27 +59,38 @@ LABELS = {
 }
 
 
-def _family(selection: Selection, rows_by_id: dict) -> str:
-  row = rows_by_id[selection.run_ids[0]]
-  return str(row.get("optimizer") or row.get("variant") or selection.name)
+def _shade(color, amount: float):
+  """``color`` darkened (``amount`` < 0) or lightened (> 0) by that fraction."""
+  rgb = np.array(matplotlib.colors.to_rgb(color))
+  return tuple(rgb * (1 + amount) if amount < 0 else rgb + (1 - rgb) * amount)
 
 
-def colors(chosen: list[Selection], rows_by_id: dict, reference: str | None) -> dict[str, str]:
-  """One color per group label: the reference black, each family its own colormap."""
-  families: dict[str, list[str]] = {}
+def colors(chosen: list[Selection], reference: str | None) -> dict[str, tuple]:
+  """One color per group label: the reference black; each other optimizer its own hue, and
+  its groups (one per k) shades of that hue, from dark (smallest k) to light."""
+  names: dict[str, list[Selection]] = {}
   for s in chosen:
     if s.name != reference:
-      families.setdefault(_family(s, rows_by_id), []).append(s.label)
-  out = {s.label: "black" for s in chosen if s.name == reference}
-  others = iter(OTHER_COLORS * 4)
-  for family, labels in families.items():
-    if family in FAMILY_COLORMAPS:
-      cmap = plt.get_cmap(FAMILY_COLORMAPS[family])
-      shades = np.linspace(0.9, 0.45, len(labels)) if len(labels) > 1 else [0.7]
-      out.update({label: cmap(shade) for label, shade in zip(labels, shades)})
-    else:
-      out.update({label: next(others) for label in labels})
+      names.setdefault(s.name, []).append(s)
+  out = {s.label: matplotlib.colors.to_rgb("black") for s in chosen if s.name == reference}
+  for hue, groups in zip(itertools.cycle(HUES), names.values()):
+    groups = sorted(groups, key=lambda s: (s.group.get("k") is None, s.group.get("k") or 0))
+    amounts = np.linspace(-0.35, 0.45, len(groups)) if len(groups) > 1 else [0.0]
+    out.update({s.label: _shade(hue, a) for s, a in zip(groups, amounts)})
   return out
+
+
+def markers(chosen: list[Selection]) -> dict[str, str]:
+  """One marker per value of k across the sweep (the same k, the same marker in every
+  optimizer); groups without a k get a plain circle."""
+  ks = sorted({s.group["k"] for s in chosen if s.group.get("k") is not None})
+  by_k = {k: MARKERS[i % len(MARKERS)] for i, k in enumerate(ks)}
+  return {s.label: by_k.get(s.group.get("k"), "o") for s in chosen}
+
+
+def seeds_text(chosen: list[Selection]) -> str:
+  """``'mean ± std over seeds'``, or ``'1 seed: no spread'`` when every group has one seed."""
+  return report.spread_text(len(s.seeds) for s in chosen)
 
 
 def network_text(out_dir: str, chosen: list[Selection]) -> str:
@@ -104,9 +125,17 @@ def _stack(curves: list[dict], x_key: str, y_key: str):
     return x, np.nanmean(y_SxN, axis=0), np.nanstd(y_SxN, axis=0, ddof=1 if len(pairs) > 1 else 0)
 
 
-def _line(ax, x, y, std, color, label, *, reference: bool) -> None:
+def _line(ax, x, y, std, color, label, *, reference: bool, marker: str = "o") -> None:
   ax.plot(
-    x, y, color=color, lw=2.0 if reference else 1.4, ls="--" if reference else "-", label=label
+    x,
+    y,
+    color=color,
+    lw=2.0 if reference else 1.4,
+    ls="--" if reference else "-",
+    label=label,
+    marker=None if reference else marker,
+    ms=4,
+    markevery=max(1, len(x) // 6),
   )
   ax.fill_between(x, y - std, y + std, color=color, alpha=0.15, lw=0)
 
@@ -122,13 +151,13 @@ def curves_figure(
   subtitle: str = "",
 ) -> str | None:
   """Loss and validation metric against ``x_key`` (``steps``, ``total_bytes`` or
-  ``modelled_seconds``), one line per group, mean ± std over seeds."""
+  ``modelled_seconds``), one line per group, mean ± std over seeds (one seed: no band)."""
   task = tasks.get(spec.task)
   panels = [("loss", "step" if x_key == "steps" else x_key)]
   if spec.task == "ctr":
     panels.append((task.selection_metric, "eval_step" if x_key == "steps" else "eval_" + x_key))
   fig, axes = plt.subplots(1, len(panels), figsize=(6.2 * len(panels) + 2.5, 4.4), squeeze=False)
-  drawn = False
+  drawn, marks = False, markers(chosen)
   for ax, (y_key, x_col) in zip(axes[0], panels):
     plotted = []
     for s in chosen:
@@ -138,7 +167,8 @@ def curves_figure(
       x, y, std = stacked
       scale = 1e-6 if "bytes" in x_key else 1.0
       label = f"{s.label} (lr {_lr(s)})"
-      _line(ax, x * scale, y, std, palette[s.label], label, reference=s.name == spec.reference)
+      is_ref, marker = s.name == spec.reference, marks[s.label]
+      _line(ax, x * scale, y, std, palette[s.label], label, reference=is_ref, marker=marker)
       plotted.append(y)
       drawn = True
     if "bytes" in x_key:
@@ -157,7 +187,7 @@ def curves_figure(
   if spec.task == "convergence":
     axes[0][0].set_ylabel("‖∇f(x̄_t)‖²")
   _style.legend(axes[0][-1], outside=True, fontsize=7)
-  title = f"{spec.name}: best learning rate per optimizer, mean ± std over seeds"
+  title = f"{spec.name}: best learning rate per optimizer, {seeds_text(chosen)}"
   fig.suptitle("\n".join(t for t in (title, spec.description, subtitle) if t), fontsize=9)
   return _style.save(fig, path)
 
@@ -199,7 +229,7 @@ def final_vs_k(spec: SweepSpec, chosen: list[Selection], palette: dict, path: st
         [s.test[1] for s in with_k],
         marker="o",
         capsize=3,
-        color=palette[with_k[-1].label],
+        color=palette[with_k[len(with_k) // 2].label],
         label=f"{name} (against k)",
       )
       continue
@@ -214,7 +244,7 @@ def final_vs_k(spec: SweepSpec, chosen: list[Selection], palette: dict, path: st
       ax.axhspan(mean - std, mean + std, color=palette[s.label], alpha=0.07)
   ax.set_xscale("log", base=2)
   ax.set_xlabel("merge period k (steps; DiLoCo: inner steps H)")
-  ax.set_ylabel(f"test {task.metric_label} at the best lr (mean ± std over seeds)")
+  ax.set_ylabel(f"test {task.metric_label} at the best lr ({seeds_text(chosen)})")
   ax.set_title(f"{spec.name}: final test {task.metric_label} against k", fontsize=10)
   ax.grid(True, alpha=0.3)
   _style.legend(ax, outside=True, fontsize=7)
@@ -227,7 +257,7 @@ def lr_sensitivity(spec: SweepSpec, chosen: list[Selection], palette: dict, path
   task = tasks.get(spec.task)
   metric = task.selection_metric
   fig, ax = plt.subplots(figsize=(9.5, 4.8))
-  floor = []
+  floor, marks = [], markers(chosen)
   for s in chosen:
     points = []
     for c in s.candidates:
@@ -245,7 +275,7 @@ def lr_sensitivity(spec: SweepSpec, chosen: list[Selection], palette: dict, path
       [p[0] for p in points],
       [p[1] for p in points],
       [p[2] for p in points],
-      marker="o",
+      marker=marks[s.label],
       ms=4,
       capsize=2,
       color=palette[s.label],
@@ -263,7 +293,7 @@ def lr_sensitivity(spec: SweepSpec, chosen: list[Selection], palette: dict, path
       ax.plot(lr, low, "x", ms=8, mew=2, color=color, clip_on=False)
   tuned = ", ".join(spec.tune)
   ax.set_xlabel(f"{tuned} (log scale)")
-  ax.set_ylabel(f"{metric} (mean ± std over seeds)")
+  ax.set_ylabel(f"{metric} ({seeds_text(chosen)})")
   ax.set_title(
     f"{spec.name}: sensitivity to the {tuned} (ring: chosen; × at the bottom: a seed diverged)",
     fontsize=10,
@@ -304,9 +334,11 @@ def time_to_target(
     ax.grid(True, axis="x", alpha=0.3)
   axes[0].set_yticks(range(len(labels)), labels, fontsize=8)
   axes[0].invert_yaxis()
+  one_seed = all(len(s.seeds) == 1 for s in chosen)
   fig.suptitle(
     f"{spec.name}: steps and modelled time to {spec.reference}'s final validation AUC "
-    f"({report_rows[0]['target']:.4f}); mean ± std over the seeds that reach it",
+    f"({report_rows[0]['target']:.4f}); "
+    + ("1 seed: no spread" if one_seed else "mean ± std over the seeds that reach it"),
     fontsize=9,
   )
   return _style.save(fig, path)
@@ -319,8 +351,7 @@ def make_figures(out_dir: str, fig_dir: str) -> list[str]:
   if not rows:
     raise ValueError(f"{out_dir}: results.csv has no finished run to plot")
   chosen = report.selections(spec, rows)
-  rows_by_id = {r["run_id"]: r for r in rows}
-  palette = colors(chosen, rows_by_id, spec.reference)
+  palette = colors(chosen, spec.reference)
   per_step = results.common_compute_per_step(rows)
   run_curves = {r: results.curves(out_dir, r, per_step) for s in chosen for r in s.run_ids}
   os.makedirs(fig_dir, exist_ok=True)

@@ -101,10 +101,26 @@ def report_rows(out_dir: str, spec: SweepSpec, rows: list[dict]) -> list[dict]:
   return out
 
 
-def _pm(mean: float, std: float, digits: int = 4, signed: bool = False) -> str:
+ONE_SEED = "1 seed: no spread"
+
+
+def spread_text(seed_counts) -> str:
+  """How a spread over seeds reads: ``'mean ± std over seeds'``, or :data:`ONE_SEED` when
+  every group has one seed (a std of one value is no measurement of spread)."""
+  counts = list(seed_counts)
+  if counts and all(n == 1 for n in counts):
+    return ONE_SEED
+  if any(n == 1 for n in counts):
+    return f"mean ± std over seeds; {ONE_SEED} where a row has 1"
+  return "mean ± std over seeds"
+
+
+def _pm(mean: float, std: float, digits: int = 4, signed: bool = False, seeds: int = 2) -> str:
   if mean is None or math.isnan(mean):
     return "–"
   sign = "+" if signed else ""
+  if seeds == 1:
+    return f"{mean:{sign}.{digits}f}"
   return f"{mean:{sign}.{digits}f} ± {std:.{digits}f}"
 
 
@@ -119,11 +135,13 @@ def markdown(spec: SweepSpec, report: list[dict]) -> str:
   group = spec.group_fields()
   ctr = spec.task == "ctr"
   held_out = sel != rep  # a validation metric chosen on, a test metric reported
+  one_seed = bool(report) and all(r["seeds"] == 1 for r in report)
+  spread = "1 seed" if one_seed else "mean ± std"
   head = ["optimizer", *group, *(f"best {t}" for t in spec.tune)]
   if held_out:
-    head += [f"val {task.metric_label}", f"test {task.metric_label} (mean ± std)"]
+    head += [f"val {task.metric_label}", f"test {task.metric_label} ({spread})"]
   else:
-    head += [f"{task.metric_label} (mean ± std)"]
+    head += [f"{task.metric_label} ({spread})"]
   if spec.reference:
     head += [f"Δ {'test ' if held_out else ''}vs {spec.reference} (paired)"]
   if ctr:
@@ -139,11 +157,13 @@ def markdown(spec: SweepSpec, report: list[dict]) -> str:
   for r in report:
     cells = [r["name"], *(_value(r.get(g)) for g in group)]
     cells += [_value(r.get(f"best_{t}")) for t in spec.tune]
+    n = r["seeds"]
     if held_out:
-      cells.append(_pm(r[f"{sel}_mean"], r[f"{sel}_std"]))
-    cells.append(_pm(r[f"{rep}_mean"], r[f"{rep}_std"]))
+      cells.append(_pm(r[f"{sel}_mean"], r[f"{sel}_std"], seeds=n))
+    cells.append(_pm(r[f"{rep}_mean"], r[f"{rep}_std"], seeds=n))
     if spec.reference:
-      cells += [_pm(r[f"d_{rep}_vs_reference_mean"], r[f"d_{rep}_vs_reference_std"], signed=True)]
+      d_mean, d_std = r[f"d_{rep}_vs_reference_mean"], r[f"d_{rep}_vs_reference_std"]
+      cells += [_pm(d_mean, d_std, signed=True, seeds=r["paired_seeds"])]
     if ctr:
       cells += [
         f"{r['inter_node_bytes_mean'] / 1e6:.1f}",
@@ -172,12 +192,22 @@ def markdown(spec: SweepSpec, report: list[dict]) -> str:
       f"(mean over seeds); test {task.metric_label} of that choice, mean ± sample std over "
       f"seeds"
     )
+    if one_seed:
+      note = (
+        f"Best {', '.join(spec.tune)} per row chosen on the validation {task.metric_label}; "
+        f"test {task.metric_label} of that choice; {ONE_SEED}"
+      )
   else:
     note = (
       f"Best {', '.join(spec.tune)} per row chosen on the mean {task.metric_label} over "
       f"seeds, which is also what is reported (mean ± sample std): the task has no held-out "
       f"data"
     )
+    if one_seed:
+      note = (
+        f"Best {', '.join(spec.tune)} per row chosen on the {task.metric_label}, which is also "
+        f"what is reported (the task has no held-out data); {ONE_SEED}"
+      )
   if spec.reference:
     note += f"; Δ paired by seed against {spec.reference}'s own choice"
   if ctr and report:
