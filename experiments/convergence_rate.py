@@ -81,9 +81,13 @@ def main(argv: list[str] | None = None) -> int:
   print(checks_lib.format_table(checks))
   for path in plot_convergence.make_figures(checks, cmd.figures_dir):
     print(f"wrote {path}")
-  if cmd.check and checks["failed"]:
-    print(f"--check: {len(checks['failed'])} enforced check(s) failed", file=sys.stderr)
+  if not cmd.check:
+    return 0
+  failed = len(checks["failed"])
+  if failed:
+    print(f"--check: FAILED: {failed} enforced check(s) failed; exit status 1", file=sys.stderr)
     return 1
+  print("--check: passed: no enforced check failed; exit status 0")
   return 0
 
 

@@ -288,3 +288,29 @@ def test_quick_check_passes_and_leaves_results_and_figures_untouched(tmp_path, m
   assert sorted(os.listdir(out / "figures")) == figs
   assert all(math.isfinite(x) for r in records for x in checks.as_array(r["gap_xbar_ExS"])[0])
   assert _digest("results", "figures") == before
+
+
+def test_check_words_and_exit_status_agree(tmp_path, monkeypatch, capsys):
+  """A reported-only row that does not hold never reads FAIL; the last lines say what the exit
+  status is, and it is that."""
+  info = problems.SeparableCosine(d=4).describe()
+  bound = theory.local_sgd_bound(100, 2, 2, 0.05, info["L"], info["sigma2"], info["delta"])
+  monkeypatch.setattr(convergence_rate.plot_convergence, "make_figures", lambda *a: [])
+  for gap, status in ((0.5 * bound, 0), (2.0 * bound, 1)):
+    # A step size at its grid's edge: a tuning row, reported only under QUICK, does not hold.
+    recs = [_record([gap] * 4, best_interior=False)]
+    monkeypatch.setattr(convergence_rate.sweeps, "run_config", lambda config, r=recs: r)
+    assert convergence_rate.main(["--quick", "--check", "--out", str(tmp_path)]) == status
+    out, err = capsys.readouterr()
+    table = checks.run_checks(recs, configs.QUICK)
+    counts = checks.tally(table)
+    assert counts["failed"] == len(table["failed"]) == status
+    assert f"{counts['passed']} passed, {counts['failed']} failed" in out
+    assert counts["reported_do_not_hold"] >= 1 and "does not hold (reported only)" in out
+    for line in out.splitlines():
+      if "(reported only)" in line:
+        assert "FAIL" not in line
+    if status:
+      assert "--check: FAILED" in err and "exit status 1" in err and "FAIL" in out
+    else:
+      assert "--check: passed" in out and "exit status 0" in out and "FAIL" not in out + err
