@@ -109,3 +109,19 @@ def test_a_test_set_too_large_to_keep_is_read_at_every_evaluation():
   for _ in range(3):
     assert len(list(small)) == len(list(large)) == 3
   assert small.reads == 1 and large.reads == 3
+
+
+def test_resume_says_the_step_it_continues_from(tmp_path, capsys):
+  config, source = _small(checkpoint_every=2)
+  with (
+    pytest.raises(RuntimeError, match="at step 5"),
+    ctr.Trainer(config, source, ctr.make_optimizer(config), str(tmp_path)) as trainer,
+  ):
+    trainer.fit([Recorder(fail_at=5)])  # stopped after the step-4 checkpoint
+  assert "resuming" not in capsys.readouterr().err
+  config, source = _small(checkpoint_every=2)
+  with ctr.Trainer(
+    config, source, ctr.make_optimizer(config), str(tmp_path), resume=True
+  ) as trainer:
+    assert trainer.start_step == 4
+    assert f"resuming {tmp_path} from step 4, to step 6" in capsys.readouterr().err

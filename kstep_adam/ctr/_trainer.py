@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import sys
 import tempfile
 import time
 from collections.abc import Iterable
@@ -390,6 +391,9 @@ class Trainer:
     budget = step_budget(config, source)
     self.num_steps = max((self.num_steps if budget is None else budget) - self.start_step, 0)
     self.last_step = self.start_step + self.num_steps
+    if resuming and self.is_main:  # say where it continues (stderr, like the progress bar)
+      where = f"step {self.start_step}" if checkpoint else "its start (no checkpoint yet)"
+      print(f"resuming {self.out_dir} from {where}, to step {self.last_step}", file=sys.stderr)
     self.predict = _step.make_predict(graphdef)
     self.meter = CommMeter(config, params, self._schedule, self.mesh)
     self._per_worker = parallel.worker_sharding(self.mesh)
