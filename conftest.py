@@ -1,12 +1,35 @@
-"""Test configuration: 8 simulated CPU devices for every test and doctest in the suite.
+"""Test configuration: 8 simulated CPU devices for every test and doctest in the suite, and a
+temporary directory of the session's own that must be left empty.
 
-The flag must be set before the JAX backend starts, so it lives here.
+The device flag must be set before the JAX backend starts, so it lives here. Every temporary
+file of the session (``tempfile`` in this process, ``TMPDIR`` in the processes it starts, and
+pytest's own ``tmp_path`` directories) goes under one directory; at the end, anything left
+there besides pytest's ``tmp_path`` base is a leak, reported and counted as a failure, and a
+passing session removes the directory, so a test run leaves nothing in /tmp.
 """
 
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax
+import pytest
 
 jax.config.update("jax_num_cpu_devices", 8)
+
+SESSION_TMP = tempfile.mkdtemp(prefix="kstep_adam-tests-")
+os.environ["TMPDIR"] = tempfile.tempdir = SESSION_TMP
+
+
+def pytest_sessionfinish(session, exitstatus):
+  left = sorted(name for name in os.listdir(SESSION_TMP) if not name.startswith("pytest-of-"))
+  if left:
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    message = f"tests left temporary files behind in {SESSION_TMP}: {left}"
+    if reporter is not None:
+      reporter.write(f"\n{message}\n", red=True)
+    session.exitstatus = pytest.ExitCode.TESTS_FAILED
+  elif exitstatus == pytest.ExitCode.OK:
+    shutil.rmtree(SESSION_TMP, ignore_errors=True)

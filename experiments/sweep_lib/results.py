@@ -178,11 +178,12 @@ def read_results(path: str) -> list[dict]:
   """The rows of a ``results.csv`` (numbers parsed, empty cells None).
 
   Examples:
-    >>> import tempfile
+    >>> import os, tempfile
     >>> with tempfile.NamedTemporaryFile("w", suffix=".csv", delete=False) as f:
     ...   _ = f.write("run_id,learning_rate,test_auc\\nsgd-s0,0.1,\\n")
     >>> read_results(f.name)
     [{'run_id': 'sgd-s0', 'learning_rate': 0.1, 'test_auc': None}]
+    >>> os.remove(f.name)
   """
   with open(path, encoding="utf-8", newline="") as f:
     reader = csv.DictReader(f)

@@ -8,12 +8,13 @@ class TableLockedError(RuntimeError):
   Examples:
     >>> import tempfile
     >>> from kstep_adam import embedding
-    >>> path = tempfile.mkdtemp() + "/t"
-    >>> with embedding.open_table(path, num_rows=10, dim=2):
-    ...   try:
-    ...     embedding.open_table(path)
-    ...   except embedding.TableLockedError as e:
-    ...     print("refused:", e.path == path)
+    >>> with tempfile.TemporaryDirectory() as d:
+    ...   path = d + "/t"
+    ...   with embedding.open_table(path, num_rows=10, dim=2):
+    ...     try:
+    ...       embedding.open_table(path)
+    ...     except embedding.TableLockedError as e:
+    ...       print("refused:", e.path == path)
     refused: True
   """
 

@@ -83,8 +83,8 @@ def open_table(
     >>> import tempfile
     >>> import numpy as np
     >>> from kstep_adam import embedding
-    >>> with embedding.open_table(tempfile.mkdtemp() + '/t', num_rows=1000, dim=4,
-    ...                           optimizer=embedding.SparseAdam(1e-2)) as table:
+    >>> with tempfile.TemporaryDirectory() as d, embedding.open_table(
+    ...     d + '/t', num_rows=1000, dim=4, optimizer=embedding.SparseAdam(1e-2)) as table:
     ...   table.push([3, 3, 7], np.ones((3, 4), np.float32))
     ...   table.pull([3]).shape
     (1, 4)

@@ -120,7 +120,8 @@ class EmbeddingTable:
   Examples:
     >>> import tempfile
     >>> from kstep_adam import embedding
-    >>> table = embedding.open_table(tempfile.mkdtemp() + '/t', num_rows=2**20, dim=8,
+    >>> scratch = tempfile.TemporaryDirectory()
+    >>> table = embedding.open_table(scratch.name + '/t', num_rows=2**20, dim=8,
     ...                              host_cache_rows=4096)
     >>> future = table.prefetch([10, 11])      # next batch, in the background
     >>> ws = table.working_set([5, 7, 5])      # this batch, deduplicated
@@ -129,6 +130,7 @@ class EmbeddingTable:
     >>> future.result(), table.step, table.stats()['misses']
     (2, 1, 2)
     >>> table.close()                          # flushes
+    >>> scratch.cleanup()
   """
 
   def __init__(
