@@ -179,7 +179,7 @@ def merge_bytes(params, schedule: MergeSchedule, axis_sizes, *, step: int) -> Co
   """Bytes and messages per mesh axis that each device sends at 1-based ``step``.
 
   Args:
-    params: the model's parameter pytree (arrays or ``jax.ShapeDtypeStruct``s, unreplicated).
+    params: the model's parameter pytree (arrays or ``jax.ShapeDtypeStruct`` objects, unreplicated).
     schedule: the optimizer's merge schedule (``kstep_adam.merge_schedule(...)``).
     axis_sizes: a ``jax.sharding.Mesh`` or a mapping axis name -> size.
     step: 1-based step number.

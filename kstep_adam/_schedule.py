@@ -125,7 +125,7 @@ class Compression:
 
   @property
   def state(self) -> str:
-    """The state this method exchanges: ``'mu'`` for ``'onebit'``, else ``'grads'``."""
+    """The state this method exchanges, ``'mu'`` for ``'onebit'``, else ``'grads'``."""
     return COMPRESSION_STATES[self.method]
 
   def values_per_leaf(self, size: int) -> int:

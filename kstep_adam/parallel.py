@@ -212,7 +212,7 @@ def comm_report(
   """Bytes (per device) and messages per mesh axis over ``num_steps``, and estimated seconds.
 
   Args:
-    params: one replica's parameters (or ``jax.ShapeDtypeStruct``s).
+    params: one replica's parameters (or ``jax.ShapeDtypeStruct`` objects).
     schedule: the optimizer's merge schedule (``kstep_adam.merge_schedule``).
     mesh: the mesh (gives the axis sizes).
     num_steps: number of steps.

@@ -233,7 +233,7 @@ class TrainConfig:
 
   @property
   def num_workers(self) -> int:
-    """Data-parallel workers: ``nodes * devices_per_node``."""
+    """The number of data-parallel workers, ``nodes * devices_per_node``."""
     return self.nodes * self.devices_per_node
 
   @property

@@ -133,7 +133,7 @@ class TableConfig:
 
   @property
   def width(self) -> int:
-    """Floats per stored row: ``1 + dim + slot_width`` (last step, parameters, slots)."""
+    """The number of floats per stored row, ``1 + dim + slot_width`` (last step, parameters, slots)."""
     return _row_width(self.dim, self.optimizer)
 
   @property

@@ -192,7 +192,7 @@ class EmbeddingTable:
   # ----------------------------------------------------------------- public API
   @property
   def step(self) -> int:
-    """The table step t: the number of pushes applied (restored from the last flush)."""
+    """The table step t, the number of pushes applied (restored from the last flush)."""
     return self._step
 
   @property
