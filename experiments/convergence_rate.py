@@ -7,7 +7,7 @@ Usage:
 Writes ``DIR/results.jsonl`` (every run, every grid step size), ``DIR/checks.json`` (the checks
 table and the curves the figures draw) and the figures ``convergence_*.png``. Everything
 defaults to ``runs/``: the committed ``results/convergence_rate`` and ``figures/`` are written
-only when named explicitly (the README gives the full run's command). ``--check`` exits with
+only when named explicitly (docs/convergence.md gives the full run's command). ``--check`` exits with
 status 1 when an enforced check fails. The logic lives in :mod:`experiments.convergence`, the
 configs (with the run header) in :mod:`experiments.convergence.configs`, the figures in
 :mod:`experiments.plot.convergence`.

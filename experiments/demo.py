@@ -4,7 +4,7 @@ Command: ``python -m experiments.demo`` (add ``--quick`` for a seconds-long smok
 Hardware: any Linux CPU (2 cores are enough); it simulates 2 nodes x 4 devices.
 Expected: k-step Adam ends a little above synchronous Adam (DDP), both near the noise floor
 (0.01, the variance of the label noise), with k_node times fewer bytes over the inter-node
-links. The README has the measured losses and runtime, with this command.
+links. docs/optimizer.md has the measured losses and runtime, with this command.
 
 It prints the steps, the loss of k-step Adam and of DDP Adam, how many merges ran at each
 level, the bytes each device sent per mesh axis, and the communication time those bytes

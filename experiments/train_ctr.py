@@ -6,7 +6,7 @@ Command (synthetic Criteo-shaped data with a hidden teacher; DLRM with k-step Ad
   python -m experiments.train_ctr --out runs/train_ctr
 
 Hardware: a CPU with 8 simulated devices (``jax_num_cpu_devices``); the same command runs
-unchanged on accelerators. Measured runtime: the README's "CTR training" section.
+unchanged on accelerators. Measured runtime: the README and docs/ctr.md.
 Expected result: test AUC 0.7895 against the teacher's (Bayes-optimal) 0.8203.
 
 Your own data (without ``--test-data`` the lines in the last ``--test-fraction`` of the file's
@@ -35,7 +35,7 @@ refused unless ``--resume`` (continue it) or ``--overwrite`` (replace it) says w
 A diverged run (non-finite or exploding loss) exits with status 3 and says at which step;
 its ``summary.json`` records ``"status": "diverged"``.
 
-Several processes (one per node; the README's "Multi-process runs"): the same command under
+Several processes (one per node; docs/multiprocess.md): the same command under
 :mod:`kstep_adam.launch` or ``srun``. Each process then simulates ``--devices-per-node`` CPU
 devices, keeps its shard of the table, and process 0 writes the files and prints:
 

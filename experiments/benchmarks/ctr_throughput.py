@@ -31,7 +31,7 @@ examples/s, the ratio to the baseline and the workflow's time breakdown (data wa
 compute, push, merge).
 
 Runs unchanged on a GPU (one device: the 8-device case is CPU-only, simulated). Expected on
-the 2-core CPU box: see the README; the numbers are ratios within one process.
+the 2-core CPU box: see docs/benchmarks.md; the numbers are ratios within one process.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Benchmark of the tiered embedding table against a plain in-RAM NumPy table.
 
-Command (default; runtimes and measured ratios are in the README, with these commands):
+Command (default; runtimes and measured ratios are in docs/embedding.md, with these commands):
   .venv/bin/python -m experiments.benchmarks.embedding_tier
 Smoke run (seconds):          ... -m experiments.benchmarks.embedding_tier --quick
 Large table (NOT for CI: 2^28 rows of 16 floats and their Adam slots take tens of GiB of disk):

@@ -7,7 +7,7 @@ Expected: a local step with the merge decided on the host costs what one of ``op
 does (goal: time ratio <= 1.10, for the full train step and for the update alone); decided in
 the graph it costs more on XLA:CPU; a merge step costs more than a local one; bytes per step
 fall as 1/k, and 1-bit Adam and random-k send a fraction of DDP's bytes. Runtime and measured
-numbers are in the README ("k-step Adam and its baselines"), with this command.
+numbers are in docs/benchmarks.md, with this command.
 
 Everything runs the way a user writes a plain ``jax.jit`` loop: one ``jax.jit(shard_map(...))``
 step per optimizer, no harness. What is timed, on one MLP replicated on every device:

@@ -16,7 +16,7 @@ included); and the ratios of two processes to one, each from runs of the same in
 
 Both run on this machine's CPU cores over gloo, so the two-process run pays for its
 exchange on loopback TCP and shares the cores with its twin's work; what a multi-host run
-changes is in the README ("Multi-process runs").
+changes is in docs/multiprocess.md.
 """
 
 from __future__ import annotations

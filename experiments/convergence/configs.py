@@ -6,8 +6,8 @@ Full run (:data:`FULL`), the one behind ``results/convergence_rate`` and
   Command:  nice python -m experiments.convergence_rate --out results/convergence_rate
             --figures figures --check
   Hardware: CPU only, a 2-core VM shared with other jobs (JAX 0.10.2).
-  Runtime:  see the README's convergence section (mostly XLA compiles: one per run).
-  Expected: every enforced check passes; the README lists the numbers.
+  Runtime:  see docs/convergence.md (mostly XLA compiles: one per run).
+  Expected: every enforced check passes; docs/convergence.md lists the numbers.
 
 Quick run (:data:`QUICK`): ``python -m experiments.convergence_rate --quick [--check]``, about
 a minute, writing under ``runs/convergence_rate_quick``. It runs every code path at smoke

@@ -6,10 +6,10 @@ Full run (:data:`FULL`), the one behind ``results/reproduce_paper/`` and ``figur
             (without ``--out`` it resumes the committed ``results/reproduce_paper``, whose runs
             are all done, so it only redraws the table and figures)
   Hardware: CPU only: 8 simulated devices (2 nodes x 4) on a 2-core VM shared with other jobs.
-  Runtime:  see the README ("Every number in this README, and the command behind it").
+  Runtime:  see docs/benchmarks.md (every command with its runtime).
   Expected: with parameter-only averaging, mean test AUC stays within 0.001 of k = 1 up to
             k = 32 (the run prints this "largest k"; the committed run reaches it) while dense
-            inter-node bytes fall as 1/k. The README's paper section has the whole table.
+            inter-node bytes fall as 1/k. docs/paper.md has the whole table.
 
 Quick run (:data:`QUICK`): ``python -m experiments.reproduce_paper --quick`` writes under
 ``runs/reproduce_paper_quick``; a smoke test of every code path (three values of k, one variant,

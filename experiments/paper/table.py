@@ -1,4 +1,4 @@
-"""``table.csv`` (every summary column) and ``table.md`` (the README's table) from the rows."""
+"""``table.csv`` (every summary column) and ``table.md`` (docs/paper.md's table) from the rows."""
 
 from __future__ import annotations
 
@@ -52,7 +52,7 @@ def csv_text(rows: list[dict]) -> str:
 
 
 def markdown(rows: list[dict], cfg: PaperConfig) -> str:
-  """The README's table: AUC, paired deltas, logloss, dense traffic and its time on the link."""
+  """docs/paper.md's table: AUC, paired deltas, logloss, dense traffic and its time on the link."""
   pm = lambda x, d=4: f"{x[0]:+.{d}f} ± {x[1]:.{d}f}"
   lines = [
     f"| dense optimizer | k | AUC (mean ± std) | ΔAUC vs k=1 | ΔAUC vs sync Adam | logloss "

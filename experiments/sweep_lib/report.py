@@ -129,7 +129,7 @@ def _value(v) -> str:
 
 
 def markdown(spec: SweepSpec, report: list[dict]) -> str:
-  """The README's table: one line per group, then a line on how to read it."""
+  """The sweep's table (``table.md``, as in docs/sweeps.md): one line per group, then a line on how to read it."""
   task = tasks.get(spec.task)
   sel, rep = task.selection_metric, task.report_metric
   group = spec.group_fields()

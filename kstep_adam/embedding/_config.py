@@ -49,7 +49,7 @@ class TableConfig:
       chunk. The default suits flushes of a host cache that has filled (a few percent of
       the table, with hashed ids about one dirty row per chunk or more); tables flushed
       after far fewer rows than they have chunks flush faster with smaller chunks (the
-      README's flush benchmark measures both).
+      flush benchmark in docs/embedding.md measures both).
     seed: seed of the deterministic row init, a 64-bit int.
     init_scale: U(-s, s) half-width or N(0, s) std of the init, >= 0 (default
       ``1/sqrt(dim)``).

@@ -9,7 +9,7 @@ free pages of every arena (``madvise``, no copying). The table calls it once at 
 of a flush and of a compaction: after every disk batch it would also lower the flush's own
 peak, but then each batch faults its pages back in, which made flushes markedly slower.
 The flush's peak depends on the number of arenas instead, which glibc reads from
-``MALLOC_ARENA_MAX`` when the process starts (the README's large-table run shows both
+``MALLOC_ARENA_MAX`` when the process starts (docs/embedding.md's large-table run shows both
 effects). Elsewhere (macOS, musl) this is a no-op.
 """
 
