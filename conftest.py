@@ -5,7 +5,8 @@ The device flag must be set before the JAX backend starts, so it lives here. Eve
 file of the session (``tempfile`` in this process, ``TMPDIR`` in the processes it starts, and
 pytest's own ``tmp_path`` directories) goes under one directory; at the end, anything left
 there besides pytest's ``tmp_path`` base is a leak, reported and counted as a failure, and a
-passing session removes the directory, so a test run leaves nothing in /tmp.
+passing session removes the directory (a failing one keeps its ``tmp_path`` directories to
+look at), so a test run leaves nothing in /tmp.
 """
 
 import os
@@ -31,5 +32,5 @@ def pytest_sessionfinish(session, exitstatus):
     if reporter is not None:
       reporter.write(f"\n{message}\n", red=True)
     session.exitstatus = pytest.ExitCode.TESTS_FAILED
-  elif exitstatus == pytest.ExitCode.OK:
-    shutil.rmtree(SESSION_TMP, ignore_errors=True)
+  elif exitstatus == pytest.ExitCode.OK or not os.listdir(SESSION_TMP):
+    shutil.rmtree(SESSION_TMP, ignore_errors=True)  # a failed run keeps its tmp_path dirs
