@@ -3,12 +3,14 @@ is told apart (its own hue; each k its own shade and marker)."""
 
 import colorsys
 import os
+import types
 
 import matplotlib.colors
 import matplotlib.text
 import pytest
 
 from experiments import sweep
+from experiments.paper import table as paper_table
 from experiments.plot import __main__ as plot_main
 from experiments.plot import _style
 from experiments.plot import sweep as sweep_plot
@@ -103,3 +105,30 @@ def test_each_optimizer_has_its_own_hue_and_each_k_its_own_shade_and_marker():
     assert len({marks[f"{n}, k={k}"] for k in (4, 16, 64)}) == 3  # and its own marker
   for k in (4, 16, 64):  # the same k has the same marker in every optimizer
     assert len({marks[f"{n}, k={k}"] for n in names[1:]}) == 1
+
+
+@pytest.mark.parametrize("seeds", [1, 5])
+def test_the_paper_table_shows_a_spread_only_over_several_seeds(seeds):
+  pair = (0.7, 0.01 if seeds > 1 else 0.0)
+  row = dict(
+    optimizer="sync_adam",
+    variant="grads",
+    k=1,
+    auc=pair,
+    d_auc_vs_k1=pair,
+    d_auc_vs_sync=pair,
+    logloss=pair,
+    d_logloss_vs_k1=pair,
+    node_bytes=1e6,
+    dense_seconds=0.1,
+    sparse_seconds=0.1,
+    seeds=seeds,
+    steps=96,
+    teacher_auc=0.8,
+  )
+  cfg = types.SimpleNamespace(slow_inter_node_gbps=1.0, batch_size=32)
+  text = paper_table.markdown([row], cfg)
+  if seeds == 1:
+    assert "1 seed: no spread" in text and "±" not in text
+  else:
+    assert "± 0.0100" in text and "5 seeds" in text

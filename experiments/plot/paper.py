@@ -68,13 +68,16 @@ def auc_vs_k(rows: list[dict], path: str) -> str:
   ax_d.axhspan(-0.001, 0.001, color="g", alpha=0.1, label="±0.001")
   ax_d.set_xscale("log", base=2)
   ax_d.set_xlabel("merge period k (steps)")
-  ax_d.set_ylabel("ΔAUC vs k=1, same seed (mean ± std)")
+  spread = "1 seed: no spread" if rows[0]["seeds"] == 1 else "mean ± std"
+  ax_d.set_ylabel(f"ΔAUC vs k=1, same seed ({spread})")
   ax_d.set_title("Paired change against k = 1")
   _style.legend(ax_d)
   _finish(
     ax,
     xlabel="merge period k (steps)",
-    ylabel="test AUC (mean ± std over seeds)",
+    ylabel="test AUC (1 seed: no spread)"
+    if rows[0]["seeds"] == 1
+    else "test AUC (mean ± std over seeds)",
     title=f"Test AUC vs k (teacher AUC {rows[0]['teacher_auc']:.3f})",
   )
   return _style.save(fig, path)
