@@ -1,0 +1,99 @@
+"""``k = 'auto'`` through the CTR workflow: the command line, metrics.jsonl's merge records, the
+bytes counted per actual merge, and a run resumed mid-way deciding as the uninterrupted one."""
+
+import itertools
+import json
+
+import pytest
+
+import kstep_adam
+from kstep_adam import ctr
+from kstep_adam.ctr import _adaptive
+
+
+def _records(path):
+  with open(path) as f:
+    return [json.loads(line) for line in f]
+
+
+def test_k_auto_on_the_command_line(tmp_path):
+  from experiments import train_ctr
+
+  out = tmp_path / "out"
+  args = ["--k", "auto", "--k-budget", "0.002", "--steps", "24", "--batch-size", "16"]
+  args += ["--nodes", "2", "--devices-per-node", "2", "--synthetic-steps", "24"]
+  args += ["--table-rows", "65536", "--out", str(out), "--no-progress", "--eval-every", "0"]
+  summary = train_ctr.main(args)
+  assert summary["config"]["k"] == "auto"
+  merges = [r for r in _records(out / "metrics.jsonl") if r["kind"] == "merge"]
+  full = [r for r in merges if r["level"] == 1]
+  assert full and merges[0]["step"] == 8 and merges[0]["period"] == [8, 8]  # k_init = 8
+  assert all(len(r["drift"]) == 2 and r["drift"][1] > 0 for r in full)
+  for before, after in itertools.pairwise(merges):  # a full merge sets the next periods
+    assert after["period"] == before["next_period"]
+  # Bytes: what the merges that ran send, each counted at its level.
+  config = ctr.TrainConfig(**summary["config"])
+  _, schedule = ctr.make_optimizer(config)
+  per_level = summary["dense_messages_by_axis"]
+  # A full merge: 2 ring steps on 'node' for the parameters and 2 (4-1) for the drift's
+  # all-reduce of 3 scalars (a flat ring over the 4 workers); an inner merge none on 'node'.
+  assert per_level["node"] == len(full) * (2 + 6)
+  assert schedule.adaptive.budget == 0.002
+
+
+def test_k_auto_is_refused_where_it_has_no_meaning():
+  with pytest.raises(ValueError, match="k='auto' is for optimizer kstep_adam or local_sgd"):
+    ctr.TrainConfig(k="auto", optimizer="diloco")
+  with pytest.raises(ValueError, match="merge='global'"):
+    ctr.TrainConfig(k="auto", merge="node")
+  with pytest.raises(ValueError, match="positive int or 'auto'"):
+    ctr.TrainConfig(k="often")
+
+
+class _StopAt(ctr.Hook):
+  def __init__(self, step):
+    self.step = step
+
+  def after_step(self, trainer, result):
+    if result.step == self.step:
+      raise KeyboardInterrupt  # a run stopped mid-way, after its checkpoint at step 8
+
+
+def test_resumed_run_decides_as_the_uninterrupted_one(tmp_path, monkeypatch):
+  # Y stays unmeasured (C / Y = 1): wall-clock measurements differ between two runs, and
+  # this test compares two runs; what it checks is that the checkpoint carries the rule.
+  monkeypatch.setattr(_adaptive, "CALIBRATION_STEPS", 10**9)
+  config = ctr.TrainConfig(
+    k="auto",
+    k_budget=0.002,
+    steps=24,
+    batch_size=16,
+    nodes=2,
+    devices_per_node=2,
+    synthetic_steps=24,
+    table_rows=1 << 16,
+    host_cache_rows=1 << 12,
+    checkpoint_every=8,
+    eval_every=0,
+  )
+  data = ctr.DataConfig()
+
+  def source():
+    return ctr.make_source(data, config)
+
+  whole = ctr.train(config, source(), str(tmp_path / "a"))
+  b = tmp_path / "b"
+  optimizer = ctr.make_optimizer(config)
+  with pytest.raises(KeyboardInterrupt), ctr.Trainer(config, source(), optimizer, str(b)) as t:
+    t.fit([_StopAt(13)])
+  resumed = ctr.train(config, source(), str(tmp_path / "b"), resume=True)
+  want = [r for r in _records(tmp_path / "a" / "metrics.jsonl") if r["kind"] == "merge"]
+  got = [r for r in _records(tmp_path / "b" / "metrics.jsonl") if r["kind"] == "merge"]
+  assert got == want and len({r["level"] for r in want}) == 2
+  assert resumed["dense_bytes_by_axis"] == whole["dense_bytes_by_axis"]
+
+
+def test_network_model_sets_the_merge_times():
+  config = ctr.TrainConfig(k="auto", nodes=2, devices_per_node=2)
+  _, schedule = ctr.make_optimizer(config)
+  assert isinstance(schedule, kstep_adam.MergeSchedule) and schedule.adaptive is not None
