@@ -3,6 +3,7 @@ bytes counted per actual merge, and a run resumed mid-way deciding as the uninte
 
 import itertools
 import json
+import os
 
 import pytest
 
@@ -39,6 +40,11 @@ def test_k_auto_on_the_command_line(tmp_path):
   # all-reduce of 3 scalars (a flat ring over the 4 workers); an inner merge none on 'node'.
   assert per_level["node"] == len(full) * (2 + 6)
   assert schedule.adaptive.budget == 0.002
+  # The figure: k over time beside the loss, from metrics.jsonl.
+  from experiments.plot import __main__ as plot_main
+
+  assert plot_main.main([str(out), "--out", str(tmp_path / "figs")]) == 0
+  assert (tmp_path / "figs" / "adaptive_out.png").stat().st_size > 0
 
 
 def test_k_auto_is_refused_where_it_has_no_meaning():
@@ -97,3 +103,44 @@ def test_network_model_sets_the_merge_times():
   config = ctr.TrainConfig(k="auto", nodes=2, devices_per_node=2)
   _, schedule = ctr.make_optimizer(config)
   assert isinstance(schedule, kstep_adam.MergeSchedule) and schedule.adaptive is not None
+
+
+def test_k_auto_in_a_sweep_file(tmp_path):
+  from experiments import sweep
+  from experiments.sweep_lib import worker
+
+  data = tmp_path / "day.txt"
+  ctr.SyntheticCTR(vocab_size=200, seed=1).write_criteo(str(data), 2000)
+  config = tmp_path / "adaptive.toml"
+  config.write_text(
+    f"""
+name = "ctr_adaptive"
+task = "ctr"
+[base]
+data = "criteo:{data}"
+val_fraction = 0.15
+nodes = 2
+devices_per_node = 1
+batch_size = 16
+steps = 16
+eval_every = 0
+top_mlp = [16]
+table_rows = 4096
+host_cache_rows = 1024
+[[optimizers]]
+name = "kstep"
+optimizer = "kstep_adam"
+k = [4, "auto"]
+learning_rate = 1e-3
+"""
+  )
+  out = str(tmp_path / "out")
+  assert sweep.main([str(config), "--out", out, "--jobs", "1"]) == 0
+  summaries = {k: worker.read_summary(out, f"kstep-k{k}-s0") for k in (4, "auto")}
+  assert summaries["auto"]["status"] == "completed"
+  assert summaries["auto"]["config"]["k"] == "auto" and summaries[4]["config"]["k"] == 4
+  table = open(os.path.join(out, "table.md")).read()
+  assert "auto" in table
+  from experiments.plot import __main__ as plot_main
+
+  assert plot_main.main([out, "--out", str(tmp_path / "figs")]) == 0  # k = 'auto' beside k = 4
