@@ -105,10 +105,7 @@ def test_network_model_sets_the_merge_times():
   assert isinstance(schedule, kstep_adam.MergeSchedule) and schedule.adaptive is not None
 
 
-def test_k_auto_in_a_sweep_file(tmp_path):
-  from experiments import sweep
-  from experiments.sweep_lib import worker
-
+def _sweep_file(tmp_path):
   data = tmp_path / "day.txt"
   ctr.SyntheticCTR(vocab_size=200, seed=1).write_criteo(str(data), 2000)
   config = tmp_path / "adaptive.toml"
@@ -134,6 +131,28 @@ k = [4, "auto"]
 learning_rate = 1e-3
 """
   )
+  return config
+
+
+def test_k_auto_in_a_sweep_file_expands_and_validates(tmp_path):
+  from experiments.sweep_lib import spec as spec_lib
+
+  spec = spec_lib.load(str(_sweep_file(tmp_path)))
+  runs = {run.run_id: run for run in spec.runs()}
+  assert sorted(runs) == ["kstep-k4-s0", "kstep-kauto-s0"]
+  assert runs["kstep-kauto-s0"].params["k"] == "auto"
+  bad = (tmp_path / "adaptive.toml").read_text().replace('"kstep_adam"', '"diloco"')
+  (tmp_path / "bad.toml").write_text(bad)
+  with pytest.raises(ValueError, match="k='auto' is for optimizer"):
+    spec_lib.load(str(tmp_path / "bad.toml")).runs()
+
+
+@pytest.mark.slow
+def test_k_auto_in_a_sweep_file_runs_and_plots(tmp_path):
+  from experiments import sweep
+  from experiments.sweep_lib import worker
+
+  config = _sweep_file(tmp_path)
   out = str(tmp_path / "out")
   assert sweep.main([str(config), "--out", out, "--jobs", "1"]) == 0
   summaries = {k: worker.read_summary(out, f"kstep-k{k}-s0") for k in (4, "auto")}
