@@ -42,6 +42,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from kstep_adam._comm import CommCost
 from kstep_adam._comm import NetworkModel
 from kstep_adam._comm import merge_bytes
 from kstep_adam._schedule import AdaptivePeriod
@@ -128,7 +129,7 @@ class AdaptiveState(NamedTuple):
     drift: the relative drift per axis measured by the last merge over every axis.
     local_seconds: ``Y``, the time of a local step (None: unknown).
     merge_seconds: ``C``, the time of a merge at each level 1.. (None: unknown).
-    levels: the merge steps so far, as ``(step, level)`` pairs (for byte accounting).
+    merges: merges so far at each level 1.. (each level's merges cost the same bytes).
   """
 
   step: int
@@ -137,7 +138,7 @@ class AdaptiveState(NamedTuple):
   drift: tuple[float, ...]
   local_seconds: float | None
   merge_seconds: tuple[float, ...] | None
-  levels: tuple[tuple[int, int], ...] = ()
+  merges: tuple[int, ...] = ()
 
 
 def next_period(k: int, steps: int, drift: float, cost_ratio: float, knobs: AdaptivePeriod) -> int:
@@ -206,6 +207,7 @@ class AdaptiveController:
         drift=(0.0,) * n,
         local_seconds=None,
         merge_seconds=None,
+        merges=(0,) * n,
       )
       self.state = state
       if local_seconds is not None or merge_seconds is not None:
@@ -238,10 +240,10 @@ class AdaptiveController:
     n = len(state.periods)
     step = state.step + 1
     since = tuple(s + 1 for s in state.since)
-    periods, measured, levels = state.periods, state.drift, state.levels
+    periods, measured, merges = state.periods, state.drift, state.merges
     self.last_record = None
     if level:
-      levels = levels + ((step, int(level)),)
+      merges = tuple(m + (j == level - 1) for j, m in enumerate(merges))
       if level == 1:
         if drift is None or len(drift) != n:
           raise ValueError(f"a merge over every axis needs its drift, {n} values; got {drift!r}")
@@ -261,7 +263,7 @@ class AdaptiveController:
       }
       since = tuple(0 if j >= level - 1 else s for j, s in enumerate(since))
     self.state = state._replace(
-      step=step, periods=periods, since=since, drift=measured, levels=levels
+      step=step, periods=periods, since=since, drift=measured, merges=merges
     )
     return self.state
 
@@ -284,6 +286,15 @@ class AdaptiveController:
         raise ValueError(f"merge_seconds needs one time per level ({n}), got {merge_seconds!r}")
     self.state = self.state._replace(local_seconds=local_seconds, merge_seconds=merge_seconds)
 
+  def comm_bytes(self, params, axis_sizes) -> CommCost:
+    """Bytes and messages per axis of the merges so far (per device), each at its level."""
+    total = CommCost({a: 0.0 for a in self.schedule.axis_names}, {})
+    for level, count in enumerate(self.state.merges, 1):
+      if count:
+        cost = merge_bytes(params, self.schedule, axis_sizes, step=1, level=level)
+        total = total + cost.scaled(count)
+    return total
+
   # -- state ------------------------------------------------------------------------------
   def state_dict(self) -> dict[str, Any]:
     """The state as JSON data (floats round-trip exactly through ``json``)."""
@@ -295,7 +306,7 @@ class AdaptiveController:
       "drift": list(s.drift),
       "local_seconds": s.local_seconds,
       "merge_seconds": None if s.merge_seconds is None else list(s.merge_seconds),
-      "levels": [list(p) for p in s.levels],
+      "merges": list(s.merges),
     }
 
   def load_state_dict(self, data: dict) -> None:
@@ -313,9 +324,9 @@ class AdaptiveController:
       merge_seconds=None
       if data["merge_seconds"] is None
       else tuple(float(c) for c in data["merge_seconds"]),
-      levels=tuple((int(a), int(b)) for a, b in data.get("levels", ())),
+      merges=tuple(int(m) for m in data["merges"]),
     )
-    if len(state.periods) != num_axes or len(state.since) != num_axes:
+    if {len(state.periods), len(state.since), len(state.merges)} != {num_axes}:
       raise ValueError(f"an adaptive state for {num_axes} axes, got {data!r}")
     return state
 

@@ -261,7 +261,7 @@ def comm_bytes(params, schedule: MergeSchedule, axis_sizes, num_steps: int) -> C
   if schedule.adaptive is not None:
     raise ValueError(
       "an adaptive schedule's merges are decided while training: count them per actual merge "
-      "with merge_bytes(..., level=level) (kstep_adam.AdaptiveController.levels records them)"
+      "with merge_bytes(..., level=level) (kstep_adam.AdaptiveState.merges counts them per level)"
     )
   if schedule.compression is not None:
     if not schedule.axis_names:

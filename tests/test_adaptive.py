@@ -55,7 +55,7 @@ def test_rule_matches_hand_computed_decisions():
   ctl = controller(budget=0.01, k_init=4, k_min=1, k_max=64)
   levels = run_trace(ctl, TRACE, 42)
   assert levels == {4: 1, 12: 1, 17: 2, 22: 1, 27: 2, 32: 2, 37: 2, 42: 1}
-  assert ctl.state.levels == tuple(levels.items())
+  assert ctl.state.merges == (4, 4)
   assert ctl.state.periods == (28, 7)
 
 
@@ -187,7 +187,8 @@ def test_bytes_counted_per_actual_merge():
   assert one[1] == pytest.approx(24.0 + 12.0 + 18.0)
   assert one[2] == pytest.approx(24.0)
   assert total.total_bytes == pytest.approx(sum(one[lv] for lv in levels if lv))
-  assert [s for s, lv in ctl.state.levels] == [s for s, lv in enumerate(levels, 1) if lv]
+  assert ctl.state.merges == (levels.count(1), levels.count(2))
+  assert ctl.comm_bytes(params, sizes).bytes_by_axis == pytest.approx(total.bytes_by_axis)
 
 
 def test_resume_mid_run_reproduces_decisions_and_params():
