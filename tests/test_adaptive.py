@@ -144,16 +144,32 @@ def adaptive_run(ctl, mesh, data, tx=None, params_state=None):
   return history, levels, (params_W, state_W)
 
 
-def test_frozen_period_equals_fixed_schedule():
+OPTIMIZERS = {
+  "kstep_adam": lambda k, **kw: kstep_adam.kstep_adam(0.05, k, **kw),
+  "kstep_adam_moments": lambda k, **kw: kstep_adam.kstep_adam(
+    0.05, k, **({"sync": "params+moments"} if "axis_name" in kw else {}), **kw
+  ),
+  "local_sgd": lambda k, **kw: kstep_adam.local_sgd(0.05, k, momentum=0.9, **kw),
+}
+
+
+@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+def test_frozen_period_equals_fixed_schedule(name):
   """k_min = k_max = k_init = 3: the adaptive run is the fixed k = 3 run, step by step."""
   mesh = parallel.make_mesh(2, 2)
   data = worker_data(4, 8)
-  want, _ = run_harness(kstep_adam.kstep_adam(0.05, 3, axis_name=NODE_LOCAL), mesh, data)
-  schedule = kstep_adam.adaptive_schedule(NODE_LOCAL, k_init=3, k_min=3, k_max=3)
+  make = OPTIMIZERS[name]
+  want, _ = run_harness(make(3, axis_name=NODE_LOCAL), mesh, data)
+  sync = "params+moments" if name == "kstep_adam_moments" else "params"
+  states = ("params",) if name == "local_sgd" else ("params", "mu", "nu")
+  schedule = kstep_adam.adaptive_schedule(
+    NODE_LOCAL, k_init=3, k_min=3, k_max=3, sync=sync, allowed_states=states
+  )
   ctl = kstep_adam.AdaptiveController(schedule)
-  got, levels, _ = adaptive_run(ctl, mesh, data)
+  got, levels, _ = adaptive_run(ctl, mesh, data, tx=make(schedule))
   assert levels == [0, 0, 1, 0, 0, 1, 0, 0]
-  np.testing.assert_array_equal(np.stack(got), np.stack(want))
+  # Up to XLA fusion rounding: the fixed schedule's merge program branches, these do not.
+  np.testing.assert_allclose(np.stack(got), np.stack(want), rtol=1e-5, atol=1e-6)
   assert all(d > 0 for d in ctl.state.drift)  # different data: the replicas drifted
 
 
