@@ -163,3 +163,29 @@ def test_k_auto_in_a_sweep_file_runs_and_plots(tmp_path):
   from experiments.plot import __main__ as plot_main
 
   assert plot_main.main([out, "--out", str(tmp_path / "figs")]) == 0  # k = 'auto' beside k = 4
+
+
+@pytest.mark.slow
+def test_k_auto_on_two_processes(tmp_path):
+  """Two processes (one per node) run --k auto: they agree on Y and on every decision, or the
+  collectives of their programs would not match and the run would hang or fail."""
+  import subprocess
+  import sys
+
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  out = tmp_path / "out"
+  train = [sys.executable, "-m", "experiments.train_ctr", "--k", "auto", "--k-budget", "0.002"]
+  train += ["--nodes", "2", "--devices-per-node", "2", "--steps", "24", "--batch-size", "16"]
+  train += ["--table-rows", "65536", "--eval-every", "0", "--out", str(out), "--no-progress"]
+  done = subprocess.run(
+    [sys.executable, "-m", "kstep_adam.launch", "--num-processes", "2", "--", *train],
+    cwd=root,
+    env=dict(os.environ, PYTHONPATH=root),
+    capture_output=True,
+    text=True,
+    timeout=400,
+    check=False,
+  )
+  assert done.returncode == 0, done.stdout[-3000:]
+  merges = [r for r in _records(out / "metrics.jsonl") if r["kind"] == "merge"]
+  assert merges[0]["step"] == 8 and all(r["level"] in (1, 2) for r in merges)
