@@ -316,9 +316,8 @@ class DispatchedStep:
       if len(counters) == len(returned) and all(a is b for a, b in zip(counters, returned)):
         return self._step
     expected = self._expected_start if returned is None else None
-    if (
-      self.local_jitted is None and not self._is_adaptive()
-    ):  # no dispatch depends on it: count calls if the state can't say
+    # No dispatch depends on the step: count calls if the state can't say.
+    if self.local_jitted is None and not self._is_adaptive():
       try:
         found = optimizer_step(opt_state)
       except ValueError:

@@ -156,13 +156,13 @@ def declared_merge(schedule: MergeSchedule, merge) -> contextlib.AbstractContext
       the graph from the step counter; False declares that no state of ``schedule`` merges at
       this step, which is then traced without merge branches (see :func:`assume_local_step`).
 
-  Returns:
-    :func:`assume_local_step` for ``schedule`` when ``merge`` is False, else a no-op context.
-
   For an adaptive schedule (:func:`kstep_adam.adaptive_schedule`) ``merge`` is the merge
   level the host decided (:func:`declared_level`): an int (0 local, ``i`` over
   ``axis_names[i-1:]``), True (1: every axis) or False (0); None leaves it to an enclosing
   harness, and raises when nothing declared it.
+
+  Returns:
+    :func:`assume_local_step` for ``schedule`` when ``merge`` is False, else a no-op context.
 
   Raises:
     ValueError: if ``merge`` is not None or a Python bool known when tracing (a traced value
