@@ -63,11 +63,23 @@ def field_docs(cls: type) -> dict[str, str]:
   }
 
 
+def int_or_str(text: str) -> int | str:
+  """An ``int | str`` field's flag value: an int when it reads as one (``--k 8``), else the
+  word (``--k auto``)."""
+  try:
+    return int(text)
+  except ValueError:
+    return text
+
+
 def _base_type(hint) -> tuple[type, bool]:
-  """``(type, optional)`` for ``int``, ``float``, ``str``, ``bool`` and ``X | None``."""
+  """``(type, optional)`` for ``int``, ``float``, ``str``, ``bool``, ``int | str`` and
+  ``X | None``."""
   origin = typing.get_origin(hint)
   if origin in (typing.Union, types.UnionType):
     args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if set(args) == {int, str} and len(args) == 2:
+      return int_or_str, False
     if len(args) == 1:
       return args[0], True
     raise TypeError(f"unsupported config field type {hint!r}")
@@ -173,6 +185,8 @@ def add_config_args(
     elif base in (int, float, str):
       kwargs["type"] = _optional(base) if optional else base
       kwargs["metavar"] = base.__name__.upper() + ("|none" if optional else "")
+    elif base is int_or_str:
+      kwargs.update(type=int_or_str, metavar="INT|WORD")
     else:
       raise TypeError(f"{cls.__name__}.{field.name}: unsupported type {hints[field.name]!r}")
     if "choices" in field.metadata and base is not bool:

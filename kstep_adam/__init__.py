@@ -16,6 +16,10 @@ import importlib
 from typing import TYPE_CHECKING
 
 from kstep_adam import parallel
+from kstep_adam._adaptive import AdaptiveController
+from kstep_adam._adaptive import AdaptiveState
+from kstep_adam._adaptive import adaptive_schedule
+from kstep_adam._adaptive import estimated_merge_seconds
 from kstep_adam._baselines import DiLoCoState
 from kstep_adam._baselines import ScaleByOneBitAdamState
 from kstep_adam._baselines import SparsifiedMeanState
@@ -35,10 +39,12 @@ from kstep_adam._comm import node_local_network
 from kstep_adam._kstep_adam import ScaleByKStepAdamState
 from kstep_adam._kstep_adam import kstep_adam
 from kstep_adam._kstep_adam import scale_by_kstep_adam
+from kstep_adam._merge import AdaptiveMergeState
 from kstep_adam._merge import MergeParamsState
 from kstep_adam._merge import assume_local_step
 from kstep_adam._merge import merge_params
 from kstep_adam._merge import tree_mean
+from kstep_adam._schedule import AdaptivePeriod
 from kstep_adam._schedule import Compression
 from kstep_adam._schedule import MergeSchedule
 from kstep_adam._schedule import compressed_schedule
@@ -78,6 +84,10 @@ def __dir__() -> list[str]:
 __all__ = [
   "__version__",
   "parallel",
+  "AdaptiveController",
+  "AdaptiveState",
+  "adaptive_schedule",
+  "estimated_merge_seconds",
   "DiLoCoState",
   "ScaleByOneBitAdamState",
   "SparsifiedMeanState",
@@ -97,10 +107,12 @@ __all__ = [
   "ScaleByKStepAdamState",
   "kstep_adam",
   "scale_by_kstep_adam",
+  "AdaptiveMergeState",
   "MergeParamsState",
   "assume_local_step",
   "merge_params",
   "tree_mean",
+  "AdaptivePeriod",
   "Compression",
   "MergeSchedule",
   "compressed_schedule",

@@ -175,7 +175,19 @@ def _level_cost(
   return CommCost(cost, msgs)
 
 
-def merge_bytes(params, schedule: MergeSchedule, axis_sizes, *, step: int) -> CommCost:
+# What an adaptive schedule's merge over every axis adds: one all-reduce of 3 float32 scalars
+# over all its axes (see kstep_adam._merge.mean_with_drift).
+DRIFT_SCALARS = 3
+
+
+def _drift_cost(schedule: MergeSchedule, sizes: Mapping[str, int]) -> CommCost:
+  flat = dataclasses.replace(schedule, route="flat")
+  return _level_cost({"float32": DRIFT_SCALARS}, flat, 1, sizes)
+
+
+def merge_bytes(
+  params, schedule: MergeSchedule, axis_sizes, *, step: int, level: int | None = None
+) -> CommCost:
   """Bytes and messages per mesh axis that each device sends at 1-based ``step``.
 
   Args:
@@ -183,6 +195,10 @@ def merge_bytes(params, schedule: MergeSchedule, axis_sizes, *, step: int) -> Co
     schedule: the optimizer's merge schedule (``kstep_adam.merge_schedule(...)``).
     axis_sizes: a ``jax.sharding.Mesh`` or a mapping axis name -> size.
     step: 1-based step number.
+    level: the merge level the host declared at this step, for an adaptive schedule (whose
+      merge steps the step number does not tell): 0 local, ``i`` a merge over
+      ``axis_names[i-1:]``; a merge over every axis (1) also counts the drift's all-reduce of
+      3 float32. Must be None for a fixed schedule.
 
   Returns:
     A :class:`CommCost`; all zeros on a step that does not merge.
@@ -195,6 +211,21 @@ def merge_bytes(params, schedule: MergeSchedule, axis_sizes, *, step: int) -> Co
   """
   check_int(step, "step (1-based)")
   sizes = _checked_sizes(schedule, axis_sizes)
+  if (level is None) != (schedule.adaptive is None):
+    raise ValueError(
+      "merge_bytes needs level= (the merge level the host declared) for an adaptive schedule, "
+      f"and only for one; got level={level!r} for a schedule with adaptive={schedule.adaptive!r}"
+    )
+  if level is not None:
+    check_int(level, "level", minimum=0, maximum=len(schedule.axis_names))
+    total = _zero(schedule)
+    if level:
+      costs = _merge_costs(_leaf_specs(params), schedule, tuple(sorted(sizes.items())))
+      for state in schedule.states():
+        total = total + costs[state, level]
+      if level == 1:
+        total = total + _drift_cost(schedule, sizes)
+    return total
   if schedule.compression is not None:
     if not schedule.axis_names:
       return _zero(schedule)
@@ -227,6 +258,11 @@ def comm_bytes(params, schedule: MergeSchedule, axis_sizes, num_steps: int) -> C
   """
   check_int(num_steps, "num_steps", minimum=0)
   sizes = _checked_sizes(schedule, axis_sizes)
+  if schedule.adaptive is not None:
+    raise ValueError(
+      "an adaptive schedule's merges are decided while training: count them per actual merge "
+      "with merge_bytes(..., level=level) (kstep_adam.AdaptiveState.merges counts them per level)"
+    )
   if schedule.compression is not None:
     if not schedule.axis_names:
       return _zero(schedule)

@@ -39,10 +39,31 @@ import jax
 import numpy as np
 
 from kstep_adam._merge import assume_local_step
+from kstep_adam._merge import declared_level
 from kstep_adam._merge import record_merge_schedules
 from kstep_adam._validation import is_int_at_least
 
 STEP_COUNTER = "count"  # the field name of an optimizer state's step counter
+DRIFT_FIELD = "drift"  # the field of an adaptive merge's state that holds the measured drift
+
+
+def read_drift(opt_state) -> tuple[float, ...]:
+  """The drift an adaptive merge left in ``opt_state`` (its ``drift`` field), as this
+  process's first worker holds it: an all-reduced value, the same on every worker.
+
+  Raises:
+    ValueError: the state has no ``drift`` field (the optimizer does not measure drift).
+  """
+  for path, leaf in jax.tree_util.tree_flatten_with_path(opt_state)[0]:
+    key = path[-1] if path else None
+    if getattr(key, "name", getattr(key, "key", None)) == DRIFT_FIELD:
+      if isinstance(leaf, jax.Array):
+        leaf = leaf.addressable_shards[0].data
+      return tuple(float(d) for d in np.asarray(leaf).reshape(-1, np.shape(leaf)[-1])[0])
+  raise ValueError(
+    "the optimizer state has no `drift` field: an adaptive schedule needs an optimizer whose "
+    "parameter merge measures the drift (kstep_adam.kstep_adam, kstep_adam.local_sgd)"
+  )
 
 
 def optimizer_step(opt_state) -> int | None:
@@ -128,6 +149,10 @@ class DispatchedStep:
     place_args: optional ``args -> args`` applied before every call (e.g. input placement and
       validation).
     opt_state_argnum: position of the optimizer state among the arguments and the outputs.
+    adaptive: the :class:`kstep_adam.AdaptiveController` of the step's adaptive schedule
+      (needed when the optimizer has one): before each step it decides the merge level, the
+      step runs that level's program (one compiled per level used), and after a merge over
+      every axis it reads the drift from the returned state.
 
   Attributes:
     jitted: the general program (all merge branches), e.g. for ``.lower(...)``.
@@ -138,6 +163,7 @@ class DispatchedStep:
       argument signature) before running it.
     compiles: programs compiled so far.
     compile_seconds: time spent tracing, lowering and compiling them.
+    last_level: the merge level of the last call with an adaptive schedule (else None).
   """
 
   def __init__(
@@ -149,6 +175,7 @@ class DispatchedStep:
     enabled: bool = True,
     place_args: Callable[..., tuple] | None = None,
     opt_state_argnum: int = 1,
+    adaptive=None,
   ):
     if start_step is not None and not is_int_at_least(start_step, 0):
       raise ValueError(f"start_step must be None or a non-negative int, got {start_step!r}")
@@ -167,6 +194,9 @@ class DispatchedStep:
     self._executables: dict = {}  # (local, argument signature) -> jax.stages.Compiled
     self._traced: dict = {}  # argument signature -> the general program traced by prepare
     self._counter_positions: dict = {}  # state structure -> positions of its `count` leaves
+    self.adaptive = adaptive
+    self.last_level: int | None = None
+    self._level_jitted: dict = {}  # merge level -> program, for an adaptive schedule
 
   @property
   def step(self) -> int | None:
@@ -182,8 +212,20 @@ class DispatchedStep:
     with record_merge_schedules() as found:
       traced = self.jitted.trace(*args)
     self.compile_seconds += time.perf_counter() - start
-    self._traced[self._signature(args)] = traced  # compiled when the general program first runs
     self.schedules = tuple(found)
+    adaptive = [s for s in found if s.adaptive is not None]
+    if adaptive:  # its trace above declared no level: never run it
+      if len(found) != 1:
+        raise ValueError(
+          f"an adaptive schedule must be the step's only merge schedule; found {len(found)}"
+        )
+      if self.adaptive is None or self.adaptive.schedule != adaptive[0]:
+        raise ValueError(
+          "the step's optimizer has an adaptive schedule: pass adaptive="
+          "kstep_adam.AdaptiveController(schedule) built with that same schedule"
+        )
+      return
+    self._traced[self._signature(args)] = traced  # compiled when the general program first runs
     if self._enabled and found:
       body = self._body
 
@@ -193,27 +235,58 @@ class DispatchedStep:
 
       self.local_jitted = self._build(local_body)
 
+  def _is_adaptive(self) -> bool:
+    """Whether the step's schedule is adaptive (known once :meth:`prepare` ran)."""
+    return bool(self.schedules) and self.schedules[0].adaptive is not None
+
+  def _level_program(self, level: int):
+    """The program that merges an adaptive schedule at ``level`` (0: local)."""
+    program = self._level_jitted.get(level)
+    if program is None:
+      (schedule,) = self.schedules
+      body = self._body
+
+      def level_body(*body_args):
+        with declared_level(schedule, level):
+          return body(*body_args)
+
+      program = self._level_jitted[level] = self._build(level_body)
+    return program
+
   def is_local(self, step: int) -> bool:
     """Whether 1-based ``step`` runs the local program."""
+    if self._is_adaptive():
+      return self.adaptive.level_at(step) == 0
     return self.local_jitted is not None and not any(s.merges_at(step) for s in self.schedules)
 
   def __call__(self, *args: Any):
     self.prepare(*args)
     args = self._place_args(*args)
     step = self._step_of(args[self._state_argnum]) + 1
-    local = self.is_local(step)
+    level = None
+    if self._is_adaptive():
+      level = self.adaptive.decide(step)
+      local = ("level", level)
+    else:
+      local = self.is_local(step)
     key = (local, self._signature(args))
     executable = self._executables.get(key)
     self.last_call_compiled = executable is None
     if executable is None:
       start = time.perf_counter()
       traced = None if local else self._traced.pop(key[1], None)
-      if traced is None:
+      if level is not None:
+        traced = self._level_program(level).trace(*args)
+      elif traced is None:
         traced = (self.local_jitted if local else self.jitted).trace(*args)
       executable = self._executables[key] = traced.lower().compile()
       self.compiles += 1
       self.compile_seconds += time.perf_counter() - start
     out = executable(*args)
+    if level is not None:
+      drift = read_drift(out[self._state_argnum]) if level == 1 else None
+      self.adaptive.observe(level, drift)
+      self.last_level = level
     self._step = step
     self._returned_counters = self._counters(out[self._state_argnum])
     return out
@@ -243,7 +316,8 @@ class DispatchedStep:
       if len(counters) == len(returned) and all(a is b for a, b in zip(counters, returned)):
         return self._step
     expected = self._expected_start if returned is None else None
-    if self.local_jitted is None:  # no dispatch depends on it: count calls if the state can't say
+    # No dispatch depends on the step: count calls if the state can't say.
+    if self.local_jitted is None and not self._is_adaptive():
       try:
         found = optimizer_step(opt_state)
       except ValueError:

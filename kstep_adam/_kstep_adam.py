@@ -195,7 +195,10 @@ def kstep_adam(
     k: merge period in steps, per-axis periods ``{axis: k}``, or a :class:`MergeSchedule`
       (then ``axis_name``, ``sync``, ``route`` are taken from it; if it averages ``mu`` it
       must be built with the same ``mu_dtype``, so that byte counts are right). Under
-      ``optax.inject_hyperparams`` pass ``static_args=('k',)``.
+      ``optax.inject_hyperparams`` pass ``static_args=('k',)``. An adaptive schedule
+      (:func:`kstep_adam.adaptive_schedule`) merges where the host says: ``update`` then
+      needs ``merge=level`` (or :class:`kstep_adam.parallel.DispatchedStep` with its
+      controller), and the parameter merge's state keeps the drift it measures.
     b1: decay rate of the first moment, in [0, 1).
     b2: decay rate of the second moment, in [0, 1) (``'local_adam'``: [0, 1]).
     eps: denominator term, see :func:`scale_by_kstep_adam`; >= 0.

@@ -49,6 +49,62 @@ _ASSUMED_LOCAL: contextvars.ContextVar[tuple[MergeSchedule, ...]] = contextvars.
 _RECORDERS: contextvars.ContextVar[tuple[list[MergeSchedule], ...]] = contextvars.ContextVar(
   "kstep_adam_recorders", default=()
 )
+# Merge levels the host declared for adaptive schedules: ((schedule, level), ...).
+_DECLARED_LEVELS: contextvars.ContextVar[tuple[tuple[MergeSchedule, int], ...]] = (
+  contextvars.ContextVar("kstep_adam_declared_levels", default=())
+)
+
+
+@contextlib.contextmanager
+def declared_level(schedule: MergeSchedule, level: int) -> Iterator[None]:
+  """While tracing inside this context, ``schedule`` (adaptive) merges at ``level`` this step.
+
+  Level 0 is a local step (no collective); level ``i >= 1`` averages over
+  ``schedule.axis_names[i-1:]`` (1 = over every axis). The host decides the level
+  (:class:`kstep_adam.AdaptiveController`) and traces one program per level.
+
+  Raises:
+    ValueError: ``schedule`` is not adaptive, or ``level`` is not in ``0..len(axis_names)``.
+  """
+  if schedule.adaptive is None:
+    raise ValueError("declared_level is for adaptive schedules (kstep_adam.adaptive_schedule)")
+  if isinstance(level, bool) or not isinstance(level, int | np.integer):
+    raise ValueError(f"level must be an int known when tracing, got {level!r}")
+  if not 0 <= level <= len(schedule.axis_names):
+    raise ValueError(
+      f"level must be in 0..{len(schedule.axis_names)} (axes {schedule.axis_names!r}), "
+      f"got {level!r}"
+    )
+  token = _DECLARED_LEVELS.set(_DECLARED_LEVELS.get() + ((schedule, int(level)),))
+  try:
+    yield
+  finally:
+    _DECLARED_LEVELS.reset(token)
+
+
+def adaptive_level(schedule: MergeSchedule) -> int:
+  """The level the host declared for adaptive ``schedule`` at the step being traced.
+
+  Records the schedule for :func:`record_merge_schedules`. While only recording (a harness
+  tracing to discover its schedules, no level declared) it is 0: that trace is never run.
+
+  Raises:
+    ValueError: no level was declared and nothing records.
+  """
+  for found in _RECORDERS.get():
+    if schedule not in found:
+      found.append(schedule)
+  for declared, level in reversed(_DECLARED_LEVELS.get()):
+    if declared == schedule:
+      return level
+  if schedule in _ASSUMED_LOCAL.get() or _RECORDERS.get():
+    return 0
+  raise ValueError(
+    "this optimizer's merge period is adaptive: the host decides each step's merge level. "
+    "Pass merge=controller.decide(step) (a static int: 0 local, 1 over every axis, 2 inner "
+    "axis only) to update, or run the step through kstep_adam.parallel.DispatchedStep with "
+    "adaptive=controller"
+  )
 
 
 @contextlib.contextmanager
@@ -100,6 +156,11 @@ def declared_merge(schedule: MergeSchedule, merge) -> contextlib.AbstractContext
       the graph from the step counter; False declares that no state of ``schedule`` merges at
       this step, which is then traced without merge branches (see :func:`assume_local_step`).
 
+  For an adaptive schedule (:func:`kstep_adam.adaptive_schedule`) ``merge`` is the merge
+  level the host decided (:func:`declared_level`): an int (0 local, ``i`` over
+  ``axis_names[i-1:]``), True (1: every axis) or False (0); None leaves it to an enclosing
+  harness, and raises when nothing declared it.
+
   Returns:
     :func:`assume_local_step` for ``schedule`` when ``merge`` is False, else a no-op context.
 
@@ -107,6 +168,11 @@ def declared_merge(schedule: MergeSchedule, merge) -> contextlib.AbstractContext
     ValueError: if ``merge`` is not None or a Python bool known when tracing (a traced value
       cannot choose what is traced), or is False for a schedule that averages every step.
   """
+  if schedule.adaptive is not None:
+    if merge is None:
+      return contextlib.nullcontext()
+    level = int(merge) if isinstance(merge, bool | np.bool_) else merge
+    return declared_level(schedule, level)
   if check_merge_flag(merge) is not False:
     return contextlib.nullcontext()
   if schedule.merges_every_step():
@@ -170,11 +236,13 @@ def _flat_mean(tree, axes: tuple[str, ...]):
   return jax.tree.map(lambda x: _like_vma(jax.lax.pmean(x, axes), x), tree)
 
 
-def _hierarchical_mean(tree, outer: tuple[str, ...], inner: str):
+def _hierarchical_mean(tree, outer: tuple[str, ...], inner: str, *, with_spread: bool = False):
   """Mean over ``outer + (inner,)`` routed as reduce-scatter / all-reduce shard / all-gather.
 
   Leaves are fused into one flat buffer per dtype (as production fuses dense parameters),
-  padded to a multiple of the ``inner`` axis size.
+  padded to a multiple of the ``inner`` axis size. With ``with_spread`` also returns this
+  device's ``||shard of (inner-axis mean - global mean)||^2`` (float32; see
+  :func:`mean_with_drift`).
   """
   leaves, treedef = jax.tree.flatten(tree)
   n_inner = jax.lax.axis_size(inner)
@@ -182,21 +250,26 @@ def _hierarchical_mean(tree, outer: tuple[str, ...], inner: str):
   for a in outer:
     n_total *= jax.lax.axis_size(a)
   out = list(leaves)
+  spread = jnp.zeros((), jnp.float32)
   for dtype in sorted({leaf.dtype for leaf in leaves}, key=str):
     idx = [i for i, leaf in enumerate(leaves) if leaf.dtype == dtype]
     flat_N = jnp.concatenate([jnp.ravel(leaves[i]) for i in idx])
     size = flat_N.shape[0]
     pad = (-size) % n_inner
     flat_N = jnp.pad(flat_N, (0, pad))
-    shard_S = jax.lax.psum_scatter(flat_N, inner, scatter_dimension=0, tiled=True)
-    shard_S = jax.lax.psum(shard_S, outer) / n_total
+    inner_S = jax.lax.psum_scatter(flat_N, inner, scatter_dimension=0, tiled=True)
+    shard_S = jax.lax.psum(inner_S, outer) / n_total
+    if with_spread:
+      diff = inner_S.astype(jnp.float32) / n_inner - shard_S.astype(jnp.float32)
+      spread = spread + jnp.sum(jnp.square(diff))
     mean_N = jax.lax.all_gather(shard_S.astype(dtype), inner, axis=0, tiled=True)[:size]
     offset = 0
     for i in idx:
       n = leaves[i].size
       out[i] = _like_vma(mean_N[offset : offset + n].reshape(leaves[i].shape), leaves[i])
       offset += n
-  return jax.tree.unflatten(treedef, out)
+  mean = jax.tree.unflatten(treedef, out)
+  return (mean, spread) if with_spread else mean
 
 
 def tree_mean(tree, axes: str | Sequence[str], route: str = "hierarchical"):
@@ -252,6 +325,13 @@ def switch_merge(
   """
   if not schedule.merges(state):
     return local_fn(operand)
+  if schedule.adaptive is not None:  # the host declared the level; no branch
+    level = adaptive_level(schedule)
+    if level == 0:
+      return local_fn(operand)
+    return merge_fn(
+      operand, lambda t: tree_mean(t, schedule.axis_names[level - 1 :], schedule.route)
+    )
   for found in _RECORDERS.get():
     if schedule not in found:
       found.append(schedule)
@@ -271,6 +351,60 @@ def switch_merge(
   return jax.lax.switch(index, branches, operand)
 
 
+def _sum_squares(tree) -> jax.Array:
+  return sum(
+    (jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)),
+    jnp.zeros((), jnp.float32),
+  )
+
+
+def mean_with_drift(tree, schedule: MergeSchedule):
+  r"""Average ``tree`` over every axis of ``schedule`` and measure the replicas' drift per axis.
+
+  With ``xbar`` the mean over every worker and ``xbar_n`` the mean over the inner axis of
+  worker ``w``'s node (two axes), the drift along each axis, relative to ``||xbar||^2``, is
+
+  .. math::
+    D_{\mathrm{outer}} = \frac{\operatorname{mean}_w \|\bar x_{n(w)} - \bar x\|^2}
+      {\|\bar x\|^2},\qquad
+    D_{\mathrm{inner}} = \frac{\operatorname{mean}_w \|x_w - \bar x_{n(w)}\|^2}
+      {\|\bar x\|^2},
+
+  whose sum is the total spread ``mean_w ||x_w - xbar||^2 / ||xbar||^2`` (one axis: that
+  total alone). The node means are never formed: on the hierarchical route each device holds
+  its shard of its node's sum after the reduce-scatter and of the global mean after the
+  all-reduce, which give its shard of ``xbar_n - xbar``. One extra all-reduce of 3 float32
+  scalars over every axis makes the result the same on every worker (counted by
+  :func:`kstep_adam.merge_bytes`).
+
+  Returns:
+    ``(mean, drift)``, ``drift`` a float32 vector with one entry per axis (outermost first),
+    the same on every worker (an all-reduced value).
+  """
+  axes = schedule.axis_names
+  _check_axes_bound(axes)
+  n_total = 1
+  for a in axes:
+    n_total *= jax.lax.axis_size(a)
+  if len(axes) == 1:
+    mean = tree_mean(tree, axes, schedule.route)
+    between = jnp.zeros((), jnp.float32)
+  else:
+    mean, between = _hierarchical_mean(tree, axes[:-1], axes[-1], with_spread=True)
+  spread = _sum_squares(jax.tree.map(lambda x, m: x.astype(jnp.float32) - m, tree, mean))
+  totals = jax.lax.psum(jnp.stack([spread, between, _sum_squares(mean)]), axes)
+  n_outer = n_total // jax.lax.axis_size(axes[-1])
+  total, norm = totals[0] / n_total, totals[2] / n_total
+  scale = 1.0 / jnp.maximum(norm, jnp.finfo(jnp.float32).tiny)
+  if len(axes) == 1:
+    drift = jnp.stack([total * scale])
+  else:
+    outer = totals[1] / n_outer
+    drift = jnp.stack([outer * scale, jnp.maximum(total - outer, 0.0) * scale])
+  leaf = jax.tree.leaves(tree)[0]
+  return mean, _like_vma(drift, leaf)
+
+
 def merge_tree(level, tree, schedule: MergeSchedule, state: str):
   """Average ``tree`` on the merge steps of ``state``; return it unchanged otherwise."""
   return switch_merge(level, schedule, state, lambda t: t, lambda t, mean: mean(t), tree)
@@ -280,6 +414,15 @@ class MergeParamsState(NamedTuple):
   """State of :func:`merge_params`."""
 
   count: jax.Array  # shape=(), int32; steps taken so far.
+
+
+class AdaptiveMergeState(NamedTuple):
+  """State of :func:`merge_params` with an adaptive schedule."""
+
+  count: jax.Array  # shape=(), int32; steps taken so far.
+  # shape=(num_axes,), float32: the relative drift per axis (outermost first) measured by the
+  # last merge over every axis (see `mean_with_drift`); the same on every worker.
+  drift: jax.Array
 
 
 def merge_params(schedule: MergeSchedule) -> optax.GradientTransformationExtraArgs:
@@ -302,7 +445,10 @@ def merge_params(schedule: MergeSchedule) -> optax.GradientTransformationExtraAr
 
   def init_fn(params):
     del params
-    return MergeParamsState(count=jnp.zeros([], jnp.int32))
+    count = jnp.zeros([], jnp.int32)
+    if schedule.adaptive is not None:
+      return AdaptiveMergeState(count, jnp.zeros([len(schedule.axis_names)], jnp.float32))
+    return MergeParamsState(count=count)
 
   def update_fn(updates, state, params=None, *, merge=None, **extra_args):
     del extra_args
@@ -315,6 +461,8 @@ def merge_params(schedule: MergeSchedule) -> optax.GradientTransformationExtraAr
       return updates, MergeParamsState(count=count)
     if params is None:
       raise ValueError("merge_params needs `params` in update(updates, state, params)")
+    if schedule.adaptive is not None:
+      return _adaptive_update(updates, state, params, count)
 
     def merge_fn(updates, mean):
       new_params = jax.tree.map(lambda p, u: (p + u).astype(p.dtype), params, updates)
@@ -328,5 +476,16 @@ def merge_params(schedule: MergeSchedule) -> optax.GradientTransformationExtraAr
       schedule.level_at("params", count), schedule, "params", lambda u: u, merge_fn, updates
     )
     return updates, MergeParamsState(count=count)
+
+  def _adaptive_update(updates, state, params, count):
+    level, drift = adaptive_level(schedule), state.drift
+    if level:
+      new_params = jax.tree.map(lambda p, u: (p + u).astype(p.dtype), params, updates)
+      if level == 1:
+        mean, drift = mean_with_drift(new_params, schedule)
+      else:
+        mean = tree_mean(new_params, schedule.axis_names[level - 1 :], schedule.route)
+      updates = jax.tree.map(lambda m, p, u: (m - p).astype(u.dtype), mean, params, updates)
+    return updates, AdaptiveMergeState(count=count, drift=drift)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

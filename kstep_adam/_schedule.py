@@ -145,6 +145,33 @@ def check_route(route: str) -> None:
 
 
 @dataclasses.dataclass(frozen=True)
+class AdaptivePeriod:
+  """The knobs of an adaptive merge period (see :func:`kstep_adam.adaptive_schedule`).
+
+  Attributes:
+    budget: ``delta``, the relative-drift budget of the rule, > 0.
+    k_init: the period of every axis until the first measurement, in [k_min, k_max].
+    k_min: the smallest period the rule may choose, >= 1.
+    k_max: the largest period the rule may choose, <= 2**31 - 1.
+  """
+
+  budget: float = 1e-2
+  k_init: int = 8
+  k_min: int = 1
+  k_max: int = 256
+
+  def __post_init__(self):
+    budget = check_float(self.budget, "budget", low=0.0, low_open=True)
+    k_min = check_int(self.k_min, "k_min", minimum=1, maximum=MAX_PERIOD)
+    k_max = check_int(self.k_max, "k_max", minimum=k_min, maximum=MAX_PERIOD)
+    k_init = check_int(self.k_init, "k_init", minimum=k_min, maximum=k_max)
+    object.__setattr__(self, "budget", budget)
+    object.__setattr__(self, "k_min", k_min)
+    object.__setattr__(self, "k_max", k_max)
+    object.__setattr__(self, "k_init", k_init)
+
+
+@dataclasses.dataclass(frozen=True)
 class MergeSchedule:
   """What is averaged, over which mesh axes, and how often.
 
@@ -158,6 +185,11 @@ class MergeSchedule:
     mu_dtype: dtype of the first moment, used only to count its bytes (``None``: params' dtype).
     compression: how the every-step exchange is compressed (:func:`compressed_schedule`), or
       None: full-precision means.
+    adaptive: the knobs of a period chosen on the host while training
+      (:func:`kstep_adam.adaptive_schedule`), or None: the fixed ``axis_periods``. An adaptive
+      schedule's merge steps are not a function of the step number: the host declares each
+      step's merge level (``merge=`` of ``update``, or :class:`kstep_adam.parallel.DispatchedStep`),
+      and ``axis_periods`` holds only the initial period.
   """
 
   axis_names: tuple[str, ...] = ()
@@ -166,6 +198,7 @@ class MergeSchedule:
   route: str = "hierarchical"
   mu_dtype: str | None = None
   compression: Compression | None = None
+  adaptive: AdaptivePeriod | None = None
 
   def states(self) -> tuple[str, ...]:
     """Names of the states this schedule averages."""
@@ -192,14 +225,19 @@ class MergeSchedule:
     periods = self.periods(state)
     if not self.axis_names or periods is None:
       return ()
+    if self.adaptive is not None:  # the host may choose any level
+      return tuple(range(1, len(self.axis_names) + 1))
     return tuple(i + 1 for i, p in enumerate(periods) if not any(p % q == 0 for q in periods[:i]))
 
   def merges_every_step(self) -> bool:
     """Whether some state merges on every step (a period of 1 at some level)."""
+    if self.adaptive is not None:
+      return False
     return bool(self.axis_names) and any(1 in self.periods(s) for s in self.states())
 
   def merges_at(self, step: int) -> bool:
     """Whether any state merges at 1-based Python int ``step`` (host-side dispatch)."""
+    self._check_fixed("merges_at")
     return any(self.level_at(state, int(step)) for state in self.states())
 
   def level_at(self, state: str, step):
@@ -212,6 +250,10 @@ class MergeSchedule:
     if not self.axis_names or periods is None:
       return 0
     traced = not isinstance(step, (int, np.integer))
+    if self.adaptive is not None:
+      if traced:  # the host declares the level (see kstep_adam._merge.switch_merge)
+        return jnp.zeros((), jnp.int32)
+      self._check_fixed("level_at")
     level = jnp.zeros((), jnp.int32) if traced else 0
     for i in reversed(range(len(periods))):  # innermost first; outer levels overwrite.
       if traced:
@@ -219,6 +261,13 @@ class MergeSchedule:
       elif step % periods[i] == 0:
         level = i + 1
     return level
+
+  def _check_fixed(self, what: str) -> None:
+    if self.adaptive is not None:
+      raise ValueError(
+        f"{what}: this schedule's period is adaptive, so its merge steps are decided on the host "
+        f"by an AdaptiveController (kstep_adam.AdaptiveController.decide), not by the step number"
+      )
 
 
 def normalize_axis_names(axis_name, name: str = "axis_name") -> tuple[str, ...]:

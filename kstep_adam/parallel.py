@@ -141,6 +141,7 @@ def make_train_step(
   dispatch_local_steps: bool = True,
   start_step: int | None = None,
   donate: bool = True,
+  adaptive=None,
 ) -> DispatchedStep:
   """Build the jitted ``shard_map`` step ``(params_W, opt_state_W, batch) -> (..., metrics)``.
 
@@ -161,6 +162,8 @@ def make_train_step(
     start_step: steps already taken by ``opt_state``, checked against the optimizer's own
       ``count``; None (default) takes the step from the state (e.g. a restored checkpoint).
     donate: donate the params and state buffers (saves memory; inputs become invalid).
+    adaptive: the :class:`kstep_adam.AdaptiveController` of ``tx``'s adaptive schedule, if it
+      has one: it decides each step's merge level on the host.
 
   Returns:
     ``train_step(params_W, opt_state_W, batch)`` returning ``(params_W, opt_state_W, metrics)``
@@ -202,7 +205,12 @@ def make_train_step(
     return params_W, opt_state_W, batch
 
   return DispatchedStep(
-    build, per_worker, start_step=start_step, enabled=dispatch_local_steps, place_args=place_args
+    build,
+    per_worker,
+    start_step=start_step,
+    enabled=dispatch_local_steps,
+    place_args=place_args,
+    adaptive=adaptive,
   )
 
 

@@ -7,7 +7,9 @@ Each directory is recognized by what it holds and drawn by its module of this pa
 * the paper experiment's (``runs.jsonl`` and ``config.json``, e.g.
   ``results/reproduce_paper``): :mod:`experiments.plot.paper`;
 * the convergence experiment's (``checks.json``, e.g. ``results/convergence_rate``):
-  :mod:`experiments.plot.convergence`.
+  :mod:`experiments.plot.convergence`;
+* a CTR run with an adaptive period (``--k auto``: merge records in ``metrics.jsonl``):
+  :mod:`experiments.plot.adaptive`.
 
 ``python -m experiments.plot results/reproduce_paper results/convergence_rate --out figures``
 redraws the committed figures of both experiments, as their ``--plot-only`` does.
@@ -20,7 +22,7 @@ import json
 import os
 import sys
 
-KINDS = ("sweep", "paper", "convergence")
+KINDS = ("sweep", "paper", "convergence", "adaptive")
 
 
 def kind_of(directory: str) -> str:
@@ -32,9 +34,14 @@ def kind_of(directory: str) -> str:
     return "paper"
   if has("checks.json"):
     return "convergence"
+  from experiments.plot.adaptive import has_merge_records
+
+  if has_merge_records(directory):
+    return "adaptive"
   raise ValueError(
     f"{directory}: not a results directory: expected sweep.json (a sweep), runs.jsonl and "
-    f"config.json (reproduce_paper) or checks.json (convergence_rate)"
+    f"config.json (reproduce_paper), checks.json (convergence_rate) or a metrics.jsonl with "
+    f"merge records (a --k auto run)"
   )
 
 
@@ -49,6 +56,10 @@ def draw(directory: str, fig_dir: str) -> list[str]:
     from experiments.plot import paper
 
     return paper.make_figures(directory, fig_dir)
+  if kind == "adaptive":
+    from experiments.plot import adaptive
+
+    return adaptive.make_figures(directory, fig_dir)
   from experiments.plot import convergence
 
   with open(os.path.join(directory, "checks.json"), encoding="utf-8") as f:

@@ -220,7 +220,9 @@ def final_vs_k(spec: SweepSpec, chosen: list[Selection], palette: dict, path: st
     by_name.setdefault(s.name, []).append(s)
   fig, ax = plt.subplots(figsize=(9.5, 4.6))
   for name, group in by_name.items():
-    with_k = sorted((s for s in group if s.group.get("k") is not None), key=lambda s: s.group["k"])
+    # k = 'auto' (an adaptive period) has no place on the k axis: it is drawn as a band.
+    with_k = [s for s in group if isinstance(s.group.get("k"), int)]
+    with_k.sort(key=lambda s: s.group["k"])
     if len(with_k) > 1:
       ks = [s.group["k"] for s in with_k]
       ax.errorbar(
@@ -232,7 +234,7 @@ def final_vs_k(spec: SweepSpec, chosen: list[Selection], palette: dict, path: st
         color=palette[with_k[len(with_k) // 2].label],
         label=f"{name} (against k)",
       )
-      continue
+      group = [s for s in group if s not in with_k]
     for s in group:
       mean, std = s.test
       if math.isnan(mean):

@@ -64,13 +64,17 @@ class CommMeter:
     compute_seconds: float | None,
     *,
     sparse_cost: CommCost | None = None,
+    level: int | None = None,
   ) -> None:
     """Count step ``step`` (1-based); ``compute_seconds`` None for a step that compiled.
+
+    ``level``: the merge level the host declared at this step (an adaptive schedule's; see
+    :func:`kstep_adam.merge_bytes`), None for a fixed schedule.
 
     ``sparse_cost``: the bytes each device sent in the step's sparse exchange (a
     multi-process run); without it the sparse traffic is the parameter-server model above.
     """
-    cost = merge_bytes(self._params, self._schedule, self._mesh, step=step)
+    cost = merge_bytes(self._params, self._schedule, self._mesh, step=step, level=level)
     self._dense = cost if self._dense is None else self._dense + cost
     if compute_seconds is not None:
       self._compute[cost.total_bytes > 0].append(compute_seconds)

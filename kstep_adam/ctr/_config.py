@@ -69,7 +69,11 @@ class TrainConfig:
       momentum exchanged as signs with error feedback) or ``topk_ef`` (Adam on gradients
       averaged through top-k sparsification with error feedback). Their bytes are counted
       at the compressed size.
-    k: merge period of kstep_adam and local_sgd, inner steps H of diloco (ignored by sync_adam).
+    k: merge period of kstep_adam and local_sgd, inner steps H of diloco (ignored by sync_adam);
+      ``auto`` (kstep_adam and local_sgd, merge global) chooses each axis's period while
+      training from the measured replica drift and the merge/step time ratio
+      (:func:`kstep_adam.adaptive_schedule`), starting at 8.
+    k_budget: the relative-drift budget ``delta`` of ``k auto``: larger merges less often.
     sync: what k-step Adam averages: ``params`` (the production default), ``params+nu``,
       ``params+moments`` or ``desloc`` (params every k, first moment every 3k, second every 6k).
     form: k-step Adam's local step: ``adam`` (bias-corrected, as optax) or ``local_adam``
@@ -130,7 +134,8 @@ class TrainConfig:
   eps: float = 1e-8
   sparse_learning_rate: float = 2e-2
   optimizer: str = choice_field("kstep_adam", OPTIMIZERS)
-  k: int = 8
+  k: int | str = 8
+  k_budget: float = 1e-2
   sync: str = choice_field("params", SYNC_STATES)
   form: str = choice_field("adam", FORMS)
   merge: str = choice_field("global", MERGE_MODES)
@@ -171,7 +176,6 @@ class TrainConfig:
     for name in (
       "embed_dim",
       "batch_size",
-      "k",
       "nodes",
       "devices_per_node",
       "epochs",
@@ -183,6 +187,17 @@ class TrainConfig:
       "divergence_steps",
     ):
       check_int(getattr(self, name), name, minimum=1)
+    if self.k == "auto":
+      if self.optimizer not in ("kstep_adam", "local_sgd") or self.merge != "global":
+        raise ValueError(
+          "k='auto' is for optimizer kstep_adam or local_sgd with merge='global' (it chooses "
+          f"both axes' periods), got optimizer={self.optimizer!r}, merge={self.merge!r}"
+        )
+    elif isinstance(self.k, str):
+      raise ValueError(f"k must be a positive int or 'auto', got {self.k!r}")
+    else:
+      check_int(self.k, "k", minimum=1)
+    check_float(self.k_budget, "k_budget", low=0.0, low_open=True)
     for name in ("eval_every", "device_cache_rows", "seed", "checkpoint_every"):
       check_int(getattr(self, name), name, minimum=0)
     if self.steps is not None:

@@ -41,6 +41,7 @@ from kstep_adam._schedule import MergeSchedule
 from kstep_adam.ctr import _checkpoint
 from kstep_adam.ctr import _multiprocess
 from kstep_adam.ctr import _step
+from kstep_adam.ctr._adaptive import AdaptiveRun
 from kstep_adam.ctr._batch import CTRBatch
 from kstep_adam.ctr._comm import CommMeter
 from kstep_adam.ctr._config import TrainConfig
@@ -415,6 +416,11 @@ class Trainer:
         skip_nonfinite=skip_nonfinite,
         device_optimizer=self.tier.device_optimizer,
       )
+    self.adaptive = None  # k = 'auto': the host decides each step's merge (._adaptive)
+    if self._schedule.adaptive is not None:
+      self.adaptive = AdaptiveRun(
+        config, params, self._schedule, self.mesh, self.step_fn, self.sharded
+      )
     if self.run_dir is not None and not resuming:
       if self.sharded:
         versions = _multiprocess.gather_versions(self.tier.table.committed)
@@ -573,9 +579,12 @@ class Trainer:
         self.timer.new_step()
         result, current = take_step(current, prefetcher)
         compute = None if result.compiled else self.timer.step.get("compute", 0.0)
+        level = self.step_fn.last_level if self.adaptive is not None else None
         self.meter.add_step(
-          result.step, len(result.row_ids_U), compute, sparse_cost=self._sparse_cost
+          result.step, len(result.row_ids_U), compute, sparse_cost=self._sparse_cost, level=level
         )
+        if self.adaptive is not None:
+          self.adaptive.after_step(compute, self.log)
         if result.compiled:
           self.compile_steps += 1
           self.compile_step_seconds += time.perf_counter() - step_start
@@ -739,6 +748,7 @@ class Trainer:
       "train_seconds": train_seconds,
       "compile_steps": self.compile_steps,
       "compile_step_seconds": self.compile_step_seconds,
+      "adaptive": None if self.adaptive is None else self.adaptive.state(),
     }
 
   def _restore_host_state(self, host: dict) -> None:
@@ -758,6 +768,8 @@ class Trainer:
     self.train_seconds = host["train_seconds"]
     self.compile_steps = host["compile_steps"]
     self.compile_step_seconds = host["compile_step_seconds"]
+    if self.adaptive is not None:
+      self.adaptive.restore(host["adaptive"])
 
   def _restore_hooks(self) -> None:
     """Hand the resumed checkpoint's hook states to the hooks of this :meth:`fit`."""

@@ -29,6 +29,7 @@ import os
 import optax
 
 from kstep_adam import parallel
+from kstep_adam._adaptive import adaptive_schedule
 from kstep_adam._baselines import diloco
 from kstep_adam._baselines import local_sgd
 from kstep_adam._baselines import onebit_adam
@@ -82,7 +83,14 @@ def make_optimizer(config: TrainConfig):
     )
     return topk_ef(lr, schedule, eps=config.eps), schedule
   # The k-step family: every k steps over all workers, or inside a node every step and
-  # across nodes every k.
+  # across nodes every k; or periods the host chooses while training (k = 'auto').
+  if config.k == "auto":
+    states = ("params", "mu", "nu") if config.optimizer == "kstep_adam" else ("params",)
+    sync = config.sync if config.optimizer == "kstep_adam" else "params"
+    schedule = adaptive_schedule(AXES, budget=config.k_budget, sync=sync, allowed_states=states)
+    if config.optimizer == "kstep_adam":
+      return kstep_adam(lr, schedule, form=config.form, eps=config.eps), schedule
+    return local_sgd(lr, schedule, momentum=config.momentum or None), schedule
   k = config.k if config.merge == "global" else {"node": config.k, "local": 1}
   if config.optimizer == "kstep_adam":
     schedule = merge_schedule(k, axis_name=AXES, sync=config.sync)
