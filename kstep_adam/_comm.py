@@ -345,3 +345,14 @@ NETWORKS: Mapping[str, NetworkModel] = types.MappingProxyType(
     ),
   }
 )
+
+
+# Seconds each message of a gloo collective costs over TCP between two processes of this
+# machine's kind, beyond its bytes (see link_network).
+GLOO_TCP_MESSAGE_SECONDS = 0.0
+
+
+def link_network(gbps: float, *, message_seconds: float = GLOO_TCP_MESSAGE_SECONDS) -> NetworkModel:
+  """The ``'node'`` axis of a run over one link of ``gbps`` Gbit/s per direction per process
+  (``python -m kstep_adam.launch --link-gbps``), one device per process on that axis."""
+  return NetworkModel({"node": gbps * 1e9 / 8}, {"node": message_seconds})

@@ -22,13 +22,24 @@ of rank 0) and the host's rank, e.g. for 4 hosts::
 
 Under SLURM no launcher is needed: ``srun --ntasks 4 python -m experiments.train_ctr ...``
 (JAX reads SLURM's variables).
+
+An emulated cluster on one machine (root and iproute2): ``--link-gbps RATE`` runs each
+process in its own network namespace, the namespaces joined by a link shaped to RATE Gbit/s in
+each direction; the coordinator and gloo's collectives then cross that link as between hosts
+(see :mod:`kstep_adam._link`)::
+
+  sudo python -m kstep_adam.launch --num-processes 2 --link-gbps 1 -- \
+    python -m experiments.train_ctr --nodes 2 --devices-per-node 2 --inter-node-gbps 1 ...
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
+import contextlib
 import dataclasses
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -37,6 +48,7 @@ import threading
 import time
 
 from kstep_adam import _distributed
+from kstep_adam import _link
 
 _POLL_SECONDS = 0.05
 _KILL_AFTER_TERM_SECONDS = 5.0
@@ -74,6 +86,9 @@ class _Rank:
   rank: int
   process: subprocess.Popen
   last_line: str = ""
+  recent: collections.deque = dataclasses.field(
+    default_factory=lambda: collections.deque(maxlen=50)
+  )
   stopped_by_launcher: bool = False
   reader: threading.Thread | None = None
 
@@ -124,6 +139,7 @@ def _emit(rank: _Rank, prefix: bytes, line: bytes, terminal: _Terminal) -> None:
   text = line.strip()
   if text:
     rank.last_line = text.decode(errors="replace")
+    rank.recent.append(rank.last_line)
   terminal.write(rank, prefix + line)
 
 
@@ -135,6 +151,7 @@ def launch(
   coordinator: str | None = None,
   grace_seconds: float = 60.0,
   heartbeat_timeout: int | None = None,
+  link: _link.ShapedLink | None = None,
   out=None,
 ) -> int:
   """Run ``command`` as processes ``process_ids`` of a ``num_processes``-process run.
@@ -148,15 +165,19 @@ def launch(
       before the launcher stops them (SIGTERM, then SIGKILL).
     heartbeat_timeout: seconds after which JAX's coordinator declares a silent process dead
       (default: :data:`kstep_adam._distributed.DEFAULT_HEARTBEAT_TIMEOUT_SECONDS`).
+    link: a :class:`kstep_adam._link.ShapedLink` already set up: each rank runs in its
+      namespace, and the coordinator (by default) on rank 0's address there.
     out: binary stream for the prefixed output (default: standard output).
 
   Returns:
     0 if every process exited normally; otherwise the first failed process's exit status
-    (128 + the signal number for a process killed by a signal).
+    (128 + the signal number for a process killed by a signal). A process that stopped
+    responding (e.g. stopped by SIGSTOP) while another failed is named as the cause.
   """
   out = sys.stdout.buffer if out is None else out
   process_ids = list(range(num_processes)) if process_ids is None else process_ids
-  coordinator = coordinator or f"127.0.0.1:{free_port()}"
+  host = "127.0.0.1" if link is None else link.address(0)
+  coordinator = coordinator or f"{host}:{free_port()}"
   terminal = _Terminal(out)
   ranks: list[_Rank] = []
   for rank in process_ids:
@@ -171,7 +192,11 @@ def launch(
     )
     if heartbeat_timeout is not None:
       env[_distributed.ENV_HEARTBEAT_TIMEOUT] = str(heartbeat_timeout)
-    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    argv = command
+    if link is not None:
+      env.update(link.environment())
+      argv = link.command(rank, command)
+    process = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     started = _Rank(rank, process)
     started.reader = threading.Thread(target=_relay, args=(started, terminal), daemon=True)
     started.reader.start()
@@ -181,6 +206,7 @@ def launch(
     terminal.write(_LAUNCHER, f"[launch] {message}\n".encode())
 
   first_failure: _Rank | None = None
+  unresponsive: dict[int, str] = {}  # rank -> why, seen when the first failure came
   deadline = None
   try:
     while any(r.process.poll() is None for r in ranks):
@@ -188,12 +214,17 @@ def launch(
         code = r.process.poll()
         if code not in (None, 0) and first_failure is None:
           first_failure, deadline = r, time.monotonic() + grace_seconds
+          unresponsive = _unresponsive(ranks, r)
           say(
             f"rank {r.rank} {describe_exit(code)}; waiting up to {grace_seconds:g} s for the "
             f"others to stop"
           )
+      running = [r for r in ranks if r.process.poll() is None]
+      if deadline is not None and running and all(_is_stopped(r) for r in running):
+        _stop(running, say, "(they are stopped: they cannot end on their own)")
+        break
       if deadline is not None and time.monotonic() > deadline:
-        _stop([r for r in ranks if r.process.poll() is None], say, f"after {grace_seconds:g} s")
+        _stop(running, say, f"after {grace_seconds:g} s")
         break
       time.sleep(_POLL_SECONDS)
   except KeyboardInterrupt:
@@ -207,13 +238,23 @@ def launch(
     first_failure = next((r for r in ranks if r.process.returncode != 0), None)
   if first_failure is None:
     return 0
-  lines = [
-    f"rank {first_failure.rank} failed first: {describe_exit(first_failure.process.returncode)}"
-  ]
+  lines = []
+  for r in ranks:
+    if r.rank in unresponsive:
+      lines.append(f"rank {r.rank} stopped responding first: {unresponsive[r.rank]}")
+  if lines:
+    lines.append(
+      f"rank {first_failure.rank} {describe_exit(first_failure.process.returncode)} after "
+      f"that (JAX ends the others when a process stops responding)"
+    )
+  else:
+    lines.append(
+      f"rank {first_failure.rank} failed first: {describe_exit(first_failure.process.returncode)}"
+    )
   if first_failure.last_line:
     lines.append(f"  its last output: {first_failure.last_line}")
   for r in ranks:
-    if r is not first_failure:
+    if r is not first_failure and r.rank not in unresponsive:
       how = (
         "was stopped by the launcher"
         if r.stopped_by_launcher
@@ -225,6 +266,40 @@ def launch(
   return code if code > 0 else 128 + (-code)
 
 
+_HEARTBEAT_WORDS = ("heartbeat", "unhealthy", "unavailable", "deadline")
+_TASK = re.compile(r"/task:(\d+)")
+
+
+def _process_state(pid: int) -> str | None:
+  """The kernel's one-letter state of a process (``T``: stopped), or None if unknown."""
+  try:
+    with open(f"/proc/{pid}/stat") as f:
+      return f.read().rsplit(")", 1)[1].split()[0]
+  except (OSError, IndexError):
+    return None
+
+
+def _is_stopped(rank: _Rank) -> bool:
+  return _process_state(rank.process.pid) in ("T", "t")
+
+
+def _unresponsive(ranks: list[_Rank], failed: _Rank) -> dict[int, str]:
+  """The ranks that stopped responding, seen when ``failed`` ended: a process the kernel shows
+  stopped (SIGSTOP, a debugger), or a task that ``failed``'s last words (JAX's coordination
+  service) name as having stopped sending heartbeats."""
+  found = {}
+  for r in ranks:
+    if r is not failed and r.process.poll() is None and _is_stopped(r):
+      found[r.rank] = "its process is stopped (e.g. by SIGSTOP or a debugger)"
+  by_rank = {r.rank: r for r in ranks}
+  for line in failed.recent:
+    if any(word in line.lower() for word in _HEARTBEAT_WORDS):
+      for task in map(int, _TASK.findall(line)):
+        if task != failed.rank and task in by_rank and task not in found:
+          found[task] = f"rank {failed.rank} reported: {line[:300]}"
+  return found
+
+
 def _stop(ranks: list[_Rank], say, when: str) -> None:
   """SIGTERM the processes still running, then SIGKILL any left after a few seconds."""
   if not ranks:
@@ -233,6 +308,7 @@ def _stop(ranks: list[_Rank], say, when: str) -> None:
   for r in ranks:
     r.stopped_by_launcher = True
     r.process.terminate()
+    r.process.send_signal(signal.SIGCONT)  # a stopped process acts on SIGTERM once continued
   deadline = time.monotonic() + _KILL_AFTER_TERM_SECONDS
   for r in ranks:
     try:
@@ -271,6 +347,14 @@ def make_parser() -> argparse.ArgumentParser:
     default=_distributed.DEFAULT_HEARTBEAT_TIMEOUT_SECONDS,
     help="seconds without heartbeats after which a process is declared dead",
   )
+  parser.add_argument(
+    "--link-gbps",
+    type=float,
+    default=None,
+    help="emulate separate hosts on this machine: each process in its own network namespace, "
+    "joined by a link shaped to this rate (Gbit/s, each direction); needs root and iproute2. "
+    "The link has no added delay (this kernel has no netem)",
+  )
   parser.add_argument("command", nargs=argparse.REMAINDER, help="-- then the program to run")
   return parser
 
@@ -301,22 +385,54 @@ def main(argv: list[str] | None = None) -> int:
     host, _, port = args.coordinator.rpartition(":")
     if not host or not port.isdigit():
       parser.error(f"--coordinator must be HOST:PORT, got {args.coordinator!r}")
+  link = None
+  if args.link_gbps is not None:
+    if not args.link_gbps > 0:
+      parser.error(f"--link-gbps must be > 0, got {args.link_gbps}")
+    if process_ids is not None or args.coordinator is not None:
+      parser.error(
+        "--link-gbps emulates every host on this machine: leave out --process-id and --coordinator"
+      )
+    if args.num_processes < 2 or args.num_processes > _link.MAX_NODES:
+      parser.error(
+        f"--link-gbps joins 2 to {_link.MAX_NODES} processes, got --num-processes "
+        f"{args.num_processes}"
+      )
+    missing = _link.missing_requirements()
+    if missing:
+      parser.error(f"--link-gbps needs {' and '.join(missing)}; nothing was started")
+    link = _link.ShapedLink(args.num_processes, args.link_gbps)
 
   def interrupted(signum, frame):  # SIGTERM (e.g. a cancelled job): stop the ranks, then exit
     raise KeyboardInterrupt
 
-  previous = signal.signal(signal.SIGTERM, interrupted)
+  previous = {s: signal.signal(s, interrupted) for s in (signal.SIGTERM, signal.SIGHUP)}
   try:
-    return launch(
-      command,
-      num_processes=args.num_processes,
-      process_ids=process_ids,
-      coordinator=args.coordinator,
-      grace_seconds=args.grace_seconds,
-      heartbeat_timeout=args.heartbeat_timeout,
-    )
+    with contextlib.ExitStack() as stack:
+      if link is not None:
+        try:
+          stack.enter_context(link)
+        except _link.LinkError as error:
+          print(f"[launch] {error}; nothing was started", file=sys.stderr)
+          return 2
+        print(
+          f"[launch] {args.num_processes} network namespaces joined by a link of "
+          f"{args.link_gbps:g} Gbit/s each way (run {link.run_id}); coordinator on "
+          f"{link.address(0)}",
+          file=sys.stderr,
+        )
+      return launch(
+        command,
+        num_processes=args.num_processes,
+        process_ids=process_ids,
+        coordinator=args.coordinator,
+        grace_seconds=args.grace_seconds,
+        heartbeat_timeout=args.heartbeat_timeout,
+        link=link,
+      )
   finally:
-    signal.signal(signal.SIGTERM, previous)
+    for s, handler in previous.items():
+      signal.signal(s, handler)
 
 
 if __name__ == "__main__":
