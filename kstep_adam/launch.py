@@ -38,6 +38,7 @@ import argparse
 import collections
 import contextlib
 import dataclasses
+import itertools
 import os
 import re
 import signal
@@ -138,8 +139,10 @@ def _relay(rank: _Rank, terminal: _Terminal) -> None:
 def _emit(rank: _Rank, prefix: bytes, line: bytes, terminal: _Terminal) -> None:
   text = line.strip()
   if text:
-    rank.last_line = text.decode(errors="replace")
-    rank.recent.append(rank.last_line)
+    decoded = text.decode(errors="replace")
+    rank.recent.append(decoded)
+    if not _STACK_FRAME.match(decoded):  # a native stack trace's frames say little
+      rank.last_line = decoded
   terminal.write(rank, prefix + line)
 
 
@@ -214,7 +217,7 @@ def launch(
         code = r.process.poll()
         if code not in (None, 0) and first_failure is None:
           first_failure, deadline = r, time.monotonic() + grace_seconds
-          unresponsive = _unresponsive(ranks, r)
+          unresponsive = _stopped_ranks(ranks, r)
           say(
             f"rank {r.rank} {describe_exit(code)}; waiting up to {grace_seconds:g} s for the "
             f"others to stop"
@@ -238,10 +241,10 @@ def launch(
     first_failure = next((r for r in ranks if r.process.returncode != 0), None)
   if first_failure is None:
     return 0
-  lines = []
-  for r in ranks:
-    if r.rank in unresponsive:
-      lines.append(f"rank {r.rank} stopped responding first: {unresponsive[r.rank]}")
+  unresponsive = {**_silent_ranks(first_failure), **unresponsive}  # its output is all read now
+  lines = [
+    f"rank {rank} stopped responding first: {why}" for rank, why in sorted(unresponsive.items())
+  ]
   if lines:
     lines.append(
       f"rank {first_failure.rank} {describe_exit(first_failure.process.returncode)} after "
@@ -254,7 +257,7 @@ def launch(
   if first_failure.last_line:
     lines.append(f"  its last output: {first_failure.last_line}")
   for r in ranks:
-    if r is not first_failure and r.rank not in unresponsive:
+    if r is not first_failure:
       how = (
         "was stopped by the launcher"
         if r.stopped_by_launcher
@@ -266,8 +269,11 @@ def launch(
   return code if code > 0 else 128 + (-code)
 
 
-_HEARTBEAT_WORDS = ("heartbeat", "unhealthy", "unavailable", "deadline")
-_TASK = re.compile(r"/task:(\d+)")
+_STACK_FRAME = re.compile(r"@\s+0x[0-9a-f]+\s|\*\*\* Check failure stack trace")
+# JAX's coordination service, when a process stops sending heartbeats: "The following tasks
+# are unhealthy (stopped sending heartbeats):" and the tasks (ranks) on the next line.
+_NO_HEARTBEATS = "stopped sending heartbeats"
+_TASK_LIST = re.compile(r"\s*\d+(\s*,\s*\d+)*\s*$")
 
 
 def _process_state(pid: int) -> str | None:
@@ -283,20 +289,24 @@ def _is_stopped(rank: _Rank) -> bool:
   return _process_state(rank.process.pid) in ("T", "t")
 
 
-def _unresponsive(ranks: list[_Rank], failed: _Rank) -> dict[int, str]:
-  """The ranks that stopped responding, seen when ``failed`` ended: a process the kernel shows
-  stopped (SIGSTOP, a debugger), or a task that ``failed``'s last words (JAX's coordination
-  service) name as having stopped sending heartbeats."""
+def _stopped_ranks(ranks: list[_Rank], failed: _Rank) -> dict[int, str]:
+  """The other ranks the kernel shows stopped (SIGSTOP, a debugger), when ``failed`` ended."""
+  return {
+    r.rank: "its process is stopped (e.g. by SIGSTOP or a debugger)"
+    for r in ranks
+    if r is not failed and r.process.poll() is None and _is_stopped(r)
+  }
+
+
+def _silent_ranks(failed: _Rank) -> dict[int, str]:
+  """The ranks (here or on other hosts) that ``failed``'s last words, JAX's coordination
+  service's, name as having stopped sending heartbeats."""
   found = {}
-  for r in ranks:
-    if r is not failed and r.process.poll() is None and _is_stopped(r):
-      found[r.rank] = "its process is stopped (e.g. by SIGSTOP or a debugger)"
-  by_rank = {r.rank: r for r in ranks}
-  for line in failed.recent:
-    if any(word in line.lower() for word in _HEARTBEAT_WORDS):
-      for task in map(int, _TASK.findall(line)):
-        if task != failed.rank and task in by_rank and task not in found:
-          found[task] = f"rank {failed.rank} reported: {line[:300]}"
+  for line, following in itertools.pairwise(list(failed.recent)):
+    if _NO_HEARTBEATS in line and _TASK_LIST.match(following):
+      for task in map(int, re.findall(r"\d+", following)):
+        if task != failed.rank:
+          found[task] = f"it stopped sending heartbeats (reported by rank {failed.rank})"
   return found
 
 
