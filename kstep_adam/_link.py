@@ -28,6 +28,7 @@ code runs then), and names what to remove, rather than removing what it did not 
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import re
@@ -130,6 +131,7 @@ class ShapedLink:
     self._run, self._netns_dir, self._lock_path = run, netns_dir, lock_path
     self.run_id = secrets.token_hex(3)
     self._lock = None
+    self._made_netns_dir = False  # whether this run created /etc/netns itself
     self._created: list[str] = []  # what exists now, in the order created (names as listed)
 
   # -- names ------------------------------------------------------------------------------
@@ -198,6 +200,9 @@ class ShapedLink:
     burst = max(_MIN_BURST_BYTES, int(self.gbps * 1e9 / 8 * _BURST_SECONDS))
     tbf = ["tbf", "rate", f"{rate_bits}bit", "burst", str(burst), "latency", f"{_QUEUE_MS}ms"]
     bridged = self.num_nodes > 2
+    if not os.path.isdir(self._netns_dir):
+      os.makedirs(self._netns_dir)
+      self._made_netns_dir = True
     if bridged:
       self._do("ip", "link", "add", self._bridge, "type", "bridge")
       self._created.append(f"link {self._bridge}")
@@ -244,6 +249,10 @@ class ShapedLink:
       else:
         shutil.rmtree(what, ignore_errors=True)
     self._created = []
+    if self._made_netns_dir:
+      with contextlib.suppress(OSError):  # only if empty: another tool may have put files there
+        os.rmdir(self._netns_dir)
+      self._made_netns_dir = False
     left = []
     if self._lock is not None:
       left = [n for n in existing_names(self._run, self._netns_dir) if self.run_id in n]

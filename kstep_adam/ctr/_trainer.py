@@ -570,7 +570,11 @@ class Trainer:
         result, current = take_step(current, prefetcher)
         compute = None if result.compiled else self.timer.step.get("compute", 0.0)
         self.meter.add_step(
-          result.step, len(result.row_ids_U), compute, sparse_cost=self._sparse_cost
+          result.step,
+          len(result.row_ids_U),
+          compute,
+          sparse_cost=self._sparse_cost,
+          step_seconds=time.perf_counter() - step_start,
         )
         if result.compiled:
           self.compile_steps += 1
