@@ -320,3 +320,52 @@ def test_a_stopped_jax_rank_is_named_over_the_link():
   assert done.returncode != 0
   assert "[launch] rank 1 stopped responding first" in done.stdout, done.stdout[-3000:]
   assert "[launch] rank 0 failed first" not in done.stdout
+
+
+@needs_root
+@pytest.mark.slow
+def test_a_two_process_ctr_job_runs_over_the_link(tmp_path):
+  # The job the issue names: the CTR trainer as two processes over the shaped link; its
+  # summary has the synchronous steps' measured seconds beside the model's, and the link
+  # leaves nothing behind.
+  before = _ours()
+  done = subprocess.run(
+    [
+      *_launch_argv("x")[:9],
+      "--",
+      sys.executable,
+      "-m",
+      "experiments.train_ctr",
+      "--nodes",
+      "2",
+      "--devices-per-node",
+      "2",
+      "--optimizer",
+      "sync_adam",
+      "--steps",
+      "6",
+      "--eval-every",
+      "0",
+      "--test-examples",
+      "512",
+      "--inter-node-gbps",
+      "0.5",
+      "--no-progress",
+      "--out",
+      str(tmp_path / "run"),
+    ],
+    cwd=ROOT,
+    env=dict(os.environ, PYTHONPATH=ROOT),
+    capture_output=True,
+    text=True,
+    timeout=600,
+    check=False,
+  )
+  assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
+  with open(tmp_path / "run" / "summary.json") as f:
+    summary = json.load(f)
+  assert summary["processes"] == 2
+  synchronous = summary["step_seconds_by_kind"]["synchronous"]
+  assert synchronous["steps"] == 6 - summary["compile_steps"]
+  assert synchronous["measured_median"] > 0 and synchronous["modelled_comm_per_step"] > 0
+  assert _ours() == before
