@@ -284,7 +284,9 @@ def test_two_jax_processes_exchange_over_the_shaped_link(tmp_path):
   for text in results:
     result = json.loads(text)
     assert result["mean"] == 1.5
-    assert result["sent"] >= 512 * 1024  # a shard's bytes crossed this end's shaped qdisc
+    # The ring's first step (half of each device's 512 KiB) has surely left this end's shaped
+    # qdisc when the pmean returns; its last step may still be on the wire.
+    assert result["sent"] >= 2 * 256 * 1024
   assert _ours() == before
 
 
