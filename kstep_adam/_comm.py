@@ -381,3 +381,55 @@ NETWORKS: Mapping[str, NetworkModel] = types.MappingProxyType(
     ),
   }
 )
+
+
+@dataclasses.dataclass(frozen=True)
+class GlooTcpLink:
+  """Seconds of gloo's collectives (JAX's CPU collectives) between processes joined by one
+  TCP link of ``gbps`` per direction, as measured on the shaped link of
+  ``python -m kstep_adam.launch --link-gbps`` (``experiments/benchmarks/link_model.py``).
+
+  It refines bytes / rate in three ways, each seen in the measurements:
+
+  * **host ceiling**: the bytes move no faster than ``host_gbps``, what the machine's cores
+    sustain through gloo and the kernel's TCP stack (on a shared 2-core machine, a few
+    Gbit/s: a 10 Gbit/s link is then not the bottleneck);
+  * **per message**: each of a collective's sequential messages costs ``message_seconds``
+    (thread hand-offs, gloo's rendezvous; milliseconds on a loaded machine);
+  * **all-to-all is half duplex past the socket buffers**: XLA's gloo all-to-all posts a send
+    and a receive per peer on one TCP connection; a message of ``m`` bytes goes both ways at
+    once only for its first ``overlap_bytes`` (what the kernel's socket buffers take without
+    the writer blocking), the rest takes turns: ``max(m, 2 m - overlap_bytes)`` per peer. The
+    all-reduce (gloo's ring, in segments) keeps both directions busy.
+
+  Attributes:
+    gbps: the link's rate per direction, Gbit/s.
+    host_gbps: the machine's own ceiling, Gbit/s (inf: none).
+    message_seconds: cost of each sequential message.
+    overlap_bytes: bytes of an all-to-all message that overlap with the reverse direction.
+  """
+
+  gbps: float
+  host_gbps: float = math.inf
+  message_seconds: float = 0.0
+  overlap_bytes: float = 64 * 1024
+
+  @property
+  def bytes_per_second(self) -> float:
+    return min(self.gbps, self.host_gbps) * 1e9 / 8
+
+  def network(self) -> NetworkModel:
+    """The ``'node'`` axis as a :class:`NetworkModel` (bandwidth and per-message cost)."""
+    return NetworkModel({"node": self.bytes_per_second}, {"node": self.message_seconds})
+
+  def all_reduce_seconds(self, size_bytes: float, num_processes: int) -> float:
+    """A ring all-reduce of ``size_bytes`` per process: ``2 (n-1)`` steps of ``S / n``."""
+    n = num_processes
+    return 2 * (n - 1) * (size_bytes / n / self.bytes_per_second + self.message_seconds)
+
+  def all_to_all_seconds(self, size_bytes: float, num_processes: int) -> float:
+    """An all-to-all of ``size_bytes`` per process (``S / n`` to each peer)."""
+    n = num_processes
+    m = size_bytes / n
+    per_peer = max(m, 2 * m - self.overlap_bytes) / self.bytes_per_second
+    return (n - 1) * (per_peer + self.message_seconds)

@@ -44,8 +44,15 @@ PROCESS_SUMMARY_FIELDS = {
   "table_stats",
   "host_device_bytes",
   "host_device_bytes_per_step",
+  "step_seconds_by_kind",
 }
-PROCESS_METRICS_FIELDS = {"examples_per_sec", "seconds", "hit_rate", "measured_compute_seconds"}
+PROCESS_METRICS_FIELDS = {
+  "examples_per_sec",
+  "seconds",
+  "hit_rate",
+  "measured_compute_seconds",
+  "step_seconds_by_kind",
+}
 
 CONFIG = dict(
   batch_size=16,

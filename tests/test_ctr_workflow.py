@@ -52,6 +52,12 @@ def test_end_to_end_learns_close_to_teacher(tmp_path):
   # k-step Adam, global merge every 8 steps: 200 // 8 = 25 inter-node merges
   assert summary["dense_messages_by_axis"]["node"] == 25 * 2
   assert summary["sparse_bytes"] > 0 and summary["estimated_comm_seconds"] > 0
+  # Step times by kind, compiled steps left out: 25 merges (one of them may have compiled).
+  kinds = summary["step_seconds_by_kind"]
+  assert set(kinds) == {"merge", "local"}
+  assert kinds["merge"]["steps"] + kinds["local"]["steps"] == 200 - summary["compile_steps"]
+  assert 24 <= kinds["merge"]["steps"] <= 25
+  assert kinds["merge"]["modelled_comm_per_step"] > kinds["local"]["modelled_comm_per_step"] > 0
   with open(tmp_path / "summary.json") as f:
     assert json.load(f)["config"]["k"] == 8
   with open(tmp_path / "metrics.jsonl") as f:
@@ -99,6 +105,7 @@ def test_sync_sparse_and_sync_adam_equal_one_worker_on_global_batch():
     )
   assert s8["test_auc"] == pytest.approx(s1["test_auc"], abs=1e-4)
   assert s8["dense_bytes_by_axis"]["node"] > 0 and s1["dense_bytes_by_axis"]["node"] == 0
+  assert set(s8["step_seconds_by_kind"]) == {"synchronous"}  # every step merges
 
 
 def test_train_ctr_on_a_criteo_file_with_bad_lines(tmp_path):

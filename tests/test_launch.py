@@ -93,6 +93,64 @@ time.sleep(600)  # rank 1 would wait forever
   assert "[launch] rank 1 was stopped by the launcher" in lines
 
 
+def test_a_stopped_rank_is_named_not_the_healthy_one_that_aborted_after_it(tmp_path):
+  # Rank 1 stops (SIGSTOP) and rank 0 then aborts, as JAX aborts a healthy process when
+  # another stops sending heartbeats: the launcher names rank 1, and stops it at once.
+  code, lines = run(
+    RANK
+    + f"""
+import signal
+pid_file = {str(tmp_path / "pid")!r}
+if rank == 1:
+  with open(pid_file + '.tmp', 'w') as f:
+    f.write(str(os.getpid()))
+  os.rename(pid_file + '.tmp', pid_file)
+  os.kill(os.getpid(), signal.SIGSTOP)
+  sys.exit(0)
+while not os.path.exists(pid_file):
+  time.sleep(0.01)
+pid = open(pid_file).read()
+while open(f'/proc/{{pid}}/stat').read().rsplit(')', 1)[1].split()[0] != 'T':
+  time.sleep(0.01)
+os.abort()
+""",
+    grace_seconds=60,
+  )
+  assert code == 128 + 6
+  assert (
+    "[launch] rank 1 stopped responding first: its process is stopped (e.g. by SIGSTOP or a "
+    "debugger)" in lines
+  )
+  assert (
+    "[launch] rank 0 was killed by signal SIGABRT after that (JAX ends the others when a "
+    "process stops responding)" in lines
+  )
+  assert "[launch] stopping rank(s) 1 (they are stopped: they cannot end on their own)" in lines
+  assert not any("failed first" in line for line in lines)
+
+
+def test_a_rank_that_jax_reports_silent_is_named():
+  # A lost host is not a stopped process here: rank 0's coordinator names it (JAX's words).
+  code, lines = run(
+    RANK
+    + """
+if rank == 0:
+  print('F1206 client.h:80] Terminating process because the JAX distributed service detected '
+        'fatal errors. UNAVAILABLE: The following tasks are unhealthy (stopped sending '
+        'heartbeats):\\n1\\nThe tasks have crashed.', file=sys.stderr, flush=True)
+  os.abort()
+time.sleep(600)
+""",
+    grace_seconds=0.5,
+  )
+  assert code == 128 + 6, lines
+  assert (
+    "[launch] rank 1 stopped responding first: it stopped sending heartbeats (reported by "
+    "rank 0)" in lines
+  )
+  assert "[launch] rank 1 was stopped by the launcher" in lines
+
+
 @pytest.mark.parametrize(
   "argv, message",
   [

@@ -56,6 +56,9 @@ class CommMeter:
     self._sparse_node_bytes = 0.0
     self._sparse_messages = 0
     self._compute = {True: [], False: []}  # per-step compute seconds, by "merged this step"
+    # Per-step wall seconds and the model's communication seconds, by "merged this step".
+    self._wall = {True: [], False: []}
+    self._modelled = {True: 0.0, False: 0.0}
 
   def add_step(
     self,
@@ -65,6 +68,7 @@ class CommMeter:
     *,
     sparse_cost: CommCost | None = None,
     level: int | None = None,
+    step_seconds: float | None = None,
   ) -> None:
     """Count step ``step`` (1-based); ``compute_seconds`` None for a step that compiled.
 
@@ -73,18 +77,28 @@ class CommMeter:
 
     ``sparse_cost``: the bytes each device sent in the step's sparse exchange (a
     multi-process run); without it the sparse traffic is the parameter-server model above.
+    ``step_seconds``: the step's wall time (with its data, pulls and pushes), for a step that
+    did not compile.
     """
     cost = merge_bytes(self._params, self._schedule, self._mesh, step=step, level=level)
     self._dense = cost if self._dense is None else self._dense + cost
+    merged = cost.total_bytes > 0
     if compute_seconds is not None:
-      self._compute[cost.total_bytes > 0].append(compute_seconds)
-    if sparse_cost is not None:
+      self._compute[merged].append(compute_seconds)
+    if sparse_cost is None:
+      nbytes = 2 * num_unique * self._row_bytes
+      self._sparse_bytes += nbytes
+      self._sparse_node_bytes += nbytes * (self._nodes - 1) / self._nodes
+      self._sparse_messages += 2 if self._nodes > 1 else 0
+      sparse_cost = CommCost(
+        {"node": nbytes * (self._nodes - 1) / self._nodes / self._workers},
+        {"node": 2 if self._nodes > 1 else 0},
+      )
+    else:
       self._exchange = sparse_cost if self._exchange is None else self._exchange + sparse_cost
-      return
-    nbytes = 2 * num_unique * self._row_bytes
-    self._sparse_bytes += nbytes
-    self._sparse_node_bytes += nbytes * (self._nodes - 1) / self._nodes
-    self._sparse_messages += 2 if self._nodes > 1 else 0
+    if step_seconds is not None and compute_seconds is not None:
+      self._wall[merged].append(step_seconds)
+      self._modelled[merged] += self._network.seconds(cost + sparse_cost)
 
   def state(self) -> dict:
     """Everything counted so far (JSON data), for a checkpoint."""
@@ -99,6 +113,9 @@ class CommMeter:
       "sparse_messages": self._sparse_messages,
       "compute_merge_seconds": list(self._compute[True]),
       "compute_plain_seconds": list(self._compute[False]),
+      "wall_merge_seconds": list(self._wall[True]),
+      "wall_plain_seconds": list(self._wall[False]),
+      "modelled_seconds": [self._modelled[True], self._modelled[False]],
     }
 
   def restore(self, state: dict) -> None:
@@ -110,6 +127,13 @@ class CommMeter:
     self._sparse_node_bytes = state["sparse_node_bytes"]
     self._sparse_messages = state["sparse_messages"]
     self._compute = {True: state["compute_merge_seconds"], False: state["compute_plain_seconds"]}
+    # Absent in a checkpoint of before: the step times then start here.
+    self._wall = {
+      True: state.get("wall_merge_seconds", []),
+      False: state.get("wall_plain_seconds", []),
+    }
+    modelled = state.get("modelled_seconds", [0.0, 0.0])
+    self._modelled = {True: modelled[0], False: modelled[1]}
 
   def _sparse_cost(self) -> CommCost:
     if self._exchange is not None:
@@ -147,6 +171,30 @@ class CommMeter:
       return None
     return float(max(0.0, np.median(merged) - np.median(plain)) * len(merged))
 
+  def step_seconds(self) -> dict:
+    """Measured wall seconds of the steps by kind, beside the model's communication seconds
+    for the bytes those steps sent (dense merges plus the sparse traffic; the
+    ``NetworkModel`` of the config's link flags), steps that compiled left out.
+
+    Kinds: ``'merge'`` (the dense replicas merged that step) and ``'local'`` (they did not);
+    a run whose every step merged (synchronous Adam, or any exchange every step) reports its
+    steps as ``'synchronous'``. Per kind: ``steps``, ``measured_total``, ``measured_median``
+    (seconds per step) and ``modelled_comm_per_step`` (the model's mean). A run's wall clock at
+    another step count composes as ``sum over kinds of steps x measured_median``.
+    """
+    kinds = {}
+    for merged, times in self._wall.items():
+      if not times:
+        continue
+      name = "local" if not merged else "merge" if self._wall[False] else "synchronous"
+      kinds[name] = {
+        "steps": len(times),
+        "measured_total": float(sum(times)),
+        "measured_median": float(np.median(times)),
+        "modelled_comm_per_step": self._modelled[merged] / len(times),
+      }
+    return kinds
+
   def totals(self) -> dict:
     """Traffic and compute so far: ``dense_bytes_by_axis`` and ``dense_messages_by_axis``
     (per device); ``sparse_transport`` (``parameter_server_model`` in one process,
@@ -167,6 +215,7 @@ class CommMeter:
         "sparse": sparse_seconds,
       },
       "measured_compute_seconds": compute,
+      "step_seconds_by_kind": self.step_seconds(),
     }
 
 

@@ -581,7 +581,12 @@ class Trainer:
         compute = None if result.compiled else self.timer.step.get("compute", 0.0)
         level = self.step_fn.last_level if self.adaptive is not None else None
         self.meter.add_step(
-          result.step, len(result.row_ids_U), compute, sparse_cost=self._sparse_cost, level=level
+          result.step,
+          len(result.row_ids_U),
+          compute,
+          sparse_cost=self._sparse_cost,
+          level=level,
+          step_seconds=time.perf_counter() - step_start,
         )
         if self.adaptive is not None:
           self.adaptive.after_step(compute, self.log)
