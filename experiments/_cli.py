@@ -24,6 +24,7 @@ import errno
 import functools
 import os
 import re
+import signal
 import sys
 import types
 import typing
@@ -257,7 +258,8 @@ def one_line(error: BaseException) -> str:
 def user_errors_reported(prog: str, *, debug: bool = False):
   """Within the block, a user error (OSError, ValueError: missing, unreadable, corrupt files,
   refused values, a full disk) exits with :data:`USER_ERROR_EXIT_STATUS` after one line on
-  stderr, ``PROG: error: MESSAGE``; with ``debug`` it propagates with its traceback."""
+  stderr, ``PROG: error: MESSAGE``, and Ctrl-C with 130 after one line; with ``debug`` they
+  propagate with their traceback."""
   try:
     yield
   except (OSError, ValueError) as error:
@@ -265,6 +267,11 @@ def user_errors_reported(prog: str, *, debug: bool = False):
       raise
     print(f"{prog}: error: {one_line(error)}", file=sys.stderr)
     sys.exit(USER_ERROR_EXIT_STATUS)
+  except KeyboardInterrupt:  # Ctrl-C outside a training loop (which stops at a step boundary)
+    if debug:
+      raise
+    print(f"{prog}: interrupted (SIGINT)", file=sys.stderr)
+    sys.exit(128 + signal.SIGINT)
 
 
 def user_errors(prog: str) -> Callable:

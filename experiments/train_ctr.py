@@ -188,6 +188,10 @@ def _main(argv) -> dict:
         print(f"error: {error}", file=sys.stderr)
         print(f"wrote {os.path.join(args.out, 'summary.json')} (status: diverged)", file=sys.stderr)
       sys.exit(DIVERGED_EXIT_STATUS)
+    except OSError as error:
+      if error.filename is None and error.strerror:  # a write deep in the run (a full disk)
+        raise type(error)(error.errno, f"{error.strerror} (writing the run)", args.out) from error
+      raise
     except ctr.RunInterrupted as error:
       if processes.is_main:
         print(interrupted_message(error, argv, args.out), file=sys.stderr)
