@@ -102,7 +102,7 @@ def test_resume_starts_over_after_a_kill_between_the_table_and_run_json(
     raise SystemExit("killed before run.json")
 
   monkeypatch.setattr(RunDirectory, "record", killed)
-  with pytest.raises(SystemExit, match="killed before run.json"):
+  with pytest.raises(SystemExit, match=r"killed before run\.json"):
     train_ctr.main([*FLAGS, "--out", str(out)])
   monkeypatch.undo()
   assert sorted(os.listdir(out)) == ["LOCK", "table"]
@@ -113,7 +113,7 @@ def test_resume_starts_over_after_a_kill_between_the_table_and_run_json(
 
 def test_resume_still_refuses_outputs_of_no_recorded_run(copy):
   (copy / "run.json").unlink()  # checkpoints, metrics and a summary, but no run.json
-  with pytest.raises(ctr.RunDirectoryError, match="no run.json"):
+  with pytest.raises(ctr.RunDirectoryError, match=r"no run\.json"):
     RunDirectory(str(copy), {}, resume=True, overwrite=False)
 
 
