@@ -119,9 +119,7 @@ def test_resume_still_refuses_outputs_of_no_recorded_run(copy):
 
 # -- item 8: refused before anything is written ---------------------------------------------
 @pytest.mark.parametrize("through_link", [False, True])
-def test_an_out_holding_foreign_files_is_refused_before_the_lock_is_written(
-  tmp_path, through_link
-):
+def test_an_out_holding_foreign_files_is_refused_before_the_lock_is_written(tmp_path, through_link):
   """Regression: --out / and --out pointing at a link to /etc were refused, but only after
   /LOCK and /etc/LOCK were created. A directory of someone's files stands in for them."""
   system = tmp_path / "etc"
