@@ -4,6 +4,7 @@ refusal, a signal stops a run at a step boundary, and every user error is one li
 import errno
 import json
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -16,7 +17,6 @@ from experiments import train_ctr
 from kstep_adam import _jsonio
 from kstep_adam import ctr
 from kstep_adam.ctr import _checkpoint
-from kstep_adam.ctr import _rundir
 from kstep_adam.ctr._rundir import RunDirectory
 from kstep_adam.ctr._rundir import run_identity
 
@@ -52,11 +52,9 @@ def copy(tmp_path, finished):
 def _temporaries(out) -> list[str]:
   """What a kill inside each atomic write of the run leaves: a temporary file per output."""
   names = []
-  for name in _rundir.ATOMIC_FILES:
-    path = _jsonio.temporary_name(os.path.join(out, name))
-    with open(path, "w") as f:
-      f.write('{"cut": ')
-    names.append(os.path.basename(path))
+  for name in ("summary.json", "metrics.jsonl", "run.json"):  # as _jsonio.write_atomic names
+    names.append(f".{name}.{secrets.token_hex(6)}.tmp")  # them
+    (out / names[-1]).write_text('{"cut": ')
   return names
 
 
