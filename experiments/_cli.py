@@ -267,6 +267,13 @@ def user_errors_reported(prog: str, *, debug: bool = False):
       raise
     print(f"{prog}: error: {one_line(error)}", file=sys.stderr)
     sys.exit(USER_ERROR_EXIT_STATUS)
+  except Exception as error:
+    from kstep_adam.ctr._interrupt import RunInterrupted  # a CTR run stopped by a signal
+
+    if debug or not isinstance(error, RunInterrupted):
+      raise
+    print(f"{prog}: {error}; run the same command again to continue", file=sys.stderr)
+    sys.exit(error.exit_status)
   except KeyboardInterrupt:  # Ctrl-C outside a training loop (which stops at a step boundary)
     if debug:
       raise

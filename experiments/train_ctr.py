@@ -59,6 +59,7 @@ from experiments._cli import DefaultsHelpFormatter
 from experiments._cli import add_config_args
 from experiments._cli import add_debug_flag
 from experiments._cli import config_from_args
+from experiments._cli import debug_requested
 from experiments._cli import user_errors
 from experiments._common import use_cpu_devices
 from kstep_adam import _distributed
@@ -170,7 +171,7 @@ def _main(argv) -> dict:
   # A refused out dir or a diverged run ends every process the same way (they all see it);
   # any other error ends this one at once (exit_on_error) and the others at their next
   # collective.
-  with _distributed.exit_on_error(processes):
+  with _distributed.exit_on_error(processes, debug=debug_requested(argv)):
     source = ctr.make_source(data, config, part=(processes.index, processes.count))
     try:
       summary = ctr.train(

@@ -119,6 +119,7 @@ def run(out_dir: str, run_id: str) -> int:
   """Run ``run_id`` of the sweep in ``out_dir`` unless it finished or is locked; return the
   exit status (0, 1 on an error, :data:`EXIT_BUSY`)."""
   from experiments.sweep_lib import tasks
+  from kstep_adam.ctr._interrupt import RunInterrupted
 
   lock = try_lock(job_file(out_dir, run_id, "lock"))
   if lock is None:
@@ -148,6 +149,9 @@ def run(out_dir: str, run_id: str) -> int:
     try:
       use_cpu_devices(task.num_devices(params))
       task.run(params, directory)
+    except RunInterrupted as error:  # SIGTERM from the sweep: stopped at a step boundary
+      print(f"{run_id}: {error}; the next sweep continues it")
+      return error.exit_status
     except Exception:
       write_json(failed, {"run_id": run_id, "traceback": traceback.format_exc()})
       traceback.print_exc()
