@@ -26,9 +26,10 @@ The temporary files of the run's atomic writes (``.summary.json.<hex>.tmp``, lik
 a resumed run deletes them, as an overwriting one deletes every output.
 
 Every refusal happens before anything is written, also the ``LOCK`` file: a directory that
-holds files that are not a run's (``--out /``, a link to ``/etc``) is refused as found. Overwriting deletes the old run's files
-result first (``summary.json``, then checkpoints, metrics, table) and ``run.json`` last, so a
-kill in between leaves the old run, without some of its results, never two runs mixed.
+holds files that are not a run's (``--out /``, a link to ``/etc``) is refused as found.
+Overwriting deletes the old run's files result first (``summary.json``, then checkpoints,
+metrics, table) and ``run.json`` last, so a kill in between leaves the old run, without some
+of its results, never two runs mixed.
 """
 
 from __future__ import annotations
