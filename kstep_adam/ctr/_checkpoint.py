@@ -33,7 +33,6 @@ manifest, which names every shard's version in process order (:mod:`._multiproce
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -41,12 +40,18 @@ from collections.abc import Callable
 from typing import Any
 from typing import NamedTuple
 
+from kstep_adam._jsonio import read_json
 from kstep_adam._jsonio import write_json
 from kstep_adam.embedding import TableVersion
 
 MANIFEST = "manifest.json"
 HOST_STATE = "host.json"
 DENSE_STATE = "dense"
+# What to do about a damaged checkpoint file.
+_DAMAGED = (
+  "delete that checkpoint's directory to resume from the one before, or pass --overwrite to "
+  "start the run over"
+)
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
@@ -78,8 +83,7 @@ def complete_checkpoints(root: str) -> list[Checkpoint]:
     match = _STEP_DIR.match(name)
     manifest = os.path.join(root, name, MANIFEST)
     if match and os.path.exists(manifest):
-      with open(manifest, encoding="utf-8") as f:
-        record = json.load(f)
+      record = read_json(manifest, keys=("step", "table"), what_to_do=_DAMAGED)
       found.append(
         Checkpoint(int(record["step"]), os.path.join(root, name), _table_versions(record["table"]))
       )
@@ -170,8 +174,7 @@ def load_checkpoint(checkpoint: Checkpoint, abstract_dense: Any) -> tuple[Any, d
   checkpointer = ocp.StandardCheckpointer()
   dense = checkpointer.restore(os.path.join(checkpoint.path, DENSE_STATE), abstract_dense)
   checkpointer.close()
-  with open(os.path.join(checkpoint.path, HOST_STATE), encoding="utf-8") as f:
-    host = json.load(f)
+  host = read_json(os.path.join(checkpoint.path, HOST_STATE), keys=("step",), what_to_do=_DAMAGED)
   if host["step"] != checkpoint.step:
     raise ValueError(
       f"{checkpoint.path}: {HOST_STATE} is for step {host['step']}, the manifest says "

@@ -27,6 +27,7 @@ from collections.abc import Callable
 from typing import Any
 
 from kstep_adam import _distributed
+from kstep_adam._jsonio import CorruptFileError
 from kstep_adam._jsonio import write_json
 from kstep_adam.ctr import _checkpoint
 from kstep_adam.ctr._rundir import RunDirectory
@@ -87,7 +88,7 @@ def open_run_dir(
         "recorded": run_dir.recorded,
         "checkpoint": None if checkpoint is None else _checkpoint_json(checkpoint, processes),
       }
-    except RunDirectoryError as error:
+    except (RunDirectoryError, CorruptFileError) as error:  # every process stops with it
       decision = {"error": str(error)}
       refused = error
   decision = _distributed.allgather_json(decision)[0]

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import stat
 import zlib
 from collections.abc import Iterator
 
@@ -141,6 +142,39 @@ class _Inflater:
     return b"".join(pieces)
 
 
+def check_data_file(path: str) -> None:
+  """Raise unless ``path`` is a regular file this process may read; the message names the
+  file and what it is instead.
+
+  Raises:
+    FileNotFoundError: there is no ``path`` (or it is a link to nothing).
+    CTRDataError: ``path`` is a directory, a FIFO, a device or socket, or cannot be read.
+  """
+  try:
+    mode = os.stat(path).st_mode
+  except FileNotFoundError:
+    raise FileNotFoundError(f"CTR data file not found: {path}; check the path") from None
+  except OSError as error:
+    raise CTRDataError(f"{path}: cannot read the file: {error.strerror}") from None
+  if not stat.S_ISREG(mode):
+    kind = (
+      "a directory"
+      if stat.S_ISDIR(mode)
+      else "a FIFO"
+      if stat.S_ISFIFO(mode)
+      else "a device"
+      if stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
+      else "a socket"
+      if stat.S_ISSOCK(mode)
+      else "not a regular file"
+    )
+    raise CTRDataError(
+      f"{path} is {kind}, not a data file; pass a regular file (plain text or gzip)"
+    )
+  if not os.access(path, os.R_OK):
+    raise CTRDataError(f"{path}: cannot read the file: permission denied")
+
+
 class TextFile:
   """A CTR data file (plain or gzip, told apart by its first bytes) as blocks of lines.
 
@@ -150,13 +184,13 @@ class TextFile:
     block_bytes: the target size of a block.
 
   Raises:
-    FileNotFoundError: ``path`` is not a file.
-    CTRDataError: the file cannot be read, or its gzip data is corrupt at the start.
+    FileNotFoundError: there is no ``path``.
+    CTRDataError: ``path`` is not a regular file (a directory, a FIFO, a device), cannot be
+      read (permissions, a loop of symbolic links), or its gzip data is corrupt at the start.
   """
 
   def __init__(self, path: str, *, header: bool, block_bytes: int):
-    if not os.path.isfile(path):
-      raise FileNotFoundError(f"CTR data file not found: {path}")
+    check_data_file(path)
     self.path, self.block_bytes = path, block_bytes
     with self._open() as f:
       self.gzip = self._call(lambda: f.read(2)) == GZIP_MAGIC

@@ -39,6 +39,7 @@ from kstep_adam._jsonio import dumps
 from kstep_adam._jsonio import write_atomic
 from kstep_adam._schedule import MergeSchedule
 from kstep_adam.ctr import _checkpoint
+from kstep_adam.ctr import _interrupt
 from kstep_adam.ctr import _multiprocess
 from kstep_adam.ctr import _step
 from kstep_adam.ctr._adaptive import AdaptiveRun
@@ -398,10 +399,12 @@ class Trainer:
     self.predict = _step.make_predict(graphdef)
     self.meter = CommMeter(config, params, self._schedule, self.mesh)
     self._per_worker = parallel.worker_sharding(self.mesh)
-    if self.run_dir is not None and not resuming:
-      self.run_dir.clear()  # an overwritten run's files: only now that this one can start
-      if self.sharded:
-        _multiprocess.barrier()  # the shards go where process 0 just cleared
+    if self.run_dir is not None:
+      # An overwritten run's files (or a killed write's temporaries when resuming): only now
+      # that this run can start.
+      self.run_dir.clear()
+    if self.run_dir is not None and not resuming and self.sharded:
+      _multiprocess.barrier()  # the shards go where process 0 just cleared
     self.tier = self._open_tier(resuming, checkpoint)
     skip_nonfinite = config.on_nonfinite == "skip"
     if self.sharded:
@@ -555,10 +558,28 @@ class Trainer:
     """Take :attr:`num_steps` steps (for ``epochs`` passes of file data: until the last pass
     ends); after each, call every hook in order, then save a checkpoint when one is due.
 
+    SIGINT and SIGTERM stop the run at the next step boundary (after that step's hooks and
+    checkpoint; see :mod:`._interrupt`), never inside a step or a write.
+
     Raises:
       DivergenceError: a step's loss or gradients were not finite, or its loss exploded
         (see :mod:`._divergence`); no checkpoint is taken of that step.
+      RunInterrupted: a SIGINT or SIGTERM came; it names the step and the last checkpoint.
     """
+    with _interrupt.stop_at_step_boundaries():
+      self._fit(hooks)
+
+  def check_interrupt(self) -> None:
+    """Raise :class:`RunInterrupted` if a SIGINT or SIGTERM came (a step boundary)."""
+    checkpoint = self.checkpoint
+    _interrupt.check(
+      step=self.step,
+      checkpoint=None if checkpoint is None else checkpoint.path,
+      checkpoint_step=None if checkpoint is None else checkpoint.step,
+    )
+
+  def _fit(self, hooks: Sequence[Hook]) -> None:
+    self.check_interrupt()  # one that came while the run started
     self._hooks = tuple(hooks)
     self._restore_hooks()
     batches = global_batches(self.config, self.source, self._remaining(), self.data_position)
@@ -597,6 +618,7 @@ class Trainer:
         for hook in hooks:
           hook.after_step(self, result)
         self._checkpoint_if_due(result)
+        self.check_interrupt()
     finally:
       prefetcher.close()
       for hook in hooks:

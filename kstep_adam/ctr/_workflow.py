@@ -40,6 +40,7 @@ from kstep_adam._kstep_adam import kstep_adam
 from kstep_adam._schedule import compressed_schedule
 from kstep_adam._schedule import merge_schedule
 from kstep_adam._schedule import sync_schedule
+from kstep_adam.ctr import _interrupt
 from kstep_adam.ctr._config import OPTIMIZERS
 from kstep_adam.ctr._config import TrainConfig
 from kstep_adam.ctr._divergence import DivergenceError
@@ -149,10 +150,16 @@ def train(
       the step. ``summary.json`` (``status: "diverged"``) and a ``diverged`` record in
       ``metrics.jsonl`` say so too, and the last checkpoint keeps the last good state.
     RunDirectoryError: ``out_dir`` holds another run, or a different one to resume.
+    RunInterrupted: a SIGINT or SIGTERM stopped the run at a step boundary (see
+      :meth:`Trainer.fit`); it names the step and the last checkpoint, and the run has
+      no ``summary.json`` (``resume`` continues it).
   """
-  with Trainer(
-    config, source, make_optimizer(config), out_dir, resume=resume, overwrite=overwrite
-  ) as trainer:
+  with (
+    _interrupt.stop_at_step_boundaries(),
+    Trainer(
+      config, source, make_optimizer(config), out_dir, resume=resume, overwrite=overwrite
+    ) as trainer,
+  ):
     hooks = [MetricsLog(config.log_every), PeriodicEval(config.eval_every)]
     if progress and trainer.is_main:
       hooks.insert(0, ProgressBar(trainer.num_steps))
@@ -171,6 +178,7 @@ def train(
       raise
     # The end of the pass merges the replicas (as PaddleBox does); evaluate the merged model.
     final = trainer.evaluate()
+    trainer.check_interrupt()  # a run stopped here is not finished: no summary
     summary = summarize(trainer, final)
     if out_dir is not None and trainer.is_main:
       write_json(os.path.join(out_dir, SUMMARY_FILE), summary)
