@@ -120,24 +120,21 @@ def adaptive_schedule(
 
 
 class AdaptiveState(NamedTuple):
-  """Everything the rule reads (JSON data once :meth:`AdaptiveController.state_dict` writes it).
+  """Everything the rule reads (JSON data once :meth:`AdaptiveController.state_dict` writes it)."""
 
-  Attributes:
-    step: the steps decided and observed so far (the optimizer's step count).
-    periods: the period in force per axis, outermost first.
-    since: local steps since the last merge that covered each axis.
-    drift: the relative drift per axis measured by the last merge over every axis.
-    local_seconds: ``Y``, the time of a local step (None: unknown).
-    merge_seconds: ``C``, the time of a merge at each level 1.. (None: unknown).
-    merges: merges so far at each level 1.. (each level's merges cost the same bytes).
-  """
-
+  #: the steps decided and observed so far (the optimizer's step count).
   step: int
+  #: the period in force per axis, outermost first.
   periods: tuple[int, ...]
+  #: local steps since the last merge that covered each axis.
   since: tuple[int, ...]
+  #: the relative drift per axis measured by the last merge over every axis.
   drift: tuple[float, ...]
+  #: ``Y``, the time of a local step, or None while it is unknown.
   local_seconds: float | None
+  #: ``C``, the time of a merge at each level 1.., or None while it is unknown.
   merge_seconds: tuple[float, ...] | None
+  #: merges so far at each level 1.. (each level's merges cost the same bytes).
   merges: tuple[int, ...] = ()
 
 
@@ -184,7 +181,8 @@ class AdaptiveController:
 
   Use: ``level = controller.decide(step)`` before step ``step`` (1-based, one after the last
   observed), run the step at that level, then ``controller.observe(level, drift)`` with the
-  drift the step's state holds when ``level == 1`` (see :meth:`drift_of`).
+  drift the step's state holds when ``level == 1`` (its ``drift`` field, which
+  ``kstep_adam._dispatch.read_drift`` reads).
   """
 
   def __init__(

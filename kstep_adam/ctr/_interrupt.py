@@ -48,7 +48,7 @@ class RunInterrupted(Exception):
 
   @property
   def exit_status(self) -> int:
-    """The shell's status for a process ended by the signal: 130 (SIGINT), 143 (SIGTERM)."""
+    """The shell's status for a process ended by the signal (130 for SIGINT, 143 for SIGTERM)."""
     return 128 + self.signum
 
   def describe(self) -> str:
