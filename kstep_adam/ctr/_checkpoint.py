@@ -41,6 +41,7 @@ from collections.abc import Callable
 from typing import Any
 from typing import NamedTuple
 
+from kstep_adam import _faults
 from kstep_adam._jsonio import write_json
 from kstep_adam.embedding import TableVersion
 
@@ -127,10 +128,14 @@ def save_checkpoint(
   remove_incomplete(root)
   path = step_dir(root, step)
   save_dense(path, dense)
+  _faults.reached("checkpoint.dense")
   write_json(os.path.join(path, HOST_STATE), host)
+  _faults.reached("checkpoint.host")
   table = flush_table()
   write_manifest(path, step, table)
+  _faults.reached("checkpoint.manifest")
   prune(root, keep)
+  _faults.reached("checkpoint.pruned")
   return Checkpoint(step, path, table)
 
 

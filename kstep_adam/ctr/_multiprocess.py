@@ -27,6 +27,7 @@ from collections.abc import Callable
 from typing import Any
 
 from kstep_adam import _distributed
+from kstep_adam import _faults
 from kstep_adam._jsonio import write_json
 from kstep_adam.ctr import _checkpoint
 from kstep_adam.ctr._rundir import RunDirectory
@@ -156,12 +157,16 @@ def save_checkpoint(
   # orbax saves a multi-process checkpoint by absolute path only
   path = os.path.abspath(_checkpoint.step_dir(root, step))
   _checkpoint.save_dense(path, dense)
+  _faults.reached("checkpoint.dense")
   if processes.is_main:
     write_json(os.path.join(path, _checkpoint.HOST_STATE), host)
+  _faults.reached("checkpoint.host")
   versions = gather_versions(flush_table())  # returns once every shard has flushed
   checkpoint = _checkpoint.Checkpoint(step, path, versions)
   if processes.is_main:
     _checkpoint.write_manifest(path, step, versions)
+    _faults.reached("checkpoint.manifest")
     _checkpoint.prune(root, keep)
+    _faults.reached("checkpoint.pruned")
   barrier()  # the checkpoint is complete, for every process, when this returns
   return checkpoint
