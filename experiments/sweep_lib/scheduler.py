@@ -224,8 +224,10 @@ def status(out_dir: str, spec: SweepSpec) -> dict[str, list[str]]:
 
 
 def failure(out_dir: str, run_id: str) -> str:
-  """The last line of a failed run's traceback."""
+  """The last line of a failed run's traceback (a killed run left none: its log says more)."""
   path = worker.job_file(out_dir, run_id, "failed.json")
+  if not os.path.exists(path):
+    return f"no traceback (killed?); see {worker.job_file(out_dir, run_id, 'log')}"
   with open(path, encoding="utf-8") as f:
     lines = json.load(f)["traceback"].strip().splitlines()
   return lines[-1] if lines else "(no traceback)"
