@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 import os
 import tempfile
 import time
@@ -27,6 +28,7 @@ from collections.abc import Sequence
 from typing import NamedTuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
@@ -43,6 +45,7 @@ from kstep_adam.ctr import _step
 from kstep_adam.ctr._batch import CTRBatch
 from kstep_adam.ctr._comm import CommMeter
 from kstep_adam.ctr._config import TrainConfig
+from kstep_adam.ctr._divergence import DivergenceError
 from kstep_adam.ctr._divergence import DivergenceMonitor
 from kstep_adam.ctr._metrics import auc
 from kstep_adam.ctr._metrics import logloss
@@ -66,6 +69,7 @@ from kstep_adam.ctr._sources import DataSource
 from kstep_adam.ctr._sources import positioned_epoch
 from kstep_adam.ctr._sources import process_part
 from kstep_adam.ctr._tier import SparseTier
+from kstep_adam.embedding import NonFiniteRowsError
 from kstep_adam.embedding import TableVersion
 
 # Host memory a run may spend keeping its test set between evaluations (read once, reused).
@@ -167,7 +171,8 @@ def eval_metrics(labels_N: np.ndarray, probs_N: np.ndarray, *, split: str = "tes
   Returns:
     ``test_auc`` and ``test_logloss`` (floats, or None), ``test_examples``, ``test_positives``
     and, when a metric is None, ``test_note`` saying why: a test set with a single class has
-    no AUC, and non-finite predictions (a diverged model) have neither. With
+    no AUC, and non-finite predictions (a diverged model) have neither (their number is then
+    ``test_nonfinite_predictions``). With
     ``split='val'`` the keys are ``val_auc``, ``val_logloss``, and so on.
 
   Examples:
@@ -189,6 +194,7 @@ def eval_metrics(labels_N: np.ndarray, probs_N: np.ndarray, *, split: str = "tes
   if bad:
     return {
       **result,
+      f"{split}_nonfinite_predictions": bad,
       note: f"{bad} of {labels_N.size} predictions are not finite (the model diverged)",
     }
   result[f"{split}_logloss"] = logloss(labels_N, probs_N)
@@ -579,6 +585,9 @@ class Trainer:
         for hook in hooks:
           hook.after_step(self, result)
         self._checkpoint_if_due(result)
+    except DivergenceError:
+      self.tier.keep_committed()  # the table's last commit keeps the last good state
+      raise
     finally:
       prefetcher.close()
       for hook in hooks:
@@ -616,12 +625,12 @@ class Trainer:
     with timer("compute"):  # waits for the step
       loss, finite = float(loss), bool(np.all(jax.device_get(finite_W)))
     step = self.step_fn.step
-    try:
-      skipped = self.monitor.check(step, loss, finite)  # raises if the run diverged
+    try:  # raises if the run diverged
+      skipped = self.monitor.check(step, loss, finite, last=upcoming is None)
     except BaseException:
       tier.abandon(rows, sparse_output, finite)
       raise
-    with timer("push"):
+    with timer("push"), _nonfinite_rows_diverge(step, loss):
       tier.push(rows, sparse_output, applied=not skipped)
     self.data_position = current.position
     last = upcoming is None
@@ -657,10 +666,11 @@ class Trainer:
       )
       loss, finite = float(loss), bool(finite)
     step = self.step_fn.step
-    skipped = self.monitor.check(step, loss, finite)  # the same decision on every process
+    # the same decision on every process
+    skipped = self.monitor.check(step, loss, finite, last=upcoming is None)
     pushed_U = np.zeros(0, np.int64)
     if not skipped:
-      with timer("push"):
+      with timer("push"), _nonfinite_rows_diverge(step, loss):
         pushed_U = tier.push(rows, grads_to_owners)
     self._sparse_cost = rows.exchange.cost
     self.data_position = current.position
@@ -689,6 +699,7 @@ class Trainer:
     """Save a checkpoint of the run at its current step (see :mod:`._checkpoint`)."""
     if self.run_dir is None:
       raise ValueError("a checkpoint needs an output directory (out_dir)")
+    self.check_state()  # before anything of the checkpoint is written
     with self.timer("checkpoint"):
       if self._writer is not None:  # the records it counts must be on disk before it is
         self._writer.flush()
@@ -760,6 +771,46 @@ class Trainer:
     for key, hook in _keyed(self._hooks):
       if key in self._hook_states:
         hook.restore(self._hook_states.pop(key))
+
+  def check_state(self) -> None:
+    """Refuse a dense state (parameters, optimizer state) with any non-finite value: it is
+    divergence, decided before a checkpoint or the run's results are written. (The table's
+    rows are checked as they are pushed.) Collective in a multi-process run.
+
+    Raises:
+      DivergenceError: at the current step; the table then keeps its last commit.
+    """
+    bad = _dense_nonfinite({"params_W": self.params_W, "opt_state_W": self.opt_state_W})
+    if bad:
+      self.tier.keep_committed()
+      loss = self.monitor.last_loss
+      raise DivergenceError(
+        self.step,
+        "nonfinite",
+        math.nan if loss is None else loss,
+        f"{bad} values of the dense parameters and optimizer state are not finite; lower "
+        "the learning rates",
+      )
+
+  def check_predictions(self, record: dict) -> None:
+    """Refuse an evaluation (:meth:`evaluate`'s record) with any non-finite prediction: the
+    model diverged, even if every training loss was finite.
+
+    Raises:
+      DivergenceError: at the current step; the table then keeps its last commit.
+    """
+    for split in ("val", "test"):
+      bad = record.get(f"{split}_nonfinite_predictions")
+      if bad:
+        self.tier.keep_committed()
+        loss = self.monitor.last_loss
+        raise DivergenceError(
+          self.step,
+          "nonfinite",
+          math.nan if loss is None else loss,
+          f"{bad} of the {record[f'{split}_examples']} {split} predictions are not finite; "
+          "lower the learning rates",
+        )
 
   # -- evaluation and state ----------------------------------------------------------------
   def merged_params(self):
@@ -847,6 +898,31 @@ def _check_node_per_process(mesh) -> None:
         f"mesh node {node} has devices of processes {sorted(owners)}; with several processes "
         f"each needs devices_per_node devices of its own (on CPU, jax_num_cpu_devices)"
       )
+
+
+@contextlib.contextmanager
+def _nonfinite_rows_diverge(step: int, loss: float):
+  """A push that would store non-finite rows (``embedding.NonFiniteRowsError``) is divergence
+  at ``step``: nothing of it was stored, and nothing later is (the table keeps its last
+  commit). In a multi-process run only the shard that holds such rows finds out: its process
+  stops with this error and the launcher ends the others."""
+  try:
+    yield
+  except NonFiniteRowsError as error:
+    raise DivergenceError(
+      step,
+      "nonfinite",
+      loss,
+      f"the update of {len(error.row_ids)} embedding rows is not finite in float32 (e.g. rows "
+      f"{list(map(int, error.row_ids[:5]))}: a parameter or optimizer moment overflows); "
+      "lower sparse_learning_rate",
+    ) from error
+
+
+def _dense_nonfinite(tree) -> int:
+  """Non-finite values among the floating leaves of a (dense state) pytree."""
+  leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.floating)]
+  return sum(int(jnp.sum(~jnp.isfinite(x))) for x in leaves)
 
 
 def _next_or_none(prefetcher: Prefetcher) -> IndexedBatch | None:

@@ -137,7 +137,8 @@ def train(
     (``workers``) and the rows of its shard (:meth:`Trainer.state`).
 
   Raises:
-    DivergenceError: the loss or a gradient was not finite, or the loss exploded; it names
+    DivergenceError: the loss or a gradient was not finite, the loss exploded or ended above
+      the divergence limit, or the final model predicts a non-finite value; it names
       the step. ``summary.json`` (``status: "diverged"``) and a ``diverged`` record in
       ``metrics.jsonl`` say so too, and the last checkpoint keeps the last good state.
     RunDirectoryError: ``out_dir`` holds another run, or a different one to resume.
@@ -153,6 +154,10 @@ def train(
       hooks.append(pushed)
     try:
       trainer.fit(hooks)
+      trainer.check_state()  # a non-finite dense state diverged
+      # The end of the pass merges the replicas (as PaddleBox does); evaluate the merged model.
+      final = trainer.evaluate()
+      trainer.check_predictions(final)  # a model with a non-finite prediction diverged
     except DivergenceError as error:
       checkpoint = trainer.checkpoint
       error.with_checkpoint(None if checkpoint is None else checkpoint.step)
@@ -161,8 +166,6 @@ def train(
       if out_dir is not None and trainer.is_main:
         write_json(os.path.join(out_dir, SUMMARY_FILE), {**record, "config": _config(trainer)})
       raise
-    # The end of the pass merges the replicas (as PaddleBox does); evaluate the merged model.
-    final = trainer.evaluate()
     summary = summarize(trainer, final)
     if out_dir is not None and trainer.is_main:
       write_json(os.path.join(out_dir, SUMMARY_FILE), summary)

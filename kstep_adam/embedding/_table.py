@@ -84,6 +84,7 @@ from kstep_adam.embedding._config import TableConfig
 from kstep_adam.embedding._device_adam import DeviceBatch
 from kstep_adam.embedding._device_adam import DeviceRows
 from kstep_adam.embedding._device_cache import DeviceCache
+from kstep_adam.embedding._errors import NonFiniteRowsError
 from kstep_adam.embedding._errors import TableFailedError
 from kstep_adam.embedding._errors import TableLockedError
 from kstep_adam.embedding._host_cache import HostCache
@@ -287,6 +288,9 @@ class EmbeddingTable:
             params, opt_slots = block[:, 1 : 1 + dim], block[:, 1 + dim :]
             self.optimizer.catch_up(params, opt_slots, _store.decode_last_step(block), step - 1)
             self.optimizer.apply(params, opt_slots, grads_UxD[lo:hi], step)
+            bad = ~np.isfinite(block[:, 1:]).all(axis=1)  # stored as float32: no overflow
+            if bad.any():
+              raise NonFiniteRowsError(unique_U[lo:hi][bad])
             block[:, 0] = _store.encode_last_step(np.full(hi - lo, step))
             changed = True
             self._cache.rows_CxW[slots] = block
