@@ -421,3 +421,27 @@ def test_a_table_push_that_would_store_nonfinite_rows_stores_nothing(tmp_path):
       table.push([3, 5], np.array([[1e30, 0.0], [1.0, 1.0]], np.float32))  # v = g**2: 1e60
     assert table.step == 0 and not table.failed
     np.testing.assert_array_equal(table.pull(np.arange(64)), before)
+
+
+# -- issue 17, item 10: relative, spaced and symlinked output directories -----------------------
+@pytest.mark.parametrize("kind", ["relative", "symlinked"])
+def test_checkpoints_into_a_relative_or_symlinked_out_save_and_resume(tmp_path, monkeypatch, kind):
+  """Regression: --checkpoint-every with a relative --out (the README's own command, and every
+  sweep's default) crashed in orbax: 'Checkpoint path should be absolute'."""
+  monkeypatch.chdir(tmp_path)
+  out = "runs/ckpt dir"  # relative, with a space
+  if kind == "symlinked":
+    os.makedirs("real place")
+    os.symlink("real place", "link")
+    out = os.path.join("link", out)
+  config = _config(steps=4, checkpoint_every=2)
+  summary = ctr.train(config, _source(config), out)
+  assert summary["status"] == "completed"
+  assert [c.step for c in _checkpoint.complete_checkpoints(os.path.join(out, "checkpoints"))] == [
+    2,
+    4,
+  ]
+  os.unlink(os.path.join(out, "summary.json"))
+  os.unlink(os.path.join(out, "checkpoints", "step_000000004", "manifest.json"))
+  resumed = ctr.train(config, _source(config), out, resume=True)  # from step 2
+  assert resumed["test_auc"] == summary["test_auc"]

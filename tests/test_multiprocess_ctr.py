@@ -49,9 +49,10 @@ SLOW_RUN = dict(BASE, merge="node", prefetch=False)
 
 
 def launch(
-  out_dir, runs: dict, *, timeout: float = 600, fault: str | None = None
+  out_dir, runs: dict, *, timeout: float = 600, fault: str | None = None, cwd: str = ROOT
 ) -> subprocess.CompletedProcess:
-  """``fault``: a kill at a named point (``KSTEP_ADAM_FAULT``, :mod:`kstep_adam._faults`)."""
+  """``fault``: a kill at a named point (``KSTEP_ADAM_FAULT``, :mod:`kstep_adam._faults`);
+  ``cwd``: the directory a relative ``out_dir`` is in."""
   command = [
     sys.executable,
     "-m",
@@ -71,7 +72,7 @@ def launch(
   if fault is not None:
     env[_faults.ENV] = fault
   return subprocess.run(
-    command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout, check=False
+    command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout, check=False
   )
 
 
@@ -174,20 +175,22 @@ def test_a_killed_process_ends_the_run_with_its_rank_named_and_the_run_resumes_e
 def test_a_kill_inside_a_shards_table_flush_resumes_exactly(tmp_path):
   """Rank 1 is SIGKILLed at its shard's flush commit point in the second checkpoint (step 8)
   (issue 17 item 1): resumed, rank 1's shard redoes that flush on reopening and reverts it to
-  the step-4 checkpoint's version, and the run ends as one that never stopped, bit for bit."""
+  the step-4 checkpoint's version, and the run ends as one that never stopped, bit for bit.
+  The output directory is relative, with a space (issue 17 item 10)."""
   fields = dict(BASE, checkpoint_every=4)
+  out = "out dir"  # relative to the processes' working directory, tmp_path
   # One process runs both: "whole" flushes 4 times (steps 4, 8, 12, and when the worker reads
   # its shard), so the 6th is "cut"'s 2nd.
-  done = launch(
-    tmp_path, {"whole": fields, "cut": fields}, timeout=400, fault="flush.committed@6:1"
-  )
+  runs = {"whole": fields, "cut": fields}
+  done = launch(out, runs, timeout=400, fault="flush.committed@6:1", cwd=str(tmp_path))
   assert done.returncode != 0, done.stdout[-4000:]
   assert "[rank 1] whole: done" in done.stdout and "cut: done" not in done.stdout
-  manifests = sorted((tmp_path / "cut" / "checkpoints").glob("*/manifest.json"))
+  root = tmp_path / out
+  manifests = sorted((root / "cut" / "checkpoints").glob("*/manifest.json"))
   assert [json.loads(m.read_text())["step"] for m in manifests] == [4]
-  done = launch(tmp_path, {"cut": dict(fields, resume=True)}, timeout=400)
+  done = launch(out, {"cut": dict(fields, resume=True)}, timeout=400, cwd=str(tmp_path))
   assert done.returncode == 0, done.stdout[-4000:]
-  _assert_same_run(tmp_path / "cut", tmp_path / "whole")
+  _assert_same_run(root / "cut", root / "whole")
 
 
 def _assert_same_run(cut, whole) -> None:

@@ -143,7 +143,10 @@ def save_dense(path: str, dense: Any) -> None:
   """Save the dense pytree into checkpoint directory ``path`` with orbax, and wait for it.
 
   With several processes every process calls it (each writes its own shards), with the same
-  absolute ``path``."""
+  ``path``. Orbax needs an absolute path: the trainer resolves its run's paths once
+  (:class:`~kstep_adam.ctr.Trainer`), and a relative one is refused here, not by orbax."""
+  if not os.path.isabs(path):
+    raise ValueError(f"checkpoint path {path!r} must be absolute (orbax refuses others)")
   import orbax.checkpoint as ocp
 
   checkpointer = ocp.StandardCheckpointer()

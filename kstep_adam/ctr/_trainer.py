@@ -260,6 +260,10 @@ class Trainer:
       the recorded ones.
     overwrite: replace the run in ``out_dir`` (its files are deleted when this one starts).
 
+  ``out_dir`` may be relative, hold spaces or pass through symlinks: it is made absolute here,
+  once (as :attr:`out_dir`), and every path of the run (checkpoints, the table, orbax's saves,
+  which need absolute paths) is built from it, in every process.
+
   In a multi-process run (``jax.distributed`` initialized, e.g. by :mod:`kstep_adam.launch`)
   every process makes its own ``Trainer`` with the same arguments: the ``'node'`` axis spans
   the processes (``config.nodes`` must equal their number), each reads its share of every
@@ -317,6 +321,8 @@ class Trainer:
       if config.device_cache_rows:  # before anything is written (the tier refuses it too)
         raise ValueError(sharded_device_cache_error(config.device_cache_rows, self.processes.count))
       source = process_part(source, self.processes.index, self.processes.count)
+    if out_dir is not None:  # the one place a run's paths are resolved (the class docstring)
+      out_dir = os.path.abspath(os.fspath(out_dir))
     self.config, self.source, self.out_dir = config, source, out_dir
     self._resume, self._overwrite = resume, overwrite
     self.num_steps = num_steps(config, source)

@@ -164,11 +164,12 @@ def train(
       record = {**error.record(), "evals": trainer.evals}
       trainer.log({"kind": "diverged", "step": error.step, **error.record()})
       if out_dir is not None and trainer.is_main:
-        write_json(os.path.join(out_dir, SUMMARY_FILE), {**record, "config": _config(trainer)})
+        summary_path = os.path.join(trainer.out_dir, SUMMARY_FILE)
+        write_json(summary_path, {**record, "config": _config(trainer)})
       raise
     summary = summarize(trainer, final)
     if out_dir is not None and trainer.is_main:
-      write_json(os.path.join(out_dir, SUMMARY_FILE), summary)
+      write_json(os.path.join(trainer.out_dir, SUMMARY_FILE), summary)
     state = trainer.state(pushed.row_ids) if return_state else None
   return (summary, state) if return_state else summary
 
