@@ -445,3 +445,36 @@ def test_checkpoints_into_a_relative_or_symlinked_out_save_and_resume(tmp_path, 
   os.unlink(os.path.join(out, "checkpoints", "step_000000004", "manifest.json"))
   resumed = ctr.train(config, _source(config), out, resume=True)  # from step 2
   assert resumed["test_auc"] == summary["test_auc"]
+
+
+# -- issue 17, item 9: checkpoint files are checked against the manifest's checksums -----------
+def test_a_flipped_byte_in_a_checkpoint_file_is_refused_naming_the_file(tmp_path, capsys):
+  """Regression: one flipped byte in the dense checkpoint resumed with exit 0 and different
+  results."""
+  from experiments import train_ctr
+
+  out = tmp_path / "out"
+  args = ["--optimizer", "sync_adam", "--batch-size", "16", "--table-rows", "16384"]
+  args += ["--steps", "4", "--checkpoint-every", "2", "--eval-every", "0", "--no-progress"]
+  args += ["--out", str(out)]
+  train_ctr.main(args)
+  (out / "summary.json").unlink()
+  step_4 = out / "checkpoints" / "step_000000004"
+  (step_4 / "manifest.json").unlink()  # resume from step 2
+  step_2 = out / "checkpoints" / "step_000000002"
+  recorded = json.loads((step_2 / "manifest.json").read_text())["files"]
+  assert "host.json" in recorded and any(name.startswith("dense/") for name in recorded)
+  # The largest file of the dense state: its array data.
+  name = max(
+    (n for n in recorded if n.startswith("dense/")), key=lambda n: (step_2 / n).stat().st_size
+  )
+  data = bytearray((step_2 / name).read_bytes())
+  data[len(data) // 2] ^= 0x01
+  (step_2 / name).write_bytes(bytes(data))
+  capsys.readouterr()
+  with pytest.raises(SystemExit) as exit_info:
+    train_ctr.main([*args, "--resume"])
+  assert exit_info.value.code == 2
+  err = capsys.readouterr().err
+  assert f"checkpoint file {step_2 / name} changed since it was saved" in err
+  assert len(err.strip().splitlines()) == 1
