@@ -478,3 +478,35 @@ def test_a_flipped_byte_in_a_checkpoint_file_is_refused_naming_the_file(tmp_path
   err = capsys.readouterr().err
   assert f"checkpoint file {step_2 / name} changed since it was saved" in err
   assert len(err.strip().splitlines()) == 1
+
+
+# -- issue 17, item 5: a changed byte anywhere the resumed run reads again is refused ----------
+def test_a_data_file_changed_in_the_middle_is_refused_on_resume(tmp_path, monkeypatch):
+  """Regression: the fingerprint covered the size and the first and last MiB, so flipping
+  labels between 2 and 3 MB of a file after a kill was accepted on --resume. The fingerprint
+  is cut to 1 KiB here to stand for a file larger than 2 MiB."""
+  from kstep_adam.ctr import _sources
+
+  fingerprint = _sources.file_fingerprint
+  monkeypatch.setattr(_sources, "file_fingerprint", lambda p: fingerprint(p, sample_bytes=1024))
+  data = tmp_path / "day.txt"
+  ctr.SyntheticCTR(vocab_size=300, seed=4).write_criteo(str(data), 1300)
+  config = _config(steps=None, epochs=2, checkpoint_every=4, eval_every=0, keep_checkpoints=9)
+
+  def source():
+    return ctr.file_source(str(data), block_bytes=4096)
+
+  out = tmp_path / "out"
+  ctr.train(config, source(), str(out))
+  (out / "summary.json").unlink()
+  for checkpoint in _checkpoint.complete_checkpoints(str(out / "checkpoints"))[1:]:
+    os.unlink(os.path.join(checkpoint.path, "manifest.json"))  # resume from step 4
+  # A label in the middle of the file's first part, read in the first pass before the
+  # checkpoint and again in the second pass: same size, same first and last KiB.
+  text = data.read_bytes()
+  start = text.index(b"\n", len(text) // 8) + 1
+  flipped = text[:start] + (b"1" if text[start : start + 1] == b"0" else b"0") + text[start + 1 :]
+  data.write_bytes(flipped)
+  assert _sources.file_fingerprint(str(data)) == fingerprint(str(data), sample_bytes=1024)
+  with pytest.raises(ctr.CTRDataError, match=r"day\.txt: the block of lines at byte \d+ changed"):
+    ctr.train(config, source(), str(out), resume=True)
