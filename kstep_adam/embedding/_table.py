@@ -73,6 +73,7 @@ from typing import NoReturn
 import jax
 import numpy as np
 
+from kstep_adam import _faults
 from kstep_adam import _validation
 from kstep_adam.embedding import _batch
 from kstep_adam.embedding import _device_adam
@@ -83,6 +84,7 @@ from kstep_adam.embedding._config import TableConfig
 from kstep_adam.embedding._device_adam import DeviceBatch
 from kstep_adam.embedding._device_adam import DeviceRows
 from kstep_adam.embedding._device_cache import DeviceCache
+from kstep_adam.embedding._errors import NonFiniteRowsError
 from kstep_adam.embedding._errors import TableFailedError
 from kstep_adam.embedding._errors import TableLockedError
 from kstep_adam.embedding._host_cache import HostCache
@@ -288,6 +290,9 @@ class EmbeddingTable:
             params, opt_slots = block[:, 1 : 1 + dim], block[:, 1 + dim :]
             self.optimizer.catch_up(params, opt_slots, _store.decode_last_step(block), step - 1)
             self.optimizer.apply(params, opt_slots, grads_UxD[lo:hi], step)
+            bad = ~np.isfinite(block[:, 1:]).all(axis=1)  # stored as float32: no overflow
+            if bad.any():
+              raise NonFiniteRowsError(unique_U[lo:hi][bad])
             block[:, 0] = _store.encode_last_step(np.full(hi - lo, step))
             changed = True
             self._cache.rows_CxW[slots] = block
@@ -573,8 +578,10 @@ class EmbeddingTable:
       slots = dirty_slots[lo : lo + batch]
       # Unindexed: these rows stay cached, and the copy below finds them from the log.
       self._pending.append_unindexed(cache.ids_C[slots], cache.rows_CxW[slots])
+    _faults.reached("flush.appended")
     with self._failure_is_fatal("flush"):
       self._pending.commit(self._step)  # the commit point
+      _faults.reached("flush.committed")
       self._apply_pending(self._step)
       cache.dirty_C[dirty_slots] = False
       self._committed = self._store.version()
@@ -763,8 +770,11 @@ class EmbeddingTable:
       bounds = np.flatnonzero(np.diff(chunk, prepend=-1))[::max_chunks]
       for lo, hi in zip(bounds, np.r_[bounds[1:], len(ids)]):
         self._store.write_rows(ids[lo:hi], self._pending.read(positions[lo:hi]))
+        _faults.reached("flush.copied_batch")
     self._store.write_step(step)
+    _faults.reached("flush.step_written")
     self._pending.clear()
+    _faults.reached("flush.cleared")
 
   def _revert(self, version: TableVersion) -> None:
     """Brings the just-opened table back to an earlier flush's ``version`` (see ``open``)."""
