@@ -27,6 +27,7 @@ import numpy as np
 
 from experiments._common import dumps
 from kstep_adam import embedding
+from kstep_adam.embedding import _malloc
 from kstep_adam.embedding import _store
 
 
@@ -371,8 +372,13 @@ def case_large(args, workdir, ids_kind: str):
       hit_rate=stats["hit_rate"],
       prefetched_rows=stats["prefetched_rows"],
       peak_rss_gib=_peak_rss_bytes() / 2**30,
-      # glibc's arena limit, which the peak depends on (see kstep_adam.embedding._malloc)
-      malloc_arena_max=os.environ.get("MALLOC_ARENA_MAX"),
+      # glibc's arena limit, which the peak depends on: the user's, else the package's cap
+      # (see kstep_adam.embedding._malloc)
+      malloc_arena_max=(
+        os.environ.get("MALLOC_ARENA_MAX")
+        if _malloc.user_set_arena_max()
+        else _malloc.limit_arenas()
+      ),
       disk_used_gib=disk_bytes / 2**30,
       compact_seconds=compact_seconds,
       disk_after_compact_gib=sizes["bytes_after"] / 2**30,
