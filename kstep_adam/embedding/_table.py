@@ -97,6 +97,19 @@ _FLUSH_BATCH_BYTES = 64 << 20  # uncompressed chunk bytes per flush write batch
 _FLUSH_PIECE_RECORDS = 1 << 21
 
 
+def dense_id_maps(num_rows: int, row_bytes: int, host_cache_rows: int) -> int | None:
+  """``num_rows`` if the host cache's slot map and the pending log's index should be direct
+  arrays over all row ids (``_id_map.DenseIdMap``), else None (hash maps).
+
+  Direct arrays take 12 bytes per table row (an int32 slot and an int64 log position)
+  whatever is cached; the hash maps take 36 bytes per cached row and 32 per row evicted
+  since the last flush, and cost several NumPy passes per lookup. So a table takes the
+  arrays when they are no larger than its cached rows (a table up to about 16 times its
+  host cache, for exact Adam at dim 16), and the hash maps for larger tables.
+  """
+  return num_rows if 12 * num_rows <= row_bytes * host_cache_rows else None
+
+
 class WorkingSet(NamedTuple):
   """A batch's deduplicated rows: ``rows[inverse]`` equals ``pull(ids)``."""
 
@@ -158,7 +171,8 @@ class EmbeddingTable:
     try:  # a failed open (a damaged database, an I/O error in the redo) releases the lock
       _store.remove_stale_dbs(path)
       self._store = _store.TableStore(path, config, ts_cache_bytes=ts_cache_bytes)
-      self._pending = PendingLog(path, config.width)
+      dense_ids = dense_id_maps(config.num_rows, config.row_bytes, host_cache_rows)
+      self._pending = PendingLog(path, config.width, dense_ids)
       redo_step = self._pending.recover()
       if redo_step is not None:  # a flush was committed but not fully copied: finish it
         self._apply_pending(redo_step)
@@ -171,7 +185,7 @@ class EmbeddingTable:
         self._pending.close()
       self._lock_file.close()
       raise
-    self._cache = HostCache(host_cache_rows, config.width)
+    self._cache = HostCache(host_cache_rows, config.width, dense_ids)
     self._device_cache = device_cache
     self._open_device_step: np.ndarray | None = None  # slots of a begun, unended device step
     self._device_fns: dict = {}
