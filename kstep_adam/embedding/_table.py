@@ -200,6 +200,9 @@ class EmbeddingTable:
     self._failure: tuple[str, BaseException] | None = None  # (operation, cause) once failed
     self._failed_prefetches: list[_PrefetchFuture] = []  # errors the next call may raise
     self._counts = dict(hits=0, misses=0, prefetched_rows=0, pulls=0, pushes=0)
+    # The last prefetch's (ids, unique ids, inverse): a trainer prefetches the next batch
+    # and then pulls the same ids, which need not be sorted again (_unique_inverse).
+    self._prefetched_batch: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
 
   # ----------------------------------------------------------------- public API
   @property
@@ -231,7 +234,7 @@ class EmbeddingTable:
   def pull(self, ids) -> np.ndarray:
     """Returns the rows of ``ids`` at the current step, float32 ``[len(ids), dim]``."""
     ids_N = _batch.check_ids(ids, self.num_rows)
-    unique_U, inverse_N = _batch.unique_inverse(ids_N)
+    unique_U, inverse_N = self._unique_inverse(ids_N)
     with self._op_lock, self._lock:
       self._check_rows_usable()
       rows_UxD = self._read_locked(unique_U)
@@ -252,7 +255,7 @@ class EmbeddingTable:
       on the device uses ``begin_device_step`` instead.)
     """
     ids_N = _batch.check_ids(ids, self.num_rows)
-    unique_U, inverse_N = _batch.unique_inverse(ids_N)
+    unique_U, inverse_N = self._unique_inverse(ids_N)
     unique_U = unique_U.copy() if unique_U is ids else unique_U  # never the caller's array
     num_rows = len(unique_U)
     if pad_to is not None:
@@ -321,8 +324,8 @@ class EmbeddingTable:
     Future holds the error, and if its result is never read, the table's next
     pull/working_set/push/prefetch raises it.
     """
-    ids_N = _batch.check_ids(ids, self.num_rows)
-    unique_U, _ = _batch.unique_inverse(ids_N)
+    ids_N = _batch.check_ids(ids, self.num_rows).copy()  # ours: kept for _unique_inverse
+    unique_U, inverse_N = _batch.unique_inverse(ids_N)
     if len(unique_U) > self._cache.capacity:
       raise ValueError(
         f"prefetch of {len(unique_U)} unique ids exceeds host_cache_rows="
@@ -332,6 +335,7 @@ class EmbeddingTable:
       self._check_usable()
     future = _PrefetchFuture()
     self._executor.submit(self._prefetch_task, future, unique_U)
+    self._prefetched_batch = (ids_N, unique_U, inverse_N)
     return future
 
   @property
@@ -643,6 +647,14 @@ class EmbeddingTable:
       return c
 
   # ------------------------------------------------------------- internals
+  def _unique_inverse(self, ids_N: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``_batch.unique_inverse(ids_N)``, from the last prefetch if it had the same ids (one
+    O(N) comparison instead of a sort); the unique ids are then a copy, the caller's own."""
+    last = self._prefetched_batch
+    if last is not None and len(last[0]) == len(ids_N) and np.array_equal(last[0], ids_N):
+      return last[1].copy(), last[2]
+    return _batch.unique_inverse(ids_N)
+
   def _pull_unique_locked(self, unique_U: np.ndarray) -> np.ndarray:
     return self._pull_rows_locked(unique_U)[:, 1 : 1 + self.dim]
 
