@@ -57,8 +57,10 @@ Concurrency. ``pull``, ``working_set``, ``push`` and ``flush`` are serialized by
 operation lock, so each sees the table at one step. ``prefetch`` runs on a background
 thread and takes only the cache lock. Disk reads run outside the cache lock: an
 operation reserves (pins) slots for its missing rows, marks them ``loading``, releases
-the lock, reads, and re-takes the lock to fill them. An operation that needs a loading
-row waits on a condition variable; flush waits until no read is in flight.
+the lock, reads, and re-takes the lock to fill them. The optimizer arithmetic of
+``pull`` and ``push`` runs outside the cache lock too, on rows they hold pinned, so a
+prefetch overlaps with it. An operation that needs a loading row waits on a condition
+variable; flush waits until no read is in flight.
 """
 
 import concurrent.futures
@@ -168,6 +170,11 @@ class EmbeddingTable:
     self._config = config
     self._ts_cache_bytes = ts_cache_bytes
     self._pending = None
+    # Which chunks the zarr table may hold, where known: a table at step 0 holds none (a
+    # push makes the step 1 before a flush can write a row), and each flush's copy adds
+    # the chunks it writes. A miss in a chunk never written is a fresh row, with no read.
+    # None (a table reopened later) reads every miss, as a table always did.
+    self._written_chunks: np.ndarray | None = None
     try:  # a failed open (a damaged database, an I/O error in the redo) releases the lock
       _store.remove_stale_dbs(path)
       self._store = _store.TableStore(path, config, ts_cache_bytes=ts_cache_bytes)
@@ -180,6 +187,8 @@ class EmbeddingTable:
       if version is not None:
         self._revert(version)
       self._committed = self._store.version()
+      if self._step == 0:
+        self._written_chunks = np.zeros(-(-config.num_rows // config.chunk_rows), bool)
     except BaseException:
       if self._pending is not None:
         self._pending.close()
@@ -301,8 +310,9 @@ class EmbeddingTable:
           try:
             block = self._cache.rows_CxW[slots]  # a copy: the cache changes only below
             params, opt_slots = block[:, 1 : 1 + dim], block[:, 1 + dim :]
-            self.optimizer.catch_up(params, opt_slots, _store.decode_last_step(block), step - 1)
-            self.optimizer.apply(params, opt_slots, grads_UxD[lo:hi], step)
+            with self._cache_unlocked():  # the slots are pinned: a prefetch may run meanwhile
+              self.optimizer.catch_up(params, opt_slots, _store.decode_last_step(block), step - 1)
+              self.optimizer.apply(params, opt_slots, grads_UxD[lo:hi], step)
             block[:, 0] = _store.encode_last_step(np.full(hi - lo, step))
             changed = True
             self._cache.rows_CxW[slots] = block
@@ -668,9 +678,10 @@ class EmbeddingTable:
       slots = self._acquire(unique_U[lo:hi])
       try:
         block = self._cache.rows_CxW[slots]
-        changed = self.optimizer.catch_up(
-          block[:, 1 : 1 + dim], block[:, 1 + dim :], _store.decode_last_step(block), self._step
-        )
+        with self._cache_unlocked():  # the slots are pinned: a prefetch may run meanwhile
+          changed = self.optimizer.catch_up(
+            block[:, 1 : 1 + dim], block[:, 1 + dim :], _store.decode_last_step(block), self._step
+          )
         if changed.any():
           block[changed, 0] = _store.encode_last_step(np.full(int(changed.sum()), self._step))
           self._cache.rows_CxW[slots[changed]] = block[changed]
@@ -696,6 +707,17 @@ class EmbeddingTable:
       future.set_exception(error)
     else:
       future.set_result(num_read)
+
+  @contextlib.contextmanager
+  def _cache_unlocked(self):
+    """Releases the cache lock for arithmetic on rows that the caller holds pinned (and,
+    under the operation lock, no other pull/push/flush can touch): only a prefetch runs
+    meanwhile, and it never writes a pinned slot."""
+    self._lock.release()
+    try:
+      yield
+    finally:
+      self._lock.acquire()
 
   def _release(self, slots: np.ndarray) -> None:
     self._cache.unpin(slots)
@@ -754,7 +776,12 @@ class EmbeddingTable:
     self._lock.release()
     try:
       rows_MxW = np.empty((len(missing), cache.rows_CxW.shape[1]), np.float32)
-      rows_MxW[~in_pending] = self._store.read_rows(missing[~in_pending])
+      on_disk = ~in_pending
+      if self._written_chunks is not None:
+        never_written = ~self._written_chunks[missing // self._config.chunk_rows]
+        rows_MxW[never_written & on_disk, 0] = _store.encode_last_step(np.array([-1]))
+        on_disk &= ~never_written
+      rows_MxW[on_disk] = self._store.read_rows(missing[on_disk])
       rows_MxW[in_pending] = self._pending.read(log_pos[in_pending])
       fresh = _store.decode_last_step(rows_MxW) < 0
       if fresh.any():
@@ -786,6 +813,8 @@ class EmbeddingTable:
       chunk = ids // chunk_rows
       bounds = np.flatnonzero(np.diff(chunk, prepend=-1))[::max_chunks]
       for lo, hi in zip(bounds, np.r_[bounds[1:], len(ids)]):
+        if self._written_chunks is not None:  # before the write: a failed one may have begun
+          self._written_chunks[chunk[lo:hi]] = True
         self._store.write_rows(ids[lo:hi], self._pending.read(positions[lo:hi]))
     self._store.write_step(step)
     self._pending.clear()
