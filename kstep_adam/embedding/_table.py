@@ -63,6 +63,7 @@ prefetch overlaps with it. An operation that needs a loading row waits on a cond
 variable; flush waits until no read is in flight.
 """
 
+import collections
 import concurrent.futures
 import contextlib
 import fcntl
@@ -209,9 +210,9 @@ class EmbeddingTable:
     self._failure: tuple[str, BaseException] | None = None  # (operation, cause) once failed
     self._failed_prefetches: list[_PrefetchFuture] = []  # errors the next call may raise
     self._counts = dict(hits=0, misses=0, prefetched_rows=0, pulls=0, pushes=0)
-    # The last prefetch's (ids, unique ids, inverse): a trainer prefetches the next batch
-    # and then pulls the same ids, which need not be sorted again (_unique_inverse).
-    self._prefetched_batch: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+    # The last two prefetches' (ids, unique ids, inverse): a trainer prefetches the next
+    # batch before it pulls this one, which need not be sorted again (_unique_inverse).
+    self._prefetched_batches: collections.deque = collections.deque(maxlen=2)
 
   # ----------------------------------------------------------------- public API
   @property
@@ -345,7 +346,7 @@ class EmbeddingTable:
       self._check_usable()
     future = _PrefetchFuture()
     self._executor.submit(self._prefetch_task, future, unique_U)
-    self._prefetched_batch = (ids_N, unique_U, inverse_N)
+    self._prefetched_batches.append((ids_N, unique_U, inverse_N))
     return future
 
   @property
@@ -658,11 +659,12 @@ class EmbeddingTable:
 
   # ------------------------------------------------------------- internals
   def _unique_inverse(self, ids_N: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``_batch.unique_inverse(ids_N)``, from the last prefetch if it had the same ids (one
-    O(N) comparison instead of a sort); the unique ids are then a copy, the caller's own."""
-    last = self._prefetched_batch
-    if last is not None and len(last[0]) == len(ids_N) and np.array_equal(last[0], ids_N):
-      return last[1].copy(), last[2]
+    """``_batch.unique_inverse(ids_N)``, from one of the last two prefetches if it had the
+    same ids (an O(N) comparison instead of a sort); the unique ids are then a copy, the
+    caller's own."""
+    for ids, unique_U, inverse_N in reversed(list(self._prefetched_batches)):
+      if len(ids) == len(ids_N) and np.array_equal(ids, ids_N):
+        return unique_U.copy(), inverse_N
     return _batch.unique_inverse(ids_N)
 
   def _pull_unique_locked(self, unique_U: np.ndarray) -> np.ndarray:
