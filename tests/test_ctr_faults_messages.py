@@ -274,25 +274,38 @@ def test_an_unreadable_data_file_is_one_line_naming_it(tmp_path, capsys):
 
 
 @pytest.mark.parametrize(
-  "damaged, says",
+  "damaged, says, advice, error",
   [
-    (lambda out: out / "run.json", "--overwrite"),
-    (lambda out: out / "summary.json", "delete it"),
-    (lambda out: os.path.join(_last_checkpoint(out), "manifest.json"), "delete that checkpoint"),
-    (lambda out: os.path.join(_last_checkpoint(out), "host.json"), "delete that checkpoint"),
+    (lambda out: out / "run.json", "is corrupt", "--overwrite", _jsonio.CorruptFileError),
+    (lambda out: out / "summary.json", "is corrupt", "delete it", _jsonio.CorruptFileError),
+    (
+      lambda out: os.path.join(_last_checkpoint(out), "manifest.json"),
+      "is corrupt",
+      "delete that checkpoint",
+      _jsonio.CorruptFileError,
+    ),
+    # The manifest's checksum of host.json catches it before its JSON is parsed.
+    (
+      lambda out: os.path.join(_last_checkpoint(out), "host.json"),
+      "changed since it was saved",
+      "to resume from the one before it",
+      _checkpoint.CheckpointCorruptError,
+    ),
   ],
   ids=["run.json", "summary.json", "manifest.json", "host.json"],
 )
-def test_a_corrupt_run_file_is_one_line_naming_it(copy, capsys, monkeypatch, damaged, says):
+def test_a_corrupt_run_file_is_one_line_naming_it(
+  copy, capsys, monkeypatch, damaged, says, advice, error
+):
   """Regression: a bare JSONDecodeError that named no file, with a traceback."""
   path = str(damaged(copy))
   _corrupt(path)
   with pytest.raises(SystemExit) as exit_info:
     train_ctr.main([*FLAGS, "--out", str(copy), "--resume"])
-  line = _one_line(capsys, exit_info, path, "is corrupt")
-  assert says in line
+  line = _one_line(capsys, exit_info, path, says)
+  assert advice in line
   monkeypatch.setenv("KSTEP_ADAM_DEBUG", "1")
-  with pytest.raises(_jsonio.CorruptFileError):
+  with pytest.raises(error):
     train_ctr.main([*FLAGS, "--out", str(copy), "--resume"])
 
 

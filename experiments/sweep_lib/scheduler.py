@@ -224,10 +224,10 @@ def status(out_dir: str, spec: SweepSpec) -> dict[str, list[str]]:
 
 
 def failure(out_dir: str, run_id: str) -> str:
-  """The last line of a failed run's traceback."""
+  """The last line of a failed run's traceback (a killed run left none: its log says more)."""
   path = worker.job_file(out_dir, run_id, "failed.json")
   try:
     lines = str(read_json(path, keys=("traceback",))["traceback"]).strip().splitlines()
   except (OSError, ValueError):  # it ended without one (killed, exit 1 from a signal)
-    return f"no traceback; see {worker.job_file(out_dir, run_id, 'log')}"
+    return f"no traceback (killed?); see {worker.job_file(out_dir, run_id, 'log')}"
   return lines[-1] if lines else "(no traceback)"
