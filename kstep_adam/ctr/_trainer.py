@@ -277,6 +277,7 @@ class Trainer:
   Attributes:
     processes: the processes of the run (``count`` 1 for a single process) and this one's
       ``index``.
+    out_dir: the run's directory as an absolute path, or None.
     num_steps: steps :meth:`fit` takes (an estimate for ``epochs`` passes over file data
       until the last pass ends).
     start_step: the optimizer's step count when the run starts (its state's ``count``; the
