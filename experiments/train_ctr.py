@@ -94,7 +94,9 @@ PRINTED = (
 
 def make_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(
-    description=__doc__.split("\n\n")[0], formatter_class=DefaultsHelpFormatter
+    prog="train_ctr",  # every error line starts alike, whichever path reports it
+    description=__doc__.split("\n\n")[0],
+    formatter_class=DefaultsHelpFormatter,
   )
   add_config_args(parser.add_argument_group("data"), ctr.DataConfig)
   add_config_args(
@@ -183,6 +185,8 @@ def _main(argv) -> dict:
         progress=args.progress,
       )
     except ctr.RunDirectoryError as error:
+      if debug_requested(argv):  # the exception, with its traceback
+        raise
       parser.exit(2, f"{parser.prog}: error: {error}\n")
     except ctr.DivergenceError as error:
       if processes.is_main:

@@ -80,7 +80,13 @@ def test_bytes_follow_each_optimizers_schedule_on_the_large_dense_tower():
 
 @pytest.mark.parametrize(
   "overrides",
-  [dict(optimizer="kstep_adam", sync="desloc", k=2), dict(optimizer="onebit_adam", eps=1e-4)],
+  [
+    # DES-LOC (k = 2) ends this tiny run with its loss far above the divergence limit, even
+    # at a quarter of the learning rate: a diverged run, as a run must now say. Bytes are
+    # what is tested here, so the limit is lifted.
+    dict(optimizer="kstep_adam", sync="desloc", k=2, divergence_factor=1e9),
+    dict(optimizer="onebit_adam", eps=1e-4),
+  ],
 )
 def test_a_run_counts_the_bytes_its_schedule_sends(overrides, tmp_path):
   config = ctr.TrainConfig(
