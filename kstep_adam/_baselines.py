@@ -22,7 +22,7 @@ import optax
 from kstep_adam._compression import onebit_mean
 from kstep_adam._compression import onebit_server_errors
 from kstep_adam._compression import sparse_mean
-from kstep_adam._merge import _check_axes_bound
+from kstep_adam._merge import check_axes_bound
 from kstep_adam._merge import check_merge_flag
 from kstep_adam._merge import declared_merge
 from kstep_adam._merge import merge_params
@@ -408,7 +408,7 @@ def scale_by_onebit_adam(
 
   def init_fn(params):
     if axes:
-      _check_axes_bound(axes)
+      check_axes_bound(axes)
     num_workers = math.prod(jax.lax.axis_size(a) for a in axes)
     return ScaleByOneBitAdamState(
       count=jnp.zeros([], jnp.int32),

@@ -69,8 +69,6 @@ ALLOWED = {
   "size: kstep_adam/ctr/_sharded_tier.py",
   "size: kstep_adam/ctr/_trainer.py",
   "cycle: kstep_adam.ctr._columnar, kstep_adam.ctr._readers",
-  "private: kstep_adam._baselines uses kstep_adam._merge._check_axes_bound",
-  "private: kstep_adam._compression uses kstep_adam._merge._like_vma",
   "private: kstep_adam.ctr._sharded_tier uses kstep_adam.ctr._step._logits",
   "private: tests/test_sharded_table.py uses kstep_adam.ctr._multiprocess._checkpoint_json",
   "private: tests/test_sharded_table.py uses kstep_adam.ctr._sharded_tier._check_table_dir",
