@@ -30,16 +30,16 @@ import optax
 
 from kstep_adam import parallel
 from kstep_adam._adaptive import adaptive_schedule
-from kstep_adam._baselines import diloco
-from kstep_adam._baselines import local_sgd
-from kstep_adam._baselines import onebit_adam
-from kstep_adam._baselines import sync_adam
-from kstep_adam._baselines import topk_ef
 from kstep_adam._jsonio import write_json
 from kstep_adam._kstep_adam import kstep_adam
 from kstep_adam._schedule import compressed_schedule
 from kstep_adam._schedule import merge_schedule
 from kstep_adam._schedule import sync_schedule
+from kstep_adam.baselines._diloco import diloco
+from kstep_adam.baselines._local_sgd import local_sgd
+from kstep_adam.baselines._onebit_adam import onebit_adam
+from kstep_adam.baselines._sync_adam import sync_adam
+from kstep_adam.baselines._topk_ef import topk_ef
 from kstep_adam.ctr._config import OPTIMIZERS
 from kstep_adam.ctr._config import TrainConfig
 from kstep_adam.ctr._divergence import DivergenceError
