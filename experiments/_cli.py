@@ -7,17 +7,50 @@ allowed choices (``dataclasses.field(metadata={"choices": ...})``) and the docst
 help. A ``tuple[int, ...]`` (or ``float``, ``str``) field takes one or more values
 (``--ks 1 8 64``). :func:`config_from_args` builds the config back, so the dataclass's own validation runs on
 whatever the user typed. Nothing is declared twice.
+
+:func:`user_errors` is every entry point's error policy: an error the user can cause (a
+missing or unreadable file, a corrupt one, a refused value, a full disk) ends the program with
+one line on stderr that names the file and what to do, and exit status 1; ``--debug``
+(:func:`add_debug_flag`) or ``KSTEP_ADAM_DEBUG=1`` shows the traceback instead. Any other
+exception is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import errno
+import functools
+import os
 import re
+import signal
+import sys
 import types
 import typing
+from collections.abc import Callable
 from collections.abc import Iterable
 from collections.abc import Mapping
+
+# Set to 1 to see the traceback of a user error (as --debug does).
+DEBUG_ENV = "KSTEP_ADAM_DEBUG"
+# The exit status of a user error.
+USER_ERROR_EXIT_STATUS = 1
+
+# What to do about an OSError, by errno.
+_OS_ERROR_ADVICE = {
+  errno.ENOSPC: "the disk is full: free space, then run the same command again (a run saving "
+  "checkpoints continues with --resume)",
+  errno.EDQUOT: "the disk quota is used up: free space, then run the same command again",
+  errno.EROFS: "the file system is read-only: choose a writable place",
+  errno.EACCES: "check the file's permissions",
+  errno.EPERM: "check the file's permissions",
+  errno.ENOENT: "check the path",
+  errno.ENOTDIR: "a part of the path is a file, not a directory: check the path",
+  errno.EISDIR: "it is a directory: name a file",
+  errno.ELOOP: "a loop of symbolic links: check the path",
+  errno.ENAMETOOLONG: "shorten the path",
+}
 
 
 def field_docs(cls: type) -> dict[str, str]:
@@ -200,3 +233,78 @@ def config_from_args(cls: type, args: argparse.Namespace, **overrides):
   values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}
   values.update(overrides)
   return cls(**values)
+
+
+def add_debug_flag(parser: argparse.ArgumentParser) -> None:
+  """``--debug``: show the traceback of an error instead of its one line."""
+  parser.add_argument(
+    "--debug",
+    action="store_true",
+    help=f"show the traceback of an error instead of one line (or set {DEBUG_ENV}=1)",
+  )
+
+
+def debug_requested(argv: list[str] | None) -> bool:
+  """Whether ``--debug`` is among the arguments or :data:`DEBUG_ENV` is set (not 0)."""
+  argv = sys.argv[1:] if argv is None else argv
+  return "--debug" in argv or os.environ.get(DEBUG_ENV, "") not in ("", "0")
+
+
+def one_line(error: BaseException) -> str:
+  """The message of a user error on one line; an OSError names its file and what to do.
+
+  Examples:
+    >>> one_line(FileNotFoundError(errno.ENOENT, "No such file or directory", "a.json"))
+    'a.json: No such file or directory; check the path'
+    >>> one_line(ValueError("bad\\nvalue"))
+    'bad value'
+  """
+  if isinstance(error, OSError) and error.strerror:
+    where = f"{error.filename}: " if error.filename is not None else ""
+    advice = _OS_ERROR_ADVICE.get(error.errno)
+    text = f"{where}{error.strerror}" + (f"; {advice}" if advice else "")
+  else:
+    text = str(error) or type(error).__name__
+  return " ".join(text.split())
+
+
+@contextlib.contextmanager
+def user_errors_reported(prog: str, *, debug: bool = False):
+  """Within the block, a user error (OSError, ValueError: missing, unreadable, corrupt files,
+  refused values, a full disk) exits with :data:`USER_ERROR_EXIT_STATUS` after one line on
+  stderr, ``PROG: error: MESSAGE``, and Ctrl-C with 130 after one line; with ``debug`` they
+  propagate with their traceback."""
+  try:
+    yield
+  except (OSError, ValueError) as error:
+    if debug:
+      raise
+    print(f"{prog}: error: {one_line(error)}", file=sys.stderr)
+    sys.exit(USER_ERROR_EXIT_STATUS)
+  except Exception as error:
+    from kstep_adam.ctr._interrupt import RunInterrupted  # a CTR run stopped by a signal
+
+    if debug or not isinstance(error, RunInterrupted):
+      raise
+    print(f"{prog}: {error}; run the same command again to continue", file=sys.stderr)
+    sys.exit(error.exit_status)
+  except KeyboardInterrupt:  # Ctrl-C outside a training loop (which stops at a step boundary)
+    if debug:
+      raise
+    print(f"{prog}: interrupted (SIGINT)", file=sys.stderr)
+    sys.exit(128 + signal.SIGINT)
+
+
+def user_errors(prog: str) -> Callable:
+  """Decorate an entry point's ``main(argv=None)`` with :func:`user_errors_reported` (debug
+  from :func:`debug_requested`); its parser should have :func:`add_debug_flag`."""
+
+  def decorate(main):
+    @functools.wraps(main)
+    def wrapped(argv=None, *args, **kwargs):
+      with user_errors_reported(prog, debug=debug_requested(argv)):
+        return main(argv, *args, **kwargs)
+
+    return wrapped
+
+  return decorate

@@ -59,9 +59,11 @@ class Command:
     return self.figures if self.figures is not None else os.path.join(self.out_dir, "figures")
 
 
+@_cli.user_errors("convergence_rate")
 def main(argv: list[str] | None = None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   _cli.add_config_args(parser, Command)
+  _cli.add_debug_flag(parser)
   cmd = _cli.config_from_args(Command, parser.parse_args(argv))
   results_path = os.path.join(cmd.out_dir, "results.jsonl")
   if cmd.plot_only:

@@ -28,7 +28,9 @@ import os
 
 from experiments._cli import DefaultsHelpFormatter
 from experiments._cli import add_config_args
+from experiments._cli import add_debug_flag
 from experiments._cli import config_from_args
+from experiments._cli import user_errors
 from experiments._common import use_cpu_devices
 from experiments.paper import config
 from experiments.paper import run
@@ -68,6 +70,7 @@ def _parser(base: PaperConfig, *, add_help: bool = True) -> argparse.ArgumentPar
     aliases={"num_seeds": ["--seeds"]},
     defaults=dataclasses.asdict(base),
   )
+  add_debug_flag(p)
   return p
 
 
@@ -96,6 +99,7 @@ def output_dirs(args: argparse.Namespace, cfg: PaperConfig) -> tuple[str, str]:
   return out, figures
 
 
+@user_errors("reproduce_paper")
 def main(argv=None) -> str:
   args, cfg = parse_args(argv)
   out, figures = output_dirs(args, cfg)

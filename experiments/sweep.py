@@ -28,6 +28,8 @@ import os
 import sys
 
 from experiments._cli import DefaultsHelpFormatter
+from experiments._cli import add_debug_flag
+from experiments._cli import user_errors
 from experiments.sweep_lib import report
 from experiments.sweep_lib import results
 from experiments.sweep_lib import scheduler
@@ -70,18 +72,21 @@ def make_parser() -> argparse.ArgumentParser:
   )
   action.add_argument("--status", action="store_true", help="list the runs by state, run nothing")
   action.add_argument("--dry-run", action="store_true", help="list the runs, run nothing")
+  add_debug_flag(parser)
   return parser
 
 
+@user_errors("sweep")
 def main(argv=None) -> int:
   parser = make_parser()
   args = parser.parse_args(argv)
   try:
-    spec = spec_lib.load(resolve(args.config), quick=args.quick)
     shard = scheduler.Shard.parse(args.shard)
-    runs = spec.runs()
   except ValueError as e:
     parser.error(str(e))
+  # A bad sweep file is one line naming it (user_errors), not a usage message.
+  spec = spec_lib.load(resolve(args.config), quick=args.quick)
+  runs = spec.runs()
   out = args.out or os.path.join("runs", "sweeps", spec.name + ("_quick" if args.quick else ""))
   if args.dry_run:
     for run in shard.take(runs):

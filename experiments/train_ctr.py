@@ -33,7 +33,11 @@ Every flag comes from :class:`kstep_adam.ctr.DataConfig` and :class:`kstep_adam.
 and, with ``--checkpoint-every``, ``OUT/checkpoints/``. An ``--out`` that holds another run is
 refused unless ``--resume`` (continue it) or ``--overwrite`` (replace it) says what to do.
 A diverged run (non-finite or exploding loss) exits with status 3 and says at which step;
-its ``summary.json`` records ``"status": "diverged"``.
+its ``summary.json`` records ``"status": "diverged"``. Ctrl-C (SIGINT) or SIGTERM stops the
+run at the next step boundary, says where its last checkpoint is and how to continue
+(``--resume``), and exits with status 130 or 143; a second one stops it at once. Any other
+error the user can cause (a missing or corrupt file, a full disk) is one line naming the file
+and what to do, exit status 1; ``--debug`` (or ``KSTEP_ADAM_DEBUG=1``) shows the traceback.
 
 Several processes (one per node; docs/multiprocess.md): the same command under
 :mod:`kstep_adam.launch` or ``srun``. Each process then simulates ``--devices-per-node`` CPU
@@ -48,15 +52,20 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 
 from experiments._cli import DefaultsHelpFormatter
 from experiments._cli import add_config_args
+from experiments._cli import add_debug_flag
 from experiments._cli import config_from_args
+from experiments._cli import debug_requested
+from experiments._cli import user_errors
 from experiments._common import use_cpu_devices
 from kstep_adam import _distributed
 from kstep_adam import ctr
 from kstep_adam._jsonio import finite_or_none
+from kstep_adam.ctr import _interrupt
 from kstep_adam.ctr._sharded_tier import sharded_device_cache_error
 
 # The short spellings users know, beside the generated --learning-rate / --sparse-learning-rate.
@@ -113,6 +122,7 @@ def make_parser() -> argparse.ArgumentParser:
     default=True,
     help="show a progress bar (steps, examples/s, loss, cache hit rate)",
   )
+  add_debug_flag(parser)
   return parser
 
 
@@ -121,7 +131,25 @@ def build(args: argparse.Namespace) -> tuple[ctr.TrainConfig, ctr.DataConfig]:
   return config_from_args(ctr.TrainConfig, args), config_from_args(ctr.DataConfig, args)
 
 
+def interrupted_message(error: ctr.RunInterrupted, argv: list[str] | None, out: str) -> str:
+  """What a stopped run prints: where it stopped, its last checkpoint, how to continue."""
+  argv = sys.argv[1:] if argv is None else argv
+  again = " ".join(a for a in argv if a not in ("--resume", "--overwrite"))
+  command = f"python -m experiments.train_ctr {again} --resume".replace("  ", " ")
+  if error.checkpoint is None:
+    how = f"{command} starts it over (save checkpoints with --checkpoint-every N)"
+  else:
+    how = f"continue it with: {command}"
+  return f"train_ctr: the run in {out} {error.describe()}; {how}"
+
+
+@user_errors("train_ctr")
 def main(argv=None) -> dict:
+  with _interrupt.stop_at_step_boundaries():  # a signal stops the run at a step boundary
+    return _main(argv)
+
+
+def _main(argv) -> dict:
   parser = make_parser()
   args = parser.parse_args(argv)
   try:
@@ -143,7 +171,7 @@ def main(argv=None) -> dict:
   # A refused out dir or a diverged run ends every process the same way (they all see it);
   # any other error ends this one at once (exit_on_error) and the others at their next
   # collective.
-  with _distributed.exit_on_error(processes):
+  with _distributed.exit_on_error(processes, debug=debug_requested(argv)):
     source = ctr.make_source(data, config, part=(processes.index, processes.count))
     try:
       summary = ctr.train(
@@ -161,6 +189,14 @@ def main(argv=None) -> dict:
         print(f"error: {error}", file=sys.stderr)
         print(f"wrote {os.path.join(args.out, 'summary.json')} (status: diverged)", file=sys.stderr)
       sys.exit(DIVERGED_EXIT_STATUS)
+    except OSError as error:
+      if error.filename is None and error.strerror:  # a write deep in the run (a full disk)
+        raise type(error)(error.errno, f"{error.strerror} (writing the run)", args.out) from error
+      raise
+    except ctr.RunInterrupted as error:
+      if processes.is_main:
+        print(interrupted_message(error, argv, args.out), file=sys.stderr)
+      sys.exit(error.exit_status)
   if not processes.is_main:
     return summary
   print(json.dumps(finite_or_none({key: summary[key] for key in PRINTED}), indent=1))
@@ -175,6 +211,10 @@ def main(argv=None) -> dict:
   print(
     f"wrote {os.path.join(args.out, 'metrics.jsonl')} and {os.path.join(args.out, 'summary.json')}"
   )
+  signum = _interrupt.requested()
+  if signum is not None:  # after the run completed: its results are whole, but say so
+    print(f"train_ctr: {signal.Signals(signum).name} after the run completed", file=sys.stderr)
+    sys.exit(128 + signum)
   return summary
 
 

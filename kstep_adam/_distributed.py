@@ -145,11 +145,12 @@ def initialize(environ: Mapping[str, str] | None = None) -> Processes:
 
 
 @contextlib.contextmanager
-def exit_on_error(processes: Processes) -> Iterator[None]:
+def exit_on_error(processes: Processes, *, debug: bool = True) -> Iterator[None]:
   """In a multi-process run, end this process promptly when the body raises.
 
   The error and its traceback go to stderr, prefixed with the rank, and the process exits
-  with status 1 at once. A normal exit would first wait at JAX's shutdown barrier for the
+  with status 1 at once; without ``debug`` a user error (OSError, ValueError: a missing or
+  corrupt file, a full disk) is only its line, without the traceback. A normal exit would first wait at JAX's shutdown barrier for the
   other processes, which never come when one of them has died. The others see this process
   go at their next collective and fail in turn. In a single process the error propagates.
   """
@@ -158,7 +159,8 @@ def exit_on_error(processes: Processes) -> Iterator[None]:
   except (Exception, KeyboardInterrupt) as error:
     if processes.count == 1:
       raise
-    traceback.print_exc()
+    if debug or not isinstance(error, (OSError, ValueError)):
+      traceback.print_exc()
     print(
       f"process {processes.index} of {processes.count} failed: {type(error).__name__}: {error}",
       file=sys.stderr,

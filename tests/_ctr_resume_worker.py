@@ -10,28 +10,20 @@ dense parameters to ``OUT.params.npz``. The processes of a test share JAX's comp
 in ``cache``, so only the first one compiles. ``kill`` is one of
 
 * ``{"at": "step", "step": N}``: after step N's hooks, write ``OUT.paused`` and wait to be
-  killed (the test sends the SIGKILL);
-* ``{"at": "manifest", "checkpoint": N}``: in the N-th checkpoint, between the table flush
-  and the manifest;
-* ``{"at": "flush", "checkpoint": N}``: in the N-th checkpoint's table flush, after its
-  commit point, before the committed rows are all copied into the table.
+  killed (the test sends the SIGKILL).
+
+A kill at a named point of a checkpoint is set in the environment instead
+(``KSTEP_ADAM_FAULT``, :mod:`kstep_adam._faults`).
 """
 
 import json
 import os
-import signal
 import sys
 import time
 
 
-def _kill_self():
-  os.kill(os.getpid(), signal.SIGKILL)
-
-
 def main(spec: dict):
   from kstep_adam import ctr
-  from kstep_adam.ctr import _checkpoint
-  from kstep_adam.embedding import _store
 
   config = ctr.TrainConfig(**spec["config"])
   if "file" in spec["data"]:
@@ -41,7 +33,6 @@ def main(spec: dict):
   else:
     source = ctr.make_source(ctr.DataConfig(**spec["data"]["synthetic"]), config)
   kill = spec["kill"] or {"at": None}
-  checkpoints = []
 
   if kill["at"] == "step":
 
@@ -54,34 +45,8 @@ def main(spec: dict):
 
     original_fit = ctr.Trainer.fit
     ctr.Trainer.fit = lambda self, hooks=(): original_fit(self, [*hooks, PauseAt()])
-  elif kill["at"] == "manifest":
-    original_manifest = _checkpoint.write_manifest
-
-    def write_manifest(path, step, table):
-      checkpoints.append(step)
-      if len(checkpoints) == kill["checkpoint"]:
-        _kill_self()
-      original_manifest(path, step, table)
-
-    _checkpoint.write_manifest = write_manifest
-  elif kill["at"] == "flush":
-    original_flush = ctr.Trainer.save_checkpoint
-
-    def save_checkpoint(self):
-      checkpoints.append(self.step)
-      return original_flush(self)
-
-    original_write_rows = _store.TableStore.write_rows
-
-    def write_rows(self, ids, rows):
-      if len(checkpoints) == kill["checkpoint"]:
-        _kill_self()
-      original_write_rows(self, ids, rows)
-
-    ctr.Trainer.save_checkpoint = save_checkpoint
-    _store.TableStore.write_rows = write_rows
   _, state = ctr.train(config, source, spec["out"], resume=spec["resume"], return_state=True)
-  if kill["at"] is not None:
+  if kill["at"] is not None or os.environ.get("KSTEP_ADAM_FAULT"):
     sys.exit("the run ended without being killed")
   np.savez(spec["out"] + ".params.npz", *jax.tree.leaves(state["params_W"]))
 

@@ -23,6 +23,7 @@ from test_parallel import _diverging_step
 from test_parallel import _spread
 
 import kstep_adam
+from kstep_adam import _faults
 from kstep_adam import ctr
 from kstep_adam import embedding
 from kstep_adam import parallel
@@ -76,9 +77,10 @@ def _file_data(path, lines=1300):
   return str(path)
 
 
-def _run(out, config_kwargs, data, cache, *, kill=None, resume=False, timeout=300):
+def _run(out, config_kwargs, data, cache, *, kill=None, fault=None, resume=False, timeout=300):
   """A run in its own process (:mod:`_ctr_resume_worker`), to its end or killed as ``kill``
-  says; the processes share a compilation cache, so only the first compiles."""
+  says, or at the fault point ``fault`` (``POINT@N``, :mod:`kstep_adam._faults`); the
+  processes share a compilation cache, so only the first compiles."""
   spec = {
     "out": str(out),
     "config": config_kwargs,
@@ -88,6 +90,9 @@ def _run(out, config_kwargs, data, cache, *, kill=None, resume=False, timeout=30
     "cache": str(cache),
   }
   env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(HERE), HERE]))
+  env.pop(_faults.ENV, None)
+  if fault is not None:
+    env[_faults.ENV] = fault
   proc = subprocess.Popen(
     [sys.executable, os.path.join(HERE, "_ctr_resume_worker.py"), json.dumps(spec)],
     env=env,
@@ -102,7 +107,7 @@ def _run(out, config_kwargs, data, cache, *, kill=None, resume=False, timeout=30
     if proc.poll() is None:
       os.kill(proc.pid, signal.SIGKILL)
   output, _ = proc.communicate(timeout=timeout)
-  expected = 0 if kill is None else -signal.SIGKILL
+  expected = 0 if kill is None and fault is None else -signal.SIGKILL
   assert proc.returncode == expected, output.decode()[-3000:]
 
 
@@ -191,29 +196,30 @@ def test_a_run_killed_at_a_random_step_resumes_to_exactly_the_same_result(
   _assert_same_run(_result(out), reference)
 
 
+# Where a kill at each point of the second checkpoint (step 6) leaves the latest complete
+# checkpoint; the points up to the manifest keep the one at step 3. Every point of the table
+# flush after its commit point leaves the table ahead of that checkpoint: the resumed run
+# redoes the flush's copy on reopening, then reverts it to the checkpoint's version.
+KILL_POINTS = {point: 3 for point in _faults.POINTS} | {
+  "checkpoint.manifest": 6,
+  "checkpoint.pruned": 6,
+}
+FAST_KILL_POINTS = {"flush.committed", "checkpoint.manifest"}
+
+
 @pytest.mark.parametrize(
-  "kill",
-  [
-    # between the dense state and the manifest, the table flushed: the table is ahead of the
-    # last manifest and must be reverted to its version
-    {"at": "manifest", "checkpoint": 2},
-    # in the table flush, after its commit point: reopening redoes the flush, then reverts it
-    {"at": "flush", "checkpoint": 2},
-  ],
-  ids=["before-manifest", "in-table-flush"],
+  "point",
+  [p if p in FAST_KILL_POINTS else pytest.param(p, marks=pytest.mark.slow) for p in KILL_POINTS],
 )
-def test_a_kill_while_writing_a_checkpoint_leaves_the_previous_one_loadable(
-  tmp_path, cache, synthetic_run, kill
-):
+def test_a_kill_at_any_point_of_a_checkpoint_resumes_exactly(tmp_path, cache, synthetic_run, point):
+  """SIGKILL at each named point of the checkpoint sequence (dense, host state, the table
+  flush's log append, commit point, copy, step, clear, manifest, pruning): the resumed run
+  ends with the uninterrupted run's test AUC, losses, dense state and table rows, bit for bit."""
   config_kwargs, data, reference = synthetic_run
   out = tmp_path / "run"
-  _run(out, config_kwargs, data, cache, kill=kill)
+  _run(out, config_kwargs, data, cache, fault=f"{point}@2")
   checkpoints = out / "checkpoints"
-  assert [c.step for c in _checkpoint.complete_checkpoints(str(checkpoints))] == [3]
-  assert os.path.isdir(checkpoints / "step_000000006" / "dense")  # the interrupted one
-  table = embedding.open_table(out / "table")  # its flush reached its commit point
-  assert table.step == 6
-  table.close(flush=False)
+  assert _checkpoint.latest_checkpoint(str(checkpoints)).step == KILL_POINTS[point]
   _run(out, config_kwargs, data, cache, resume=True)
   _assert_same_run(_result(out), reference)
   assert not os.path.exists(checkpoints / "step_000000003")  # kept: the newest two

@@ -18,6 +18,7 @@ from kstep_adam.ctr._divergence import DivergenceMonitor
 from kstep_adam.ctr._rundir import OutDirLockedError
 from kstep_adam.ctr._rundir import RunDirectory
 from kstep_adam.ctr._rundir import run_identity
+from kstep_adam.ctr._trainer import eval_metrics
 
 BASE = dict(
   optimizer="sync_adam",  # one step program to compile: these tests are not about merges
@@ -185,11 +186,13 @@ def test_an_existing_table_is_refused_unless_the_run_starts_from_it(tmp_path):
 @pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
 def test_a_diverging_run_stops_naming_the_step_and_records_it(tmp_path, capsys):
   """Regression: with --lr 1e4 --sparse-lr 1e6 the loss reached 1e25 and the run exited 0
-  with AUC 0.50 and only a NumPy overflow warning."""
+  with AUC 0.50 and only a NumPy overflow warning. That overflow (the embedding rows'
+  gradients, huge from the exploding dense layers, overflow the sparse optimizer's second
+  moment in float32) is divergence by itself now (issue 17 item 3), at step 2."""
   from experiments import train_ctr
 
   out = tmp_path / "out"
-  args = ["--lr", "1e4", "--sparse-lr", "1e6", "--steps", "40", "--batch-size", "16"]
+  args = ["--lr", "1e4", "--steps", "40", "--batch-size", "16"]
   args += ["--optimizer", "sync_adam"]
   args += ["--table-rows", "16384", "--eval-every", "0", "--checkpoint-every", "5"]
   with pytest.raises(SystemExit) as exit_info:
@@ -197,9 +200,9 @@ def test_a_diverging_run_stops_naming_the_step_and_records_it(tmp_path, capsys):
   assert exit_info.value.code == train_ctr.DIVERGED_EXIT_STATUS
   summary = json.loads((out / "summary.json").read_text())
   step = summary["diverged_at_step"]
-  assert summary["status"] == "diverged" and summary["reason"] == "exploding"
+  assert summary["status"] == "diverged" and summary["reason"] == "nonfinite"
   assert f"training diverged at step {step}" in capsys.readouterr().err
-  assert step == 1 + ctr.TrainConfig().divergence_steps  # above 10x from step 2 on
+  assert step == 2 and "embedding rows is not finite in float32" in summary["message"]
   record = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
   assert record["kind"] == "diverged" and record["step"] == step
   # The loss left its range before the first checkpoint was due: none holds a bad state.
@@ -331,3 +334,179 @@ def test_a_run_resumed_before_its_first_checkpoint_starts_over_from_its_tables_s
     assert summary[key] == expected[key], key
   with embedding.open_table(tmp_path / "table") as table:
     assert table.step == 6
+
+
+# -- issue 17, items 2 and 3: no diverged run ends "completed", no non-finite state is stored ---
+def _diverged_cli(args, out, capsys):
+  """Runs the command line into ``out``; returns its summary once it exited as diverged."""
+  from experiments import train_ctr
+
+  common = ["--optimizer", "sync_adam", "--batch-size", "16", "--table-rows", "16384"]
+  common += ["--eval-every", "0", "--no-progress", "--out", str(out)]
+  with pytest.raises(SystemExit) as exit_info:
+    train_ctr.main([*args, *common])
+  assert exit_info.value.code == train_ctr.DIVERGED_EXIT_STATUS
+  summary = json.loads((out / "summary.json").read_text())
+  assert summary["status"] == "diverged"
+  assert f"training diverged at step {summary['diverged_at_step']}" in capsys.readouterr().err
+  return summary
+
+
+def test_a_run_that_ends_with_its_loss_above_the_limit_has_diverged(tmp_path, capsys):
+  """Regression: --lr 1e4 --steps 8 ended with loss 8.6e23, AUC 0.5, status completed: the
+  exploding rule needs 20 steps above the limit, and the run was over before. (At 1e4 the
+  sparse moments now overflow first; at 1 the loss is above the limit from step 2 on.)"""
+  summary = _diverged_cli(["--lr", "1", "--steps", "8"], tmp_path / "out", capsys)
+  assert summary["reason"] == "exploding" and summary["diverged_at_step"] == 8
+  assert "ended with its loss above" in summary["message"]
+
+
+def test_a_run_whose_test_predictions_are_not_finite_has_diverged(tmp_path, capsys):
+  """Regression: a model with non-finite predictions on the test set (here dense parameters
+  poisoned after the last step, as an overflow would leave them) ended "completed"."""
+  config = _config(steps=2)
+  original = ctr.Trainer.fit
+
+  def fit_then_poison(trainer, hooks=()):
+    original(trainer, hooks)
+    trainer.params_W = jax.tree.map(lambda x: x * np.float32(np.inf), trainer.params_W)
+
+  ctr.Trainer.fit = fit_then_poison
+  try:
+    with pytest.raises(ctr.DivergenceError, match="not finite") as info:
+      ctr.train(config, _source(config), str(tmp_path / "out"))
+  finally:
+    ctr.Trainer.fit = original
+  assert info.value.reason == "nonfinite" and info.value.step == 2
+  summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+  assert summary["status"] == "diverged"
+
+
+def test_a_final_evaluation_with_a_nonfinite_prediction_is_divergence():
+  record = eval_metrics(np.array([0.0, 1.0, 1.0]), np.array([0.1, np.nan, 0.9]))
+  assert record["test_nonfinite_predictions"] == 1 and record["test_auc"] is None
+
+
+def test_learning_rates_infinite_in_float32_are_refused_with_the_range():
+  """Regression: 1e39 is finite in float64 and passed; in float32 it is inf."""
+  for name in ("learning_rate", "sparse_learning_rate", "outer_learning_rate"):
+    with pytest.raises(ValueError, match=rf"{name} must be a finite number in \(0\.0, 3\.40"):
+      _config(**{name: 1e39})
+  _config(sparse_learning_rate=3e38)  # the largest float32 is allowed
+
+
+def test_a_sparse_update_that_overflows_float32_is_divergence_and_nothing_is_stored(tmp_path):
+  """Regression: --lr 1e4 --steps 8 --table-dir T completed with ~52k inf values in the
+  stored second moment (the float64 moment overflows in the cast to float32), and a diverged
+  run still committed its table when it closed. Now the push that would store them is
+  divergence, and the table keeps its last good commit (here: its start)."""
+  table_dir = tmp_path / "table"
+  config = _config(steps=8, learning_rate=1e4, table_dir=str(table_dir))
+  with pytest.raises(ctr.DivergenceError, match="embedding rows is not finite") as info:
+    ctr.train(config, _source(config), str(tmp_path / "out"))
+  assert info.value.reason == "nonfinite" and info.value.step == 2
+  with embedding.open_table(table_dir) as table:
+    assert table.step == 0
+    rows = table.pull(np.arange(config.table_rows))
+    table.close(flush=False)
+  assert np.isfinite(rows).all()
+
+
+def test_a_table_push_that_would_store_nonfinite_rows_stores_nothing(tmp_path):
+  with embedding.open_table(
+    tmp_path / "t", num_rows=64, dim=2, optimizer=embedding.SparseAdam(learning_rate=1.0)
+  ) as table:
+    before = table.pull(np.arange(64))
+    with pytest.raises(embedding.NonFiniteRowsError, match=r"rows \[3\]"):
+      table.push([3, 5], np.array([[1e30, 0.0], [1.0, 1.0]], np.float32))  # v = g**2: 1e60
+    assert table.step == 0 and not table.failed
+    np.testing.assert_array_equal(table.pull(np.arange(64)), before)
+
+
+# -- issue 17, item 10: relative, spaced and symlinked output directories -----------------------
+@pytest.mark.parametrize("kind", ["relative", "symlinked"])
+def test_checkpoints_into_a_relative_or_symlinked_out_save_and_resume(tmp_path, monkeypatch, kind):
+  """Regression: --checkpoint-every with a relative --out (the README's own command, and every
+  sweep's default) crashed in orbax: 'Checkpoint path should be absolute'."""
+  monkeypatch.chdir(tmp_path)
+  out = "runs/ckpt dir"  # relative, with a space
+  if kind == "symlinked":
+    os.makedirs("real place")
+    os.symlink("real place", "link")
+    out = os.path.join("link", out)
+  config = _config(steps=4, checkpoint_every=2)
+  summary = ctr.train(config, _source(config), out)
+  assert summary["status"] == "completed"
+  assert [c.step for c in _checkpoint.complete_checkpoints(os.path.join(out, "checkpoints"))] == [
+    2,
+    4,
+  ]
+  os.unlink(os.path.join(out, "summary.json"))
+  os.unlink(os.path.join(out, "checkpoints", "step_000000004", "manifest.json"))
+  resumed = ctr.train(config, _source(config), out, resume=True)  # from step 2
+  assert resumed["test_auc"] == summary["test_auc"]
+
+
+# -- issue 17, item 9: checkpoint files are checked against the manifest's checksums -----------
+def test_a_flipped_byte_in_a_checkpoint_file_is_refused_naming_the_file(tmp_path, capsys):
+  """Regression: one flipped byte in the dense checkpoint resumed with exit 0 and different
+  results."""
+  from experiments import train_ctr
+
+  out = tmp_path / "out"
+  args = ["--optimizer", "sync_adam", "--batch-size", "16", "--table-rows", "16384"]
+  args += ["--steps", "4", "--checkpoint-every", "2", "--eval-every", "0", "--no-progress"]
+  args += ["--out", str(out)]
+  train_ctr.main(args)
+  (out / "summary.json").unlink()
+  step_4 = out / "checkpoints" / "step_000000004"
+  (step_4 / "manifest.json").unlink()  # resume from step 2
+  step_2 = out / "checkpoints" / "step_000000002"
+  recorded = json.loads((step_2 / "manifest.json").read_text())["files"]
+  assert "host.json" in recorded and any(name.startswith("dense/") for name in recorded)
+  # The largest file of the dense state: its array data.
+  name = max(
+    (n for n in recorded if n.startswith("dense/")), key=lambda n: (step_2 / n).stat().st_size
+  )
+  data = bytearray((step_2 / name).read_bytes())
+  data[len(data) // 2] ^= 0x01
+  (step_2 / name).write_bytes(bytes(data))
+  capsys.readouterr()
+  with pytest.raises(SystemExit) as exit_info:
+    train_ctr.main([*args, "--resume"])
+  assert exit_info.value.code == 2
+  err = capsys.readouterr().err
+  assert f"checkpoint file {step_2 / name} changed since it was saved" in err
+  assert len(err.strip().splitlines()) == 1
+
+
+# -- issue 17, item 5: a changed byte anywhere the resumed run reads again is refused ----------
+def test_a_data_file_changed_in_the_middle_is_refused_on_resume(tmp_path, monkeypatch):
+  """Regression: the fingerprint covered the size and the first and last MiB, so flipping
+  labels between 2 and 3 MB of a file after a kill was accepted on --resume. The fingerprint
+  is cut to 1 KiB here to stand for a file larger than 2 MiB."""
+  from kstep_adam.ctr import _sources
+
+  fingerprint = _sources.file_fingerprint
+  monkeypatch.setattr(_sources, "file_fingerprint", lambda p: fingerprint(p, sample_bytes=1024))
+  data = tmp_path / "day.txt"
+  ctr.SyntheticCTR(vocab_size=300, seed=4).write_criteo(str(data), 1300)
+  config = _config(steps=None, epochs=2, checkpoint_every=4, eval_every=0, keep_checkpoints=9)
+
+  def source():
+    return ctr.file_source(str(data), block_bytes=4096)
+
+  out = tmp_path / "out"
+  ctr.train(config, source(), str(out))
+  (out / "summary.json").unlink()
+  for checkpoint in _checkpoint.complete_checkpoints(str(out / "checkpoints"))[1:]:
+    os.unlink(os.path.join(checkpoint.path, "manifest.json"))  # resume from step 4
+  # A label in the middle of the file's first part, read in the first pass before the
+  # checkpoint and again in the second pass: same size, same first and last KiB.
+  text = data.read_bytes()
+  start = text.index(b"\n", len(text) // 8) + 1
+  flipped = text[:start] + (b"1" if text[start : start + 1] == b"0" else b"0") + text[start + 1 :]
+  data.write_bytes(flipped)
+  assert _sources.file_fingerprint(str(data)) == fingerprint(str(data), sample_bytes=1024)
+  with pytest.raises(ctr.CTRDataError, match=r"day\.txt: the block of lines at byte \d+ changed"):
+    ctr.train(config, source(), str(out), resume=True)

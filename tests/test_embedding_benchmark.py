@@ -52,3 +52,14 @@ def test_benchmark_flush_case_flushes_the_same_rows_into_each_layout(tmp_path):
     assert len(record["flush_seconds"]) == 2 and record["disk_used_gib"] > 0
   assert records[2]["chunk_rows"] == 32
   assert not os.listdir(tmp_path / "w")  # every table removed
+
+
+def test_benchmark_zipf_case_on_a_stored_table(tmp_path):
+  out = tmp_path / "stored.jsonl"
+  args = embedding_tier.parse_args(["--quick", "--out", str(out)])
+  os.makedirs(tmp_path / "w")
+  embedding_tier.case_zipf_10x(args, str(tmp_path / "w"), stored=True)
+  records = read_jsonl(str(out))
+  assert [r["case"] for r in records] == ["zipf_table_10x_cache_stored"] * 2
+  for r in records:
+    assert 0.0 < r["hit_rate"] < 1.0 and r["mib_read"] > 0 and r["ratio_vs_numpy"] > 0

@@ -27,9 +27,11 @@ import threading
 import numpy as np
 import pytest
 
+from kstep_adam import _faults
 from kstep_adam import embedding
 from kstep_adam.embedding import _pending
 from kstep_adam.embedding import _store
+from kstep_adam.embedding import _table
 
 NUM_ROWS, DIM, CACHE = 150, 3, 16
 _CALL_TIMEOUT_S = 60.0  # far above any call here: reaching it means a hang
@@ -422,6 +424,7 @@ def test_a_failed_prefetch_is_raised_once_by_the_next_call_unless_its_future_was
 _TMPFS_CHILD = """
 import json, os, sys
 import numpy as np
+from kstep_adam import _faults
 from kstep_adam import embedding
 
 mount, batches_file, out = sys.argv[1:]
@@ -514,3 +517,48 @@ def test_a_real_full_tmpfs_never_mixes_steps(tmp_path):
   with embedding.open_table(tmp_path / "ref") as ref:
     assert result["step"] == ref.step == steps
     np.testing.assert_array_equal(np.load(f"{out}.npy"), ref._store.read_rows(np.arange(20000)))
+
+
+# -- issue 17, item 1: a flush interrupted at any of its points ---------------------------------
+class _Killed(BaseException):
+  """What a kill at a fault point looks like in process: nothing after it runs."""
+
+
+@pytest.mark.parametrize("point", [p for p in _faults.POINTS if p.startswith("flush.")])
+def test_a_flush_interrupted_at_any_point_reopens_at_the_previous_version_exactly(
+  tmp_path, monkeypatch, point
+):
+  """A flush stopped at each of its points, then the table reopened at the previous flush's
+  version (what a checkpoint names) or as it is: every row is the one that version holds, bit
+  for bit. Reopening redoes a committed copy through the rows array and then reverts under
+  it; reads must not see what the redo left in the array's cache."""
+  monkeypatch.setattr(_table, "_FLUSH_BATCH_BYTES", 8 * 4 * (1 + 3 * DIM))  # 8 chunks a batch
+  every = np.arange(NUM_ROWS)
+  rng = np.random.default_rng(0)
+  path = str(tmp_path / "t")
+  table = _open(path, ts_cache_bytes=64 << 20)
+  for _ in range(2):
+    table.push(every, rng.standard_normal((NUM_ROWS, DIM)).astype(np.float32))
+  table.flush()
+  before, rows_before = table.committed, table.pull(every)
+  table.push(every, rng.standard_normal((NUM_ROWS, DIM)).astype(np.float32))
+
+  def kill(reached):
+    if reached == point:
+      raise _Killed(point)
+
+  _faults.set_handler(kill)
+  try:
+    with pytest.raises(_Killed):
+      table.flush()
+  finally:
+    _faults.set_handler(None)
+  table.close(flush=False)
+  with embedding.open_table(path, version=before, ts_cache_bytes=64 << 20) as reopened:
+    assert reopened.step == 2
+    np.testing.assert_array_equal(reopened.pull(every), rows_before)
+    reopened.close(flush=False)
+  with embedding.open_table(path, ts_cache_bytes=64 << 20) as reopened:
+    assert reopened.step == 2  # reverted for good
+    np.testing.assert_array_equal(reopened.pull(every), rows_before)
+    reopened.close(flush=False)

@@ -1,8 +1,10 @@
-"""IdSlotMap against a dict: inserts, deletes, lookups and rebuilds (growth and tombstones)."""
+"""IdSlotMap against a dict: inserts, deletes, lookups and rebuilds (growth and tombstones);
+DenseIdMap against IdSlotMap."""
 
 import numpy as np
 import pytest
 
+from kstep_adam.embedding._id_map import DenseIdMap
 from kstep_adam.embedding._id_map import IdSlotMap
 
 
@@ -45,3 +47,34 @@ def test_id_slot_map_delete_of_an_absent_id_raises_and_changes_nothing():
   with pytest.raises(KeyError, match="absent"):
     id_map.delete(np.array([5, 7]))
   np.testing.assert_array_equal(id_map.lookup(np.array([3, 5, 7])), [30, 50, -1])
+
+
+@pytest.mark.parametrize("value_dtype", [np.int32, np.int64])
+def test_dense_id_map_agrees_with_the_hash_map_through_churn(value_dtype):
+  rng = np.random.default_rng(1)
+  num_ids = 5000
+  dense, hashed = DenseIdMap(num_ids, value_dtype), IdSlotMap(8, value_dtype=value_dtype)
+  present = np.zeros(num_ids, bool)
+  for step in range(200):
+    if step % 3 == 2 and present.any():
+      gone = rng.choice(np.flatnonzero(present), rng.integers(1, present.sum() + 1), replace=False)
+      dense.delete(gone)
+      hashed.delete(gone)
+      present[gone] = False
+    else:
+      absent = np.flatnonzero(~present)
+      new = rng.choice(absent, min(len(absent), rng.integers(1, 300)), replace=False)
+      values = rng.integers(0, 2**31 - 1, len(new))
+      dense.insert(new, values)
+      hashed.insert(new, values)
+      present[new] = True
+    probe = rng.integers(0, num_ids, 700)
+    np.testing.assert_array_equal(dense.lookup(probe), hashed.lookup(probe))
+    assert len(dense) == len(hashed) == present.sum()
+  keys, values = hashed.items()
+  order = np.argsort(keys)
+  dense_keys, dense_values = dense.items()
+  np.testing.assert_array_equal(dense_keys, keys[order])
+  np.testing.assert_array_equal(dense_values, values[order])
+  with pytest.raises(KeyError, match="absent"):
+    dense.delete(np.flatnonzero(~present)[:1])

@@ -1,6 +1,9 @@
 """Memory freed by disk batches goes back to the OS (glibc ``malloc_trim``), batch by batch."""
 
 import ctypes
+import os
+import subprocess
+import sys
 import threading
 
 import numpy as np
@@ -73,3 +76,56 @@ def test_flush_and_compact_release_freed_memory_once_each(tmp_path, monkeypatch)
     assert len(calls) == 1
     table.compact()  # its flush (nothing dirty) and the copy: one release each
     assert len(calls) == 3
+
+
+# A fresh interpreter imports the embedding package, then holds 8 threads alive at once,
+# each with a block from malloc, and prints how many arenas glibc made (malloc_info's heaps).
+_COUNT_ARENAS = """
+import ctypes, re, threading
+import kstep_adam.embedding
+libc = ctypes.CDLL(None)
+libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+libc.open_memstream.restype = ctypes.c_void_p
+barrier = threading.Barrier(9)
+def hold_a_block():
+  libc.malloc(1024)
+  barrier.wait()
+  barrier.wait()
+threads = [threading.Thread(target=hold_a_block) for _ in range(8)]
+for thread in threads:
+  thread.start()
+barrier.wait()
+text, size = ctypes.c_char_p(), ctypes.c_size_t()
+stream = ctypes.c_void_p(libc.open_memstream(ctypes.byref(text), ctypes.byref(size)))
+libc.malloc_info(0, stream)
+libc.fclose(stream)
+barrier.wait()
+print(len(re.findall(r"<heap nr=", text.value.decode())))
+"""
+
+
+def _arenas_in_fresh_process(environ: dict) -> int:
+  env = {k: v for k, v in os.environ.items() if k not in ("MALLOC_ARENA_MAX", "GLIBC_TUNABLES")}
+  env.update(environ, PYTHONPATH=os.pathsep.join(sys.path))
+  out = subprocess.run(
+    [sys.executable, "-c", _COUNT_ARENAS], env=env, capture_output=True, text=True, check=True
+  )
+  return int(out.stdout.split()[-1])
+
+
+@glibc_only
+def test_importing_the_tier_caps_malloc_arenas_unless_the_user_chose_a_limit():
+  # As the user leaves the environment: the package's own cap holds against 8 threads.
+  assert _arenas_in_fresh_process({}) <= _malloc.ARENA_MAX
+  # A limit the user set stands (glibc reads it at start; the package leaves it alone).
+  assert _arenas_in_fresh_process({"MALLOC_ARENA_MAX": "8"}) > _malloc.ARENA_MAX
+
+
+def test_a_user_set_arena_limit_is_left_alone(monkeypatch):
+  monkeypatch.delenv("MALLOC_ARENA_MAX", raising=False)
+  monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+  assert not _malloc.user_set_arena_max()
+  monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.arena_max=4")
+  assert _malloc.user_set_arena_max() and _malloc.limit_arenas() is None
+  monkeypatch.setenv("MALLOC_ARENA_MAX", "4")
+  assert _malloc.user_set_arena_max() and _malloc.limit_arenas() is None

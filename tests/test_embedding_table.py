@@ -696,3 +696,67 @@ def test_pending_log_stays_bounded_without_a_flush(tmp_path, monkeypatch):
   assert capped_peak < uncapped_peak / 3  # the cap held it well below that
   assert capped_peak <= (2 * num_rows + cache) * row_bytes
   np.testing.assert_array_equal(capped_rows, uncapped_rows)  # the same table, bit for bit
+
+
+def test_a_prefetched_batch_dedups_once_with_the_same_results(tmp_path):
+  rng = np.random.default_rng(4)
+  plain = embedding.open_table(tmp_path / "plain", num_rows=300, dim=DIM, optimizer=_adam())
+  ahead = embedding.open_table(tmp_path / "ahead", num_rows=300, dim=DIM, optimizer=_adam())
+  for step in range(12):
+    ids = rng.integers(0, 300, 80)
+    if step % 3 == 1:
+      ids = np.unique(ids)  # sorted and unique: the prefetch's key is a copy, not these
+    ahead.prefetch(ids).result()
+    batches = [ids, rng.integers(0, 300, 80)] if step % 3 == 2 else [ids]
+    for batch in batches:  # the prefetched ids, then another batch of the same length
+      ws, expected = ahead.working_set(batch), plain.working_set(batch)
+      np.testing.assert_array_equal(ws.unique_ids, expected.unique_ids)
+      np.testing.assert_array_equal(ws.inverse, expected.inverse)
+      np.testing.assert_array_equal(ws.rows, expected.rows)
+      ws.unique_ids[:] = 0  # the caller's arrays: changing them changes nothing in the table
+      ws.inverse[:] = 0
+    np.testing.assert_array_equal(ahead.pull(ids), plain.pull(ids))
+    ids[:] = 0
+    np.testing.assert_array_equal(ahead.pull(batches[0]), plain.pull(batches[0]))
+    grads = rng.standard_normal((len(expected.unique_ids), DIM)).astype(np.float32)
+    plain.push(expected.unique_ids, grads)
+    ahead.push(expected.unique_ids, grads)
+  np.testing.assert_array_equal(ahead.pull(np.arange(300)), plain.pull(np.arange(300)))
+  plain.close()
+  ahead.close()
+
+
+def test_misses_in_chunks_never_written_skip_the_disk_with_the_same_rows(tmp_path, monkeypatch):
+  read = []
+  read_rows = _store.TableStore.read_rows
+  monkeypatch.setattr(
+    _store.TableStore, "read_rows", lambda store, ids: read.append(ids) or read_rows(store, ids)
+  )
+
+  def open_(name):
+    return embedding.open_table(
+      tmp_path / name, num_rows=600, dim=DIM, optimizer=_adam(), host_cache_rows=50, chunk_rows=8
+    )
+
+  known, reading = open_("known"), open_("reading")
+  reading._written_chunks = None  # reads every miss, as a reopened table does
+  rng = np.random.default_rng(5)
+  for step in range(30):
+    ids = rng.integers(0, 300 if step < 15 else 600, 40)  # new chunks after the flush
+    grads = rng.standard_normal((40, DIM)).astype(np.float32)
+    for table in (known, reading):
+      table.push(ids, grads)
+      if step == 14:
+        table.flush()
+    np.testing.assert_array_equal(known.pull(ids), reading.pull(ids))
+  del read[:]
+  known.pull(np.arange(600))
+  chunks_read = np.unique(np.concatenate(read) // 8)
+  written = np.flatnonzero(known._written_chunks)
+  assert set(chunks_read) <= set(written) and len(written) < 600 // 8
+  np.testing.assert_array_equal(known.pull(np.arange(600)), reading.pull(np.arange(600)))
+  known.close()
+  reading.close()
+  with open_("known") as table, open_("reading") as other:  # reopened past step 0
+    assert table._written_chunks is None  # reads every miss again
+    np.testing.assert_array_equal(table.pull(np.arange(600)), other.pull(np.arange(600)))

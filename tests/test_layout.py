@@ -67,6 +67,7 @@ CTR_ALL = [
 ALLOWED = {
   "size: kstep_adam/ctr/_readers.py",
   "size: kstep_adam/ctr/_sharded_tier.py",
+  "size: kstep_adam/ctr/_textfile.py",
   "size: kstep_adam/ctr/_trainer.py",
   "cycle: kstep_adam.ctr._columnar, kstep_adam.ctr._readers",
   "private: kstep_adam.ctr._sharded_tier uses kstep_adam.ctr._step._logits",
@@ -86,6 +87,7 @@ ALLOWED |= {
     "_data_config",
     "_divergence",
     "_hooks",
+    "_interrupt",
     "_models",
     "_multiprocess",
     "_pipeline",

@@ -20,6 +20,7 @@ import pytest
 from experiments import train_ctr
 from experiments._common import read_jsonl
 from kstep_adam import _distributed
+from kstep_adam import _faults
 from kstep_adam import ctr
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -47,7 +48,11 @@ RUN = dict(BASE, sync="params+nu", sparse_mode="exact")
 SLOW_RUN = dict(BASE, merge="node", prefetch=False)
 
 
-def launch(out_dir, runs: dict, *, timeout: float = 600) -> subprocess.CompletedProcess:
+def launch(
+  out_dir, runs: dict, *, timeout: float = 600, fault: str | None = None, cwd: str = ROOT
+) -> subprocess.CompletedProcess:
+  """``fault``: a kill at a named point (``KSTEP_ADAM_FAULT``, :mod:`kstep_adam._faults`);
+  ``cwd``: the directory a relative ``out_dir`` is in."""
   command = [
     sys.executable,
     "-m",
@@ -63,8 +68,11 @@ def launch(out_dir, runs: dict, *, timeout: float = 600) -> subprocess.Completed
     *(f"{name}={json.dumps(fields)}" for name, fields in runs.items()),
   ]
   env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
+  env.pop(_faults.ENV, None)
+  if fault is not None:
+    env[_faults.ENV] = fault
   return subprocess.run(
-    command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout, check=False
+    command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout, check=False
   )
 
 
@@ -160,7 +168,34 @@ def test_a_killed_process_ends_the_run_with_its_rank_named_and_the_run_resumes_e
   assert [json.loads(m.read_text())["step"] for m in manifests] == [4]
   done = launch(tmp_path, {"cut": dict(fields, resume=True)}, timeout=400)
   assert done.returncode == 0, done.stdout[-4000:]
-  whole, cut = tmp_path / "whole", tmp_path / "cut"
+  _assert_same_run(tmp_path / "cut", tmp_path / "whole")
+
+
+@pytest.mark.slow
+def test_a_kill_inside_a_shards_table_flush_resumes_exactly(tmp_path):
+  """Rank 1 is SIGKILLed at its shard's flush commit point in the second checkpoint (step 8)
+  (issue 17 item 1): resumed, rank 1's shard redoes that flush on reopening and reverts it to
+  the step-4 checkpoint's version, and the run ends as one that never stopped, bit for bit.
+  The output directory is relative, with a space (issue 17 item 10)."""
+  fields = dict(BASE, checkpoint_every=4)
+  out = "out dir"  # relative to the processes' working directory, tmp_path
+  # One process runs both: "whole" flushes 4 times (steps 4, 8, 12, and when the worker reads
+  # its shard), so the 6th is "cut"'s 2nd.
+  runs = {"whole": fields, "cut": fields}
+  done = launch(out, runs, timeout=400, fault="flush.committed@6:1", cwd=str(tmp_path))
+  assert done.returncode != 0, done.stdout[-4000:]
+  assert "[rank 1] whole: done" in done.stdout and "cut: done" not in done.stdout
+  root = tmp_path / out
+  manifests = sorted((root / "cut" / "checkpoints").glob("*/manifest.json"))
+  assert [json.loads(m.read_text())["step"] for m in manifests] == [4]
+  done = launch(out, {"cut": dict(fields, resume=True)}, timeout=400, cwd=str(tmp_path))
+  assert done.returncode == 0, done.stdout[-4000:]
+  _assert_same_run(root / "cut", root / "whole")
+
+
+def _assert_same_run(cut, whole) -> None:
+  """The resumed run ``cut`` ended as the uninterrupted ``whole``: test AUC, losses, every
+  dense replica and every row of both shards, bit for bit."""
   same = ("test_auc", "test_logloss", "steps", "dense_bytes_by_axis", "sparse_bytes_by_axis")
   got, want = (json.loads((d / "summary.json").read_text()) for d in (cut, whole))
   assert {k: got[k] for k in same} == {k: want[k] for k in same}

@@ -494,3 +494,63 @@ def test_plot_draws_a_convergence_sweep_and_the_committed_experiments(tiny_done,
         assert new.read() == old.read(), path
   with pytest.raises(ValueError, match="not a results directory"):
     plot_main.kind_of(str(tmp_path))
+
+
+@pytest.mark.slow
+def test_a_ctr_run_killed_inside_its_table_flush_resumes_exactly_in_the_rerun(
+  tmp_path, monkeypatch
+):
+  """Issue 17 item 1: the run is SIGKILLed at its table flush's commit point in its second
+  checkpoint (step 8); the rerun of the sweep resumes it from step 4, and it ends with the
+  uninterrupted sweep's test AUC, losses and table rows, bit for bit."""
+  from kstep_adam import _faults
+  from kstep_adam import embedding
+
+  text = textwrap.dedent(
+    """
+    name = "ctr_flush_kill"
+    task = "ctr"
+    [base]
+    nodes = 1
+    devices_per_node = 2
+    batch_size = 16
+    steps = 10
+    log_every = 2
+    eval_every = 0
+    checkpoint_every = 4
+    top_mlp = [16]
+    table_rows = 4096
+    host_cache_rows = 1024
+    val_examples = 512
+    test_examples = 512
+    [[optimizers]]
+    name = "kstep"
+    optimizer = "kstep_adam"
+    k = 2
+    learning_rate = 3e-3
+    """
+  )
+  config, out = tiny_sweep(tmp_path, text)
+  reference = str(tmp_path / "reference")
+  monkeypatch.delenv(_faults.ENV, raising=False)
+  assert sweep.main([config, "--out", reference]) == 0
+  monkeypatch.setenv(_faults.ENV, "flush.committed@2")
+  assert sweep.main([config, "--out", out]) != 0
+  monkeypatch.delenv(_faults.ENV)
+  assert sweep.main([config, "--out", out]) == 0
+  run_id = "kstep-s0"
+  got, want = (worker.read_summary(d, run_id) for d in (out, reference))
+  assert got["status"] == "completed" and starts(out, run_id) == 2
+  for key in ("val_auc", "test_auc", "test_logloss", "steps"):
+    assert got[key] == want[key], key
+  records = []
+  for directory in (out, reference):
+    with open(os.path.join(worker.run_dir(directory, run_id), "metrics.jsonl")) as f:
+      records.append([(r["step"], r.get("loss")) for r in map(json.loads, f)])
+  assert records[0] == records[1]
+  rows = []
+  for directory in (out, reference):
+    with embedding.open_table(os.path.join(worker.run_dir(directory, run_id), "table")) as table:
+      rows.append(table.pull(np.arange(4096)))
+      table.close(flush=False)
+  np.testing.assert_array_equal(rows[0], rows[1])

@@ -3,6 +3,7 @@
 Command (default; runtimes and measured ratios are in docs/embedding.md, with these commands):
   .venv/bin/python -m experiments.benchmarks.embedding_tier
 Smoke run (seconds):          ... -m experiments.benchmarks.embedding_tier --quick
+With a warm table too (every row on disk before the Zipf case): ... --zipf-stored
 Large table (NOT for CI: 2^28 rows of 16 floats and their Adam slots take tens of GiB of disk):
   .venv/bin/python -m experiments.benchmarks.embedding_tier --large --log2-rows 28
   (a scaled-down check of the same code path:
@@ -27,6 +28,7 @@ import numpy as np
 
 from experiments._common import dumps
 from kstep_adam import embedding
+from kstep_adam.embedding import _malloc
 from kstep_adam.embedding import _store
 
 
@@ -183,7 +185,19 @@ def case_fits_in_cache(args, workdir):
   table.close()
 
 
-def case_zipf_10x(args, workdir):
+def write_every_row(table, num_rows: int, dim: int) -> None:
+  """One zero-gradient push of every row, in blocks: each row then has a last step (and,
+  for the tier, a stored row once flushed), its parameters unchanged."""
+  for lo in range(0, num_rows, 1 << 16):
+    ids = np.arange(lo, min(lo + (1 << 16), num_rows))
+    table.push(ids, np.zeros((len(ids), dim), np.float32))
+
+
+def case_zipf_10x(args, workdir, stored: bool = False):
+  """Zipf ids over a table ten times its host cache. The tables start empty (most misses
+  are first touches, with no disk read), or with ``stored`` every row written and flushed
+  beforehand and the table reopened, so every miss reads the zarr table or the pending
+  log (the NumPy table gets the same pushes)."""
   cache_rows, dim = args.rows // 10, args.dim
   num_rows = args.rows
   rng = np.random.default_rng(2)
@@ -192,26 +206,40 @@ def case_zipf_10x(args, workdir):
   opt = make_optimizer(args.optimizer)
   times = {"numpy": [], False: [], True: []}
   results = {}
+  source = os.path.join(workdir, "zipf_stored")
+  if stored:
+    with embedding.open_table(
+      source, num_rows=num_rows, dim=dim, optimizer=opt, host_cache_rows=cache_rows
+    ) as table:
+      write_every_row(table, num_rows, dim)
   for repeat in range(args.repeats):  # fresh tables each time, best time of each kind
-    times["numpy"].append(run_steps(NumpyTable(num_rows, dim, opt), batches, prefetch=False))
+    base = NumpyTable(num_rows, dim, opt)
+    if stored:
+      write_every_row(base, num_rows, dim)
+    times["numpy"].append(run_steps(base, batches, prefetch=False))
     for prefetch in (False, True):
       path = os.path.join(workdir, f"zipf{int(prefetch)}_{repeat}")
-      table = embedding.open_table(
-        path, num_rows=num_rows, dim=dim, optimizer=opt, host_cache_rows=cache_rows
-      )
+      if stored:
+        shutil.copytree(source, path)
+        table = embedding.open_table(path, optimizer=opt, host_cache_rows=cache_rows)
+      else:
+        table = embedding.open_table(
+          path, num_rows=num_rows, dim=dim, optimizer=opt, host_cache_rows=cache_rows
+        )
       times[prefetch].append(run_steps(table, batches, prefetch=prefetch))
       flush_start = time.perf_counter()
       table.flush()
       results[prefetch] = (time.perf_counter() - flush_start, table.stats())
       table.close()
       shutil.rmtree(path)
+  shutil.rmtree(source, ignore_errors=True)
   n, t_base = unique_rows(batches), min(times["numpy"])
   for prefetch, (t_flush, stats) in results.items():
     t = min(times[prefetch])
     emit(
       args.out,
       dict(
-        case="zipf_table_10x_cache",
+        case="zipf_table_10x_cache_stored" if stored else "zipf_table_10x_cache",
         optimizer=args.optimizer,
         prefetch_next_batch=prefetch,
         rows=num_rows,
@@ -371,8 +399,13 @@ def case_large(args, workdir, ids_kind: str):
       hit_rate=stats["hit_rate"],
       prefetched_rows=stats["prefetched_rows"],
       peak_rss_gib=_peak_rss_bytes() / 2**30,
-      # glibc's arena limit, which the peak depends on (see kstep_adam.embedding._malloc)
-      malloc_arena_max=os.environ.get("MALLOC_ARENA_MAX"),
+      # glibc's arena limit, which the peak depends on: the user's, else the package's cap
+      # (see kstep_adam.embedding._malloc)
+      malloc_arena_max=(
+        os.environ.get("MALLOC_ARENA_MAX")
+        if _malloc.user_set_arena_max()
+        else _malloc.limit_arenas()
+      ),
       disk_used_gib=disk_bytes / 2**30,
       compact_seconds=compact_seconds,
       disk_after_compact_gib=sizes["bytes_after"] / 2**30,
@@ -461,6 +494,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     default=3,
     help="interleaved repeats; the best time of each side is reported",
   )
+  parser.add_argument(
+    "--zipf-stored",
+    action="store_true",
+    help="also the Zipf case on a table whose every row is on disk (misses read it)",
+  )
   parser.add_argument("--quick", action="store_true", help="smoke run in seconds")
   parser.add_argument("--large", action="store_true", help="only the large-table case")
   parser.add_argument("--log2-rows", type=int, default=28)
@@ -512,6 +550,8 @@ def main(argv=None):
     else:
       case_fits_in_cache(args, workdir)
       case_zipf_10x(args, workdir)
+      if args.zipf_stored:
+        case_zipf_10x(args, workdir, stored=True)
       seq = max(sequential_read_bandwidth(workdir, args.seq_mib << 20) for _ in range(args.repeats))
       for compress in (True, False):
         case_disk_bandwidth(args, workdir, seq, compress)

@@ -24,6 +24,7 @@ from experiments.sweep_lib import tasks
 from experiments.sweep_lib import worker
 from experiments.sweep_lib.spec import Run
 from experiments.sweep_lib.spec import SweepSpec
+from kstep_adam._jsonio import read_json
 
 RESULTS_FILE, SPEC_FILE = "results.csv", "sweep.json"
 ID_COLUMNS = ("run_id", "name", "seed", "status", "diverged_at_step")
@@ -62,8 +63,11 @@ def check_recorded(out_dir: str, spec: SweepSpec, runs: list[Run]) -> None:
     path = worker.job_file(out_dir, run.run_id, "json")
     if not os.path.exists(path):
       continue
-    with open(path, encoding="utf-8") as f:
-      recorded = json.load(f)
+    recorded = read_json(
+      path,
+      keys=("params",),
+      what_to_do=f"delete it and {run_dir(out_dir, run.run_id)} to redo that run",
+    )
     wanted = json.loads(json.dumps(run_record(run, spec.task)))  # tuples as JSON has them
     if recorded != wanted:
       differ = sorted(
@@ -133,7 +137,10 @@ def collect(out_dir: str, spec: SweepSpec, runs: list[Run] | None = None) -> lis
     summary = worker.read_summary(out_dir, run.run_id)
     if summary is None:
       continue
-    losses = curves(out_dir, run.run_id)["loss"]
+    try:
+      losses = curves(out_dir, run.run_id)["loss"]
+    except ValueError:  # a damaged metrics.jsonl: the run's results still count
+      losses = np.zeros(0)
     rows.append(
       {
         "run_id": run.run_id,

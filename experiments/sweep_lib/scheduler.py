@@ -11,7 +11,6 @@ finished run, redoes the ones that died halfway, and waits for none that another
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import signal
 import subprocess
@@ -24,6 +23,7 @@ from experiments.sweep_lib import results
 from experiments.sweep_lib import worker
 from experiments.sweep_lib.spec import Run
 from experiments.sweep_lib.spec import SweepSpec
+from kstep_adam._jsonio import read_json
 
 
 @dataclasses.dataclass(frozen=True)
@@ -224,8 +224,10 @@ def status(out_dir: str, spec: SweepSpec) -> dict[str, list[str]]:
 
 
 def failure(out_dir: str, run_id: str) -> str:
-  """The last line of a failed run's traceback."""
+  """The last line of a failed run's traceback (a killed run left none: its log says more)."""
   path = worker.job_file(out_dir, run_id, "failed.json")
-  with open(path, encoding="utf-8") as f:
-    lines = json.load(f)["traceback"].strip().splitlines()
+  try:
+    lines = str(read_json(path, keys=("traceback",))["traceback"]).strip().splitlines()
+  except (OSError, ValueError):  # it ended without one (killed, exit 1 from a signal)
+    return f"no traceback (killed?); see {worker.job_file(out_dir, run_id, 'log')}"
   return lines[-1] if lines else "(no traceback)"

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import math
 import re
 import tomllib
 from collections.abc import Mapping
@@ -33,6 +34,11 @@ ID_ABBREVIATIONS = {
   "momentum": "mom",
   "outer_momentum": "omom",
 }
+# A name that names a directory: the sweep's and each optimizer's (no '/', no '..' alone).
+NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9.+_-]*"
+# The most runs a sweep may expand to: a larger grid is refused with its size, before any is
+# built (a typo such as a 1000-value list in five fields otherwise fills the memory).
+MAX_RUNS = 100_000
 TOP_LEVEL_KEYS = ("name", "task", "description", "seeds", "tune", "reference", "base", "quick")
 QUICK_KEYS = ("seeds", "base", "optimizers")
 
@@ -50,6 +56,11 @@ class Optimizer:
   name: str
   fixed: Mapping[str, Any]
   grid: tuple[tuple[str, tuple], ...]
+
+  @property
+  def size(self) -> int:
+    """How many grid points :meth:`points` gives (computed, not built)."""
+    return math.prod(len(values) for _, values in self.grid)
 
   def points(self) -> list[dict]:
     """Every combination of the grid's values, as ``{field: value}``."""
@@ -229,7 +240,7 @@ def _as_value(task, field: str, value):
 
 def _optimizer(task, where: str, table: Mapping) -> Optimizer:
   name = table.get("name")
-  if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9.+_-]*", name):
+  if not isinstance(name, str) or not re.fullmatch(NAME_PATTERN, name):
     raise ValueError(
       f"{where}: needs a name of letters, digits, '.', '+', '_' and '-' (it names run "
       f"directories), got {name!r}"
@@ -275,6 +286,11 @@ def parse(document: Mapping, *, source: str = "<sweep>", quick: bool = False) ->
   for key in ("name", "task"):
     if not isinstance(document.get(key), str) or not document[key]:
       raise ValueError(f'{source}: needs {key} = "..."')
+  if not re.fullmatch(NAME_PATTERN, document["name"]):
+    raise ValueError(
+      f"{source}: name must be letters, digits, '.', '+', '_' and '-' (it names the sweep's "
+      f"directory), got {document['name']!r}"
+    )
   try:
     task = tasks.get(document["task"])
   except ValueError as e:
@@ -313,6 +329,13 @@ def parse(document: Mapping, *, source: str = "<sweep>", quick: bool = False) ->
   optimizers = tuple(
     _optimizer(task, f"{source} [[optimizers]] #{i + 1}", t) for i, t in enumerate(optimizer_tables)
   )
+  size = len(seeds) * sum(o.size for o in optimizers)
+  if size > MAX_RUNS:
+    grids = ", ".join(f"{o.name}: {o.size}" for o in optimizers)
+    raise ValueError(
+      f"{source}: the sweep has {size:,} runs ({len(seeds)} seeds x grid points {grids}), more "
+      f"than the {MAX_RUNS:,} a sweep may have; use fewer values per grid field"
+    )
   names = [o.name for o in optimizers]
   if len(set(names)) != len(names):
     raise ValueError(f"{source}: optimizer names must be unique, got {names!r}")

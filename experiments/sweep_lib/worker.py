@@ -22,7 +22,6 @@ writes it atomically, last, so a run killed at any moment is either finished or 
 from __future__ import annotations
 
 import fcntl
-import json
 import os
 import shutil
 import socket
@@ -32,10 +31,13 @@ import traceback
 
 from experiments._common import use_cpu_devices
 from experiments._common import write_json
+from kstep_adam._jsonio import CorruptFileError
+from kstep_adam._jsonio import read_json
 
 EXIT_BUSY = 75  # EX_TEMPFAIL: the run is locked by another process
 RUNS_DIR, JOBS_DIR = "runs", "jobs"
 SUMMARY_FILE = "summary.json"
+FINISHED = ("completed", "diverged")  # the statuses of a finished run
 
 
 def run_dir(out_dir: str, run_id: str) -> str:
@@ -50,16 +52,43 @@ def job_file(out_dir: str, run_id: str, kind: str) -> str:
 
 
 def read_summary(out_dir: str, run_id: str) -> dict | None:
-  """The run's ``summary.json`` if the run finished (it has a ``status``), else None."""
-  path = os.path.join(run_dir(out_dir, run_id), SUMMARY_FILE)
-  try:
-    with open(path, encoding="utf-8") as f:
-      summary = json.load(f)
-  except FileNotFoundError:
+  """The run's ``summary.json`` if the run finished, else None.
+
+  A run finished when its summary is a JSON object with a ``status`` (``completed`` or
+  ``diverged``), its ``config``, and everything its task's row of ``results.csv`` reads. A
+  summary that is not (corrupt, cut, edited) is no result: the run is redone
+  (:func:`run` deletes it first), never a crash of the whole sweep.
+  """
+  summary = _summary_or_none(out_dir, run_id)
+  if summary is None:
     return None
-  except json.JSONDecodeError as e:
-    raise ValueError(f"{path}: not a JSON document ({e})") from None
-  return summary if isinstance(summary, dict) and "status" in summary else None
+  if summary.get("status") not in FINISHED or not isinstance(summary.get("config"), dict):
+    return None
+  task = _task_of(out_dir, run_id)
+  if task is not None:
+    try:
+      task.row(summary)
+    except (KeyError, TypeError, AttributeError, ValueError):
+      return None
+  return summary
+
+
+def _summary_or_none(out_dir: str, run_id: str) -> dict | None:
+  """The run's ``summary.json`` as a dict, or None if it is missing or not a JSON object."""
+  try:
+    return read_json(os.path.join(run_dir(out_dir, run_id), SUMMARY_FILE))
+  except (FileNotFoundError, CorruptFileError):
+    return None
+
+
+def _task_of(out_dir: str, run_id: str):
+  """The task of the run (from its ``jobs/RUN_ID.json``), or None if that is unreadable."""
+  from experiments.sweep_lib import tasks
+
+  try:
+    return tasks.get(read_json(job_file(out_dir, run_id, "json"), keys=("task",))["task"])
+  except (OSError, ValueError):
+    return None
 
 
 def try_lock(path: str):
@@ -90,6 +119,7 @@ def run(out_dir: str, run_id: str) -> int:
   """Run ``run_id`` of the sweep in ``out_dir`` unless it finished or is locked; return the
   exit status (0, 1 on an error, :data:`EXIT_BUSY`)."""
   from experiments.sweep_lib import tasks
+  from kstep_adam.ctr._interrupt import RunInterrupted
 
   lock = try_lock(job_file(out_dir, run_id, "lock"))
   if lock is None:
@@ -97,8 +127,15 @@ def run(out_dir: str, run_id: str) -> int:
   with lock:
     if read_summary(out_dir, run_id) is not None:
       return 0
-    with open(job_file(out_dir, run_id, "json"), encoding="utf-8") as f:
-      record = json.load(f)
+    record = read_json(
+      job_file(out_dir, run_id, "json"),
+      keys=("task", "params"),
+      what_to_do="delete it and rerun the sweep (it is written again from the sweep file)",
+    )
+    summary = os.path.join(run_dir(out_dir, run_id), SUMMARY_FILE)
+    if os.path.lexists(summary):  # not a finished run's (read_summary): the run is redone
+      print(f"{summary} is corrupt or incomplete: removed, the run is redone")
+      os.unlink(summary)
     failed = job_file(out_dir, run_id, "failed.json")
     if os.path.exists(failed):
       os.unlink(failed)
@@ -112,6 +149,9 @@ def run(out_dir: str, run_id: str) -> int:
     try:
       use_cpu_devices(task.num_devices(params))
       task.run(params, directory)
+    except RunInterrupted as error:  # SIGTERM from the sweep: stopped at a step boundary
+      print(f"{run_id}: {error}; the next sweep continues it")
+      return error.exit_status
     except Exception:
       write_json(failed, {"run_id": run_id, "traceback": traceback.format_exc()})
       traceback.print_exc()

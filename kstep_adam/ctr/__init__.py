@@ -14,6 +14,7 @@ from kstep_adam.ctr._hooks import MetricsLog
 from kstep_adam.ctr._hooks import PeriodicEval
 from kstep_adam.ctr._hooks import ProgressBar
 from kstep_adam.ctr._hooks import PushedRows
+from kstep_adam.ctr._interrupt import RunInterrupted
 from kstep_adam.ctr._metrics import auc
 from kstep_adam.ctr._metrics import logloss
 from kstep_adam.ctr._models import DLRM
@@ -54,6 +55,7 @@ __all__ = [
   "PushedRows",
   "ReadStats",
   "RunDirectoryError",
+  "RunInterrupted",
   "StepResult",
   "SyntheticCTR",
   "TrainConfig",

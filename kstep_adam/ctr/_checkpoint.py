@@ -11,7 +11,10 @@ order::
   -- the embedding table is flushed: its commit point makes step s durable on disk --
   manifest.json   written last (atomic rename): names the dense state, the host state and
                   the table's version (``embedding.TableVersion``) at s; in a multi-process
-                  run, every shard's version, in process order (:mod:`._multiprocess`)
+                  run, every shard's version, in process order (:mod:`._multiprocess`); and
+                  the SHA-256 of every file of the dense state and the host state, which a
+                  resumed run checks before it reads them (a changed byte is refused, naming
+                  the file)
 
 The manifest is the commit point: a directory without one is an interrupted checkpoint,
 ignored and deleted. A kill at any moment therefore leaves the previous complete checkpoint
@@ -33,7 +36,7 @@ manifest, which names every shard's version in process order (:mod:`._multiproce
 
 from __future__ import annotations
 
-import json
+import hashlib
 import os
 import re
 import shutil
@@ -41,12 +44,20 @@ from collections.abc import Callable
 from typing import Any
 from typing import NamedTuple
 
+from kstep_adam import _faults
+from kstep_adam._jsonio import read_json
 from kstep_adam._jsonio import write_json
+from kstep_adam.ctr._rundir import RunDirectoryError
 from kstep_adam.embedding import TableVersion
 
 MANIFEST = "manifest.json"
 HOST_STATE = "host.json"
 DENSE_STATE = "dense"
+# What to do about a damaged checkpoint file.
+_DAMAGED = (
+  "delete that checkpoint's directory to resume from the one before, or pass --overwrite to "
+  "start the run over"
+)
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
@@ -78,8 +89,7 @@ def complete_checkpoints(root: str) -> list[Checkpoint]:
     match = _STEP_DIR.match(name)
     manifest = os.path.join(root, name, MANIFEST)
     if match and os.path.exists(manifest):
-      with open(manifest, encoding="utf-8") as f:
-        record = json.load(f)
+      record = read_json(manifest, keys=("step", "table"), what_to_do=_DAMAGED)
       found.append(
         Checkpoint(int(record["step"]), os.path.join(root, name), _table_versions(record["table"]))
       )
@@ -127,10 +137,14 @@ def save_checkpoint(
   remove_incomplete(root)
   path = step_dir(root, step)
   save_dense(path, dense)
+  _faults.reached("checkpoint.dense")
   write_json(os.path.join(path, HOST_STATE), host)
+  _faults.reached("checkpoint.host")
   table = flush_table()
   write_manifest(path, step, table)
+  _faults.reached("checkpoint.manifest")
   prune(root, keep)
+  _faults.reached("checkpoint.pruned")
   return Checkpoint(step, path, table)
 
 
@@ -138,7 +152,10 @@ def save_dense(path: str, dense: Any) -> None:
   """Save the dense pytree into checkpoint directory ``path`` with orbax, and wait for it.
 
   With several processes every process calls it (each writes its own shards), with the same
-  absolute ``path``."""
+  ``path``. Orbax needs an absolute path: the trainer resolves its run's paths once
+  (:class:`~kstep_adam.ctr.Trainer`), and a relative one is refused here, not by orbax."""
+  if not os.path.isabs(path):
+    raise ValueError(f"checkpoint path {path!r} must be absolute (orbax refuses others)")
   import orbax.checkpoint as ocp
 
   checkpointer = ocp.StandardCheckpointer()
@@ -155,23 +172,70 @@ def prune(root: str, keep: int) -> None:
 
 
 def write_manifest(path: str, step: int, table: TableVersion | tuple[TableVersion, ...]) -> None:
-  """The commit point of a checkpoint: its manifest, written atomically."""
+  """The commit point of a checkpoint: its manifest, written atomically, with the checksum
+  of every file the checkpoint holds so far (its dense and host state)."""
   versions = table._asdict() if isinstance(table, TableVersion) else [v._asdict() for v in table]
+  files = {name: _sha256(os.path.join(path, name)) for name in _checkpoint_files(path)}
   write_json(
     os.path.join(path, MANIFEST),
-    {"step": step, "dense": DENSE_STATE, "host": HOST_STATE, "table": versions},
+    {"step": step, "dense": DENSE_STATE, "host": HOST_STATE, "table": versions, "files": files},
   )
 
 
+class CheckpointCorruptError(RunDirectoryError):
+  """A file of a checkpoint is missing or differs from what its manifest recorded (a run
+  directory the run cannot resume as it is: the command line says so in one line)."""
+
+
+def verify_files(checkpoint_path: str) -> None:
+  """Check every file the checkpoint's manifest names against its recorded SHA-256.
+
+  Raises:
+    CheckpointCorruptError: a file is missing or changed; the message names it. (A manifest
+      written before checksums were recorded has none to check.)
+  """
+  manifest = os.path.join(checkpoint_path, MANIFEST)
+  files = read_json(manifest, what_to_do=_DAMAGED).get("files", {})
+  for name, digest in sorted(files.items()):
+    file = os.path.join(checkpoint_path, name)
+    if not os.path.isfile(file) or _sha256(file) != digest:
+      what = "is missing" if not os.path.isfile(file) else "changed since it was saved"
+      raise CheckpointCorruptError(
+        f"checkpoint file {file} {what} (its checksum in {manifest} does not match): the "
+        f"checkpoint is damaged; delete {checkpoint_path} to resume from the one before it"
+      )
+
+
+def _checkpoint_files(path: str) -> list[str]:
+  """The files under a checkpoint directory (but its manifest), relative to it, sorted."""
+  found = []
+  for root, _, names in os.walk(path):
+    for name in names:
+      relative = os.path.relpath(os.path.join(root, name), path)
+      if relative != MANIFEST:
+        found.append(relative)
+  return sorted(found)
+
+
+def _sha256(file: str) -> str:
+  digest = hashlib.sha256()
+  with open(file, "rb") as f:
+    while block := f.read(1 << 20):
+      digest.update(block)
+  return digest.hexdigest()
+
+
 def load_checkpoint(checkpoint: Checkpoint, abstract_dense: Any) -> tuple[Any, dict]:
-  """The dense state (placed as ``abstract_dense``'s shardings say) and the host state."""
+  """The dense state (placed as ``abstract_dense``'s shardings say) and the host state,
+  once every file checks against the manifest's checksums (:func:`verify_files`)."""
   import orbax.checkpoint as ocp
+
+  verify_files(checkpoint.path)
 
   checkpointer = ocp.StandardCheckpointer()
   dense = checkpointer.restore(os.path.join(checkpoint.path, DENSE_STATE), abstract_dense)
   checkpointer.close()
-  with open(os.path.join(checkpoint.path, HOST_STATE), encoding="utf-8") as f:
-    host = json.load(f)
+  host = read_json(os.path.join(checkpoint.path, HOST_STATE), keys=("step",), what_to_do=_DAMAGED)
   if host["step"] != checkpoint.step:
     raise ValueError(
       f"{checkpoint.path}: {HOST_STATE} is for step {host['step']}, the manifest says "

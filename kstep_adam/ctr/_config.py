@@ -30,6 +30,8 @@ OPTIMIZER_FIELDS = {
 }
 SPARSE_MODES = ("exact", "lazy")
 NONFINITE_ACTIONS = ("stop", "skip")
+# The largest finite float32: rates and epsilons above it are infinite in float32.
+FLOAT32_MAX = 3.4028234663852886e38
 
 
 def choice_field(default: str, choices: tuple[str, ...]):
@@ -212,15 +214,17 @@ class TrainConfig:
     check_int(
       self.warmup_steps, "warmup_steps", minimum=1 if self.optimizer == "onebit_adam" else 0
     )
+    # Used as float32 (the dense optimizers) or in float32 state: a value that is infinite
+    # in float32 (above its largest finite value) would make every update non-finite.
     for name in (
       "learning_rate",
       "eps",
       "sparse_learning_rate",
       "outer_learning_rate",
       "sparse_eps",
-      "intra_node_gbps",
-      "inter_node_gbps",
     ):
+      check_float(getattr(self, name), name, low=0.0, low_open=True, high=FLOAT32_MAX)
+    for name in ("intra_node_gbps", "inter_node_gbps"):
       check_float(getattr(self, name), name, low=0.0, low_open=True)
     for name in ("init_scale", "intra_node_latency_us", "inter_node_latency_us"):
       check_float(getattr(self, name), name, low=0.0)

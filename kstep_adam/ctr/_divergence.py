@@ -13,6 +13,11 @@ it has started to learn; one that sits an order of magnitude above it is predict
 wrong class with confidence, batch after batch. While the loss is above that limit the
 run is *suspect*: the trainer takes no periodic checkpoint then, so the last checkpoint of a
 run that goes on to diverge is one from before its loss left the range.
+
+A run that *ends* suspect (its last step's loss above the limit, however few steps it was
+so) has diverged too, and so has one whose model predicts a non-finite probability for any
+held-out example, or whose stored state (dense parameters, the embedding rows and their
+optimizer moments, as float32) holds a non-finite value: such a run never ends "completed".
 """
 
 from __future__ import annotations
@@ -81,14 +86,18 @@ class DivergenceMonitor:
     self.initial_loss: float | None = None  # L0, the loss of the run's first step
     self.above = 0  # consecutive steps so far with a loss above factor * L0
     self.skipped_steps: list[int] = []  # steps skipped for non-finite values
+    self.last_loss: float | None = None  # the loss of the last step judged
 
-  def check(self, step: int, loss: float, finite: bool) -> bool:
+  def check(self, step: int, loss: float, finite: bool, *, last: bool = False) -> bool:
     """Judge one step; return whether it was skipped (its row push must be too).
 
+    ``last``: the run's last step, which must end with the loss in range.
+
     Raises:
-      DivergenceError: the step's loss or gradients are not finite (unless skipping), or the
-        loss has exploded.
+      DivergenceError: the step's loss or gradients are not finite (unless skipping), the
+        loss has exploded, or it is the last step and its loss is above the limit.
     """
+    self.last_loss = loss
     if not finite or not math.isfinite(loss):
       what = "the loss" if not math.isfinite(loss) else "a gradient"
       if self._skip:
@@ -113,6 +122,15 @@ class DivergenceMonitor:
         f"the loss has been above {self._factor:g} x its initial value {self.initial_loss:.6g} "
         f"for {self.above} steps (now {loss:.6g}); lower the learning rates (divergence_factor "
         f"and divergence_steps set this test)",
+      )
+    if last and self.above:
+      raise DivergenceError(
+        step,
+        "exploding",
+        loss,
+        f"the run ended with its loss above {self._factor:g} x its initial value "
+        f"{self.initial_loss:.6g} (now {loss:.6g}, for the last {self.above} steps); lower the "
+        f"learning rates (divergence_factor sets this test)",
       )
     return False
 

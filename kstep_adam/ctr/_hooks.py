@@ -102,12 +102,18 @@ class PeriodicEval(Hook):
 
 
 class PushedRows(Hook):
-  """Collects the rows every step pushed (for :meth:`Trainer.state`)."""
+  """Collects the rows every step pushed (for :meth:`Trainer.state`).
+
+  In a multi-process run each process collects its own shard's rows, and a checkpoint keeps
+  only process 0's hook states: there a resumed run's rows are those pushed since it resumed.
+  """
 
   def __init__(self):
     self._rows: list[np.ndarray] = []
+    self._sharded = False
 
   def after_step(self, trainer: Trainer, result: StepResult) -> None:
+    self._sharded = trainer.sharded
     if not result.skipped:
       self._rows.append(result.row_ids_U)
 
@@ -116,8 +122,9 @@ class PushedRows(Hook):
     """Every row pushed so far, sorted, each once."""
     return np.unique(np.concatenate(self._rows)) if self._rows else np.zeros(0, np.int64)
 
-  def state(self) -> dict:
-    return {"row_ids": self.row_ids.tolist()}
+  def state(self) -> dict | None:
+    # Process 0's rows would be restored on every process, the others' shards included.
+    return None if self._sharded else {"row_ids": self.row_ids.tolist()}
 
   def restore(self, state: dict) -> None:
     self._rows = [np.asarray(state["row_ids"], np.int64)]

@@ -27,6 +27,8 @@ from collections.abc import Callable
 from typing import Any
 
 from kstep_adam import _distributed
+from kstep_adam import _faults
+from kstep_adam._jsonio import CorruptFileError
 from kstep_adam._jsonio import write_json
 from kstep_adam.ctr import _checkpoint
 from kstep_adam.ctr._rundir import RunDirectory
@@ -87,7 +89,7 @@ def open_run_dir(
         "recorded": run_dir.recorded,
         "checkpoint": None if checkpoint is None else _checkpoint_json(checkpoint, processes),
       }
-    except RunDirectoryError as error:
+    except (RunDirectoryError, CorruptFileError) as error:  # every process stops with it
       decision = {"error": str(error)}
       refused = error
   decision = _distributed.allgather_json(decision)[0]
@@ -96,8 +98,6 @@ def open_run_dir(
       raise refused
     raise RunDirectoryError(decision["error"])
   if processes.is_main:
-    if checkpoint is not None:  # orbax restores a multi-process checkpoint by absolute path
-      checkpoint = checkpoint._replace(path=os.path.abspath(checkpoint.path))
     return run_dir, checkpoint
   follower = FollowerRunDirectory(out_dir, decision["resuming"], decision["recorded"])
   found = decision["checkpoint"]
@@ -117,8 +117,7 @@ def _checkpoint_json(checkpoint: _checkpoint.Checkpoint, processes: _distributed
       f"{checkpoint.path} was saved by a {saved_by}-process run (one table shard per "
       f"process); resume it with {saved_by} process(es), not {processes.count}"
     )
-  path = os.path.abspath(checkpoint.path)
-  return [checkpoint.step, path, [v._asdict() for v in checkpoint.table]]
+  return [checkpoint.step, checkpoint.path, [v._asdict() for v in checkpoint.table]]
 
 
 def shard_version(versions, processes: _distributed.Processes) -> TableVersion:
@@ -153,15 +152,18 @@ def save_checkpoint(
     os.makedirs(root, exist_ok=True)
     _checkpoint.remove_incomplete(root)
   barrier()  # nobody writes into root before the interrupted checkpoints are gone
-  # orbax saves a multi-process checkpoint by absolute path only
-  path = os.path.abspath(_checkpoint.step_dir(root, step))
+  path = _checkpoint.step_dir(root, step)  # absolute: the Trainer resolved the run's paths
   _checkpoint.save_dense(path, dense)
+  _faults.reached("checkpoint.dense")
   if processes.is_main:
     write_json(os.path.join(path, _checkpoint.HOST_STATE), host)
+  _faults.reached("checkpoint.host")
   versions = gather_versions(flush_table())  # returns once every shard has flushed
   checkpoint = _checkpoint.Checkpoint(step, path, versions)
   if processes.is_main:
     _checkpoint.write_manifest(path, step, versions)
+    _faults.reached("checkpoint.manifest")
     _checkpoint.prune(root, keep)
+    _faults.reached("checkpoint.pruned")
   barrier()  # the checkpoint is complete, for every process, when this returns
   return checkpoint

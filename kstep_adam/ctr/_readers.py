@@ -37,6 +37,7 @@ import hashlib
 import math
 import re
 import threading
+import zlib
 from collections.abc import Iterator
 from collections.abc import Sequence
 from typing import NamedTuple
@@ -464,6 +465,7 @@ class CTRFileReader:
     self._next_uncounted = 0  # part line index from which blocks are not yet counted
     self._estimate: float | None = None  # good lines per stored byte, from the first block
     self._exact_lines: int | None = None  # good lines of the part, once a pass is complete
+    self._checksums: dict[int, int] = {}  # CRC-32 of every block read, by its offset
 
   # -- parsing -----------------------------------------------------------------------------
   def _parse(self, data: bytes) -> tuple[Rows, list[tuple[int, str]]]:
@@ -507,7 +509,11 @@ class CTRFileReader:
         f"{self.path}:{line}: {what} (pass skip_bad_lines=True to skip such lines)"
       )
     first = self._file.first_line(block.part_start) + block.index if bad else 0
+    checksum = zlib.crc32(block.data)
     with self._counting:
+      recorded = self._checksums.setdefault(block.offset, checksum)
+      if recorded != checksum:
+        raise self._changed(block.offset)
       if block.index >= self._next_uncounted:
         self._next_uncounted = block.index + 1
         self.stats.lines_read += batch.size
@@ -516,14 +522,24 @@ class CTRFileReader:
           self.stats.messages.append(f"{self.path}:{first + offset}: {what}")
     return batch
 
+  def _changed(self, offset: int) -> CTRDataError:
+    return CTRDataError(
+      f"{self.path}: the block of lines at byte {offset} changed since the run read it (its "
+      "checksum differs): this is not the file the run started with; restore that file, or "
+      "start a new run (--overwrite)"
+    )
+
   def count_state(self) -> dict:
     """The counts (``stats``) and which lines they cover, consistent even while a pass runs
-    on another thread: with :meth:`restore_counts`, a resumed run counts every line once."""
+    on another thread: with :meth:`restore_counts`, a resumed run counts every line once.
+    Also the CRC-32 of every block read so far (``block_crc32``, by the block's offset): a
+    resumed run checks each block it reads again against it."""
     with self._counting:
       return {
         **dataclasses.asdict(self.stats),
         "next_uncounted": self._next_uncounted,
         "exact_lines": self._exact_lines,
+        "block_crc32": {str(offset): crc for offset, crc in sorted(self._checksums.items())},
       }
 
   def restore_counts(self, state: dict) -> None:
@@ -536,6 +552,12 @@ class CTRFileReader:
       self._next_uncounted = int(state["next_uncounted"])
       if state["exact_lines"] is not None:
         self._exact_lines = int(state["exact_lines"])
+      # The blocks read before the run resumed, and those read since (the first block, at
+      # start-up): each must be the one the checkpointed run read.
+      for text, crc in state.get("block_crc32", {}).items():
+        offset = int(text)
+        if self._checksums.setdefault(offset, int(crc)) != int(crc):
+          raise self._changed(offset)
 
   def _parsed_blocks(
     self, workers: int, start: tuple[int, int] | None = None

@@ -16,12 +16,20 @@ What a new run does with it (:class:`RunDirectory`):
 * a directory holding a run: refuse, unless ``resume`` (continue that run from its latest
   checkpoint, if its configuration and data are the same; refused otherwise) or
   ``overwrite`` (delete that run's files, then start);
+* a directory holding only what a start killed before ``run.json`` leaves (its ``table/``):
+  start over, also with ``resume`` (a preemptible job may always pass it);
 * anything else (files this trainer did not write): refuse, also with ``overwrite``; nothing
   that is not a run's output is ever deleted.
 
-Every refusal happens before anything is written. Overwriting deletes the old run's files
-result first (``summary.json``, then checkpoints, metrics, table) and ``run.json`` last, so a
-kill in between leaves the old run, without some of its results, never two runs mixed.
+The temporary files of the run's atomic writes (``.summary.json.<hex>.tmp``, likewise for
+``run.json`` and ``metrics.jsonl``), which a kill inside a write leaves, are the run's outputs:
+a resumed run deletes them, as an overwriting one deletes every output.
+
+Every refusal happens before anything is written, also the ``LOCK`` file: a directory that
+holds files that are not a run's (``--out /``, a link to ``/etc``) is refused as found.
+Overwriting deletes the old run's files result first (``summary.json``, then checkpoints,
+metrics, table) and ``run.json`` last, so a kill in between leaves the old run, without some
+of its results, never two runs mixed.
 """
 
 from __future__ import annotations
@@ -33,6 +41,8 @@ import os
 import shutil
 
 from kstep_adam._jsonio import finite_or_none
+from kstep_adam._jsonio import is_temporary
+from kstep_adam._jsonio import read_json
 from kstep_adam._jsonio import write_json
 from kstep_adam.ctr._config import TrainConfig
 from kstep_adam.ctr._sources import DataSource
@@ -45,6 +55,10 @@ TABLE_DIR = "table"
 LOCK_FILE = "LOCK"
 # A run's own files, in the order overwriting deletes them (run.json last).
 RUN_OUTPUTS = (SUMMARY_FILE, CHECKPOINT_DIR, METRICS_FILE, TABLE_DIR, RUN_FILE)
+# The files the run writes atomically (their temporary files are its outputs too).
+ATOMIC_FILES = (SUMMARY_FILE, METRICS_FILE, RUN_FILE)
+# What a start killed before it recorded run.json may have left (besides those temporaries).
+BEFORE_RECORD = (TABLE_DIR,)
 # TrainConfig fields that do not change what a run computes: a resumed run may change them.
 RESUMABLE_CHANGES = ("prefetch", "checkpoint_every", "keep_checkpoints")
 
@@ -109,6 +123,10 @@ class RunDirectory:
     if resume and overwrite:
       raise RunDirectoryError("pass resume or overwrite, not both")
     self.path, self.identity = path, identity
+    if os.path.lexists(path) and not os.path.isdir(path):
+      raise RunDirectoryError(f"--out {path} exists and is not a directory; pass another --out")
+    if os.path.isdir(path):  # refused as found, before the lock file is written
+      self._refuse_foreign(sorted(set(os.listdir(path)) - {LOCK_FILE}))
     os.makedirs(path, exist_ok=True)
     self._lock = open(os.path.join(path, LOCK_FILE), "a")
     try:
@@ -128,26 +146,35 @@ class RunDirectory:
   def file(self, name: str) -> str:
     return os.path.join(self.path, name)
 
-  def _inspect(self, *, resume: bool, overwrite: bool) -> None:
-    entries = sorted(set(os.listdir(self.path)) - {LOCK_FILE})
-    foreign = [e for e in entries if e not in RUN_OUTPUTS]
-    self.resuming, self.recorded, self._leftovers = False, None, entries
-    if not entries:
-      return
+  def _refuse_foreign(self, entries: list[str]) -> None:
+    foreign = [e for e in entries if e not in RUN_OUTPUTS and not is_temporary(e, ATOMIC_FILES)]
     if foreign:
       raise RunDirectoryError(
         f"{self.path} holds files that are not a run's outputs: {foreign[:5]}; choose another "
         "--out (nothing there is deleted, also not with --overwrite)"
       )
+
+  def _inspect(self, *, resume: bool, overwrite: bool) -> None:
+    entries = sorted(set(os.listdir(self.path)) - {LOCK_FILE})
+    self.resuming, self.recorded, self._leftovers = False, None, entries
+    if not entries:
+      return
+    self._refuse_foreign(entries)
     if not os.path.exists(self.file(RUN_FILE)):
       if overwrite:
         return  # outputs of an older trainer, or of a start killed before run.json
+      named = [e for e in entries if not is_temporary(e, ATOMIC_FILES)]
+      if resume and set(named) <= set(BEFORE_RECORD):
+        return  # a start killed before it recorded run.json: start over
       raise RunDirectoryError(
         f"{self.path} holds run outputs ({', '.join(entries)}) but no {RUN_FILE} to say which "
         "run wrote them; pass --overwrite to replace them, or another --out"
       )
-    with open(self.file(RUN_FILE), encoding="utf-8") as f:
-      recorded = json.load(f)
+    recorded = read_json(
+      self.file(RUN_FILE),
+      keys=("identity", "table"),
+      what_to_do="pass --overwrite to start the run over there, or another --out",
+    )
     if overwrite:
       return
     if not resume:
@@ -168,7 +195,8 @@ class RunDirectory:
         f"the run in {self.path} diverged (see its {SUMMARY_FILE}); resuming it would repeat "
         "that. Change the configuration and start a new run (--overwrite or another --out)"
       )
-    self.resuming, self.recorded, self._leftovers = True, recorded, []
+    self.resuming, self.recorded = True, recorded
+    self._leftovers = [e for e in entries if is_temporary(e, ATOMIC_FILES)]
 
   def status(self) -> str | None:
     """How the recorded run ended (its ``summary.json``): ``completed``, ``diverged``, or
@@ -176,16 +204,21 @@ class RunDirectory:
     path = self.file(SUMMARY_FILE)
     if not os.path.exists(path):
       return None
-    with open(path, encoding="utf-8") as f:
-      return json.load(f).get("status")
+    return read_json(
+      path,
+      keys=("status",),
+      what_to_do="delete it to resume the run (its end is redone), or pass --overwrite",
+    )["status"]
 
   def clear(self) -> None:
-    """Delete what a fresh start found there (an overwritten run's files), run.json last."""
+    """Delete what the start found there of a run's: an overwritten run's files, run.json
+    last, or (resuming) the temporary files of writes a kill interrupted."""
     present = set(self._leftovers)
-    for name in RUN_OUTPUTS:
+    temporary = [e for e in self._leftovers if is_temporary(e, ATOMIC_FILES)]
+    for name in [*temporary, *RUN_OUTPUTS]:
       if name in present:
         path = self.file(name)
-        if os.path.isdir(path):
+        if os.path.isdir(path) and not os.path.islink(path):
           shutil.rmtree(path)
         else:
           os.unlink(path)

@@ -14,6 +14,10 @@ part of a plain file is reached by a seek; a later part of a gzip file by decomp
 parsing) what comes before it, once: the decompressor's state at the part's start is kept in
 memory and later passes resume from it.
 
+The file is read as it was when it was opened: never past the size it had then, so lines
+appended to it meanwhile (a log still being written) enter no part, and every pass reads the
+same lines.
+
 Line numbers are 1-based physical lines of the whole file (a CSV header is line 1). For a
 seeked part they are counted only when first asked for (an error message), by one scan of
 the bytes before it.
@@ -27,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import stat
 import zlib
 from collections.abc import Iterator
 
@@ -58,14 +63,15 @@ class _Truncated(Exception):
 
 
 class _PlainReader:
-  """A plain file's bytes from an offset; the stored offset is the decompressed one."""
+  """A plain file's bytes from an offset, up to ``limit`` (its size when it was opened); the
+  stored offset is the decompressed one."""
 
-  def __init__(self, f, pos: int):
+  def __init__(self, f, pos: int, limit: int):
     f.seek(pos)
-    self._f, self.pos = f, pos
+    self._f, self.pos, self._limit = f, pos, limit
 
   def read(self) -> bytes:
-    chunk = self._f.read(_PLAIN_READ)
+    chunk = self._f.read(max(min(_PLAIN_READ, self._limit - self.pos), 0))
     self.pos += len(chunk)
     return chunk
 
@@ -80,11 +86,13 @@ class _Inflater:
   """A gzip file's decompressed bytes (one or more members), read in small pieces.
 
   Reads are cut at the stored ``marks``, so ``offset_at(mark)`` is the decompressed offset
-  reached once exactly ``mark`` stored bytes are consumed.
+  reached once exactly ``mark`` stored bytes are consumed, and end at the stored ``limit``
+  (the file's size when it was opened).
   """
 
-  def __init__(self, f, marks=(), *, state=None):
+  def __init__(self, f, marks=(), *, limit: int, state=None):
     self._f, self._marks = f, sorted(m for m in marks if m > 0)
+    self._limit = limit
     self._at: dict[int, int] = {}
     if state is None:
       self._in, self.pos, self._member, self._between = 0, 0, zlib.decompressobj(31), False
@@ -112,7 +120,8 @@ class _Inflater:
     """The next decompressed bytes; b"" only at the end of the file."""
     while True:
       mark = next((m for m in self._marks if m > self._in), None)
-      data = self._f.read(_GZIP_READ if mark is None else min(_GZIP_READ, mark - self._in))
+      want = _GZIP_READ if mark is None else min(_GZIP_READ, mark - self._in)
+      data = self._f.read(max(min(want, self._limit - self._in), 0))
       if not data:
         if not self._between:
           raise _Truncated
@@ -141,6 +150,39 @@ class _Inflater:
     return b"".join(pieces)
 
 
+def check_data_file(path: str) -> None:
+  """Raise unless ``path`` is a regular file this process may read; the message names the
+  file and what it is instead.
+
+  Raises:
+    FileNotFoundError: there is no ``path`` (or it is a link to nothing).
+    CTRDataError: ``path`` is a directory, a FIFO, a device or socket, or cannot be read.
+  """
+  try:
+    mode = os.stat(path).st_mode
+  except FileNotFoundError:
+    raise FileNotFoundError(f"CTR data file not found: {path}; check the path") from None
+  except OSError as error:
+    raise CTRDataError(f"{path}: cannot read the file: {error.strerror}") from None
+  if not stat.S_ISREG(mode):
+    kind = (
+      "a directory"
+      if stat.S_ISDIR(mode)
+      else "a FIFO"
+      if stat.S_ISFIFO(mode)
+      else "a device"
+      if stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
+      else "a socket"
+      if stat.S_ISSOCK(mode)
+      else "not a regular file"
+    )
+    raise CTRDataError(
+      f"{path} is {kind}, not a data file; pass a regular file (plain text or gzip)"
+    )
+  if not os.access(path, os.R_OK):
+    raise CTRDataError(f"{path}: cannot read the file: permission denied")
+
+
 class TextFile:
   """A CTR data file (plain or gzip, told apart by its first bytes) as blocks of lines.
 
@@ -150,13 +192,13 @@ class TextFile:
     block_bytes: the target size of a block.
 
   Raises:
-    FileNotFoundError: ``path`` is not a file.
-    CTRDataError: the file cannot be read, or its gzip data is corrupt at the start.
+    FileNotFoundError: there is no ``path``.
+    CTRDataError: ``path`` is not a regular file (a directory, a FIFO, a device), cannot be
+      read (permissions, a loop of symbolic links), or its gzip data is corrupt at the start.
   """
 
   def __init__(self, path: str, *, header: bool, block_bytes: int):
-    if not os.path.isfile(path):
-      raise FileNotFoundError(f"CTR data file not found: {path}")
+    check_data_file(path)
     self.path, self.block_bytes = path, block_bytes
     with self._open() as f:
       self.gzip = self._call(lambda: f.read(2)) == GZIP_MAGIC
@@ -188,7 +230,9 @@ class TextFile:
       raise CTRDataError(f"{self.path}: cannot read the file{where()}: {error}") from None
 
   def _reader(self, f, pos: int, marks=()):
-    return _Inflater(f, marks) if self.gzip else _PlainReader(f, pos)
+    if self.gzip:
+      return _Inflater(f, marks, limit=self.size)
+    return _PlainReader(f, pos, self.size)
 
   def _head(self, header: bool) -> tuple[bytes | None, int]:
     """The first line (no BOM, no line end) if it is a header, and where data starts."""
@@ -256,7 +300,7 @@ class TextFile:
     if offset < pos:
       raise ValueError(f"{self.path}: cannot start a pass at offset {offset}, before its part")
     if not self.gzip:
-      return _PlainReader(f, offset), b""
+      return _PlainReader(f, offset, self.size), b""
     while pos + len(head) < offset:  # decompress, without parsing, up to the offset
       chunk = self._call(reader.read)
       if not chunk:
@@ -268,7 +312,7 @@ class TextFile:
     """A reader past the part's first line start, that start, and the bytes read past it."""
     if self.gzip and (start, stop) in self._resume:
       state, part_start, head = self._resume[start, stop]
-      return _Inflater(f, (stop,), state=state), part_start, head
+      return _Inflater(f, (stop,), limit=self.size, state=state), part_start, head
     if start == 0 or (not self.gzip and start <= self.data_start):
       target, pos = self.data_start, (0 if self.gzip else self.data_start)
     else:

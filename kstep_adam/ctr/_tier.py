@@ -182,5 +182,10 @@ class SparseTier:
     self.table.flush()
     return self.table.committed
 
+  def keep_committed(self) -> None:
+    """Close without flushing: the run diverged, and its table's last commit (a checkpoint's,
+    or its start) is the last good state."""
+    self._flush_on_close = False
+
   def close(self) -> None:
     self.table.close(flush=self._flush_on_close)

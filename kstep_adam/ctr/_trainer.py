@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 import os
 import sys
 import tempfile
@@ -28,6 +29,7 @@ from collections.abc import Sequence
 from typing import NamedTuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
@@ -39,12 +41,14 @@ from kstep_adam._jsonio import dumps
 from kstep_adam._jsonio import write_atomic
 from kstep_adam._schedule import MergeSchedule
 from kstep_adam.ctr import _checkpoint
+from kstep_adam.ctr import _interrupt
 from kstep_adam.ctr import _multiprocess
 from kstep_adam.ctr import _step
 from kstep_adam.ctr._adaptive import AdaptiveRun
 from kstep_adam.ctr._batch import CTRBatch
 from kstep_adam.ctr._comm import CommMeter
 from kstep_adam.ctr._config import TrainConfig
+from kstep_adam.ctr._divergence import DivergenceError
 from kstep_adam.ctr._divergence import DivergenceMonitor
 from kstep_adam.ctr._metrics import auc
 from kstep_adam.ctr._metrics import logloss
@@ -68,6 +72,7 @@ from kstep_adam.ctr._sources import DataSource
 from kstep_adam.ctr._sources import positioned_epoch
 from kstep_adam.ctr._sources import process_part
 from kstep_adam.ctr._tier import SparseTier
+from kstep_adam.embedding import NonFiniteRowsError
 from kstep_adam.embedding import TableVersion
 
 # Host memory a run may spend keeping its test set between evaluations (read once, reused).
@@ -169,7 +174,8 @@ def eval_metrics(labels_N: np.ndarray, probs_N: np.ndarray, *, split: str = "tes
   Returns:
     ``test_auc`` and ``test_logloss`` (floats, or None), ``test_examples``, ``test_positives``
     and, when a metric is None, ``test_note`` saying why: a test set with a single class has
-    no AUC, and non-finite predictions (a diverged model) have neither. With
+    no AUC, and non-finite predictions (a diverged model) have neither (their number is then
+    ``test_nonfinite_predictions``). With
     ``split='val'`` the keys are ``val_auc``, ``val_logloss``, and so on.
 
   Examples:
@@ -191,6 +197,7 @@ def eval_metrics(labels_N: np.ndarray, probs_N: np.ndarray, *, split: str = "tes
   if bad:
     return {
       **result,
+      f"{split}_nonfinite_predictions": bad,
       note: f"{bad} of {labels_N.size} predictions are not finite (the model diverged)",
     }
   result[f"{split}_logloss"] = logloss(labels_N, probs_N)
@@ -256,6 +263,10 @@ class Trainer:
       the recorded ones.
     overwrite: replace the run in ``out_dir`` (its files are deleted when this one starts).
 
+  ``out_dir`` may be relative, hold spaces or pass through symlinks: it is made absolute here,
+  once (as :attr:`out_dir`), and every path of the run (checkpoints, the table, orbax's saves,
+  which need absolute paths) is built from it, in every process.
+
   In a multi-process run (``jax.distributed`` initialized, e.g. by :mod:`kstep_adam.launch`)
   every process makes its own ``Trainer`` with the same arguments: the ``'node'`` axis spans
   the processes (``config.nodes`` must equal their number), each reads its share of every
@@ -313,6 +324,8 @@ class Trainer:
       if config.device_cache_rows:  # before anything is written (the tier refuses it too)
         raise ValueError(sharded_device_cache_error(config.device_cache_rows, self.processes.count))
       source = process_part(source, self.processes.index, self.processes.count)
+    if out_dir is not None:  # the one place a run's paths are resolved (the class docstring)
+      out_dir = os.path.abspath(os.fspath(out_dir))
     self.config, self.source, self.out_dir = config, source, out_dir
     self._resume, self._overwrite = resume, overwrite
     self.num_steps = num_steps(config, source)
@@ -398,10 +411,12 @@ class Trainer:
     self.predict = _step.make_predict(graphdef)
     self.meter = CommMeter(config, params, self._schedule, self.mesh)
     self._per_worker = parallel.worker_sharding(self.mesh)
-    if self.run_dir is not None and not resuming:
-      self.run_dir.clear()  # an overwritten run's files: only now that this one can start
-      if self.sharded:
-        _multiprocess.barrier()  # the shards go where process 0 just cleared
+    if self.run_dir is not None:
+      # An overwritten run's files (or a killed write's temporaries when resuming): only now
+      # that this run can start.
+      self.run_dir.clear()
+    if self.run_dir is not None and not resuming and self.sharded:
+      _multiprocess.barrier()  # the shards go where process 0 just cleared
     self.tier = self._open_tier(resuming, checkpoint)
     skip_nonfinite = config.on_nonfinite == "skip"
     if self.sharded:
@@ -555,10 +570,28 @@ class Trainer:
     """Take :attr:`num_steps` steps (for ``epochs`` passes of file data: until the last pass
     ends); after each, call every hook in order, then save a checkpoint when one is due.
 
+    SIGINT and SIGTERM stop the run at the next step boundary (after that step's hooks and
+    checkpoint; see :mod:`._interrupt`), never inside a step or a write.
+
     Raises:
       DivergenceError: a step's loss or gradients were not finite, or its loss exploded
         (see :mod:`._divergence`); no checkpoint is taken of that step.
+      RunInterrupted: a SIGINT or SIGTERM came; it names the step and the last checkpoint.
     """
+    with _interrupt.stop_at_step_boundaries():
+      self._fit(hooks)
+
+  def check_interrupt(self) -> None:
+    """Raise :class:`RunInterrupted` if a SIGINT or SIGTERM came (a step boundary)."""
+    checkpoint = self.checkpoint
+    _interrupt.check(
+      step=self.step,
+      checkpoint=None if checkpoint is None else checkpoint.path,
+      checkpoint_step=None if checkpoint is None else checkpoint.step,
+    )
+
+  def _fit(self, hooks: Sequence[Hook]) -> None:
+    self.check_interrupt()  # one that came while the run started
     self._hooks = tuple(hooks)
     self._restore_hooks()
     batches = global_batches(self.config, self.source, self._remaining(), self.data_position)
@@ -597,6 +630,10 @@ class Trainer:
         for hook in hooks:
           hook.after_step(self, result)
         self._checkpoint_if_due(result)
+        self.check_interrupt()
+    except DivergenceError:
+      self.tier.keep_committed()  # the table's last commit keeps the last good state
+      raise
     finally:
       prefetcher.close()
       for hook in hooks:
@@ -634,12 +671,12 @@ class Trainer:
     with timer("compute"):  # waits for the step
       loss, finite = float(loss), bool(np.all(jax.device_get(finite_W)))
     step = self.step_fn.step
-    try:
-      skipped = self.monitor.check(step, loss, finite)  # raises if the run diverged
+    try:  # raises if the run diverged
+      skipped = self.monitor.check(step, loss, finite, last=upcoming is None)
     except BaseException:
       tier.abandon(rows, sparse_output, finite)
       raise
-    with timer("push"):
+    with timer("push"), _nonfinite_rows_diverge(step, loss):
       tier.push(rows, sparse_output, applied=not skipped)
     self.data_position = current.position
     last = upcoming is None
@@ -675,10 +712,11 @@ class Trainer:
       )
       loss, finite = float(loss), bool(finite)
     step = self.step_fn.step
-    skipped = self.monitor.check(step, loss, finite)  # the same decision on every process
+    # the same decision on every process
+    skipped = self.monitor.check(step, loss, finite, last=upcoming is None)
     pushed_U = np.zeros(0, np.int64)
     if not skipped:
-      with timer("push"):
+      with timer("push"), _nonfinite_rows_diverge(step, loss):
         pushed_U = tier.push(rows, grads_to_owners)
     self._sparse_cost = rows.exchange.cost
     self.data_position = current.position
@@ -707,6 +745,7 @@ class Trainer:
     """Save a checkpoint of the run at its current step (see :mod:`._checkpoint`)."""
     if self.run_dir is None:
       raise ValueError("a checkpoint needs an output directory (out_dir)")
+    self.check_state()  # before anything of the checkpoint is written
     with self.timer("checkpoint"):
       if self._writer is not None:  # the records it counts must be on disk before it is
         self._writer.flush()
@@ -781,6 +820,46 @@ class Trainer:
     for key, hook in _keyed(self._hooks):
       if key in self._hook_states:
         hook.restore(self._hook_states.pop(key))
+
+  def check_state(self) -> None:
+    """Refuse a dense state (parameters, optimizer state) with any non-finite value: it is
+    divergence, decided before a checkpoint or the run's results are written. (The table's
+    rows are checked as they are pushed.) Collective in a multi-process run.
+
+    Raises:
+      DivergenceError: at the current step; the table then keeps its last commit.
+    """
+    bad = _dense_nonfinite({"params_W": self.params_W, "opt_state_W": self.opt_state_W})
+    if bad:
+      self.tier.keep_committed()
+      loss = self.monitor.last_loss
+      raise DivergenceError(
+        self.step,
+        "nonfinite",
+        math.nan if loss is None else loss,
+        f"{bad} values of the dense parameters and optimizer state are not finite; lower "
+        "the learning rates",
+      )
+
+  def check_predictions(self, record: dict) -> None:
+    """Refuse an evaluation (:meth:`evaluate`'s record) with any non-finite prediction: the
+    model diverged, even if every training loss was finite.
+
+    Raises:
+      DivergenceError: at the current step; the table then keeps its last commit.
+    """
+    for split in ("val", "test"):
+      bad = record.get(f"{split}_nonfinite_predictions")
+      if bad:
+        self.tier.keep_committed()
+        loss = self.monitor.last_loss
+        raise DivergenceError(
+          self.step,
+          "nonfinite",
+          math.nan if loss is None else loss,
+          f"{bad} of the {record[f'{split}_examples']} {split} predictions are not finite; "
+          "lower the learning rates",
+        )
 
   # -- evaluation and state ----------------------------------------------------------------
   def merged_params(self):
@@ -868,6 +947,31 @@ def _check_node_per_process(mesh) -> None:
         f"mesh node {node} has devices of processes {sorted(owners)}; with several processes "
         f"each needs devices_per_node devices of its own (on CPU, jax_num_cpu_devices)"
       )
+
+
+@contextlib.contextmanager
+def _nonfinite_rows_diverge(step: int, loss: float):
+  """A push that would store non-finite rows (``embedding.NonFiniteRowsError``) is divergence
+  at ``step``: nothing of it was stored, and nothing later is (the table keeps its last
+  commit). In a multi-process run only the shard that holds such rows finds out: its process
+  stops with this error and the launcher ends the others."""
+  try:
+    yield
+  except NonFiniteRowsError as error:
+    raise DivergenceError(
+      step,
+      "nonfinite",
+      loss,
+      f"the update of {len(error.row_ids)} embedding rows is not finite in float32 (e.g. rows "
+      f"{list(map(int, error.row_ids[:5]))}: a parameter or optimizer moment overflows); "
+      "lower sparse_learning_rate",
+    ) from error
+
+
+def _dense_nonfinite(tree) -> int:
+  """Non-finite values among the floating leaves of a (dense state) pytree."""
+  leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.floating)]
+  return sum(int(jnp.sum(~jnp.isfinite(x))) for x in leaves)
 
 
 def _next_or_none(prefetcher: Prefetcher) -> IndexedBatch | None:

@@ -40,6 +40,7 @@ from kstep_adam.baselines._local_sgd import local_sgd
 from kstep_adam.baselines._onebit_adam import onebit_adam
 from kstep_adam.baselines._sync_adam import sync_adam
 from kstep_adam.baselines._topk_ef import topk_ef
+from kstep_adam.ctr import _interrupt
 from kstep_adam.ctr._config import OPTIMIZERS
 from kstep_adam.ctr._config import TrainConfig
 from kstep_adam.ctr._divergence import DivergenceError
@@ -145,14 +146,21 @@ def train(
     (``workers``) and the rows of its shard (:meth:`Trainer.state`).
 
   Raises:
-    DivergenceError: the loss or a gradient was not finite, or the loss exploded; it names
+    DivergenceError: the loss or a gradient was not finite, the loss exploded or ended above
+      the divergence limit, or the final model predicts a non-finite value; it names
       the step. ``summary.json`` (``status: "diverged"``) and a ``diverged`` record in
       ``metrics.jsonl`` say so too, and the last checkpoint keeps the last good state.
     RunDirectoryError: ``out_dir`` holds another run, or a different one to resume.
+    RunInterrupted: a SIGINT or SIGTERM stopped the run at a step boundary (see
+      :meth:`Trainer.fit`); it names the step and the last checkpoint, and the run has
+      no ``summary.json`` (``resume`` continues it).
   """
-  with Trainer(
-    config, source, make_optimizer(config), out_dir, resume=resume, overwrite=overwrite
-  ) as trainer:
+  with (
+    _interrupt.stop_at_step_boundaries(),
+    Trainer(
+      config, source, make_optimizer(config), out_dir, resume=resume, overwrite=overwrite
+    ) as trainer,
+  ):
     hooks = [MetricsLog(config.log_every), PeriodicEval(config.eval_every)]
     if progress and trainer.is_main:
       hooks.insert(0, ProgressBar(trainer.num_steps))
@@ -161,19 +169,23 @@ def train(
       hooks.append(pushed)
     try:
       trainer.fit(hooks)
+      trainer.check_state()  # a non-finite dense state diverged
+      # The end of the pass merges the replicas (as PaddleBox does); evaluate the merged model.
+      final = trainer.evaluate()
+      trainer.check_predictions(final)  # a model with a non-finite prediction diverged
     except DivergenceError as error:
       checkpoint = trainer.checkpoint
       error.with_checkpoint(None if checkpoint is None else checkpoint.step)
       record = {**error.record(), "evals": trainer.evals}
       trainer.log({"kind": "diverged", "step": error.step, **error.record()})
       if out_dir is not None and trainer.is_main:
-        write_json(os.path.join(out_dir, SUMMARY_FILE), {**record, "config": _config(trainer)})
+        summary_path = os.path.join(trainer.out_dir, SUMMARY_FILE)
+        write_json(summary_path, {**record, "config": _config(trainer)})
       raise
-    # The end of the pass merges the replicas (as PaddleBox does); evaluate the merged model.
-    final = trainer.evaluate()
+    trainer.check_interrupt()  # a run stopped here is not finished: no summary
     summary = summarize(trainer, final)
     if out_dir is not None and trainer.is_main:
-      write_json(os.path.join(out_dir, SUMMARY_FILE), summary)
+      write_json(os.path.join(trainer.out_dir, SUMMARY_FILE), summary)
     state = trainer.state(pushed.row_ids) if return_state else None
   return (summary, state) if return_state else summary
 

@@ -13,6 +13,7 @@ from kstep_adam.embedding._device_adam import DeviceBatch
 from kstep_adam.embedding._device_adam import DeviceRows
 from kstep_adam.embedding._device_adam import apply_grads
 from kstep_adam.embedding._device_adam import gather_rows
+from kstep_adam.embedding._errors import NonFiniteRowsError
 from kstep_adam.embedding._errors import TableFailedError
 from kstep_adam.embedding._errors import TableLockedError
 from kstep_adam.embedding._hashing import hash_keys_to_rows
@@ -36,6 +37,7 @@ __all__ = [
   "RowwiseAdagrad",
   "SparseAdam",
   "TableConfig",
+  "NonFiniteRowsError",
   "TableFailedError",
   "TableLockedError",
   "TableVersion",

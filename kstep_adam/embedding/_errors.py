@@ -47,3 +47,24 @@ class TableFailedError(RuntimeError):
     )
     self.path = path
     self.operation = operation
+
+
+class NonFiniteRowsError(FloatingPointError):
+  """A push would store a non-finite value: a parameter or an optimizer moment that is NaN,
+  infinite, or too large for float32 (the optimizer computes in float64 and stores float32).
+
+  Nothing of the push is stored if its rows fit in the host cache (one block); a push of
+  more unique rows than that, whose earlier blocks are stored, fails the table instead
+  (``TableFailedError`` from this error). Either way no flush commits such a row.
+
+  Attributes:
+    row_ids: the rows (table ids) whose new state is not finite.
+  """
+
+  def __init__(self, row_ids):
+    self.row_ids = row_ids
+    super().__init__(
+      f"{len(row_ids)} rows would hold non-finite values after this push (e.g. rows "
+      f"{list(map(int, row_ids[:5]))}; a parameter or optimizer moment overflows float32): "
+      "nothing of them is stored; lower the sparse learning rate"
+    )

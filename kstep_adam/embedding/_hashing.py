@@ -15,11 +15,25 @@ _MIX2_U64 = np.uint64(0x94D049BB133111EB)
 
 def splitmix64(x_u64: np.ndarray) -> np.ndarray:
   """Mixes each uint64 counter into a pseudorandom uint64 (a bijection on 64 bits)."""
+  x_u64 = np.asarray(x_u64, dtype=np.uint64)
   with np.errstate(over="ignore"):
-    z = np.asarray(x_u64, dtype=np.uint64) + _GOLDEN_U64
-    z = (z ^ (z >> np.uint64(30))) * _MIX1_U64
-    z = (z ^ (z >> np.uint64(27))) * _MIX2_U64
-    return z ^ (z >> np.uint64(31))
+    if x_u64.ndim == 0:
+      z = x_u64 + _GOLDEN_U64
+      z = (z ^ (z >> np.uint64(30))) * _MIX1_U64
+      z = (z ^ (z >> np.uint64(27))) * _MIX2_U64
+      return z ^ (z >> np.uint64(31))
+    # The same operations in place: two arrays instead of nine (a fresh row's init, and so
+    # a table's first touch of a row, is mostly this function).
+    z = x_u64 + _GOLDEN_U64
+    shifted = z >> np.uint64(30)
+    z ^= shifted
+    z *= _MIX1_U64
+    np.right_shift(z, np.uint64(27), out=shifted)
+    z ^= shifted
+    z *= _MIX2_U64
+    np.right_shift(z, np.uint64(31), out=shifted)
+    z ^= shifted
+    return z
 
 
 def hash_keys_to_rows(keys, num_rows: int, salt: int = 0) -> np.ndarray:
@@ -60,4 +74,9 @@ def hash_keys_to_rows(keys, num_rows: int, salt: int = 0) -> np.ndarray:
 
 def uniform01(bits_u64: np.ndarray) -> np.ndarray:
   """Turns random 64-bit words into float64 uniforms in (0, 1) from their top 53 bits."""
-  return ((bits_u64 >> np.uint64(11)).astype(np.float64) + 0.5) * (1.0 / (1 << 53))
+  u = (bits_u64 >> np.uint64(11)).astype(np.float64)
+  if u.ndim == 0:
+    return (u + 0.5) * (1.0 / (1 << 53))
+  u += 0.5  # in place: the same roundings as (u + 0.5) * 2^-53
+  u *= 1.0 / (1 << 53)
+  return u

@@ -1,7 +1,8 @@
 """The host tier: a bounded write-back cache of table rows in RAM, with CLOCK eviction.
 
 Rows live in one preallocated float32 block ``rows_CxW`` (C = capacity, W = the row
-layout's width, see ``_store``). An ``IdSlotMap`` maps row ids to slots. Eviction is
+layout's width, see ``_store``). An ``IdSlotMap`` (or, for a small id range, a
+``DenseIdMap``) maps row ids to slots. Eviction is
 CLOCK (second chance): every access sets a slot's reference bit; the hand sweeps the
 slots, clearing set bits and evicting the first unpinned slot whose bit is already
 clear. CLOCK approximates LRU at O(1) bookkeeping per access, and it is vectorized here
@@ -16,13 +17,14 @@ locking; the table does both.
 
 import numpy as np
 
+from kstep_adam.embedding._id_map import DenseIdMap
 from kstep_adam.embedding._id_map import IdSlotMap
 
 
 class HostCache:
   """A fixed-capacity row cache. Not thread-safe: the table holds its lock around calls."""
 
-  def __init__(self, capacity_rows: int, width: int):
+  def __init__(self, capacity_rows: int, width: int, dense_ids: int | None = None):
     self.capacity = capacity_rows
     self.rows_CxW = np.zeros((capacity_rows, width), np.float32)
     self.ids_C = np.full(capacity_rows, -1, np.int64)  # -1: free slot
@@ -30,7 +32,8 @@ class HostCache:
     self.ref_C = np.zeros(capacity_rows, bool)
     self.pins_C = np.zeros(capacity_rows, np.int32)
     self.loading_C = np.zeros(capacity_rows, bool)
-    self._map = IdSlotMap(capacity_rows)
+    # ids below dense_ids map through a direct array (see _id_map.DenseIdMap), else hashed
+    self._map = IdSlotMap(capacity_rows) if dense_ids is None else DenseIdMap(dense_ids)
     self._free_slots = np.arange(capacity_rows - 1, -1, -1, dtype=np.int64)
     self._num_free = capacity_rows
     self._hand = 0

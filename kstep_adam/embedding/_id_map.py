@@ -119,3 +119,41 @@ class IdSlotMap:
     # In blocks: an insert holds several temporaries the size of its input.
     for lo in range(0, len(keys), _REBUILD_BLOCK):
       self.insert(keys[lo : lo + _REBUILD_BLOCK], values[lo : lo + _REBUILD_BLOCK])
+
+
+class DenseIdMap:
+  """``IdSlotMap``'s interface over ids in ``[0, num_ids)`` as one direct array: a lookup,
+  insert or delete is a single gather or scatter, with no probing and no rebuilds.
+
+  Memory is ``num_ids`` values (4 or 8 bytes each) however few entries are live, so the
+  table uses it only when the whole id range is small next to its host cache
+  (``_table.dense_id_maps``), and the hash map otherwise.
+  """
+
+  def __init__(self, num_ids: int, value_dtype=np.int32):
+    self._values = np.full(num_ids, -1, value_dtype)
+    self._num_live = 0
+
+  def __len__(self) -> int:
+    return self._num_live
+
+  def lookup(self, ids: np.ndarray) -> np.ndarray:
+    """Values of ``ids``, or -1 where an id is absent."""
+    return self._values[ids]
+
+  def insert(self, ids: np.ndarray, values: np.ndarray) -> None:
+    """Inserts unique ``ids`` that are not yet present."""
+    self._values[ids] = values
+    self._num_live += len(ids)
+
+  def delete(self, ids: np.ndarray) -> None:
+    """Removes ``ids``, which must all be present."""
+    if len(ids) and np.any(self._values[ids] < 0):
+      raise KeyError("DenseIdMap.delete: some ids are absent")
+    self._values[ids] = -1
+    self._num_live -= len(ids)
+
+  def items(self):
+    """All live ``(keys, values)``, keys ascending."""
+    keys = np.flatnonzero(self._values >= 0)
+    return keys, self._values[keys].astype(np.int64)

@@ -44,12 +44,17 @@ def init_rows(
   row_ids = np.asarray(row_ids, dtype=np.int64)
   base_u64 = _hashing.splitmix64(np.uint64(int(seed) & 0xFFFFFFFFFFFFFFFF))
   with np.errstate(over="ignore"):
-    counter_NxD = (
-      row_ids.astype(np.uint64)[:, None] * np.uint64(dim) + np.arange(dim, dtype=np.uint64)[None, :]
-    ) * np.uint64(2) + base_u64
+    counter_NxD = row_ids.astype(np.uint64)[:, None] * np.uint64(dim) + np.arange(
+      dim, dtype=np.uint64
+    )
+    counter_NxD *= np.uint64(2)  # in place: the same wrapping arithmetic, fewer arrays
+    counter_NxD += base_u64
     u1_NxD = _hashing.uniform01(_hashing.splitmix64(counter_NxD))
-    if distribution == "uniform":
-      return (scale * (2.0 * u1_NxD - 1.0)).astype(np.float32)
+    if distribution == "uniform":  # scale * (2u - 1), in place: the same roundings
+      u1_NxD *= 2.0
+      u1_NxD -= 1.0
+      u1_NxD *= scale
+      return u1_NxD.astype(np.float32)
     u2_NxD = _hashing.uniform01(_hashing.splitmix64(counter_NxD + np.uint64(1)))
   normal_NxD = np.sqrt(-2.0 * np.log(u1_NxD)) * np.cos(2.0 * np.pi * u2_NxD)
   return (scale * normal_NxD).astype(np.float32)

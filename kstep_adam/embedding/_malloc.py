@@ -8,12 +8,23 @@ unused, through the training steps until the next flush. ``malloc_trim(0)`` rele
 free pages of every arena (``madvise``, no copying). The table calls it once at the end
 of a flush and of a compaction: after every disk batch it would also lower the flush's own
 peak, but then each batch faults its pages back in, which made flushes markedly slower.
-The flush's peak depends on the number of arenas instead, which glibc reads from
-``MALLOC_ARENA_MAX`` when the process starts (docs/embedding.md's large-table run shows both
-effects). Elsewhere (macOS, musl) this is a no-op.
+The flush's peak depends on the number of arenas instead: glibc's default allows 8 per core
+(16 on 2 cores, all of them created by the first jitted JAX call), so ``limit_arenas`` caps
+them at ``ARENA_MAX`` with ``mallopt(M_ARENA_MAX)`` when the embedding package is imported, unless the user chose a limit (``MALLOC_ARENA_MAX`` or
+``GLIBC_TUNABLES``), which then stands. glibc fixes its arena limit once the process has
+more than 8 arenas, so a process that ran threads (a JAX program) before importing
+``kstep_adam.embedding`` keeps its arenas; import it first, or set ``MALLOC_ARENA_MAX``.
+Elsewhere (macOS, musl) both are no-ops.
 """
 
 import ctypes
+import os
+
+# Arenas the table lets glibc create: two (the main one and one that every other thread
+# shares) bounded the 2^28-row run's peak RSS (README); more arenas only help programs that
+# allocate small blocks from many threads at once.
+ARENA_MAX = 2
+_M_ARENA_MAX = -8  # glibc's <malloc.h>
 
 
 def _find_malloc_trim():
@@ -26,7 +37,18 @@ def _find_malloc_trim():
   return malloc_trim
 
 
+def _find_mallopt():
+  try:
+    mallopt = ctypes.CDLL(None).mallopt
+  except (AttributeError, OSError):
+    return None
+  mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+  mallopt.restype = ctypes.c_int
+  return mallopt
+
+
 _MALLOC_TRIM = _find_malloc_trim()
+_MALLOPT = _find_mallopt() if _MALLOC_TRIM is not None else None  # glibc only
 
 
 def release_free_memory() -> bool:
@@ -35,3 +57,20 @@ def release_free_memory() -> bool:
     return False
   _MALLOC_TRIM(0)
   return True
+
+
+def user_set_arena_max() -> bool:
+  """Whether the environment sets glibc's arena limit (then the table leaves it alone)."""
+  tunables = os.environ.get("GLIBC_TUNABLES", "")
+  return "MALLOC_ARENA_MAX" in os.environ or "glibc.malloc.arena_max" in tunables
+
+
+def limit_arenas() -> int | None:
+  """Caps glibc's malloc arenas at ``ARENA_MAX`` (see the module docstring); returns the cap
+  applied, or None where the user set one or the C library is not glibc."""
+  if _MALLOPT is None or user_set_arena_max():
+    return None
+  return ARENA_MAX if _MALLOPT(_M_ARENA_MAX, ARENA_MAX) == 1 else None
+
+
+limit_arenas()  # at import: before a JAX program's threads have made their arenas

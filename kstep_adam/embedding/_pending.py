@@ -48,6 +48,7 @@ from typing import NamedTuple
 import numpy as np
 
 from kstep_adam.embedding import _store
+from kstep_adam.embedding._id_map import DenseIdMap
 from kstep_adam.embedding._id_map import IdSlotMap
 
 _ROWS, _IDS, _COMMIT = "pending.rows", "pending.ids", "pending.commit"
@@ -63,16 +64,17 @@ class StagedCompaction(NamedTuple):
 
   rows_fd: int  # open on pending.rows.compacting
   ids_fd: int  # open on pending.ids.compacting
-  index: IdSlotMap  # id -> record position in the copy
+  index: IdSlotMap | DenseIdMap  # id -> record position in the copy
   num_records: int  # records in the copy, one per live id
 
 
 class PendingLog:
   """Append-only row log with an id -> newest record index. Not thread-safe."""
 
-  def __init__(self, directory: str, width: int):
+  def __init__(self, directory: str, width: int, dense_ids: int | None = None):
     self._dir = directory
     self._width = width
+    self._dense_ids = dense_ids  # ids below it index through a direct array (DenseIdMap)
     # Unbuffered descriptors written with pwrite at explicit offsets: a failed write
     # leaves no buffered bytes behind for a later write to flush, and no file position.
     self._rows_fd = os.open(os.path.join(directory, _ROWS), os.O_RDWR | os.O_CREAT, 0o644)
@@ -81,7 +83,7 @@ class PendingLog:
     except BaseException:
       os.close(self._rows_fd)
       raise
-    self._index = _new_index(1024)
+    self._index = self._new_index(1024)
     self._num_records = 0
     self.bytes_written = 0
     self.bytes_read = 0
@@ -216,7 +218,7 @@ class PendingLog:
       _store.fsync_dir(self._dir)
     os.ftruncate(self._rows_fd, 0)
     os.ftruncate(self._ids_fd, 0)
-    self._index = _new_index(1024)
+    self._index = self._new_index(1024)
     self._num_records = 0
     for name in (_ROWS, _IDS):  # what a compaction interrupted by a crash left behind
       if os.path.exists(os.path.join(self._dir, name + _COMPACTING)):
@@ -260,7 +262,7 @@ class PendingLog:
         if os.path.exists(path):
           os.remove(path)
       raise
-    index = _new_index(len(ids))
+    index = self._new_index(len(ids))
     index.insert(ids, np.arange(len(ids)))
     return StagedCompaction(rows_fd, ids_fd, index, len(ids))
 
@@ -284,12 +286,13 @@ class PendingLog:
     os.close(self._rows_fd)
     os.close(self._ids_fd)
 
-
-def _new_index(max_entries: int) -> IdSlotMap:
-  """id -> record position; int64, since a log may pass 2**31 records. Two slots per
-  entry: the index holds every row evicted since the last flush, so its memory counts
-  more than its probe lengths."""
-  return IdSlotMap(max(1024, max_entries), value_dtype=np.int64, slots_per_entry=2)
+  def _new_index(self, max_entries: int) -> IdSlotMap | DenseIdMap:
+    """id -> record position; int64, since a log may pass 2**31 records. A hash map has
+    two slots per entry: the index holds every row evicted since the last flush, so its
+    memory counts more than its probe lengths."""
+    if self._dense_ids is not None:
+      return DenseIdMap(self._dense_ids, value_dtype=np.int64)
+    return IdSlotMap(max(1024, max_entries), value_dtype=np.int64, slots_per_entry=2)
 
 
 def _pwrite_all(fd: int, array: np.ndarray, offset: int) -> None:

@@ -214,22 +214,38 @@ class TableStore:
     db_name: str | None = None,
     btree_node_bytes: int | None = BTREE_NODE_BYTES,
   ):
-    self._context = ts.Context({"cache_pool": {"total_bytes_limit": int(ts_cache_bytes)}})
     self.db_name = current_db(path) if db_name is None else db_name
     self.db_path = os.path.join(path, self.db_name)
-    db = {"driver": "ocdbt", "base": {"driver": "file", "path": self.db_path}}
+    self._config, self._ts_cache_bytes = config, int(ts_cache_bytes)
+    self._row_bytes = config.row_bytes
+    self.bytes_read = 0
+    self.bytes_written = 0
+    db_config = None
     if create and btree_node_bytes is not None:
       # Only at creation: an existing database has its own configuration, and a
       # constraint passed on open would have to match it.
-      db["config"] = {"max_decoded_node_bytes": int(btree_node_bytes)}
+      db_config = {"max_decoded_node_bytes": int(btree_node_bytes)}
+    self._open_handles(create=create, db_config=db_config)
+
+  def _open_handles(self, *, create: bool = False, db_config: dict | None = None) -> None:
+    """Opens the key-value store and the rows array, with caches of their own.
+
+    The rows array's chunk cache is never rechecked against the database
+    (``recheck_cached_data`` is off: this process is the database's only writer, and every
+    row write goes through the array). A change made below the array, through the
+    key-value store (``revert``), must therefore reopen both, so that no read returns a
+    chunk the cache kept from before the change.
+    """
+    self._context = ts.Context({"cache_pool": {"total_bytes_limit": self._ts_cache_bytes}})
+    db = {"driver": "ocdbt", "base": {"driver": "file", "path": self.db_path}}
+    if db_config is not None:
+      db["config"] = db_config
     self._kv = ts.KvStore.open(db, context=self._context).result()
+    config = self._config
     spec = _array_spec(
       dict(db, path="rows/"), config.num_rows, config.width, config.chunk_rows, config.compress
     )
     self._rows = ts.open(spec, create=create, open=not create, context=self._context).result()
-    self._row_bytes = config.row_bytes
-    self.bytes_read = 0
-    self.bytes_written = 0
 
   def committed_step(self) -> int:
     with self._io("read commit.json of"):
@@ -276,7 +292,8 @@ class TableStore:
     Only the keys whose value differs between that generation and now are rewritten (their
     storage generations say which may, without reading the values); ``commit.json`` goes
     last, so an interrupted revert still reads as the later step and is simply done again.
-    The versions in between stay in the history.
+    The versions in between stay in the history. The handles are reopened afterwards (see
+    ``_open_handles``): reads then see the reverted chunks, never cached later ones.
     """
     if version.database != self.db_name:
       raise ValueError(
@@ -322,6 +339,9 @@ class TableStore:
             del target[key]
     if restore or stale or self.committed_step() != version.step:
       self.write_step(version.step)
+    # The chunks changed below the rows array: its cache (and the database's) may hold
+    # rows of the later version, e.g. those a redone flush just wrote through it.
+    self._open_handles()
 
   def stored_chunks(self) -> np.ndarray:
     """Indices (along rows) of the chunks that exist on disk, sorted."""

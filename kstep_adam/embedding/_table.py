@@ -57,10 +57,13 @@ Concurrency. ``pull``, ``working_set``, ``push`` and ``flush`` are serialized by
 operation lock, so each sees the table at one step. ``prefetch`` runs on a background
 thread and takes only the cache lock. Disk reads run outside the cache lock: an
 operation reserves (pins) slots for its missing rows, marks them ``loading``, releases
-the lock, reads, and re-takes the lock to fill them. An operation that needs a loading
-row waits on a condition variable; flush waits until no read is in flight.
+the lock, reads, and re-takes the lock to fill them. The optimizer arithmetic of
+``pull`` and ``push`` runs outside the cache lock too, on rows they hold pinned, so a
+prefetch overlaps with it. An operation that needs a loading row waits on a condition
+variable; flush waits until no read is in flight.
 """
 
+import collections
 import concurrent.futures
 import contextlib
 import fcntl
@@ -73,6 +76,7 @@ from typing import NoReturn
 import jax
 import numpy as np
 
+from kstep_adam import _faults
 from kstep_adam import _validation
 from kstep_adam.embedding import _batch
 from kstep_adam.embedding import _device_adam
@@ -83,6 +87,7 @@ from kstep_adam.embedding._config import TableConfig
 from kstep_adam.embedding._device_adam import DeviceBatch
 from kstep_adam.embedding._device_adam import DeviceRows
 from kstep_adam.embedding._device_cache import DeviceCache
+from kstep_adam.embedding._errors import NonFiniteRowsError
 from kstep_adam.embedding._errors import TableFailedError
 from kstep_adam.embedding._errors import TableLockedError
 from kstep_adam.embedding._host_cache import HostCache
@@ -95,6 +100,19 @@ _FLUSH_BATCH_BYTES = 64 << 20  # uncompressed chunk bytes per flush write batch
 # Log records sorted at once while copying a committed log into zarr (``newest_records``
 # pieces): a few arrays of 8 bytes per record, about 100 MiB in all.
 _FLUSH_PIECE_RECORDS = 1 << 21
+
+
+def dense_id_maps(num_rows: int, row_bytes: int, host_cache_rows: int) -> int | None:
+  """``num_rows`` if the host cache's slot map and the pending log's index should be direct
+  arrays over all row ids (``_id_map.DenseIdMap``), else None (hash maps).
+
+  Direct arrays take 12 bytes per table row (an int32 slot and an int64 log position)
+  whatever is cached; the hash maps take 36 bytes per cached row and 32 per row evicted
+  since the last flush, and cost several NumPy passes per lookup. So a table takes the
+  arrays when they are no larger than its cached rows (a table up to about 16 times its
+  host cache, for exact Adam at dim 16), and the hash maps for larger tables.
+  """
+  return num_rows if 12 * num_rows <= row_bytes * host_cache_rows else None
 
 
 class WorkingSet(NamedTuple):
@@ -157,10 +175,16 @@ class EmbeddingTable:
     self._config = config
     self._ts_cache_bytes = ts_cache_bytes
     self._pending = None
+    # Which chunks the zarr table may hold, where known: a table at step 0 holds none (a
+    # push makes the step 1 before a flush can write a row), and each flush's copy adds
+    # the chunks it writes. A miss in a chunk never written is a fresh row, with no read.
+    # None (a table reopened later) reads every miss, as a table always did.
+    self._written_chunks: np.ndarray | None = None
     try:  # a failed open (a damaged database, an I/O error in the redo) releases the lock
       _store.remove_stale_dbs(path)
       self._store = _store.TableStore(path, config, ts_cache_bytes=ts_cache_bytes)
-      self._pending = PendingLog(path, config.width)
+      dense_ids = dense_id_maps(config.num_rows, config.row_bytes, host_cache_rows)
+      self._pending = PendingLog(path, config.width, dense_ids)
       redo_step = self._pending.recover()
       if redo_step is not None:  # a flush was committed but not fully copied: finish it
         self._apply_pending(redo_step)
@@ -168,12 +192,14 @@ class EmbeddingTable:
       if version is not None:
         self._revert(version)
       self._committed = self._store.version()
+      if self._step == 0:
+        self._written_chunks = np.zeros(-(-config.num_rows // config.chunk_rows), bool)
     except BaseException:
       if self._pending is not None:
         self._pending.close()
       self._lock_file.close()
       raise
-    self._cache = HostCache(host_cache_rows, config.width)
+    self._cache = HostCache(host_cache_rows, config.width, dense_ids)
     self._device_cache = device_cache
     self._open_device_step: np.ndarray | None = None  # slots of a begun, unended device step
     self._device_fns: dict = {}
@@ -188,6 +214,9 @@ class EmbeddingTable:
     self._failure: tuple[str, BaseException] | None = None  # (operation, cause) once failed
     self._failed_prefetches: list[_PrefetchFuture] = []  # errors the next call may raise
     self._counts = dict(hits=0, misses=0, prefetched_rows=0, pulls=0, pushes=0)
+    # The last two prefetches' (ids, unique ids, inverse): a trainer prefetches the next
+    # batch before it pulls this one, which need not be sorted again (_unique_inverse).
+    self._prefetched_batches: collections.deque = collections.deque(maxlen=2)
 
   # ----------------------------------------------------------------- public API
   @property
@@ -219,7 +248,7 @@ class EmbeddingTable:
   def pull(self, ids) -> np.ndarray:
     """Returns the rows of ``ids`` at the current step, float32 ``[len(ids), dim]``."""
     ids_N = _batch.check_ids(ids, self.num_rows)
-    unique_U, inverse_N = _batch.unique_inverse(ids_N)
+    unique_U, inverse_N = self._unique_inverse(ids_N)
     with self._op_lock, self._lock:
       self._check_rows_usable()
       rows_UxD = self._read_locked(unique_U)
@@ -240,7 +269,7 @@ class EmbeddingTable:
       on the device uses ``begin_device_step`` instead.)
     """
     ids_N = _batch.check_ids(ids, self.num_rows)
-    unique_U, inverse_N = _batch.unique_inverse(ids_N)
+    unique_U, inverse_N = self._unique_inverse(ids_N)
     unique_U = unique_U.copy() if unique_U is ids else unique_U  # never the caller's array
     num_rows = len(unique_U)
     if pad_to is not None:
@@ -286,8 +315,12 @@ class EmbeddingTable:
           try:
             block = self._cache.rows_CxW[slots]  # a copy: the cache changes only below
             params, opt_slots = block[:, 1 : 1 + dim], block[:, 1 + dim :]
-            self.optimizer.catch_up(params, opt_slots, _store.decode_last_step(block), step - 1)
-            self.optimizer.apply(params, opt_slots, grads_UxD[lo:hi], step)
+            with self._cache_unlocked():  # the slots are pinned: a prefetch may run meanwhile
+              self.optimizer.catch_up(params, opt_slots, _store.decode_last_step(block), step - 1)
+              self.optimizer.apply(params, opt_slots, grads_UxD[lo:hi], step)
+            bad = ~np.isfinite(block[:, 1:]).all(axis=1)  # stored as float32: no overflow
+            if bad.any():
+              raise NonFiniteRowsError(unique_U[lo:hi][bad])
             block[:, 0] = _store.encode_last_step(np.full(hi - lo, step))
             changed = True
             self._cache.rows_CxW[slots] = block
@@ -309,8 +342,8 @@ class EmbeddingTable:
     Future holds the error, and if its result is never read, the table's next
     pull/working_set/push/prefetch raises it.
     """
-    ids_N = _batch.check_ids(ids, self.num_rows)
-    unique_U, _ = _batch.unique_inverse(ids_N)
+    ids_N = _batch.check_ids(ids, self.num_rows).copy()  # ours: kept for _unique_inverse
+    unique_U, inverse_N = _batch.unique_inverse(ids_N)
     if len(unique_U) > self._cache.capacity:
       raise ValueError(
         f"prefetch of {len(unique_U)} unique ids exceeds host_cache_rows="
@@ -320,6 +353,7 @@ class EmbeddingTable:
       self._check_usable()
     future = _PrefetchFuture()
     self._executor.submit(self._prefetch_task, future, unique_U)
+    self._prefetched_batches.append((ids_N, unique_U, inverse_N))
     return future
 
   @property
@@ -573,8 +607,10 @@ class EmbeddingTable:
       slots = dirty_slots[lo : lo + batch]
       # Unindexed: these rows stay cached, and the copy below finds them from the log.
       self._pending.append_unindexed(cache.ids_C[slots], cache.rows_CxW[slots])
+    _faults.reached("flush.appended")
     with self._failure_is_fatal("flush"):
       self._pending.commit(self._step)  # the commit point
+      _faults.reached("flush.committed")
       self._apply_pending(self._step)
       cache.dirty_C[dirty_slots] = False
       self._committed = self._store.version()
@@ -631,6 +667,15 @@ class EmbeddingTable:
       return c
 
   # ------------------------------------------------------------- internals
+  def _unique_inverse(self, ids_N: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``_batch.unique_inverse(ids_N)``, from one of the last two prefetches if it had the
+    same ids (an O(N) comparison instead of a sort); the unique ids are then a copy, the
+    caller's own."""
+    for ids, unique_U, inverse_N in reversed(list(self._prefetched_batches)):
+      if len(ids) == len(ids_N) and np.array_equal(ids, ids_N):
+        return unique_U.copy(), inverse_N
+    return _batch.unique_inverse(ids_N)
+
   def _pull_unique_locked(self, unique_U: np.ndarray) -> np.ndarray:
     return self._pull_rows_locked(unique_U)[:, 1 : 1 + self.dim]
 
@@ -644,9 +689,10 @@ class EmbeddingTable:
       slots = self._acquire(unique_U[lo:hi])
       try:
         block = self._cache.rows_CxW[slots]
-        changed = self.optimizer.catch_up(
-          block[:, 1 : 1 + dim], block[:, 1 + dim :], _store.decode_last_step(block), self._step
-        )
+        with self._cache_unlocked():  # the slots are pinned: a prefetch may run meanwhile
+          changed = self.optimizer.catch_up(
+            block[:, 1 : 1 + dim], block[:, 1 + dim :], _store.decode_last_step(block), self._step
+          )
         if changed.any():
           block[changed, 0] = _store.encode_last_step(np.full(int(changed.sum()), self._step))
           self._cache.rows_CxW[slots[changed]] = block[changed]
@@ -672,6 +718,17 @@ class EmbeddingTable:
       future.set_exception(error)
     else:
       future.set_result(num_read)
+
+  @contextlib.contextmanager
+  def _cache_unlocked(self):
+    """Releases the cache lock for arithmetic on rows that the caller holds pinned (and,
+    under the operation lock, no other pull/push/flush can touch): only a prefetch runs
+    meanwhile, and it never writes a pinned slot."""
+    self._lock.release()
+    try:
+      yield
+    finally:
+      self._lock.acquire()
 
   def _release(self, slots: np.ndarray) -> None:
     self._cache.unpin(slots)
@@ -730,7 +787,12 @@ class EmbeddingTable:
     self._lock.release()
     try:
       rows_MxW = np.empty((len(missing), cache.rows_CxW.shape[1]), np.float32)
-      rows_MxW[~in_pending] = self._store.read_rows(missing[~in_pending])
+      on_disk = ~in_pending
+      if self._written_chunks is not None:
+        never_written = ~self._written_chunks[missing // self._config.chunk_rows]
+        rows_MxW[never_written & on_disk, 0] = _store.encode_last_step(np.array([-1]))
+        on_disk &= ~never_written
+      rows_MxW[on_disk] = self._store.read_rows(missing[on_disk])
       rows_MxW[in_pending] = self._pending.read(log_pos[in_pending])
       fresh = _store.decode_last_step(rows_MxW) < 0
       if fresh.any():
@@ -762,9 +824,14 @@ class EmbeddingTable:
       chunk = ids // chunk_rows
       bounds = np.flatnonzero(np.diff(chunk, prepend=-1))[::max_chunks]
       for lo, hi in zip(bounds, np.r_[bounds[1:], len(ids)]):
+        if self._written_chunks is not None:  # before the write: a failed one may have begun
+          self._written_chunks[chunk[lo:hi]] = True
         self._store.write_rows(ids[lo:hi], self._pending.read(positions[lo:hi]))
+        _faults.reached("flush.copied_batch")
     self._store.write_step(step)
+    _faults.reached("flush.step_written")
     self._pending.clear()
+    _faults.reached("flush.cleared")
 
   def _revert(self, version: TableVersion) -> None:
     """Brings the just-opened table back to an earlier flush's ``version`` (see ``open``)."""
