@@ -89,14 +89,14 @@ def test_exchange_sizes_and_bytes():
 
 
 def test_a_table_dir_of_another_layout_is_refused(tmp_path):
-  _sharded_tier._check_table_dir(str(tmp_path / "new"), 2)  # nothing there yet: fine
+  _sharded_tier.check_table_dir(str(tmp_path / "new"), 2)  # nothing there yet: fine
   (tmp_path / "mixed" / "shard-0-of-3").mkdir(parents=True)
   with pytest.raises(ValueError, match="holds the shards of a 3-process run"):
-    _sharded_tier._check_table_dir(str(tmp_path / "mixed"), 2)
+    _sharded_tier.check_table_dir(str(tmp_path / "mixed"), 2)
   with embedding.open_table(tmp_path / "one", num_rows=10, dim=2):
     pass
   with pytest.raises(ValueError, match="holds a one-process table"):
-    _sharded_tier._check_table_dir(str(tmp_path / "one"), 2)
+    _sharded_tier.check_table_dir(str(tmp_path / "one"), 2)
 
 
 def test_each_process_reads_its_workers_share():
@@ -140,11 +140,11 @@ def test_a_checkpoint_names_every_shard_and_is_resumed_by_as_many_processes(tmp_
   assert found.table == versions  # a tuple, in process order
   two, three = _distributed.Processes(1, 2), _distributed.Processes(1, 3)
   assert _multiprocess.shard_version(versions, two) == versions[1]
-  assert _multiprocess._checkpoint_json(found, two)[2] == [v._asdict() for v in versions]
+  assert _multiprocess.checkpoint_json(found, two)[2] == [v._asdict() for v in versions]
   with pytest.raises(RunDirectoryError, match="saved by a 2-process run"):
-    _multiprocess._checkpoint_json(found, three)
+    _multiprocess.checkpoint_json(found, three)
   with pytest.raises(RunDirectoryError, match="resume it with 2, not 3"):
     _multiprocess.shard_version(versions, three)
   one = found._replace(table=versions[0])
   with pytest.raises(RunDirectoryError, match="saved by a 1-process run"):
-    _multiprocess._checkpoint_json(one, two)
+    _multiprocess.checkpoint_json(one, two)

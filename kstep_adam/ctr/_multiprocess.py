@@ -87,7 +87,7 @@ def open_run_dir(
         "error": None,
         "resuming": run_dir.resuming,
         "recorded": run_dir.recorded,
-        "checkpoint": None if checkpoint is None else _checkpoint_json(checkpoint, processes),
+        "checkpoint": None if checkpoint is None else checkpoint_json(checkpoint, processes),
       }
     except (RunDirectoryError, CorruptFileError) as error:  # every process stops with it
       decision = {"error": str(error)}
@@ -109,8 +109,11 @@ def open_run_dir(
   )
 
 
-def _checkpoint_json(checkpoint: _checkpoint.Checkpoint, processes: _distributed.Processes) -> list:
-  """The checkpoint as JSON, for the other processes; refused if this run cannot resume it."""
+def checkpoint_json(checkpoint: _checkpoint.Checkpoint, processes: _distributed.Processes) -> list:
+  """The checkpoint as JSON, for the other processes; refused if this run cannot resume it.
+
+  Internal helper: :func:`open_run_dir` sends it from process 0 to the others.
+  """
   saved_by = 1 if isinstance(checkpoint.table, TableVersion) else len(checkpoint.table)
   if saved_by != processes.count:
     raise RunDirectoryError(

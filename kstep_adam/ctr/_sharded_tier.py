@@ -154,7 +154,7 @@ class ShardedSparseTier:
       raise ValueError(
         f"table_rows={config.table_rows} gives no rows to some of the {count} processes' shards"
       )
-    _check_table_dir(table_dir, count)
+    check_table_dir(table_dir, count)
     self.num_rows, self.dim, self._salt = config.table_rows, config.embed_dim, config.seed
     self.path = shard_dir(table_dir, index, count)
     self.table = embedding.open_table(
@@ -321,8 +321,11 @@ def sharded_device_cache_error(device_cache_rows: int, processes: int) -> str:
   )
 
 
-def _check_table_dir(table_dir: str, count: int) -> None:
-  """Refuse a directory that holds a table of another layout: nothing is mixed."""
+def check_table_dir(table_dir: str, count: int) -> None:
+  """Refuse a directory that holds a table of another layout: nothing is mixed.
+
+  Internal helper: :class:`ShardedSparseTier` calls it before it opens its shard.
+  """
   if os.path.exists(os.path.join(table_dir, "table.json")):
     raise ValueError(
       f"table_dir {table_dir!r} holds a one-process table; a {count}-process run keeps one "
@@ -457,14 +460,11 @@ def make_sharded_train_step(
     mine_PxBxD = jax.lax.all_to_all(answers_PxBxD, "node", 0, 0, tiled=True)
     rows_PxSxD = jax.lax.all_gather(mine_PxBxD, "local", axis=1, tiled=True)
     num_owners, slots, dim = rows_PxSxD.shape
-
-    def loss_fn(params, rows_RxD):
-      return _step.bce_loss(
-        _step._logits(graphdef, params, rows_RxD, inverse_BxF, dense_BxI), label_B
-      )
-
     rows_RxD = rows_PxSxD.reshape(num_owners * slots, dim)
-    loss, (grads, grad_rows_RxD) = jax.value_and_grad(loss_fn, argnums=(0, 1))(params, rows_RxD)
+    batch = (inverse_BxF, dense_BxI, label_B)
+    loss, (grads, grad_rows_RxD) = _step.worker_value_and_grad(
+      graphdef, params, rows_RxD, batch, chunks=1
+    )
     finite = _step.all_finite(loss, grads, grad_rows_RxD)  # this worker's
     # One all-reduce for both: the global-mean loss, and the share of workers that were not
     # finite (zero when all were).

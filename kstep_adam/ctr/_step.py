@@ -52,10 +52,14 @@ def bce_loss(logit_B: jax.Array, label_B: jax.Array) -> jax.Array:
   return jnp.mean(optax.sigmoid_binary_cross_entropy(logit_B, label_B))
 
 
-def _logits(
+def logits(
   graphdef: nnx.GraphDef, params, rows_PxD: jax.Array, inverse_BxF: jax.Array, dense_BxI: jax.Array
 ) -> jax.Array:
-  """The model on a batch's rows: every key's embedding gathered from the unique rows."""
+  """The model on a batch's rows: every key's embedding gathered from the unique rows.
+
+  Internal helper, shared by training (:func:`worker_value_and_grad`) and evaluation
+  (:func:`make_predict`).
+  """
   emb_BxFxD = jnp.take(rows_PxD, inverse_BxF, axis=0)
   return nnx.merge(graphdef, params)(emb_BxFxD, dense_BxI)
 
@@ -100,15 +104,17 @@ def num_chunks(batch_size: int, chunk_examples: int = CPU_CHUNK_EXAMPLES) -> int
   return chunks
 
 
-def _value_and_grad(graphdef, params, rows_PxD, batch, chunks: int):
-  """The batch-mean loss and its gradient (params, rows), over ``chunks`` equal chunks.
+def worker_value_and_grad(graphdef, params, rows_PxD, batch, chunks: int):
+  """One worker's batch-mean loss and its gradient (params, rows), over ``chunks`` equal chunks.
 
-  The mean of the chunks' mean losses is the batch mean, so the result is the one-pass
-  gradient up to float summation order.
+  The one per-worker loss and gradient of both step builders (this module's and the sharded
+  one's, which passes ``chunks=1``); ``batch`` is ``(inverse_BxF, dense_BxI, label_B)``. The
+  mean of the chunks' mean losses is the batch mean, so the result is the one-pass gradient up
+  to float summation order.
   """
 
   def loss_fn(params, rows_PxD, inverse_BxF, dense_BxI, label_B):
-    return bce_loss(_logits(graphdef, params, rows_PxD, inverse_BxF, dense_BxI), label_B)
+    return bce_loss(logits(graphdef, params, rows_PxD, inverse_BxF, dense_BxI), label_B)
 
   grad_fn = jax.value_and_grad(loss_fn, argnums=(0, 1))
   if chunks == 1:
@@ -174,7 +180,7 @@ def make_ctr_train_step(
     # so the pmean below is the gradient of the global-mean loss.
     rows_PxD = jax.lax.pcast(rows_PxD, axes, to="varying")
     batch = (inverse_BxF, dense_BxI, label_B)
-    loss, (grads, grad_rows_PxD) = _value_and_grad(graphdef, params, rows_PxD, batch, chunks)
+    loss, (grads, grad_rows_PxD) = worker_value_and_grad(graphdef, params, rows_PxD, batch, chunks)
     finite = all_finite(loss, grads, grad_rows_PxD)  # this worker's, before any averaging
     grad_rows_PxD = jax.lax.pmean(grad_rows_PxD, axes)  # synchronous sparse, every step
     updates, new_opt_state = tx.update(grads, opt_state, params)
@@ -214,7 +220,7 @@ def make_predict(graphdef: nnx.GraphDef) -> Callable:
 
   @jax.jit
   def predict(params, rows_PxD, inverse_BxF, dense_BxI):
-    return jax.nn.sigmoid(_logits(graphdef, params, rows_PxD, inverse_BxF, dense_BxI))
+    return jax.nn.sigmoid(logits(graphdef, params, rows_PxD, inverse_BxF, dense_BxI))
 
   return predict
 
