@@ -27,8 +27,8 @@ from kstep_adam._validation import check_int
 from kstep_adam.ctr._batch import CTRBatch
 from kstep_adam.ctr._batch import concat_batches
 from kstep_adam.ctr._readers import CTRFileReader
-from kstep_adam.ctr._readers import ReadPosition
-from kstep_adam.ctr._readers import ReadStats
+from kstep_adam.ctr._schema import ReadPosition
+from kstep_adam.ctr._schema import ReadStats
 from kstep_adam.ctr._synthetic import SyntheticCTR
 
 
