@@ -13,7 +13,7 @@ from _ctr_files import good_lines
 from _ctr_files import read_both
 
 from kstep_adam import ctr
-from kstep_adam.ctr import _line_parser
+from kstep_adam.ctr.data import _line_parser
 
 
 def _file_with(tmp_path, bad_line, *, name="day.txt", at=3, total=6):
@@ -122,7 +122,7 @@ def test_corrupt_gzip_data_is_an_error_naming_the_file(tmp_path):
 
 
 def test_a_binary_file_is_not_read_as_one_huge_line(tmp_path, monkeypatch):
-  monkeypatch.setattr("kstep_adam.ctr._textfile.MAX_LINE_BYTES", 1 << 16)
+  monkeypatch.setattr("kstep_adam.ctr.data._textfile.MAX_LINE_BYTES", 1 << 16)
   path = tmp_path / "blob.bin"
   path.write_bytes(bytes(range(1, 10)) * 20000)  # no newline
   with pytest.raises(ctr.CTRDataError, match=r"blob\.bin:1: a line longer than"):

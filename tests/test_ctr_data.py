@@ -12,7 +12,7 @@ from _ctr_files import good_lines
 from _ctr_files import read_both
 
 from kstep_adam import ctr
-from kstep_adam.ctr import _schema
+from kstep_adam.ctr.data import _schema
 
 
 def _read_all(reader, batch_size=4):

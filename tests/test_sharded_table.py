@@ -7,7 +7,7 @@ import pytest
 from kstep_adam import ctr
 from kstep_adam import embedding
 from kstep_adam.ctr import _sharded_tier
-from kstep_adam.ctr._sources import process_part
+from kstep_adam.ctr.data._sources import process_part
 
 DIM = 4
 ROWS = 101  # not a multiple of the shard count: the shards differ in size

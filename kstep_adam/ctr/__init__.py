@@ -3,12 +3,7 @@
 The public API is re-exported here, one name per line.
 """
 
-from kstep_adam.ctr._batch import CTRBatch
-from kstep_adam.ctr._batch import concat_batches
-from kstep_adam.ctr._batch import feature_keys
 from kstep_adam.ctr._config import TrainConfig
-from kstep_adam.ctr._data_config import DataConfig
-from kstep_adam.ctr._data_config import make_source
 from kstep_adam.ctr._divergence import DivergenceError
 from kstep_adam.ctr._hooks import MetricsLog
 from kstep_adam.ctr._hooks import PeriodicEval
@@ -21,22 +16,27 @@ from kstep_adam.ctr._models import DLRM
 from kstep_adam.ctr._models import MODELS
 from kstep_adam.ctr._models import DCNv2
 from kstep_adam.ctr._models import make_model
-from kstep_adam.ctr._readers import CTRFileReader
-from kstep_adam.ctr._readers import count_lines
 from kstep_adam.ctr._rundir import RunDirectoryError
-from kstep_adam.ctr._schema import ReadStats
-from kstep_adam.ctr._sources import DataSource
-from kstep_adam.ctr._sources import batches_source
-from kstep_adam.ctr._sources import file_source
-from kstep_adam.ctr._sources import synthetic_source
-from kstep_adam.ctr._synthetic import SyntheticCTR
-from kstep_adam.ctr._textfile import CTRDataError
 from kstep_adam.ctr._trainer import Hook
 from kstep_adam.ctr._trainer import StepResult
 from kstep_adam.ctr._trainer import Trainer
 from kstep_adam.ctr._workflow import make_optimizer
 from kstep_adam.ctr._workflow import summarize
 from kstep_adam.ctr._workflow import train
+from kstep_adam.ctr.data._config import DataConfig
+from kstep_adam.ctr.data._config import make_source
+from kstep_adam.ctr.data._readers import CTRFileReader
+from kstep_adam.ctr.data._readers import count_lines
+from kstep_adam.ctr.data._records import CTRBatch
+from kstep_adam.ctr.data._records import concat_batches
+from kstep_adam.ctr.data._records import feature_keys
+from kstep_adam.ctr.data._schema import ReadStats
+from kstep_adam.ctr.data._sources import DataSource
+from kstep_adam.ctr.data._sources import batches_source
+from kstep_adam.ctr.data._sources import file_source
+from kstep_adam.ctr.data._sources import synthetic_source
+from kstep_adam.ctr.data._synthetic import SyntheticCTR
+from kstep_adam.ctr.data._textfile import CTRDataError
 
 __all__ = [
   "CTRBatch",

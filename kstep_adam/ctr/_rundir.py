@@ -45,7 +45,7 @@ from kstep_adam._jsonio import is_temporary
 from kstep_adam._jsonio import read_json
 from kstep_adam._jsonio import write_json
 from kstep_adam.ctr._config import TrainConfig
-from kstep_adam.ctr._sources import DataSource
+from kstep_adam.ctr.data._sources import DataSource
 
 RUN_FILE = "run.json"
 METRICS_FILE = "metrics.jsonl"

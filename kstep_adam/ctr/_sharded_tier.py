@@ -51,7 +51,7 @@ from kstep_adam import parallel
 from kstep_adam._comm import CommCost
 from kstep_adam.ctr import _step
 from kstep_adam.ctr._config import TrainConfig
-from kstep_adam.ctr._pipeline import bucket_size
+from kstep_adam.ctr._tier import bucket_size
 
 ID_BYTES = 8  # an int64 row id, sent as two int32 words (JAX's integers are 32-bit here)
 _SHARD_DIR = re.compile(r"shard-(\d+)-of-(\d+)$")

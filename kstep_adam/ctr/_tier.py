@@ -31,7 +31,7 @@ from jax.sharding import PartitionSpec as P
 
 from kstep_adam import embedding
 from kstep_adam.ctr._config import TrainConfig
-from kstep_adam.ctr._pipeline import bucket_size
+from kstep_adam.embedding import pow2_at_least  # the tier's padding rule, one for the project
 
 
 class BatchRows(NamedTuple):
@@ -189,3 +189,14 @@ class SparseTier:
 
   def close(self) -> None:
     self.table.close(flush=self._flush_on_close)
+
+
+def bucket_size(num_unique: int, *, minimum: int = 1024) -> int:
+  """Round a batch's unique-row count up to a power of two (at least ``minimum``), so the
+  jitted step sees few shapes; the device cache pads its uploads the same way.
+
+  Examples:
+    >>> bucket_size(1000), bucket_size(1025), bucket_size(4096)
+    (1024, 2048, 4096)
+  """
+  return max(minimum, pow2_at_least(num_unique))

@@ -45,18 +45,14 @@ from kstep_adam.ctr import _interrupt
 from kstep_adam.ctr import _multiprocess
 from kstep_adam.ctr import _step
 from kstep_adam.ctr._adaptive import AdaptiveRun
-from kstep_adam.ctr._batch import CTRBatch
 from kstep_adam.ctr._comm import CommMeter
+from kstep_adam.ctr._comm import Timer
 from kstep_adam.ctr._config import TrainConfig
 from kstep_adam.ctr._divergence import DivergenceError
 from kstep_adam.ctr._divergence import DivergenceMonitor
 from kstep_adam.ctr._metrics import auc
 from kstep_adam.ctr._metrics import logloss
 from kstep_adam.ctr._models import make_model
-from kstep_adam.ctr._pipeline import HeldOutSet
-from kstep_adam.ctr._pipeline import IndexedBatch
-from kstep_adam.ctr._pipeline import Prefetcher
-from kstep_adam.ctr._pipeline import Timer
 from kstep_adam.ctr._rundir import CHECKPOINT_DIR
 from kstep_adam.ctr._rundir import METRICS_FILE
 from kstep_adam.ctr._rundir import TABLE_DIR
@@ -68,10 +64,14 @@ from kstep_adam.ctr._sharded_tier import ShardedSparseTier
 from kstep_adam.ctr._sharded_tier import make_sharded_train_step
 from kstep_adam.ctr._sharded_tier import shard_dir
 from kstep_adam.ctr._sharded_tier import sharded_device_cache_error
-from kstep_adam.ctr._sources import DataSource
-from kstep_adam.ctr._sources import positioned_epoch
-from kstep_adam.ctr._sources import process_part
 from kstep_adam.ctr._tier import SparseTier
+from kstep_adam.ctr.data._prefetch import HeldOutSet
+from kstep_adam.ctr.data._prefetch import IndexedBatch
+from kstep_adam.ctr.data._prefetch import Prefetcher
+from kstep_adam.ctr.data._records import CTRBatch
+from kstep_adam.ctr.data._sources import DataSource
+from kstep_adam.ctr.data._sources import positioned_epoch
+from kstep_adam.ctr.data._sources import process_part
 from kstep_adam.embedding import NonFiniteRowsError
 from kstep_adam.embedding import TableVersion
 

@@ -49,8 +49,8 @@ from kstep_adam.ctr._hooks import PeriodicEval
 from kstep_adam.ctr._hooks import ProgressBar
 from kstep_adam.ctr._hooks import PushedRows
 from kstep_adam.ctr._rundir import SUMMARY_FILE
-from kstep_adam.ctr._sources import DataSource
 from kstep_adam.ctr._trainer import Trainer
+from kstep_adam.ctr.data._sources import DataSource
 
 AXES = parallel.AXIS_NAMES
 

@@ -12,13 +12,13 @@ import re
 
 import numpy as np
 
-from kstep_adam.ctr._schema import ASCII_WHITESPACE
-from kstep_adam.ctr._schema import CRITEO_NUM_DENSE
-from kstep_adam.ctr._schema import DENSE_LIMIT
-from kstep_adam.ctr._schema import MISSING
-from kstep_adam.ctr._schema import Rows
-from kstep_adam.ctr._schema import Schema
-from kstep_adam.ctr._schema import StringValues
+from kstep_adam.ctr.data._schema import ASCII_WHITESPACE
+from kstep_adam.ctr.data._schema import CRITEO_NUM_DENSE
+from kstep_adam.ctr.data._schema import DENSE_LIMIT
+from kstep_adam.ctr.data._schema import MISSING
+from kstep_adam.ctr.data._schema import Rows
+from kstep_adam.ctr.data._schema import Schema
+from kstep_adam.ctr.data._schema import StringValues
 
 
 def _show(field: bytes | str) -> str:

@@ -14,7 +14,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from kstep_adam.ctr._textfile import CTRDataError
+from kstep_adam.ctr.data._textfile import CTRDataError
 
 CRITEO_NUM_DENSE = 13
 CRITEO_NUM_CATEGORICAL = 26

@@ -42,20 +42,20 @@ import numpy as np
 from kstep_adam._validation import check_choice
 from kstep_adam._validation import check_float
 from kstep_adam._validation import check_int
-from kstep_adam.ctr._batch import CTRBatch
-from kstep_adam.ctr._batch import feature_keys
-from kstep_adam.ctr._columnar import ColumnarParser
-from kstep_adam.ctr._line_parser import LineParser
-from kstep_adam.ctr._schema import CRITEO_SCHEMA
-from kstep_adam.ctr._schema import ENGINES
-from kstep_adam.ctr._schema import FORMATS
-from kstep_adam.ctr._schema import ReadPosition
-from kstep_adam.ctr._schema import ReadStats
-from kstep_adam.ctr._schema import Rows
-from kstep_adam.ctr._schema import StringValues
-from kstep_adam.ctr._schema import csv_schema
-from kstep_adam.ctr._textfile import CTRDataError
-from kstep_adam.ctr._textfile import TextFile
+from kstep_adam.ctr.data._columnar import ColumnarParser
+from kstep_adam.ctr.data._line_parser import LineParser
+from kstep_adam.ctr.data._records import CTRBatch
+from kstep_adam.ctr.data._records import feature_keys
+from kstep_adam.ctr.data._schema import CRITEO_SCHEMA
+from kstep_adam.ctr.data._schema import ENGINES
+from kstep_adam.ctr.data._schema import FORMATS
+from kstep_adam.ctr.data._schema import ReadPosition
+from kstep_adam.ctr.data._schema import ReadStats
+from kstep_adam.ctr.data._schema import Rows
+from kstep_adam.ctr.data._schema import StringValues
+from kstep_adam.ctr.data._schema import csv_schema
+from kstep_adam.ctr.data._textfile import CTRDataError
+from kstep_adam.ctr.data._textfile import TextFile
 
 _MAX_MESSAGES = 10
 _PIECE_BYTES = 1 << 16  # a block that fails the columnar parser is retried in pieces this big

@@ -23,11 +23,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
-from kstep_adam.ctr._schema import DENSE_LIMIT
-from kstep_adam.ctr._schema import MISSING
-from kstep_adam.ctr._schema import Rows
-from kstep_adam.ctr._schema import Schema
-from kstep_adam.ctr._schema import StringValues
+from kstep_adam.ctr.data._schema import DENSE_LIMIT
+from kstep_adam.ctr.data._schema import MISSING
+from kstep_adam.ctr.data._schema import Rows
+from kstep_adam.ctr.data._schema import Schema
+from kstep_adam.ctr.data._schema import StringValues
 
 
 def _bytes8(byte: int) -> np.uint64:

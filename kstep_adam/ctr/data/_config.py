@@ -15,13 +15,13 @@ from kstep_adam._validation import check_choices
 from kstep_adam._validation import check_float
 from kstep_adam._validation import check_int
 from kstep_adam._validation import choice_field
-from kstep_adam.ctr._schema import FORMATS
-from kstep_adam.ctr._sources import DataSource
-from kstep_adam.ctr._sources import file_source
-from kstep_adam.ctr._sources import process_part
-from kstep_adam.ctr._sources import synthetic_source
-from kstep_adam.ctr._synthetic import SHARDINGS
-from kstep_adam.ctr._synthetic import SyntheticCTR
+from kstep_adam.ctr.data._schema import FORMATS
+from kstep_adam.ctr.data._sources import DataSource
+from kstep_adam.ctr.data._sources import file_source
+from kstep_adam.ctr.data._sources import process_part
+from kstep_adam.ctr.data._sources import synthetic_source
+from kstep_adam.ctr.data._synthetic import SHARDINGS
+from kstep_adam.ctr.data._synthetic import SyntheticCTR
 
 SYNTHETIC = "synthetic"
 
