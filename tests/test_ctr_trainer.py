@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from kstep_adam import ctr
-from kstep_adam.ctr._trainer import evaluate
 from kstep_adam.ctr.data._prefetch import HeldOutSet
+from kstep_adam.ctr.train._evaluate import evaluate
 
 
 def _small(**overrides):

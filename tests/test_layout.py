@@ -66,7 +66,6 @@ CTR_ALL = [
 ]
 
 ALLOWED = {
-  "size: kstep_adam/ctr/_sharded_tier.py",
   "size: kstep_adam/ctr/data/_textfile.py",
   "size: kstep_adam/ctr/_trainer.py",
 }
@@ -74,19 +73,10 @@ ALLOWED = {
 ALLOWED |= {
   f"flat: kstep_adam/ctr/{name}.py"
   for name in [
-    "_adaptive",
     "_checkpoint",
-    "_comm",
-    "_config",
-    "_divergence",
-    "_hooks",
     "_interrupt",
-    "_models",
     "_multiprocess",
     "_rundir",
-    "_sharded_tier",
-    "_step",
-    "_tier",
     "_trainer",
   ]
 }

@@ -6,8 +6,8 @@ import pytest
 
 from kstep_adam import ctr
 from kstep_adam import embedding
-from kstep_adam.ctr import _sharded_tier
 from kstep_adam.ctr.data._sources import process_part
+from kstep_adam.ctr.train import _exchange
 
 DIM = 4
 ROWS = 101  # not a multiple of the shard count: the shards differ in size
@@ -24,7 +24,7 @@ def test_shards_together_are_the_whole_table(tmp_path, mode):
   shards = [
     embedding.open_table(
       tmp_path / f"shard-{index}",
-      num_rows=_sharded_tier.shard_rows(ROWS, index, count),
+      num_rows=_exchange.shard_rows(ROWS, index, count),
       dim=DIM,
       optimizer=_adam(mode),
       shard_index=index,
@@ -75,28 +75,28 @@ def test_shard_fields_are_validated():
 
 
 def test_exchange_sizes_and_bytes():
-  assert [_sharded_tier.shard_rows(7, p, 2) for p in (0, 1)] == [4, 3]
+  assert [_exchange.shard_rows(7, p, 2) for p in (0, 1)] == [4, 3]
   # S: a power of two that only grows, at least 1024 / P, a multiple of the local devices.
-  assert _sharded_tier.exchange_slots(1, 2, 2) == 512
-  assert _sharded_tier.exchange_slots(600, 2, 2) == 1024
-  assert _sharded_tier.exchange_slots(600, 2, 2, previous=2048) == 2048
-  assert _sharded_tier.exchange_slots(0, 4, 3) == 258
-  cost = _sharded_tier.exchange_cost(2, 2, 512, 8)
+  assert _exchange.exchange_slots(1, 2, 2) == 512
+  assert _exchange.exchange_slots(600, 2, 2) == 1024
+  assert _exchange.exchange_slots(600, 2, 2, previous=2048) == 2048
+  assert _exchange.exchange_slots(0, 4, 3) == 258
+  cost = _exchange.exchange_cost(2, 2, 512, 8)
   # Per device: 256 slots of each buffer, half of them (the peer's) cross 'node': ids, rows
   # and gradients, plus the counts' all-reduce; 'local' gathers and scatters 2 * 512 rows.
   assert cost.bytes_by_axis == {"node": 16 + 256 * (8 + 2 * 4 * 8), "local": 2 * 512 * 8 * 4}
-  assert _sharded_tier.exchange_cost(2, 1, 512, 8).bytes_by_axis["local"] == 0
+  assert _exchange.exchange_cost(2, 1, 512, 8).bytes_by_axis["local"] == 0
 
 
 def test_a_table_dir_of_another_layout_is_refused(tmp_path):
-  _sharded_tier.check_table_dir(str(tmp_path / "new"), 2)  # nothing there yet: fine
+  _exchange.check_table_dir(str(tmp_path / "new"), 2)  # nothing there yet: fine
   (tmp_path / "mixed" / "shard-0-of-3").mkdir(parents=True)
   with pytest.raises(ValueError, match="holds the shards of a 3-process run"):
-    _sharded_tier.check_table_dir(str(tmp_path / "mixed"), 2)
+    _exchange.check_table_dir(str(tmp_path / "mixed"), 2)
   with embedding.open_table(tmp_path / "one", num_rows=10, dim=2):
     pass
   with pytest.raises(ValueError, match="holds a one-process table"):
-    _sharded_tier.check_table_dir(str(tmp_path / "one"), 2)
+    _exchange.check_table_dir(str(tmp_path / "one"), 2)
 
 
 def test_each_process_reads_its_workers_share():

@@ -3,24 +3,11 @@
 The public API is re-exported here, one name per line.
 """
 
-from kstep_adam.ctr._config import TrainConfig
-from kstep_adam.ctr._divergence import DivergenceError
-from kstep_adam.ctr._hooks import MetricsLog
-from kstep_adam.ctr._hooks import PeriodicEval
-from kstep_adam.ctr._hooks import ProgressBar
-from kstep_adam.ctr._hooks import PushedRows
 from kstep_adam.ctr._interrupt import RunInterrupted
 from kstep_adam.ctr._metrics import auc
 from kstep_adam.ctr._metrics import logloss
-from kstep_adam.ctr._models import DLRM
-from kstep_adam.ctr._models import MODELS
-from kstep_adam.ctr._models import DCNv2
-from kstep_adam.ctr._models import make_model
 from kstep_adam.ctr._rundir import RunDirectoryError
-from kstep_adam.ctr._trainer import Hook
-from kstep_adam.ctr._trainer import StepResult
 from kstep_adam.ctr._trainer import Trainer
-from kstep_adam.ctr._workflow import make_optimizer
 from kstep_adam.ctr._workflow import summarize
 from kstep_adam.ctr._workflow import train
 from kstep_adam.ctr.data._config import DataConfig
@@ -37,6 +24,19 @@ from kstep_adam.ctr.data._sources import file_source
 from kstep_adam.ctr.data._sources import synthetic_source
 from kstep_adam.ctr.data._synthetic import SyntheticCTR
 from kstep_adam.ctr.data._textfile import CTRDataError
+from kstep_adam.ctr.train._config import TrainConfig
+from kstep_adam.ctr.train._divergence import DivergenceError
+from kstep_adam.ctr.train._hooks import Hook
+from kstep_adam.ctr.train._hooks import MetricsLog
+from kstep_adam.ctr.train._hooks import PeriodicEval
+from kstep_adam.ctr.train._hooks import ProgressBar
+from kstep_adam.ctr.train._hooks import PushedRows
+from kstep_adam.ctr.train._loop import StepResult
+from kstep_adam.ctr.train._models import DLRM
+from kstep_adam.ctr.train._models import MODELS
+from kstep_adam.ctr.train._models import DCNv2
+from kstep_adam.ctr.train._models import make_model
+from kstep_adam.ctr.train._optimizer import make_optimizer
 
 __all__ = [
   "CTRBatch",

@@ -44,8 +44,8 @@ from kstep_adam._jsonio import finite_or_none
 from kstep_adam._jsonio import is_temporary
 from kstep_adam._jsonio import read_json
 from kstep_adam._jsonio import write_json
-from kstep_adam.ctr._config import TrainConfig
 from kstep_adam.ctr.data._sources import DataSource
+from kstep_adam.ctr.train._config import TrainConfig
 
 RUN_FILE = "run.json"
 METRICS_FILE = "metrics.jsonl"

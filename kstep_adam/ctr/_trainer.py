@@ -23,10 +23,7 @@ import os
 import sys
 import tempfile
 import time
-from collections.abc import Iterable
-from collections.abc import Iterator
 from collections.abc import Sequence
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -43,202 +40,44 @@ from kstep_adam._schedule import MergeSchedule
 from kstep_adam.ctr import _checkpoint
 from kstep_adam.ctr import _interrupt
 from kstep_adam.ctr import _multiprocess
-from kstep_adam.ctr import _step
-from kstep_adam.ctr._adaptive import AdaptiveRun
-from kstep_adam.ctr._comm import CommMeter
-from kstep_adam.ctr._comm import Timer
-from kstep_adam.ctr._config import TrainConfig
-from kstep_adam.ctr._divergence import DivergenceError
-from kstep_adam.ctr._divergence import DivergenceMonitor
-from kstep_adam.ctr._metrics import auc
-from kstep_adam.ctr._metrics import logloss
-from kstep_adam.ctr._models import make_model
 from kstep_adam.ctr._rundir import CHECKPOINT_DIR
 from kstep_adam.ctr._rundir import METRICS_FILE
 from kstep_adam.ctr._rundir import TABLE_DIR
 from kstep_adam.ctr._rundir import RunDirectory
 from kstep_adam.ctr._rundir import RunDirectoryError
 from kstep_adam.ctr._rundir import run_identity
-from kstep_adam.ctr._sharded_tier import ShardedRows
-from kstep_adam.ctr._sharded_tier import ShardedSparseTier
-from kstep_adam.ctr._sharded_tier import make_sharded_train_step
-from kstep_adam.ctr._sharded_tier import shard_dir
-from kstep_adam.ctr._sharded_tier import sharded_device_cache_error
-from kstep_adam.ctr._tier import SparseTier
 from kstep_adam.ctr.data._prefetch import HeldOutSet
 from kstep_adam.ctr.data._prefetch import IndexedBatch
 from kstep_adam.ctr.data._prefetch import Prefetcher
-from kstep_adam.ctr.data._records import CTRBatch
 from kstep_adam.ctr.data._sources import DataSource
-from kstep_adam.ctr.data._sources import positioned_epoch
 from kstep_adam.ctr.data._sources import process_part
+from kstep_adam.ctr.train import _loss
+from kstep_adam.ctr.train import _step
+from kstep_adam.ctr.train._adaptive import AdaptiveRun
+from kstep_adam.ctr.train._config import TrainConfig
+from kstep_adam.ctr.train._divergence import DivergenceError
+from kstep_adam.ctr.train._divergence import DivergenceMonitor
+from kstep_adam.ctr.train._evaluate import evaluate
+from kstep_adam.ctr.train._exchange import shard_dir
+from kstep_adam.ctr.train._exchange import sharded_device_cache_error
+from kstep_adam.ctr.train._hooks import Hook
+from kstep_adam.ctr.train._hooks import keyed
+from kstep_adam.ctr.train._local_tier import SparseTier
+from kstep_adam.ctr.train._loop import StepResult
+from kstep_adam.ctr.train._loop import global_batches
+from kstep_adam.ctr.train._loop import next_or_none
+from kstep_adam.ctr.train._loop import num_steps
+from kstep_adam.ctr.train._loop import step_budget
+from kstep_adam.ctr.train._meters import CommMeter
+from kstep_adam.ctr.train._meters import Timer
+from kstep_adam.ctr.train._models import make_model
+from kstep_adam.ctr.train._sharded_step import make_sharded_train_step
+from kstep_adam.ctr.train._sharded_tier import ShardedSparseTier
 from kstep_adam.embedding import NonFiniteRowsError
 from kstep_adam.embedding import TableVersion
 
 # Host memory a run may spend keeping its test set between evaluations (read once, reused).
 MAX_KEPT_TEST_SET_BYTES = 1 << 30
-
-
-class StepResult(NamedTuple):
-  """What one training step did, handed to every hook."""
-
-  step: int  # the optimizer's step count after this step (1-based)
-  loss: float  # global-mean training loss of the step's batch
-  row_ids_U: np.ndarray  # int64 [U], the table rows the step pushed (in a multi-process
-  # run, those of this process's shard)
-  compiled: bool  # the step program compiled first (left out of throughput and breakdown)
-  last: bool = False  # the run's last step (the data or the step budget ends here)
-  skipped: bool = False  # non-finite, skipped (on_nonfinite="skip"): nothing was updated
-
-
-class Hook:
-  """Something that runs after every training step (logging, evaluation, progress).
-
-  Subclasses override :meth:`after_step`, :meth:`close` if they hold a resource, and
-  :meth:`state` / :meth:`restore` if what they do depends on earlier steps (then a resumed
-  run's hook continues where the checkpoint was taken).
-  """
-
-  def after_step(self, trainer: Trainer, result: StepResult) -> None:
-    """Called after every step, in the order the hooks were given."""
-
-  def close(self) -> None:
-    """Called once when :meth:`Trainer.fit` ends, normally or not."""
-
-  def state(self) -> dict | None:
-    """What a checkpoint keeps of this hook (JSON data); None: nothing."""
-    return None
-
-  def restore(self, state: dict) -> None:
-    """Continue from :meth:`state`, as saved in the checkpoint a run resumes from."""
-
-
-def num_steps(config: TrainConfig, source: DataSource) -> int:
-  """Steps of a run: ``config.steps``, else ``epochs`` passes of file data (estimated until a
-  pass is complete: the run ends when its last pass does), else ``synthetic_steps`` of an
-  endless stream."""
-  if config.steps is not None:
-    return config.steps
-  per_epoch = source.steps_per_epoch(config.global_batch)
-  if per_epoch is None:
-    return config.synthetic_steps
-  if per_epoch < 1:
-    raise ValueError(
-      f"{source.name} has fewer training lines than one global batch "
-      f"({config.global_batch}); lower --batch-size or use fewer workers"
-    )
-  return config.epochs * per_epoch
-
-
-def step_budget(config: TrainConfig, source: DataSource) -> int | None:
-  """The run's steps if fixed in advance (``steps``, or ``synthetic_steps`` of an endless
-  stream); None when the data decides (``epochs`` whole passes over file data)."""
-  if config.steps is not None:
-    return config.steps
-  if source.steps_per_epoch(config.global_batch) is None:
-    return config.synthetic_steps
-  return None
-
-
-def global_batches(
-  config: TrainConfig, source: DataSource, count: int | None, start: dict | None = None
-) -> Iterator[tuple[CTRBatch, dict]]:
-  """Global batches from data position ``start`` (None: the beginning), each with the
-  position after it, ``{"epoch": e, "position": p}``: ``count`` of them, continuing into the
-  next epoch as needed, or (``count`` None) until ``config.epochs`` passes are complete."""
-  epoch = 0 if start is None else int(start["epoch"])
-  resume_at = None if start is None else start["position"]  # inside the first pass only
-  produced = 0
-  while count is None or produced < count:
-    if count is None and epoch >= config.epochs:
-      return
-    produced_before = produced
-    for batch, after in positioned_epoch(source, epoch, config.global_batch, resume_at):
-      yield batch, {"epoch": epoch, "position": after}
-      produced += 1
-      if produced == count:
-        return
-    if resume_at is None and produced == produced_before:
-      raise ValueError(f"{source.name} yielded no full global batch of {config.global_batch}")
-    epoch, resume_at = epoch + 1, None
-
-
-def eval_metrics(labels_N: np.ndarray, probs_N: np.ndarray, *, split: str = "test") -> dict:
-  """AUC and logloss of click probabilities, or None with a reason where one is undefined.
-
-  Args:
-    labels_N: 0/1 labels.
-    probs_N: predicted click probabilities.
-    split: the held-out set scored, ``'test'`` or ``'val'``: the prefix of every key.
-
-  Returns:
-    ``test_auc`` and ``test_logloss`` (floats, or None), ``test_examples``, ``test_positives``
-    and, when a metric is None, ``test_note`` saying why: a test set with a single class has
-    no AUC, and non-finite predictions (a diverged model) have neither (their number is then
-    ``test_nonfinite_predictions``). With
-    ``split='val'`` the keys are ``val_auc``, ``val_logloss``, and so on.
-
-  Examples:
-    >>> eval_metrics(np.array([0.0, 0.0]), np.array([0.2, 0.4]))["test_note"]
-    'the test set has a single class (2 examples, all labelled 0): AUC is undefined'
-  """
-  labels_N, probs_N = np.asarray(labels_N), np.asarray(probs_N)
-  positives = int(labels_N.sum())
-  result = {
-    f"{split}_auc": None,
-    f"{split}_logloss": None,
-    f"{split}_examples": int(labels_N.size),
-    f"{split}_positives": positives,
-  }
-  note = f"{split}_note"
-  if labels_N.size == 0:
-    return {**result, note: f"the {split} set is empty"}
-  bad = int(np.count_nonzero(~np.isfinite(probs_N)))
-  if bad:
-    return {
-      **result,
-      f"{split}_nonfinite_predictions": bad,
-      note: f"{bad} of {labels_N.size} predictions are not finite (the model diverged)",
-    }
-  result[f"{split}_logloss"] = logloss(labels_N, probs_N)
-  if positives in (0, labels_N.size):
-    return {
-      **result,
-      note: f"the {split} set has a single class ({labels_N.size} examples, all labelled "
-      f"{int(positives > 0)}): AUC is undefined",
-    }
-  return {**result, f"{split}_auc": auc(labels_N, probs_N)}
-
-
-def evaluate(
-  held_out: Iterable[IndexedBatch],
-  tier: SparseTier | ShardedSparseTier,
-  predict,
-  params,
-  *,
-  split: str = "test",
-  gather=None,
-) -> dict:
-  """:func:`eval_metrics` of ``params`` (one replica) on the held-out set ``held_out``.
-
-  ``gather`` (a multi-process run) joins every process's labels and predictions, so each
-  scores the whole held-out set.
-  """
-  labels, probs = [], []
-  for item in held_out:
-    rows = tier.pull(item.row_ids_U, item.inverse_GxF, kind="eval")
-    rows_RxD = rows.rows if isinstance(rows, ShardedRows) else rows.rows_PxD
-    probs.append(np.asarray(predict(params, rows_RxD, rows.inverse_GxF, item.batch.dense_BxI)))
-    labels.append(item.batch.label_B)
-  if gather is not None:
-    empty = [np.zeros(0, np.float32)]
-    labels, probs = (
-      [gather(np.concatenate(empty + labels))],
-      [gather(np.concatenate(empty + probs))],
-    )
-  if not labels:
-    return eval_metrics(np.zeros(0), np.zeros(0), split=split)
-  return eval_metrics(np.concatenate(labels), np.concatenate(probs), split=split)
 
 
 class Trainer:
@@ -408,7 +247,7 @@ class Trainer:
     if resuming and self.is_main:  # say where it continues (stderr, like the progress bar)
       where = f"step {self.start_step}" if checkpoint else "its start (no checkpoint yet)"
       print(f"resuming {self.out_dir} from {where}, to step {self.last_step}", file=sys.stderr)
-    self.predict = _step.make_predict(graphdef)
+    self.predict = _loss.make_predict(graphdef)
     self.meter = CommMeter(config, params, self._schedule, self.mesh)
     self._per_worker = parallel.worker_sharding(self.mesh)
     if self.run_dir is not None:
@@ -603,7 +442,7 @@ class Trainer:
     self._fit_clock = (start, eval_before)
     try:
       with self.timer("data"):
-        current = _next_or_none(prefetcher)
+        current = next_or_none(prefetcher)
       if current is not None:
         self.tier.prefetch(current.row_ids_U)
       take_step = self._sharded_step if self.sharded else self._step
@@ -665,7 +504,7 @@ class Trainer:
         self.params_W, self.opt_state_W, *rows.step_input, *inputs
       )
     with timer("data"):
-      upcoming = _next_or_none(prefetcher)
+      upcoming = next_or_none(prefetcher)
     if upcoming is not None:
       tier.prefetch(upcoming.row_ids_U)  # stages rows while the step still computes
     with timer("compute"):  # waits for the step
@@ -702,7 +541,7 @@ class Trainer:
         self._place_share(x, tier.meter) for x in (rows.inverse_GxF, batch.dense_BxI, batch.label_B)
       ]
     with timer("data"):
-      upcoming = _next_or_none(prefetcher)
+      upcoming = next_or_none(prefetcher)
     if upcoming is not None:  # the same on every process: they read the same steps
       with timer("exchange"):
         tier.prefetch(upcoming.row_ids_U)
@@ -772,7 +611,7 @@ class Trainer:
       evals = self.timer.total("eval") - eval_before
       train_seconds += time.perf_counter() - start - evals
     hooks = {}
-    for key, hook in _keyed(self._hooks):
+    for key, hook in keyed(self._hooks):
       state = hook.state()
       if state is not None:
         hooks[key] = state
@@ -817,7 +656,7 @@ class Trainer:
 
   def _restore_hooks(self) -> None:
     """Hand the resumed checkpoint's hook states to the hooks of this :meth:`fit`."""
-    for key, hook in _keyed(self._hooks):
+    for key, hook in keyed(self._hooks):
       if key in self._hook_states:
         hook.restore(self._hook_states.pop(key))
 
@@ -864,7 +703,7 @@ class Trainer:
   # -- evaluation and state ----------------------------------------------------------------
   def merged_params(self):
     """The mean of the workers' replicas (what a final merge produces), on the host."""
-    return jax.device_get(_step.replica_mean(self.params_W))
+    return jax.device_get(_loss.replica_mean(self.params_W))
 
   @property
   def step(self) -> int:
@@ -972,23 +811,6 @@ def _dense_nonfinite(tree) -> int:
   """Non-finite values among the floating leaves of a (dense state) pytree."""
   leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.floating)]
   return sum(int(jnp.sum(~jnp.isfinite(x))) for x in leaves)
-
-
-def _next_or_none(prefetcher: Prefetcher) -> IndexedBatch | None:
-  """The next prepared batch, or None when the data (or the step budget) has ended."""
-  try:
-    return prefetcher.get()
-  except StopIteration:
-    return None
-
-
-def _keyed(hooks: Sequence[Hook]) -> Iterator[tuple[str, Hook]]:
-  """Each hook with its key in a checkpoint: its class name, numbered when repeated."""
-  seen: dict[str, int] = {}
-  for hook in hooks:
-    name = type(hook).__name__
-    seen[name] = seen.get(name, 0) + 1
-    yield (name if seen[name] == 1 else f"{name}#{seen[name]}"), hook
 
 
 def _truncate(path: str, size: int) -> None:

@@ -12,7 +12,7 @@ what is counted is what runs. Sparse traffic is counted here, per step:
   links, which this model leaves out.
 
 In a multi-process run the sparse traffic is not modelled but counted: each step's
-all-to-all exchange (:func:`kstep_adam.ctr._sharded_tier.exchange_cost`), per device and per
+all-to-all exchange (:func:`kstep_adam.ctr.train._exchange.exchange_cost`), per device and per
 axis like the dense bytes, padding included.
 
 A :class:`kstep_adam.NetworkModel` with one bandwidth and latency per axis turns both into
@@ -31,7 +31,7 @@ from kstep_adam._comm import CommCost
 from kstep_adam._comm import NetworkModel
 from kstep_adam._comm import merge_bytes
 from kstep_adam._comm import node_local_network
-from kstep_adam.ctr._config import TrainConfig
+from kstep_adam.ctr.train._config import TrainConfig
 
 
 def network_model(config: TrainConfig) -> NetworkModel:

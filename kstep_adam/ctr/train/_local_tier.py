@@ -30,7 +30,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from kstep_adam import embedding
-from kstep_adam.ctr._config import TrainConfig
+from kstep_adam.ctr.train._config import TrainConfig
 from kstep_adam.embedding import pow2_at_least  # the tier's padding rule, one for the project
 
 

@@ -14,7 +14,7 @@ from kstep_adam._validation import check_choices
 from kstep_adam._validation import check_float
 from kstep_adam._validation import check_int
 from kstep_adam._validation import choice_field
-from kstep_adam.ctr._models import MODELS
+from kstep_adam.ctr.train._models import MODELS
 
 # The dense optimizers of the family, all run by the same harness with the same byte accounting.
 OPTIMIZERS = ("sync_adam", "kstep_adam", "local_sgd", "diloco", "onebit_adam", "topk_ef")
