@@ -28,7 +28,7 @@ from kstep_adam import ctr
 from kstep_adam import embedding
 from kstep_adam import parallel
 from kstep_adam._dispatch import optimizer_step
-from kstep_adam.ctr import _checkpoint
+from kstep_adam.ctr.run import _checkpoint
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 

@@ -13,11 +13,11 @@ import pytest
 
 from kstep_adam import ctr
 from kstep_adam import embedding
-from kstep_adam.ctr import _checkpoint
 from kstep_adam.ctr._metrics import eval_metrics
-from kstep_adam.ctr._rundir import OutDirLockedError
-from kstep_adam.ctr._rundir import RunDirectory
-from kstep_adam.ctr._rundir import run_identity
+from kstep_adam.ctr.run import _checkpoint
+from kstep_adam.ctr.run._rundir import OutDirLockedError
+from kstep_adam.ctr.run._rundir import RunDirectory
+from kstep_adam.ctr.run._rundir import run_identity
 from kstep_adam.ctr.train._divergence import DivergenceMonitor
 
 BASE = dict(

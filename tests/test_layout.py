@@ -67,18 +67,7 @@ CTR_ALL = [
 
 ALLOWED = {
   "size: kstep_adam/ctr/data/_textfile.py",
-  "size: kstep_adam/ctr/_trainer.py",
-}
-# Today's flat modules, until they move into their room.
-ALLOWED |= {
-  f"flat: kstep_adam/ctr/{name}.py"
-  for name in [
-    "_checkpoint",
-    "_interrupt",
-    "_multiprocess",
-    "_rundir",
-    "_trainer",
-  ]
+  "size: kstep_adam/ctr/run/_trainer.py",
 }
 
 

@@ -128,9 +128,9 @@ def test_each_process_reads_its_workers_share():
 
 def test_a_checkpoint_names_every_shard_and_is_resumed_by_as_many_processes(tmp_path):
   from kstep_adam import _distributed
-  from kstep_adam.ctr import _checkpoint
-  from kstep_adam.ctr import _multiprocess
-  from kstep_adam.ctr._rundir import RunDirectoryError
+  from kstep_adam.ctr.run import _checkpoint
+  from kstep_adam.ctr.run import _processes
+  from kstep_adam.ctr.run._rundir import RunDirectoryError
 
   versions = (embedding.TableVersion(4, "db", 5), embedding.TableVersion(4, "db", 6))
   path = tmp_path / _checkpoint.step_dir("", 4)
@@ -139,12 +139,12 @@ def test_a_checkpoint_names_every_shard_and_is_resumed_by_as_many_processes(tmp_
   (found,) = _checkpoint.complete_checkpoints(str(tmp_path))
   assert found.table == versions  # a tuple, in process order
   two, three = _distributed.Processes(1, 2), _distributed.Processes(1, 3)
-  assert _multiprocess.shard_version(versions, two) == versions[1]
-  assert _multiprocess.checkpoint_json(found, two)[2] == [v._asdict() for v in versions]
+  assert _processes.shard_version(versions, two) == versions[1]
+  assert _processes.checkpoint_json(found, two)[2] == [v._asdict() for v in versions]
   with pytest.raises(RunDirectoryError, match="saved by a 2-process run"):
-    _multiprocess.checkpoint_json(found, three)
+    _processes.checkpoint_json(found, three)
   with pytest.raises(RunDirectoryError, match="resume it with 2, not 3"):
-    _multiprocess.shard_version(versions, three)
+    _processes.shard_version(versions, three)
   one = found._replace(table=versions[0])
   with pytest.raises(RunDirectoryError, match="saved by a 1-process run"):
-    _multiprocess.checkpoint_json(one, two)
+    _processes.checkpoint_json(one, two)

@@ -3,11 +3,8 @@
 The public API is re-exported here, one name per line.
 """
 
-from kstep_adam.ctr._interrupt import RunInterrupted
 from kstep_adam.ctr._metrics import auc
 from kstep_adam.ctr._metrics import logloss
-from kstep_adam.ctr._rundir import RunDirectoryError
-from kstep_adam.ctr._trainer import Trainer
 from kstep_adam.ctr._workflow import summarize
 from kstep_adam.ctr._workflow import train
 from kstep_adam.ctr.data._config import DataConfig
@@ -24,6 +21,9 @@ from kstep_adam.ctr.data._sources import file_source
 from kstep_adam.ctr.data._sources import synthetic_source
 from kstep_adam.ctr.data._synthetic import SyntheticCTR
 from kstep_adam.ctr.data._textfile import CTRDataError
+from kstep_adam.ctr.run._interrupt import RunInterrupted
+from kstep_adam.ctr.run._rundir import RunDirectoryError
+from kstep_adam.ctr.run._trainer import Trainer
 from kstep_adam.ctr.train._config import TrainConfig
 from kstep_adam.ctr.train._divergence import DivergenceError
 from kstep_adam.ctr.train._hooks import Hook

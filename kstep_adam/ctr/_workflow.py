@@ -27,10 +27,10 @@ import dataclasses
 import os
 
 from kstep_adam._jsonio import write_json
-from kstep_adam.ctr import _interrupt
-from kstep_adam.ctr._rundir import SUMMARY_FILE
-from kstep_adam.ctr._trainer import Trainer
 from kstep_adam.ctr.data._sources import DataSource
+from kstep_adam.ctr.run import _interrupt
+from kstep_adam.ctr.run._rundir import SUMMARY_FILE
+from kstep_adam.ctr.run._trainer import Trainer
 from kstep_adam.ctr.train._config import TrainConfig
 from kstep_adam.ctr.train._divergence import DivergenceError
 from kstep_adam.ctr.train._hooks import MetricsLog

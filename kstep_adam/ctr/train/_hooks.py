@@ -15,7 +15,7 @@ import numpy as np
 from kstep_adam.ctr.train._loop import StepResult
 
 if TYPE_CHECKING:  # hooks see the trainer, which lives in the run room above this one
-  from kstep_adam.ctr._trainer import Trainer
+  from kstep_adam.ctr.run._trainer import Trainer
 
 
 class Hook:

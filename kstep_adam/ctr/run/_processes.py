@@ -30,36 +30,11 @@ from kstep_adam import _distributed
 from kstep_adam import _faults
 from kstep_adam._jsonio import CorruptFileError
 from kstep_adam._jsonio import write_json
-from kstep_adam.ctr import _checkpoint
-from kstep_adam.ctr._rundir import RunDirectory
-from kstep_adam.ctr._rundir import RunDirectoryError
+from kstep_adam.ctr.run import _checkpoint
+from kstep_adam.ctr.run._rundir import FollowerRunDirectory
+from kstep_adam.ctr.run._rundir import RunDirectory
+from kstep_adam.ctr.run._rundir import RunDirectoryError
 from kstep_adam.embedding import TableVersion
-
-
-class FollowerRunDirectory:
-  """The run directory as a process other than 0 sees it: where its parts are, and what
-  process 0 found there. It writes nothing.
-
-  Attributes:
-    resuming: process 0 is continuing the run recorded there.
-    recorded: that run's ``run.json`` (as process 0 read or wrote it).
-  """
-
-  def __init__(self, path: str, resuming: bool, recorded: dict | None):
-    self.path, self.resuming, self.recorded = path, resuming, recorded
-
-  def file(self, name: str) -> str:
-    return os.path.join(self.path, name)
-
-  def clear(self) -> None:
-    """Process 0 deletes what a fresh start found there."""
-
-  def record(self, table: dict) -> None:
-    """Process 0 writes ``run.json``; this one only keeps what it says."""
-    self.recorded = {**(self.recorded or {}), "table": table}
-
-  def close(self) -> None:
-    pass
 
 
 def barrier() -> None:
@@ -149,7 +124,7 @@ def save_checkpoint(
   keep: int,
   processes: _distributed.Processes,
 ) -> _checkpoint.Checkpoint:
-  """:func:`kstep_adam.ctr._checkpoint.save_checkpoint` for a multi-process run (the
+  """:func:`kstep_adam.ctr.run._checkpoint.save_checkpoint` for a multi-process run (the
   module docstring); every process calls it at the same step."""
   if processes.is_main:
     os.makedirs(root, exist_ok=True)

@@ -47,7 +47,7 @@ from typing import NamedTuple
 from kstep_adam import _faults
 from kstep_adam._jsonio import read_json
 from kstep_adam._jsonio import write_json
-from kstep_adam.ctr._rundir import RunDirectoryError
+from kstep_adam.ctr.run._rundir import RunDirectoryError
 from kstep_adam.embedding import TableVersion
 
 MANIFEST = "manifest.json"

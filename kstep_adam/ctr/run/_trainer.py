@@ -37,20 +37,20 @@ from kstep_adam._dispatch import optimizer_step
 from kstep_adam._jsonio import dumps
 from kstep_adam._jsonio import write_atomic
 from kstep_adam._schedule import MergeSchedule
-from kstep_adam.ctr import _checkpoint
-from kstep_adam.ctr import _interrupt
-from kstep_adam.ctr import _multiprocess
-from kstep_adam.ctr._rundir import CHECKPOINT_DIR
-from kstep_adam.ctr._rundir import METRICS_FILE
-from kstep_adam.ctr._rundir import TABLE_DIR
-from kstep_adam.ctr._rundir import RunDirectory
-from kstep_adam.ctr._rundir import RunDirectoryError
-from kstep_adam.ctr._rundir import run_identity
 from kstep_adam.ctr.data._prefetch import HeldOutSet
 from kstep_adam.ctr.data._prefetch import IndexedBatch
 from kstep_adam.ctr.data._prefetch import Prefetcher
 from kstep_adam.ctr.data._sources import DataSource
 from kstep_adam.ctr.data._sources import process_part
+from kstep_adam.ctr.run import _checkpoint
+from kstep_adam.ctr.run import _interrupt
+from kstep_adam.ctr.run import _processes
+from kstep_adam.ctr.run._rundir import CHECKPOINT_DIR
+from kstep_adam.ctr.run._rundir import METRICS_FILE
+from kstep_adam.ctr.run._rundir import TABLE_DIR
+from kstep_adam.ctr.run._rundir import RunDirectory
+from kstep_adam.ctr.run._rundir import RunDirectoryError
+from kstep_adam.ctr.run._rundir import run_identity
 from kstep_adam.ctr.train import _loss
 from kstep_adam.ctr.train import _step
 from kstep_adam.ctr.train._adaptive import AdaptiveRun
@@ -96,7 +96,7 @@ class Trainer:
       byte accounting), e.g. from :func:`kstep_adam.ctr.make_optimizer`.
     out_dir: the run's directory: ``run.json``, ``metrics.jsonl``, checkpoints (and the
       caller's ``summary.json``); None writes nothing. One run per directory: one that
-      holds another run is refused (see :class:`~kstep_adam.ctr._rundir.RunDirectory`).
+      holds another run is refused (see :class:`~kstep_adam.ctr.run._rundir.RunDirectory`).
     resume: continue the run in ``out_dir`` from its latest checkpoint (from its start if
       it has none; a new run if the directory is empty). Its configuration and data must be
       the recorded ones.
@@ -208,7 +208,7 @@ class Trainer:
     config, source = self.config, self.source
     # Everything that can refuse the run does so before anything is written.
     if self.sharded and self.out_dir is not None:
-      self.run_dir, checkpoint = _multiprocess.open_run_dir(
+      self.run_dir, checkpoint = _processes.open_run_dir(
         self._open_run_dir, self.out_dir, self.processes
       )
     else:
@@ -255,7 +255,7 @@ class Trainer:
       # that this run can start.
       self.run_dir.clear()
     if self.run_dir is not None and not resuming and self.sharded:
-      _multiprocess.barrier()  # the shards go where process 0 just cleared
+      _processes.barrier()  # the shards go where process 0 just cleared
     self.tier = self._open_tier(resuming, checkpoint)
     skip_nonfinite = config.on_nonfinite == "skip"
     if self.sharded:
@@ -277,7 +277,7 @@ class Trainer:
       )
     if self.run_dir is not None and not resuming:
       if self.sharded:
-        versions = _multiprocess.gather_versions(self.tier.table.committed)
+        versions = _processes.gather_versions(self.tier.table.committed)
         self.run_dir.record({"initial_versions": [v._asdict() for v in versions]})
       else:
         self.run_dir.record({"initial_version": self.tier.table.committed._asdict()})
@@ -367,7 +367,7 @@ class Trainer:
         self.mesh,
         temporary=scratch,
         flush_on_close=flush_on_close,
-        version=None if version is None else _multiprocess.shard_version(version, self.processes),
+        version=None if version is None else _processes.shard_version(version, self.processes),
       )
     else:
       if version is not None and not isinstance(version, TableVersion):  # no checkpoint yet
@@ -591,7 +591,7 @@ class Trainer:
         os.fsync(self._writer.fileno())
       save = _checkpoint.save_checkpoint
       if self.sharded:  # every process saves its part, process 0 the rest
-        save = functools.partial(_multiprocess.save_checkpoint, processes=self.processes)
+        save = functools.partial(_processes.save_checkpoint, processes=self.processes)
       self.checkpoint = save(
         self.run_dir.file(CHECKPOINT_DIR),
         self.step,
