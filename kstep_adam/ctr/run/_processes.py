@@ -22,24 +22,16 @@ reopens every shard at the version the manifest names for it, reverting a later 
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from typing import Any
 
 from kstep_adam import _distributed
-from kstep_adam import _faults
 from kstep_adam._jsonio import CorruptFileError
-from kstep_adam._jsonio import write_json
 from kstep_adam.ctr.run import _checkpoint
 from kstep_adam.ctr.run._rundir import FollowerRunDirectory
 from kstep_adam.ctr.run._rundir import RunDirectory
 from kstep_adam.ctr.run._rundir import RunDirectoryError
 from kstep_adam.embedding import TableVersion
-
-
-def barrier() -> None:
-  """Wait until every process gets here (a small collective)."""
-  _distributed.allgather_json(None)
 
 
 def open_run_dir(
@@ -107,41 +99,3 @@ def shard_version(versions, processes: _distributed.Processes) -> TableVersion:
     )
   version = versions[processes.index]
   return version if isinstance(version, TableVersion) else TableVersion(**version)
-
-
-def gather_versions(version: TableVersion) -> tuple[TableVersion, ...]:
-  """Every shard's version, in process order. Collective."""
-  return tuple(TableVersion(**v) for v in _distributed.allgather_json(version._asdict()))
-
-
-def save_checkpoint(
-  root: str,
-  step: int,
-  dense: Any,
-  host: dict,
-  flush_table: Callable[[], TableVersion],
-  *,
-  keep: int,
-  processes: _distributed.Processes,
-) -> _checkpoint.Checkpoint:
-  """:func:`kstep_adam.ctr.run._checkpoint.save_checkpoint` for a multi-process run (the
-  module docstring); every process calls it at the same step."""
-  if processes.is_main:
-    os.makedirs(root, exist_ok=True)
-    _checkpoint.remove_incomplete(root)
-  barrier()  # nobody writes into root before the interrupted checkpoints are gone
-  path = _checkpoint.step_dir(root, step)  # absolute: the Trainer resolved the run's paths
-  _checkpoint.save_dense(path, dense)
-  _faults.reached("checkpoint.dense")
-  if processes.is_main:
-    write_json(os.path.join(path, _checkpoint.HOST_STATE), host)
-  _faults.reached("checkpoint.host")
-  versions = gather_versions(flush_table())  # returns once every shard has flushed
-  checkpoint = _checkpoint.Checkpoint(step, path, versions)
-  if processes.is_main:
-    _checkpoint.write_manifest(path, step, versions)
-    _faults.reached("checkpoint.manifest")
-    _checkpoint.prune(root, keep)
-    _faults.reached("checkpoint.pruned")
-  barrier()  # the checkpoint is complete, for every process, when this returns
-  return checkpoint

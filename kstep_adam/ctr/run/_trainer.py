@@ -17,7 +17,6 @@ same batches, the same metric records, the same results (bit for bit on one mach
 from __future__ import annotations
 
 import contextlib
-import functools
 import math
 import os
 import sys
@@ -255,7 +254,7 @@ class Trainer:
       # that this run can start.
       self.run_dir.clear()
     if self.run_dir is not None and not resuming and self.sharded:
-      _processes.barrier()  # the shards go where process 0 just cleared
+      _checkpoint.barrier()  # the shards go where process 0 just cleared
     self.tier = self._open_tier(resuming, checkpoint)
     skip_nonfinite = config.on_nonfinite == "skip"
     if self.sharded:
@@ -277,7 +276,7 @@ class Trainer:
       )
     if self.run_dir is not None and not resuming:
       if self.sharded:
-        versions = _processes.gather_versions(self.tier.table.committed)
+        versions = _checkpoint.gather_versions(self.tier.table.committed)
         self.run_dir.record({"initial_versions": [v._asdict() for v in versions]})
       else:
         self.run_dir.record({"initial_version": self.tier.table.committed._asdict()})
@@ -589,16 +588,14 @@ class Trainer:
       if self._writer is not None:  # the records it counts must be on disk before it is
         self._writer.flush()
         os.fsync(self._writer.fileno())
-      save = _checkpoint.save_checkpoint
-      if self.sharded:  # every process saves its part, process 0 the rest
-        save = functools.partial(_processes.save_checkpoint, processes=self.processes)
-      self.checkpoint = save(
+      self.checkpoint = _checkpoint.save_checkpoint(  # every process saves its part
         self.run_dir.file(CHECKPOINT_DIR),
         self.step,
         {"params_W": self.params_W, "opt_state_W": self.opt_state_W},
         self.host_state(),
         self.tier.flush,
         keep=self.config.keep_checkpoints,
+        processes=self.processes,
       )
     return self.checkpoint
 
