@@ -148,3 +148,28 @@ def test_a_checkpoint_names_every_shard_and_is_resumed_by_as_many_processes(tmp_
   one = found._replace(table=versions[0])
   with pytest.raises(RunDirectoryError, match="saved by a 1-process run"):
     _processes.checkpoint_json(one, two)
+
+
+def test_both_tiers_are_table_tiers_and_their_counters_are_the_tables(tmp_path):
+  from kstep_adam.ctr.train._local_tier import SparseTier
+  from kstep_adam.ctr.train._sharded_tier import ShardedSparseTier
+  from kstep_adam.ctr.train._tier import TableTier
+  from kstep_adam.ctr.train._tier import Tier
+
+  interface = [name for name, value in vars(Tier).items() if callable(value) and name[0] != "_"]
+  assert {"eval_rows", "run_stats", "stats", "hit_rate", "flush", "close"} <= set(interface)
+  for cls in (SparseTier, ShardedSparseTier):
+    assert issubclass(cls, TableTier)
+    assert all(callable(getattr(cls, name, None)) for name in interface), cls
+  config = ctr.TrainConfig(embed_dim=DIM, table_rows=1 << 10, host_cache_rows=1 << 8)
+  tier = SparseTier(config, str(tmp_path / "table"), temporary=True)
+  try:
+    row_ids_U, inverse_GxF = tier.index(np.arange(2 * 26, dtype=np.int64).reshape(2, 26))
+    rows_RxD, inverse = tier.eval_rows(row_ids_U, inverse_GxF)
+    assert rows_RxD.shape[1] == DIM and rows_RxD.shape[0] >= len(row_ids_U)
+    np.testing.assert_array_equal(inverse, inverse_GxF)
+    assert tier.stats() == tier.table.stats() == tier.run_stats()
+    assert tier.hit_rate() == tier.table.stats()["hit_rate"]
+    assert tier.flush() == tier.table.committed
+  finally:
+    tier.close()

@@ -748,21 +748,7 @@ class Trainer:
   def table_stats(self) -> dict:
     """The table's counters; in a multi-process run, summed over the shards (hit rate over
     all their reads) with each shard's own under ``shards``. Collective when sharded."""
-    if not self.sharded:
-      return self.tier.stats()
-    shards = _distributed.allgather_json(self.tier.stats())
-    total = {
-      key: sum(s[key] for s in shards)
-      for key, value in shards[0].items()
-      if isinstance(value, int) and key != "step"
-    }
-    lookups = total["hits"] + total["misses"]
-    return {
-      **total,
-      "hit_rate": total["hits"] / lookups if lookups else 0.0,
-      "step": shards[0]["step"],
-      "shards": shards,
-    }
+    return self.tier.run_stats()
 
 
 def _addressable(tree_W, worker: int) -> bool:

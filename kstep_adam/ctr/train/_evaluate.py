@@ -8,14 +8,12 @@ import numpy as np
 
 from kstep_adam.ctr._metrics import eval_metrics
 from kstep_adam.ctr.data._prefetch import IndexedBatch
-from kstep_adam.ctr.train._local_tier import SparseTier
-from kstep_adam.ctr.train._sharded_tier import ShardedRows
-from kstep_adam.ctr.train._sharded_tier import ShardedSparseTier
+from kstep_adam.ctr.train._tier import Tier
 
 
 def evaluate(
   held_out: Iterable[IndexedBatch],
-  tier: SparseTier | ShardedSparseTier,
+  tier: Tier,
   predict,
   params,
   *,
@@ -29,9 +27,8 @@ def evaluate(
   """
   labels, probs = [], []
   for item in held_out:
-    rows = tier.pull(item.row_ids_U, item.inverse_GxF, kind="eval")
-    rows_RxD = rows.rows if isinstance(rows, ShardedRows) else rows.rows_PxD
-    probs.append(np.asarray(predict(params, rows_RxD, rows.inverse_GxF, item.batch.dense_BxI)))
+    rows_RxD, inverse_GxF = tier.eval_rows(item.row_ids_U, item.inverse_GxF)
+    probs.append(np.asarray(predict(params, rows_RxD, inverse_GxF, item.batch.dense_BxI)))
     labels.append(item.batch.label_B)
   if gather is not None:
     empty = [np.zeros(0, np.float32)]

@@ -15,7 +15,7 @@ from typing import NamedTuple
 import numpy as np
 
 from kstep_adam._comm import CommCost
-from kstep_adam.ctr.train._local_tier import bucket_size
+from kstep_adam.ctr.train._tier import bucket_size
 
 ID_BYTES = 8  # an int64 row id, sent as two int32 words (JAX's integers are 32-bit here)
 

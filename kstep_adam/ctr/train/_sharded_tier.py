@@ -39,6 +39,7 @@ from jax.sharding import Mesh
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from kstep_adam import _distributed
 from kstep_adam import embedding
 from kstep_adam.ctr.train._config import TrainConfig
 from kstep_adam.ctr.train._exchange import Exchange
@@ -48,6 +49,7 @@ from kstep_adam.ctr.train._exchange import exchange_slots
 from kstep_adam.ctr.train._exchange import shard_dir
 from kstep_adam.ctr.train._exchange import shard_rows
 from kstep_adam.ctr.train._exchange import sharded_device_cache_error
+from kstep_adam.ctr.train._tier import TableTier
 
 
 class ShardedRows(NamedTuple):
@@ -69,13 +71,13 @@ class ShardedRows(NamedTuple):
     return int(self.row_ids_U.shape[0])
 
 
-class ShardedSparseTier:
+class ShardedSparseTier(TableTier):
   """This process's shard of the embedding table and its side of the exchange.
 
-  The same interface as :class:`~._tier.SparseTier` where the trainer uses it (``index``,
-  ``prefetch``, ``pull``, ``stats``, ``hit_rate``, ``close``); :meth:`push` takes the step's
-  output and returns the rows this shard updated. Every method but ``index``, ``stats``,
-  ``hit_rate`` and ``close`` is collective: all processes call it, in the same order.
+  A :class:`~._tier.Tier` like :class:`~._local_tier.SparseTier`; :meth:`push` takes the
+  step's output and returns the rows this shard updated. Every method but ``index``,
+  ``stats``, ``hit_rate`` and ``close`` is collective: all processes call it, in the same
+  order.
 
   Args:
     config: the run's configuration (rows, caches, sparse learning rate, seed).
@@ -237,32 +239,36 @@ class ShardedSparseTier:
       )
     return self.table.pull(row_ids // self.num_shards)
 
-  def stats(self) -> dict:
-    """This shard's table counters (hits, misses, hit rate, evictions, bytes read/written)."""
-    return self.table.stats()
+  def eval_rows(
+    self, row_ids_U: np.ndarray, inverse_GxF: np.ndarray
+  ) -> tuple[np.ndarray, np.ndarray]:
+    """A held-out batch's rows ``[P * S, D]`` (from their owners; collective) and where each
+    key's row is among them."""
+    rows = self.pull(row_ids_U, inverse_GxF, kind="eval")
+    return rows.rows, rows.inverse_GxF
 
-  def hit_rate(self) -> float:
-    """Share of this shard's row reads its host tier served from memory so far."""
-    return float(self.table.stats()["hit_rate"])
-
-  def flush(self) -> embedding.TableVersion:
-    """Commit this shard at its current step; return the version committed."""
-    self.table.flush()
-    return self.table.committed
+  def run_stats(self) -> dict:
+    """The shards' counters summed (hit rate over all their reads), each shard's own under
+    ``shards``. Collective."""
+    shards = _distributed.allgather_json(self.stats())
+    total = {
+      key: sum(s[key] for s in shards)
+      for key, value in shards[0].items()
+      if isinstance(value, int) and key != "step"
+    }
+    lookups = total["hits"] + total["misses"]
+    return {
+      **total,
+      "hit_rate": total["hits"] / lookups if lookups else 0.0,
+      "step": shards[0]["step"],
+      "shards": shards,
+    }
 
   def transfer_bytes(self) -> dict:
     """Host-device bytes this process copied so far, by direction and kind: the exchange's
     ``counts``, ``ids``, ``rows`` and ``grads``, the trainer's ``batch`` inputs, and the
     evaluations' traffic as ``read``."""
     return self.meter.totals()
-
-  def keep_committed(self) -> None:
-    """Close without flushing: the run diverged, and its table's last commit (a checkpoint's,
-    or its start) is the last good state."""
-    self._flush_on_close = False
-
-  def close(self) -> None:
-    self.table.close(flush=self._flush_on_close)
 
 
 class _Collectives:
