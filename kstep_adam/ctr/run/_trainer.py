@@ -34,7 +34,6 @@ from kstep_adam import _distributed
 from kstep_adam import parallel
 from kstep_adam._dispatch import optimizer_step
 from kstep_adam._jsonio import dumps
-from kstep_adam._jsonio import write_atomic
 from kstep_adam._schedule import MergeSchedule
 from kstep_adam.ctr.data._prefetch import HeldOutSet
 from kstep_adam.ctr.data._prefetch import IndexedBatch
@@ -50,6 +49,8 @@ from kstep_adam.ctr.run._rundir import TABLE_DIR
 from kstep_adam.ctr.run._rundir import RunDirectory
 from kstep_adam.ctr.run._rundir import RunDirectoryError
 from kstep_adam.ctr.run._rundir import run_identity
+from kstep_adam.ctr.run._state import RunState
+from kstep_adam.ctr.run._state import truncate_metrics
 from kstep_adam.ctr.train import _loss
 from kstep_adam.ctr.train import _step
 from kstep_adam.ctr.train._adaptive import AdaptiveRun
@@ -292,7 +293,7 @@ class Trainer:
     if self.run_dir is not None and self.is_main:
       path = self.run_dir.file(METRICS_FILE)
       if resuming:  # the records after the checkpoint are written again
-        _truncate(path, 0 if host is None else host["metrics_bytes"])
+        truncate_metrics(path, 0 if host is None else host["metrics_bytes"])
       self._writer = self._stack.enter_context(open(path, "a", encoding="utf-8"))
     if host is not None:
       self._restore_host_state(host)
@@ -599,6 +600,15 @@ class Trainer:
       )
     return self.checkpoint
 
+  def _parts(self) -> dict:
+    """The run's stateful parts, by their key in ``host.json``."""
+    return {
+      "meter": self.meter,
+      "monitor": self.monitor,
+      "timer": self.timer,
+      "adaptive": self.adaptive,
+    }
+
   def host_state(self) -> dict:
     """Everything of the run besides the dense state and the table, as a checkpoint keeps it
     (JSON data): the data position, counters, records, hook states and time totals."""
@@ -612,24 +622,17 @@ class Trainer:
       state = hook.state()
       if state is not None:
         hooks[key] = state
-    return {
-      "step": self.step,
-      "table_step": self.tier.table.step,
-      "data": {
-        "position": self.data_position,
-        "counts": None if self.source.counts is None else self.source.counts(),
-      },
-      "metrics_bytes": 0 if self._writer is None else os.fstat(self._writer.fileno()).st_size,
-      "evals": self.evals,
-      "meter": self.meter.state(),
-      "monitor": self.monitor.state(),
-      "hooks": hooks,
-      "timer": self.timer.totals(),
-      "train_seconds": train_seconds,
-      "compile_steps": self.compile_steps,
-      "compile_step_seconds": self.compile_step_seconds,
-      "adaptive": None if self.adaptive is None else self.adaptive.state(),
-    }
+    run_state = RunState(
+      data_position=self.data_position,
+      data_counts=None if self.source.counts is None else self.source.counts(),
+      evals=self.evals,
+      hook_states=hooks,
+      train_seconds=train_seconds,
+      compile_steps=self.compile_steps,
+      compile_step_seconds=self.compile_step_seconds,
+      metrics_bytes=0 if self._writer is None else os.fstat(self._writer.fileno()).st_size,
+    )
+    return run_state.to_json(self.step, self.tier.table.step, self._parts())
 
   def _restore_host_state(self, host: dict) -> None:
     if host["table_step"] != self.tier.table.step:
@@ -637,19 +640,16 @@ class Trainer:
         f"{self.checkpoint.path}: the table is at step {self.tier.table.step}, the checkpoint "
         f"was taken at table step {host['table_step']}"
       )
-    self.data_position = host["data"]["position"]
-    if host["data"]["counts"] is not None and self.source.restore_counts is not None:
-      self.source.restore_counts(host["data"]["counts"])
-    self.evals = list(host["evals"])
-    self.meter.restore(host["meter"])
-    self.monitor.restore(host["monitor"])
-    self._hook_states = dict(host["hooks"])
-    self.timer.restore(host["timer"])
-    self.train_seconds = host["train_seconds"]
-    self.compile_steps = host["compile_steps"]
-    self.compile_step_seconds = host["compile_step_seconds"]
-    if self.adaptive is not None:
-      self.adaptive.restore(host["adaptive"])
+    where = os.path.join(self.checkpoint.path, _checkpoint.HOST_STATE)
+    run_state = RunState.from_json(host, self._parts(), where=where)
+    self.data_position = run_state.data_position
+    if run_state.data_counts is not None and self.source.restore_counts is not None:
+      self.source.restore_counts(run_state.data_counts)
+    self.evals = run_state.evals
+    self._hook_states = run_state.hook_states
+    self.train_seconds = run_state.train_seconds
+    self.compile_steps = run_state.compile_steps
+    self.compile_step_seconds = run_state.compile_step_seconds
 
   def _restore_hooks(self) -> None:
     """Hand the resumed checkpoint's hook states to the hooks of this :meth:`fit`."""
@@ -794,19 +794,3 @@ def _dense_nonfinite(tree) -> int:
   """Non-finite values among the floating leaves of a (dense state) pytree."""
   leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.floating)]
   return sum(int(jnp.sum(~jnp.isfinite(x))) for x in leaves)
-
-
-def _truncate(path: str, size: int) -> None:
-  """Cut a metrics file back to its first ``size`` bytes (what a checkpoint counted),
-  atomically: the records after the checkpoint are written again by the resumed run."""
-  kept = b""
-  if os.path.exists(path):
-    with open(path, "rb") as f:
-      kept = f.read(size + 1)
-  if len(kept) < size:
-    raise ValueError(
-      f"{path} has {len(kept)} bytes, fewer than the {size} its checkpoint counted: it was "
-      "changed after the checkpoint was taken"
-    )
-  if len(kept) > size:
-    write_atomic(path, kept[:size].decode("utf-8"))

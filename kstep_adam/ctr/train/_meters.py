@@ -254,6 +254,10 @@ class Timer:
       self._totals[name] -= elapsed
     return sum(self.step.values())
 
+  def state(self) -> dict[str, float]:
+    """What a checkpoint keeps: the :meth:`totals`."""
+    return self.totals()
+
   def restore(self, totals: dict[str, float]) -> None:
     """Continue from the :meth:`totals` of an earlier process (a resumed run)."""
     self._totals = dict(totals)
