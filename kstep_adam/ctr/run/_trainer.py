@@ -36,7 +36,6 @@ from kstep_adam._dispatch import optimizer_step
 from kstep_adam._jsonio import dumps
 from kstep_adam._schedule import MergeSchedule
 from kstep_adam.ctr.data._prefetch import HeldOutSet
-from kstep_adam.ctr.data._prefetch import IndexedBatch
 from kstep_adam.ctr.data._prefetch import Prefetcher
 from kstep_adam.ctr.data._sources import DataSource
 from kstep_adam.ctr.data._sources import process_part
@@ -73,7 +72,9 @@ from kstep_adam.ctr.train._meters import Timer
 from kstep_adam.ctr.train._models import make_model
 from kstep_adam.ctr.train._sharded_step import make_sharded_train_step
 from kstep_adam.ctr.train._sharded_tier import ShardedSparseTier
-from kstep_adam.embedding import NonFiniteRowsError
+from kstep_adam.ctr.train._steppers import LocalStepper
+from kstep_adam.ctr.train._steppers import Replicas
+from kstep_adam.ctr.train._steppers import ShardedStepper
 from kstep_adam.embedding import TableVersion
 
 # Host memory a run may spend keeping its test set between evaluations (read once, reused).
@@ -170,6 +171,7 @@ class Trainer:
     self.num_steps = num_steps(config, source)
     self._tx, self._schedule = optimizer
     self._stack = contextlib.ExitStack()
+    self.replicas = Replicas()  # the dense state; the stepper advances it
     self.evals: list[dict] = []
     self.timer = Timer()
     self.train_seconds = 0.0
@@ -180,7 +182,6 @@ class Trainer:
     self._hooks: tuple[Hook, ...] = ()  # those of the current (or last) fit
     self._hook_states: dict = {}  # of the checkpoint resumed from, until fit() hands them over
     self._fit_clock: tuple[float, float] | None = None  # fit's start time and eval time then
-    self._sparse_cost = None  # the last step's sparse exchange, in a multi-process run
 
   # -- resources ---------------------------------------------------------------------------
   def __enter__(self) -> Trainer:
@@ -193,6 +194,24 @@ class Trainer:
 
   def __exit__(self, *exc_info) -> None:
     self._stack.close()
+
+  @property
+  def params_W(self):
+    """The per-worker replicas of the dense parameters."""
+    return self.replicas.params_W
+
+  @params_W.setter
+  def params_W(self, value) -> None:
+    self.replicas.params_W = value
+
+  @property
+  def opt_state_W(self):
+    """The per-worker replicas of the dense optimizer state."""
+    return self.replicas.opt_state_W
+
+  @opt_state_W.setter
+  def opt_state_W(self, value) -> None:
+    self.replicas.opt_state_W = value
 
   @property
   def sharded(self) -> bool:
@@ -269,6 +288,14 @@ class Trainer:
         self.mesh,
         skip_nonfinite=skip_nonfinite,
         device_optimizer=self.tier.device_optimizer,
+      )
+    if self.sharded:
+      self.stepper = ShardedStepper(
+        self.step_fn, self.tier, self.timer, self.monitor, self.replicas, self.mesh
+      )
+    else:
+      self.stepper = LocalStepper(
+        self.step_fn, self.tier, self.timer, self.monitor, self.replicas, self._per_worker
       )
     self.adaptive = None  # k = 'auto': the host decides each step's merge (._adaptive)
     if self._schedule.adaptive is not None:
@@ -445,18 +472,21 @@ class Trainer:
         current = next_or_none(prefetcher)
       if current is not None:
         self.tier.prefetch(current.row_ids_U)
-      take_step = self._sharded_step if self.sharded else self._step
       while current is not None:
         step_start = time.perf_counter()
         self.timer.new_step()
-        result, current = take_step(current, prefetcher)
+        result, upcoming = self.stepper.advance(current, prefetcher)
+        self.data_position = current.position
+        if result.last:
+          self.last_step = result.step
+        current = upcoming
         compute = None if result.compiled else self.timer.step.get("compute", 0.0)
         level = self.step_fn.last_level if self.adaptive is not None else None
         self.meter.add_step(
           result.step,
           len(result.row_ids_U),
           compute,
-          sparse_cost=self._sparse_cost,
+          sparse_cost=self.stepper.sparse_cost,
           level=level,
           step_seconds=time.perf_counter() - step_start,
         )
@@ -486,91 +516,6 @@ class Trainer:
     """Steps left of a fixed budget, or None when the data decides the end."""
     budget = step_budget(self.config, self.source)
     return None if budget is None else max(budget - self.step, 0)
-
-  def _step(self, current: IndexedBatch, prefetcher: Prefetcher):
-    """One synchronous step on ``current``; returns its result and the next indexed batch
-    (None after the last), read (and its rows staged) while the step computes."""
-    timer, tier = self.timer, self.tier
-    with timer("pull"):
-      rows = tier.pull(current.row_ids_U, current.inverse_GxF)
-      batch = current.batch
-      # Copied here, not on the reader thread: on a CPU host the reader's copy competes with
-      # the step for the same cores and did not measure faster.
-      inputs = tier.meter.put(
-        (rows.inverse_GxF, batch.dense_BxI, batch.label_B), self._per_worker, "batch"
-      )
-    with timer("compute"):
-      self.params_W, self.opt_state_W, sparse_output, loss, finite_W = self.step_fn(
-        self.params_W, self.opt_state_W, *rows.step_input, *inputs
-      )
-    with timer("data"):
-      upcoming = next_or_none(prefetcher)
-    if upcoming is not None:
-      tier.prefetch(upcoming.row_ids_U)  # stages rows while the step still computes
-    with timer("compute"):  # waits for the step
-      loss, finite = float(loss), bool(np.all(jax.device_get(finite_W)))
-    step = self.step_fn.step
-    try:  # raises if the run diverged
-      skipped = self.monitor.check(step, loss, finite, last=upcoming is None)
-    except BaseException:
-      tier.abandon(rows, sparse_output, finite)
-      raise
-    with timer("push"), _nonfinite_rows_diverge(step, loss):
-      tier.push(rows, sparse_output, applied=not skipped)
-    self.data_position = current.position
-    last = upcoming is None
-    if last:
-      self.last_step = step
-    compiled = self.step_fn.last_call_compiled
-    return StepResult(step, loss, rows.row_ids_U, compiled, last, skipped), upcoming
-
-  def _sharded_step(self, current: IndexedBatch, prefetcher: Prefetcher):
-    """:meth:`_step` of a multi-process run (:mod:`._sharded_tier`): the owners answer this
-    step's rows, the next step's ids are exchanged (its owners then stage their rows while
-    this step computes), the step runs, and the owners push the gradients they got back.
-
-    The next step's exchange comes before this step's program, not while it runs: the
-    processes' collectives run one at a time in launch order, so an exchange launched
-    behind the step would only wait for it.
-    """
-    timer, tier = self.timer, self.tier
-    with timer("pull"):
-      rows = tier.pull(current.row_ids_U, current.inverse_GxF)
-      batch = current.batch
-      inputs = [
-        self._place_share(x, tier.meter) for x in (rows.inverse_GxF, batch.dense_BxI, batch.label_B)
-      ]
-    with timer("data"):
-      upcoming = next_or_none(prefetcher)
-    if upcoming is not None:  # the same on every process: they read the same steps
-      with timer("exchange"):
-        tier.prefetch(upcoming.row_ids_U)
-    with timer("compute"):
-      self.params_W, self.opt_state_W, grads_to_owners, loss, finite = self.step_fn(
-        self.params_W, self.opt_state_W, rows.rows, *inputs
-      )
-      loss, finite = float(loss), bool(finite)
-    step = self.step_fn.step
-    # the same decision on every process
-    skipped = self.monitor.check(step, loss, finite, last=upcoming is None)
-    pushed_U = np.zeros(0, np.int64)
-    if not skipped:
-      with timer("push"), _nonfinite_rows_diverge(step, loss):
-        pushed_U = tier.push(rows, grads_to_owners)
-    self._sparse_cost = rows.exchange.cost
-    self.data_position = current.position
-    last = upcoming is None
-    if last:
-      self.last_step = step
-    compiled = self.step_fn.last_call_compiled
-    return StepResult(step, loss, pushed_U, compiled, last, skipped), upcoming
-
-  def _place_share(self, share: np.ndarray, meter) -> jax.Array:
-    """This process's rows of a per-worker step input, as its part of the global array
-    (counted as ``batch`` by ``meter``)."""
-    global_shape = (share.shape[0] * self.processes.count, *share.shape[1:])
-    sharding = parallel.worker_sharding(self.mesh, share.ndim)
-    return meter.place(share, sharding, global_shape, "batch")
 
   # -- checkpoints -------------------------------------------------------------------------
   def _checkpoint_if_due(self, result: StepResult) -> None:
@@ -769,25 +714,6 @@ def _check_node_per_process(mesh) -> None:
         f"mesh node {node} has devices of processes {sorted(owners)}; with several processes "
         f"each needs devices_per_node devices of its own (on CPU, jax_num_cpu_devices)"
       )
-
-
-@contextlib.contextmanager
-def _nonfinite_rows_diverge(step: int, loss: float):
-  """A push that would store non-finite rows (``embedding.NonFiniteRowsError``) is divergence
-  at ``step``: nothing of it was stored, and nothing later is (the table keeps its last
-  commit). In a multi-process run only the shard that holds such rows finds out: its process
-  stops with this error and the launcher ends the others."""
-  try:
-    yield
-  except NonFiniteRowsError as error:
-    raise DivergenceError(
-      step,
-      "nonfinite",
-      loss,
-      f"the update of {len(error.row_ids)} embedding rows is not finite in float32 (e.g. rows "
-      f"{list(map(int, error.row_ids[:5]))}: a parameter or optimizer moment overflows); "
-      "lower sparse_learning_rate",
-    ) from error
 
 
 def _dense_nonfinite(tree) -> int:
