@@ -132,6 +132,9 @@ class Trainer:
     monitor: the divergence test every step passes (:class:`DivergenceMonitor`).
     checkpoint: the run's latest complete checkpoint (None before its first).
     data_position: where the data continues after the last step taken (JSON data).
+    metrics_file: the open ``metrics.jsonl`` of the run (process 0 of a run with an output
+      directory; None otherwise), closed when the trainer closes.
+    stepper: the step strategy of the run (:mod:`~kstep_adam.ctr.train._steppers`).
   """
 
   def __init__(
@@ -316,12 +319,12 @@ class Trainer:
       self.val_set = HeldOutSet(
         source.val_batches, self.tier.index, max_bytes=MAX_KEPT_TEST_SET_BYTES
       )
-    self._writer = None
+    self.metrics_file = None
     if self.run_dir is not None and self.is_main:
       path = self.run_dir.file(METRICS_FILE)
       if resuming:  # the records after the checkpoint are written again
         truncate_metrics(path, 0 if host is None else host["metrics_bytes"])
-      self._writer = self._stack.enter_context(open(path, "a", encoding="utf-8"))
+      self.metrics_file = self._stack.enter_context(open(path, "a", encoding="utf-8"))
     if host is not None:
       self._restore_host_state(host)
 
@@ -427,9 +430,9 @@ class Trainer:
 
   def log(self, record: dict) -> None:
     """Append one strict-JSON record to ``metrics.jsonl`` (nothing without an ``out_dir``)."""
-    if self._writer is not None:
-      self._writer.write(dumps(record) + "\n")
-      self._writer.flush()
+    if self.metrics_file is not None:
+      self.metrics_file.write(dumps(record) + "\n")
+      self.metrics_file.flush()
 
   # -- the step loop -----------------------------------------------------------------------
   def fit(self, hooks: Sequence[Hook] = ()) -> None:
@@ -531,9 +534,9 @@ class Trainer:
       raise ValueError("a checkpoint needs an output directory (out_dir)")
     self.check_state()  # before anything of the checkpoint is written
     with self.timer("checkpoint"):
-      if self._writer is not None:  # the records it counts must be on disk before it is
-        self._writer.flush()
-        os.fsync(self._writer.fileno())
+      if self.metrics_file is not None:  # the records it counts must be on disk before it is
+        self.metrics_file.flush()
+        os.fsync(self.metrics_file.fileno())
       self.checkpoint = _checkpoint.save_checkpoint(  # every process saves its part
         self.run_dir.file(CHECKPOINT_DIR),
         self.step,
@@ -575,7 +578,9 @@ class Trainer:
       train_seconds=train_seconds,
       compile_steps=self.compile_steps,
       compile_step_seconds=self.compile_step_seconds,
-      metrics_bytes=0 if self._writer is None else os.fstat(self._writer.fileno()).st_size,
+      metrics_bytes=0
+      if self.metrics_file is None
+      else os.fstat(self.metrics_file.fileno()).st_size,
     )
     return run_state.to_json(self.step, self.tier.table.step, self._parts())
 
