@@ -282,7 +282,7 @@ def user_errors_reported(prog: str, *, debug: bool = False):
     print(f"{prog}: error: {one_line(error)}", file=sys.stderr)
     sys.exit(USER_ERROR_EXIT_STATUS)
   except Exception as error:
-    from kstep_adam.ctr._interrupt import RunInterrupted  # a CTR run stopped by a signal
+    from kstep_adam.ctr.run._interrupt import RunInterrupted  # a CTR run stopped by a signal
 
     if debug or not isinstance(error, RunInterrupted):
       raise

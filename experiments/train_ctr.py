@@ -65,8 +65,8 @@ from experiments._common import use_cpu_devices
 from kstep_adam import _distributed
 from kstep_adam import ctr
 from kstep_adam._jsonio import finite_or_none
-from kstep_adam.ctr import _interrupt
-from kstep_adam.ctr._sharded_tier import sharded_device_cache_error
+from kstep_adam.ctr.run import _interrupt
+from kstep_adam.ctr.train._exchange import sharded_device_cache_error
 
 # The short spellings users know, beside the generated --learning-rate / --sparse-learning-rate.
 ALIASES = {

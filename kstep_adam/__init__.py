@@ -1,11 +1,12 @@
 """kstep_adam: communication-efficient adaptive optimizers for data-parallel JAX.
 
-The optimizer core (this module's names and :mod:`kstep_adam.parallel`) needs only JAX, optax
-and NumPy. The subpackages :mod:`kstep_adam.embedding` (TensorStore) and :mod:`kstep_adam.ctr`
-(flax, TensorStore) are imported on first use, ``kstep_adam.ctr`` or
-``from kstep_adam import ctr``, so that ``import kstep_adam`` never loads their dependencies;
-install them with the ``embedding`` and ``ctr`` extras. Imports run one way: the core imports
-no subpackage, ``embedding`` imports only the core, ``ctr`` imports both.
+The optimizer core (this module's names, :mod:`kstep_adam.parallel` and the baselines, one per
+module in ``kstep_adam/baselines/``) needs only JAX, optax and NumPy. The subpackages
+:mod:`kstep_adam.embedding` (TensorStore) and :mod:`kstep_adam.ctr` (flax, TensorStore) are
+imported on first use, ``kstep_adam.ctr`` or ``from kstep_adam import ctr``, so that
+``import kstep_adam`` never loads their dependencies; install them with the ``embedding`` and
+``ctr`` extras. Imports run one way: the core imports neither of them, ``embedding`` imports
+only the core, ``ctr`` imports both.
 
 The public API is re-exported here, one name per line.
 """
@@ -20,16 +21,6 @@ from kstep_adam._adaptive import AdaptiveController
 from kstep_adam._adaptive import AdaptiveState
 from kstep_adam._adaptive import adaptive_schedule
 from kstep_adam._adaptive import estimated_merge_seconds
-from kstep_adam._baselines import DiLoCoState
-from kstep_adam._baselines import ScaleByOneBitAdamState
-from kstep_adam._baselines import SparsifiedMeanState
-from kstep_adam._baselines import diloco
-from kstep_adam._baselines import local_sgd
-from kstep_adam._baselines import onebit_adam
-from kstep_adam._baselines import scale_by_onebit_adam
-from kstep_adam._baselines import sparsified_mean
-from kstep_adam._baselines import sync_adam
-from kstep_adam._baselines import topk_ef
 from kstep_adam._comm import NETWORKS
 from kstep_adam._comm import CommCost
 from kstep_adam._comm import NetworkModel
@@ -50,6 +41,16 @@ from kstep_adam._schedule import MergeSchedule
 from kstep_adam._schedule import compressed_schedule
 from kstep_adam._schedule import merge_schedule
 from kstep_adam._schedule import sync_schedule
+from kstep_adam.baselines._diloco import DiLoCoState
+from kstep_adam.baselines._diloco import diloco
+from kstep_adam.baselines._local_sgd import local_sgd
+from kstep_adam.baselines._onebit_adam import ScaleByOneBitAdamState
+from kstep_adam.baselines._onebit_adam import onebit_adam
+from kstep_adam.baselines._onebit_adam import scale_by_onebit_adam
+from kstep_adam.baselines._sync_adam import sync_adam
+from kstep_adam.baselines._topk_ef import SparsifiedMeanState
+from kstep_adam.baselines._topk_ef import sparsified_mean
+from kstep_adam.baselines._topk_ef import topk_ef
 
 if TYPE_CHECKING:  # Loaded lazily at run time, see __getattr__.
   from kstep_adam import ctr as ctr

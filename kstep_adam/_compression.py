@@ -21,7 +21,7 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 
-from kstep_adam._merge import _like_vma
+from kstep_adam._merge import like_vma
 from kstep_adam._merge import tree_mean
 from kstep_adam._schedule import Compression
 
@@ -131,7 +131,7 @@ def onebit_mean(tree, worker_error, server_error, axes: Sequence[str] = ()):
     leaf = leaves[i]
     values = _signed(signs_NxC[:, offset : offset + chunk], server_scales_NxL[:, slot, None])
     mean = values.reshape(-1)[: leaf.size].reshape(leaf.shape).astype(leaf.dtype)
-    means[i] = _like_vma(mean, leaf)
+    means[i] = like_vma(mean, leaf)
     offset += chunk
   return (
     jax.tree.unflatten(treedef, means),
@@ -233,5 +233,5 @@ def sparse_mean(
         .at[idx_NxK.reshape(-1)]
         .add(sent_NxK.astype(jnp.float32).reshape(-1))
       )
-      means[i] = _like_vma((total / n).astype(leaf.dtype).reshape(leaf.shape), leaf)
+      means[i] = like_vma((total / n).astype(leaf.dtype).reshape(leaf.shape), leaf)
   return jax.tree.unflatten(treedef, means), jax.tree.unflatten(treedef, new_errors)

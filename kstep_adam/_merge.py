@@ -199,8 +199,12 @@ def record_merge_schedules() -> Iterator[list[MergeSchedule]]:
     _RECORDERS.reset(token)
 
 
-def _check_axes_bound(axis_names: tuple[str, ...]) -> None:
-  """Raise ValueError if an axis is not bound (not a mesh axis of the enclosing shard_map)."""
+def check_axes_bound(axis_names: tuple[str, ...]) -> None:
+  """Raise ValueError if an axis is not bound (not a mesh axis of the enclosing shard_map).
+
+  Internal helper, shared with the optimizers that run their own collectives (1-bit Adam):
+  call it at ``init`` so that a missing ``shard_map`` fails with a message naming the axes.
+  """
   for name in axis_names:
     try:
       jax.lax.axis_size(name)
@@ -222,18 +226,19 @@ def _varying_axes(x) -> frozenset:
   return frozenset(vma)
 
 
-def _like_vma(y, x):
+def like_vma(y, x):
   """Cast ``y`` (a mean, invariant over the merged axes) back to ``x``'s varying axes.
 
   Both branches of a ``lax.switch`` must have the same type under ``check_vma``; the local
   branch returns per-worker values, so the merged branch must be declared varying too.
+  Internal helper, shared with the compressed means in ``_compression``.
   """
   missing = tuple(sorted(_varying_axes(x) - _varying_axes(y)))
   return jax.lax.pcast(y, missing, to="varying") if missing else y
 
 
 def _flat_mean(tree, axes: tuple[str, ...]):
-  return jax.tree.map(lambda x: _like_vma(jax.lax.pmean(x, axes), x), tree)
+  return jax.tree.map(lambda x: like_vma(jax.lax.pmean(x, axes), x), tree)
 
 
 def _hierarchical_mean(tree, outer: tuple[str, ...], inner: str, *, with_spread: bool = False):
@@ -266,7 +271,7 @@ def _hierarchical_mean(tree, outer: tuple[str, ...], inner: str, *, with_spread:
     offset = 0
     for i in idx:
       n = leaves[i].size
-      out[i] = _like_vma(mean_N[offset : offset + n].reshape(leaves[i].shape), leaves[i])
+      out[i] = like_vma(mean_N[offset : offset + n].reshape(leaves[i].shape), leaves[i])
       offset += n
   mean = jax.tree.unflatten(treedef, out)
   return (mean, spread) if with_spread else mean
@@ -293,7 +298,7 @@ def tree_mean(tree, axes: str | Sequence[str], route: str = "hierarchical"):
   if not axes:
     raise ValueError("tree_mean needs at least one axis, got None")
   check_route(route)
-  _check_axes_bound(axes)
+  check_axes_bound(axes)
   if len(axes) == 1 or route == "flat":
     return _flat_mean(tree, axes)
   return _hierarchical_mean(tree, axes[:-1], axes[-1])
@@ -382,7 +387,7 @@ def mean_with_drift(tree, schedule: MergeSchedule):
     the same on every worker (an all-reduced value).
   """
   axes = schedule.axis_names
-  _check_axes_bound(axes)
+  check_axes_bound(axes)
   n_total = 1
   for a in axes:
     n_total *= jax.lax.axis_size(a)
@@ -402,7 +407,7 @@ def mean_with_drift(tree, schedule: MergeSchedule):
     outer = totals[1] / n_outer
     drift = jnp.stack([outer * scale, jnp.maximum(total - outer, 0.0) * scale])
   leaf = jax.tree.leaves(tree)[0]
-  return mean, _like_vma(drift, leaf)
+  return mean, like_vma(drift, leaf)
 
 
 def merge_tree(level, tree, schedule: MergeSchedule, state: str):

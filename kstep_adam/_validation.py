@@ -8,6 +8,7 @@ was given. Bools are never counts, and NumPy scalars count as numbers.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 from typing import Any
 
@@ -147,3 +148,27 @@ def check_choice(value: Any, name: str, allowed: tuple) -> Any:
   if value not in allowed:
     raise ValueError(f"{name} must be one of {allowed!r}, got {value!r}")
   return value
+
+
+def choice_field(default: str, choices: tuple[str, ...]):
+  """A dataclass string field whose allowed values the validation and the command line both
+  read (the CTR configurations: ``TrainConfig``, ``DataConfig``)."""
+  return dataclasses.field(default=default, metadata={"choices": choices})
+
+
+def check_choices(config) -> None:
+  """Raise ValueError for a dataclass field whose value is not among its ``choices`` metadata.
+
+  Examples:
+    >>> import dataclasses
+    >>> @dataclasses.dataclass
+    ... class Config:
+    ...   mode: str = choice_field("fast", ("fast", "exact"))
+    >>> check_choices(Config())
+    >>> check_choices(Config(mode="slow"))
+    Traceback (most recent call last):
+    ValueError: mode must be one of ('fast', 'exact'), got 'slow'
+  """
+  for field in dataclasses.fields(config):
+    if "choices" in field.metadata:
+      check_choice(getattr(config, field.name), field.name, tuple(field.metadata["choices"]))

@@ -43,7 +43,7 @@ def main(out_dir: str, runs: list[str]) -> None:
 
   from kstep_adam import ctr
   from kstep_adam import embedding
-  from kstep_adam.ctr._sharded_tier import shard_dir
+  from kstep_adam.ctr.train._exchange import shard_dir
 
   class KillAt(ctr.Hook):
     """SIGKILLs its own process after step ``step`` (None: never)."""

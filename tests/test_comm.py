@@ -114,7 +114,7 @@ def test_network_model_turns_bytes_into_seconds():
 
 def test_named_network_is_the_ctr_default_and_built_by_the_one_constructor():
   from kstep_adam import ctr
-  from kstep_adam.ctr._comm import network_model
+  from kstep_adam.ctr.train._meters import network_model
 
   net = kstep_adam.NETWORKS["nvlink+100g"]
   assert net.bandwidth_bytes_per_s == {"local": 150e9, "node": 12.5e9}

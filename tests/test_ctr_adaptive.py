@@ -12,7 +12,7 @@ import pytest
 
 import kstep_adam
 from kstep_adam import ctr
-from kstep_adam.ctr import _adaptive
+from kstep_adam.ctr.train import _adaptive
 
 
 def _records(path):

@@ -13,7 +13,7 @@ from _ctr_files import good_lines
 from _ctr_files import read_both
 
 from kstep_adam import ctr
-from kstep_adam.ctr import _readers
+from kstep_adam.ctr.data import _line_parser
 
 
 def _file_with(tmp_path, bad_line, *, name="day.txt", at=3, total=6):
@@ -122,7 +122,7 @@ def test_corrupt_gzip_data_is_an_error_naming_the_file(tmp_path):
 
 
 def test_a_binary_file_is_not_read_as_one_huge_line(tmp_path, monkeypatch):
-  monkeypatch.setattr("kstep_adam.ctr._textfile.MAX_LINE_BYTES", 1 << 16)
+  monkeypatch.setattr("kstep_adam.ctr.data._textfile.MAX_LINE_BYTES", 1 << 16)
   path = tmp_path / "blob.bin"
   path.write_bytes(bytes(range(1, 10)) * 20000)  # no newline
   with pytest.raises(ctr.CTRDataError, match=r"blob\.bin:1: a line longer than"):
@@ -317,7 +317,7 @@ def test_clean_blocks_take_the_columnar_path(tmp_path, monkeypatch):
   csv_path = tmp_path / "a.csv"
   _csv(csv_path, ["click", "a", "b"], [[i % 2, f" x{i % 3}", i] for i in range(500)])
   monkeypatch.setattr(
-    _readers.LineParser, "parse", lambda *a: pytest.fail("the line parser was used")
+    _line_parser.LineParser, "parse", lambda *a: pytest.fail("the line parser was used")
   )
   assert ctr.concat_batches(list(ctr.CTRFileReader(str(path)).batches(64))).size == 500
   reader = ctr.CTRFileReader(str(csv_path), format="csv")
@@ -340,5 +340,5 @@ def test_columnar_and_line_parsers_read_decimals_to_the_same_bits(tmp_path, monk
   path.write_text("".join(lines))
   reader, _, error = read_both(path, batch_size=64)
   assert error is None and reader.stats.lines_read == 300
-  monkeypatch.setattr(_readers.LineParser, "parse", lambda *a: pytest.fail("not columnar"))
+  monkeypatch.setattr(_line_parser.LineParser, "parse", lambda *a: pytest.fail("not columnar"))
   assert sum(b.size for b in ctr.CTRFileReader(str(path)).batches(64)) == 300

@@ -28,7 +28,7 @@ from kstep_adam import ctr
 from kstep_adam import embedding
 from kstep_adam import parallel
 from kstep_adam._dispatch import optimizer_step
-from kstep_adam.ctr import _checkpoint
+from kstep_adam.ctr.run import _checkpoint
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -250,3 +250,29 @@ def test_the_step_counter_of_a_restored_checkpoint_decides_the_next_merge(tmp_pa
   fresh = _diverging_step(mesh, tx)
   merged, _ = fresh(restored["params_W"], restored["opt_state_W"], jnp.float32(1.0))
   assert fresh.step == 3 and _spread(merged) < 1e-6  # the count-3 merge ran
+
+
+def test_a_saved_host_state_round_trips_through_run_state(tmp_path):
+  """host.json -> RunState (+ its parts) -> host.json is the identity, and a key that is
+  missing is named with the file."""
+  from kstep_adam.ctr.run._state import RunState
+
+  config = ctr.TrainConfig(**{**CONFIG, "steps": 6, "eval_every": 0})
+  source = ctr.make_source(ctr.DataConfig(**SYNTHETIC), config)
+  ctr.train(config, source, str(tmp_path / "out"))
+  checkpoint = _checkpoint.latest_checkpoint(str(tmp_path / "out" / "checkpoints"))
+  with open(os.path.join(checkpoint.path, _checkpoint.HOST_STATE)) as f:
+    host = json.load(f)
+
+  class Part:
+    def restore(self, state):
+      self.value = state
+
+    def state(self):
+      return self.value
+
+  parts = {name: Part() for name in ("meter", "monitor", "timer", "adaptive")}
+  run_state = RunState.from_json(host, parts, where="host.json")
+  assert json.dumps(run_state.to_json(host["step"], host["table_step"], parts)) == json.dumps(host)
+  with pytest.raises(ValueError, match=r"host\.json has no 'evals'"):
+    RunState.from_json({k: v for k, v in host.items() if k != "evals"}, parts, where="host.json")

@@ -12,7 +12,7 @@ from _ctr_files import good_lines
 from _ctr_files import read_both
 
 from kstep_adam import ctr
-from kstep_adam.ctr import _readers as ctr_readers
+from kstep_adam.ctr.data import _schema
 
 
 def _read_all(reader, batch_size=4):
@@ -35,7 +35,7 @@ def test_criteo_well_formed_plain_and_gzip_agree(tmp_path):
   expected = [np.log1p(max(float(s), 0.0)) if s else 0.0 for s in first[1:14]]
   np.testing.assert_allclose(a.dense_BxI[0], expected, rtol=1e-6)
   assert a.dense_BxI[0, 2] == 0.0  # empty dense field reads as 0
-  values = [int(s, 16) if s else ctr_readers.MISSING for s in first[14:]]
+  values = [int(s, 16) if s else _schema.MISSING for s in first[14:]]
   np.testing.assert_array_equal(a.keys_BxF[0], ctr.feature_keys(np.array([values], np.uint64))[0])
   assert (a.keys_BxF >= 0).all() and (a.keys_BxF < 2**40).all()
   assert ctr.count_lines(str(gz)) == 10

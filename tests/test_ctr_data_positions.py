@@ -12,7 +12,7 @@ from _ctr_files import criteo_line
 from _ctr_files import good_lines
 
 from kstep_adam import ctr
-from kstep_adam.ctr._readers import ReadPosition
+from kstep_adam.ctr.data._schema import ReadPosition
 
 
 def _file(tmp_path, *, compress, lines=600, bad_every=0):

@@ -13,12 +13,12 @@ import pytest
 
 from kstep_adam import ctr
 from kstep_adam import embedding
-from kstep_adam.ctr import _checkpoint
-from kstep_adam.ctr._divergence import DivergenceMonitor
-from kstep_adam.ctr._rundir import OutDirLockedError
-from kstep_adam.ctr._rundir import RunDirectory
-from kstep_adam.ctr._rundir import run_identity
-from kstep_adam.ctr._trainer import eval_metrics
+from kstep_adam.ctr._metrics import eval_metrics
+from kstep_adam.ctr.run import _checkpoint
+from kstep_adam.ctr.run._rundir import OutDirLockedError
+from kstep_adam.ctr.run._rundir import RunDirectory
+from kstep_adam.ctr.run._rundir import run_identity
+from kstep_adam.ctr.train._divergence import DivergenceMonitor
 
 BASE = dict(
   optimizer="sync_adam",  # one step program to compile: these tests are not about merges
@@ -485,7 +485,7 @@ def test_a_data_file_changed_in_the_middle_is_refused_on_resume(tmp_path, monkey
   """Regression: the fingerprint covered the size and the first and last MiB, so flipping
   labels between 2 and 3 MB of a file after a kill was accepted on --resume. The fingerprint
   is cut to 1 KiB here to stand for a file larger than 2 MiB."""
-  from kstep_adam.ctr import _sources
+  from kstep_adam.ctr.data import _sources
 
   fingerprint = _sources.file_fingerprint
   monkeypatch.setattr(_sources, "file_fingerprint", lambda p: fingerprint(p, sample_bytes=1024))

@@ -16,9 +16,9 @@ import pytest
 from experiments import train_ctr
 from kstep_adam import _jsonio
 from kstep_adam import ctr
-from kstep_adam.ctr import _checkpoint
-from kstep_adam.ctr._rundir import RunDirectory
-from kstep_adam.ctr._rundir import run_identity
+from kstep_adam.ctr.run import _checkpoint
+from kstep_adam.ctr.run._rundir import RunDirectory
+from kstep_adam.ctr.run._rundir import run_identity
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # A small run of the command line (one step program to compile: sync Adam).

@@ -12,7 +12,7 @@ from flax import nnx
 import kstep_adam
 from experiments import train_ctr
 from kstep_adam import ctr
-from kstep_adam.ctr._comm import jax_shapes
+from kstep_adam.ctr.train._meters import jax_shapes
 from tests._ctr_files import good_lines
 
 MESH = {"node": 2, "local": 4}

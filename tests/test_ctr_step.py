@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from kstep_adam import ctr
-from kstep_adam.ctr._models import pairwise_dots
+from kstep_adam.ctr.train._models import pairwise_dots
 
 
 def _reference_dots(v_BxNxD):

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from kstep_adam import ctr
-from kstep_adam.ctr._pipeline import HeldOutSet
-from kstep_adam.ctr._trainer import evaluate
+from kstep_adam.ctr.data._prefetch import HeldOutSet
+from kstep_adam.ctr.train._evaluate import evaluate
 
 
 def _small(**overrides):
@@ -65,7 +65,7 @@ def test_resources_are_released_when_a_step_hook_fails(tmp_path):
   assert recorder.closed
   assert not os.path.exists(trainer.table_dir)  # the scratch table is removed
   assert not [t for t in threading.enumerate() if t.name == "ctr-reader"]
-  assert trainer._writer.closed
+  assert trainer.metrics_file.closed
 
 
 def test_a_table_dir_is_kept_and_flushed(tmp_path):

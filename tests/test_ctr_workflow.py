@@ -235,7 +235,7 @@ def test_a_single_class_test_set_reports_no_auc_and_says_why(tmp_path, capsys):
 
 
 def test_undefined_metrics_are_none_with_a_reason():
-  from kstep_adam.ctr._trainer import eval_metrics
+  from kstep_adam.ctr._metrics import eval_metrics
 
   diverged = eval_metrics(np.array([0.0, 1.0, 1.0]), np.array([0.1, np.nan, 0.9]))
   assert diverged["test_auc"] is None and diverged["test_logloss"] is None

@@ -6,8 +6,8 @@ import pytest
 
 from kstep_adam import ctr
 from kstep_adam import embedding
-from kstep_adam.ctr import _sharded_tier
-from kstep_adam.ctr._sources import process_part
+from kstep_adam.ctr.data._sources import process_part
+from kstep_adam.ctr.train import _exchange
 
 DIM = 4
 ROWS = 101  # not a multiple of the shard count: the shards differ in size
@@ -24,7 +24,7 @@ def test_shards_together_are_the_whole_table(tmp_path, mode):
   shards = [
     embedding.open_table(
       tmp_path / f"shard-{index}",
-      num_rows=_sharded_tier.shard_rows(ROWS, index, count),
+      num_rows=_exchange.shard_rows(ROWS, index, count),
       dim=DIM,
       optimizer=_adam(mode),
       shard_index=index,
@@ -75,28 +75,28 @@ def test_shard_fields_are_validated():
 
 
 def test_exchange_sizes_and_bytes():
-  assert [_sharded_tier.shard_rows(7, p, 2) for p in (0, 1)] == [4, 3]
+  assert [_exchange.shard_rows(7, p, 2) for p in (0, 1)] == [4, 3]
   # S: a power of two that only grows, at least 1024 / P, a multiple of the local devices.
-  assert _sharded_tier.exchange_slots(1, 2, 2) == 512
-  assert _sharded_tier.exchange_slots(600, 2, 2) == 1024
-  assert _sharded_tier.exchange_slots(600, 2, 2, previous=2048) == 2048
-  assert _sharded_tier.exchange_slots(0, 4, 3) == 258
-  cost = _sharded_tier.exchange_cost(2, 2, 512, 8)
+  assert _exchange.exchange_slots(1, 2, 2) == 512
+  assert _exchange.exchange_slots(600, 2, 2) == 1024
+  assert _exchange.exchange_slots(600, 2, 2, previous=2048) == 2048
+  assert _exchange.exchange_slots(0, 4, 3) == 258
+  cost = _exchange.exchange_cost(2, 2, 512, 8)
   # Per device: 256 slots of each buffer, half of them (the peer's) cross 'node': ids, rows
   # and gradients, plus the counts' all-reduce; 'local' gathers and scatters 2 * 512 rows.
   assert cost.bytes_by_axis == {"node": 16 + 256 * (8 + 2 * 4 * 8), "local": 2 * 512 * 8 * 4}
-  assert _sharded_tier.exchange_cost(2, 1, 512, 8).bytes_by_axis["local"] == 0
+  assert _exchange.exchange_cost(2, 1, 512, 8).bytes_by_axis["local"] == 0
 
 
 def test_a_table_dir_of_another_layout_is_refused(tmp_path):
-  _sharded_tier._check_table_dir(str(tmp_path / "new"), 2)  # nothing there yet: fine
+  _exchange.check_table_dir(str(tmp_path / "new"), 2)  # nothing there yet: fine
   (tmp_path / "mixed" / "shard-0-of-3").mkdir(parents=True)
   with pytest.raises(ValueError, match="holds the shards of a 3-process run"):
-    _sharded_tier._check_table_dir(str(tmp_path / "mixed"), 2)
+    _exchange.check_table_dir(str(tmp_path / "mixed"), 2)
   with embedding.open_table(tmp_path / "one", num_rows=10, dim=2):
     pass
   with pytest.raises(ValueError, match="holds a one-process table"):
-    _sharded_tier._check_table_dir(str(tmp_path / "one"), 2)
+    _exchange.check_table_dir(str(tmp_path / "one"), 2)
 
 
 def test_each_process_reads_its_workers_share():
@@ -128,9 +128,9 @@ def test_each_process_reads_its_workers_share():
 
 def test_a_checkpoint_names_every_shard_and_is_resumed_by_as_many_processes(tmp_path):
   from kstep_adam import _distributed
-  from kstep_adam.ctr import _checkpoint
-  from kstep_adam.ctr import _multiprocess
-  from kstep_adam.ctr._rundir import RunDirectoryError
+  from kstep_adam.ctr.run import _checkpoint
+  from kstep_adam.ctr.run import _processes
+  from kstep_adam.ctr.run._rundir import RunDirectoryError
 
   versions = (embedding.TableVersion(4, "db", 5), embedding.TableVersion(4, "db", 6))
   path = tmp_path / _checkpoint.step_dir("", 4)
@@ -139,12 +139,37 @@ def test_a_checkpoint_names_every_shard_and_is_resumed_by_as_many_processes(tmp_
   (found,) = _checkpoint.complete_checkpoints(str(tmp_path))
   assert found.table == versions  # a tuple, in process order
   two, three = _distributed.Processes(1, 2), _distributed.Processes(1, 3)
-  assert _multiprocess.shard_version(versions, two) == versions[1]
-  assert _multiprocess._checkpoint_json(found, two)[2] == [v._asdict() for v in versions]
+  assert _processes.shard_version(versions, two) == versions[1]
+  assert _processes.checkpoint_json(found, two)[2] == [v._asdict() for v in versions]
   with pytest.raises(RunDirectoryError, match="saved by a 2-process run"):
-    _multiprocess._checkpoint_json(found, three)
+    _processes.checkpoint_json(found, three)
   with pytest.raises(RunDirectoryError, match="resume it with 2, not 3"):
-    _multiprocess.shard_version(versions, three)
+    _processes.shard_version(versions, three)
   one = found._replace(table=versions[0])
   with pytest.raises(RunDirectoryError, match="saved by a 1-process run"):
-    _multiprocess._checkpoint_json(one, two)
+    _processes.checkpoint_json(one, two)
+
+
+def test_both_tiers_are_table_tiers_and_their_counters_are_the_tables(tmp_path):
+  from kstep_adam.ctr.train._local_tier import SparseTier
+  from kstep_adam.ctr.train._sharded_tier import ShardedSparseTier
+  from kstep_adam.ctr.train._tier import TableTier
+  from kstep_adam.ctr.train._tier import Tier
+
+  interface = [name for name, value in vars(Tier).items() if callable(value) and name[0] != "_"]
+  assert {"eval_rows", "run_stats", "stats", "hit_rate", "flush", "close"} <= set(interface)
+  for cls in (SparseTier, ShardedSparseTier):
+    assert issubclass(cls, TableTier)
+    assert all(callable(getattr(cls, name, None)) for name in interface), cls
+  config = ctr.TrainConfig(embed_dim=DIM, table_rows=1 << 10, host_cache_rows=1 << 8)
+  tier = SparseTier(config, str(tmp_path / "table"), temporary=True)
+  try:
+    row_ids_U, inverse_GxF = tier.index(np.arange(2 * 26, dtype=np.int64).reshape(2, 26))
+    rows_RxD, inverse = tier.eval_rows(row_ids_U, inverse_GxF)
+    assert rows_RxD.shape[1] == DIM and rows_RxD.shape[0] >= len(row_ids_U)
+    np.testing.assert_array_equal(inverse, inverse_GxF)
+    assert tier.stats() == tier.table.stats() == tier.run_stats()
+    assert tier.hit_rate() == tier.table.stats()["hit_rate"]
+    assert tier.flush() == tier.table.committed
+  finally:
+    tier.close()

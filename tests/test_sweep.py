@@ -350,7 +350,7 @@ def test_killed_ctr_runs_resume_from_their_checkpoint_or_start_over(tmp_path):
   # rerun resumes the run at step 8 (from the same dense state, table version and data
   # position). The other was killed before it recorded run.json: only a cut metrics.jsonl
   # is left, of no run, and the rerun starts it over. Both end as the uninterrupted runs did.
-  from kstep_adam.ctr._checkpoint import step_dir
+  from kstep_adam.ctr.run._checkpoint import step_dir
 
   config, out = tiny_sweep(
     tmp_path,

@@ -64,7 +64,7 @@ def run_baseline(
 
   from kstep_adam import ctr
   from kstep_adam import embedding
-  from kstep_adam.ctr._step import bce_loss
+  from kstep_adam.ctr.train._loss import bce_loss
 
   model = ctr.make_model("dlrm", num_dense=13, num_categorical=26, embed_dim=embed_dim, seed=seed)
   graphdef, params = nnx.split(model)

@@ -26,7 +26,7 @@ from kstep_adam._validation import check_choice
 from kstep_adam._validation import check_float
 from kstep_adam._validation import check_int
 from kstep_adam.ctr import MODELS
-from kstep_adam.ctr._config import SYNC_STATES
+from kstep_adam.ctr.train._config import SYNC_STATES
 
 # Fields that only size the grid; every other field changes what a single run computes, so a
 # results directory holds runs of one value of each (see ``experiments.paper.run``).

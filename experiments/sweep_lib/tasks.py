@@ -85,7 +85,7 @@ class CTRTask(Task):
 
   @property
   def hyperparameters(self) -> tuple[str, ...]:
-    from kstep_adam.ctr._config import OPTIMIZER_FIELDS
+    from kstep_adam.ctr.train._config import OPTIMIZER_FIELDS
 
     fields = dict.fromkeys(f for names in OPTIMIZER_FIELDS.values() for f in names)
     return ("optimizer", "learning_rate", *fields, "batch_size", "top_mlp")
@@ -130,7 +130,7 @@ class CTRTask(Task):
     return train_with_status(config, ctr.make_source(data, config), out_dir)
 
   def row(self, summary: dict) -> dict:
-    from kstep_adam.ctr._config import OPTIMIZER_FIELDS
+    from kstep_adam.ctr.train._config import OPTIMIZER_FIELDS
 
     config = summary["config"]
     relevant = {"optimizer", "learning_rate", "batch_size", "top_mlp"}

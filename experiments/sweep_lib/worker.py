@@ -119,7 +119,7 @@ def run(out_dir: str, run_id: str) -> int:
   """Run ``run_id`` of the sweep in ``out_dir`` unless it finished or is locked; return the
   exit status (0, 1 on an error, :data:`EXIT_BUSY`)."""
   from experiments.sweep_lib import tasks
-  from kstep_adam.ctr._interrupt import RunInterrupted
+  from kstep_adam.ctr.run._interrupt import RunInterrupted
 
   lock = try_lock(job_file(out_dir, run_id, "lock"))
   if lock is None:

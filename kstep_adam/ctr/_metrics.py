@@ -58,3 +58,50 @@ def logloss(labels_N: np.ndarray, probs_N: np.ndarray, *, eps: float = 1e-7) -> 
   labels, probs = _check(labels_N, probs_N)
   p = np.clip(probs, eps, 1 - eps)
   return float(-np.mean(labels * np.log(p) + (1 - labels) * np.log1p(-p)))
+
+
+def eval_metrics(labels_N: np.ndarray, probs_N: np.ndarray, *, split: str = "test") -> dict:
+  """AUC and logloss of click probabilities, or None with a reason where one is undefined.
+
+  Args:
+    labels_N: 0/1 labels.
+    probs_N: predicted click probabilities.
+    split: the held-out set scored, ``'test'`` or ``'val'``: the prefix of every key.
+
+  Returns:
+    ``test_auc`` and ``test_logloss`` (floats, or None), ``test_examples``, ``test_positives``
+    and, when a metric is None, ``test_note`` saying why: a test set with a single class has
+    no AUC, and non-finite predictions (a diverged model) have neither (their number is then
+    ``test_nonfinite_predictions``). With
+    ``split='val'`` the keys are ``val_auc``, ``val_logloss``, and so on.
+
+  Examples:
+    >>> eval_metrics(np.array([0.0, 0.0]), np.array([0.2, 0.4]))["test_note"]
+    'the test set has a single class (2 examples, all labelled 0): AUC is undefined'
+  """
+  labels_N, probs_N = np.asarray(labels_N), np.asarray(probs_N)
+  positives = int(labels_N.sum())
+  result = {
+    f"{split}_auc": None,
+    f"{split}_logloss": None,
+    f"{split}_examples": int(labels_N.size),
+    f"{split}_positives": positives,
+  }
+  note = f"{split}_note"
+  if labels_N.size == 0:
+    return {**result, note: f"the {split} set is empty"}
+  bad = int(np.count_nonzero(~np.isfinite(probs_N)))
+  if bad:
+    return {
+      **result,
+      f"{split}_nonfinite_predictions": bad,
+      note: f"{bad} of {labels_N.size} predictions are not finite (the model diverged)",
+    }
+  result[f"{split}_logloss"] = logloss(labels_N, probs_N)
+  if positives in (0, labels_N.size):
+    return {
+      **result,
+      note: f"the {split} set has a single class ({labels_N.size} examples, all labelled "
+      f"{int(positives > 0)}): AUC is undefined",
+    }
+  return {**result, f"{split}_auc": auc(labels_N, probs_N)}

@@ -26,91 +26,18 @@ from __future__ import annotations
 import dataclasses
 import os
 
-import optax
-
-from kstep_adam import parallel
-from kstep_adam._adaptive import adaptive_schedule
-from kstep_adam._baselines import diloco
-from kstep_adam._baselines import local_sgd
-from kstep_adam._baselines import onebit_adam
-from kstep_adam._baselines import sync_adam
-from kstep_adam._baselines import topk_ef
 from kstep_adam._jsonio import write_json
-from kstep_adam._kstep_adam import kstep_adam
-from kstep_adam._schedule import compressed_schedule
-from kstep_adam._schedule import merge_schedule
-from kstep_adam._schedule import sync_schedule
-from kstep_adam.ctr import _interrupt
-from kstep_adam.ctr._config import OPTIMIZERS
-from kstep_adam.ctr._config import TrainConfig
-from kstep_adam.ctr._divergence import DivergenceError
-from kstep_adam.ctr._hooks import MetricsLog
-from kstep_adam.ctr._hooks import PeriodicEval
-from kstep_adam.ctr._hooks import ProgressBar
-from kstep_adam.ctr._hooks import PushedRows
-from kstep_adam.ctr._rundir import SUMMARY_FILE
-from kstep_adam.ctr._sources import DataSource
-from kstep_adam.ctr._trainer import Trainer
-
-AXES = parallel.AXIS_NAMES
-
-
-def make_optimizer(config: TrainConfig):
-  """The dense optimizer of ``config`` and the merge schedule it runs.
-
-  The schedule is built once and handed to both the optimizer and the byte accounting
-  (:class:`~kstep_adam.ctr._comm.CommMeter`), so what is counted is what runs.
-
-  Returns:
-    ``(tx, schedule)``: an optax transformation over the ``('node', 'local')`` axes and its
-    :class:`kstep_adam.MergeSchedule`.
-
-  Examples:
-    >>> tx, schedule = make_optimizer(TrainConfig(optimizer="diloco", k=16))
-    >>> schedule.states(), schedule.axis_periods
-    (('delta',), (16, 16))
-  """
-  lr = config.learning_rate
-  if config.optimizer == "sync_adam":
-    schedule = sync_schedule(AXES)
-    return sync_adam(lr, schedule, eps=config.eps), schedule
-  # The compression baselines exchange every step; the schedule carries the message format.
-  if config.optimizer == "onebit_adam":
-    schedule = compressed_schedule(AXES, "onebit", warmup_steps=config.warmup_steps)
-    return onebit_adam(lr, schedule, eps=config.eps), schedule
-  if config.optimizer == "topk_ef":
-    schedule = compressed_schedule(
-      AXES, "topk", density=config.density, warmup_steps=config.warmup_steps
-    )
-    return topk_ef(lr, schedule, eps=config.eps), schedule
-  # The k-step family: every k steps over all workers, or inside a node every step and
-  # across nodes every k; or periods the host chooses while training (k = 'auto').
-  if config.k == "auto":
-    states = ("params", "mu", "nu") if config.optimizer == "kstep_adam" else ("params",)
-    sync = config.sync if config.optimizer == "kstep_adam" else "params"
-    schedule = adaptive_schedule(AXES, budget=config.k_budget, sync=sync, allowed_states=states)
-    if config.optimizer == "kstep_adam":
-      return kstep_adam(lr, schedule, form=config.form, eps=config.eps), schedule
-    return local_sgd(lr, schedule, momentum=config.momentum or None), schedule
-  k = config.k if config.merge == "global" else {"node": config.k, "local": 1}
-  if config.optimizer == "kstep_adam":
-    schedule = merge_schedule(k, axis_name=AXES, sync=config.sync)
-    return kstep_adam(lr, schedule, form=config.form, eps=config.eps), schedule
-  if config.optimizer == "local_sgd":
-    schedule = merge_schedule(k, axis_name=AXES, allowed_states=("params",))
-    return local_sgd(lr, schedule, momentum=config.momentum or None), schedule
-  if config.optimizer == "diloco":
-    schedule = merge_schedule(
-      k, axis_name=AXES, sync="delta", allowed_states=("delta",), period_name="inner_steps"
-    )
-    tx = diloco(
-      schedule,
-      inner=optax.adam(lr, eps=config.eps),
-      outer_learning_rate=config.outer_learning_rate,
-      outer_momentum=config.outer_momentum,
-    )
-    return tx, schedule
-  raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {config.optimizer!r}")
+from kstep_adam.ctr.data._sources import DataSource
+from kstep_adam.ctr.run import _interrupt
+from kstep_adam.ctr.run._rundir import SUMMARY_FILE
+from kstep_adam.ctr.run._trainer import Trainer
+from kstep_adam.ctr.train._config import TrainConfig
+from kstep_adam.ctr.train._divergence import DivergenceError
+from kstep_adam.ctr.train._hooks import MetricsLog
+from kstep_adam.ctr.train._hooks import PeriodicEval
+from kstep_adam.ctr.train._hooks import ProgressBar
+from kstep_adam.ctr.train._hooks import PushedRows
+from kstep_adam.ctr.train._optimizer import make_optimizer
 
 
 def train(

@@ -44,8 +44,8 @@ from kstep_adam._jsonio import finite_or_none
 from kstep_adam._jsonio import is_temporary
 from kstep_adam._jsonio import read_json
 from kstep_adam._jsonio import write_json
-from kstep_adam.ctr._config import TrainConfig
-from kstep_adam.ctr._sources import DataSource
+from kstep_adam.ctr.data._sources import DataSource
+from kstep_adam.ctr.train._config import TrainConfig
 
 RUN_FILE = "run.json"
 METRICS_FILE = "metrics.jsonl"
@@ -231,3 +231,29 @@ class RunDirectory:
 
   def close(self) -> None:
     self._lock.close()  # releases the flock
+
+
+class FollowerRunDirectory:
+  """The run directory as a process other than 0 sees it: where its parts are, and what
+  process 0 found there. It writes nothing.
+
+  Attributes:
+    resuming: process 0 is continuing the run recorded there.
+    recorded: that run's ``run.json`` (as process 0 read or wrote it).
+  """
+
+  def __init__(self, path: str, resuming: bool, recorded: dict | None):
+    self.path, self.resuming, self.recorded = path, resuming, recorded
+
+  def file(self, name: str) -> str:
+    return os.path.join(self.path, name)
+
+  def clear(self) -> None:
+    """Process 0 deletes what a fresh start found there."""
+
+  def record(self, table: dict) -> None:
+    """Process 0 writes ``run.json``; this one only keeps what it says."""
+    self.recorded = {**(self.recorded or {}), "table": table}
+
+  def close(self) -> None:
+    pass

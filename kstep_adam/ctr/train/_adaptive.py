@@ -27,9 +27,9 @@ from kstep_adam import _distributed
 from kstep_adam._adaptive import AdaptiveController
 from kstep_adam._adaptive import estimated_merge_seconds
 from kstep_adam._schedule import MergeSchedule
-from kstep_adam.ctr._comm import jax_shapes
-from kstep_adam.ctr._comm import network_model
-from kstep_adam.ctr._config import TrainConfig
+from kstep_adam.ctr.train._config import TrainConfig
+from kstep_adam.ctr.train._meters import jax_shapes
+from kstep_adam.ctr.train._meters import network_model
 
 CALIBRATION_STEPS = 4  # timed local steps whose median compute time is Y
 

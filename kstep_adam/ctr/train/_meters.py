@@ -1,4 +1,5 @@
-"""Per-step communication accounting of a CTR run: dense merges and sparse pulls/pushes.
+"""Per-step accounting of a CTR run: communication (dense merges and sparse pulls/pushes) and
+the wall time of each step's phases (:class:`Timer`).
 
 Dense bytes come from the optimizer's own merge schedule (:func:`kstep_adam.merge_bytes`), so
 what is counted is what runs. Sparse traffic is counted here, per step:
@@ -11,7 +12,7 @@ what is counted is what runs. Sparse traffic is counted here, per step:
   links, which this model leaves out.
 
 In a multi-process run the sparse traffic is not modelled but counted: each step's
-all-to-all exchange (:func:`kstep_adam.ctr._sharded_tier.exchange_cost`), per device and per
+all-to-all exchange (:func:`kstep_adam.ctr.train._exchange.exchange_cost`), per device and per
 axis like the dense bytes, padding included.
 
 A :class:`kstep_adam.NetworkModel` with one bandwidth and latency per axis turns both into
@@ -20,6 +21,9 @@ estimated seconds, reported beside the measured compute time.
 
 from __future__ import annotations
 
+import contextlib
+import time
+
 import jax
 import numpy as np
 
@@ -27,7 +31,7 @@ from kstep_adam._comm import CommCost
 from kstep_adam._comm import NetworkModel
 from kstep_adam._comm import merge_bytes
 from kstep_adam._comm import node_local_network
-from kstep_adam.ctr._config import TrainConfig
+from kstep_adam.ctr.train._config import TrainConfig
 
 
 def network_model(config: TrainConfig) -> NetworkModel:
@@ -222,3 +226,44 @@ class CommMeter:
 def jax_shapes(tree):
   """Shapes and dtypes of a pytree, all the byte accounting needs."""
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), tree)
+
+
+class Timer:
+  """Accumulates wall time per phase (``with timer('pull'): ...``), in total and per step."""
+
+  def __init__(self):
+    self._totals: dict[str, float] = {}
+    self.step: dict[str, float] = {}
+
+  @contextlib.contextmanager
+  def __call__(self, name: str):
+    start = time.perf_counter()
+    try:
+      yield
+    finally:
+      elapsed = time.perf_counter() - start
+      self._totals[name] = self._totals.get(name, 0.0) + elapsed
+      self.step[name] = self.step.get(name, 0.0) + elapsed
+
+  def new_step(self) -> None:
+    self.step = {}
+
+  def discard_step(self) -> float:
+    """Move this step's phases out of the totals (a step that compiled); return its time."""
+    for name, elapsed in self.step.items():
+      self._totals[name] -= elapsed
+    return sum(self.step.values())
+
+  def state(self) -> dict[str, float]:
+    """What a checkpoint keeps: the :meth:`totals`."""
+    return self.totals()
+
+  def restore(self, totals: dict[str, float]) -> None:
+    """Continue from the :meth:`totals` of an earlier process (a resumed run)."""
+    self._totals = dict(totals)
+
+  def total(self, name: str) -> float:
+    return self._totals.get(name, 0.0)
+
+  def totals(self) -> dict[str, float]:
+    return {name: round(value, 6) for name, value in self._totals.items()}

@@ -24,12 +24,12 @@ from typing import Any
 
 from kstep_adam._validation import check_float
 from kstep_adam._validation import check_int
-from kstep_adam.ctr._batch import CTRBatch
-from kstep_adam.ctr._batch import concat_batches
-from kstep_adam.ctr._readers import CTRFileReader
-from kstep_adam.ctr._readers import ReadPosition
-from kstep_adam.ctr._readers import ReadStats
-from kstep_adam.ctr._synthetic import SyntheticCTR
+from kstep_adam.ctr.data._readers import CTRFileReader
+from kstep_adam.ctr.data._records import CTRBatch
+from kstep_adam.ctr.data._records import concat_batches
+from kstep_adam.ctr.data._schema import ReadPosition
+from kstep_adam.ctr.data._schema import ReadStats
+from kstep_adam.ctr.data._synthetic import SyntheticCTR
 
 
 @dataclasses.dataclass

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 
-from kstep_adam.ctr._config import TrainConfig
+from kstep_adam.ctr.train._config import TrainConfig
 
 
 class DivergenceError(RuntimeError):

@@ -31,69 +31,25 @@ Shapes: ``P`` processes (owners and requesters), ``S`` slots per pair, ``L`` loc
 
 from __future__ import annotations
 
-import glob
-import os
-import re
-from collections.abc import Callable
 from typing import NamedTuple
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
-from flax import nnx
 from jax.sharding import Mesh
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from kstep_adam import _distributed
 from kstep_adam import embedding
-from kstep_adam import parallel
-from kstep_adam._comm import CommCost
-from kstep_adam.ctr import _step
-from kstep_adam.ctr._config import TrainConfig
-from kstep_adam.ctr._pipeline import bucket_size
-
-ID_BYTES = 8  # an int64 row id, sent as two int32 words (JAX's integers are 32-bit here)
-_SHARD_DIR = re.compile(r"shard-(\d+)-of-(\d+)$")
-
-
-def shard_dir(table_dir: str, index: int, count: int) -> str:
-  """The directory of process ``index``'s shard: ``table_dir/shard-{index}-of-{count}``."""
-  return os.path.join(table_dir, f"shard-{index}-of-{count}")
-
-
-def shard_rows(num_rows: int, index: int, count: int) -> int:
-  """Rows ``r < num_rows`` with ``r % count == index``.
-
-  Examples:
-    >>> [shard_rows(10, p, 3) for p in range(3)]
-    [4, 3, 3]
-  """
-  return (num_rows - index + count - 1) // count
-
-
-def exchange_slots(largest: int, num_processes: int, local_devices: int, previous: int = 0) -> int:
-  """Slots ``S`` of every (requester, owner) buffer for the largest per-pair count.
-
-  A power of two, at least ``1024 / P`` (so ``P * S`` is at least the one-process bucket) and
-  never below ``previous``, then rounded up to a multiple of ``L`` (each device carries
-  ``S / L``).
-
-  Examples:
-    >>> exchange_slots(700, 2, 2), exchange_slots(10, 2, 2, previous=1024), exchange_slots(5, 2, 3)
-    (1024, 1024, 513)
-  """
-  slots = max(previous, bucket_size(largest, minimum=max(1, 1024 // num_processes)))
-  return -(-slots // local_devices) * local_devices
-
-
-class Exchange(NamedTuple):
-  """Who asks whom for which rows in one step, as every process agreed."""
-
-  slots: int  # S, the slots of every (requester, owner) buffer
-  position_U: np.ndarray  # int32 [U], where row u sits among this process's P * S rows
-  requested_PxS: np.ndarray  # int64 [P, S], the rows each process asks of this one (-1: none)
-  cost: CommCost  # bytes each device sends per axis, and messages, for a training step
+from kstep_adam.ctr.train._config import TrainConfig
+from kstep_adam.ctr.train._exchange import Exchange
+from kstep_adam.ctr.train._exchange import check_table_dir
+from kstep_adam.ctr.train._exchange import exchange_cost
+from kstep_adam.ctr.train._exchange import exchange_slots
+from kstep_adam.ctr.train._exchange import shard_dir
+from kstep_adam.ctr.train._exchange import shard_rows
+from kstep_adam.ctr.train._exchange import sharded_device_cache_error
+from kstep_adam.ctr.train._tier import TableTier
 
 
 class ShardedRows(NamedTuple):
@@ -115,13 +71,13 @@ class ShardedRows(NamedTuple):
     return int(self.row_ids_U.shape[0])
 
 
-class ShardedSparseTier:
+class ShardedSparseTier(TableTier):
   """This process's shard of the embedding table and its side of the exchange.
 
-  The same interface as :class:`~._tier.SparseTier` where the trainer uses it (``index``,
-  ``prefetch``, ``pull``, ``stats``, ``hit_rate``, ``close``); :meth:`push` takes the step's
-  output and returns the rows this shard updated. Every method but ``index``, ``stats``,
-  ``hit_rate`` and ``close`` is collective: all processes call it, in the same order.
+  A :class:`~._tier.Tier` like :class:`~._local_tier.SparseTier`; :meth:`push` takes the
+  step's output and returns the rows this shard updated. Every method but ``index``,
+  ``stats``, ``hit_rate`` and ``close`` is collective: all processes call it, in the same
+  order.
 
   Args:
     config: the run's configuration (rows, caches, sparse learning rate, seed).
@@ -154,7 +110,7 @@ class ShardedSparseTier:
       raise ValueError(
         f"table_rows={config.table_rows} gives no rows to some of the {count} processes' shards"
       )
-    _check_table_dir(table_dir, count)
+    check_table_dir(table_dir, count)
     self.num_rows, self.dim, self._salt = config.table_rows, config.embed_dim, config.seed
     self.path = shard_dir(table_dir, index, count)
     self.table = embedding.open_table(
@@ -283,86 +239,36 @@ class ShardedSparseTier:
       )
     return self.table.pull(row_ids // self.num_shards)
 
-  def stats(self) -> dict:
-    """This shard's table counters (hits, misses, hit rate, evictions, bytes read/written)."""
-    return self.table.stats()
+  def eval_rows(
+    self, row_ids_U: np.ndarray, inverse_GxF: np.ndarray
+  ) -> tuple[np.ndarray, np.ndarray]:
+    """A held-out batch's rows ``[P * S, D]`` (from their owners; collective) and where each
+    key's row is among them."""
+    rows = self.pull(row_ids_U, inverse_GxF, kind="eval")
+    return rows.rows, rows.inverse_GxF
 
-  def hit_rate(self) -> float:
-    """Share of this shard's row reads its host tier served from memory so far."""
-    return float(self.table.stats()["hit_rate"])
-
-  def flush(self) -> embedding.TableVersion:
-    """Commit this shard at its current step; return the version committed."""
-    self.table.flush()
-    return self.table.committed
+  def run_stats(self) -> dict:
+    """The shards' counters summed (hit rate over all their reads), each shard's own under
+    ``shards``. Collective."""
+    shards = _distributed.allgather_json(self.stats())
+    total = {
+      key: sum(s[key] for s in shards)
+      for key, value in shards[0].items()
+      if isinstance(value, int) and key != "step"
+    }
+    lookups = total["hits"] + total["misses"]
+    return {
+      **total,
+      "hit_rate": total["hits"] / lookups if lookups else 0.0,
+      "step": shards[0]["step"],
+      "shards": shards,
+    }
 
   def transfer_bytes(self) -> dict:
     """Host-device bytes this process copied so far, by direction and kind: the exchange's
     ``counts``, ``ids``, ``rows`` and ``grads``, the trainer's ``batch`` inputs, and the
     evaluations' traffic as ``read``."""
     return self.meter.totals()
-
-  def keep_committed(self) -> None:
-    """Close without flushing: the run diverged, and its table's last commit (a checkpoint's,
-    or its start) is the last good state."""
-    self._flush_on_close = False
-
-  def close(self) -> None:
-    self.table.close(flush=self._flush_on_close)
-
-
-def sharded_device_cache_error(device_cache_rows: int, processes: int) -> str:
-  """Why a multi-process run refuses a device tier (the trainer and the tier both check)."""
-  return (
-    f"device_cache_rows={device_cache_rows} with processes={processes}: the device-resident "
-    "sparse optimizer runs on one process's whole table, and a multi-process run's rows "
-    "travel between their owners' host tiers in the step's all-to-all; use "
-    "device_cache_rows=0 with several processes (or one process for the device tier)"
-  )
-
-
-def _check_table_dir(table_dir: str, count: int) -> None:
-  """Refuse a directory that holds a table of another layout: nothing is mixed."""
-  if os.path.exists(os.path.join(table_dir, "table.json")):
-    raise ValueError(
-      f"table_dir {table_dir!r} holds a one-process table; a {count}-process run keeps one "
-      f"shard per process in {shard_dir(table_dir, 0, count)!r} and so on: use another directory"
-    )
-  others = set()
-  for path in glob.glob(os.path.join(glob.escape(table_dir), "shard-*-of-*")):
-    match = _SHARD_DIR.search(path)
-    if match and int(match.group(2)) != count:
-      others.add(int(match.group(2)))
-  if others:
-    raise ValueError(
-      f"table_dir {table_dir!r} holds the shards of a {sorted(others)[0]}-process run; "
-      f"this run has {count} processes: use the same number of processes or another directory"
-    )
-
-
-def exchange_cost(num_processes: int, local_devices: int, slots: int, dim: int) -> CommCost:
-  """Bytes each device sends per axis, and messages, in one training step's exchange.
-
-  Per device, with ``B = S / L`` slots of each buffer: the counts' ``psum`` over ``'node'``
-  (a ring all-reduce of ``P * P`` int32), the ids' ``all_to_all`` (``(P-1) B`` ids), the
-  rows' and the gradients' ``all_to_all`` (``(P-1) B D`` float32 each), all on ``'node'``; on
-  ``'local'``, the rows' ``all_gather`` and the gradients' ``psum_scatter`` of the process's
-  ``P S D`` floats (``(L-1)/L`` of them each). Padding is counted: it is sent.
-
-  Examples:
-    >>> exchange_cost(2, 2, 1024, 16).bytes_by_axis
-    {'node': 69648.0, 'local': 131072.0}
-  """
-  count, local = num_processes, local_devices
-  per_device = slots // local
-  counts = 2 * (count - 1) / count * count * count * 4
-  node = counts + (count - 1) * per_device * (ID_BYTES + 2 * 4 * dim)
-  rows_bytes = count * slots * dim * 4
-  local_bytes = 2 * (local - 1) / local * rows_bytes
-  return CommCost(
-    {"node": float(node), "local": float(local_bytes)},
-    {"node": 2 * (count - 1) + 3 * (count - 1), "local": 2 * (local - 1)},
-  )
 
 
 class _Collectives:
@@ -418,79 +324,3 @@ class _Collectives:
     """This process's ``[P, S, ...]`` part of a global buffer, joined from its devices."""
     shards = sorted(self._meter.shards(array, kind), key=lambda s: s[0][1].start or 0)
     return np.concatenate([data for _, data in shards], axis=1)
-
-
-def make_sharded_train_step(
-  graphdef: nnx.GraphDef,
-  tx: optax.GradientTransformation,
-  mesh: Mesh,
-  *,
-  skip_nonfinite: bool = False,
-) -> parallel.DispatchedStep:
-  """Build ``step(params_W, opt_state_W, answers, inverse_GxF, dense_GxI, label_G)``.
-
-  The multi-process twin of :func:`kstep_adam.ctr._step.make_ctr_train_step`: the same
-  per-worker forward and backward and the same dense optimizer, but the rows arrive from
-  their owners and their gradients return to them (steps 3 and 4 of the module docstring).
-
-  Args:
-    graphdef: the nnx graph definition of the model.
-    tx: the dense optimizer (merging over ``('node', 'local')`` on its own schedule).
-    mesh: the ``('node', 'local')`` mesh, one process per node.
-    skip_nonfinite: a step where any worker's loss or gradients are not finite changes no
-      parameter or optimizer moment on any worker; the owners skip their push too.
-
-  Returns:
-    A :class:`kstep_adam.parallel.DispatchedStep` returning ``(params_W, opt_state_W,
-    grads_to_owners, loss, finite)``: ``answers`` and ``grads_to_owners`` are global
-    ``[P * P, S, D]`` buffers sharded ``P('node', 'local')`` (see :class:`ShardedSparseTier`);
-    ``inverse_GxF`` indexes each process's ``P * S`` rows; ``loss`` is the global-mean loss
-    and ``finite`` whether every worker's loss and gradients were finite (the same on every
-    process, so all of them take the same decision on it).
-  """
-  axes = tuple(mesh.axis_names)
-  worker, blocks = P(axes), P("node", "local")
-  num_workers = mesh.size
-
-  def per_worker(params_W, opt_state_W, answers_PxBxD, inverse_BxF, dense_BxI, label_B):
-    params, opt_state = jax.tree.map(lambda x: x[0], (params_W, opt_state_W))
-    mine_PxBxD = jax.lax.all_to_all(answers_PxBxD, "node", 0, 0, tiled=True)
-    rows_PxSxD = jax.lax.all_gather(mine_PxBxD, "local", axis=1, tiled=True)
-    num_owners, slots, dim = rows_PxSxD.shape
-
-    def loss_fn(params, rows_RxD):
-      return _step.bce_loss(
-        _step._logits(graphdef, params, rows_RxD, inverse_BxF, dense_BxI), label_B
-      )
-
-    rows_RxD = rows_PxSxD.reshape(num_owners * slots, dim)
-    loss, (grads, grad_rows_RxD) = jax.value_and_grad(loss_fn, argnums=(0, 1))(params, rows_RxD)
-    finite = _step.all_finite(loss, grads, grad_rows_RxD)  # this worker's
-    # One all-reduce for both: the global-mean loss, and the share of workers that were not
-    # finite (zero when all were).
-    loss, not_finite = jax.lax.pmean(jnp.stack([loss, 1.0 - finite.astype(loss.dtype)]), axes)
-    # This worker's share of the global-mean loss's gradient; the owners add the shares up.
-    grad_PxSxD = grad_rows_RxD.reshape(num_owners, slots, dim) / num_workers
-    grad_PxBxD = jax.lax.psum_scatter(grad_PxSxD, "local", scatter_dimension=1, tiled=True)
-    grads_to_owners = jax.lax.all_to_all(grad_PxBxD, "node", 0, 0, tiled=True)
-    updates, new_opt_state = tx.update(grads, opt_state, params)
-    new_params = optax.apply_updates(params, updates)
-    all_finite = not_finite == 0
-    if skip_nonfinite:  # every worker skips, or none does
-      new_params = _step.keep_unless(all_finite, new_params, params)
-      new_opt_state = _step.keep_unless(all_finite, new_opt_state, opt_state, keep_counters=True)
-    params_W, opt_state_W = jax.tree.map(lambda x: x[None], (new_params, new_opt_state))
-    return params_W, opt_state_W, grads_to_owners, loss, all_finite
-
-  def build(body: Callable):
-    return jax.jit(
-      jax.shard_map(
-        body,
-        mesh=mesh,
-        in_specs=(worker, worker, blocks, worker, worker, worker),
-        out_specs=(worker, worker, blocks, P(), P()),
-      ),
-      donate_argnums=(0, 1),
-    )
-
-  return parallel.DispatchedStep(build, per_worker)

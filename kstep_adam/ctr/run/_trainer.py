@@ -17,16 +17,12 @@ same batches, the same metric records, the same results (bit for bit on one mach
 from __future__ import annotations
 
 import contextlib
-import functools
 import math
 import os
 import sys
 import tempfile
 import time
-from collections.abc import Iterable
-from collections.abc import Iterator
 from collections.abc import Sequence
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -38,207 +34,51 @@ from kstep_adam import _distributed
 from kstep_adam import parallel
 from kstep_adam._dispatch import optimizer_step
 from kstep_adam._jsonio import dumps
-from kstep_adam._jsonio import write_atomic
 from kstep_adam._schedule import MergeSchedule
-from kstep_adam.ctr import _checkpoint
-from kstep_adam.ctr import _interrupt
-from kstep_adam.ctr import _multiprocess
-from kstep_adam.ctr import _step
-from kstep_adam.ctr._adaptive import AdaptiveRun
-from kstep_adam.ctr._batch import CTRBatch
-from kstep_adam.ctr._comm import CommMeter
-from kstep_adam.ctr._config import TrainConfig
-from kstep_adam.ctr._divergence import DivergenceError
-from kstep_adam.ctr._divergence import DivergenceMonitor
-from kstep_adam.ctr._metrics import auc
-from kstep_adam.ctr._metrics import logloss
-from kstep_adam.ctr._models import make_model
-from kstep_adam.ctr._pipeline import HeldOutSet
-from kstep_adam.ctr._pipeline import IndexedBatch
-from kstep_adam.ctr._pipeline import Prefetcher
-from kstep_adam.ctr._pipeline import Timer
-from kstep_adam.ctr._rundir import CHECKPOINT_DIR
-from kstep_adam.ctr._rundir import METRICS_FILE
-from kstep_adam.ctr._rundir import TABLE_DIR
-from kstep_adam.ctr._rundir import RunDirectory
-from kstep_adam.ctr._rundir import RunDirectoryError
-from kstep_adam.ctr._rundir import run_identity
-from kstep_adam.ctr._sharded_tier import ShardedRows
-from kstep_adam.ctr._sharded_tier import ShardedSparseTier
-from kstep_adam.ctr._sharded_tier import make_sharded_train_step
-from kstep_adam.ctr._sharded_tier import shard_dir
-from kstep_adam.ctr._sharded_tier import sharded_device_cache_error
-from kstep_adam.ctr._sources import DataSource
-from kstep_adam.ctr._sources import positioned_epoch
-from kstep_adam.ctr._sources import process_part
-from kstep_adam.ctr._tier import SparseTier
-from kstep_adam.embedding import NonFiniteRowsError
+from kstep_adam.ctr.data._prefetch import HeldOutSet
+from kstep_adam.ctr.data._prefetch import Prefetcher
+from kstep_adam.ctr.data._sources import DataSource
+from kstep_adam.ctr.data._sources import process_part
+from kstep_adam.ctr.run import _checkpoint
+from kstep_adam.ctr.run import _interrupt
+from kstep_adam.ctr.run import _processes
+from kstep_adam.ctr.run._rundir import CHECKPOINT_DIR
+from kstep_adam.ctr.run._rundir import METRICS_FILE
+from kstep_adam.ctr.run._rundir import TABLE_DIR
+from kstep_adam.ctr.run._rundir import RunDirectory
+from kstep_adam.ctr.run._rundir import RunDirectoryError
+from kstep_adam.ctr.run._rundir import run_identity
+from kstep_adam.ctr.run._state import RunState
+from kstep_adam.ctr.run._state import truncate_metrics
+from kstep_adam.ctr.train import _loss
+from kstep_adam.ctr.train import _step
+from kstep_adam.ctr.train._adaptive import AdaptiveRun
+from kstep_adam.ctr.train._config import TrainConfig
+from kstep_adam.ctr.train._divergence import DivergenceError
+from kstep_adam.ctr.train._divergence import DivergenceMonitor
+from kstep_adam.ctr.train._evaluate import evaluate
+from kstep_adam.ctr.train._exchange import shard_dir
+from kstep_adam.ctr.train._exchange import sharded_device_cache_error
+from kstep_adam.ctr.train._hooks import Hook
+from kstep_adam.ctr.train._hooks import keyed
+from kstep_adam.ctr.train._local_tier import SparseTier
+from kstep_adam.ctr.train._loop import StepResult
+from kstep_adam.ctr.train._loop import global_batches
+from kstep_adam.ctr.train._loop import next_or_none
+from kstep_adam.ctr.train._loop import num_steps
+from kstep_adam.ctr.train._loop import step_budget
+from kstep_adam.ctr.train._meters import CommMeter
+from kstep_adam.ctr.train._meters import Timer
+from kstep_adam.ctr.train._models import make_model
+from kstep_adam.ctr.train._sharded_step import make_sharded_train_step
+from kstep_adam.ctr.train._sharded_tier import ShardedSparseTier
+from kstep_adam.ctr.train._steppers import LocalStepper
+from kstep_adam.ctr.train._steppers import Replicas
+from kstep_adam.ctr.train._steppers import ShardedStepper
 from kstep_adam.embedding import TableVersion
 
 # Host memory a run may spend keeping its test set between evaluations (read once, reused).
 MAX_KEPT_TEST_SET_BYTES = 1 << 30
-
-
-class StepResult(NamedTuple):
-  """What one training step did, handed to every hook."""
-
-  step: int  # the optimizer's step count after this step (1-based)
-  loss: float  # global-mean training loss of the step's batch
-  row_ids_U: np.ndarray  # int64 [U], the table rows the step pushed (in a multi-process
-  # run, those of this process's shard)
-  compiled: bool  # the step program compiled first (left out of throughput and breakdown)
-  last: bool = False  # the run's last step (the data or the step budget ends here)
-  skipped: bool = False  # non-finite, skipped (on_nonfinite="skip"): nothing was updated
-
-
-class Hook:
-  """Something that runs after every training step (logging, evaluation, progress).
-
-  Subclasses override :meth:`after_step`, :meth:`close` if they hold a resource, and
-  :meth:`state` / :meth:`restore` if what they do depends on earlier steps (then a resumed
-  run's hook continues where the checkpoint was taken).
-  """
-
-  def after_step(self, trainer: Trainer, result: StepResult) -> None:
-    """Called after every step, in the order the hooks were given."""
-
-  def close(self) -> None:
-    """Called once when :meth:`Trainer.fit` ends, normally or not."""
-
-  def state(self) -> dict | None:
-    """What a checkpoint keeps of this hook (JSON data); None: nothing."""
-    return None
-
-  def restore(self, state: dict) -> None:
-    """Continue from :meth:`state`, as saved in the checkpoint a run resumes from."""
-
-
-def num_steps(config: TrainConfig, source: DataSource) -> int:
-  """Steps of a run: ``config.steps``, else ``epochs`` passes of file data (estimated until a
-  pass is complete: the run ends when its last pass does), else ``synthetic_steps`` of an
-  endless stream."""
-  if config.steps is not None:
-    return config.steps
-  per_epoch = source.steps_per_epoch(config.global_batch)
-  if per_epoch is None:
-    return config.synthetic_steps
-  if per_epoch < 1:
-    raise ValueError(
-      f"{source.name} has fewer training lines than one global batch "
-      f"({config.global_batch}); lower --batch-size or use fewer workers"
-    )
-  return config.epochs * per_epoch
-
-
-def step_budget(config: TrainConfig, source: DataSource) -> int | None:
-  """The run's steps if fixed in advance (``steps``, or ``synthetic_steps`` of an endless
-  stream); None when the data decides (``epochs`` whole passes over file data)."""
-  if config.steps is not None:
-    return config.steps
-  if source.steps_per_epoch(config.global_batch) is None:
-    return config.synthetic_steps
-  return None
-
-
-def global_batches(
-  config: TrainConfig, source: DataSource, count: int | None, start: dict | None = None
-) -> Iterator[tuple[CTRBatch, dict]]:
-  """Global batches from data position ``start`` (None: the beginning), each with the
-  position after it, ``{"epoch": e, "position": p}``: ``count`` of them, continuing into the
-  next epoch as needed, or (``count`` None) until ``config.epochs`` passes are complete."""
-  epoch = 0 if start is None else int(start["epoch"])
-  resume_at = None if start is None else start["position"]  # inside the first pass only
-  produced = 0
-  while count is None or produced < count:
-    if count is None and epoch >= config.epochs:
-      return
-    produced_before = produced
-    for batch, after in positioned_epoch(source, epoch, config.global_batch, resume_at):
-      yield batch, {"epoch": epoch, "position": after}
-      produced += 1
-      if produced == count:
-        return
-    if resume_at is None and produced == produced_before:
-      raise ValueError(f"{source.name} yielded no full global batch of {config.global_batch}")
-    epoch, resume_at = epoch + 1, None
-
-
-def eval_metrics(labels_N: np.ndarray, probs_N: np.ndarray, *, split: str = "test") -> dict:
-  """AUC and logloss of click probabilities, or None with a reason where one is undefined.
-
-  Args:
-    labels_N: 0/1 labels.
-    probs_N: predicted click probabilities.
-    split: the held-out set scored, ``'test'`` or ``'val'``: the prefix of every key.
-
-  Returns:
-    ``test_auc`` and ``test_logloss`` (floats, or None), ``test_examples``, ``test_positives``
-    and, when a metric is None, ``test_note`` saying why: a test set with a single class has
-    no AUC, and non-finite predictions (a diverged model) have neither (their number is then
-    ``test_nonfinite_predictions``). With
-    ``split='val'`` the keys are ``val_auc``, ``val_logloss``, and so on.
-
-  Examples:
-    >>> eval_metrics(np.array([0.0, 0.0]), np.array([0.2, 0.4]))["test_note"]
-    'the test set has a single class (2 examples, all labelled 0): AUC is undefined'
-  """
-  labels_N, probs_N = np.asarray(labels_N), np.asarray(probs_N)
-  positives = int(labels_N.sum())
-  result = {
-    f"{split}_auc": None,
-    f"{split}_logloss": None,
-    f"{split}_examples": int(labels_N.size),
-    f"{split}_positives": positives,
-  }
-  note = f"{split}_note"
-  if labels_N.size == 0:
-    return {**result, note: f"the {split} set is empty"}
-  bad = int(np.count_nonzero(~np.isfinite(probs_N)))
-  if bad:
-    return {
-      **result,
-      f"{split}_nonfinite_predictions": bad,
-      note: f"{bad} of {labels_N.size} predictions are not finite (the model diverged)",
-    }
-  result[f"{split}_logloss"] = logloss(labels_N, probs_N)
-  if positives in (0, labels_N.size):
-    return {
-      **result,
-      note: f"the {split} set has a single class ({labels_N.size} examples, all labelled "
-      f"{int(positives > 0)}): AUC is undefined",
-    }
-  return {**result, f"{split}_auc": auc(labels_N, probs_N)}
-
-
-def evaluate(
-  held_out: Iterable[IndexedBatch],
-  tier: SparseTier | ShardedSparseTier,
-  predict,
-  params,
-  *,
-  split: str = "test",
-  gather=None,
-) -> dict:
-  """:func:`eval_metrics` of ``params`` (one replica) on the held-out set ``held_out``.
-
-  ``gather`` (a multi-process run) joins every process's labels and predictions, so each
-  scores the whole held-out set.
-  """
-  labels, probs = [], []
-  for item in held_out:
-    rows = tier.pull(item.row_ids_U, item.inverse_GxF, kind="eval")
-    rows_RxD = rows.rows if isinstance(rows, ShardedRows) else rows.rows_PxD
-    probs.append(np.asarray(predict(params, rows_RxD, rows.inverse_GxF, item.batch.dense_BxI)))
-    labels.append(item.batch.label_B)
-  if gather is not None:
-    empty = [np.zeros(0, np.float32)]
-    labels, probs = (
-      [gather(np.concatenate(empty + labels))],
-      [gather(np.concatenate(empty + probs))],
-    )
-  if not labels:
-    return eval_metrics(np.zeros(0), np.zeros(0), split=split)
-  return eval_metrics(np.concatenate(labels), np.concatenate(probs), split=split)
 
 
 class Trainer:
@@ -257,7 +97,7 @@ class Trainer:
       byte accounting), e.g. from :func:`kstep_adam.ctr.make_optimizer`.
     out_dir: the run's directory: ``run.json``, ``metrics.jsonl``, checkpoints (and the
       caller's ``summary.json``); None writes nothing. One run per directory: one that
-      holds another run is refused (see :class:`~kstep_adam.ctr._rundir.RunDirectory`).
+      holds another run is refused (see :class:`~kstep_adam.ctr.run._rundir.RunDirectory`).
     resume: continue the run in ``out_dir`` from its latest checkpoint (from its start if
       it has none; a new run if the directory is empty). Its configuration and data must be
       the recorded ones.
@@ -293,6 +133,9 @@ class Trainer:
     monitor: the divergence test every step passes (:class:`DivergenceMonitor`).
     checkpoint: the run's latest complete checkpoint (None before its first).
     data_position: where the data continues after the last step taken (JSON data).
+    metrics_file: the open ``metrics.jsonl`` of the run (process 0 of a run with an output
+      directory; None otherwise), closed when the trainer closes.
+    stepper: the step strategy of the run (:mod:`~kstep_adam.ctr.train._steppers`).
   """
 
   def __init__(
@@ -332,6 +175,7 @@ class Trainer:
     self.num_steps = num_steps(config, source)
     self._tx, self._schedule = optimizer
     self._stack = contextlib.ExitStack()
+    self.replicas = Replicas()  # the dense state; the stepper advances it
     self.evals: list[dict] = []
     self.timer = Timer()
     self.train_seconds = 0.0
@@ -342,7 +186,6 @@ class Trainer:
     self._hooks: tuple[Hook, ...] = ()  # those of the current (or last) fit
     self._hook_states: dict = {}  # of the checkpoint resumed from, until fit() hands them over
     self._fit_clock: tuple[float, float] | None = None  # fit's start time and eval time then
-    self._sparse_cost = None  # the last step's sparse exchange, in a multi-process run
 
   # -- resources ---------------------------------------------------------------------------
   def __enter__(self) -> Trainer:
@@ -355,6 +198,24 @@ class Trainer:
 
   def __exit__(self, *exc_info) -> None:
     self._stack.close()
+
+  @property
+  def params_W(self):
+    """The per-worker replicas of the dense parameters."""
+    return self.replicas.params_W
+
+  @params_W.setter
+  def params_W(self, value) -> None:
+    self.replicas.params_W = value
+
+  @property
+  def opt_state_W(self):
+    """The per-worker replicas of the dense optimizer state."""
+    return self.replicas.opt_state_W
+
+  @opt_state_W.setter
+  def opt_state_W(self, value) -> None:
+    self.replicas.opt_state_W = value
 
   @property
   def sharded(self) -> bool:
@@ -370,7 +231,7 @@ class Trainer:
     config, source = self.config, self.source
     # Everything that can refuse the run does so before anything is written.
     if self.sharded and self.out_dir is not None:
-      self.run_dir, checkpoint = _multiprocess.open_run_dir(
+      self.run_dir, checkpoint = _processes.open_run_dir(
         self._open_run_dir, self.out_dir, self.processes
       )
     else:
@@ -409,7 +270,7 @@ class Trainer:
     if resuming and self.is_main:  # say where it continues (stderr, like the progress bar)
       where = f"step {self.start_step}" if checkpoint else "its start (no checkpoint yet)"
       print(f"resuming {self.out_dir} from {where}, to step {self.last_step}", file=sys.stderr)
-    self.predict = _step.make_predict(graphdef)
+    self.predict = _loss.make_predict(graphdef)
     self.meter = CommMeter(config, params, self._schedule, self.mesh)
     self._per_worker = parallel.worker_sharding(self.mesh)
     if self.run_dir is not None:
@@ -417,7 +278,7 @@ class Trainer:
       # that this run can start.
       self.run_dir.clear()
     if self.run_dir is not None and not resuming and self.sharded:
-      _multiprocess.barrier()  # the shards go where process 0 just cleared
+      _checkpoint.barrier()  # the shards go where process 0 just cleared
     self.tier = self._open_tier(resuming, checkpoint)
     skip_nonfinite = config.on_nonfinite == "skip"
     if self.sharded:
@@ -432,6 +293,14 @@ class Trainer:
         skip_nonfinite=skip_nonfinite,
         device_optimizer=self.tier.device_optimizer,
       )
+    if self.sharded:
+      self.stepper = ShardedStepper(
+        self.step_fn, self.tier, self.timer, self.monitor, self.replicas, self.mesh
+      )
+    else:
+      self.stepper = LocalStepper(
+        self.step_fn, self.tier, self.timer, self.monitor, self.replicas, self._per_worker
+      )
     self.adaptive = None  # k = 'auto': the host decides each step's merge (._adaptive)
     if self._schedule.adaptive is not None:
       self.adaptive = AdaptiveRun(
@@ -439,7 +308,7 @@ class Trainer:
       )
     if self.run_dir is not None and not resuming:
       if self.sharded:
-        versions = _multiprocess.gather_versions(self.tier.table.committed)
+        versions = _checkpoint.gather_versions(self.tier.table.committed)
         self.run_dir.record({"initial_versions": [v._asdict() for v in versions]})
       else:
         self.run_dir.record({"initial_version": self.tier.table.committed._asdict()})
@@ -451,12 +320,12 @@ class Trainer:
       self.val_set = HeldOutSet(
         source.val_batches, self.tier.index, max_bytes=MAX_KEPT_TEST_SET_BYTES
       )
-    self._writer = None
+    self.metrics_file = None
     if self.run_dir is not None and self.is_main:
       path = self.run_dir.file(METRICS_FILE)
       if resuming:  # the records after the checkpoint are written again
-        _truncate(path, 0 if host is None else host["metrics_bytes"])
-      self._writer = self._stack.enter_context(open(path, "a", encoding="utf-8"))
+        truncate_metrics(path, 0 if host is None else host["metrics_bytes"])
+      self.metrics_file = self._stack.enter_context(open(path, "a", encoding="utf-8"))
     if host is not None:
       self._restore_host_state(host)
 
@@ -529,7 +398,7 @@ class Trainer:
         self.mesh,
         temporary=scratch,
         flush_on_close=flush_on_close,
-        version=None if version is None else _multiprocess.shard_version(version, self.processes),
+        version=None if version is None else _processes.shard_version(version, self.processes),
       )
     else:
       if version is not None and not isinstance(version, TableVersion):  # no checkpoint yet
@@ -562,9 +431,9 @@ class Trainer:
 
   def log(self, record: dict) -> None:
     """Append one strict-JSON record to ``metrics.jsonl`` (nothing without an ``out_dir``)."""
-    if self._writer is not None:
-      self._writer.write(dumps(record) + "\n")
-      self._writer.flush()
+    if self.metrics_file is not None:
+      self.metrics_file.write(dumps(record) + "\n")
+      self.metrics_file.flush()
 
   # -- the step loop -----------------------------------------------------------------------
   def fit(self, hooks: Sequence[Hook] = ()) -> None:
@@ -604,21 +473,24 @@ class Trainer:
     self._fit_clock = (start, eval_before)
     try:
       with self.timer("data"):
-        current = _next_or_none(prefetcher)
+        current = next_or_none(prefetcher)
       if current is not None:
         self.tier.prefetch(current.row_ids_U)
-      take_step = self._sharded_step if self.sharded else self._step
       while current is not None:
         step_start = time.perf_counter()
         self.timer.new_step()
-        result, current = take_step(current, prefetcher)
+        result, upcoming = self.stepper.advance(current, prefetcher)
+        self.data_position = current.position
+        if result.last:
+          self.last_step = result.step
+        current = upcoming
         compute = None if result.compiled else self.timer.step.get("compute", 0.0)
         level = self.step_fn.last_level if self.adaptive is not None else None
         self.meter.add_step(
           result.step,
           len(result.row_ids_U),
           compute,
-          sparse_cost=self._sparse_cost,
+          sparse_cost=self.stepper.sparse_cost,
           level=level,
           step_seconds=time.perf_counter() - step_start,
         )
@@ -649,91 +521,6 @@ class Trainer:
     budget = step_budget(self.config, self.source)
     return None if budget is None else max(budget - self.step, 0)
 
-  def _step(self, current: IndexedBatch, prefetcher: Prefetcher):
-    """One synchronous step on ``current``; returns its result and the next indexed batch
-    (None after the last), read (and its rows staged) while the step computes."""
-    timer, tier = self.timer, self.tier
-    with timer("pull"):
-      rows = tier.pull(current.row_ids_U, current.inverse_GxF)
-      batch = current.batch
-      # Copied here, not on the reader thread: on a CPU host the reader's copy competes with
-      # the step for the same cores and did not measure faster.
-      inputs = tier.meter.put(
-        (rows.inverse_GxF, batch.dense_BxI, batch.label_B), self._per_worker, "batch"
-      )
-    with timer("compute"):
-      self.params_W, self.opt_state_W, sparse_output, loss, finite_W = self.step_fn(
-        self.params_W, self.opt_state_W, *rows.step_input, *inputs
-      )
-    with timer("data"):
-      upcoming = _next_or_none(prefetcher)
-    if upcoming is not None:
-      tier.prefetch(upcoming.row_ids_U)  # stages rows while the step still computes
-    with timer("compute"):  # waits for the step
-      loss, finite = float(loss), bool(np.all(jax.device_get(finite_W)))
-    step = self.step_fn.step
-    try:  # raises if the run diverged
-      skipped = self.monitor.check(step, loss, finite, last=upcoming is None)
-    except BaseException:
-      tier.abandon(rows, sparse_output, finite)
-      raise
-    with timer("push"), _nonfinite_rows_diverge(step, loss):
-      tier.push(rows, sparse_output, applied=not skipped)
-    self.data_position = current.position
-    last = upcoming is None
-    if last:
-      self.last_step = step
-    compiled = self.step_fn.last_call_compiled
-    return StepResult(step, loss, rows.row_ids_U, compiled, last, skipped), upcoming
-
-  def _sharded_step(self, current: IndexedBatch, prefetcher: Prefetcher):
-    """:meth:`_step` of a multi-process run (:mod:`._sharded_tier`): the owners answer this
-    step's rows, the next step's ids are exchanged (its owners then stage their rows while
-    this step computes), the step runs, and the owners push the gradients they got back.
-
-    The next step's exchange comes before this step's program, not while it runs: the
-    processes' collectives run one at a time in launch order, so an exchange launched
-    behind the step would only wait for it.
-    """
-    timer, tier = self.timer, self.tier
-    with timer("pull"):
-      rows = tier.pull(current.row_ids_U, current.inverse_GxF)
-      batch = current.batch
-      inputs = [
-        self._place_share(x, tier.meter) for x in (rows.inverse_GxF, batch.dense_BxI, batch.label_B)
-      ]
-    with timer("data"):
-      upcoming = _next_or_none(prefetcher)
-    if upcoming is not None:  # the same on every process: they read the same steps
-      with timer("exchange"):
-        tier.prefetch(upcoming.row_ids_U)
-    with timer("compute"):
-      self.params_W, self.opt_state_W, grads_to_owners, loss, finite = self.step_fn(
-        self.params_W, self.opt_state_W, rows.rows, *inputs
-      )
-      loss, finite = float(loss), bool(finite)
-    step = self.step_fn.step
-    # the same decision on every process
-    skipped = self.monitor.check(step, loss, finite, last=upcoming is None)
-    pushed_U = np.zeros(0, np.int64)
-    if not skipped:
-      with timer("push"), _nonfinite_rows_diverge(step, loss):
-        pushed_U = tier.push(rows, grads_to_owners)
-    self._sparse_cost = rows.exchange.cost
-    self.data_position = current.position
-    last = upcoming is None
-    if last:
-      self.last_step = step
-    compiled = self.step_fn.last_call_compiled
-    return StepResult(step, loss, pushed_U, compiled, last, skipped), upcoming
-
-  def _place_share(self, share: np.ndarray, meter) -> jax.Array:
-    """This process's rows of a per-worker step input, as its part of the global array
-    (counted as ``batch`` by ``meter``)."""
-    global_shape = (share.shape[0] * self.processes.count, *share.shape[1:])
-    sharding = parallel.worker_sharding(self.mesh, share.ndim)
-    return meter.place(share, sharding, global_shape, "batch")
-
   # -- checkpoints -------------------------------------------------------------------------
   def _checkpoint_if_due(self, result: StepResult) -> None:
     """Every ``checkpoint_every`` steps while the loss is in range (a checkpoint must hold a
@@ -748,21 +535,28 @@ class Trainer:
       raise ValueError("a checkpoint needs an output directory (out_dir)")
     self.check_state()  # before anything of the checkpoint is written
     with self.timer("checkpoint"):
-      if self._writer is not None:  # the records it counts must be on disk before it is
-        self._writer.flush()
-        os.fsync(self._writer.fileno())
-      save = _checkpoint.save_checkpoint
-      if self.sharded:  # every process saves its part, process 0 the rest
-        save = functools.partial(_multiprocess.save_checkpoint, processes=self.processes)
-      self.checkpoint = save(
+      if self.metrics_file is not None:  # the records it counts must be on disk before it is
+        self.metrics_file.flush()
+        os.fsync(self.metrics_file.fileno())
+      self.checkpoint = _checkpoint.save_checkpoint(  # every process saves its part
         self.run_dir.file(CHECKPOINT_DIR),
         self.step,
         {"params_W": self.params_W, "opt_state_W": self.opt_state_W},
         self.host_state(),
         self.tier.flush,
         keep=self.config.keep_checkpoints,
+        processes=self.processes,
       )
     return self.checkpoint
+
+  def _parts(self) -> dict:
+    """The run's stateful parts, by their key in ``host.json``."""
+    return {
+      "meter": self.meter,
+      "monitor": self.monitor,
+      "timer": self.timer,
+      "adaptive": self.adaptive,
+    }
 
   def host_state(self) -> dict:
     """Everything of the run besides the dense state and the table, as a checkpoint keeps it
@@ -773,28 +567,23 @@ class Trainer:
       evals = self.timer.total("eval") - eval_before
       train_seconds += time.perf_counter() - start - evals
     hooks = {}
-    for key, hook in _keyed(self._hooks):
+    for key, hook in keyed(self._hooks):
       state = hook.state()
       if state is not None:
         hooks[key] = state
-    return {
-      "step": self.step,
-      "table_step": self.tier.table.step,
-      "data": {
-        "position": self.data_position,
-        "counts": None if self.source.counts is None else self.source.counts(),
-      },
-      "metrics_bytes": 0 if self._writer is None else os.fstat(self._writer.fileno()).st_size,
-      "evals": self.evals,
-      "meter": self.meter.state(),
-      "monitor": self.monitor.state(),
-      "hooks": hooks,
-      "timer": self.timer.totals(),
-      "train_seconds": train_seconds,
-      "compile_steps": self.compile_steps,
-      "compile_step_seconds": self.compile_step_seconds,
-      "adaptive": None if self.adaptive is None else self.adaptive.state(),
-    }
+    run_state = RunState(
+      data_position=self.data_position,
+      data_counts=None if self.source.counts is None else self.source.counts(),
+      evals=self.evals,
+      hook_states=hooks,
+      train_seconds=train_seconds,
+      compile_steps=self.compile_steps,
+      compile_step_seconds=self.compile_step_seconds,
+      metrics_bytes=0
+      if self.metrics_file is None
+      else os.fstat(self.metrics_file.fileno()).st_size,
+    )
+    return run_state.to_json(self.step, self.tier.table.step, self._parts())
 
   def _restore_host_state(self, host: dict) -> None:
     if host["table_step"] != self.tier.table.step:
@@ -802,23 +591,20 @@ class Trainer:
         f"{self.checkpoint.path}: the table is at step {self.tier.table.step}, the checkpoint "
         f"was taken at table step {host['table_step']}"
       )
-    self.data_position = host["data"]["position"]
-    if host["data"]["counts"] is not None and self.source.restore_counts is not None:
-      self.source.restore_counts(host["data"]["counts"])
-    self.evals = list(host["evals"])
-    self.meter.restore(host["meter"])
-    self.monitor.restore(host["monitor"])
-    self._hook_states = dict(host["hooks"])
-    self.timer.restore(host["timer"])
-    self.train_seconds = host["train_seconds"]
-    self.compile_steps = host["compile_steps"]
-    self.compile_step_seconds = host["compile_step_seconds"]
-    if self.adaptive is not None:
-      self.adaptive.restore(host["adaptive"])
+    where = os.path.join(self.checkpoint.path, _checkpoint.HOST_STATE)
+    run_state = RunState.from_json(host, self._parts(), where=where)
+    self.data_position = run_state.data_position
+    if run_state.data_counts is not None and self.source.restore_counts is not None:
+      self.source.restore_counts(run_state.data_counts)
+    self.evals = run_state.evals
+    self._hook_states = run_state.hook_states
+    self.train_seconds = run_state.train_seconds
+    self.compile_steps = run_state.compile_steps
+    self.compile_step_seconds = run_state.compile_step_seconds
 
   def _restore_hooks(self) -> None:
     """Hand the resumed checkpoint's hook states to the hooks of this :meth:`fit`."""
-    for key, hook in _keyed(self._hooks):
+    for key, hook in keyed(self._hooks):
       if key in self._hook_states:
         hook.restore(self._hook_states.pop(key))
 
@@ -865,7 +651,7 @@ class Trainer:
   # -- evaluation and state ----------------------------------------------------------------
   def merged_params(self):
     """The mean of the workers' replicas (what a final merge produces), on the host."""
-    return jax.device_get(_step.replica_mean(self.params_W))
+    return jax.device_get(_loss.replica_mean(self.params_W))
 
   @property
   def step(self) -> int:
@@ -913,21 +699,7 @@ class Trainer:
   def table_stats(self) -> dict:
     """The table's counters; in a multi-process run, summed over the shards (hit rate over
     all their reads) with each shard's own under ``shards``. Collective when sharded."""
-    if not self.sharded:
-      return self.tier.stats()
-    shards = _distributed.allgather_json(self.tier.stats())
-    total = {
-      key: sum(s[key] for s in shards)
-      for key, value in shards[0].items()
-      if isinstance(value, int) and key != "step"
-    }
-    lookups = total["hits"] + total["misses"]
-    return {
-      **total,
-      "hit_rate": total["hits"] / lookups if lookups else 0.0,
-      "step": shards[0]["step"],
-      "shards": shards,
-    }
+    return self.tier.run_stats()
 
 
 def _addressable(tree_W, worker: int) -> bool:
@@ -950,59 +722,7 @@ def _check_node_per_process(mesh) -> None:
       )
 
 
-@contextlib.contextmanager
-def _nonfinite_rows_diverge(step: int, loss: float):
-  """A push that would store non-finite rows (``embedding.NonFiniteRowsError``) is divergence
-  at ``step``: nothing of it was stored, and nothing later is (the table keeps its last
-  commit). In a multi-process run only the shard that holds such rows finds out: its process
-  stops with this error and the launcher ends the others."""
-  try:
-    yield
-  except NonFiniteRowsError as error:
-    raise DivergenceError(
-      step,
-      "nonfinite",
-      loss,
-      f"the update of {len(error.row_ids)} embedding rows is not finite in float32 (e.g. rows "
-      f"{list(map(int, error.row_ids[:5]))}: a parameter or optimizer moment overflows); "
-      "lower sparse_learning_rate",
-    ) from error
-
-
 def _dense_nonfinite(tree) -> int:
   """Non-finite values among the floating leaves of a (dense state) pytree."""
   leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.floating)]
   return sum(int(jnp.sum(~jnp.isfinite(x))) for x in leaves)
-
-
-def _next_or_none(prefetcher: Prefetcher) -> IndexedBatch | None:
-  """The next prepared batch, or None when the data (or the step budget) has ended."""
-  try:
-    return prefetcher.get()
-  except StopIteration:
-    return None
-
-
-def _keyed(hooks: Sequence[Hook]) -> Iterator[tuple[str, Hook]]:
-  """Each hook with its key in a checkpoint: its class name, numbered when repeated."""
-  seen: dict[str, int] = {}
-  for hook in hooks:
-    name = type(hook).__name__
-    seen[name] = seen.get(name, 0) + 1
-    yield (name if seen[name] == 1 else f"{name}#{seen[name]}"), hook
-
-
-def _truncate(path: str, size: int) -> None:
-  """Cut a metrics file back to its first ``size`` bytes (what a checkpoint counted),
-  atomically: the records after the checkpoint are written again by the resumed run."""
-  kept = b""
-  if os.path.exists(path):
-    with open(path, "rb") as f:
-      kept = f.read(size + 1)
-  if len(kept) < size:
-    raise ValueError(
-      f"{path} has {len(kept)} bytes, fewer than the {size} its checkpoint counted: it was "
-      "changed after the checkpoint was taken"
-    )
-  if len(kept) > size:
-    write_atomic(path, kept[:size].decode("utf-8"))

@@ -44,10 +44,11 @@ from collections.abc import Callable
 from typing import Any
 from typing import NamedTuple
 
+from kstep_adam import _distributed
 from kstep_adam import _faults
 from kstep_adam._jsonio import read_json
 from kstep_adam._jsonio import write_json
-from kstep_adam.ctr._rundir import RunDirectoryError
+from kstep_adam.ctr.run._rundir import RunDirectoryError
 from kstep_adam.embedding import TableVersion
 
 MANIFEST = "manifest.json"
@@ -118,33 +119,53 @@ def save_checkpoint(
   flush_table: Callable[[], TableVersion],
   *,
   keep: int,
+  processes: _distributed.Processes | None = None,
 ) -> Checkpoint:
   """Save the checkpoint at ``step`` in the order above, then keep the newest ``keep``.
 
+  One path for one process and for several. With several (``processes.count > 1``, every
+  process calls it at the same step) process 0 alone clears ``root``, writes the host state and
+  the manifest and prunes; every process saves its dense shards and flushes its table shard,
+  and the manifest names every shard's version in process order (see
+  :mod:`~kstep_adam.ctr.run._processes`). With one process no collective runs.
+
   Args:
-    root: the run's checkpoint directory.
+    root: the run's checkpoint directory, absolute (orbax needs it; the trainer resolves its
+      output directory once).
     step: the optimizer step the state is at.
     dense: the dense pytree (``jax.Array`` leaves, any sharding), saved with orbax.
     host: the host state (JSON data).
-    flush_table: flushes the embedding table and returns the version it committed; it must
-      be at ``step``'s state.
+    flush_table: flushes the embedding table (this process's shard) and returns the version it
+      committed; it must be at ``step``'s state.
     keep: complete checkpoints to keep, this one included.
+    processes: the run's processes; None: one.
 
   Returns:
-    The new checkpoint.
+    The new checkpoint (its ``table``: one version, or a tuple of them with several processes).
   """
-  os.makedirs(root, exist_ok=True)
-  remove_incomplete(root)
+  several = processes is not None and processes.count > 1
+  main = not several or processes.is_main
+  if main:
+    os.makedirs(root, exist_ok=True)
+    remove_incomplete(root)
+  if several:
+    barrier()  # nobody writes into root before the interrupted checkpoints are gone
   path = step_dir(root, step)
   save_dense(path, dense)
   _faults.reached("checkpoint.dense")
-  write_json(os.path.join(path, HOST_STATE), host)
+  if main:
+    write_json(os.path.join(path, HOST_STATE), host)
   _faults.reached("checkpoint.host")
   table = flush_table()
-  write_manifest(path, step, table)
-  _faults.reached("checkpoint.manifest")
-  prune(root, keep)
-  _faults.reached("checkpoint.pruned")
+  if several:
+    table = gather_versions(table)  # returns once every shard has flushed
+  if main:
+    write_manifest(path, step, table)
+    _faults.reached("checkpoint.manifest")
+    prune(root, keep)
+    _faults.reached("checkpoint.pruned")
+  if several:
+    barrier()  # the checkpoint is complete, for every process, when this returns
   return Checkpoint(step, path, table)
 
 
@@ -242,3 +263,13 @@ def load_checkpoint(checkpoint: Checkpoint, abstract_dense: Any) -> tuple[Any, d
       f"{checkpoint.step}"
     )
   return dense, host
+
+
+def barrier() -> None:
+  """Wait until every process gets here (a small collective)."""
+  _distributed.allgather_json(None)
+
+
+def gather_versions(version: TableVersion) -> tuple[TableVersion, ...]:
+  """Every shard's version, in process order. Collective."""
+  return tuple(TableVersion(**v) for v in _distributed.allgather_json(version._asdict()))

@@ -3,7 +3,7 @@
 A file (plain or gzip, told apart by its first bytes) is read in blocks of whole lines
 (:mod:`._textfile`); each block is parsed by pyarrow's CSV reader and NumPy
 (:mod:`._columnar`), and a block that does not parse cleanly there goes through the line
-parser below, which defines what a record is and names every bad line. Both paths give the
+parser (:mod:`._line_parser`), which defines what a record is and names every bad line. Both paths give the
 same rows and the same keys, so the line parser is the reference the columnar one is tested
 against.
 
@@ -31,343 +31,34 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
-import csv
 import dataclasses
-import hashlib
-import math
-import re
 import threading
 import zlib
 from collections.abc import Iterator
 from collections.abc import Sequence
-from typing import NamedTuple
 
 import numpy as np
 
 from kstep_adam._validation import check_choice
 from kstep_adam._validation import check_float
 from kstep_adam._validation import check_int
-from kstep_adam.ctr._batch import CTRBatch
-from kstep_adam.ctr._batch import feature_keys
-from kstep_adam.ctr._textfile import CTRDataError
-from kstep_adam.ctr._textfile import TextFile
+from kstep_adam.ctr.data._columnar import ColumnarParser
+from kstep_adam.ctr.data._line_parser import LineParser
+from kstep_adam.ctr.data._records import CTRBatch
+from kstep_adam.ctr.data._records import feature_keys
+from kstep_adam.ctr.data._schema import CRITEO_SCHEMA
+from kstep_adam.ctr.data._schema import ENGINES
+from kstep_adam.ctr.data._schema import FORMATS
+from kstep_adam.ctr.data._schema import ReadPosition
+from kstep_adam.ctr.data._schema import ReadStats
+from kstep_adam.ctr.data._schema import Rows
+from kstep_adam.ctr.data._schema import StringValues
+from kstep_adam.ctr.data._schema import csv_schema
+from kstep_adam.ctr.data._textfile import CTRDataError
+from kstep_adam.ctr.data._textfile import TextFile
 
-CRITEO_NUM_DENSE = 13
-CRITEO_NUM_CATEGORICAL = 26
-CRITEO_NAMES = (
-  "label",
-  *(f"I{i}" for i in range(1, CRITEO_NUM_DENSE + 1)),
-  *(f"C{i}" for i in range(1, CRITEO_NUM_CATEGORICAL + 1)),
-)
-# The raw value of an empty categorical field: no CSV string hashes to it (those are < 2**62);
-# of the 2**64 Criteo ids, 4000000000000000 (hex) shares it.
-MISSING = 1 << 62
-DENSE_LIMIT = 2.0**53  # largest accepted |dense value|
-FORMATS = ("criteo", "csv")
-ENGINES = ("columnar", "lines")
-ASCII_WHITESPACE = " \t\n\r\x0b\x0c"
 _MAX_MESSAGES = 10
 _PIECE_BYTES = 1 << 16  # a block that fails the columnar parser is retried in pieces this big
-__all__ = ["CTRDataError"]
-
-
-@dataclasses.dataclass
-class ReadStats:
-  """Counts kept by a reader; every line is counted once, however many passes read it."""
-
-  lines_read: int = 0  # good data lines
-  lines_skipped: int = 0  # bad lines skipped (skip_bad_lines=True only)
-  passes: int = 0  # complete passes over the reader's part of the file
-  messages: list[str] = dataclasses.field(default_factory=list)  # first bad-line messages
-
-
-class ReadPosition(NamedTuple):
-  """Where a pass over a reader's part resumes: after the examples it has yielded so far.
-
-  The block at ``offset`` is the first one that still holds examples not yet yielded;
-  ``skip`` of its good examples were. A reader given this position yields exactly what the
-  pass would have yielded next (JSON-able as a list of three ints).
-  """
-
-  offset: int  # decompressed byte offset of that block's first line
-  line: int  # lines of the part before it
-  skip: int  # its good examples already yielded
-
-
-@dataclasses.dataclass(frozen=True)
-class Schema:
-  """What each field of a line is: names in file order and the roles by field index."""
-
-  format: str  # 'criteo' or 'csv'
-  names: tuple[str, ...]  # every field of a line, in file order
-  label: int  # field index of the label
-  dense: tuple[int, ...]  # field indices of the dense features, in feature order
-  categorical: tuple[int, ...]  # field indices of the categorical fields, in feature order
-
-  def field(self, index: int, kind: str) -> str:
-    return f"field {index + 1} ({self.names[index]}, {kind})"
-
-
-class Rows(NamedTuple):
-  """One block's good records, before the dense transform and key hashing."""
-
-  label_N: np.ndarray  # float32 [N], 0.0 or 1.0
-  dense_NxI: np.ndarray  # float64 [N, num_dense], the raw values (empty fields are 0)
-  values_NxF: np.ndarray  # uint64 [N, num_categorical], raw categorical values
-
-
-def _show(field: bytes | str) -> str:
-  """A field for a message: decoded, quoted, and cut short when long."""
-  text = field.decode("utf-8", "backslashreplace") if isinstance(field, bytes) else field
-  return repr(text if len(text) <= 40 else text[:40] + "...")
-
-
-def string_value(text: str) -> int:
-  """The raw value of a CSV categorical string (stable across runs and machines)."""
-  digest = hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).digest()
-  return int.from_bytes(digest, "little") >> 2
-
-
-class StringValues:
-  """Raw values of CSV strings, remembered (a CSV column repeats its values)."""
-
-  def __init__(self):
-    self._cache: dict[str, int] = {"": MISSING}
-
-  def __call__(self, text: str) -> int:
-    value = self._cache.get(text)
-    if value is None:
-      value = self._cache[text] = string_value(text)
-    return value
-
-
-class LineParser:
-  """The reference parser: one line at a time, every bad line named.
-
-  Each line first takes a quick path (a few list comprehensions, one check for all hex ids);
-  a line it does not accept is parsed field by field, which accepts it or says which field
-  is bad and why. The quick path accepts a subset of what the slow one does, with the same
-  values.
-  """
-
-  def __init__(self, schema: Schema, strings: StringValues):
-    self.schema, self._strings = schema, strings
-    self._num_fields = len(schema.names)
-    self._criteo = schema.format == "criteo"
-
-  def parse(self, data: bytes) -> tuple[Rows, list[tuple[int, str]]]:
-    """Parse a block of whole lines; return its good rows and ``(line offset, what)`` of
-    every bad line (offset 0 is the block's first line)."""
-    labels, dense, values, bad = [], [], [], []
-    quick = self._quick_criteo if self._criteo else self._quick_csv
-    for offset, line in enumerate(data.split(b"\n")):
-      line = line.removesuffix(b"\r")
-      if not line.strip():
-        continue
-      record = quick(line)
-      if record is None:
-        try:
-          record = self._record(line)
-        except _BadLine as error:
-          bad.append((offset, str(error)))
-          continue
-      labels.append(record[0])
-      dense.append(record[1])
-      values.append(record[2])
-    schema = self.schema
-    rows = Rows(
-      np.asarray(labels, np.float32).reshape(len(labels)),
-      np.asarray(dense, np.float64).reshape(len(labels), len(schema.dense)),
-      np.asarray(values, np.uint64).reshape(len(labels), len(schema.categorical)),
-    )
-    return rows, bad
-
-  # -- the quick path ------------------------------------------------------------------------
-  def _quick_criteo(self, line: bytes):
-    fields = line.split(b"\t")
-    if len(fields) != self._num_fields:
-      return None
-    fields = [f.strip() for f in fields]
-    ids = fields[1 + CRITEO_NUM_DENSE :]
-    if any(len(f) > 16 for f in ids) or b"".join(ids).translate(None, _HEX_DIGITS):
-      return None
-    numbers = _quick_numbers(fields[0], fields[1 : 1 + CRITEO_NUM_DENSE])
-    if numbers is None:
-      return None
-    return numbers[0], numbers[1], [int(f, 16) if f else MISSING for f in ids]
-
-  def _quick_csv(self, line: bytes):
-    try:
-      fields = next(csv.reader([line.decode("utf-8")], strict=True))
-    except (UnicodeDecodeError, csv.Error):
-      return None
-    if len(fields) != self._num_fields:
-      return None
-    schema = self.schema
-    numbers = _quick_numbers(
-      fields[schema.label].strip(ASCII_WHITESPACE),
-      [fields[i].strip(ASCII_WHITESPACE) for i in schema.dense],
-    )
-    if numbers is None:
-      return None
-    strings = self._strings
-    ids = [strings(fields[i].strip(ASCII_WHITESPACE)) for i in schema.categorical]
-    return numbers[0], numbers[1], ids
-
-  # -- the slow path: accept, or name the first bad field --------------------------------------
-  def _fields(self, line: bytes) -> list:
-    if self._criteo:
-      return line.split(b"\t")
-    # Bytes that are not UTF-8 become lone surrogates; only a field that is used must be clean
-    # (an ignored column is never decoded by the columnar parser either).
-    fields = self._csv_fields(line.decode("utf-8", "surrogateescape"))
-    schema = self.schema
-    used = (schema.label, *schema.dense, *schema.categorical)
-    for i in sorted(used) if len(fields) == self._num_fields else ():
-      if _NOT_UTF8.search(fields[i]):
-        shown = _show(fields[i].encode("utf-8", "surrogateescape"))
-        raise _BadLine(f"field {i + 1} ({schema.names[i]}) is not valid UTF-8: {shown}")
-    return fields
-
-  @staticmethod
-  def _csv_fields(text: str) -> list[str]:
-    try:
-      return next(csv.reader([text], strict=True))
-    except csv.Error as error:
-      raise _BadLine(f"malformed CSV quoting ({error})") from None
-
-  def _record(self, line: bytes):
-    schema = self.schema
-    fields = self._fields(line)
-    if len(fields) != self._num_fields:
-      raise _BadLine(f"expected {self._num_fields} fields, got {len(fields)}")
-    strip = _ASCII_WHITESPACE_BYTES if self._criteo else ASCII_WHITESPACE
-    fields = [f.strip(strip) for f in fields]
-    text = fields[schema.label]
-    try:
-      label = float(text)
-    except ValueError:
-      raise _BadLine(f"label is not numeric: {_show(text)}") from None
-    if label not in (0.0, 1.0):
-      raise _BadLine(f"label must be 0 or 1, got {_show(text)}")
-    dense = []
-    for i in schema.dense:
-      text = fields[i]
-      try:
-        x = float(text) if text else 0.0
-      except ValueError:
-        raise _BadLine(f"{schema.field(i, 'dense')} is not a number: {_show(text)}") from None
-      if not math.isfinite(x):
-        raise _BadLine(f"{schema.field(i, 'dense')} is not finite: {_show(text)}")
-      if abs(x) > DENSE_LIMIT:
-        raise _BadLine(f"{schema.field(i, 'dense')} is outside [-2**53, 2**53]: {_show(text)}")
-      dense.append(x)
-    values = []
-    for i in schema.categorical:
-      text = fields[i]
-      if not self._criteo:
-        values.append(self._strings(text))
-      elif not text:
-        values.append(MISSING)
-      elif text.translate(None, _HEX_DIGITS):
-        raise _BadLine(f"{schema.field(i, 'categorical')} is not hex: {_show(text)}")
-      elif len(text) > 16:
-        raise _BadLine(
-          f"{schema.field(i, 'categorical')} has more than 16 hex digits (64 bits): {_show(text)}"
-        )
-      else:
-        values.append(int(text, 16))
-    return 1.0 if label == 1.0 else 0.0, dense, values
-
-
-_ASCII_WHITESPACE_BYTES = ASCII_WHITESPACE.encode()
-_NOT_UTF8 = re.compile("[\udc80-\udcff]")  # what surrogateescape makes of a non-UTF-8 byte
-_HEX_DIGITS = b"0123456789abcdefABCDEF"
-
-
-def _quick_numbers(label_text, dense_texts):
-  """``(label, dense values)`` if all are clean, else None (the slow path will say why)."""
-  try:
-    label = float(label_text)
-    dense = [float(t) if t else 0.0 for t in dense_texts]
-  except ValueError:
-    return None
-  if (label != 0.0 and label != 1.0) or not all(-DENSE_LIMIT <= x <= DENSE_LIMIT for x in dense):
-    return None
-  return (1.0 if label == 1.0 else 0.0), dense
-
-
-class _BadLine(Exception):
-  """A bad record; the message says which field and why."""
-
-
-def csv_schema(
-  path: str,
-  header_line: bytes,
-  *,
-  label_column: str | None,
-  dense_columns: Sequence[str],
-  ignore_columns: Sequence[str],
-  categorical_columns: Sequence[str] | None,
-) -> Schema:
-  """Roles of a CSV file's columns, matched by name in its header (line 1)."""
-  try:
-    header = next(csv.reader([header_line.decode("utf-8")], strict=True), [])
-  except (UnicodeDecodeError, csv.Error) as error:
-    raise CTRDataError(f"{path}:1: the CSV header cannot be read ({error})") from None
-  header = [h.strip(ASCII_WHITESPACE) for h in header]
-  if not header or header == [""]:
-    raise CTRDataError(f"{path}:1: csv format needs a header row, the first line is empty")
-  duplicates = sorted({h for h in header if header.count(h) > 1})
-  if duplicates:
-    raise CTRDataError(f"{path}:1: the header names columns {duplicates} more than once")
-  if label_column is None:
-    label_column = next((c for c in ("label", "click") if c in header), None)
-  if categorical_columns is not None:  # the columns are known: match them by name
-    expected = [label_column, *dense_columns, *categorical_columns]
-    missing = [c for c in expected if c not in header]
-    extra = [c for c in header if c not in expected and c not in ignore_columns]
-    if missing or extra:
-      raise CTRDataError(
-        f"the columns of {path} differ from the expected ones: missing {missing}, "
-        f"unexpected {extra} (columns are matched by name; the training file's header sets "
-        "them)"
-      )
-  if label_column not in header:
-    raise CTRDataError(
-      f"label_column {label_column!r} is not in the header of {path}: {header}; pass "
-      "label_column= one of them"
-    )
-  missing = [c for c in dense_columns if c not in header]
-  if missing:
-    raise CTRDataError(f"dense_columns {missing} are not in the header of {path}: {header}")
-  used = {label_column, *dense_columns}
-  if len(used) != 1 + len(dense_columns) or used & set(categorical_columns or ()):
-    raise CTRDataError(
-      f"a column of {path} has two roles: label {label_column!r}, dense {list(dense_columns)}, "
-      f"categorical {categorical_columns}"
-    )
-  if categorical_columns is None:
-    skip = used | set(ignore_columns)
-    categorical_columns = [c for c in header if c not in skip]
-  if not categorical_columns:
-    raise CTRDataError(f"{path} has no categorical columns left after label/dense/ignore")
-  return Schema(
-    format="csv",
-    names=tuple(header),
-    label=header.index(label_column),
-    dense=tuple(header.index(c) for c in dense_columns),
-    categorical=tuple(header.index(c) for c in categorical_columns),
-  )
-
-
-CRITEO_SCHEMA = Schema(
-  format="criteo",
-  names=CRITEO_NAMES,
-  label=0,
-  dense=tuple(range(1, 1 + CRITEO_NUM_DENSE)),
-  categorical=tuple(range(1 + CRITEO_NUM_DENSE, len(CRITEO_NAMES))),
-)
 
 
 class CTRFileReader:
@@ -458,8 +149,6 @@ class CTRFileReader:
     self._lines = LineParser(self.schema, strings)
     self._columnar = None
     if engine == "columnar":
-      from kstep_adam.ctr._columnar import ColumnarParser
-
       self._columnar = ColumnarParser(self.schema, strings)
     self._counting = threading.Lock()  # the stats and the counted lines change together
     self._next_uncounted = 0  # part line index from which blocks are not yet counted

@@ -6,7 +6,7 @@ values, decodes Criteo's hex ids eight ASCII digits at a time as one uint64 (SWA
 within a register), and maps CSV strings to values through each column's dictionary, so the
 Python-level work is once per distinct string.
 
-The parser accepts only what it can prove the line parser (:class:`._readers.LineParser`)
+The parser accepts only what it can prove the line parser (:class:`._line_parser.LineParser`)
 reads the same way; for anything else (a bad line, a quoted CSV field, a lone carriage
 return, whitespace around a hex id, a hex id that is not 8 digits...) it returns None and the
 caller hands the block to the line parser, which names the bad line.
@@ -23,11 +23,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
-from kstep_adam.ctr._readers import DENSE_LIMIT
-from kstep_adam.ctr._readers import MISSING
-from kstep_adam.ctr._readers import Rows
-from kstep_adam.ctr._readers import Schema
-from kstep_adam.ctr._readers import StringValues
+from kstep_adam.ctr.data._schema import DENSE_LIMIT
+from kstep_adam.ctr.data._schema import MISSING
+from kstep_adam.ctr.data._schema import Rows
+from kstep_adam.ctr.data._schema import Schema
+from kstep_adam.ctr.data._schema import StringValues
 
 
 def _bytes8(byte: int) -> np.uint64:

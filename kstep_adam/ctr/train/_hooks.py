@@ -6,12 +6,47 @@ Each is a :class:`kstep_adam.ctr.Hook`; :meth:`Trainer.fit` calls them after eve
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from kstep_adam.ctr._trainer import Hook
-from kstep_adam.ctr._trainer import StepResult
-from kstep_adam.ctr._trainer import Trainer
+from kstep_adam.ctr.train._loop import StepResult
+
+if TYPE_CHECKING:  # hooks see the trainer, which lives in the run room above this one
+  from kstep_adam.ctr.run._trainer import Trainer
+
+
+class Hook:
+  """Something that runs after every training step (logging, evaluation, progress).
+
+  Subclasses override :meth:`after_step`, :meth:`close` if they hold a resource, and
+  :meth:`state` / :meth:`restore` if what they do depends on earlier steps (then a resumed
+  run's hook continues where the checkpoint was taken).
+  """
+
+  def after_step(self, trainer: Trainer, result: StepResult) -> None:
+    """Called after every step, in the order the hooks were given."""
+
+  def close(self) -> None:
+    """Called once when :meth:`Trainer.fit` ends, normally or not."""
+
+  def state(self) -> dict | None:
+    """What a checkpoint keeps of this hook (JSON data); None: nothing."""
+    return None
+
+  def restore(self, state: dict) -> None:
+    """Continue from :meth:`state`, as saved in the checkpoint a run resumes from."""
+
+
+def keyed(hooks: Sequence[Hook]) -> Iterator[tuple[str, Hook]]:
+  """Each hook with its key in a checkpoint: its class name, numbered when repeated."""
+  seen: dict[str, int] = {}
+  for hook in hooks:
+    name = type(hook).__name__
+    seen[name] = seen.get(name, 0) + 1
+    yield (name if seen[name] == 1 else f"{name}#{seen[name]}"), hook
 
 
 class ProgressBar(Hook):

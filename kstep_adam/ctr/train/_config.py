@@ -10,10 +10,11 @@ from __future__ import annotations
 import dataclasses
 
 from kstep_adam._kstep_adam import FORMS
-from kstep_adam._validation import check_choice
+from kstep_adam._validation import check_choices
 from kstep_adam._validation import check_float
 from kstep_adam._validation import check_int
-from kstep_adam.ctr._models import MODELS
+from kstep_adam._validation import choice_field
+from kstep_adam.ctr.train._models import MODELS
 
 # The dense optimizers of the family, all run by the same harness with the same byte accounting.
 OPTIMIZERS = ("sync_adam", "kstep_adam", "local_sgd", "diloco", "onebit_adam", "topk_ef")
@@ -32,18 +33,6 @@ SPARSE_MODES = ("exact", "lazy")
 NONFINITE_ACTIONS = ("stop", "skip")
 # The largest finite float32: rates and epsilons above it are infinite in float32.
 FLOAT32_MAX = 3.4028234663852886e38
-
-
-def choice_field(default: str, choices: tuple[str, ...]):
-  """A string field whose allowed values the validation and the command line both read."""
-  return dataclasses.field(default=default, metadata={"choices": choices})
-
-
-def check_choices(config) -> None:
-  """Raise ValueError for a field whose value is not among its ``choices`` metadata."""
-  for field in dataclasses.fields(config):
-    if "choices" in field.metadata:
-      check_choice(getattr(config, field.name), field.name, tuple(field.metadata["choices"]))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -22,49 +22,16 @@ reopens every shard at the version the manifest names for it, reverting a later 
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from typing import Any
 
 from kstep_adam import _distributed
-from kstep_adam import _faults
 from kstep_adam._jsonio import CorruptFileError
-from kstep_adam._jsonio import write_json
-from kstep_adam.ctr import _checkpoint
-from kstep_adam.ctr._rundir import RunDirectory
-from kstep_adam.ctr._rundir import RunDirectoryError
+from kstep_adam.ctr.run import _checkpoint
+from kstep_adam.ctr.run._rundir import FollowerRunDirectory
+from kstep_adam.ctr.run._rundir import RunDirectory
+from kstep_adam.ctr.run._rundir import RunDirectoryError
 from kstep_adam.embedding import TableVersion
-
-
-class FollowerRunDirectory:
-  """The run directory as a process other than 0 sees it: where its parts are, and what
-  process 0 found there. It writes nothing.
-
-  Attributes:
-    resuming: process 0 is continuing the run recorded there.
-    recorded: that run's ``run.json`` (as process 0 read or wrote it).
-  """
-
-  def __init__(self, path: str, resuming: bool, recorded: dict | None):
-    self.path, self.resuming, self.recorded = path, resuming, recorded
-
-  def file(self, name: str) -> str:
-    return os.path.join(self.path, name)
-
-  def clear(self) -> None:
-    """Process 0 deletes what a fresh start found there."""
-
-  def record(self, table: dict) -> None:
-    """Process 0 writes ``run.json``; this one only keeps what it says."""
-    self.recorded = {**(self.recorded or {}), "table": table}
-
-  def close(self) -> None:
-    pass
-
-
-def barrier() -> None:
-  """Wait until every process gets here (a small collective)."""
-  _distributed.allgather_json(None)
 
 
 def open_run_dir(
@@ -87,7 +54,7 @@ def open_run_dir(
         "error": None,
         "resuming": run_dir.resuming,
         "recorded": run_dir.recorded,
-        "checkpoint": None if checkpoint is None else _checkpoint_json(checkpoint, processes),
+        "checkpoint": None if checkpoint is None else checkpoint_json(checkpoint, processes),
       }
     except (RunDirectoryError, CorruptFileError) as error:  # every process stops with it
       decision = {"error": str(error)}
@@ -109,8 +76,11 @@ def open_run_dir(
   )
 
 
-def _checkpoint_json(checkpoint: _checkpoint.Checkpoint, processes: _distributed.Processes) -> list:
-  """The checkpoint as JSON, for the other processes; refused if this run cannot resume it."""
+def checkpoint_json(checkpoint: _checkpoint.Checkpoint, processes: _distributed.Processes) -> list:
+  """The checkpoint as JSON, for the other processes; refused if this run cannot resume it.
+
+  Internal helper: :func:`open_run_dir` sends it from process 0 to the others.
+  """
   saved_by = 1 if isinstance(checkpoint.table, TableVersion) else len(checkpoint.table)
   if saved_by != processes.count:
     raise RunDirectoryError(
@@ -129,41 +99,3 @@ def shard_version(versions, processes: _distributed.Processes) -> TableVersion:
     )
   version = versions[processes.index]
   return version if isinstance(version, TableVersion) else TableVersion(**version)
-
-
-def gather_versions(version: TableVersion) -> tuple[TableVersion, ...]:
-  """Every shard's version, in process order. Collective."""
-  return tuple(TableVersion(**v) for v in _distributed.allgather_json(version._asdict()))
-
-
-def save_checkpoint(
-  root: str,
-  step: int,
-  dense: Any,
-  host: dict,
-  flush_table: Callable[[], TableVersion],
-  *,
-  keep: int,
-  processes: _distributed.Processes,
-) -> _checkpoint.Checkpoint:
-  """:func:`kstep_adam.ctr._checkpoint.save_checkpoint` for a multi-process run (the
-  module docstring); every process calls it at the same step."""
-  if processes.is_main:
-    os.makedirs(root, exist_ok=True)
-    _checkpoint.remove_incomplete(root)
-  barrier()  # nobody writes into root before the interrupted checkpoints are gone
-  path = _checkpoint.step_dir(root, step)  # absolute: the Trainer resolved the run's paths
-  _checkpoint.save_dense(path, dense)
-  _faults.reached("checkpoint.dense")
-  if processes.is_main:
-    write_json(os.path.join(path, _checkpoint.HOST_STATE), host)
-  _faults.reached("checkpoint.host")
-  versions = gather_versions(flush_table())  # returns once every shard has flushed
-  checkpoint = _checkpoint.Checkpoint(step, path, versions)
-  if processes.is_main:
-    _checkpoint.write_manifest(path, step, versions)
-    _faults.reached("checkpoint.manifest")
-    _checkpoint.prune(root, keep)
-    _faults.reached("checkpoint.pruned")
-  barrier()  # the checkpoint is complete, for every process, when this returns
-  return checkpoint

@@ -30,8 +30,9 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from kstep_adam import embedding
-from kstep_adam.ctr._config import TrainConfig
-from kstep_adam.ctr._pipeline import bucket_size
+from kstep_adam.ctr.train._config import TrainConfig
+from kstep_adam.ctr.train._tier import TableTier
+from kstep_adam.ctr.train._tier import bucket_size
 
 
 class BatchRows(NamedTuple):
@@ -53,7 +54,7 @@ class BatchRows(NamedTuple):
     return int(self.row_ids_U.shape[0])
 
 
-class SparseTier:
+class SparseTier(TableTier):
   """One embedding table for all fields (keys are field-aware), synchronous per step.
 
   Args:
@@ -160,6 +161,13 @@ class SparseTier:
     if self.device_optimizer is not None:
       self.table.end_device_step(sparse_output, pushed=finite)
 
+  def eval_rows(
+    self, row_ids_U: np.ndarray, inverse_GxF: np.ndarray
+  ) -> tuple[np.ndarray, np.ndarray]:
+    """A held-out batch's rows ``[P, D]`` and where each key's row is among them."""
+    rows = self.pull(row_ids_U, inverse_GxF, kind="eval")
+    return rows.rows_PxD, rows.inverse_GxF
+
   def transfer_bytes(self) -> dict:
     """Host-device bytes so far, by direction and kind (this class's and the device tier's)."""
     totals = self.meter.totals()
@@ -168,24 +176,3 @@ class SparseTier:
       for kind, nbytes in by_kind.items():
         totals[direction][kind] = totals[direction].get(kind, 0) + nbytes
     return totals
-
-  def stats(self) -> dict:
-    """The table's counters (hits, misses, hit rate, evictions, bytes read/written)."""
-    return self.table.stats()
-
-  def hit_rate(self) -> float:
-    """Share of row reads the host tier served from memory so far."""
-    return float(self.table.stats()["hit_rate"])
-
-  def flush(self) -> embedding.TableVersion:
-    """Commit the table at its current step; return the version committed."""
-    self.table.flush()
-    return self.table.committed
-
-  def keep_committed(self) -> None:
-    """Close without flushing: the run diverged, and its table's last commit (a checkpoint's,
-    or its start) is the last good state."""
-    self._flush_on_close = False
-
-  def close(self) -> None:
-    self.table.close(flush=self._flush_on_close)

@@ -25,10 +25,10 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from kstep_adam.ctr._batch import CTRBatch
-from kstep_adam.ctr._batch import concat_batches
-from kstep_adam.ctr._batch import feature_keys
 from kstep_adam.ctr._metrics import auc
+from kstep_adam.ctr.data._records import CTRBatch
+from kstep_adam.ctr.data._records import concat_batches
+from kstep_adam.ctr.data._records import feature_keys
 from kstep_adam.embedding import splitmix64
 from kstep_adam.embedding import uniform01
 

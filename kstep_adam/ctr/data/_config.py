@@ -1,33 +1,50 @@
 """Where a run's examples come from: a frozen description and the one function that opens it.
 
 :class:`DataConfig` names the data (``synthetic``, ``criteo:PATH`` or ``csv:PATH``) and the
-options of its source; :func:`make_source` turns it, with the run's :class:`TrainConfig`
-(workers, batch size, seed), into the :class:`DataSource` the trainer reads.
+options of its source; :func:`make_source` turns it, with the run's layout (a ``TrainConfig``
+or any :class:`BatchLayout`: workers, batch size, seed), into the :class:`DataSource` the
+trainer reads.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from typing import Protocol
 
+from kstep_adam._validation import check_choices
 from kstep_adam._validation import check_float
 from kstep_adam._validation import check_int
-from kstep_adam.ctr._config import TrainConfig
-from kstep_adam.ctr._config import check_choices
-from kstep_adam.ctr._config import choice_field
-from kstep_adam.ctr._sources import DataSource
-from kstep_adam.ctr._sources import file_source
-from kstep_adam.ctr._sources import process_part
-from kstep_adam.ctr._sources import synthetic_source
-from kstep_adam.ctr._synthetic import SHARDINGS
-from kstep_adam.ctr._synthetic import SyntheticCTR
+from kstep_adam._validation import choice_field
+from kstep_adam.ctr.data._schema import FORMATS
+from kstep_adam.ctr.data._sources import DataSource
+from kstep_adam.ctr.data._sources import file_source
+from kstep_adam.ctr.data._sources import process_part
+from kstep_adam.ctr.data._sources import synthetic_source
+from kstep_adam.ctr.data._synthetic import SHARDINGS
+from kstep_adam.ctr.data._synthetic import SyntheticCTR
 
 SYNTHETIC = "synthetic"
-FILE_FORMATS = ("criteo", "csv")
+
+
+class BatchLayout(Protocol):
+  """What :func:`make_source` reads of a run's configuration; ``TrainConfig`` has it.
+
+  A protocol, so that the data code does not import the training code.
+  """
+
+  @property
+  def num_workers(self) -> int: ...  # one synthetic stream per worker
+
+  @property
+  def batch_size(self) -> int: ...  # examples per worker per step
+
+  @property
+  def seed(self) -> int: ...  # seeds the synthetic data
 
 
 def _split_spec(spec: str, name: str) -> tuple[str, str]:
   """``'criteo:PATH'`` -> ``('criteo', 'PATH')``; a bare path gives ``('', path)``."""
-  for fmt in FILE_FORMATS:
+  for fmt in FORMATS:
     if spec.startswith(fmt + ":"):
       path = spec[len(fmt) + 1 :]
       if not path:
@@ -143,7 +160,7 @@ class DataConfig:
 
 
 def make_source(
-  data: DataConfig, config: TrainConfig, *, part: tuple[int, int] = (0, 1)
+  data: DataConfig, config: BatchLayout, *, part: tuple[int, int] = (0, 1)
 ) -> DataSource:
   """Open the data of ``data`` for a run of ``config`` (workers, per-worker batch, seed).
 
@@ -153,6 +170,7 @@ def make_source(
   (:func:`~._sources.process_part`); synthetic data then makes only its workers' streams.
 
   Examples:
+    >>> from kstep_adam.ctr import TrainConfig
     >>> source = make_source(DataConfig(test_examples=1000), TrainConfig(nodes=1, devices_per_node=2))
     >>> source.name, source.num_dense, source.num_categorical
     ('synthetic', 13, 26)

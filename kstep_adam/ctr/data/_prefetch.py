@@ -1,4 +1,4 @@
-"""Host-side plumbing of the trainer: a background reader, step timers, shape buckets."""
+"""Batches on their way to the trainer: a background reader and the held-out sets."""
 
 from __future__ import annotations
 
@@ -6,15 +6,13 @@ import contextlib
 import dataclasses
 import queue
 import threading
-import time
 from collections.abc import Callable
 from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 
-from kstep_adam.ctr._batch import CTRBatch
-from kstep_adam.embedding import pow2_at_least  # the tier's padding rule, one for the project
+from kstep_adam.ctr.data._records import CTRBatch
 
 _DONE = object()
 
@@ -143,51 +141,3 @@ class HeldOutSet:
           kept = None  # too large to keep: read again next time
       yield item
     self._kept = kept
-
-
-class Timer:
-  """Accumulates wall time per phase (``with timer('pull'): ...``), in total and per step."""
-
-  def __init__(self):
-    self._totals: dict[str, float] = {}
-    self.step: dict[str, float] = {}
-
-  @contextlib.contextmanager
-  def __call__(self, name: str):
-    start = time.perf_counter()
-    try:
-      yield
-    finally:
-      elapsed = time.perf_counter() - start
-      self._totals[name] = self._totals.get(name, 0.0) + elapsed
-      self.step[name] = self.step.get(name, 0.0) + elapsed
-
-  def new_step(self) -> None:
-    self.step = {}
-
-  def discard_step(self) -> float:
-    """Move this step's phases out of the totals (a step that compiled); return its time."""
-    for name, elapsed in self.step.items():
-      self._totals[name] -= elapsed
-    return sum(self.step.values())
-
-  def restore(self, totals: dict[str, float]) -> None:
-    """Continue from the :meth:`totals` of an earlier process (a resumed run)."""
-    self._totals = dict(totals)
-
-  def total(self, name: str) -> float:
-    return self._totals.get(name, 0.0)
-
-  def totals(self) -> dict[str, float]:
-    return {name: round(value, 6) for name, value in self._totals.items()}
-
-
-def bucket_size(num_unique: int, *, minimum: int = 1024) -> int:
-  """Round a batch's unique-row count up to a power of two (at least ``minimum``), so the
-  jitted step sees few shapes; the device cache pads its uploads the same way.
-
-  Examples:
-    >>> bucket_size(1000), bucket_size(1025), bucket_size(4096)
-    (1024, 2048, 4096)
-  """
-  return max(minimum, pow2_at_least(num_unique))
