@@ -36,6 +36,7 @@ from kstep_adam._dispatch import optimizer_step
 from kstep_adam._jsonio import dumps
 from kstep_adam._schedule import MergeSchedule
 from kstep_adam.ctr.data._prefetch import HeldOutSet
+from kstep_adam.ctr.data._prefetch import IndexedBatch
 from kstep_adam.ctr.data._prefetch import Prefetcher
 from kstep_adam.ctr.data._sources import DataSource
 from kstep_adam.ctr.data._sources import process_part
@@ -64,8 +65,8 @@ from kstep_adam.ctr.train._hooks import keyed
 from kstep_adam.ctr.train._local_tier import SparseTier
 from kstep_adam.ctr.train._loop import StepResult
 from kstep_adam.ctr.train._loop import global_batches
-from kstep_adam.ctr.train._loop import next_or_none
 from kstep_adam.ctr.train._loop import num_steps
+from kstep_adam.ctr.train._loop import run_steps
 from kstep_adam.ctr.train._loop import step_budget
 from kstep_adam.ctr.train._meters import CommMeter
 from kstep_adam.ctr.train._meters import Timer
@@ -472,38 +473,16 @@ class Trainer:
     start, eval_before = time.perf_counter(), self.timer.total("eval")
     self._fit_clock = (start, eval_before)
     try:
-      with self.timer("data"):
-        current = next_or_none(prefetcher)
-      if current is not None:
-        self.tier.prefetch(current.row_ids_U)
-      while current is not None:
-        step_start = time.perf_counter()
-        self.timer.new_step()
-        result, upcoming = self.stepper.advance(current, prefetcher)
-        self.data_position = current.position
-        if result.last:
-          self.last_step = result.step
-        current = upcoming
-        compute = None if result.compiled else self.timer.step.get("compute", 0.0)
-        level = self.step_fn.last_level if self.adaptive is not None else None
-        self.meter.add_step(
-          result.step,
-          len(result.row_ids_U),
-          compute,
-          sparse_cost=self.stepper.sparse_cost,
-          level=level,
-          step_seconds=time.perf_counter() - step_start,
-        )
-        if self.adaptive is not None:
-          self.adaptive.after_step(compute, self.log)
-        if result.compiled:
-          self.compile_steps += 1
-          self.compile_step_seconds += time.perf_counter() - step_start
-          self.timer.discard_step()
-        for hook in hooks:
-          hook.after_step(self, result)
-        self._checkpoint_if_due(result)
-        self.check_interrupt()
+      run_steps(
+        self.stepper,
+        prefetcher,
+        timer=self.timer,
+        meter=self.meter,
+        adaptive=self.adaptive,
+        log=self.log,
+        advanced=self._advanced,
+        after_step=lambda result, step_start: self._after_step(hooks, result, step_start),
+      )
     except DivergenceError:
       self.tier.keep_committed()  # the table's last commit keeps the last good state
       raise
@@ -515,6 +494,24 @@ class Trainer:
     eval_seconds = self.timer.total("eval") - eval_before
     self.train_seconds += time.perf_counter() - start - eval_seconds
     self.last_step = self.step
+
+  def _advanced(self, result: StepResult, batch: IndexedBatch) -> None:
+    """Right after a step: where the data continues, and whether the run ends here."""
+    self.data_position = batch.position
+    if result.last:
+      self.last_step = result.step
+
+  def _after_step(self, hooks: Sequence[Hook], result: StepResult, step_start: float) -> None:
+    """After a step is accounted: its compile time, the hooks, a checkpoint if due (so it
+    holds what the hooks wrote), then a pending interrupt."""
+    if result.compiled:
+      self.compile_steps += 1
+      self.compile_step_seconds += time.perf_counter() - step_start
+      self.timer.discard_step()
+    for hook in hooks:
+      hook.after_step(self, result)
+    self._checkpoint_if_due(result)
+    self.check_interrupt()
 
   def _remaining(self) -> int | None:
     """Steps left of a fixed budget, or None when the data decides the end."""

@@ -1,7 +1,10 @@
-"""The step loop's vocabulary: what a step did, how many steps a run takes, its batches."""
+"""The step loop: what a step did, how many steps a run takes, its batches, and the loop
+itself (:func:`run_steps`, the same for every sparse-tier strategy)."""
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from collections.abc import Iterator
 from typing import NamedTuple
 
@@ -83,3 +86,46 @@ def next_or_none(prefetcher: Prefetcher) -> IndexedBatch | None:
     return prefetcher.get()
   except StopIteration:
     return None
+
+
+def run_steps(
+  stepper,
+  prefetcher: Prefetcher,
+  *,
+  timer,
+  meter,
+  adaptive,
+  log: Callable[[dict], None],
+  advanced: Callable[[StepResult, IndexedBatch], None],
+  after_step: Callable[[StepResult, float], None],
+) -> None:
+  """Step until the data (or the step budget) ends, with no branch on the tier strategy.
+
+  For each batch: ``stepper.advance`` (a step on it, the next batch read meanwhile), then
+  ``advanced(result, batch)``, the step's accounting (``meter``; the adaptive period, if any,
+  which may ``log``), then ``after_step(result, step_start)`` (the trainer: compile time, hooks,
+  checkpoint, interrupt check, in that order).
+  """
+  with timer("data"):
+    current = next_or_none(prefetcher)
+  if current is not None:
+    stepper.tier.prefetch(current.row_ids_U)
+  while current is not None:
+    step_start = time.perf_counter()
+    timer.new_step()
+    result, upcoming = stepper.advance(current, prefetcher)
+    advanced(result, current)
+    current = upcoming
+    compute = None if result.compiled else timer.step.get("compute", 0.0)
+    level = stepper.step_fn.last_level if adaptive is not None else None
+    meter.add_step(
+      result.step,
+      len(result.row_ids_U),
+      compute,
+      sparse_cost=stepper.sparse_cost,
+      level=level,
+      step_seconds=time.perf_counter() - step_start,
+    )
+    if adaptive is not None:
+      adaptive.after_step(compute, log)
+    after_step(result, step_start)
