@@ -107,6 +107,15 @@ def test_each_optimizer_has_its_own_hue_and_each_k_its_own_shade_and_marker():
     assert len({marks[f"{n}, k={k}"] for n in names[1:]}) == 1
 
 
+def test_an_adaptive_period_beside_fixed_ones_gets_its_own_shade_and_marker():
+  """Regression: k = 'auto' beside integer k made the colors' and markers' sort fail."""
+  chosen = _selections([("ref", None), *(("kstep_adam", k) for k in (4, "auto", 16))])
+  palette, marks = sweep_plot.colors(chosen, "ref"), sweep_plot.markers(chosen)
+  labels = [f"kstep_adam, k={k}" for k in (4, 16, "auto")]
+  assert len({palette[label] for label in labels}) == 3
+  assert len({marks[label] for label in labels}) == 3
+
+
 @pytest.mark.parametrize("seeds", [1, 5])
 def test_the_paper_table_shows_a_spread_only_over_several_seeds(seeds):
   pair = (0.7, 0.01 if seeds > 1 else 0.0)

@@ -65,6 +65,13 @@ def _shade(color, amount: float):
   return tuple(rgb * (1 + amount) if amount < 0 else rgb + (1 - rgb) * amount)
 
 
+def _k_order(k) -> tuple:
+  """Sort key of a group's k: fixed periods by size, then ``'auto'``, then no k."""
+  if k is None:
+    return (2, 0)
+  return (1, 0) if isinstance(k, str) else (0, k)
+
+
 def colors(chosen: list[Selection], reference: str | None) -> dict[str, tuple]:
   """One color per group label: the reference black; each other optimizer its own hue, and
   its groups (one per k) shades of that hue, from dark (smallest k) to light."""
@@ -74,7 +81,7 @@ def colors(chosen: list[Selection], reference: str | None) -> dict[str, tuple]:
       names.setdefault(s.name, []).append(s)
   out = {s.label: matplotlib.colors.to_rgb("black") for s in chosen if s.name == reference}
   for hue, groups in zip(itertools.cycle(HUES), names.values()):
-    groups = sorted(groups, key=lambda s: (s.group.get("k") is None, s.group.get("k") or 0))
+    groups = sorted(groups, key=lambda s: _k_order(s.group.get("k")))
     amounts = np.linspace(-0.35, 0.45, len(groups)) if len(groups) > 1 else [0.0]
     out.update({s.label: _shade(hue, a) for s, a in zip(groups, amounts)})
   return out
@@ -83,7 +90,7 @@ def colors(chosen: list[Selection], reference: str | None) -> dict[str, tuple]:
 def markers(chosen: list[Selection]) -> dict[str, str]:
   """One marker per value of k across the sweep (the same k, the same marker in every
   optimizer); groups without a k get a plain circle."""
-  ks = sorted({s.group["k"] for s in chosen if s.group.get("k") is not None})
+  ks = sorted({s.group["k"] for s in chosen if s.group.get("k") is not None}, key=_k_order)
   by_k = {k: MARKERS[i % len(MARKERS)] for i, k in enumerate(ks)}
   return {s.label: by_k.get(s.group.get("k"), "o") for s in chosen}
 
