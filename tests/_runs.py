@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,6 +14,23 @@ from kstep_adam import parallel
 
 NUM_FEATURES = 5
 ROWS_PER_WORKER = 4
+TESTS = os.path.dirname(os.path.abspath(__file__))
+
+
+def launch_two_processes(worker: str, out_dir) -> subprocess.CompletedProcess:
+  """Run ``tests/WORKER`` on 2 processes through ``kstep_adam.launch``, ``out_dir`` its only
+  argument; the launcher's merged output in ``stdout``."""
+  root = os.path.dirname(TESTS)
+  return subprocess.run(
+    [sys.executable, "-m", "kstep_adam.launch", "--num-processes", "2", "--"]
+    + [sys.executable, os.path.join(TESTS, worker), str(out_dir)],
+    cwd=root,
+    env=dict(os.environ, PYTHONPATH=os.pathsep.join([root, TESTS])),
+    capture_output=True,
+    text=True,
+    timeout=240,
+    check=False,
+  )
 
 
 def loss_fn(params, batch):

@@ -2,9 +2,6 @@
 processes decide exactly alike: the drift they read is all-reduced."""
 
 import json
-import os
-import subprocess
-import sys
 
 import jax
 import numpy as np
@@ -12,13 +9,12 @@ from _adaptive_multiprocess_worker import NUM_STEPS
 from _adaptive_multiprocess_worker import controller
 from _runs import NUM_FEATURES
 from _runs import init_params
+from _runs import launch_two_processes
 from _runs import loss_fn
 from _runs import worker_data
 
 import kstep_adam
 from kstep_adam import parallel
-
-HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def one_process_run():
@@ -36,26 +32,7 @@ def one_process_run():
 
 
 def test_two_processes_decide_as_one(tmp_path):
-  env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(HERE), HERE]))
-  done = subprocess.run(
-    [
-      sys.executable,
-      "-m",
-      "kstep_adam.launch",
-      "--num-processes",
-      "2",
-      "--",
-      sys.executable,
-      os.path.join(HERE, "_adaptive_multiprocess_worker.py"),
-      str(tmp_path),
-    ],
-    cwd=os.path.dirname(HERE),
-    env=env,
-    capture_output=True,
-    text=True,
-    timeout=240,
-    check=False,
-  )
+  done = launch_two_processes("_adaptive_multiprocess_worker.py", tmp_path)
   assert done.returncode == 0, done.stdout[-3000:]
   ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
   assert ranks[0] == ranks[1]  # bit for bit: the same drift, the same decisions

@@ -1,40 +1,16 @@
 """Two processes x two CPU devices (gloo), started by ``kstep_adam.launch``: the harness and
 the hierarchical merge across processes match the NumPy reference."""
 
-import os
-import subprocess
-import sys
-
 import _numpy_reference as ref
 import numpy as np
 from _runs import init_params
+from _runs import launch_two_processes
 from _runs import theta_of
 from _runs import worker_data
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-
 
 def test_two_processes_match_numpy(tmp_path):
-  env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(HERE), HERE]))
-  done = subprocess.run(
-    [
-      sys.executable,
-      "-m",
-      "kstep_adam.launch",
-      "--num-processes",
-      "2",
-      "--",
-      sys.executable,
-      os.path.join(HERE, "_multiprocess_worker.py"),
-      str(tmp_path),
-    ],
-    cwd=os.path.dirname(HERE),
-    env=env,
-    capture_output=True,
-    text=True,
-    timeout=240,
-    check=False,
-  )
+  done = launch_two_processes("_multiprocess_worker.py", tmp_path)
   assert done.returncode == 0, done.stdout[-3000:]
   got = np.concatenate([np.load(tmp_path / f"rank{r}.npy") for r in (0, 1)], axis=1)
   want = ref.kstep_adam(

@@ -59,6 +59,34 @@ TINY = textwrap.dedent(
 )
 
 
+def checkpointed_ctr_sweep(name: str, learning_rate: str) -> str:
+  """A two-device CTR sweep of k-step Adam that checkpoints every 4 of its 10 steps."""
+  return textwrap.dedent(
+    f"""
+    name = "{name}"
+    task = "ctr"
+    [base]
+    nodes = 1
+    devices_per_node = 2
+    batch_size = 16
+    steps = 10
+    log_every = 2
+    eval_every = 0
+    checkpoint_every = 4
+    top_mlp = [16]
+    table_rows = 4096
+    host_cache_rows = 1024
+    val_examples = 512
+    test_examples = 512
+    [[optimizers]]
+    name = "kstep"
+    optimizer = "kstep_adam"
+    k = 2
+    learning_rate = {learning_rate}
+    """
+  )
+
+
 def tiny_sweep(tmp_path, text=TINY):
   path = tmp_path / "tiny.toml"
   path.write_text(text)
@@ -354,30 +382,7 @@ def test_killed_ctr_runs_resume_from_their_checkpoint_or_start_over(tmp_path):
 
   config, out = tiny_sweep(
     tmp_path,
-    textwrap.dedent(
-      """
-      name = "ctr_resume"
-      task = "ctr"
-      [base]
-      nodes = 1
-      devices_per_node = 2
-      batch_size = 16
-      steps = 10
-      log_every = 2
-      eval_every = 0
-      checkpoint_every = 4
-      top_mlp = [16]
-      table_rows = 4096
-      host_cache_rows = 1024
-      val_examples = 512
-      test_examples = 512
-      [[optimizers]]
-      name = "kstep"
-      optimizer = "kstep_adam"
-      k = 2
-      learning_rate = [3e-3, 1e-2]
-      """
-    ),
+    checkpointed_ctr_sweep("ctr_resume", "[3e-3, 1e-2]"),
   )
   assert sweep.main([config, "--out", out, "--jobs", "2"]) == 0
   checkpointed, unrecorded = "kstep-lr0.003-s0", "kstep-lr0.01-s0"
@@ -506,30 +511,7 @@ def test_a_ctr_run_killed_inside_its_table_flush_resumes_exactly_in_the_rerun(
   from kstep_adam import _faults
   from kstep_adam import embedding
 
-  text = textwrap.dedent(
-    """
-    name = "ctr_flush_kill"
-    task = "ctr"
-    [base]
-    nodes = 1
-    devices_per_node = 2
-    batch_size = 16
-    steps = 10
-    log_every = 2
-    eval_every = 0
-    checkpoint_every = 4
-    top_mlp = [16]
-    table_rows = 4096
-    host_cache_rows = 1024
-    val_examples = 512
-    test_examples = 512
-    [[optimizers]]
-    name = "kstep"
-    optimizer = "kstep_adam"
-    k = 2
-    learning_rate = 3e-3
-    """
-  )
+  text = checkpointed_ctr_sweep("ctr_flush_kill", "3e-3")
   config, out = tiny_sweep(tmp_path, text)
   reference = str(tmp_path / "reference")
   monkeypatch.delenv(_faults.ENV, raising=False)
