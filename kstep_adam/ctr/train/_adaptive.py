@@ -10,7 +10,9 @@ the trainer's :class:`~kstep_adam.parallel.DispatchedStep`. Its times:
   :data:`CALIBRATION_STEPS` timed local steps, taken once (process 0's value in a
   multi-process run, so that every process decides the same) and kept in the state.
 
-Until ``Y`` is measured the rule takes ``C / Y = 1``. Every merge writes a record
+Until ``Y`` is measured the rule takes ``C / Y = 1``. With ``config.k_cost_ratio`` set, the
+ratio is given instead: ``Y = 1`` and ``C`` is the model's per-level estimate scaled so that a
+merge over every axis costs the ratio, and nothing is measured. Every merge writes a record
 ``{"kind": "merge", "step", "level", "period", "since", "drift", "next_period"}``: the
 period in force per axis (``node``, ``local``), the steps since each axis's last merge, the
 relative drift per axis measured by a merge over every axis (None at an inner merge) and the
@@ -52,7 +54,14 @@ class AdaptiveRun:
     merge_seconds = estimated_merge_seconds(
       jax_shapes(params), schedule, mesh, network_model(config)
     )
-    self.controller = AdaptiveController(schedule, merge_seconds=merge_seconds)
+    local_seconds = None
+    if config.k_cost_ratio is not None:
+      top = max(merge_seconds) or 1.0
+      merge_seconds = tuple(config.k_cost_ratio * c / top for c in merge_seconds)
+      local_seconds = 1.0
+    self.controller = AdaptiveController(
+      schedule, local_seconds=local_seconds, merge_seconds=merge_seconds
+    )
     step_fn.adaptive = self.controller
     self._step_fn, self._sharded = step_fn, sharded
     self._samples: list[float] = []

@@ -65,6 +65,11 @@ class TrainConfig:
       training from the measured replica drift and the merge/step time ratio
       (:func:`kstep_adam.adaptive_schedule`), starting at 8.
     k_budget: the relative-drift budget ``delta`` of ``k auto``: larger merges less often.
+    k_cost_ratio: ``C / Y`` for ``k auto``: the time of a merge over every axis divided by a
+      local step's, e.g. measured on the link the run will use (a merge step's time minus a
+      local step's, over the local step's). It makes the decisions a function of the run's
+      inputs alone, so a run repeated on another machine merges at the same steps. None:
+      ``C`` from the network model, ``Y`` measured over the first local steps.
     sync: what k-step Adam averages: ``params`` (the production default), ``params+nu``,
       ``params+moments`` or ``desloc`` (params every k, first moment every 3k, second every 6k).
     form: k-step Adam's local step: ``adam`` (bias-corrected, as optax) or ``local_adam``
@@ -127,6 +132,7 @@ class TrainConfig:
   optimizer: str = choice_field("kstep_adam", OPTIMIZERS)
   k: int | str = 8
   k_budget: float = 1e-2
+  k_cost_ratio: float | None = None
   sync: str = choice_field("params", SYNC_STATES)
   form: str = choice_field("adam", FORMS)
   merge: str = choice_field("global", MERGE_MODES)
@@ -189,6 +195,8 @@ class TrainConfig:
     else:
       check_int(self.k, "k", minimum=1)
     check_float(self.k_budget, "k_budget", low=0.0, low_open=True)
+    if self.k_cost_ratio is not None:
+      check_float(self.k_cost_ratio, "k_cost_ratio", low=0.0, low_open=True)
     for name in ("eval_every", "device_cache_rows", "seed", "checkpoint_every"):
       check_int(getattr(self, name), name, minimum=0)
     if self.steps is not None:
