@@ -60,9 +60,11 @@ class CommMeter:
     self._sparse_node_bytes = 0.0
     self._sparse_messages = 0
     self._compute = {True: [], False: []}  # per-step compute seconds, by "merged this step"
-    # Per-step wall seconds and the model's communication seconds, by "merged this step".
-    self._wall = {True: [], False: []}
-    self._modelled = {True: 0.0, False: 0.0}
+    # Per-step wall seconds and the model's communication seconds, by the dense bytes each
+    # device sent that step (0: a local step), so that steps of different cost never share a
+    # median (1-bit Adam's full-precision warm-up beside its compressed steps).
+    self._wall: dict[float, list[float]] = {}
+    self._modelled: dict[float, float] = {}
 
   def add_step(
     self,
@@ -101,8 +103,11 @@ class CommMeter:
     else:
       self._exchange = sparse_cost if self._exchange is None else self._exchange + sparse_cost
     if step_seconds is not None and compute_seconds is not None:
-      self._wall[merged].append(step_seconds)
-      self._modelled[merged] += self._network.seconds(cost + sparse_cost)
+      nbytes = float(cost.total_bytes)
+      self._wall.setdefault(nbytes, []).append(step_seconds)
+      self._modelled[nbytes] = self._modelled.get(nbytes, 0.0) + self._network.seconds(
+        cost + sparse_cost
+      )
 
   def state(self) -> dict:
     """Everything counted so far (JSON data), for a checkpoint."""
@@ -117,9 +122,9 @@ class CommMeter:
       "sparse_messages": self._sparse_messages,
       "compute_merge_seconds": list(self._compute[True]),
       "compute_plain_seconds": list(self._compute[False]),
-      "wall_merge_seconds": list(self._wall[True]),
-      "wall_plain_seconds": list(self._wall[False]),
-      "modelled_seconds": [self._modelled[True], self._modelled[False]],
+      "step_kinds": [
+        [nbytes, list(times), self._modelled[nbytes]] for nbytes, times in self._wall.items()
+      ],
     }
 
   def restore(self, state: dict) -> None:
@@ -132,12 +137,9 @@ class CommMeter:
     self._sparse_messages = state["sparse_messages"]
     self._compute = {True: state["compute_merge_seconds"], False: state["compute_plain_seconds"]}
     # Absent in a checkpoint of before: the step times then start here.
-    self._wall = {
-      True: state.get("wall_merge_seconds", []),
-      False: state.get("wall_plain_seconds", []),
-    }
-    modelled = state.get("modelled_seconds", [0.0, 0.0])
-    self._modelled = {True: modelled[0], False: modelled[1]}
+    kinds = state.get("step_kinds", [])
+    self._wall = {float(nbytes): list(times) for nbytes, times, _ in kinds}
+    self._modelled = {float(nbytes): float(modelled) for nbytes, _, modelled in kinds}
 
   def _sparse_cost(self) -> CommCost:
     if self._exchange is not None:
@@ -180,22 +182,30 @@ class CommMeter:
     for the bytes those steps sent (dense merges plus the sparse traffic; the
     ``NetworkModel`` of the config's link flags), steps that compiled left out.
 
-    Kinds: ``'merge'`` (the dense replicas merged that step) and ``'local'`` (they did not);
-    a run whose every step merged (synchronous Adam, or any exchange every step) reports its
-    steps as ``'synchronous'``. Per kind: ``steps``, ``measured_total``, ``measured_median``
-    (seconds per step) and ``modelled_comm_per_step`` (the model's mean). A run's wall clock at
-    another step count composes as ``sum over kinds of steps x measured_median``.
+    A kind is the dense bytes a device sent in the step. ``'local'``: none (the replicas did
+    not merge); ``'merge'``: the largest merge of a run that also has local steps, and
+    ``'synchronous'`` instead where every step sent dense bytes (synchronous Adam, or any
+    exchange every step). A run with several sizes of merge (1-bit Adam's full-precision
+    warm-up, then its compressed steps; a hierarchical schedule's inner merges) names the
+    smaller ones ``'merge.2'``, ``'merge.3'`` ... by decreasing size. Per kind: ``steps``,
+    ``dense_bytes`` (per device per step), ``measured_total``, ``measured_median`` (seconds
+    per step) and ``modelled_comm_per_step`` (the model's mean). A run's wall clock at another
+    step count composes as ``sum over kinds of steps x measured_median``.
     """
+    sizes = sorted((b for b, times in self._wall.items() if times and b > 0), reverse=True)
+    base = "merge" if self._wall.get(0.0) else "synchronous"
+    names = {b: base if i == 0 else f"{base}.{i + 1}" for i, b in enumerate(sizes)}
+    if self._wall.get(0.0):
+      names[0.0] = "local"
     kinds = {}
-    for merged, times in self._wall.items():
-      if not times:
-        continue
-      name = "local" if not merged else "merge" if self._wall[False] else "synchronous"
-      kinds[name] = {
+    for nbytes in sorted(names, reverse=True):
+      times = self._wall[nbytes]
+      kinds[names[nbytes]] = {
         "steps": len(times),
+        "dense_bytes": nbytes,
         "measured_total": float(sum(times)),
         "measured_median": float(np.median(times)),
-        "modelled_comm_per_step": self._modelled[merged] / len(times),
+        "modelled_comm_per_step": self._modelled[nbytes] / len(times),
       }
     return kinds
 
