@@ -381,4 +381,8 @@ def make_figures(out_dir: str, fig_dir: str) -> list[str]:
         spec, report.report_rows(out_dir, spec, rows), chosen, palette, name("time_to_target")
       ),
     ]
+  from experiments.plot import link
+
+  if link.has_link(out_dir):
+    paths.append(link.time_to_accuracy(out_dir, name("time_to_accuracy"), spec.name))
   return [p for p in paths if p]
