@@ -7,7 +7,9 @@ import json
 import os
 import subprocess
 import sys
+import types
 
+import numpy as np
 import pytest
 
 import kstep_adam
@@ -110,6 +112,24 @@ def test_network_model_sets_the_merge_times():
   config = ctr.TrainConfig(k="auto", nodes=2, devices_per_node=2)
   _, schedule = ctr.make_optimizer(config)
   assert isinstance(schedule, kstep_adam.MergeSchedule) and schedule.adaptive is not None
+
+
+def test_a_given_cost_ratio_replaces_the_estimated_and_measured_times():
+  # The link experiment prices one run's trajectory with another run's step times, so its
+  # decisions must not hang on the machine: C / Y is given, never measured.
+  config = ctr.TrainConfig(k="auto", nodes=2, devices_per_node=2, k_cost_ratio=4.0)
+  _, schedule = ctr.make_optimizer(config)
+  params = {"w": np.zeros(1000, np.float32), "b": np.zeros(3, np.float32)}
+  step_fn = types.SimpleNamespace(adaptive=None, last_level=0)
+  run = _adaptive.AdaptiveRun(config, params, schedule, {"node": 2, "local": 2}, step_fn, False)
+  assert step_fn.adaptive is run.controller
+  for _ in range(2 * _adaptive.CALIBRATION_STEPS):
+    run.after_step(123.0, log=lambda record: None)
+  state = run.controller.state
+  assert state.local_seconds == 1.0 and max(state.merge_seconds) == pytest.approx(4.0)
+  assert max(run.controller.cost_ratios()) == pytest.approx(4.0)
+  with pytest.raises(ValueError, match="k_cost_ratio"):
+    ctr.TrainConfig(k="auto", k_cost_ratio=0.0)
 
 
 def _sweep_file(tmp_path):
