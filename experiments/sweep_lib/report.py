@@ -33,6 +33,7 @@ def selections(spec: SweepSpec, rows: list[dict]) -> list[select.Selection]:
     report=task.report_metric,
     higher_is_better=task.higher_is_better,
     reference=spec.reference if spec.reference in names else None,
+    tune_seeds=spec.tune_seeds if spec.two_stage else None,
   )
 
 
