@@ -202,7 +202,7 @@ def test_the_report_is_over_every_seed_of_the_choice(two_stage_done):
 def test_status_table_only_dry_run_and_figures_on_a_two_stage_sweep(
   two_stage_done, tmp_path, capsys
 ):
-  _, out = two_stage_done
+  config, out = two_stage_done
   table = open(os.path.join(out, "table.md")).read()
   capsys.readouterr()
   assert sweep.main([config, "--out", out, "--status"]) == 0
