@@ -209,6 +209,11 @@ def markdown(spec: SweepSpec, report: list[dict]) -> str:
         f"Best {', '.join(spec.tune)} per row chosen on the {task.metric_label}, which is also "
         f"what is reported (the task has no held-out data); {ONE_SEED}"
       )
+  if spec.two_stage:
+    note += (
+      f"; two-stage tuning: chosen on seeds {list(spec.tune_seeds)} only, the other seeds "
+      f"run only the choice, and every number of a row is over all its seeds"
+    )
   if spec.reference:
     note += f"; Δ paired by seed against {spec.reference}'s own choice"
   if ctr and report:
