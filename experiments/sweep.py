@@ -17,7 +17,11 @@ slices, so a cluster array job splits one sweep with no coordinator, e.g. under 
   python -m experiments.sweep ctr_optimizers --out /shared/sweep --jobs 1 \
     --shard $SLURM_ARRAY_TASK_ID/8
 
-then ``--table-only`` once all are done. Figures: ``python -m experiments.plot DIR --out FIGS``.
+then ``--table-only`` once all are done. With ``tune_seeds`` in the sweep file (two-stage
+tuning, see :mod:`experiments.sweep_lib.spec`) a shard runs its slice of stage 2 only once all
+of stage 1 has finished in DIR: it waits while other shards still run stage-1 runs, else says
+so and stops; run it again then. ``--dry-run`` lists the stage-1 runs and the stage-2 runs
+already determined by what DIR holds. Figures: ``python -m experiments.plot DIR --out FIGS``.
 The logic is in :mod:`experiments.sweep_lib`, the sweep files in ``experiments/sweeps/``.
 """
 
@@ -34,6 +38,7 @@ from experiments.sweep_lib import report
 from experiments.sweep_lib import results
 from experiments.sweep_lib import scheduler
 from experiments.sweep_lib import spec as spec_lib
+from experiments.sweep_lib import stages
 
 SHIPPED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sweeps")
 
@@ -88,9 +93,18 @@ def main(argv=None) -> int:
   spec = spec_lib.load(resolve(args.config), quick=args.quick)
   runs = spec.runs()
   out = args.out or os.path.join("runs", "sweeps", spec.name + ("_quick" if args.quick else ""))
+  plan = stages.plan(out, spec) if spec.two_stage else stages.Plan(runs, [], [], len(runs))
   if args.dry_run:
-    for run in shard.take(runs):
+    for run in shard.take(plan.stage1):
       print(run.run_id)
+    if spec.two_stage:
+      for run in shard.take(plan.stage2) if shard.count == 1 or plan.stage1_done else []:
+        print(run.run_id)
+      print(
+        f"# stage 2: the chosen candidate of each group at seeds {list(spec.stage2_seeds)}; "
+        f"{len(plan.stage2)} runs listed as chosen from {out}, the stage 2 of "
+        f"{len(plan.waiting)} groups depends on the selection after their stage 1"
+      )
     return 0
   if args.status:
     states = scheduler.status(out, spec)
@@ -102,7 +116,7 @@ def main(argv=None) -> int:
       results.check_recorded(out, spec, runs)
     except ValueError as e:
       raise SystemExit(f"sweep: {e}") from None
-    rows = results.write_results(out, spec, runs)
+    rows = results.write_results(out, spec, plan.runs)
   else:
     try:
       outcome = scheduler.run_sweep(
@@ -115,7 +129,8 @@ def main(argv=None) -> int:
       print(f"failed: {run_id}: {scheduler.failure(out, run_id)}", file=sys.stderr)
     if outcome.busy:
       print(f"left to other processes (still running): {' '.join(outcome.busy)}")
-  print(f"{len(rows)} of {len(runs)} runs finished; wrote {os.path.join(out, 'results.csv')}")
+  total = stages.plan(out, spec).total if spec.two_stage else len(runs)
+  print(f"{len(rows)} of {total} runs finished; wrote {os.path.join(out, 'results.csv')}")
   if rows:
     print(report.write_report(out, spec, rows))
     print(f"figures: python -m experiments.plot {out} --out FIGURES_DIR")

@@ -271,7 +271,10 @@ def lr_sensitivity(spec: SweepSpec, chosen: list[Selection], palette: dict, path
     points = []
     for c in s.candidates:
       lr = c.tuned[0]
-      values = [r.get(metric) for r in c.runs.values()]
+      # Two-stage tuning: every candidate on the tune seeds, which the choice was made on.
+      values = [
+        r.get(metric) for seed, r in c.runs.items() if not spec.two_stage or seed in spec.tune_seeds
+      ]
       finite = [v for v in values if v is not None and math.isfinite(v)]
       if c.diverged or not finite:
         floor.append((lr, palette[s.label]))

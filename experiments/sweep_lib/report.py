@@ -33,6 +33,7 @@ def selections(spec: SweepSpec, rows: list[dict]) -> list[select.Selection]:
     report=task.report_metric,
     higher_is_better=task.higher_is_better,
     reference=spec.reference if spec.reference in names else None,
+    tune_seeds=spec.tune_seeds if spec.two_stage else None,
   )
 
 
@@ -208,6 +209,11 @@ def markdown(spec: SweepSpec, report: list[dict]) -> str:
         f"Best {', '.join(spec.tune)} per row chosen on the {task.metric_label}, which is also "
         f"what is reported (the task has no held-out data); {ONE_SEED}"
       )
+  if spec.two_stage:
+    note += (
+      f"; two-stage tuning: chosen on seeds {list(spec.tune_seeds)} only, the other seeds "
+      f"run only the choice, and every number of a row is over all its seeds"
+    )
   if spec.reference:
     note += f"; Δ paired by seed against {spec.reference}'s own choice"
   if ctr and report:

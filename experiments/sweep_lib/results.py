@@ -20,6 +20,7 @@ import numpy as np
 from experiments._common import read_jsonl
 from experiments._common import write_atomic
 from experiments._common import write_json
+from experiments.sweep_lib import stages
 from experiments.sweep_lib import tasks
 from experiments.sweep_lib import worker
 from experiments.sweep_lib.spec import Run
@@ -126,6 +127,9 @@ def common_compute_per_step(rows: list[dict]) -> float | None:
 def collect(out_dir: str, spec: SweepSpec, runs: list[Run] | None = None) -> list[dict]:
   """One row per finished run of ``spec`` found under ``out_dir``, in the spec's order.
 
+  ``runs`` None: every run of the spec; for two-stage tuning, those of
+  :func:`~.stages.plan` (stage 1 and the current choices' stage 2, none of an older choice).
+
   A CTR row's ``modelled_seconds`` is ``steps`` times the sweep's
   :func:`common_compute_per_step` (in ``common_compute_seconds_per_step``) plus the run's
   ``estimated_comm_seconds``; it therefore depends on the runs finished so far, and the file
@@ -133,7 +137,9 @@ def collect(out_dir: str, spec: SweepSpec, runs: list[Run] | None = None) -> lis
   """
   task = tasks.get(spec.task)
   rows = []
-  for run in spec.runs() if runs is None else runs:
+  if runs is None:
+    runs = stages.plan(out_dir, spec).runs if spec.two_stage else spec.runs()
+  for run in runs:
     summary = worker.read_summary(out_dir, run.run_id)
     if summary is None:
       continue

@@ -6,6 +6,12 @@ a crash or a leak ends with it. The scheduler keeps ``jobs`` of them going, rebu
 what a run wrote is the record. So a sweep killed at any moment and started again skips every
 finished run, redoes the ones that died halfway, and waits for none that another process
 (another shard, a sweep killed without its workers) is still running: their lock says so.
+
+Two-stage tuning (:mod:`.stages`): the runs to do are rebuilt from the directory after each
+run ends, so a group's stage 2 starts as soon as its stage 1 has finished. Under ``--shard
+I/N`` with N > 1, a shard runs its slice of stage 1, then waits while another process still
+holds a stage-1 run, and runs its slice of stage 2 only once all of stage 1 has finished in the
+directory (so every shard slices the same stage-2 list); else it logs why and returns.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import time
 import experiments
 from experiments._common import write_json
 from experiments.sweep_lib import results
+from experiments.sweep_lib import stages
 from experiments.sweep_lib import worker
 from experiments.sweep_lib.spec import Run
 from experiments.sweep_lib.spec import SweepSpec
@@ -152,20 +159,47 @@ def run_sweep(
   os.makedirs(out_dir, exist_ok=True)
   results.write_spec(out_dir, spec)
   outcome = Outcome()
-  pending = []
-  for run in shard.take(runs):
-    if worker.read_summary(out_dir, run.run_id) is not None:
-      outcome.skipped.append(run.run_id)
-    else:
-      pending.append(run)
+  pending: list[Run] = []
+  seen: set[str] = set()  # run ids skipped or queued by this invocation
+
+  def mine(plan: stages.Plan) -> list[Run]:
+    """This shard's runs of the plan (see the module docstring for stage 2 under shards)."""
+    take = shard.take(plan.stage1)
+    if plan.stage2 and (shard.count == 1 or plan.stage1_done):
+      take += shard.take(plan.stage2)
+    return take
+
+  def add(candidates: list[Run]) -> int:
+    added = 0
+    for run in candidates:
+      if run.run_id in seen:
+        continue
+      seen.add(run.run_id)
+      if worker.read_summary(out_dir, run.run_id) is not None:
+        outcome.skipped.append(run.run_id)
+      else:
+        pending.append(run)
+        added += 1
+    return added
+
+  plan = stages.plan(out_dir, spec) if spec.two_stage else stages.Plan(runs, [], [], len(runs))
+  add(mine(plan))
+  if spec.two_stage:
+    log(
+      f"{spec.name}: two-stage tuning: {len(plan.stage1)} stage-1 runs (every grid point at "
+      f"seeds {list(spec.tune_seeds)}), then each group's choice at seeds "
+      f"{list(spec.stage2_seeds)}: {plan.total} runs in all; {len(plan.stage2)} stage-2 runs "
+      f"known now, {len(plan.waiting)} groups wait for their stage 1"
+    )
   log(
-    f"{spec.name}: {len(runs)} runs; shard {shard.index}/{shard.count} has "
+    f"{spec.name}: {plan.total} runs; shard {shard.index}/{shard.count} has "
     f"{len(outcome.skipped) + len(pending)}: {len(outcome.skipped)} finished before, "
     f"{len(pending)} to run, {jobs} at a time"
   )
   metrics = tuple(dict.fromkeys((task.selection_metric, task.report_metric)))
   running: dict[subprocess.Popen, tuple[Run, float]] = {}
   started, total = 0, len(pending)
+  collected = None if spec.two_stage else runs  # None: results.collect asks the plan
   previous = signal.getsignal(signal.SIGTERM)
 
   def on_sigterm(signum, frame):
@@ -173,7 +207,26 @@ def run_sweep(
 
   signal.signal(signal.SIGTERM, on_sigterm)
   try:
-    while pending or running:
+    while True:
+      if not pending and not running:
+        if not spec.two_stage:
+          break
+        plan = stages.plan(out_dir, spec)
+        total += add(mine(plan))
+        if pending:
+          continue
+        if plan.stage1_done or shard.count == 1:
+          if plan.waiting:
+            log(f"stage 2 waits for unfinished stage-1 runs of: {' '.join(plan.waiting)}")
+          break
+        if not any(worker.is_locked(out_dir, r.run_id) for r in plan.stage1):
+          log(
+            f"stage 2 waits for stage 1 to finish in {out_dir} (groups {' '.join(plan.waiting)}); "
+            f"run this shard again once the other shards' stage-1 runs are done"
+          )
+          break
+        time.sleep(2.0)  # another shard still runs stage-1 runs: wait for them
+        continue
       while pending and len(running) < jobs:
         run = pending.pop(0)
         running[_start(out_dir, spec, run)] = (run, time.monotonic())
@@ -197,20 +250,27 @@ def run_sweep(
             f"[{done}/{total}] {run.run_id}: FAILED (exit {process.returncode}); see "
             f"{worker.job_file(out_dir, run.run_id, 'log')}"
           )
-        results.write_results(out_dir, spec, runs)
+        results.write_results(out_dir, spec, collected)
+        if spec.two_stage:
+          total += add(mine(stages.plan(out_dir, spec)))
   finally:
     _stop(list(running))
     signal.signal(signal.SIGTERM, previous)
-  results.write_results(out_dir, spec, runs)
+  results.write_results(out_dir, spec, collected)
   return outcome
 
 
 def status(out_dir: str, spec: SweepSpec) -> dict[str, list[str]]:
-  """Every run of ``spec`` by state: completed, diverged, failed, running, pending."""
+  """Every run of ``spec`` by state: completed, diverged, failed, running, pending; with
+  two-stage tuning only the runs known so far (:func:`.stages.plan`), and ``stage 2 unknown``:
+  the groups whose stage-1 runs have not all finished."""
   states: dict[str, list[str]] = {
     k: [] for k in ("completed", "diverged", "failed", "running", "pending")
   }
-  for run in spec.runs():
+  plan = stages.plan(out_dir, spec)
+  if spec.two_stage:
+    states["stage 2 unknown"] = plan.waiting
+  for run in plan.runs:
     summary = worker.read_summary(out_dir, run.run_id)
     if summary is not None:
       states[summary["status"]].append(run.run_id)

@@ -8,6 +8,10 @@ every seed. The chosen candidate's *test* metric is then reported as mean ± std
 (sample std), and, where a reference optimizer is named, as paired differences: the same seed's
 test metric of the reference's own chosen candidate subtracted, mean ± std over the seeds both
 have. Nothing about the test set influences any choice.
+
+With ``tune_seeds`` (two-stage tuning) a candidate is scored on those seeds' rows only; rows
+of its other seeds (the chosen candidate's stage 2) count in what is reported, never in the
+choice.
 """
 
 from __future__ import annotations
@@ -39,7 +43,8 @@ class Candidate:
   Attributes:
     tuned: the tuned fields' values.
     runs: seed -> that seed's row.
-    score: mean validation metric over the seeds (NaN when some seed has none).
+    score: mean validation metric over the seeds scored (every seed, or the tune seeds), NaN
+      when some of them has none.
     diverged: seeds that diverged.
   """
 
@@ -95,7 +100,7 @@ class Selection:
 
 
 def _score(values: list, higher: bool) -> float:
-  if any(v is None or not math.isfinite(v) for v in values):
+  if not values or any(v is None or not math.isfinite(v) for v in values):
     return math.nan
   return float(np.mean(values))
 
@@ -118,6 +123,7 @@ def select(
   report: str,
   higher_is_better: bool = True,
   reference: str | None = None,
+  tune_seeds: Sequence[int] | None = None,
 ) -> list[Selection]:
   """Choose the best tuned values per group on ``metric``; report ``report`` over seeds.
 
@@ -131,6 +137,7 @@ def select(
     higher_is_better: direction of both metrics.
     reference: the ``name`` of the reference optimizer for paired differences; it must have
       exactly one group.
+    tune_seeds: score candidates on the rows of these seeds only; None: every row.
 
   Returns:
     One :class:`Selection` per group, in the order the groups first appear.
@@ -170,7 +177,10 @@ def select(
       Candidate(
         tuned,
         runs,
-        _score([r.get(metric) for r in runs.values()], higher_is_better),
+        _score(
+          [r.get(metric) for s, r in runs.items() if tune_seeds is None or s in tune_seeds],
+          higher_is_better,
+        ),
         tuple(sorted(s for s, r in runs.items() if r.get("status") == "diverged")),
       )
       for tuned, runs in by_tuned.items()

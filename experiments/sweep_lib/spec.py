@@ -39,8 +39,18 @@ NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9.+_-]*"
 # The most runs a sweep may expand to: a larger grid is refused with its size, before any is
 # built (a typo such as a 1000-value list in five fields otherwise fills the memory).
 MAX_RUNS = 100_000
-TOP_LEVEL_KEYS = ("name", "task", "description", "seeds", "tune", "reference", "base", "quick")
-QUICK_KEYS = ("seeds", "base", "optimizers")
+TOP_LEVEL_KEYS = (
+  "name",
+  "task",
+  "description",
+  "seeds",
+  "tune_seeds",
+  "tune",
+  "reference",
+  "base",
+  "quick",
+)
+QUICK_KEYS = ("seeds", "tune_seeds", "base", "optimizers")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,6 +114,8 @@ class SweepSpec:
     optimizers: the compared optimizers.
     source: the file the sweep was read from.
     quick: whether the file's ``[quick]`` part was applied.
+    tune_seeds: the seeds the tuned values are chosen on (two-stage tuning, see the module
+      docstring); None: every seed.
   """
 
   name: str
@@ -116,6 +128,26 @@ class SweepSpec:
   optimizers: tuple[Optimizer, ...]
   source: str = ""
   quick: bool = False
+  tune_seeds: tuple[int, ...] | None = None
+
+  @property
+  def two_stage(self) -> bool:
+    """Whether only the tune seeds run every grid point (``tune_seeds`` a proper subset)."""
+    return self.tune_seeds is not None and set(self.tune_seeds) != set(self.seeds)
+
+  @property
+  def stage2_seeds(self) -> tuple[int, ...]:
+    """The seeds only the chosen candidates run (none unless :attr:`two_stage`)."""
+    if not self.two_stage:
+      return ()
+    return tuple(s for s in self.seeds if s not in self.tune_seeds)
+
+  def stage1_runs(self) -> list[Run]:
+    """The runs known before any selection: every run at the tune seeds (all if not two-stage)."""
+    runs = self.runs()
+    if not self.two_stage:
+      return runs
+    return [run for run in runs if run.seed in self.tune_seeds]
 
   @property
   def grid_fields(self) -> tuple[str, ...]:
@@ -165,6 +197,7 @@ class SweepSpec:
       ],
       "source": self.source,
       "quick": self.quick,
+      "tune_seeds": None if self.tune_seeds is None else list(self.tune_seeds),
     }
 
   @classmethod
@@ -185,6 +218,7 @@ class SweepSpec:
       optimizers=optimizers,
       source=record.get("source", ""),
       quick=record.get("quick", False),
+      tune_seeds=None if record.get("tune_seeds") is None else tuple(record["tune_seeds"]),
     )
 
 
@@ -299,10 +333,12 @@ def parse(document: Mapping, *, source: str = "<sweep>", quick: bool = False) ->
     raise ValueError(f"{source}: needs at least one [[optimizers]] table")
   base = dict(document.get("base", {}))
   seeds = document.get("seeds", [0])
+  tune_seeds = document.get("tune_seeds")
   quick_table = dict(document.get("quick", {}))
   _check_keys(f"{source} [quick]", quick_table, QUICK_KEYS)
   if quick:
     seeds = quick_table.get("seeds", seeds)
+    tune_seeds = quick_table.get("tune_seeds", tune_seeds)
     base = {**base, **quick_table.get("base", {})}
     kept = quick_table.get("optimizers")
     if kept is not None:
@@ -344,6 +380,26 @@ def parse(document: Mapping, *, source: str = "<sweep>", quick: bool = False) ->
     raise ValueError(f"{source}: tune must be a list of field names, got {tune!r}")
   for field in tune:
     task.check_field(field, f"{source} tune")
+  if tune_seeds is not None:
+    where = f"{source}{' [quick]' if quick and 'tune_seeds' in quick_table else ''}: tune_seeds"
+    if not isinstance(tune_seeds, list) or not all(
+      isinstance(s, int) and not isinstance(s, bool) for s in tune_seeds
+    ):
+      raise ValueError(f"{where} must be a list of ints (a subset of seeds), got {tune_seeds!r}")
+    if not tune_seeds:
+      raise ValueError(f"{where} must not be empty (omit it to tune on every seed)")
+    if len(set(tune_seeds)) != len(tune_seeds):
+      raise ValueError(f"{where} has repeated seeds: {tune_seeds!r}")
+    extra = [s for s in tune_seeds if s not in seeds]
+    if extra:
+      raise ValueError(
+        f"{where} must be a subset of the seeds {seeds!r}{' (quick)' if quick else ''}; "
+        f"{extra!r} are not"
+      )
+    if "tune" not in document or not tune:
+      raise ValueError(
+        f"{source}: tune_seeds needs tune = [...] naming the fields chosen on those seeds"
+      )
   reference = document.get("reference")
   if reference is not None and reference not in names:
     raise ValueError(f"{source}: reference {reference!r} is not an optimizer name; have {names!r}")
@@ -358,6 +414,7 @@ def parse(document: Mapping, *, source: str = "<sweep>", quick: bool = False) ->
     optimizers=optimizers,
     source=source,
     quick=quick,
+    tune_seeds=None if tune_seeds is None else tuple(tune_seeds),
   )
 
 
