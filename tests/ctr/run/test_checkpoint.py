@@ -9,6 +9,7 @@ leaves the previous one loadable, also when the table was already flushed past i
 
 import json
 import os
+import pathlib
 import random
 import signal
 import subprocess
@@ -78,7 +79,7 @@ def _file_data(path, lines=1300):
 
 
 def _run(out, config_kwargs, data, cache, *, kill=None, fault=None, resume=False, timeout=300):
-  """A run in its own process (:mod:`_ctr_resume_worker`), to its end or killed as ``kill``
+  """A run in its own process (``_resume_worker.py``), to its end or killed as ``kill``
   says, or at the fault point ``fault`` (``POINT@N``, :mod:`kstep_adam._faults`); the
   processes share a compilation cache, so only the first compiles."""
   spec = {
@@ -89,12 +90,12 @@ def _run(out, config_kwargs, data, cache, *, kill=None, fault=None, resume=False
     "resume": resume,
     "cache": str(cache),
   }
-  env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(HERE), HERE]))
+  env = dict(os.environ, PYTHONPATH=str(pathlib.Path(HERE).parents[2]))
   env.pop(_faults.ENV, None)
   if fault is not None:
     env[_faults.ENV] = fault
   proc = subprocess.Popen(
-    [sys.executable, os.path.join(HERE, "_ctr_resume_worker.py"), json.dumps(spec)],
+    [sys.executable, os.path.join(HERE, "_resume_worker.py"), json.dumps(spec)],
     env=env,
     stdout=subprocess.PIPE,
     stderr=subprocess.STDOUT,
