@@ -66,7 +66,6 @@ CTR_ALL = [
 ]
 
 ALLOWED = {
-  "size: kstep_adam/ctr/data/_textfile.py",
   "size: kstep_adam/ctr/run/_trainer.py",
 }
 

@@ -122,29 +122,38 @@ def _config(trainer: Trainer) -> dict:
 
 
 def summarize(trainer: Trainer, final: dict) -> dict:
-  """The run summary: final test metrics, throughput, time breakdown, traffic, data, config.
+  """The run summary, ``summary.json``: final test metrics, throughput, time breakdown,
+  traffic, data, config.
 
-  Keys: ``status`` (``completed``; a diverged run's summary says ``diverged`` instead, see
-  :func:`train`); ``test_auc``, ``test_logloss``, ``test_examples``, ``test_positives`` and,
-  with a validation set, the same ``val_*`` keys (from ``final``; a metric that is undefined
-  is None and ``test_note`` or ``val_note`` says why); ``warnings``
-  (what a reader of the numbers must know, e.g. that note); ``teacher_auc``
-  (synthetic data); ``steps``, ``examples``, ``examples_per_sec`` (steps that compiled left
-  out), ``train_seconds``, ``compile_steps``, ``compile_step_seconds``;
-  ``time_breakdown_seconds`` (data, pull, compute, push, eval, checkpoint, and the estimated
-  merge time); the :class:`CommMeter` totals (dense bytes and messages per axis, sparse bytes,
-  estimated communication seconds, measured compute seconds); ``host_device_bytes`` and
-  ``host_device_bytes_per_step`` (:func:`host_device_traffic`); ``table_stats``; ``evals``;
-  ``data`` (the source and its read counts); ``skipped_steps`` (non-finite steps skipped,
-  with ``on_nonfinite="skip"``); ``config``; ``mesh``; ``devices``; ``processes``.
+  This is the one list of its keys (the docs link here); groups that another function builds
+  are listed there, by that function:
+
+  - ``status``: ``completed`` (a diverged run's summary says ``diverged`` instead, see
+    :func:`train`);
+  - from ``final``: ``test_auc``, ``test_logloss``, ``test_examples``, ``test_positives`` and,
+    with a validation set, the same ``val_*`` keys; a metric that is undefined is None and
+    ``test_note`` or ``val_note`` says why;
+  - ``warnings``: what a reader of the numbers must know (such a note, skipped steps);
+  - ``teacher_auc``: the teacher's AUC on synthetic data;
+  - ``steps``, ``examples``, ``examples_per_sec`` (steps that compiled left out),
+    ``train_seconds``, ``compile_steps``, ``compile_step_seconds``;
+  - ``time_breakdown_seconds``: data, pull, compute, push, eval, checkpoint, and the
+    estimated merge time;
+  - the traffic and compute totals of :class:`CommMeter` (its ``totals``: dense bytes and
+    messages per axis, sparse bytes, estimated communication seconds,
+    ``measured_compute_seconds``, ``step_seconds_by_kind``);
+  - ``host_device_bytes`` and ``host_device_bytes_per_step`` (:func:`host_device_traffic`);
+  - ``table_stats``; ``evals``; ``data`` (the source and its read counts); ``skipped_steps``
+    (non-finite steps skipped, with ``on_nonfinite="skip"``); ``config``; ``mesh``;
+    ``devices``; ``processes``.
 
   A run resumed from a checkpoint has the same summary as one that never stopped, except
   the fields that describe the processes rather than the computation: ``examples_per_sec``,
   ``train_seconds``, ``compile_steps``, ``compile_step_seconds``,
-  ``time_breakdown_seconds``, ``measured_compute_seconds`` (times, summed over the
-  processes, and each process compiles its own programs), ``table_stats`` (the counters
-  of the last process's cache) and ``host_device_bytes`` / ``host_device_bytes_per_step``
-  (the last process's copies, over its own steps).
+  ``time_breakdown_seconds``, ``measured_compute_seconds``, ``step_seconds_by_kind`` (times,
+  summed over the processes, and each process compiles its own programs), ``table_stats``
+  (the counters of the last process's cache) and ``host_device_bytes`` /
+  ``host_device_bytes_per_step`` (the last process's copies, over its own steps).
 
   In a multi-process run (collective: every process calls it) the traffic is that of the
   sparse all-to-all (:mod:`._sharded_tier`), the table statistics are summed over the shards,

@@ -40,6 +40,12 @@ UTF8_BOM = b"\xef\xbb\xbf"
 _PLAIN_READ = 1 << 20  # bytes per read of a plain file
 _GZIP_READ = 1 << 16  # compressed bytes per read of a gzip file
 MAX_LINE_BYTES = 1 << 26  # a longer line is no CTR record (a binary file, a foreign newline)
+_NOT_FILES = (  # what a path that is no regular file is, for the message
+  (stat.S_ISDIR, "a directory"),
+  (stat.S_ISFIFO, "a FIFO"),
+  (lambda mode: stat.S_ISCHR(mode) or stat.S_ISBLK(mode), "a device"),
+  (stat.S_ISSOCK, "a socket"),
+)
 
 
 class CTRDataError(ValueError):
@@ -165,17 +171,7 @@ def check_data_file(path: str) -> None:
   except OSError as error:
     raise CTRDataError(f"{path}: cannot read the file: {error.strerror}") from None
   if not stat.S_ISREG(mode):
-    kind = (
-      "a directory"
-      if stat.S_ISDIR(mode)
-      else "a FIFO"
-      if stat.S_ISFIFO(mode)
-      else "a device"
-      if stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
-      else "a socket"
-      if stat.S_ISSOCK(mode)
-      else "not a regular file"
-    )
+    kind = next((kind for test, kind in _NOT_FILES if test(mode)), "not a regular file")
     raise CTRDataError(
       f"{path} is {kind}, not a data file; pass a regular file (plain text or gzip)"
     )
@@ -260,14 +256,10 @@ class TextFile:
   def first_line(self, part_start: int) -> int:
     """The line number of the line that starts at decompressed offset ``part_start``."""
     if part_start not in self._first_line:  # a seeked plain part: count once
-      count, done = 0, 0
       with self._open() as f:
-        while done < part_start:
-          chunk = self._call(lambda done=done: f.read(min(_PLAIN_READ, part_start - done)))
-          if not chunk:
-            break
+        reader, count = _PlainReader(f, 0, limit=part_start), 0
+        while chunk := self._call(reader.read):
           count += chunk.count(b"\n")
-          done += len(chunk)
       self._first_line[part_start] = count + 1
     return self._first_line[part_start]
 

@@ -4,6 +4,7 @@ refusal, a signal stops a run at a step boundary, and every user error is one li
 import errno
 import json
 import os
+import pathlib
 import secrets
 import shutil
 import signal
@@ -20,7 +21,7 @@ from kstep_adam.ctr.run import _checkpoint
 from kstep_adam.ctr.run._rundir import RunDirectory
 from kstep_adam.ctr.run._rundir import run_identity
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = str(pathlib.Path(__file__).resolve().parents[3])  # tests/ctr/run/ -> the repository
 # A small run of the command line (one step program to compile: sync Adam).
 FLAGS = ["--optimizer", "sync_adam", "--batch-size", "16", "--steps", "6", "--log-every", "2"]
 FLAGS += ["--table-rows", "16384", "--host-cache-rows", "4096", "--eval-every", "0"]

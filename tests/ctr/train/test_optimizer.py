@@ -7,13 +7,13 @@ import math
 import jax
 import numpy as np
 import pytest
+from _ctr_files import good_lines
 from flax import nnx
 
 import kstep_adam
 from experiments import train_ctr
 from kstep_adam import ctr
 from kstep_adam.ctr.train._meters import jax_shapes
-from tests._ctr_files import good_lines
 
 MESH = {"node": 2, "local": 4}
 STEPS = 96

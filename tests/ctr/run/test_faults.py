@@ -20,24 +20,11 @@ from kstep_adam.ctr.run._rundir import RunDirectory
 from kstep_adam.ctr.run._rundir import run_identity
 from kstep_adam.ctr.train._divergence import DivergenceMonitor
 
-BASE = dict(
-  optimizer="sync_adam",  # one step program to compile: these tests are not about merges
-  batch_size=16,
-  steps=6,
-  table_rows=1 << 14,
-  host_cache_rows=1 << 12,
-  log_every=2,
-  eval_every=0,
-)
-DATA = ctr.DataConfig(vocab_size=20, test_examples=512)
 
-
-def _config(**overrides):
-  return ctr.TrainConfig(**{**BASE, **overrides})
-
-
-def _source(config):
-  return ctr.make_source(DATA, config)
+@pytest.fixture(scope="module")
+def config(tiny_config):
+  """The tiny run with one step program to compile: these tests are not about merges."""
+  return dataclasses.replace(tiny_config, optimizer="sync_adam")
 
 
 def _files(directory) -> dict:
@@ -52,11 +39,11 @@ def _files(directory) -> dict:
 
 
 @pytest.fixture(scope="module")
-def finished_run(tmp_path_factory):
+def finished_run(tmp_path_factory, config, tiny_source):
   """A finished run with checkpoints: what a second run finds in its --out."""
   out = tmp_path_factory.mktemp("previous") / "out"
-  config = _config(checkpoint_every=3)
-  ctr.train(config, _source(config), str(out))
+  config = dataclasses.replace(config, checkpoint_every=3)
+  ctr.train(config, tiny_source(config), str(out))
   return config, out
 
 
@@ -69,19 +56,21 @@ def previous(tmp_path, finished_run):
 
 
 # -- item 4: --out reuse ------------------------------------------------------------------------
-def test_a_second_run_into_a_runs_directory_is_refused_and_changes_nothing(previous):
+def test_a_second_run_into_a_runs_directory_is_refused_and_changes_nothing(previous, tiny_source):
   config, out = previous
   before = _files(out)
   assert {"run.json", "metrics.jsonl", "summary.json"} <= set(before)
   with pytest.raises(ctr.RunDirectoryError, match=r"holds a run already.*--resume.*--overwrite"):
-    ctr.train(config, _source(config), str(out))
+    ctr.train(config, tiny_source(config), str(out))
   other = dataclasses.replace(config, learning_rate=0.01)
   with pytest.raises(ctr.RunDirectoryError, match=r"learning_rate: 0\.002 -> 0\.01"):
-    ctr.train(other, _source(other), str(out), resume=True)
+    ctr.train(other, tiny_source(other), str(out), resume=True)
   assert _files(out) == before
 
 
-def test_a_run_that_fails_at_start_up_leaves_the_previous_run_whole(previous, tmp_path):
+def test_a_run_that_fails_at_start_up_leaves_the_previous_run_whole(
+  previous, tmp_path, tiny_source
+):
   """Regression: metrics.jsonl was opened with 'w' before anything was checked, so a run that
   failed at start-up truncated the previous run's metrics beside its old summary.json."""
   config, out = previous
@@ -90,7 +79,7 @@ def test_a_run_that_fails_at_start_up_leaves_the_previous_run_whole(previous, tm
   embedding.open_table(table_dir, num_rows=64, dim=16).close()
   failing = dataclasses.replace(config, table_dir=str(table_dir))  # refused: it has a table
   with pytest.raises(ValueError, match="holds a table already"):
-    ctr.train(failing, _source(failing), str(out), overwrite=True)
+    ctr.train(failing, tiny_source(failing), str(out), overwrite=True)
   assert _files(out) == before
 
 
@@ -109,11 +98,11 @@ def test_the_command_line_refuses_a_used_out_and_says_what_to_pass(previous, cap
   assert _files(out) == before
 
 
-def test_overwrite_replaces_the_previous_run_whole(previous):
+def test_overwrite_replaces_the_previous_run_whole(previous, tiny_source):
   config, out = previous
   old_run = (out / "run.json").read_text()
   changed = dataclasses.replace(config, steps=4, checkpoint_every=0, learning_rate=0.01)
-  summary = ctr.train(changed, _source(changed), str(out), overwrite=True)
+  summary = ctr.train(changed, tiny_source(changed), str(out), overwrite=True)
   assert summary["steps"] == 4
   assert sorted(os.listdir(out)) == ["LOCK", "metrics.jsonl", "run.json", "summary.json"]
   assert (out / "run.json").read_text() != old_run
@@ -121,18 +110,17 @@ def test_overwrite_replaces_the_previous_run_whole(previous):
   assert [r["step"] for r in records] == [2, 4, 4]  # train records, then the final eval
 
 
-def test_files_that_are_not_a_runs_are_never_deleted(previous):
+def test_files_that_are_not_a_runs_are_never_deleted(previous, tiny_source):
   config, out = previous
   (out / "notes.txt").write_text("mine")
   for flags in ({}, {"overwrite": True}, {"resume": True}):
     with pytest.raises(ctr.RunDirectoryError, match=r"not a run's outputs: \['notes.txt'\]"):
-      ctr.train(config, _source(config), str(out), **flags)
+      ctr.train(config, tiny_source(config), str(out), **flags)
   assert (out / "notes.txt").read_text() == "mine"
 
 
-def test_two_processes_never_write_one_directory(tmp_path):
-  config = _config()
-  identity = run_identity(config, _source(config))
+def test_two_processes_never_write_one_directory(tmp_path, config, tiny_source):
+  identity = run_identity(config, tiny_source(config))
   holder = RunDirectory(str(tmp_path), identity, resume=False, overwrite=False)
   try:
     with pytest.raises(OutDirLockedError, match="being written by another run"):
@@ -141,21 +129,21 @@ def test_two_processes_never_write_one_directory(tmp_path):
     holder.close()
 
 
-def test_resuming_a_finished_run_rewrites_the_same_results(previous):
+def test_resuming_a_finished_run_rewrites_the_same_results(previous, tiny_source):
   config, out = previous
   summary = json.loads((out / "summary.json").read_text())
   records = (out / "metrics.jsonl").read_text()
-  again = ctr.train(config, _source(config), str(out), resume=True)  # from its last checkpoint
+  again = ctr.train(config, tiny_source(config), str(out), resume=True)  # from its last checkpoint
   assert again["test_auc"] == summary["test_auc"] and again["steps"] == summary["steps"] == 6
   assert (out / "metrics.jsonl").read_text() == records
 
 
 # -- item 5: --table-dir reuse ------------------------------------------------------------------
-def test_an_existing_table_is_refused_unless_the_run_starts_from_it(tmp_path):
+def test_an_existing_table_is_refused_unless_the_run_starts_from_it(tmp_path, config, tiny_source):
   """Regression: a table_dir holding a table was reused with fresh dense layers (its step
   going on from 4 to 8) without a word."""
   table_dir = tmp_path / "table"
-  config = _config(table_dir=str(table_dir), steps=4)
+  config = dataclasses.replace(config, table_dir=str(table_dir), steps=4)
   with embedding.open_table(
     table_dir,
     num_rows=config.table_rows,
@@ -167,18 +155,18 @@ def test_an_existing_table_is_refused_unless_the_run_starts_from_it(tmp_path):
       table.push(np.arange(10), np.ones((10, 16), np.float32))
     rows = table.pull(np.arange(10))
   with pytest.raises(ValueError, match=r"holds a table already; pass init_from_table"):
-    ctr.train(config, _source(config))
+    ctr.train(config, tiny_source(config))
   with embedding.open_table(table_dir) as table:  # untouched
     assert table.step == 4
     np.testing.assert_array_equal(table.pull(np.arange(10)), rows)
   start_from_it = dataclasses.replace(config, init_from_table=True)
-  ctr.train(start_from_it, _source(start_from_it))
+  ctr.train(start_from_it, tiny_source(start_from_it))
   with embedding.open_table(table_dir) as table:
     assert table.step == 8  # the table's own steps go on: this run pushed 4 more
   with pytest.raises(ValueError, match="no table in table_dir"):
     ctr.train(
       dataclasses.replace(start_from_it, table_dir=str(tmp_path / "empty")),
-      _source(config),
+      tiny_source(config),
     )
 
 
@@ -215,8 +203,8 @@ def test_a_diverging_run_stops_naming_the_step_and_records_it(tmp_path, capsys):
 class _PoisonedSource:
   """Synthetic data whose global batch at ``poisoned_step`` (1-based) has a NaN feature."""
 
-  def __init__(self, config, poisoned_step):
-    self.source = _source(config)
+  def __init__(self, source, poisoned_step):
+    self.source = source
     train_from = self.source.train_from
 
     def poisoned(epoch, global_batch, start):
@@ -228,9 +216,11 @@ class _PoisonedSource:
     self.source = dataclasses.replace(self.source, train_from=poisoned)
 
 
-def test_a_nonfinite_step_stops_the_run_and_the_checkpoint_keeps_the_last_good_state(tmp_path):
-  config = _config(steps=8, checkpoint_every=2)
-  source = _PoisonedSource(config, poisoned_step=5).source
+def test_a_nonfinite_step_stops_the_run_and_the_checkpoint_keeps_the_last_good_state(
+  tmp_path, config, tiny_source
+):
+  config = dataclasses.replace(config, steps=8, checkpoint_every=2)
+  source = _PoisonedSource(tiny_source(config), poisoned_step=5).source
   with pytest.raises(
     ctr.DivergenceError, match="diverged at step 5: the loss is not finite"
   ) as info:
@@ -243,9 +233,9 @@ def test_a_nonfinite_step_stops_the_run_and_the_checkpoint_keeps_the_last_good_s
     assert latest.step == table.step == 4  # the table was flushed only by that checkpoint
 
 
-def test_skipping_nonfinite_steps_changes_nothing_but_the_step_count(tmp_path):
-  config = _config(steps=8, on_nonfinite="skip", sparse_mode="exact")
-  source = _PoisonedSource(config, poisoned_step=5).source
+def test_skipping_nonfinite_steps_changes_nothing_but_the_step_count(tmp_path, config, tiny_source):
+  config = dataclasses.replace(config, steps=8, on_nonfinite="skip", sparse_mode="exact")
+  source = _PoisonedSource(tiny_source(config), poisoned_step=5).source
   summary, state = ctr.train(config, source, str(tmp_path / "out"), return_state=True)
   assert summary["status"] == "completed" and summary["skipped_steps"] == [5]
   assert summary["steps"] == 8 and "1 steps had non-finite values" in summary["warnings"][-1]
@@ -260,8 +250,8 @@ def test_skipping_nonfinite_steps_changes_nothing_but_the_step_count(tmp_path):
   assert step6["skipped"] == 1 and np.isfinite(step6["loss"])
 
 
-def test_exploding_is_a_loss_above_a_multiple_of_the_first_for_enough_steps():
-  config = _config(divergence_factor=10.0, divergence_steps=3)
+def test_exploding_is_a_loss_above_a_multiple_of_the_first_for_enough_steps(config):
+  config = dataclasses.replace(config, divergence_factor=10.0, divergence_steps=3)
   monitor = DivergenceMonitor(config)
   losses = [0.7, 8.0, 6.0, 7.5, 8.0, 0.6, 7.1, 7.2]  # 10x 0.7 = 7: three above in a row
   for step, loss in enumerate(losses, start=1):
@@ -272,7 +262,7 @@ def test_exploding_is_a_loss_above_a_multiple_of_the_first_for_enough_steps():
   resumed = DivergenceMonitor(config)
   resumed.restore(json.loads(json.dumps(monitor.state())))
   assert resumed.state() == monitor.state() and resumed.suspect
-  off = DivergenceMonitor(_config(divergence_factor=0.0))
+  off = DivergenceMonitor(dataclasses.replace(config, divergence_factor=0.0))
   for step in range(1, 100):
     off.check(step, 1e30 if step > 1 else 0.7, finite=True)
   with pytest.raises(ctr.DivergenceError, match="a gradient is not finite"):
@@ -290,15 +280,15 @@ def test_exploding_is_a_loss_above_a_multiple_of_the_first_for_enough_steps():
     (dict(init_from_table=True), "init_from_table needs table_dir"),
   ],
 )
-def test_new_config_fields_refuse_bad_values_naming_the_field(change, message):
+def test_new_config_fields_refuse_bad_values_naming_the_field(change, message, config):
   with pytest.raises(ValueError, match=message):
-    _config(**change)
+    dataclasses.replace(config, **change)
 
 
-def test_checkpoints_need_an_output_directory():
-  config = _config(checkpoint_every=2)
+def test_checkpoints_need_an_output_directory(config, tiny_source):
+  config = dataclasses.replace(config, checkpoint_every=2)
   with pytest.raises(ValueError, match="need an output directory"):
-    ctr.train(config, _source(config))
+    ctr.train(config, tiny_source(config))
 
 
 class _FailAt(ctr.Hook):
@@ -311,7 +301,7 @@ class _FailAt(ctr.Hook):
 
 
 def test_a_run_resumed_before_its_first_checkpoint_starts_over_from_its_tables_start(
-  tmp_path, finished_run, monkeypatch
+  tmp_path, finished_run, monkeypatch, tiny_source
 ):
   """No checkpoint yet: the resumed run starts from step 0, with its table reverted to the
   version it started from (this one was flushed when the interrupted run closed)."""
@@ -323,12 +313,12 @@ def test_a_run_resumed_before_its_first_checkpoint_starts_over_from_its_tables_s
     ctr.Trainer, "fit", lambda self, hooks=(): original_fit(self, [*hooks, _FailAt(4)])
   )
   with pytest.raises(RuntimeError, match="interrupted at step 4"):
-    ctr.train(config, _source(config), str(out))
+    ctr.train(config, tiny_source(config), str(out))
   monkeypatch.setattr(ctr.Trainer, "fit", original_fit)
   with embedding.open_table(tmp_path / "table") as table:
     assert table.step == 4
     table.close(flush=False)
-  summary = ctr.train(config, _source(config), str(out), resume=True)
+  summary = ctr.train(config, tiny_source(config), str(out), resume=True)
   expected = json.loads((reference_out / "summary.json").read_text())
   for key in ("test_auc", "test_logloss", "steps", "evals", "sparse_bytes", "dense_bytes_by_axis"):
     assert summary[key] == expected[key], key
@@ -361,10 +351,12 @@ def test_a_run_that_ends_with_its_loss_above_the_limit_has_diverged(tmp_path, ca
   assert "ended with its loss above" in summary["message"]
 
 
-def test_a_run_whose_test_predictions_are_not_finite_has_diverged(tmp_path, capsys):
+def test_a_run_whose_test_predictions_are_not_finite_has_diverged(
+  tmp_path, capsys, config, tiny_source
+):
   """Regression: a model with non-finite predictions on the test set (here dense parameters
   poisoned after the last step, as an overflow would leave them) ended "completed"."""
-  config = _config(steps=2)
+  config = dataclasses.replace(config, steps=2)
   original = ctr.Trainer.fit
 
   def fit_then_poison(trainer, hooks=()):
@@ -374,7 +366,7 @@ def test_a_run_whose_test_predictions_are_not_finite_has_diverged(tmp_path, caps
   ctr.Trainer.fit = fit_then_poison
   try:
     with pytest.raises(ctr.DivergenceError, match="not finite") as info:
-      ctr.train(config, _source(config), str(tmp_path / "out"))
+      ctr.train(config, tiny_source(config), str(tmp_path / "out"))
   finally:
     ctr.Trainer.fit = original
   assert info.value.reason == "nonfinite" and info.value.step == 2
@@ -387,23 +379,25 @@ def test_a_final_evaluation_with_a_nonfinite_prediction_is_divergence():
   assert record["test_nonfinite_predictions"] == 1 and record["test_auc"] is None
 
 
-def test_learning_rates_infinite_in_float32_are_refused_with_the_range():
+def test_learning_rates_infinite_in_float32_are_refused_with_the_range(config):
   """Regression: 1e39 is finite in float64 and passed; in float32 it is inf."""
   for name in ("learning_rate", "sparse_learning_rate", "outer_learning_rate"):
     with pytest.raises(ValueError, match=rf"{name} must be a finite number in \(0\.0, 3\.40"):
-      _config(**{name: 1e39})
-  _config(sparse_learning_rate=3e38)  # the largest float32 is allowed
+      dataclasses.replace(config, **{name: 1e39})
+  dataclasses.replace(config, sparse_learning_rate=3e38)  # the largest float32 is allowed
 
 
-def test_a_sparse_update_that_overflows_float32_is_divergence_and_nothing_is_stored(tmp_path):
+def test_a_sparse_update_that_overflows_float32_is_divergence_and_nothing_is_stored(
+  tmp_path, config, tiny_source
+):
   """Regression: --lr 1e4 --steps 8 --table-dir T completed with ~52k inf values in the
   stored second moment (the float64 moment overflows in the cast to float32), and a diverged
   run still committed its table when it closed. Now the push that would store them is
   divergence, and the table keeps its last good commit (here: its start)."""
   table_dir = tmp_path / "table"
-  config = _config(steps=8, learning_rate=1e4, table_dir=str(table_dir))
+  config = dataclasses.replace(config, steps=8, learning_rate=1e4, table_dir=str(table_dir))
   with pytest.raises(ctr.DivergenceError, match="embedding rows is not finite") as info:
-    ctr.train(config, _source(config), str(tmp_path / "out"))
+    ctr.train(config, tiny_source(config), str(tmp_path / "out"))
   assert info.value.reason == "nonfinite" and info.value.step == 2
   with embedding.open_table(table_dir) as table:
     assert table.step == 0
@@ -425,7 +419,9 @@ def test_a_table_push_that_would_store_nonfinite_rows_stores_nothing(tmp_path):
 
 # -- issue 17, item 10: relative, spaced and symlinked output directories -----------------------
 @pytest.mark.parametrize("kind", ["relative", "symlinked"])
-def test_checkpoints_into_a_relative_or_symlinked_out_save_and_resume(tmp_path, monkeypatch, kind):
+def test_checkpoints_into_a_relative_or_symlinked_out_save_and_resume(
+  tmp_path, monkeypatch, kind, config, tiny_source
+):
   """Regression: --checkpoint-every with a relative --out (the README's own command, and every
   sweep's default) crashed in orbax: 'Checkpoint path should be absolute'."""
   monkeypatch.chdir(tmp_path)
@@ -434,8 +430,8 @@ def test_checkpoints_into_a_relative_or_symlinked_out_save_and_resume(tmp_path, 
     os.makedirs("real place")
     os.symlink("real place", "link")
     out = os.path.join("link", out)
-  config = _config(steps=4, checkpoint_every=2)
-  summary = ctr.train(config, _source(config), out)
+  config = dataclasses.replace(config, steps=4, checkpoint_every=2)
+  summary = ctr.train(config, tiny_source(config), out)
   assert summary["status"] == "completed"
   assert [c.step for c in _checkpoint.complete_checkpoints(os.path.join(out, "checkpoints"))] == [
     2,
@@ -443,7 +439,7 @@ def test_checkpoints_into_a_relative_or_symlinked_out_save_and_resume(tmp_path, 
   ]
   os.unlink(os.path.join(out, "summary.json"))
   os.unlink(os.path.join(out, "checkpoints", "step_000000004", "manifest.json"))
-  resumed = ctr.train(config, _source(config), out, resume=True)  # from step 2
+  resumed = ctr.train(config, tiny_source(config), out, resume=True)  # from step 2
   assert resumed["test_auc"] == summary["test_auc"]
 
 
@@ -481,7 +477,7 @@ def test_a_flipped_byte_in_a_checkpoint_file_is_refused_naming_the_file(tmp_path
 
 
 # -- issue 17, item 5: a changed byte anywhere the resumed run reads again is refused ----------
-def test_a_data_file_changed_in_the_middle_is_refused_on_resume(tmp_path, monkeypatch):
+def test_a_data_file_changed_in_the_middle_is_refused_on_resume(tmp_path, monkeypatch, config):
   """Regression: the fingerprint covered the size and the first and last MiB, so flipping
   labels between 2 and 3 MB of a file after a kill was accepted on --resume. The fingerprint
   is cut to 1 KiB here to stand for a file larger than 2 MiB."""
@@ -491,7 +487,9 @@ def test_a_data_file_changed_in_the_middle_is_refused_on_resume(tmp_path, monkey
   monkeypatch.setattr(_sources, "file_fingerprint", lambda p: fingerprint(p, sample_bytes=1024))
   data = tmp_path / "day.txt"
   ctr.SyntheticCTR(vocab_size=300, seed=4).write_criteo(str(data), 1300)
-  config = _config(steps=None, epochs=2, checkpoint_every=4, eval_every=0, keep_checkpoints=9)
+  config = dataclasses.replace(
+    config, steps=None, epochs=2, checkpoint_every=4, eval_every=0, keep_checkpoints=9
+  )
 
   def source():
     return ctr.file_source(str(data), block_bytes=4096)

@@ -12,22 +12,6 @@ from kstep_adam.ctr.data._prefetch import HeldOutSet
 from kstep_adam.ctr.train._evaluate import evaluate
 
 
-def _small(**overrides):
-  base = dict(
-    batch_size=16,
-    steps=6,
-    k=4,
-    table_rows=1 << 14,
-    host_cache_rows=1 << 12,
-    log_every=2,
-    eval_every=0,
-  )
-  config = ctr.TrainConfig(**{**base, **overrides})
-  # A tiny vocabulary keeps every step's unique rows inside one shape bucket.
-  data = ctr.DataConfig(vocab_size=20, test_examples=512)
-  return config, ctr.make_source(data, config)
-
-
 class Recorder(ctr.Hook):
   def __init__(self, fail_at=None):
     self.results, self.closed, self.fail_at = [], False, fail_at
@@ -41,8 +25,8 @@ class Recorder(ctr.Hook):
     self.closed = True
 
 
-def test_hooks_see_every_step_and_which_ones_compiled(tmp_path):
-  config, source = _small()
+def test_hooks_see_every_step_and_which_ones_compiled(tmp_path, tiny_config, tiny_source):
+  config, source = tiny_config, tiny_source(tiny_config)
   recorder = Recorder()
   with ctr.Trainer(config, source, ctr.make_optimizer(config), str(tmp_path)) as trainer:
     trainer.fit([ctr.MetricsLog(config.log_every), recorder])
@@ -56,8 +40,8 @@ def test_hooks_see_every_step_and_which_ones_compiled(tmp_path):
   assert all(r.row_ids_U.size > 0 and r.loss > 0 for r in recorder.results)
 
 
-def test_resources_are_released_when_a_step_hook_fails(tmp_path):
-  config, source = _small()
+def test_resources_are_released_when_a_step_hook_fails(tmp_path, tiny_config, tiny_source):
+  config, source = tiny_config, tiny_source(tiny_config)
   recorder = Recorder(fail_at=2)
   trainer = ctr.Trainer(config, source, ctr.make_optimizer(config), str(tmp_path))
   with pytest.raises(RuntimeError, match="hook failed at step 2"), trainer:
@@ -68,15 +52,17 @@ def test_resources_are_released_when_a_step_hook_fails(tmp_path):
   assert trainer.metrics_file.closed
 
 
-def test_a_table_dir_is_kept_and_flushed(tmp_path):
-  config, source = _small(table_dir=str(tmp_path / "table"))
+def test_a_table_dir_is_kept_and_flushed(tmp_path, tiny_config, tiny_source):
+  config = dataclasses.replace(tiny_config, table_dir=str(tmp_path / "table"))
+  source = tiny_source(config)
   with ctr.Trainer(config, source, ctr.make_optimizer(config)) as trainer:
     trainer.fit()
   assert os.listdir(tmp_path / "table")
 
 
-def test_the_test_set_is_read_once_per_run():
-  config, plain = _small(steps=6, eval_every=2)
+def test_the_test_set_is_read_once_per_run(tiny_config, tiny_source):
+  config = dataclasses.replace(tiny_config, eval_every=2)
+  plain = tiny_source(config)
   reads = []
 
   def counted_test_batches():
@@ -111,15 +97,16 @@ def test_a_test_set_too_large_to_keep_is_read_at_every_evaluation():
   assert small.reads == 1 and large.reads == 3
 
 
-def test_resume_says_the_step_it_continues_from(tmp_path, capsys):
-  config, source = _small(checkpoint_every=2)
+def test_resume_says_the_step_it_continues_from(tmp_path, capsys, tiny_config, tiny_source):
+  config = dataclasses.replace(tiny_config, checkpoint_every=2)
+  source = tiny_source(config)
   with (
     pytest.raises(RuntimeError, match="at step 5"),
     ctr.Trainer(config, source, ctr.make_optimizer(config), str(tmp_path)) as trainer,
   ):
     trainer.fit([Recorder(fail_at=5)])  # stopped after the step-4 checkpoint
   assert "resuming" not in capsys.readouterr().err
-  config, source = _small(checkpoint_every=2)
+  source = tiny_source(config)
   with ctr.Trainer(
     config, source, ctr.make_optimizer(config), str(tmp_path), resume=True
   ) as trainer:

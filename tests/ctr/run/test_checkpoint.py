@@ -7,8 +7,10 @@ compilations, cache counters), listed below. A kill in the middle of writing a c
 leaves the previous one loadable, also when the table was already flushed past it.
 """
 
+import dataclasses
 import json
 import os
+import pathlib
 import random
 import signal
 import subprocess
@@ -78,7 +80,7 @@ def _file_data(path, lines=1300):
 
 
 def _run(out, config_kwargs, data, cache, *, kill=None, fault=None, resume=False, timeout=300):
-  """A run in its own process (:mod:`_ctr_resume_worker`), to its end or killed as ``kill``
+  """A run in its own process (``_resume_worker.py``), to its end or killed as ``kill``
   says, or at the fault point ``fault`` (``POINT@N``, :mod:`kstep_adam._faults`); the
   processes share a compilation cache, so only the first compiles."""
   spec = {
@@ -89,12 +91,12 @@ def _run(out, config_kwargs, data, cache, *, kill=None, fault=None, resume=False
     "resume": resume,
     "cache": str(cache),
   }
-  env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(HERE), HERE]))
+  env = dict(os.environ, PYTHONPATH=str(pathlib.Path(HERE).parents[2]))
   env.pop(_faults.ENV, None)
   if fault is not None:
     env[_faults.ENV] = fault
   proc = subprocess.Popen(
-    [sys.executable, os.path.join(HERE, "_ctr_resume_worker.py"), json.dumps(spec)],
+    [sys.executable, os.path.join(HERE, "_resume_worker.py"), json.dumps(spec)],
     env=env,
     stdout=subprocess.PIPE,
     stderr=subprocess.STDOUT,
@@ -252,14 +254,13 @@ def test_the_step_counter_of_a_restored_checkpoint_decides_the_next_merge(tmp_pa
   assert fresh.step == 3 and _spread(merged) < 1e-6  # the count-3 merge ran
 
 
-def test_a_saved_host_state_round_trips_through_run_state(tmp_path):
+def test_a_saved_host_state_round_trips_through_run_state(tmp_path, tiny_config, tiny_source):
   """host.json -> RunState (+ its parts) -> host.json is the identity, and a key that is
   missing is named with the file."""
   from kstep_adam.ctr.run._state import RunState
 
-  config = ctr.TrainConfig(**{**CONFIG, "steps": 6, "eval_every": 0})
-  source = ctr.make_source(ctr.DataConfig(**SYNTHETIC), config)
-  ctr.train(config, source, str(tmp_path / "out"))
+  config = dataclasses.replace(tiny_config, checkpoint_every=3)
+  ctr.train(config, tiny_source(config), str(tmp_path / "out"))
   checkpoint = _checkpoint.latest_checkpoint(str(tmp_path / "out" / "checkpoints"))
   with open(os.path.join(checkpoint.path, _checkpoint.HOST_STATE)) as f:
     host = json.load(f)

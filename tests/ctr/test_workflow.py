@@ -130,7 +130,7 @@ def test_train_ctr_on_a_criteo_file_with_bad_lines(tmp_path):
     "0",
   ]
   with pytest.raises(ctr.CTRDataError, match=r"day\.txt:3001: expected 40 fields"):
-    train_ctr.main([*args, "--debug"])  # without --debug: one line (test_ctr_faults_messages)
+    train_ctr.main([*args, "--debug"])  # without --debug: one line (ctr/run/test_fault_messages.py)
   summary = train_ctr.main(args + ["--skip-bad-lines"])
   # 3001 lines; the lines that start in the last 10% of the bytes are held out (a time
   # split), and the bad line is the last test line

@@ -5,6 +5,7 @@ import dataclasses
 import itertools
 import json
 import os
+import pathlib
 import subprocess
 import sys
 import types
@@ -15,6 +16,8 @@ import pytest
 import kstep_adam
 from kstep_adam import ctr
 from kstep_adam.ctr.train import _adaptive
+
+REPO = str(pathlib.Path(__file__).resolve().parents[3])  # tests/ctr/train/ -> the repository
 
 
 def _records(path):
@@ -28,7 +31,7 @@ def test_k_auto_on_the_command_line(tmp_path):
   args += ["--nodes", "2", "--devices-per-node", "2", "--synthetic-steps", "24"]
   args += ["--table-rows", "65536", "--out", str(out), "--no-progress", "--eval-every", "0"]
   # Its own process: 2 x 2 devices, while this one's JAX backend may already hold 8.
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  root = REPO
   subprocess.run([sys.executable, "-m", "experiments.train_ctr", *args], check=True, cwd=root)
   with open(out / "summary.json") as f:
     summary = json.load(f)
@@ -199,7 +202,7 @@ def test_k_auto_on_two_processes(tmp_path):
   import subprocess
   import sys
 
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  root = REPO
   out = tmp_path / "out"
   train = [sys.executable, "-m", "experiments.train_ctr", "--k", "auto", "--k-budget", "0.002"]
   train += ["--nodes", "2", "--devices-per-node", "2", "--steps", "24", "--batch-size", "16"]

@@ -1,7 +1,7 @@
 """A CTR run in its own process, to its end or killed with SIGKILL at a chosen point (run by
-tests/test_ctr_checkpoint.py, not by pytest).
+tests/ctr/run/test_checkpoint.py, not by pytest).
 
-    python _ctr_resume_worker.py SPEC_JSON
+    python tests/ctr/run/_resume_worker.py SPEC_JSON
 
 SPEC_JSON: ``{"out": ..., "config": {TrainConfig fields}, "data": {...}, "resume": bool,
 "kill": {...} or null, "cache": DIR}`` with ``data`` either ``{"synthetic": {DataConfig

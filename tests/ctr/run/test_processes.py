@@ -1,7 +1,7 @@
 """Two processes of two simulated CPU devices train the CTR model as one process does.
 
 Each test starts ``python -m kstep_adam.launch --num-processes 2`` on
-``tests/_ctr_multiprocess_worker.py``, so it covers the launcher, the distributed setup from
+``tests/ctr/run/_processes_worker.py``, so it covers the launcher, the distributed setup from
 its environment, the per-process data, the table sharded by ``row % 2`` and exchanged with
 all-to-alls, and the rank-0 outputs, against the one-process run of the same flags in this
 process (its mesh is the first four of the suite's eight devices).
@@ -10,6 +10,7 @@ process (its mesh is the first four of the suite's eight devices).
 import dataclasses
 import json
 import os
+import pathlib
 import subprocess
 import sys
 
@@ -24,7 +25,7 @@ from kstep_adam import _faults
 from kstep_adam import ctr
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
+ROOT = str(pathlib.Path(HERE).parents[2])  # the repository
 
 # Small, but with every mechanism in play: merges at steps 4, 8, 12 (the hierarchical route
 # over processes), an evaluation mid-run, several hundred rows per owner per step.
@@ -63,7 +64,7 @@ def launch(
     "60",
     "--",
     sys.executable,
-    os.path.join(HERE, "_ctr_multiprocess_worker.py"),
+    os.path.join(HERE, "_processes_worker.py"),
     str(out_dir),
     *(f"{name}={json.dumps(fields)}" for name, fields in runs.items()),
   ]

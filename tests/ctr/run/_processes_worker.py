@@ -1,6 +1,6 @@
 """One process of a multi-process CTR run (started by ``kstep_adam.launch`` in the tests).
 
-``python tests/_ctr_multiprocess_worker.py OUT NAME=JSON ...`` trains once per ``NAME=JSON``
+``python tests/ctr/run/_processes_worker.py OUT NAME=JSON ...`` trains once per ``NAME=JSON``
 (the JSON holds TrainConfig and DataConfig fields, and optionally ``kill_at: [rank, step]``,
 a process that SIGKILLs itself after that step, and ``resume: true``) and writes
 ``OUT/NAME/`` (process 0's ``summary.json`` and ``metrics.jsonl``, the checkpoints) and

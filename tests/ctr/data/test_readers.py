@@ -1,4 +1,5 @@
-"""Tests of the CTR data layer: readers, synthetic generator, feature keys and metrics."""
+"""The CTR file readers: Criteo TSV and CSV, plain and gzip, whole or a byte span of a file,
+and the data reader benchmark."""
 
 import gzip
 import itertools
@@ -134,80 +135,6 @@ def test_avazu_style_csv_with_header(tmp_path):
   path.write_text(text + "1003,2,1,2,3\n")
   _, _, error = read_both(path, format="csv")
   assert re.search(r"avazu\.csv:5: label must be 0 or 1", error)
-
-
-def test_synthetic_is_deterministic_and_shards():
-  make = lambda seed: ctr.SyntheticCTR(num_workers=4, sharding="non_iid", seed=seed)
-  a, b, c = make(0), make(0), make(1)
-  x, px = a.batch(step=3, worker=2, batch_size=64)
-  y, py = b.batch(step=3, worker=2, batch_size=64)
-  for u, v in zip(x, y):
-    np.testing.assert_equal(u, v)
-  np.testing.assert_equal(px, py)
-  assert not np.array_equal(c.batch(3, 2, 64)[0].keys_BxF, x.keys_BxF)
-  assert not np.array_equal(a.batch(3, 1, 64)[0].keys_BxF, x.keys_BxF)
-  g = a.global_batch(step=3, batch_size=64)
-  np.testing.assert_equal(g.keys_BxF[128:192], x.keys_BxF)
-  assert (g.keys_BxF >= 0).all() and (g.keys_BxF < 2**40).all()
-  t = a.teacher_auc(20_000)
-  assert 0.7 < t < 0.95 and t == b.teacher_auc(20_000)
-
-
-def test_non_iid_shards_have_different_hot_ids():
-  def top_keys(data, worker):
-    keys = np.concatenate([data.batch(s, worker, 512)[0].keys_BxF for s in range(4)])
-    return np.array(
-      [
-        np.unique(col, return_counts=True)[0][np.unique(col, return_counts=True)[1].argmax()]
-        for col in keys.T
-      ]
-    )
-
-  iid = ctr.SyntheticCTR(num_workers=2, sharding="iid", vocab_size=2000)
-  skew = ctr.SyntheticCTR(num_workers=2, sharding="non_iid", vocab_size=2000)
-  same_iid = (top_keys(iid, 0) == top_keys(iid, 1)).sum()
-  same_skew = (top_keys(skew, 0) == top_keys(skew, 1)).sum()
-  assert same_iid == 26  # Zipf rank 0 dominates every field
-  assert same_skew <= 26 - 26 // 4  # a quarter of the fields have per-shard hot ids
-
-
-def test_auc_matches_pairwise_definition_with_ties():
-  rng = np.random.default_rng(0)
-  labels = rng.integers(0, 2, 200)
-  scores = rng.integers(0, 10, 200).astype(float)  # many ties
-  pos, neg = scores[labels == 1], scores[labels == 0]
-  wins = sum((p > n) + 0.5 * (p == n) for p, n in itertools.product(pos, neg))
-  assert ctr.auc(labels, scores) == pytest.approx(wins / (len(pos) * len(neg)))
-  assert ctr.auc(labels, -scores) == pytest.approx(1 - ctr.auc(labels, scores))
-  assert np.isnan(ctr.auc(np.ones(3), np.arange(3)))
-  assert ctr.logloss(np.array([1.0, 0.0]), np.array([0.8, 0.2])) == pytest.approx(-np.log(0.8))
-
-
-def test_feature_keys_validate_and_separate_fields():
-  keys = ctr.feature_keys(np.array([[5, 5, 5]]), key_bits=20)
-  assert len(set(keys[0].tolist())) == 3 and (keys < 2**20).all()
-  with pytest.raises(ValueError, match="key_bits"):
-    ctr.feature_keys(np.array([[1]]), key_bits=64)
-
-
-@pytest.mark.parametrize("name", ctr.MODELS)
-@pytest.mark.parametrize("num_dense", [13, 0])
-def test_models_take_embeddings_and_pass_gradients_back(name, num_dense):
-  import jax
-  import jax.numpy as jnp
-  from flax import nnx
-
-  model = ctr.make_model(name, num_dense=num_dense, num_categorical=5, embed_dim=4)
-  graphdef, params = nnx.split(model)
-  emb = jax.random.normal(jax.random.key(0), (3, 5, 4)) * 0.1
-  dense = jnp.ones((3, num_dense))
-  logit_fn = lambda p, e: nnx.merge(graphdef, p)(e, dense).sum()
-  assert jax.jit(lambda p, e: nnx.merge(graphdef, p)(e, dense))(params, emb).shape == (3,)
-  g_params, g_emb = jax.jit(jax.grad(logit_fn, argnums=(0, 1)))(params, emb)
-  assert g_emb.shape == emb.shape and float(jnp.abs(g_emb).min()) > 0  # every field matters
-  assert all(np.isfinite(x).all() for x in jax.tree.leaves(g_params))
-  with pytest.raises(ValueError, match="model must be one of"):
-    ctr.make_model("fm", num_dense=1, num_categorical=2, embed_dim=2)
 
 
 @pytest.mark.parametrize("argv", [[], ["--format", "csv", "--gzip"]])
