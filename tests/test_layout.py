@@ -67,7 +67,6 @@ CTR_ALL = [
 
 ALLOWED = {
   "size: kstep_adam/ctr/data/_textfile.py",
-  "size: kstep_adam/ctr/run/_trainer.py",
 }
 
 
