@@ -8,12 +8,14 @@ replicas, restores the checkpoint, opens the sparse tier, builds the step and it
 records the run, reads the held-out sets, opens the metrics file and restores the run's host
 state. It yields a :class:`RunContext`.
 
-This module is the only one that asks whether a run spans several processes. It validates that
-(:func:`check_processes`) and then picks a layout once: :class:`~._layouts.OneProcess` (the whole table
-here, :mod:`~kstep_adam.ctr.train._step`) or :class:`~._layouts.Sharded` (one table shard per process,
-:mod:`~kstep_adam.ctr.train._sharded_step`; process 0 decides about the run directory and
-every process learns, :mod:`._processes`). Every difference between the two after that lives
-in the objects the layout made: the tier, the stepper and the evaluation's gather.
+This module is the only one that asks whether a run spans several processes (``jax.distributed``
+initialized, e.g. by :mod:`kstep_adam.launch`). It validates that (:func:`check_processes`) and
+then picks a layout once: :class:`~._layouts.OneProcess` (the whole table here, the step of
+:mod:`~kstep_adam.ctr.train._step`) or :class:`~._layouts.Sharded` (each process reads its
+share of every batch and keeps its shard of the table, the step of
+:mod:`~kstep_adam.ctr.train._sharded_step`; process 0 decides about the run directory and every
+process learns, :mod:`._processes`). Every difference between the two after that lives in the
+objects the layout made: the tier, the stepper and the evaluation's gather.
 """
 
 from __future__ import annotations
@@ -276,9 +278,11 @@ def _open(
     metrics_file = MetricsFile(path)
     stack.callback(metrics_file.close)
   context = RunContext(
-    config, source, processes, out_dir, run_dir, table_dir, mesh, predict, replicas, tier,
-    stepper, timer, monitor, meter, adaptive, test_set, val_set, metrics_file, checkpoint,
-    None, start_step, steps, layout.gather,
+    config=config, source=source, processes=processes, out_dir=out_dir, run_dir=run_dir,
+    table_dir=table_dir, mesh=mesh, predict=predict, replicas=replicas, tier=tier,
+    stepper=stepper, timer=timer, monitor=monitor, meter=meter, adaptive=adaptive,
+    test_set=test_set, val_set=val_set, metrics_file=metrics_file, checkpoint=checkpoint,
+    run_state=None, start_step=start_step, num_steps=steps, gather=layout.gather,
   )  # fmt: skip
   if host is not None:
     context.run_state = _restore(context, host)
