@@ -28,7 +28,10 @@ from kstep_adam.embedding import TableVersion
 
 
 class OneProcess:
-  """One process: the whole table here (:class:`SparseTier`), the step of ``train/_step``."""
+  """One process: the whole table here (:class:`SparseTier`), the step of ``train/_step``.
+
+  Its methods are the layout's interface; :class:`Sharded` has the same ones.
+  """
 
   gather = None  # evaluation scores this process's predictions alone
 
@@ -36,9 +39,12 @@ class OneProcess:
     self.processes = processes
 
   def part(self, source: DataSource) -> DataSource:
+    """The part of ``source`` this process reads (here: all of it)."""
     return source
 
   def open_run_dir(self, open_here, out_dir):
+    """``open_here()`` (claim ``out_dir``, find the checkpoint), with what this layout refuses:
+    returns the run directory and the checkpoint to resume from."""
     run_dir, checkpoint = open_here()
     if checkpoint is not None and not isinstance(checkpoint.table, TableVersion):
       raise RunDirectoryError(
@@ -49,15 +55,18 @@ class OneProcess:
     return run_dir, checkpoint
 
   def mesh(self, config: TrainConfig):
+    """The run's ``('node', 'local')`` device mesh."""
     return parallel.make_mesh(config.nodes, config.devices_per_node, devices=None)
 
   def cleared(self) -> None:
     """A new run's directory was just cleared: nothing to wait for."""
 
   def own_table(self, table_dir: str) -> str:
+    """Where this process's table lives inside ``table_dir``."""
     return table_dir
 
   def open_tier(self, config, table_dir, mesh, version, *, temporary, flush_on_close, out_dir):
+    """The sparse tier, at ``version`` (the checkpoint's, or the run's initial ones)."""
     if version is not None and not isinstance(version, TableVersion):  # no checkpoint yet
       raise RunDirectoryError(
         f"the run in {out_dir} was started with {len(version)} processes (one table "
@@ -74,6 +83,7 @@ class OneProcess:
     )
 
   def stepper(self, config, graphdef, tx, mesh, tier, timer, monitor, replicas) -> LocalStepper:
+    """The jitted step over ``tier`` and the stepper that runs it."""
     step_fn = _step.make_ctr_train_step(  # built after the tier: a device tier's optimizer
       graphdef,  # runs inside the step
       tx,
@@ -85,6 +95,7 @@ class OneProcess:
     return LocalStepper(step_fn, tier, timer, monitor, replicas, per_worker)
 
   def initial_versions(self, tier) -> dict:
+    """What ``run.json`` records of the table a new run starts from."""
     return {"initial_version": tier.table.committed._asdict()}
 
 
