@@ -66,7 +66,7 @@ from kstep_adam import _distributed
 from kstep_adam import ctr
 from kstep_adam._jsonio import finite_or_none
 from kstep_adam.ctr.run import _interrupt
-from kstep_adam.ctr.train._exchange import sharded_device_cache_error
+from kstep_adam.ctr.run._context import check_processes
 
 # The short spellings users know, beside the generated --learning-rate / --sparse-learning-rate.
 ALIASES = {
@@ -159,13 +159,10 @@ def _main(argv) -> dict:
   except ValueError as error:
     parser.error(str(error))
   processes = _distributed.processes_from_env()
-  if processes.count > 1 and config.nodes != processes.count:
-    parser.error(
-      f"--nodes {config.nodes} with {processes.count} processes: the 'node' axis spans the "
-      f"processes, so pass --nodes {processes.count}"
-    )
-  if processes.count > 1 and config.device_cache_rows:
-    parser.error(sharded_device_cache_error(config.device_cache_rows, processes.count))
+  try:  # the trainer's own check, before the JAX backend starts
+    check_processes(config, processes)
+  except ValueError as error:
+    parser.error(str(error))
   # Before the JAX backend starts: join the multi-process run, if this is one, and ask for
   # this process's simulated devices (ignored on GPU/TPU).
   processes = _distributed.initialize()

@@ -13,6 +13,7 @@ import os
 from typing import Any
 from typing import Protocol
 
+from kstep_adam._jsonio import dumps
 from kstep_adam._jsonio import write_atomic
 
 
@@ -130,3 +131,38 @@ def truncate_metrics(path: str, size: int) -> None:
     )
   if len(kept) > size:
     write_atomic(path, kept[:size].decode("utf-8"))
+
+
+class MetricsFile:
+  """A run's ``metrics.jsonl``, open for appending: one strict-JSON record a line.
+
+  Attributes:
+    path: the file.
+    closed: whether it was closed (the run that opened it closes it).
+  """
+
+  def __init__(self, path: str):
+    self.path = path
+    self._file = open(path, "a", encoding="utf-8")
+
+  def log(self, record: dict) -> None:
+    """Append ``record`` (flushed: a reader sees every record so far)."""
+    self._file.write(dumps(record) + "\n")
+    self._file.flush()
+
+  def sync(self) -> int:
+    """Put every record on disk (before a checkpoint counts them) and return the size."""
+    self._file.flush()
+    os.fsync(self._file.fileno())
+    return self.size()
+
+  def size(self) -> int:
+    """The file's size in bytes."""
+    return os.fstat(self._file.fileno()).st_size
+
+  @property
+  def closed(self) -> bool:
+    return self._file.closed
+
+  def close(self) -> None:
+    self._file.close()

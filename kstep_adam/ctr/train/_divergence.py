@@ -24,6 +24,9 @@ from __future__ import annotations
 
 import math
 
+import jax
+import jax.numpy as jnp
+
 from kstep_adam.ctr.train._config import TrainConfig
 
 
@@ -150,3 +153,43 @@ class DivergenceMonitor:
     self.initial_loss = state["initial_loss"]
     self.above = int(state["above"])
     self.skipped_steps = [int(s) for s in state["skipped_steps"]]
+
+
+def check_dense(step: int, dense, last_loss: float | None) -> None:
+  """Refuse a dense state (a pytree of parameters and optimizer state) with any non-finite
+  value: it is divergence at ``step``, whatever the losses were.
+
+  Raises:
+    DivergenceError: with the count of non-finite values.
+  """
+  leaves = [x for x in jax.tree.leaves(dense) if jnp.issubdtype(x.dtype, jnp.floating)]
+  bad = sum(int(jnp.sum(~jnp.isfinite(x))) for x in leaves)
+  if bad:
+    raise _nonfinite(
+      step,
+      last_loss,
+      f"{bad} values of the dense parameters and optimizer state are not finite; lower "
+      "the learning rates",
+    )
+
+
+def check_predictions(step: int, record: dict, last_loss: float | None) -> None:
+  """Refuse an evaluation record (``val_*`` / ``test_*`` keys) with any non-finite prediction:
+  the model diverged at ``step``, even if every training loss was finite.
+
+  Raises:
+    DivergenceError: naming the split and the count.
+  """
+  for split in ("val", "test"):
+    bad = record.get(f"{split}_nonfinite_predictions")
+    if bad:
+      raise _nonfinite(
+        step,
+        last_loss,
+        f"{bad} of the {record[f'{split}_examples']} {split} predictions are not finite; "
+        "lower the learning rates",
+      )
+
+
+def _nonfinite(step: int, last_loss: float | None, why: str) -> DivergenceError:
+  return DivergenceError(step, "nonfinite", math.nan if last_loss is None else last_loss, why)

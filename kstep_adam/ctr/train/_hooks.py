@@ -1,21 +1,53 @@
 """The hooks a CTR run uses: a progress bar, metric records and periodic evaluation.
 
-Each is a :class:`kstep_adam.ctr.Hook`; :meth:`Trainer.fit` calls them after every step.
+Each is a :class:`kstep_adam.ctr.Hook`; :meth:`Trainer.fit` calls them after every step with a
+:class:`HookView` of the run, not the trainer itself.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from collections.abc import Iterator
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import NamedTuple
 
 import numpy as np
 
+from kstep_adam._distributed import Processes
+from kstep_adam.ctr.train._config import TrainConfig
 from kstep_adam.ctr.train._loop import StepResult
+from kstep_adam.ctr.train._meters import CommMeter
+from kstep_adam.ctr.train._meters import Timer
 
-if TYPE_CHECKING:  # hooks see the trainer, which lives in the run room above this one
-  from kstep_adam.ctr.run._trainer import Trainer
+
+class HookView(NamedTuple):
+  """What a hook sees of the run (:meth:`Hook.after_step`'s first argument), and nothing else.
+
+  The shipped hooks read these fields and no others. A hook that needs more of the run gets
+  one more documented field here, rather than reaching into the trainer.
+
+  Attributes:
+    config: the run's configuration.
+    processes: the run's processes (``count``, this one's ``index``, ``is_main``).
+    timer: wall time per phase so far (``timer.totals()``).
+    meter: the communication accounting so far (``meter.totals()``).
+    hit_rate: ``hit_rate()``, the share of this process's table reads served from memory.
+    log: ``log(record)`` appends a strict-JSON record to ``metrics.jsonl`` (nothing without an
+      output directory).
+    evaluate: ``evaluate(test=True)`` scores the merged replicas on the validation set (if
+      any) and, unless ``test`` is False, the test set; it records, logs and returns the result.
+    has_val_set: whether the run has a validation set.
+  """
+
+  config: TrainConfig
+  processes: Processes
+  timer: Timer
+  meter: CommMeter
+  hit_rate: Callable[[], float]
+  log: Callable[[dict], None]
+  evaluate: Callable[..., dict]
+  has_val_set: bool
 
 
 class Hook:
@@ -26,8 +58,9 @@ class Hook:
   run's hook continues where the checkpoint was taken).
   """
 
-  def after_step(self, trainer: Trainer, result: StepResult) -> None:
-    """Called after every step, in the order the hooks were given."""
+  def after_step(self, run: HookView, result: StepResult) -> None:
+    """Called after every step, in the order the hooks were given, with what the hook may
+    see of the run (:class:`HookView`)."""
 
   def close(self) -> None:
     """Called once when :meth:`Trainer.fit` ends, normally or not."""
@@ -49,6 +82,21 @@ def keyed(hooks: Sequence[Hook]) -> Iterator[tuple[str, Hook]]:
     yield (name if seen[name] == 1 else f"{name}#{seen[name]}"), hook
 
 
+def hook_states(hooks: Sequence[Hook]) -> dict:
+  """What a checkpoint keeps of ``hooks``: each one's :meth:`Hook.state` that is not None, by
+  its key."""
+  states = {key: hook.state() for key, hook in keyed(hooks)}
+  return {key: state for key, state in states.items() if state is not None}
+
+
+def restore_hooks(hooks: Sequence[Hook], states: dict) -> None:
+  """Hand each hook its state from ``states`` (a resumed checkpoint's), taking it out of
+  ``states`` so that it is handed over once."""
+  for key, hook in keyed(hooks):
+    if key in states:
+      hook.restore(states.pop(key))
+
+
 class ProgressBar(Hook):
   """A tqdm bar: steps, examples/s, the recent loss and the cache hit rate."""
 
@@ -58,15 +106,15 @@ class ProgressBar(Hook):
     self._bar = tqdm(total=total, unit="step", dynamic_ncols=True)
     self._refresh_every, self._losses, self._start = refresh_every, [], time.perf_counter()
 
-  def after_step(self, trainer: Trainer, result: StepResult) -> None:
+  def after_step(self, run: HookView, result: StepResult) -> None:
     self._bar.update(1)
     self._losses = [*self._losses[-(self._refresh_every - 1) :], result.loss]
     if self._bar.n % self._refresh_every == 0 or result.last:
-      examples = self._bar.n * trainer.config.global_batch
+      examples = self._bar.n * run.config.global_batch
       self._bar.set_postfix(
         loss=f"{np.mean(self._losses):.4f}",
         ex_s=f"{examples / (time.perf_counter() - self._start):.0f}",
-        hit=f"{trainer.tier.hit_rate():.3f}",
+        hit=f"{run.hit_rate():.3f}",
       )
 
   def close(self) -> None:
@@ -87,7 +135,7 @@ class MetricsLog(Hook):
     self._every, self._losses, self._start = every, [], time.perf_counter()
     self._steps, self._skipped = 0, 0  # steps since the previous record, and how many skipped
 
-  def after_step(self, trainer: Trainer, result: StepResult) -> None:
+  def after_step(self, run: HookView, result: StepResult) -> None:
     self._steps += 1
     if result.skipped:
       self._skipped += 1
@@ -96,20 +144,20 @@ class MetricsLog(Hook):
     if result.step % self._every and not result.last:
       return
     now = time.perf_counter()
-    global_batch = trainer.config.global_batch
+    global_batch = run.config.global_batch
     record = {
       "kind": "train",
       "step": result.step,
       "examples": result.step * global_batch,
       "loss": float(np.mean(self._losses)) if self._losses else None,
       "examples_per_sec": self._steps * global_batch / (now - self._start),
-      "hit_rate": trainer.tier.hit_rate(),
-      "seconds": trainer.timer.totals(),
-      **trainer.meter.totals(),
+      "hit_rate": run.hit_rate(),
+      "seconds": run.timer.totals(),
+      **run.meter.totals(),
     }
     if self._skipped:
       record["skipped"] = self._skipped
-    trainer.log(record)
+    run.log(record)
     self._losses, self._start, self._steps, self._skipped = [], now, 0, 0
 
   def state(self) -> dict:
@@ -131,9 +179,9 @@ class PeriodicEval(Hook):
   def __init__(self, every: int):
     self._every = every
 
-  def after_step(self, trainer: Trainer, result: StepResult) -> None:
+  def after_step(self, run: HookView, result: StepResult) -> None:
     if self._every and result.step % self._every == 0 and not result.last:
-      trainer.evaluate(test=trainer.val_set is None)
+      run.evaluate(test=not run.has_val_set)
 
 
 class PushedRows(Hook):
@@ -147,8 +195,8 @@ class PushedRows(Hook):
     self._rows: list[np.ndarray] = []
     self._sharded = False
 
-  def after_step(self, trainer: Trainer, result: StepResult) -> None:
-    self._sharded = trainer.sharded
+  def after_step(self, run: HookView, result: StepResult) -> None:
+    self._sharded = run.processes.count > 1
     if not result.skipped:
       self._rows.append(result.row_ids_U)
 

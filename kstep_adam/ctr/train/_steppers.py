@@ -83,6 +83,14 @@ class LocalStepper:
     compiled = self.step_fn.last_call_compiled
     return StepResult(step, loss, rows.row_ids_U, compiled, last, skipped), upcoming
 
+  def state(self, row_ids: np.ndarray) -> dict:
+    """Every worker's dense replica (NumPy) and the current values of ``row_ids``."""
+    return {
+      "params_W": jax.device_get(self.replicas.params_W),
+      "row_ids": row_ids,
+      "rows": self.tier.table.pull(row_ids),
+    }
+
 
 class ShardedStepper:
   """The step of a multi-process run over a :class:`~._sharded_tier.ShardedSparseTier`.
@@ -135,12 +143,34 @@ class ShardedStepper:
     compiled = self.step_fn.last_call_compiled
     return StepResult(step, loss, pushed_U, compiled, last, skipped), upcoming
 
+  def state(self, row_ids: np.ndarray) -> dict:
+    """This process's workers' dense replicas (NumPy; ``workers`` says which) and the
+    current values of ``row_ids``, rows of its own shard."""
+    params_W = self.replicas.params_W
+    workers = [w for w in range(self.mesh.size) if _addressable(params_W, w)]
+    replicas = [parallel.unreplicate(params_W, worker=w) for w in workers]
+    return {
+      "workers": np.asarray(workers),
+      "params_W": jax.tree.map(lambda *xs: np.stack(xs), *replicas),
+      "row_ids": row_ids,
+      "rows": self.tier.rows(row_ids),
+    }
+
   def _place_share(self, share: np.ndarray, meter) -> jax.Array:
     """This process's rows of a per-worker step input, as its part of the global array
     (counted as ``batch`` by ``meter``)."""
     global_shape = (share.shape[0] * self.mesh.shape["node"], *share.shape[1:])
     sharding = parallel.worker_sharding(self.mesh, share.ndim)
     return meter.place(share, sharding, global_shape, "batch")
+
+
+def _addressable(tree_W, worker: int) -> bool:
+  """Whether this process holds ``worker``'s replica."""
+  leaf = jax.tree.leaves(tree_W)[0]
+  return any(
+    (s.index[0].start or 0) <= worker < (s.index[0].start or 0) + s.data.shape[0]
+    for s in leaf.addressable_shards
+  )
 
 
 @contextlib.contextmanager
