@@ -100,6 +100,10 @@ _FLUSH_BATCH_BYTES = 64 << 20  # uncompressed chunk bytes per flush write batch
 # Log records sorted at once while copying a committed log into zarr (``newest_records``
 # pieces): a few arrays of 8 bytes per record, about 100 MiB in all.
 _FLUSH_PIECE_RECORDS = 1 << 21
+# A flush writes the rows it changed as segments beside the zarr chunks, and merges the
+# segments into the chunks once they hold more than 1/_SEGMENT_FRACTION of the table's rows
+# (their in-memory index takes about 28 bytes a segment row).
+_SEGMENT_FRACTION = 64
 
 
 def dense_id_maps(num_rows: int, row_bytes: int, host_cache_rows: int) -> int | None:
@@ -568,6 +572,7 @@ class EmbeddingTable:
           db_name=new_name,
         )
         chunk_rows, per_batch = self._config.chunk_rows, self._chunks_per_batch()
+        old.merge_segments(chunk_rows, per_batch)  # reads as before; the copy takes chunks
         chunks = old.stored_chunks()
         for lo in range(0, len(chunks), per_batch):
           starts = chunks[lo : lo + per_batch] * chunk_rows
@@ -816,22 +821,34 @@ class EmbeddingTable:
       self._pending.install_compaction(staged)
 
   def _apply_pending(self, step: int) -> None:
-    """Copies the committed pending log into the zarr table, then records ``step``."""
-    chunk_rows, max_chunks = self._config.chunk_rows, self._chunks_per_batch()
+    """Writes the committed pending log into the database as segments, merges the segments
+    into the zarr chunks once they hold more than ``_segment_max_records`` rows, then records
+    ``step``. Redone from the start at the next open if interrupted (a segment's key names
+    its step and part, so a redo overwrites what the interrupted copy wrote)."""
+    chunk_rows, row_bytes = self._config.chunk_rows, self._config.row_bytes
+    per_part = max(1, _FLUSH_BATCH_BYTES // row_bytes)
+    part = 0
     for ids, positions in self._pending.newest_records(chunk_rows, _FLUSH_PIECE_RECORDS):
-      # Cut the sorted ids into batches of at most max_chunks distinct chunks: a batch
-      # starts at the first id of every max_chunks-th chunk.
-      chunk = ids // chunk_rows
-      bounds = np.flatnonzero(np.diff(chunk, prepend=-1))[::max_chunks]
-      for lo, hi in zip(bounds, np.r_[bounds[1:], len(ids)]):
+      for lo in range(0, len(ids), per_part):
+        hi = lo + per_part
         if self._written_chunks is not None:  # before the write: a failed one may have begun
-          self._written_chunks[chunk[lo:hi]] = True
-        self._store.write_rows(ids[lo:hi], self._pending.read(positions[lo:hi]))
-        _faults.reached("flush.copied_batch")
+          self._written_chunks[ids[lo:hi] // chunk_rows] = True
+        self._store.write_segment(step, part, ids[lo:hi], self._pending.read(positions[lo:hi]))
+        part += 1
+        _faults.reached("flush.segment_written")
+    if self._store.segment_records() > self._segment_max_records():
+      self._store.merge_segments(
+        chunk_rows, self._chunks_per_batch(), lambda: _faults.reached("flush.copied_batch")
+      )
+      _faults.reached("flush.segments_merged")
     self._store.write_step(step)
     _faults.reached("flush.step_written")
     self._pending.clear()
     _faults.reached("flush.cleared")
+
+  def _segment_max_records(self) -> int:
+    """Segment rows beyond which a flush merges them into the chunks (``_SEGMENT_FRACTION``)."""
+    return max(1, self.num_rows // _SEGMENT_FRACTION)
 
   def _revert(self, version: TableVersion) -> None:
     """Brings the just-opened table back to an earlier flush's ``version`` (see ``open``)."""
