@@ -9,6 +9,10 @@ Directory layout of a table at ``path``::
                     writes a fresh ``db.<n>`` and switches this file atomically
   path/db/          an OCDBT database holding
                       rows/        zarr3 float32 [num_rows, W]: every row's full state
+                      seg/<step>.<part>/{ids,rows}  segments: rows changed by recent
+                                   flushes, newer than the chunks (sorted int64 ids, and
+                                   their float32 rows uncompressed), merged into rows/ and
+                                   deleted once they hold 1/64 of the table's rows
                       commit.json  {"step": t}: the table step of the last flush
                     and, since OCDBT is copy-on-write, every earlier version of both:
                     a flush's ``TableVersion`` (database, generation, step) names one
@@ -27,10 +31,13 @@ Row layout (width ``W = 1 + D + S``): column 0 holds the int32 bits of ``last_st
 (so the zarr fill value 0 reads as "never written", and the row's value is its
 deterministic init), columns ``1:1+D`` the parameters, and ``1+D:`` the optimizer slots.
 
-``db/`` only changes when a flush copies a committed pending log into it: rows in
-batches of whole chunks (each batch one transaction, writes grouped by chunk, so each
-touched chunk is written once per flush however many of its rows changed), then
-``commit.json``. An interrupted copy is redone from the log at the next open, so ``db/``
+``db/`` only changes when a flush copies a committed pending log into it: its rows as
+segments (each one transaction; a write costs the rows, not the chunks they fall in), then,
+past the limit, the segments' newest rows merged into the chunks in batches of whole chunks
+(each batch one transaction, writes grouped by chunk, so each touched chunk is written once
+per merge however many of its rows changed) and the segments deleted, then
+``commit.json``. A read of a row takes it from the newest segment holding it, else from
+``rows/``. An interrupted copy is redone from the log at the next open, so ``db/``
 is read only when it holds exactly one flushed step. OCDBT packs chunks into a few data
 files (faster than one file per chunk here), but it is copy-on-write and does not
 garbage-collect old versions, so ``db/`` grows by the compressed bytes of the chunks

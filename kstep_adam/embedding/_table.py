@@ -1,66 +1,16 @@
 """EmbeddingTable: pull/push rows through the host cache, with the disk tier below it.
 
-Step semantics. ``table.step`` counts pushes. ``push(ids, grads)`` performs step
-``t + 1`` on the pushed rows (summing duplicate ids' gradients) and then ``t`` becomes
-``t + 1``. ``pull`` at step ``t`` returns every row as it stands after ``t`` steps; in
-exact Adam mode that means a row last written at step ``s < t`` is first caught up over
-the ``t - s`` zero-gradient steps it missed (the caught-up state is kept in the cache
-and marked dirty, so later reads reproduce it bit for bit).
+The design notes (step semantics, durability and the flush sequence, history, I/O errors,
+the device tier, concurrency) are in docs/embedding.md, "Design notes". A map of this file:
 
-Durability. Dirty rows evicted between flushes go to the pending log, never into the
-committed table. ``flush`` appends the remaining dirty rows to the log, fsyncs it and
-atomically marks it committed at step ``t`` (the commit point), then copies it into the
-zarr table in bounded batches. ``open`` redoes an interrupted copy, or discards an
-uncommitted log. So after a crash the table reopens at the last flushed step, with every
-row from that step: everything since the last flush is lost, nothing is mixed. Flush
-memory is bounded by ``_FLUSH_BATCH_BYTES`` of chunks and ``_FLUSH_PIECE_RECORDS`` log
-records, not by the number of dirty rows.
-
-History. After a ``flush``, ``committed`` is the :class:`TableVersion` it committed, and the
-database keeps every earlier one (OCDBT is copy-on-write). Reopening with ``version=`` an earlier flush's
-version reverts the table to it, so a checkpoint that names a version can be restored
-even if the table was flushed again after it (a crash between a later flush and the
-checkpoint that was to name it). ``compact`` drops that history.
-
-I/O errors (a full disk, a failing device). Every call either leaves the table as it was,
-or puts it in a *failed* state; none leaves a state that no step produced, and none hangs:
-
-* a failed read (disk tier or pending log) frees the slots reserved for it, a failed
-  write-back of evicted rows leaves them in the cache (``HostCache.reserve``), a flush
-  whose log append fails has made nothing durable yet, and a ``compact`` whose copy fails
-  still has the old database live: the call raises the ``OSError`` and the table is as
-  before, so it may be retried once there is room;
-* a failure once a push has changed rows (a push of more unique rows than the host cache
-  holds changes them block by block), once a flush has started to make its log durable
-  (an fsync error leaves the page cache in an unknown state, so retrying is not safe),
-  or while the device mirror is being updated, puts the table in the failed state: the
-  call raises ``TableFailedError``, and so does every later call, ``flush`` and ``close``
-  included, until the table is closed and reopened, which gives exactly its last
-  committed flush. Waiting threads wake up and raise too.
-
-A failed ``prefetch`` (it only reads) leaves the table as before; its Future holds the
-error, and if nobody reads that, the next ``pull``/``working_set``/``push``/``prefetch``
-(or one already waiting for the rows it was loading) raises it, so a trainer that fires
-prefetches and forgets them still learns of a failing disk. ``flush`` and ``close`` do not
-raise it: they still save the table.
-
-Device tier. With a device cache (``device_cache_rows > 0``), a resident row lives only on the
-device (``_device_cache``): ``pull``/``working_set`` read it there (catching it up there in
-exact mode), ``push`` updates it there, ``flush`` copies it down first. A training step that
-keeps its optimizer on the device calls ``begin_device_step``, runs
-``_device_adam.gather_rows`` and ``apply_grads`` inside its own jitted program, and hands the
-new rows to ``end_device_step``; only misses and evictions cross the host-device link. Every
-path performs the same float operations as the host optimizer, so the rows are the same bits
-with or without a device tier.
-
-Concurrency. ``pull``, ``working_set``, ``push`` and ``flush`` are serialized by an
-operation lock, so each sees the table at one step. ``prefetch`` runs on a background
-thread and takes only the cache lock. Disk reads run outside the cache lock: an
-operation reserves (pins) slots for its missing rows, marks them ``loading``, releases
-the lock, reads, and re-takes the lock to fill them. The optimizer arithmetic of
-``pull`` and ``push`` runs outside the cache lock too, on rows they hold pinned, so a
-prefetch overlaps with it. An operation that needs a loading row waits on a condition
-variable; flush waits until no read is in flight.
+* ``__init__``: lock, redo an interrupted flush (``_apply_pending``), revert to a
+  ``version``;
+* ``pull``/``working_set``/``push``/``prefetch``: the host cache, misses via ``_acquire``;
+* ``begin_device_step``/``end_device_step``: the device tier;
+* ``flush``/``_flush_locked``/``_apply_pending``: the pending log's commit point, then its
+  rows into the database as segments, merged into the zarr chunks past
+  ``_SEGMENT_FRACTION``; ``compact``: a fresh database;
+* ``_failure_is_fatal``/``_raise_failed``: the failed state after an I/O error.
 """
 
 import collections
