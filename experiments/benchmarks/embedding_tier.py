@@ -4,6 +4,9 @@ Command (default; runtimes and measured ratios are in docs/embedding.md, with th
   .venv/bin/python -m experiments.benchmarks.embedding_tier
 Smoke run (seconds):          ... -m experiments.benchmarks.embedding_tier --quick
 With a warm table too (every row on disk before the Zipf case): ... --zipf-stored
+Flush cost against the rows changed (1% of the cache's rows dirty against all of them):
+  .venv/bin/python -m experiments.benchmarks.embedding_tier --flush-fraction --log2-rows 22 \
+    --flush-rows 262144 --repeats 2
 Large table (NOT for CI: 2^28 rows of 16 floats and their Adam slots take tens of GiB of disk):
   .venv/bin/python -m experiments.benchmarks.embedding_tier --large --log2-rows 28
   (a scaled-down check of the same code path:
