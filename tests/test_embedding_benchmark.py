@@ -54,6 +54,19 @@ def test_benchmark_flush_case_flushes_the_same_rows_into_each_layout(tmp_path):
   assert not os.listdir(tmp_path / "w")  # every table removed
 
 
+def test_benchmark_flush_fraction_case_times_a_1pct_and_a_full_flush(tmp_path):
+  out = tmp_path / "fraction.jsonl"
+  embedding_tier.main(
+    ["--quick", "--flush-fraction", "--log2-rows", "16", "--workdir", str(tmp_path / "w")]
+    + ["--out", str(out)]
+  )
+  (record,) = read_jsonl(str(out))
+  assert record["case"] == "flush_fraction" and record["rows"] == 2**16
+  assert len(record["flush_1pct_seconds"]) == len(record["flush_100pct_seconds"]) == 1
+  assert record["ratio_1pct_to_100pct"] > 0
+  assert not os.listdir(tmp_path / "w")  # the table removed
+
+
 def test_benchmark_zipf_case_on_a_stored_table(tmp_path):
   out = tmp_path / "stored.jsonl"
   args = embedding_tier.parse_args(["--quick", "--out", str(out)])

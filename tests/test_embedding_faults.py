@@ -139,6 +139,9 @@ class _DiskFull:
     (_store.TableStore, "write_rows"),
     (_store.TableStore, "write_step"),
     (_store.TableStore, "stored_chunks"),
+    (_store.TableStore, "write_segment"),
+    (_store.TableStore, "_read_segment_rows"),  # the merge's reads of segments
+    (_store.TableStore, "delete_segments"),
     (_store, "set_current_db"),
     (_pending.PendingLog, "install_compaction"),  # the renames (staging is _pwrite_all)
   )
@@ -249,7 +252,13 @@ def scratch(tmp_path):
 
 
 @pytest.mark.parametrize("stride", [pytest.param(1, marks=pytest.mark.slow), 3])
-def test_disk_full_at_any_io_call_never_mixes_steps_nor_hangs(scratch, monkeypatch, stride):
+@pytest.mark.parametrize("segment_fraction", [_table._SEGMENT_FRACTION, 1])
+def test_disk_full_at_any_io_call_never_mixes_steps_nor_hangs(
+  scratch, monkeypatch, stride, segment_fraction
+):
+  # segment_fraction=1: flushes keep their rows in segments until they hold as many records
+  # as the table has rows, so misses read segments and some flushes merge them.
+  monkeypatch.setattr(_table, "_SEGMENT_FRACTION", segment_fraction)
   # Compact the pending log as soon as it holds a superseded record (the real policy waits
   # for twice as many records as rows, and 64 MiB), so its rewrite meets the faults too.
   monkeypatch.setattr(
@@ -562,3 +571,125 @@ def test_a_flush_interrupted_at_any_point_reopens_at_the_previous_version_exactl
     assert reopened.step == 2  # reverted for good
     np.testing.assert_array_equal(reopened.pull(every), rows_before)
     reopened.close(flush=False)
+
+
+# -- issue 22: a flush that keeps its rows in segments, interrupted at any point ---------------
+_SEGMENT_FLUSH_POINTS = [
+  ("flush.appended", 1),
+  ("flush.committed", 1),
+  ("flush.segment_written", 1),
+  ("flush.segment_written", 2),
+  ("flush.copied_batch", 1),
+  ("flush.segments_merged", 1),
+  ("flush.step_written", 1),
+  ("flush.cleared", 1),
+]
+
+
+def _segment_flushes(path, merge, handler=None):
+  """Two flushes (every row into the chunks, then 5 rows into segments), and a third of 7 rows
+  (12 with ``merge``: it then merges the segments) run with ``handler`` at the fault points.
+  Returns the second flush's version and raw rows, and whether the third raised ``_Killed``.
+  Rows are never pulled between flushes (an exact-mode pull dirties every row it catches up)."""
+  rng = np.random.default_rng(1)
+  every = np.arange(NUM_ROWS)
+  table = _open(path, ts_cache_bytes=64 << 20)
+  table.push(every, rng.standard_normal((NUM_ROWS, DIM)).astype(np.float32))
+  table.flush()  # into the chunks
+  hot = np.array([3, 17, 40, 41, 90])
+  table.push(hot, rng.standard_normal((len(hot), DIM)).astype(np.float32))
+  table.flush()  # 5 rows in segments
+  assert len(table._store._seg_ids) == len(hot)
+  before, raw_before = table.committed, table._store.read_rows(every)
+  ids = np.array([3, 5, 7, 8, 41, 100, 149] + ([20, 30, 60, 61, 62] if merge else []))
+  table.push(np.sort(ids), rng.standard_normal((len(ids), DIM)).astype(np.float32))
+  _faults.set_handler(handler)
+  killed = False
+  try:
+    table.flush()
+  except _Killed:
+    killed = True
+  finally:
+    _faults.set_handler(None)
+  table.close(flush=False)
+  return before, raw_before, killed
+
+
+@pytest.mark.parametrize("merge", [False, True])
+@pytest.mark.parametrize("point,nth", _SEGMENT_FLUSH_POINTS)
+def test_a_segment_flush_interrupted_at_any_point_reopens_at_one_flushed_step_exactly(
+  tmp_path, monkeypatch, point, nth, merge
+):
+  """Flushes that write their rows as segments (and one that merges segments of an earlier
+  flush into the chunks), stopped at each of their points: a plain reopen gives exactly the
+  flush before (killed before the commit point) or the interrupted one (after it, redone),
+  and a reopen at the earlier flush's version gives exactly that one, bit for bit."""
+  monkeypatch.setattr(_table, "_FLUSH_BATCH_BYTES", 2 * 4 * (1 + 3 * DIM))  # 2 rows a segment
+  monkeypatch.setattr(_table, "_SEGMENT_FRACTION", 10)  # merge past 15 segment records
+  every = np.arange(NUM_ROWS)
+  _segment_flushes(str(tmp_path / "ref"), merge)
+  with embedding.open_table(str(tmp_path / "ref")) as ref:
+    assert len(ref._store._seg_ids) == (0 if merge else 10)
+    raw_after = ref._store.read_rows(every)
+  reached = collections.Counter()
+
+  def kill(name):
+    reached[name] += 1
+    if name == point and reached[name] == nth:
+      raise _Killed(point)
+
+  path = str(tmp_path / "t")
+  before, raw_before, killed = _segment_flushes(path, merge, kill)
+  # A flush that does not merge passes every point but the merge's.
+  assert killed == (merge or point not in ("flush.copied_batch", "flush.segments_merged"))
+  durable = not killed or point != "flush.appended"
+  with embedding.open_table(path, ts_cache_bytes=64 << 20) as reopened:
+    assert reopened.step == (3 if durable else 2)
+    np.testing.assert_array_equal(
+      reopened._store.read_rows(every), raw_after if durable else raw_before
+    )
+    reopened.close(flush=False)
+  with embedding.open_table(path, version=before, ts_cache_bytes=64 << 20) as reopened:
+    assert reopened.step == 2
+    np.testing.assert_array_equal(reopened._store.read_rows(every), raw_before)
+    reopened.close(flush=False)
+
+
+def test_rows_read_from_segments_equal_rows_read_from_the_chunks(tmp_path, monkeypatch):
+  """The same pushes and flushes into a table that keeps every flush in segments and one that
+  merges each into the chunks: every pull, before and after reopening, is the same bits."""
+  rng = np.random.default_rng(2)
+  script = [np.unique(rng.integers(0, NUM_ROWS, 20)) for _ in range(12)]
+  grads = [rng.standard_normal((len(ids), DIM)).astype(np.float32) for ids in script]
+  pulls = {}
+  for fraction in (NUM_ROWS + 1, 1 << 30):  # threshold NUM_ROWS // fraction: 0 or 1 record
+    monkeypatch.setattr(_table, "_SEGMENT_FRACTION", fraction)
+    path = str(tmp_path / f"t{fraction}")
+    out = pulls[fraction] = []
+    table = _open(path)
+    for step, (ids, g) in enumerate(zip(script, grads)):
+      table.push(ids, g)
+      out.append(table.pull(np.arange(0, NUM_ROWS, 7)))
+      if step % 3 == 2:
+        table.flush()
+        if fraction == 1 << 30:
+          assert len(table._store._seg_ids) == 0
+    table.close()
+    with _open(path) as table:
+      out.append(table.pull(np.arange(NUM_ROWS)))
+  monkeypatch.setattr(_table, "_SEGMENT_FRACTION", 1)  # 150 records: the 20-row flushes stay
+  path = str(tmp_path / "kept")
+  out = pulls["kept"] = []
+  table = _open(path)
+  for step, (ids, g) in enumerate(zip(script, grads)):
+    table.push(ids, g)
+    out.append(table.pull(np.arange(0, NUM_ROWS, 7)))
+    if step % 3 == 2:
+      table.flush()
+  assert len(table._store._seg_ids) > 0  # the segment path was taken
+  table.close()
+  with _open(path) as table:
+    assert len(table._store._seg_ids) > 0  # and is read after a reopen
+    out.append(table.pull(np.arange(NUM_ROWS)))
+  for a, b in zip(pulls["kept"], pulls[1 << 30]):
+    np.testing.assert_array_equal(a, b)

@@ -4,6 +4,9 @@ Command (default; runtimes and measured ratios are in docs/embedding.md, with th
   .venv/bin/python -m experiments.benchmarks.embedding_tier
 Smoke run (seconds):          ... -m experiments.benchmarks.embedding_tier --quick
 With a warm table too (every row on disk before the Zipf case): ... --zipf-stored
+Flush cost against the rows changed (1% of the cache's rows dirty against all of them):
+  .venv/bin/python -m experiments.benchmarks.embedding_tier --flush-fraction --log2-rows 22 \
+    --flush-rows 262144 --repeats 2
 Large table (NOT for CI: 2^28 rows of 16 floats and their Adam slots take tens of GiB of disk):
   .venv/bin/python -m experiments.benchmarks.embedding_tier --large --log2-rows 28
   (a scaled-down check of the same code path:
@@ -479,6 +482,59 @@ def case_flush_layouts(args, workdir):
     shutil.rmtree(table.path)
 
 
+def case_flush_fraction(args, workdir):
+  """Flush time against the share of the cache's rows that changed, in one process.
+
+  A table of ``2^--log2-rows`` rows with a host cache of ``--flush-rows`` rows: every
+  cached row (uniformly random ids, so they fall in nearly every chunk, as in the large
+  run) is pushed and flushed once, so the chunks exist on disk. Then, ``--repeats`` times
+  back to back, 1% of the cached rows are pushed and flushed, and all of them are. Goal
+  (issue 22): the 1% flush takes under 10% of the time of the full one.
+  """
+  num_rows, dim = 1 << args.log2_rows, 16
+  opt = make_optimizer(args.optimizer)
+  rng = np.random.default_rng(7)
+  cached = np.unique(rng.integers(0, num_rows, args.flush_rows))
+  path = os.path.join(workdir, "flush_fraction")
+  table = embedding.open_table(
+    path, num_rows=num_rows, dim=dim, optimizer=opt, host_cache_rows=len(cached)
+  )
+  grads = rng.standard_normal((len(cached), dim)).astype(np.float32)
+  table.push(cached, grads)
+  start = time.perf_counter()
+  table.flush()
+  first = time.perf_counter() - start
+  seconds = {0.01: [], 1.0: []}
+  for _ in range(args.repeats):
+    for fraction in seconds:
+      ids = np.sort(rng.choice(cached, max(1, int(len(cached) * fraction)), replace=False))
+      table.push(ids, grads[: len(ids)])
+      start = time.perf_counter()
+      table.flush()
+      seconds[fraction].append(time.perf_counter() - start)
+      if args.verbose:
+        print(f"flush of {fraction:.0%}: {seconds[fraction][-1]:.2f} s", flush=True)
+  chunk_rows = table.config.chunk_rows
+  emit(
+    args.out,
+    dict(
+      case="flush_fraction",
+      rows=num_rows,
+      cached_rows=len(cached),
+      chunk_rows=chunk_rows,
+      chunks_touched=len(np.unique(cached // chunk_rows)),
+      first_flush_seconds=first,
+      flush_1pct_seconds=seconds[0.01],
+      flush_100pct_seconds=seconds[1.0],
+      ratio_1pct_to_100pct=min(seconds[0.01]) / min(seconds[1.0]),
+      disk_used_gib=_store.du_bytes(table.path) / 2**30,
+      load_average=os.getloadavg()[0],
+    ),
+  )
+  table.close(flush=False)
+  shutil.rmtree(path)
+
+
 def parse_args(argv=None) -> argparse.Namespace:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--rows", type=int, default=1 << 20)
@@ -523,6 +579,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     action="store_true",
     help="only the flush case: the same random rows flushed into each disk layout",
   )
+  parser.add_argument(
+    "--flush-fraction",
+    action="store_true",
+    help="only the flush-cost case: 1%% of the cache's rows dirty against all of them",
+  )
   parser.add_argument("--flush-rows", type=int, default=1 << 20, help="ids per flush round")
   parser.add_argument("--verbose", action="store_true", help="print each flush's time")
   parser.add_argument("--workdir", default=None, help="default: a temp dir, removed after")
@@ -542,7 +603,9 @@ def main(argv=None):
   workdir = args.workdir or tempfile.mkdtemp(prefix="embedding_tier_")
   os.makedirs(workdir, exist_ok=True)
   try:
-    if args.flush_compare:
+    if args.flush_fraction:
+      case_flush_fraction(args, workdir)
+    elif args.flush_compare:
       case_flush_layouts(args, workdir)
     elif args.large:
       for ids_kind in args.large_ids:

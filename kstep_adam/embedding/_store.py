@@ -9,6 +9,10 @@ Directory layout of a table at ``path``::
                     writes a fresh ``db.<n>`` and switches this file atomically
   path/db/          an OCDBT database holding
                       rows/        zarr3 float32 [num_rows, W]: every row's full state
+                      seg/<step>.<part>/{ids,rows}  segments: rows changed by recent
+                                   flushes, newer than the chunks (sorted int64 ids, and
+                                   their float32 rows uncompressed), merged into rows/ and
+                                   deleted once they hold 1/64 of the table's rows
                       commit.json  {"step": t}: the table step of the last flush
                     and, since OCDBT is copy-on-write, every earlier version of both:
                     a flush's ``TableVersion`` (database, generation, step) names one
@@ -27,10 +31,13 @@ Row layout (width ``W = 1 + D + S``): column 0 holds the int32 bits of ``last_st
 (so the zarr fill value 0 reads as "never written", and the row's value is its
 deterministic init), columns ``1:1+D`` the parameters, and ``1+D:`` the optimizer slots.
 
-``db/`` only changes when a flush copies a committed pending log into it: rows in
-batches of whole chunks (each batch one transaction, writes grouped by chunk, so each
-touched chunk is written once per flush however many of its rows changed), then
-``commit.json``. An interrupted copy is redone from the log at the next open, so ``db/``
+``db/`` only changes when a flush copies a committed pending log into it: its rows as
+segments (each one transaction; a write costs the rows, not the chunks they fall in), then,
+past the limit, the segments' newest rows merged into the chunks in batches of whole chunks
+(each batch one transaction, writes grouped by chunk, so each touched chunk is written once
+per merge however many of its rows changed) and the segments deleted, then
+``commit.json``. A read of a row takes it from the newest segment holding it, else from
+``rows/``. An interrupted copy is redone from the log at the next open, so ``db/``
 is read only when it holds exactly one flushed step. OCDBT packs chunks into a few data
 files (faster than one file per chunk here), but it is copy-on-write and does not
 garbage-collect old versions, so ``db/`` grows by the compressed bytes of the chunks
@@ -68,6 +75,7 @@ CURRENT_FILE = "CURRENT"
 # tree shallow (thousands of chunk keys a leaf).
 BTREE_NODE_BYTES = 256 << 10
 COMMIT_KEY = b"commit.json"
+SEGMENT_PREFIX, SEGMENT_PREFIX_END = b"seg/", b"seg0"  # b"0" sorts right after b"/"
 
 
 class TableVersion(NamedTuple):
@@ -246,6 +254,107 @@ class TableStore:
       dict(db, path="rows/"), config.num_rows, config.width, config.chunk_rows, config.compress
     )
     self._rows = ts.open(spec, create=create, open=not create, context=self._context).result()
+    self._load_segments()
+
+  # ------------------------------------------------------------------ segments
+  def _load_segments(self) -> None:
+    """Builds the index of the segments in the database (see the module docstring)."""
+    self._segments: dict[bytes, np.ndarray] = {}  # key prefix -> its sorted ids
+    self._seg_names: list[bytes] = []  # the key prefixes, oldest first
+    self._seg_ids = np.zeros(0, np.int64)  # sorted unique ids held by segments
+    self._seg_part = np.zeros(0, np.int32)  # which segment holds the newest record of each
+    self._seg_offset = np.zeros(0, np.int64)  # and its row within that segment
+    with self._io("list segments of"):
+      keys = set(self._kv.list(ts.KvStore.KeyRange(SEGMENT_PREFIX, SEGMENT_PREFIX_END)).result())
+    prefixes = sorted({k[: k.rindex(b"/") + 1] for k in keys})
+    for prefix in prefixes:
+      if prefix + b"ids" in keys and prefix + b"rows" in keys:
+        with self._io("read segment ids of"):
+          ids = np.frombuffer(self._kv.read(prefix + b"ids").result().value, np.int64)
+        self._index_segment(prefix, ids)
+
+  def _index_segment(self, prefix: bytes, ids_N: np.ndarray) -> None:
+    """Adds (or replaces, for a redone flush) one segment; its rows supersede older ones."""
+    if prefix in self._segments:
+      part = self._seg_names.index(prefix)
+    else:
+      part = len(self._seg_names)
+      self._seg_names.append(prefix)
+    self._segments[prefix] = ids_N
+    pos = np.searchsorted(self._seg_ids, ids_N)
+    known = pos < len(self._seg_ids)
+    known[known] = self._seg_ids[pos[known]] == ids_N[known]
+    self._seg_part[pos[known]] = part
+    self._seg_offset[pos[known]] = np.flatnonzero(known)
+    new = ~known
+    self._seg_ids = np.insert(self._seg_ids, pos[new], ids_N[new])
+    self._seg_part = np.insert(self._seg_part, pos[new], part)
+    self._seg_offset = np.insert(self._seg_offset, pos[new], np.flatnonzero(new))
+
+  def segment_records(self) -> int:
+    """Rows written into segments since they were last merged (superseded ones included)."""
+    return sum(len(ids) for ids in self._segments.values())
+
+  def write_segment(self, step: int, part: int, ids_N: np.ndarray, rows_NxW: np.ndarray) -> None:
+    """Writes sorted unique rows as one segment (one OCDBT commit: its ids and rows)."""
+    if len(ids_N) == 0:
+      return
+    prefix = SEGMENT_PREFIX + b"%012d.%06d/" % (step, part)
+    ids_N = np.ascontiguousarray(ids_N, np.int64)
+    self.bytes_written += len(ids_N) * self._row_bytes
+    with self._io("write a segment of"), ts.Transaction() as txn:
+      target = self._kv.with_transaction(txn)
+      target[prefix + b"ids"] = ids_N.tobytes()
+      target[prefix + b"rows"] = np.ascontiguousarray(rows_NxW, np.float32).tobytes()
+    self._index_segment(prefix, ids_N.copy())
+
+  def _read_segment_rows(self, prefix: bytes, first: int, stop: int) -> np.ndarray:
+    """Rows ``first:stop`` of one segment (one ranged read)."""
+    row_bytes = self._row_bytes
+    with self._io("read a segment of"):
+      value = self._kv.read(
+        prefix + b"rows", byte_range=slice(first * row_bytes, stop * row_bytes)
+      ).result()
+    return np.frombuffer(value.value, np.float32).reshape(stop - first, row_bytes // 4)
+
+  def merge_segments(self, chunk_rows: int, max_chunks: int, on_batch=lambda: None) -> None:
+    """Copies the segments' newest rows into the rows array, then deletes the segments.
+
+    Batches of at most ``max_chunks`` chunks, each one transaction; each segment's rows of
+    a batch are one ranged read (a segment's ids are sorted). Until the segments are
+    deleted they stay the newest record of their rows, so a crash anywhere in between
+    leaves every read as it was.
+    """
+    ids_all = self._seg_ids
+    if len(ids_all):
+      chunk = ids_all // chunk_rows
+      bounds = np.flatnonzero(np.diff(chunk, prepend=-1))[::max_chunks]
+      for lo, hi in zip(bounds, np.r_[bounds[1:], len(ids_all)]):
+        ids = ids_all[lo:hi]
+        rows = np.empty((len(ids), self._row_bytes // 4), np.float32)
+        for prefix in self._seg_names:  # oldest first: later segments overwrite
+          seg_ids = self._segments[prefix]
+          first, stop = np.searchsorted(seg_ids, [ids[0], ids[-1] + 1])
+          if first < stop:
+            rows[np.searchsorted(ids, seg_ids[first:stop])] = self._read_segment_rows(
+              prefix, first, stop
+            )
+        self.write_rows(ids, rows)
+        on_batch()
+    self.delete_segments()
+
+  def delete_segments(self) -> None:
+    """Deletes every segment in one commit (after ``merge_segments`` copied them)."""
+    if not self._segments:
+      return
+    with self._io("delete the segments of"), ts.Transaction() as txn:
+      target = self._kv.with_transaction(txn)
+      for prefix in self._seg_names:
+        del target[prefix + b"ids"]
+        del target[prefix + b"rows"]
+    self._segments, self._seg_names = {}, []
+    self._seg_ids = np.zeros(0, np.int64)
+    self._seg_part, self._seg_offset = np.zeros(0, np.int32), np.zeros(0, np.int64)
 
   def committed_step(self) -> int:
     with self._io("read commit.json of"):
@@ -257,12 +366,33 @@ class TableStore:
     return int(json.loads(result.value)["step"])
 
   def read_rows(self, ids_N: np.ndarray) -> np.ndarray:
-    """Gathers committed rows (one batched TensorStore read of sorted unique ids)."""
+    """Gathers committed rows of sorted unique ids: those a segment holds from it (one ranged
+    read a row, issued together), the others in one batched read of the rows array."""
     if len(ids_N) == 0:
       return np.zeros((0, self._row_bytes // 4), np.float32)
     self.bytes_read += len(ids_N) * self._row_bytes
+    in_segment = np.zeros(len(ids_N), bool)
+    if len(self._seg_ids):
+      pos = np.minimum(np.searchsorted(self._seg_ids, ids_N), len(self._seg_ids) - 1)
+      in_segment = self._seg_ids[pos] == ids_N
+    if not in_segment.any():
+      with self._io("read rows of"):
+        return self._rows[ids_N].read().result()
+    rows = np.empty((len(ids_N), self._row_bytes // 4), np.float32)
     with self._io("read rows of"):
-      return self._rows[ids_N].read().result()
+      if not in_segment.all():
+        rows[~in_segment] = self._rows[ids_N[~in_segment]].read().result()
+      row_bytes = self._row_bytes
+      reads = [
+        self._kv.read(
+          self._seg_names[part] + b"rows", byte_range=slice(off * row_bytes, (off + 1) * row_bytes)
+        )
+        for part, off in zip(self._seg_part[pos[in_segment]], self._seg_offset[pos[in_segment]])
+      ]
+      rows[in_segment] = np.frombuffer(
+        b"".join(read.result().value for read in reads), np.float32
+      ).reshape(-1, row_bytes // 4)
+    return rows
 
   def write_rows(self, ids_N: np.ndarray, rows_NxW: np.ndarray) -> None:
     """Scatters rows in one transaction, so each touched chunk is written once."""

@@ -1,66 +1,16 @@
 """EmbeddingTable: pull/push rows through the host cache, with the disk tier below it.
 
-Step semantics. ``table.step`` counts pushes. ``push(ids, grads)`` performs step
-``t + 1`` on the pushed rows (summing duplicate ids' gradients) and then ``t`` becomes
-``t + 1``. ``pull`` at step ``t`` returns every row as it stands after ``t`` steps; in
-exact Adam mode that means a row last written at step ``s < t`` is first caught up over
-the ``t - s`` zero-gradient steps it missed (the caught-up state is kept in the cache
-and marked dirty, so later reads reproduce it bit for bit).
+The design notes (step semantics, durability and the flush sequence, history, I/O errors,
+the device tier, concurrency) are in docs/embedding.md, "Design notes". A map of this file:
 
-Durability. Dirty rows evicted between flushes go to the pending log, never into the
-committed table. ``flush`` appends the remaining dirty rows to the log, fsyncs it and
-atomically marks it committed at step ``t`` (the commit point), then copies it into the
-zarr table in bounded batches. ``open`` redoes an interrupted copy, or discards an
-uncommitted log. So after a crash the table reopens at the last flushed step, with every
-row from that step: everything since the last flush is lost, nothing is mixed. Flush
-memory is bounded by ``_FLUSH_BATCH_BYTES`` of chunks and ``_FLUSH_PIECE_RECORDS`` log
-records, not by the number of dirty rows.
-
-History. After a ``flush``, ``committed`` is the :class:`TableVersion` it committed, and the
-database keeps every earlier one (OCDBT is copy-on-write). Reopening with ``version=`` an earlier flush's
-version reverts the table to it, so a checkpoint that names a version can be restored
-even if the table was flushed again after it (a crash between a later flush and the
-checkpoint that was to name it). ``compact`` drops that history.
-
-I/O errors (a full disk, a failing device). Every call either leaves the table as it was,
-or puts it in a *failed* state; none leaves a state that no step produced, and none hangs:
-
-* a failed read (disk tier or pending log) frees the slots reserved for it, a failed
-  write-back of evicted rows leaves them in the cache (``HostCache.reserve``), a flush
-  whose log append fails has made nothing durable yet, and a ``compact`` whose copy fails
-  still has the old database live: the call raises the ``OSError`` and the table is as
-  before, so it may be retried once there is room;
-* a failure once a push has changed rows (a push of more unique rows than the host cache
-  holds changes them block by block), once a flush has started to make its log durable
-  (an fsync error leaves the page cache in an unknown state, so retrying is not safe),
-  or while the device mirror is being updated, puts the table in the failed state: the
-  call raises ``TableFailedError``, and so does every later call, ``flush`` and ``close``
-  included, until the table is closed and reopened, which gives exactly its last
-  committed flush. Waiting threads wake up and raise too.
-
-A failed ``prefetch`` (it only reads) leaves the table as before; its Future holds the
-error, and if nobody reads that, the next ``pull``/``working_set``/``push``/``prefetch``
-(or one already waiting for the rows it was loading) raises it, so a trainer that fires
-prefetches and forgets them still learns of a failing disk. ``flush`` and ``close`` do not
-raise it: they still save the table.
-
-Device tier. With a device cache (``device_cache_rows > 0``), a resident row lives only on the
-device (``_device_cache``): ``pull``/``working_set`` read it there (catching it up there in
-exact mode), ``push`` updates it there, ``flush`` copies it down first. A training step that
-keeps its optimizer on the device calls ``begin_device_step``, runs
-``_device_adam.gather_rows`` and ``apply_grads`` inside its own jitted program, and hands the
-new rows to ``end_device_step``; only misses and evictions cross the host-device link. Every
-path performs the same float operations as the host optimizer, so the rows are the same bits
-with or without a device tier.
-
-Concurrency. ``pull``, ``working_set``, ``push`` and ``flush`` are serialized by an
-operation lock, so each sees the table at one step. ``prefetch`` runs on a background
-thread and takes only the cache lock. Disk reads run outside the cache lock: an
-operation reserves (pins) slots for its missing rows, marks them ``loading``, releases
-the lock, reads, and re-takes the lock to fill them. The optimizer arithmetic of
-``pull`` and ``push`` runs outside the cache lock too, on rows they hold pinned, so a
-prefetch overlaps with it. An operation that needs a loading row waits on a condition
-variable; flush waits until no read is in flight.
+* ``__init__``: lock, redo an interrupted flush (``_apply_pending``), revert to a
+  ``version``;
+* ``pull``/``working_set``/``push``/``prefetch``: the host cache, misses via ``_acquire``;
+* ``begin_device_step``/``end_device_step``: the device tier;
+* ``flush``/``_flush_locked``/``_apply_pending``: the pending log's commit point, then its
+  rows into the database as segments, merged into the zarr chunks past
+  ``_SEGMENT_FRACTION``; ``compact``: a fresh database;
+* ``_failure_is_fatal``/``_raise_failed``: the failed state after an I/O error.
 """
 
 import collections
@@ -100,6 +50,10 @@ _FLUSH_BATCH_BYTES = 64 << 20  # uncompressed chunk bytes per flush write batch
 # Log records sorted at once while copying a committed log into zarr (``newest_records``
 # pieces): a few arrays of 8 bytes per record, about 100 MiB in all.
 _FLUSH_PIECE_RECORDS = 1 << 21
+# A flush writes the rows it changed as segments beside the zarr chunks, and merges the
+# segments into the chunks once they hold more than 1/_SEGMENT_FRACTION of the table's rows
+# (their in-memory index takes about 28 bytes a segment row).
+_SEGMENT_FRACTION = 64
 
 
 def dense_id_maps(num_rows: int, row_bytes: int, host_cache_rows: int) -> int | None:
@@ -568,6 +522,7 @@ class EmbeddingTable:
           db_name=new_name,
         )
         chunk_rows, per_batch = self._config.chunk_rows, self._chunks_per_batch()
+        old.merge_segments(chunk_rows, per_batch)  # reads as before; the copy takes chunks
         chunks = old.stored_chunks()
         for lo in range(0, len(chunks), per_batch):
           starts = chunks[lo : lo + per_batch] * chunk_rows
@@ -816,22 +771,34 @@ class EmbeddingTable:
       self._pending.install_compaction(staged)
 
   def _apply_pending(self, step: int) -> None:
-    """Copies the committed pending log into the zarr table, then records ``step``."""
-    chunk_rows, max_chunks = self._config.chunk_rows, self._chunks_per_batch()
+    """Writes the committed pending log into the database as segments, merges the segments
+    into the zarr chunks once they hold more than ``_segment_max_records`` rows, then records
+    ``step``. Redone from the start at the next open if interrupted (a segment's key names
+    its step and part, so a redo overwrites what the interrupted copy wrote)."""
+    chunk_rows, row_bytes = self._config.chunk_rows, self._config.row_bytes
+    per_part = max(1, _FLUSH_BATCH_BYTES // row_bytes)
+    part = 0
     for ids, positions in self._pending.newest_records(chunk_rows, _FLUSH_PIECE_RECORDS):
-      # Cut the sorted ids into batches of at most max_chunks distinct chunks: a batch
-      # starts at the first id of every max_chunks-th chunk.
-      chunk = ids // chunk_rows
-      bounds = np.flatnonzero(np.diff(chunk, prepend=-1))[::max_chunks]
-      for lo, hi in zip(bounds, np.r_[bounds[1:], len(ids)]):
+      for lo in range(0, len(ids), per_part):
+        hi = lo + per_part
         if self._written_chunks is not None:  # before the write: a failed one may have begun
-          self._written_chunks[chunk[lo:hi]] = True
-        self._store.write_rows(ids[lo:hi], self._pending.read(positions[lo:hi]))
-        _faults.reached("flush.copied_batch")
+          self._written_chunks[ids[lo:hi] // chunk_rows] = True
+        self._store.write_segment(step, part, ids[lo:hi], self._pending.read(positions[lo:hi]))
+        part += 1
+        _faults.reached("flush.segment_written")
+    if self._store.segment_records() > self._segment_max_records():
+      self._store.merge_segments(
+        chunk_rows, self._chunks_per_batch(), lambda: _faults.reached("flush.copied_batch")
+      )
+      _faults.reached("flush.segments_merged")
     self._store.write_step(step)
     _faults.reached("flush.step_written")
     self._pending.clear()
     _faults.reached("flush.cleared")
+
+  def _segment_max_records(self) -> int:
+    """Segment rows beyond which a flush merges them into the chunks (``_SEGMENT_FRACTION``)."""
+    return max(1, self.num_rows // _SEGMENT_FRACTION)
 
   def _revert(self, version: TableVersion) -> None:
     """Brings the just-opened table back to an earlier flush's ``version`` (see ``open``)."""
