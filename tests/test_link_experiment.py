@@ -50,20 +50,26 @@ TINY_CTR = textwrap.dedent(
 )
 
 
-def test_compose_prices_each_kind_at_its_median_and_refuses_an_untimed_kind():
+def test_compose_prices_each_kind_at_its_mean_and_refuses_an_untimed_kind():
   trajectory = {
     "local": {"steps": 6, "dense_bytes": 0.0},
     "merge": {"steps": 2, "dense_bytes": 100.0},
   }
   timing = {
-    "merge": {"dense_bytes": 100.0, "measured_median": 0.5},
-    "local": {"dense_bytes": 0.0, "measured_median": 0.1},
+    "merge": {"dense_bytes": 100.0, "steps": 4, "measured_total": 2.0},
+    "local": {"dense_bytes": 0.0, "steps": 5, "measured_total": 0.5},
   }
   assert link.compose_seconds(trajectory, timing) == pytest.approx(6 * 0.1 + 2 * 0.5)
+  # Records of before kinds carried their bytes: by name, while the timing has one size.
+  legacy = {"local": {"steps": 6}, "merge": {"steps": 2}}
+  assert link.compose_seconds(legacy, timing) == pytest.approx(6 * 0.1 + 2 * 0.5)
   # 1-bit Adam's compressed steps are their own kind: a timing without them cannot price them.
   trajectory["synchronous.2"] = {"steps": 3, "dense_bytes": 7.0}
   with pytest.raises(ValueError, match=r"7 dense bytes.*never timed"):
     link.compose_seconds(trajectory, timing)
+  timing["synchronous.2"] = {"dense_bytes": 7.0, "steps": 1, "measured_total": 0.2}
+  with pytest.raises(ValueError, match="2 sizes of merge"):
+    link.compose_seconds(legacy, timing)
 
 
 def test_convergence_rule_and_first_reaching():
@@ -108,7 +114,7 @@ def test_report_composes_each_row_from_its_link_timing(tiny_link_sweep, capsys):
   kstep = rows["kstep_adam-lr0.003"]
   kinds = kstep["timing"]["0.1G"]
   assert set(kinds) == {"local", "merge"}
-  # By hand: the trajectory's steps of each kind at each evaluation, at the timed medians.
+  # By hand: the trajectory's steps of each kind at each evaluation, at the timed means.
   records = [
     json.loads(line)
     for line in open(os.path.join(out, "runs", "kstep_adam-lr0.003-s0", "metrics.jsonl"))
@@ -118,7 +124,8 @@ def test_report_composes_each_row_from_its_link_timing(tiny_link_sweep, capsys):
   for step, seconds in zip(curve["step"], curve["seconds@0.1G"]):
     counts = by_step[step]["step_seconds_by_kind"]
     expected = sum(
-      counts[name]["steps"] * kinds[name]["measured_median"] for name in ("local", "merge")
+      counts[name]["steps"] * kinds[name]["measured_total"] / kinds[name]["steps"]
+      for name in ("local", "merge")
     )
     assert seconds == pytest.approx(expected)
   # The end-to-end run (here the same run) is measured by its own step totals.

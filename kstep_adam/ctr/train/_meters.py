@@ -190,7 +190,8 @@ class CommMeter:
     smaller ones ``'merge.2'``, ``'merge.3'`` ... by decreasing size. Per kind: ``steps``,
     ``dense_bytes`` (per device per step), ``measured_total``, ``measured_median`` (seconds
     per step) and ``modelled_comm_per_step`` (the model's mean). A run's wall clock at another
-    step count composes as ``sum over kinds of steps x measured_median``.
+    step count composes as ``sum over kinds of steps x measured_total / steps`` (the mean: the
+    median leaves out the slow tail a total includes).
     """
     sizes = sorted((b for b, times in self._wall.items() if times and b > 0), reverse=True)
     base = "merge" if self._wall.get(0.0) else "synchronous"
