@@ -354,8 +354,11 @@ def markdown(data: dict) -> str:
     if e2e and e2e["measured_to_target"] and e2e["composed_to_target"]:
       m, c = e2e["measured_to_target"], e2e["composed_to_target"]
       cells.append(f"{m:.1f} / {c:.1f} ({m / c - 1:+.0%})")
+    elif e2e and e2e["measured"] and e2e["composed"]:
+      m, c = e2e["measured"][-1], e2e["composed"][-1]
+      cells.append(f"not reached; whole run {m:.1f} / {c:.1f} ({m / c - 1:+.0%})")
     else:
-      cells.append("—" if not e2e else "not reached")
+      cells.append("—")
     lines.append("| " + " | ".join(cells) + " |")
   gains = ", ".join(f"{g:+.4f}" for g in data["reference_last_fifth_gain_by_seed"])
   lines += [
