@@ -42,7 +42,8 @@ nitpick_ignore_regex = [
   ("py:.*", r"(kstep_adam\.)?(ctr\.|embedding\.)?((data|train|run)\.)?_[a-z_]+(\.\w+)*"),
 ]
 nitpick_ignore = [
-  ("py:class", name) for name in ("RunDirectory", "CommMeter", "DivergenceMonitor", "ReadPosition")
+  ("py:class", name)
+  for name in ("RunDirectory", "CommMeter", "DivergenceMonitor", "ReadPosition", "HookView")
 ] + [
   ("py:func", name)
   for name in ("positioned_epoch", "declared_merge", "powers", "adam_params", "host_device_traffic")
