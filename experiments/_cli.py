@@ -157,6 +157,25 @@ def flag_name(field_name: str) -> str:
   return "--" + field_name.replace("_", "-")
 
 
+def config_flags(fields: Mapping[str, object]) -> list[str]:
+  """The flags :func:`add_config_args` parses back into these field values (its inverse), e.g.
+  to start a recorded run's configuration as a command.
+
+  Examples:
+    >>> config_flags({"top_mlp": [8, 4], "learning_rate": 0.001, "prefetch": False, "k": None})
+    ['--top-mlp', '8', '4', '--learning-rate', '0.001', '--no-prefetch', '--k', 'none']
+  """
+  flags = []
+  for name, value in fields.items():
+    if isinstance(value, bool):
+      flags.append(flag_name(name) if value else "--no-" + flag_name(name)[2:])
+    elif isinstance(value, (list, tuple)):
+      flags += [flag_name(name), *map(str, value)]
+    else:
+      flags += [flag_name(name), "none" if value is None else str(value)]
+  return flags
+
+
 def add_config_args(
   parser: argparse.ArgumentParser | argparse._ArgumentGroup,
   cls: type,

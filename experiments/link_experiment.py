@@ -37,6 +37,7 @@ import numpy as np
 
 from experiments._cli import DefaultsHelpFormatter
 from experiments._cli import add_debug_flag
+from experiments._cli import config_flags
 from experiments._cli import user_errors
 from experiments._common import write_atomic
 from experiments.sweep_lib import link
@@ -45,6 +46,7 @@ from experiments.sweep_lib import results
 from experiments.sweep_lib import select
 from experiments.sweep_lib.worker import run_dir
 from kstep_adam._jsonio import finite_or_none
+from kstep_adam._jsonio import read_json
 
 LINK_DIR = "link"
 
@@ -96,37 +98,14 @@ def row_name(selection: select.Selection) -> str:
 
 
 def run_params(sweep_dir: str, run_id: str) -> dict:
-  with open(os.path.join(sweep_dir, "jobs", f"{run_id}.json"), encoding="utf-8") as f:
-    return json.load(f)["params"]
-
-
-def cli_flags(params: dict) -> list[str]:
-  """``experiments.train_ctr`` flags that give the run these config fields.
-
-  Examples:
-    >>> cli_flags({"top_mlp": [8, 4], "learning_rate": 0.001, "prefetch": False, "k": "auto"})
-    ['--top-mlp', '8', '4', '--learning-rate', '0.001', '--no-prefetch', '--k', 'auto']
-  """
-  flags = []
-  for key, value in params.items():
-    flag = "--" + key.replace("_", "-")
-    if isinstance(value, bool):
-      flags.append(flag if value else "--no-" + key.replace("_", "-"))
-    elif isinstance(value, (list, tuple)):
-      flags += [flag, *map(str, value)]
-    elif value is None:
-      flags += [flag, "none"]
-    else:
-      flags += [flag, str(value)]
-  return flags
+  return read_json(os.path.join(sweep_dir, "jobs", f"{run_id}.json"), keys=("params",))["params"]
 
 
 def link_run(params: dict, rate: float, out: str, redo: bool, log) -> dict:
   """One 2-process run of these fields over a link shaped to ``rate``; its summary."""
   summary_path = os.path.join(out, "summary.json")
   if not redo and os.path.exists(summary_path):
-    with open(summary_path, encoding="utf-8") as f:
-      summary = json.load(f)
+    summary = read_json(summary_path)
     if summary.get("status") == "completed":
       log(f"  kept {out}")
       return summary
@@ -138,7 +117,7 @@ def link_run(params: dict, rate: float, out: str, redo: bool, log) -> dict:
   os.makedirs(os.path.dirname(out), exist_ok=True)
   command = [
     sys.executable, "-m", "kstep_adam.launch", "--num-processes", "2", "--link-gbps", str(rate),
-    "--", sys.executable, "-m", "experiments.train_ctr", *cli_flags(params),
+    "--", sys.executable, "-m", "experiments.train_ctr", *config_flags(params),
     "--no-progress", "--overwrite", "--out", out,
   ]  # fmt: skip
   start = time.perf_counter()
@@ -147,8 +126,7 @@ def link_run(params: dict, rate: float, out: str, redo: bool, log) -> dict:
     tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
     raise RuntimeError(f"link run {out} exited {done.returncode}: {' | '.join(tail)}")
   log(f"  ran {out} in {time.perf_counter() - start:.0f} s")
-  with open(summary_path, encoding="utf-8") as f:
-    return json.load(f)
+  return read_json(summary_path)
 
 
 def rate_name(rate: float) -> str:
@@ -178,10 +156,7 @@ def run_e2e(args, chosen, log) -> None:
 
 def _read_summary(path: str) -> dict | None:
   path = os.path.join(path, "summary.json")
-  if not os.path.exists(path):
-    return None
-  with open(path, encoding="utf-8") as f:
-    return json.load(f)
+  return read_json(path) if os.path.exists(path) else None
 
 
 def build_report(sweep_dir: str, spec, chosen, rates, e2e_rate: float, tolerance: float) -> dict:
@@ -240,38 +215,28 @@ def build_report(sweep_dir: str, spec, chosen, rates, e2e_rate: float, tolerance
       "to_target": {},
     }
     for seed, run_id in zip(s.seeds, s.run_ids):
-      curves = {
-        rate: link.eval_curve(run_dir(sweep_dir, run_id), kinds) for rate, kinds in timing.items()
-      }
-      first = next(iter(curves.values()), None) or link.eval_curve(run_dir(sweep_dir, run_id))
-      row["curves"][str(seed)] = {
-        "step": first["step"].tolist(),
-        "val_auc": first["val_auc"].tolist(),
-        **{f"seconds@{rate}": c["composed"].tolist() for rate, c in curves.items()},
-      }
+      curve = link.eval_curve(run_dir(sweep_dir, run_id), timing)
+      keys = ["step", *(f"seconds@{rate}" for rate in timing)]
+      row["curves"][str(seed)] = {k: curve[k].tolist() for k in (keys[0], "val_auc", *keys[1:])}
       row["to_target"][str(seed)] = {
-        "step": link.first_reaching(first, targets.get(seed, math.inf), "step"),
-        **{
-          f"seconds@{rate}": link.first_reaching(c, targets.get(seed, math.inf), "composed")
-          for rate, c in curves.items()
-        },
+        k: link.first_reaching(curve, targets.get(seed, math.inf), k) for k in keys
       }
     e2e_dir = os.path.join(base, "e2e", f"{name}@{rate_name(e2e_rate)}")
     e2e = _read_summary(e2e_dir)
     if e2e is not None:
       rate = rate_name(e2e_rate)
-      measured = link.eval_curve(e2e_dir, timing.get(rate))
+      key = f"seconds@{rate}"
+      measured = link.eval_curve(e2e_dir, {rate: timing[rate]} if rate in timing else {})
+      measured.setdefault(key, np.full_like(measured["step"], math.nan))
       row["e2e"] = {
         "rate": rate,
         "status": e2e.get("status"),
         "train_seconds": e2e.get("train_seconds"),
-        "step": measured["step"].tolist(),
-        "val_auc": measured["val_auc"].tolist(),
-        "measured": measured["measured"].tolist(),
-        "composed": measured["composed"].tolist(),
+        **{k: measured[k].tolist() for k in ("step", "val_auc", "measured")},
+        "composed": measured[key].tolist(),
         "test_auc": e2e.get("test_auc"),
         "measured_to_target": link.first_reaching(measured, targets.get(0, math.inf), "measured"),
-        "composed_to_target": link.first_reaching(measured, targets.get(0, math.inf), "composed"),
+        "composed_to_target": link.first_reaching(measured, targets.get(0, math.inf), key),
         "max_val_auc_gap": _max_gap(row["curves"].get("0", {}), measured),
       }
     out["rows"].append(row)

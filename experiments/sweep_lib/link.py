@@ -90,17 +90,21 @@ def train_records(run_dir: str) -> tuple[list[dict], list[dict]]:
   )
 
 
-def eval_curve(run_dir: str, timing: Mapping[str, Mapping] | None = None) -> dict[str, np.ndarray]:
+def eval_curve(
+  run_dir: str, timings: Mapping[str, Mapping[str, Mapping]] | None = None
+) -> dict[str, np.ndarray]:
   """At each evaluation of a run: ``step``, ``val_auc``, ``test_auc``, ``measured`` (the
-  run's own timed step seconds so far) and, with ``timing``, ``composed`` (:func:`compose_seconds`
-  of its steps so far at those step times).
+  run's own timed step seconds so far) and, for each ``RATE: timing`` of ``timings``,
+  ``seconds@RATE`` (:func:`compose_seconds` of its steps so far at those step times).
 
   An evaluation's time is read at the train record of the same step (``eval_every`` must be
   a multiple of ``log_every``); one without is NaN.
   """
+  timings = dict(timings or {})
   train, evals = train_records(run_dir)
   by_step = {r["step"]: r for r in train}
-  out = {k: [] for k in ("step", "val_auc", "test_auc", "measured", "composed")}
+  keys = ("step", "val_auc", "test_auc", "measured", *(f"seconds@{rate}" for rate in timings))
+  out = {k: [] for k in keys}
   for e in evals:
     record = by_step.get(e["step"])
     kinds = record.get("step_seconds_by_kind") if record else None
@@ -110,9 +114,10 @@ def eval_curve(run_dir: str, timing: Mapping[str, Mapping] | None = None) -> dic
     out["measured"].append(
       sum(k["measured_total"] for k in kinds.values()) if kinds is not None else math.nan
     )
-    out["composed"].append(
-      compose_seconds(kinds, timing) if kinds is not None and timing is not None else math.nan
-    )
+    for rate, timing in timings.items():
+      out[f"seconds@{rate}"].append(
+        compose_seconds(kinds, timing) if kinds is not None else math.nan
+      )
   return {k: np.asarray(v, float) for k, v in out.items()}
 
 
@@ -120,8 +125,8 @@ def first_reaching(curve: Mapping[str, np.ndarray], target: float, key: str) -> 
   """``curve[key]`` at the first evaluation whose validation AUC reaches ``target``, or None.
 
   Examples:
-    >>> c = {"val_auc": np.array([0.7, 0.8, 0.79]), "composed": np.array([1.0, 2.0, 3.0])}
-    >>> first_reaching(c, 0.75, "composed"), first_reaching(c, 0.9, "composed")
+    >>> c = {"val_auc": np.array([0.7, 0.8, 0.79]), "seconds@1G": np.array([1.0, 2.0, 3.0])}
+    >>> first_reaching(c, 0.75, "seconds@1G"), first_reaching(c, 0.9, "seconds@1G")
     (2.0, None)
   """
   values = np.asarray(curve["val_auc"], float)
