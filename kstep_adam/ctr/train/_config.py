@@ -29,6 +29,7 @@ OPTIMIZER_FIELDS = {
   "onebit_adam": ("warmup_steps", "eps"),
   "topk_ef": ("density", "warmup_steps", "eps"),
 }
+LR_SCHEDULES = ("constant", "cosine")
 SPARSE_MODES = ("exact", "lazy")
 NONFINITE_ACTIONS = ("stop", "skip")
 # The largest finite float32: rates and epsilons above it are infinite in float32.
@@ -46,12 +47,19 @@ class TrainConfig:
     top_mlp: hidden sizes of the DLRM's top MLP (DCN-v2: of its deep MLP); a final size-1
       layer is added. The dense tower: e.g. ``(2048, 1024)`` gives the DLRM about 2.9M dense
       parameters, so that dense traffic is a real share of the bytes.
-    learning_rate: learning rate of the dense optimizer (DiLoCo: of its inner Adam).
+    learning_rate: learning rate of the dense optimizer (DiLoCo: of its inner Adam); with
+      ``lr_schedule="cosine"``, its value at the first step.
+    lr_schedule: the learning rates over the run, dense and sparse alike: ``constant``, or
+      ``cosine`` (each decayed from its value to 0 at step ``steps`` along a half cosine, so
+      that a run of a fixed budget ends at a plateau rather than still climbing; needs
+      ``steps``). The schedules count the optimizers' own steps, which the checkpoints hold,
+      so a resumed run continues them exactly.
     eps: epsilon of the dense Adam (every optimizer but local_sgd; k-step Adam's
       ``local_adam`` form puts it inside the root). 1-bit Adam needs it well above 1e-8 on a
       ReLU network: a unit that is dead through its warm-up keeps a second moment of exactly
       0, and its compressed momentum (a leaf-wide scale, never 0) is divided by ``eps``.
-    sparse_learning_rate: learning rate of the embedding tier's sparse Adam.
+    sparse_learning_rate: learning rate of the embedding tier's sparse Adam; with
+      ``lr_schedule="cosine"``, its value at the first step.
     optimizer: the dense optimizer: ``sync_adam`` (DDP: gradients averaged every step),
       ``kstep_adam`` (local Adam, replicas merged every k), ``local_sgd`` (local SGD with
       momentum, parameters averaged every k) or ``diloco`` (inner Adam, an outer Nesterov step
@@ -127,6 +135,7 @@ class TrainConfig:
   top_mlp: tuple[int, ...] = (128, 64)
   batch_size: int = 128
   learning_rate: float = 2e-3
+  lr_schedule: str = choice_field("constant", LR_SCHEDULES)
   eps: float = 1e-8
   sparse_learning_rate: float = 2e-2
   optimizer: str = choice_field("kstep_adam", OPTIMIZERS)
@@ -234,6 +243,16 @@ class TrainConfig:
     for name in ("prefetch", "init_from_table"):
       if not isinstance(getattr(self, name), bool):
         raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
+    if self.lr_schedule == "cosine" and self.steps is None:
+      raise ValueError(
+        "lr_schedule='cosine' decays over the run's steps: set steps (the run's length is "
+        "otherwise known only once the data ends)"
+      )
+    if self.lr_schedule == "cosine" and self.init_from_table:
+      raise ValueError(
+        "lr_schedule='cosine' counts the run's steps from 0, but a table started from "
+        "(init_from_table) is already at a later step: use lr_schedule='constant'"
+      )
     if self.init_from_table and self.table_dir is None:
       raise ValueError("init_from_table needs table_dir, the table to start from")
 

@@ -31,6 +31,7 @@ from jax.sharding import PartitionSpec as P
 
 from kstep_adam import embedding
 from kstep_adam.ctr.train._config import TrainConfig
+from kstep_adam.ctr.train._optimizer import sparse_optimizer
 from kstep_adam.ctr.train._tier import TableTier
 from kstep_adam.ctr.train._tier import bucket_size
 
@@ -92,9 +93,7 @@ class SparseTier(TableTier):
       table_dir,
       num_rows=config.table_rows,
       dim=config.embed_dim,
-      optimizer=embedding.SparseAdam(
-        learning_rate=config.sparse_learning_rate, mode=config.sparse_mode, eps=config.sparse_eps
-      ),
+      optimizer=sparse_optimizer(config),
       host_cache_rows=config.host_cache_rows,
       device_cache_rows=config.device_cache_rows,
       device_sharding=self._replicated if config.device_cache_rows else None,

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import jax
+import jax.numpy as jnp
+import numpy as np
 import optax
 
+from kstep_adam import embedding
 from kstep_adam import parallel
 from kstep_adam._adaptive import adaptive_schedule
 from kstep_adam._kstep_adam import kstep_adam
@@ -21,6 +25,42 @@ from kstep_adam.ctr.train._config import TrainConfig
 AXES = parallel.AXIS_NAMES
 
 
+def cosine_decay(value: float, steps: int):
+  """``value * (1 + cos(pi * min(t, steps) / steps)) / 2`` at step count ``t`` (0-based): from
+  ``value`` at the first step to 0 at ``steps``. One function for the dense optimizer (a traced
+  count) and the embedding tier's sparse Adam (NumPy counts), so both follow the same curve.
+
+  Examples:
+    >>> lr = cosine_decay(1e-3, 100)
+    >>> [round(float(lr(step)), 6) for step in (0, 50, 100, 150)]
+    [0.001, 0.0005, 0.0, 0.0]
+  """
+
+  def schedule(count):
+    xp = jnp if isinstance(count, jax.Array) else np
+    return value * 0.5 * (1.0 + xp.cos(xp.pi * (xp.minimum(count, steps) / steps)))
+
+  return schedule
+
+
+def learning_rates(config: TrainConfig) -> tuple[optax.ScalarOrSchedule, optax.ScalarOrSchedule]:
+  """``(dense, sparse)``: the learning rates of the dense optimizer and of the embedding tier's
+  sparse Adam under ``config.lr_schedule``, each a float or a schedule of the step count."""
+  if config.lr_schedule == "cosine":
+    return (
+      cosine_decay(config.learning_rate, config.steps),
+      cosine_decay(config.sparse_learning_rate, config.steps),
+    )
+  return config.learning_rate, config.sparse_learning_rate
+
+
+def sparse_optimizer(config: TrainConfig) -> embedding.SparseAdam:
+  """The embedding tier's sparse Adam of ``config``."""
+  return embedding.SparseAdam(
+    learning_rate=learning_rates(config)[1], mode=config.sparse_mode, eps=config.sparse_eps
+  )
+
+
 def make_optimizer(config: TrainConfig):
   """The dense optimizer of ``config`` and the merge schedule it runs.
 
@@ -36,7 +76,7 @@ def make_optimizer(config: TrainConfig):
     >>> schedule.states(), schedule.axis_periods
     (('delta',), (16, 16))
   """
-  lr = config.learning_rate
+  lr = learning_rates(config)[0]
   if config.optimizer == "sync_adam":
     schedule = sync_schedule(AXES)
     return sync_adam(lr, schedule, eps=config.eps), schedule

@@ -49,6 +49,7 @@ from kstep_adam.ctr.train._exchange import exchange_slots
 from kstep_adam.ctr.train._exchange import shard_dir
 from kstep_adam.ctr.train._exchange import shard_rows
 from kstep_adam.ctr.train._exchange import sharded_device_cache_error
+from kstep_adam.ctr.train._optimizer import sparse_optimizer
 from kstep_adam.ctr.train._tier import TableTier
 
 
@@ -117,9 +118,7 @@ class ShardedSparseTier(TableTier):
       self.path,
       num_rows=shard_rows(config.table_rows, index, count),
       dim=config.embed_dim,
-      optimizer=embedding.SparseAdam(
-        learning_rate=config.sparse_learning_rate, mode=config.sparse_mode, eps=config.sparse_eps
-      ),
+      optimizer=sparse_optimizer(config),
       host_cache_rows=config.host_cache_rows,
       seed=config.seed,
       init_scale=config.init_scale,

@@ -174,10 +174,11 @@ def file_run(tmp_path_factory, cache):
 
 @pytest.fixture(scope="module")
 def synthetic_run(tmp_path_factory, cache):
-  """An uninterrupted run on synthetic data."""
+  """An uninterrupted run on synthetic data, its learning rates on a cosine schedule (whose
+  step counts the checkpoints must restore too)."""
   root = tmp_path_factory.mktemp("synthetic_run")
   data = {"synthetic": SYNTHETIC}
-  config_kwargs = dict(CONFIG, steps=11)
+  config_kwargs = dict(CONFIG, steps=11, lr_schedule="cosine")
   _run(root / "reference", config_kwargs, data, cache)
   return config_kwargs, data, _result(root / "reference")
 

@@ -1,6 +1,7 @@
 """Every optimizer of the family in the CTR workflow: flags, schedules, byte accounting against
 the schedule, the dense tower, and the validation split that learning rates are chosen on."""
 
+import dataclasses
 import json
 import math
 
@@ -14,6 +15,7 @@ import kstep_adam
 from experiments import train_ctr
 from kstep_adam import ctr
 from kstep_adam.ctr.train._meters import jax_shapes
+from kstep_adam.ctr.train._optimizer import sparse_optimizer
 
 MESH = {"node": 2, "local": 4}
 STEPS = 96
@@ -133,6 +135,42 @@ def test_bad_optimizer_fields_are_refused_naming_them():
     "warmup_steps": 0,
     "eps": 1e-8,
   }
+
+
+# -- the learning-rate schedule ------------------------------------------------------------
+@pytest.mark.parametrize("optimizer", ["sync_adam", "diloco"])
+def test_a_cosine_schedule_reaches_the_dense_updates(optimizer, tiny_config, tiny_source, tmp_path):
+  """Step 0 updates at the full rate under both schedules, so step 1's loss agrees; step 1
+  updates at (1 + cos(pi/3)) / 2 = 3/4 of it under the cosine over 3 steps, so step 2's
+  differs. DiLoCo passes the rate to its inner Adam, the others to their own update."""
+  losses = {}
+  for schedule in ("constant", "cosine"):
+    config = dataclasses.replace(
+      tiny_config, optimizer=optimizer, steps=3, log_every=1, lr_schedule=schedule
+    )
+    ctr.train(config, tiny_source(config), str(tmp_path / schedule))
+    records = [json.loads(line) for line in open(tmp_path / schedule / "metrics.jsonl")]
+    losses[schedule] = [r["loss"] for r in records if r["kind"] == "train"]
+  assert losses["constant"][:2] == losses["cosine"][:2]
+  assert losses["constant"][2] != losses["cosine"][2]
+
+
+def test_the_sparse_adam_follows_the_same_cosine():
+  config = ctr.TrainConfig(learning_rate=1e-3, sparse_learning_rate=0.02, steps=4)
+  cosine = dataclasses.replace(config, lr_schedule="cosine")
+  assert sparse_optimizer(config).step_scalars(3)["lr"] == 0.02
+  # Step number s (1-based) uses the rate at count s - 1: 0.02 * (1 + cos(pi * 2 / 4)) / 2.
+  assert sparse_optimizer(cosine).step_scalars(3)["lr"] == pytest.approx(0.01)
+  assert sparse_optimizer(cosine).step_scalars(5)["lr"] == 0.0  # past the run's end: held at 0
+
+
+def test_a_cosine_schedule_needs_the_runs_length():
+  with pytest.raises(ValueError, match="lr_schedule='cosine' decays over the run's steps"):
+    ctr.TrainConfig(lr_schedule="cosine")
+  with pytest.raises(ValueError, match="init_from_table"):
+    ctr.TrainConfig(lr_schedule="cosine", steps=10, table_dir="t", init_from_table=True)
+  with pytest.raises(ValueError, match="lr_schedule must be one of"):
+    ctr.TrainConfig(lr_schedule="linear")
 
 
 # -- the validation split ------------------------------------------------------------------
