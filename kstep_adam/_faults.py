@@ -30,8 +30,9 @@ POINTS = (
   "flush.appended",  # the dirty rows are in the pending log, not yet committed
   "flush.committed",  # the pending log's commit point: the table's step is now durable
   "flush.segment_written",  # one part of the committed log is a segment in the database
-  "flush.copied_batch",  # one batch of the segments' rows is copied into the zarr chunks
-  "flush.segments_merged",  # the segments are copied into the chunks and deleted
+  # (a flush that merges writes none: it copies the segments and the log in one pass)
+  "flush.copied_batch",  # one batch of the segments' and the log's rows is in the chunks
+  "flush.segments_merged",  # the segments and the log are in the chunks, segments deleted
   "flush.step_written",  # the table's commit.json names the new step; the log is not cleared
   "flush.cleared",  # the pending log is cleared: the flush is done
   "checkpoint.manifest",  # the manifest is written: the checkpoint is complete

@@ -533,7 +533,11 @@ class _Killed(BaseException):
   """What a kill at a fault point looks like in process: nothing after it runs."""
 
 
-@pytest.mark.parametrize("point", [p for p in _faults.POINTS if p.startswith("flush.")])
+# A flush of every row merges straight into the chunks: it writes no segment (the points of a
+# flush that writes segments are in the segment tests below).
+@pytest.mark.parametrize(
+  "point", [p for p in _faults.POINTS if p.startswith("flush.") and p != "flush.segment_written"]
+)
 def test_a_flush_interrupted_at_any_point_reopens_at_the_previous_version_exactly(
   tmp_path, monkeypatch, point
 ):
@@ -640,8 +644,11 @@ def test_a_segment_flush_interrupted_at_any_point_reopens_at_one_flushed_step_ex
 
   path = str(tmp_path / "t")
   before, raw_before, killed = _segment_flushes(path, merge, kill)
-  # A flush that does not merge passes every point but the merge's.
-  assert killed == (merge or point not in ("flush.copied_batch", "flush.segments_merged"))
+  # A flush that does not merge passes every point but the merge's; one that merges writes
+  # no segment of its own (the segments and its rows go into the chunks in one pass).
+  merge_points = ("flush.copied_batch", "flush.segments_merged")
+  skipped = ("flush.segment_written",) if merge else merge_points
+  assert killed == (point not in skipped)
   durable = not killed or point != "flush.appended"
   with embedding.open_table(path, ts_cache_bytes=64 << 20) as reopened:
     assert reopened.step == (3 if durable else 2)
@@ -693,3 +700,32 @@ def test_rows_read_from_segments_equal_rows_read_from_the_chunks(tmp_path, monke
     out.append(table.pull(np.arange(NUM_ROWS)))
   for a, b in zip(pulls["kept"], pulls[1 << 30]):
     np.testing.assert_array_equal(a, b)
+
+
+def test_a_flush_that_merges_writes_no_segment_of_its_own(tmp_path, monkeypatch):
+  """Past the segment limit, the segments and the flush's rows go into the chunks in one pass:
+  the flush writes each changed row once, not as a segment first and then into a chunk."""
+  monkeypatch.setattr(_table, "_SEGMENT_FRACTION", 10)  # merge past 15 segment records
+  rng = np.random.default_rng(3)
+  table = _open(str(tmp_path / "t"), ts_cache_bytes=64 << 20)
+  first = np.array([3, 17, 40, 41, 90])
+  table.push(first, rng.standard_normal((len(first), DIM)).astype(np.float32))
+  table.flush()  # 5 rows: a segment
+  assert len(table._store._seg_ids) == len(first)
+  segments = []
+  write_segment = table._store.write_segment
+  monkeypatch.setattr(
+    table._store, "write_segment", lambda *a: (segments.append(a[2]), write_segment(*a))
+  )
+  second = np.arange(20, 32)
+  table.push(second, rng.standard_normal((len(second), DIM)).astype(np.float32))
+  expected = table.pull(np.arange(NUM_ROWS))
+  written = table._store.bytes_written
+  table.flush()  # 5 + 12 records > 15: merged
+  assert segments == [] and len(table._store._seg_ids) == 0
+  # The chunks received the 5 segment rows and the 12 new ones, each once.
+  row_bytes = table._config.row_bytes
+  assert table._store.bytes_written - written == (len(first) + len(second)) * row_bytes
+  table.close()
+  with _open(str(tmp_path / "t")) as reopened:
+    np.testing.assert_array_equal(reopened.pull(np.arange(NUM_ROWS)), expected)

@@ -225,6 +225,11 @@ class PendingLog:
         os.remove(os.path.join(self._dir, name + _COMPACTING))
 
   @property
+  def num_records(self) -> int:
+    """Row records in the log (superseded ones included)."""
+    return self._num_records
+
+  @property
   def num_bytes(self) -> int:
     """Bytes of row records in the log (superseded ones included)."""
     return self._num_records * self._width * 4

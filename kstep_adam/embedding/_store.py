@@ -317,31 +317,55 @@ class TableStore:
       ).result()
     return np.frombuffer(value.value, np.float32).reshape(stop - first, row_bytes // 4)
 
-  def merge_segments(self, chunk_rows: int, max_chunks: int, on_batch=lambda: None) -> None:
+  def merge_segments(
+    self, chunk_rows: int, max_chunks: int, on_batch=lambda: None, newer=()
+  ) -> None:
     """Copies the segments' newest rows into the rows array, then deletes the segments.
+
+    ``newer``: pieces ``(ids, rows)`` newer than every segment (a flush's pending log), ids
+    ascending and unique across pieces, each piece whole chunks; they are merged in the same
+    pass, so a flush that merges never writes its own rows as a segment first.
 
     Batches of at most ``max_chunks`` chunks, each one transaction; each segment's rows of
     a batch are one ranged read (a segment's ids are sorted). Until the segments are
     deleted they stay the newest record of their rows, so a crash anywhere in between
-    leaves every read as it was.
+    leaves every read as it was without ``newer``; with it, a chunk may hold a row newer
+    than its segment's, and the flush must be redone (as the table does at the next open)
+    before the database is read.
     """
-    ids_all = self._seg_ids
-    if len(ids_all):
-      chunk = ids_all // chunk_rows
-      bounds = np.flatnonzero(np.diff(chunk, prepend=-1))[::max_chunks]
-      for lo, hi in zip(bounds, np.r_[bounds[1:], len(ids_all)]):
-        ids = ids_all[lo:hi]
-        rows = np.empty((len(ids), self._row_bytes // 4), np.float32)
-        for prefix in self._seg_names:  # oldest first: later segments overwrite
-          seg_ids = self._segments[prefix]
-          first, stop = np.searchsorted(seg_ids, [ids[0], ids[-1] + 1])
-          if first < stop:
-            rows[np.searchsorted(ids, seg_ids[first:stop])] = self._read_segment_rows(
-              prefix, first, stop
-            )
-        self.write_rows(ids, rows)
-        on_batch()
+    seg_ids, done = self._seg_ids, 0
+    for ids, rows in newer:
+      if not len(ids):
+        continue
+      stop = int(np.searchsorted(seg_ids, (ids[-1] // chunk_rows + 1) * chunk_rows))
+      union = np.union1d(seg_ids[done:stop], ids)
+      done = stop
+      self._write_merged(union, ids, rows, chunk_rows, max_chunks, on_batch)
+    self._write_merged(seg_ids[done:], None, None, chunk_rows, max_chunks, on_batch)
     self.delete_segments()
+
+  def _write_merged(self, union, new_ids, new_rows, chunk_rows, max_chunks, on_batch) -> None:
+    """Writes the rows of sorted ``union`` (segment ids and ``new_ids``) in batches of whole
+    chunks: each from the newest segment holding it, overwritten by ``new_rows``."""
+    if not len(union):
+      return
+    chunk = union // chunk_rows
+    bounds = np.flatnonzero(np.diff(chunk, prepend=-1))[::max_chunks]
+    for lo, hi in zip(bounds, np.r_[bounds[1:], len(union)]):
+      ids = union[lo:hi]
+      rows = np.empty((len(ids), self._row_bytes // 4), np.float32)
+      for prefix in self._seg_names:  # oldest first: later segments overwrite
+        seg_ids = self._segments[prefix]
+        first, stop = np.searchsorted(seg_ids, [ids[0], ids[-1] + 1])
+        if first < stop:
+          rows[np.searchsorted(ids, seg_ids[first:stop])] = self._read_segment_rows(
+            prefix, first, stop
+          )
+      if new_ids is not None:
+        first, stop = np.searchsorted(new_ids, [ids[0], ids[-1] + 1])
+        rows[np.searchsorted(ids, new_ids[first:stop])] = new_rows[first:stop]
+      self.write_rows(ids, rows)
+      on_batch()
 
   def delete_segments(self) -> None:
     """Deletes every segment in one commit (after ``merge_segments`` copied them)."""

@@ -771,30 +771,44 @@ class EmbeddingTable:
       self._pending.install_compaction(staged)
 
   def _apply_pending(self, step: int) -> None:
-    """Writes the committed pending log into the database as segments, merges the segments
-    into the zarr chunks once they hold more than ``_segment_max_records`` rows, then records
-    ``step``. Redone from the start at the next open if interrupted (a segment's key names
-    its step and part, so a redo overwrites what the interrupted copy wrote)."""
-    chunk_rows, row_bytes = self._config.chunk_rows, self._config.row_bytes
-    per_part = max(1, _FLUSH_BATCH_BYTES // row_bytes)
-    part = 0
-    for ids, positions in self._pending.newest_records(chunk_rows, _FLUSH_PIECE_RECORDS):
-      for lo in range(0, len(ids), per_part):
-        hi = lo + per_part
-        if self._written_chunks is not None:  # before the write: a failed one may have begun
-          self._written_chunks[ids[lo:hi] // chunk_rows] = True
-        self._store.write_segment(step, part, ids[lo:hi], self._pending.read(positions[lo:hi]))
-        part += 1
-        _faults.reached("flush.segment_written")
-    if self._store.segment_records() > self._segment_max_records():
+    """Writes the committed pending log into the database as segments, or, once the
+    segments would hold more than ``_segment_max_records`` rows, merges the segments and the
+    log into the zarr chunks in one pass; then records ``step``. Redone from the start at
+    the next open if interrupted: the choice depends only on the segments and the log, which
+    stay until the flush is done, and a segment's key names its step and part, so a redo
+    overwrites what the interrupted copy wrote."""
+    chunk_rows = self._config.chunk_rows
+    pieces = self._pending.newest_records(chunk_rows, _FLUSH_PIECE_RECORDS)
+    # Records, superseded ones included, as segment_records counts: the same on a redo.
+    if self._store.segment_records() + self._pending.num_records > self._segment_max_records():
       self._store.merge_segments(
-        chunk_rows, self._chunks_per_batch(), lambda: _faults.reached("flush.copied_batch")
+        chunk_rows,
+        self._chunks_per_batch(),
+        lambda: _faults.reached("flush.copied_batch"),
+        newer=((ids, self._pending.read(positions)) for ids, positions in self._marked(pieces)),
       )
       _faults.reached("flush.segments_merged")
+    else:
+      per_part = max(1, _FLUSH_BATCH_BYTES // self._config.row_bytes)
+      part = 0
+      for ids, positions in self._marked(pieces):
+        for lo in range(0, len(ids), per_part):
+          hi = lo + per_part
+          self._store.write_segment(step, part, ids[lo:hi], self._pending.read(positions[lo:hi]))
+          part += 1
+          _faults.reached("flush.segment_written")
     self._store.write_step(step)
     _faults.reached("flush.step_written")
     self._pending.clear()
     _faults.reached("flush.cleared")
+
+  def _marked(self, pieces):
+    """``pieces`` of the pending log, each recorded in ``_written_chunks`` (exact mode) before
+    it is written: a failed write may have begun."""
+    for ids, positions in pieces:
+      if self._written_chunks is not None:
+        self._written_chunks[ids // self._config.chunk_rows] = True
+      yield ids, positions
 
   def _segment_max_records(self) -> int:
     """Segment rows beyond which a flush merges them into the chunks (``_SEGMENT_FRACTION``)."""
