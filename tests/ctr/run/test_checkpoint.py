@@ -31,6 +31,7 @@ from kstep_adam import embedding
 from kstep_adam import parallel
 from kstep_adam._dispatch import optimizer_step
 from kstep_adam.ctr.run import _checkpoint
+from kstep_adam.ctr.train._optimizer import sparse_optimizer
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -122,7 +123,11 @@ def _result(out):
     records = [json.loads(line) for line in f]
   with np.load(out + ".params.npz") as params:
     leaves = [params[f"arr_{i}"] for i in range(len(params.files))]
-  table = embedding.open_table(os.path.join(out, "table"))
+  config = ctr.TrainConfig(
+    **{k: tuple(v) if isinstance(v, list) else v for k, v in summary["config"].items()}
+  )
+  # The run's sparse Adam: a table made with a learning-rate schedule needs it given again.
+  table = embedding.open_table(os.path.join(out, "table"), optimizer=sparse_optimizer(config))
   try:
     table_step, rows = table.step, table.pull(np.arange(summary["config"]["table_rows"]))
   finally:
