@@ -704,8 +704,10 @@ def test_rows_read_from_segments_equal_rows_read_from_the_chunks(tmp_path, monke
 
 def test_a_flush_that_merges_writes_no_segment_of_its_own(tmp_path, monkeypatch):
   """Past the segment limit, the segments and the flush's rows go into the chunks in one pass:
-  the flush writes each changed row once, not as a segment first and then into a chunk."""
+  the flush writes each changed row once, not as a segment first and then into a chunk, and
+  reads the log one write batch at a time."""
   monkeypatch.setattr(_table, "_SEGMENT_FRACTION", 10)  # merge past 15 segment records
+  monkeypatch.setattr(_table, "_FLUSH_BATCH_BYTES", 8 * 4 * (1 + 3 * DIM))  # 1 chunk a batch
   rng = np.random.default_rng(3)
   table = _open(str(tmp_path / "t"), ts_cache_bytes=64 << 20)
   first = np.array([3, 17, 40, 41, 90])
@@ -721,8 +723,12 @@ def test_a_flush_that_merges_writes_no_segment_of_its_own(tmp_path, monkeypatch)
   table.push(second, rng.standard_normal((len(second), DIM)).astype(np.float32))
   expected = table.pull(np.arange(NUM_ROWS))
   written = table._store.bytes_written
+  reads = []
+  read = table._pending.read
+  monkeypatch.setattr(table._pending, "read", lambda p: (reads.append(len(p)), read(p))[1])
   table.flush()  # 5 + 12 records > 15: merged
   assert segments == [] and len(table._store._seg_ids) == 0
+  assert max(reads) <= 8  # the 12 rows 20-31 of chunks 2 and 3: one chunk at a time
   # The chunks received the 5 segment rows and the 12 new ones, each once.
   row_bytes = table._config.row_bytes
   assert table._store.bytes_written - written == (len(first) + len(second)) * row_bytes

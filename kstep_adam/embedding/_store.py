@@ -322,9 +322,11 @@ class TableStore:
   ) -> None:
     """Copies the segments' newest rows into the rows array, then deletes the segments.
 
-    ``newer``: pieces ``(ids, rows)`` newer than every segment (a flush's pending log), ids
-    ascending and unique across pieces, each piece whole chunks; they are merged in the same
-    pass, so a flush that merges never writes its own rows as a segment first.
+    ``newer``: pieces ``(ids, read)`` newer than every segment (a flush's pending log), ids
+    ascending and unique across pieces, each piece whole chunks, ``read(slice)`` giving the
+    rows of ``ids[slice]`` (read one batch at a time, so memory stays one batch's rows); they
+    are merged in the same pass, so a flush that merges never writes its own rows as a
+    segment first.
 
     Batches of at most ``max_chunks`` chunks, each one transaction; each segment's rows of
     a batch are one ranged read (a segment's ids are sorted). Until the segments are
@@ -334,19 +336,19 @@ class TableStore:
     before the database is read.
     """
     seg_ids, done = self._seg_ids, 0
-    for ids, rows in newer:
+    for ids, read in newer:
       if not len(ids):
         continue
       stop = int(np.searchsorted(seg_ids, (ids[-1] // chunk_rows + 1) * chunk_rows))
       union = np.union1d(seg_ids[done:stop], ids)
       done = stop
-      self._write_merged(union, ids, rows, chunk_rows, max_chunks, on_batch)
+      self._write_merged(union, ids, read, chunk_rows, max_chunks, on_batch)
     self._write_merged(seg_ids[done:], None, None, chunk_rows, max_chunks, on_batch)
     self.delete_segments()
 
-  def _write_merged(self, union, new_ids, new_rows, chunk_rows, max_chunks, on_batch) -> None:
+  def _write_merged(self, union, new_ids, read_new, chunk_rows, max_chunks, on_batch) -> None:
     """Writes the rows of sorted ``union`` (segment ids and ``new_ids``) in batches of whole
-    chunks: each from the newest segment holding it, overwritten by ``new_rows``."""
+    chunks: each from the newest segment holding it, overwritten by ``read_new``'s rows."""
     if not len(union):
       return
     chunk = union // chunk_rows
@@ -363,7 +365,7 @@ class TableStore:
           )
       if new_ids is not None:
         first, stop = np.searchsorted(new_ids, [ids[0], ids[-1] + 1])
-        rows[np.searchsorted(ids, new_ids[first:stop])] = new_rows[first:stop]
+        rows[np.searchsorted(ids, new_ids[first:stop])] = read_new(slice(first, stop))
       self.write_rows(ids, rows)
       on_batch()
 

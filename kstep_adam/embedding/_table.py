@@ -785,7 +785,10 @@ class EmbeddingTable:
         chunk_rows,
         self._chunks_per_batch(),
         lambda: _faults.reached("flush.copied_batch"),
-        newer=((ids, self._pending.read(positions)) for ids, positions in self._marked(pieces)),
+        newer=(
+          (ids, lambda part, positions=positions: self._pending.read(positions[part]))
+          for ids, positions in self._marked(pieces)
+        ),
       )
       _faults.reached("flush.segments_merged")
     else:
