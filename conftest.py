@@ -27,7 +27,8 @@ os.environ["TMPDIR"] = tempfile.tempdir = SESSION_TMP
 # (sweep workers, resumed runs, multi-process ranks compile the same programs again).
 # Every program is kept, however fast it compiled: the tests' programs are small, and the
 # sweep and run tests went from 159 s to 127 s with it.
-COMPILATION_CACHE = os.path.join(SESSION_TMP, "jax-compilation-cache")
+CACHE_NAME = "jax-compilation-cache"
+COMPILATION_CACHE = os.path.join(SESSION_TMP, CACHE_NAME)
 CACHE_SETTINGS = {
   "jax_compilation_cache_dir": COMPILATION_CACHE,
   "jax_persistent_cache_min_compile_time_secs": 0,
@@ -42,7 +43,7 @@ def pytest_sessionfinish(session, exitstatus):
   left = sorted(
     name
     for name in os.listdir(SESSION_TMP)
-    if not name.startswith("pytest-of-") and name != os.path.basename(COMPILATION_CACHE)
+    if not name.startswith("pytest-of-") and name != CACHE_NAME
   )
   if left:
     reporter = session.config.pluginmanager.get_plugin("terminalreporter")
@@ -50,7 +51,5 @@ def pytest_sessionfinish(session, exitstatus):
     if reporter is not None:
       reporter.write(f"\n{message}\n", red=True)
     session.exitstatus = pytest.ExitCode.TESTS_FAILED
-  elif exitstatus == pytest.ExitCode.OK or set(os.listdir(SESSION_TMP)) <= {
-    os.path.basename(COMPILATION_CACHE)
-  }:
+  elif exitstatus == pytest.ExitCode.OK or set(os.listdir(SESSION_TMP)) <= {CACHE_NAME}:
     shutil.rmtree(SESSION_TMP, ignore_errors=True)  # a failed run keeps its tmp_path dirs
