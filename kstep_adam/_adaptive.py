@@ -25,7 +25,8 @@ the time of a local step, and ``delta`` the budget (``rho_j = 0``: ``k_j <- min(
 k_j)``). At this ``k`` the drift a round accumulates, ``rho k``, equals ``delta`` times the
 communication time per step in local-step units, ``c / k``: the two error terms of the
 error-runtime bound balance. Step ``t`` merges at the outermost level ``j + 1`` whose axis has
-``s_j + 1 >= k_j``; a merge at level ``i`` resets ``s_j`` of every axis ``j >= i - 1``.
+``s_j + 1 >= k_j``; a merge at level ``i`` resets ``s_j`` of every axis ``j >= i - 1``. An axis
+of one replica (a node of one device) never calls a merge of its own.
 
 Everything the rule reads is in :class:`AdaptiveState` (JSON data), which goes into
 checkpoints: a resumed run decides bit for bit as the original one. The drift comes from an
@@ -44,6 +45,7 @@ import numpy as np
 
 from kstep_adam._comm import CommCost
 from kstep_adam._comm import NetworkModel
+from kstep_adam._comm import checked_axis_sizes
 from kstep_adam._comm import merge_bytes
 from kstep_adam._schedule import AdaptivePeriod
 from kstep_adam._schedule import MergeSchedule
@@ -178,6 +180,11 @@ class AdaptiveController:
     merge_seconds: ``C``, the time of a merge at each level (one per axis), or None.
     state: an :class:`AdaptiveState` or a :meth:`state_dict` to continue from (a checkpoint);
       then ``local_seconds`` and ``merge_seconds`` are the state's.
+    axis_sizes: the replicas along each axis (a ``jax.sharding.Mesh``, a mapping axis name ->
+      size, or one size per axis, outermost first), or None (all taken as more than one). An axis of one
+      replica has nothing to merge: its period never calls a merge of its own level, and a
+      level whose outer axes all have one replica is taken as the merge over every axis
+      (the same replicas, and it measures the drift).
 
   Use: ``level = controller.decide(step)`` before step ``step`` (1-based, one after the last
   observed), run the step at that level, then ``controller.observe(level, drift)`` with the
@@ -192,11 +199,13 @@ class AdaptiveController:
     local_seconds: float | None = None,
     merge_seconds: Sequence[float] | None = None,
     state: AdaptiveState | dict | None = None,
+    axis_sizes=None,
   ):
     if schedule.adaptive is None:
       raise ValueError("AdaptiveController needs a schedule from kstep_adam.adaptive_schedule")
     self.schedule = schedule
     n = len(schedule.axis_names)
+    self.axis_sizes = _axis_sizes(schedule, axis_sizes)
     if state is None:
       state = AdaptiveState(
         step=0,
@@ -225,8 +234,10 @@ class AdaptiveController:
         f"holds both)"
       )
     for j, (k, s) in enumerate(zip(state.periods, state.since)):
+      if self.axis_sizes[j] == 1:  # nothing to merge along it
+        continue
       if s + 1 >= k:
-        return j + 1
+        return 1 if all(size == 1 for size in self.axis_sizes[:j]) else j + 1
     return 0
 
   decide = level_at
@@ -327,6 +338,20 @@ class AdaptiveController:
     if {len(state.periods), len(state.since), len(state.merges)} != {num_axes}:
       raise ValueError(f"an adaptive state for {num_axes} axes, got {data!r}")
     return state
+
+
+def _axis_sizes(schedule: MergeSchedule, sizes) -> tuple[int | None, ...]:
+  """One size per axis, outermost first (None: unknown, taken as more than one)."""
+  if sizes is None:
+    return (None,) * len(schedule.axis_names)
+  if isinstance(sizes, (tuple, list)):
+    if len(sizes) != len(schedule.axis_names) or any(int(n) < 1 for n in sizes):
+      raise ValueError(
+        f"axis_sizes needs one size >= 1 per axis {schedule.axis_names!r}, got {sizes!r}"
+      )
+    return tuple(int(n) for n in sizes)
+  named = checked_axis_sizes(schedule, sizes)  # a Mesh or a mapping
+  return tuple(named[a] for a in schedule.axis_names)
 
 
 def estimated_merge_seconds(

@@ -80,7 +80,7 @@ def _axis_sizes(axis_sizes) -> dict[str, int]:
   return {str(a): check_int(n, f"axis_sizes[{a!r}]") for a, n in dict(shape).items()}
 
 
-def _checked_sizes(schedule: MergeSchedule, axis_sizes) -> dict[str, int]:
+def checked_axis_sizes(schedule: MergeSchedule, axis_sizes) -> dict[str, int]:
   sizes = _axis_sizes(axis_sizes)
   missing = [a for a in schedule.axis_names if a not in sizes]
   if missing:
@@ -210,7 +210,7 @@ def merge_bytes(
     {'w': 40.0}
   """
   check_int(step, "step (1-based)")
-  sizes = _checked_sizes(schedule, axis_sizes)
+  sizes = checked_axis_sizes(schedule, axis_sizes)
   if (level is None) != (schedule.adaptive is None):
     raise ValueError(
       "merge_bytes needs level= (the merge level the host declared) for an adaptive schedule, "
@@ -257,7 +257,7 @@ def comm_bytes(params, schedule: MergeSchedule, axis_sizes, num_steps: int) -> C
     A :class:`CommCost` summed over the T steps.
   """
   check_int(num_steps, "num_steps", minimum=0)
-  sizes = _checked_sizes(schedule, axis_sizes)
+  sizes = checked_axis_sizes(schedule, axis_sizes)
   if schedule.adaptive is not None:
     raise ValueError(
       "an adaptive schedule's merges are decided while training: count them per actual merge "

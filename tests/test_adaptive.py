@@ -59,6 +59,29 @@ def test_rule_matches_hand_computed_decisions():
   assert ctl.state.periods == (28, 7)
 
 
+def test_an_axis_of_one_replica_never_calls_a_merge_of_its_own():
+  # The same trace on ("node", "local") of sizes (2, 1): a node of one device has nothing to
+  # merge inside it, so the inner merges at 17, 27, 32 and 37 go; the full merges stay, as
+  # does the outer axis's period (inner merges never reset its wait). The inner axis's wait
+  # now runs from full merge to full merge: at step 42, s = 20 and sqrt(0.01 / 5e-5) = 14.
+  schedule = kstep_adam.adaptive_schedule(NODE_LOCAL, budget=0.01, k_init=4, k_max=64)
+  times = dict(local_seconds=1.0, merge_seconds=(4.0, 1.0))
+  one_device = kstep_adam.AdaptiveController(schedule, axis_sizes={"node": 2, "local": 1}, **times)
+  assert run_trace(one_device, TRACE, 42) == {4: 1, 12: 1, 22: 1, 42: 1}
+  assert one_device.state.periods == (28, 14) and one_device.state.merges == (4, 0)
+  # Sizes (1, 2): one node. The inner axis's period calls the merge over every axis (the
+  # same replicas), which measures the drift: every merge is a full one.
+  one_node = kstep_adam.AdaptiveController(schedule, axis_sizes=(1, 2), **times)
+  # step 4: rho = 4e-4 inside the node, sqrt(0.01 * 1 / 4e-4) = 5; step 9: the same again.
+  drifts = {4: (0.0, 0.0016), 9: (0.0, 0.002)}
+  assert run_trace(one_node, drifts, 12) == {4: 1, 9: 1}
+  assert one_node.state.merges == (2, 0)
+  with pytest.raises(ValueError, match="no size for axes \\['local'\\]"):
+    kstep_adam.AdaptiveController(schedule, axis_sizes={"node": 2})
+  with pytest.raises(ValueError, match="one size >= 1 per axis"):
+    kstep_adam.AdaptiveController(schedule, axis_sizes=(2, 0))
+
+
 def test_next_period_bounds():
   knobs = kstep_adam.AdaptivePeriod(budget=1.0, k_init=4, k_min=2, k_max=6)
   assert next_period(4, 4, 1e9, 1.0, knobs) == 2  # huge drift: k_min

@@ -60,7 +60,10 @@ class AdaptiveRun:
       merge_seconds = tuple(config.k_cost_ratio * c / top for c in merge_seconds)
       local_seconds = 1.0
     self.controller = AdaptiveController(
-      schedule, local_seconds=local_seconds, merge_seconds=merge_seconds
+      schedule,
+      local_seconds=local_seconds,
+      merge_seconds=merge_seconds,
+      axis_sizes=mesh,
     )
     step_fn.adaptive = self.controller
     self._step_fn, self._sharded = step_fn, sharded
