@@ -135,6 +135,21 @@ def test_a_given_cost_ratio_replaces_the_estimated_and_measured_times():
     ctr.TrainConfig(k="auto", k_cost_ratio=0.0)
 
 
+def test_a_node_of_one_device_never_merges_inside_itself():
+  config = ctr.TrainConfig(k="auto", nodes=2, devices_per_node=1, k_cost_ratio=4.0)
+  _, schedule = ctr.make_optimizer(config)
+  params = {"w": np.zeros(1000, np.float32)}
+  step_fn = types.SimpleNamespace(adaptive=None, last_level=0)
+  run = _adaptive.AdaptiveRun(config, params, schedule, {"node": 2, "local": 1}, step_fn, False)
+  ctl = run.controller
+  assert ctl.axis_sizes == (2, 1)
+  levels = []
+  for step in range(1, 41):  # the inner axis's period is k_min = 1 once c = 0 is measured
+    levels.append(ctl.decide(step))
+    ctl.observe(levels[-1], (1e-3, 1e-9) if levels[-1] == 1 else None)
+  assert ctl.state.periods[1] == 1 and set(levels) == {0, 1}
+
+
 def _sweep_file(tmp_path):
   data = tmp_path / "day.txt"
   ctr.SyntheticCTR(vocab_size=200, seed=1).write_criteo(str(data), 2000)
@@ -187,6 +202,9 @@ def test_k_auto_in_a_sweep_file_runs_and_plots(tmp_path):
   assert sweep.main([str(config), "--out", out, "--jobs", "1"]) == 0
   summaries = {k: worker.read_summary(out, f"kstep-k{k}-s0") for k in (4, "auto")}
   assert summaries["auto"]["status"] == "completed"
+  merges = [r for r in _records(os.path.join(out, "runs", "kstep-kauto-s0", "metrics.jsonl"))]
+  merges = [r for r in merges if r["kind"] == "merge"]
+  assert merges and all(r["level"] == 1 for r in merges)  # 1 device per node: nothing inside
   assert summaries["auto"]["config"]["k"] == "auto" and summaries[4]["config"]["k"] == 4
   table = open(os.path.join(out, "table.md")).read()
   assert "auto" in table
