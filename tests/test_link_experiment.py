@@ -137,6 +137,8 @@ def test_report_composes_each_row_from_its_link_timing(tiny_link_sweep, capsys):
   assert target == pytest.approx(rows["sync_adam-lr0.003"]["curves"]["0"]["val_auc"][-1] - 1e-3)
   sync_time = rows["sync_adam-lr0.003"]["to_target"]["0"]["seconds@0.1G"]
   assert sync_time is not None and rows["sync_adam-lr0.003"]["speedup"]["0.1G"] == 1.0
+  assert rows["sync_adam-lr0.003"]["median_to_target"]["0.1G"] == sync_time  # one seed
+  assert rows["sync_adam-lr0.003"]["median_speedup"]["0.1G"] == 1.0
   with open(os.path.join(out, "link", "table.md"), encoding="utf-8") as f:
     assert "converged" in f.read()
 
