@@ -73,6 +73,7 @@ class TrainConfig:
       training from the measured replica drift and the merge/step time ratio
       (:func:`kstep_adam.adaptive_schedule`), starting at 8.
     k_budget: the relative-drift budget ``delta`` of ``k auto``: larger merges less often.
+    k_max: the longest period ``k auto`` may choose (>= 8, its starting period).
     k_cost_ratio: ``C / Y`` for ``k auto``: the time of a merge over every axis divided by a
       local step's, e.g. measured on the link the run will use (a merge step's time minus a
       local step's, over the local step's). It makes the decisions a function of the run's
@@ -141,6 +142,7 @@ class TrainConfig:
   optimizer: str = choice_field("kstep_adam", OPTIMIZERS)
   k: int | str = 8
   k_budget: float = 1e-2
+  k_max: int = 256
   k_cost_ratio: float | None = None
   sync: str = choice_field("params", SYNC_STATES)
   form: str = choice_field("adam", FORMS)
@@ -204,6 +206,7 @@ class TrainConfig:
     else:
       check_int(self.k, "k", minimum=1)
     check_float(self.k_budget, "k_budget", low=0.0, low_open=True)
+    check_int(self.k_max, "k_max", minimum=8)
     if self.k_cost_ratio is not None:
       check_float(self.k_cost_ratio, "k_cost_ratio", low=0.0, low_open=True)
     for name in ("eval_every", "device_cache_rows", "seed", "checkpoint_every"):

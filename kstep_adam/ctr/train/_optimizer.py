@@ -94,7 +94,9 @@ def make_optimizer(config: TrainConfig):
   if config.k == "auto":
     states = ("params", "mu", "nu") if config.optimizer == "kstep_adam" else ("params",)
     sync = config.sync if config.optimizer == "kstep_adam" else "params"
-    schedule = adaptive_schedule(AXES, budget=config.k_budget, sync=sync, allowed_states=states)
+    schedule = adaptive_schedule(
+      AXES, budget=config.k_budget, k_max=config.k_max, sync=sync, allowed_states=states
+    )
     if config.optimizer == "kstep_adam":
       return kstep_adam(lr, schedule, form=config.form, eps=config.eps), schedule
     return local_sgd(lr, schedule, momentum=config.momentum or None), schedule

@@ -237,3 +237,10 @@ def test_k_auto_on_two_processes(tmp_path):
   assert done.returncode == 0, done.stdout[-3000:]
   merges = [r for r in _records(out / "metrics.jsonl") if r["kind"] == "merge"]
   assert merges[0]["step"] == 8 and all(r["level"] in (1, 2) for r in merges)
+
+
+def test_k_max_caps_the_adaptive_period():
+  _, schedule = ctr.make_optimizer(ctr.TrainConfig(k="auto", nodes=2, k_max=64))
+  assert schedule.adaptive.k_max == 64 and schedule.adaptive.k_init == 8
+  with pytest.raises(ValueError, match="k_max"):
+    ctr.TrainConfig(k="auto", k_max=4)
