@@ -345,9 +345,9 @@ def markdown(data: dict) -> str:
       )
       speedup = row["speedup"].get(rate)
       cells.append(f"{speedup:.2f}×" if speedup else "—")
-      median = row.get("median_to_target", {}).get(rate)
+      median = row["median_to_target"].get(rate)
       cells.append("not reached by half" if median is None else f"{median:.1f}")
-      speedup = row.get("median_speedup", {}).get(rate)
+      speedup = row["median_speedup"].get(rate)
       cells.append(f"{speedup:.2f}×" if speedup else "—")
     e2e = row.get("e2e")
     if e2e and e2e["measured_to_target"] and e2e["composed_to_target"]:

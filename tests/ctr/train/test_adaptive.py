@@ -202,8 +202,8 @@ def test_k_auto_in_a_sweep_file_runs_and_plots(tmp_path):
   assert sweep.main([str(config), "--out", out, "--jobs", "1"]) == 0
   summaries = {k: worker.read_summary(out, f"kstep-k{k}-s0") for k in (4, "auto")}
   assert summaries["auto"]["status"] == "completed"
-  merges = [r for r in _records(os.path.join(out, "runs", "kstep-kauto-s0", "metrics.jsonl"))]
-  merges = [r for r in merges if r["kind"] == "merge"]
+  records = _records(os.path.join(out, "runs", "kstep-kauto-s0", "metrics.jsonl"))
+  merges = [r for r in records if r["kind"] == "merge"]
   assert merges and all(r["level"] == 1 for r in merges)  # 1 device per node: nothing inside
   assert summaries["auto"]["config"]["k"] == "auto" and summaries[4]["config"]["k"] == 4
   table = open(os.path.join(out, "table.md")).read()
