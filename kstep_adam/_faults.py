@@ -38,6 +38,12 @@ POINTS = (
   "checkpoint.manifest",  # the manifest is written: the checkpoint is complete
   "checkpoint.pruned",  # older checkpoints are deleted
 )
+# Reached by a table's background merge of segments into its chunks (``SegmentMerge``), in a
+# thread of its own beside training, so at no fixed point of the sequence above.
+MERGE_POINTS = (
+  "merge.copied_batch",  # one batch of the merged segments' rows is in the chunks
+  "merge.segments_deleted",  # the merged segments are deleted
+)
 
 _handler: Callable[[str], None] | None = None
 _counts: dict[str, int] = {}
@@ -50,7 +56,7 @@ def set_handler(handler: Callable[[str], None] | None) -> None:
 
 
 def reached(point: str) -> None:
-  """The process has reached ``point`` (one of :data:`POINTS`)."""
+  """The process has reached ``point`` (one of :data:`POINTS` or :data:`MERGE_POINTS`)."""
   if _handler is not None:
     _handler(point)
   spec = os.environ.get(ENV)

@@ -251,6 +251,7 @@ def scratch(tmp_path):
   shutil.rmtree(path, ignore_errors=True)
 
 
+@pytest.mark.filterwarnings("ignore:the background merge:RuntimeWarning")  # a full disk in it
 @pytest.mark.parametrize("stride", [pytest.param(1, marks=pytest.mark.slow), 3])
 @pytest.mark.parametrize("segment_fraction", [_table._SEGMENT_FRACTION, 1])
 def test_disk_full_at_any_io_call_never_mixes_steps_nor_hangs(
@@ -630,6 +631,7 @@ def test_a_segment_flush_interrupted_at_any_point_reopens_at_one_flushed_step_ex
   and a reopen at the earlier flush's version gives exactly that one, bit for bit."""
   monkeypatch.setattr(_table, "_FLUSH_BATCH_BYTES", 2 * 4 * (1 + 3 * DIM))  # 2 rows a segment
   monkeypatch.setattr(_table, "_SEGMENT_FRACTION", 10)  # merge past 15 segment records
+  monkeypatch.setattr(_table, "_BACKGROUND_MERGE_FRACTION", 0)  # the flush's own points
   every = np.arange(NUM_ROWS)
   _segment_flushes(str(tmp_path / "ref"), merge)
   with embedding.open_table(str(tmp_path / "ref")) as ref:
@@ -685,6 +687,7 @@ def test_rows_read_from_segments_equal_rows_read_from_the_chunks(tmp_path, monke
     with _open(path) as table:
       out.append(table.pull(np.arange(NUM_ROWS)))
   monkeypatch.setattr(_table, "_SEGMENT_FRACTION", 1)  # 150 records: the 20-row flushes stay
+  monkeypatch.setattr(_table, "_BACKGROUND_MERGE_FRACTION", 0)
   path = str(tmp_path / "kept")
   out = pulls["kept"] = []
   table = _open(path)
@@ -698,8 +701,25 @@ def test_rows_read_from_segments_equal_rows_read_from_the_chunks(tmp_path, monke
   with _open(path) as table:
     assert len(table._store._seg_ids) > 0  # and is read after a reopen
     out.append(table.pull(np.arange(NUM_ROWS)))
-  for a, b in zip(pulls["kept"], pulls[1 << 30]):
-    np.testing.assert_array_equal(a, b)
+  # Merged in the background after every flush, while the next pushes and pulls run.
+  monkeypatch.setattr(_table, "_BACKGROUND_MERGE_FRACTION", NUM_ROWS)  # past 1 record
+  path = str(tmp_path / "background")
+  out = pulls["background"] = []
+  table = _open(path)
+  for step, (ids, g) in enumerate(zip(script, grads)):
+    table.push(ids, g)
+    out.append(table.pull(np.arange(0, NUM_ROWS, 7)))
+    if step % 3 == 2:
+      table.flush()
+      assert table.stats()["background_merge_running"] or table._merge is not None
+  table._finish_merge()
+  assert table.stats()["background_merges"] >= 1 and table.stats()["segment_rows"] == 0
+  table.close()
+  with _open(path) as table:
+    out.append(table.pull(np.arange(NUM_ROWS)))
+  for kind in ("kept", "background"):
+    for a, b in zip(pulls[kind], pulls[1 << 30], strict=True):
+      np.testing.assert_array_equal(a, b)
 
 
 def test_a_flush_that_merges_writes_no_segment_of_its_own(tmp_path, monkeypatch):
@@ -707,6 +727,7 @@ def test_a_flush_that_merges_writes_no_segment_of_its_own(tmp_path, monkeypatch)
   the flush writes each changed row once, not as a segment first and then into a chunk, and
   reads the log one write batch at a time."""
   monkeypatch.setattr(_table, "_SEGMENT_FRACTION", 10)  # merge past 15 segment records
+  monkeypatch.setattr(_table, "_BACKGROUND_MERGE_FRACTION", 0)  # segments stay until then
   monkeypatch.setattr(_table, "_FLUSH_BATCH_BYTES", 8 * 4 * (1 + 3 * DIM))  # 1 chunk a batch
   rng = np.random.default_rng(3)
   table = _open(str(tmp_path / "t"), ts_cache_bytes=64 << 20)
@@ -735,3 +756,179 @@ def test_a_flush_that_merges_writes_no_segment_of_its_own(tmp_path, monkeypatch)
   table.close()
   with _open(str(tmp_path / "t")) as reopened:
     np.testing.assert_array_equal(reopened.pull(np.arange(NUM_ROWS)), expected)
+
+
+# -- issue 22: the background merge of segments into the chunks --------------------------------
+def _background_setup(path, monkeypatch, background=True):
+  """A table whose rows are all in the chunks, then a flush of 7 rows that stays in segments
+  and starts a background merge of them (one chunk a merge batch; none without
+  ``background``). Returns the table (the merge running or done), that flush's version and
+  the raw rows it committed."""
+  monkeypatch.setattr(_table, "_FLUSH_BATCH_BYTES", 8 * 4 * (1 + 3 * DIM))  # 1 chunk a batch
+  monkeypatch.setattr(_table, "_SEGMENT_FRACTION", 16)  # merge in the flush past 9 records
+  # Background merges past 2 records.
+  monkeypatch.setattr(_table, "_BACKGROUND_MERGE_FRACTION", NUM_ROWS // 2 if background else 0)
+  rng = np.random.default_rng(5)
+  every = np.arange(NUM_ROWS)
+  table = _open(path, ts_cache_bytes=64 << 20)
+  table.push(every, rng.standard_normal((NUM_ROWS, DIM)).astype(np.float32))
+  table.flush()  # 150 records, past 150 // 32: into the chunks in the flush itself
+  assert table._merge is None and table.stats()["segment_rows"] == 0
+  hot = np.array([3, 5, 17, 40, 41, 90, 149])  # in 6 chunks
+  table.push(hot, rng.standard_normal((len(hot), DIM)).astype(np.float32))
+  table.flush()
+  return table, table.committed, table._store.read_rows(every)
+
+
+_MERGE_KILLS = [("merge.copied_batch", 1), ("merge.copied_batch", 4), ("merge.segments_deleted", 1)]
+
+
+@pytest.mark.parametrize("point,nth", _MERGE_KILLS)
+def test_a_background_merge_killed_at_any_point_reopens_exactly(tmp_path, monkeypatch, point, nth):
+  """A background merge stopped at each of its points (after a batch of chunks, after the
+  delete): the table reopens exactly at the flush that started it, as it is and at that
+  flush's version, with no revert (only a merge committed since), and its next merge
+  finishes the job."""
+  reached = collections.Counter()
+
+  def kill(name):
+    if name.startswith("merge."):
+      reached[name] += 1
+      if name == point and reached[name] == nth:
+        raise _Killed(point)
+
+  _faults.set_handler(kill)
+  try:
+    table, version, raw = _background_setup(str(tmp_path / "t"), monkeypatch)
+    table._merge.join()  # the kill ends it
+    with pytest.raises(_Killed):
+      table.close(flush=False)
+  finally:
+    _faults.set_handler(None)
+  every = np.arange(NUM_ROWS)
+  reverts = []
+  monkeypatch.setattr(_store.TableStore, "revert", lambda store, v: reverts.append(v))
+  for kwargs in ({}, {"version": version}):
+    with _open(str(tmp_path / "t"), ts_cache_bytes=64 << 20, **kwargs) as reopened:
+      assert reopened.step == 2
+      np.testing.assert_array_equal(reopened._store.read_rows(every), raw)
+      left = reopened.stats()["segment_rows"]
+      assert left == (0 if point == "merge.segments_deleted" else 7)
+      reopened.close(flush=False)
+  assert reverts == []
+  with _open(str(tmp_path / "t"), ts_cache_bytes=64 << 20) as reopened:
+    reopened.flush()  # nothing changed; it starts the merge again if segments are left
+    reopened._finish_merge()
+    assert reopened.stats()["segment_rows"] == 0
+    np.testing.assert_array_equal(reopened._store.read_rows(every), raw)
+    reopened.close(flush=False)
+
+
+def test_reads_and_flushes_during_a_background_merge_are_exact(tmp_path, monkeypatch):
+  """While a merge copies one batch after another, every read of the committed rows is the
+  flush's, and a flush that writes newer segments meanwhile (rows the merge also holds among
+  them) wins over the merge: after it and after a reopen, every row is the one a table
+  without background merges holds."""
+  every = np.arange(NUM_ROWS)
+  ready, paused, resume = threading.Event(), threading.Event(), threading.Event()
+  raws = []
+  table_box = []
+
+  def hook(name):
+    if name == "merge.copied_batch":
+      # Inside the merge thread: reads see the committed rows, whatever the chunks hold now.
+      assert ready.wait(_CALL_TIMEOUT_S)
+      raws.append(table_box[0]._store.read_rows(every))
+      if len(raws) == 2:
+        paused.set()
+        assert resume.wait(_CALL_TIMEOUT_S)
+
+  _faults.set_handler(hook)
+  try:
+    table, _, raw = _background_setup(str(tmp_path / "t"), monkeypatch)
+    table_box.append(table)
+    ready.set()
+    assert paused.wait(_CALL_TIMEOUT_S)  # the merge is halfway
+    # 7 + 4 records stay under the in-line limit: this flush does not wait for the merge.
+    monkeypatch.setattr(_table, "_SEGMENT_FRACTION", 1)
+    rng = np.random.default_rng(6)
+    newer = np.array([5, 6, 41, 120])  # 5 and 41 are in the merging segments
+    table.push(newer, rng.standard_normal((len(newer), DIM)).astype(np.float32))
+    table.flush()  # writes a segment beside the merging ones; starts no second merge
+    raw_newer = table._store.read_rows(every)
+    resume.set()
+    table._finish_merge()
+  finally:
+    resume.set()
+    _faults.set_handler(None)
+  assert len(raws) == 5  # one read after each of the 5 chunks the 7 rows fall in
+  for seen in raws[:2]:  # before the newer flush
+    np.testing.assert_array_equal(seen, raw)
+  for seen in raws[2:]:
+    np.testing.assert_array_equal(seen, raw_newer)
+  assert not np.array_equal(raw, raw_newer)
+  assert table.stats()["background_merges"] == 1
+  assert table.stats()["segment_rows"] == 4  # the newer flush's: merged next time
+  np.testing.assert_array_equal(table._store.read_rows(every), raw_newer)
+  table.close()
+  # The same pushes and flushes without background merges.
+  reference, _, raw_ref = _background_setup(str(tmp_path / "ref"), monkeypatch, background=False)
+  np.testing.assert_array_equal(raw_ref, raw)
+  reference.push(newer, np.random.default_rng(6).standard_normal((4, DIM)).astype(np.float32))
+  reference.close()
+  for path in ("t", "ref"):
+    with _open(str(tmp_path / path)) as reopened:
+      np.testing.assert_array_equal(reopened._store.read_rows(every), raw_newer)
+      reopened.close(flush=False)
+
+
+def test_a_version_is_reverted_only_when_a_flush_came_after_it(tmp_path, monkeypatch):
+  """A checkpoint's version after a background merge is the same rows, and reopening at it
+  rewrites nothing; after a later flush, reopening at it reverts that flush, exactly."""
+  table, version, raw = _background_setup(str(tmp_path / "t"), monkeypatch)
+  table._finish_merge()
+  assert table.stats()["background_merges"] == 1
+  table.close()
+  reverts = []
+  revert = _store.TableStore.revert
+  monkeypatch.setattr(
+    _store.TableStore, "revert", lambda store, v: (reverts.append(v), revert(store, v))
+  )
+  every = np.arange(NUM_ROWS)
+  with _open(str(tmp_path / "t"), version=version) as reopened:
+    assert reverts == []
+    np.testing.assert_array_equal(reopened._store.read_rows(every), raw)
+    reopened.push(np.array([7]), np.ones((1, DIM), np.float32))
+    reopened.flush()  # step 3
+  with _open(str(tmp_path / "t"), version=version) as reopened:
+    assert reverts == [version]
+    assert reopened.step == 2
+    np.testing.assert_array_equal(reopened._store.read_rows(every), raw)
+    reopened.close(flush=False)
+
+
+def test_a_failed_background_merge_warns_and_loses_nothing(tmp_path, monkeypatch):
+  """A full disk in the background merge: a warning names it, every read is as before, the
+  segments stay, and the next flush's merge (once there is room) finishes the job."""
+  write_rows = _store.TableStore.write_rows
+  failing = threading.Event()
+  failing.set()
+
+  def write(store, ids, rows):
+    if failing.is_set() and threading.current_thread().name == "embedding-segment-merge":
+      raise OSError(errno.ENOSPC, "No space left on device (injected)")
+    return write_rows(store, ids, rows)
+
+  monkeypatch.setattr(_store.TableStore, "write_rows", write)
+  table, _, raw = _background_setup(str(tmp_path / "t"), monkeypatch)
+  with pytest.warns(RuntimeWarning, match=r"background merge of 7 segment rows.*No space left"):
+    table._finish_merge()
+  every = np.arange(NUM_ROWS)
+  assert table.stats()["segment_rows"] == 7
+  np.testing.assert_array_equal(table._store.read_rows(every), raw)
+  failing.clear()
+  table.flush()
+  table._finish_merge()
+  assert table.stats()["segment_rows"] == 0 and table.stats()["background_merges"] == 1
+  np.testing.assert_array_equal(table._store.read_rows(every), raw)
+  table.close()

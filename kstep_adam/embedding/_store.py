@@ -11,9 +11,11 @@ Directory layout of a table at ``path``::
                       rows/        zarr3 float32 [num_rows, W]: every row's full state
                       seg/<step>.<part>/{ids,rows}  segments: rows changed by recent
                                    flushes, newer than the chunks (sorted int64 ids, and
-                                   their float32 rows uncompressed), merged into rows/ and
-                                   deleted once they hold 1/64 of the table's rows
-                      commit.json  {"step": t}: the table step of the last flush
+                                   their float32 rows uncompressed), merged into rows/ in
+                                   the background once they hold 1/64 of the table's rows
+                                   (by a flush past 1/32), then deleted
+                      commit.json  {"step": t, "write": token}: the table step of the
+                                   last flush, and a token unique to each write
                     and, since OCDBT is copy-on-write, every earlier version of both:
                     a flush's ``TableVersion`` (database, generation, step) names one
                     and ``TableStore.revert`` brings the table back to it
@@ -31,12 +33,14 @@ Row layout (width ``W = 1 + D + S``): column 0 holds the int32 bits of ``last_st
 (so the zarr fill value 0 reads as "never written", and the row's value is its
 deterministic init), columns ``1:1+D`` the parameters, and ``1+D:`` the optimizer slots.
 
-``db/`` only changes when a flush copies a committed pending log into it: its rows as
-segments (each one transaction; a write costs the rows, not the chunks they fall in), then,
-past the limit, the segments' newest rows merged into the chunks in batches of whole chunks
-(each batch one transaction, writes grouped by chunk, so each touched chunk is written once
-per merge however many of its rows changed) and the segments deleted, then
-``commit.json``. A read of a row takes it from the newest segment holding it, else from
+``db/`` changes when a flush copies a committed pending log into it: its rows as segments
+(each one transaction; a write costs the rows, not the chunks they fall in), then, past the
+limit, the segments' newest rows merged into the chunks in batches of whole chunks (each
+batch one transaction, writes grouped by chunk, so each touched chunk is written once per
+merge however many of its rows changed) and the segments deleted, then ``commit.json``.
+It also changes when a ``SegmentMerge`` merges segments in the background: the same
+batches, rows the merged segments already return, then their delete; no read returns
+anything else meanwhile. A read of a row takes it from the newest segment holding it, else from
 ``rows/``. An interrupted copy is redone from the log at the next open, so ``db/``
 is read only when it holds exactly one flushed step. OCDBT packs chunks into a few data
 files (faster than one file per chunk here), but it is copy-on-write and does not
@@ -61,6 +65,8 @@ import os
 import re
 import shutil
 import tempfile
+import threading
+import time
 from typing import NamedTuple
 
 import numpy as np
@@ -259,11 +265,12 @@ class TableStore:
   # ------------------------------------------------------------------ segments
   def _load_segments(self) -> None:
     """Builds the index of the segments in the database (see the module docstring)."""
+    self._index_lock = _SharedLock()  # readers of the index against its changes
     self._segments: dict[bytes, np.ndarray] = {}  # key prefix -> its sorted ids
     self._seg_names: list[bytes] = []  # the key prefixes, oldest first
     self._seg_ids = np.zeros(0, np.int64)  # sorted unique ids held by segments
     self._seg_part = np.zeros(0, np.int32)  # which segment holds the newest record of each
-    self._seg_offset = np.zeros(0, np.int64)  # and its row within that segment
+    self._seg_offset = np.zeros(0, np.int32)  # and its row within that segment
     with self._io("list segments of"):
       keys = set(self._kv.list(ts.KvStore.KeyRange(SEGMENT_PREFIX, SEGMENT_PREFIX_END)).result())
     prefixes = sorted({k[: k.rindex(b"/") + 1] for k in keys})
@@ -275,25 +282,52 @@ class TableStore:
 
   def _index_segment(self, prefix: bytes, ids_N: np.ndarray) -> None:
     """Adds (or replaces, for a redone flush) one segment; its rows supersede older ones."""
-    if prefix in self._segments:
-      part = self._seg_names.index(prefix)
-    else:
-      part = len(self._seg_names)
-      self._seg_names.append(prefix)
-    self._segments[prefix] = ids_N
-    pos = np.searchsorted(self._seg_ids, ids_N)
-    known = pos < len(self._seg_ids)
-    known[known] = self._seg_ids[pos[known]] == ids_N[known]
-    self._seg_part[pos[known]] = part
-    self._seg_offset[pos[known]] = np.flatnonzero(known)
-    new = ~known
-    self._seg_ids = np.insert(self._seg_ids, pos[new], ids_N[new])
-    self._seg_part = np.insert(self._seg_part, pos[new], part)
-    self._seg_offset = np.insert(self._seg_offset, pos[new], np.flatnonzero(new))
+    with self._index_lock.exclusive():
+      if prefix in self._segments:
+        part = self._seg_names.index(prefix)
+      else:
+        part = len(self._seg_names)
+        self._seg_names.append(prefix)
+      self._segments[prefix] = ids_N
+      pos = np.searchsorted(self._seg_ids, ids_N)
+      known = pos < len(self._seg_ids)
+      known[known] = self._seg_ids[pos[known]] == ids_N[known]
+      self._seg_part[pos[known]] = part
+      self._seg_offset[pos[known]] = np.flatnonzero(known)
+      new = ~known
+      self._seg_ids = np.insert(self._seg_ids, pos[new], ids_N[new])
+      self._seg_part = np.insert(self._seg_part, pos[new], part)
+      self._seg_offset = np.insert(self._seg_offset, pos[new], np.flatnonzero(new))
+
+  def _drop_from_index(self, names: list[bytes]) -> None:
+    """Removes segments from the index (their keys are deleted): the rows they held newest
+    are read from the chunks again, or from an older segment still listed."""
+    dropped = set(names)
+    for prefix in names:
+      del self._segments[prefix]
+    self._seg_names = [p for p in self._seg_names if p not in dropped]
+    if not self._seg_names:
+      self._seg_ids = np.zeros(0, np.int64)
+      self._seg_part, self._seg_offset = np.zeros(0, np.int32), np.zeros(0, np.int32)
+      return
+    # Oldest first, then a stable sort by id: the last record of each id is its newest.
+    ids = np.concatenate([self._segments[p] for p in self._seg_names])
+    part = np.repeat(
+      np.arange(len(self._seg_names), dtype=np.int32),
+      [len(self._segments[p]) for p in self._seg_names],
+    )
+    offset = np.concatenate(
+      [np.arange(len(self._segments[p]), dtype=np.int32) for p in self._seg_names]
+    )
+    order = np.argsort(ids, kind="stable")
+    ids, part, offset = ids[order], part[order], offset[order]
+    newest = np.r_[ids[1:] != ids[:-1], True]
+    self._seg_ids, self._seg_part, self._seg_offset = ids[newest], part[newest], offset[newest]
 
   def segment_records(self) -> int:
     """Rows written into segments since they were last merged (superseded ones included)."""
-    return sum(len(ids) for ids in self._segments.values())
+    with self._index_lock.shared():
+      return sum(len(ids) for ids in self._segments.values())
 
   def write_segment(self, step: int, part: int, ids_N: np.ndarray, rows_NxW: np.ndarray) -> None:
     """Writes sorted unique rows as one segment (one OCDBT commit: its ids and rows)."""
@@ -333,54 +367,72 @@ class TableStore:
     deleted they stay the newest record of their rows, so a crash anywhere in between
     leaves every read as it was without ``newer``; with it, a chunk may hold a row newer
     than its segment's, and the flush must be redone (as the table does at the next open)
-    before the database is read.
+    before the database is read. No background merge may run (``SegmentMerge``).
     """
-    seg_ids, done = self._seg_ids, 0
+    names, seg_ids, done = list(self._seg_names), self._seg_ids, 0
     for ids, read in newer:
       if not len(ids):
         continue
       stop = int(np.searchsorted(seg_ids, (ids[-1] // chunk_rows + 1) * chunk_rows))
       union = np.union1d(seg_ids[done:stop], ids)
       done = stop
-      self._write_merged(union, ids, read, chunk_rows, max_chunks, on_batch)
-    self._write_merged(seg_ids[done:], None, None, chunk_rows, max_chunks, on_batch)
-    self.delete_segments()
+      self._write_merged(names, union, ids, read, chunk_rows, max_chunks, on_batch)
+    self._write_merged(names, seg_ids[done:], None, None, chunk_rows, max_chunks, on_batch)
+    self.delete_segments(names)
 
-  def _write_merged(self, union, new_ids, read_new, chunk_rows, max_chunks, on_batch) -> None:
-    """Writes the rows of sorted ``union`` (segment ids and ``new_ids``) in batches of whole
-    chunks: each from the newest segment holding it, overwritten by ``read_new``'s rows."""
+  def _write_merged(
+    self, names, union, new_ids, read_new, chunk_rows, max_chunks, on_batch, stop=None
+  ) -> bool:
+    """Writes the rows of sorted ``union`` (ids of the segments ``names`` and ``new_ids``) in
+    batches of whole chunks: each from the newest of ``names`` holding it, overwritten by
+    ``read_new``'s rows. Returns False if ``stop`` was set before a batch (the rest is not
+    written)."""
     if not len(union):
-      return
+      return True
     chunk = union // chunk_rows
     bounds = np.flatnonzero(np.diff(chunk, prepend=-1))[::max_chunks]
     for lo, hi in zip(bounds, np.r_[bounds[1:], len(union)]):
+      if stop is not None and stop.is_set():
+        return False
       ids = union[lo:hi]
       rows = np.empty((len(ids), self._row_bytes // 4), np.float32)
-      for prefix in self._seg_names:  # oldest first: later segments overwrite
+      for prefix in names:  # oldest first: later segments overwrite
         seg_ids = self._segments[prefix]
-        first, stop = np.searchsorted(seg_ids, [ids[0], ids[-1] + 1])
-        if first < stop:
-          rows[np.searchsorted(ids, seg_ids[first:stop])] = self._read_segment_rows(
-            prefix, first, stop
+        first, last = np.searchsorted(seg_ids, [ids[0], ids[-1] + 1])
+        if first < last:
+          rows[np.searchsorted(ids, seg_ids[first:last])] = self._read_segment_rows(
+            prefix, first, last
           )
       if new_ids is not None:
-        first, stop = np.searchsorted(new_ids, [ids[0], ids[-1] + 1])
-        rows[np.searchsorted(ids, new_ids[first:stop])] = read_new(slice(first, stop))
+        first, last = np.searchsorted(new_ids, [ids[0], ids[-1] + 1])
+        rows[np.searchsorted(ids, new_ids[first:last])] = read_new(slice(first, last))
       self.write_rows(ids, rows)
       on_batch()
+    return True
 
-  def delete_segments(self) -> None:
-    """Deletes every segment in one commit (after ``merge_segments`` copied them)."""
-    if not self._segments:
-      return
-    with self._io("delete the segments of"), ts.Transaction() as txn:
-      target = self._kv.with_transaction(txn)
-      for prefix in self._seg_names:
-        del target[prefix + b"ids"]
-        del target[prefix + b"rows"]
-    self._segments, self._seg_names = {}, []
-    self._seg_ids = np.zeros(0, np.int64)
-    self._seg_part, self._seg_offset = np.zeros(0, np.int32), np.zeros(0, np.int64)
+  def delete_segments(self, names: list[bytes] | None = None) -> None:
+    """Deletes segments (default: every one) in one commit, once their rows are in the
+    chunks, and drops them from the index. Waits for reads that may be reading them."""
+    with self._index_lock.exclusive():
+      names = list(self._seg_names) if names is None else names
+      if not names:
+        return
+      with self._io("delete the segments of"), ts.Transaction() as txn:
+        target = self._kv.with_transaction(txn)
+        for prefix in names:
+          del target[prefix + b"ids"]
+          del target[prefix + b"rows"]
+      self._drop_from_index(names)
+
+  def merge_in_background(self, chunk_rows: int, max_chunks: int, on_batch, on_deleted):
+    """Starts merging the segments there are now into the chunks in a thread of its own
+    (``SegmentMerge``); flushes may write newer segments meanwhile."""
+    with self._index_lock.shared():
+      names = list(self._seg_names)
+      ids = [self._segments[p] for p in names]
+    merge = SegmentMerge(self, names, ids, chunk_rows, max_chunks, on_batch, on_deleted)
+    merge.start()
+    return merge
 
   def committed_step(self) -> int:
     with self._io("read commit.json of"):
@@ -397,28 +449,32 @@ class TableStore:
     if len(ids_N) == 0:
       return np.zeros((0, self._row_bytes // 4), np.float32)
     self.bytes_read += len(ids_N) * self._row_bytes
-    in_segment = np.zeros(len(ids_N), bool)
-    if len(self._seg_ids):
-      pos = np.minimum(np.searchsorted(self._seg_ids, ids_N), len(self._seg_ids) - 1)
-      in_segment = self._seg_ids[pos] == ids_N
-    if not in_segment.any():
+    # Shared: a background merge deletes the segments it merged only after the reads that
+    # may be reading them are done.
+    with self._index_lock.shared():
+      in_segment = np.zeros(len(ids_N), bool)
+      if len(self._seg_ids):
+        pos = np.minimum(np.searchsorted(self._seg_ids, ids_N), len(self._seg_ids) - 1)
+        in_segment = self._seg_ids[pos] == ids_N
+      if not in_segment.any():
+        with self._io("read rows of"):
+          return self._rows[ids_N].read().result()
+      rows = np.empty((len(ids_N), self._row_bytes // 4), np.float32)
       with self._io("read rows of"):
-        return self._rows[ids_N].read().result()
-    rows = np.empty((len(ids_N), self._row_bytes // 4), np.float32)
-    with self._io("read rows of"):
-      if not in_segment.all():
-        rows[~in_segment] = self._rows[ids_N[~in_segment]].read().result()
-      row_bytes = self._row_bytes
-      reads = [
-        self._kv.read(
-          self._seg_names[part] + b"rows", byte_range=slice(off * row_bytes, (off + 1) * row_bytes)
-        )
-        for part, off in zip(self._seg_part[pos[in_segment]], self._seg_offset[pos[in_segment]])
-      ]
-      rows[in_segment] = np.frombuffer(
-        b"".join(read.result().value for read in reads), np.float32
-      ).reshape(-1, row_bytes // 4)
-    return rows
+        if not in_segment.all():
+          rows[~in_segment] = self._rows[ids_N[~in_segment]].read().result()
+        row_bytes = self._row_bytes
+        reads = [
+          self._kv.read(
+            self._seg_names[part] + b"rows",
+            byte_range=slice(int(off) * row_bytes, (int(off) + 1) * row_bytes),
+          )
+          for part, off in zip(self._seg_part[pos[in_segment]], self._seg_offset[pos[in_segment]])
+        ]
+        rows[in_segment] = np.frombuffer(
+          b"".join(read.result().value for read in reads), np.float32
+        ).reshape(-1, row_bytes // 4)
+      return rows
 
   def write_rows(self, ids_N: np.ndarray, rows_NxW: np.ndarray) -> None:
     """Scatters rows in one transaction, so each touched chunk is written once."""
@@ -429,8 +485,11 @@ class TableStore:
       self._rows.with_transaction(txn)[ids_N] = rows_NxW
 
   def write_step(self, step: int) -> None:
+    """Writes ``commit.json``: the step, and a token unique to this write, by which
+    ``only_merged_since`` tells whether it was written again since a version."""
+    record = {"step": int(step), "write": os.urandom(8).hex()}
     with self._io("write commit.json of"):
-      self._kv[COMMIT_KEY] = json.dumps({"step": int(step)}).encode()
+      self._kv[COMMIT_KEY] = json.dumps(record).encode()
 
   def generation(self) -> int:
     """The OCDBT generation number of the database's latest commit."""
@@ -441,6 +500,25 @@ class TableStore:
   def version(self) -> TableVersion:
     """The committed state now: its step, this database and its latest generation."""
     return TableVersion(self.committed_step(), self.db_name, self.generation())
+
+  def only_merged_since(self, version: TableVersion) -> bool:
+    """Whether at most background merges committed since ``version``: every flush and
+    revert writes ``commit.json``, a merge never does, and it changes no row a read
+    returns (``SegmentMerge``). So the table is still exactly that version."""
+    if version.database != self.db_name:
+      return False
+    spec = {
+      "driver": "ocdbt",
+      "base": {"driver": "file", "path": self.db_path},
+      "version": int(version.generation),
+    }
+    with self._io("read the history of"):
+      then = ts.KvStore.open(spec, context=self._context).result()
+      reads = [kv.read(COMMIT_KEY) for kv in (then, self._kv)]
+      then_value, now_value = (read.result().value for read in reads)
+    # Each write of commit.json is unique (its "write" token): OCDBT gives a small value the
+    # same storage generation when it is rewritten with the same bytes, so compare bytes.
+    return b'"write"' in then_value and then_value == now_value
 
   def revert(self, version: TableVersion) -> None:
     """Makes the live database equal to an earlier ``version`` of it, as new commits.
@@ -517,3 +595,91 @@ class TableStore:
       if code:
         raise OSError(int(code.group(1)), message) from e
       raise OSError(message) from e
+
+
+class _SharedLock:
+  """Many readers or one writer; a waiting writer holds off new readers."""
+
+  def __init__(self):
+    self._cond = threading.Condition()
+    self._readers = 0
+    self._writing = False
+
+  @contextlib.contextmanager
+  def shared(self):
+    with self._cond:
+      self._cond.wait_for(lambda: not self._writing)
+      self._readers += 1
+    try:
+      yield
+    finally:
+      with self._cond:
+        self._readers -= 1
+        self._cond.notify_all()
+
+  @contextlib.contextmanager
+  def exclusive(self):
+    with self._cond:
+      self._cond.wait_for(lambda: not self._writing)
+      self._writing = True
+      self._cond.wait_for(lambda: self._readers == 0)
+    try:
+      yield
+    finally:
+      with self._cond:
+        self._writing = False
+        self._cond.notify_all()
+
+
+class SegmentMerge(threading.Thread):
+  """Merges given segments into the chunks, then deletes them, beside training.
+
+  It writes each row the segments hold newest into its chunk (batches of whole chunks, one
+  transaction each), reading only those segments, so a chunk receives exactly the value a
+  read already returns: until the delete, those segments stay in the index and win over
+  the chunk, and rows a later flush wrote are read from that flush's newer segments. A
+  kill anywhere in between therefore leaves every read as it was, and the segments are
+  merged again later. The caller keeps every other writer of the chunks away while it
+  runs (a flush that must merge in line, ``compact``, ``revert``) by ``finish``ing it.
+  """
+
+  def __init__(self, store, names, ids, chunk_rows, max_chunks, on_batch, on_deleted):
+    super().__init__(name="embedding-segment-merge", daemon=True)
+    self._store, self._names, self._ids = store, names, ids
+    self._chunk_rows, self._max_chunks = chunk_rows, max_chunks
+    self._on_batch, self._on_deleted = on_batch, on_deleted
+    self._stop_event = threading.Event()
+    self.error: BaseException | None = None
+    self.records = sum(len(i) for i in ids)
+    self.seconds: float | None = None  # once done
+
+  def run(self) -> None:
+    start = time.perf_counter()
+    try:
+      union = np.unique(np.concatenate(self._ids))
+      store = self._store
+      done = store._write_merged(
+        self._names,
+        union,
+        None,
+        None,
+        self._chunk_rows,
+        self._max_chunks,
+        self._on_batch,
+        stop=self._stop_event,
+      )
+      del union
+      if done:
+        store.delete_segments(self._names)
+        self.seconds = time.perf_counter() - start
+        self._on_deleted()
+    except BaseException as e:  # kept for whoever finishes the merge
+      self.error = e
+
+  def finish(self, *, stop: bool = False) -> BaseException | None:
+    """Waits for the merge (after asking it to stop between batches, with ``stop``) and
+    returns its error, if any. A stopped merge leaves its segments for a later one."""
+    if stop:
+      self._stop_event.set()
+    self.join()
+    return self.error

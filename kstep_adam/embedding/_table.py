@@ -8,8 +8,9 @@ the device tier, concurrency) are in docs/embedding.md, "Design notes". A map of
 * ``pull``/``working_set``/``push``/``prefetch``: the host cache, misses via ``_acquire``;
 * ``begin_device_step``/``end_device_step``: the device tier;
 * ``flush``/``_flush_locked``/``_apply_pending``: the pending log's commit point, then its
-  rows into the database as segments, merged into the zarr chunks past
-  ``_SEGMENT_FRACTION``; ``compact``: a fresh database;
+  rows into the database as segments, merged into the zarr chunks in the background past
+  ``_BACKGROUND_MERGE_FRACTION`` (``_start_merge``/``_finish_merge``), in the flush itself
+  past ``_SEGMENT_FRACTION``; ``compact``: a fresh database;
 * ``_failure_is_fatal``/``_raise_failed``: the failed state after an I/O error.
 """
 
@@ -20,6 +21,7 @@ import fcntl
 import os
 import shutil
 import threading
+import warnings
 from typing import NamedTuple
 from typing import NoReturn
 
@@ -50,10 +52,13 @@ _FLUSH_BATCH_BYTES = 64 << 20  # uncompressed chunk bytes per flush write batch
 # Log records sorted at once while copying a committed log into zarr (``newest_records``
 # pieces): a few arrays of 8 bytes per record, about 100 MiB in all.
 _FLUSH_PIECE_RECORDS = 1 << 21
-# A flush writes the rows it changed as segments beside the zarr chunks, and merges the
-# segments into the chunks once they hold more than 1/_SEGMENT_FRACTION of the table's rows
-# (their in-memory index takes about 28 bytes a segment row).
-_SEGMENT_FRACTION = 64
+# A flush writes the rows it changed as segments beside the zarr chunks (their in-memory
+# index takes about 24 bytes a segment row). Once they hold more than
+# 1/_BACKGROUND_MERGE_FRACTION of the table's rows (0: never), the flush starts merging them
+# into the chunks in the background; a flush that would take them past 1/_SEGMENT_FRACTION
+# waits for that merge, and if they are still too many, merges them itself.
+_BACKGROUND_MERGE_FRACTION = 64
+_SEGMENT_FRACTION = 32
 
 
 def dense_id_maps(num_rows: int, row_bytes: int, host_cache_rows: int) -> int | None:
@@ -134,6 +139,8 @@ class EmbeddingTable:
     # the chunks it writes. A miss in a chunk never written is a fresh row, with no read.
     # None (a table reopened later) reads every miss, as a table always did.
     self._written_chunks: np.ndarray | None = None
+    self._merge: _store.SegmentMerge | None = None  # the background merge, if one runs
+    self._merge_counts = dict(background_merges=0, background_merge_seconds=0.0)
     try:  # a failed open (a damaged database, an I/O error in the redo) releases the lock
       _store.remove_stale_dbs(path)
       self._store = _store.TableStore(path, config, ts_cache_bytes=ts_cache_bytes)
@@ -507,7 +514,8 @@ class EmbeddingTable:
     """
     with self._op_lock, self._lock:
       self._check_rows_usable(prefetch_errors=False)
-      self._flush_locked()
+      self._flush_locked(start_merge=False)
+      self._finish_merge()  # its work counts: the merge below does the rest
       old = self._store
       _store.remove_stale_dbs(self.path)  # what an earlier failed compact left behind
       number = int(old.db_name.split(".")[1]) + 1 if "." in old.db_name else 1
@@ -545,14 +553,23 @@ class EmbeddingTable:
       _malloc.release_free_memory()
       return {"bytes_before": before, "bytes_after": _store.du_bytes(new.db_path)}
 
-  def _flush_locked(self) -> None:
-    """Flush with both locks held (see ``flush``)."""
+  def _flush_locked(self, start_merge: bool = True) -> None:
+    """Flush with both locks held (see ``flush``); then, with ``start_merge``, a background
+    merge of the segments if they are past ``_BACKGROUND_MERGE_FRACTION``."""
     self._sync_device_locked()
     while self._num_loading:
       self._cond.wait()
       self._check_usable(prefetch_errors=False)
     cache = self._cache
     dirty_slots = np.flatnonzero(cache.dirty_C)
+    if (
+      not len(dirty_slots) and not self._pending.num_records and self._step == self._committed.step
+    ):
+      # Nothing changed since the last commit: no new version (a checkpoint that names the
+      # last one stays exact without a revert, see ``_revert``).
+      if start_merge:
+        self._start_merge()
+      return
     # A cached pending row is either dirty (appended now) or equal to its newest
     # record, so afterwards the newest record of every id is its state at this step. If
     # an append fails, the rows stay dirty, and a record already appended equals its
@@ -570,6 +587,8 @@ class EmbeddingTable:
       cache.dirty_C[dirty_slots] = False
       self._committed = self._store.version()
     _malloc.release_free_memory()  # the copy's transients, before training resumes
+    if start_merge:
+      self._start_merge()
 
   def close(self, flush: bool = True) -> None:
     """Flushes (unless ``flush=False``) and releases the table; idempotent.
@@ -585,11 +604,14 @@ class EmbeddingTable:
       if flush:
         with self._op_lock, self._lock:
           self._check_rows_usable(prefetch_errors=False)
-          self._flush_locked()
+          self._flush_locked(start_merge=False)
     finally:
       self._closed = True
-      self._pending.close()
-      self._lock_file.close()  # releases the flock
+      try:  # its segments stay and are merged after a later open
+        self._finish_merge(stop=True)
+      finally:
+        self._pending.close()
+        self._lock_file.close()  # releases the flock
 
   def __enter__(self):
     return self
@@ -616,6 +638,9 @@ class EmbeddingTable:
         bytes_read=self._store.bytes_read + self._pending.bytes_read,
         bytes_written=self._store.bytes_written + self._pending.bytes_written,
         step=self._step,
+        segment_rows=self._store.segment_records(),
+        background_merge_running=self._merge is not None and self._merge.is_alive(),
+        **self._merge_counts,
       )
       if self._device_cache is not None:
         c.update(self._device_cache.stats())
@@ -779,8 +804,15 @@ class EmbeddingTable:
     overwrites what the interrupted copy wrote."""
     chunk_rows = self._config.chunk_rows
     pieces = self._pending.newest_records(chunk_rows, _FLUSH_PIECE_RECORDS)
-    # Records, superseded ones included, as segment_records counts: the same on a redo.
-    if self._store.segment_records() + self._pending.num_records > self._segment_max_records():
+    # Records, superseded ones included, as segment_records counts. A redo may count more
+    # (segments the interrupted flush wrote, or a background merge's not yet deleted) or
+    # fewer (a merge finished since): either choice reads the same rows afterwards.
+    too_many = lambda: (
+      self._store.segment_records() + self._pending.num_records > self._segment_max_records()
+    )
+    if too_many() and self._merge is not None:
+      self._finish_merge()  # it may bring them under the limit; no other chunk writer runs
+    if too_many():
       self._store.merge_segments(
         chunk_rows,
         self._chunks_per_batch(),
@@ -813,14 +845,57 @@ class EmbeddingTable:
         self._written_chunks[ids // self._config.chunk_rows] = True
       yield ids, positions
 
+  def _start_merge(self) -> None:
+    """After a flush: starts merging the segments into the chunks in the background once
+    they hold more than 1/``_BACKGROUND_MERGE_FRACTION`` of the table's rows, unless a
+    merge still runs (see ``_store.SegmentMerge``)."""
+    if self._merge is not None:
+      if self._merge.is_alive():
+        return
+      self._finish_merge()
+    if (
+      not _BACKGROUND_MERGE_FRACTION
+      or self._store.segment_records() * _BACKGROUND_MERGE_FRACTION <= self.num_rows
+    ):
+      return
+    self._merge = self._store.merge_in_background(
+      self._config.chunk_rows,
+      self._chunks_per_batch(),
+      on_batch=lambda: _faults.reached("merge.copied_batch"),
+      on_deleted=lambda: _faults.reached("merge.segments_deleted"),
+    )
+
+  def _finish_merge(self, *, stop: bool = False) -> None:
+    """Waits for the background merge, if one runs (asking it to stop between batches, with
+    ``stop``). An I/O error in it is reported as a warning: its segments are still the
+    newest record of their rows, so nothing reads differently, and a later merge (or
+    ``compact``) merges them again. Any other error is raised."""
+    merge, self._merge = self._merge, None
+    if merge is None:
+      return
+    error = merge.finish(stop=stop)
+    if merge.seconds is not None:
+      self._merge_counts["background_merges"] += 1
+      self._merge_counts["background_merge_seconds"] += merge.seconds
+    if isinstance(error, OSError):
+      warnings.warn(
+        f"the background merge of {merge.records} segment rows of the table at "
+        f"{self.path!r} into its chunks failed, and its segments stay for a later merge: "
+        f"{error}",
+        RuntimeWarning,
+        stacklevel=3,
+      )
+    elif error is not None:
+      raise error
+
   def _segment_max_records(self) -> int:
     """Segment rows beyond which a flush merges them into the chunks (``_SEGMENT_FRACTION``)."""
     return max(1, self.num_rows // _SEGMENT_FRACTION)
 
   def _revert(self, version: TableVersion) -> None:
     """Brings the just-opened table back to an earlier flush's ``version`` (see ``open``)."""
-    if self._store.version() == version:
-      return  # nothing was committed since
+    if self._store.version() == version or self._store.only_merged_since(version):
+      return  # nothing was committed since, or only background merges: the same rows
     if self._step < version.step:
       raise ValueError(
         f"cannot restore the table at {self.path!r} to step {version.step}: it is at step "

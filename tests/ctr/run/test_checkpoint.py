@@ -233,6 +233,32 @@ def test_a_kill_at_any_point_of_a_checkpoint_resumes_exactly(tmp_path, cache, sy
   assert not os.path.exists(checkpoints / "step_000000003")  # kept: the newest two
 
 
+@pytest.fixture(scope="module")
+def merging_run(tmp_path_factory, cache):
+  """An uninterrupted run whose table is large enough that the checkpoints' flushes keep
+  their rows in segments, merged into the chunks in the background beside training."""
+  root = tmp_path_factory.mktemp("merging_run")
+  config_kwargs = dict(CONFIG, steps=11, table_rows=1 << 16)
+  data = {"synthetic": SYNTHETIC}
+  _run(root / "reference", config_kwargs, data, cache)
+  reference = _result(root / "reference")
+  assert reference[0]["table_stats"]["background_merges"] >= 1  # what is killed below
+  return config_kwargs, data, reference
+
+
+@pytest.mark.parametrize("point", _faults.MERGE_POINTS)
+def test_a_kill_inside_a_background_merge_of_the_table_resumes_exactly(
+  tmp_path, cache, merging_run, point
+):
+  """SIGKILL at each point of the table's background merge: the resumed run ends as the
+  uninterrupted one, bit for bit."""
+  config_kwargs, data, reference = merging_run
+  out = tmp_path / "run"
+  _run(out, config_kwargs, data, cache, fault=f"{point}@1")
+  _run(out, config_kwargs, data, cache, resume=True)
+  _assert_same_run(_result(out), reference)
+
+
 def test_the_step_counter_of_a_restored_checkpoint_decides_the_next_merge(tmp_path):
   """The optimizer state owns the step count (issue 9): a state restored from a checkpoint
   after 2 steps (k=3) merges on its 3rd step in a new process's step function, which has
