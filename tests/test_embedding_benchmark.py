@@ -37,6 +37,25 @@ def test_benchmark_large_case_runs_scaled_down(tmp_path):
     assert record["peak_rss_gib"] > 0 and record["max_flush_seconds"] > 0
 
 
+def test_benchmark_large_case_compares_the_merge_policies(tmp_path):
+  """At 2^20 rows each flush of 5 steps (about 20k rows) passes 1/64 of the table but not
+  1/32: the table's policy merges its segments in the background, the earlier one (``inline``)
+  inside the flush; both end with every row in the chunks after ``compact``."""
+  out = tmp_path / "large.jsonl"
+  embedding_tier.main(
+    ["--quick", "--large", "--log2-rows", "20", "--large-ids", "uniform"]
+    + ["--large-merge", "inline", "background"]
+    + ["--workdir", str(tmp_path / "w"), "--out", str(out)]
+  )
+  inline, background = read_jsonl(str(out))
+  assert (inline["merge"], background["merge"]) == ("inline", "background")
+  assert inline["background_merges"] == 0 and not inline["background_merge_running_at_end"]
+  assert inline["segment_rows_at_end"] == 0  # every flush merged its rows itself
+  assert background["background_merges"] + background["background_merge_running_at_end"] >= 1
+  assert background["segment_rows_at_end"] > 0  # the last flush's rows, merged by compact
+  assert embedding_tier._table._BACKGROUND_MERGE_FRACTION > 0  # the policy was restored
+
+
 def test_benchmark_flush_case_flushes_the_same_rows_into_each_layout(tmp_path):
   out = tmp_path / "flush.jsonl"
   embedding_tier.main(

@@ -604,7 +604,7 @@ def _segment_flushes(path, merge, handler=None):
   hot = np.array([3, 17, 40, 41, 90])
   table.push(hot, rng.standard_normal((len(hot), DIM)).astype(np.float32))
   table.flush()  # 5 rows in segments
-  assert len(table._store._seg_ids) == len(hot)
+  assert len(table._store.segment_ids()) == len(hot)
   before, raw_before = table.committed, table._store.read_rows(every)
   ids = np.array([3, 5, 7, 8, 41, 100, 149] + ([20, 30, 60, 61, 62] if merge else []))
   table.push(np.sort(ids), rng.standard_normal((len(ids), DIM)).astype(np.float32))
@@ -635,7 +635,7 @@ def test_a_segment_flush_interrupted_at_any_point_reopens_at_one_flushed_step_ex
   every = np.arange(NUM_ROWS)
   _segment_flushes(str(tmp_path / "ref"), merge)
   with embedding.open_table(str(tmp_path / "ref")) as ref:
-    assert len(ref._store._seg_ids) == (0 if merge else 10)
+    assert len(ref._store.segment_ids()) == (0 if merge else 10)
     raw_after = ref._store.read_rows(every)
   reached = collections.Counter()
 
@@ -682,7 +682,7 @@ def test_rows_read_from_segments_equal_rows_read_from_the_chunks(tmp_path, monke
       if step % 3 == 2:
         table.flush()
         if fraction == 1 << 30:
-          assert len(table._store._seg_ids) == 0
+          assert len(table._store.segment_ids()) == 0
     table.close()
     with _open(path) as table:
       out.append(table.pull(np.arange(NUM_ROWS)))
@@ -696,10 +696,10 @@ def test_rows_read_from_segments_equal_rows_read_from_the_chunks(tmp_path, monke
     out.append(table.pull(np.arange(0, NUM_ROWS, 7)))
     if step % 3 == 2:
       table.flush()
-  assert len(table._store._seg_ids) > 0  # the segment path was taken
+  assert len(table._store.segment_ids()) > 0  # the segment path was taken
   table.close()
   with _open(path) as table:
-    assert len(table._store._seg_ids) > 0  # and is read after a reopen
+    assert len(table._store.segment_ids()) > 0  # and is read after a reopen
     out.append(table.pull(np.arange(NUM_ROWS)))
   # Merged in the background after every flush, while the next pushes and pulls run.
   monkeypatch.setattr(_table, "_BACKGROUND_MERGE_FRACTION", NUM_ROWS)  # past 1 record
@@ -734,7 +734,7 @@ def test_a_flush_that_merges_writes_no_segment_of_its_own(tmp_path, monkeypatch)
   first = np.array([3, 17, 40, 41, 90])
   table.push(first, rng.standard_normal((len(first), DIM)).astype(np.float32))
   table.flush()  # 5 rows: a segment
-  assert len(table._store._seg_ids) == len(first)
+  assert len(table._store.segment_ids()) == len(first)
   segments = []
   write_segment = table._store.write_segment
   monkeypatch.setattr(
@@ -748,7 +748,7 @@ def test_a_flush_that_merges_writes_no_segment_of_its_own(tmp_path, monkeypatch)
   read = table._pending.read
   monkeypatch.setattr(table._pending, "read", lambda p: (reads.append(len(p)), read(p))[1])
   table.flush()  # 5 + 12 records > 15: merged
-  assert segments == [] and len(table._store._seg_ids) == 0
+  assert segments == [] and len(table._store.segment_ids()) == 0
   assert max(reads) <= 8  # the 12 rows 20-31 of chunks 2 and 3: one chunk at a time
   # The chunks received the 5 segment rows and the 12 new ones, each once.
   row_bytes = table._config.row_bytes
@@ -931,4 +931,34 @@ def test_a_failed_background_merge_warns_and_loses_nothing(tmp_path, monkeypatch
   table._finish_merge()
   assert table.stats()["segment_rows"] == 0 and table.stats()["background_merges"] == 1
   np.testing.assert_array_equal(table._store.read_rows(every), raw)
+  table.close()
+
+
+def test_a_paused_background_merge_copies_no_further_batch_until_resumed(tmp_path, monkeypatch):
+  """A flush pauses a running merge (their memory peaks would add up): after the batch under
+  way, the merge waits, and goes on when resumed, to the same rows."""
+  batches, first_batch, go_on = [], threading.Event(), threading.Event()
+
+  def hook(name):
+    if name == "merge.copied_batch":
+      batches.append(name)
+      first_batch.set()
+      assert go_on.wait(_CALL_TIMEOUT_S)
+
+  _faults.set_handler(hook)
+  try:
+    table, _, raw = _background_setup(str(tmp_path / "t"), monkeypatch)
+    merge = table._merge
+    assert first_batch.wait(_CALL_TIMEOUT_S)
+    merge.pause()
+    go_on.set()  # the first batch ends; the second waits for resume
+    merge.join(timeout=0.5)
+    assert merge.is_alive() and len(batches) == 1
+    merge.resume()
+    table._finish_merge()
+  finally:
+    go_on.set()
+    _faults.set_handler(None)
+  assert len(batches) == 5 and table.stats()["segment_rows"] == 0
+  np.testing.assert_array_equal(table._store.read_rows(np.arange(NUM_ROWS)), raw)
   table.close()

@@ -9,6 +9,8 @@ Flush cost against the rows changed (1% of the cache's rows dirty against all of
     --flush-rows 262144 --repeats 2
 Large table (NOT for CI: 2^28 rows of 16 floats and their Adam slots take tens of GiB of disk):
   .venv/bin/python -m experiments.benchmarks.embedding_tier --large --log2-rows 28
+  (its flushes with the background merge against the merge inside the flush, in turn:
+   ... --large-ids uniform --large-merge inline background --large-steps 300 --flush-every 150)
   (a scaled-down check of the same code path:
    --large --log2-rows 22 --large-steps 100 --flush-every 25 --batch 20000
    --large-cache-mib 128)
@@ -33,6 +35,15 @@ from experiments._common import dumps
 from kstep_adam import embedding
 from kstep_adam.embedding import _malloc
 from kstep_adam.embedding import _store
+from kstep_adam.embedding import _table
+
+# The large case's merge policies: how a flush's segments reach the chunks. "background" is
+# the table's own; "inline" is the policy before background merges (the flush past 1/64 of
+# the table's rows merges them itself, and nothing merges between flushes), kept to compare.
+MERGE_POLICIES = {
+  "background": (_table._BACKGROUND_MERGE_FRACTION, _table._SEGMENT_FRACTION),
+  "inline": (0, 64),
+}
 
 
 class NumpyTable:
@@ -332,7 +343,16 @@ def large_ids(rng, kind: str, num_rows: int, n: int, zipf_a: float) -> np.ndarra
   return embedding.hash_keys_to_rows(rng.zipf(zipf_a, n) - 1, num_rows, salt=12345)
 
 
-def case_large(args, workdir, ids_kind: str):
+def case_large(args, workdir, ids_kind: str, merge: str = "background"):
+  saved = _table._BACKGROUND_MERGE_FRACTION, _table._SEGMENT_FRACTION
+  _table._BACKGROUND_MERGE_FRACTION, _table._SEGMENT_FRACTION = MERGE_POLICIES[merge]
+  try:
+    _case_large(args, workdir, ids_kind, merge)
+  finally:
+    _table._BACKGROUND_MERGE_FRACTION, _table._SEGMENT_FRACTION = saved
+
+
+def _case_large(args, workdir, ids_kind: str, merge: str):
   num_rows, dim = 1 << args.log2_rows, 16
   opt = make_optimizer(args.optimizer)
   path = os.path.join(workdir, f"large_{ids_kind}")
@@ -366,8 +386,12 @@ def case_large(args, workdir, ids_kind: str):
       flush_seconds.append(time.perf_counter() - flush_start)
       if args.verbose:
         elapsed = time.perf_counter() - start
+        merges = table.stats()
         print(
           f"{ids_kind} step {step + 1}: flush {flush_seconds[-1]:.1f} s, "
+          f"{merges['segment_rows']} segment rows, "
+          f"{merges['background_merges']} background merges done "
+          f"({merges['background_merge_seconds']:.0f} s), "
           f"{n_unique / elapsed:.0f} unique rows/s so far, "
           f"peak RSS {_peak_rss_bytes() / 2**30:.2f} GiB, "
           f"pending log {max_pending_bytes / 2**30:.2f} GiB",
@@ -376,6 +400,8 @@ def case_large(args, workdir, ids_kind: str):
   seconds = time.perf_counter() - start
   stats = table.stats()
   disk_bytes = _store.du_bytes(path)
+  # compact() first waits for a background merge the last flush started, and merges what
+  # segments are left; its time includes that.
   compact_start = time.perf_counter()
   sizes = table.compact()
   compact_seconds = time.perf_counter() - compact_start
@@ -385,6 +411,7 @@ def case_large(args, workdir, ids_kind: str):
     dict(
       case="large",
       ids=ids_kind,
+      merge=merge,
       rows=num_rows,
       dim=dim,
       optimizer=args.optimizer,
@@ -398,6 +425,13 @@ def case_large(args, workdir, ids_kind: str):
       flushes=len(flush_seconds),
       flush_seconds=sum(flush_seconds),
       max_flush_seconds=max(flush_seconds),
+      each_flush_seconds=flush_seconds,
+      # Merges of segments into the chunks that ran beside the steps (their time overlaps
+      # the steps'), and the segment rows left when the steps ended.
+      background_merges=stats["background_merges"],
+      background_merge_seconds=stats["background_merge_seconds"],
+      background_merge_running_at_end=stats["background_merge_running"],
+      segment_rows_at_end=stats["segment_rows"],
       max_pending_log_gib=max_pending_bytes / 2**30,
       hit_rate=stats["hit_rate"],
       prefetched_rows=stats["prefetched_rows"],
@@ -575,6 +609,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     help="id distributions of the large case, one table each",
   )
   parser.add_argument(
+    "--large-merge",
+    nargs="+",
+    choices=sorted(MERGE_POLICIES),
+    default=["background"],
+    help="merge policies of the large case, one table each (for each id distribution, "
+    "in turn): the table's background merge, or the earlier merge inside the flush",
+  )
+  parser.add_argument(
     "--flush-compare",
     action="store_true",
     help="only the flush case: the same random rows flushed into each disk layout",
@@ -609,7 +651,8 @@ def main(argv=None):
       case_flush_layouts(args, workdir)
     elif args.large:
       for ids_kind in args.large_ids:
-        case_large(args, workdir, ids_kind)
+        for merge in args.large_merge:
+          case_large(args, workdir, ids_kind, merge)
     else:
       case_fits_in_cache(args, workdir)
       case_zipf_10x(args, workdir)

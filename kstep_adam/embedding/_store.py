@@ -59,6 +59,7 @@ with the table. The node size is stored in the database: a database keeps the si
 was created with, and ``compact`` writes its new one with this size.
 """
 
+import bisect
 import contextlib
 import json
 import os
@@ -263,14 +264,15 @@ class TableStore:
     self._load_segments()
 
   # ------------------------------------------------------------------ segments
+  # The index is each segment's sorted ids, in the order of the segments' names (oldest
+  # first): 8 bytes a segment row and nothing else, and a flush appends arrays without
+  # copying the others. The segments of one flush hold ascending, disjoint id ranges, so a
+  # lookup searches about one segment per flush for each id.
   def _load_segments(self) -> None:
     """Builds the index of the segments in the database (see the module docstring)."""
     self._index_lock = _SharedLock()  # readers of the index against its changes
-    self._segments: dict[bytes, np.ndarray] = {}  # key prefix -> its sorted ids
-    self._seg_names: list[bytes] = []  # the key prefixes, oldest first
-    self._seg_ids = np.zeros(0, np.int64)  # sorted unique ids held by segments
-    self._seg_part = np.zeros(0, np.int32)  # which segment holds the newest record of each
-    self._seg_offset = np.zeros(0, np.int32)  # and its row within that segment
+    self._seg_names: list[bytes] = []  # key prefixes, oldest first (as their names sort)
+    self._seg_ids: list[np.ndarray] = []  # the sorted ids each one holds
     with self._io("list segments of"):
       keys = set(self._kv.list(ts.KvStore.KeyRange(SEGMENT_PREFIX, SEGMENT_PREFIX_END)).result())
     prefixes = sorted({k[: k.rindex(b"/") + 1] for k in keys})
@@ -283,51 +285,41 @@ class TableStore:
   def _index_segment(self, prefix: bytes, ids_N: np.ndarray) -> None:
     """Adds (or replaces, for a redone flush) one segment; its rows supersede older ones."""
     with self._index_lock.exclusive():
-      if prefix in self._segments:
-        part = self._seg_names.index(prefix)
+      at = bisect.bisect_left(self._seg_names, prefix)
+      if at < len(self._seg_names) and self._seg_names[at] == prefix:
+        self._seg_ids[at] = ids_N
       else:
-        part = len(self._seg_names)
-        self._seg_names.append(prefix)
-      self._segments[prefix] = ids_N
-      pos = np.searchsorted(self._seg_ids, ids_N)
-      known = pos < len(self._seg_ids)
-      known[known] = self._seg_ids[pos[known]] == ids_N[known]
-      self._seg_part[pos[known]] = part
-      self._seg_offset[pos[known]] = np.flatnonzero(known)
-      new = ~known
-      self._seg_ids = np.insert(self._seg_ids, pos[new], ids_N[new])
-      self._seg_part = np.insert(self._seg_part, pos[new], part)
-      self._seg_offset = np.insert(self._seg_offset, pos[new], np.flatnonzero(new))
-
-  def _drop_from_index(self, names: list[bytes]) -> None:
-    """Removes segments from the index (their keys are deleted): the rows they held newest
-    are read from the chunks again, or from an older segment still listed."""
-    dropped = set(names)
-    for prefix in names:
-      del self._segments[prefix]
-    self._seg_names = [p for p in self._seg_names if p not in dropped]
-    if not self._seg_names:
-      self._seg_ids = np.zeros(0, np.int64)
-      self._seg_part, self._seg_offset = np.zeros(0, np.int32), np.zeros(0, np.int32)
-      return
-    # Oldest first, then a stable sort by id: the last record of each id is its newest.
-    ids = np.concatenate([self._segments[p] for p in self._seg_names])
-    part = np.repeat(
-      np.arange(len(self._seg_names), dtype=np.int32),
-      [len(self._segments[p]) for p in self._seg_names],
-    )
-    offset = np.concatenate(
-      [np.arange(len(self._segments[p]), dtype=np.int32) for p in self._seg_names]
-    )
-    order = np.argsort(ids, kind="stable")
-    ids, part, offset = ids[order], part[order], offset[order]
-    newest = np.r_[ids[1:] != ids[:-1], True]
-    self._seg_ids, self._seg_part, self._seg_offset = ids[newest], part[newest], offset[newest]
+        self._seg_names.insert(at, prefix)
+        self._seg_ids.insert(at, ids_N)
 
   def segment_records(self) -> int:
     """Rows written into segments since they were last merged (superseded ones included)."""
     with self._index_lock.shared():
-      return sum(len(ids) for ids in self._segments.values())
+      return sum(len(ids) for ids in self._seg_ids)
+
+  def segment_ids(self) -> np.ndarray:
+    """The sorted unique ids that some segment holds."""
+    with self._index_lock.shared():
+      return np.unique(np.concatenate([np.zeros(0, np.int64), *self._seg_ids]))
+
+  def _lookup(self, ids_N: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For sorted unique ids: the number of the newest segment holding each (-1: none) and
+    its row there. Call with the index lock held."""
+    seg_no = np.full(len(ids_N), -1, np.int32)
+    offset = np.zeros(len(ids_N), np.int64)
+    if not len(ids_N):
+      return seg_no, offset
+    for no, seg in enumerate(self._seg_ids):  # oldest first: newer ones overwrite
+      if not len(seg):
+        continue
+      lo, hi = np.searchsorted(ids_N, [seg[0], seg[-1] + 1])
+      if lo == hi:
+        continue
+      pos = np.searchsorted(seg, ids_N[lo:hi])  # < len(seg): every id is <= seg[-1]
+      hit = seg[pos] == ids_N[lo:hi]
+      seg_no[lo:hi][hit] = no
+      offset[lo:hi][hit] = pos[hit]
+    return seg_no, offset
 
   def write_segment(self, step: int, part: int, ids_N: np.ndarray, rows_NxW: np.ndarray) -> None:
     """Writes sorted unique rows as one segment (one OCDBT commit: its ids and rows)."""
@@ -362,52 +354,82 @@ class TableStore:
     are merged in the same pass, so a flush that merges never writes its own rows as a
     segment first.
 
-    Batches of at most ``max_chunks`` chunks, each one transaction; each segment's rows of
-    a batch are one ranged read (a segment's ids are sorted). Until the segments are
-    deleted they stay the newest record of their rows, so a crash anywhere in between
-    leaves every read as it was without ``newer``; with it, a chunk may hold a row newer
-    than its segment's, and the flush must be redone (as the table does at the next open)
-    before the database is read. No background merge may run (``SegmentMerge``).
+    Batches of at most ``max_chunks`` consecutive chunks, each one transaction; each
+    segment's rows of a batch are one ranged read (a segment's ids are sorted). Until the
+    segments are deleted they stay the newest record of their rows, so a crash anywhere in
+    between leaves every read as it was without ``newer``; with it, a chunk may hold a row
+    newer than its segment's, and the flush must be redone (as the table does at the next
+    open) before the database is read. No background merge may run (``SegmentMerge``).
     """
-    names, seg_ids, done = list(self._seg_names), self._seg_ids, 0
+    names, done = list(self._seg_names), 0
     for ids, read in newer:
       if not len(ids):
         continue
-      stop = int(np.searchsorted(seg_ids, (ids[-1] // chunk_rows + 1) * chunk_rows))
-      union = np.union1d(seg_ids[done:stop], ids)
-      done = stop
-      self._write_merged(names, union, ids, read, chunk_rows, max_chunks, on_batch)
-    self._write_merged(names, seg_ids[done:], None, None, chunk_rows, max_chunks, on_batch)
+      end = int(ids[-1]) // chunk_rows + 1
+      self._merge_chunks(len(names), done, end, chunk_rows, max_chunks, on_batch, (ids, read))
+      done = end
+    self._merge_chunks(len(names), done, self._num_chunks(), chunk_rows, max_chunks, on_batch)
     self.delete_segments(names)
 
-  def _write_merged(
-    self, names, union, new_ids, read_new, chunk_rows, max_chunks, on_batch, stop=None
+  def _num_chunks(self) -> int:
+    return -(-self._config.num_rows // self._config.chunk_rows)
+
+  def _merge_chunks(
+    self,
+    n,
+    first_chunk,
+    stop_chunk,
+    chunk_rows,
+    max_chunks,
+    on_batch,
+    newer=None,
+    stop=None,
+    may_run=None,
   ) -> bool:
-    """Writes the rows of sorted ``union`` (ids of the segments ``names`` and ``new_ids``) in
-    batches of whole chunks: each from the newest of ``names`` holding it, overwritten by
-    ``read_new``'s rows. Returns False if ``stop`` was set before a batch (the rest is not
+    """Writes chunks ``[first_chunk, stop_chunk)`` in batches of at most ``max_chunks``
+    consecutive ones, skipping those with nothing to write: the rows that the oldest ``n``
+    segments hold newest (a row a newer segment holds is left to that one's merge), then
+    ``newer = (ids, read)``'s rows over them. Before each batch it waits for ``may_run``
+    (an Event) to be set; it returns False if ``stop`` is set then (the rest is not
     written)."""
-    if not len(union):
-      return True
-    chunk = union // chunk_rows
-    bounds = np.flatnonzero(np.diff(chunk, prepend=-1))[::max_chunks]
-    for lo, hi in zip(bounds, np.r_[bounds[1:], len(union)]):
+    segments = self._seg_ids[:n]  # arrays are never changed in place
+    new_ids, read_new = newer if newer is not None else (np.zeros(0, np.int64), None)
+    chunk = first_chunk
+    while chunk < stop_chunk:
+      low = chunk * chunk_rows  # skip to the next chunk with a row to write
+      nexts = [
+        seg[i] for seg in (*segments, new_ids) if (i := np.searchsorted(seg, low)) < len(seg)
+      ]
+      if not nexts:
+        break
+      chunk = max(chunk, int(min(nexts)) // chunk_rows)
+      if chunk >= stop_chunk:
+        break
+      if may_run is not None:
+        may_run.wait()
       if stop is not None and stop.is_set():
         return False
-      ids = union[lo:hi]
-      rows = np.empty((len(ids), self._row_bytes // 4), np.float32)
-      for prefix in names:  # oldest first: later segments overwrite
-        seg_ids = self._segments[prefix]
-        first, last = np.searchsorted(seg_ids, [ids[0], ids[-1] + 1])
-        if first < last:
-          rows[np.searchsorted(ids, seg_ids[first:last])] = self._read_segment_rows(
-            prefix, first, last
-          )
-      if new_ids is not None:
-        first, last = np.searchsorted(new_ids, [ids[0], ids[-1] + 1])
-        rows[np.searchsorted(ids, new_ids[first:last])] = read_new(slice(first, last))
-      self.write_rows(ids, rows)
+      end = min(chunk + max_chunks, stop_chunk)
+      low, high = chunk * chunk_rows, end * chunk_rows
+      in_range = [seg[np.searchsorted(seg, low) : np.searchsorted(seg, high)] for seg in segments]
+      ids = np.unique(np.concatenate([np.zeros(0, np.int64), *in_range]))
+      with self._index_lock.shared():
+        seg_no, offset = self._lookup(ids)
+      keep = (seg_no >= 0) & (seg_no < n)
+      ids, seg_no, offset = ids[keep], seg_no[keep], offset[keep]
+      first, last = np.searchsorted(new_ids, [low, high])
+      union = np.union1d(ids, new_ids[first:last]) if last > first else ids
+      rows = np.empty((len(union), self._row_bytes // 4), np.float32)
+      at = np.searchsorted(union, ids)
+      for no in np.unique(seg_no):  # one ranged read a segment
+        mine = seg_no == no
+        lo, hi = int(offset[mine][0]), int(offset[mine][-1]) + 1  # offsets ascend with ids
+        rows[at[mine]] = self._read_segment_rows(self._seg_names[no], lo, hi)[offset[mine] - lo]
+      if last > first:
+        rows[np.searchsorted(union, new_ids[first:last])] = read_new(slice(first, last))
+      self.write_rows(union, rows)
       on_batch()
+      chunk = end
     return True
 
   def delete_segments(self, names: list[bytes] | None = None) -> None:
@@ -422,15 +444,17 @@ class TableStore:
         for prefix in names:
           del target[prefix + b"ids"]
           del target[prefix + b"rows"]
-      self._drop_from_index(names)
+      dropped = set(names)
+      kept = [i for i, name in enumerate(self._seg_names) if name not in dropped]
+      self._seg_names = [self._seg_names[i] for i in kept]
+      self._seg_ids = [self._seg_ids[i] for i in kept]
 
   def merge_in_background(self, chunk_rows: int, max_chunks: int, on_batch, on_deleted):
     """Starts merging the segments there are now into the chunks in a thread of its own
     (``SegmentMerge``); flushes may write newer segments meanwhile."""
     with self._index_lock.shared():
       names = list(self._seg_names)
-      ids = [self._segments[p] for p in names]
-    merge = SegmentMerge(self, names, ids, chunk_rows, max_chunks, on_batch, on_deleted)
+    merge = SegmentMerge(self, names, chunk_rows, max_chunks, on_batch, on_deleted)
     merge.start()
     return merge
 
@@ -452,10 +476,8 @@ class TableStore:
     # Shared: a background merge deletes the segments it merged only after the reads that
     # may be reading them are done.
     with self._index_lock.shared():
-      in_segment = np.zeros(len(ids_N), bool)
-      if len(self._seg_ids):
-        pos = np.minimum(np.searchsorted(self._seg_ids, ids_N), len(self._seg_ids) - 1)
-        in_segment = self._seg_ids[pos] == ids_N
+      seg_no, offset = self._lookup(ids_N)
+      in_segment = seg_no >= 0
       if not in_segment.any():
         with self._io("read rows of"):
           return self._rows[ids_N].read().result()
@@ -466,10 +488,10 @@ class TableStore:
         row_bytes = self._row_bytes
         reads = [
           self._kv.read(
-            self._seg_names[part] + b"rows",
+            self._seg_names[no] + b"rows",
             byte_range=slice(int(off) * row_bytes, (int(off) + 1) * row_bytes),
           )
-          for part, off in zip(self._seg_part[pos[in_segment]], self._seg_offset[pos[in_segment]])
+          for no, off in zip(seg_no[in_segment], offset[in_segment])
         ]
         rows[in_segment] = np.frombuffer(
           b"".join(read.result().value for read in reads), np.float32
@@ -634,41 +656,44 @@ class _SharedLock:
 class SegmentMerge(threading.Thread):
   """Merges given segments into the chunks, then deletes them, beside training.
 
-  It writes each row the segments hold newest into its chunk (batches of whole chunks, one
-  transaction each), reading only those segments, so a chunk receives exactly the value a
-  read already returns: until the delete, those segments stay in the index and win over
-  the chunk, and rows a later flush wrote are read from that flush's newer segments. A
-  kill anywhere in between therefore leaves every read as it was, and the segments are
-  merged again later. The caller keeps every other writer of the chunks away while it
-  runs (a flush that must merge in line, ``compact``, ``revert``) by ``finish``ing it.
+  It writes into each chunk the rows those segments hold newest (batches of consecutive
+  chunks, one transaction each), so a chunk receives exactly the value a read already
+  returns: until the delete, those segments stay in the index and win over the chunk, and
+  rows a later flush wrote are read from that flush's newer segments (and left to a later
+  merge). A kill anywhere in between therefore leaves every read as it was, and the
+  segments are merged again later. The caller keeps every other writer of the chunks away
+  while it runs (a flush that must merge in line, ``compact``, ``revert``) by ``finish``ing
+  it; a flush may write newer segments meanwhile, and ``pause``s it for that long (so their
+  transients do not add up, nor their work on the CPU). It holds no copy of the index:
+  memory is one batch of rows.
   """
 
-  def __init__(self, store, names, ids, chunk_rows, max_chunks, on_batch, on_deleted):
+  def __init__(self, store, names, chunk_rows, max_chunks, on_batch, on_deleted):
     super().__init__(name="embedding-segment-merge", daemon=True)
-    self._store, self._names, self._ids = store, names, ids
+    self._store, self._names = store, names
     self._chunk_rows, self._max_chunks = chunk_rows, max_chunks
     self._on_batch, self._on_deleted = on_batch, on_deleted
     self._stop_event = threading.Event()
+    self._may_run = threading.Event()
+    self._may_run.set()
     self.error: BaseException | None = None
-    self.records = sum(len(i) for i in ids)
+    self.records = sum(len(ids) for ids in store._seg_ids[: len(names)])
     self.seconds: float | None = None  # once done
 
   def run(self) -> None:
     start = time.perf_counter()
+    store = self._store
     try:
-      union = np.unique(np.concatenate(self._ids))
-      store = self._store
-      done = store._write_merged(
-        self._names,
-        union,
-        None,
-        None,
+      done = store._merge_chunks(
+        len(self._names),
+        0,
+        store._num_chunks(),
         self._chunk_rows,
         self._max_chunks,
         self._on_batch,
         stop=self._stop_event,
+        may_run=self._may_run,
       )
-      del union
       if done:
         store.delete_segments(self._names)
         self.seconds = time.perf_counter() - start
@@ -676,10 +701,20 @@ class SegmentMerge(threading.Thread):
     except BaseException as e:  # kept for whoever finishes the merge
       self.error = e
 
+  def pause(self) -> None:
+    """Holds the merge before its next batch (a batch under way completes) until
+    ``resume`` or ``finish``."""
+    self._may_run.clear()
+
+  def resume(self) -> None:
+    self._may_run.set()
+
   def finish(self, *, stop: bool = False) -> BaseException | None:
-    """Waits for the merge (after asking it to stop between batches, with ``stop``) and
-    returns its error, if any. A stopped merge leaves its segments for a later one."""
+    """Waits for the merge (resumed if paused; asked to stop between batches, with
+    ``stop``) and returns its error, if any. A stopped merge leaves its segments for a later
+    one."""
     if stop:
       self._stop_event.set()
+    self._may_run.set()
     self.join()
     return self.error

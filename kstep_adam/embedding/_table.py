@@ -53,12 +53,14 @@ _FLUSH_BATCH_BYTES = 64 << 20  # uncompressed chunk bytes per flush write batch
 # pieces): a few arrays of 8 bytes per record, about 100 MiB in all.
 _FLUSH_PIECE_RECORDS = 1 << 21
 # A flush writes the rows it changed as segments beside the zarr chunks (their in-memory
-# index takes about 24 bytes a segment row). Once they hold more than
-# 1/_BACKGROUND_MERGE_FRACTION of the table's rows (0: never), the flush starts merging them
-# into the chunks in the background; a flush that would take them past 1/_SEGMENT_FRACTION
-# waits for that merge, and if they are still too many, merges them itself.
+# index takes 8 bytes a segment row). Once they hold more than 1/_BACKGROUND_MERGE_FRACTION
+# of the table's rows (0: never), the flush starts merging them into the chunks in the
+# background, in batches of 1/_BACKGROUND_BATCH_SHARE of a flush's; a flush that would take
+# them past 1/_SEGMENT_FRACTION waits for that merge, and if they are still too many, merges
+# them itself.
 _BACKGROUND_MERGE_FRACTION = 64
-_SEGMENT_FRACTION = 32
+_SEGMENT_FRACTION = 16
+_BACKGROUND_BATCH_SHARE = 4
 
 
 def dense_id_maps(num_rows: int, row_bytes: int, host_cache_rows: int) -> int | None:
@@ -555,7 +557,19 @@ class EmbeddingTable:
 
   def _flush_locked(self, start_merge: bool = True) -> None:
     """Flush with both locks held (see ``flush``); then, with ``start_merge``, a background
-    merge of the segments if they are past ``_BACKGROUND_MERGE_FRACTION``."""
+    merge of the segments if they are past ``_BACKGROUND_MERGE_FRACTION``. A running merge
+    is paused meanwhile: their memory peaks and CPU would add up."""
+    merge = self._merge
+    if merge is not None:
+      merge.pause()
+    try:
+      self._flush_paused(start_merge)
+    finally:
+      if merge is not None:
+        merge.resume()
+
+  def _flush_paused(self, start_merge: bool) -> None:
+    """``_flush_locked``'s work, with any background merge paused."""
     self._sync_device_locked()
     while self._num_loading:
       self._cond.wait()
@@ -858,11 +872,16 @@ class EmbeddingTable:
       or self._store.segment_records() * _BACKGROUND_MERGE_FRACTION <= self.num_rows
     ):
       return
+
+    def on_deleted():
+      _malloc.release_free_memory()  # the merge's transients, as after a flush
+      _faults.reached("merge.segments_deleted")
+
     self._merge = self._store.merge_in_background(
       self._config.chunk_rows,
-      self._chunks_per_batch(),
+      max(1, self._chunks_per_batch() // _BACKGROUND_BATCH_SHARE),  # a smaller peak beside training
       on_batch=lambda: _faults.reached("merge.copied_batch"),
-      on_deleted=lambda: _faults.reached("merge.segments_deleted"),
+      on_deleted=on_deleted,
     )
 
   def _finish_merge(self, *, stop: bool = False) -> None:
