@@ -366,7 +366,15 @@ def _case_large(args, workdir, ids_kind: str, merge: str):
     chunk_rows=args.large_chunk_rows,
   )
   rng = np.random.default_rng(4)
-  n_unique, start, future, flush_seconds = 0, time.perf_counter(), None, []
+  # The peak RSS of each phase (the steps up to a flush, the flush, the compaction): the
+  # window restarts at each phase, and the run's peak is the largest.
+  phase_peaks = []
+
+  def end_phase(name):
+    phase_peaks.append((name, _peak_rss_bytes() / 2**30))
+    _reset_peak_rss()
+
+  n_unique, start, future, flush_seconds, flush_ends = 0, time.perf_counter(), None, [], []
   max_pending_bytes = 0
   next_ids = large_ids(rng, ids_kind, num_rows, args.batch, args.zipf_a)
   for step in range(args.large_steps):
@@ -381,9 +389,12 @@ def _case_large(args, workdir, ids_kind: str, merge: str):
     if (step + 1) % args.flush_every == 0 or step + 1 == args.large_steps:
       max_pending_bytes = max(max_pending_bytes, table.stats()["pending_bytes"])
       future.result()
+      end_phase(f"steps to {step + 1}")
       flush_start = time.perf_counter()
       table.flush()
       flush_seconds.append(time.perf_counter() - flush_start)
+      flush_ends.append(time.perf_counter() - start)
+      end_phase(f"flush at {step + 1}")
       if args.verbose:
         elapsed = time.perf_counter() - start
         merges = table.stats()
@@ -393,18 +404,25 @@ def _case_large(args, workdir, ids_kind: str, merge: str):
           f"{merges['background_merges']} background merges done "
           f"({merges['background_merge_seconds']:.0f} s), "
           f"{n_unique / elapsed:.0f} unique rows/s so far, "
-          f"peak RSS {_peak_rss_bytes() / 2**30:.2f} GiB, "
+          f"peak RSS {max(peak for _, peak in phase_peaks):.2f} GiB "
+          f"(steps {phase_peaks[-2][1]:.2f}, flush {phase_peaks[-1][1]:.2f}), "
           f"pending log {max_pending_bytes / 2**30:.2f} GiB",
           flush=True,
         )
   seconds = time.perf_counter() - start
   stats = table.stats()
+  # How long a merge the last flushes started still ran once the steps were done.
+  tail_start = time.perf_counter()
+  while table.stats()["background_merge_running"]:
+    time.sleep(0.2)
+  merge_tail_seconds = time.perf_counter() - tail_start
   disk_bytes = _store.du_bytes(path)
   # compact() first waits for a background merge the last flush started, and merges what
   # segments are left; its time includes that.
   compact_start = time.perf_counter()
   sizes = table.compact()
   compact_seconds = time.perf_counter() - compact_start
+  end_phase("compact")
   table.close()
   emit(
     args.out,
@@ -426,16 +444,19 @@ def _case_large(args, workdir, ids_kind: str, merge: str):
       flush_seconds=sum(flush_seconds),
       max_flush_seconds=max(flush_seconds),
       each_flush_seconds=flush_seconds,
+      flush_end_seconds=flush_ends,  # since the first step
       # Merges of segments into the chunks that ran beside the steps (their time overlaps
       # the steps'), and the segment rows left when the steps ended.
       background_merges=stats["background_merges"],
       background_merge_seconds=stats["background_merge_seconds"],
       background_merge_running_at_end=stats["background_merge_running"],
       segment_rows_at_end=stats["segment_rows"],
+      merge_tail_seconds=merge_tail_seconds,
       max_pending_log_gib=max_pending_bytes / 2**30,
       hit_rate=stats["hit_rate"],
       prefetched_rows=stats["prefetched_rows"],
-      peak_rss_gib=_peak_rss_bytes() / 2**30,
+      peak_rss_gib=max(peak for _, peak in phase_peaks),
+      peak_rss_gib_by_phase=dict(phase_peaks),
       # glibc's arena limit, which the peak depends on: the user's, else the package's cap
       # (see kstep_adam.embedding._malloc)
       malloc_arena_max=(

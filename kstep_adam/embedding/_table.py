@@ -48,19 +48,20 @@ from kstep_adam.embedding._optimizers import SparseAdam
 from kstep_adam.embedding._pending import PendingLog
 from kstep_adam.embedding._store import TableVersion
 
-_FLUSH_BATCH_BYTES = 64 << 20  # uncompressed chunk bytes per flush write batch
+# Uncompressed bytes per flush write batch (rows appended to the log, a segment, a batch of
+# chunks). 64 MiB and pieces of 2^21 records took about 0.2 GiB more at a flush's peak than
+# these, and were no faster (a 2^26-row table, 1.8M rows a flush).
+_FLUSH_BATCH_BYTES = 16 << 20
 # Log records sorted at once while copying a committed log into zarr (``newest_records``
-# pieces): a few arrays of 8 bytes per record, about 100 MiB in all.
-_FLUSH_PIECE_RECORDS = 1 << 21
+# pieces): a few arrays of 8 bytes per record, about 25 MiB in all.
+_FLUSH_PIECE_RECORDS = 1 << 19
 # A flush writes the rows it changed as segments beside the zarr chunks (their in-memory
 # index takes 8 bytes a segment row). Once they hold more than 1/_BACKGROUND_MERGE_FRACTION
 # of the table's rows (0: never), the flush starts merging them into the chunks in the
-# background, in batches of 1/_BACKGROUND_BATCH_SHARE of a flush's; a flush that would take
-# them past 1/_SEGMENT_FRACTION waits for that merge, and if they are still too many, merges
-# them itself.
+# background; a flush that would take them past 1/_SEGMENT_FRACTION waits for that merge, and
+# if they are still too many, merges them itself.
 _BACKGROUND_MERGE_FRACTION = 64
 _SEGMENT_FRACTION = 16
-_BACKGROUND_BATCH_SHARE = 4
 
 
 def dense_id_maps(num_rows: int, row_bytes: int, host_cache_rows: int) -> int | None:
@@ -879,7 +880,7 @@ class EmbeddingTable:
 
     self._merge = self._store.merge_in_background(
       self._config.chunk_rows,
-      max(1, self._chunks_per_batch() // _BACKGROUND_BATCH_SHARE),  # a smaller peak beside training
+      self._chunks_per_batch(),
       on_batch=lambda: _faults.reached("merge.copied_batch"),
       on_deleted=on_deleted,
     )
