@@ -671,54 +671,51 @@ def test_rows_read_from_segments_equal_rows_read_from_the_chunks(tmp_path, monke
   script = [np.unique(rng.integers(0, NUM_ROWS, 20)) for _ in range(12)]
   grads = [rng.standard_normal((len(ids), DIM)).astype(np.float32) for ids in script]
   pulls = {}
-  for fraction in (NUM_ROWS + 1, 1 << 30):  # threshold NUM_ROWS // fraction: 0 or 1 record
-    monkeypatch.setattr(_table, "_SEGMENT_FRACTION", fraction)
-    path = str(tmp_path / f"t{fraction}")
-    out = pulls[fraction] = []
-    table = _open(path)
+
+  def run(name, after_flush=lambda table: None):
+    """The script into a new table, pulling after each push; returns it, still open."""
+    table, out = _open(str(tmp_path / name)), pulls.setdefault(name, [])
     for step, (ids, g) in enumerate(zip(script, grads)):
       table.push(ids, g)
       out.append(table.pull(np.arange(0, NUM_ROWS, 7)))
       if step % 3 == 2:
         table.flush()
-        if fraction == 1 << 30:
-          assert len(table._store.segment_ids()) == 0
+        after_flush(table)
+    return table
+
+  def reopen_and_pull(table, name):
+    """Closes the table, reopens it and pulls every row; returns the segment rows it read."""
     table.close()
-    with _open(path) as table:
-      out.append(table.pull(np.arange(NUM_ROWS)))
+    with _open(str(tmp_path / name)) as reopened:
+      pulls[name].append(reopened.pull(np.arange(NUM_ROWS)))
+      return len(reopened._store.segment_ids())
+
+  # Threshold NUM_ROWS // fraction: 0 or 1 record.
+  for name, fraction in (("merged at 0", NUM_ROWS + 1), ("merged", 1 << 30)):
+    monkeypatch.setattr(_table, "_SEGMENT_FRACTION", fraction)
+
+    def merged_in_line(table, name=name):
+      if name == "merged":
+        assert len(table._store.segment_ids()) == 0
+
+    reopen_and_pull(run(name, merged_in_line), name)
   monkeypatch.setattr(_table, "_SEGMENT_FRACTION", 1)  # 150 records: the 20-row flushes stay
   monkeypatch.setattr(_table, "_BACKGROUND_MERGE_FRACTION", 0)
-  path = str(tmp_path / "kept")
-  out = pulls["kept"] = []
-  table = _open(path)
-  for step, (ids, g) in enumerate(zip(script, grads)):
-    table.push(ids, g)
-    out.append(table.pull(np.arange(0, NUM_ROWS, 7)))
-    if step % 3 == 2:
-      table.flush()
+  table = run("kept")
   assert len(table._store.segment_ids()) > 0  # the segment path was taken
-  table.close()
-  with _open(path) as table:
-    assert len(table._store.segment_ids()) > 0  # and is read after a reopen
-    out.append(table.pull(np.arange(NUM_ROWS)))
+  assert reopen_and_pull(table, "kept") > 0  # and is read after a reopen
   # Merged in the background after every flush, while the next pushes and pulls run.
   monkeypatch.setattr(_table, "_BACKGROUND_MERGE_FRACTION", NUM_ROWS)  # past 1 record
-  path = str(tmp_path / "background")
-  out = pulls["background"] = []
-  table = _open(path)
-  for step, (ids, g) in enumerate(zip(script, grads)):
-    table.push(ids, g)
-    out.append(table.pull(np.arange(0, NUM_ROWS, 7)))
-    if step % 3 == 2:
-      table.flush()
-      assert table.stats()["background_merge_running"] or table._merge is not None
+
+  def merging(table):
+    assert table.stats()["background_merge_running"] or table._merge is not None
+
+  table = run("background", merging)
   table._finish_merge()
   assert table.stats()["background_merges"] >= 1 and table.stats()["segment_rows"] == 0
-  table.close()
-  with _open(path) as table:
-    out.append(table.pull(np.arange(NUM_ROWS)))
+  reopen_and_pull(table, "background")
   for kind in ("kept", "background"):
-    for a, b in zip(pulls[kind], pulls[1 << 30], strict=True):
+    for a, b in zip(pulls[kind], pulls["merged"], strict=True):
       np.testing.assert_array_equal(a, b)
 
 

@@ -417,8 +417,8 @@ def _case_large(args, workdir, ids_kind: str, merge: str):
     time.sleep(0.2)
   merge_tail_seconds = time.perf_counter() - tail_start
   disk_bytes = _store.du_bytes(path)
-  # compact() first waits for a background merge the last flush started, and merges what
-  # segments are left; its time includes that.
+  # The merge has ended (above), so compact's time is its in-line merge of the segments
+  # left and its copy.
   compact_start = time.perf_counter()
   sizes = table.compact()
   compact_seconds = time.perf_counter() - compact_start

@@ -523,19 +523,23 @@ class TableStore:
     """The committed state now: its step, this database and its latest generation."""
     return TableVersion(self.committed_step(), self.db_name, self.generation())
 
+  def _open_version(self, version: TableVersion) -> ts.KvStore:
+    """The database as ``version`` left it (read-only: OCDBT keeps every generation)."""
+    spec = {
+      "driver": "ocdbt",
+      "base": {"driver": "file", "path": self.db_path},
+      "version": int(version.generation),
+    }
+    return ts.KvStore.open(spec, context=self._context).result()
+
   def only_merged_since(self, version: TableVersion) -> bool:
     """Whether at most background merges committed since ``version``: every flush and
     revert writes ``commit.json``, a merge never does, and it changes no row a read
     returns (``SegmentMerge``). So the table is still exactly that version."""
     if version.database != self.db_name:
       return False
-    spec = {
-      "driver": "ocdbt",
-      "base": {"driver": "file", "path": self.db_path},
-      "version": int(version.generation),
-    }
     with self._io("read the history of"):
-      then = ts.KvStore.open(spec, context=self._context).result()
+      then = self._open_version(version)
       reads = [kv.read(COMMIT_KEY) for kv in (then, self._kv)]
       then_value, now_value = (read.result().value for read in reads)
     # Each write of commit.json is unique (its "write" token): OCDBT gives a small value the
@@ -556,13 +560,8 @@ class TableStore:
         f"cannot revert the table to {version}: it lives in database {self.db_name!r} now "
         f"(compacted since), whose history starts later"
       )
-    spec = {
-      "driver": "ocdbt",
-      "base": {"driver": "file", "path": self.db_path},
-      "version": int(version.generation),
-    }
     with self._io("revert"):
-      then = ts.KvStore.open(spec, context=self._context).result()
+      then = self._open_version(version)
       keys_then = set(then.list().result()) - {COMMIT_KEY}
       keys_now = set(self._kv.list().result()) - {COMMIT_KEY}
       common = sorted(keys_then & keys_now)
