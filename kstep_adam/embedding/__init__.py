@@ -7,6 +7,7 @@ and their ``SparseAdam`` state live in device memory and a jitted step updates t
 (``begin_device_step``, ``gather_rows``, ``apply_grads``, ``end_device_step``).
 """
 
+from kstep_adam.embedding._batch import RowDeduplicator
 from kstep_adam.embedding._batch import pow2_at_least
 from kstep_adam.embedding._config import TableConfig
 from kstep_adam.embedding._device_adam import DeviceBatch
@@ -34,6 +35,7 @@ __all__ = [
   "DeviceRows",
   "DeviceStep",
   "EmbeddingTable",
+  "RowDeduplicator",
   "RowwiseAdagrad",
   "SparseAdam",
   "TableConfig",

@@ -3,6 +3,8 @@
 Every check runs before the table changes anything, so a bad input leaves it intact.
 """
 
+import threading
+
 import numpy as np
 
 
@@ -53,6 +55,56 @@ def unique_inverse(ids_N: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
   if is_sorted_unique(ids_N):
     return ids_N, np.arange(len(ids_N))
   return np.unique(ids_N, return_inverse=True)
+
+
+# Tables up to this many rows deduplicate a batch through a scratch array of one int32 per
+# row (64 MiB at most; its pages are only made resident where rows are hit), larger ones sort.
+DIRECT_DEDUP_MAX_ROWS = 1 << 24
+
+
+class RowDeduplicator:
+  """``np.unique(rows, return_inverse=True)`` for many batches of rows in ``[0, num_rows)``.
+
+  A CTR batch of 4096 examples has about 10^5 keys and 2 * 10^4 distinct rows; sorting all
+  its keys (``np.unique``) took 10 ms here, while marking each key's row in a scratch array
+  of ``num_rows`` slots and sorting only the distinct rows takes 1.5 ms. A table of more than
+  :data:`DIRECT_DEDUP_MAX_ROWS` rows falls back to ``np.unique``. Safe to share between
+  threads (the scratch array is used under a lock).
+
+  Args:
+    num_rows: the rows' bound; every row passed must lie in ``[0, num_rows)``.
+
+  Examples:
+    >>> dedup = RowDeduplicator(10)
+    >>> unique, inverse = dedup(np.array([[7, 2], [7, 5]]))
+    >>> unique.tolist(), inverse.tolist()
+    ([2, 5, 7], [[2, 0], [2, 1]])
+  """
+
+  def __init__(self, num_rows: int):
+    self.num_rows = int(num_rows)
+    self._slot = None  # int32 [num_rows], allocated on first use
+    self._lock = threading.Lock()
+
+  def __call__(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(unique_U sorted int64, inverse int32 shaped like rows)``."""
+    rows = np.asarray(rows)
+    flat_N = rows.reshape(-1).astype(np.int64, copy=False)
+    if self.num_rows > DIRECT_DEDUP_MAX_ROWS or flat_N.size >= 1 << 31:
+      unique_U, inverse_N = np.unique(flat_N, return_inverse=True)
+      return unique_U, inverse_N.astype(np.int32).reshape(rows.shape)
+    position_N = np.arange(flat_N.size, dtype=np.int32)
+    with self._lock:
+      if self._slot is None:
+        self._slot = np.zeros(self.num_rows, np.int32)
+      slot = self._slot
+      # Of the positions holding the same row, one is left in its slot (whichever numpy's
+      # assignment writes last); exactly that one is its row's first sighting here.
+      slot[flat_N] = position_N
+      unique_U = np.sort(flat_N[slot[flat_N] == position_N])
+      slot[unique_U] = np.arange(unique_U.size, dtype=np.int32)
+      inverse_N = slot[flat_N]
+    return unique_U, inverse_N.reshape(rows.shape)
 
 
 def sum_duplicates(ids_N: np.ndarray, grads_NxD: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

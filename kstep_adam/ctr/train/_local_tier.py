@@ -104,13 +104,6 @@ class SparseTier(TableTier):
     self._flush_on_close = not temporary if flush_on_close is None else flush_on_close
     self._pad_to = {"train": 0, "eval": 0}  # shape bucket per kind of batch
 
-  def index(self, keys_GxF: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Hash feature keys into table rows and deduplicate them, once per batch (pure NumPy;
-    safe on the reader thread): ``(row_ids_U sorted, inverse_GxF int32)``."""
-    rows_GxF = embedding.hash_keys_to_rows(keys_GxF, self.num_rows, salt=self._salt)
-    row_ids_U, inverse = np.unique(rows_GxF, return_inverse=True)
-    return row_ids_U, inverse.astype(np.int32).reshape(rows_GxF.shape)
-
   def prefetch(self, row_ids_U: np.ndarray) -> None:
     """Start staging these rows into the host tier (asynchronous)."""
     self.table.prefetch(row_ids_U)

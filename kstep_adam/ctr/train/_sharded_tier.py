@@ -133,13 +133,6 @@ class ShardedSparseTier(TableTier):
     self._slots = {"train": 0, "eval": 0}  # S per kind of batch; never shrinks
     self._staged: tuple[np.ndarray, Exchange] | None = None  # from prefetch, for the next pull
 
-  def index(self, keys_GxF: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Hash feature keys into table rows and deduplicate them (pure NumPy; any thread):
-    ``(row_ids_U sorted, inverse_GxF int32)``, as the one-process tier does."""
-    rows_GxF = embedding.hash_keys_to_rows(keys_GxF, self.num_rows, salt=self._salt)
-    row_ids_U, inverse = np.unique(rows_GxF, return_inverse=True)
-    return row_ids_U, inverse.astype(np.int32).reshape(rows_GxF.shape)
-
   # -- the exchange ------------------------------------------------------------------------
   def _exchange(self, row_ids_U: np.ndarray, kind: str) -> Exchange:
     """Steps 1 and 2: agree on ``S`` and send every owner the ids it must serve."""

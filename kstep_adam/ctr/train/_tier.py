@@ -9,6 +9,7 @@ with its own step builder.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 from typing import Protocol
 
@@ -40,11 +41,24 @@ class Tier(Protocol):
 class TableTier:
   """The part of a tier that is its table: counters, flush, close (written once).
 
-  A subclass sets ``self.table`` and ``self._flush_on_close`` in its constructor.
+  A subclass sets ``self.table``, ``self.num_rows`` (the whole table's rows), ``self._salt``
+  and ``self._flush_on_close`` in its constructor.
   """
 
   table: embedding.EmbeddingTable
+  num_rows: int
+  _salt: int
   _flush_on_close: bool
+
+  def index(self, keys_GxF: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Hash feature keys into table rows and deduplicate them, once per batch (pure NumPy;
+    safe on the reader thread): ``(row_ids_U sorted, inverse_GxF int32)``."""
+    rows_GxF = embedding.hash_keys_to_rows(keys_GxF, self.num_rows, salt=self._salt)
+    return self._deduplicate(rows_GxF)
+
+  @functools.cached_property
+  def _deduplicate(self) -> embedding.RowDeduplicator:
+    return embedding.RowDeduplicator(self.num_rows)
 
   def stats(self) -> dict:
     """This process's table counters (hits, misses, hit rate, evictions, bytes read/written):
