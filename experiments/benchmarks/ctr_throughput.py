@@ -102,6 +102,36 @@ def run_baseline(
   }
 
 
+def dlrm_train_flops(model) -> float:
+  """FLOP of one example's forward and backward pass through a DLRM: 2 per multiply-add of
+  every Linear layer and of the full ``[N, N]`` Gram matrix of the interaction, times 3 (the
+  backward pass costs twice the forward). Elementwise work is not counted."""
+  layers = [*(model.bottom.layers if model.bottom is not None else []), *model.top.layers]
+  macs = sum(int(np.prod(layer.kernel.shape)) for layer in layers)
+  n = round((1 + (1 + 8 * model.num_pairs) ** 0.5) / 2)  # num_pairs = n (n - 1) / 2
+  dim = model.bottom.layers[-1].kernel.shape[1] if model.bottom is not None else None
+  if dim is None:
+    raise ValueError("a DLRM without dense features: no width to count the interaction")
+  return 3 * 2 * (macs + n * n * dim)
+
+
+def matmul_gflops(size: int = 2048, repeats: int = 5) -> float:
+  """GFLOP/s of a jitted float32 ``[size, size] @ [size, size]`` on the default device, the
+  best of ``repeats`` (the reference rate the CTR step's FLOP rate is compared with)."""
+  import jax
+  import jax.numpy as jnp
+
+  a = jax.random.normal(jax.random.key(0), (size, size), jnp.float32)
+  matmul = jax.jit(jnp.dot)
+  jax.block_until_ready(matmul(a, a))
+  best = float("inf")
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(matmul(a, a))
+    best = min(best, time.perf_counter() - start)
+  return 2 * size**3 / best / 1e9
+
+
 def run_workflow(
   batches,
   *,
@@ -192,8 +222,10 @@ def run_peer_comparison(args, platform: str) -> dict:
   common = dict(embed_dim=args.embed_dim, lr=2e-3, sparse_lr=2e-2, seed=args.seed)
   model = ctr.make_model("dlrm", num_dense=13, num_categorical=26, embed_dim=args.embed_dim)
   flax_params = nnx.split(model)[1]
+  flops_per_example = dlrm_train_flops(model)
   rounds: dict[str, list] = {name: [] for name in cases}
   load_before = os.getloadavg()
+  matmul_rates = [matmul_gflops()]  # before and after the rounds; the higher one is the reference
   for round_index in range(args.peer_rounds):
     for name, (batch, nodes, per_node, device_rows) in cases.items():
       batches, test = data[batch]
@@ -230,6 +262,8 @@ def run_peer_comparison(args, platform: str) -> dict:
           "ratio": jax_result["examples_per_sec"] / torch_result["examples_per_sec"],
         }
       )
+  matmul_rates.append(matmul_gflops())
+  matmul_rate = max(matmul_rates)
   summary = {}
   for name, runs in rounds.items():
     ratios = [r["ratio"] for r in runs]
@@ -240,6 +274,10 @@ def run_peer_comparison(args, platform: str) -> dict:
       "ratio_median": float(np.median(ratios)),
       "ratio_best": float(max(ratios)),
       "ratios": ratios,
+      "share_of_matmul_rate": float(
+        np.median([r["jax"]["examples_per_sec"] for r in runs]) * flops_per_example / 1e9
+      )
+      / matmul_rate,
       "embedding_bytes_per_step": last["host_device_bytes_per_step"]["embedding"],
       "batch_bytes_per_step": last["host_device_bytes_per_step"]["batch"],
       "device_hit_rate": last["device_hit_rate"],
@@ -249,6 +287,8 @@ def run_peer_comparison(args, platform: str) -> dict:
     "rounds": rounds,
     "load_average_before": load_before,
     "load_average_after": os.getloadavg(),
+    "flops_per_example": flops_per_example,
+    "matmul_gflops": matmul_rates,
     "torch_threads": args.peer_threads,
     "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
     "steps": args.peer_steps,
@@ -266,16 +306,22 @@ def print_peer_comparison(peer: dict) -> None:
     f"load average {load(peer['load_average_before'])} before, "
     f"{load(peer['load_average_after'])} after"
   )
+  rates = "/".join(f"{r:.0f}" for r in peer["matmul_gflops"])
+  print(
+    f"FLOP rate of the JAX step: {peer['flops_per_example'] / 1e3:.0f}k FLOP per example "
+    f"(forward and backward), against a float32 2048^3 matmul at {rates} GFLOP/s (before/after; "
+    "the higher one is the reference)"
+  )
   print(
     f"{'case':50s} {'jax ex/s':>9s} {'torch':>9s} {'ratio':>6s} {'best':>6s} "
-    f"{'emb B/step':>11s} {'hit':>5s}"
+    f"{'matmul':>7s} {'emb B/step':>11s} {'hit':>5s}"
   )
   for name, c in peer["cases"].items():
     hit = c["device_hit_rate"]
     print(
       f"{name:50s} {c['jax_examples_per_sec']:9.0f} {c['torch_examples_per_sec']:9.0f} "
-      f"{c['ratio_median']:6.2f} {c['ratio_best']:6.2f} {c['embedding_bytes_per_step']:11.0f} "
-      f"{'-' if hit is None else f'{hit:.2f}':>5s}"
+      f"{c['ratio_median']:6.2f} {c['ratio_best']:6.2f} {c['share_of_matmul_rate']:7.0%} "
+      f"{c['embedding_bytes_per_step']:11.0f} {'-' if hit is None else f'{hit:.2f}':>5s}"
     )
   host = peer["cases"].get("batch 4096, 1 device")
   device = peer["cases"].get("batch 4096, 1 device, device-resident optimizer")
