@@ -13,7 +13,7 @@ Directory layout of a table at ``path``::
                                    flushes, newer than the chunks (sorted int64 ids, and
                                    their float32 rows uncompressed), merged into rows/ in
                                    the background once they hold 1/64 of the table's rows
-                                   (by a flush past 1/32), then deleted
+                                   (by a flush past 1/4), then deleted
                       commit.json  {"step": t, "write": token}: the table step of the
                                    last flush, and a token unique to each write
                     and, since OCDBT is copy-on-write, every earlier version of both:
@@ -265,14 +265,17 @@ class TableStore:
 
   # ------------------------------------------------------------------ segments
   # The index is each segment's sorted ids, in the order of the segments' names (oldest
-  # first): 8 bytes a segment row and nothing else, and a flush appends arrays without
-  # copying the others. The segments of one flush hold ascending, disjoint id ranges, so a
-  # lookup searches about one segment per flush for each id.
+  # first): 4 bytes a segment row (uint32; 8 in a table of 2^32 rows or more) and nothing
+  # else, and a flush appends arrays without copying the others. The segments of one flush
+  # hold ascending, disjoint id ranges, so a lookup searches about one segment per flush for
+  # each id. Every search of an index array takes its values in the array's dtype
+  # (``_index_values``): NumPy would otherwise copy the array to int64 for each search.
   def _load_segments(self) -> None:
     """Builds the index of the segments in the database (see the module docstring)."""
     self._index_lock = _SharedLock()  # readers of the index against its changes
     self._seg_names: list[bytes] = []  # key prefixes, oldest first (as their names sort)
     self._seg_ids: list[np.ndarray] = []  # the sorted ids each one holds
+    self._id_dtype = np.dtype(np.uint32 if self._config.num_rows < 1 << 32 else np.int64)
     with self._io("list segments of"):
       keys = set(self._kv.list(ts.KvStore.KeyRange(SEGMENT_PREFIX, SEGMENT_PREFIX_END)).result())
     prefixes = sorted({k[: k.rindex(b"/") + 1] for k in keys})
@@ -280,7 +283,7 @@ class TableStore:
       if prefix + b"ids" in keys and prefix + b"rows" in keys:
         with self._io("read segment ids of"):
           ids = np.frombuffer(self._kv.read(prefix + b"ids").result().value, np.int64)
-        self._index_segment(prefix, ids)
+        self._index_segment(prefix, ids.astype(self._id_dtype))
 
   def _index_segment(self, prefix: bytes, ids_N: np.ndarray) -> None:
     """Adds (or replaces, for a redone flush) one segment; its rows supersede older ones."""
@@ -292,6 +295,11 @@ class TableStore:
         self._seg_names.insert(at, prefix)
         self._seg_ids.insert(at, ids_N)
 
+  def _index_values(self, values) -> np.ndarray:
+    """Ids (or bounds up to ``num_rows`` and past it) in the index arrays' dtype, clipped to
+    ``[0, num_rows]``: a search of ``num_rows`` finds what any larger bound finds."""
+    return np.minimum(np.asarray(values, np.int64), self._config.num_rows).astype(self._id_dtype)
+
   def segment_records(self) -> int:
     """Rows written into segments since they were last merged (superseded ones included)."""
     with self._index_lock.shared():
@@ -300,7 +308,7 @@ class TableStore:
   def segment_ids(self) -> np.ndarray:
     """The sorted unique ids that some segment holds."""
     with self._index_lock.shared():
-      return np.unique(np.concatenate([np.zeros(0, np.int64), *self._seg_ids]))
+      return np.unique(np.concatenate([np.zeros(0, np.int64), *self._seg_ids])).astype(np.int64)
 
   def _lookup(self, ids_N: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """For sorted unique ids: the number of the newest segment holding each (-1: none) and
@@ -312,10 +320,10 @@ class TableStore:
     for no, seg in enumerate(self._seg_ids):  # oldest first: newer ones overwrite
       if not len(seg):
         continue
-      lo, hi = np.searchsorted(ids_N, [seg[0], seg[-1] + 1])
+      lo, hi = np.searchsorted(ids_N, [int(seg[0]), int(seg[-1]) + 1])
       if lo == hi:
         continue
-      pos = np.searchsorted(seg, ids_N[lo:hi])  # < len(seg): every id is <= seg[-1]
+      pos = np.searchsorted(seg, self._index_values(ids_N[lo:hi]))  # every one <= seg[-1]
       hit = seg[pos] == ids_N[lo:hi]
       seg_no[lo:hi][hit] = no
       offset[lo:hi][hit] = pos[hit]
@@ -332,7 +340,7 @@ class TableStore:
       target = self._kv.with_transaction(txn)
       target[prefix + b"ids"] = ids_N.tobytes()
       target[prefix + b"rows"] = np.ascontiguousarray(rows_NxW, np.float32).tobytes()
-    self._index_segment(prefix, ids_N.copy())
+    self._index_segment(prefix, ids_N.astype(self._id_dtype))  # a copy
 
   def _read_segment_rows(self, prefix: bytes, first: int, stop: int) -> np.ndarray:
     """Rows ``first:stop`` of one segment (one ranged read)."""
@@ -397,9 +405,9 @@ class TableStore:
     chunk = first_chunk
     while chunk < stop_chunk:
       low = chunk * chunk_rows  # skip to the next chunk with a row to write
-      nexts = [
-        seg[i] for seg in (*segments, new_ids) if (i := np.searchsorted(seg, low)) < len(seg)
-      ]
+      at = self._index_values(low)
+      nexts = [seg[i] for seg in segments if (i := np.searchsorted(seg, at)) < len(seg)]
+      nexts += [new_ids[i]] if (i := np.searchsorted(new_ids, low)) < len(new_ids) else []
       if not nexts:
         break
       chunk = max(chunk, int(min(nexts)) // chunk_rows)
@@ -411,7 +419,8 @@ class TableStore:
         return False
       end = min(chunk + max_chunks, stop_chunk)
       low, high = chunk * chunk_rows, end * chunk_rows
-      in_range = [seg[np.searchsorted(seg, low) : np.searchsorted(seg, high)] for seg in segments]
+      bounds = self._index_values([low, high])
+      in_range = [seg[slice(*np.searchsorted(seg, bounds))] for seg in segments]
       ids = np.unique(np.concatenate([np.zeros(0, np.int64), *in_range]))
       with self._index_lock.shared():
         seg_no, offset = self._lookup(ids)

@@ -56,12 +56,15 @@ _FLUSH_BATCH_BYTES = 16 << 20
 # pieces): a few arrays of 8 bytes per record, about 25 MiB in all.
 _FLUSH_PIECE_RECORDS = 1 << 19
 # A flush writes the rows it changed as segments beside the zarr chunks (their in-memory
-# index takes 8 bytes a segment row). Once they hold more than 1/_BACKGROUND_MERGE_FRACTION
+# index takes 4 bytes a segment row). Once they hold more than 1/_BACKGROUND_MERGE_FRACTION
 # of the table's rows (0: never), the flush starts merging them into the chunks in the
 # background; a flush that would take them past 1/_SEGMENT_FRACTION waits for that merge, and
-# if they are still too many, merges them itself.
+# if they are still too many, merges them itself. A merge is a pass over every chunk its rows
+# fall in, which for scattered rows is every chunk, so the background merge keeps up with the
+# flushes only if several flushes' rows may wait for it: at 1/16 the 2^28-row benchmark's
+# third flush (a flush every 150 steps) already waited.
 _BACKGROUND_MERGE_FRACTION = 64
-_SEGMENT_FRACTION = 16
+_SEGMENT_FRACTION = 4
 
 
 def dense_id_maps(num_rows: int, row_bytes: int, host_cache_rows: int) -> int | None:
