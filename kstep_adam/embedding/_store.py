@@ -13,7 +13,7 @@ Directory layout of a table at ``path``::
                                    flushes, newer than the chunks (sorted int64 ids, and
                                    their float32 rows uncompressed), merged into rows/ in
                                    the background once they hold 1/64 of the table's rows
-                                   (by a flush past 1/4), then deleted
+                                   (by a flush past 1/16), then deleted
                       commit.json  {"step": t, "write": token}: the table step of the
                                    last flush, and a token unique to each write
                     and, since OCDBT is copy-on-write, every earlier version of both:

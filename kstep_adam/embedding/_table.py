@@ -59,12 +59,12 @@ _FLUSH_PIECE_RECORDS = 1 << 19
 # index takes 4 bytes a segment row). Once they hold more than 1/_BACKGROUND_MERGE_FRACTION
 # of the table's rows (0: never), the flush starts merging them into the chunks in the
 # background; a flush that would take them past 1/_SEGMENT_FRACTION waits for that merge, and
-# if they are still too many, merges them itself. A merge is a pass over every chunk its rows
-# fall in, which for scattered rows is every chunk, so the background merge keeps up with the
-# flushes only if several flushes' rows may wait for it: at 1/16 the 2^28-row benchmark's
-# third flush (a flush every 150 steps) already waited.
+# if they are still too many, merges them itself. A limit of 1/4 let a 2^28-row table's
+# flushes (one every 150 steps) go on without waiting, but the merge beside the unpaused
+# steps then took 942 s instead of 238, the segments grew to a fifth of the table, the steps
+# slowed down and the peak RSS passed 4 GiB (docs/embedding.md); so 1/16.
 _BACKGROUND_MERGE_FRACTION = 64
-_SEGMENT_FRACTION = 4
+_SEGMENT_FRACTION = 16
 
 
 def dense_id_maps(num_rows: int, row_bytes: int, host_cache_rows: int) -> int | None:
