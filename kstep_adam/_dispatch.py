@@ -199,6 +199,11 @@ class DispatchedStep:
     self._level_jitted: dict = {}  # merge level -> program, for an adaptive schedule
 
   @property
+  def executables(self) -> list:
+    """The programs compiled so far (``jax.stages.Compiled``), e.g. to read their HLO."""
+    return list(self._executables.values())
+
+  @property
   def step(self) -> int | None:
     """The optimizer's step after the last call (None before the first call, unless given)."""
     return self._step

@@ -30,7 +30,8 @@ def logits(
   Internal helper, shared by training (:func:`worker_value_and_grad`) and evaluation
   (:func:`make_predict`).
   """
-  emb_BxFxD = jnp.take(rows_PxD, inverse_BxF, axis=0)
+  with jax.named_scope("embedding_gather"):  # and, differentiated, the rows' scatter-add
+    emb_BxFxD = jnp.take(rows_PxD, inverse_BxF, axis=0)
   return nnx.merge(graphdef, params)(emb_BxFxD, dense_BxI)
 
 
@@ -84,7 +85,9 @@ def worker_value_and_grad(graphdef, params, rows_PxD, batch, chunks: int):
   """
 
   def loss_fn(params, rows_PxD, inverse_BxF, dense_BxI, label_B):
-    return bce_loss(logits(graphdef, params, rows_PxD, inverse_BxF, dense_BxI), label_B)
+    logit_B = logits(graphdef, params, rows_PxD, inverse_BxF, dense_BxI)
+    with jax.named_scope("loss"):
+      return bce_loss(logit_B, label_B)
 
   grad_fn = jax.value_and_grad(loss_fn, argnums=(0, 1))
   if chunks == 1:

@@ -62,9 +62,10 @@ def _pairwise_dots_fwd(v_BxNxD):
 def _pairwise_dots_bwd(v_BxNxD, cotangent_BxK):
   batch, n, _ = v_BxNxD.shape
   _, symmetric_NN = _pair_indices(n)
-  padded_BxK1 = jnp.concatenate([cotangent_BxK, jnp.zeros((batch, 1), cotangent_BxK.dtype)], 1)
-  sym_BxNxN = jnp.take(padded_BxK1, symmetric_NN, axis=1).reshape(batch, n, n)
-  return (jnp.einsum("bnm,bmd->bnd", sym_BxNxN, v_BxNxD),)
+  with jax.named_scope("interaction"):  # traced outside the forward's scope
+    padded_BxK1 = jnp.concatenate([cotangent_BxK, jnp.zeros((batch, 1), cotangent_BxK.dtype)], 1)
+    sym_BxNxN = jnp.take(padded_BxK1, symmetric_NN, axis=1).reshape(batch, n, n)
+    return (jnp.einsum("bnm,bmd->bnd", sym_BxNxN, v_BxNxD),)
 
 
 pairwise_dots.defvjp(_pairwise_dots_fwd, _pairwise_dots_bwd)
@@ -124,13 +125,17 @@ class DLRM(nnx.Module):
     self.top = MLP([embed_dim * int(num_dense > 0) + self.num_pairs, *top, 1], rngs=rngs)
 
   def __call__(self, emb_BxFxD: jax.Array, dense_BxI: jax.Array) -> jax.Array:
+    # The named scopes label the compiled ops (experiments/benchmarks/ctr_step_profile.py).
     if self.bottom is None:
       first, v_BxNxD = [], emb_BxFxD
     else:
-      h_BxD = self.bottom(dense_BxI)
+      with jax.named_scope("bottom_mlp"):
+        h_BxD = self.bottom(dense_BxI)
       first, v_BxNxD = [h_BxD], jnp.concatenate([h_BxD[:, None, :], emb_BxFxD], axis=1)
-    z = jnp.concatenate([*first, pairwise_dots(v_BxNxD)], axis=1)
-    return self.top(z)[:, 0]
+    with jax.named_scope("interaction"):
+      z = jnp.concatenate([*first, pairwise_dots(v_BxNxD)], axis=1)
+    with jax.named_scope("top_mlp"):
+      return self.top(z)[:, 0]
 
 
 class DCNv2(nnx.Module):
@@ -180,9 +185,11 @@ class DCNv2(nnx.Module):
   def __call__(self, emb_BxFxD: jax.Array, dense_BxI: jax.Array) -> jax.Array:
     x0 = jnp.concatenate([emb_BxFxD.reshape(emb_BxFxD.shape[0], -1), dense_BxI], axis=1)
     x = x0
-    for layer in self.cross:
-      x = x0 * layer(x) + x
-    return self.deep(x)[:, 0]
+    with jax.named_scope("interaction"):  # the cross layers
+      for layer in self.cross:
+        x = x0 * layer(x) + x
+    with jax.named_scope("top_mlp"):  # the deep tower
+      return self.deep(x)[:, 0]
 
 
 def make_model(

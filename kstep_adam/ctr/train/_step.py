@@ -101,10 +101,12 @@ def make_ctr_train_step(
     rows_PxD = jax.lax.pcast(rows_PxD, axes, to="varying")
     batch = (inverse_BxF, dense_BxI, label_B)
     loss, (grads, grad_rows_PxD) = worker_value_and_grad(graphdef, params, rows_PxD, batch, chunks)
-    finite = all_finite(loss, grads, grad_rows_PxD)  # this worker's, before any averaging
+    with jax.named_scope("finite_check"):
+      finite = all_finite(loss, grads, grad_rows_PxD)  # this worker's, before any averaging
     grad_rows_PxD = jax.lax.pmean(grad_rows_PxD, axes)  # synchronous sparse, every step
-    updates, new_opt_state = tx.update(grads, opt_state, params)
-    new_params = optax.apply_updates(params, updates)
+    with jax.named_scope("dense_optimizer"):
+      updates, new_opt_state = tx.update(grads, opt_state, params)
+      new_params = optax.apply_updates(params, updates)
     # Whether every worker's values were finite; all workers skip together, or their
     # replicas would drift apart.
     ok = jax.lax.pmin(finite.astype(jnp.int32), axes) > 0
