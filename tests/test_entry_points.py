@@ -10,6 +10,7 @@ import pytest
 
 from experiments import demo
 from experiments import reproduce_paper
+from experiments.benchmarks import ctr_step_profile
 from experiments.benchmarks import ctr_throughput
 from experiments.benchmarks import embedding_tier
 from experiments.benchmarks import optimizer_overhead
@@ -20,6 +21,7 @@ ENTRY_POINTS = (
   "experiments.reproduce_paper",
   "experiments.benchmarks.optimizer_overhead",
   "experiments.benchmarks.ctr_throughput",
+  "experiments.benchmarks.ctr_step_profile",
   "experiments.benchmarks.embedding_tier",
   "experiments.benchmarks.scaling",
   "experiments.sweep",
@@ -58,6 +60,7 @@ def test_importing_an_entry_point_leaves_jax_config_and_backend_alone():
     (demo, ["--quick"], {"out"}),
     (optimizer_overhead, ["--quick"], {"out"}),  # prints only unless --out
     (ctr_throughput, ["--steps", "100"], {"out"}),  # its docstring's smoke run; no --quick
+    (ctr_step_profile, ["--batch", "256", "--steps", "3"], {"out"}),  # its trace: a temp dir
     (embedding_tier, ["--quick"], {"out", "workdir"}),
     (embedding_tier, ["--quick", "--large"], {"out", "workdir"}),
   ],

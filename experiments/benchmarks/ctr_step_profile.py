@@ -184,7 +184,7 @@ def print_profile(result: dict) -> None:
   print(f"{'all ops':18s} {total:8.2f}")
 
 
-def main(argv=None) -> dict:
+def parse_args(argv=None) -> argparse.Namespace:
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   p.add_argument("--batch", type=int, default=4096)
   p.add_argument("--steps", type=int, default=20, help="steps profiled")
@@ -194,7 +194,11 @@ def main(argv=None) -> dict:
   p.add_argument("--table-rows", type=int, default=1 << 20)
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--out", default=None, help="write the result as JSON here")
-  args = p.parse_args(argv)
+  return p.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+  args = parse_args(argv)
   result = profile(args.batch, args.steps, args.warmup, args.table_rows, args.seed)
   print_profile(result)
   if args.out:
