@@ -68,7 +68,7 @@ class RowDeduplicator:
   A CTR batch of 4096 examples has about 10^5 keys and 2 * 10^4 distinct rows; sorting all
   its keys (``np.unique``) took 10 ms here, while marking each key's row in a scratch array
   of ``num_rows`` slots and sorting only the distinct rows takes 1.5 ms. A table of more than
-  :data:`DIRECT_DEDUP_MAX_ROWS` rows falls back to ``np.unique``. Safe to share between
+  ``DIRECT_DEDUP_MAX_ROWS`` rows falls back to ``np.unique``. Safe to share between
   threads (the scratch array is used under a lock).
 
   Args:
