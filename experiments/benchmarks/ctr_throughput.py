@@ -106,12 +106,12 @@ def dlrm_train_flops(model) -> float:
   """FLOP of one example's forward and backward pass through a DLRM: 2 per multiply-add of
   every Linear layer and of the full ``[N, N]`` Gram matrix of the interaction, times 3 (the
   backward pass costs twice the forward). Elementwise work is not counted."""
-  layers = [*(model.bottom.layers if model.bottom is not None else []), *model.top.layers]
-  macs = sum(int(np.prod(layer.kernel.shape)) for layer in layers)
-  n = round((1 + (1 + 8 * model.num_pairs) ** 0.5) / 2)  # num_pairs = n (n - 1) / 2
-  dim = model.bottom.layers[-1].kernel.shape[1] if model.bottom is not None else None
-  if dim is None:
+  if model.bottom is None:
     raise ValueError("a DLRM without dense features: no width to count the interaction")
+  layers = [*model.bottom.layers, *model.top.layers]
+  macs = sum(int(np.prod(layer.kernel.shape)) for layer in layers)
+  dim = model.bottom.layers[-1].kernel.shape[1]  # the bottom MLP ends at the embedding width
+  n = round((1 + (1 + 8 * model.num_pairs) ** 0.5) / 2)  # num_pairs = n (n - 1) / 2
   return 3 * 2 * (macs + n * n * dim)
 
 
@@ -326,7 +326,8 @@ def print_peer_comparison(peer: dict) -> None:
     print(
       f"{name:50s} {c['jax_examples_per_sec']:9.0f} {c['torch_examples_per_sec']:9.0f} "
       f"{c['ratio_median']:6.2f} {c['ratio_best']:6.2f} {c['share_of_matmul_rate']:7.0%} "
-      f"{c['matmul_gflops']:8.0f} {c['embedding_bytes_per_step']:11.0f} {'-' if hit is None else f'{hit:.2f}':>5s}"
+      f"{c['matmul_gflops']:8.0f} {c['embedding_bytes_per_step']:11.0f} "
+      f"{'-' if hit is None else f'{hit:.2f}':>5s}"
     )
   host = peer["cases"].get("batch 4096, 1 device")
   device = peer["cases"].get("batch 4096, 1 device, device-resident optimizer")

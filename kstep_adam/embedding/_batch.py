@@ -99,7 +99,7 @@ class RowDeduplicator:
         self._slot = np.zeros(self.num_rows, np.int32)
       slot = self._slot
       # Of the positions holding the same row, one is left in its slot (whichever numpy's
-      # assignment writes last); exactly that one is its row's first sighting here.
+      # assignment writes last): exactly one position a row finds itself there.
       slot[flat_N] = position_N
       unique_U = np.sort(flat_N[slot[flat_N] == position_N])
       slot[unique_U] = np.arange(unique_U.size, dtype=np.int32)

@@ -405,8 +405,8 @@ class TableStore:
     chunk = first_chunk
     while chunk < stop_chunk:
       low = chunk * chunk_rows  # skip to the next chunk with a row to write
-      at = self._index_values(low)
-      nexts = [seg[i] for seg in segments if (i := np.searchsorted(seg, at)) < len(seg)]
+      low_in_index = self._index_values(low)
+      nexts = [seg[i] for seg in segments if (i := np.searchsorted(seg, low_in_index)) < len(seg)]
       nexts += [new_ids[i]] if (i := np.searchsorted(new_ids, low)) < len(new_ids) else []
       if not nexts:
         break
