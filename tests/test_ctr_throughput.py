@@ -13,7 +13,7 @@ from kstep_adam import ctr
   "shape",
   [
     dict(num_dense=13, num_categorical=26, embed_dim=16),
-    dict(num_dense=4, num_categorical=5, embed_dim=8),
+    dict(num_dense=4, num_categorical=7, embed_dim=8),  # 8 vectors: no padding
   ],
 )
 def test_dlrm_train_flops_is_three_forward_passes_as_xla_counts_them(shape):
@@ -24,7 +24,8 @@ def test_dlrm_train_flops_is_three_forward_passes_as_xla_counts_them(shape):
   dense = jnp.zeros((batch, shape["num_dense"]))
   forward = jax.jit(lambda p, e, d: nnx.merge(graphdef, p)(e, d).sum())
   xla_flops = forward.lower(params, emb, dense).compile().cost_analysis()["flops"] / batch
-  # XLA also counts the elementwise work (activations, bias adds), which this count leaves out.
+  # XLA also counts the elementwise work (activations, bias adds) and the interaction's
+  # padding (27 vectors padded to 28: 1.3% of the forward pass), which this count leaves out.
   assert dlrm_train_flops(model) == pytest.approx(3 * xla_flops, rel=0.03)
   assert dlrm_train_flops(model) < 3 * xla_flops
   if shape["num_categorical"] == 26:

@@ -105,7 +105,9 @@ def run_baseline(
 def dlrm_train_flops(model) -> float:
   """FLOP of one example's forward and backward pass through a DLRM: 2 per multiply-add of
   every Linear layer and of the full ``[N, N]`` Gram matrix of the interaction, times 3 (the
-  backward pass costs twice the forward). Elementwise work is not counted."""
+  backward pass costs twice the forward). Elementwise work is not counted, nor the zero
+  vectors the interaction pads its ``N`` vectors with (to a multiple of 4): they are not the
+  model's work."""
   if model.bottom is None:
     raise ValueError("a DLRM without dense features: no width to count the interaction")
   layers = [*model.bottom.layers, *model.top.layers]

@@ -140,7 +140,10 @@ def check_twins(tmp_path, name: str, fields: dict) -> None:
   order = np.argsort(row_ids)
   np.testing.assert_array_equal(row_ids[order], state["row_ids"])
   rows = np.concatenate([s["rows"] for s in shards])[order]
-  np.testing.assert_allclose(rows, state["rows"], rtol=1e-5, atol=1e-5)
+  # A row with a tiny second moment magnifies last-digit differences the most (largest:
+  # 7.7e-6, and 1.3e-5 once the pair interaction's Gram matrices were padded from 27 to 28
+  # vectors, which rounds differently); a sparse Adam step moves a row by about 2e-2.
+  np.testing.assert_allclose(rows, state["rows"], rtol=1e-5, atol=5e-5)
   # Every worker's dense replica.
   np.testing.assert_array_equal(np.concatenate([s["workers"] for s in shards]), np.arange(4))
   for path, value in jax.tree_util.tree_flatten_with_path(state["params_W"])[0]:
