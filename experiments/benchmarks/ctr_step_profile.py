@@ -16,7 +16,11 @@ and ``finite_check``; ops outside them (layout copies, the chunk loop, the spars
 the step's FLOP rate against a float32 matmul measured in the same process.
 
 Op times are the trace's op durations summed over XLA's threads: ops of one step may run on
-two cores at once, so their sum can exceed the step's wall time. The host work around the
+two cores at once, so their sum can exceed the step's wall time. Dots that XLA's CPU runtime
+hands to Eigen rather than to a YNNPACK fusion (here the weight gradients, whose left
+operand is read transposed) run asynchronously: their events cover only the launch (a 1024 x
+367 by 1024 x 128 one took 0.66 ms, its event 0.11), and their compute shows in the ops that
+ran beside or after them. The result lists them (``async_dots``), with their event time. The host work around the
 step (the tier's pulls and pushes, the reader thread) is not here: a run's
 ``summary.json`` (``time_breakdown_seconds``) has it. The trace goes to a temporary
 directory, removed afterwards.
@@ -64,6 +68,21 @@ def op_parts(hlo_text: str) -> dict[str, str]:
     if match := _HLO_LINE.match(line):
       parts[match.group(1)] = part_of(match.group(2))
   return parts
+
+
+_EIGEN_DOT = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+) = \S+ dot\(")
+
+
+def eigen_dots(hlo_text: str) -> set[str]:
+  """The names of the ``dot`` ops of a compiled module's HLO text that are not inside a
+  fusion's computation: XLA's CPU runtime runs them on Eigen's threads, asynchronously."""
+  names, in_fusion = set(), False
+  for line in hlo_text.splitlines():
+    if line.startswith(("%", "ENTRY")):  # a computation's header
+      in_fusion = line.lstrip("%").startswith("fused_computation")
+    elif not in_fusion and (match := _EIGEN_DOT.match(line)):
+      names.add(match.group(1))
+  return names
 
 
 def module_name(hlo_text: str) -> str:
@@ -142,17 +161,22 @@ def profile(batch: int, steps: int, warmup: int, table_rows: int, seed: int) -> 
     (trace_file,) = glob.glob(f"{trace_dir}/plugins/profile/*/*.trace.json.gz")
     with gzip.open(trace_file) as f:
       events = json.load(f)["traceEvents"]
-  parts_of = {}
+  parts_of, dots_of = {}, {}
   for executable in step.executables:
     text = executable.as_text()
     parts_of[module_name(text)] = op_parts(text)
+    dots_of[module_name(text)] = eigen_dots(text)
   seconds = collections.Counter()
+  async_seconds = collections.Counter()
   for event in events:
     args = event.get("args") or {}
     module = parts_of.get(args.get("hlo_module"))
     if event.get("ph") != "X" or module is None or _CONTAINERS.match(event["name"]):
       continue
-    seconds[module.get(args.get("hlo_op", event["name"]), "other")] += event["dur"] / 1e6
+    op = args.get("hlo_op", event["name"])
+    seconds[module.get(op, "other")] += event["dur"] / 1e6
+    if op in dots_of[args["hlo_module"]]:
+      async_seconds[f"{op} ({module.get(op, 'other')})"] += event["dur"] / 1e6
   ops_ms = {part: 1e3 * seconds[part] / steps for part in (*PARTS, "other")}
   flops = dlrm_train_flops(model) * batch
   matmul = matmul_gflops()
@@ -163,6 +187,8 @@ def profile(batch: int, steps: int, warmup: int, table_rows: int, seed: int) -> 
     "profiled_wall_ms_per_step": profiled_wall_ms,
     "ops_ms_per_step": ops_ms,
     "ops_ms_total": sum(ops_ms.values()),
+    # Eigen dots: their event is the launch only (see the module docstring).
+    "async_dots": {op: 1e3 * sec / steps for op, sec in sorted(async_seconds.items())},
     "step_gflops": flops / wall_ms / 1e6,
     "matmul_gflops": matmul,
     "share_of_matmul_rate": flops / wall_ms / 1e6 / matmul,
@@ -182,6 +208,12 @@ def print_profile(result: dict) -> None:
   for part, ms in sorted(result["ops_ms_per_step"].items(), key=lambda kv: -kv[1]):
     print(f"{part:18s} {ms:8.2f} {ms / total:6.0%}")
   print(f"{'all ops':18s} {total:8.2f}")
+  if result["async_dots"]:
+    dots = ", ".join(f"{op} {ms:.2f} ms" for op, ms in result["async_dots"].items())
+    print(
+      f"{len(result['async_dots'])} dots ran asynchronously on Eigen's threads ({dots} of "
+      "events): an event is their launch, their compute counts in the ops beside or after them"
+    )
 
 
 def parse_args(argv=None) -> argparse.Namespace:
