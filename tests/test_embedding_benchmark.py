@@ -73,6 +73,26 @@ def test_benchmark_flush_case_flushes_the_same_rows_into_each_layout(tmp_path):
   assert not os.listdir(tmp_path / "w")  # every table removed
 
 
+def test_benchmark_merge_case_merges_the_same_rows_on_each_layout(tmp_path):
+  out = tmp_path / "merge.jsonl"
+  embedding_tier.main(
+    ["--quick", "--merge-compare", "--log2-rows", "16", "--workdir", str(tmp_path / "w")]
+    + ["--out", str(out)]
+  )
+  records = read_jsonl(str(out))
+  assert [r["layout"] for r in records] == [name for name, _, _ in embedding_tier.MERGE_LAYOUTS]
+  assert [r["chunk_rows"] for r in records] == [256, 1024, 4096, 256]
+  assert [r["compress"] for r in records] == [True, True, True, False]
+  assert records[0]["merge_vs_default"] == [1.0, 1.0] and records[0]["miss_vs_default"] == 1.0
+  for record in records:
+    # 1/20 of the rows a round: past the background merge's 1/64, under the in-line 1/16.
+    assert record["merged_rows"] == records[0]["merged_rows"]
+    assert all(2**16 // 64 < n < 2**16 // 16 for n in record["merged_rows"])
+    assert all(t > 0 for t in record["merge_seconds"]) and record["miss_us_per_row"] > 0
+    assert record["disk_used_gib"] > 0
+  assert not os.listdir(tmp_path / "w")  # every table removed
+
+
 def test_benchmark_flush_fraction_case_times_a_1pct_and_a_full_flush(tmp_path):
   out = tmp_path / "fraction.jsonl"
   embedding_tier.main(

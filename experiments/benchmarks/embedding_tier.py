@@ -7,6 +7,8 @@ With a warm table too (every row on disk before the Zipf case): ... --zipf-store
 Flush cost against the rows changed (1% of the cache's rows dirty against all of them):
   .venv/bin/python -m experiments.benchmarks.embedding_tier --flush-fraction --log2-rows 22 \
     --flush-rows 262144 --repeats 2
+A background merge and a miss on each chunk layout (chunk size and compression):
+  .venv/bin/python -m experiments.benchmarks.embedding_tier --merge-compare --log2-rows 22
 Large table (NOT for CI: 2^28 rows of 16 floats and their Adam slots take tens of GiB of disk):
   .venv/bin/python -m experiments.benchmarks.embedding_tier --large --log2-rows 28
   (its flushes with the background merge against the merge inside the flush, in turn:
@@ -537,6 +539,94 @@ def case_flush_layouts(args, workdir):
     shutil.rmtree(table.path)
 
 
+# The merge case's layouts: (name, chunk_rows (None: the table's default, about 64 KiB a
+# chunk), compress).
+MERGE_LAYOUTS = (
+  ("default_chunks", None, True),
+  ("1024_row_chunks", 1024, True),
+  ("4096_row_chunks", 4096, True),
+  ("default_chunks_uncompressed", None, False),
+)
+
+
+def case_merge_layouts(args, workdir):
+  """What a background merge and a miss cost per chunk layout: the trade-off of chunk size.
+
+  For each layout a table of ``2^--log2-rows`` rows gets two rounds of ``--flush-rows``
+  uniformly random rows (1/20 of the table by default: above the 1/64 at which a flush starts
+  a background merge, below the 1/16 at which it would merge in line), each pushed, flushed
+  and merged into every chunk; the second round's merge rewrites chunks that exist already,
+  as every merge of a long run does. Then the table is reopened with an empty host cache and
+  up to ``--batch`` written rows are pulled, each in a chunk of its own (misses, each reading
+  and decompressing its chunk). Layouts go one
+  after the other for each round, so the ratios to the default layout hold on a shared
+  machine.
+  """
+  num_rows, dim = 1 << args.log2_rows, 16
+  opt = make_optimizer(args.optimizer)
+  rng = np.random.default_rng(6)
+  per_round = args.flush_rows or num_rows // 20
+  rounds = [np.unique(rng.integers(0, num_rows, per_round)) for _ in range(2)]
+  tables = {}
+  for name, chunk_rows, compress in MERGE_LAYOUTS:
+    config = embedding.TableConfig(
+      num_rows=num_rows, dim=dim, optimizer=opt.config(), chunk_rows=chunk_rows, compress=compress
+    )
+    path = os.path.join(workdir, f"merge_{name}")
+    _store.create(path, config)
+    tables[name] = embedding.open_table(
+      path, optimizer=opt, host_cache_rows=max(len(ids) for ids in rounds)
+    )
+  merge_seconds = {name: [] for name in tables}
+  for ids in rounds:
+    grads = rng.standard_normal((len(ids), dim)).astype(np.float32)
+    for name, table in tables.items():
+      table.push(ids, grads)
+      table.flush()  # commits the segments and starts their merge
+      start = time.perf_counter()
+      while table.stats()["background_merge_running"]:
+        time.sleep(0.01)
+      merge_seconds[name].append(time.perf_counter() - start)
+      if args.verbose:
+        print(f"{name}: merge {merge_seconds[name][-1]:.1f} s", flush=True)
+  # One written row in each of up to --batch chunks of the largest layout: in a table much
+  # larger than a step's misses (2^28 rows, 50k misses), each miss reads a chunk of its own.
+  written = rng.permutation(np.union1d(*rounds))
+  widest = max(tables[name].config.chunk_rows for name in tables)
+  _, first = np.unique(written // widest, return_index=True)
+  misses = np.sort(written[first[: args.batch]])
+  miss_seconds = {}
+  for name, table in tables.items():
+    path, config = table.path, table.config
+    table.close()
+    with embedding.open_table(path, optimizer=opt, host_cache_rows=len(misses)) as reopened:
+      start = time.perf_counter()
+      reopened.pull(misses)
+      miss_seconds[name] = time.perf_counter() - start
+    num_chunks = -(-num_rows // config.chunk_rows)
+    emit(
+      args.out,
+      dict(
+        case="merge_layouts",
+        layout=name,
+        chunk_rows=config.chunk_rows,
+        compress=config.compress,
+        rows=num_rows,
+        merged_rows=[len(ids) for ids in rounds],
+        merge_seconds=merge_seconds[name],
+        merge_us_per_chunk=[1e6 * t / num_chunks for t in merge_seconds[name]],
+        merge_us_per_row=[1e6 * t / len(ids) for t, ids in zip(merge_seconds[name], rounds)],
+        miss_us_per_row=1e6 * miss_seconds[name] / len(misses),
+        merge_vs_default=[
+          t / r for t, r in zip(merge_seconds[name], merge_seconds[MERGE_LAYOUTS[0][0]])
+        ],
+        miss_vs_default=miss_seconds[name] / miss_seconds[MERGE_LAYOUTS[0][0]],
+        disk_used_gib=_store.du_bytes(path) / 2**30,
+      ),
+    )
+    shutil.rmtree(path)
+
+
 def case_flush_fraction(args, workdir):
   """Flush time against the share of the cache's rows that changed, in one process.
 
@@ -647,7 +737,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     action="store_true",
     help="only the flush-cost case: 1%% of the cache's rows dirty against all of them",
   )
-  parser.add_argument("--flush-rows", type=int, default=1 << 20, help="ids per flush round")
+  parser.add_argument(
+    "--merge-compare",
+    action="store_true",
+    help="only the merge case: a background merge and misses on each chunk layout",
+  )
+  parser.add_argument(
+    "--flush-rows",
+    type=int,
+    default=None,
+    help="ids per flush round (default: 2^20; the merge case: 1/20 of the rows)",
+  )
   parser.add_argument("--verbose", action="store_true", help="print each flush's time")
   parser.add_argument("--workdir", default=None, help="default: a temp dir, removed after")
   parser.add_argument("--out", default=None, help="append JSON lines here")
@@ -657,7 +757,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.repeats = 1
     args.log2_rows, args.large_steps, args.flush_every = min(args.log2_rows, 20), 10, 5
     args.large_cache_mib = 64
-    args.flush_rows = min(args.flush_rows, 4096)
+    if args.flush_rows is not None or not args.merge_compare:
+      args.flush_rows = min(args.flush_rows or 4096, 4096)
+  if args.flush_rows is None and not args.merge_compare:
+    args.flush_rows = 1 << 20
   return args
 
 
@@ -666,7 +769,9 @@ def main(argv=None):
   workdir = args.workdir or tempfile.mkdtemp(prefix="embedding_tier_")
   os.makedirs(workdir, exist_ok=True)
   try:
-    if args.flush_fraction:
+    if args.merge_compare:
+      case_merge_layouts(args, workdir)
+    elif args.flush_fraction:
       case_flush_fraction(args, workdir)
     elif args.flush_compare:
       case_flush_layouts(args, workdir)
