@@ -18,11 +18,13 @@ the step's FLOP rate against a float32 matmul measured in the same process.
 Op times are the trace's op durations summed over XLA's threads: ops of one step may run on
 two cores at once, so their sum can exceed the step's wall time. Dots that XLA's CPU runtime
 hands to Eigen rather than to a YNNPACK fusion (here the weight gradients, whose left
-operand is read transposed) run asynchronously: their events cover only the launch (a 1024 x
-367 by 1024 x 128 one took 0.66 ms, its event 0.11), and their compute shows in the ops that
-ran beside or after them. The result lists them (``async_dots``), with their event time. The host work around the
-step (the tier's pulls and pushes, the reader thread) is not here: a run's
-``summary.json`` (``time_breakdown_seconds``) has it. The trace goes to a temporary
+operand is read transposed) run asynchronously: their events can end before their work does
+(a 1024 x 367 by 1024 x 128 one alone took 0.66 ms, its event 0.11), and the rest of their
+work shows in the ops that ran beside or after them. The result lists them (``async_dots``),
+with their event time, so a reader knows which parts' shares are approximate.
+
+The host work around the step (the tier's pulls and pushes, the reader thread) is not here:
+a run's ``summary.json`` (``time_breakdown_seconds``) has it. The trace goes to a temporary
 directory, removed afterwards.
 """
 
@@ -212,7 +214,8 @@ def print_profile(result: dict) -> None:
     dots = ", ".join(f"{op} {ms:.2f} ms" for op, ms in result["async_dots"].items())
     print(
       f"{len(result['async_dots'])} dots ran asynchronously on Eigen's threads ({dots} of "
-      "events): an event is their launch, their compute counts in the ops beside or after them"
+      "events): an event can end before their work, which then counts in the ops beside or "
+      "after them"
     )
 
 
