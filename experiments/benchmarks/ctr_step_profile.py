@@ -189,7 +189,7 @@ def profile(batch: int, steps: int, warmup: int, table_rows: int, seed: int) -> 
     "profiled_wall_ms_per_step": profiled_wall_ms,
     "ops_ms_per_step": ops_ms,
     "ops_ms_total": sum(ops_ms.values()),
-    # Eigen dots: their event is the launch only (see the module docstring).
+    # Eigen dots: their events can end before their work (see the module docstring).
     "async_dots": {op: 1e3 * sec / steps for op, sec in sorted(async_seconds.items())},
     "step_gflops": flops / wall_ms / 1e6,
     "matmul_gflops": matmul,

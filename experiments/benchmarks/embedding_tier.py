@@ -558,9 +558,8 @@ def case_merge_layouts(args, workdir):
   and merged into every chunk; the second round's merge rewrites chunks that exist already,
   as every merge of a long run does. Then the table is reopened with an empty host cache and
   up to ``--batch`` written rows are pulled, each in a chunk of its own (misses, each reading
-  and decompressing its chunk). Layouts go one
-  after the other for each round, so the ratios to the default layout hold on a shared
-  machine.
+  and decompressing its chunk). Layouts go one after the other for each round, so the ratios
+  to the default layout hold on a shared machine.
   """
   num_rows, dim = 1 << args.log2_rows, 16
   opt = make_optimizer(args.optimizer)
