@@ -6,6 +6,15 @@ from experiments._common import read_jsonl
 from experiments.benchmarks import embedding_tier
 
 
+def _quick_case(tmp_path, flag: str) -> list[dict]:
+  """The records of one ``--quick`` case (``flag``) on a 2^16-row table."""
+  out = tmp_path / "case.jsonl"
+  embedding_tier.main(
+    ["--quick", flag, "--log2-rows", "16", "--workdir", str(tmp_path / "w"), "--out", str(out)]
+  )
+  return read_jsonl(str(out))
+
+
 def test_benchmark_quick_run_reports_every_case(tmp_path):
   out = tmp_path / "bench.jsonl"
   embedding_tier.main(["--quick", "--workdir", str(tmp_path / "w"), "--out", str(out)])
@@ -57,12 +66,7 @@ def test_benchmark_large_case_compares_the_merge_policies(tmp_path):
 
 
 def test_benchmark_flush_case_flushes_the_same_rows_into_each_layout(tmp_path):
-  out = tmp_path / "flush.jsonl"
-  embedding_tier.main(
-    ["--quick", "--flush-compare", "--log2-rows", "16", "--workdir", str(tmp_path / "w")]
-    + ["--out", str(out)]
-  )
-  records = read_jsonl(str(out))
+  records = _quick_case(tmp_path, "--flush-compare")
   assert [r["layout"] for r in records] == [name for name, _, _ in embedding_tier.FLUSH_LAYOUTS]
   assert records[0]["btree_node_bytes"] is None  # OCDBT's default: the reference layout
   assert records[0]["speedup_vs_ocdbt_default_nodes"] == [1.0, 1.0]
@@ -74,12 +78,7 @@ def test_benchmark_flush_case_flushes_the_same_rows_into_each_layout(tmp_path):
 
 
 def test_benchmark_merge_case_merges_the_same_rows_on_each_layout(tmp_path):
-  out = tmp_path / "merge.jsonl"
-  embedding_tier.main(
-    ["--quick", "--merge-compare", "--log2-rows", "16", "--workdir", str(tmp_path / "w")]
-    + ["--out", str(out)]
-  )
-  records = read_jsonl(str(out))
+  records = _quick_case(tmp_path, "--merge-compare")
   assert [r["layout"] for r in records] == [name for name, _, _ in embedding_tier.MERGE_LAYOUTS]
   assert [r["chunk_rows"] for r in records] == [256, 1024, 4096, 256]
   assert [r["compress"] for r in records] == [True, True, True, False]
@@ -94,12 +93,7 @@ def test_benchmark_merge_case_merges_the_same_rows_on_each_layout(tmp_path):
 
 
 def test_benchmark_flush_fraction_case_times_a_1pct_and_a_full_flush(tmp_path):
-  out = tmp_path / "fraction.jsonl"
-  embedding_tier.main(
-    ["--quick", "--flush-fraction", "--log2-rows", "16", "--workdir", str(tmp_path / "w")]
-    + ["--out", str(out)]
-  )
-  (record,) = read_jsonl(str(out))
+  (record,) = _quick_case(tmp_path, "--flush-fraction")
   assert record["case"] == "flush_fraction" and record["rows"] == 2**16
   assert len(record["flush_1pct_seconds"]) == len(record["flush_100pct_seconds"]) == 1
   assert record["ratio_1pct_to_100pct"] > 0

@@ -477,6 +477,34 @@ def _case_large(args, workdir, ids_kind: str, merge: str):
 
 # Disk layouts compared by the flush case: (name, B+tree node bytes (None: OCDBT's default,
 # the layout before tables got small nodes), rows per chunk (None: the table's default)).
+def _layout_tables(workdir, prefix, layouts, num_rows, dim, opt, rounds) -> dict:
+  """``{name: table}``, one new table a layout ``(name, TableConfig fields, create
+  arguments)``, each with a host cache that holds a whole round of ``rounds``."""
+  tables = {}
+  for name, fields, create_args in layouts:
+    config = embedding.TableConfig(num_rows=num_rows, dim=dim, optimizer=opt.config(), **fields)
+    path = os.path.join(workdir, f"{prefix}_{name}")
+    _store.create(path, config, **create_args)
+    tables[name] = embedding.open_table(
+      path, optimizer=opt, host_cache_rows=max(len(ids) for ids in rounds)
+    )
+  return tables
+
+
+def _time_rounds(tables, rounds, rng, dim, measure, what: str, verbose: bool) -> dict:
+  """``{name: [seconds a round]}``: each round's ids pushed into every table in turn (the same
+  random gradients), then ``measure(table)`` timed."""
+  seconds = {name: [] for name in tables}
+  for ids in rounds:
+    grads = rng.standard_normal((len(ids), dim)).astype(np.float32)
+    for name, table in tables.items():
+      table.push(ids, grads)
+      seconds[name].append(measure(table))
+      if verbose:
+        print(f"{name}: {what} {seconds[name][-1]:.1f} s", flush=True)
+  return seconds
+
+
 FLUSH_LAYOUTS = (
   ("ocdbt_default_nodes", None, None),
   ("small_nodes", _store.BTREE_NODE_BYTES, None),
@@ -496,26 +524,18 @@ def case_flush_layouts(args, workdir):
   opt = make_optimizer(args.optimizer)
   rng = np.random.default_rng(5)
   rounds = [np.unique(rng.integers(0, num_rows, args.flush_rows)) for _ in range(2)]
-  tables = {}
-  for name, node_bytes, chunk_rows in FLUSH_LAYOUTS:
-    config = embedding.TableConfig(
-      num_rows=num_rows, dim=dim, optimizer=opt.config(), chunk_rows=chunk_rows
-    )
-    path = os.path.join(workdir, f"flush_{name}")
-    _store.create(path, config, btree_node_bytes=node_bytes)
-    tables[name] = embedding.open_table(
-      path, optimizer=opt, host_cache_rows=max(len(ids) for ids in rounds)
-    )
-  seconds = {name: [] for name in tables}
-  for ids in rounds:
-    grads = rng.standard_normal((len(ids), dim)).astype(np.float32)
-    for name, table in tables.items():
-      table.push(ids, grads)
-      start = time.perf_counter()
-      table.flush()
-      seconds[name].append(time.perf_counter() - start)
-      if args.verbose:
-        print(f"{name}: flush {seconds[name][-1]:.1f} s", flush=True)
+  layouts = [
+    (name, dict(chunk_rows=chunk_rows), dict(btree_node_bytes=node_bytes))
+    for name, node_bytes, chunk_rows in FLUSH_LAYOUTS
+  ]
+  tables = _layout_tables(workdir, "flush", layouts, num_rows, dim, opt, rounds)
+
+  def timed_flush(table) -> float:
+    start = time.perf_counter()
+    table.flush()
+    return time.perf_counter() - start
+
+  seconds = _time_rounds(tables, rounds, rng, dim, timed_flush, "flush", args.verbose)
   reference = seconds[FLUSH_LAYOUTS[0][0]]
   for name, node_bytes, _ in FLUSH_LAYOUTS:
     table = tables[name]
@@ -566,28 +586,20 @@ def case_merge_layouts(args, workdir):
   rng = np.random.default_rng(6)
   per_round = args.flush_rows or num_rows // 20
   rounds = [np.unique(rng.integers(0, num_rows, per_round)) for _ in range(2)]
-  tables = {}
-  for name, chunk_rows, compress in MERGE_LAYOUTS:
-    config = embedding.TableConfig(
-      num_rows=num_rows, dim=dim, optimizer=opt.config(), chunk_rows=chunk_rows, compress=compress
-    )
-    path = os.path.join(workdir, f"merge_{name}")
-    _store.create(path, config)
-    tables[name] = embedding.open_table(
-      path, optimizer=opt, host_cache_rows=max(len(ids) for ids in rounds)
-    )
-  merge_seconds = {name: [] for name in tables}
-  for ids in rounds:
-    grads = rng.standard_normal((len(ids), dim)).astype(np.float32)
-    for name, table in tables.items():
-      table.push(ids, grads)
-      table.flush()  # commits the segments and starts their merge
-      start = time.perf_counter()
-      while table.stats()["background_merge_running"]:
-        time.sleep(0.01)
-      merge_seconds[name].append(time.perf_counter() - start)
-      if args.verbose:
-        print(f"{name}: merge {merge_seconds[name][-1]:.1f} s", flush=True)
+  layouts = [
+    (name, dict(chunk_rows=chunk_rows, compress=compress), {})
+    for name, chunk_rows, compress in MERGE_LAYOUTS
+  ]
+  tables = _layout_tables(workdir, "merge", layouts, num_rows, dim, opt, rounds)
+
+  def timed_merge(table) -> float:
+    table.flush()  # commits the segments and starts their merge
+    start = time.perf_counter()
+    while table.stats()["background_merge_running"]:
+      time.sleep(0.01)
+    return time.perf_counter() - start
+
+  merge_seconds = _time_rounds(tables, rounds, rng, dim, timed_merge, "merge", args.verbose)
   # One written row in each of up to --batch chunks of the largest layout: in a table much
   # larger than a step's misses (2^28 rows, 50k misses), each miss reads a chunk of its own.
   written = rng.permutation(np.union1d(*rounds))
