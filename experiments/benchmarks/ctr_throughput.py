@@ -113,7 +113,7 @@ def dlrm_train_flops(model) -> float:
   layers = [*model.bottom.layers, *model.top.layers]
   macs = sum(int(np.prod(layer.kernel.shape)) for layer in layers)
   dim = model.bottom.layers[-1].kernel.shape[1]  # the bottom MLP ends at the embedding width
-  n = round((1 + (1 + 8 * model.num_pairs) ** 0.5) / 2)  # num_pairs = n (n - 1) / 2
+  n = model.num_vectors
   return 3 * 2 * (macs + n * n * dim)
 
 

@@ -141,9 +141,9 @@ class DLRM(nnx.Module):
     self.bottom = (
       MLP([num_dense, *bottom, embed_dim], rngs=rngs, final_activation=True) if num_dense else None
     )
-    n = num_categorical + int(num_dense > 0)
-    self.num_pairs = n * (n - 1) // 2
-    self.top = MLP([embed_dim * int(num_dense > 0) + self.num_pairs, *top, 1], rngs=rngs)
+    # The vectors the interaction pairs: the bottom MLP's output and one per field.
+    self.num_vectors = n = num_categorical + int(num_dense > 0)
+    self.top = MLP([embed_dim * int(num_dense > 0) + n * (n - 1) // 2, *top, 1], rngs=rngs)
 
   def __call__(self, emb_BxFxD: jax.Array, dense_BxI: jax.Array) -> jax.Array:
     # The named scopes label the compiled ops (experiments/benchmarks/ctr_step_profile.py).
