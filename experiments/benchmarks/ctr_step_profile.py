@@ -163,22 +163,23 @@ def profile(batch: int, steps: int, warmup: int, table_rows: int, seed: int) -> 
     (trace_file,) = glob.glob(f"{trace_dir}/plugins/profile/*/*.trace.json.gz")
     with gzip.open(trace_file) as f:
       events = json.load(f)["traceEvents"]
-  parts_of, dots_of = {}, {}
+  modules = {}  # module name -> ({op: part}, its Eigen dots)
   for executable in step.executables:
     text = executable.as_text()
-    parts_of[module_name(text)] = op_parts(text)
-    dots_of[module_name(text)] = eigen_dots(text)
+    modules[module_name(text)] = op_parts(text), eigen_dots(text)
   seconds = collections.Counter()
   async_seconds = collections.Counter()
   for event in events:
     args = event.get("args") or {}
-    module = parts_of.get(args.get("hlo_module"))
+    module = modules.get(args.get("hlo_module"))
     if event.get("ph") != "X" or module is None or _CONTAINERS.match(event["name"]):
       continue
+    parts, dots = module
     op = args.get("hlo_op", event["name"])
-    seconds[module.get(op, "other")] += event["dur"] / 1e6
-    if op in dots_of[args["hlo_module"]]:
-      async_seconds[f"{op} ({module.get(op, 'other')})"] += event["dur"] / 1e6
+    part = parts.get(op, "other")
+    seconds[part] += event["dur"] / 1e6
+    if op in dots:
+      async_seconds[f"{op} ({part})"] += event["dur"] / 1e6
   ops_ms = {part: 1e3 * seconds[part] / steps for part in (*PARTS, "other")}
   flops = dlrm_train_flops(model) * batch
   matmul = matmul_gflops()
