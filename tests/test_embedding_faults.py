@@ -323,7 +323,7 @@ def test_disk_full_while_evicting_leaves_the_table_as_before(scratch, monkeypatc
 def _fail_commit(monkeypatch):
   """An fsync of the pending log that fails (ENOSPC surfaces there with delayed allocation)."""
 
-  def commit(self, step):
+  def commit(self, step, first_part=0):
     raise OSError(errno.ENOSPC, "No space left on device (injected in commit)")
 
   monkeypatch.setattr(_pending.PendingLog, "commit", commit)
@@ -661,6 +661,62 @@ def test_a_segment_flush_interrupted_at_any_point_reopens_at_one_flushed_step_ex
   with embedding.open_table(path, version=before, ts_cache_bytes=64 << 20) as reopened:
     assert reopened.step == 2
     np.testing.assert_array_equal(reopened._store.read_rows(every), raw_before)
+    reopened.close(flush=False)
+
+
+@pytest.mark.parametrize(
+  "point,nth",
+  [
+    (None, 0),
+    ("flush.committed", 1),
+    ("flush.segment_written", 1),
+    ("flush.segment_written", 3),
+    ("flush.step_written", 1),
+  ],
+)
+def test_a_second_flush_at_the_same_step_keeps_the_first_flushs_segments(
+  tmp_path, monkeypatch, point, nth
+):
+  """An exact-mode pull after a flush catches rows up and dirties them without a step, so the
+  next flush commits the same step again. Its segments must come after the first flush's,
+  not over them (they once did: the first flush's rows then read as their older chunk
+  rows). Whole, or stopped at any of its points and redone at open, every row reads as it
+  did before the second flush."""
+  monkeypatch.setattr(_table, "_FLUSH_BATCH_BYTES", 2 * 4 * (1 + 3 * DIM))  # 2 rows a segment
+  monkeypatch.setattr(_table.EmbeddingTable, "_segment_max_records", lambda self: 1 << 30)
+  monkeypatch.setattr(_table, "_BACKGROUND_MERGE_FRACTION", 0)
+  rng = np.random.default_rng(4)
+  every, warm, hot = np.arange(NUM_ROWS), np.arange(0, NUM_ROWS, 3), np.array([2, 9, 33, 71])
+  path = str(tmp_path / "t")
+  table = _open(path, ts_cache_bytes=64 << 20)
+  table.push(warm, rng.standard_normal((len(warm), DIM)).astype(np.float32))
+  table.push(hot, rng.standard_normal((len(hot), DIM)).astype(np.float32))
+  table.flush()  # the rows at steps 1 and 2: segments of 2 rows
+  first = table._store.segment_records()
+  assert first == len(np.union1d(warm, hot))
+  rows = table.pull(every)  # catches up the warm rows not pushed at step 2: dirty, same step
+  assert table.step == 2 and table._pending.num_records + table._cache.dirty_C.sum() > 0
+  reached = collections.Counter()
+
+  def kill(name):
+    reached[name] += 1
+    if name == point and reached[name] == nth:
+      raise _Killed(point)
+
+  _faults.set_handler(kill)
+  try:
+    if point is None:
+      table.flush()
+    else:
+      with pytest.raises(_Killed):
+        table.flush()
+  finally:
+    _faults.set_handler(None)
+  table.close(flush=False)
+  with embedding.open_table(path, ts_cache_bytes=64 << 20) as reopened:
+    assert reopened.step == 2
+    assert reopened._store.segment_records() > first  # the first flush's segments stayed
+    np.testing.assert_array_equal(reopened.pull(every), rows)
     reopened.close(flush=False)
 
 

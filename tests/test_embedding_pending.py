@@ -50,10 +50,10 @@ def test_newest_records_of_an_empty_log_and_after_recovery(tmp_path):
   assert list(log.newest_records(4, 100)) == []
   log.close()
   log, newest = _log_with_history(tmp_path, np.random.default_rng(1))
-  log.commit(step=9)
+  log.commit(step=9, first_part=3)
   log.close()
   recovered = _pending.PendingLog(str(tmp_path), WIDTH)  # what open does after a crash
-  assert recovered.recover() == 9
+  assert recovered.recover() == (9, 3)
   ((ids, positions),) = recovered.newest_records(4, 10_000)
   np.testing.assert_array_equal(ids, sorted(newest))
   np.testing.assert_array_equal(positions, [newest[i] for i in sorted(newest)])

@@ -59,6 +59,14 @@ _SCAN_IDS = 1 << 22  # ids read per block while scanning the ids file (32 MiB)
 _ID_BUCKETS = 1 << 16  # id ranges counted to cut newest_records into pieces
 
 
+class Commit(NamedTuple):
+  """A committed log: the table step it holds, and the part number its first segment takes
+  (after the segments an earlier flush at the same step wrote, which must stay)."""
+
+  step: int
+  first_part: int
+
+
 class StagedCompaction(NamedTuple):
   """A compacted copy of the log in temporary files, ready to replace it."""
 
@@ -91,10 +99,10 @@ class PendingLog:
   def __len__(self) -> int:
     return len(self._index)
 
-  def recover(self) -> int | None:
-    """Returns the step of a committed-but-unapplied log, whose records then stand ready
-    for ``newest_records`` and ``read`` (the index stays empty: the log is only copied and
-    cleared); without a commit, empties the log and returns None."""
+  def recover(self) -> Commit | None:
+    """Returns the ``Commit`` of a committed-but-unapplied log, whose records then stand
+    ready for ``newest_records`` and ``read`` (the index stays empty: the log is only copied
+    and cleared); without a commit, empties the log and returns None."""
     commit_path = os.path.join(self._dir, _COMMIT)
     if not os.path.exists(commit_path):
       self.clear()
@@ -102,7 +110,7 @@ class PendingLog:
     with open(commit_path) as f:
       commit = json.load(f)
     self._num_records = int(commit["records"])
-    return int(commit["step"])
+    return Commit(int(commit["step"]), int(commit.get("first_part", 0)))
 
   def append(self, ids_N: np.ndarray, rows_NxW: np.ndarray) -> None:
     """Appends rows (unique ids); they supersede earlier records of the same ids.
@@ -202,13 +210,13 @@ class PendingLog:
       view, offset = view[read:], offset + read
     return ids
 
-  def commit(self, step: int) -> None:
-    """Makes the log durable, then atomically marks it as the state at ``step``."""
+  def commit(self, step: int, first_part: int = 0) -> None:
+    """Makes the log durable, then atomically marks it as the state at ``step``, to be
+    written as segments numbered from ``first_part`` (a redo must write the same ones)."""
     os.fsync(self._rows_fd)
     os.fsync(self._ids_fd)
-    _store.replace_file_durably(
-      self._dir, _COMMIT, json.dumps({"step": int(step), "records": self._num_records})
-    )
+    record = {"step": int(step), "records": self._num_records, "first_part": int(first_part)}
+    _store.replace_file_durably(self._dir, _COMMIT, json.dumps(record))
 
   def clear(self) -> None:
     """Empties the log; after ``commit``, call only once its rows are in the table."""

@@ -329,6 +329,16 @@ class TableStore:
       offset[lo:hi][hit] = pos[hit]
     return seg_no, offset
 
+  def next_part(self, step: int) -> int:
+    """The part number after every segment named with ``step``: a second flush at the same
+    step (one that only wrote rows caught up by a pull) must not overwrite the first's."""
+    prefix = SEGMENT_PREFIX + b"%012d." % step
+    with self._index_lock.shared():
+      at = bisect.bisect_left(self._seg_names, prefix + b"\xff")
+      if at and self._seg_names[at - 1].startswith(prefix):
+        return int(self._seg_names[at - 1][len(prefix) : -1]) + 1
+    return 0
+
   def write_segment(self, step: int, part: int, ids_N: np.ndarray, rows_NxW: np.ndarray) -> None:
     """Writes sorted unique rows as one segment (one OCDBT commit: its ids and rows)."""
     if len(ids_N) == 0:

@@ -45,6 +45,7 @@ from kstep_adam.embedding._errors import TableLockedError
 from kstep_adam.embedding._host_cache import HostCache
 from kstep_adam.embedding._optimizers import RowwiseAdagrad
 from kstep_adam.embedding._optimizers import SparseAdam
+from kstep_adam.embedding._pending import Commit
 from kstep_adam.embedding._pending import PendingLog
 from kstep_adam.embedding._store import TableVersion
 
@@ -152,9 +153,9 @@ class EmbeddingTable:
       self._store = _store.TableStore(path, config, ts_cache_bytes=ts_cache_bytes)
       dense_ids = dense_id_maps(config.num_rows, config.row_bytes, host_cache_rows)
       self._pending = PendingLog(path, config.width, dense_ids)
-      redo_step = self._pending.recover()
-      if redo_step is not None:  # a flush was committed but not fully copied: finish it
-        self._apply_pending(redo_step)
+      redo = self._pending.recover()
+      if redo is not None:  # a flush was committed but not fully copied: finish it
+        self._apply_pending(redo)
       self._step = self._store.committed_step()
       if version is not None:
         self._revert(version)
@@ -599,9 +600,10 @@ class EmbeddingTable:
       self._pending.append_unindexed(cache.ids_C[slots], cache.rows_CxW[slots])
     _faults.reached("flush.appended")
     with self._failure_is_fatal("flush"):
-      self._pending.commit(self._step)  # the commit point
+      commit = Commit(self._step, self._store.next_part(self._step))
+      self._pending.commit(*commit)  # the commit point
       _faults.reached("flush.committed")
-      self._apply_pending(self._step)
+      self._apply_pending(commit)
       cache.dirty_C[dirty_slots] = False
       self._committed = self._store.version()
     _malloc.release_free_memory()  # the copy's transients, before training resumes
@@ -813,13 +815,15 @@ class EmbeddingTable:
     with self._failure_is_fatal("pending-log compaction"):
       self._pending.install_compaction(staged)
 
-  def _apply_pending(self, step: int) -> None:
+  def _apply_pending(self, commit: Commit) -> None:
     """Writes the committed pending log into the database as segments, or, once the
     segments would hold more than ``_segment_max_records`` rows, merges the segments and the
-    log into the zarr chunks in one pass; then records ``step``. Redone from the start at
-    the next open if interrupted: the choice depends only on the segments and the log, which
-    stay until the flush is done, and a segment's key names its step and part, so a redo
-    overwrites what the interrupted copy wrote."""
+    log into the zarr chunks in one pass; then records the commit's step. Redone from the
+    start at the next open if interrupted: the choice depends only on the segments and the
+    log, which stay until the flush is done, and a segment's key names its step and part
+    (numbered from the commit's ``first_part``, after the segments of an earlier flush at the
+    same step), so a redo overwrites what the interrupted copy wrote and nothing else."""
+    step = commit.step
     chunk_rows = self._config.chunk_rows
     pieces = self._pending.newest_records(chunk_rows, _FLUSH_PIECE_RECORDS)
     # Records, superseded ones included, as segment_records counts. A redo may count more
@@ -843,7 +847,7 @@ class EmbeddingTable:
       _faults.reached("flush.segments_merged")
     else:
       per_part = max(1, _FLUSH_BATCH_BYTES // self._config.row_bytes)
-      part = 0
+      part = commit.first_part
       for ids, positions in self._marked(pieces):
         for lo in range(0, len(ids), per_part):
           hi = lo + per_part
