@@ -59,7 +59,6 @@ with the table. The node size is stored in the database: a database keeps the si
 was created with, and ``compact`` writes its new one with this size.
 """
 
-import bisect
 import contextlib
 import json
 import os
@@ -74,6 +73,7 @@ import numpy as np
 import tensorstore as ts
 
 from kstep_adam.embedding._config import TableConfig
+from kstep_adam.embedding._segment_index import SegmentIndex
 
 CONFIG_FILE = "table.json"
 CURRENT_FILE = "CURRENT"
@@ -83,6 +83,12 @@ CURRENT_FILE = "CURRENT"
 BTREE_NODE_BYTES = 256 << 10
 COMMIT_KEY = b"commit.json"
 SEGMENT_PREFIX, SEGMENT_PREFIX_END = b"seg/", b"seg0"  # b"0" sorts right after b"/"
+
+
+def _segment_name(prefix: bytes) -> tuple[int, int]:
+  """``(step, part)`` of a segment's key prefix, ``seg/<step>.<part>/``."""
+  step, part = prefix[len(SEGMENT_PREFIX) : -1].split(b".")
+  return int(step), int(part)
 
 
 class TableVersion(NamedTuple):
@@ -264,83 +270,57 @@ class TableStore:
     self._load_segments()
 
   # ------------------------------------------------------------------ segments
-  # The index is each segment's sorted ids, in the order of the segments' names (oldest
-  # first): 4 bytes a segment row (uint32; 8 in a table of 2^32 rows or more) and nothing
-  # else, and a flush appends arrays without copying the others. The segments of one flush
-  # hold ascending, disjoint id ranges, so a lookup searches about one segment per flush for
-  # each id. Every search of an index array takes its values in the array's dtype
-  # (``_index_values``): NumPy would otherwise copy the array to int64 for each search.
+  # The index (``SegmentIndex``) keeps each flush's parts as one group, about 1.5 bytes a
+  # segment row; a flush appends a group, a merge deletes the oldest ones. A lookup searches
+  # one group a flush.
   def _load_segments(self) -> None:
-    """Builds the index of the segments in the database (see the module docstring)."""
+    """Builds the index of the segments in the database (see the module docstring): the
+    consecutive parts of one step whose ids ascend form one group, as a flush wrote them."""
     self._index_lock = _SharedLock()  # readers of the index against its changes
-    self._seg_names: list[bytes] = []  # key prefixes, oldest first (as their names sort)
-    self._seg_ids: list[np.ndarray] = []  # the sorted ids each one holds
-    self._id_dtype = np.dtype(np.uint32 if self._config.num_rows < 1 << 32 else np.int64)
+    self._index = SegmentIndex()
     with self._io("list segments of"):
       keys = set(self._kv.list(ts.KvStore.KeyRange(SEGMENT_PREFIX, SEGMENT_PREFIX_END)).result())
-    prefixes = sorted({k[: k.rindex(b"/") + 1] for k in keys})
-    for prefix in prefixes:
+    previous, last_id = None, -1
+    for prefix in sorted({k[: k.rindex(b"/") + 1] for k in keys}):
       if prefix + b"ids" in keys and prefix + b"rows" in keys:
         with self._io("read segment ids of"):
           ids = np.frombuffer(self._kv.read(prefix + b"ids").result().value, np.int64)
-        self._index_segment(prefix, ids.astype(self._id_dtype))
-
-  def _index_segment(self, prefix: bytes, ids_N: np.ndarray) -> None:
-    """Adds (or replaces, for a redone flush) one segment; its rows supersede older ones."""
-    with self._index_lock.exclusive():
-      at = bisect.bisect_left(self._seg_names, prefix)
-      if at < len(self._seg_names) and self._seg_names[at] == prefix:
-        self._seg_ids[at] = ids_N
-      else:
-        self._seg_names.insert(at, prefix)
-        self._seg_ids.insert(at, ids_N)
-
-  def _index_values(self, values) -> np.ndarray:
-    """Ids (or bounds up to ``num_rows`` and past it) in the index arrays' dtype, clipped to
-    ``[0, num_rows]``: a search of ``num_rows`` finds what any larger bound finds."""
-    return np.minimum(np.asarray(values, np.int64), self._config.num_rows).astype(self._id_dtype)
+        step, part = _segment_name(prefix)
+        follows = previous == (step, part - 1) and len(ids) and ids[0] > last_id
+        self._index.add(prefix, ids, new_group=not follows)
+        if not follows:
+          self._index.seal()
+        previous, last_id = (step, part), int(ids[-1]) if len(ids) else last_id
+    self._index.seal()
 
   def segment_records(self) -> int:
     """Rows written into segments since they were last merged (superseded ones included)."""
     with self._index_lock.shared():
-      return sum(len(ids) for ids in self._seg_ids)
+      return self._index.records()
 
   def segment_ids(self) -> np.ndarray:
     """The sorted unique ids that some segment holds."""
     with self._index_lock.shared():
-      return np.unique(np.concatenate([np.zeros(0, np.int64), *self._seg_ids])).astype(np.int64)
+      return self._index.ids()
 
-  def _lookup(self, ids_N: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """For sorted unique ids: the number of the newest segment holding each (-1: none) and
-    its row there. Call with the index lock held."""
-    seg_no = np.full(len(ids_N), -1, np.int32)
-    offset = np.zeros(len(ids_N), np.int64)
-    if not len(ids_N):
-      return seg_no, offset
-    for no, seg in enumerate(self._seg_ids):  # oldest first: newer ones overwrite
-      if not len(seg):
-        continue
-      lo, hi = np.searchsorted(ids_N, [int(seg[0]), int(seg[-1]) + 1])
-      if lo == hi:
-        continue
-      pos = np.searchsorted(seg, self._index_values(ids_N[lo:hi]))  # every one <= seg[-1]
-      hit = seg[pos] == ids_N[lo:hi]
-      seg_no[lo:hi][hit] = no
-      offset[lo:hi][hit] = pos[hit]
-    return seg_no, offset
+  def segment_index_bytes(self) -> int:
+    """Memory the index of the segments takes."""
+    with self._index_lock.shared():
+      return self._index.nbytes
 
   def next_part(self, step: int) -> int:
     """The part number after every segment named with ``step``: a second flush at the same
     step (one that only wrote rows caught up by a pull) must not overwrite the first's."""
-    prefix = SEGMENT_PREFIX + b"%012d." % step
     with self._index_lock.shared():
-      at = bisect.bisect_left(self._seg_names, prefix + b"\xff")
-      if at and self._seg_names[at - 1].startswith(prefix):
-        return int(self._seg_names[at - 1][len(prefix) : -1]) + 1
-    return 0
+      parts = [part for s, part in map(_segment_name, self._index.names()) if s == step]
+    return max(parts) + 1 if parts else 0
 
-  def write_segment(self, step: int, part: int, ids_N: np.ndarray, rows_NxW: np.ndarray) -> None:
-    """Writes sorted unique rows as one segment (one OCDBT commit: its ids and rows)."""
+  def write_segment(
+    self, step: int, part: int, ids_N: np.ndarray, rows_NxW: np.ndarray, *, first: bool
+  ) -> None:
+    """Writes sorted unique rows as one segment (one OCDBT commit: its ids and rows).
+    ``first``: the flush's first part (it starts a group in the index); once a flush has
+    written its last, ``seal_segments``."""
     if len(ids_N) == 0:
       return
     prefix = SEGMENT_PREFIX + b"%012d.%06d/" % (step, part)
@@ -350,7 +330,13 @@ class TableStore:
       target = self._kv.with_transaction(txn)
       target[prefix + b"ids"] = ids_N.tobytes()
       target[prefix + b"rows"] = np.ascontiguousarray(rows_NxW, np.float32).tobytes()
-    self._index_segment(prefix, ids_N.astype(self._id_dtype))  # a copy
+    with self._index_lock.exclusive():
+      self._index.add(prefix, ids_N, new_group=first)
+
+  def seal_segments(self) -> None:
+    """Encodes the newest flush's parts as one group of the index (see ``SegmentIndex``)."""
+    with self._index_lock.exclusive():
+      self._index.seal()
 
   def _read_segment_rows(self, prefix: bytes, first: int, stop: int) -> np.ndarray:
     """Rows ``first:stop`` of one segment (one ranged read)."""
@@ -379,22 +365,22 @@ class TableStore:
     newer than its segment's, and the flush must be redone (as the table does at the next
     open) before the database is read. No background merge may run (``SegmentMerge``).
     """
-    names, done = list(self._seg_names), 0
+    groups, done = len(self._index), 0
     for ids, read in newer:
       if not len(ids):
         continue
       end = int(ids[-1]) // chunk_rows + 1
-      self._merge_chunks(len(names), done, end, chunk_rows, max_chunks, on_batch, (ids, read))
+      self._merge_chunks(groups, done, end, chunk_rows, max_chunks, on_batch, (ids, read))
       done = end
-    self._merge_chunks(len(names), done, self._num_chunks(), chunk_rows, max_chunks, on_batch)
-    self.delete_segments(names)
+    self._merge_chunks(groups, done, self._num_chunks(), chunk_rows, max_chunks, on_batch)
+    self.delete_segments(groups)
 
   def _num_chunks(self) -> int:
     return -(-self._config.num_rows // self._config.chunk_rows)
 
   def _merge_chunks(
     self,
-    n,
+    groups,
     first_chunk,
     stop_chunk,
     chunk_rows,
@@ -405,19 +391,19 @@ class TableStore:
     may_run=None,
   ) -> bool:
     """Writes chunks ``[first_chunk, stop_chunk)`` in batches of at most ``max_chunks``
-    consecutive ones, skipping those with nothing to write: the rows that the oldest ``n``
-    segments hold newest (a row a newer segment holds is left to that one's merge), then
-    ``newer = (ids, read)``'s rows over them. Before each batch it waits for ``may_run``
-    (an Event) to be set; it returns False if ``stop`` is set then (the rest is not
-    written)."""
-    segments = self._seg_ids[:n]  # arrays are never changed in place
+    consecutive ones, skipping those with nothing to write: the rows whose newest record is
+    in one of the oldest ``groups`` groups of segments (a row a newer group holds is left to
+    that one's merge), then ``newer = (ids, read)``'s rows over them. Before each batch it
+    waits for ``may_run`` (an Event) to be set; it returns False if ``stop`` is set then (the
+    rest is not written)."""
     new_ids, read_new = newer if newer is not None else (np.zeros(0, np.int64), None)
     chunk = first_chunk
     while chunk < stop_chunk:
       low = chunk * chunk_rows  # skip to the next chunk with a row to write
-      low_in_index = self._index_values(low)
-      nexts = [seg[i] for seg in segments if (i := np.searchsorted(seg, low_in_index)) < len(seg)]
+      with self._index_lock.shared():
+        nexts = [self._index.first_at_least(low, groups)]
       nexts += [new_ids[i]] if (i := np.searchsorted(new_ids, low)) < len(new_ids) else []
+      nexts = [i for i in nexts if i is not None]
       if not nexts:
         break
       chunk = max(chunk, int(min(nexts)) // chunk_rows)
@@ -429,21 +415,19 @@ class TableStore:
         return False
       end = min(chunk + max_chunks, stop_chunk)
       low, high = chunk * chunk_rows, end * chunk_rows
-      bounds = self._index_values([low, high])
-      in_range = [seg[slice(*np.searchsorted(seg, bounds))] for seg in segments]
-      ids = np.unique(np.concatenate([np.zeros(0, np.int64), *in_range]))
-      with self._index_lock.shared():
-        seg_no, offset = self._lookup(ids)
-      keep = (seg_no >= 0) & (seg_no < n)
-      ids, seg_no, offset = ids[keep], seg_no[keep], offset[keep]
+      with self._index_lock.shared():  # only this merge deletes the groups it reads
+        ids, group_no, pos = self._index.newest_in(low, high, groups)
+        places = [(no, *self._index.where(no, pos[group_no == no])) for no in np.unique(group_no)]
       first, last = np.searchsorted(new_ids, [low, high])
       union = np.union1d(ids, new_ids[first:last]) if last > first else ids
       rows = np.empty((len(union), self._row_bytes // 4), np.float32)
       at = np.searchsorted(union, ids)
-      for no in np.unique(seg_no):  # one ranged read a segment
-        mine = seg_no == no
-        lo, hi = int(offset[mine][0]), int(offset[mine][-1]) + 1  # offsets ascend with ids
-        rows[at[mine]] = self._read_segment_rows(self._seg_names[no], lo, hi)[offset[mine] - lo]
+      for no, part, offset, names in places:  # one ranged read a segment
+        mine = np.flatnonzero(group_no == no)
+        for k in np.unique(part):
+          in_part = part == k
+          lo, hi = int(offset[in_part][0]), int(offset[in_part][-1]) + 1  # ascending
+          rows[at[mine[in_part]]] = self._read_segment_rows(names[k], lo, hi)[offset[in_part] - lo]
       if last > first:
         rows[np.searchsorted(union, new_ids[first:last])] = read_new(slice(first, last))
       self.write_rows(union, rows)
@@ -451,11 +435,12 @@ class TableStore:
       chunk = end
     return True
 
-  def delete_segments(self, names: list[bytes] | None = None) -> None:
-    """Deletes segments (default: every one) in one commit, once their rows are in the
-    chunks, and drops them from the index. Waits for reads that may be reading them."""
+  def delete_segments(self, groups: int | None = None) -> None:
+    """Deletes the oldest ``groups`` groups of segments (default: every one) in one commit,
+    once their rows are in the chunks, and drops them from the index. Waits for reads that
+    may be reading them."""
     with self._index_lock.exclusive():
-      names = list(self._seg_names) if names is None else names
+      names = self._index.names(groups)
       if not names:
         return
       with self._io("delete the segments of"), ts.Transaction() as txn:
@@ -463,17 +448,14 @@ class TableStore:
         for prefix in names:
           del target[prefix + b"ids"]
           del target[prefix + b"rows"]
-      dropped = set(names)
-      kept = [i for i, name in enumerate(self._seg_names) if name not in dropped]
-      self._seg_names = [self._seg_names[i] for i in kept]
-      self._seg_ids = [self._seg_ids[i] for i in kept]
+      self._index.drop(len(self._index) if groups is None else groups)
 
   def merge_in_background(self, chunk_rows: int, max_chunks: int, on_batch, on_deleted):
     """Starts merging the segments there are now into the chunks in a thread of its own
     (``SegmentMerge``); flushes may write newer segments meanwhile."""
     with self._index_lock.shared():
-      names = list(self._seg_names)
-    merge = SegmentMerge(self, names, chunk_rows, max_chunks, on_batch, on_deleted)
+      groups = len(self._index)
+    merge = SegmentMerge(self, groups, chunk_rows, max_chunks, on_batch, on_deleted)
     merge.start()
     return merge
 
@@ -495,8 +477,8 @@ class TableStore:
     # Shared: a background merge deletes the segments it merged only after the reads that
     # may be reading them are done.
     with self._index_lock.shared():
-      seg_no, offset = self._lookup(ids_N)
-      in_segment = seg_no >= 0
+      group_no, pos = self._index.lookup(ids_N)
+      in_segment = group_no >= 0
       if not in_segment.any():
         with self._io("read rows of"):
           return self._rows[ids_N].read().result()
@@ -504,17 +486,21 @@ class TableStore:
       with self._io("read rows of"):
         if not in_segment.all():
           rows[~in_segment] = self._rows[ids_N[~in_segment]].read().result()
-        row_bytes = self._row_bytes
-        reads = [
-          self._kv.read(
-            self._seg_names[no] + b"rows",
-            byte_range=slice(int(off) * row_bytes, (int(off) + 1) * row_bytes),
-          )
-          for no, off in zip(seg_no[in_segment], offset[in_segment])
-        ]
-        rows[in_segment] = np.frombuffer(
-          b"".join(read.result().value for read in reads), np.float32
-        ).reshape(-1, row_bytes // 4)
+        row_bytes, reads = self._row_bytes, []
+        for no in np.unique(group_no[in_segment]):
+          mine = np.flatnonzero(group_no == no)
+          part, offset, names = self._index.where(no, pos[mine])
+          reads += [
+            (
+              at,
+              self._kv.read(
+                names[k] + b"rows", byte_range=slice(o * row_bytes, (o + 1) * row_bytes)
+              ),
+            )
+            for at, k, o in zip(mine, part.tolist(), offset.tolist())
+          ]
+        for at, read in reads:
+          rows[at] = np.frombuffer(read.result().value, np.float32)
       return rows
 
   def write_rows(self, ids_N: np.ndarray, rows_NxW: np.ndarray) -> None:
@@ -686,16 +672,16 @@ class SegmentMerge(threading.Thread):
   memory is one batch of rows.
   """
 
-  def __init__(self, store, names, chunk_rows, max_chunks, on_batch, on_deleted):
+  def __init__(self, store, groups, chunk_rows, max_chunks, on_batch, on_deleted):
     super().__init__(name="embedding-segment-merge", daemon=True)
-    self._store, self._names = store, names
+    self._store, self._groups = store, groups
     self._chunk_rows, self._max_chunks = chunk_rows, max_chunks
     self._on_batch, self._on_deleted = on_batch, on_deleted
     self._stop_event = threading.Event()
     self._may_run = threading.Event()
     self._may_run.set()
     self.error: BaseException | None = None
-    self.records = sum(len(ids) for ids in store._seg_ids[: len(names)])
+    self.records = store._index.records(groups)
     self.seconds: float | None = None  # once done
 
   def run(self) -> None:
@@ -703,7 +689,7 @@ class SegmentMerge(threading.Thread):
     store = self._store
     try:
       done = store._merge_chunks(
-        len(self._names),
+        self._groups,
         0,
         store._num_chunks(),
         self._chunk_rows,
@@ -713,7 +699,7 @@ class SegmentMerge(threading.Thread):
         may_run=self._may_run,
       )
       if done:
-        store.delete_segments(self._names)
+        store.delete_segments(self._groups)
         self.seconds = time.perf_counter() - start
         self._on_deleted()
     except BaseException as e:  # kept for whoever finishes the merge

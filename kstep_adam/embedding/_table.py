@@ -851,9 +851,12 @@ class EmbeddingTable:
       for ids, positions in self._marked(pieces):
         for lo in range(0, len(ids), per_part):
           hi = lo + per_part
-          self._store.write_segment(step, part, ids[lo:hi], self._pending.read(positions[lo:hi]))
+          rows = self._pending.read(positions[lo:hi])
+          first = part == commit.first_part
+          self._store.write_segment(step, part, ids[lo:hi], rows, first=first)
           part += 1
           _faults.reached("flush.segment_written")
+      self._store.seal_segments()
     self._store.write_step(step)
     _faults.reached("flush.step_written")
     self._pending.clear()
