@@ -377,7 +377,7 @@ def _case_large(args, workdir, ids_kind: str, merge: str):
     _reset_peak_rss()
 
   n_unique, start, future, flush_seconds, flush_ends = 0, time.perf_counter(), None, [], []
-  max_pending_bytes = 0
+  max_pending_bytes = max_segment_rows = max_index_bytes = 0
   next_ids = large_ids(rng, ids_kind, num_rows, args.batch, args.zipf_a)
   for step in range(args.large_steps):
     ids = next_ids
@@ -397,14 +397,20 @@ def _case_large(args, workdir, ids_kind: str, merge: str):
       flush_seconds.append(time.perf_counter() - flush_start)
       flush_ends.append(time.perf_counter() - start)
       end_phase(f"flush at {step + 1}")
+      merges = table.stats()
+      max_segment_rows = max(max_segment_rows, merges["segment_rows"])
+      max_index_bytes = max(max_index_bytes, merges["segment_index_bytes"])
       if args.verbose:
         elapsed = time.perf_counter() - start
-        merges = table.stats()
         print(
           f"{ids_kind} step {step + 1}: flush {flush_seconds[-1]:.1f} s, "
-          f"{merges['segment_rows']} segment rows, "
+          f"{merges['segment_rows']} segment rows "
+          f"(index {merges['segment_index_bytes'] / 2**20:.0f} MiB), "
           f"{merges['background_merges']} background merges done "
           f"({merges['background_merge_seconds']:.0f} s), "
+          f"{merges['flush_merge_waits']} flush waits "
+          f"({merges['flush_merge_wait_seconds']:.0f} s), "
+          f"{merges['inline_merges']} in-line merges, "
           f"{n_unique / elapsed:.0f} unique rows/s so far, "
           f"peak RSS {max(peak for _, peak in phase_peaks):.2f} GiB "
           f"(steps {phase_peaks[-2][1]:.2f}, flush {phase_peaks[-1][1]:.2f}), "
@@ -453,6 +459,13 @@ def _case_large(args, workdir, ids_kind: str, merge: str):
       background_merge_seconds=stats["background_merge_seconds"],
       background_merge_running_at_end=stats["background_merge_running"],
       segment_rows_at_end=stats["segment_rows"],
+      max_segment_rows=max_segment_rows,
+      max_segment_index_mib=max_index_bytes / 2**20,
+      # Flushes past the segment limit: those that waited for a background merge, and
+      # those that then merged the segments themselves.
+      flush_merge_waits=stats["flush_merge_waits"],
+      flush_merge_wait_seconds=stats["flush_merge_wait_seconds"],
+      inline_merges=stats["inline_merges"],
       merge_tail_seconds=merge_tail_seconds,
       max_pending_log_gib=max_pending_bytes / 2**30,
       hit_rate=stats["hit_rate"],

@@ -21,6 +21,7 @@ import fcntl
 import os
 import shutil
 import threading
+import time
 import warnings
 from typing import NamedTuple
 from typing import NoReturn
@@ -57,15 +58,15 @@ _FLUSH_BATCH_BYTES = 16 << 20
 # pieces): a few arrays of 8 bytes per record, about 25 MiB in all.
 _FLUSH_PIECE_RECORDS = 1 << 19
 # A flush writes the rows it changed as segments beside the zarr chunks (their in-memory
-# index takes 4 bytes a segment row). Once they hold more than 1/_BACKGROUND_MERGE_FRACTION
-# of the table's rows (0: never), the flush starts merging them into the chunks in the
-# background; a flush that would take them past 1/_SEGMENT_FRACTION waits for that merge, and
-# if they are still too many, merges them itself. A limit of 1/4 let a 2^28-row table's
-# flushes (one every 150 steps) go on without waiting, but the merge beside the unpaused
-# steps then took 942 s instead of 238, the segments grew to a fifth of the table, the steps
-# slowed down and the peak RSS passed 4 GiB (docs/embedding.md); so 1/16.
-_BACKGROUND_MERGE_FRACTION = 64
-_SEGMENT_FRACTION = 16
+# index takes about 1.5 bytes a segment row, ``_segment_index``). Once they hold more than
+# 1/_BACKGROUND_MERGE_FRACTION of the table's rows (0: never), the flush starts merging them
+# into the chunks in the background; a flush that would take them past 1/_SEGMENT_FRACTION
+# waits for that merge, and if they are still too many, merges them itself. A merge pass
+# rewrites every chunk holding a merged row (with hashed ids, every chunk), so the fewer
+# passes the better: a merge waits for about two flushes of the 2^28-row benchmark (7.4M
+# rows each), and the limit leaves room for the flushes during a pass (docs/embedding.md).
+_BACKGROUND_MERGE_FRACTION = 16
+_SEGMENT_FRACTION = 4
 
 
 def dense_id_maps(num_rows: int, row_bytes: int, host_cache_rows: int) -> int | None:
@@ -147,7 +148,13 @@ class EmbeddingTable:
     # None (a table reopened later) reads every miss, as a table always did.
     self._written_chunks: np.ndarray | None = None
     self._merge: _store.SegmentMerge | None = None  # the background merge, if one runs
-    self._merge_counts = dict(background_merges=0, background_merge_seconds=0.0)
+    self._merge_counts = dict(
+      background_merges=0,
+      background_merge_seconds=0.0,
+      flush_merge_waits=0,  # flushes that waited for a background merge (over the limit)
+      flush_merge_wait_seconds=0.0,
+      inline_merges=0,  # flushes that merged the segments themselves
+    )
     try:  # a failed open (a damaged database, an I/O error in the redo) releases the lock
       _store.remove_stale_dbs(path)
       self._store = _store.TableStore(path, config, ts_cache_bytes=ts_cache_bytes)
@@ -659,6 +666,7 @@ class EmbeddingTable:
         bytes_written=self._store.bytes_written + self._pending.bytes_written,
         step=self._step,
         segment_rows=self._store.segment_records(),
+        segment_index_bytes=self._store.segment_index_bytes(),
         background_merge_running=self._merge is not None and self._merge.is_alive(),
         **self._merge_counts,
       )
@@ -833,8 +841,12 @@ class EmbeddingTable:
       self._store.segment_records() + self._pending.num_records > self._segment_max_records()
     )
     if too_many() and self._merge is not None:
+      start = time.perf_counter()
       self._finish_merge()  # it may bring them under the limit; no other chunk writer runs
+      self._merge_counts["flush_merge_waits"] += 1
+      self._merge_counts["flush_merge_wait_seconds"] += time.perf_counter() - start
     if too_many():
+      self._merge_counts["inline_merges"] += 1
       self._store.merge_segments(
         chunk_rows,
         self._chunks_per_batch(),

@@ -238,7 +238,7 @@ def merging_run(tmp_path_factory, cache):
   """An uninterrupted run whose table is large enough that the checkpoints' flushes keep
   their rows in segments, merged into the chunks in the background beside training."""
   root = tmp_path_factory.mktemp("merging_run")
-  config_kwargs = dict(CONFIG, steps=11, table_rows=1 << 16)
+  config_kwargs = dict(CONFIG, steps=11, table_rows=1 << 15)
   data = {"synthetic": SYNTHETIC}
   _run(root / "reference", config_kwargs, data, cache)
   reference = _result(root / "reference")
