@@ -69,13 +69,14 @@ def test_segment_index_groups_lookups_and_merges_like_a_dictionary():
     records += len(ids)
     for part, part_ids in enumerate(np.array_split(ids, 3)):
       index.add(b"seg/%012d.%06d/" % (flush, part), part_ids, new_group=part == 0)
-      if flush == 4 and part == 1:  # a flush under way: its group still reads
+      if flush == 4 and part == 1:  # a flush under way: its group reads, no merge takes it
         group_no, _ = index.lookup(part_ids)
-        assert (group_no == 4).all()
+        assert (group_no == 4).all() and index.sealed_groups() == 4
     for i, at in zip(ids, range(len(ids))):
       newest[int(i)] = (flush, at)
     index.seal()
   assert len(index) == 5 and index.records() == records and len(index.names()) == 15
+  assert index.sealed_groups() == 5
   everything = np.arange(5000)
   group_no, pos = index.lookup(everything)
   expected = np.array([newest.get(int(i), (-1, 0))[0] for i in everything])

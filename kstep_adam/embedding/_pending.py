@@ -56,6 +56,7 @@ _COMPACTING = ".compacting"  # suffix of a compaction's files before they replac
 COMPACT_MIN_BYTES = 64 << 20  # below this a log is never compacted: not worth the I/O
 _COMPACT_BATCH_BYTES = 64 << 20  # records copied per read/write while compacting
 _SCAN_IDS = 1 << 22  # ids read per block while scanning the ids file (32 MiB)
+_READ_WINDOW_BYTES = 32 << 20  # the part of the log one memory map of ``read`` covers
 _ID_BUCKETS = 1 << 16  # id ranges counted to cut newest_records into pieces
 
 
@@ -144,17 +145,34 @@ class PendingLog:
     return self._index.lookup(ids_N)
 
   def read(self, positions_M: np.ndarray) -> np.ndarray:
-    """Reads records by position (safe while other threads append)."""
+    """Reads records by position (safe while other threads append).
+
+    Through a memory map of one ``_READ_WINDOW_BYTES`` window of the log at a time, in the
+    order of the positions: the pages a map touches (and the kernel's fault-around maps
+    beside each) count in the process's RSS until it is unmapped, and a flush reading 16 MiB
+    of records scattered over a 1.45 GB log through one map of all of it peaked 0.3 GiB
+    higher (the 2^28-row benchmark, where that passed 4 GiB)."""
+    positions_M = np.asarray(positions_M, np.int64)
+    rows = np.empty((len(positions_M), self._width), np.float32)
     if len(positions_M) == 0:
-      return np.zeros((0, self._width), np.float32)
-    log = np.memmap(
-      os.path.join(self._dir, _ROWS),
-      dtype=np.float32,
-      mode="r",
-      shape=(self._num_records, self._width),
-    )
-    rows = np.array(log[positions_M])
-    del log
+      return rows
+    order = np.argsort(positions_M, kind="stable")
+    window = max(1, _READ_WINDOW_BYTES // (self._width * 4))
+    first_window = positions_M[order] // window
+    cuts = np.flatnonzero(np.diff(first_window)) + 1
+    for lo, hi in zip([0, *cuts.tolist()], [*cuts.tolist(), len(order)]):
+      start = int(first_window[lo]) * window
+      stop = min(start + window, self._num_records)
+      log = np.memmap(
+        os.path.join(self._dir, _ROWS),
+        dtype=np.float32,
+        mode="r",
+        offset=start * self._width * 4,
+        shape=(stop - start, self._width),
+      )
+      mine = order[lo:hi]
+      rows[mine] = log[positions_M[mine] - start]
+      del log
     self.bytes_read += rows.nbytes
     return rows
 

@@ -148,9 +148,10 @@ class _Group:
   """One flush's parts: their names, where each starts in the group, and their ids, as one
   ``CompactIds`` once sealed (one a part while the flush writes them)."""
 
-  __slots__ = ("_piece_starts", "_pieces", "names", "part_starts")
+  __slots__ = ("_piece_starts", "_pieces", "names", "part_starts", "sealed")
 
   def __init__(self):
+    self.sealed = False  # its flush has written every part
     self.names: list[bytes] = []
     self.part_starts = np.zeros(1, np.int64)
     self._pieces: list[CompactIds] = []
@@ -165,12 +166,14 @@ class _Group:
     return sum(piece.nbytes for piece in self._pieces)
 
   def append(self, name: bytes, ids_N: np.ndarray) -> None:
+    self.sealed = False
     self.names.append(name)
     self.part_starts = np.append(self.part_starts, self.size + len(ids_N))
     self._pieces.append(CompactIds(ids_N))
     self._piece_starts.append(self.size)
 
   def seal(self) -> None:
+    self.sealed = True
     if len(self._pieces) > 1:
       self._pieces = [CompactIds.concatenate(self._pieces)]
       self._piece_starts = [0, self.size]
@@ -232,6 +235,11 @@ class SegmentIndex:
   def names(self, groups: int | None = None) -> list[bytes]:
     """The names of the parts of the oldest ``groups`` groups (default: all), oldest first."""
     return [name for group in self._groups[:groups] for name in group.names]
+
+  def sealed_groups(self) -> int:
+    """The number of groups, oldest first, whose flush has written every part (a merge takes
+    no group a flush is still writing)."""
+    return next((no for no, group in enumerate(self._groups) if not group.sealed), len(self))
 
   def records(self, groups: int | None = None) -> int:
     """Rows the oldest ``groups`` groups hold (superseded ones included)."""

@@ -12,8 +12,8 @@ Directory layout of a table at ``path``::
                       seg/<step>.<part>/{ids,rows}  segments: rows changed by recent
                                    flushes, newer than the chunks (sorted int64 ids, and
                                    their float32 rows uncompressed), merged into rows/ in
-                                   the background once they hold 1/64 of the table's rows
-                                   (by a flush past 1/16), then deleted
+                                   the background once they hold 1/16 of the table's rows
+                                   (by a flush past 1/4), then deleted
                       commit.json  {"step": t, "write": token}: the table step of the
                                    last flush, and a token unique to each write
                     and, since OCDBT is copy-on-write, every earlier version of both:
@@ -450,12 +450,15 @@ class TableStore:
           del target[prefix + b"rows"]
       self._index.drop(len(self._index) if groups is None else groups)
 
-  def merge_in_background(self, chunk_rows: int, max_chunks: int, on_batch, on_deleted):
+  def merge_in_background(
+    self, chunk_rows: int, max_chunks: int, on_batch, on_deleted, more=lambda: False
+  ):
     """Starts merging the segments there are now into the chunks in a thread of its own
-    (``SegmentMerge``); flushes may write newer segments meanwhile."""
+    (``SegmentMerge``), and again after each pass while ``more()``; flushes may write newer
+    segments meanwhile."""
     with self._index_lock.shared():
-      groups = len(self._index)
-    merge = SegmentMerge(self, groups, chunk_rows, max_chunks, on_batch, on_deleted)
+      groups = self._index.sealed_groups()
+    merge = SegmentMerge(self, groups, chunk_rows, max_chunks, on_batch, on_deleted, more)
     merge.start()
     return merge
 
@@ -672,36 +675,51 @@ class SegmentMerge(threading.Thread):
   memory is one batch of rows.
   """
 
-  def __init__(self, store, groups, chunk_rows, max_chunks, on_batch, on_deleted):
+  def __init__(self, store, groups, chunk_rows, max_chunks, on_batch, on_deleted, more):
     super().__init__(name="embedding-segment-merge", daemon=True)
     self._store, self._groups = store, groups
     self._chunk_rows, self._max_chunks = chunk_rows, max_chunks
-    self._on_batch, self._on_deleted = on_batch, on_deleted
+    self._on_batch, self._on_deleted, self._more = on_batch, on_deleted, more
     self._stop_event = threading.Event()
     self._may_run = threading.Event()
     self._may_run.set()
     self.error: BaseException | None = None
-    self.records = store._index.records(groups)
-    self.seconds: float | None = None  # once done
+    self.records = store._index.records(groups)  # rows of the passes begun
+    self.passes = 0  # passes done
+    self.seconds = 0.0  # their time
 
   def run(self) -> None:
-    start = time.perf_counter()
     store = self._store
     try:
-      done = store._merge_chunks(
-        self._groups,
-        0,
-        store._num_chunks(),
-        self._chunk_rows,
-        self._max_chunks,
-        self._on_batch,
-        stop=self._stop_event,
-        may_run=self._may_run,
-      )
-      if done:
+      while True:
+        start = time.perf_counter()
+        done = store._merge_chunks(
+          self._groups,
+          0,
+          store._num_chunks(),
+          self._chunk_rows,
+          self._max_chunks,
+          self._on_batch,
+          stop=self._stop_event,
+          may_run=self._may_run,
+        )
+        if not done:
+          return
         store.delete_segments(self._groups)
-        self.seconds = time.perf_counter() - start
+        self.passes += 1
+        self.seconds += time.perf_counter() - start
         self._on_deleted()
+        # Another pass over what the flushes wrote meanwhile, if ``more()``: the segments
+        # pile up less than if the next flush started it. Only groups whose flush is done
+        # (sealed), and not while a flush runs (it pauses the merge).
+        self._may_run.wait()
+        if self._stop_event.is_set() or not self._more():
+          return
+        with store._index_lock.shared():
+          self._groups = store._index.sealed_groups()
+          self.records += store._index.records(self._groups)
+        if not self._groups:
+          return
     except BaseException as e:  # kept for whoever finishes the merge
       self.error = e
 

@@ -64,9 +64,10 @@ _FLUSH_PIECE_RECORDS = 1 << 19
 # waits for that merge, and if they are still too many, merges them itself. A merge pass
 # rewrites every chunk holding a merged row (with hashed ids, every chunk), so the fewer
 # passes the better: a merge waits for about two flushes of the 2^28-row benchmark (7.4M
-# rows each), and the limit leaves room for the flushes during a pass (docs/embedding.md).
+# rows each), goes on with another pass while they are past the threshold, and the limit
+# leaves room for the flushes during a pass (docs/embedding.md).
 _BACKGROUND_MERGE_FRACTION = 16
-_SEGMENT_FRACTION = 4
+_SEGMENT_FRACTION = 3
 
 
 def dense_id_maps(num_rows: int, row_bytes: int, host_cache_rows: int) -> int | None:
@@ -670,6 +671,9 @@ class EmbeddingTable:
         background_merge_running=self._merge is not None and self._merge.is_alive(),
         **self._merge_counts,
       )
+      if self._merge is not None:  # the passes of the running merge done so far
+        c["background_merges"] += self._merge.passes
+        c["background_merge_seconds"] += self._merge.seconds
       if self._device_cache is not None:
         c.update(self._device_cache.stats())
       return c
@@ -890,10 +894,7 @@ class EmbeddingTable:
       if self._merge.is_alive():
         return
       self._finish_merge()
-    if (
-      not _BACKGROUND_MERGE_FRACTION
-      or self._store.segment_records() * _BACKGROUND_MERGE_FRACTION <= self.num_rows
-    ):
+    if not self._merge_wanted():
       return
 
     def on_deleted():
@@ -905,7 +906,13 @@ class EmbeddingTable:
       self._chunks_per_batch(),
       on_batch=lambda: _faults.reached("merge.copied_batch"),
       on_deleted=on_deleted,
+      more=self._merge_wanted,
     )
+
+  def _merge_wanted(self) -> bool:
+    """Whether the segments hold more than 1/``_BACKGROUND_MERGE_FRACTION`` of the rows."""
+    fraction = _BACKGROUND_MERGE_FRACTION
+    return bool(fraction) and self._store.segment_records() * fraction > self.num_rows
 
   def _finish_merge(self, *, stop: bool = False) -> None:
     """Waits for the background merge, if one runs (asking it to stop between batches, with
@@ -916,9 +923,8 @@ class EmbeddingTable:
     if merge is None:
       return
     error = merge.finish(stop=stop)
-    if merge.seconds is not None:
-      self._merge_counts["background_merges"] += 1
-      self._merge_counts["background_merge_seconds"] += merge.seconds
+    self._merge_counts["background_merges"] += merge.passes
+    self._merge_counts["background_merge_seconds"] += merge.seconds
     if isinstance(error, OSError):
       warnings.warn(
         f"the background merge of {merge.records} segment rows of the table at "
