@@ -94,6 +94,16 @@ def test_segment_index_groups_lookups_and_merges_like_a_dictionary():
   assert index.first_at_least(4990, 5) == min([i for i in newest if i >= 4990], default=None)
   index.add(b"seg/%012d.%06d/" % (4, 0), index._groups[4].part_ids(0), new_group=True)  # a redo
   assert len(index) == 5
+  # A redo that goes on after the parts read at open: the sealed group takes a new part, and
+  # every part's ids stay its own.
+  before = [index._groups[4].part_ids(k) for k in range(3)]
+  index.add(b"seg/%012d.%06d/" % (4, 3), np.array([6000, 6001]), new_group=False)
+  assert index.sealed_groups() == 4
+  for k, ids in enumerate(before + [np.array([6000, 6001])]):
+    np.testing.assert_array_equal(index._groups[4].part_ids(k), ids)
+    index.add(b"seg/%012d.%06d/" % (4, k), ids, new_group=False)  # the same again: no change
+  index.seal()
+  np.testing.assert_array_equal(index._groups[4].part_ids(3), [6000, 6001])
   with pytest.raises(RuntimeError, match="rewritten with other rows"):
     index.add(b"seg/%012d.%06d/" % (4, 0), np.array([1, 2]), new_group=True)
   index.drop(3)
@@ -122,6 +132,7 @@ def test_a_reopened_table_indexes_one_group_a_flush(tmp_path, monkeypatch):
   table.close()  # the rows that pull caught up: a third flush at step 3
   assert len(table._store._index) == 5
   with embedding.open_table(path) as reopened:
-    assert len(reopened._store._index) == 5
-    assert len(reopened._store._index.names()) > 5
+    index = reopened._store._index
+    assert len(index) == 5 and len(index.names()) > 5
+    assert index.sealed_groups() == 5  # a merge may take every group read at open
     np.testing.assert_array_equal(reopened.pull(np.arange(1 << 16)), rows)

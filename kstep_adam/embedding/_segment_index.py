@@ -212,9 +212,12 @@ class _Group:
 
   def part_ids(self, part: int) -> np.ndarray:
     """The ids of one part."""
-    if len(self._pieces) == len(self.names):  # a piece a part (or a single part)
-      return self._pieces[part].decode()
-    return self._pieces[0].decode(int(self.part_starts[part]), int(self.part_starts[part + 1]))
+    lo, hi = int(self.part_starts[part]), int(self.part_starts[part + 1])
+    ids = []
+    for piece, start in zip(self._pieces, self._piece_starts):  # the pieces overlapping it
+      if start < hi and start + piece.size > lo:
+        ids.append(piece.decode(max(lo - start, 0), hi - start))
+    return np.concatenate(ids) if ids else np.zeros(0, np.int64)
 
   def ids(self) -> np.ndarray:
     return self.range(0, _END)[0]

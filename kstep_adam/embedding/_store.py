@@ -287,9 +287,9 @@ class TableStore:
           ids = np.frombuffer(self._kv.read(prefix + b"ids").result().value, np.int64)
         step, part = _segment_name(prefix)
         follows = previous == (step, part - 1) and len(ids) and ids[0] > last_id
-        self._index.add(prefix, ids, new_group=not follows)
         if not follows:
-          self._index.seal()
+          self._index.seal()  # the group before this one is whole
+        self._index.add(prefix, ids, new_group=not follows)
         previous, last_id = (step, part), int(ids[-1]) if len(ids) else last_id
     self._index.seal()
 
@@ -691,7 +691,7 @@ class SegmentMerge(threading.Thread):
   def run(self) -> None:
     store = self._store
     try:
-      while True:
+      while self._groups:  # none: every group's flush is still writing (none yet sealed)
         start = time.perf_counter()
         done = store._merge_chunks(
           self._groups,
@@ -718,8 +718,6 @@ class SegmentMerge(threading.Thread):
         with store._index_lock.shared():
           self._groups = store._index.sealed_groups()
           self.records += store._index.records(self._groups)
-        if not self._groups:
-          return
     except BaseException as e:  # kept for whoever finishes the merge
       self.error = e
 
