@@ -229,7 +229,6 @@ class SegmentIndex:
 
   def __init__(self):
     self._groups: list[_Group] = []
-    self._names: set[bytes] = set()
 
   def __len__(self) -> int:
     """The number of groups."""
@@ -256,16 +255,14 @@ class SegmentIndex:
     """Adds a part newer than every other (sorted unique int64 ids), starting a group or
     continuing the newest one (its ids then come after the group's). A part that is there
     already is what a redone flush writes again: it must hold the same ids."""
-    if name in self._names:
-      for group in self._groups:
-        if name in group.names:
-          if not np.array_equal(group.part_ids(group.names.index(name)), ids_N):
-            raise RuntimeError(f"segment {name!r} was rewritten with other rows")
-          return
+    for group in self._groups:
+      if name in group.names:
+        if not np.array_equal(group.part_ids(group.names.index(name)), ids_N):
+          raise RuntimeError(f"segment {name!r} was rewritten with other rows")
+        return
     if new_group or not self._groups:
       self._groups.append(_Group())
     self._groups[-1].append(name, ids_N)
-    self._names.add(name)
 
   def seal(self) -> None:
     """Encodes the newest group whole, once its flush has written every part."""
@@ -274,8 +271,6 @@ class SegmentIndex:
 
   def drop(self, groups: int) -> None:
     """Forgets the oldest ``groups`` groups (merged, and deleted from the database)."""
-    for group in self._groups[:groups]:
-      self._names.difference_update(group.names)
     del self._groups[:groups]
 
   def lookup(self, ids_N: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

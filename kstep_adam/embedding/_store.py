@@ -13,7 +13,7 @@ Directory layout of a table at ``path``::
                                    flushes, newer than the chunks (sorted int64 ids, and
                                    their float32 rows uncompressed), merged into rows/ in
                                    the background once they hold 1/16 of the table's rows
-                                   (by a flush past 1/4), then deleted
+                                   (by a flush past 1/3), then deleted
                       commit.json  {"step": t, "write": token}: the table step of the
                                    last flush, and a token unique to each write
                     and, since OCDBT is copy-on-write, every earlier version of both:
@@ -417,13 +417,15 @@ class TableStore:
       low, high = chunk * chunk_rows, end * chunk_rows
       with self._index_lock.shared():  # only this merge deletes the groups it reads
         ids, group_no, pos = self._index.newest_in(low, high, groups)
-        places = [(no, *self._index.where(no, pos[group_no == no])) for no in np.unique(group_no)]
+        places = []  # for each group: its rows among ids, their parts and rows there
+        for no in np.unique(group_no):
+          mine = np.flatnonzero(group_no == no)
+          places.append((mine, *self._index.where(no, pos[mine])))
       first, last = np.searchsorted(new_ids, [low, high])
       union = np.union1d(ids, new_ids[first:last]) if last > first else ids
       rows = np.empty((len(union), self._row_bytes // 4), np.float32)
       at = np.searchsorted(union, ids)
-      for no, part, offset, names in places:  # one ranged read a segment
-        mine = np.flatnonzero(group_no == no)
+      for mine, part, offset, names in places:  # one ranged read a segment
         for k in np.unique(part):
           in_part = part == k
           lo, hi = int(offset[in_part][0]), int(offset[in_part][-1]) + 1  # ascending
