@@ -12,7 +12,9 @@ from kstep_adam.embedding._batch import pow2_at_least
 from kstep_adam.embedding._config import TableConfig
 from kstep_adam.embedding._device_adam import DeviceBatch
 from kstep_adam.embedding._device_adam import DeviceRows
+from kstep_adam.embedding._device_adam import PendingPush
 from kstep_adam.embedding._device_adam import apply_grads
+from kstep_adam.embedding._device_adam import apply_pending_push
 from kstep_adam.embedding._device_adam import gather_rows
 from kstep_adam.embedding._errors import NonFiniteRowsError
 from kstep_adam.embedding._errors import TableFailedError
@@ -40,12 +42,14 @@ __all__ = [
   "SparseAdam",
   "TableConfig",
   "NonFiniteRowsError",
+  "PendingPush",
   "TableFailedError",
   "TableLockedError",
   "TableVersion",
   "TransferMeter",
   "WorkingSet",
   "apply_grads",
+  "apply_pending_push",
   "gather_rows",
   "hash_keys_to_rows",
   "init_rows",

@@ -86,13 +86,68 @@ def apply_grads(
   ``apply``: an optional traced boolean; where False the rows keep their values (a step
   skipped for non-finite gradients), at the cost of a select over the batch's rows only.
   """
-  dim = rows.params_RxD.shape[1]
   slots_P = batch.slots_P
   params_PxD = jnp.take(rows.params_RxD, slots_P, axis=0, mode="fill", fill_value=0)
   state_PxS = jnp.take(rows.slots_RxS, slots_P, axis=0, mode="fill", fill_value=0)
+  new_params, new_state = _adam_step(
+    optimizer, params_PxD, state_PxS, grads_PxD, batch.scalars_4x2, batch.zero
+  )
+  if apply is not None:
+    new_params = jnp.where(apply, new_params, params_PxD)
+    new_state = jnp.where(apply, new_state, state_PxS)
+  return DeviceRows(
+    rows.params_RxD.at[slots_P].set(new_params, mode="drop", unique_indices=True),
+    rows.slots_RxS.at[slots_P].set(new_state, mode="drop", unique_indices=True),
+  )
+
+
+class PendingPush(NamedTuple):
+  """A push the host has yet to apply, for a step that reads rows before it (built on the
+  host by ``EmbeddingTable.working_set_before_push``, small).
+
+  The next step's rows are read while the previous step still computes, so the ``Q`` rows
+  both steps share are read as they were before that step's push. The next step's program
+  applies the push to them itself (:func:`~kstep_adam.embedding.apply_pending_push`), with
+  the gradient the previous program returned, while the host applies it to the table: both
+  get the same bits.
+  """
+
+  rows_Q: jax.Array  # int32 [Q], the shared rows' positions in this step's rows, then P
+  pushed_Q: jax.Array  # int32 [Q], their positions in the pushed gradient's rows, then 0
+  state_QxS: jax.Array  # float32 [Q, S], their optimizer state before the push
+  scalars_4x2: jax.Array  # uint32 [4, 2], float64 bits of the push's lr, bc1, bc2, lazy_scale
+  zero: jax.Array  # float32 [], 0.0 at run time (see ``_optimizers``: no fused multiply-add)
+
+
+def apply_pending_push(
+  optimizer: _optimizers.SparseAdam,
+  rows_PxD: jax.Array,
+  pending: PendingPush,
+  pushed_grads_GxD: jax.Array,
+  apply: jax.Array,
+) -> jax.Array:
+  """This step's rows ``[P, D]`` after the pending push of ``pushed_grads_GxD`` (the previous
+  step's row gradient; ``apply`` False: that step was skipped, the rows stay as read).
+
+  Only a lazy ``SparseAdam`` push can wait this way: exact mode moves every row each step.
+  """
+  if optimizer.mode != "lazy":
+    raise ValueError(f"a pending push needs a lazy SparseAdam, got mode={optimizer.mode!r}")
+  params_QxD = jnp.take(rows_PxD, pending.rows_Q, axis=0, mode="fill", fill_value=0)
+  grads_QxD = jnp.take(pushed_grads_GxD, pending.pushed_Q, axis=0, mode="fill", fill_value=0)
+  new_params, _ = _adam_step(
+    optimizer, params_QxD, pending.state_QxS, grads_QxD, pending.scalars_4x2, pending.zero
+  )
+  new_params = jnp.where(apply, new_params, params_QxD)
+  return rows_PxD.at[pending.rows_Q].set(new_params, mode="drop", unique_indices=True)
+
+
+def _adam_step(optimizer, params_PxD, state_PxS, grads_PxD, scalars_4x2, zero):
+  """The host's ``SparseAdam.apply`` in ``jax.numpy``: new float32 parameters and state."""
+  dim = params_PxD.shape[1]
   with jax.enable_x64(True):
-    lr, bc1, bc2, lazy_scale = _float64(batch.scalars_4x2)
-    zero = batch.zero.astype(jnp.float64)
+    lr, bc1, bc2, lazy_scale = _float64(scalars_4x2)
+    zero = zero.astype(jnp.float64)
     m, v = _optimizers.adam_moments(
       jnp,
       state_PxS[:, :dim],
@@ -115,14 +170,7 @@ def apply_grads(
       exact=optimizer.mode == "exact",
       zero=zero,
     ).astype(jnp.float32)
-    new_state = jnp.concatenate([m, v], axis=1).astype(jnp.float32)
-  if apply is not None:
-    new_params = jnp.where(apply, new_params, params_PxD)
-    new_state = jnp.where(apply, new_state, state_PxS)
-  return DeviceRows(
-    rows.params_RxD.at[slots_P].set(new_params, mode="drop", unique_indices=True),
-    rows.slots_RxS.at[slots_P].set(new_state, mode="drop", unique_indices=True),
-  )
+    return new_params, jnp.concatenate([m, v], axis=1).astype(jnp.float32)
 
 
 def _catch_up(optimizer: _optimizers.SparseAdam, rows: DeviceRows, batch: DeviceBatch):

@@ -84,15 +84,18 @@ class OneProcess:
 
   def stepper(self, config, graphdef, tx, mesh, tier, timer, monitor, replicas) -> LocalStepper:
     """The jitted step over ``tier`` and the stepper that runs it."""
+    pipeline = config.pipeline and tier.can_pull_before_push
     step_fn = _step.make_ctr_train_step(  # built after the tier: a device tier's optimizer
       graphdef,  # runs inside the step
       tx,
       mesh,
       skip_nonfinite=config.on_nonfinite == "skip",
       device_optimizer=tier.device_optimizer,
+      host_optimizer=tier.table.optimizer if pipeline else None,
+      donate_state=not pipeline,  # the hooks read a step's state while the next computes
     )
     per_worker = parallel.worker_sharding(mesh)
-    return LocalStepper(step_fn, tier, timer, monitor, replicas, per_worker)
+    return LocalStepper(step_fn, tier, timer, monitor, replicas, per_worker, pipeline=pipeline)
 
   def initial_versions(self, tier) -> dict:
     """What ``run.json`` records of the table a new run starts from."""

@@ -364,7 +364,7 @@ class Trainer:
   @property
   def step(self) -> int:
     """The optimizer's step count now (the state's own ``count`` before the first step)."""
-    step = self.stepper.step_fn.step
+    step = self.stepper.step
     return self.start_step if step is None else step
 
   def evaluate(self, *, test: bool = True) -> dict:

@@ -114,6 +114,10 @@ class TrainConfig:
     init_from_table: start from the table already in table_dir (its rows, optimizer slots
       and step), with freshly initialized dense layers.
     prefetch: read data and stage the next step's rows on a background thread.
+    pipeline: launch the next step before this step's rows are pushed (lazy SparseAdam on the
+      host tier, one process, a fixed merge period): its program applies the push to the
+      rows both batches share, and the host's push and pulls run while a program computes.
+      The same bits as without; ignored where it does not apply.
     seed: seed of the model, the table and the synthetic data.
     checkpoint_every: steps between checkpoints in OUT/checkpoints, and one at the end; 0
       saves none. A checkpoint holds everything a resumed run needs to continue exactly.
@@ -168,6 +172,7 @@ class TrainConfig:
   table_dir: str | None = None
   init_from_table: bool = False
   prefetch: bool = True
+  pipeline: bool = True
   seed: int = 0
   checkpoint_every: int = 0
   keep_checkpoints: int = 2
@@ -243,7 +248,7 @@ class TrainConfig:
         f"divergence_factor must be 0 (off) or > 1 (a multiple of the initial loss), got "
         f"{self.divergence_factor!r}"
       )
-    for name in ("prefetch", "init_from_table"):
+    for name in ("prefetch", "pipeline", "init_from_table"):
       if not isinstance(getattr(self, name), bool):
         raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
     if self.lr_schedule == "cosine" and self.steps is None:

@@ -114,12 +114,23 @@ class SparseTier(TableTier):
     return self.table.device_optimizer
 
   def pull(
-    self, row_ids_U: np.ndarray, inverse_GxF: np.ndarray, *, kind: str = "train"
+    self,
+    row_ids_U: np.ndarray,
+    inverse_GxF: np.ndarray,
+    *,
+    kind: str = "train",
+    before_push: tuple | None = None,
   ) -> BatchRows:
     """Pull a batch's rows (from :meth:`index`) once, padded to a power of two ``P >= U``.
 
     ``kind="train"`` also prepares ``step_input`` for the train step (copied to the
     device); a train pull must be followed by :meth:`push` of the step's sparse output.
+
+    ``before_push``: ``(rows, sparse_output, loss, finite_W)`` of a step whose push is still
+    to come (its :class:`BatchRows` and outputs, still computing). The rows are read before
+    that push, and ``step_input`` carries what the step needs to apply it to the rows the two
+    batches share (``embedding.apply_pending_push``); the next push must be that step's.
+    Host optimizer only (lazy ``SparseAdam``).
     """
     # A bucket never shrinks, so the step compiles once per new high-water mark only. Train
     # and eval batches keep separate buckets: the larger eval batches would otherwise pad
@@ -128,12 +139,31 @@ class SparseTier(TableTier):
     if kind == "train" and self.device_optimizer is not None:
       step = self.table.begin_device_step(row_ids_U, pad_to=pad_to)
       return BatchRows(row_ids_U, None, inverse_GxF, (step.rows, step.batch))
+    if before_push is not None:
+      pushed, sparse_output, loss, finite_W = before_push
+      rows, pending = self.table.working_set_before_push(row_ids_U, pushed.row_ids_U, pad_to=pad_to)
+      pending = self.meter.put(pending, self._replicated, "pending")
+      rows_PxD = rows.rows
+      step_input = (
+        self.meter.put(rows_PxD, self._replicated, "rows"),
+        (pending, sparse_output, _pushed(loss, finite_W)),
+      )
+      return BatchRows(row_ids_U, rows_PxD, inverse_GxF, step_input)
     # The rows are unique already, so the table's own deduplication returns them unchanged.
     rows_PxD = self.table.working_set(row_ids_U, pad_to=pad_to).rows
     step_input = ()
     if kind == "train":
       step_input = (self.meter.put(rows_PxD, self._replicated, "rows"), None)
     return BatchRows(row_ids_U, rows_PxD, inverse_GxF, step_input)
+
+  @property
+  def can_pull_before_push(self) -> bool:
+    """Whether :meth:`pull` can read a batch before the previous step's push
+    (``before_push``): a lazy ``SparseAdam`` on the host tier."""
+    opt = self.table.optimizer
+    return (
+      self.device_optimizer is None and isinstance(opt, embedding.SparseAdam) and opt.mode == "lazy"
+    )
 
   def push(self, rows: BatchRows, sparse_output, *, applied: bool = True) -> None:
     """End a train :meth:`pull` with the step's sparse output: the rows' gradient
@@ -168,3 +198,10 @@ class SparseTier(TableTier):
       for kind, nbytes in by_kind.items():
         totals[direction][kind] = totals[direction].get(kind, 0) + nbytes
     return totals
+
+
+@jax.jit
+def _pushed(loss, finite_W):
+  """Whether the host pushes a step with this loss and per-worker finite flags (the
+  trainer skips, or stops at, any other), as a replicated scalar, without waiting for it."""
+  return jax.numpy.all(finite_W) & jax.numpy.isfinite(loss)

@@ -25,7 +25,8 @@ class StepResult(NamedTuple):
   loss: float  # global-mean training loss of the step's batch
   row_ids_U: np.ndarray  # int64 [U], the table rows the step pushed (in a multi-process
   # run, those of this process's shard)
-  compiled: bool  # the step program compiled first (left out of throughput and breakdown)
+  compiled: bool  # a step program compiled during this step (its own; in a pipelined run
+  # also the next step's, launched during it): left out of throughput and breakdown
   last: bool = False  # the run's last step (the data or the step budget ends here)
   skipped: bool = False  # non-finite, skipped (on_nonfinite="skip"): nothing was updated
 
@@ -110,22 +111,25 @@ def run_steps(
     current = next_or_none(prefetcher)
   if current is not None:
     stepper.tier.prefetch(current.row_ids_U)
-  while current is not None:
-    step_start = time.perf_counter()
-    timer.new_step()
-    result, upcoming = stepper.advance(current, prefetcher)
-    advanced(result, current)
-    current = upcoming
-    compute = None if result.compiled else timer.step.get("compute", 0.0)
-    level = stepper.step_fn.last_level if adaptive is not None else None
-    meter.add_step(
-      result.step,
-      len(result.row_ids_U),
-      compute,
-      sparse_cost=stepper.sparse_cost,
-      level=level,
-      step_seconds=time.perf_counter() - step_start,
-    )
-    if adaptive is not None:
-      adaptive.after_step(compute, log)
-    after_step(result, step_start)
+  try:
+    while current is not None:
+      step_start = time.perf_counter()
+      timer.new_step()
+      result, upcoming = stepper.advance(current, prefetcher)
+      advanced(result, current)
+      current = upcoming
+      compute = None if result.compiled else timer.step.get("compute", 0.0)
+      level = stepper.step_fn.last_level if adaptive is not None else None
+      meter.add_step(
+        result.step,
+        len(result.row_ids_U),
+        compute,
+        sparse_cost=stepper.sparse_cost,
+        level=level,
+        step_seconds=time.perf_counter() - step_start,
+      )
+      if adaptive is not None:
+        adaptive.after_step(compute, log)
+      after_step(result, step_start)
+  finally:  # a stop between steps (an interrupt, an error) drops a step launched ahead
+    stepper.discard_ahead()

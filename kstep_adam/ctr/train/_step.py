@@ -57,6 +57,8 @@ def make_ctr_train_step(
   *,
   skip_nonfinite: bool = False,
   device_optimizer: embedding.SparseAdam | None = None,
+  host_optimizer: embedding.SparseAdam | None = None,
+  donate_state: bool = True,
 ) -> Callable:
   """Build ``step(params_W, opt_state_W, sparse_rows, sparse_batch, inverse_GxF, dense_GxI,
   label_G)``.
@@ -71,16 +73,23 @@ def make_ctr_train_step(
       applies a non-finite step to its rows, whichever the setting (the caller, which then
       stops or skips, would not push them either).
     device_optimizer: the device tier's sparse optimizer, or None for a host optimizer.
+    host_optimizer: the host tier's lazy ``SparseAdam``, for steps whose rows were read
+      before the previous step's push (``sparse_batch`` then ``(pending, pushed_grads,
+      pushed)``, see ``SparseTier.pull``): the step applies that push to the rows the two
+      batches share first (where ``pushed``: the host skips a non-finite step's push).
+    donate_state: donate ``params_W`` and ``opt_state_W`` to the step. False keeps them
+      readable while a later step computes (a pipelined run's hooks read them).
 
   Returns:
     A :class:`kstep_adam.parallel.DispatchedStep` (called like a jitted function) returning
     ``(params_W, opt_state_W, sparse_output, loss, finite_W)``: new per-worker replicas, the
     sparse output, the global-mean loss and, per worker, whether its loss and gradients were
     all finite. ``sparse_rows`` is the batch's rows ``rows_PxD`` (replicated,
-    ``sparse_batch`` None) and ``sparse_output`` their gradient of the global-mean loss; with
-    a ``device_optimizer`` they are the device tier's ``DeviceRows`` and ``DeviceBatch`` and
-    its new ``DeviceRows``. ``G = N * B`` is the global batch; worker ``w`` owns rows
-    ``[w*B, (w+1)*B)`` of the batch arrays. Params, state and ``sparse_rows`` are donated.
+    ``sparse_batch`` None or a pending push) and ``sparse_output`` their gradient of the
+    global-mean loss; with a ``device_optimizer`` they are the device tier's ``DeviceRows``
+    and ``DeviceBatch`` and its new ``DeviceRows``. ``G = N * B`` is the global batch; worker
+    ``w`` owns rows ``[w*B, (w+1)*B)`` of the batch arrays. ``sparse_rows`` is donated, and
+    params and state unless ``donate_state`` is False.
   """
   axes = tuple(mesh.axis_names)
   worker = P(axes)
@@ -91,6 +100,11 @@ def make_ctr_train_step(
     params, opt_state = jax.tree.map(lambda x: x[0], (params_W, opt_state_W))
     if device_optimizer is None:
       rows_PxD = sparse_rows
+      if sparse_batch is not None:  # the previous step's push, not yet in the rows read
+        pending, pushed_grads, pushed = sparse_batch
+        rows_PxD = embedding.apply_pending_push(
+          host_optimizer, rows_PxD, pending, pushed_grads, pushed
+        )
     else:  # the same program on every worker: the rows stay replicated
       device_rows, rows_PxD = embedding.gather_rows(device_optimizer, sparse_rows, sparse_batch)
 
@@ -129,7 +143,7 @@ def make_ctr_train_step(
         in_specs=(worker, worker, P(), P(), worker, worker, worker),
         out_specs=(worker, worker, P(), P(), worker),
       ),
-      donate_argnums=(0, 1, 2),
+      donate_argnums=(0, 1, 2) if donate_state else (2,),
     )
 
   # Non-merge steps run a second, branch-free program without collectives for the dense

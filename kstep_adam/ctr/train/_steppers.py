@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 from typing import Any
+from typing import NamedTuple
 
 import jax
 import numpy as np
@@ -35,8 +36,26 @@ class Replicas:
   opt_state_W: Any = None
 
 
+class _Flight(NamedTuple):
+  """A step dispatched and not yet finished: its batch, rows, outputs and step count."""
+
+  batch: IndexedBatch
+  rows: Any  # BatchRows
+  outputs: tuple  # (params_W, opt_state_W, sparse_output, loss, finite_W), still computing
+  step: int
+
+
 class LocalStepper:
   """The step of a one-process run over a :class:`~._local_tier.SparseTier`.
+
+  With ``pipeline`` (a lazy ``SparseAdam`` on the host tier), the next step's program is
+  launched before this step's rows are pushed: its rows are read before the push, and its
+  program applies the push to the rows both batches share (``SparseTier.pull`` with
+  ``before_push``). The host's push, its pulls and the dispatch then run while a program
+  computes, instead of between programs; the bits are those of the synchronous order. A
+  step's result (and the dense state the hooks read) is still the step's own: the step
+  launched ahead keeps its outputs apart until its own :meth:`advance`, and is dropped if
+  the run stops first.
 
   Attributes:
     sparse_cost: the last step's sparse exchange cost; None here (one process exchanges
@@ -45,43 +64,84 @@ class LocalStepper:
 
   sparse_cost = None
 
-  def __init__(self, step_fn, tier, timer, monitor, replicas: Replicas, per_worker):
+  def __init__(
+    self, step_fn, tier, timer, monitor, replicas: Replicas, per_worker, *, pipeline=False
+  ):
     self.step_fn, self.tier, self.timer, self.monitor = step_fn, tier, timer, monitor
     self.replicas, self.per_worker = replicas, per_worker
+    self.pipeline = pipeline
+    self._ahead: _Flight | None = None  # the next step, launched before this one's push
+    self._after_ahead: IndexedBatch | None = None  # the batch after it, read already
+    self._step: int | None = None  # the last finished step
+
+  @property
+  def step(self) -> int | None:
+    """The optimizer's step after the last finished step (None before the first, unless
+    the step function knows its start)."""
+    return self._step if self._step is not None else self.step_fn.step
+
+  def discard_ahead(self) -> None:
+    """Drop a step launched ahead (the run stopped before it): nothing of it was pushed."""
+    self._ahead = self._after_ahead = None
 
   def advance(self, current: IndexedBatch, prefetcher: Prefetcher):
     """One synchronous step on ``current``; returns its result and the next indexed batch
     (None after the last), read (and its rows staged) while the step computes."""
     timer, tier = self.timer, self.tier
-    with timer("pull"):
-      rows = tier.pull(current.row_ids_U, current.inverse_GxF)
-      batch = current.batch
-      # Copied here, not on the reader thread: on a CPU host the reader's copy competes with
-      # the step for the same cores and did not measure faster.
-      inputs = tier.meter.put(
-        (rows.inverse_GxF, batch.dense_BxI, batch.label_B), self.per_worker, "batch"
-      )
-    with timer("compute"):
-      self.replicas.params_W, self.replicas.opt_state_W, sparse_output, loss, finite_W = (
-        self.step_fn(self.replicas.params_W, self.replicas.opt_state_W, *rows.step_input, *inputs)
-      )
-    with timer("data"):
-      upcoming = next_or_none(prefetcher)
-    if upcoming is not None:
-      tier.prefetch(upcoming.row_ids_U)  # stages rows while the step still computes
+    compiles = self.step_fn.compiles
+    flight, self._ahead = self._ahead, None
+    if flight is not None and flight.batch is current:
+      upcoming, self._after_ahead = self._after_ahead, None
+    else:
+      self.discard_ahead()
+      flight = self._launch(current)
+      with timer("data"):
+        upcoming = next_or_none(prefetcher)
+      if upcoming is not None:
+        tier.prefetch(upcoming.row_ids_U)  # stages rows while the step still computes
+    if self.pipeline and upcoming is not None and self.step_fn.adaptive is None:
+      # The next step, before this one's push: its rows are read as they are now.
+      self._ahead = self._launch(upcoming, before=flight)
+      with timer("data"):
+        self._after_ahead = next_or_none(prefetcher)
+      if self._after_ahead is not None:
+        tier.prefetch(self._after_ahead.row_ids_U)
+    params_W, opt_state_W, sparse_output, loss, finite_W = flight.outputs
     with timer("compute"):  # waits for the step
       loss, finite = float(loss), bool(np.all(jax.device_get(finite_W)))
-    step = self.step_fn.step
+    self.replicas.params_W, self.replicas.opt_state_W = params_W, opt_state_W
+    step = self._step = flight.step
     try:  # raises if the run diverged
       skipped = self.monitor.check(step, loss, finite, last=upcoming is None)
     except BaseException:
-      tier.abandon(rows, sparse_output, finite)
+      self.discard_ahead()
+      tier.abandon(flight.rows, sparse_output, finite)
       raise
-    with timer("push"), _nonfinite_rows_diverge(step, loss):
-      tier.push(rows, sparse_output, applied=not skipped)
+    try:
+      with timer("push"), _nonfinite_rows_diverge(step, loss):
+        tier.push(flight.rows, sparse_output, applied=not skipped)
+    except BaseException:
+      self.discard_ahead()
+      raise
     last = upcoming is None
-    compiled = self.step_fn.last_call_compiled
-    return StepResult(step, loss, rows.row_ids_U, compiled, last, skipped), upcoming
+    compiled = self.step_fn.compiles > compiles
+    return StepResult(step, loss, flight.rows.row_ids_U, compiled, last, skipped), upcoming
+
+  def _launch(self, batch: IndexedBatch, *, before: _Flight | None = None) -> _Flight:
+    """Pull ``batch``'s rows and dispatch its step (after ``before``'s, and before its push
+    when given: the step then applies that push itself)."""
+    timer, tier = self.timer, self.tier
+    with timer("pull"):
+      before_push = None if before is None else (before.rows, *before.outputs[2:])
+      rows = tier.pull(batch.row_ids_U, batch.inverse_GxF, before_push=before_push)
+      b = batch.batch
+      # Copied here, not on the reader thread: on a CPU host the reader's copy competes with
+      # the step for the same cores and did not measure faster.
+      inputs = tier.meter.put((rows.inverse_GxF, b.dense_BxI, b.label_B), self.per_worker, "batch")
+    state = self.replicas if before is None else Replicas(*before.outputs[:2])
+    with timer("compute"):
+      outputs = self.step_fn(state.params_W, state.opt_state_W, *rows.step_input, *inputs)
+    return _Flight(batch, rows, outputs, self.step_fn.step)
 
   def state(self, row_ids: np.ndarray) -> dict:
     """Every worker's dense replica (NumPy) and the current values of ``row_ids``."""
@@ -103,6 +163,15 @@ class ShardedStepper:
     self.step_fn, self.tier, self.timer, self.monitor = step_fn, tier, timer, monitor
     self.replicas, self.mesh = replicas, mesh
     self.sparse_cost = None
+
+  @property
+  def step(self) -> int | None:
+    """The optimizer's step after the last step (None before the first, unless the step
+    function knows its start)."""
+    return self.step_fn.step
+
+  def discard_ahead(self) -> None:
+    """Nothing to drop: this stepper launches no step ahead."""
 
   def advance(self, current: IndexedBatch, prefetcher: Prefetcher):
     """:meth:`LocalStepper.advance` of a multi-process run (:mod:`._sharded_tier`): the

@@ -25,16 +25,28 @@ class Recorder(ctr.Hook):
     self.closed = True
 
 
-def test_hooks_see_every_step_and_which_ones_compiled(tmp_path, tiny_config, tiny_source):
-  config, source = tiny_config, tiny_source(tiny_config)
+@pytest.mark.parametrize(
+  "pipeline, compiled",
+  [
+    # k = 4: step 1 compiles the local program, step 4 the merging one; nothing else compiles.
+    (False, [True, False, False, True, False, False]),
+    # Each step launches the next before its push: step 1 compiles the first step's program
+    # and the program that applies a pending push, step 3 the merging one (step 4's).
+    (True, [True, False, True, False, False, False]),
+  ],
+)
+def test_hooks_see_every_step_and_which_ones_compiled(
+  tmp_path, tiny_config, tiny_source, pipeline, compiled
+):
+  config = dataclasses.replace(tiny_config, pipeline=pipeline)
+  source = tiny_source(config)
   recorder = Recorder()
   with ctr.Trainer(config, source, ctr.make_optimizer(config), str(tmp_path)) as trainer:
     trainer.fit([ctr.MetricsLog(config.log_every), recorder])
     final = trainer.evaluate()
     summary = ctr.summarize(trainer, final)
   assert [r.step for r in recorder.results] == [1, 2, 3, 4, 5, 6] and recorder.closed
-  # k = 4: step 1 compiles the local program, step 4 the merging one; nothing else compiles.
-  assert [r.compiled for r in recorder.results] == [True, False, False, True, False, False]
+  assert [r.compiled for r in recorder.results] == compiled
   assert summary["compile_steps"] == 2 and summary["steps"] == 6
   assert final["step"] == 6 and summary["evals"] == [final]
   assert all(r.row_ids_U.size > 0 and r.loss > 0 for r in recorder.results)
