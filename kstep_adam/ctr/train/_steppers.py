@@ -5,8 +5,9 @@ computes: it pulls the batch's rows from its tier, runs the jitted step on the d
 :class:`Replicas`, checks the loss (:class:`~._divergence.DivergenceMonitor`) and pushes the
 rows' update. :class:`LocalStepper` runs one process's step (:mod:`._step`),
 :class:`ShardedStepper` a multi-process one (:mod:`._sharded_step`, rows exchanged between the
-shards). Each keeps today's exact order of timer phases, pull, prefetch, compute, check, push
-and abandon: the run's bits and its time breakdown depend on it.
+shards). Each keeps its order of timer phases, pull, prefetch, compute, check, push and
+abandon: the time breakdown depends on it. A pipelined :class:`LocalStepper` launches the next
+step (pull, compute) before this step's wait, check and push; the bits are the same.
 """
 
 from __future__ import annotations
@@ -85,8 +86,9 @@ class LocalStepper:
     self._ahead = self._after_ahead = None
 
   def advance(self, current: IndexedBatch, prefetcher: Prefetcher):
-    """One synchronous step on ``current``; returns its result and the next indexed batch
-    (None after the last), read (and its rows staged) while the step computes."""
+    """One step on ``current``; returns its result and the next indexed batch (None after
+    the last), read (and its rows staged) while the step computes. Pipelined, the next
+    step is launched before ``current``'s push, and the batch after it is read."""
     timer, tier = self.timer, self.tier
     compiles = self.step_fn.compiles
     flight, self._ahead = self._ahead, None
