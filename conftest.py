@@ -37,13 +37,17 @@ CACHE_SETTINGS = {
 for name, value in CACHE_SETTINGS.items():
   os.environ[name.upper()] = str(value)
   jax.config.update(name, value)
+# torch (the optional peer's tests) makes its compile cache under the temp dir on import.
+TORCH_CACHE_NAME = "torchinductor"
+os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(SESSION_TMP, TORCH_CACHE_NAME)
+CACHES = {CACHE_NAME, TORCH_CACHE_NAME}
 
 
 def pytest_sessionfinish(session, exitstatus):
   left = sorted(
     name
     for name in os.listdir(SESSION_TMP)
-    if not name.startswith("pytest-of-") and name != CACHE_NAME
+    if not name.startswith("pytest-of-") and name not in CACHES
   )
   if left:
     reporter = session.config.pluginmanager.get_plugin("terminalreporter")
@@ -51,5 +55,5 @@ def pytest_sessionfinish(session, exitstatus):
     if reporter is not None:
       reporter.write(f"\n{message}\n", red=True)
     session.exitstatus = pytest.ExitCode.TESTS_FAILED
-  elif exitstatus == pytest.ExitCode.OK or set(os.listdir(SESSION_TMP)) <= {CACHE_NAME}:
+  elif exitstatus == pytest.ExitCode.OK or set(os.listdir(SESSION_TMP)) <= CACHES:
     shutil.rmtree(SESSION_TMP, ignore_errors=True)  # a failed run keeps its tmp_path dirs

@@ -753,7 +753,7 @@ class EmbeddingTable:
     """Whole host rows (last step, params, slots) of sorted unique ids, caught up to the
     current step (and kept so in the cache): ``pull``'s work on the host tier."""
     dim = self.dim
-    out_UxW = np.empty((len(unique_U), self._cache.rows_CxW.shape[1]), np.float32)
+    blocks = []  # one per cache-sized chunk; usually one, returned as it is
     for lo in range(0, len(unique_U), self._cache.capacity):
       hi = min(lo + self._cache.capacity, len(unique_U))
       slots = self._acquire(unique_U[lo:hi])
@@ -767,11 +767,15 @@ class EmbeddingTable:
           block[changed, 0] = _store.encode_last_step(np.full(int(changed.sum()), self._step))
           self._cache.rows_CxW[slots[changed]] = block[changed]
           self._cache.dirty_C[slots[changed]] = True
-        out_UxW[lo:hi] = block
+        blocks.append(block)
       finally:
         self._release(slots)
     self._counts["pulls"] += 1
-    return out_UxW
+    if len(blocks) == 1:
+      return blocks[0]
+    return (
+      np.concatenate(blocks) if blocks else np.empty((0, self._cache.rows_CxW.shape[1]), np.float32)
+    )
 
   def _prefetch_task(self, future: "_PrefetchFuture", unique_U: np.ndarray) -> None:
     if not future.set_running_or_notify_cancel():
