@@ -30,3 +30,18 @@ def test_dlrm_train_flops_is_three_forward_passes_as_xla_counts_them(shape):
   assert dlrm_train_flops(model) < 3 * xla_flops
   if shape["num_categorical"] == 26:
     assert dlrm_train_flops(model) == 412_512  # the figure the README's FLOP rate uses
+
+
+@pytest.mark.slow  # four runs at batch 4096: about a minute
+def test_the_pipeline_comparison_runs_both_steps_to_the_same_model():
+  from experiments.benchmarks import ctr_throughput
+
+  args = ctr_throughput.parse_args(
+    ["--pipeline-compare", "--peer-rounds", "1", "--peer-steps", "4"]
+  )
+  result = ctr_throughput.run_pipeline_comparison(args)
+  (runs,) = result["rounds"]
+  assert set(runs) == {"pipelined", "synchronous"}
+  # the same bits, so the same evaluation
+  assert runs["pipelined"]["test_auc"] == runs["synchronous"]["test_auc"]
+  assert result["ratio_median"] > 0 and result["cases"]["pipelined"]["share_of_matmul_rate"] > 0

@@ -3,6 +3,7 @@
   python -m experiments.benchmarks.ctr_throughput            # CPU: also 8 simulated devices
   python -m experiments.benchmarks.ctr_throughput --steps 100 --out /tmp/ctr_bench.json
   python -m experiments.benchmarks.ctr_throughput --only-peer  # just the peer comparison
+  python -m experiments.benchmarks.ctr_throughput --pipeline-compare --peer-rounds 3 --peer-steps 200
 
 Peer comparison (needs torch: ``pip install -e '.[bench]'``; skipped with a note without it):
 the train step of ``train_ctr --nodes 1 --devices-per-node 1 --batch-size 4096 --optimizer
@@ -157,6 +158,7 @@ def run_workflow(
   test_batches,
   optimizer: str = "sync_adam",
   k: int = 1,
+  pipeline: bool = True,
 ) -> dict:
   from kstep_adam import ctr
 
@@ -177,6 +179,7 @@ def run_workflow(
     table_rows=table_rows,
     host_cache_rows=host_cache_rows,
     device_cache_rows=device_cache_rows,
+    pipeline=pipeline,
     seed=seed,
   )
   source = ctr.batches_source("benchmark", batches, test_batches)
@@ -303,6 +306,95 @@ def run_peer_comparison(args, platform: str) -> dict:
   }
 
 
+def run_pipeline_comparison(args) -> dict:
+  """The peer comparison's main case (batch 4096, 1 device, lazy SparseAdam on the host tier)
+  with the pipelined step and without (``TrainConfig.pipeline``), interleaved in this
+  process, ``--peer-rounds`` rounds of ``--peer-steps`` steps; each run's FLOP share is rated
+  against the matmul timed right before and after it."""
+  import os
+
+  from kstep_adam import ctr
+
+  stream, batches = _batches(args.peer_steps, 4096, args.peer_vocab_size, args.seed)
+  test = [b for b, _ in stream.test_batches(4096)][:1]
+  model = ctr.make_model("dlrm", num_dense=13, num_categorical=26, embed_dim=args.embed_dim)
+  flops_per_example = dlrm_train_flops(model)
+  load_before = os.getloadavg()
+  rounds = []
+  for round_index in range(args.peer_rounds):
+    runs = {}
+    order = (True, False) if round_index % 2 == 0 else (False, True)
+    for pipeline in order:
+      result, matmul = _with_matmul_around(
+        functools.partial(
+          run_workflow,
+          batches,
+          nodes=1,
+          devices_per_node=1,
+          table_rows=1 << 20,
+          host_cache_rows=1 << 18,
+          device_cache_rows=0,
+          embed_dim=args.embed_dim,
+          lr=2e-3,
+          sparse_lr=2e-2,
+          sparse_mode="lazy",
+          seed=args.seed,
+          test_batches=test,
+          pipeline=pipeline,
+        )
+      )
+      steps = len(batches)
+      runs["pipelined" if pipeline else "synchronous"] = {
+        "examples_per_sec": result["examples_per_sec"],
+        "matmul_gflops": matmul,
+        "share_of_matmul_rate": result["examples_per_sec"] * flops_per_example / 1e9 / matmul,
+        "ms_per_step": {
+          k: 1e3 * v / steps for k, v in result["breakdown_seconds"].items() if v is not None
+        },
+        "test_auc": result["test_auc"],
+      }
+    rounds.append(runs)
+  ratios = [
+    r["pipelined"]["examples_per_sec"] / r["synchronous"]["examples_per_sec"] for r in rounds
+  ]
+  median = lambda mode, key: float(np.median([r[mode][key] for r in rounds]))
+  return {
+    "rounds": rounds,
+    "ratio_median": float(np.median(ratios)),
+    "ratios": ratios,
+    "cases": {
+      mode: {key: median(mode, key) for key in ("examples_per_sec", "share_of_matmul_rate")}
+      for mode in ("pipelined", "synchronous")
+    },
+    "load_average_before": load_before,
+    "load_average_after": os.getloadavg(),
+    "steps": args.peer_steps,
+  }
+
+
+def print_pipeline_comparison(result: dict) -> None:
+  print(
+    f"\nThe pipelined CTR step against the synchronous one (batch 4096, 1 device), "
+    f"{len(result['rounds'])} interleaved rounds of {result['steps']} steps; the ratio is the "
+    f"median of the rounds' ratios"
+  )
+  for i, runs in enumerate(result["rounds"]):
+    line = "  ".join(
+      f"{mode} {r['examples_per_sec']:8.0f} ex/s {r['share_of_matmul_rate']:4.0%} "
+      f"(pull {r['ms_per_step']['pull']:.1f} compute {r['ms_per_step']['compute']:.1f} "
+      f"push {r['ms_per_step']['push']:.1f} ms)"
+      for mode, r in runs.items()
+    )
+    print(f"round {i}: {line}")
+  cases = result["cases"]
+  print(
+    f"pipelined / synchronous: {result['ratio_median']:.2f} "
+    f"(rounds {', '.join(f'{r:.2f}' for r in result['ratios'])}); share of the matmul rate "
+    f"{cases['pipelined']['share_of_matmul_rate']:.0%} against "
+    f"{cases['synchronous']['share_of_matmul_rate']:.0%}"
+  )
+
+
 def print_peer_comparison(peer: dict) -> None:
   if "skipped" in peer:
     return
@@ -370,6 +462,11 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--peer-vocab-size", type=int, default=5000, help="train_ctr's default data")
   p.add_argument("--no-peer", action="store_true", help="skip the PyTorch peer comparison")
   p.add_argument("--only-peer", action="store_true", help="only the PyTorch peer comparison")
+  p.add_argument(
+    "--pipeline-compare",
+    action="store_true",
+    help="only the main peer case with the pipelined step and without, interleaved",
+  )
   p.add_argument("--out", default=None, help="write the results as JSON here")
   return p.parse_args(argv)
 
@@ -385,6 +482,12 @@ def main(argv=None) -> dict:
     table_rows=args.table_rows, embed_dim=args.embed_dim, lr=2e-3, sparse_lr=2e-2, seed=args.seed
   )
   results = {"platform": platform, "device": str(jax.devices()[0]), "args": vars(args)}
+  if args.pipeline_compare:
+    results["pipeline"] = run_pipeline_comparison(args)
+    print_pipeline_comparison(results["pipeline"])
+    if args.out:
+      write_json(args.out, results)
+    return results
   if not args.no_peer:
     results["peer"] = run_peer_comparison(args, platform)
   if args.only_peer:

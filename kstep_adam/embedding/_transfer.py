@@ -39,6 +39,22 @@ class TransferMeter:
     self._add(self.to_device, kind, nbytes)
     return placed
 
+  def lend(self, tree, sharding, kind: str):
+    """Count the copy of NumPy ``tree`` to ``sharding`` that a jitted call taking it makes
+    itself, and return ``tree`` as it is. The call's own transfer skips ``device_put``'s
+    Python work per leaf (about 40 us a leaf on a 2-core CPU host); the bytes are those
+    :meth:`put` counts. Only for a replicated ``sharding`` (a NumPy argument is taken as
+    replicated) of a call whose program takes ``tree`` so."""
+    if isinstance(sharding, jax.Device):
+      sharding = jax.sharding.SingleDeviceSharding(sharding)
+    devices = len(sharding.addressable_devices)
+    nbytes = 0
+    for x in jax.tree.leaves(tree):
+      x = np.asarray(x)
+      nbytes += int(np.prod(sharding.shard_shape(x.shape))) * x.dtype.itemsize * devices
+    self._add(self.to_device, kind, nbytes)
+    return tree
+
   def get(self, tree, kind: str):
     """``jax.device_get(tree)`` as NumPy, counting one copy of every leaf's bytes."""
     host = jax.device_get(tree)

@@ -47,7 +47,7 @@ class BatchRows(NamedTuple):
   # when the rows stay on the device)
   inverse_GxF: np.ndarray  # int32 [G, F], the index into row_ids_U of every key
   step_input: tuple = ()  # what the train step takes for the rows (train pulls only):
-  # (rows_PxD on the device, None), or the device tier's (DeviceRows, DeviceBatch)
+  # (rows_PxD, None or a pending push), or the device tier's (DeviceRows, DeviceBatch)
 
   @property
   def num_unique(self) -> int:
@@ -142,18 +142,19 @@ class SparseTier(TableTier):
     if before_push is not None:
       pushed, sparse_output, loss, finite_W = before_push
       rows, pending = self.table.working_set_before_push(row_ids_U, pushed.row_ids_U, pad_to=pad_to)
-      pending = self.meter.put(pending, self._replicated, "pending")
+      # Handed to the step as NumPy: its call copies them (see TransferMeter.lend).
+      pending = self.meter.lend(pending, self._replicated, "pending")
       rows_PxD = rows.rows
       step_input = (
-        self.meter.put(rows_PxD, self._replicated, "rows"),
+        self.meter.lend(rows_PxD, self._replicated, "rows"),
         (pending, sparse_output, _pushed(loss, finite_W)),
       )
       return BatchRows(row_ids_U, rows_PxD, inverse_GxF, step_input)
     # The rows are unique already, so the table's own deduplication returns them unchanged.
     rows_PxD = self.table.working_set(row_ids_U, pad_to=pad_to).rows
     step_input = ()
-    if kind == "train":
-      step_input = (self.meter.put(rows_PxD, self._replicated, "rows"), None)
+    if kind == "train":  # handed to the step as NumPy: its call copies them
+      step_input = (self.meter.lend(rows_PxD, self._replicated, "rows"), None)
     return BatchRows(row_ids_U, rows_PxD, inverse_GxF, step_input)
 
   @property
