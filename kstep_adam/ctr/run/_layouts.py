@@ -84,7 +84,9 @@ class OneProcess:
 
   def stepper(self, config, graphdef, tx, mesh, tier, timer, monitor, replicas) -> LocalStepper:
     """The jitted step over ``tier`` and the stepper that runs it."""
-    pipeline = config.pipeline and tier.can_pull_before_push
+    # An adaptive merge period decides each step's program from the last one's drift: no
+    # step can be launched ahead, and the dense state had better be donated.
+    pipeline = config.pipeline and tier.can_pull_before_push and config.k != "auto"
     step_fn = _step.make_ctr_train_step(  # built after the tier: a device tier's optimizer
       graphdef,  # runs inside the step
       tx,

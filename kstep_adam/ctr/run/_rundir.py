@@ -60,7 +60,7 @@ ATOMIC_FILES = (SUMMARY_FILE, METRICS_FILE, RUN_FILE)
 # What a start killed before it recorded run.json may have left (besides those temporaries).
 BEFORE_RECORD = (TABLE_DIR,)
 # TrainConfig fields that do not change what a run computes: a resumed run may change them.
-RESUMABLE_CHANGES = ("prefetch", "checkpoint_every", "keep_checkpoints")
+RESUMABLE_CHANGES = ("prefetch", "pipeline", "checkpoint_every", "keep_checkpoints")
 
 
 class RunDirectoryError(ValueError):

@@ -82,7 +82,9 @@ class LocalStepper:
     return self._step if self._step is not None else self.step_fn.step
 
   def discard_ahead(self) -> None:
-    """Drop a step launched ahead (the run stopped before it): nothing of it was pushed."""
+    """Drop a step launched ahead (the run stopped before it): nothing of it was pushed.
+    The batch read after it is dropped too, so the prefetcher it came from is done with: a
+    run that goes on reads its data again from its position (as ``Trainer.fit`` does)."""
     self._ahead = self._after_ahead = None
 
   def advance(self, current: IndexedBatch, prefetcher: Prefetcher):

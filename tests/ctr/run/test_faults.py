@@ -68,6 +68,16 @@ def test_a_second_run_into_a_runs_directory_is_refused_and_changes_nothing(previ
   assert _files(out) == before
 
 
+def test_the_pipeline_setting_may_change_on_resume(config, tiny_source):
+  """It changes no bits, so a run recorded before the setting existed (no key) or with the
+  other value resumes: it is not part of what the run computes."""
+  from kstep_adam.ctr.run._rundir import run_identity
+
+  piped = run_identity(dataclasses.replace(config, pipeline=True), tiny_source(config))
+  plain = run_identity(dataclasses.replace(config, pipeline=False), tiny_source(config))
+  assert piped == plain and "pipeline" not in piped["config"]
+
+
 def test_a_run_that_fails_at_start_up_leaves_the_previous_run_whole(
   previous, tmp_path, tiny_source
 ):
