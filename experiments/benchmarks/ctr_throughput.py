@@ -198,6 +198,24 @@ def run_workflow(
   }
 
 
+def _peer_workflow(args, batches, test_batches, **case):
+  """``run_workflow`` as the peer cases run it (the train_ctr defaults: a 2^20-row table
+  behind a 2^18-row host cache, lazy SparseAdam), for one case's settings."""
+  return functools.partial(
+    run_workflow,
+    batches,
+    table_rows=1 << 20,
+    host_cache_rows=1 << 18,
+    sparse_mode="lazy",
+    test_batches=test_batches,
+    embed_dim=args.embed_dim,
+    lr=2e-3,
+    sparse_lr=2e-2,
+    seed=args.seed,
+    **case,
+  )
+
+
 PEER_CASES = {  # name: (global batch, nodes, devices per node, device_cache_rows)
   "batch 4096, 1 device": (4096, 1, 1, 0),
   "batch 4096, 1 device, device-resident optimizer": (4096, 1, 1, 1 << 16),
@@ -231,7 +249,6 @@ def run_peer_comparison(args, platform: str) -> dict:
   for batch in sorted({case[0] for case in cases.values()}):
     stream, batches = _batches(args.peer_steps, batch, args.peer_vocab_size, args.seed)
     data[batch] = (batches, [b for b, _ in stream.test_batches(4096)][:1])
-  common = dict(embed_dim=args.embed_dim, lr=2e-3, sparse_lr=2e-2, seed=args.seed)
   model = ctr.make_model("dlrm", num_dense=13, num_categorical=26, embed_dim=args.embed_dim)
   flax_params = nnx.split(model)[1]
   flops_per_example = dlrm_train_flops(model)
@@ -241,17 +258,13 @@ def run_peer_comparison(args, platform: str) -> dict:
     for name, (batch, nodes, per_node, device_rows) in cases.items():
       batches, test = data[batch]
 
-      jax_run = functools.partial(
-        run_workflow,
+      jax_run = _peer_workflow(
+        args,
         batches,
+        test,
         nodes=nodes,
         devices_per_node=per_node,
-        table_rows=1 << 20,
-        host_cache_rows=1 << 18,
         device_cache_rows=device_rows,
-        sparse_mode="lazy",
-        test_batches=test,
-        **common,
       )
       torch_run = functools.partial(
         torch_peer.run,
@@ -326,20 +339,13 @@ def run_pipeline_comparison(args) -> dict:
     order = (True, False) if round_index % 2 == 0 else (False, True)
     for pipeline in order:
       result, matmul = _with_matmul_around(
-        functools.partial(
-          run_workflow,
+        _peer_workflow(
+          args,
           batches,
+          test,
           nodes=1,
           devices_per_node=1,
-          table_rows=1 << 20,
-          host_cache_rows=1 << 18,
           device_cache_rows=0,
-          embed_dim=args.embed_dim,
-          lr=2e-3,
-          sparse_lr=2e-2,
-          sparse_mode="lazy",
-          seed=args.seed,
-          test_batches=test,
           pipeline=pipeline,
         )
       )

@@ -130,3 +130,17 @@ def pow2_at_least(n: int) -> int:
     (1024, 1024, 1)
   """
   return 1 << max(0, int(n) - 1).bit_length()
+
+
+def padded(values, size: int, fill, dtype=None) -> np.ndarray:
+  """``values`` along axis 0, then rows of ``fill`` up to ``size`` (of ``dtype``, else
+  ``values``' own): the fixed shapes the tier hands to compiled programs.
+
+  Examples:
+    >>> padded(np.array([3, 1]), 4, -1, np.int32)
+    array([ 3,  1, -1, -1], dtype=int32)
+  """
+  values = np.asarray(values)
+  out = np.full((size, *values.shape[1:]), fill, dtype or values.dtype)
+  out[: len(values)] = values
+  return out

@@ -56,6 +56,13 @@ def float64_bits(values) -> np.ndarray:
   return values.view(np.uint32).reshape(*values.shape, 2)
 
 
+def step_scalar_bits(optimizer: _optimizers.SparseAdam, step: int) -> np.ndarray:
+  """The float64 bits of table step ``step``'s ``lr, bc1, bc2, lazy_scale`` (uint32 ``[4, 2]``),
+  the form ``DeviceBatch.scalars_4x2`` and ``PendingPush.scalars_4x2`` carry."""
+  scalars = optimizer.step_scalars(step)
+  return float64_bits([scalars[k] for k in ("lr", "bc1", "bc2", "lazy_scale")])
+
+
 def _float64(bits):
   return jax.lax.bitcast_convert_type(bits, jnp.float64)
 

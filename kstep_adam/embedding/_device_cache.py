@@ -35,6 +35,7 @@ import numpy as np
 from kstep_adam.embedding import _device_adam
 from kstep_adam.embedding import _optimizers
 from kstep_adam.embedding import _store
+from kstep_adam.embedding._batch import padded
 from kstep_adam.embedding._batch import pow2_at_least
 from kstep_adam.embedding._device_adam import DeviceBatch
 from kstep_adam.embedding._device_adam import DeviceRows
@@ -191,8 +192,8 @@ class DeviceCache:
     """The rows in ``slots_M`` in the host row layout ``[M, 1 + D + S]`` (last step first)."""
     if len(slots_M) == 0:
       return np.zeros((0, 1 + self.dim + self.optimizer.slot_width(self.dim)), np.float32)
-    padded = _padded(slots_M, _transfer_size(len(slots_M)), self.capacity)
-    slots = self.meter.put(padded, self.sharding, "slot_ids")
+    slots_T = padded(slots_M, _transfer_size(len(slots_M)), self.capacity, np.int32)
+    slots = self.meter.put(slots_T, self.sharding, "slot_ids")
     state = self.meter.get(_gather_state(self.rows, slots), "rows")
     rows_MxW = np.empty((len(slots_M), 1 + state.shape[1]), np.float32)
     rows_MxW[:, 0] = _store.encode_last_step(self.last_step_R[slots_M])
@@ -205,12 +206,10 @@ class DeviceCache:
     if len(slots_M) == 0:
       return
     size = _transfer_size(len(slots_M))
-    params = np.zeros((size, self.dim), np.float32)
-    params[: len(slots_M)] = rows_MxW[:, 1 : 1 + self.dim]
-    state = np.zeros((size, rows_MxW.shape[1] - 1 - self.dim), np.float32)
-    state[: len(slots_M)] = rows_MxW[:, 1 + self.dim :]
+    params = padded(rows_MxW[:, 1 : 1 + self.dim], size, 0.0)
+    state = padded(rows_MxW[:, 1 + self.dim :], size, 0.0)
     slots, params, state = self.meter.put(
-      (_padded(slots_M, size, self.capacity), params, state), self.sharding, "rows"
+      (padded(slots_M, size, self.capacity, np.int32), params, state), self.sharding, "rows"
     )
     self.rows = _scatter_rows(self.rows, slots, params, state)
     self.last_step_R[slots_M] = _store.decode_last_step(rows_MxW)
@@ -220,7 +219,7 @@ class DeviceCache:
     """The device inputs of a step that reads ``slots_U`` at table step ``step`` (and, if it
     pushes, performs step ``step + 1``): slots, catch-up plan, scalars. NumPy arrays."""
     opt = self.optimizer
-    slots_P = _padded(slots_U, pad_to, self.capacity).astype(np.int32)
+    slots_P = padded(slots_U, pad_to, self.capacity, np.int32)
     if opt.mode == "exact":
       last = self.last_step_R[slots_U]
       needs = (last >= 0) & (last < step)
@@ -234,20 +233,19 @@ class DeviceCache:
       schedule[valid, 1] = 1.0 - _optimizers.powers(opt.b1, c[valid])
       schedule[valid, 2] = 1.0 - _optimizers.powers(opt.b2, c[valid])
       catch = (
-        _padded(catch_slots, size, self.capacity),
-        _padded(catch_last - first_c, size, 0),
-        _padded(step - catch_last, size, 0),
+        padded(catch_slots, size, self.capacity, np.int32),
+        padded(catch_last - first_c, size, 0, np.int32),
+        padded(step - catch_last, size, 0, np.int32),
       )
       schedule_bits = _device_adam.float64_bits(schedule)
     else:
       catch = (np.zeros(0, np.int32),) * 3
       schedule_bits = np.zeros((0, 3, 2), np.uint32)
-    scalars = opt.step_scalars(step + 1)
     return DeviceBatch(
       slots_P,
-      *(x.astype(np.int32) for x in catch),
+      *catch,
       schedule_bits,
-      _device_adam.float64_bits([scalars[k] for k in ("lr", "bc1", "bc2", "lazy_scale")]),
+      _device_adam.step_scalar_bits(opt, step + 1),
       np.float32(0.0),
     )
 
@@ -280,10 +278,3 @@ class DeviceCache:
 
 def _transfer_size(num_rows: int) -> int:
   return max(_MIN_TRANSFER_ROWS, pow2_at_least(num_rows))
-
-
-def _padded(values: np.ndarray, size: int, fill: int) -> np.ndarray:
-  """int32 ``[size]``: ``values``, then ``fill``."""
-  out = np.full(size, fill, np.int32)
-  out[: len(values)] = values
-  return out

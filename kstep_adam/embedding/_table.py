@@ -245,22 +245,26 @@ class EmbeddingTable:
       ``rows[inverse] == pull(ids)``, a NumPy array. (A training step whose optimizer runs
       on the device uses ``begin_device_step`` instead.)
     """
-    ids_N = _batch.check_ids(ids, self.num_rows)
-    unique_U, inverse_N = self._unique_inverse(ids_N)
-    unique_U = unique_U.copy() if unique_U is ids else unique_U  # never the caller's array
-    num_rows = len(unique_U)
-    if pad_to is not None:
-      num_rows = _validation.check_int(
-        pad_to, "pad_to (rows, at least the unique ids)", minimum=num_rows
-      )
+    unique_U, inverse_N, num_rows = self._working_ids(ids, pad_to)
     with self._op_lock, self._lock:
       self._check_rows_usable()
       rows_UxD = self._read_locked(unique_U)
     if num_rows > len(unique_U):
-      rows_UxD = np.concatenate(
-        [rows_UxD, np.zeros((num_rows - len(unique_U), self.dim), np.float32)]
-      )
+      rows_UxD = _batch.padded(rows_UxD, num_rows, 0.0)
     return WorkingSet(unique_U, rows_UxD, inverse_N.astype(np.int64))
+
+  def _working_ids(self, ids, pad_to: int | None) -> tuple[np.ndarray, np.ndarray, int]:
+    """A working set's sorted unique ids (never the caller's array), the inverse index of
+    ``ids`` into them, and its rows: ``pad_to`` (checked to hold them all) or their number."""
+    ids_N = _batch.check_ids(ids, self.num_rows)
+    unique_U, inverse_N = self._unique_inverse(ids_N)
+    unique_U = unique_U.copy() if unique_U is ids else unique_U
+    if pad_to is None:
+      return unique_U, inverse_N, len(unique_U)
+    num_rows = _validation.check_int(
+      pad_to, "pad_to (rows, at least the unique ids)", minimum=len(unique_U)
+    )
+    return unique_U, inverse_N, num_rows
 
   def working_set_before_push(
     self, ids, pushing_ids, *, pad_to: int | None = None
@@ -282,42 +286,39 @@ class EmbeddingTable:
       pushing_ids: the sorted unique ids of the push to come (the order of its gradient).
       pad_to: as for :meth:`working_set`.
     """
-    opt = self.optimizer
-    if not isinstance(opt, SparseAdam) or opt.mode != "lazy" or self._device_cache is not None:
+    if not self.can_read_before_push:
       raise ValueError(
         "working_set_before_push needs a lazy SparseAdam table without a device tier"
       )
     pushing_G = _batch.check_ids(pushing_ids, self.num_rows)
-    if len(pushing_G) > 1 and not np.all(pushing_G[1:] > pushing_G[:-1]):
+    if not _batch.is_sorted_unique(pushing_G):
       raise ValueError("pushing_ids must be sorted and unique (the push's own order)")
-    ids_N = _batch.check_ids(ids, self.num_rows)
-    unique_U, inverse_N = self._unique_inverse(ids_N)
-    unique_U = unique_U.copy() if unique_U is ids else unique_U
-    num_rows = len(unique_U)
-    if pad_to is not None:
-      num_rows = _validation.check_int(
-        pad_to, "pad_to (rows, at least the unique ids)", minimum=num_rows
-      )
+    unique_U, inverse_N, num_rows = self._working_ids(ids, pad_to)
     with self._op_lock, self._lock:
       self._check_rows_usable()
       rows_UxW = self._pull_rows_locked(unique_U)
-      scalars = opt.step_scalars(self._step + 1)  # the push to come performs step t + 1
+      # the push to come performs step t + 1
+      scalars_4x2 = _device_adam.step_scalar_bits(self.optimizer, self._step + 1)
     at_G = np.minimum(np.searchsorted(pushing_G, unique_U), max(len(pushing_G) - 1, 0))
     shared_U = pushing_G[at_G] == unique_U if len(pushing_G) else np.zeros(len(unique_U), bool)
     rows_Q = np.flatnonzero(shared_U)
     size = max(1024, _batch.pow2_at_least(max(len(rows_Q), 1)))  # few shapes to compile
     pending = PendingPush(
-      rows_Q=_padded(rows_Q.astype(np.int32), size, num_rows),
-      pushed_Q=_padded(at_G[rows_Q].astype(np.int32), size, 0),
-      state_QxS=_padded(rows_UxW[rows_Q, 1 + self.dim :], size, 0.0),
-      scalars_4x2=_device_adam.float64_bits(
-        [scalars[k] for k in ("lr", "bc1", "bc2", "lazy_scale")]
-      ),
+      rows_Q=_batch.padded(rows_Q, size, num_rows, np.int32),
+      pushed_Q=_batch.padded(at_G[rows_Q], size, 0, np.int32),
+      state_QxS=_batch.padded(rows_UxW[rows_Q, 1 + self.dim :], size, 0.0),
+      scalars_4x2=scalars_4x2,
       zero=np.float32(0.0),
     )
-    rows_PxD = np.zeros((num_rows, self.dim), np.float32)
-    rows_PxD[: len(unique_U)] = rows_UxW[:, 1 : 1 + self.dim]
+    rows_PxD = _batch.padded(rows_UxW[:, 1 : 1 + self.dim], num_rows, 0.0)
     return WorkingSet(unique_U, rows_PxD, inverse_N.astype(np.int64)), pending
+
+  @property
+  def can_read_before_push(self) -> bool:
+    """Whether :meth:`working_set_before_push` applies: a lazy ``SparseAdam`` table without a
+    device tier."""
+    opt = self.optimizer
+    return isinstance(opt, SparseAdam) and opt.mode == "lazy" and self._device_cache is None
 
   def push(self, ids, grads) -> None:
     """Applies one optimizer step (step ``t + 1``) to the rows of ``ids``.
@@ -1096,10 +1097,3 @@ class _PrefetchFuture(concurrent.futures.Future):
       return super().exception(timeout)
     finally:
       self.observed = self.observed or self.done()
-
-
-def _padded(values: np.ndarray, size: int, fill) -> np.ndarray:
-  """``values`` along axis 0 padded with ``fill`` to ``size``."""
-  out = np.full((size, *values.shape[1:]), fill, values.dtype)
-  out[: len(values)] = values
-  return out

@@ -161,10 +161,7 @@ class SparseTier(TableTier):
   def can_pull_before_push(self) -> bool:
     """Whether :meth:`pull` can read a batch before the previous step's push
     (``before_push``): a lazy ``SparseAdam`` on the host tier."""
-    opt = self.table.optimizer
-    return (
-      self.device_optimizer is None and isinstance(opt, embedding.SparseAdam) and opt.mode == "lazy"
-    )
+    return self.table.can_read_before_push
 
   def push(self, rows: BatchRows, sparse_output, *, applied: bool = True) -> None:
     """End a train :meth:`pull` with the step's sparse output: the rows' gradient
