@@ -6,7 +6,12 @@ file of the session (``tempfile`` in this process, ``TMPDIR`` in the processes i
 pytest's own ``tmp_path`` directories) goes under one directory; at the end, anything left
 there besides pytest's ``tmp_path`` base is a leak, reported and counted as a failure, and a
 passing session removes the directory (a failing one keeps its ``tmp_path`` directories to
-look at), so a test run leaves nothing in /tmp.
+look at), so a test run leaves nothing in /tmp. Under pytest-xdist each worker process makes
+its own such directory inside the controller's, so a worker's leak fails the controller too.
+
+The suite runs on two xdist workers, a test file at a time on one worker; the test files that
+set up the shaped link (network namespaces, one run at a time per machine) all go to the same
+worker, one after another (:func:`pytest_xdist_make_scheduler`).
 """
 
 import os
@@ -41,6 +46,25 @@ for name, value in CACHE_SETTINGS.items():
 TORCH_CACHE_NAME = "torchinductor"
 os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(SESSION_TMP, TORCH_CACHE_NAME)
 CACHES = {CACHE_NAME, TORCH_CACHE_NAME}
+
+
+# Test files that set up the shaped link: a link refuses to start beside another run's.
+SHAPED_LINK_FILES = {"test_link.py", "test_link_experiment.py"}
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+  """``--dist loadfile``, with every shaped-link test file in one scope (one worker)."""
+  if config.getoption("dist") != "loadfile":
+    return None
+  from xdist.scheduler import LoadFileScheduling
+
+  class LinkFilesTogether(LoadFileScheduling):
+    def _split_scope(self, nodeid):
+      path = super()._split_scope(nodeid)
+      return "shaped-link" if os.path.basename(path) in SHAPED_LINK_FILES else path
+
+  return LinkFilesTogether(config, log)
 
 
 def pytest_sessionfinish(session, exitstatus):

@@ -439,6 +439,9 @@ def quick_sweep(tmp_path_factory):
   return out
 
 
+# The shipped quick sweep takes 45-70 s: on demand (`-m slow`); the tiny sweeps here run every
+# mechanism it uses, and the plot test below draws every figure kind from a tiny CTR sweep.
+@pytest.mark.slow
 def test_quick_shipped_sweep_runs_every_optimizer_it_names(quick_sweep):
   spec = results.read_spec(quick_sweep)
   rows = results.read_results(os.path.join(quick_sweep, "results.csv"))
@@ -462,8 +465,42 @@ def test_quick_shipped_sweep_runs_every_optimizer_it_names(quick_sweep):
   assert selection[0]["name"] == "sync_adam" and selection[0]["best_learning_rate"]
 
 
-def test_plot_writes_every_sweep_figure_from_the_directory(quick_sweep, tmp_path, capsys):
-  assert plot_main.main([quick_sweep, "--out", str(tmp_path)]) == 0
+# A CTR sweep as small as the sweep's figures allow: two optimizers, one of them over k.
+TINY_CTR_FIGURES = textwrap.dedent(
+  """
+  name = "ctr_optimizers"
+  task = "ctr"
+  reference = "sync_adam"
+  [base]
+  nodes = 2
+  devices_per_node = 1
+  batch_size = 16
+  steps = 8
+  log_every = 2
+  eval_every = 4
+  top_mlp = [16]
+  table_rows = 4096
+  host_cache_rows = 1024
+  val_examples = 256
+  test_examples = 256
+  [[optimizers]]
+  name = "sync_adam"
+  optimizer = "sync_adam"
+  learning_rate = [3e-3]
+  [[optimizers]]
+  name = "kstep_adam"
+  optimizer = "kstep_adam"
+  k = [2, 4]
+  learning_rate = [3e-3]
+  """
+)
+
+
+def test_plot_writes_every_sweep_figure_from_the_directory(tmp_path, capsys):
+  config, out = tiny_sweep(tmp_path, TINY_CTR_FIGURES)
+  assert sweep.main([config, "--out", out]) == 0
+  capsys.readouterr()  # the sweep's own lines
+  assert plot_main.main([out, "--out", str(tmp_path)]) == 0
   kinds = (
     "curves_steps",
     "curves_bytes",

@@ -188,6 +188,9 @@ def synthetic_run(tmp_path_factory, cache):
   return config_kwargs, data, _result(root / "reference")
 
 
+# A kill at a random step: the tests below inject it at every point of a checkpoint instead,
+# so this one runs on demand (`-m slow`), as a check from outside the fault-injection points.
+@pytest.mark.slow
 def test_a_run_killed_at_a_random_step_resumes_to_exactly_the_same_result(
   tmp_path, cache, file_run
 ):
