@@ -25,7 +25,8 @@ import pytest
 
 jax.config.update("jax_num_cpu_devices", 8)
 
-SESSION_TMP = tempfile.mkdtemp(prefix="kstep_adam-tests-")
+SESSION_PREFIX = "kstep_adam-tests-"
+SESSION_TMP = tempfile.mkdtemp(prefix=SESSION_PREFIX)
 os.environ["TMPDIR"] = tempfile.tempdir = SESSION_TMP
 
 # One persistent compilation cache for the session, inherited by the processes the tests start
@@ -67,12 +68,23 @@ def pytest_xdist_make_scheduler(config, log):
   return LinkFilesTogether(config, log)
 
 
+def _leftovers(directory: str) -> list[str]:
+  """What tests left in a session directory, and in those of its xdist workers, named
+  relative to it (pytest's ``tmp_path`` base and the caches are not leftovers)."""
+  left = []
+  for name in sorted(os.listdir(directory)):
+    path = os.path.join(directory, name)
+    if name.startswith("pytest-of-") or name in CACHES:
+      continue
+    if name.startswith(SESSION_PREFIX) and os.path.isdir(path):  # a worker's, kept on a leak
+      left += [os.path.join(name, inner) for inner in _leftovers(path)] or [name]
+    else:
+      left.append(name)
+  return left
+
+
 def pytest_sessionfinish(session, exitstatus):
-  left = sorted(
-    name
-    for name in os.listdir(SESSION_TMP)
-    if not name.startswith("pytest-of-") and name not in CACHES
-  )
+  left = _leftovers(SESSION_TMP)
   if left:
     reporter = session.config.pluginmanager.get_plugin("terminalreporter")
     message = f"tests left temporary files behind in {SESSION_TMP}: {left}"
