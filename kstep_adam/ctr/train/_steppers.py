@@ -99,17 +99,11 @@ class LocalStepper:
     else:
       self.discard_ahead()
       flight = self._launch(current)
-      with timer("data"):
-        upcoming = next_or_none(prefetcher)
-      if upcoming is not None:
-        tier.prefetch(upcoming.row_ids_U)  # stages rows while the step still computes
+      upcoming = self._read_next(prefetcher)
     if self.pipeline and upcoming is not None and self.step_fn.adaptive is None:
       # The next step, before this one's push: its rows are read as they are now.
       self._ahead = self._launch(upcoming, before=flight)
-      with timer("data"):
-        self._after_ahead = next_or_none(prefetcher)
-      if self._after_ahead is not None:
-        tier.prefetch(self._after_ahead.row_ids_U)
+      self._after_ahead = self._read_next(prefetcher)
     params_W, opt_state_W, sparse_output, loss, finite_W = flight.outputs
     with timer("compute"):  # waits for the step
       loss, finite = float(loss), bool(np.all(jax.device_get(finite_W)))
@@ -130,6 +124,14 @@ class LocalStepper:
     last = upcoming is None
     compiled = self.step_fn.compiles > compiles
     return StepResult(step, loss, flight.rows.row_ids_U, compiled, last, skipped), upcoming
+
+  def _read_next(self, prefetcher: Prefetcher) -> IndexedBatch | None:
+    """The next indexed batch (None after the last), its rows staged while a step computes."""
+    with self.timer("data"):
+      batch = next_or_none(prefetcher)
+    if batch is not None:
+      self.tier.prefetch(batch.row_ids_U)
+    return batch
 
   def _launch(self, batch: IndexedBatch, *, before: _Flight | None = None) -> _Flight:
     """Pull ``batch``'s rows and dispatch its step (after ``before``'s, and before its push
