@@ -1,5 +1,6 @@
 """Test configuration: 8 simulated CPU devices for every test and doctest in the suite, a
-temporary directory of the session's own that must be left empty, and a compilation cache in it.
+temporary directory of the session's own that must be left empty, and in it a compilation
+cache and the C++ kernels built for the session.
 
 The device flag must be set before the JAX backend starts, so it lives here. Every temporary
 file of the session (``tempfile`` in this process, ``TMPDIR`` in the processes it starts, and
@@ -43,10 +44,14 @@ CACHE_SETTINGS = {
 for name, value in CACHE_SETTINGS.items():
   os.environ[name.upper()] = str(value)
   jax.config.update(name, value)
+# The C++ kernels (kstep_adam/_native.py) are built once for the session, not into the user's
+# cache: the first test that needs one builds it, the others and their processes load it.
+NATIVE_CACHE_NAME = "native-kernels"
+os.environ.setdefault("KSTEP_ADAM_CACHE_DIR", os.path.join(SESSION_TMP, NATIVE_CACHE_NAME))
 # torch (the optional peer's tests) makes its compile cache under the temp dir on import.
 TORCH_CACHE_NAME = "torchinductor"
 os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(SESSION_TMP, TORCH_CACHE_NAME)
-CACHES = {CACHE_NAME, TORCH_CACHE_NAME}
+CACHES = {CACHE_NAME, TORCH_CACHE_NAME, NATIVE_CACHE_NAME}
 
 
 # Test files that set up the shaped link: a link refuses to start beside another run's.

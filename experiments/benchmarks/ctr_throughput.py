@@ -4,6 +4,7 @@
   python -m experiments.benchmarks.ctr_throughput --steps 100 --out /tmp/ctr_bench.json
   python -m experiments.benchmarks.ctr_throughput --only-peer  # just the peer comparison
   python -m experiments.benchmarks.ctr_throughput --pipeline-compare --peer-rounds 3 --peer-steps 200
+  python -m experiments.benchmarks.ctr_throughput --interaction-compare --peer-rounds 3 --peer-steps 200
 
 Peer comparison (needs torch: ``pip install -e '.[bench]'``; skipped with a note without it):
 the train step of ``train_ctr --nodes 1 --devices-per-node 1 --batch-size 4096 --optimizer
@@ -38,7 +39,9 @@ the 2-core CPU box: see docs/benchmarks.md; the numbers are ratios within one pr
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
+import os
 import time
 
 import numpy as np
@@ -226,8 +229,6 @@ PEER_CASES = {  # name: (global batch, nodes, devices per node, device_cache_row
 
 def run_peer_comparison(args, platform: str) -> dict:
   """The JAX train step against the torch peer, interleaved; see the module docstring."""
-  import os
-
   from experiments.benchmarks import torch_peer
 
   # libgomp's threads spin while they wait for work; on a shared machine (or next to XLA's
@@ -319,15 +320,45 @@ def run_peer_comparison(args, platform: str) -> dict:
   }
 
 
-def run_pipeline_comparison(args) -> dict:
-  """The peer comparison's main case (batch 4096, 1 device, lazy SparseAdam on the host tier)
-  with the pipelined step and without (``TrainConfig.pipeline``), interleaved in this
-  process, ``--peer-rounds`` rounds of ``--peer-steps`` steps; each run's FLOP share is rated
-  against the matmul timed right before and after it."""
-  import os
+# What an A/B comparison of the main peer case varies: its two variants, each with the
+# workflow's settings and the environment it runs in.
+COMPARISONS = {
+  "pipeline": {
+    "pipelined": ({"pipeline": True}, {}),
+    "synchronous": ({"pipeline": False}, {}),
+  },
+  # The pair interaction by the C++ kernel (where it builds) or by XLA's batched matmul.
+  "interaction": {
+    "native": ({}, {"KSTEP_ADAM_NATIVE_KERNELS": "1"}),
+    "xla": ({}, {"KSTEP_ADAM_NATIVE_KERNELS": "0"}),
+  },
+}
 
+
+@contextlib.contextmanager
+def _environment(variables: dict[str, str]):
+  saved = {name: os.environ.get(name) for name in variables}
+  os.environ.update(variables)
+  try:
+    yield
+  finally:
+    for name, value in saved.items():
+      if value is None:
+        os.environ.pop(name, None)
+      else:
+        os.environ[name] = value
+
+
+def run_comparison(args, what: str = "pipeline") -> dict:
+  """The peer comparison's main case (batch 4096, 1 device, lazy SparseAdam on the host tier)
+  in the two variants of ``COMPARISONS[what]`` (the pipelined step and the synchronous one;
+  the interaction's C++ kernel and XLA's form), interleaved in this process, ``--peer-rounds``
+  rounds of ``--peer-steps`` steps; each run's FLOP share is rated against the matmul timed
+  right before and after it."""
   from kstep_adam import ctr
 
+  variants = COMPARISONS[what]
+  first, second = variants
   stream, batches = _batches(args.peer_steps, 4096, args.peer_vocab_size, args.seed)
   test = [b for b, _ in stream.test_batches(4096)][:1]
   model = ctr.make_model("dlrm", num_dense=13, num_categorical=26, embed_dim=args.embed_dim)
@@ -336,21 +367,13 @@ def run_pipeline_comparison(args) -> dict:
   rounds = []
   for round_index in range(args.peer_rounds):
     runs = {}
-    order = (True, False) if round_index % 2 == 0 else (False, True)
-    for pipeline in order:
-      result, matmul = _with_matmul_around(
-        _peer_workflow(
-          args,
-          batches,
-          test,
-          nodes=1,
-          devices_per_node=1,
-          device_cache_rows=0,
-          pipeline=pipeline,
-        )
-      )
+    for variant in (first, second) if round_index % 2 == 0 else (second, first):
+      settings, environment = variants[variant]
+      case = dict(nodes=1, devices_per_node=1, device_cache_rows=0, **settings)
+      with _environment(environment):
+        result, matmul = _with_matmul_around(_peer_workflow(args, batches, test, **case))
       steps = len(batches)
-      runs["pipelined" if pipeline else "synchronous"] = {
+      runs[variant] = {
         "examples_per_sec": result["examples_per_sec"],
         "matmul_gflops": matmul,
         "share_of_matmul_rate": result["examples_per_sec"] * flops_per_example / 1e9 / matmul,
@@ -360,17 +383,17 @@ def run_pipeline_comparison(args) -> dict:
         "test_auc": result["test_auc"],
       }
     rounds.append(runs)
-  ratios = [
-    r["pipelined"]["examples_per_sec"] / r["synchronous"]["examples_per_sec"] for r in rounds
-  ]
-  median = lambda mode, key: float(np.median([r[mode][key] for r in rounds]))
+  ratios = [r[first]["examples_per_sec"] / r[second]["examples_per_sec"] for r in rounds]
+  median = lambda variant, key: float(np.median([r[variant][key] for r in rounds]))
   return {
+    "compared": what,
+    "variants": [first, second],
     "rounds": rounds,
     "ratio_median": float(np.median(ratios)),
     "ratios": ratios,
     "cases": {
-      mode: {key: median(mode, key) for key in ("examples_per_sec", "share_of_matmul_rate")}
-      for mode in ("pipelined", "synchronous")
+      variant: {key: median(variant, key) for key in ("examples_per_sec", "share_of_matmul_rate")}
+      for variant in (first, second)
     },
     "load_average_before": load_before,
     "load_average_after": os.getloadavg(),
@@ -378,26 +401,27 @@ def run_pipeline_comparison(args) -> dict:
   }
 
 
-def print_pipeline_comparison(result: dict) -> None:
+def print_comparison(result: dict) -> None:
+  first, second = result["variants"]
   print(
-    f"\nThe pipelined CTR step against the synchronous one (batch 4096, 1 device), "
+    f"\nThe CTR step, {first} against {second} (batch 4096, 1 device), "
     f"{len(result['rounds'])} interleaved rounds of {result['steps']} steps; the ratio is the "
     f"median of the rounds' ratios"
   )
   for i, runs in enumerate(result["rounds"]):
     line = "  ".join(
-      f"{mode} {r['examples_per_sec']:8.0f} ex/s {r['share_of_matmul_rate']:4.0%} "
+      f"{variant} {r['examples_per_sec']:8.0f} ex/s {r['share_of_matmul_rate']:4.0%} "
       f"(pull {r['ms_per_step']['pull']:.1f} compute {r['ms_per_step']['compute']:.1f} "
       f"push {r['ms_per_step']['push']:.1f} ms)"
-      for mode, r in runs.items()
+      for variant, r in runs.items()
     )
     print(f"round {i}: {line}")
   cases = result["cases"]
   print(
-    f"pipelined / synchronous: {result['ratio_median']:.2f} "
+    f"{first} / {second}: {result['ratio_median']:.2f} "
     f"(rounds {', '.join(f'{r:.2f}' for r in result['ratios'])}); share of the matmul rate "
-    f"{cases['pipelined']['share_of_matmul_rate']:.0%} against "
-    f"{cases['synchronous']['share_of_matmul_rate']:.0%}"
+    f"{cases[first]['share_of_matmul_rate']:.0%} against "
+    f"{cases[second]['share_of_matmul_rate']:.0%}"
   )
 
 
@@ -473,6 +497,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     action="store_true",
     help="only the main peer case with the pipelined step and without, interleaved",
   )
+  p.add_argument(
+    "--interaction-compare",
+    action="store_true",
+    help="only the main peer case with the interaction's C++ kernel and XLA's form, interleaved",
+  )
   p.add_argument("--out", default=None, help="write the results as JSON here")
   return p.parse_args(argv)
 
@@ -488,9 +517,10 @@ def main(argv=None) -> dict:
     table_rows=args.table_rows, embed_dim=args.embed_dim, lr=2e-3, sparse_lr=2e-2, seed=args.seed
   )
   results = {"platform": platform, "device": str(jax.devices()[0]), "args": vars(args)}
-  if args.pipeline_compare:
-    results["pipeline"] = run_pipeline_comparison(args)
-    print_pipeline_comparison(results["pipeline"])
+  if args.pipeline_compare or args.interaction_compare:
+    what = "pipeline" if args.pipeline_compare else "interaction"
+    results[what] = run_comparison(args, what)
+    print_comparison(results[what])
     if args.out:
       write_json(args.out, results)
     return results

@@ -1,7 +1,8 @@
 """The training room: how a model is trained on a run's batches. Imports ``data``, never ``run``.
 
 - ``_config``: :class:`TrainConfig`, every training option, validated in one place.
-- ``_models``: DLRM and DCN-v2 (flax nnx). ``_optimizer``: the dense optimizer of a config.
+- ``_models``: DLRM and DCN-v2 (flax nnx). ``_interaction``: DLRM's pair dots, by a C++
+  kernel on a CPU (``pair_dots.cc``) or by XLA. ``_optimizer``: the dense optimizer of a config.
 - ``_loss``: the loss and the per-worker loss/gradient both step builders share.
 - ``_step`` / ``_sharded_step``: the jitted step of one process / of several (rows exchanged).
 - ``_local_tier`` / ``_sharded_tier`` (+ ``_exchange``): the sparse rows of a step, from one

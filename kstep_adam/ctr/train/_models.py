@@ -7,89 +7,15 @@ respect to the embeddings falls out of ``jax.grad`` with respect to that input.
 
 from __future__ import annotations
 
-import functools
 import itertools
-import math
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
+from kstep_adam.ctr.train._interaction import pairwise_dots
+
 MODELS = ("dlrm", "dcn_v2")
-
-
-# The vectors are padded with zero vectors to a multiple of this many before their Gram
-# matrices are formed: XLA's CPU batched matmul ran DLRM's 27 x 27 Gram matrices slower than
-# 28 x 28 ones (with the right operand laid out [d, m], below, the train step alone took 7-14%
-# less time on a 2-core machine, alternated with the unpadded form in one process).
-_GRAM_MULTIPLE = 4
-
-
-@functools.cache
-def _pair_indices(n: int, m: int) -> tuple[np.ndarray, np.ndarray]:
-  """Static indices of the ``n (n-1) / 2`` pairs ``i < j`` of ``n`` vectors, padded to ``m``.
-
-  Returns:
-    ``(flat_K, symmetric_MM)``: ``flat_K`` indexes the pairs, in ``np.triu_indices(n, 1)``
-    order, in a flattened ``[m, m]`` Gram matrix; ``symmetric_MM`` maps each flattened entry
-    ``(i, j)`` and ``(j, i)`` of a pair to its index, and every other entry (the diagonal,
-    the padding) to ``K`` (a zero column).
-  """
-  i, j = np.triu_indices(n, k=1)
-  num_pairs = len(i)
-  symmetric = np.full((m, m), num_pairs, np.int32)
-  symmetric[i, j] = symmetric[j, i] = np.arange(num_pairs, dtype=np.int32)
-  return (i * m + j).astype(np.int32), symmetric.reshape(-1)
-
-
-def _padded(v_BxNxD: jax.Array) -> jax.Array:
-  """``v`` with zero vectors appended up to a multiple of ``_GRAM_MULTIPLE``."""
-  n = v_BxNxD.shape[1]
-  m = -(-n // _GRAM_MULTIPLE) * _GRAM_MULTIPLE
-  return jnp.pad(v_BxNxD, ((0, 0), (0, m - n), (0, 0)))
-
-
-@jax.custom_vjp
-def pairwise_dots(v_BxNxD: jax.Array) -> jax.Array:
-  """The dot products ``<v_i, v_j>`` of every pair ``i < j``, ``[B, N (N-1) / 2]``.
-
-  The same values and gradient as ``einsum('bnd,bmd->bnm', v, v)[:, i, j]`` with
-  ``np.triu_indices``, up to float rounding, but cheaper to differentiate on a CPU: the indices
-  are trace-time constants, and the backward pass is one batched matmul of the symmetric
-  cotangent with ``v`` (``dv = (G + G^T) v``) instead of a scatter-add into a zero Gram matrix
-  followed by one matmul per operand.
-
-  Examples:
-    >>> v = jnp.arange(6.0).reshape(1, 3, 2)
-    >>> pairwise_dots(v)
-    Array([[ 3.,  5., 23.]], dtype=float32)
-  """
-  return _pairwise_dots_fwd(v_BxNxD)[0]
-
-
-def _pairwise_dots_fwd(v_BxNxD):
-  batch, n, _ = v_BxNxD.shape
-  v_BxMxD = _padded(v_BxNxD)
-  m = v_BxMxD.shape[1]
-  flat_K, _ = _pair_indices(n, m)
-  # The right operand as [b, d, m]: XLA's CPU batched matmul took less time on this layout
-  # than on the [b, m, d] one it would read transposed.
-  gram_BxMM = jnp.einsum("bnd,bdm->bnm", v_BxMxD, jnp.swapaxes(v_BxMxD, 1, 2))
-  return jnp.take(gram_BxMM.reshape(batch, m * m), flat_K, axis=1), v_BxMxD
-
-
-def _pairwise_dots_bwd(v_BxMxD, cotangent_BxK):
-  batch, m, _ = v_BxMxD.shape
-  n = math.isqrt(8 * cotangent_BxK.shape[1] + 1) // 2 + 1  # K = n (n - 1) / 2
-  _, symmetric_MM = _pair_indices(n, m)
-  with jax.named_scope("interaction"):  # traced outside the forward's scope
-    padded_BxK1 = jnp.concatenate([cotangent_BxK, jnp.zeros((batch, 1), cotangent_BxK.dtype)], 1)
-    sym_BxMxM = jnp.take(padded_BxK1, symmetric_MM, axis=1).reshape(batch, m, m)
-    return (jnp.einsum("bnm,bmd->bnd", sym_BxMxM, v_BxMxD)[:, :n],)
-
-
-pairwise_dots.defvjp(_pairwise_dots_fwd, _pairwise_dots_bwd)
 
 
 class MLP(nnx.Module):

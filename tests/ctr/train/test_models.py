@@ -1,5 +1,5 @@
-"""The CTR models: DLRM's interaction gradient, and every model takes embeddings and passes
-gradients back."""
+"""The CTR models: every model takes embeddings and passes gradients back (DLRM's pair
+interaction: test_interaction.py)."""
 
 import jax
 import jax.numpy as jnp
@@ -8,28 +8,6 @@ import pytest
 from flax import nnx
 
 from kstep_adam import ctr
-from kstep_adam.ctr.train._models import pairwise_dots
-
-
-def _reference_dots(v_BxNxD):
-  i, j = np.triu_indices(v_BxNxD.shape[1], k=1)
-  return jnp.einsum("bnd,bmd->bnm", v_BxNxD, v_BxNxD)[:, i, j]
-
-
-# 27, 5 and 2 vectors are padded to a multiple of 4; 8 is not; 1 has no pairs.
-@pytest.mark.parametrize("shape", [(4096, 27, 16), (3, 5, 2), (7, 2, 3), (2, 8, 3), (2, 1, 3)])
-def test_pairwise_dots_and_their_gradient_match_the_gathered_gram_matrix(shape):
-  # Full size too: XLA:CPU has miscompiled other formulations at this shape.
-  rng = np.random.default_rng(0)
-  v = jnp.asarray(rng.standard_normal(shape).astype(np.float32))
-  weights = jnp.asarray(rng.standard_normal(shape[1] * (shape[1] - 1) // 2).astype(np.float32))
-  # The weights are an argument, not a constant XLA would fold the reference's scatter into.
-  ours = jax.jit(jax.value_and_grad(lambda v, w: jnp.sum(pairwise_dots(v) * w)))
-  reference = jax.jit(jax.value_and_grad(lambda v, w: jnp.sum(_reference_dots(v) * w)))
-  (value, grad), (ref_value, ref_grad) = ours(v, weights), reference(v, weights)
-  np.testing.assert_allclose(pairwise_dots(v), _reference_dots(v), rtol=1e-5, atol=1e-5)
-  np.testing.assert_allclose(value, ref_value, rtol=1e-5)
-  np.testing.assert_allclose(grad, ref_grad, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("name", ctr.MODELS)
