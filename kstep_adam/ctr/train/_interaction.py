@@ -91,7 +91,7 @@ xla_pairwise_dots.defvjp(_pairwise_dots_fwd, _pairwise_dots_bwd)
 
 
 _SOURCE = pathlib.Path(__file__).with_name("pair_dots.cc")
-_TARGETS = ("KstepPairDots", "KstepPairDotsGrad")
+TARGETS = ("KstepPairDots", "KstepPairDotsGrad")
 
 
 def _result_type(x: jax.Array, shape: tuple[int, ...]) -> jax.ShapeDtypeStruct:
@@ -108,7 +108,7 @@ def native_pairwise_dots(v: jax.Array) -> jax.Array:
   """:func:`pairwise_dots` by the C++ kernel (float32, on a CPU; see :func:`native_available`)."""
   n = v.shape[-2]
   out_type = _result_type(v, (*v.shape[:-2], n * (n - 1) // 2))
-  return jax.ffi.ffi_call(_TARGETS[0], out_type, vmap_method="broadcast_all")(v)
+  return jax.ffi.ffi_call(TARGETS[0], out_type, vmap_method="broadcast_all")(v)
 
 
 def _native_fwd(v):
@@ -116,7 +116,7 @@ def _native_fwd(v):
 
 
 def _native_bwd(v, cotangent):
-  return (jax.ffi.ffi_call(_TARGETS[1], jax.typeof(v), vmap_method="broadcast_all")(v, cotangent),)
+  return (jax.ffi.ffi_call(TARGETS[1], jax.typeof(v), vmap_method="broadcast_all")(v, cotangent),)
 
 
 native_pairwise_dots.defvjp(_native_fwd, _native_bwd)
@@ -125,7 +125,7 @@ native_pairwise_dots.defvjp(_native_fwd, _native_bwd)
 def native_available() -> bool:
   """Whether the C++ kernel is there to use in this process (built and registered on the
   first call; see :mod:`kstep_adam._native` for the switch and the cache)."""
-  return _native.available(_SOURCE, _TARGETS)
+  return _native.available(_SOURCE, TARGETS)
 
 
 def pairwise_dots(v_BxNxD: jax.Array) -> jax.Array:

@@ -62,7 +62,7 @@ def test_one_vector_has_no_pairs():
 
 def _custom_calls(fn, *args):
   text = jax.jit(fn).lower(*args).compile().as_text()
-  return {target for target in _interaction._TARGETS if f'custom_call_target="{target}"' in text}
+  return {target for target in _interaction.TARGETS if f'custom_call_target="{target}"' in text}
 
 
 def test_the_kernel_runs_on_a_cpu_unless_switched_off(monkeypatch):
