@@ -1,18 +1,21 @@
-"""CPU kernels from C++ sources: compiled on first use, cached on disk, called through XLA's FFI.
+"""CPU kernels from C++ sources: compiled on first use, cached on disk, called through XLA's
+FFI (inside a program) or ctypes (on the host).
 
-A kernel is a C++ file of XLA FFI handlers next to the module that uses it. The first process
-that needs it compiles it with the machine's C++ compiler (``$CXX``, else ``c++``) against the
-FFI headers jaxlib ships, for the machine's own CPU (``-march=native``), into a cache directory;
-later processes load the cached library. The library's name holds a digest of everything
-that went into it (the source, the compiler and its version, the flags, jaxlib's version, the
-CPU's features), so a changed source or a different CPU compiles anew, and processes racing
-to build it each write a temporary file and rename it into place.
+A kernel is a C++ file next to the module that uses it, which keeps the NumPy or XLA form the
+kernel replaces for where it cannot run. The first process that needs it compiles it with the
+machine's C++ compiler (``$CXX``, else ``c++``) against the FFI headers jaxlib ships, for the
+machine's own CPU (``-march=native``), into a cache directory; later processes load the
+cached library. The library's name holds a digest of everything that went into it (the
+source, the compiler and its version, the flags, jaxlib's version, the CPU's features), so a
+changed source or a different CPU compiles anew, and processes racing to build it each write
+a temporary file and rename it into place.
 
 Two environment variables, read when a kernel is first needed:
 
 - ``KSTEP_ADAM_NATIVE_KERNELS``: unset (the default) uses the kernels where they build and
-  falls back to the XLA form with a warning where they do not (no compiler); ``1`` requires
-  them (a failed build raises); ``0`` never builds them.
+  falls back to the forms they replace with a warning where they do not (no compiler); ``1``
+  requires them (a failed build raises); ``0`` never builds them. A program reads it when it
+  is traced, the host's kernels at each call.
 - ``KSTEP_ADAM_CACHE_DIR``: where the libraries go (default ``$XDG_CACHE_HOME/kstep_adam``,
   else ``~/.cache/kstep_adam``), in a ``kernels`` subdirectory.
 """
@@ -74,13 +77,20 @@ def _cpu_features() -> str:
     return platform.processor()
 
 
-def build(source: str | os.PathLike, directory: str | os.PathLike | None = None) -> pathlib.Path:
-  """Compiles ``source`` into a shared library in ``directory`` (default :func:`cache_dir`),
-  unless a library of the same inputs is there already, and returns its path."""
+def build(
+  source: str | os.PathLike,
+  directory: str | os.PathLike | None = None,
+  *,
+  extra_flags: tuple[str, ...] = (),
+) -> pathlib.Path:
+  """Compiles ``source`` (with :data:`FLAGS` and ``extra_flags``) into a shared library in
+  ``directory`` (default :func:`cache_dir`), unless a library of the same inputs is there
+  already, and returns its path."""
   import jax
   import jaxlib
 
   source = pathlib.Path(source)
+  flags = (*FLAGS, *extra_flags)
   cxx = compiler()
   try:
     version = subprocess.run(
@@ -93,7 +103,7 @@ def build(source: str | os.PathLike, directory: str | os.PathLike | None = None)
       source.read_text(),
       cxx,
       version,
-      *FLAGS,
+      *flags,
       jaxlib.__version__,
       platform.machine(),
       _cpu_features(),
@@ -107,7 +117,7 @@ def build(source: str | os.PathLike, directory: str | os.PathLike | None = None)
   fd, partial = tempfile.mkstemp(prefix=f".{library.name}.", dir=directory)
   os.close(fd)
   try:
-    command = [cxx, *FLAGS, "-isystem", jax.ffi.include_dir(), str(source), "-o", partial]
+    command = [cxx, *flags, "-isystem", jax.ffi.include_dir(), str(source), "-o", partial]
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode != 0:
       raise NativeBuildError(
@@ -121,31 +131,49 @@ def build(source: str | os.PathLike, directory: str | os.PathLike | None = None)
 
 
 @functools.cache
-def _registered(source: pathlib.Path, symbols: tuple[str, ...]) -> str | None:
-  """Builds and registers once per process: None, or why that failed."""
-  import jax
-
+def _loaded(
+  source: pathlib.Path, symbols: tuple[str, ...], extra_flags: tuple[str, ...]
+) -> ctypes.CDLL | str:
+  """Builds and loads once per process: the library with ``symbols``, or why that failed."""
   try:
-    path = build(source)
+    path = build(source, extra_flags=extra_flags)
     library = ctypes.CDLL(str(path))
-    handlers = {symbol: getattr(library, symbol) for symbol in symbols}
   except (NativeBuildError, OSError) as e:
     return str(e)
-  except AttributeError:
-    missing = [symbol for symbol in symbols if not hasattr(library, symbol)]
-    return f"{path} (built from {source}) lacks the FFI handlers {missing}"
-  for symbol, handler in handlers.items():
-    jax.ffi.register_ffi_target(symbol, jax.ffi.pycapsule(handler), "cpu")
+  if missing := [symbol for symbol in symbols if not hasattr(library, symbol)]:
+    return f"{path} (built from {source}) lacks the symbols {missing}"
+  return library
+
+
+@functools.cache
+def _registered(source: pathlib.Path, symbols: tuple[str, ...]) -> str | None:
+  """Loads and registers the FFI handlers once per process: None, or why that failed."""
+  import jax
+
+  library = _loaded(source, symbols, ())
+  if isinstance(library, str):
+    return library
+  for symbol in symbols:
+    jax.ffi.register_ffi_target(symbol, jax.ffi.pycapsule(getattr(library, symbol)), "cpu")
   return None
 
 
 @functools.cache
 def _warn(message: str) -> None:
   warnings.warn(
-    f"{message}\nUsing the XLA form instead; {SWITCH}=0 silences this.",
+    f"{message}\nUsing the NumPy or XLA form instead; {SWITCH}=0 silences this.",
     RuntimeWarning,
     stacklevel=4,
   )
+
+
+def _usable(error: str | None) -> bool:
+  if error is None:
+    return True
+  if mode() == "on":
+    raise NativeBuildError(error)
+  _warn(error)
+  return False
 
 
 def available(source: str | os.PathLike, symbols: tuple[str, ...]) -> bool:
@@ -153,13 +181,17 @@ def available(source: str | os.PathLike, symbols: tuple[str, ...]) -> bool:
   same names, building and registering them on the first call of the process. False when
   :func:`mode` is ``'off'``, or when the build failed in ``'auto'`` mode (warned once);
   in ``'on'`` mode a failed build raises :class:`NativeBuildError`."""
-  wanted = mode()
-  if wanted == "off":
+  if mode() == "off":
     return False
-  error = _registered(pathlib.Path(source).resolve(), tuple(symbols))
-  if error is None:
-    return True
-  if wanted == "on":
-    raise NativeBuildError(error)
-  _warn(error)
-  return False
+  return _usable(_registered(pathlib.Path(source).resolve(), tuple(symbols)))
+
+
+def library(
+  source: str | os.PathLike, symbols: tuple[str, ...], *, extra_flags: tuple[str, ...] = ()
+) -> ctypes.CDLL | None:
+  """The library built from ``source`` with C functions ``symbols`` (for ctypes), built and
+  loaded on the first call of the process; None as :func:`available` returns False."""
+  if mode() == "off":
+    return None
+  loaded = _loaded(pathlib.Path(source).resolve(), tuple(symbols), tuple(extra_flags))
+  return loaded if _usable(loaded if isinstance(loaded, str) else None) else None

@@ -34,11 +34,12 @@ def test_dlrm_train_flops_is_three_forward_passes_as_xla_counts_them(shape, monk
 
 
 # The pipelined and the synchronous step give the same bits, so the same evaluation; the
-# interaction's kernel and XLA's form round differently, so close models.
+# interaction's kernel and XLA's form round differently (the host's Adam kernel does not), so
+# close models.
 @pytest.mark.slow  # two runs at batch 4096 each: about half a minute
 @pytest.mark.parametrize(
   ("what", "variants", "auc_tolerance"),
-  [("pipeline", ["pipelined", "synchronous"], 0), ("interaction", ["native", "xla"], 1e-3)],
+  [("pipeline", ["pipelined", "synchronous"], 0), ("native", ["kernels", "xla+numpy"], 1e-3)],
 )
 def test_a_comparison_runs_both_variants_to_the_same_or_a_close_model(
   what, variants, auc_tolerance

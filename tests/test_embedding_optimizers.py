@@ -9,6 +9,7 @@ import optax
 import pytest
 
 from kstep_adam import embedding
+from kstep_adam.embedding import _optimizers
 
 NUM_ROWS, DIM = 300, 4
 
@@ -175,3 +176,32 @@ def test_learning_rate_schedule_is_followed_in_catch_up(tmp_path):
   with pytest.raises(ValueError, match="schedule"):
     table.close()
     embedding.open_table(tmp_path / "t")
+
+
+@pytest.mark.parametrize("mode", ["exact", "lazy"])
+def test_the_adam_kernel_gives_the_numpy_forms_bits(mode, monkeypatch):
+  # Rows laid out as a table's block holds them ([last step, params, m, v] per row), with
+  # zeros of both signs, tiny and huge values; several steps, so every step scalar varies.
+  dim, n = 16, 1037
+  rng = np.random.default_rng(0)
+  block = rng.standard_normal((n, 1 + 3 * dim)).astype(np.float32)
+  block[:, 1 + 2 * dim :] = np.abs(block[:, 1 + 2 * dim :])  # v >= 0
+  block[:5, 1:] = 0.0
+  block[5:10, 1 : 1 + 2 * dim] = -0.0
+  block[10:20, 1:] *= np.float32(1e-30)
+  block[20:30, 1 : 1 + dim] *= np.float32(1e30)
+  grads = rng.standard_normal((n, dim)).astype(np.float32)
+  grads[:3] = 0.0
+  grads[30:40] *= np.float32(1e-20)
+  opt = embedding.SparseAdam(learning_rate=lambda c: 1e-2 / (1 + c), mode=mode, eps=1e-8)
+  results = {}
+  for switch in ("1", "0"):  # the kernel, then the NumPy form
+    monkeypatch.setenv("KSTEP_ADAM_NATIVE_KERNELS", switch)
+    rows = block.copy()
+    kernel = _optimizers._adam_kernel(rows[:, 1 : 1 + dim], rows[:, 1 + dim :])
+    assert (kernel is not None) == (switch == "1")
+    for step in (1, 2, 7, 1000):
+      opt.apply(rows[:, 1 : 1 + dim], rows[:, 1 + dim :], grads * step, step)
+    results[switch] = rows
+  assert results["1"].tobytes() == results["0"].tobytes()
+  assert not np.array_equal(results["1"], block)  # the step did change the rows

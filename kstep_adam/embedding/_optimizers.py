@@ -19,20 +19,37 @@ host and gets the same bits. Two details make that hold:
   time): XLA's CPU and GPU compilers contract ``a * b + c`` into a fused multiply-add, which
   rounds once instead of twice; ``fma(a, b, 0)`` is the rounded product, so with the extra
   addition both sides round twice. The host adds a literal zero, which changes nothing.
+
+On a host with a C++ compiler, ``SparseAdam.apply`` runs ``sparse_adam.cc`` instead of the
+NumPy form (built on first use, see :mod:`kstep_adam._native`): one pass over the rows with
+the same operations in the same order, so the same bits (``tests/test_embedding_optimizers.py``
+compares them); the NumPy form makes about a dozen passes, each with a float64 temporary.
 """
 
+import ctypes
 import dataclasses
 import functools
 import math
+import pathlib
 from collections.abc import Callable
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 
+from kstep_adam import _native
 from kstep_adam import _validation
 
 ScalarOrSchedule = float | Callable[[np.ndarray], Any]
+_ADAM_SOURCE = pathlib.Path(__file__).with_name("sparse_adam.cc")
+_ADAM_SYMBOL = "KstepSparseAdamApply"
+_ADAM_ARGS = [ctypes.c_void_p] * 2 + [
+  ctypes.c_int64,
+  ctypes.c_void_p,
+  ctypes.c_int64,
+  ctypes.c_int64,
+]
+_ADAM_ARGS += [ctypes.c_double] * 7 + [ctypes.c_int32]
 ADAM_MODES = ("exact", "lazy")
 # The exact catch-up truncates its sum once the remaining tail is below this fraction of
 # the largest learning rate (2^-24: float32's half-ulp at 1.0).
@@ -280,6 +297,26 @@ class SparseAdam:
   def apply(self, params_NxD, slots_NxS, grads_NxD, step: int) -> None:
     """Applies step number ``step`` (1-based) with summed gradients, in place."""
     dim = params_NxD.shape[1]
+    if (kernel := _adam_kernel(params_NxD, slots_NxS)) is not None:
+      grads = np.ascontiguousarray(grads_NxD, np.float32)
+      scalars = self.step_scalars(step)
+      kernel(
+        params_NxD.ctypes.data,
+        slots_NxS.ctypes.data,
+        params_NxD.strides[0] // 4,
+        grads.ctypes.data,
+        len(params_NxD),
+        dim,
+        self.b1,
+        self.b2,
+        scalars["lr"],
+        scalars["bc1"],
+        scalars["bc2"],
+        scalars["lazy_scale"],
+        self.eps,
+        self.mode == "exact",
+      )
+      return
     m, v = adam_moments(
       np,
       slots_NxS[:, :dim],
@@ -446,3 +483,34 @@ def _catch_up_terms(b1: float, b2: float) -> int:
   # smallest n with B Q r^(n+1) / (1 - r) <= tol
   n = math.log(CATCH_UP_TAIL_TOL * (1.0 - r) / (bound_b * bound_q)) / math.log(r) - 1.0
   return max(1, math.ceil(n))
+
+
+@functools.cache
+def _adam_function() -> Callable | None:
+  library = _native.library(_ADAM_SOURCE, (_ADAM_SYMBOL,), extra_flags=("-ffp-contract=off",))
+  if library is None:
+    return None
+  function = getattr(library, _ADAM_SYMBOL)
+  function.argtypes, function.restype = _ADAM_ARGS, None
+  return function
+
+
+def _adam_kernel(params_NxD, slots_NxS) -> Callable | None:
+  """``sparse_adam.cc``'s step where it applies: float32 rows, each a run of ``D`` parameters
+  and, the same distance apart, a run of ``2 D`` slots (m then v), as a table's block of
+  rows holds them; else None (the NumPy form)."""
+  if _native.mode() == "off":  # read at each call, as the switch's other users do
+    return None
+  n, dim = params_NxD.shape
+  rows = params_NxD.strides[0]
+  fits = (
+    params_NxD.dtype == slots_NxS.dtype == np.float32
+    and slots_NxS.shape == (n, 2 * dim)
+    and params_NxD.strides[1] == slots_NxS.strides[1] == 4
+    and slots_NxS.strides[0] == rows
+    and rows > 0
+    and rows % 4 == 0
+    and params_NxD.flags.writeable
+    and slots_NxS.flags.writeable
+  )
+  return _adam_function() if fits else None
