@@ -28,6 +28,7 @@ import hashlib
 import os
 import pathlib
 import platform
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -36,6 +37,7 @@ import warnings
 SWITCH = "KSTEP_ADAM_NATIVE_KERNELS"
 CACHE_DIR = "KSTEP_ADAM_CACHE_DIR"
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC")
+_BUILD_TIMEOUT = 600  # seconds
 _SWITCH_VALUES = {"": "auto", "auto": "auto", "1": "on", "on": "on", "0": "off", "off": "off"}
 
 
@@ -59,13 +61,14 @@ def cache_dir() -> pathlib.Path:
   return pathlib.Path(base).expanduser() / "kstep_adam" / "kernels"
 
 
-def compiler() -> str:
-  """The C++ compiler a kernel is built with: ``$CXX``, else the first of c++, g++, clang++."""
-  if cxx := os.environ.get("CXX"):
-    return cxx
+def compiler() -> list[str]:
+  """The C++ compiler a kernel is built with, as a command: ``$CXX`` (which may hold
+  arguments, as ``ccache g++``), else the first of c++, g++, clang++."""
+  if cxx := os.environ.get("CXX", "").strip():
+    return shlex.split(cxx)
   for name in ("c++", "g++", "clang++"):
     if path := shutil.which(name):
-      return path
+      return [path]
   raise NativeBuildError("no C++ compiler: set CXX, or install g++ or clang++")
 
 
@@ -94,14 +97,14 @@ def build(
   cxx = compiler()
   try:
     version = subprocess.run(
-      [cxx, "--version"], capture_output=True, text=True, check=True
+      [*cxx, "--version"], capture_output=True, text=True, check=True, timeout=60
     ).stdout.splitlines()[0]
-  except (OSError, subprocess.CalledProcessError, IndexError) as e:
-    raise NativeBuildError(f"the C++ compiler {cxx!r} does not run: {e}") from e
+  except (OSError, subprocess.SubprocessError, IndexError) as e:
+    raise NativeBuildError(f"the C++ compiler {shlex.join(cxx)!r} does not run: {e}") from e
   key = "\n".join(
     [
       source.read_text(),
-      cxx,
+      *cxx,
       version,
       *flags,
       jaxlib.__version__,
@@ -117,12 +120,16 @@ def build(
   fd, partial = tempfile.mkstemp(prefix=f".{library.name}.", dir=directory)
   os.close(fd)
   try:
-    command = [cxx, *flags, "-isystem", jax.ffi.include_dir(), str(source), "-o", partial]
-    done = subprocess.run(command, capture_output=True, text=True)
+    command = [*cxx, *flags, "-isystem", jax.ffi.include_dir(), str(source), "-o", partial]
+    try:
+      done = subprocess.run(command, capture_output=True, text=True, timeout=_BUILD_TIMEOUT)
+    except subprocess.TimeoutExpired as e:
+      raise NativeBuildError(f"compiling {source} took over {_BUILD_TIMEOUT} s") from e
     if done.returncode != 0:
       raise NativeBuildError(
-        f"compiling {source} failed ({' '.join(command)}):\n{done.stderr.strip()[-2000:]}"
+        f"compiling {source} failed ({shlex.join(command)}):\n{done.stderr.strip()[-2000:]}"
       )
+    os.chmod(partial, 0o755)  # mkstemp's 0600: other users of a shared cache read it too
     os.replace(partial, library)  # atomic: a racing process finds a whole library or none
   finally:
     if os.path.exists(partial):

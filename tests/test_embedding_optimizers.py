@@ -198,10 +198,33 @@ def test_the_adam_kernel_gives_the_numpy_forms_bits(mode, monkeypatch):
   for switch in ("1", "0"):  # the kernel, then the NumPy form
     monkeypatch.setenv("KSTEP_ADAM_NATIVE_KERNELS", switch)
     rows = block.copy()
-    kernel = _optimizers._adam_kernel(rows[:, 1 : 1 + dim], rows[:, 1 + dim :])
+    kernel = _optimizers._adam_kernel(rows[:, 1 : 1 + dim], rows[:, 1 + dim :], grads)
     assert (kernel is not None) == (switch == "1")
     for step in (1, 2, 7, 1000):
       opt.apply(rows[:, 1 : 1 + dim], rows[:, 1 + dim :], grads * step, step)
     results[switch] = rows
   assert results["1"].tobytes() == results["0"].tobytes()
   assert not np.array_equal(results["1"], block)  # the step did change the rows
+
+
+def test_the_adam_kernel_takes_separate_arrays_and_leaves_other_gradients_to_numpy(monkeypatch):
+  # The in-RAM baseline's layout (params and slots in arrays of their own) fits the kernel;
+  # float64 or broadcast gradients go to the NumPy form, which takes them as they are.
+  monkeypatch.setenv("KSTEP_ADAM_NATIVE_KERNELS", "1")
+  rng = np.random.default_rng(1)
+  params = rng.standard_normal((50, 4)).astype(np.float32)
+  slots = np.abs(rng.standard_normal((50, 8))).astype(np.float32)
+  grads = rng.standard_normal((50, 4)).astype(np.float32)
+  assert _optimizers._adam_kernel(params, slots, grads) is not None
+  assert _optimizers._adam_kernel(params, slots, grads.astype(np.float64)) is None
+  assert _optimizers._adam_kernel(params, slots, grads[:1]) is None
+  opt = embedding.SparseAdam(learning_rate=1e-2, mode="lazy")
+  ours = params.copy(), slots.copy()
+  opt.apply(*ours, grads, 5)
+  monkeypatch.setenv("KSTEP_ADAM_NATIVE_KERNELS", "0")
+  numpy_form = params.copy(), slots.copy()
+  opt.apply(*numpy_form, grads, 5)
+  for a, b in zip(ours, numpy_form, strict=True):
+    assert a.tobytes() == b.tobytes()
+  with pytest.raises(ValueError):  # a gradient of the wrong length is refused, not read past
+    opt.apply(params.copy(), slots.copy(), grads[:10], 5)

@@ -32,6 +32,7 @@ def test_a_kernel_builds_once_into_its_cache_and_loads(tmp_path, where):
   assert _native.build(source, target) == library  # the same inputs: no second build
   assert library.stat().st_mtime_ns == built
   assert os.listdir(target) == [library.name]  # no partial file left behind
+  assert library.stat().st_mode & 0o777 == 0o755  # readable by the other users of a cache
   source.write_text(SOURCE % 7)  # a changed source is another library
   changed = _native.build(source, target)
   assert changed != library and ctypes.CDLL(str(changed)).Answer() == 7
@@ -54,7 +55,7 @@ def test_a_broken_source_or_a_missing_compiler_is_named(tmp_path, monkeypatch):
     _native.build(broken, tmp_path / "cache")
   assert "broken.cc:1" in str(e.value)  # the compiler's own message, file and line
   assert os.listdir(tmp_path / "cache") == []  # no partial library
-  monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+  monkeypatch.setenv("CXX", f"env {tmp_path / 'no-such-compiler'}")  # a command with arguments
   with pytest.raises(_native.NativeBuildError, match=r"no-such-compiler.* does not run"):
     _native.build(_source(tmp_path / "src"), tmp_path / "cache")
 

@@ -31,6 +31,7 @@ import dataclasses
 import functools
 import math
 import pathlib
+import warnings
 from collections.abc import Callable
 from collections.abc import Mapping
 from typing import Any
@@ -43,8 +44,8 @@ from kstep_adam import _validation
 ScalarOrSchedule = float | Callable[[np.ndarray], Any]
 _ADAM_SOURCE = pathlib.Path(__file__).with_name("sparse_adam.cc")
 _ADAM_SYMBOL = "KstepSparseAdamApply"
-_ADAM_ARGS = [ctypes.c_void_p] * 2 + [
-  ctypes.c_int64,
+_ADAM_FLAGS = ("-ffp-contract=off", "-fno-fast-math")  # the NumPy form's roundings, one by one
+_ADAM_ARGS = [ctypes.c_void_p, ctypes.c_int64] * 2 + [
   ctypes.c_void_p,
   ctypes.c_int64,
   ctypes.c_int64,
@@ -296,48 +297,8 @@ class SparseAdam:
 
   def apply(self, params_NxD, slots_NxS, grads_NxD, step: int) -> None:
     """Applies step number ``step`` (1-based) with summed gradients, in place."""
-    dim = params_NxD.shape[1]
-    if (kernel := _adam_kernel(params_NxD, slots_NxS)) is not None:
-      grads = np.ascontiguousarray(grads_NxD, np.float32)
-      scalars = self.step_scalars(step)
-      kernel(
-        params_NxD.ctypes.data,
-        slots_NxS.ctypes.data,
-        params_NxD.strides[0] // 4,
-        grads.ctypes.data,
-        len(params_NxD),
-        dim,
-        self.b1,
-        self.b2,
-        scalars["lr"],
-        scalars["bc1"],
-        scalars["bc2"],
-        scalars["lazy_scale"],
-        self.eps,
-        self.mode == "exact",
-      )
-      return
-    m, v = adam_moments(
-      np,
-      slots_NxS[:, :dim],
-      slots_NxS[:, dim:],
-      grads_NxD.astype(np.float64),
-      b1=self.b1,
-      b2=self.b2,
-      zero=0.0,
-    )
-    params_NxD[:] = adam_params(
-      np,
-      params_NxD,
-      m,
-      v,
-      **self.step_scalars(step),
-      eps=self.eps,
-      exact=self.mode == "exact",
-      zero=0.0,
-    )
-    slots_NxS[:, :dim] = m
-    slots_NxS[:, dim:] = v
+    kernel = _adam_kernel(params_NxD, slots_NxS, grads_NxD)
+    _adam_step(self, params_NxD, slots_NxS, grads_NxD, step, kernel)
 
   def step_scalars(self, step: int) -> dict:
     """The float64 scalars of step number ``step`` (1-based): ``lr``, ``bc1``, ``bc2``,
@@ -485,31 +446,96 @@ def _catch_up_terms(b1: float, b2: float) -> int:
   return max(1, math.ceil(n))
 
 
-@functools.cache
+def _adam_step(opt: SparseAdam, params_NxD, slots_NxS, grads_NxD, step: int, kernel) -> None:
+  """``opt``'s step by ``kernel`` (the C++ function; see :func:`_adam_kernel` for the arrays it
+  takes), or by the NumPy form when ``kernel`` is None."""
+  dim = params_NxD.shape[1]
+  scalars = opt.step_scalars(step)
+  if kernel is not None:
+    grads = np.ascontiguousarray(grads_NxD)
+    kernel(
+      params_NxD.ctypes.data,
+      params_NxD.strides[0] // 4,
+      slots_NxS.ctypes.data,
+      slots_NxS.strides[0] // 4,
+      grads.ctypes.data,
+      len(params_NxD),
+      dim,
+      opt.b1,
+      opt.b2,
+      scalars["lr"],
+      scalars["bc1"],
+      scalars["bc2"],
+      scalars["lazy_scale"],
+      opt.eps,
+      opt.mode == "exact",
+    )
+    return
+  m, v = adam_moments(
+    np,
+    slots_NxS[:, :dim],
+    slots_NxS[:, dim:],
+    grads_NxD.astype(np.float64),
+    b1=opt.b1,
+    b2=opt.b2,
+    zero=0.0,
+  )
+  params_NxD[:] = adam_params(
+    np, params_NxD, m, v, **scalars, eps=opt.eps, exact=opt.mode == "exact", zero=0.0
+  )
+  slots_NxS[:, :dim] = m
+  slots_NxS[:, dim:] = v
+
+
 def _adam_function() -> Callable | None:
-  library = _native.library(_ADAM_SOURCE, (_ADAM_SYMBOL,), extra_flags=("-ffp-contract=off",))
-  if library is None:
-    return None
+  """The kernel's function, or None (off, or the build failed: warned once, or raised when
+  the switch requires the kernels); asked anew at each call, the build and load are cached."""
+  library = _native.library(_ADAM_SOURCE, (_ADAM_SYMBOL,), extra_flags=_ADAM_FLAGS)
+  return None if library is None else _checked_adam_function(library)
+
+
+@functools.cache
+def _checked_adam_function(library) -> Callable | None:
+  """The library's function, once it gave the NumPy form's bits on a sample block (a
+  compiler that reorders float operations despite the flags would not); else None, warned,
+  or raised when the switch requires the kernels."""
   function = getattr(library, _ADAM_SYMBOL)
   function.argtypes, function.restype = _ADAM_ARGS, None
+  rng = np.random.default_rng(0)
+  dim, n = 8, 64
+  block = rng.standard_normal((n, 1 + 3 * dim)).astype(np.float32)
+  block[:, 1 + 2 * dim :] **= 2
+  block[:4] = -0.0
+  grads = rng.standard_normal((n, dim)).astype(np.float32)
+  for mode in ADAM_MODES:
+    opt = SparseAdam(learning_rate=1e-2, mode=mode)
+    ours, numpy_form = block.copy(), block.copy()
+    for rows, fn in ((ours, function), (numpy_form, None)):
+      _adam_step(opt, rows[:, 1 : 1 + dim], rows[:, 1 + dim :], grads, 3, fn)
+    if ours.tobytes() != numpy_form.tobytes():
+      message = f"{_ADAM_SOURCE.name} does not give the NumPy form's bits with this compiler"
+      if _native.mode() == "on":
+        raise _native.NativeBuildError(message)
+      warnings.warn(message + "; using the NumPy form", RuntimeWarning, stacklevel=2)
+      return None
   return function
 
 
-def _adam_kernel(params_NxD, slots_NxS) -> Callable | None:
-  """``sparse_adam.cc``'s step where it applies: float32 rows, each a run of ``D`` parameters
-  and, the same distance apart, a run of ``2 D`` slots (m then v), as a table's block of
-  rows holds them; else None (the NumPy form)."""
+def _adam_kernel(params_NxD, slots_NxS, grads_NxD) -> Callable | None:
+  """``sparse_adam.cc``'s step where it applies: float32 rows of ``D`` parameters and of ``2 D``
+  slots (m then v), each row contiguous, and float32 ``[N, D]`` gradients; else None (the
+  NumPy form, which also broadcasts and takes float64 gradients)."""
   if _native.mode() == "off":  # read at each call, as the switch's other users do
     return None
   n, dim = params_NxD.shape
-  rows = params_NxD.strides[0]
   fits = (
-    params_NxD.dtype == slots_NxS.dtype == np.float32
+    params_NxD.dtype == slots_NxS.dtype == grads_NxD.dtype == np.float32
     and slots_NxS.shape == (n, 2 * dim)
-    and params_NxD.strides[1] == slots_NxS.strides[1] == 4
-    and slots_NxS.strides[0] == rows
-    and rows > 0
-    and rows % 4 == 0
+    and grads_NxD.shape == (n, dim)
+    and all(
+      x.strides[1] == 4 and x.strides[0] > 0 and x.strides[0] % 4 == 0 and x.flags.aligned
+      for x in (params_NxD, slots_NxS)
+    )
     and params_NxD.flags.writeable
     and slots_NxS.flags.writeable
   )

@@ -103,12 +103,21 @@ def _result_type(x: jax.Array, shape: tuple[int, ...]) -> jax.ShapeDtypeStruct:
   return x_type.update(shape=shape, sharding=x_type.sharding.update(spec=spec))
 
 
+def _kernel(target: str, result_type, *args):
+  if not native_available():
+    raise RuntimeError(
+      "the pair dots' C++ kernel is not there (KSTEP_ADAM_NATIVE_KERNELS=0, or its build "
+      "failed); use pairwise_dots, which falls back to the XLA form"
+    )
+  return jax.ffi.ffi_call(target, result_type, vmap_method="broadcast_all")(*args)
+
+
 @jax.custom_vjp
 def native_pairwise_dots(v: jax.Array) -> jax.Array:
-  """:func:`pairwise_dots` by the C++ kernel (float32, on a CPU; see :func:`native_available`)."""
+  """:func:`pairwise_dots` by the C++ kernel (float32, on a CPU; see :func:`native_available`).
+  Once differentiable: its backward is itself a kernel call."""
   n = v.shape[-2]
-  out_type = _result_type(v, (*v.shape[:-2], n * (n - 1) // 2))
-  return jax.ffi.ffi_call(TARGETS[0], out_type, vmap_method="broadcast_all")(v)
+  return _kernel(TARGETS[0], _result_type(v, (*v.shape[:-2], n * (n - 1) // 2)), v)
 
 
 def _native_fwd(v):
@@ -116,7 +125,7 @@ def _native_fwd(v):
 
 
 def _native_bwd(v, cotangent):
-  return (jax.ffi.ffi_call(TARGETS[1], jax.typeof(v), vmap_method="broadcast_all")(v, cotangent),)
+  return (_kernel(TARGETS[1], jax.typeof(v), v, cotangent),)
 
 
 native_pairwise_dots.defvjp(_native_fwd, _native_bwd)
@@ -128,20 +137,39 @@ def native_available() -> bool:
   return _native.available(_SOURCE, TARGETS)
 
 
+def _native_per_shard(v_BxNxD: jax.Array) -> jax.Array:
+  """The kernel on each device's part of a batch split over Explicit mesh axes (an FFI call
+  has no partitioning rule: XLA would gather the batch and run all of it everywhere)."""
+  sharding = jax.typeof(v_BxNxD).sharding
+  batch_spec = tuple(sharding.spec)[:-2]
+  if all(axes is None for axes in batch_spec):
+    return native_pairwise_dots(v_BxNxD)
+  return jax.shard_map(
+    native_pairwise_dots,
+    mesh=sharding.mesh,
+    in_specs=jax.sharding.PartitionSpec(*batch_spec, None, None),
+    out_specs=jax.sharding.PartitionSpec(*batch_spec, None),
+  )(v_BxNxD)
+
+
 def pairwise_dots(v_BxNxD: jax.Array) -> jax.Array:
   """The dot products ``<v_i, v_j>`` of every pair ``i < j``, ``[B, N (N-1) / 2]``.
 
   The same values and gradient as ``einsum('bnd,bmd->bnm', v, v)[:, i, j]`` with
   ``np.triu_indices``, up to float rounding: on a CPU by the C++ kernel where it is there
-  (:func:`native_available`, float32, at least two vectors), else by XLA
-  (:func:`xla_pairwise_dots`).
+  (:func:`native_available`, float32, at least two vectors, the vectors not split over
+  devices), else by XLA (:func:`xla_pairwise_dots`). The kernel's gradient is not itself
+  differentiable: a second-order derivative needs ``KSTEP_ADAM_NATIVE_KERNELS=0``. A batch
+  split over Explicit mesh axes runs the kernel on each device's part; under ``jit`` with
+  Auto sharding XLA gathers the batch for it (the trainer calls it inside ``shard_map``).
 
   Examples:
     >>> v = jnp.arange(6.0).reshape(1, 3, 2)
     >>> pairwise_dots(v)
     Array([[ 3.,  5., 23.]], dtype=float32)
   """
+  vectors_split = any(axes is not None for axes in tuple(jax.typeof(v_BxNxD).sharding.spec)[-2:])
   usable = v_BxNxD.dtype == jnp.float32 and v_BxNxD.shape[-2] >= 2 and v_BxNxD.size > 0
-  if not (usable and jax.default_backend() == "cpu" and native_available()):
+  if vectors_split or not (usable and jax.default_backend() == "cpu" and native_available()):
     return xla_pairwise_dots(v_BxNxD)
-  return jax.lax.platform_dependent(v_BxNxD, cpu=native_pairwise_dots, default=xla_pairwise_dots)
+  return jax.lax.platform_dependent(v_BxNxD, cpu=_native_per_shard, default=xla_pairwise_dots)

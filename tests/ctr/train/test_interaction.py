@@ -74,6 +74,8 @@ def test_the_kernel_runs_on_a_cpu_unless_switched_off(monkeypatch):
   assert not _custom_calls(grad(), v.astype(jnp.bfloat16))  # float32 only
   monkeypatch.setenv("KSTEP_ADAM_NATIVE_KERNELS", "0")
   assert not _custom_calls(grad(), v)
+  with pytest.raises(RuntimeError, match=r"kernel is not there.*use pairwise_dots"):
+    native_pairwise_dots(v)
   monkeypatch.setenv("KSTEP_ADAM_NATIVE_KERNELS", "yes")
   with pytest.raises(ValueError, match=r"KSTEP_ADAM_NATIVE_KERNELS='yes': must be 1"):
     pairwise_dots(v)
@@ -122,5 +124,8 @@ def test_the_kernel_under_vmap_shard_map_and_explicit_sharding():
   with jax.set_mesh(mesh):  # the global view, the batch sharded over an Explicit axis
     got_value, got_grad = jax.jit(_sum_of_squares_grad(pairwise_dots))(sharded)
     assert jax.typeof(pairwise_dots(sharded)).sharding.spec == P("batch", None)
+    # Each device runs the kernel on its own part, not on the gathered batch.
+    text = jax.jit(_sum_of_squares_grad(pairwise_dots)).lower(sharded).compile().as_text()
+    assert 'custom_call_target="KstepPairDots"' in text and "all-gather" not in text
   np.testing.assert_allclose(got_value, value, rtol=1e-5)
   np.testing.assert_allclose(got_grad, grad, rtol=1e-5, atol=1e-5)
