@@ -10,7 +10,7 @@ source, the compiler and its version, the flags, jaxlib's version, the CPU's fea
 changed source or a different CPU compiles anew, and processes racing to build it each write
 a temporary file and rename it into place.
 
-Two environment variables, read when a kernel is first needed:
+Two environment variables, read when a kernel is needed:
 
 - ``KSTEP_ADAM_NATIVE_KERNELS``: unset (the default) uses the kernels where they build and
   falls back to the forms they replace with a warning where they do not (no compiler); ``1``
@@ -190,7 +190,7 @@ def available(source: str | os.PathLike, symbols: tuple[str, ...]) -> bool:
   in ``'on'`` mode a failed build raises :class:`NativeBuildError`."""
   if mode() == "off":
     return False
-  return _usable(_registered(pathlib.Path(source).resolve(), tuple(symbols)))
+  return _usable(_registered(pathlib.Path(source), tuple(symbols)))
 
 
 def library(
@@ -200,5 +200,6 @@ def library(
   loaded on the first call of the process; None as :func:`available` returns False."""
   if mode() == "off":
     return None
-  loaded = _loaded(pathlib.Path(source).resolve(), tuple(symbols), tuple(extra_flags))
-  return loaded if _usable(loaded if isinstance(loaded, str) else None) else None
+  loaded = _loaded(pathlib.Path(source), tuple(symbols), tuple(extra_flags))
+  error = loaded if isinstance(loaded, str) else None
+  return loaded if _usable(error) else None

@@ -45,12 +45,12 @@ ScalarOrSchedule = float | Callable[[np.ndarray], Any]
 _ADAM_SOURCE = pathlib.Path(__file__).with_name("sparse_adam.cc")
 _ADAM_SYMBOL = "KstepSparseAdamApply"
 _ADAM_FLAGS = ("-ffp-contract=off", "-fno-fast-math")  # the NumPy form's roundings, one by one
-_ADAM_ARGS = [ctypes.c_void_p, ctypes.c_int64] * 2 + [
-  ctypes.c_void_p,
-  ctypes.c_int64,
-  ctypes.c_int64,
+_ADAM_ARGS = [
+  *(ctypes.c_void_p, ctypes.c_int64) * 2,  # params and slots, each with its row stride
+  *(ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64),  # grads, n, dim
+  *[ctypes.c_double] * 7,  # b1, b2, lr, bc1, bc2, lazy_scale, eps
+  ctypes.c_int32,  # exact
 ]
-_ADAM_ARGS += [ctypes.c_double] * 7 + [ctypes.c_int32]
 ADAM_MODES = ("exact", "lazy")
 # The exact catch-up truncates its sum once the remaining tail is below this fraction of
 # the largest learning rate (2^-24: float32's half-ulp at 1.0).
@@ -524,9 +524,8 @@ def _checked_adam_function(library) -> Callable | None:
 def _adam_kernel(params_NxD, slots_NxS, grads_NxD) -> Callable | None:
   """``sparse_adam.cc``'s step where it applies: float32 rows of ``D`` parameters and of ``2 D``
   slots (m then v), each row contiguous, and float32 ``[N, D]`` gradients; else None (the
-  NumPy form, which also broadcasts and takes float64 gradients)."""
-  if _native.mode() == "off":  # read at each call, as the switch's other users do
-    return None
+  NumPy form, which also broadcasts and takes float64 gradients). The switch is read at
+  each call (:func:`kstep_adam._native.library`), as its other users do."""
   n, dim = params_NxD.shape
   fits = (
     params_NxD.dtype == slots_NxS.dtype == grads_NxD.dtype == np.float32
