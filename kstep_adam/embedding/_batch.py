@@ -4,8 +4,11 @@ Every check runs before the table changes anything, so a bad input leaves it int
 """
 
 import threading
+from typing import NoReturn
 
 import numpy as np
+
+from kstep_adam.embedding import _row_kernels
 
 
 def check_ids(ids, num_rows: int) -> np.ndarray:
@@ -84,6 +87,7 @@ class RowDeduplicator:
   def __init__(self, num_rows: int):
     self.num_rows = int(num_rows)
     self._slot = None  # int32 [num_rows], allocated on first use
+    self._marks = None  # int32 [num_rows] zeros between calls: row_index.cc's scratch
     self._lock = threading.Lock()
 
   def __call__(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -93,6 +97,17 @@ class RowDeduplicator:
     if self.num_rows > DIRECT_DEDUP_MAX_ROWS or flat_N.size >= 1 << 31:
       unique_U, inverse_N = np.unique(flat_N, return_inverse=True)
       return unique_U, inverse_N.astype(np.int32).reshape(rows.shape)
+    if _row_kernels.available():  # row_index.cc: the same result in two passes
+      flat_N = np.ascontiguousarray(flat_N)
+      with self._lock:
+        if self._marks is None:
+          self._marks = np.zeros(self.num_rows, np.int32)
+        found = _row_kernels.deduplicate(flat_N, self._marks)
+      if isinstance(found, int):
+        self._out_of_range(flat_N[found])
+      return found[0], found[1].reshape(rows.shape)
+    if flat_N.size and (flat_N.min() < 0 or flat_N.max() >= self.num_rows):
+      self._out_of_range(flat_N[(flat_N < 0) | (flat_N >= self.num_rows)][0])
     position_N = np.arange(flat_N.size, dtype=np.int32)
     with self._lock:
       if self._slot is None:
@@ -105,6 +120,9 @@ class RowDeduplicator:
       slot[unique_U] = np.arange(unique_U.size, dtype=np.int32)
       inverse_N = slot[flat_N]
     return unique_U, inverse_N.reshape(rows.shape)
+
+  def _out_of_range(self, row) -> NoReturn:
+    raise ValueError(f"rows must be in [0, num_rows={self.num_rows}), got {int(row)}")
 
 
 def sum_duplicates(ids_N: np.ndarray, grads_NxD: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -141,6 +159,7 @@ def padded(values, size: int, fill, dtype=None) -> np.ndarray:
     array([ 3,  1, -1, -1], dtype=int32)
   """
   values = np.asarray(values)
-  out = np.full((size, *values.shape[1:]), fill, dtype or values.dtype)
+  out = np.empty((size, *values.shape[1:]), dtype or values.dtype)  # each entry written once
   out[: len(values)] = values
+  out[len(values) :] = fill
   return out

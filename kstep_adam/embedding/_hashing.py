@@ -8,6 +8,8 @@ regenerated on its own, in any order, on any machine.
 
 import numpy as np
 
+from kstep_adam.embedding import _row_kernels
+
 _GOLDEN_U64 = np.uint64(0x9E3779B97F4A7C15)
 _MIX1_U64 = np.uint64(0xBF58476D1CE4E5B9)
 _MIX2_U64 = np.uint64(0x94D049BB133111EB)
@@ -68,7 +70,11 @@ def hash_keys_to_rows(keys, num_rows: int, salt: int = 0) -> np.ndarray:
   if not np.issubdtype(keys.dtype, np.integer):
     raise ValueError(f"keys must be an integer array, got dtype {keys.dtype}")
   salt_u64 = splitmix64(np.uint64(int(salt) & 0xFFFFFFFFFFFFFFFF))
-  mixed_u64 = splitmix64(keys.astype(np.int64).view(np.uint64) ^ salt_u64)
+  keys_i64 = np.ascontiguousarray(keys.astype(np.int64, copy=False))
+  rows = _row_kernels.hash_rows(keys_i64, int(salt_u64), int(num_rows))
+  if rows is not None:  # row_index.cc: the same integers in one pass
+    return rows
+  mixed_u64 = splitmix64(keys_i64.view(np.uint64) ^ salt_u64)
   return (mixed_u64 % np.uint64(num_rows)).astype(np.int64)
 
 
