@@ -44,13 +44,29 @@ from kstep_adam import _validation
 ScalarOrSchedule = float | Callable[[np.ndarray], Any]
 _ADAM_SOURCE = pathlib.Path(__file__).with_name("sparse_adam.cc")
 _ADAM_SYMBOL = "KstepSparseAdamApply"
-_ADAM_FLAGS = ("-ffp-contract=off", "-fno-fast-math")  # the NumPy form's roundings, one by one
+_ADAM_FLAGS = (
+  "-ffp-contract=off",
+  "-fno-fast-math",
+  "-fno-math-errno",
+)  # the NumPy form's roundings, one by one
 _ADAM_ARGS = [
   *(ctypes.c_void_p, ctypes.c_int64) * 2,  # params and slots, each with its row stride
   *(ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64),  # grads, n, dim
   *[ctypes.c_double] * 7,  # b1, b2, lr, bc1, bc2, lazy_scale, eps
   ctypes.c_int32,  # exact
 ]
+_PUSH_SYMBOL = "KstepSparseAdamPush"
+_PUSH_ARGS = [
+  ctypes.c_void_p,  # table
+  ctypes.c_int64,  # width
+  *(ctypes.c_void_p, ctypes.c_int64),  # slots, n
+  *(ctypes.c_void_p, ctypes.c_int64),  # grads, dim
+  *(ctypes.c_void_p, ctypes.c_void_p),  # block, dirty
+  ctypes.c_int32,  # step
+  *[ctypes.c_double] * 7,  # b1, b2, lr, bc1, bc2, lazy_scale, eps
+  ctypes.c_int32,  # exact
+]
+_ADAM_SYMBOLS = (_ADAM_SYMBOL, _PUSH_SYMBOL)
 ADAM_MODES = ("exact", "lazy")
 # The exact catch-up truncates its sum once the remaining tail is below this fraction of
 # the largest learning rate (2^-24: float32's half-ulp at 1.0).
@@ -450,7 +466,6 @@ def _adam_step(opt: SparseAdam, params_NxD, slots_NxS, grads_NxD, step: int, ker
   """``opt``'s step by ``kernel`` (the C++ function; see :func:`_adam_kernel` for the arrays it
   takes), or by the NumPy form when ``kernel`` is None."""
   dim = params_NxD.shape[1]
-  scalars = opt.step_scalars(step)
   if kernel is not None:
     grads = np.ascontiguousarray(grads_NxD)
     kernel(
@@ -461,14 +476,7 @@ def _adam_step(opt: SparseAdam, params_NxD, slots_NxS, grads_NxD, step: int, ker
       grads.ctypes.data,
       len(params_NxD),
       dim,
-      opt.b1,
-      opt.b2,
-      scalars["lr"],
-      scalars["bc1"],
-      scalars["bc2"],
-      scalars["lazy_scale"],
-      opt.eps,
-      opt.mode == "exact",
+      *_kernel_scalars(opt, step),
     )
     return
   m, v = adam_moments(
@@ -481,16 +489,135 @@ def _adam_step(opt: SparseAdam, params_NxD, slots_NxS, grads_NxD, step: int, ker
     zero=0.0,
   )
   params_NxD[:] = adam_params(
-    np, params_NxD, m, v, **scalars, eps=opt.eps, exact=opt.mode == "exact", zero=0.0
+    np, params_NxD, m, v, **opt.step_scalars(step), eps=opt.eps, exact=opt.mode == "exact", zero=0.0
   )
   slots_NxS[:, :dim] = m
   slots_NxS[:, dim:] = v
 
 
+class RowPush:
+  """``sparse_adam.cc``'s push of one step to rows of a table's host cache, all or nothing:
+  the bits of the NumPy form (gather the rows, :meth:`SparseAdam.apply`, check them, store
+  them with their new last step, mark them dirty) in one pass. Built by :func:`row_push`.
+
+  The table's rows are float32 ``[C, 1 + 3 D]``: column 0 holds the int32 bits of
+  ``last_step + 1``, then the parameters, ``m`` and ``v``.
+  """
+
+  def __init__(self, function, opt: SparseAdam, rows_CxW: np.ndarray, dirty_C: np.ndarray):
+    self._function, self._opt, self._rows, self._dirty = function, opt, rows_CxW, dirty_C
+    self._block = np.empty((0, rows_CxW.shape[1]), np.float32)  # scratch, kept between calls
+
+  def __call__(self, slots_N: np.ndarray, grads_NxD: np.ndarray, step: int) -> np.ndarray | None:
+    """Steps the rows at ``slots_N`` (distinct, pinned) to ``step`` with float32 ``grads_NxD``.
+
+    Returns None once every row is stored. Otherwise nothing is stored, and the return is
+    the stepped rows ``[N, 1 + 3 D]`` when some hold a value that is not finite, or an empty
+    array when an exact step must first catch rows up (the caller's NumPy form does that).
+    """
+    opt, rows = self._opt, self._rows
+    slots = np.ascontiguousarray(slots_N, dtype=np.int64)
+    grads = np.ascontiguousarray(grads_NxD, dtype=np.float32)
+    if len(self._block) < len(slots):  # grown by powers of two: a fresh one faults its pages
+      self._block = np.empty((_batch_rows(len(slots)), rows.shape[1]), np.float32)
+    block = self._block[: len(slots)]
+    status = self._function(
+      rows.ctypes.data,
+      rows.shape[1],
+      slots.ctypes.data,
+      len(slots),
+      grads.ctypes.data,
+      grads.shape[1],
+      block.ctypes.data,
+      self._dirty.ctypes.data,
+      step,
+      *_kernel_scalars(opt, step),
+    )
+    if status == 0:
+      return None
+    return block[:0] if status < 0 else block.copy()
+
+
+def _kernel_scalars(opt: SparseAdam, step: int) -> tuple:
+  """The last arguments of ``sparse_adam.cc``'s functions: ``b1, b2, lr, bc1, bc2,
+  lazy_scale, eps, exact`` of step number ``step``."""
+  scalars = opt.step_scalars(step)
+  return (
+    *(opt.b1, opt.b2),
+    *(scalars[name] for name in ("lr", "bc1", "bc2", "lazy_scale")),
+    *(opt.eps, opt.mode == "exact"),
+  )
+
+
+def _batch_rows(n: int) -> int:
+  return 1 << max(0, n - 1).bit_length()
+
+
+def row_push(opt, rows_CxW: np.ndarray, dirty_C: np.ndarray) -> RowPush | None:
+  """A :class:`RowPush` for ``opt`` on a host cache's rows and dirty flags, or None where it
+  does not apply (another optimizer, another layout, or the kernels off or not built)."""
+  fits = (
+    isinstance(opt, SparseAdam)
+    and rows_CxW.dtype == np.float32
+    and rows_CxW.ndim == 2
+    and rows_CxW.shape[1] > 1
+    and (rows_CxW.shape[1] - 1) % 3 == 0
+    and rows_CxW.flags.c_contiguous
+    and rows_CxW.flags.writeable
+    and dirty_C.dtype == np.bool_
+    and dirty_C.shape == rows_CxW.shape[:1]
+    and dirty_C.flags.c_contiguous
+  )
+  library = _native.library(_ADAM_SOURCE, _ADAM_SYMBOLS, extra_flags=_ADAM_FLAGS)
+  if not fits or library is None or _checked_adam_function(library) is None:
+    return None
+  function = _checked_push_function(library)
+  return None if function is None else RowPush(function, opt, rows_CxW, dirty_C)
+
+
+@functools.cache
+def _checked_push_function(library) -> Callable | None:
+  """The library's push, once it gave the NumPy form's bits on a sample cache (as
+  :func:`_checked_adam_function` checks the step alone); else None, warned, or raised when
+  the switch requires the kernels."""
+  function = getattr(library, _PUSH_SYMBOL)
+  function.argtypes, function.restype = _PUSH_ARGS, ctypes.c_int64
+  rng = np.random.default_rng(1)
+  dim, capacity = 8, 64
+  rows = rng.standard_normal((capacity, 1 + 3 * dim)).astype(np.float32)
+  rows[:, 1 + 2 * dim :] **= 2
+  rows[:, 0] = np.array([2], np.int32).view(np.float32)  # last step 1: no catch-up at step 2
+  slots = rng.permutation(capacity)[:40]
+  grads = rng.standard_normal((len(slots), dim)).astype(np.float32)
+  for mode in ADAM_MODES:
+    opt = SparseAdam(learning_rate=1e-2, mode=mode)
+    ours, numpy_form = rows.copy(), rows.copy()
+    dirty, numpy_dirty = np.zeros(capacity, bool), np.zeros(capacity, bool)
+    outcome = RowPush(function, opt, ours, dirty)(slots, grads, 2)
+    block = numpy_form[slots]
+    _adam_step(opt, block[:, 1 : 1 + dim], block[:, 1 + dim :], grads, 2, None)
+    block[:, 0] = np.array([3], np.int32).view(np.float32)
+    numpy_form[slots], numpy_dirty[slots] = block, True
+    if (
+      outcome is not None or ours.tobytes() != numpy_form.tobytes() or (dirty != numpy_dirty).any()
+    ):
+      return _bits_differ(f"{_ADAM_SOURCE.name}'s push")
+  return function
+
+
+def _bits_differ(what: str) -> None:
+  """What a kernel's failed self-check does: raise where the switch requires the kernels,
+  else warn (once per kernel: its check is cached) and return None, the NumPy form."""
+  message = f"{what} does not give the NumPy form's bits with this compiler"
+  if _native.mode() == "on":
+    raise _native.NativeBuildError(message)
+  warnings.warn(message + "; using the NumPy form", RuntimeWarning, stacklevel=3)
+
+
 def _adam_function() -> Callable | None:
   """The kernel's function, or None (off, or the build failed: warned once, or raised when
   the switch requires the kernels); asked anew at each call, the build and load are cached."""
-  library = _native.library(_ADAM_SOURCE, (_ADAM_SYMBOL,), extra_flags=_ADAM_FLAGS)
+  library = _native.library(_ADAM_SOURCE, _ADAM_SYMBOLS, extra_flags=_ADAM_FLAGS)
   return None if library is None else _checked_adam_function(library)
 
 
@@ -513,11 +640,7 @@ def _checked_adam_function(library) -> Callable | None:
     for rows, fn in ((ours, function), (numpy_form, None)):
       _adam_step(opt, rows[:, 1 : 1 + dim], rows[:, 1 + dim :], grads, 3, fn)
     if ours.tobytes() != numpy_form.tobytes():
-      message = f"{_ADAM_SOURCE.name} does not give the NumPy form's bits with this compiler"
-      if _native.mode() == "on":
-        raise _native.NativeBuildError(message)
-      warnings.warn(message + "; using the NumPy form", RuntimeWarning, stacklevel=2)
-      return None
+      return _bits_differ(_ADAM_SOURCE.name)
   return function
 
 

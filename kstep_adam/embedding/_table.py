@@ -45,8 +45,10 @@ from kstep_adam.embedding._errors import NonFiniteRowsError
 from kstep_adam.embedding._errors import TableFailedError
 from kstep_adam.embedding._errors import TableLockedError
 from kstep_adam.embedding._host_cache import HostCache
+from kstep_adam.embedding._optimizers import RowPush
 from kstep_adam.embedding._optimizers import RowwiseAdagrad
 from kstep_adam.embedding._optimizers import SparseAdam
+from kstep_adam.embedding._optimizers import row_push as row_push_for
 from kstep_adam.embedding._pending import Commit
 from kstep_adam.embedding._pending import PendingLog
 from kstep_adam.embedding._store import TableVersion
@@ -177,6 +179,7 @@ class EmbeddingTable:
       self._lock_file.close()
       raise
     self._cache = HostCache(host_cache_rows, config.width, dense_ids)
+    self._kept_row_push: RowPush | None = None  # see _row_push
     self._device_cache = device_cache
     self._open_device_step: np.ndarray | None = None  # slots of a begun, unended device step
     self._device_fns: dict = {}
@@ -342,12 +345,22 @@ class EmbeddingTable:
           device.evict(unique_U, self._install_locked)
       step = self._step + 1
       changed = False  # whether any row is at step t + 1 yet: then a failure is fatal
+      # sparse_adam.cc's push: the same bits as the NumPy form below, in one pass
+      row_push = self._row_push()
       try:
         for lo in range(0, len(unique_U), self._cache.capacity):
           hi = min(lo + self._cache.capacity, len(unique_U))
           # Once rows changed, a failed prefetch must not abort the push half done.
           slots = self._acquire(unique_U[lo:hi], prefetch_errors=not changed)
           try:
+            if row_push is not None:
+              stepped = row_push(slots, grads_UxD[lo:hi], step)
+              if stepped is None:  # stored
+                changed = True
+                continue
+              if len(stepped):  # nothing stored: some rows are not finite
+                bad = ~np.isfinite(stepped[:, 1:]).all(axis=1)
+                raise NonFiniteRowsError(unique_U[lo:hi][bad])
             block = np.take(self._cache.rows_CxW, slots, axis=0)  # a copy; take: twice as fast
             params, opt_slots = block[:, 1 : 1 + dim], block[:, 1 + dim :]
             with self._cache_unlocked():  # the slots are pinned: a prefetch may run meanwhile
@@ -368,6 +381,16 @@ class EmbeddingTable:
         raise
       self._step = step
       self._counts["pushes"] += 1
+
+  def _row_push(self) -> RowPush | None:
+    """The C++ push of this table's host cache (kept: it holds its scratch rows), or None
+    where it does not apply; the kernels' switch is read at every push."""
+    current = row_push_for(self.optimizer, self._cache.rows_CxW, self._cache.dirty_C)
+    if current is None:
+      return None
+    if self._kept_row_push is None:
+      self._kept_row_push = current
+    return self._kept_row_push
 
   def prefetch(self, ids) -> concurrent.futures.Future[int]:
     """Starts loading ``ids``' rows into the host cache on a background thread.
