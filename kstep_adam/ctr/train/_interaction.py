@@ -91,7 +91,7 @@ xla_pairwise_dots.defvjp(_pairwise_dots_fwd, _pairwise_dots_bwd)
 
 
 _SOURCE = pathlib.Path(__file__).with_name("pair_dots.cc")
-TARGETS = ("KstepPairDots", "KstepPairDotsGrad")
+TARGETS = ("KstepPairDots", "KstepPairDotsGrad", "KstepDlrmInteraction", "KstepDlrmInteractionGrad")
 
 
 def _result_type(x: jax.Array, shape: tuple[int, ...]) -> jax.ShapeDtypeStruct:
@@ -131,25 +131,62 @@ def _native_bwd(v, cotangent):
 native_pairwise_dots.defvjp(_native_fwd, _native_bwd)
 
 
+@jax.custom_vjp
+def native_dlrm_interaction(h: jax.Array, e: jax.Array) -> jax.Array:
+  """:func:`dlrm_interaction` by the C++ kernel (float32, on a CPU; see
+  :func:`native_available`); its backward is itself a kernel call."""
+  n = e.shape[-2] + 1
+  return _kernel(TARGETS[2], _result_type(h, (*h.shape[:-1], h.shape[-1] + n * (n - 1) // 2)), h, e)
+
+
+def _native_interaction_fwd(h, e):
+  return native_dlrm_interaction(h, e), (h, e)
+
+
+def _native_interaction_bwd(residuals, cotangent):
+  h, e = residuals
+  return tuple(_kernel(TARGETS[3], (jax.typeof(h), jax.typeof(e)), h, e, cotangent))
+
+
+native_dlrm_interaction.defvjp(_native_interaction_fwd, _native_interaction_bwd)
+
+
+def xla_dlrm_interaction(h: jax.Array, e: jax.Array) -> jax.Array:
+  """:func:`dlrm_interaction` by XLA: the vectors stacked, :func:`xla_pairwise_dots`."""
+  v = jnp.concatenate([h[..., None, :], e], axis=-2)
+  return jnp.concatenate([h, xla_pairwise_dots(v)], axis=-1)
+
+
 def native_available() -> bool:
   """Whether the C++ kernel is there to use in this process (built and registered on the
   first call; see :mod:`kstep_adam._native` for the switch and the cache)."""
   return _native.available(_SOURCE, TARGETS)
 
 
-def _native_per_shard(v_BxNxD: jax.Array) -> jax.Array:
-  """The kernel on each device's part of a batch split over Explicit mesh axes (an FFI call
-  has no partitioning rule: XLA would gather the batch and run all of it everywhere)."""
-  sharding = jax.typeof(v_BxNxD).sharding
-  batch_spec = tuple(sharding.spec)[:-2]
+def _per_shard(kernel, batch_axes: int, *args: jax.Array) -> jax.Array:
+  """``kernel(*args)`` on each device's part of a batch split over Explicit mesh axes (an FFI
+  call has no partitioning rule: XLA would gather the batch and run all of it everywhere).
+  The batch is the first ``batch_axes`` axes of every argument and of the ``[..., W]`` result."""
+  sharding = jax.typeof(args[0]).sharding
+  batch_spec = tuple(sharding.spec)[:batch_axes]
   if all(axes is None for axes in batch_spec):
-    return native_pairwise_dots(v_BxNxD)
+    return kernel(*args)
+  spec = functools.partial(jax.sharding.PartitionSpec, *batch_spec)
   return jax.shard_map(
-    native_pairwise_dots,
+    kernel,
     mesh=sharding.mesh,
-    in_specs=jax.sharding.PartitionSpec(*batch_spec, None, None),
-    out_specs=jax.sharding.PartitionSpec(*batch_spec, None),
-  )(v_BxNxD)
+    in_specs=tuple(spec(*[None] * (x.ndim - len(batch_spec))) for x in args),
+    out_specs=spec(None),
+  )(*args)
+
+
+def _kernel_fits(*args: jax.Array) -> bool:
+  """Whether the kernels take these arrays here: float32, not empty, a CPU backend with the
+  kernels built, and no split of the vectors' own axes (the last two of the last array)."""
+  last = args[-1]
+  vectors_split = any(axes is not None for axes in tuple(jax.typeof(last).sharding.spec)[-2:])
+  usable = all(x.dtype == jnp.float32 and x.size > 0 for x in args)
+  return not vectors_split and usable and jax.default_backend() == "cpu" and native_available()
 
 
 def pairwise_dots(v_BxNxD: jax.Array) -> jax.Array:
@@ -168,8 +205,28 @@ def pairwise_dots(v_BxNxD: jax.Array) -> jax.Array:
     >>> pairwise_dots(v)
     Array([[ 3.,  5., 23.]], dtype=float32)
   """
-  vectors_split = any(axes is not None for axes in tuple(jax.typeof(v_BxNxD).sharding.spec)[-2:])
-  usable = v_BxNxD.dtype == jnp.float32 and v_BxNxD.shape[-2] >= 2 and v_BxNxD.size > 0
-  if vectors_split or not (usable and jax.default_backend() == "cpu" and native_available()):
+  if v_BxNxD.shape[-2] < 2 or not _kernel_fits(v_BxNxD):
     return xla_pairwise_dots(v_BxNxD)
-  return jax.lax.platform_dependent(v_BxNxD, cpu=_native_per_shard, default=xla_pairwise_dots)
+  native = functools.partial(_per_shard, native_pairwise_dots, v_BxNxD.ndim - 2)
+  return jax.lax.platform_dependent(v_BxNxD, cpu=native, default=xla_pairwise_dots)
+
+
+def dlrm_interaction(h_BxD: jax.Array, emb_BxFxD: jax.Array) -> jax.Array:
+  """DLRM's interaction layer: ``[h, pairwise_dots(v)]``, ``[B, D + N (N-1) / 2]``, for the
+  ``N = F + 1`` vectors ``v = (h, e_1, ..., e_F)`` of each example (the bottom MLP's output
+  and the ``F`` fields' embeddings).
+
+  On a CPU the kernel (:func:`native_dlrm_interaction`, where :func:`pairwise_dots` would take
+  it) reads ``h`` and ``emb`` where they are and writes the dots after ``h``, so neither the
+  stacked vectors nor the concatenation is formed, forward or backward: the same values as
+  :func:`xla_dlrm_interaction`, and the bits of the pair-dots kernel on the stacked vectors.
+
+  Examples:
+    >>> h, e = jnp.ones((1, 2)), jnp.arange(4.0).reshape(1, 2, 2)
+    >>> dlrm_interaction(h, e)
+    Array([[ 1.,  1.,  1.,  5.,  3.]], dtype=float32)
+  """
+  if not _kernel_fits(h_BxD, emb_BxFxD):
+    return xla_dlrm_interaction(h_BxD, emb_BxFxD)
+  native = functools.partial(_per_shard, native_dlrm_interaction, h_BxD.ndim - 1)
+  return jax.lax.platform_dependent(h_BxD, emb_BxFxD, cpu=native, default=xla_dlrm_interaction)

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from kstep_adam.ctr.train._interaction import dlrm_interaction
 from kstep_adam.ctr.train._interaction import pairwise_dots
 
 MODELS = ("dlrm", "dcn_v2")
@@ -74,13 +75,13 @@ class DLRM(nnx.Module):
   def __call__(self, emb_BxFxD: jax.Array, dense_BxI: jax.Array) -> jax.Array:
     # The named scopes label the compiled ops (experiments/benchmarks/ctr_step_profile.py).
     if self.bottom is None:
-      first, v_BxNxD = [], emb_BxFxD
+      with jax.named_scope("interaction"):
+        z = pairwise_dots(emb_BxFxD)
     else:
       with jax.named_scope("bottom_mlp"):
         h_BxD = self.bottom(dense_BxI)
-      first, v_BxNxD = [h_BxD], jnp.concatenate([h_BxD[:, None, :], emb_BxFxD], axis=1)
-    with jax.named_scope("interaction"):
-      z = jnp.concatenate([*first, pairwise_dots(v_BxNxD)], axis=1)
+      with jax.named_scope("interaction"):
+        z = dlrm_interaction(h_BxD, emb_BxFxD)
     with jax.named_scope("top_mlp"):
       return self.top(z)[:, 0]
 

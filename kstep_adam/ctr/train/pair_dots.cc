@@ -2,8 +2,10 @@
 // and their gradient, as two XLA FFI handlers (kstep_adam/ctr/train/_interaction.py builds
 // this file on first use and registers them).
 //
-//   KstepPairDots:      v [..., N, D]                 -> z [..., N (N - 1) / 2]
-//   KstepPairDotsGrad:  v [..., N, D], dz [..., K]    -> dv [..., N, D]
+//   KstepPairDots:             v [..., N, D]                 -> z [..., N (N - 1) / 2]
+//   KstepPairDotsGrad:         v [..., N, D], dz [..., K]    -> dv [..., N, D]
+//   KstepDlrmInteraction:      h [..., D], e [..., F, D]     -> [h, pair dots of (h, e)]
+//   KstepDlrmInteractionGrad:  h, e, dz [..., D + K]         -> dh [..., D], de [..., F, D]
 //
 // z holds the pairs i < j in row-major upper-triangle order (numpy.triu_indices(N, 1)), and
 // dv_i = sum_{j != i} dz(i, j) v_j. The leading dimensions are one batch of examples.
@@ -114,15 +116,17 @@ inline void Dots(const float* xt, int64_t d, int64_t i, int64_t j0, float* z) {
   for (int q = 0; q < Q; ++q) Store(z + q * kLanes, acc[q]);
 }
 
-// The pair dots of `batch` examples, kLanes at a time.
-void PairDots(const float* v, float* out, int64_t batch, int64_t n, int64_t d) {
+// The pair dots of examples [b0, b1), kLanes at a time: load(b, lanes, xt) puts the vectors
+// of examples b .. b + lanes in lanes ([N][D][kLanes]), store(b, lanes, zt) takes their dots.
+template <typename Load, typename Store>
+void PairDots(int64_t b0, int64_t b1, int64_t n, int64_t d, const Load& load, const Store& store) {
   const int64_t k = n * (n - 1) / 2;
   thread_local std::vector<float> xt, zt;
   xt.resize(n * d * kLanes);
   zt.resize(k * kLanes);
-  for (int64_t b = 0; b < batch; b += kLanes) {
-    const int64_t lanes = std::min<int64_t>(kLanes, batch - b);
-    ToLanes(v + b * n * d, n * d, lanes, n * d, xt.data());
+  for (int64_t b = b0; b < b1; b += kLanes) {
+    const int64_t lanes = std::min<int64_t>(kLanes, b1 - b);
+    load(b, lanes, xt.data());
     float* z = zt.data();
     for (int64_t i = 0; i + 1 < n; ++i) {
       int64_t j = i + 1;  // eight accumulators at a time, then what is left
@@ -131,7 +135,7 @@ void PairDots(const float* v, float* out, int64_t batch, int64_t n, int64_t d) {
       if (j + 2 <= n) Dots<2>(xt.data(), d, i, j, z), j += 2, z += 2 * kLanes;
       if (j < n) Dots<1>(xt.data(), d, i, j, z), z += kLanes;
     }
-    FromLanes(zt.data(), lanes, k, out + b * k, k);
+    store(b, lanes, zt.data());
   }
 }
 
@@ -149,9 +153,11 @@ inline void GradRow(const float* gt, const int32_t* pair_i, const float* xt, int
   for (int q = 0; q < Q; ++q) Store(dvt + (i * d + e0 + q) * kLanes, acc[q]);
 }
 
-// The gradient of `batch` examples, kLanes at a time.
-void PairDotsGrad(const float* v, const float* dz, float* dv, int64_t batch, int64_t n,
-                  int64_t d) {
+// The gradient of examples [b0, b1), kLanes at a time: load as for PairDots, load_dz(b, lanes,
+// gt) puts their dots' cotangents in lanes ([K][kLanes]), store(b, lanes, dvt) takes dv.
+template <typename LoadV, typename LoadDz, typename StoreDv>
+void PairDotsGrad(int64_t b0, int64_t b1, int64_t n, int64_t d, const LoadV& load,
+                  const LoadDz& load_dz, const StoreDv& store) {
   const int64_t k = n * (n - 1) / 2;
   thread_local std::vector<int32_t> pair;  // pair[i * n + j]: the index of pair {i, j}
   thread_local std::vector<float> xt, gt, dvt;
@@ -164,10 +170,10 @@ void PairDotsGrad(const float* v, const float* dz, float* dv, int64_t batch, int
   xt.resize(n * d * kLanes);
   gt.resize(k * kLanes);
   dvt.resize(n * d * kLanes);
-  for (int64_t b = 0; b < batch; b += kLanes) {
-    const int64_t lanes = std::min<int64_t>(kLanes, batch - b);
-    ToLanes(v + b * n * d, n * d, lanes, n * d, xt.data());
-    ToLanes(dz + b * k, k, lanes, k, gt.data());
+  for (int64_t b = b0; b < b1; b += kLanes) {
+    const int64_t lanes = std::min<int64_t>(kLanes, b1 - b);
+    load(b, lanes, xt.data());
+    load_dz(b, lanes, gt.data());
     for (int64_t i = 0; i < n; ++i) {
       const int32_t* p = pair.data() + i * n;
       int64_t e = 0;
@@ -176,7 +182,7 @@ void PairDotsGrad(const float* v, const float* dz, float* dv, int64_t batch, int
       if (e + 2 <= d) GradRow<2>(gt.data(), p, xt.data(), n, d, i, e, dvt.data()), e += 2;
       if (e < d) GradRow<1>(gt.data(), p, xt.data(), n, d, i, e, dvt.data());
     }
-    FromLanes(dvt.data(), lanes, n * d, dv + b * n * d, n * d);
+    store(b, lanes, dvt.data());
   }
 }
 
@@ -227,7 +233,10 @@ ffi::Error PairDotsImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> v,
   const float* x = v.typed_data();
   float* y = z->typed_data();
   ParallelFor(pool, batch, [&](int64_t b0, int64_t b1) {
-    PairDots(x + b0 * n * d, y + b0 * k, b1 - b0, n, d);
+    PairDots(
+        b0, b1, n, d,
+        [&](int64_t b, int64_t lanes, float* xt) { ToLanes(x + b * n * d, n * d, lanes, n * d, xt); },
+        [&](int64_t b, int64_t lanes, const float* zt) { FromLanes(zt, lanes, k, y + b * k, k); });
   });
   return ffi::Error::Success();
 }
@@ -245,7 +254,88 @@ ffi::Error PairDotsGradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> v,
   const float* g = dz.typed_data();
   float* y = dv->typed_data();
   ParallelFor(pool, batch, [&](int64_t b0, int64_t b1) {
-    PairDotsGrad(x + b0 * n * d, g + b0 * k, y + b0 * n * d, b1 - b0, n, d);
+    PairDotsGrad(
+        b0, b1, n, d,
+        [&](int64_t b, int64_t lanes, float* xt) { ToLanes(x + b * n * d, n * d, lanes, n * d, xt); },
+        [&](int64_t b, int64_t lanes, float* gt) { ToLanes(g + b * k, k, lanes, k, gt); },
+        [&](int64_t b, int64_t lanes, const float* dvt) {
+          FromLanes(dvt, lanes, n * d, y + b * n * d, n * d);
+        });
+  });
+  return ffi::Error::Success();
+}
+
+// DLRM's interaction layer: z = [h, the pair dots of v = (h, e_1, ..., e_F)], with v never
+// formed: h [..., D] and e [..., F, D] go into the lanes from where they are, and the dots into
+// z [..., D + K] after h. The same dots, in the same order, as KstepPairDots of v.
+ffi::Error Interaction(ffi::Buffer<ffi::F32>& h, ffi::Buffer<ffi::F32>& e, int64_t* batch,
+                       int64_t* n, int64_t* d) {
+  if (ffi::Error error = Shape(e.dimensions(), batch, n, d); error.failure()) return error;
+  *n += 1;
+  if (static_cast<int64_t>(h.element_count()) != *batch * *d) {
+    return ffi::Error::InvalidArgument("interaction: h must be [..., D] for e [..., F, D]");
+  }
+  return ffi::Error::Success();
+}
+
+ffi::Error InteractionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> h, ffi::Buffer<ffi::F32> e,
+                           ffi::ResultBuffer<ffi::F32> z) {
+  int64_t batch, n, d;
+  if (ffi::Error error = Interaction(h, e, &batch, &n, &d); error.failure()) return error;
+  const int64_t k = n * (n - 1) / 2, f = n - 1, width = d + k;
+  if (static_cast<int64_t>(z->element_count()) != batch * width) {
+    return ffi::Error::InvalidArgument("interaction: z must be [..., D + N (N - 1) / 2]");
+  }
+  const float* hx = h.typed_data();
+  const float* ex = e.typed_data();
+  float* y = z->typed_data();
+  ParallelFor(pool, batch, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) std::memcpy(y + b * width, hx + b * d, d * sizeof(float));
+    PairDots(
+        b0, b1, n, d,
+        [&](int64_t b, int64_t lanes, float* xt) {
+          ToLanes(hx + b * d, d, lanes, d, xt);
+          ToLanes(ex + b * f * d, f * d, lanes, f * d, xt + d * kLanes);
+        },
+        [&](int64_t b, int64_t lanes, const float* zt) {
+          FromLanes(zt, lanes, k, y + b * width + d, width);
+        });
+  });
+  return ffi::Error::Success();
+}
+
+// Its gradient: dh = dz[:, :D] + dv_0 and de = (dv_1, ..., dv_F), dv as KstepPairDotsGrad's.
+ffi::Error InteractionGradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> h,
+                               ffi::Buffer<ffi::F32> e, ffi::Buffer<ffi::F32> dz,
+                               ffi::ResultBuffer<ffi::F32> dh, ffi::ResultBuffer<ffi::F32> de) {
+  int64_t batch, n, d;
+  if (ffi::Error error = Interaction(h, e, &batch, &n, &d); error.failure()) return error;
+  const int64_t k = n * (n - 1) / 2, f = n - 1, width = d + k;
+  if (static_cast<int64_t>(dz.element_count()) != batch * width ||
+      static_cast<int64_t>(dh->element_count()) != batch * d ||
+      static_cast<int64_t>(de->element_count()) != batch * f * d) {
+    return ffi::Error::InvalidArgument("interaction: dz must be like z, dh like h, de like e");
+  }
+  const float* hx = h.typed_data();
+  const float* ex = e.typed_data();
+  const float* g = dz.typed_data();
+  float* dhy = dh->typed_data();
+  float* dey = de->typed_data();
+  ParallelFor(pool, batch, [&](int64_t b0, int64_t b1) {
+    PairDotsGrad(
+        b0, b1, n, d,
+        [&](int64_t b, int64_t lanes, float* xt) {
+          ToLanes(hx + b * d, d, lanes, d, xt);
+          ToLanes(ex + b * f * d, f * d, lanes, f * d, xt + d * kLanes);
+        },
+        [&](int64_t b, int64_t lanes, float* gt) { ToLanes(g + b * width + d, width, lanes, k, gt); },
+        [&](int64_t b, int64_t lanes, const float* dvt) {
+          FromLanes(dvt, lanes, d, dhy + b * d, d);
+          for (int64_t l = 0; l < lanes; ++l) {
+            for (int64_t c = 0; c < d; ++c) dhy[(b + l) * d + c] += g[(b + l) * width + c];
+          }
+          FromLanes(dvt + d * kLanes, lanes, f * d, dey + b * f * d, f * d);
+        });
   });
   return ffi::Error::Success();
 }
@@ -263,4 +353,20 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(KstepPairDotsGrad, PairDotsGradImpl,
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(KstepDlrmInteraction, InteractionImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(KstepDlrmInteractionGrad, InteractionGradImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());

@@ -129,3 +129,52 @@ def test_the_kernel_under_vmap_shard_map_and_explicit_sharding():
     assert 'custom_call_target="KstepPairDots"' in text and "all-gather" not in text
   np.testing.assert_allclose(got_value, value, rtol=1e-5)
   np.testing.assert_allclose(got_grad, grad, rtol=1e-5, atol=1e-5)
+
+
+INTERACTION_SHAPES = [(4096, 26, 16), (1000, 26, 16), (13, 5, 5), (9, 1, 3), (7, 10, 24)]
+
+
+@pytest.mark.parametrize("shape", INTERACTION_SHAPES)
+def test_the_interaction_kernel_has_the_pair_kernels_bits_and_xlas_values(shape):
+  # [h, dots of (h, e)]: from the pair-dots kernel on the stacked vectors bit for bit (dh is
+  # the sum of the same two terms), from XLA's form up to rounding; forward and backward.
+  batch, fields, dim = shape
+  h, e = _normal((batch, dim)), _normal(shape, seed=1)
+  weights = _normal(dim + (fields + 1) * fields // 2, seed=2)
+
+  def stacked(h, e):
+    v = jnp.concatenate([h[:, None], e], axis=1)
+    return jnp.concatenate([h, native_pairwise_dots(v)], axis=1)
+
+  results = {}
+  for name, form in (
+    ("fused", _interaction.dlrm_interaction),
+    ("stacked", stacked),
+    ("xla", _interaction.xla_dlrm_interaction),
+  ):
+    loss = lambda h, e, form=form: jnp.sum(form(h, e) * weights)
+    results[name] = jax.jit(form)(h, e), *jax.jit(jax.grad(loss, argnums=(0, 1)))(h, e)
+  for fused, stacked_form, xla_form in zip(*results.values(), strict=True):
+    np.testing.assert_array_equal(fused, stacked_form)
+    np.testing.assert_allclose(fused, xla_form, rtol=1e-5, atol=1e-5)
+  loss = lambda h, e: jnp.sum(_interaction.dlrm_interaction(h, e) * weights)
+  assert _custom_calls(jax.value_and_grad(loss, argnums=(0, 1)), h, e) == {
+    "KstepDlrmInteraction",
+    "KstepDlrmInteractionGrad",
+  }
+
+
+def test_the_interaction_kernel_under_explicit_sharding_runs_per_device():
+  h, e = _normal((16, 8)), _normal((16, 5, 8), seed=1)
+  loss = lambda form: jax.value_and_grad(lambda h, e: jnp.sum(form(h, e) ** 2), argnums=(0, 1))
+  value, grads = loss(_interaction.xla_dlrm_interaction)(h, e)
+  mesh = jax.make_mesh((8,), ("batch",), axis_types=(AxisType.Explicit,))
+  put = lambda x: jax.device_put(x, NamedSharding(mesh, P("batch")))
+  with jax.set_mesh(mesh):
+    fn = jax.jit(loss(_interaction.dlrm_interaction))
+    got_value, got_grads = fn(put(h), put(e))
+    text = fn.lower(put(h), put(e)).compile().as_text()
+    assert 'custom_call_target="KstepDlrmInteraction"' in text and "all-gather" not in text
+  np.testing.assert_allclose(got_value, value, rtol=1e-5)
+  for got, expected in zip(got_grads, grads, strict=True):
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
