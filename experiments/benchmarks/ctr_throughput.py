@@ -1,6 +1,7 @@
 """Throughput of the CTR workflow against a plain JAX baseline and the PyTorch CPU peer.
 
-  python -m experiments.benchmarks.ctr_throughput            # CPU: also 8 simulated devices
+  python -m experiments.benchmarks.ctr_throughput            # CPU: 8 simulated devices
+  python -m experiments.benchmarks.ctr_throughput --only-peer --cpu-devices 1  # 1-device cases
   python -m experiments.benchmarks.ctr_throughput --steps 100 --out /tmp/ctr_bench.json
   python -m experiments.benchmarks.ctr_throughput --only-peer  # just the peer comparison
   python -m experiments.benchmarks.ctr_throughput --pipeline-compare --peer-rounds 3 --peer-steps 200
@@ -239,13 +240,16 @@ def run_peer_comparison(args, platform: str) -> dict:
   except ImportError as error:
     print(f"peer comparison skipped: {error}")
     return {"skipped": str(error)}
+  import jax
   from flax import nnx
 
   from kstep_adam import ctr
 
   cases = {
-    name: case for name, case in PEER_CASES.items() if platform == "cpu" or case[1] * case[2] == 1
+    name: case for name, case in PEER_CASES.items() if case[1] * case[2] <= jax.device_count()
   }
+  if skipped := sorted(set(PEER_CASES) - set(cases)):
+    print(f"skipped (more devices than this process has, see --cpu-devices): {skipped}")
   data = {}
   for batch in sorted({case[0] for case in cases.values()}):
     stream, batches = _batches(args.peer_steps, batch, args.peer_vocab_size, args.seed)
@@ -503,6 +507,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     action="store_true",
     help="only the main peer case with the C++ kernels and without (KSTEP_ADAM_NATIVE_KERNELS)",
   )
+  p.add_argument(
+    "--cpu-devices",
+    type=int,
+    default=None,
+    help="simulated CPU devices of this process (default: 1 for the A/B comparisons, which run "
+    "one device, as train_ctr does; 8 otherwise, which the 2 x 4 cases need). A one-device "
+    "case runs slower in an 8-device process; the peer cases that need more devices than "
+    "this are skipped",
+  )
   p.add_argument("--out", default=None, help="write the results as JSON here")
   return p.parse_args(argv)
 
@@ -510,7 +523,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> dict:
   args = parse_args(argv)
 
-  use_cpu_devices(8)  # a GPU backend ignores it
+  compare = args.pipeline_compare or args.native_compare
+  devices = args.cpu_devices if args.cpu_devices is not None else (1 if compare else 8)
+  use_cpu_devices(devices)  # a GPU backend ignores it
   import jax
 
   platform = jax.default_backend()
