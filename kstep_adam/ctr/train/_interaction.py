@@ -224,7 +224,7 @@ def dlrm_interaction(h_BxD: jax.Array, emb_BxFxD: jax.Array) -> jax.Array:
   Examples:
     >>> h, e = jnp.ones((1, 2)), jnp.arange(4.0).reshape(1, 2, 2)
     >>> dlrm_interaction(h, e)
-    Array([[ 1.,  1.,  1.,  5.,  3.]], dtype=float32)
+    Array([[1., 1., 1., 5., 3.]], dtype=float32)
   """
   if not _kernel_fits(h_BxD, emb_BxFxD):
     return xla_dlrm_interaction(h_BxD, emb_BxFxD)
