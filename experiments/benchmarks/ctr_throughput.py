@@ -228,7 +228,7 @@ PEER_CASES = {  # name: (global batch, nodes, devices per node, device_cache_row
 }
 
 
-def run_peer_comparison(args, platform: str) -> dict:
+def run_peer_comparison(args) -> dict:
   """The JAX train step against the torch peer, interleaved; see the module docstring."""
   from experiments.benchmarks import torch_peer
 
@@ -541,7 +541,7 @@ def main(argv=None) -> dict:
       write_json(args.out, results)
     return results
   if not args.no_peer:
-    results["peer"] = run_peer_comparison(args, platform)
+    results["peer"] = run_peer_comparison(args)
   if args.only_peer:
     print_peer_comparison(results["peer"])
     if args.out:

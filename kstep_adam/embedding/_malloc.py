@@ -21,9 +21,10 @@ import ctypes
 import os
 
 # Arenas the table lets glibc create. Two (the main one and one that every other thread
-# shares) bounded the 2^28-row run's peak RSS best (3.38 GiB with four, README), but made
-# XLA's threads, the reader's and the prefetcher's wait on one arena's lock: the CTR train
-# step ran 1.10-1.17x faster with four (docs/benchmarks.md). glibc's default is 8 per core.
+# shares) bounded the 2^28-row run's peak RSS best (3.28 GiB, against 3.38 with four:
+# docs/embedding.md), but made XLA's threads, the reader's and the prefetcher's wait on one
+# arena's lock: the CTR train step ran 1.06-1.09x faster with four (docs/benchmarks.md).
+# glibc's default is 8 per core.
 ARENA_MAX = 4
 _M_ARENA_MAX = -8  # glibc's <malloc.h>
 

@@ -40,6 +40,7 @@ import numpy as np
 
 from kstep_adam import _native
 from kstep_adam import _validation
+from kstep_adam.embedding._batch import pow2_at_least
 
 ScalarOrSchedule = float | Callable[[np.ndarray], Any]
 _ADAM_SOURCE = pathlib.Path(__file__).with_name("sparse_adam.cc")
@@ -519,7 +520,7 @@ class RowPush:
     slots = np.ascontiguousarray(slots_N, dtype=np.int64)
     grads = np.ascontiguousarray(grads_NxD, dtype=np.float32)
     if len(self._block) < len(slots):  # grown by powers of two: a fresh one faults its pages
-      self._block = np.empty((_batch_rows(len(slots)), rows.shape[1]), np.float32)
+      self._block = np.empty((pow2_at_least(len(slots)), rows.shape[1]), np.float32)
     block = self._block[: len(slots)]
     status = self._function(
       rows.ctypes.data,
@@ -547,10 +548,6 @@ def _kernel_scalars(opt: SparseAdam, step: int) -> tuple:
     *(scalars[name] for name in ("lr", "bc1", "bc2", "lazy_scale")),
     *(opt.eps, opt.mode == "exact"),
   )
-
-
-def _batch_rows(n: int) -> int:
-  return 1 << max(0, n - 1).bit_length()
 
 
 def row_push(opt, rows_CxW: np.ndarray, dirty_C: np.ndarray) -> RowPush | None:

@@ -278,6 +278,13 @@ ffi::Error Interaction(ffi::Buffer<ffi::F32>& h, ffi::Buffer<ffi::F32>& e, int64
   return ffi::Error::Success();
 }
 
+// The vectors (h, e_1, ..., e_F) of examples b .. b + lanes in lanes, as ToLanes puts v's.
+void InteractionToLanes(const float* h, const float* e, int64_t f, int64_t d, int64_t b,
+                        int64_t lanes, float* xt) {
+  ToLanes(h + b * d, d, lanes, d, xt);
+  ToLanes(e + b * f * d, f * d, lanes, f * d, xt + d * kLanes);
+}
+
 ffi::Error InteractionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> h, ffi::Buffer<ffi::F32> e,
                            ffi::ResultBuffer<ffi::F32> z) {
   int64_t batch, n, d;
@@ -293,10 +300,7 @@ ffi::Error InteractionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> h, ffi::B
     for (int64_t b = b0; b < b1; ++b) std::memcpy(y + b * width, hx + b * d, d * sizeof(float));
     PairDots(
         b0, b1, n, d,
-        [&](int64_t b, int64_t lanes, float* xt) {
-          ToLanes(hx + b * d, d, lanes, d, xt);
-          ToLanes(ex + b * f * d, f * d, lanes, f * d, xt + d * kLanes);
-        },
+        [&](int64_t b, int64_t lanes, float* xt) { InteractionToLanes(hx, ex, f, d, b, lanes, xt); },
         [&](int64_t b, int64_t lanes, const float* zt) {
           FromLanes(zt, lanes, k, y + b * width + d, width);
         });
@@ -324,10 +328,7 @@ ffi::Error InteractionGradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> h,
   ParallelFor(pool, batch, [&](int64_t b0, int64_t b1) {
     PairDotsGrad(
         b0, b1, n, d,
-        [&](int64_t b, int64_t lanes, float* xt) {
-          ToLanes(hx + b * d, d, lanes, d, xt);
-          ToLanes(ex + b * f * d, f * d, lanes, f * d, xt + d * kLanes);
-        },
+        [&](int64_t b, int64_t lanes, float* xt) { InteractionToLanes(hx, ex, f, d, b, lanes, xt); },
         [&](int64_t b, int64_t lanes, float* gt) { ToLanes(g + b * width + d, width, lanes, k, gt); },
         [&](int64_t b, int64_t lanes, const float* dvt) {
           FromLanes(dvt, lanes, d, dhy + b * d, d);
